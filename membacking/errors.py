@@ -1,0 +1,51 @@
+"""Errors that membacking raises to its users (the CLI turns them into one line on stderr).
+
+`MembackingError` is the root of every operator-facing failure; `GuestMemoryError` and its
+subclasses are raised by guest-memory accesses and always name the guest address involved.
+"""
+
+from __future__ import annotations
+
+
+class MembackingError(Exception):
+    """An error an operator or API user can act on (no traceback needed)."""
+
+
+class ManagerUnavailableError(MembackingError):
+    """No manager is serving the runtime directory (not started, or gone)."""
+
+
+class ControlError(MembackingError):
+    """The manager refused a control request; `code` is the protocol error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class GuestMemoryError(MembackingError):
+    """A guest-memory access failed; `gpa` is the guest-physical address involved."""
+
+    def __init__(self, message: str, gpa: int | None = None) -> None:
+        super().__init__(message)
+        self.gpa = gpa
+
+
+class NoMappingError(GuestMemoryError):
+    """Nothing backs the guest address (outside every region, or the region was removed)."""
+
+
+class ReadOnlyError(GuestMemoryError):
+    """A write to a guest address that is backed read-only."""
+
+
+class OutOfRangeError(GuestMemoryError):
+    """The access lies outside the guest address space."""
+
+
+class ManagerGoneError(GuestMemoryError, ManagerUnavailableError):
+    """The manager is gone: what is mapped keeps working, new faults cannot be served."""
+
+
+class DetachedError(GuestMemoryError):
+    """The GuestMemory was detached; no more accesses are possible."""

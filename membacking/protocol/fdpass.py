@@ -1,0 +1,86 @@
+"""SCM_RIGHTS helpers: send and receive one message with file descriptors on a Unix socket.
+
+The only module of the protocol package that touches sockets. Receiving closes every fd the
+message type does not expect and rejects truncated messages (MSG_TRUNC / MSG_CTRUNC).
+"""
+
+from __future__ import annotations
+
+import array
+import os
+import socket
+from collections.abc import Sequence
+
+from .codec import MAX_MESSAGE_BYTES, decode, encode
+from .errors import ProtocolError
+from .messages import Channel, Message
+
+#: The kernel's limit of fds in one SCM_RIGHTS message (SCM_MAX_FD).
+MAX_FDS_PER_MESSAGE = 253
+_CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
+
+
+class PeerClosed(ConnectionError):
+    """The peer closed the connection (end of stream)."""
+
+
+def send_message(sock: socket.socket, msg: Message, fds: Sequence[int] = ()) -> None:
+    """Send `msg` with exactly the fds its type requires."""
+    if len(fds) != msg.FDS:
+        raise ValueError(f"{type(msg).__name__} travels with {msg.FDS} fds, not {len(fds)}")
+    data = encode(msg)
+    if fds:
+        socket.send_fds(sock, [data], list(fds))
+    else:
+        sock.sendall(data) if sock.type == socket.SOCK_STREAM else sock.send(data)
+
+
+def close_fds(fds: Sequence[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def recv_raw(sock: socket.socket, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[bytes, list[int]]:
+    """Receive one datagram and every fd that came with it (the caller owns the fds).
+
+    Raises PeerClosed at end of stream and ProtocolError (after closing the fds) when the data or
+    the ancillary data was truncated.
+    """
+    data, ancdata, flags, _ = sock.recvmsg(max_bytes + 1, _CMSG_SPACE)
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            ints = array.array("i")
+            usable = len(payload) - len(payload) % ints.itemsize
+            ints.frombytes(payload[:usable])
+            fds.extend(ints)
+    if flags & socket.MSG_CTRUNC:
+        close_fds(fds)
+        raise ProtocolError("ancillary data truncated (too many fds)", reason="fd-count")
+    if flags & socket.MSG_TRUNC or len(data) > max_bytes:
+        close_fds(fds)
+        raise ProtocolError(f"message longer than {max_bytes} bytes", reason="too-large")
+    if not data and not fds:
+        raise PeerClosed("peer closed the connection")
+    return data, fds
+
+
+def recv_message(
+    sock: socket.socket, max_bytes: int = MAX_MESSAGE_BYTES
+) -> tuple[Message, list[int]]:
+    """Receive and validate one message on the fd channel, with exactly the fds it expects."""
+    data, fds = recv_raw(sock, max_bytes)
+    try:
+        msg = decode(data, Channel.FD, max_bytes=max_bytes)
+    except ProtocolError:
+        close_fds(fds)
+        raise
+    if len(fds) != msg.FDS:
+        close_fds(fds)
+        raise ProtocolError(
+            f"{type(msg).__name__} must carry {msg.FDS} fds, got {len(fds)}", reason="fd-count"
+        )
+    return msg, fds

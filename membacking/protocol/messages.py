@@ -1,0 +1,278 @@
+"""Every message of the membacking wire protocol, as small immutable classes.
+
+Each class lists its fields in wire order with a field kind; `codec` encodes and strictly
+validates them. docs/PROTOCOL.md describes the same messages for implementers in other languages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, ClassVar
+
+from .ranges import MemoryRange
+
+PROTOCOL_VERSION = 1
+TOKEN_BYTES = 16
+MAX_NAME_LEN = 64
+MAX_REASON_LEN = 1024
+MAX_RELEASE_IDS = 1024
+
+
+class Kind(Enum):
+    """How a field travels and is validated."""
+
+    U64 = "u64"  # integer 0 <= x < 2**64
+    BOOL = "bool"
+    NAME = "name"  # str, 1..MAX_NAME_LEN chars, printable, no whitespace
+    TEXT = "text"  # str, up to MAX_REASON_LEN chars
+    TOKEN = "token"  # bin, exactly TOKEN_BYTES bytes
+    RANGE = "range"  # two u64 on the wire: start, size (page-aligned, size > 0, no overflow)
+    IDS = "ids"  # array of u64, at most MAX_RELEASE_IDS
+    ARGS = "args"  # map str -> (nil | bool | int | str), at most 16 entries
+    ANY = "any"  # any msgpack value (control replies only; produced by the trusted manager)
+
+
+class Channel(Enum):
+    FD = "fd"  # Unix SEQPACKET socket, may carry fds
+    MAPPER = "mapper"  # ZeroMQ DEALER <-> ROUTER
+    CONTROL = "control"  # ZeroMQ REQ <-> ROUTER
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    TYPE: ClassVar[int]
+    FIELDS: ClassVar[tuple[tuple[str, Kind], ...]]
+    CHANNELS: ClassVar[frozenset[Channel]]
+    #: exact number of fds that must accompany this message on the fd channel
+    FDS: ClassVar[int] = 0
+
+
+# ---- fd channel (Unix SEQPACKET) -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """mapper -> manager: first message on a new fd-socket connection."""
+
+    TYPE = 1
+    FIELDS = (("name", Kind.NAME),)
+    CHANNELS = frozenset({Channel.FD})
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome(Message):
+    """manager -> mapper: registration accepted; identity to present on the ZeroMQ sockets."""
+
+    TYPE = 2
+    FIELDS = (
+        ("mapper_id", Kind.U64),
+        ("token", Kind.TOKEN),
+        ("address_space", Kind.U64),
+        ("page_size", Kind.U64),
+    )
+    CHANNELS = frozenset({Channel.FD})
+    mapper_id: int
+    token: bytes
+    address_space: int
+    page_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class FdRequest(Message):
+    """mapper -> manager: send me the fd of a mappable I was sent a Map for."""
+
+    TYPE = 3
+    FIELDS = (("mappable_id", Kind.U64),)
+    CHANNELS = frozenset({Channel.FD})
+    mappable_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class FdGrant(Message):
+    """manager -> mapper: the fd of a mappable (exactly one fd attached)."""
+
+    TYPE = 4
+    FIELDS = (("mappable_id", Kind.U64), ("size", Kind.U64), ("writable", Kind.BOOL))
+    CHANNELS = frozenset({Channel.FD})
+    FDS = 1
+    mappable_id: int
+    size: int
+    writable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class FdDenied(Message):
+    """manager -> mapper: no fd for this mappable (gone, or never mapped to this mapper)."""
+
+    TYPE = 5
+    FIELDS = (("mappable_id", Kind.U64), ("reason", Kind.TEXT))
+    CHANNELS = frozenset({Channel.FD})
+    mappable_id: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Error(Message):
+    """Either direction, any channel: the previous message was rejected."""
+
+    TYPE = 6
+    FIELDS = (("code", Kind.NAME), ("message", Kind.TEXT))
+    CHANNELS = frozenset({Channel.FD, Channel.MAPPER, Channel.CONTROL})
+    code: str
+    message: str
+
+
+# ---- mapper channel (ZeroMQ DEALER -> manager ROUTER) ------------------------------------------
+
+ROLE_STREAM = 0  # receives Map / NoMapping / Unmap / Shutdown, sends UnmapAck / Detach
+ROLE_REQUESTS = 1  # sends SendMappings (one-way), from any faulting thread
+
+
+@dataclass(frozen=True, slots=True)
+class Attach(Message):
+    """mapper -> manager: bind this ZeroMQ socket to a registered mapper."""
+
+    TYPE = 10
+    FIELDS = (("mapper_id", Kind.U64), ("token", Kind.TOKEN), ("role", Kind.U64))
+    CHANNELS = frozenset({Channel.MAPPER})
+    mapper_id: int
+    token: bytes
+    role: int
+
+
+@dataclass(frozen=True, slots=True)
+class Attached(Message):
+    """manager -> mapper: the socket that sent Attach is bound."""
+
+    TYPE = 11
+    FIELDS = (("role", Kind.U64),)
+    CHANNELS = frozenset({Channel.MAPPER})
+    role: int
+
+
+@dataclass(frozen=True, slots=True)
+class SendMappings(Message):
+    """mapper -> manager (requests socket): send Map/NoMapping covering this range."""
+
+    TYPE = 12
+    FIELDS = (("range", Kind.RANGE),)
+    CHANNELS = frozenset({Channel.MAPPER})
+    range: MemoryRange
+
+
+@dataclass(frozen=True, slots=True)
+class Map(Message):
+    """manager -> mapper (stream): `range` is backed by mappable at file_offset."""
+
+    TYPE = 13
+    FIELDS = (
+        ("range", Kind.RANGE),
+        ("mappable_id", Kind.U64),
+        ("file_offset", Kind.U64),
+        ("writable", Kind.BOOL),
+    )
+    CHANNELS = frozenset({Channel.MAPPER})
+    range: MemoryRange
+    mappable_id: int
+    file_offset: int
+    writable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NoMapping(Message):
+    """manager -> mapper (stream): nothing backs `range`."""
+
+    TYPE = 14
+    FIELDS = (("range", Kind.RANGE),)
+    CHANNELS = frozenset({Channel.MAPPER})
+    range: MemoryRange
+
+
+@dataclass(frozen=True, slots=True)
+class Unmap(Message):
+    """manager -> mapper (stream): unmap `range`, close the fds of `release`, then UnmapAck."""
+
+    TYPE = 15
+    FIELDS = (("seq", Kind.U64), ("range", Kind.RANGE), ("release", Kind.IDS))
+    CHANNELS = frozenset({Channel.MAPPER})
+    seq: int
+    range: MemoryRange
+    release: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class UnmapAck(Message):
+    """mapper -> manager (stream): Unmap `seq` is applied; no access can touch the old memory."""
+
+    TYPE = 16
+    FIELDS = (("seq", Kind.U64),)
+    CHANNELS = frozenset({Channel.MAPPER})
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class Detach(Message):
+    """mapper -> manager (stream): the mapper is going away cleanly."""
+
+    TYPE = 17
+    FIELDS = ()
+    CHANNELS = frozenset({Channel.MAPPER})
+
+
+@dataclass(frozen=True, slots=True)
+class Shutdown(Message):
+    """manager -> mapper (stream): the manager is stopping; no more faults will be served."""
+
+    TYPE = 18
+    FIELDS = (("reason", Kind.TEXT),)
+    CHANNELS = frozenset({Channel.MAPPER})
+    reason: str
+
+
+# ---- control channel (ZeroMQ REQ -> manager ROUTER) --------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ControlRequest(Message):
+    """client -> manager: run operation `op` with `args`."""
+
+    TYPE = 30
+    FIELDS = (("op", Kind.NAME), ("args", Kind.ARGS))
+    CHANNELS = frozenset({Channel.CONTROL})
+    op: str
+    args: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ControlReply(Message):
+    """manager -> client: result of a ControlRequest (errors travel as `Error`)."""
+
+    TYPE = 31
+    FIELDS = (("result", Kind.ANY),)
+    CHANNELS = frozenset({Channel.CONTROL})
+    result: Any
+
+
+ALL_MESSAGES: tuple[type[Message], ...] = (
+    Hello,
+    Welcome,
+    FdRequest,
+    FdGrant,
+    FdDenied,
+    Error,
+    Attach,
+    Attached,
+    SendMappings,
+    Map,
+    NoMapping,
+    Unmap,
+    UnmapAck,
+    Detach,
+    Shutdown,
+    ControlRequest,
+    ControlReply,
+)
+BY_TYPE: dict[int, type[Message]] = {cls.TYPE: cls for cls in ALL_MESSAGES}
+assert len(BY_TYPE) == len(ALL_MESSAGES), "duplicate message type code"

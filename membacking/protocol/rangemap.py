@@ -1,0 +1,106 @@
+"""A map from non-overlapping memory ranges to values with O(log n) lookup.
+
+Used by the manager for its mapping table and by mappers for what they have mapped. Entries are
+kept sorted by start address; lookups bisect, inserts refuse overlaps.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator
+from typing import Generic, TypeVar
+
+from .ranges import MemoryRange
+
+T = TypeVar("T")
+
+
+class OverlapError(ValueError):
+    """An inserted range overlaps one already in the map."""
+
+    def __init__(self, new: MemoryRange, existing: MemoryRange) -> None:
+        super().__init__(f"range {new} overlaps {existing}")
+        self.new = new
+        self.existing = existing
+
+
+class RangeMap(Generic[T]):
+    """Sorted, non-overlapping ranges, each with a value."""
+
+    __slots__ = ("_entries", "_starts")
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._entries: list[tuple[MemoryRange, T]] = []
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[tuple[MemoryRange, T]]:
+        return iter(list(self._entries))
+
+    def items(self) -> list[tuple[MemoryRange, T]]:
+        return list(self._entries)
+
+    def clear(self) -> None:
+        self._starts.clear()
+        self._entries.clear()
+
+    def _first_overlapping_index(self, rng: MemoryRange) -> int:
+        i = bisect.bisect_right(self._starts, rng.start) - 1
+        if i >= 0 and self._entries[i][0].end > rng.start:
+            return i
+        return i + 1
+
+    def insert(self, rng: MemoryRange, value: T) -> None:
+        """Add `rng`; raise `OverlapError` if it overlaps an existing range."""
+        if rng.is_empty():
+            raise ValueError("cannot insert an empty range")
+        i = self._first_overlapping_index(rng)
+        if i < len(self._entries) and self._entries[i][0].overlaps(rng):
+            raise OverlapError(rng, self._entries[i][0])
+        self._starts.insert(i, rng.start)
+        self._entries.insert(i, (rng, value))
+
+    def remove(self, rng: MemoryRange) -> T:
+        """Remove exactly `rng` (which must be present) and return its value."""
+        i = bisect.bisect_left(self._starts, rng.start)
+        if i == len(self._entries) or self._entries[i][0] != rng:
+            raise KeyError(rng)
+        del self._starts[i]
+        return self._entries.pop(i)[1]
+
+    def lookup(self, addr: int) -> tuple[MemoryRange, T] | None:
+        """The entry whose range contains `addr`, if any."""
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0:
+            entry = self._entries[i]
+            if addr < entry[0].end:
+                return entry
+        return None
+
+    def overlapping(self, rng: MemoryRange) -> list[tuple[MemoryRange, T]]:
+        """Entries overlapping `rng`, in address order."""
+        out = []
+        i = self._first_overlapping_index(rng)
+        while i < len(self._entries) and self._entries[i][0].start < rng.end:
+            out.append(self._entries[i])
+            i += 1
+        return out
+
+    def first_overlap(self, rng: MemoryRange) -> tuple[MemoryRange, T] | None:
+        i = self._first_overlapping_index(rng)
+        if i < len(self._entries) and self._entries[i][0].start < rng.end:
+            return self._entries[i]
+        return None
+
+    def walk(self, rng: MemoryRange) -> Iterator[tuple[MemoryRange, T | None]]:
+        """Cover `rng` in address order: (sub-range, value) for entries, (gap, None) for gaps."""
+        cursor = rng.start
+        for entry_range, value in self.overlapping(rng):
+            if entry_range.start > cursor:
+                yield MemoryRange(cursor, entry_range.start), None
+            yield entry_range, value
+            cursor = entry_range.end
+        if cursor < rng.end:
+            yield MemoryRange(cursor, rng.end), None

@@ -1,0 +1,70 @@
+"""Where a manager's sockets and lock live, shared by the daemon, mappers and the CLI.
+
+The runtime directory is chosen by argument, else $MEMBACKING_RUNTIME_DIR, else
+$XDG_RUNTIME_DIR/membacking, else /tmp/membacking-<uid>.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+ENV_VAR = "MEMBACKING_RUNTIME_DIR"
+#: Linux's limit for a Unix socket path (sun_path is 108 bytes including the NUL).
+MAX_SOCKET_PATH = 107
+
+
+def default_runtime_dir() -> Path:
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return Path(xdg) / "membacking"
+    return Path(f"/tmp/membacking-{os.getuid()}")
+
+
+@dataclass(frozen=True)
+class RuntimePaths:
+    """The files of one manager's runtime directory."""
+
+    root: Path
+
+    @classmethod
+    def resolve(cls, runtime_dir: str | os.PathLike[str] | None = None) -> RuntimePaths:
+        root = Path(runtime_dir) if runtime_dir is not None else default_runtime_dir()
+        return cls(root.absolute())
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "manager.lock"
+
+    @property
+    def fd_socket(self) -> Path:
+        return self.root / "fd.sock"
+
+    @property
+    def mapper_socket(self) -> Path:
+        return self.root / "mapper.ipc"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.root / "control.ipc"
+
+    @property
+    def mapper_endpoint(self) -> str:
+        return f"ipc://{self.mapper_socket}"
+
+    @property
+    def control_endpoint(self) -> str:
+        return f"ipc://{self.control_socket}"
+
+    def check_lengths(self) -> None:
+        """Raise ValueError if a socket path is too long for the kernel."""
+        for path in (self.fd_socket, self.mapper_socket, self.control_socket):
+            if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+                raise ValueError(
+                    f"runtime directory {self.root} is too long: socket path {path} exceeds "
+                    f"{MAX_SOCKET_PATH} bytes; choose a shorter --runtime-dir"
+                )
