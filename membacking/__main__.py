@@ -1,0 +1,5 @@
+"""`python -m membacking` runs the command line."""
+
+from .cli import main
+
+main()

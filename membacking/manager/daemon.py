@@ -1,0 +1,333 @@
+"""The manager daemon: the I/O shell around `ManagerState`.
+
+One thread polls the mapper ROUTER, the control ROUTER, the fd socket (SEQPACKET) and its
+connections; it decodes each message, feeds it to the state machine and carries out the effects.
+A bad message is rejected and counted; nothing a peer sends can stop the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import struct
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from types import FrameType
+
+import zmq
+
+from ..protocol import messages as m
+from ..protocol.codec import decode, encode
+from ..protocol.errors import ProtocolError
+from ..protocol.fdpass import PeerClosed, recv_message, send_message
+from ..protocol.messages import Channel
+from ..runtime import RuntimePaths
+from .backing import BackingError, MemfdStore
+from .rundir import RuntimeDirLock
+from .state import DEFAULT_ADDRESS_SPACE, Disconnect, Effect, ManagerState, Send
+
+log = logging.getLogger("membacking.manager")
+
+#: A connection that sends this many invalid messages in a row is disconnected.
+MAX_STRIKES = 8
+_HWM = 100_000
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    name: str
+    gpa: int
+    size: int
+    readonly: bool = False
+
+
+@dataclass
+class ManagerConfig:
+    runtime_dir: str | os.PathLike[str] | None = None
+    address_space: int = DEFAULT_ADDRESS_SPACE
+    regions: list[RegionSpec] = field(default_factory=list)
+    unmap_timeout: float = 30.0
+    allow_uids: frozenset[int] = frozenset()
+
+
+@dataclass
+class _FdConn:
+    sock: socket.socket
+    pid: int
+    uid: int
+    mapper_id: int | None = None
+    strikes: int = 0
+
+
+class Daemon:
+    """Serves one runtime directory until `stop()` (or SIGINT/SIGTERM under `run`)."""
+
+    def __init__(self, config: ManagerConfig) -> None:
+        self.config = config
+        self.paths = RuntimePaths.resolve(config.runtime_dir)
+        self.store = MemfdStore()
+        self.state = ManagerState(self.store, address_space=config.address_space,
+                                  unmap_timeout=config.unmap_timeout)
+        self._lock = RuntimeDirLock(self.paths)
+        self._conns: dict[int, _FdConn] = {}
+        self._conn_of_mapper: dict[int, _FdConn] = {}
+        self._stop_reason: str | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._allowed_uids = {os.getuid(), 0, *config.allow_uids}
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Claim the runtime directory, create the initial regions and bind every socket."""
+        self._lock.acquire()
+        try:
+            for spec in self.config.regions:
+                self.state.add_region(spec.name, spec.gpa, spec.size, not spec.readonly)
+            self._ctx = zmq.Context()
+            self._mapper = self._bind_router(self.paths.mapper_endpoint, self.paths.mapper_socket)
+            self._control = self._bind_router(self.paths.control_endpoint,
+                                              self.paths.control_socket)
+            self._listen = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            self._listen.bind(os.fspath(self.paths.fd_socket))
+            os.chmod(self.paths.fd_socket, 0o600)
+            self._listen.listen(128)
+            self._listen.setblocking(False)
+        except BaseException:
+            self._close_all()
+            raise
+
+    def _bind_router(self, endpoint: str, path: os.PathLike[str]) -> zmq.Socket:
+        sock = self._ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.SNDHWM, _HWM)
+        sock.setsockopt(zmq.RCVHWM, _HWM)
+        sock.setsockopt(zmq.LINGER, 500)
+        sock.bind(endpoint)
+        os.chmod(path, 0o600)
+        return sock
+
+    def stop(self, reason: str = "stopped") -> None:
+        """Ask the loop to shut down (safe from signal handlers and other threads)."""
+        self._stop_reason = reason
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+
+    def run(self, on_ready: Callable[[Daemon], None] | None = None,
+            install_signals: bool = True) -> None:
+        """Start, serve until stopped, then shut down cleanly."""
+        self.start()
+        if install_signals:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, self._on_signal)
+        try:
+            if on_ready is not None:
+                on_ready(self)
+            self._loop()
+        finally:
+            self._shutdown()
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.stop(f"received {signal.Signals(signum).name}")
+
+    def _shutdown(self) -> None:
+        reason = self._stop_reason or "stopped"
+        log.info("shutting down: %s", reason)
+        with contextlib.suppress(Exception):
+            self._apply(self.state.shutdown(f"manager shutting down ({reason})"))
+        self._close_all()
+
+    def _close_all(self) -> None:
+        for conn in list(self._conns.values()):
+            conn.sock.close()
+        self._conns.clear()
+        for name in ("_mapper", "_control"):
+            sock = getattr(self, name, None)
+            if sock is not None:
+                sock.close()
+        if getattr(self, "_listen", None) is not None:
+            self._listen.close()
+        if getattr(self, "_ctx", None) is not None:
+            self._ctx.term()
+        self.store.close_all()
+        self._wake_r.close()
+        self._wake_w.close()
+        self._lock.release()
+
+    # ---- loop ----------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        next_tick = time.monotonic() + 1.0
+        while self._stop_reason is None:
+            poller = zmq.Poller()
+            poller.register(self._mapper, zmq.POLLIN)
+            poller.register(self._control, zmq.POLLIN)
+            poller.register(self._listen.fileno(), zmq.POLLIN)
+            poller.register(self._wake_r.fileno(), zmq.POLLIN)
+            for fileno in self._conns:
+                poller.register(fileno, zmq.POLLIN)
+            timeout = max(0.0, next_tick - time.monotonic())
+            ready = dict(poller.poll(int(timeout * 1000) + 1))
+            if self._mapper in ready:
+                self._drain(self._mapper, self._on_mapper_frames)
+            if self._control in ready:
+                self._drain(self._control, self._on_control_frames)
+            if self._listen.fileno() in ready:
+                self._accept()
+            for fileno in [f for f in ready if isinstance(f, int) and f in self._conns]:
+                self._on_fd_conn(self._conns[fileno])
+            if self._wake_r.fileno() in ready:
+                with contextlib.suppress(BlockingIOError):
+                    self._wake_r.recv(64)
+            if time.monotonic() >= next_tick:
+                next_tick = time.monotonic() + 1.0
+                self._guard("tick", None, lambda: self._apply(self.state.tick()))
+
+    def _drain(self, sock: zmq.Socket, handler: Callable[[list[bytes]], None]) -> None:
+        for _ in range(256):  # bounded, so one busy socket cannot starve the others
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._guard("zmq message", None, lambda f=frames: handler(f))  # type: ignore[misc]
+
+    def _guard(self, what: str, pid: int | None, action: Callable[[], None]) -> None:
+        """Run one handler; an unexpected exception is logged and counted, never fatal."""
+        try:
+            action()
+        except Exception:
+            self.state.rejected["internal"] += 1
+            log.exception("internal error while handling %s from pid %s", what, pid)
+
+    def _apply(self, effects: Iterable[Effect]) -> None:
+        for effect in effects:
+            if isinstance(effect, Send):
+                data = encode(effect.msg)
+                if effect.channel is Channel.MAPPER:
+                    self._mapper.send_multipart([effect.identity, data])
+                else:
+                    self._control.send_multipart([effect.identity, b"", data])
+            elif isinstance(effect, Disconnect):
+                conn = self._conn_of_mapper.pop(effect.mapper_id, None)
+                if conn is not None:
+                    self._drop_conn(conn)
+
+    # ---- ZeroMQ channels -----------------------------------------------------------------------
+
+    def _on_mapper_frames(self, frames: list[bytes]) -> None:
+        identity = frames[0]
+        if len(frames) != 2:
+            self.state.reject("malformed", f"{len(frames) - 1} frames on the mapper socket")
+            self._apply([Send(Channel.MAPPER, identity,
+                              m.Error("malformed", "send exactly one frame per message"))])
+            return
+        try:
+            msg = decode(frames[1], Channel.MAPPER)
+        except ProtocolError as exc:
+            self.state.reject(exc.reason, str(exc))
+            self._apply([Send(Channel.MAPPER, identity, m.Error(exc.reason, str(exc)[:1000]))])
+            return
+        self._apply(self.state.handle_mapper(identity, msg))
+
+    def _on_control_frames(self, frames: list[bytes]) -> None:
+        if len(frames) != 3 or frames[1] != b"":
+            self.state.reject("malformed", "control message without a REQ envelope")
+            return
+        identity = frames[0]
+        try:
+            msg = decode(frames[2], Channel.CONTROL)
+        except ProtocolError as exc:
+            self.state.reject(exc.reason, str(exc))
+            self._apply([Send(Channel.CONTROL, identity, m.Error("bad-request", str(exc)[:1000]))])
+            return
+        try:
+            effects = self.state.handle_control(identity, msg)
+        except BackingError as exc:
+            effects = [Send(Channel.CONTROL, identity, m.Error(exc.code, str(exc)))]
+        except Exception as exc:
+            log.exception("control request failed")
+            self.state.rejected["internal"] += 1
+            effects = [Send(Channel.CONTROL, identity, m.Error("internal", str(exc)[:1000]))]
+        self._apply(effects)
+
+    # ---- fd socket -----------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listen.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid, uid, _gid = struct.unpack("3i", creds)
+            if uid not in self._allowed_uids:
+                self.state.reject("uid", f"uid {uid} may not connect", pid)
+                with contextlib.suppress(OSError):
+                    send_message(sock, m.Error("forbidden", f"uid {uid} may not use this manager"))
+                sock.close()
+                continue
+            sock.settimeout(2.0)  # sends to a mapper that stopped reading must not block us
+            conn = _FdConn(sock, pid, uid)
+            self._conns[sock.fileno()] = conn
+
+    def _drop_conn(self, conn: _FdConn, why: str = "disconnected") -> None:
+        self._conns.pop(conn.sock.fileno(), None)
+        conn.sock.close()
+        if conn.mapper_id is not None:
+            self._conn_of_mapper.pop(conn.mapper_id, None)
+            self._apply(self.state.mapper_gone(conn.mapper_id, why))
+
+    def _on_fd_conn(self, conn: _FdConn) -> None:
+        try:
+            msg, _fds = recv_message(conn.sock)  # fds: always empty for mapper -> manager types
+        except (PeerClosed, ConnectionError, OSError) as exc:
+            why = "fd socket closed" if isinstance(exc, PeerClosed) else f"fd socket error: {exc}"
+            self._drop_conn(conn, why)
+            return
+        except ProtocolError as exc:
+            self._strike(conn, exc.reason, str(exc))
+            return
+        try:
+            self._handle_fd_message(conn, msg)
+        except OSError as exc:
+            self._drop_conn(conn, f"cannot send to mapper: {exc}")
+        except Exception:
+            self.state.rejected["internal"] += 1
+            log.exception("internal error while handling %s from pid %d", type(msg).__name__,
+                          conn.pid)
+
+    def _strike(self, conn: _FdConn, reason: str, detail: str) -> None:
+        self.state.reject(reason, detail, conn.pid)
+        conn.strikes += 1
+        try:
+            send_message(conn.sock, m.Error(reason, detail[:1000]))
+        except OSError:
+            self._drop_conn(conn, "fd socket error")
+            return
+        if conn.strikes >= MAX_STRIKES:
+            log.warning("disconnecting pid %d after %d invalid messages", conn.pid, conn.strikes)
+            self._drop_conn(conn, "too many invalid messages")
+
+    def _handle_fd_message(self, conn: _FdConn, msg: m.Message) -> None:
+        if isinstance(msg, m.Hello):
+            if conn.mapper_id is not None:
+                self._strike(conn, "unexpected", "Hello sent twice")
+                return
+            entry = self.state.register_mapper(msg.name, conn.pid)
+            conn.mapper_id = entry.id
+            self._conn_of_mapper[entry.id] = conn
+            send_message(conn.sock, self.state.welcome(entry))
+        elif isinstance(msg, m.FdRequest):
+            if conn.mapper_id is None:
+                self._strike(conn, "unexpected", "FdRequest before Hello")
+                return
+            decision = self.state.fd_request(conn.mapper_id, msg.mappable_id)
+            if isinstance(decision, m.FdGrant):
+                send_message(conn.sock, decision, [self.store.grant_fd(decision.mappable_id)])
+            else:
+                send_message(conn.sock, decision)
+        else:
+            self._strike(conn, "unexpected", f"{type(msg).__name__} is not accepted on fd.sock")
+        conn.strikes = 0

@@ -1,0 +1,71 @@
+"""The daemon's claim on a runtime directory: a 0700 directory, an flock'ed lock file, no stale
+sockets. A second daemon on the same directory is refused with the first one's pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import stat
+
+from ..errors import MembackingError
+from ..runtime import RuntimePaths
+
+
+class RuntimeDirError(MembackingError):
+    """The runtime directory cannot be used (taken by another daemon, unsafe, unwritable)."""
+
+
+class RuntimeDirLock:
+    """Holds the runtime directory for one daemon; `release()` removes sockets and the lock."""
+
+    def __init__(self, paths: RuntimePaths) -> None:
+        self.paths = paths
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        paths = self.paths
+        try:
+            paths.check_lengths()
+        except ValueError as exc:
+            raise RuntimeDirError(str(exc)) from None
+        try:
+            paths.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            info = paths.root.stat()
+        except OSError as exc:
+            raise RuntimeDirError(f"cannot create runtime directory {paths.root}: {exc}") from None
+        if not stat.S_ISDIR(info.st_mode):
+            raise RuntimeDirError(f"runtime directory {paths.root} is not a directory")
+        if info.st_uid != os.getuid():
+            raise RuntimeDirError(
+                f"runtime directory {paths.root} belongs to uid {info.st_uid}, not to you "
+                f"(uid {os.getuid()}); choose another --runtime-dir"
+            )
+        os.chmod(paths.root, 0o700)
+        fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RuntimeDirError(
+                f"another membacking manager (pid {other}) is already serving {paths.root}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        # The lock is ours, so any socket file left here belongs to a daemon that died.
+        for path in (paths.fd_socket, paths.mapper_socket, paths.control_socket):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        for path in (self.paths.fd_socket, self.paths.mapper_socket, self.paths.control_socket,
+                     self.paths.lock):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        os.close(self._fd)
+        self._fd = None

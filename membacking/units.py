@@ -1,0 +1,65 @@
+"""Parsing and formatting of the sizes and specs operators type: `64M`, `0xfff00000`,
+`ram0=0:64M`, `rom=0xfff00000:1M:ro`. Pure functions; errors are ValueError with a clear text.
+"""
+
+from __future__ import annotations
+
+import re
+
+_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_NUMBER = re.compile(r"^(0[xX][0-9a-fA-F_]+|[0-9][0-9_]*)\s*([kKmMgGtT]?)(?:i?[bB])?$")
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """Parse a byte count or address: decimal or 0x-hex, optional K/M/G/T (powers of 1024)."""
+    match = _NUMBER.match(text.strip())
+    if match is None:
+        raise ValueError(
+            f"invalid {what} {text!r}: use a decimal or 0x-hex number, optionally with K, M, G or T"
+        )
+    digits, suffix = match.groups()
+    value = int(digits, 0) if digits[:2].lower() == "0x" else int(digits, 10)
+    return value * _SUFFIXES[suffix.upper()]
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise ValueError(
+            f"invalid name {name!r}: use 1 to 64 letters, digits, '_', '-' or '.'"
+        )
+    return name
+
+
+def parse_range_spec(text: str) -> tuple[int, int]:
+    """`GPA:SIZE` -> (gpa, size)."""
+    parts = text.split(":")
+    if len(parts) != 2:
+        raise ValueError(f"invalid range {text!r}: expected GPA:SIZE, e.g. 0:64M")
+    return parse_size(parts[0], "address"), parse_size(parts[1])
+
+
+def parse_region_spec(text: str) -> tuple[str, int, int, bool]:
+    """`NAME=GPA:SIZE[:ro]` -> (name, gpa, size, readonly)."""
+    name, sep, rest = text.partition("=")
+    if not sep:
+        raise ValueError(f"invalid region {text!r}: expected NAME=GPA:SIZE[:ro], e.g. ram0=0:64M")
+    check_name(name)
+    parts = rest.split(":")
+    readonly = False
+    if len(parts) == 3:
+        if parts[2].lower() not in ("ro", "readonly"):
+            raise ValueError(f"invalid region {text!r}: the optional third field must be 'ro'")
+        readonly = True
+        parts = parts[:2]
+    gpa, size = parse_range_spec(":".join(parts))
+    return name, gpa, size, readonly
+
+
+def format_size(n: int) -> str:
+    """A byte count for people: 4096 -> '4 KiB', 1536 -> '1.5 KiB'."""
+    for unit, scale in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            value = n / scale
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{n} B"
