@@ -1,0 +1,136 @@
+"""Shared fixtures: a real manager daemon in a subprocess on a short private runtime directory."""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from membacking.control_client import ControlClient
+
+READY_TIMEOUT = 20.0
+
+
+def short_tmpdir(prefix: str = "mb-") -> Path:
+    """A directory short enough for Unix socket paths (107 bytes)."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+def cli_env(runtime_dir: Path | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("MEMBACKING_RUNTIME_DIR", None)
+    if runtime_dir is not None:
+        env["MEMBACKING_RUNTIME_DIR"] = str(runtime_dir)
+    return env
+
+
+def run_cli(*args: str, runtime_dir: Path | None = None, timeout: float = 60.0,
+            input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `python -m membacking ARGS` and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "membacking", *args],
+        env=cli_env(runtime_dir), capture_output=True, text=True, timeout=timeout,
+    )
+
+
+@dataclass
+class RunningManager:
+    runtime_dir: Path
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    ready_line: str
+    _extra: list[Path] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def client(self, timeout: float = 10.0) -> ControlClient:
+        return ControlClient(self.runtime_dir, timeout=timeout)
+
+    def cli(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        return run_cli(*args, runtime_dir=self.runtime_dir, timeout=timeout)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        assert self.proc.returncode is not None
+        return self.proc.returncode
+
+
+def launch_manager(runtime_dir: Path, *args: str) -> RunningManager:
+    """Start `membacking manager run` and wait for its ready line."""
+    log_dir = short_tmpdir("mblog-")
+    log_path = log_dir / "manager.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "membacking", "manager", "run", "--runtime-dir",
+             str(runtime_dir), *args],
+            stdout=subprocess.PIPE, stderr=log_file, env=cli_env(),
+        )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + READY_TIMEOUT
+    line = b""
+    while not line.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or proc.poll() is not None:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError(f"manager did not become ready: {log_path.read_text()}")
+        ready, _, _ = select.select([proc.stdout], [], [], remaining)
+        if ready:
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            if not chunk:
+                continue
+            line += chunk
+    text = line.decode()
+    assert text.startswith("membacking manager ready"), text
+    return RunningManager(runtime_dir, proc, log_path, text, [log_dir])
+
+
+@pytest.fixture
+def start_manager() -> Iterator[Callable[..., RunningManager]]:
+    """Factory: start_manager("--region", "ram0=0:64M", ...) -> RunningManager."""
+    started: list[RunningManager] = []
+    dirs: list[Path] = []
+
+    def start(*args: str, runtime_dir: Path | None = None) -> RunningManager:
+        if runtime_dir is None:
+            runtime_dir = short_tmpdir()
+            dirs.append(runtime_dir)
+        running = launch_manager(runtime_dir, *args)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()
+        for extra in running._extra:
+            shutil.rmtree(extra, ignore_errors=True)
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def manager(start_manager: Callable[..., RunningManager]) -> RunningManager:
+    """A manager with one 64 MiB read-write region `ram0` at GPA 0 and a 1 MiB read-only `rom`
+    at 0xfff00000."""
+    return start_manager("--region", "ram0=0:64M", "--region", "rom=0xfff00000:1M:ro")

@@ -1,0 +1,130 @@
+"""The CLI against a real daemon: manager lifecycle, inspection and region commands, and their
+error paths (one line on stderr, exit status 1, no traceback)."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+from conftest import RunningManager, run_cli, short_tmpdir
+
+
+def assert_clean_error(result: object, fragment: str) -> None:
+    code = getattr(result, "returncode")
+    err = getattr(result, "stderr")
+    assert code == 1, (code, err)
+    assert "Traceback" not in err, err
+    assert fragment in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_ready_line_and_clean_shutdown(manager: RunningManager) -> None:
+    assert f"runtime-dir={manager.runtime_dir}" in manager.ready_line
+    assert "regions=2" in manager.ready_line
+    files = {p.name for p in manager.runtime_dir.iterdir()}
+    assert files == {"manager.lock", "fd.sock", "mapper.ipc", "control.ipc"}
+    assert manager.runtime_dir.stat().st_mode & 0o777 == 0o700
+    for name in ("fd.sock", "mapper.ipc", "control.ipc"):
+        assert (manager.runtime_dir / name).stat().st_mode & 0o777 == 0o600
+    assert manager.stop(signal.SIGINT) == 0
+    assert list(manager.runtime_dir.iterdir()) == []
+    assert "shutting down: received SIGINT" in manager.log()
+
+
+def test_second_daemon_on_the_same_directory_is_refused(manager: RunningManager) -> None:
+    result = run_cli("manager", "run", "--runtime-dir", str(manager.runtime_dir))
+    assert_clean_error(result, f"another membacking manager (pid {manager.pid})")
+    assert manager.proc.poll() is None
+    assert manager.client().stats()["regions"] == 2
+
+
+def test_restart_after_sigkill_handles_stale_files(
+    start_manager: Callable[..., RunningManager],
+) -> None:
+    first = start_manager("--region", "ram0=0:1M")
+    first.stop(signal.SIGKILL)
+    assert (first.runtime_dir / "fd.sock").exists()  # left behind by the killed daemon
+    second = start_manager("--region", "ram0=0:1M", runtime_dir=first.runtime_dir)
+    assert second.client().regions()[0]["name"] == "ram0"
+
+
+def test_regions_table_and_json(manager: RunningManager) -> None:
+    table = manager.cli("regions")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "GPA", "END", "SIZE", "MODE", "HOLDERS", "STATE"]
+    assert lines[1].split() == ["ram0", "0x0", "0x4000000", "64", "MiB", "rw", "-", "active"]
+    assert lines[2].split() == ["rom", "0xfff00000", "0x100000000", "1", "MiB", "ro", "-",
+                                "active"]
+    data = json.loads(manager.cli("regions", "--json").stdout)
+    assert [(r["name"], r["gpa"], r["size"], r["writable"]) for r in data] == [
+        ("ram0", 0, 64 << 20, True), ("rom", 0xFFF00000, 1 << 20, False)]
+
+
+def test_stats_and_mappers(manager: RunningManager) -> None:
+    stats = json.loads(manager.cli("stats", "--json").stdout)
+    assert stats["regions"] == 2 and stats["region_bytes"] == 65 << 20
+    assert stats["mappers"] == 0 and stats["rejected"] == {}
+    text = manager.cli("stats").stdout
+    assert "region_bytes" in text and "65 MiB" in text
+    assert manager.cli("mappers").stdout.strip() == "no mappers"
+    assert json.loads(manager.cli("mappers", "--json").stdout) == []
+
+
+def test_region_add_and_remove(manager: RunningManager) -> None:
+    added = manager.cli("region", "add", "dev0", "0x10000000", "2M", "--readonly")
+    assert added.returncode == 0, added.stderr
+    assert "added region dev0 at 0x10000000-0x10200000 (2 MiB, ro)" in added.stdout
+    names = [r["name"] for r in manager.client().regions()]
+    assert names == ["ram0", "dev0", "rom"]
+    removed = manager.cli("region", "remove", "dev0")
+    assert removed.returncode == 0, removed.stderr
+    assert "removed region dev0 (unmapped from no mapper)" in removed.stdout
+    assert [r["name"] for r in manager.client().regions()] == ["ram0", "rom"]
+
+
+def test_region_errors_are_one_clean_line(manager: RunningManager) -> None:
+    assert_clean_error(manager.cli("region", "add", "x", "0x1000", "64K"), "overlaps region 'ram0'")
+    assert_clean_error(manager.cli("region", "add", "ram0", "0x10000000", "4K"), "already exists")
+    assert_clean_error(manager.cli("region", "remove", "nope"), "region 'nope' does not exist")
+    assert_clean_error(manager.cli("region", "add", "x", "0x10000100", "4K"), "multiples of 4096")
+    assert_clean_error(manager.cli("region", "add", "x", "0x10000000", "0"), "size > 0")
+    assert_clean_error(manager.cli("region", "add", "x", "0x1000000000000", "4K"),
+                       "beyond the")
+    bad_size = manager.cli("region", "add", "x", "0", "lots")
+    assert bad_size.returncode == 2 and "invalid size 'lots'" in bad_size.stderr
+    assert "Traceback" not in bad_size.stderr
+    bad_name = manager.cli("region", "add", "bad name", "0x10000000", "4K")
+    assert bad_name.returncode == 2 and "invalid name" in bad_name.stderr
+
+
+def test_commands_without_a_daemon_fail_cleanly() -> None:
+    empty = short_tmpdir()
+    try:
+        for args in (["regions"], ["mappers"], ["stats", "--json"],
+                     ["region", "add", "a", "0", "4K"], ["region", "remove", "a"],
+                     ["mem", "read", "0", "16"], ["mem", "write", "0", "--hex", "00"],
+                     ["mapper", "attach"]):
+            result = run_cli(*args, "--runtime-dir", str(empty))
+            assert_clean_error(result, f"no membacking manager at {empty}")
+    finally:
+        empty.rmdir()
+
+
+def test_bad_region_spec_at_startup(tmp_path: Path) -> None:
+    result = run_cli("manager", "run", "--runtime-dir", str(short_tmpdir()),
+                     "--region", "ram0=0:64Q")
+    assert result.returncode == 2 and "invalid size '64Q'" in result.stderr
+    overlap = run_cli("manager", "run", "--runtime-dir", str(short_tmpdir()),
+                      "--region", "a=0:2M", "--region", "b=1M:2M")
+    assert overlap.returncode == 1 and "Traceback" not in overlap.stderr
+    assert overlap.stderr.strip().splitlines()[-1] == (
+        "Error: cannot create the initial regions: 0x100000-0x300000 overlaps region 'a' "
+        "(0x0-0x200000)")
+
+
+def test_runtime_dir_from_environment(manager: RunningManager) -> None:
+    result = run_cli("regions", "--json", runtime_dir=manager.runtime_dir)
+    assert result.returncode == 0 and json.loads(result.stdout)[0]["name"] == "ram0"

@@ -1,0 +1,283 @@
+"""The manager's state machine, driven message by message with no sockets (as OpenVMM's manager
+tests do): feed messages in, check the messages that come out."""
+
+from __future__ import annotations
+
+import pytest
+
+from membacking.manager.backing import BackingError
+from membacking.manager.state import Disconnect, ManagerState, Send
+from membacking.protocol import messages as m
+from membacking.protocol.messages import Channel
+from membacking.protocol.ranges import MemoryRange
+
+MiB = 1 << 20
+
+
+class RecordingStore:
+    """Backings as bookkeeping only: which mappable ids exist."""
+
+    def __init__(self) -> None:
+        self.live: dict[int, tuple[str, int, bool]] = {}
+        self.destroyed: list[int] = []
+
+    def create(self, mappable_id: int, name: str, size: int, writable: bool) -> None:
+        if name == "fail":
+            raise BackingError("no-memory", "cannot back it")
+        self.live[mappable_id] = (name, size, writable)
+
+    def destroy(self, mappable_id: int) -> None:
+        del self.live[mappable_id]
+        self.destroyed.append(mappable_id)
+
+    def grant_fd(self, mappable_id: int) -> int:
+        return 100 + mappable_id
+
+    def close_all(self) -> None:
+        self.live.clear()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def state(clock: Clock) -> ManagerState:
+    return ManagerState(RecordingStore(), address_space=1 << 32, unmap_timeout=5.0,
+                        clock=clock, monotonic=clock)
+
+
+def attach(state: ManagerState, name: str) -> tuple[int, bytes, bytes]:
+    """Register a mapper and bind its two sockets; returns (id, stream id, requests id)."""
+    entry = state.register_mapper(name, pid=4000 + len(state.mappers))
+    stream, requests = f"{name}-s".encode(), f"{name}-r".encode()
+    assert state.handle_mapper(stream, m.Attach(entry.id, entry.token, m.ROLE_STREAM)) == [
+        Send(Channel.MAPPER, stream, m.Attached(m.ROLE_STREAM))]
+    assert state.handle_mapper(requests, m.Attach(entry.id, entry.token, m.ROLE_REQUESTS)) == [
+        Send(Channel.MAPPER, requests, m.Attached(m.ROLE_REQUESTS))]
+    return entry.id, stream, requests
+
+
+def msgs(effects: list[Send | Disconnect], identity: bytes | None = None) -> list[m.Message]:
+    return [e.msg for e in effects
+            if isinstance(e, Send) and (identity is None or e.identity == identity)]
+
+
+def rng(start_mib: int, size_mib: int) -> MemoryRange:
+    return MemoryRange.from_size(start_mib * MiB, size_mib * MiB)
+
+
+def test_send_mappings_walks_in_address_order_with_gaps(state: ManagerState) -> None:
+    state.add_region("a", 0, 64 * MiB, True)
+    state.add_region("b", 128 * MiB, 16 * MiB, False)
+    mid, stream, requests = attach(state, "m1")
+    out = state.handle_mapper(requests, m.SendMappings(rng(0, 256)))
+    assert msgs(out) == [
+        m.Map(rng(0, 64), 1, 0, True),
+        m.NoMapping(rng(64, 64)),
+        m.Map(rng(128, 16), 2, 0, False),
+        m.NoMapping(rng(144, 112)),
+    ]
+    assert all(e.identity == stream for e in out if isinstance(e, Send))
+    assert {r["name"]: r["holders"] for r in state.describe_regions()} == {"a": [mid], "b": [mid]}
+
+
+def test_fault_inside_a_mapping_maps_the_whole_mapping(state: ManagerState) -> None:
+    state.add_region("a", 0, 64 * MiB, True)
+    _, _, requests = attach(state, "m1")
+    assert msgs(state.handle_mapper(requests, m.SendMappings(rng(10, 1)))) == [
+        m.Map(rng(0, 64), 1, 0, True)]
+
+
+def test_fault_beyond_the_address_space_is_nomapping(state: ManagerState) -> None:
+    state.add_region("top", (1 << 32) - MiB, MiB, True)
+    _, _, requests = attach(state, "m1")
+    out = msgs(state.handle_mapper(requests, m.SendMappings(MemoryRange((1 << 32) - MiB,
+                                                                        (1 << 32) + MiB))))
+    assert out == [m.Map(MemoryRange((1 << 32) - MiB, 1 << 32), 1, 0, True),
+                   m.NoMapping(MemoryRange(1 << 32, (1 << 32) + MiB))]
+
+
+def test_removal_unmaps_holders_only_and_completes_after_every_ack(state: ManagerState) -> None:
+    store = state.store
+    assert isinstance(store, RecordingStore)
+    state.add_region("a", 0, 64 * MiB, True)
+    m1, s1, r1 = attach(state, "m1")
+    m2, s2, r2 = attach(state, "m2")
+    _, s3, _ = attach(state, "m3")  # never faulted: must get nothing
+    state.handle_mapper(r1, m.SendMappings(rng(0, 1)))
+    state.handle_mapper(r2, m.SendMappings(rng(1, 1)))
+    assert isinstance(state.fd_request(m1, 1), m.FdGrant)  # m1 holds the fd, m2 does not
+
+    out = state.handle_control(b"client", m.ControlRequest("remove_region", {"name": "a"}))
+    unmaps = {e.identity: e.msg for e in out if isinstance(e, Send)}
+    assert set(unmaps) == {s1, s2}
+    u1, u2 = unmaps[s1], unmaps[s2]
+    assert isinstance(u1, m.Unmap) and isinstance(u2, m.Unmap)
+    assert u1.range == u2.range == rng(0, 64)
+    assert u1.release == (1,) and u2.release == ()
+    assert s3 not in unmaps
+    assert 1 in store.live  # still backed until every holder acknowledged
+
+    assert state.handle_mapper(s1, m.UnmapAck(u1.seq)) == []
+    assert 1 in store.live
+    done = state.handle_mapper(s2, m.UnmapAck(u2.seq))
+    assert msgs(done) == [m.ControlReply({"name": "a", "unmapped_from": [m1, m2]})]
+    assert done[0].channel is Channel.CONTROL and done[0].identity == b"client"
+    assert store.destroyed == [1]
+    assert state.regions == {}
+
+
+def test_removal_without_holders_completes_at_once(state: ManagerState) -> None:
+    state.add_region("a", 0, MiB, True)
+    attach(state, "m1")
+    out = state.handle_control(b"c", m.ControlRequest("remove_region", {"name": "a"}))
+    assert msgs(out) == [m.ControlReply({"name": "a", "unmapped_from": []})]
+
+
+def test_removal_racing_a_fill_in(state: ManagerState) -> None:
+    """Fault first: the Map leaves before the Unmap on the same stream. Removal first: the
+    fault gets NoMapping and nobody is asked to unmap."""
+    state.add_region("a", 0, MiB, True)
+    _, stream, requests = attach(state, "m1")
+    fill = state.handle_mapper(requests, m.SendMappings(rng(0, 1)))
+    removal = state.handle_control(b"c", m.ControlRequest("remove_region", {"name": "a"}))
+    sequence = msgs(fill + removal, stream)
+    assert [type(x) for x in sequence] == [m.Map, m.Unmap]
+    assert state.fd_request(1, 1) == m.FdDenied(1, "no current mapping of that mappable was "
+                                                   "sent to you")
+
+    state.add_region("b", 0, MiB, True)
+    state.handle_control(b"c", m.ControlRequest("remove_region", {"name": "b"}))
+    late = state.handle_mapper(requests, m.SendMappings(rng(0, 1)))
+    assert msgs(late) == [m.NoMapping(rng(0, 1))]
+
+
+def test_fd_sent_once_and_only_after_a_map(state: ManagerState) -> None:
+    state.add_region("a", 0, MiB, False)
+    mid, _, requests = attach(state, "m1")
+    assert isinstance(state.fd_request(mid, 1), m.FdDenied)
+    state.handle_mapper(requests, m.SendMappings(rng(0, 1)))
+    assert state.fd_request(mid, 1) == m.FdGrant(1, MiB, False)
+    again = state.fd_request(mid, 1)
+    assert isinstance(again, m.FdDenied) and "already" in again.reason
+    assert state.rejected["fd-again"] == 1
+    assert isinstance(state.fd_request(mid, 99), m.FdDenied)
+
+
+def test_mapper_gone_unblocks_pending_removal(state: ManagerState) -> None:
+    state.add_region("a", 0, MiB, True)
+    m1, _, r1 = attach(state, "m1")
+    state.handle_mapper(r1, m.SendMappings(rng(0, 1)))
+    assert msgs(state.handle_control(b"c", m.ControlRequest("remove_region", {"name": "a"}))) \
+        and "a" in state.regions
+    out = state.mapper_gone(m1, "killed")
+    assert msgs(out) == [m.ControlReply({"name": "a", "unmapped_from": [m1]})]
+    assert state.mappers == {}
+
+
+def test_unresponsive_mapper_is_evicted_after_timeout(state: ManagerState, clock: Clock) -> None:
+    state.add_region("a", 0, MiB, True)
+    m1, _, r1 = attach(state, "m1")
+    state.handle_mapper(r1, m.SendMappings(rng(0, 1)))
+    state.handle_control(b"c", m.ControlRequest("remove_region", {"name": "a"}))
+    clock.now += 4.0
+    assert state.tick() == []
+    clock.now += 2.0
+    out = state.tick()
+    assert Disconnect(m1) in out
+    assert msgs(out) == [m.ControlReply({"name": "a", "unmapped_from": [m1]})]
+    assert state.stats()["evictions"] == 1
+
+
+def test_mapper_ids_are_never_reused(state: ManagerState) -> None:
+    first = state.register_mapper("a", 1).id
+    state.mapper_gone(first)
+    second = state.register_mapper("b", 2).id
+    assert second > first
+
+
+def test_attach_checks_token_role_and_binding(state: ManagerState) -> None:
+    entry = state.register_mapper("m", 1)
+    bad = state.handle_mapper(b"x", m.Attach(entry.id, b"\0" * 16, 0))
+    assert msgs(bad) == [m.Error("bad-token", "unknown mapper id or wrong token")]
+    assert msgs(state.handle_mapper(b"y", m.Attach(entry.id, entry.token, 7)))[0].code == "bad-role"
+    state.handle_mapper(b"s", m.Attach(entry.id, entry.token, 0))
+    twice = msgs(state.handle_mapper(b"s2", m.Attach(entry.id, entry.token, 0)))
+    assert twice[0].code == "already-attached"
+    unknown = msgs(state.handle_mapper(b"z", m.SendMappings(rng(0, 1))))
+    assert unknown[0].code == "not-attached"
+    # A stream socket may not send SendMappings, a requests socket may not ack.
+    assert msgs(state.handle_mapper(b"s", m.SendMappings(rng(0, 1))))[0].code == "unexpected"
+    assert state.rejected["bad-token"] == 1 and state.rejected["unexpected"] == 1
+
+
+def test_unknown_ack_is_rejected_and_counted(state: ManagerState) -> None:
+    _, stream, _ = attach(state, "m1")
+    assert state.handle_mapper(stream, m.UnmapAck(12345)) == []
+    assert state.rejected["unknown-seq"] == 1
+
+
+def test_detach_forgets_the_mapper_and_its_holdings(state: ManagerState) -> None:
+    state.add_region("a", 0, MiB, True)
+    _, stream, requests = attach(state, "m1")
+    state.handle_mapper(requests, m.SendMappings(rng(0, 1)))
+    state.handle_mapper(stream, m.Detach())
+    assert state.describe_regions()[0]["holders"] == []
+    assert msgs(state.handle_mapper(stream, m.UnmapAck(1)))[0].code == "not-attached"
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        ({"name": "a", "gpa": 0, "size": 4096}, "exists"),
+        ({"name": "b", "gpa": 4096, "size": 4096}, "overlap"),
+        ({"name": "b", "gpa": 1 << 32, "size": 4096}, "out-of-range"),
+        ({"name": "b", "gpa": 100, "size": 4096}, "bad-request"),
+        ({"name": "b", "gpa": 8 * MiB, "size": 0}, "bad-request"),
+        ({"name": "b", "gpa": 8 * MiB}, "bad-request"),
+        ({"name": "b", "gpa": 8 * MiB, "size": 4096, "color": "red"}, "bad-request"),
+        ({"name": "b", "gpa": "0", "size": 4096}, "bad-request"),
+        ({"name": "fail", "gpa": 8 * MiB, "size": 4096}, "no-memory"),
+    ],
+)
+def test_add_region_errors(state: ManagerState, args: dict[str, object], code: str) -> None:
+    state.add_region("a", 0, MiB, True)
+    out = msgs(state.handle_control(b"c", m.ControlRequest("add_region", dict(args))))
+    assert len(out) == 1 and isinstance(out[0], m.Error)
+    assert out[0].code == code, out[0].message
+    assert list(state.regions) == ["a"]
+
+
+def test_control_listing_and_unknown_op(state: ManagerState) -> None:
+    state.add_region("a", 0, MiB, False)
+    regions = msgs(state.handle_control(b"c", m.ControlRequest("regions", {})))[0]
+    assert isinstance(regions, m.ControlReply)
+    assert regions.result == [{"name": "a", "gpa": 0, "size": MiB, "writable": False,
+                               "mappable_id": 1, "holders": [], "state": "active"}]
+    err = msgs(state.handle_control(b"c", m.ControlRequest("explode", {})))[0]
+    assert isinstance(err, m.Error) and err.code == "bad-request"
+    stats = state.stats()
+    assert stats["regions"] == 1 and stats["region_bytes"] == MiB
+
+
+def test_shutdown_tells_mappers_and_waiting_clients(state: ManagerState) -> None:
+    state.add_region("a", 0, MiB, True)
+    _, s1, r1 = attach(state, "m1")
+    _, s2, _ = attach(state, "m2")
+    state.handle_mapper(r1, m.SendMappings(rng(0, 1)))
+    state.handle_control(b"c", m.ControlRequest("remove_region", {"name": "a"}))
+    out = state.shutdown("test")
+    by_identity = {e.identity: e.msg for e in out if isinstance(e, Send)}
+    assert isinstance(by_identity[s1], m.Shutdown) and isinstance(by_identity[s2], m.Shutdown)
+    reply = by_identity[b"c"]
+    assert isinstance(reply, m.Error) and reply.code == "shutting-down"
