@@ -37,7 +37,7 @@ class _Group(click.Group):
             raise click.ClickException(str(exc)) from None
 
 
-class _Size(click.ParamType):
+class _Size(click.ParamType[int]):
     name = "size"
 
     def __init__(self, what: str = "size") -> None:
@@ -79,8 +79,9 @@ def runtime_dir_option(fn: F) -> F:
 
 
 def json_option(fn: F) -> F:
-    decorated: F = click.option("--json", "as_json", is_flag=True,
-                                help="Print JSON instead of a table.")(fn)
+    decorated: F = click.option(
+        "--json", "as_json", is_flag=True, help="Print JSON instead of a table."
+    )(fn)
     return decorated
 
 
@@ -104,22 +105,50 @@ def manager() -> None:
 
 @manager.command("run")
 @runtime_dir_option
-@click.option("--region", "regions", multiple=True, callback=_spec(units.parse_region_spec),
-              metavar="NAME=GPA:SIZE[:ro]", help="Create a region at start (repeatable).")
-@click.option("--address-space", type=SIZE, default="1T", show_default=True,
-              help="Size of the guest-physical address space.")
-@click.option("--unmap-timeout", type=click.FloatRange(min=0.1), default=30.0, show_default=True,
-              help="Seconds a mapper may take to acknowledge an Unmap before it is evicted.")
-@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]),
-              default="info", show_default=True)
-def manager_run(runtime_dir: Path | None, regions: list[tuple[str, int, int, bool]],
-                address_space: int, unmap_timeout: float, log_level: str) -> None:
+@click.option(
+    "--region",
+    "regions",
+    multiple=True,
+    callback=_spec(units.parse_region_spec),
+    metavar="NAME=GPA:SIZE[:ro]",
+    help="Create a region at start (repeatable).",
+)
+@click.option(
+    "--address-space",
+    type=SIZE,
+    default="1T",
+    show_default=True,
+    help="Size of the guest-physical address space.",
+)
+@click.option(
+    "--unmap-timeout",
+    type=click.FloatRange(min=0.1),
+    default=30.0,
+    show_default=True,
+    help="Seconds a mapper may take to acknowledge an Unmap before it is evicted.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="info",
+    show_default=True,
+)
+def manager_run(
+    runtime_dir: Path | None,
+    regions: list[tuple[str, int, int, bool]],
+    address_space: int,
+    unmap_timeout: float,
+    log_level: str,
+) -> None:
     """Run the manager in the foreground until SIGINT or SIGTERM."""
     from .manager import Daemon, ManagerConfig, RegionSpec
     from .manager.backing import BackingError
 
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     config = ManagerConfig(
         runtime_dir=runtime_dir,
         address_space=address_space,
@@ -159,10 +188,17 @@ def mapper() -> None:
 @mapper.command("attach")
 @runtime_dir_option
 @click.option("--name", default=None, help="Mapper name shown by `membacking mappers`.")
-@click.option("--prefault", "prefaults", multiple=True, callback=_spec(units.parse_range_spec),
-              metavar="GPA:SIZE", help="Map this range right away (repeatable).")
-def mapper_attach(runtime_dir: Path | None, name: str | None,
-                  prefaults: list[tuple[int, int]]) -> None:
+@click.option(
+    "--prefault",
+    "prefaults",
+    multiple=True,
+    callback=_spec(units.parse_range_spec),
+    metavar="GPA:SIZE",
+    help="Map this range right away (repeatable).",
+)
+def mapper_attach(
+    runtime_dir: Path | None, name: str | None, prefaults: list[tuple[int, int]]
+) -> None:
     """Attach a mapper and stay attached until SIGINT or SIGTERM."""
     from .mapper import attach
 
@@ -192,8 +228,9 @@ def mapper_attach(runtime_dir: Path | None, name: str | None,
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
-              for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
     click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
     for row in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
@@ -213,9 +250,18 @@ def regions_cmd(runtime_dir: Path | None, as_json: bool) -> None:
         return
     _table(
         ["NAME", "GPA", "END", "SIZE", "MODE", "HOLDERS", "STATE"],
-        [[r["name"], f"{r['gpa']:#x}", f"{r['gpa'] + r['size']:#x}", units.format_size(r["size"]),
-          "rw" if r["writable"] else "ro", ",".join(map(str, r["holders"])) or "-", r["state"]]
-         for r in regions],
+        [
+            [
+                r["name"],
+                f"{r['gpa']:#x}",
+                f"{r['gpa'] + r['size']:#x}",
+                units.format_size(r["size"]),
+                "rw" if r["writable"] else "ro",
+                ",".join(map(str, r["holders"])) or "-",
+                r["state"],
+            ]
+            for r in regions
+        ],
     )
 
 
@@ -234,8 +280,18 @@ def mappers_cmd(runtime_dir: Path | None, as_json: bool) -> None:
     now = time.time()
     _table(
         ["ID", "NAME", "PID", "RANGES", "MAPPED", "FDS", "ATTACHED"],
-        [[str(p["id"]), p["name"], str(p["pid"]), str(p["ranges"]), units.format_size(p["bytes"]),
-          str(p["fds"]), f"{now - p['connected_at']:.0f}s ago"] for p in mappers],
+        [
+            [
+                str(p["id"]),
+                p["name"],
+                str(p["pid"]),
+                str(p["ranges"]),
+                units.format_size(p["bytes"]),
+                str(p["fds"]),
+                f"{now - p['connected_at']:.0f}s ago",
+            ]
+            for p in mappers
+        ],
     )
 
 
@@ -281,8 +337,10 @@ def region_add(runtime_dir: Path | None, name: str, gpa: int, size: int, readonl
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="NAME") from None
     r = ControlClient(runtime_dir).add_region(name, gpa, size, readonly)
-    click.echo(f"added region {r['name']} at {r['gpa']:#x}-{r['gpa'] + r['size']:#x} "
-               f"({units.format_size(r['size'])}, {'rw' if r['writable'] else 'ro'})")
+    click.echo(
+        f"added region {r['name']} at {r['gpa']:#x}-{r['gpa'] + r['size']:#x} "
+        f"({units.format_size(r['size'])}, {'rw' if r['writable'] else 'ro'})"
+    )
 
 
 @region.command("remove")
@@ -307,8 +365,9 @@ def mem() -> None:
 @runtime_dir_option
 @click.argument("gpa", type=ADDRESS)
 @click.argument("length", type=SIZE)
-@click.option("--format", "fmt", type=click.Choice(["hex", "raw"]), default="hex",
-              show_default=True)
+@click.option(
+    "--format", "fmt", type=click.Choice(["hex", "raw"]), default="hex", show_default=True
+)
 def mem_read(runtime_dir: Path | None, gpa: int, length: int, fmt: str) -> None:
     """Read LENGTH bytes at guest address GPA."""
     from .mapper import attach
@@ -326,8 +385,13 @@ def mem_read(runtime_dir: Path | None, gpa: int, length: int, fmt: str) -> None:
 @runtime_dir_option
 @click.argument("gpa", type=ADDRESS)
 @click.option("--hex", "hex_data", default=None, help="Bytes to write, as hex digits.")
-@click.option("--file", "path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              default=None, help="Write the contents of this file.")
+@click.option(
+    "--file",
+    "path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the contents of this file.",
+)
 def mem_write(runtime_dir: Path | None, gpa: int, hex_data: str | None, path: Path | None) -> None:
     """Write bytes at guest address GPA."""
     from .mapper import attach
@@ -338,8 +402,9 @@ def mem_write(runtime_dir: Path | None, gpa: int, hex_data: str | None, path: Pa
         try:
             data = binascii.unhexlify(hex_data.replace(" ", "").removeprefix("0x"))
         except (binascii.Error, ValueError):
-            raise click.BadParameter(f"{hex_data!r} is not an even number of hex digits",
-                                     param_hint="--hex") from None
+            raise click.BadParameter(
+                f"{hex_data!r} is not an even number of hex digits", param_hint="--hex"
+            ) from None
     else:
         assert path is not None
         data = path.read_bytes()

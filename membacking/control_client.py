@@ -22,11 +22,12 @@ from .runtime import RuntimePaths
 class ControlClient:
     """Talks to the manager serving `runtime_dir` (default: see `membacking.runtime`)."""
 
-    def __init__(self, runtime_dir: str | os.PathLike[str] | None = None,
-                 timeout: float = 10.0) -> None:
+    def __init__(
+        self, runtime_dir: str | os.PathLike[str] | None = None, timeout: float = 10.0
+    ) -> None:
         self.paths = RuntimePaths.resolve(runtime_dir)
         self.timeout = timeout
-        self._ctx = zmq.Context.instance()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
 
     def call(self, op: str, timeout: float | None = None, **args: Any) -> Any:
         """Run operation `op` and return its result."""
@@ -74,8 +75,9 @@ class ControlClient:
         return result
 
     def add_region(self, name: str, gpa: int, size: int, readonly: bool = False) -> dict[str, Any]:
-        result: dict[str, Any] = self.call("add_region", name=name, gpa=gpa, size=size,
-                                           readonly=readonly)
+        result: dict[str, Any] = self.call(
+            "add_region", name=name, gpa=gpa, size=size, readonly=readonly
+        )
         return result
 
     def remove_region(self, name: str, timeout: float = 120.0) -> dict[str, Any]:

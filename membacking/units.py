@@ -25,9 +25,7 @@ def parse_size(text: str, what: str = "size") -> int:
 
 def check_name(name: str) -> str:
     if not _NAME.match(name):
-        raise ValueError(
-            f"invalid name {name!r}: use 1 to 64 letters, digits, '_', '-' or '.'"
-        )
+        raise ValueError(f"invalid name {name!r}: use 1 to 64 letters, digits, '_', '-' or '.'")
     return name
 
 

@@ -34,12 +34,16 @@ def cli_env(runtime_dir: Path | None = None) -> dict[str, str]:
     return env
 
 
-def run_cli(*args: str, runtime_dir: Path | None = None, timeout: float = 60.0,
-            input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, runtime_dir: Path | None = None, timeout: float = 60.0, input: bytes | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run `python -m membacking ARGS` and capture its output."""
     return subprocess.run(
         [sys.executable, "-m", "membacking", *args],
-        env=cli_env(runtime_dir), capture_output=True, text=True, timeout=timeout,
+        env=cli_env(runtime_dir),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -82,9 +86,19 @@ def launch_manager(runtime_dir: Path, *args: str) -> RunningManager:
     log_path = log_dir / "manager.log"
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "membacking", "manager", "run", "--runtime-dir",
-             str(runtime_dir), *args],
-            stdout=subprocess.PIPE, stderr=log_file, env=cli_env(),
+            [
+                sys.executable,
+                "-m",
+                "membacking",
+                "manager",
+                "run",
+                "--runtime-dir",
+                str(runtime_dir),
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            env=cli_env(),
         )
     assert proc.stdout is not None
     deadline = time.monotonic() + READY_TIMEOUT

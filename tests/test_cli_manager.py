@@ -12,8 +12,8 @@ from conftest import RunningManager, run_cli, short_tmpdir
 
 
 def assert_clean_error(result: object, fragment: str) -> None:
-    code = getattr(result, "returncode")
-    err = getattr(result, "stderr")
+    code = result.returncode
+    err = result.stderr
     assert code == 1, (code, err)
     assert "Traceback" not in err, err
     assert fragment in err, err
@@ -56,11 +56,12 @@ def test_regions_table_and_json(manager: RunningManager) -> None:
     lines = table.stdout.splitlines()
     assert lines[0].split() == ["NAME", "GPA", "END", "SIZE", "MODE", "HOLDERS", "STATE"]
     assert lines[1].split() == ["ram0", "0x0", "0x4000000", "64", "MiB", "rw", "-", "active"]
-    assert lines[2].split() == ["rom", "0xfff00000", "0x100000000", "1", "MiB", "ro", "-",
-                                "active"]
+    assert lines[2].split() == ["rom", "0xfff00000", "0x100000000", "1", "MiB", "ro", "-", "active"]
     data = json.loads(manager.cli("regions", "--json").stdout)
     assert [(r["name"], r["gpa"], r["size"], r["writable"]) for r in data] == [
-        ("ram0", 0, 64 << 20, True), ("rom", 0xFFF00000, 1 << 20, False)]
+        ("ram0", 0, 64 << 20, True),
+        ("rom", 0xFFF00000, 1 << 20, False),
+    ]
 
 
 def test_stats_and_mappers(manager: RunningManager) -> None:
@@ -91,8 +92,7 @@ def test_region_errors_are_one_clean_line(manager: RunningManager) -> None:
     assert_clean_error(manager.cli("region", "remove", "nope"), "region 'nope' does not exist")
     assert_clean_error(manager.cli("region", "add", "x", "0x10000100", "4K"), "multiples of 4096")
     assert_clean_error(manager.cli("region", "add", "x", "0x10000000", "0"), "size > 0")
-    assert_clean_error(manager.cli("region", "add", "x", "0x1000000000000", "4K"),
-                       "beyond the")
+    assert_clean_error(manager.cli("region", "add", "x", "0x1000000000000", "4K"), "beyond the")
     bad_size = manager.cli("region", "add", "x", "0", "lots")
     assert bad_size.returncode == 2 and "invalid size 'lots'" in bad_size.stderr
     assert "Traceback" not in bad_size.stderr
@@ -103,10 +103,16 @@ def test_region_errors_are_one_clean_line(manager: RunningManager) -> None:
 def test_commands_without_a_daemon_fail_cleanly() -> None:
     empty = short_tmpdir()
     try:
-        for args in (["regions"], ["mappers"], ["stats", "--json"],
-                     ["region", "add", "a", "0", "4K"], ["region", "remove", "a"],
-                     ["mem", "read", "0", "16"], ["mem", "write", "0", "--hex", "00"],
-                     ["mapper", "attach"]):
+        for args in (
+            ["regions"],
+            ["mappers"],
+            ["stats", "--json"],
+            ["region", "add", "a", "0", "4K"],
+            ["region", "remove", "a"],
+            ["mem", "read", "0", "16"],
+            ["mem", "write", "0", "--hex", "00"],
+            ["mapper", "attach"],
+        ):
             result = run_cli(*args, "--runtime-dir", str(empty))
             assert_clean_error(result, f"no membacking manager at {empty}")
     finally:
@@ -114,15 +120,25 @@ def test_commands_without_a_daemon_fail_cleanly() -> None:
 
 
 def test_bad_region_spec_at_startup(tmp_path: Path) -> None:
-    result = run_cli("manager", "run", "--runtime-dir", str(short_tmpdir()),
-                     "--region", "ram0=0:64Q")
+    result = run_cli(
+        "manager", "run", "--runtime-dir", str(short_tmpdir()), "--region", "ram0=0:64Q"
+    )
     assert result.returncode == 2 and "invalid size '64Q'" in result.stderr
-    overlap = run_cli("manager", "run", "--runtime-dir", str(short_tmpdir()),
-                      "--region", "a=0:2M", "--region", "b=1M:2M")
+    overlap = run_cli(
+        "manager",
+        "run",
+        "--runtime-dir",
+        str(short_tmpdir()),
+        "--region",
+        "a=0:2M",
+        "--region",
+        "b=1M:2M",
+    )
     assert overlap.returncode == 1 and "Traceback" not in overlap.stderr
     assert overlap.stderr.strip().splitlines()[-1] == (
         "Error: cannot create the initial regions: 0x100000-0x300000 overlaps region 'a' "
-        "(0x0-0x200000)")
+        "(0x0-0x200000)"
+    )
 
 
 def test_runtime_dir_from_environment(manager: RunningManager) -> None:

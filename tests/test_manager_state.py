@@ -52,8 +52,9 @@ def clock() -> Clock:
 
 @pytest.fixture
 def state(clock: Clock) -> ManagerState:
-    return ManagerState(RecordingStore(), address_space=1 << 32, unmap_timeout=5.0,
-                        clock=clock, monotonic=clock)
+    return ManagerState(
+        RecordingStore(), address_space=1 << 32, unmap_timeout=5.0, clock=clock, monotonic=clock
+    )
 
 
 def attach(state: ManagerState, name: str) -> tuple[int, bytes, bytes]:
@@ -61,15 +62,20 @@ def attach(state: ManagerState, name: str) -> tuple[int, bytes, bytes]:
     entry = state.register_mapper(name, pid=4000 + len(state.mappers))
     stream, requests = f"{name}-s".encode(), f"{name}-r".encode()
     assert state.handle_mapper(stream, m.Attach(entry.id, entry.token, m.ROLE_STREAM)) == [
-        Send(Channel.MAPPER, stream, m.Attached(m.ROLE_STREAM))]
+        Send(Channel.MAPPER, stream, m.Attached(m.ROLE_STREAM))
+    ]
     assert state.handle_mapper(requests, m.Attach(entry.id, entry.token, m.ROLE_REQUESTS)) == [
-        Send(Channel.MAPPER, requests, m.Attached(m.ROLE_REQUESTS))]
+        Send(Channel.MAPPER, requests, m.Attached(m.ROLE_REQUESTS))
+    ]
     return entry.id, stream, requests
 
 
 def msgs(effects: list[Send | Disconnect], identity: bytes | None = None) -> list[m.Message]:
-    return [e.msg for e in effects
-            if isinstance(e, Send) and (identity is None or e.identity == identity)]
+    return [
+        e.msg
+        for e in effects
+        if isinstance(e, Send) and (identity is None or e.identity == identity)
+    ]
 
 
 def rng(start_mib: int, size_mib: int) -> MemoryRange:
@@ -95,16 +101,20 @@ def test_fault_inside_a_mapping_maps_the_whole_mapping(state: ManagerState) -> N
     state.add_region("a", 0, 64 * MiB, True)
     _, _, requests = attach(state, "m1")
     assert msgs(state.handle_mapper(requests, m.SendMappings(rng(10, 1)))) == [
-        m.Map(rng(0, 64), 1, 0, True)]
+        m.Map(rng(0, 64), 1, 0, True)
+    ]
 
 
 def test_fault_beyond_the_address_space_is_nomapping(state: ManagerState) -> None:
     state.add_region("top", (1 << 32) - MiB, MiB, True)
     _, _, requests = attach(state, "m1")
-    out = msgs(state.handle_mapper(requests, m.SendMappings(MemoryRange((1 << 32) - MiB,
-                                                                        (1 << 32) + MiB))))
-    assert out == [m.Map(MemoryRange((1 << 32) - MiB, 1 << 32), 1, 0, True),
-                   m.NoMapping(MemoryRange(1 << 32, (1 << 32) + MiB))]
+    out = msgs(
+        state.handle_mapper(requests, m.SendMappings(MemoryRange((1 << 32) - MiB, (1 << 32) + MiB)))
+    )
+    assert out == [
+        m.Map(MemoryRange((1 << 32) - MiB, 1 << 32), 1, 0, True),
+        m.NoMapping(MemoryRange(1 << 32, (1 << 32) + MiB)),
+    ]
 
 
 def test_removal_unmaps_holders_only_and_completes_after_every_ack(state: ManagerState) -> None:
@@ -153,8 +163,9 @@ def test_removal_racing_a_fill_in(state: ManagerState) -> None:
     removal = state.handle_control(b"c", m.ControlRequest("remove_region", {"name": "a"}))
     sequence = msgs(fill + removal, stream)
     assert [type(x) for x in sequence] == [m.Map, m.Unmap]
-    assert state.fd_request(1, 1) == m.FdDenied(1, "no current mapping of that mappable was "
-                                                   "sent to you")
+    assert state.fd_request(1, 1) == m.FdDenied(
+        1, "no current mapping of that mappable was sent to you"
+    )
 
     state.add_region("b", 0, MiB, True)
     state.handle_control(b"c", m.ControlRequest("remove_region", {"name": "b"}))
@@ -178,8 +189,10 @@ def test_mapper_gone_unblocks_pending_removal(state: ManagerState) -> None:
     state.add_region("a", 0, MiB, True)
     m1, _, r1 = attach(state, "m1")
     state.handle_mapper(r1, m.SendMappings(rng(0, 1)))
-    assert msgs(state.handle_control(b"c", m.ControlRequest("remove_region", {"name": "a"}))) \
+    assert (
+        msgs(state.handle_control(b"c", m.ControlRequest("remove_region", {"name": "a"})))
         and "a" in state.regions
+    )
     out = state.mapper_gone(m1, "killed")
     assert msgs(out) == [m.ControlReply({"name": "a", "unmapped_from": [m1]})]
     assert state.mappers == {}
@@ -262,8 +275,17 @@ def test_control_listing_and_unknown_op(state: ManagerState) -> None:
     state.add_region("a", 0, MiB, False)
     regions = msgs(state.handle_control(b"c", m.ControlRequest("regions", {})))[0]
     assert isinstance(regions, m.ControlReply)
-    assert regions.result == [{"name": "a", "gpa": 0, "size": MiB, "writable": False,
-                               "mappable_id": 1, "holders": [], "state": "active"}]
+    assert regions.result == [
+        {
+            "name": "a",
+            "gpa": 0,
+            "size": MiB,
+            "writable": False,
+            "mappable_id": 1,
+            "holders": [],
+            "state": "active",
+        }
+    ]
     err = msgs(state.handle_control(b"c", m.ControlRequest("explode", {})))[0]
     assert isinstance(err, m.Error) and err.code == "bad-request"
     stats = state.stats()

@@ -64,7 +64,11 @@ class MemfdStore:
                 grant = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             os.close(fd)
-            code = "no-memory" if exc.errno in (errno.ENOMEM, errno.ENOSPC, errno.EFBIG) else "internal"
+            code = (
+                "no-memory"
+                if exc.errno in (errno.ENOMEM, errno.ENOSPC, errno.EFBIG)
+                else "internal"
+            )
             raise BackingError(code, f"cannot size the memfd for {name}: {exc}") from None
         self._fds[mappable_id] = _Memfd(fd, grant, size)
 

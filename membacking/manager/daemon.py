@@ -70,8 +70,9 @@ class Daemon:
         self.config = config
         self.paths = RuntimePaths.resolve(config.runtime_dir)
         self.store = MemfdStore()
-        self.state = ManagerState(self.store, address_space=config.address_space,
-                                  unmap_timeout=config.unmap_timeout)
+        self.state = ManagerState(
+            self.store, address_space=config.address_space, unmap_timeout=config.unmap_timeout
+        )
         self._lock = RuntimeDirLock(self.paths)
         self._conns: dict[int, _FdConn] = {}
         self._conn_of_mapper: dict[int, _FdConn] = {}
@@ -89,9 +90,12 @@ class Daemon:
                 self.state.add_region(spec.name, spec.gpa, spec.size, not spec.readonly)
             self._ctx = zmq.Context()
             self._mapper = self._bind_router(self.paths.mapper_endpoint, self.paths.mapper_socket)
-            self._control = self._bind_router(self.paths.control_endpoint,
-                                              self.paths.control_socket)
-            self._listen = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            self._control = self._bind_router(
+                self.paths.control_endpoint, self.paths.control_socket
+            )
+            self._listen = socket.socket(
+                socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
+            )
             self._listen.bind(os.fspath(self.paths.fd_socket))
             os.chmod(self.paths.fd_socket, 0o600)
             self._listen.listen(128)
@@ -100,7 +104,7 @@ class Daemon:
             self._close_all()
             raise
 
-    def _bind_router(self, endpoint: str, path: os.PathLike[str]) -> zmq.Socket:
+    def _bind_router(self, endpoint: str, path: os.PathLike[str]) -> zmq.Socket[bytes]:
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.SNDHWM, _HWM)
         sock.setsockopt(zmq.RCVHWM, _HWM)
@@ -115,8 +119,9 @@ class Daemon:
         with contextlib.suppress(OSError):
             self._wake_w.send(b"x")
 
-    def run(self, on_ready: Callable[[Daemon], None] | None = None,
-            install_signals: bool = True) -> None:
+    def run(
+        self, on_ready: Callable[[Daemon], None] | None = None, install_signals: bool = True
+    ) -> None:
         """Start, serve until stopped, then shut down cleanly."""
         self.start()
         if install_signals:
@@ -185,7 +190,7 @@ class Daemon:
                 next_tick = time.monotonic() + 1.0
                 self._guard("tick", None, lambda: self._apply(self.state.tick()))
 
-    def _drain(self, sock: zmq.Socket, handler: Callable[[list[bytes]], None]) -> None:
+    def _drain(self, sock: zmq.Socket[bytes], handler: Callable[[list[bytes]], None]) -> None:
         for _ in range(256):  # bounded, so one busy socket cannot starve the others
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
@@ -220,8 +225,15 @@ class Daemon:
         identity = frames[0]
         if len(frames) != 2:
             self.state.reject("malformed", f"{len(frames) - 1} frames on the mapper socket")
-            self._apply([Send(Channel.MAPPER, identity,
-                              m.Error("malformed", "send exactly one frame per message"))])
+            self._apply(
+                [
+                    Send(
+                        Channel.MAPPER,
+                        identity,
+                        m.Error("malformed", "send exactly one frame per message"),
+                    )
+                ]
+            )
             return
         try:
             msg = decode(frames[1], Channel.MAPPER)
@@ -295,8 +307,9 @@ class Daemon:
             self._drop_conn(conn, f"cannot send to mapper: {exc}")
         except Exception:
             self.state.rejected["internal"] += 1
-            log.exception("internal error while handling %s from pid %d", type(msg).__name__,
-                          conn.pid)
+            log.exception(
+                "internal error while handling %s from pid %d", type(msg).__name__, conn.pid
+            )
 
     def _strike(self, conn: _FdConn, reason: str, detail: str) -> None:
         self.state.reject(reason, detail, conn.pid)

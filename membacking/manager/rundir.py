@@ -63,8 +63,12 @@ class RuntimeDirLock:
     def release(self) -> None:
         if self._fd is None:
             return
-        for path in (self.paths.fd_socket, self.paths.mapper_socket, self.paths.control_socket,
-                     self.paths.lock):
+        for path in (
+            self.paths.fd_socket,
+            self.paths.mapper_socket,
+            self.paths.control_socket,
+            self.paths.lock,
+        ):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
         os.close(self._fd)

@@ -127,8 +127,9 @@ class ManagerState:
     def register_mapper(self, name: str, pid: int) -> MapperEntry:
         """A mapper said Hello on the fd socket: give it an id (never reused) and a token."""
         now = self._clock()
-        entry = MapperEntry(self._next_mapper_id, name, pid, secrets.token_bytes(m.TOKEN_BYTES),
-                            now, now)
+        entry = MapperEntry(
+            self._next_mapper_id, name, pid, secrets.token_bytes(m.TOKEN_BYTES), now, now
+        )
         self._next_mapper_id += 1
         self.mappers[entry.id] = entry
         log.info("mapper %d (%s, pid %d) registered", entry.id, name, pid)
@@ -215,8 +216,7 @@ class ManagerState:
         """Answer a fault: Map for each mapping covering `rng`, NoMapping for each gap."""
         entry = self.mappers[mapper_id]
         if entry.stream is None:
-            self.reject("not-attached", "SendMappings before the stream socket attached",
-                        entry.pid)
+            self.reject("not-attached", "SendMappings before the stream socket attached", entry.pid)
             return []
         self.counters["faults"] += 1
         out: list[Effect] = []
@@ -231,8 +231,18 @@ class ManagerState:
                 # point always sends this mapper an Unmap (queued behind the Map).
                 mapping.holders.add(mapper_id)
                 entry.held[mapping.range] = mapping.mappable_id
-                out.append(Send(Channel.MAPPER, entry.stream, m.Map(
-                    mapping.range, mapping.mappable_id, mapping.file_offset, mapping.writable)))
+                out.append(
+                    Send(
+                        Channel.MAPPER,
+                        entry.stream,
+                        m.Map(
+                            mapping.range,
+                            mapping.mappable_id,
+                            mapping.file_offset,
+                            mapping.writable,
+                        ),
+                    )
+                )
                 self.counters["maps_sent"] += 1
         for outside in rng.subtract(MemoryRange(0, self.address_space)):
             out.append(Send(Channel.MAPPER, entry.stream, m.NoMapping(outside)))
@@ -277,7 +287,9 @@ class ManagerState:
         self._by_mappable.pop(region.mappable_id, None)
         self.store.destroy(region.mappable_id)
         self.counters["removals"] += 1
-        log.info("region %s removed (unmapped from %s)", region.name, removal.unmapped_from or "none")
+        log.info(
+            "region %s removed (unmapped from %s)", region.name, removal.unmapped_from or "none"
+        )
         if removal.reply_to is None:
             return []
         result = {"name": region.name, "unmapped_from": sorted(removal.unmapped_from)}
@@ -296,7 +308,10 @@ class ManagerState:
             entry = self.mappers[mapper_id]
             entry.held.pop(mapping.range, None)
             release: tuple[int, ...] = ()
-            if mapping.mappable_id in entry.fds_sent and mapping.mappable_id not in entry.held.values():
+            if (
+                mapping.mappable_id in entry.fds_sent
+                and mapping.mappable_id not in entry.held.values()
+            ):
                 entry.fds_sent.discard(mapping.mappable_id)
                 release = (mapping.mappable_id,)
             seq = self._next_seq
@@ -317,8 +332,13 @@ class ManagerState:
         effects: list[Effect] = []
         for entry in list(self.mappers.values()):
             if entry.unacked and now - min(entry.unacked.values()) > self.unmap_timeout:
-                log.error("mapper %d (%s, pid %d) did not acknowledge an Unmap within %.1fs: "
-                          "evicted", entry.id, entry.name, entry.pid, self.unmap_timeout)
+                log.error(
+                    "mapper %d (%s, pid %d) did not acknowledge an Unmap within %.1fs: evicted",
+                    entry.id,
+                    entry.name,
+                    entry.pid,
+                    self.unmap_timeout,
+                )
                 self.counters["evictions"] += 1
                 effects.append(Disconnect(entry.id))
                 effects.extend(self.mapper_gone(entry.id, "unresponsive"))
@@ -365,7 +385,9 @@ class ManagerState:
         """A ControlRequest arrived from client `identity`."""
         if not isinstance(msg, m.ControlRequest):
             self.reject("unexpected", f"{type(msg).__name__} on the control socket")
-            return [Send(Channel.CONTROL, identity, m.Error("bad-request", "expected ControlRequest"))]
+            return [
+                Send(Channel.CONTROL, identity, m.Error("bad-request", "expected ControlRequest"))
+            ]
         try:
             handler = _CONTROL_OPS.get(msg.op)
             if handler is None:
@@ -388,8 +410,9 @@ class ManagerState:
 
     def _op_add_region(self, identity: bytes, args: dict[str, Any]) -> list[Effect]:
         _expect_args(args, {"name": str, "gpa": int, "size": int}, {"readonly": bool})
-        region = self.add_region(args["name"], args["gpa"], args["size"],
-                                 not args.get("readonly", False))
+        region = self.add_region(
+            args["name"], args["gpa"], args["size"], not args.get("readonly", False)
+        )
         return [Send(Channel.CONTROL, identity, m.ControlReply(self._describe_region(region)))]
 
     def _op_remove_region(self, identity: bytes, args: dict[str, Any]) -> list[Effect]:
@@ -430,8 +453,15 @@ class ManagerState:
         ]
 
     def stats(self) -> dict[str, Any]:
-        keys = ("faults", "maps_sent", "nomappings_sent", "unmaps_sent", "fds_sent", "removals",
-                "evictions")
+        keys = (
+            "faults",
+            "maps_sent",
+            "nomappings_sent",
+            "unmaps_sent",
+            "fds_sent",
+            "removals",
+            "evictions",
+        )
         out: dict[str, Any] = {k: self.counters[k] for k in keys}
         out.update(
             regions=len(self.regions),
@@ -455,8 +485,13 @@ class ManagerState:
         for removal in self._removals.values():
             if removal.reply_to is not None and id(removal) not in answered:
                 answered.add(id(removal))
-                effects.append(Send(Channel.CONTROL, removal.reply_to,
-                                    m.Error("shutting-down", f"the manager is stopping: {reason}")))
+                effects.append(
+                    Send(
+                        Channel.CONTROL,
+                        removal.reply_to,
+                        m.Error("shutting-down", f"the manager is stopping: {reason}"),
+                    )
+                )
         self._removals.clear()
         return effects
 

@@ -58,19 +58,22 @@ def _wire_len(cls: type[Message]) -> int:
 
 def _u64(value: Any, field: str) -> int:
     if type(value) is not int or not 0 <= value < _U64_LIMIT:
-        raise ProtocolError(f"field {field!r} must be an unsigned 64-bit integer, got {value!r}",
-                            reason="bad-field")
+        raise ProtocolError(
+            f"field {field!r} must be an unsigned 64-bit integer, got {value!r}", reason="bad-field"
+        )
     return value
 
 
 def _name(value: Any, field: str) -> str:
     if type(value) is not str or not 1 <= len(value) <= MAX_NAME_LEN:
         raise ProtocolError(
-            f"field {field!r} must be a string of 1 to {MAX_NAME_LEN} characters", reason="bad-field"
+            f"field {field!r} must be a string of 1 to {MAX_NAME_LEN} characters",
+            reason="bad-field",
         )
     if not value.isprintable() or any(ch.isspace() for ch in value):
-        raise ProtocolError(f"field {field!r} must be printable with no spaces: {value!r}",
-                            reason="bad-field")
+        raise ProtocolError(
+            f"field {field!r} must be printable with no spaces: {value!r}", reason="bad-field"
+        )
     return value
 
 
@@ -84,24 +87,29 @@ def _range(start: Any, size: Any, field: str) -> MemoryRange:
             f"field {field!r} ({start:#x} + {size:#x}) is not page-aligned", reason="bad-range"
         )
     if start + size > MAX_ADDRESS:
-        raise ProtocolError(f"field {field!r} ({start:#x} + {size:#x}) wraps the address space",
-                            reason="bad-range")
+        raise ProtocolError(
+            f"field {field!r} ({start:#x} + {size:#x}) wraps the address space", reason="bad-range"
+        )
     return MemoryRange(start, start + size)
 
 
 def _args(value: Any, field: str) -> dict[str, Any]:
     if type(value) is not dict or len(value) > MAX_ARGS:
-        raise ProtocolError(f"field {field!r} must be a map of at most {MAX_ARGS} entries",
-                            reason="bad-field")
+        raise ProtocolError(
+            f"field {field!r} must be a map of at most {MAX_ARGS} entries", reason="bad-field"
+        )
     for key, item in value.items():
         _name(key, f"{field} key")
         if item is not None and type(item) not in (bool, int, str):
-            raise ProtocolError(f"argument {key!r} must be nil, bool, int or str", reason="bad-field")
+            raise ProtocolError(
+                f"argument {key!r} must be nil, bool, int or str", reason="bad-field"
+            )
         if type(item) is int and not -_U64_LIMIT < item < _U64_LIMIT:
             raise ProtocolError(f"argument {key!r} is out of the 64-bit range", reason="bad-field")
         if type(item) is str and len(item) > MAX_REASON_LEN:
-            raise ProtocolError(f"argument {key!r} is longer than {MAX_REASON_LEN}",
-                                reason="bad-field")
+            raise ProtocolError(
+                f"argument {key!r} is longer than {MAX_REASON_LEN}", reason="bad-field"
+            )
     return value
 
 
@@ -111,27 +119,31 @@ def _field(kind: Kind, items: list[Any], pos: int, field: str) -> tuple[Any, int
         return _u64(value, field), pos + 1
     if kind is Kind.BOOL:
         if type(value) is not bool:
-            raise ProtocolError(f"field {field!r} must be a boolean, got {value!r}",
-                                reason="bad-field")
+            raise ProtocolError(
+                f"field {field!r} must be a boolean, got {value!r}", reason="bad-field"
+            )
         return value, pos + 1
     if kind is Kind.NAME:
         return _name(value, field), pos + 1
     if kind is Kind.TEXT:
         if type(value) is not str or len(value) > MAX_REASON_LEN:
-            raise ProtocolError(f"field {field!r} must be a string of at most {MAX_REASON_LEN}",
-                                reason="bad-field")
+            raise ProtocolError(
+                f"field {field!r} must be a string of at most {MAX_REASON_LEN}", reason="bad-field"
+            )
         return value, pos + 1
     if kind is Kind.TOKEN:
         if type(value) is not bytes or len(value) != TOKEN_BYTES:
-            raise ProtocolError(f"field {field!r} must be {TOKEN_BYTES} bytes of binary",
-                                reason="bad-field")
+            raise ProtocolError(
+                f"field {field!r} must be {TOKEN_BYTES} bytes of binary", reason="bad-field"
+            )
         return value, pos + 1
     if kind is Kind.RANGE:
         return _range(value, items[pos + 1], field), pos + 2
     if kind is Kind.IDS:
         if type(value) is not list or len(value) > MAX_RELEASE_IDS:
-            raise ProtocolError(f"field {field!r} must be an array of at most {MAX_RELEASE_IDS}",
-                                reason="bad-field")
+            raise ProtocolError(
+                f"field {field!r} must be an array of at most {MAX_RELEASE_IDS}", reason="bad-field"
+            )
         return tuple(_u64(v, field) for v in value), pos + 1
     if kind is Kind.ARGS:
         return _args(value, field), pos + 1
@@ -141,8 +153,9 @@ def _field(kind: Kind, items: list[Any], pos: int, field: str) -> tuple[Any, int
 def decode(data: bytes, channel: Channel, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
     """Decode and validate one message received on `channel`."""
     if len(data) > max_bytes:
-        raise ProtocolError(f"message of {len(data)} bytes exceeds the {max_bytes}-byte limit",
-                            reason="too-large")
+        raise ProtocolError(
+            f"message of {len(data)} bytes exceeds the {max_bytes}-byte limit", reason="too-large"
+        )
     if not data:
         raise ProtocolError("empty message", reason="malformed")
     try:
@@ -160,8 +173,9 @@ def decode(data: bytes, channel: Channel, *, max_bytes: int = MAX_MESSAGE_BYTES)
     except Exception as exc:  # msgpack raises many types (ValueError, ExtraData, ...)
         raise ProtocolError(f"not a valid msgpack message: {exc}", reason="malformed") from None
     if type(items) is not list or len(items) < 2:
-        raise ProtocolError("a message must be an array [version, type, fields...]",
-                            reason="malformed")
+        raise ProtocolError(
+            "a message must be an array [version, type, fields...]", reason="malformed"
+        )
     if items[0] != PROTOCOL_VERSION or type(items[0]) is not int:
         raise ProtocolError(
             f"unsupported protocol version {items[0]!r} (this side speaks {PROTOCOL_VERSION})",
@@ -171,8 +185,9 @@ def decode(data: bytes, channel: Channel, *, max_bytes: int = MAX_MESSAGE_BYTES)
     if cls is None:
         raise ProtocolError(f"unknown message type {items[1]!r}", reason="unknown-type")
     if channel not in cls.CHANNELS:
-        raise ProtocolError(f"{cls.__name__} is not allowed on the {channel.value} channel",
-                            reason="wrong-channel")
+        raise ProtocolError(
+            f"{cls.__name__} is not allowed on the {channel.value} channel", reason="wrong-channel"
+        )
     if len(items) != _wire_len(cls):
         raise ProtocolError(
             f"{cls.__name__} needs {_wire_len(cls) - 2} wire fields, got {len(items) - 2}",

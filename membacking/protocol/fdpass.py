@@ -7,6 +7,7 @@ message type does not expect and rejects truncated messages (MSG_TRUNC / MSG_CTR
 from __future__ import annotations
 
 import array
+import contextlib
 import os
 import socket
 from collections.abc import Sequence
@@ -37,10 +38,8 @@ def send_message(sock: socket.socket, msg: Message, fds: Sequence[int] = ()) -> 
 
 def close_fds(fds: Sequence[int]) -> None:
     for fd in fds:
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
 
 
 def recv_raw(sock: socket.socket, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[bytes, list[int]]:
