@@ -22,6 +22,7 @@ import click
 from . import units
 from .control_client import ControlClient
 from .errors import MembackingError
+from .manager.state import Limits
 from .protocol.ranges import MemoryRange
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -128,6 +129,41 @@ def manager() -> None:
     help="Seconds a mapper may take to acknowledge an Unmap before it is evicted.",
 )
 @click.option(
+    "--max-mappers",
+    type=click.IntRange(min=1),
+    default=Limits.max_mappers,
+    show_default=True,
+    help="Refuse mappers beyond this many.",
+)
+@click.option(
+    "--max-regions",
+    type=click.IntRange(min=1),
+    default=Limits.max_regions,
+    show_default=True,
+    help="Refuse regions beyond this many.",
+)
+@click.option(
+    "--max-fds-per-mapper",
+    type=click.IntRange(min=1),
+    default=Limits.max_fds_per_mapper,
+    show_default=True,
+    help="Deny a mapper fds beyond this many.",
+)
+@click.option(
+    "--allow-uid",
+    "allow_uids",
+    type=int,
+    multiple=True,
+    help="Also accept mappers running as this uid (repeatable; default: own uid, root).",
+)
+@click.option(
+    "--allow-gid",
+    "allow_gids",
+    type=int,
+    multiple=True,
+    help="Also accept mappers whose primary gid is this (repeatable).",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default="info",
@@ -138,11 +174,16 @@ def manager_run(
     regions: list[tuple[str, int, int, bool]],
     address_space: int,
     unmap_timeout: float,
+    max_mappers: int,
+    max_regions: int,
+    max_fds_per_mapper: int,
+    allow_uids: tuple[int, ...],
+    allow_gids: tuple[int, ...],
     log_level: str,
 ) -> None:
     """Run the manager in the foreground until SIGINT or SIGTERM."""
     from .manager import Daemon, ManagerConfig, RegionSpec
-    from .manager.backing import BackingError
+    from .manager.errors import Refused
 
     logging.basicConfig(
         level=log_level.upper(),
@@ -154,6 +195,9 @@ def manager_run(
         address_space=address_space,
         regions=[RegionSpec(*spec) for spec in regions],
         unmap_timeout=unmap_timeout,
+        allow_uids=frozenset(allow_uids),
+        allow_gids=frozenset(allow_gids),
+        limits=Limits(max_mappers, max_regions, max_fds_per_mapper),
     )
     daemon = Daemon(config)
 
@@ -166,7 +210,7 @@ def manager_run(
 
     try:
         daemon.run(on_ready=ready)
-    except BackingError as exc:
+    except Refused as exc:
         raise click.ClickException(f"cannot create the initial regions: {exc}") from None
     click.echo("membacking manager stopped", err=True)
 

@@ -303,3 +303,25 @@ def test_shutdown_tells_mappers_and_waiting_clients(state: ManagerState) -> None
     assert isinstance(by_identity[s1], m.Shutdown) and isinstance(by_identity[s2], m.Shutdown)
     reply = by_identity[b"c"]
     assert isinstance(reply, m.Error) and reply.code == "shutting-down"
+
+
+def test_limits_refuse_mappers_regions_and_fds(clock: Clock) -> None:
+    from membacking.manager.errors import Refused
+    from membacking.manager.state import Limits
+
+    state = ManagerState(RecordingStore(), limits=Limits(max_mappers=1, max_regions=2,
+                                                         max_fds_per_mapper=1),
+                         clock=clock, monotonic=clock)
+    state.add_region("a", 0, MiB, True)
+    state.add_region("b", MiB, MiB, True)
+    with pytest.raises(Refused) as refused:
+        state.add_region("c", 2 * MiB, MiB, True)
+    assert refused.value.code == "limit" and "limit of 2 regions" in str(refused.value)
+    mid, _, requests = attach(state, "m1")
+    with pytest.raises(Refused, match="limit of 1 mappers"):
+        state.register_mapper("m2", 2)
+    state.handle_mapper(requests, m.SendMappings(rng(0, 2)))
+    assert isinstance(state.fd_request(mid, 1), m.FdGrant)
+    denied = state.fd_request(mid, 2)
+    assert isinstance(denied, m.FdDenied) and "limit of 1 fds" in denied.reason
+    assert state.rejected["limit"] == 2

@@ -12,15 +12,11 @@ import os
 from dataclasses import dataclass
 from typing import Protocol
 
-from ..errors import MembackingError
+from .errors import Refused
 
 
-class BackingError(MembackingError):
+class BackingError(Refused):
     """The host could not create a backing (code is a control-protocol error code)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 class BackingStore(Protocol):

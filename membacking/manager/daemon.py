@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import FrameType
 
+import psutil
 import zmq
 
 from ..protocol import messages as m
@@ -26,9 +27,10 @@ from ..protocol.errors import ProtocolError
 from ..protocol.fdpass import PeerClosed, recv_message, send_message
 from ..protocol.messages import Channel
 from ..runtime import RuntimePaths
-from .backing import BackingError, MemfdStore
+from .backing import MemfdStore
+from .errors import Refused
 from .rundir import RuntimeDirLock
-from .state import DEFAULT_ADDRESS_SPACE, Disconnect, Effect, ManagerState, Send
+from .state import DEFAULT_ADDRESS_SPACE, Disconnect, Effect, Limits, ManagerState, Send
 
 log = logging.getLogger("membacking.manager")
 
@@ -52,6 +54,8 @@ class ManagerConfig:
     regions: list[RegionSpec] = field(default_factory=list)
     unmap_timeout: float = 30.0
     allow_uids: frozenset[int] = frozenset()
+    allow_gids: frozenset[int] = frozenset()
+    limits: Limits = field(default_factory=Limits)
 
 
 @dataclass
@@ -79,6 +83,8 @@ class Daemon:
         self._stop_reason: str | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._allowed_uids = {os.getuid(), 0, *config.allow_uids}
+        self._allowed_gids = set(config.allow_gids)
+        self._zmq_strikes: dict[int, int] = {}  # mapper id -> invalid messages in a row
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -188,7 +194,13 @@ class Daemon:
                     self._wake_r.recv(64)
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + 1.0
-                self._guard("tick", None, lambda: self._apply(self.state.tick()))
+                self._guard("tick", None, self._tick)
+
+    def _tick(self) -> None:
+        self._apply(self.state.tick())
+        for entry in list(self.state.mappers.values()):
+            if not psutil.pid_exists(entry.pid):
+                self._apply([Disconnect(entry.id)])
 
     def _drain(self, sock: zmq.Socket[bytes], handler: Callable[[list[bytes]], None]) -> None:
         for _ in range(256):  # bounded, so one busy socket cannot starve the others
@@ -217,7 +229,8 @@ class Daemon:
             elif isinstance(effect, Disconnect):
                 conn = self._conn_of_mapper.pop(effect.mapper_id, None)
                 if conn is not None:
-                    self._drop_conn(conn)
+                    self._drop_conn(conn, "evicted")
+                self._apply(self.state.mapper_gone(effect.mapper_id, "evicted"))
 
     # ---- ZeroMQ channels -----------------------------------------------------------------------
 
@@ -238,10 +251,25 @@ class Daemon:
         try:
             msg = decode(frames[1], Channel.MAPPER)
         except ProtocolError as exc:
-            self.state.reject(exc.reason, str(exc))
+            mapper_id = self.state.mapper_of(identity)
+            pid = self.state.mappers[mapper_id].pid if mapper_id is not None else None
+            self.state.reject(exc.reason, str(exc), pid)
             self._apply([Send(Channel.MAPPER, identity, m.Error(exc.reason, str(exc)[:1000]))])
+            if mapper_id is not None:
+                self._zmq_strike(mapper_id)
             return
+        mapper_id = self.state.mapper_of(identity)
+        if mapper_id is not None:
+            self._zmq_strikes.pop(mapper_id, None)
         self._apply(self.state.handle_mapper(identity, msg))
+
+    def _zmq_strike(self, mapper_id: int) -> None:
+        strikes = self._zmq_strikes.get(mapper_id, 0) + 1
+        self._zmq_strikes[mapper_id] = strikes
+        if strikes >= MAX_STRIKES:
+            log.warning("evicting mapper %d after %d invalid messages", mapper_id, strikes)
+            self._zmq_strikes.pop(mapper_id, None)
+            self._apply([Disconnect(mapper_id)])
 
     def _on_control_frames(self, frames: list[bytes]) -> None:
         if len(frames) != 3 or frames[1] != b"":
@@ -256,7 +284,7 @@ class Daemon:
             return
         try:
             effects = self.state.handle_control(identity, msg)
-        except BackingError as exc:
+        except Refused as exc:
             effects = [Send(Channel.CONTROL, identity, m.Error(exc.code, str(exc)))]
         except Exception as exc:
             log.exception("control request failed")
@@ -273,8 +301,8 @@ class Daemon:
             except (BlockingIOError, InterruptedError):
                 return
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            pid, uid, _gid = struct.unpack("3i", creds)
-            if uid not in self._allowed_uids:
+            pid, uid, gid = struct.unpack("3i", creds)
+            if uid not in self._allowed_uids and gid not in self._allowed_gids:
                 self.state.reject("uid", f"uid {uid} may not connect", pid)
                 with contextlib.suppress(OSError):
                     send_message(sock, m.Error("forbidden", f"uid {uid} may not use this manager"))
@@ -285,7 +313,10 @@ class Daemon:
             self._conns[sock.fileno()] = conn
 
     def _drop_conn(self, conn: _FdConn, why: str = "disconnected") -> None:
-        self._conns.pop(conn.sock.fileno(), None)
+        fileno = conn.sock.fileno()
+        if fileno == -1:
+            return  # already dropped
+        self._conns.pop(fileno, None)
         conn.sock.close()
         if conn.mapper_id is not None:
             self._conn_of_mapper.pop(conn.mapper_id, None)
@@ -328,7 +359,12 @@ class Daemon:
             if conn.mapper_id is not None:
                 self._strike(conn, "unexpected", "Hello sent twice")
                 return
-            entry = self.state.register_mapper(msg.name, conn.pid)
+            try:
+                entry = self.state.register_mapper(msg.name, conn.pid)
+            except Refused as exc:
+                send_message(conn.sock, m.Error(exc.code, str(exc)))
+                self._drop_conn(conn, "refused")
+                return
             conn.mapper_id = entry.id
             self._conn_of_mapper[entry.id] = conn
             send_message(conn.sock, self.state.welcome(entry))

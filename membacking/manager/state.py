@@ -19,11 +19,21 @@ from ..protocol import messages as m
 from ..protocol.messages import Channel, Message
 from ..protocol.rangemap import RangeMap
 from ..protocol.ranges import PAGE_SIZE, MemoryRange
-from .backing import BackingError, BackingStore
+from .backing import BackingStore
+from .errors import Refused
 
 log = logging.getLogger("membacking.manager")
 
 DEFAULT_ADDRESS_SPACE = 1 << 40  # 1 TiB of guest-physical address space
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits; a request beyond one is refused with code "limit"."""
+
+    max_mappers: int = 1024
+    max_regions: int = 16384  # a mapper can hold ~32k separate mappings (vm.max_map_count)
+    max_fds_per_mapper: int = 4096
 
 
 @dataclass(frozen=True)
@@ -96,12 +106,14 @@ class ManagerState:
         *,
         address_space: int = DEFAULT_ADDRESS_SPACE,
         unmap_timeout: float = 30.0,
+        limits: Limits | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.address_space = address_space
         self.unmap_timeout = unmap_timeout
+        self.limits = limits or Limits()
         self._clock = clock
         self._monotonic = monotonic
         self.started_at = clock()
@@ -126,6 +138,12 @@ class ManagerState:
 
     def register_mapper(self, name: str, pid: int) -> MapperEntry:
         """A mapper said Hello on the fd socket: give it an id (never reused) and a token."""
+        if len(self.mappers) >= self.limits.max_mappers:
+            self.reject("limit", f"mapper {name!r} refused: {len(self.mappers)} attached", pid)
+            raise Refused(
+                "limit",
+                f"the manager already serves its limit of {self.limits.max_mappers} mappers",
+            )
         now = self._clock()
         entry = MapperEntry(
             self._next_mapper_id, name, pid, secrets.token_bytes(m.TOKEN_BYTES), now, now
@@ -158,6 +176,11 @@ class ManagerState:
                 removal.waiting.discard(mapper_id)
                 effects.extend(self._maybe_finish(removal))
         return effects
+
+    def mapper_of(self, identity: bytes) -> int | None:
+        """The mapper a ZeroMQ socket identity is bound to, if any."""
+        bound = self._by_identity.get(identity)
+        return bound[0] if bound else None
 
     def _mapping_at(self, rng: MemoryRange) -> Mapping | None:
         hit = self.table.lookup(rng.start)
@@ -261,6 +284,11 @@ class ManagerState:
         region = self._by_mappable.get(mappable_id)
         if region is None or entry.held.get(region.range) != mappable_id:
             return m.FdDenied(mappable_id, "no current mapping of that mappable was sent to you")
+        if len(entry.fds_sent) >= self.limits.max_fds_per_mapper:
+            self.reject("limit", f"fd limit of {self.limits.max_fds_per_mapper} reached", entry.pid)
+            return m.FdDenied(
+                mappable_id, f"this mapper holds its limit of {self.limits.max_fds_per_mapper} fds"
+            )
         if region.state != "active":
             return m.FdDenied(mappable_id, "the region is being removed")
         entry.fds_sent.add(mappable_id)
@@ -348,7 +376,7 @@ class ManagerState:
 
     def _control_error(self, reply_to: bytes | None, code: str, text: str) -> list[Effect]:
         if reply_to is None:
-            raise BackingError(code, text)
+            raise Refused(code, text)
         return [Send(Channel.CONTROL, reply_to, m.Error(code, text))]
 
     def add_region(self, name: str, gpa: int, size: int, writable: bool) -> Region:
@@ -356,21 +384,25 @@ class ManagerState:
         if name in self.regions:
             state = self.regions[name].state
             extra = " (it is being removed)" if state != "active" else ""
-            raise BackingError("exists", f"a region named {name!r} already exists{extra}")
+            raise Refused("exists", f"a region named {name!r} already exists{extra}")
         if size <= 0 or size % PAGE_SIZE or gpa % PAGE_SIZE or gpa < 0:
-            raise BackingError(
+            raise Refused(
                 "bad-request",
                 f"gpa {gpa:#x} and size {size:#x} must be multiples of {PAGE_SIZE} (size > 0)",
             )
         if gpa + size > self.address_space:
-            raise BackingError(
+            raise Refused(
                 "out-of-range",
                 f"{gpa:#x} + {size:#x} ends beyond the {self.address_space:#x}-byte address space",
+            )
+        if len(self.regions) >= self.limits.max_regions:
+            raise Refused(
+                "limit", f"the manager holds its limit of {self.limits.max_regions} regions"
             )
         rng = MemoryRange(gpa, gpa + size)
         clash = self.table.first_overlap(rng)
         if clash is not None:
-            raise BackingError("overlap", f"{rng} overlaps region {clash[1].region!r} ({clash[0]})")
+            raise Refused("overlap", f"{rng} overlaps region {clash[1].region!r} ({clash[0]})")
         mappable_id = self._next_mappable_id
         self.store.create(mappable_id, name, size, writable)
         self._next_mappable_id += 1
@@ -391,9 +423,9 @@ class ManagerState:
         try:
             handler = _CONTROL_OPS.get(msg.op)
             if handler is None:
-                raise BackingError("bad-request", f"unknown operation {msg.op!r}")
+                raise Refused("bad-request", f"unknown operation {msg.op!r}")
             return handler(self, identity, msg.args)
-        except BackingError as exc:
+        except Refused as exc:
             return [Send(Channel.CONTROL, identity, m.Error(exc.code, str(exc)))]
 
     def _op_regions(self, identity: bytes, args: dict[str, Any]) -> list[Effect]:
@@ -502,13 +534,13 @@ def _expect_args(
     optional = optional or {}
     for key, kind in {**required, **optional}.items():
         if key in args and type(args[key]) is not kind:
-            raise BackingError("bad-request", f"argument {key!r} must be of type {kind.__name__}")
+            raise Refused("bad-request", f"argument {key!r} must be of type {kind.__name__}")
     missing = [k for k in required if k not in args]
     if missing:
-        raise BackingError("bad-request", f"missing argument(s): {', '.join(missing)}")
+        raise Refused("bad-request", f"missing argument(s): {', '.join(missing)}")
     extra = [k for k in args if k not in required and k not in optional]
     if extra:
-        raise BackingError("bad-request", f"unknown argument(s): {', '.join(extra)}")
+        raise Refused("bad-request", f"unknown argument(s): {', '.join(extra)}")
 
 
 _CONTROL_OPS: dict[str, Callable[[ManagerState, bytes, dict[str, Any]], list[Effect]]] = {
