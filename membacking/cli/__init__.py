@@ -1,0 +1,30 @@
+"""The `membacking` command line: run the manager, attach mappers, inspect and change the daemon.
+
+Operator mistakes (no daemon, unknown region, bad size, overlap) end with one line on stderr and
+exit status 1, never a traceback. Each group of commands lives in its own module.
+"""
+
+from __future__ import annotations
+
+import click
+
+from .common import Group
+from .inspect_cmd import mappers_cmd, regions_cmd, stats_cmd
+from .manager_cmd import manager
+from .mapper_cmd import mapper
+from .mem_cmd import mem
+from .region_cmd import region
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="membacking")
+def cli() -> None:
+    """One shared guest-physical address space for many processes."""
+
+
+for command in (manager, mapper, regions_cmd, mappers_cmd, stats_cmd, region, mem):
+    cli.add_command(command)
+
+
+def main() -> None:
+    cli(prog_name="membacking")

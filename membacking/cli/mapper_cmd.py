@@ -1,0 +1,59 @@
+"""`membacking mapper attach`: a mapper that stays attached until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from .. import units
+from ..protocol.ranges import MemoryRange
+from .common import Group, runtime_dir_option, spec_callback
+
+
+@click.group(cls=Group)
+def mapper() -> None:
+    """Attach mapper processes."""
+
+
+@mapper.command("attach")
+@runtime_dir_option
+@click.option("--name", default=None, help="Mapper name shown by `membacking mappers`.")
+@click.option(
+    "--prefault",
+    "prefaults",
+    multiple=True,
+    callback=spec_callback(units.parse_range_spec),
+    metavar="GPA:SIZE",
+    help="Map this range right away (repeatable).",
+)
+def mapper_attach(
+    runtime_dir: Path | None, name: str | None, prefaults: list[tuple[int, int]]
+) -> None:
+    """Attach a mapper and stay attached until SIGINT or SIGTERM."""
+    from ..mapper import attach
+
+    if name is not None:
+        try:
+            units.check_name(name)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--name") from None
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    with attach(runtime_dir, name=name) as memory:
+        for gpa, size in prefaults:
+            try:
+                rng = MemoryRange.bounding(gpa, gpa + size)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint="--prefault") from None
+            memory.ensure_mapped(rng)
+        click.echo(f"mapper {memory.mapper_id} attached as {memory.name} (pid {os.getpid()})")
+        sys.stdout.flush()
+        while not stop.wait(0.5):
+            pass
+    click.echo("mapper detached", err=True)
