@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from .. import units
 from ..manager.state import Limits
@@ -84,42 +85,67 @@ def manager() -> None:
     default="info",
     show_default=True,
 )
-def manager_run(
-    runtime_dir: Path | None,
-    regions: list[tuple[str, int, int, bool]],
-    address_space: int,
-    unmap_timeout: float,
-    max_mappers: int,
-    max_regions: int,
-    max_fds_per_mapper: int,
-    allow_uids: tuple[int, ...],
-    allow_gids: tuple[int, ...],
-    log_level: str,
-) -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="Log lines as text or as one JSON object each.",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve Prometheus metrics on this port (0 picks a free one).",
+)
+@click.option(
+    "--metrics-addr",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address the metrics endpoint listens on.",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="TOML file with any of these settings; options given here override it.",
+)
+@click.pass_context
+def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any) -> None:
     """Run the manager in the foreground until SIGINT or SIGTERM."""
+    from .. import logs
     from ..manager import Daemon, ManagerConfig, RegionSpec
+    from ..manager.config import load_config
     from ..manager.errors import Refused
 
-    logging.basicConfig(
-        level=log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    if config_path is not None:
+        for key, value in load_config(config_path).items():
+            if ctx.get_parameter_source(key) in (None, ParameterSource.DEFAULT):
+                options[key] = value
+    logs.configure(options["log_level"], options["log_format"])
+    address_space = options["address_space"]
     config = ManagerConfig(
-        runtime_dir=runtime_dir,
+        runtime_dir=options["runtime_dir"],
         address_space=address_space,
-        regions=[RegionSpec(*spec) for spec in regions],
-        unmap_timeout=unmap_timeout,
-        allow_uids=frozenset(allow_uids),
-        allow_gids=frozenset(allow_gids),
-        limits=Limits(max_mappers, max_regions, max_fds_per_mapper),
+        regions=[RegionSpec(*spec) for spec in options["regions"]],
+        unmap_timeout=options["unmap_timeout"],
+        allow_uids=frozenset(options["allow_uids"]),
+        allow_gids=frozenset(options["allow_gids"]),
+        limits=Limits(
+            options["max_mappers"], options["max_regions"], options["max_fds_per_mapper"]
+        ),
+        metrics_port=options["metrics_port"],
+        metrics_addr=options["metrics_addr"],
     )
     daemon = Daemon(config)
 
     def ready(d: Daemon) -> None:
+        metrics = f" metrics=http://{config.metrics_addr}:{d.metrics_port}/metrics"
         click.echo(
             f"membacking manager ready: runtime-dir={d.paths.root} pid={os.getpid()} "
             f"regions={len(d.state.regions)} address-space={units.format_size(address_space)}"
+            + (metrics if d.metrics_port is not None else "")
         )
         sys.stdout.flush()
 

@@ -27,9 +27,11 @@ from ..protocol.errors import ProtocolError
 from ..protocol.fdpass import PeerClosed, recv_message, send_message
 from ..protocol.messages import Channel
 from ..runtime import RuntimePaths
+from . import sdnotify
 from .backing import MemfdStore
 from .errors import Refused
-from .rundir import RuntimeDirLock
+from .metrics import ManagerMetrics
+from .rundir import RuntimeDirError, RuntimeDirLock
 from .state import DEFAULT_ADDRESS_SPACE, Disconnect, Effect, Limits, ManagerState, Send
 
 log = logging.getLogger("membacking.manager")
@@ -56,6 +58,8 @@ class ManagerConfig:
     allow_uids: frozenset[int] = frozenset()
     allow_gids: frozenset[int] = frozenset()
     limits: Limits = field(default_factory=Limits)
+    metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"
 
 
 @dataclass
@@ -85,6 +89,9 @@ class Daemon:
         self._allowed_uids = {os.getuid(), 0, *config.allow_uids}
         self._allowed_gids = set(config.allow_gids)
         self._zmq_strikes: dict[int, int] = {}  # mapper id -> invalid messages in a row
+        self.metrics = ManagerMetrics(self.state)
+        #: the port metrics are served on, once started (None: not served)
+        self.metrics_port: int | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -130,12 +137,24 @@ class Daemon:
     ) -> None:
         """Start, serve until stopped, then shut down cleanly."""
         self.start()
+        if self.config.metrics_port is not None:
+            try:
+                self.metrics_port = self.metrics.serve(
+                    self.config.metrics_port, self.config.metrics_addr
+                )
+            except OSError as exc:
+                self._close_all()
+                raise RuntimeDirError(
+                    f"cannot serve metrics on {self.config.metrics_addr}:"
+                    f"{self.config.metrics_port}: {exc.strerror or exc}"
+                ) from None
         if install_signals:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signum, self._on_signal)
         try:
             if on_ready is not None:
                 on_ready(self)
+            sdnotify.notify("READY=1")
             self._loop()
         finally:
             self._shutdown()
@@ -146,11 +165,13 @@ class Daemon:
     def _shutdown(self) -> None:
         reason = self._stop_reason or "stopped"
         log.info("shutting down: %s", reason)
+        sdnotify.notify("STOPPING=1")
         with contextlib.suppress(Exception):
             self._apply(self.state.shutdown(f"manager shutting down ({reason})"))
         self._close_all()
 
     def _close_all(self) -> None:
+        self.metrics.close()
         for conn in list(self._conns.values()):
             conn.sock.close()
         self._conns.clear()

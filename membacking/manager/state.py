@@ -95,6 +95,7 @@ class Removal:
     waiting: set[int]
     unmapped_from: list[int]
     reply_to: bytes | None
+    started: float = 0.0
 
 
 class ManagerState:
@@ -118,6 +119,9 @@ class ManagerState:
         self._monotonic = monotonic
         self.started_at = clock()
         self.regions: dict[str, Region] = {}
+        self.region_bytes = 0
+        #: called with the seconds a removal took, from request to the last ack
+        self.removal_observer: Callable[[float], None] | None = None
         self._by_mappable: dict[int, Region] = {}
         self.table: RangeMap[Mapping] = RangeMap()
         self.mappers: dict[int, MapperEntry] = {}
@@ -312,6 +316,9 @@ class ManagerState:
             return []
         region = removal.region
         self.regions.pop(region.name, None)
+        self.region_bytes -= region.range.len
+        if self.removal_observer is not None:
+            self.removal_observer(self._monotonic() - removal.started)
         self._by_mappable.pop(region.mappable_id, None)
         self.store.destroy(region.mappable_id)
         self.counters["removals"] += 1
@@ -330,7 +337,7 @@ class ManagerState:
             return self._control_error(reply_to, "not-found", f"region {name!r} {what}")
         region.state = "removing"
         mapping = self.table.remove(region.range)
-        removal = Removal(region, set(), [], reply_to)
+        removal = Removal(region, set(), [], reply_to, self._monotonic())
         effects: list[Effect] = []
         for mapper_id in sorted(mapping.holders):
             entry = self.mappers[mapper_id]
@@ -408,6 +415,7 @@ class ManagerState:
         self._next_mappable_id += 1
         region = Region(name, rng, writable, mappable_id)
         self.regions[name] = region
+        self.region_bytes += size
         self._by_mappable[mappable_id] = region
         self.table.insert(rng, Mapping(name, rng, mappable_id, 0, writable))
         log.info("region %s added at %s (%s)", name, rng, "rw" if writable else "ro")
@@ -497,7 +505,7 @@ class ManagerState:
         out: dict[str, Any] = {k: self.counters[k] for k in keys}
         out.update(
             regions=len(self.regions),
-            region_bytes=sum(r.range.len for r in self.regions.values()),
+            region_bytes=self.region_bytes,
             mappers=len(self.mappers),
             address_space=self.address_space,
             rejected=dict(self.rejected),

@@ -1,0 +1,153 @@
+"""The daemon's TOML configuration file (`membacking manager run --config FILE`).
+
+`load_config` returns settings keyed like the command-line options; every error names the file,
+the key and the reason. Options given on the command line override the file.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from .. import units
+from ..errors import MembackingError
+
+
+class ConfigError(MembackingError):
+    """The configuration file is missing, not TOML, or has a bad key."""
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+_LOG_FORMATS = ("text", "json")
+
+
+def _positive_int(key: str, value: Any, minimum: int = 1) -> int:
+    if type(value) is not int or value < minimum:
+        raise ValueError(f"must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _size(key: str, value: Any) -> int:
+    if type(value) is int and value >= 0:
+        return value
+    if isinstance(value, str):
+        return units.parse_size(value)
+    raise ValueError(f"must be a size (integer or string like '64M'), got {value!r}")
+
+
+def _choice(options: tuple[str, ...]) -> Any:
+    def check(key: str, value: Any) -> str:
+        if value not in options:
+            raise ValueError(f"must be one of {', '.join(options)}, got {value!r}")
+        return str(value)
+
+    return check
+
+
+def _number(key: str, value: Any) -> float:
+    if type(value) not in (int, float) or value <= 0:
+        raise ValueError(f"must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _string(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def _ids(key: str, value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list) or any(type(v) is not int or v < 0 for v in value):
+        raise ValueError(f"must be a list of non-negative integers, got {value!r}")
+    return tuple(value)
+
+
+def _port(key: str, value: Any) -> int:
+    if type(value) is not int or not 0 <= value <= 65535:
+        raise ValueError(f"must be a TCP port number (0-65535), got {value!r}")
+    return value
+
+
+_TOP: dict[str, Any] = {
+    "runtime_dir": lambda k, v: Path(_string(k, v)),
+    "address_space": _size,
+    "unmap_timeout": _number,
+    "log_level": _choice(_LOG_LEVELS),
+    "log_format": _choice(_LOG_FORMATS),
+    "metrics_port": _port,
+    "metrics_addr": _string,
+    "allow_uids": _ids,
+    "allow_gids": _ids,
+}
+_LIMITS = ("max_mappers", "max_regions", "max_fds_per_mapper")
+_REGION_KEYS = {"name", "gpa", "size", "readonly"}
+
+
+def _region(index: int, table: Any) -> tuple[str, int, int, bool]:
+    where = f"regions[{index}]"
+    if not isinstance(table, dict):
+        raise ConfigError(f"key {where!r}: must be a table with name, gpa and size")
+    unknown = set(table) - _REGION_KEYS
+    if unknown:
+        raise ConfigError(f"key '{where}.{sorted(unknown)[0]}': unknown key")
+    for key in ("name", "gpa", "size"):
+        if key not in table:
+            raise ConfigError(f"key '{where}.{key}': missing")
+    try:
+        name = units.check_name(_string("name", table["name"]))
+    except ValueError as exc:
+        raise ConfigError(f"key '{where}.name': {exc}") from None
+    values = []
+    for key in ("gpa", "size"):
+        try:
+            values.append(_size(key, table[key]))
+        except ValueError as exc:
+            raise ConfigError(f"key '{where}.{key}': {exc}") from None
+    readonly = table.get("readonly", False)
+    if type(readonly) is not bool:
+        raise ConfigError(f"key '{where}.readonly': must be true or false")
+    return name, values[0], values[1], readonly
+
+
+def parse_config(data: dict[str, Any]) -> dict[str, Any]:
+    """Validate a parsed TOML document; raises ConfigError naming the key (without the file)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _TOP:
+            try:
+                out[key] = _TOP[key](key, value)
+            except ValueError as exc:
+                raise ConfigError(f"key {key!r}: {exc}") from None
+        elif key == "limits":
+            if not isinstance(value, dict):
+                raise ConfigError("key 'limits': must be a table")
+            for lkey, lvalue in value.items():
+                if lkey not in _LIMITS:
+                    raise ConfigError(f"key 'limits.{lkey}': unknown key")
+                try:
+                    out[lkey] = _positive_int(lkey, lvalue)
+                except ValueError as exc:
+                    raise ConfigError(f"key 'limits.{lkey}': {exc}") from None
+        elif key == "regions":
+            if not isinstance(value, list):
+                raise ConfigError("key 'regions': must be an array of tables ([[regions]])")
+            out["regions"] = [_region(i, table) for i, table in enumerate(value)]
+        else:
+            raise ConfigError(f"key {key!r}: unknown key")
+    return out
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    """Read and validate a configuration file."""
+    try:
+        with open(path, "rb") as handle:
+            data = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(f"config {path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config {path}: not valid TOML: {exc}") from None
+    try:
+        return parse_config(data)
+    except ConfigError as exc:
+        raise ConfigError(f"config {path}: {exc}") from None

@@ -1,0 +1,222 @@
+"""Operating the daemon: TOML config (and its errors), Prometheus metrics scraped over loopback
+HTTP, systemd readiness on a real datagram socket, JSON logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from conftest import RunningManager, cli_env, launch_manager, run_cli, short_tmpdir
+from membacking.manager.config import ConfigError, load_config, parse_config
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "membacking.toml"
+    path.write_text(text)
+    return path
+
+
+def test_config_file_parses_every_key(tmp_path: Path) -> None:
+    config = load_config(
+        write(
+            tmp_path,
+            """
+runtime_dir = "/run/mb"
+address_space = "64G"
+unmap_timeout = 5
+log_level = "debug"
+log_format = "json"
+metrics_port = 9464
+metrics_addr = "127.0.0.1"
+allow_uids = [1000]
+allow_gids = []
+[limits]
+max_mappers = 8
+max_regions = 100
+max_fds_per_mapper = 50
+[[regions]]
+name = "ram0"
+gpa = 0
+size = "64M"
+[[regions]]
+name = "rom"
+gpa = "0xfff00000"
+size = 1048576
+readonly = true
+""",
+        )
+    )
+    assert config["address_space"] == 64 << 30
+    assert config["unmap_timeout"] == 5.0
+    assert config["max_mappers"] == 8 and config["max_fds_per_mapper"] == 50
+    assert config["allow_uids"] == (1000,)
+    assert config["regions"] == [("ram0", 0, 64 << 20, False), ("rom", 0xFFF00000, 1 << 20, True)]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("colour = 'red'", "key 'colour': unknown key"),
+        ("address_space = 'lots'", "key 'address_space': invalid size 'lots'"),
+        ("unmap_timeout = -1", "key 'unmap_timeout': must be a positive number"),
+        ("log_level = 'loud'", "key 'log_level': must be one of debug, info, warning, error"),
+        ("metrics_port = 70000", "key 'metrics_port': must be a TCP port number"),
+        ("allow_uids = ['root']", "key 'allow_uids': must be a list of non-negative integers"),
+        ("limits = 3", "key 'limits': must be a table"),
+        ("[limits]\nmax_mappers = 0", "key 'limits.max_mappers': must be an integer >= 1"),
+        ("[limits]\nmax_pies = 3", "key 'limits.max_pies': unknown key"),
+        ("[[regions]]\nname = 'a'\ngpa = 0", "key 'regions[0].size': missing"),
+        ("[[regions]]\nname = 'a b'\ngpa = 0\nsize = 1", "key 'regions[0].name': invalid name"),
+        ("[[regions]]\nname='a'\ngpa=0\nsize=1\nro=1", "key 'regions[0].ro': unknown key"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    assert str(err.value).startswith(f"config {tmp_path / 'membacking.toml'}: {message}"), str(
+        err.value
+    )
+
+
+def test_config_not_toml_or_missing(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "this is = = not toml"))
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.toml")
+    assert parse_config({}) == {}
+
+
+def test_cli_reports_config_errors_cleanly(tmp_path: Path) -> None:
+    bad = write(tmp_path, "[limits]\nmax_regions = 'many'\n")
+    result = run_cli("manager", "run", "--config", str(bad), "--runtime-dir", str(tmp_path / "r"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        f"Error: config {bad}: key 'limits.max_regions': must be an integer >= 1, got 'many'"
+    )
+
+
+def test_flags_override_the_config_file(
+    tmp_path: Path, start_manager: Callable[..., RunningManager]
+) -> None:
+    config = write(
+        tmp_path,
+        """
+address_space = "64G"
+[[regions]]
+name = "fromfile"
+gpa = 0
+size = "1M"
+""",
+    )
+    from_file = start_manager("--config", str(config))
+    stats = from_file.client().stats()
+    assert stats["address_space"] == 64 << 30
+    assert [r["name"] for r in from_file.client().regions()] == ["fromfile"]
+    overridden = start_manager(
+        "--config", str(config), "--address-space", "2G", "--region", "flag=0:2M"
+    )
+    assert overridden.client().stats()["address_space"] == 2 << 30
+    assert [r["name"] for r in overridden.client().regions()] == ["flag"]
+
+
+def scrape(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def test_metrics_endpoint(start_manager: Callable[..., RunningManager]) -> None:
+    running = start_manager("--region", "ram0=0:1M", "--metrics-port", "0")
+    url = running.ready_line.split("metrics=")[1].strip()
+    assert url.startswith("http://127.0.0.1:")
+    before = scrape(url)
+    assert before["membacking_regions"] == 1
+    assert before["membacking_region_bytes"] == 1 << 20
+    assert before["membacking_mappers"] == 0
+    client = running.client()
+    client.add_region("dev", 0x100000, 0x2000)
+    client.remove_region("dev")
+    with pytest.raises(Exception, match="does not exist"):
+        client.remove_region("dev")
+    after = scrape(url)
+    assert after["membacking_removals_total"] == 1
+    assert after["membacking_invalidation_seconds_count"] == 1
+    assert after["membacking_regions"] == 1
+
+
+def test_metrics_port_in_use_is_a_clean_error() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli(
+            "manager", "run", "--runtime-dir", str(short_tmpdir()), "--metrics-port", str(port)
+        )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in result.stderr
+
+
+def test_systemd_readiness_on_a_datagram_socket() -> None:
+    sockdir = short_tmpdir("mbsd-")
+    path = sockdir / "notify"
+    runtime_dir = short_tmpdir()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(path))
+        notify.settimeout(20)
+        env = cli_env()
+        env["NOTIFY_SOCKET"] = str(path)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "membacking",
+                "manager",
+                "run",
+                "--runtime-dir",
+                str(runtime_dir),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            assert notify.recv(256) == b"READY=1"
+            assert (runtime_dir / "control.ipc").exists()  # ready means serving
+            proc.terminate()
+            assert notify.recv(256) == b"STOPPING=1"
+            assert proc.wait(15) == 0
+        finally:
+            proc.kill()
+            proc.wait()
+    os.unlink(path)
+    sockdir.rmdir()
+    runtime_dir.rmdir()
+
+
+def test_json_logs(tmp_path: Path) -> None:
+    runtime_dir = short_tmpdir()
+    running = launch_manager(runtime_dir, "--log-format", "json", "--region", "a=0:4K")
+    try:
+        running.client().add_region("b", 0x1000, 0x1000)
+        time.sleep(0.2)
+    finally:
+        assert running.stop() == 0
+    lines = [json.loads(line) for line in running.log().splitlines() if line.startswith("{")]
+    messages = [entry["msg"] for entry in lines]
+    assert "region b added at 0x1000-0x2000 (rw)" in messages
+    assert all(entry["logger"].startswith("membacking") for entry in lines)
+    assert {entry["level"] for entry in lines} <= {"info", "warning", "error", "debug"}
