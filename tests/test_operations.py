@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import RunningManager, cli_env, launch_manager, run_cli, short_tmpdir
 from membacking.manager.config import ConfigError, load_config, parse_config
+
+from conftest import RunningManager, cli_env, launch_manager, run_cli, short_tmpdir
 
 
 def write(tmp_path: Path, text: str) -> Path:
