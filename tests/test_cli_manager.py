@@ -90,7 +90,7 @@ def test_region_errors_are_one_clean_line(manager: RunningManager) -> None:
     assert_clean_error(manager.cli("region", "add", "x", "0x1000", "64K"), "overlaps region 'ram0'")
     assert_clean_error(manager.cli("region", "add", "ram0", "0x10000000", "4K"), "already exists")
     assert_clean_error(manager.cli("region", "remove", "nope"), "region 'nope' does not exist")
-    assert_clean_error(manager.cli("region", "add", "x", "0x10000100", "4K"), "multiples of 4096")
+    assert_clean_error(manager.cli("region", "add", "x", "0x10000100", "4K"), "gpa 0x10000100 must be a multiple of 4096")
     assert_clean_error(manager.cli("region", "add", "x", "0x10000000", "0"), "size > 0")
     assert_clean_error(manager.cli("region", "add", "x", "0x1000000000000", "4K"), "beyond the")
     bad_size = manager.cli("region", "add", "x", "0", "lots")
@@ -136,8 +136,9 @@ def test_bad_region_spec_at_startup(tmp_path: Path) -> None:
     )
     assert overlap.returncode == 1 and "Traceback" not in overlap.stderr
     assert overlap.stderr.strip().splitlines()[-1] == (
-        "Error: cannot create the initial regions: 0x100000-0x300000 overlaps region 'a' "
-        "(0x0-0x200000)"
+        "Error: cannot create the initial regions: 0x100000-0x300000 (priority 0) overlaps "
+        "region 'a' (0x0-0x200000, priority 0): regions of equal priority may only overlap "
+        "with identical ranges"
     )
 
 

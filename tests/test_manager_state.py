@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from membacking.manager.backing import BackingError
-from membacking.manager.state import Disconnect, ManagerState, Send
+from membacking.manager.state import Disconnect, ManagerState, Send, region_info
 from membacking.protocol import messages as m
 from membacking.protocol.messages import Channel
 from membacking.protocol.ranges import MemoryRange
@@ -21,10 +21,14 @@ class RecordingStore:
         self.live: dict[int, tuple[str, int, bool]] = {}
         self.destroyed: list[int] = []
 
-    def create(self, mappable_id: int, name: str, size: int, writable: bool) -> None:
+    def create(self, mappable_id: int, name: str, size: int, writable: bool, *,
+               kind: str = "memfd", path: str | None = None) -> None:
         if name == "fail":
             raise BackingError("no-memory", "cannot back it")
         self.live[mappable_id] = (name, size, writable)
+
+    def describe(self, mappable_id: int) -> tuple[int, bool]:
+        return self.live[mappable_id][1], self.live[mappable_id][2]
 
     def destroy(self, mappable_id: int) -> None:
         del self.live[mappable_id]
@@ -78,6 +82,10 @@ def msgs(effects: list[Send | Disconnect], identity: bytes | None = None) -> lis
     ]
 
 
+def holders(state: ManagerState) -> dict[str, list[int]]:
+    return {name: region_info(state, r)["holders"] for name, r in state.regions.items()}
+
+
 def rng(start_mib: int, size_mib: int) -> MemoryRange:
     return MemoryRange.from_size(start_mib * MiB, size_mib * MiB)
 
@@ -94,7 +102,7 @@ def test_send_mappings_walks_in_address_order_with_gaps(state: ManagerState) -> 
         m.NoMapping(rng(144, 112)),
     ]
     assert all(e.identity == stream for e in out if isinstance(e, Send))
-    assert {r["name"]: r["holders"] for r in state.describe_regions()} == {"a": [mid], "b": [mid]}
+    assert holders(state) == {"a": [mid], "b": [mid]}
 
 
 def test_fault_inside_a_mapping_maps_the_whole_mapping(state: ManagerState) -> None:
@@ -245,7 +253,7 @@ def test_detach_forgets_the_mapper_and_its_holdings(state: ManagerState) -> None
     _, stream, requests = attach(state, "m1")
     state.handle_mapper(requests, m.SendMappings(rng(0, 1)))
     state.handle_mapper(stream, m.Detach())
-    assert state.describe_regions()[0]["holders"] == []
+    assert holders(state) == {"a": []}
     assert msgs(state.handle_mapper(stream, m.UnmapAck(1)))[0].code == "not-attached"
 
 
@@ -275,17 +283,12 @@ def test_control_listing_and_unknown_op(state: ManagerState) -> None:
     state.add_region("a", 0, MiB, False)
     regions = msgs(state.handle_control(b"c", m.ControlRequest("regions", {})))[0]
     assert isinstance(regions, m.ControlReply)
-    assert regions.result == [
-        {
-            "name": "a",
-            "gpa": 0,
-            "size": MiB,
-            "writable": False,
-            "mappable_id": 1,
-            "holders": [],
-            "state": "active",
-        }
-    ]
+    assert regions.result == [{
+        "name": "a", "gpa": 0, "size": MiB, "writable": False, "priority": 0,
+        "backing": "memfd", "path": None, "enabled": True, "active": True, "mappable_id": 1,
+        "mappings": [{"offset": 0, "size": MiB, "mappable_id": 1, "file_offset": 0,
+                      "writable": False}],
+        "holders": [], "state": "active"}]
     err = msgs(state.handle_control(b"c", m.ControlRequest("explode", {})))[0]
     assert isinstance(err, m.Error) and err.code == "bad-request"
     stats = state.stats()

@@ -218,6 +218,6 @@ def test_json_logs(tmp_path: Path) -> None:
         assert running.stop() == 0
     lines = [json.loads(line) for line in running.log().splitlines() if line.startswith("{")]
     messages = [entry["msg"] for entry in lines]
-    assert "region b added at 0x1000-0x2000 (rw)" in messages
+    assert "region b added (0x1000-0x2000, 4096 bytes, priority 0)" in messages
     assert all(entry["logger"].startswith("membacking") for entry in lines)
     assert {entry["level"] for entry in lines} <= {"info", "warning", "error", "debug"}

@@ -231,6 +231,74 @@ class Shutdown(Message):
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Release(Message):
+    """manager -> mapper (stream): close the fds of these destroyed mappables, then UnmapAck."""
+
+    TYPE = 19
+    FIELDS = (("seq", Kind.U64), ("release", Kind.IDS))
+    CHANNELS = frozenset({Channel.MAPPER})
+    seq: int
+    release: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SetEager(Message):
+    """mapper -> manager (stream): make me eager (replay every mapping, push new ones)."""
+
+    TYPE = 20
+    FIELDS = ()
+    CHANNELS = frozenset({Channel.MAPPER})
+
+
+@dataclass(frozen=True, slots=True)
+class EagerResult(Message):
+    """manager -> mapper (stream): outcome of SetEager; on failure the mapper stays lazy."""
+
+    TYPE = 21
+    FIELDS = (("ok", Kind.BOOL), ("message", Kind.TEXT))
+    CHANNELS = frozenset({Channel.MAPPER})
+    ok: bool
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class MapEager(Message):
+    """manager -> eager mapper (stream): map this now and answer MapAck(seq)."""
+
+    TYPE = 22
+    FIELDS = (
+        ("seq", Kind.U64),
+        ("range", Kind.RANGE),
+        ("mappable_id", Kind.U64),
+        ("file_offset", Kind.U64),
+        ("writable", Kind.BOOL),
+    )
+    CHANNELS = frozenset({Channel.MAPPER})
+    seq: int
+    range: MemoryRange
+    mappable_id: int
+    file_offset: int
+    writable: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MapAck(Message):
+    """mapper -> manager (stream): MapEager `seq` applied (ok) or failed (message says why)."""
+
+    TYPE = 23
+    FIELDS = (("seq", Kind.U64), ("ok", Kind.BOOL), ("message", Kind.TEXT))
+    CHANNELS = frozenset({Channel.MAPPER})
+    seq: int
+    ok: bool
+    message: str
+
+
+#: mappable id of private anonymous memory (a Map with it asks for zero-filled memory that
+#: belongs to the mapper alone; no fd is involved)
+PRIVATE_MAPPABLE = 0
+
+
 # ---- control channel (ZeroMQ REQ -> manager ROUTER) --------------------------------------------
 
 
@@ -271,6 +339,11 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     UnmapAck,
     Detach,
     Shutdown,
+    Release,
+    SetEager,
+    EagerResult,
+    MapEager,
+    MapAck,
     ControlRequest,
     ControlReply,
 )

@@ -1,0 +1,150 @@
+"""Regions as the region manager sees them: placement, priority, sub-mappings, and the rules.
+
+Pure logic after OpenVMM's region_manager: overlapping regions must nest (a higher-priority region
+contains every lower-priority one it overlaps; equal priorities only with identical ranges), and
+at each address the enabled region of highest priority is the active one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from ..protocol.ranges import MemoryRange
+from .errors import Refused
+
+MAX_PRIORITY = 255
+
+
+@dataclass
+class SubMapping:
+    """Part of a region: `size` bytes at `offset` in the region, backed by a mappable."""
+
+    offset: int
+    size: int
+    mappable_id: int
+    file_offset: int
+    writable: bool
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.size
+
+
+@dataclass
+class Region:
+    name: str
+    size: int
+    priority: int
+    order: int  # creation order: breaks ties between equal-priority identical ranges
+    writable: bool
+    backing: str  # "memfd" | "file" | "hugetlb" | "private"
+    gpa: int | None = None  # placement; None until enabled somewhere
+    enabled: bool = False
+    active: bool = False  # its sub-mappings are in the mapping table
+    removing: bool = False
+    path: str | None = None
+    submappings: list[SubMapping] = field(default_factory=list)
+
+    @property
+    def range(self) -> MemoryRange | None:
+        if self.gpa is None:
+            return None
+        return MemoryRange(self.gpa, self.gpa + self.size)
+
+    def absolute(self, sub: SubMapping) -> MemoryRange:
+        assert self.gpa is not None
+        return MemoryRange(self.gpa + sub.offset, self.gpa + sub.end)
+
+    def mappables(self) -> set[int]:
+        return {s.mappable_id for s in self.submappings}
+
+
+def check_nesting(name: str, rng: MemoryRange, priority: int, others: Iterable[Region]) -> None:
+    """Refuse a placement of `rng` at `priority` that would break the nesting rule."""
+    for other in others:
+        other_range = other.range
+        if other.name == name or other_range is None or not other_range.overlaps(rng):
+            continue
+        if priority < other.priority:
+            ok = other_range.contains(rng)
+            rule = "a lower-priority region must lie inside the higher-priority one"
+        elif priority == other.priority:
+            ok = other_range == rng
+            rule = "regions of equal priority may only overlap with identical ranges"
+        else:
+            ok = rng.contains(other_range)
+            rule = "a higher-priority region must contain the lower-priority ones it overlaps"
+        if not ok:
+            raise Refused(
+                "overlap",
+                f"{rng} (priority {priority}) overlaps region {other.name!r} ({other_range}, "
+                f"priority {other.priority}): {rule}",
+            )
+
+
+def shadows(upper: Region, lower: Region) -> bool:
+    """Whether enabled `upper` hides `lower` (both placed and overlapping)."""
+    if upper.priority != lower.priority:
+        return upper.priority > lower.priority
+    return upper.order < lower.order
+
+
+def desired_active(regions: Iterable[Region], window: MemoryRange) -> dict[str, bool]:
+    """For each placed region overlapping `window`: should it be active?"""
+    near = [r for r in regions if r.range is not None and r.range.overlaps(window)]
+    out = {}
+    for region in near:
+        rng = region.range
+        assert rng is not None
+        if not region.enabled or region.removing:
+            out[region.name] = False
+            continue
+        hidden = any(
+            other is not region
+            and other.enabled
+            and not other.removing
+            and other.range is not None
+            and other.range.overlaps(rng)
+            and shadows(other, region)
+            for other in near
+        )
+        out[region.name] = not hidden
+    return out
+
+
+def split_submappings(
+    subs: list[SubMapping], offset: int, size: int
+) -> tuple[list[SubMapping], list[SubMapping]]:
+    """Cut [offset, offset+size) out of `subs`: (kept pieces, removed pieces), both sorted."""
+    end = offset + size
+    kept: list[SubMapping] = []
+    removed: list[SubMapping] = []
+    for sub in subs:
+        if sub.end <= offset or sub.offset >= end:
+            kept.append(sub)
+            continue
+        lo, hi = max(sub.offset, offset), min(sub.end, end)
+        if sub.offset < lo:
+            kept.append(
+                SubMapping(
+                    sub.offset, lo - sub.offset, sub.mappable_id, sub.file_offset, sub.writable
+                )
+            )
+        removed.append(
+            SubMapping(
+                lo, hi - lo, sub.mappable_id, sub.file_offset + (lo - sub.offset), sub.writable
+            )
+        )
+        if hi < sub.end:
+            kept.append(
+                SubMapping(
+                    hi,
+                    sub.end - hi,
+                    sub.mappable_id,
+                    sub.file_offset + (hi - sub.offset),
+                    sub.writable,
+                )
+            )
+    kept.sort(key=lambda s: s.offset)
+    return kept, removed
