@@ -18,6 +18,9 @@ from .protocol.errors import ProtocolError
 from .protocol.messages import Channel
 from .runtime import RuntimePaths
 
+#: Seconds to wait for operations that wait on every affected mapper.
+LONG_TIMEOUT = 120.0
+
 
 class ControlClient:
     """Talks to the manager serving `runtime_dir` (default: see `membacking.runtime`)."""
@@ -74,13 +77,84 @@ class ControlClient:
         result: dict[str, Any] = self.call("stats")
         return result
 
-    def add_region(self, name: str, gpa: int, size: int, readonly: bool = False) -> dict[str, Any]:
-        result: dict[str, Any] = self.call(
-            "add_region", name=name, gpa=gpa, size=size, readonly=readonly
-        )
+    def add_region(
+        self,
+        name: str,
+        gpa: int | None,
+        size: int,
+        readonly: bool = False,
+        *,
+        priority: int = 0,
+        disabled: bool = False,
+        file: str | os.PathLike[str] | None = None,
+        hugetlb: bool = False,
+        private: bool = False,
+    ) -> dict[str, Any]:
+        """Add a region (memfd-backed unless `file`, `hugetlb` or `private` says otherwise);
+        returns once every eager mapper has mapped it."""
+        args: dict[str, Any] = {"name": name, "size": size, "readonly": readonly}
+        if gpa is not None:
+            args["gpa"] = gpa
+        if priority:
+            args["priority"] = priority
+        if disabled:
+            args["disabled"] = True
+        if file is not None:
+            args["file"] = os.fspath(os.path.abspath(file))
+        if hugetlb:
+            args["hugetlb"] = True
+        if private:
+            args["private"] = True
+        result: dict[str, Any] = self.call("add_region", timeout=LONG_TIMEOUT, **args)
         return result
 
-    def remove_region(self, name: str, timeout: float = 120.0) -> dict[str, Any]:
+    def remove_region(self, name: str) -> dict[str, Any]:
         """Remove a region; returns after every mapper holding it acknowledged the unmap."""
-        result: dict[str, Any] = self.call("remove_region", timeout=timeout, name=name)
+        result: dict[str, Any] = self.call("remove_region", timeout=LONG_TIMEOUT, name=name)
+        return result
+
+    def enable_region(self, name: str, gpa: int | None = None) -> dict[str, Any]:
+        """Enable a region (at `gpa`, if given): it hides lower-priority regions beneath it."""
+        args: dict[str, Any] = {"name": name}
+        if gpa is not None:
+            args["gpa"] = gpa
+        result: dict[str, Any] = self.call("enable_region", timeout=LONG_TIMEOUT, **args)
+        return result
+
+    def disable_region(self, name: str) -> dict[str, Any]:
+        """Disable a region: the best region beneath it becomes visible again."""
+        result: dict[str, Any] = self.call("disable_region", timeout=LONG_TIMEOUT, name=name)
+        return result
+
+    def move_region(self, name: str, gpa: int) -> dict[str, Any]:
+        """Move a region to another guest address (contents are kept)."""
+        result: dict[str, Any] = self.call("move_region", timeout=LONG_TIMEOUT, name=name, gpa=gpa)
+        return result
+
+    def map_range(
+        self,
+        name: str,
+        offset: int,
+        size: int,
+        *,
+        file: str | os.PathLike[str] | None = None,
+        file_offset: int = 0,
+        readonly: bool = False,
+    ) -> dict[str, Any]:
+        """Back [offset, offset+size) of a region with new memory (or `file`), replacing what
+        was there atomically for readers."""
+        args: dict[str, Any] = {"name": name, "offset": offset, "size": size}
+        if file is not None:
+            args["file"] = os.fspath(os.path.abspath(file))
+            args["file_offset"] = file_offset
+        if readonly:
+            args["readonly"] = True
+        result: dict[str, Any] = self.call("map_range", timeout=LONG_TIMEOUT, **args)
+        return result
+
+    def unmap_range(self, name: str, offset: int, size: int) -> dict[str, Any]:
+        """Remove [offset, offset+size) of a region's backing (splitting what straddles it)."""
+        result: dict[str, Any] = self.call(
+            "unmap_range", timeout=LONG_TIMEOUT, name=name, offset=offset, size=size
+        )
         return result

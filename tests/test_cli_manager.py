@@ -54,9 +54,12 @@ def test_regions_table_and_json(manager: RunningManager) -> None:
     table = manager.cli("regions")
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
-    assert lines[0].split() == ["NAME", "GPA", "END", "SIZE", "MODE", "HOLDERS", "STATE"]
-    assert lines[1].split() == ["ram0", "0x0", "0x4000000", "64", "MiB", "rw", "-", "active"]
-    assert lines[2].split() == ["rom", "0xfff00000", "0x100000000", "1", "MiB", "ro", "-", "active"]
+    assert lines[0].split() == ["NAME", "GPA", "END", "SIZE", "MODE", "PRIO", "BACKING",
+                                "HOLDERS", "STATE"]
+    assert lines[1].split() == ["ram0", "0x0", "0x4000000", "64", "MiB", "rw", "0", "memfd", "-",
+                                "active"]
+    assert lines[2].split() == ["rom", "0xfff00000", "0x100000000", "1", "MiB", "ro", "0",
+                                "memfd", "-", "active"]
     data = json.loads(manager.cli("regions", "--json").stdout)
     assert [(r["name"], r["gpa"], r["size"], r["writable"]) for r in data] == [
         ("ram0", 0, 64 << 20, True),
@@ -77,7 +80,7 @@ def test_stats_and_mappers(manager: RunningManager) -> None:
 def test_region_add_and_remove(manager: RunningManager) -> None:
     added = manager.cli("region", "add", "dev0", "0x10000000", "2M", "--readonly")
     assert added.returncode == 0, added.stderr
-    assert "added region dev0 at 0x10000000-0x10200000 (2 MiB, ro)" in added.stdout
+    assert "added region dev0 at 0x10000000-0x10200000 (2 MiB, ro, memfd, active)" in added.stdout
     names = [r["name"] for r in manager.client().regions()]
     assert names == ["ram0", "dev0", "rom"]
     removed = manager.cli("region", "remove", "dev0")

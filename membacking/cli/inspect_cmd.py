@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import click
+import psutil
 
 from .. import units
 from ..control_client import ControlClient
@@ -24,21 +25,41 @@ def regions_cmd(runtime_dir: Path | None, as_json: bool) -> None:
     if not regions:
         click.echo("no regions")
         return
-    table(
-        ["NAME", "GPA", "END", "SIZE", "MODE", "HOLDERS", "STATE"],
-        [
+    rows = []
+    for r in regions:
+        placed = r["gpa"] is not None
+        rows.append(
             [
                 r["name"],
-                f"{r['gpa']:#x}",
-                f"{r['gpa'] + r['size']:#x}",
+                f"{r['gpa']:#x}" if placed else "-",
+                f"{r['gpa'] + r['size']:#x}" if placed else "-",
                 units.format_size(r["size"]),
                 "rw" if r["writable"] else "ro",
+                str(r["priority"]),
+                r["backing"],
                 ",".join(map(str, r["holders"])) or "-",
                 r["state"],
             ]
-            for r in regions
-        ],
-    )
+        )
+    table(["NAME", "GPA", "END", "SIZE", "MODE", "PRIO", "BACKING", "HOLDERS", "STATE"], rows)
+
+
+def _process(pid: int) -> tuple[str, str]:
+    """(process name, RSS) of a local pid, or '?' where psutil cannot see it."""
+    try:
+        proc = psutil.Process(pid)
+        return proc.name(), units.format_size(proc.memory_info().rss)
+    except (psutil.Error, OSError):
+        return "?", "?"
+
+
+def _ago(now: float, then: float) -> str:
+    seconds = max(0.0, now - then)
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.0f}h ago"
 
 
 @click.command("mappers")
@@ -47,6 +68,8 @@ def regions_cmd(runtime_dir: Path | None, as_json: bool) -> None:
 def mappers_cmd(runtime_dir: Path | None, as_json: bool) -> None:
     """List the attached mappers."""
     mappers = ControlClient(runtime_dir).mappers()
+    for p in mappers:
+        p["process"], p["rss"] = _process(p["pid"])
     if as_json:
         echo_json(mappers)
         return
@@ -55,16 +78,32 @@ def mappers_cmd(runtime_dir: Path | None, as_json: bool) -> None:
         return
     now = time.time()
     table(
-        ["ID", "NAME", "PID", "RANGES", "MAPPED", "FDS", "ATTACHED"],
+        [
+            "ID",
+            "NAME",
+            "PID",
+            "PROCESS",
+            "RSS",
+            "MODE",
+            "RANGES",
+            "MAPPED",
+            "FDS",
+            "CONNECTED",
+            "LAST SEEN",
+        ],
         [
             [
                 str(p["id"]),
                 p["name"],
                 str(p["pid"]),
+                p["process"],
+                p["rss"],
+                p["mode"],
                 str(p["ranges"]),
                 units.format_size(p["bytes"]),
                 str(p["fds"]),
-                f"{now - p['connected_at']:.0f}s ago",
+                _ago(now, p["connected_at"]),
+                _ago(now, p["last_seen"]),
             ]
             for p in mappers
         ],
