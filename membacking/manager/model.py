@@ -1,0 +1,94 @@
+"""The manager's data model: limits, effects, mapping-table entries, mappers, operations.
+
+Plain dataclasses shared by the layers of the state machine (`table`, `peers`, `state`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..protocol.messages import Channel, Message
+from ..protocol.ranges import MemoryRange
+
+DEFAULT_ADDRESS_SPACE = 1 << 40  # 1 TiB of guest-physical address space
+BACKINGS = ("memfd", "file", "hugetlb", "private")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits; a request beyond one is refused with code "limit"."""
+
+    max_mappers: int = 1024
+    max_regions: int = 16384  # a mapper can hold ~32k separate mappings (vm.max_map_count)
+    max_fds_per_mapper: int = 4096
+
+
+@dataclass(frozen=True)
+class Send:
+    """Effect: send `msg` on `channel` to the peer with routing `identity`."""
+
+    channel: Channel
+    identity: bytes
+    msg: Message
+
+
+@dataclass(frozen=True)
+class Disconnect:
+    """Effect: close the fd-socket connection of a mapper that was evicted."""
+
+    mapper_id: int
+
+
+Effect = Send | Disconnect
+
+
+@dataclass
+class Mapping:
+    """An entry of the mapping table: an active piece of a region."""
+
+    region: str
+    range: MemoryRange
+    mappable_id: int
+    file_offset: int
+    writable: bool
+    holders: set[int] = field(default_factory=set)
+
+
+@dataclass
+class MapperEntry:
+    id: int
+    name: str
+    pid: int
+    token: bytes
+    connected_at: float
+    last_seen: float
+    stream: bytes | None = None  # ROUTER identity of the stream socket
+    requests: bytes | None = None  # ROUTER identity of the requests socket
+    held: dict[MemoryRange, int] = field(default_factory=dict)  # mapping range -> mappable id
+    fds_sent: set[int] = field(default_factory=set)
+    unacked: dict[int, float] = field(default_factory=dict)  # seq -> monotonic send time
+    eager: bool = False
+    upgrading: bool = False
+
+    @property
+    def mode(self) -> str:
+        return "eager" if self.eager else "lazy"
+
+
+@dataclass
+class Operation:
+    """A change that completes when every mapper it waits for has answered."""
+
+    what: str
+    started: float
+    reply_to: bytes | None = None
+    waiting: set[tuple[int, int]] = field(default_factory=set)  # (mapper id, seq)
+    unmapped_from: set[int] = field(default_factory=set)
+    destroy: set[int] = field(default_factory=set)  # mappables to destroy once complete
+    failures: list[str] = field(default_factory=list)
+    eager: dict[tuple[int, int], MemoryRange] = field(default_factory=dict)  # MapEager sent
+    #: an invalidation: its duration goes to `removal_observer`
+    timed: bool = False
+    #: builds the reply (and any follow-up effects) once nothing is pending
+    on_done: Callable[[Operation], list[Effect]] | None = None

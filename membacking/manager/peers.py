@@ -1,0 +1,189 @@
+"""Mappers as the state machine sees them: registration, ZeroMQ socket binding, messages,
+eager upgrades, eviction and shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+from ..protocol import messages as m
+from ..protocol.messages import Channel, Message
+from ..protocol.ranges import PAGE_SIZE
+from .errors import Refused
+from .model import (
+    Disconnect,
+    Effect,
+    MapperEntry,
+    Operation,
+    Send,
+)
+from .table import TableState
+
+log = logging.getLogger("membacking.manager")
+
+
+class PeerState(TableState):
+    """Adds the mapper registry (ids never reused) and mapper messages to the table."""
+
+    def has_private_regions(self) -> bool:
+        return any(r.backing == "private" for r in self.regions.values())
+
+    def register_mapper(self, name: str, pid: int) -> MapperEntry:
+        """A mapper said Hello on the fd socket: give it an id (never reused) and a token."""
+        if len(self.mappers) >= self.limits.max_mappers:
+            self.reject("limit", f"mapper {name!r} refused: {len(self.mappers)} attached", pid)
+            raise Refused(
+                "limit",
+                f"the manager already serves its limit of {self.limits.max_mappers} mappers",
+            )
+        if self.mappers and self.has_private_regions():
+            raise Refused("private", "private RAM regions exist: only one mapper may attach")
+        now = self._clock()
+        token = secrets.token_bytes(m.TOKEN_BYTES)
+        entry = MapperEntry(self._next_mapper_id, name, pid, token, now, now)
+        self._next_mapper_id += 1
+        self.mappers[entry.id] = entry
+        log.info("mapper %d (%s, pid %d) registered", entry.id, name, pid)
+        return entry
+
+    def welcome(self, entry: MapperEntry) -> m.Welcome:
+        return m.Welcome(entry.id, entry.token, self.address_space, PAGE_SIZE)
+
+    def mapper_of(self, identity: bytes) -> int | None:
+        """The mapper a ZeroMQ socket identity is bound to, if any."""
+        bound = self._by_identity.get(identity)
+        return bound[0] if bound else None
+
+    def mapper_gone(self, mapper_id: int, why: str = "disconnected") -> list[Effect]:
+        """A mapper detached, died or was evicted: forget it and unblock what waited on it."""
+        entry = self.mappers.pop(mapper_id, None)
+        if entry is None:
+            return []
+        log.info("mapper %d (%s, pid %d) removed: %s", entry.id, entry.name, entry.pid, why)
+        for identity in (entry.stream, entry.requests):
+            if identity is not None:
+                self._by_identity.pop(identity, None)
+        for rng in entry.held:
+            mapping = self._mapping_at(rng)
+            if mapping is not None:
+                mapping.holders.discard(mapper_id)
+        effects: list[Effect] = []
+        for seq in list(entry.unacked):
+            op = self._pending.pop((mapper_id, seq), None)
+            if op is not None:
+                op.waiting.discard((mapper_id, seq))
+                effects.extend(self._maybe_finish(op))
+        return effects
+
+    def handle_mapper(self, identity: bytes, msg: Message) -> list[Effect]:
+        """A decoded message arrived on the mapper ROUTER from `identity`."""
+        if isinstance(msg, m.Attach):
+            return self._attach(identity, msg)
+        bound = self._by_identity.get(identity)
+        if bound is None:
+            self.reject("not-attached", f"{type(msg).__name__} from an unattached socket")
+            return [self._error(identity, "not-attached", "send Attach first")]
+        mapper_id, role = bound
+        entry = self.mappers[mapper_id]
+        entry.last_seen = self._clock()
+        if role == m.ROLE_REQUESTS and isinstance(msg, m.SendMappings):
+            return self.send_mappings(mapper_id, msg.range)
+        if role == m.ROLE_STREAM:
+            if isinstance(msg, m.UnmapAck):
+                return self._ack(mapper_id, msg.seq, None)
+            if isinstance(msg, m.MapAck):
+                return self._ack(mapper_id, msg.seq, None if msg.ok else msg.message or "failed")
+            if isinstance(msg, m.SetEager):
+                return self._upgrade(entry)
+            if isinstance(msg, m.Detach):
+                return self.mapper_gone(mapper_id, "detached")
+        self.reject("unexpected", f"{type(msg).__name__} on a role-{role} socket", entry.pid)
+        return [self._error(identity, "unexpected", f"{type(msg).__name__} is not accepted here")]
+
+    def _error(self, identity: bytes, code: str, text: str) -> Send:
+        return Send(Channel.MAPPER, identity, m.Error(code, text))
+
+    def _attach(self, identity: bytes, msg: m.Attach) -> list[Effect]:
+        entry = self.mappers.get(msg.mapper_id)
+        if entry is None or not secrets.compare_digest(entry.token, msg.token):
+            self.reject("bad-token", f"Attach for mapper {msg.mapper_id} with a wrong token")
+            return [self._error(identity, "bad-token", "unknown mapper id or wrong token")]
+        if msg.role not in (m.ROLE_STREAM, m.ROLE_REQUESTS):
+            self.reject("bad-role", f"Attach with role {msg.role}", entry.pid)
+            return [self._error(identity, "bad-role", "role must be 0 (stream) or 1 (requests)")]
+        current = entry.stream if msg.role == m.ROLE_STREAM else entry.requests
+        if current is not None or identity in self._by_identity:
+            self.reject("already-attached", f"second role-{msg.role} socket", entry.pid)
+            return [self._error(identity, "already-attached", "that role is already bound")]
+        if msg.role == m.ROLE_STREAM:
+            entry.stream = identity
+        else:
+            entry.requests = identity
+        self._by_identity[identity] = (entry.id, msg.role)
+        return [Send(Channel.MAPPER, identity, m.Attached(msg.role))]
+
+    def tick(self) -> list[Effect]:
+        """Evict mappers that left a request unanswered for longer than `unmap_timeout`."""
+        now = self._monotonic()
+        effects: list[Effect] = []
+        for entry in list(self.mappers.values()):
+            if entry.unacked and now - min(entry.unacked.values()) > self.unmap_timeout:
+                log.error(
+                    "mapper %d (%s, pid %d) did not answer within %.1fs: evicted",
+                    entry.id,
+                    entry.name,
+                    entry.pid,
+                    self.unmap_timeout,
+                )
+                self.counters["evictions"] += 1
+                effects.append(Disconnect(entry.id))
+                effects.extend(self.mapper_gone(entry.id, "unresponsive"))
+        return effects
+
+    def _upgrade(self, entry: MapperEntry) -> list[Effect]:
+        """Replay every mapping the mapper lacks; it becomes eager once all of them are mapped."""
+        if entry.eager or entry.upgrading:
+            return [
+                self._to_mapper(entry, m.EagerResult(entry.eager, "already eager or upgrading"))
+            ]
+        entry.upgrading = True
+        op = self.start_op(f"upgrade mapper {entry.id}", None)
+        effects = [
+            self._map_eager(entry, mapping, op)
+            for rng, mapping in self.table.items()
+            if rng not in entry.held
+        ]
+
+        def done(op: Operation) -> list[Effect]:
+            entry.upgrading = False
+            if entry.id not in self.mappers:
+                return []
+            if op.failures:
+                return [self._to_mapper(entry, m.EagerResult(False, "; ".join(op.failures)[:1000]))]
+            entry.eager = True
+            log.info("mapper %d (%s) is eager", entry.id, entry.name)
+            return [self._to_mapper(entry, m.EagerResult(True, ""))]
+
+        op.on_done = done
+        return effects + self._maybe_finish(op)
+
+    def shutdown(self, reason: str) -> list[Effect]:
+        """Tell every mapper and every waiting control client that the manager is stopping."""
+        effects: list[Effect] = []
+        for entry in self.mappers.values():
+            if entry.stream is not None:
+                effects.append(self._to_mapper(entry, m.Shutdown(reason)))
+        answered: set[int] = set()
+        for op in self._pending.values():
+            if op.reply_to is not None and id(op) not in answered:
+                answered.add(id(op))
+                effects.append(
+                    Send(
+                        Channel.CONTROL,
+                        op.reply_to,
+                        m.Error("shutting-down", f"the manager is stopping: {reason}"),
+                    )
+                )
+        self._pending.clear()
+        return effects

@@ -1,0 +1,319 @@
+"""The mapping table and the operations that change it, as a sans-I/O state machine.
+
+Faults are answered from the table; every change to it (cut, activate, refill) queues messages to
+mappers and an `Operation` that completes when each of them has answered.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from ..protocol import messages as m
+from ..protocol.messages import PRIVATE_MAPPABLE, Channel, Message
+from ..protocol.rangemap import RangeMap
+from ..protocol.ranges import MemoryRange
+from .backing import BackingStore
+from .model import (
+    DEFAULT_ADDRESS_SPACE,
+    Effect,
+    Limits,
+    MapperEntry,
+    Mapping,
+    Operation,
+    Send,
+)
+from .regions import Region, SubMapping, desired_active
+
+log = logging.getLogger("membacking.manager")
+
+
+class TableState:
+    """The mapping table, fds granted, and operations waiting for mapper answers."""
+
+    def __init__(
+        self,
+        store: BackingStore,
+        *,
+        address_space: int = DEFAULT_ADDRESS_SPACE,
+        unmap_timeout: float = 30.0,
+        limits: Limits | None = None,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.address_space = address_space
+        self.unmap_timeout = unmap_timeout
+        self.limits = limits or Limits()
+        self._clock = clock
+        self._monotonic = monotonic
+        self.started_at = clock()
+        self.regions: dict[str, Region] = {}
+        self.region_bytes = 0
+        #: called with the seconds an invalidation took, from request to the last ack
+        self.removal_observer: Callable[[float], None] | None = None
+        self.table: RangeMap[Mapping] = RangeMap()
+        self.mappers: dict[int, MapperEntry] = {}
+        self._by_identity: dict[bytes, tuple[int, int]] = {}  # identity -> (mapper id, role)
+        self._pending: dict[tuple[int, int], Operation] = {}  # (mapper id, seq) -> operation
+        self._mappable_refs: Counter[int] = Counter()  # mappable -> sub-mappings using it
+        self._next_mapper_id = 1
+        self._next_mappable_id = PRIVATE_MAPPABLE + 1
+        self._next_seq = 1
+        self._next_order = 0
+        self.counters: Counter[str] = Counter()
+        self.rejected: Counter[str] = Counter()
+
+    def reject(self, reason: str, detail: str, pid: int | None = None) -> None:
+        """Count and log a rejected peer message."""
+        self.rejected[reason] += 1
+        log.warning(
+            "rejected message (%s) from pid %s: %s",
+            reason,
+            pid,
+            detail,
+            extra={"reason": reason, "peer_pid": pid},
+        )
+
+    def _mapping_at(self, rng: MemoryRange) -> Mapping | None:
+        hit = self.table.lookup(rng.start)
+        if hit is not None and hit[0] == rng:
+            return hit[1]
+        return None
+
+    def _to_mapper(self, entry: MapperEntry, msg: Message) -> Send:
+        assert entry.stream is not None
+        return Send(Channel.MAPPER, entry.stream, msg)
+
+    def _seq(self, entry: MapperEntry, op: Operation) -> int:
+        seq = self._next_seq
+        self._next_seq += 1
+        entry.unacked[seq] = self._monotonic()
+        op.waiting.add((entry.id, seq))
+        self._pending[(entry.id, seq)] = op
+        return seq
+
+    def send_mappings(self, mapper_id: int, rng: MemoryRange) -> list[Effect]:
+        """Answer a fault: Map for each mapping covering `rng`, NoMapping for each gap."""
+        entry = self.mappers[mapper_id]
+        if entry.stream is None:
+            self.reject("not-attached", "SendMappings before the stream socket", entry.pid)
+            return []
+        self.counters["faults"] += 1
+        out: list[Effect] = []
+        inside = rng.intersection(MemoryRange(0, self.address_space))
+        if not inside.is_empty():
+            for sub, mapping in self.table.walk(inside):
+                if mapping is None:
+                    out.append(Send(Channel.MAPPER, entry.stream, m.NoMapping(sub)))
+                    self.counters["nomappings_sent"] += 1
+                    continue
+                # The holder is recorded before the Map leaves, so a removal decided after this
+                # point always sends this mapper an Unmap (queued behind the Map).
+                out.append(self._map_to(entry, mapping))
+        for outside in rng.subtract(MemoryRange(0, self.address_space)):
+            out.append(Send(Channel.MAPPER, entry.stream, m.NoMapping(outside)))
+            self.counters["nomappings_sent"] += 1
+        return out
+
+    def _map_to(self, entry: MapperEntry, mapping: Mapping) -> Send:
+        mapping.holders.add(entry.id)
+        entry.held[mapping.range] = mapping.mappable_id
+        self.counters["maps_sent"] += 1
+        return self._to_mapper(
+            entry, m.Map(mapping.range, mapping.mappable_id, mapping.file_offset, mapping.writable)
+        )
+
+    def _map_eager(self, entry: MapperEntry, mapping: Mapping, op: Operation) -> Send:
+        mapping.holders.add(entry.id)
+        entry.held[mapping.range] = mapping.mappable_id
+        self.counters["maps_sent"] += 1
+        seq = self._seq(entry, op)
+        op.eager[(entry.id, seq)] = mapping.range
+        return self._to_mapper(
+            entry,
+            m.MapEager(
+                seq, mapping.range, mapping.mappable_id, mapping.file_offset, mapping.writable
+            ),
+        )
+
+    def fd_request(self, mapper_id: int, mappable_id: int) -> m.FdGrant | m.FdDenied:
+        """Decide whether a mapper may receive a mappable's fd (once, after a Map for it)."""
+        entry = self.mappers.get(mapper_id)
+        if entry is None:
+            return m.FdDenied(mappable_id, "unknown mapper")
+        entry.last_seen = self._clock()
+        if mappable_id in entry.fds_sent:
+            self.reject("fd-again", f"fd of mappable {mappable_id} requested twice", entry.pid)
+            return m.FdDenied(mappable_id, "this mapper was already sent that fd")
+        if mappable_id == PRIVATE_MAPPABLE or mappable_id not in entry.held.values():
+            return m.FdDenied(mappable_id, "no current mapping of that mappable was sent to you")
+        if len(entry.fds_sent) >= self.limits.max_fds_per_mapper:
+            self.reject("limit", f"fd limit of {self.limits.max_fds_per_mapper} reached", entry.pid)
+            return m.FdDenied(
+                mappable_id, f"this mapper holds its limit of {self.limits.max_fds_per_mapper} fds"
+            )
+        size, writable = self.store.describe(mappable_id)
+        entry.fds_sent.add(mappable_id)
+        self.counters["fds_sent"] += 1
+        return m.FdGrant(mappable_id, size, writable)
+
+    def _ack(self, mapper_id: int, seq: int, failure: str | None) -> list[Effect]:
+        entry = self.mappers[mapper_id]
+        op = self._pending.pop((mapper_id, seq), None)
+        if op is None:
+            self.reject("unknown-seq", f"acknowledgement of unknown seq {seq}", entry.pid)
+            return []
+        entry.unacked.pop(seq, None)
+        op.waiting.discard((mapper_id, seq))
+        if failure is not None:
+            op.failures.append(f"mapper {mapper_id} ({entry.name}): {failure}")
+            rng = op.eager.get((mapper_id, seq))
+            if rng is not None:  # the mapper does not hold what it failed to map
+                entry.held.pop(rng, None)
+                mapping = self._mapping_at(rng)
+                if mapping is not None:
+                    mapping.holders.discard(mapper_id)
+        return self._maybe_finish(op)
+
+    def _maybe_finish(self, op: Operation) -> list[Effect]:
+        if op.waiting:
+            return []
+        if self.removal_observer is not None and (op.timed or op.unmapped_from):
+            self.removal_observer(self._monotonic() - op.started)
+        for mappable_id in op.destroy:
+            if self._mappable_refs[mappable_id] == 0:
+                self._mappable_refs.pop(mappable_id, None)
+                if mappable_id != PRIVATE_MAPPABLE:
+                    self.store.destroy(mappable_id)
+        effects = op.on_done(op) if op.on_done is not None else []
+        return effects
+
+    def _cut(
+        self, rng: MemoryRange, op: Operation, cut: dict[int, list[MemoryRange]]
+    ) -> list[Effect]:
+        """Take `rng` out of the table: Unmap the cut pieces to their holders (only to them)."""
+        effects: list[Effect] = []
+        for mrange, mapping in self.table.overlapping(rng):
+            self.table.remove(mrange)
+            piece = mrange.intersection(rng)
+            for part in mrange.subtract(rng):
+                kept = Mapping(
+                    mapping.region,
+                    part,
+                    mapping.mappable_id,
+                    mapping.file_offset + (part.start - mrange.start),
+                    mapping.writable,
+                    set(mapping.holders),
+                )
+                self.table.insert(part, kept)
+                for holder in kept.holders:
+                    self.mappers[holder].held[part] = kept.mappable_id
+            for holder in sorted(mapping.holders):
+                entry = self.mappers[holder]
+                entry.held.pop(mrange, None)
+                release = self._releasable(entry, op.destroy)
+                seq = self._seq(entry, op)
+                effects.append(self._to_mapper(entry, m.Unmap(seq, piece, release)))
+                self.counters["unmaps_sent"] += 1
+                op.unmapped_from.add(holder)
+                cut.setdefault(holder, []).append(piece)
+        return effects
+
+    def _releasable(self, entry: MapperEntry, destroy: set[int]) -> tuple[int, ...]:
+        if not destroy:
+            return ()
+        still = set(entry.held.values())
+        out = tuple(sorted(i for i in destroy if i in entry.fds_sent and i not in still))
+        entry.fds_sent.difference_update(out)
+        return out
+
+    def _release_leftovers(self, op: Operation) -> list[Effect]:
+        """Mappers holding fds of destroyed mappables they no longer map get a Release."""
+        effects: list[Effect] = []
+        doomed = {i for i in op.destroy if self._mappable_refs[i] == 0}
+        for entry in self.mappers.values():
+            release = self._releasable(entry, doomed)
+            if release and entry.stream is not None:
+                effects.append(self._to_mapper(entry, m.Release(self._seq(entry, op), release)))
+        return effects
+
+    def _activate(self, region: Region, op: Operation) -> list[Effect]:
+        effects: list[Effect] = []
+        region.active = True
+        for sub in region.submappings:
+            effects.extend(self._insert(region, sub, op))
+        return effects
+
+    def _insert(self, region: Region, sub: SubMapping, op: Operation) -> list[Effect]:
+        rng = region.absolute(sub)
+        mapping = Mapping(
+            region.name, rng, sub.mappable_id, sub.file_offset, sub.writable and region.writable
+        )
+        self.table.insert(rng, mapping)
+        return [
+            self._map_eager(e, mapping, op)
+            for e in self.mappers.values()
+            if (e.eager or e.upgrading) and e.stream is not None
+        ]
+
+    def _refill(self, cut: dict[int, list[MemoryRange]]) -> list[Effect]:
+        """Lazy holders of replaced memory get the new mapping right behind their Unmap, so a
+        reader sees the old or the new backing, never a hole it was not told about."""
+        effects: list[Effect] = []
+        for mapper_id, pieces in cut.items():
+            entry = self.mappers[mapper_id]
+            if entry.eager or entry.upgrading:
+                continue  # eager mappers were sent MapEager already
+            for piece in pieces:
+                for _, mapping in self.table.overlapping(piece):
+                    if mapper_id not in mapping.holders:
+                        effects.append(self._map_to(entry, mapping))
+        return effects
+
+    def _reconcile(
+        self,
+        windows: Iterable[MemoryRange],
+        op: Operation,
+        cut: dict[int, list[MemoryRange]] | None = None,
+    ) -> list[Effect]:
+        """Make the table match the region rules inside `windows` (deactivate, then activate)."""
+        desired: dict[str, bool] = {}
+        for window in windows:
+            desired.update(desired_active(self.regions.values(), window))
+        cut = {} if cut is None else cut
+        effects: list[Effect] = []
+        for name, want in sorted(desired.items()):
+            region = self.regions[name]
+            if region.active and not want:
+                effects.extend(self._deactivate(region, op, cut))
+        for name, want in sorted(desired.items(), key=lambda kv: self.regions[kv[0]].gpa or 0):
+            region = self.regions[name]
+            if want and not region.active:
+                effects.extend(self._activate(region, op))
+        return effects + self._refill(cut)
+
+    def _deactivate(
+        self, region: Region, op: Operation, cut: dict[int, list[MemoryRange]]
+    ) -> list[Effect]:
+        region.active = False
+        effects: list[Effect] = []
+        for sub in region.submappings:
+            effects.extend(self._cut(region.absolute(sub), op, cut))
+        return effects
+
+    def start_op(self, what: str, reply_to: bytes | None) -> Operation:
+        return Operation(what, self._monotonic(), reply_to)
+
+    def _reply(self, op: Operation, result: Any) -> list[Effect]:
+        if op.reply_to is None:
+            return []
+        return [Send(Channel.CONTROL, op.reply_to, m.ControlReply(result))]
+
+    def _reply_error(self, op: Operation, code: str, text: str) -> list[Effect]:
+        if op.reply_to is None:
+            return []
+        return [Send(Channel.CONTROL, op.reply_to, m.Error(code, text))]
