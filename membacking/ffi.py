@@ -1,0 +1,169 @@
+"""Every libc call membacking makes (mmap, munmap, madvise, prctl), behind one `Reservation`.
+
+Nothing else in the project touches raw addresses: callers speak in offsets into a reservation,
+and each method checks that the range lies inside it before the call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_libc.munmap.restype = ctypes.c_int
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.madvise.restype = ctypes.c_int
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.prctl.restype = ctypes.c_int
+_libc.prctl.argtypes = [
+    ctypes.c_int,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+    ctypes.c_ulong,
+]
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+PROT_NONE, PROT_READ, PROT_WRITE = 0, 1, 2
+MAP_SHARED, MAP_PRIVATE, MAP_FIXED, MAP_ANONYMOUS, MAP_NORESERVE = 0x01, 0x02, 0x10, 0x20, 0x4000
+MADV_DONTNEED = 4
+MADV_HUGEPAGE = 14
+MADV_DONTDUMP = 16
+MADV_POPULATE_WRITE = 23  # Linux 5.14
+PR_SET_VMA, PR_SET_VMA_ANON_NAME = 0x53564D41, 0
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _oserror(what: str) -> OSError:
+    err = ctypes.get_errno()
+    return OSError(err, f"{what}: {os.strerror(err)}")
+
+
+class Reservation:
+    """A PROT_NONE reservation of `size` bytes; offsets into it are guest-physical addresses."""
+
+    def __init__(self, size: int) -> None:
+        if size <= 0 or size % PAGE_SIZE:
+            raise ValueError(f"reservation size {size:#x} must be a positive multiple of the page")
+        # Safe: addr=NULL lets the kernel choose; PROT_NONE + NORESERVE commits no memory and
+        # any stray access faults instead of touching someone else's memory.
+        addr = _libc.mmap(None, size, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        if addr in (None, _MAP_FAILED):
+            raise _oserror(f"cannot reserve {size:#x} bytes of address space")
+        self.base: int = addr
+        self.size = size
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def _check(self, offset: int, size: int) -> int:
+        if self._closed:
+            raise ValueError("the reservation is released")
+        if offset < 0 or size <= 0 or offset + size > self.size or (offset | size) % PAGE_SIZE:
+            raise ValueError(
+                f"range {offset:#x}+{size:#x} is not a page-aligned part of the "
+                f"{self.size:#x}-byte reservation"
+            )
+        return self.base + offset
+
+    def map_fd(self, offset: int, size: int, fd: int, file_offset: int, writable: bool) -> None:
+        """Map `size` bytes of `fd` at `offset`, shared, read-only unless `writable`."""
+        addr = self._check(offset, size)
+        prot = PROT_READ | (PROT_WRITE if writable else 0)
+        # Safe: MAP_FIXED only ever replaces pages inside our own reservation (checked above);
+        # callers hold the access lock, so no access is reading the pages being replaced.
+        got = _libc.mmap(addr, size, prot, MAP_SHARED | MAP_FIXED, fd, file_offset)
+        if got in (None, _MAP_FAILED):
+            raise _oserror(f"cannot map fd {fd} at offset {offset:#x}")
+
+    def map_anon(self, offset: int, size: int, writable: bool) -> None:
+        """Map zero-filled private memory at `offset` (private RAM)."""
+        addr = self._check(offset, size)
+        prot = PROT_READ | (PROT_WRITE if writable else 0)
+        flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE
+        # Safe: as map_fd, inside our reservation, under the access lock.
+        got = _libc.mmap(addr, size, prot, flags, -1, 0)
+        if got in (None, _MAP_FAILED):
+            raise _oserror(f"cannot allocate private memory at offset {offset:#x}")
+
+    def unmap(self, offset: int, size: int) -> None:
+        """Put a PROT_NONE placeholder back over `offset`: the old memory is gone from this
+        process, the reservation stays."""
+        addr = self._check(offset, size)
+        flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE
+        # Safe: replaces only our own pages; callers ensured no access or view uses them.
+        got = _libc.mmap(addr, size, PROT_NONE, flags, -1, 0)
+        if got in (None, _MAP_FAILED):
+            raise _oserror(f"cannot unmap offset {offset:#x}")
+
+    def madvise(self, offset: int, size: int, advice: int) -> None:
+        addr = self._check(offset, size)
+        # Safe: advice on our own pages; DONTNEED only drops what private RAM holds.
+        if _libc.madvise(addr, size, advice) != 0:
+            raise _oserror(f"madvise({advice}) at offset {offset:#x}")
+
+    def fill(self, offset: int, size: int, byte: int) -> None:
+        """Set `size` bytes at `offset` (need not be page-aligned) to `byte`."""
+        if self._closed or offset < 0 or size < 0 or offset + size > self.size:
+            raise ValueError(f"fill of {offset:#x}+{size:#x} is outside the reservation")
+        # Safe: bounds checked above; callers hold the access lock and checked that the bytes
+        # are mapped writable.
+        ctypes.memset(self.base + offset, byte, size)
+
+    def set_name(self, offset: int, size: int, name: str) -> bool:
+        """Name the range in /proc/PID/maps; False where the kernel cannot name anonymous VMAs."""
+        addr = self._check(offset, size)
+        label = ctypes.create_string_buffer(name.encode()[:79])
+        # Safe: the kernel copies the label; the buffer outlives the call.
+        rc = _libc.prctl(PR_SET_VMA, PR_SET_VMA_ANON_NAME, addr, size, ctypes.addressof(label))
+        return bool(rc == 0)
+
+    def buffer(self) -> memoryview:
+        """A writable memoryview of the whole reservation (GPA g is index g).
+
+        Touching a part that is not mapped kills the process with SIGSEGV: callers check their
+        mapped-range table under the access lock first.
+        """
+        if self._closed:
+            raise ValueError("the reservation is released")
+        array = (ctypes.c_char * self.size).from_address(self.base)
+        return memoryview(array).cast("B")
+
+    def release(self) -> None:
+        """munmap the whole reservation (idempotent)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            # Safe: our own reservation; the owner guarantees no view or access remains.
+            if _libc.munmap(self.base, self.size) != 0:
+                raise _oserror("munmap of the reservation")
+
+
+def hugepage_advice_supported() -> bool:
+    """Whether MADV_HUGEPAGE can take effect (transparent huge pages not 'never')."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as handle:
+            return "[never]" not in handle.read()
+    except OSError:
+        return False
+
+
+__all__ = [
+    "MADV_DONTDUMP",
+    "MADV_DONTNEED",
+    "MADV_HUGEPAGE",
+    "MADV_POPULATE_WRITE",
+    "PAGE_SIZE",
+    "Reservation",
+    "hugepage_advice_supported",
+]

@@ -1,0 +1,8 @@
+"""The mapper side: reserve the guest address space in this process and map regions into it on
+demand. `attach()` returns a `GuestMemory`; `VaMapper` is the machinery underneath.
+"""
+
+from .core import VaMapper
+from .memory import GuestMemory, SharedRange, attach
+
+__all__ = ["GuestMemory", "SharedRange", "VaMapper", "attach"]

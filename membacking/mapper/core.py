@@ -1,0 +1,386 @@
+"""`VaMapper`: one process's reservation of the guest address space, the table of what is mapped
+in it, and the mapper thread that applies the manager's Map / NoMapping / Unmap in order.
+
+Safety scheme (Python cannot recover from SIGSEGV): every access checks the table and copies
+under one `lock`; the mapper thread takes the same lock before it maps or unmaps anything. Open
+views pin their range; an Unmap touching a pinned range is acknowledged only after the last
+view on it closes, so an UnmapAck always means no access can reach the old memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import socket
+import threading
+
+import zmq
+
+from ..errors import (
+    DetachedError,
+    GuestMemoryError,
+    ManagerGoneError,
+    NoMappingError,
+    ReadOnlyError,
+)
+from ..ffi import MADV_DONTDUMP, Reservation
+from ..protocol import messages as m
+from ..protocol.errors import ProtocolError
+from ..protocol.fdpass import PeerClosed, close_fds, recv_message
+from ..protocol.messages import PRIVATE_MAPPABLE, Message
+from ..protocol.rangemap import RangeMap
+from ..protocol.ranges import MemoryRange
+from .link import ManagerLink
+from .waitlist import NO_MAPPING, READ_ONLY, WaiterSet
+
+log = logging.getLogger("membacking.mapper")
+
+#: faults one access may take before it gives up (each fault maps at least one page it needs)
+MAX_FAULTS = 64
+
+
+class Chunk:
+    """What backs one mapped range of the reservation."""
+
+    __slots__ = ("file_offset", "mappable_id", "writable")
+
+    def __init__(self, mappable_id: int, file_offset: int, writable: bool) -> None:
+        self.mappable_id = mappable_id
+        self.file_offset = file_offset
+        self.writable = writable
+
+
+class VaMapper:
+    """Maps guest memory into this process on demand; see the module docstring for safety."""
+
+    def __init__(self, link: ManagerLink, *, fault_timeout: float = 30.0) -> None:
+        self.link = link
+        self.id = link.mapper_id
+        self.address_space = link.address_space
+        self.fault_timeout = fault_timeout
+        self.reservation = Reservation(self.address_space)
+        self.reservation.set_name(0, self.address_space, "membacking-guest")
+        #: the access lock: held for every check-then-copy and for every map or unmap
+        self.lock = threading.Lock()
+        self.chunks: RangeMap[Chunk] = RangeMap()
+        #: [start, end, writable] of the chunk last accessed (checked first; reset on unmap)
+        self.hot: list[int | bool] = [0, 0, False]
+        self.mv = self.reservation.buffer()
+        self.waiters = WaiterSet()
+        self.fds: dict[int, int] = {}
+        self.views: dict[int, tuple[int, int]] = {}
+        self._next_view = 0
+        self._pending_unmaps: list[tuple[int, MemoryRange, tuple[int, ...]]] = []
+        self.gone: str | None = None
+        self.eager = False
+        self.closed = False
+        self._eager_done = threading.Event()
+        self._eager_message = ""
+        self._outbox: collections.deque[Message] = collections.deque()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stop = False
+        self._thread = threading.Thread(
+            target=self._run, name=f"membacking-mapper-{self.id}", daemon=True
+        )
+        self._thread.start()
+
+    # ---- the mapper thread ---------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def post(self, msg: Message) -> None:
+        """Have the mapper thread send `msg` on the stream socket."""
+        self._outbox.append(msg)
+        self._wake()
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.link.stream, zmq.POLLIN)
+        poller.register(self.link.fd_sock.fileno(), zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        fd_fileno = self.link.fd_sock.fileno()
+        while not self._stop:
+            try:
+                events = dict(poller.poll(1000))
+            except zmq.ZMQError:
+                break
+            if self._wake_r in events:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._wake_r, 4096)
+            try:
+                self._flush_outbox()
+                self._complete_unmaps()
+                if fd_fileno in events and self.gone is None and self._fd_socket_closed():
+                    poller.unregister(fd_fileno)
+                if self.link.stream in events:
+                    self._drain_stream()
+            except zmq.ZMQError as exc:
+                if self._stop:
+                    break
+                log.error("mapper %d: socket error: %s", self.id, exc)
+            except Exception:
+                log.exception("mapper %d: unexpected error in the mapper thread", self.id)
+
+    def _flush_outbox(self) -> None:
+        while self._outbox and self.gone is None:
+            self.link.send_stream(self._outbox.popleft())
+
+    def _fd_socket_closed(self) -> bool:
+        """The fd socket is readable while idle: end of stream, or a stray message."""
+        try:
+            data = self.link.fd_sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK)
+        except (BlockingIOError, TimeoutError):
+            return False
+        except OSError as exc:
+            self.manager_gone(f"lost the connection to the manager: {exc.strerror}")
+            return True
+        if not data:
+            self.manager_gone("the manager closed the connection")
+            return True
+        try:
+            msg, fds = recv_message(self.link.fd_sock)
+            close_fds(fds)
+            log.warning("mapper %d: unexpected %s on the fd socket", self.id, type(msg).__name__)
+        except (ProtocolError, OSError, PeerClosed) as exc:
+            log.warning("mapper %d: invalid data on the fd socket: %s", self.id, exc)
+        return False
+
+    def manager_gone(self, reason: str) -> None:
+        """Mapped memory keeps working; new faults fail with ManagerGoneError."""
+        if self.gone is None:
+            log.warning("mapper %d: %s", self.id, reason)
+            self.gone = reason
+        self.waiters.shutdown(reason)
+
+    def _drain_stream(self) -> None:
+        for _ in range(1024):
+            try:
+                msg = self.link.recv_stream()
+            except ProtocolError as exc:
+                log.error("mapper %d: invalid message from the manager ignored: %s", self.id, exc)
+                continue
+            if msg is None:
+                return
+            self._handle(msg)
+
+    def _handle(self, msg: Message) -> None:
+        if isinstance(msg, m.Map):
+            failure = self._apply_map(msg.range, msg.mappable_id, msg.file_offset, msg.writable)
+            self.waiters.complete(msg.range, msg.writable if failure is None else None)
+        elif isinstance(msg, m.MapEager):
+            failure = self._apply_map(msg.range, msg.mappable_id, msg.file_offset, msg.writable)
+            self.waiters.complete(msg.range, msg.writable if failure is None else None)
+            self.link.send_stream(m.MapAck(msg.seq, failure is None, (failure or "")[:1000]))
+        elif isinstance(msg, m.NoMapping):
+            self.waiters.complete(msg.range, None)
+        elif isinstance(msg, m.Unmap):
+            self._unmap(msg.seq, msg.range, msg.release)
+        elif isinstance(msg, m.Release):
+            self._close_fds(msg.release)
+            self.link.send_stream(m.UnmapAck(msg.seq))
+        elif isinstance(msg, m.EagerResult):
+            self.eager = msg.ok
+            self._eager_message = msg.message
+            self._eager_done.set()
+        elif isinstance(msg, m.Shutdown):
+            self.manager_gone(f"the manager shut down ({msg.reason})")
+        elif isinstance(msg, m.Error):
+            log.warning("mapper %d: the manager rejected a message: %s", self.id, msg.message)
+        else:
+            log.warning("mapper %d: ignoring unexpected %s", self.id, type(msg).__name__)
+
+    def _fd_for(self, mappable_id: int) -> int | str:
+        fd = self.fds.get(mappable_id)
+        if fd is not None:
+            return fd
+        try:
+            result = self.link.fetch_fd(mappable_id)
+        except (PeerClosed, OSError, ProtocolError) as exc:
+            return f"cannot fetch the fd of mappable {mappable_id}: {exc}"
+        if isinstance(result, str):
+            return f"the manager denied the fd of mappable {mappable_id}: {result}"
+        fd, _grant = result
+        self.fds[mappable_id] = fd
+        return fd
+
+    def _apply_map(
+        self, rng: MemoryRange, mappable_id: int, file_offset: int, writable: bool
+    ) -> str | None:
+        """Map `rng`; None on success, else why it failed."""
+        if rng.end > self.address_space:
+            return f"{rng} lies outside the address space"
+        fd: int | None = None
+        if mappable_id != PRIVATE_MAPPABLE:
+            got = self._fd_for(mappable_id)
+            if isinstance(got, str):
+                log.warning("mapper %d: %s", self.id, got)
+                return got
+            fd = got
+        with self.lock:
+            if self.closed:
+                return "the mapper is detached"
+            hit = self.chunks.lookup(rng.start)
+            if hit is not None and hit[0] == rng:
+                chunk = hit[1]
+                if (chunk.mappable_id, chunk.file_offset, chunk.writable) == (
+                    mappable_id,
+                    file_offset,
+                    writable,
+                ):
+                    return None  # already mapped exactly so (two faults raced)
+            self._remove_chunks(rng)
+            try:
+                if fd is None:
+                    self.reservation.map_anon(rng.start, rng.len, writable)
+                else:
+                    self.reservation.map_fd(rng.start, rng.len, fd, file_offset, writable)
+            except OSError as exc:
+                with contextlib.suppress(OSError):
+                    self.reservation.unmap(rng.start, rng.len)
+                log.error("mapper %d: cannot map %s: %s", self.id, rng, exc)
+                return f"mmap failed: {exc.strerror}"
+            with contextlib.suppress(OSError):
+                self.reservation.madvise(rng.start, rng.len, MADV_DONTDUMP)
+            self.chunks.insert(rng, Chunk(mappable_id, file_offset, writable))
+        return None
+
+    def _remove_chunks(self, rng: MemoryRange) -> None:
+        """Drop `rng` from the table, keeping the parts of straddling chunks (lock held)."""
+        for crange, chunk in self.chunks.overlapping(rng):
+            self.chunks.remove(crange)
+            for part in crange.subtract(rng):
+                self.chunks.insert(
+                    part,
+                    Chunk(
+                        chunk.mappable_id,
+                        chunk.file_offset + part.start - crange.start,
+                        chunk.writable,
+                    ),
+                )
+        self.hot[0] = self.hot[1] = 0
+
+    def _pinned(self, rng: MemoryRange) -> bool:
+        return any(start < rng.end and rng.start < end for start, end in self.views.values())
+
+    def _unmap(self, seq: int, rng: MemoryRange, release: tuple[int, ...]) -> None:
+        with self.lock:
+            self._remove_chunks(rng)
+            if self._pinned(rng):
+                # An open view still reads this memory: the ack waits for it to close.
+                self._pending_unmaps.append((seq, rng, release))
+                return
+            self.reservation.unmap(rng.start, rng.len)
+        self._close_fds(release)
+        self.link.send_stream(m.UnmapAck(seq))
+
+    def _complete_unmaps(self) -> None:
+        if not self._pending_unmaps:
+            return
+        done: list[tuple[int, MemoryRange, tuple[int, ...]]] = []
+        with self.lock:
+            waiting = []
+            for item in self._pending_unmaps:
+                if self._pinned(item[1]):
+                    waiting.append(item)
+                    continue
+                for part, chunk in self.chunks.walk(item[1]):
+                    if chunk is None:  # not mapped again since: put the placeholder back
+                        self.reservation.unmap(part.start, part.len)
+                done.append(item)
+            self._pending_unmaps = waiting
+        for seq, _, release in done:
+            self._close_fds(release)
+            self.link.send_stream(m.UnmapAck(seq))
+
+    def _close_fds(self, ids: tuple[int, ...]) -> None:
+        close_fds([fd for fd in (self.fds.pop(i, None) for i in ids) if fd is not None])
+
+    # ---- used by accessing threads -------------------------------------------------------------
+
+    def pin(self, start: int, end: int) -> int:
+        """Pin [start, end) for an open view (lock held); returns the view id."""
+        self._next_view += 1
+        self.views[self._next_view] = (start, end)
+        return self._next_view
+
+    def unpin(self, view_id: int) -> None:
+        with self.lock:
+            self.views.pop(view_id, None)
+            wake = bool(self._pending_unmaps)
+        if wake:
+            self._wake()
+
+    def fault(self, gpa: int, end: int, write: bool) -> None:
+        """Ask the manager to map [gpa, end) and wait; raises if it cannot be mapped."""
+        if self.closed:
+            raise DetachedError("this GuestMemory is detached", gpa)
+        if self.gone is not None:
+            raise ManagerGoneError(f"cannot map GPA {gpa:#x}: {self.gone}", gpa)
+        if self.eager:
+            raise NoMappingError(
+                f"no region backs GPA {gpa:#x} (an eager mapper has every mapping already)", gpa
+            )
+        rng = MemoryRange.bounding(gpa, min(end, self.address_space))
+        waiter = self.waiters.register(rng, write)
+        if not waiter.event.is_set():
+            try:
+                self.link.request(m.SendMappings(rng))
+            except zmq.ZMQError as exc:
+                self.waiters.discard(waiter)
+                raise ManagerGoneError(f"cannot reach the manager: {exc}", gpa) from None
+        if not waiter.wait(self.fault_timeout):
+            self.waiters.discard(waiter)
+            raise GuestMemoryError(
+                f"the manager did not answer a fault at GPA {gpa:#x} within "
+                f"{self.fault_timeout:g}s",
+                gpa,
+            )
+        missing = waiter.range.start
+        if waiter.failure == NO_MAPPING:
+            raise NoMappingError(f"no region backs GPA {missing:#x}", missing)
+        if waiter.failure == READ_ONLY:
+            raise ReadOnlyError(f"GPA {missing:#x} is mapped read-only; cannot write", missing)
+        if waiter.failure is not None:
+            if self.closed:
+                raise DetachedError("this GuestMemory is detached", gpa)
+            raise ManagerGoneError(f"cannot map GPA {gpa:#x}: {self.gone or 'manager gone'}", gpa)
+
+    def set_eager(self, timeout: float) -> None:
+        """Become eager: the manager replays every mapping; raises if that failed."""
+        self._eager_done.clear()
+        self.post(m.SetEager())
+        if not self._eager_done.wait(timeout):
+            raise GuestMemoryError(f"the manager did not finish the eager upgrade in {timeout:g}s")
+        if not self.eager:
+            raise GuestMemoryError(f"could not become eager: {self._eager_message}")
+
+    def close(self) -> None:
+        """Detach: say goodbye, stop the thread, close sockets and fds, release the memory."""
+        if self.closed:
+            return
+        if self.gone is None:
+            self.post(m.Detach())
+        self._stop = True
+        self._wake()
+        self._thread.join(10)
+        with self.lock:
+            self.closed = True
+            self.chunks.clear()
+            self.hot[0] = self.hot[1] = 0
+            views_open = bool(self.views)
+        self.waiters.shutdown("detached")
+        self.link.close()
+        close_fds(list(self.fds.values()))
+        self.fds.clear()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if views_open:
+            log.warning("mapper %d detached with views still open: address space kept", self.id)
+        else:
+            self.mv.release()
+            self.reservation.release()

@@ -1,0 +1,146 @@
+"""A mapper's three connections to its manager: the fd socket (registration, fds, lifeline), the
+ZeroMQ stream socket (Map/NoMapping/Unmap in, acks out; mapper thread only) and the requests
+socket (SendMappings from any faulting thread, under a lock).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import socket
+import threading
+
+import zmq
+
+from ..errors import ManagerUnavailableError, MembackingError
+from ..protocol import messages as m
+from ..protocol.codec import decode, encode
+from ..protocol.errors import ProtocolError
+from ..protocol.fdpass import PeerClosed, close_fds, recv_message, send_message
+from ..protocol.messages import Channel, Message
+from ..runtime import RuntimePaths
+
+log = logging.getLogger("membacking.mapper")
+
+
+class AttachError(ManagerUnavailableError):
+    """The manager refused or did not complete this mapper's registration."""
+
+
+class ManagerLink:
+    """Registers with the manager serving `paths` and owns the sockets."""
+
+    def __init__(self, paths: RuntimePaths, name: str, timeout: float) -> None:
+        self.paths = paths
+        self.timeout = timeout
+        self._req_lock = threading.Lock()
+        self.fd_sock = self._connect_fd_socket()
+        try:
+            welcome = self._hello(name)
+            self.mapper_id = welcome.mapper_id
+            self.token = welcome.token
+            self.address_space = welcome.address_space
+            self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+            self.stream = self._attach(m.ROLE_STREAM)
+            self.requests = self._attach(m.ROLE_REQUESTS)
+        except BaseException:
+            self.close()
+            raise
+
+    def _unavailable(self, detail: str) -> ManagerUnavailableError:
+        return ManagerUnavailableError(
+            f"no membacking manager at {self.paths.root} ({detail}; is `membacking manager run` "
+            "running there?)"
+        )
+
+    def _connect_fd_socket(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(os.fspath(self.paths.fd_socket))
+        except OSError as exc:
+            sock.close()
+            if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+                raise self._unavailable(exc.strerror or "cannot connect") from None
+            raise ManagerUnavailableError(
+                f"cannot connect to {self.paths.fd_socket}: {exc.strerror}"
+            ) from None
+        return sock
+
+    def _hello(self, name: str) -> m.Welcome:
+        try:
+            send_message(self.fd_sock, m.Hello(name))
+            reply, _ = recv_message(self.fd_sock)
+        except (PeerClosed, OSError) as exc:
+            raise self._unavailable(f"registration failed: {exc}") from None
+        except ProtocolError as exc:
+            raise AttachError(f"the manager sent an invalid registration reply: {exc}") from None
+        if isinstance(reply, m.Error):
+            raise AttachError(f"the manager refused this mapper: {reply.message}")
+        if not isinstance(reply, m.Welcome):
+            raise AttachError(f"unexpected {type(reply).__name__} during registration")
+        return reply
+
+    def _attach(self, role: int) -> zmq.Socket[bytes]:
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 1000)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.connect(self.paths.mapper_endpoint)
+        sock.send(encode(m.Attach(self.mapper_id, self.token, role)))
+        if not sock.poll(int(self.timeout * 1000)):
+            sock.close(0)
+            raise AttachError(f"the manager did not answer Attach within {self.timeout:g}s")
+        reply = decode(sock.recv(), Channel.MAPPER)
+        if isinstance(reply, m.Error):
+            sock.close(0)
+            raise AttachError(f"the manager refused the socket: {reply.message}")
+        if not isinstance(reply, m.Attached) or reply.role != role:
+            sock.close(0)
+            raise AttachError(f"unexpected {reply!r} in answer to Attach")
+        return sock
+
+    def request(self, msg: Message) -> None:
+        """Send a one-way request (SendMappings) from any thread."""
+        data = encode(msg)
+        with self._req_lock:
+            self.requests.send(data)
+
+    def send_stream(self, msg: Message) -> None:
+        """Send on the stream socket (mapper thread only)."""
+        self.stream.send(encode(msg))
+
+    def recv_stream(self) -> Message | None:
+        """The next stream message, None if none is waiting (mapper thread only)."""
+        try:
+            data = self.stream.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return None
+        return decode(data, Channel.MAPPER)
+
+    def fetch_fd(self, mappable_id: int) -> tuple[int, m.FdGrant] | str:
+        """Ask for a mappable's fd (mapper thread only): (fd, grant), or why it was denied."""
+        send_message(self.fd_sock, m.FdRequest(mappable_id))
+        while True:
+            reply, fds = recv_message(self.fd_sock)
+            if isinstance(reply, m.FdGrant) and reply.mappable_id == mappable_id:
+                return fds[0], reply
+            if isinstance(reply, m.FdDenied) and reply.mappable_id == mappable_id:
+                return reply.reason
+            close_fds(fds)
+            log.warning("ignoring unexpected %s on the fd socket", type(reply).__name__)
+            if isinstance(reply, m.Error):
+                raise MembackingError(f"the manager rejected a request: {reply.message}")
+
+    def close(self) -> None:
+        for name in ("stream", "requests"):
+            sock = getattr(self, name, None)
+            if sock is not None:
+                sock.close()
+        ctx = getattr(self, "ctx", None)
+        if ctx is not None:
+            ctx.term()
+        with contextlib.suppress(OSError):
+            self.fd_sock.close()

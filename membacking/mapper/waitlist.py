@@ -1,0 +1,93 @@
+"""Waiters for mappings, with the rules of OpenVMM's va_mapper: registered before the request,
+trimmed by each Map that covers their start, failed by NoMapping, by a read-only Map when they
+want to write, and by shutdown (after which new waiters fail at once).
+"""
+
+from __future__ import annotations
+
+import threading
+
+from ..protocol.ranges import MemoryRange
+
+#: why a waiter failed
+NO_MAPPING = "no-mapping"
+READ_ONLY = "read-only"
+SHUTDOWN = "shutdown"
+
+
+class Waiter:
+    """One access waiting for `range` to be mapped (writable if `writable`)."""
+
+    __slots__ = ("event", "failure", "range", "writable")
+
+    def __init__(self, rng: MemoryRange, writable: bool) -> None:
+        self.range = rng
+        self.writable = writable
+        self.event = threading.Event()
+        self.failure: str | None = None
+
+    def _finish(self, failure: str | None) -> None:
+        self.failure = failure
+        self.event.set()
+
+    def complete(self, rng: MemoryRange, writable: bool | None) -> bool:
+        """Apply a Map (writable is a bool) or NoMapping (None); True when the waiter is done."""
+        if not rng.contains_addr(self.range.start):
+            return False
+        if writable is None:
+            self._finish(NO_MAPPING)
+            return True
+        if self.writable and not writable:
+            self._finish(READ_ONLY)
+            return True
+        remaining = MemoryRange(min(self.range.end, rng.end), self.range.end)
+        if remaining.is_empty():
+            self._finish(None)
+            return True
+        self.range = remaining  # one access may need several mappings
+        return False
+
+    def wait(self, timeout: float) -> bool:
+        return self.event.wait(timeout)
+
+
+class WaiterSet:
+    """The waiters of one mapper; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiters: list[Waiter] | None = []
+        self.shutdown_reason = ""
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._waiters or ())
+
+    def register(self, rng: MemoryRange, writable: bool) -> Waiter:
+        """A new waiter; already failed if the set was shut down."""
+        waiter = Waiter(rng, writable)
+        with self._lock:
+            if self._waiters is None:
+                waiter._finish(SHUTDOWN)
+            else:
+                self._waiters.append(waiter)
+        return waiter
+
+    def complete(self, rng: MemoryRange, writable: bool | None) -> None:
+        with self._lock:
+            if self._waiters:
+                self._waiters = [w for w in self._waiters if not w.complete(rng, writable)]
+
+    def discard(self, waiter: Waiter) -> None:
+        """Forget a waiter that gave up (timed out)."""
+        with self._lock:
+            if self._waiters and waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def shutdown(self, reason: str) -> None:
+        """Fail every waiter; later ones fail at once."""
+        with self._lock:
+            waiters, self._waiters = self._waiters or [], None
+            self.shutdown_reason = self.shutdown_reason or reason
+        for waiter in waiters:
+            waiter._finish(SHUTDOWN)
