@@ -148,3 +148,95 @@ def manager(start_manager: Callable[..., RunningManager]) -> RunningManager:
     """A manager with one 64 MiB read-write region `ram0` at GPA 0 and a 1 MiB read-only `rom`
     at 0xfff00000."""
     return start_manager("--region", "ram0=0:64M", "--region", "rom=0xfff00000:1M:ro")
+
+
+WORKER = Path(__file__).with_name("worker.py")
+
+
+class Worker:
+    """A mapper process running tests/worker.py, driven over its stdin/stdout."""
+
+    def __init__(self, runtime_dir: Path, name: str, *extra: str) -> None:
+        self.name = name
+        self.proc = subprocess.Popen(
+            [sys.executable, str(WORKER), str(runtime_dir), name, *extra],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=cli_env(),
+        )
+        first = self._line(READY_TIMEOUT)
+        if not first.startswith("ok "):
+            raise RuntimeError(f"worker {name} did not attach: {first} {self.stderr()}")
+        self.mapper_id = int(first.split()[1])
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _line(self, timeout: float) -> str:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            raise TimeoutError(f"worker {self.name} did not answer within {timeout}s")
+        return self.proc.stdout.readline().strip()
+
+    def stderr(self) -> str:
+        if self.proc.poll() is None or self.proc.stderr is None:
+            return ""
+        return self.proc.stderr.read()
+
+    def ask(self, command: str, timeout: float = 30.0) -> str:
+        """Send a command; return the answer (without `ok `), raise on `err`."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        answer = self._line(timeout)
+        if answer.startswith("err "):
+            raise WorkerError(answer[4:])
+        assert answer.startswith("ok"), answer
+        return answer[3:]
+
+    def maps(self) -> str:
+        return Path(f"/proc/{self.pid}/maps").read_text()
+
+    def fd_targets(self) -> list[str]:
+        out = []
+        for entry in Path(f"/proc/{self.pid}/fd").iterdir():
+            try:
+                out.append(os.readlink(entry))
+            except OSError:
+                pass
+        return out
+
+    def close(self) -> int:
+        if self.proc.poll() is None:
+            try:
+                self.ask("quit", timeout=10)
+            except (OSError, TimeoutError, AssertionError, WorkerError):
+                pass
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+        return self.proc.returncode
+
+
+class WorkerError(Exception):
+    """A worker answered `err`: the text is 'ExceptionClass message'."""
+
+
+@pytest.fixture
+def spawn_worker() -> Iterator[Callable[..., Worker]]:
+    workers: list[Worker] = []
+
+    def spawn(manager: RunningManager, name: str, *extra: str) -> Worker:
+        worker = Worker(manager.runtime_dir, name, *extra)
+        workers.append(worker)
+        return worker
+
+    yield spawn
+    for worker in workers:
+        worker.close()

@@ -1,0 +1,230 @@
+"""The mapping service end to end: real manager, real mapper processes, real memfds."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import membacking
+from membacking import GuestMemoryError, NoMappingError, ReadOnlyError
+
+from conftest import RunningManager, Worker, WorkerError
+
+MiB = 1 << 20
+Spawn = Callable[..., Worker]
+
+
+def memfd_refs(text: str, region: str) -> list[str]:
+    return re.findall(rf"memfd:membacking:{region}\b.*", text)
+
+
+def test_writes_by_one_mapper_are_seen_by_another(manager: RunningManager,
+                                                  spawn_worker: Spawn) -> None:
+    a = spawn_worker(manager, "a")
+    b = spawn_worker(manager, "b")
+    a.ask("write 0x1000 deadbeef")
+    assert b.ask("read 0x1000 4") == "deadbeef"
+    b.ask("write 0x3ffffff ff")  # last byte of ram0
+    assert a.ask("read 0x3fffffc 4") == "000000ff"
+    a.ask("fill 0x2000 0x5a 5000")
+    assert b.ask("read 0x2000 3") == "5a5a5a" and b.ask("read 0x3387 2") == "5a00"
+    holders = {r["name"]: r["holders"] for r in manager.client().regions()}
+    assert holders == {"ram0": [a.mapper_id, b.mapper_id], "rom": []}
+
+
+def test_untouched_region_is_not_mapped(manager: RunningManager, spawn_worker: Spawn) -> None:
+    worker = spawn_worker(manager, "w")
+    assert not memfd_refs(worker.maps(), "ram0")  # attached, nothing touched yet
+    worker.ask("read 0x0 1")
+    maps = worker.maps()
+    assert len(memfd_refs(maps, "ram0")) == 1
+    assert not memfd_refs(maps, "rom")
+    assert worker.ask("mapped") == "0x0-0x4000000"
+
+
+def test_write_to_read_only_region_is_refused(manager: RunningManager,
+                                              spawn_worker: Spawn) -> None:
+    worker = spawn_worker(manager, "w")
+    assert worker.ask("read 0xfff00000 4") == "00000000"
+    with pytest.raises(WorkerError, match=r"ReadOnlyError GPA 0xfff00010 is mapped read-only"):
+        worker.ask("write 0xfff00010 01")
+    # a fresh mapper whose first access is the write gets the same clean error
+    other = spawn_worker(manager, "w2")
+    with pytest.raises(WorkerError, match=r"ReadOnlyError GPA 0xfff00000 is mapped read-only"):
+        other.ask("write 0xfff00000 01")
+    assert "r--s" in next(line for line in worker.maps().splitlines() if "membacking:rom" in line)
+
+
+def test_outside_every_region_and_address_space(manager: RunningManager,
+                                                spawn_worker: Spawn) -> None:
+    worker = spawn_worker(manager, "w")
+    with pytest.raises(WorkerError, match=r"NoMappingError no region backs GPA 0x4000000"):
+        worker.ask("read 0x4000000 1")
+    with pytest.raises(WorkerError, match=r"OutOfRangeError GPA 0x10000000000"):
+        worker.ask("read 0x10000000000 1")
+    # an access that starts mapped and runs off the end fails at the first unbacked byte
+    with pytest.raises(WorkerError, match=r"NoMappingError no region backs GPA 0x4000000"):
+        worker.ask("read 0x3fffff0 32")
+
+
+def test_removal_waits_for_every_mapper_then_leaves_no_trace(
+    start_manager: Callable[..., RunningManager], spawn_worker: Spawn
+) -> None:
+    running = start_manager("--region", "ram0=0:16M", "--region", "victim=0x1000000:8M")
+    workers = [spawn_worker(running, f"w{i}") for i in range(3)]
+    for worker in workers:
+        worker.ask("loop 0x1000000 4096")
+        assert memfd_refs(worker.maps(), "victim")
+        assert any("membacking:victim" in t for t in worker.fd_targets())
+    result = running.client().remove_region("victim")
+    assert sorted(result["unmapped_from"]) == sorted(w.mapper_id for w in workers)
+    for worker in workers:
+        # the ack came before the reply: nothing of the memfd is left in the process
+        assert not memfd_refs(worker.maps(), "victim"), worker.maps()
+        assert not [t for t in worker.fd_targets() if "membacking:victim" in t]
+        reads, _, error = worker.ask("loopstatus").partition(" ")
+        deadline = time.monotonic() + 10
+        while not error and time.monotonic() < deadline:
+            time.sleep(0.01)
+            reads, _, error = worker.ask("loopstatus").partition(" ")
+        assert int(reads) > 0
+        assert error == "NoMappingError no region backs GPA 0x1000000"
+        assert worker.proc.poll() is None  # no crash
+        assert worker.ask("read 0x0 2") == "0000"  # and it keeps working
+    assert [r["name"] for r in running.client().regions()] == ["ram0"]
+
+
+def test_access_spanning_two_adjacent_regions(start_manager: Callable[..., RunningManager],
+                                              spawn_worker: Spawn) -> None:
+    running = start_manager("--region", "a=0:1M", "--region", "b=1M:1M", "--region", "c=2M:1M")
+    writer = spawn_worker(running, "writer")
+    writer.ask("write 0xffff8 0102030405060708")
+    writer.ask("write 0x100000 090a0b0c0d0e0f10")
+    faults_before = running.client().stats()["faults"]
+    reader = spawn_worker(running, "reader")
+    # one access needs two mappings: one fault, a waiter trimmed by the first Map
+    assert reader.ask("read 0xffff8 16") == "0102030405060708090a0b0c0d0e0f10"
+    assert running.client().stats()["faults"] == faults_before + 1
+    assert reader.ask("mapped") == "0x0-0x100000,0x100000-0x200000"
+    # spanning all three regions and into a gap fails at the gap, after mapping what exists
+    with pytest.raises(WorkerError, match="no region backs GPA 0x300000"):
+        reader.ask("read 0x1ffffc 0x100008")
+
+
+def test_unmap_racing_fill_in(start_manager: Callable[..., RunningManager]) -> None:
+    """Faults and removals of the same region, over and over: every removal completes, no
+    access crashes, and nothing of a removed region stays mapped or open."""
+    running = start_manager("--region", "ram0=0:1M")
+    client = running.client()
+    stop = threading.Event()
+    outcomes: dict[str, int] = {"ok": 0, "nomapping": 0}
+    with membacking.attach(running.runtime_dir, name="racer") as memory:
+
+        def reader() -> None:
+            while not stop.is_set():
+                try:
+                    memory.read_at(0x100000, 8)
+                    outcomes["ok"] += 1
+                except NoMappingError:
+                    outcomes["nomapping"] += 1
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        try:
+            for i in range(40):
+                client.add_region("flip", 0x100000, 0x10000)
+                time.sleep(0.002 * (i % 4))
+                client.remove_region("flip")
+        finally:
+            stop.set()
+            thread.join(30)
+        assert not thread.is_alive()
+        assert outcomes["nomapping"] > 0
+        assert all(not r.overlaps(membacking.MemoryRange(0x100000, 0x110000))
+                   for r, _ in memory.mapped_ranges())
+        targets = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+                   if os.path.exists(f"/proc/self/fd/{fd}")]
+        assert not [t for t in targets if "membacking:flip" in t]
+        maps = Path("/proc/self/maps").read_text()
+        assert "membacking:flip" not in maps
+    assert client.stats()["removals"] == 40
+
+
+def test_view_defers_the_unmap_ack_until_the_block_ends(manager: RunningManager) -> None:
+    client = manager.client()
+    client.add_region("dev", 0x10000000, 0x10000)
+    done = threading.Event()
+    with membacking.attach(manager.runtime_dir, name="viewer") as memory:
+        memory.write_at(0x10000000, b"view")
+        with memory.view(0x10000000, 4096) as view:
+            assert bytes(view[:4]) == b"view"
+            remover = threading.Thread(target=lambda: (client.remove_region("dev"), done.set()))
+            remover.start()
+            assert not done.wait(0.5)  # the mapper holds its ack while the view is open
+            assert bytes(view[:4]) == b"view"  # and the memory is still there
+            with pytest.raises(NoMappingError):  # new accesses no longer reach it
+                memory.read_at(0x10000000, 4)
+        assert done.wait(10)
+        remover.join()
+        assert view.__class__ is memoryview
+        with pytest.raises(ValueError):
+            view[0]  # released at the end of the block
+
+
+def test_views_are_writable_unless_read_only(manager: RunningManager) -> None:
+    with membacking.attach(manager.runtime_dir) as memory:
+        with memory.view(0x5000, 8) as view:
+            view[:] = b"12345678"
+        assert memory.read_at(0x5000, 8) == b"12345678"
+        with memory.view(0xFFF00000, 8) as rom:
+            assert rom.readonly
+        with pytest.raises(ReadOnlyError), memory.view(0xFFF00000, 8, write=True):
+            pass
+
+
+def test_plain_values_and_buffers(manager: RunningManager) -> None:
+    with membacking.attach(manager.runtime_dir) as memory:
+        memory.write_plain(0x100, "<Q", 0x1122334455667788)
+        assert memory.read_plain(0x100, "<Q") == 0x1122334455667788
+        assert memory.read_at(0x100, 2) == b"\x88\x77"
+        memory.write_plain(0x200, "<HH", (1, 2))
+        assert memory.read_plain(0x200, "<HH") == (1, 2)
+        buf = bytearray(16)
+        memory.read_into(0x100, buf)
+        assert buf[:8] == bytes.fromhex("8877665544332211")
+        with pytest.raises(ValueError, match="invalid struct format"):
+            memory.read_plain(0, "<Z")
+        with pytest.raises(ValueError, match="must not be negative"):
+            memory.read_at(-1, 4)
+        with pytest.raises(TypeError):
+            memory.read_at("0", 4)  # type: ignore[arg-type]
+
+
+def test_manager_killed_mappers_keep_what_they_have(manager: RunningManager,
+                                                    spawn_worker: Spawn) -> None:
+    worker = spawn_worker(manager, "survivor")
+    worker.ask("write 0x0 cafe")
+    manager.stop(signal.SIGKILL)
+    time.sleep(0.3)
+    assert worker.ask("read 0x0 2") == "cafe"  # mapped memory keeps working
+    with pytest.raises(WorkerError, match="ManagerGoneError"):
+        worker.ask("read 0xfff00000 1")  # a new fault cannot be served
+    with pytest.raises(membacking.ManagerUnavailableError, match="no membacking manager"):
+        membacking.attach(manager.runtime_dir)
+
+
+def test_detached_memory_refuses_access(manager: RunningManager) -> None:
+    memory = membacking.attach(manager.runtime_dir)
+    memory.write_at(0, b"x")
+    memory.detach()
+    memory.detach()  # idempotent
+    with pytest.raises(GuestMemoryError, match="detached"):
+        memory.read_at(0, 1)
+    assert manager.client().mappers() == []

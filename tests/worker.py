@@ -1,0 +1,75 @@
+"""A mapper process for tests, driven line by line over stdin/stdout.
+
+    python tests/worker.py RUNTIME_DIR NAME [--eager]
+
+Commands (one per line): `write GPA HEX`, `read GPA N`, `fill GPA BYTE N`, `ensure GPA N`,
+`loop GPA N` (read until an error, in a thread), `loopstatus`, `mapped`, `quit`.
+Answers: `ok [value]` or `err ExceptionClass message`.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+from membacking import attach
+
+
+def main() -> None:
+    runtime_dir, name = sys.argv[1], sys.argv[2]
+    eager = "--eager" in sys.argv[3:]
+    loop_state = {"reads": 0, "error": ""}
+    with attach(runtime_dir, name=name, eager=eager) as memory:
+        print(f"ok {memory.mapper_id}", flush=True)
+
+        def loop(gpa: int, n: int) -> None:
+            try:
+                while True:
+                    memory.read_at(gpa, n)
+                    loop_state["reads"] += 1
+            except Exception as exc:  # the test wants to see exactly what ended the loop
+                loop_state["error"] = f"{type(exc).__name__} {exc}"
+
+        for line in sys.stdin:
+            words = line.split()
+            if not words:
+                continue
+            cmd, args = words[0], words[1:]
+            try:
+                if cmd == "quit":
+                    print("ok", flush=True)
+                    break
+                if cmd == "write":
+                    memory.write_at(int(args[0], 0), bytes.fromhex(args[1]))
+                    print("ok", flush=True)
+                elif cmd == "read":
+                    print(f"ok {memory.read_at(int(args[0], 0), int(args[1], 0)).hex()}",
+                          flush=True)
+                elif cmd == "fill":
+                    memory.fill_at(int(args[0], 0), int(args[1], 0), int(args[2], 0))
+                    print("ok", flush=True)
+                elif cmd == "ensure":
+                    memory.ensure_mapped(int(args[0], 0), int(args[1], 0))
+                    print("ok", flush=True)
+                elif cmd == "loop":
+                    thread = threading.Thread(
+                        target=loop, args=(int(args[0], 0), int(args[1], 0)), daemon=True)
+                    thread.start()
+                    while loop_state["reads"] == 0 and not loop_state["error"]:
+                        time.sleep(0.001)
+                    print("ok", flush=True)
+                elif cmd == "loopstatus":
+                    print(f"ok {loop_state['reads']} {loop_state['error']}", flush=True)
+                elif cmd == "mapped":
+                    ranges = ",".join(f"{r.start:#x}-{r.end:#x}" for r, _ in
+                                      memory.mapped_ranges())
+                    print(f"ok {ranges}", flush=True)
+                else:
+                    print(f"err ValueError unknown command {cmd}", flush=True)
+            except Exception as exc:  # report every failure to the test, keep serving
+                print(f"err {type(exc).__name__} {exc}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
