@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import shutil
@@ -160,7 +161,10 @@ class Worker:
         self.name = name
         self.proc = subprocess.Popen(
             [sys.executable, str(WORKER), str(runtime_dir), name, *extra],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
             env=cli_env(),
         )
         first = self._line(READY_TIMEOUT)
@@ -201,18 +205,14 @@ class Worker:
     def fd_targets(self) -> list[str]:
         out = []
         for entry in Path(f"/proc/{self.pid}/fd").iterdir():
-            try:
+            with contextlib.suppress(OSError):
                 out.append(os.readlink(entry))
-            except OSError:
-                pass
         return out
 
     def close(self) -> int:
         if self.proc.poll() is None:
-            try:
+            with contextlib.suppress(OSError, TimeoutError, AssertionError, WorkerError):
                 self.ask("quit", timeout=10)
-            except (OSError, TimeoutError, AssertionError, WorkerError):
-                pass
             try:
                 self.proc.wait(10)
             except subprocess.TimeoutExpired:

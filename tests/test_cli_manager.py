@@ -54,12 +54,41 @@ def test_regions_table_and_json(manager: RunningManager) -> None:
     table = manager.cli("regions")
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
-    assert lines[0].split() == ["NAME", "GPA", "END", "SIZE", "MODE", "PRIO", "BACKING",
-                                "HOLDERS", "STATE"]
-    assert lines[1].split() == ["ram0", "0x0", "0x4000000", "64", "MiB", "rw", "0", "memfd", "-",
-                                "active"]
-    assert lines[2].split() == ["rom", "0xfff00000", "0x100000000", "1", "MiB", "ro", "0",
-                                "memfd", "-", "active"]
+    assert lines[0].split() == [
+        "NAME",
+        "GPA",
+        "END",
+        "SIZE",
+        "MODE",
+        "PRIO",
+        "BACKING",
+        "HOLDERS",
+        "STATE",
+    ]
+    assert lines[1].split() == [
+        "ram0",
+        "0x0",
+        "0x4000000",
+        "64",
+        "MiB",
+        "rw",
+        "0",
+        "memfd",
+        "-",
+        "active",
+    ]
+    assert lines[2].split() == [
+        "rom",
+        "0xfff00000",
+        "0x100000000",
+        "1",
+        "MiB",
+        "ro",
+        "0",
+        "memfd",
+        "-",
+        "active",
+    ]
     data = json.loads(manager.cli("regions", "--json").stdout)
     assert [(r["name"], r["gpa"], r["size"], r["writable"]) for r in data] == [
         ("ram0", 0, 64 << 20, True),
@@ -93,7 +122,10 @@ def test_region_errors_are_one_clean_line(manager: RunningManager) -> None:
     assert_clean_error(manager.cli("region", "add", "x", "0x1000", "64K"), "overlaps region 'ram0'")
     assert_clean_error(manager.cli("region", "add", "ram0", "0x10000000", "4K"), "already exists")
     assert_clean_error(manager.cli("region", "remove", "nope"), "region 'nope' does not exist")
-    assert_clean_error(manager.cli("region", "add", "x", "0x10000100", "4K"), "gpa 0x10000100 must be a multiple of 4096")
+    assert_clean_error(
+        manager.cli("region", "add", "x", "0x10000100", "4K"),
+        "gpa 0x10000100 must be a multiple of 4096",
+    )
     assert_clean_error(manager.cli("region", "add", "x", "0x10000000", "0"), "size > 0")
     assert_clean_error(manager.cli("region", "add", "x", "0x1000000000000", "4K"), "beyond the")
     bad_size = manager.cli("region", "add", "x", "0", "lots")

@@ -21,8 +21,16 @@ class RecordingStore:
         self.live: dict[int, tuple[str, int, bool]] = {}
         self.destroyed: list[int] = []
 
-    def create(self, mappable_id: int, name: str, size: int, writable: bool, *,
-               kind: str = "memfd", path: str | None = None) -> None:
+    def create(
+        self,
+        mappable_id: int,
+        name: str,
+        size: int,
+        writable: bool,
+        *,
+        kind: str = "memfd",
+        path: str | None = None,
+    ) -> None:
         if name == "fail":
             raise BackingError("no-memory", "cannot back it")
         self.live[mappable_id] = (name, size, writable)
@@ -283,12 +291,25 @@ def test_control_listing_and_unknown_op(state: ManagerState) -> None:
     state.add_region("a", 0, MiB, False)
     regions = msgs(state.handle_control(b"c", m.ControlRequest("regions", {})))[0]
     assert isinstance(regions, m.ControlReply)
-    assert regions.result == [{
-        "name": "a", "gpa": 0, "size": MiB, "writable": False, "priority": 0,
-        "backing": "memfd", "path": None, "enabled": True, "active": True, "mappable_id": 1,
-        "mappings": [{"offset": 0, "size": MiB, "mappable_id": 1, "file_offset": 0,
-                      "writable": False}],
-        "holders": [], "state": "active"}]
+    assert regions.result == [
+        {
+            "name": "a",
+            "gpa": 0,
+            "size": MiB,
+            "writable": False,
+            "priority": 0,
+            "backing": "memfd",
+            "path": None,
+            "enabled": True,
+            "active": True,
+            "mappable_id": 1,
+            "mappings": [
+                {"offset": 0, "size": MiB, "mappable_id": 1, "file_offset": 0, "writable": False}
+            ],
+            "holders": [],
+            "state": "active",
+        }
+    ]
     err = msgs(state.handle_control(b"c", m.ControlRequest("explode", {})))[0]
     assert isinstance(err, m.Error) and err.code == "bad-request"
     stats = state.stats()
@@ -312,9 +333,12 @@ def test_limits_refuse_mappers_regions_and_fds(clock: Clock) -> None:
     from membacking.manager.errors import Refused
     from membacking.manager.state import Limits
 
-    state = ManagerState(RecordingStore(), limits=Limits(max_mappers=1, max_regions=2,
-                                                         max_fds_per_mapper=1),
-                         clock=clock, monotonic=clock)
+    state = ManagerState(
+        RecordingStore(),
+        limits=Limits(max_mappers=1, max_regions=2, max_fds_per_mapper=1),
+        clock=clock,
+        monotonic=clock,
+    )
     state.add_region("a", 0, MiB, True)
     state.add_region("b", MiB, MiB, True)
     with pytest.raises(Refused) as refused:

@@ -25,8 +25,9 @@ def memfd_refs(text: str, region: str) -> list[str]:
     return re.findall(rf"memfd:membacking:{region}\b.*", text)
 
 
-def test_writes_by_one_mapper_are_seen_by_another(manager: RunningManager,
-                                                  spawn_worker: Spawn) -> None:
+def test_writes_by_one_mapper_are_seen_by_another(
+    manager: RunningManager, spawn_worker: Spawn
+) -> None:
     a = spawn_worker(manager, "a")
     b = spawn_worker(manager, "b")
     a.ask("write 0x1000 deadbeef")
@@ -49,8 +50,7 @@ def test_untouched_region_is_not_mapped(manager: RunningManager, spawn_worker: S
     assert worker.ask("mapped") == "0x0-0x4000000"
 
 
-def test_write_to_read_only_region_is_refused(manager: RunningManager,
-                                              spawn_worker: Spawn) -> None:
+def test_write_to_read_only_region_is_refused(manager: RunningManager, spawn_worker: Spawn) -> None:
     worker = spawn_worker(manager, "w")
     assert worker.ask("read 0xfff00000 4") == "00000000"
     with pytest.raises(WorkerError, match=r"ReadOnlyError GPA 0xfff00010 is mapped read-only"):
@@ -62,8 +62,9 @@ def test_write_to_read_only_region_is_refused(manager: RunningManager,
     assert "r--s" in next(line for line in worker.maps().splitlines() if "membacking:rom" in line)
 
 
-def test_outside_every_region_and_address_space(manager: RunningManager,
-                                                spawn_worker: Spawn) -> None:
+def test_outside_every_region_and_address_space(
+    manager: RunningManager, spawn_worker: Spawn
+) -> None:
     worker = spawn_worker(manager, "w")
     with pytest.raises(WorkerError, match=r"NoMappingError no region backs GPA 0x4000000"):
         worker.ask("read 0x4000000 1")
@@ -101,8 +102,9 @@ def test_removal_waits_for_every_mapper_then_leaves_no_trace(
     assert [r["name"] for r in running.client().regions()] == ["ram0"]
 
 
-def test_access_spanning_two_adjacent_regions(start_manager: Callable[..., RunningManager],
-                                              spawn_worker: Spawn) -> None:
+def test_access_spanning_two_adjacent_regions(
+    start_manager: Callable[..., RunningManager], spawn_worker: Spawn
+) -> None:
     running = start_manager("--region", "a=0:1M", "--region", "b=1M:1M", "--region", "c=2M:1M")
     writer = spawn_worker(running, "writer")
     writer.ask("write 0xffff8 0102030405060708")
@@ -147,10 +149,15 @@ def test_unmap_racing_fill_in(start_manager: Callable[..., RunningManager]) -> N
             thread.join(30)
         assert not thread.is_alive()
         assert outcomes["nomapping"] > 0
-        assert all(not r.overlaps(membacking.MemoryRange(0x100000, 0x110000))
-                   for r, _ in memory.mapped_ranges())
-        targets = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
-                   if os.path.exists(f"/proc/self/fd/{fd}")]
+        assert all(
+            not r.overlaps(membacking.MemoryRange(0x100000, 0x110000))
+            for r, _ in memory.mapped_ranges()
+        )
+        targets = [
+            os.readlink(f"/proc/self/fd/{fd}")
+            for fd in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{fd}")
+        ]
         assert not [t for t in targets if "membacking:flip" in t]
         maps = Path("/proc/self/maps").read_text()
         assert "membacking:flip" not in maps
@@ -207,8 +214,9 @@ def test_plain_values_and_buffers(manager: RunningManager) -> None:
             memory.read_at("0", 4)  # type: ignore[arg-type]
 
 
-def test_manager_killed_mappers_keep_what_they_have(manager: RunningManager,
-                                                    spawn_worker: Spawn) -> None:
+def test_manager_killed_mappers_keep_what_they_have(
+    manager: RunningManager, spawn_worker: Spawn
+) -> None:
     worker = spawn_worker(manager, "survivor")
     worker.ask("write 0x0 cafe")
     manager.stop(signal.SIGKILL)

@@ -75,7 +75,8 @@ def test_disable_reenables_the_region_beneath(state: ManagerState) -> None:
     assert msgs(done, b"ctl")[0].result["enabled"] is False
     assert [(r, name) for r, name, _, _ in table(state)] == [(rng(1, 1), "ram")]
     assert state.handle_mapper(requests, m.SendMappings(rng(0, 1))) and msgs(
-        state.handle_mapper(requests, m.SendMappings(rng(0, 1)))) == [m.NoMapping(rng(0, 1))]
+        state.handle_mapper(requests, m.SendMappings(rng(0, 1)))
+    ) == [m.NoMapping(rng(0, 1))]
     # re-enabling flash hides ram again
     out = state.handle_control(b"ctl", m.ControlRequest("enable_region", {"name": "flash"}))
     sent = msgs(out, stream)
@@ -96,8 +97,9 @@ def test_move_like_a_bar(state: ManagerState) -> None:
     assert [r for r, *_ in table(state)] == [rng(16, 1)]
     _, stream, requests = attach(state, "m1")
     state.handle_mapper(requests, m.SendMappings(rng(16, 1)))
-    out = state.handle_control(b"ctl", m.ControlRequest("move_region",
-                                                        {"name": "bar", "gpa": 32 * MiB}))
+    out = state.handle_control(
+        b"ctl", m.ControlRequest("move_region", {"name": "bar", "gpa": 32 * MiB})
+    )
     unmap = msgs(out, stream)[0]
     assert isinstance(unmap, m.Unmap) and unmap.range == rng(16, 1)
     assert [r for r, *_ in table(state)] == [rng(32, 1)]
@@ -111,8 +113,9 @@ def test_partial_unmap_splits_the_mapping(state: ManagerState) -> None:
     ok(state, "add_region", name="ram", gpa=0, size=16 * MiB)
     mid, stream, requests = attach(state, "m1")
     state.handle_mapper(requests, m.SendMappings(rng(0, 1)))
-    out = state.handle_control(b"ctl", m.ControlRequest(
-        "unmap_range", {"name": "ram", "offset": 4 * MiB, "size": 4 * MiB}))
+    out = state.handle_control(
+        b"ctl", m.ControlRequest("unmap_range", {"name": "ram", "offset": 4 * MiB, "size": 4 * MiB})
+    )
     unmap = msgs(out, stream)
     assert len(unmap) == 1 and isinstance(unmap[0], m.Unmap) and unmap[0].range == rng(4, 4)
     assert unmap[0].release == ()  # the memfd still backs the rest
@@ -129,15 +132,19 @@ def test_replace_is_atomic_for_lazy_holders(state: ManagerState) -> None:
     _, stream, requests = attach(state, "m1")
     _, stream2, _ = attach(state, "m2")  # holds nothing: gets nothing
     state.handle_mapper(requests, m.SendMappings(rng(0, 1)))
-    out = state.handle_control(b"ctl", m.ControlRequest(
-        "map_range", {"name": "ram", "offset": 2 * MiB, "size": MiB}))
+    out = state.handle_control(
+        b"ctl", m.ControlRequest("map_range", {"name": "ram", "offset": 2 * MiB, "size": MiB})
+    )
     sent = msgs(out, stream)
     assert [type(x) for x in sent] == [m.Unmap, m.Map]
     assert sent[0].range == sent[1].range == rng(2, 1)  # type: ignore[union-attr]
     assert not msgs(out, stream2)
     new_id = sent[1].mappable_id  # type: ignore[union-attr]
     assert new_id not in (1,) and [(r, i) for r, _, i, _ in table(state)] == [
-        (rng(0, 2), 1), (rng(2, 1), new_id), (rng(3, 13), 1)]
+        (rng(0, 2), 1),
+        (rng(2, 1), new_id),
+        (rng(3, 13), 1),
+    ]
 
 
 def test_replacing_everything_destroys_the_old_backing(state: ManagerState) -> None:
@@ -147,8 +154,9 @@ def test_replacing_everything_destroys_the_old_backing(state: ManagerState) -> N
     mid, stream, requests = attach(state, "m1")
     state.handle_mapper(requests, m.SendMappings(rng(0, 1)))
     assert isinstance(state.fd_request(mid, 1), m.FdGrant)
-    out = state.handle_control(b"ctl", m.ControlRequest(
-        "map_range", {"name": "ram", "offset": 0, "size": 2 * MiB}))
+    out = state.handle_control(
+        b"ctl", m.ControlRequest("map_range", {"name": "ram", "offset": 0, "size": 2 * MiB})
+    )
     unmap, refill = msgs(out, stream)
     assert isinstance(unmap, m.Unmap) and unmap.release == (1,)
     assert isinstance(refill, m.Map) and refill.mappable_id == 2
@@ -180,15 +188,18 @@ def test_eager_replay_push_and_fault_free_add(state: ManagerState) -> None:
     mid, stream, _ = attach(state, "eager")
     replay = msgs(state.handle_mapper(stream, m.SetEager()), stream)
     assert [(x.range, x.mappable_id) for x in replay] == [  # type: ignore[attr-defined]
-        (rng(0, 1), 1), (rng(4, 1), 2)]
+        (rng(0, 1), 1),
+        (rng(4, 1), 2),
+    ]
     assert all(isinstance(x, m.MapEager) for x in replay)
     assert msgs(state.handle_mapper(stream, m.MapAck(replay[0].seq, True, "")), stream) == []  # type: ignore[attr-defined]
     result = msgs(state.handle_mapper(stream, m.MapAck(replay[1].seq, True, "")), stream)  # type: ignore[attr-defined]
     assert result == [m.EagerResult(True, "")]
     assert state.mappers[mid].eager
     # a new region is pushed, and the add completes only after the MapAck
-    out = state.handle_control(b"ctl", m.ControlRequest(
-        "add_region", {"name": "c", "gpa": 8 * MiB, "size": MiB}))
+    out = state.handle_control(
+        b"ctl", m.ControlRequest("add_region", {"name": "c", "gpa": 8 * MiB, "size": MiB})
+    )
     push = msgs(out, stream)
     assert len(push) == 1 and isinstance(push[0], m.MapEager) and push[0].range == rng(8, 1)
     assert not msgs(out, b"ctl")
@@ -203,8 +214,9 @@ def test_eager_failure_rolls_back_the_add(state: ManagerState) -> None:
     bad, s_bad, _ = attach(state, "bad")
     for stream in (s_good, s_bad):
         assert msgs(state.handle_mapper(stream, m.SetEager())) == [m.EagerResult(True, "")]
-    out = state.handle_control(b"ctl", m.ControlRequest(
-        "add_region", {"name": "x", "gpa": 0, "size": MiB}))
+    out = state.handle_control(
+        b"ctl", m.ControlRequest("add_region", {"name": "x", "gpa": 0, "size": MiB})
+    )
     push = {e.identity: e.msg for e in out if isinstance(e, Send)}
     state.handle_mapper(s_good, m.MapAck(push[s_good].seq, True, ""))  # type: ignore[attr-defined]
     rollback = state.handle_mapper(s_bad, m.MapAck(push[s_bad].seq, False, "mmap: ENOMEM"))  # type: ignore[attr-defined]

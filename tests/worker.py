@@ -44,8 +44,9 @@ def main() -> None:
                     memory.write_at(int(args[0], 0), bytes.fromhex(args[1]))
                     print("ok", flush=True)
                 elif cmd == "read":
-                    print(f"ok {memory.read_at(int(args[0], 0), int(args[1], 0)).hex()}",
-                          flush=True)
+                    print(
+                        f"ok {memory.read_at(int(args[0], 0), int(args[1], 0)).hex()}", flush=True
+                    )
                 elif cmd == "fill":
                     memory.fill_at(int(args[0], 0), int(args[1], 0), int(args[2], 0))
                     print("ok", flush=True)
@@ -54,7 +55,8 @@ def main() -> None:
                     print("ok", flush=True)
                 elif cmd == "loop":
                     thread = threading.Thread(
-                        target=loop, args=(int(args[0], 0), int(args[1], 0)), daemon=True)
+                        target=loop, args=(int(args[0], 0), int(args[1], 0)), daemon=True
+                    )
                     thread.start()
                     while loop_state["reads"] == 0 and not loop_state["error"]:
                         time.sleep(0.001)
@@ -62,8 +64,7 @@ def main() -> None:
                 elif cmd == "loopstatus":
                     print(f"ok {loop_state['reads']} {loop_state['error']}", flush=True)
                 elif cmd == "mapped":
-                    ranges = ",".join(f"{r.start:#x}-{r.end:#x}" for r, _ in
-                                      memory.mapped_ranges())
+                    ranges = ",".join(f"{r.start:#x}-{r.end:#x}" for r, _ in memory.mapped_ranges())
                     print(f"ok {ranges}", flush=True)
                 else:
                     print(f"err ValueError unknown command {cmd}", flush=True)
