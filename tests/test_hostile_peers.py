@@ -1,0 +1,219 @@
+"""Malformed and hostile input on every socket: the daemon rejects it (counted by reason), closes
+every fd it did not expect, and keeps serving."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq
+
+import membacking
+from membacking.protocol import messages as m
+from membacking.protocol.codec import encode
+from membacking.protocol.fdpass import recv_message, send_message
+
+from conftest import RunningManager
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def settle(manager: RunningManager, baseline: int, timeout: float = 5.0) -> int:
+    """The manager's fd count, once it is back to `baseline` (or the timeout passed)."""
+    deadline = time.monotonic() + timeout
+    count = fd_count(manager.pid)
+    while count != baseline and time.monotonic() < deadline:
+        time.sleep(0.05)
+        count = fd_count(manager.pid)
+    return count
+
+
+def fd_socket(manager: RunningManager) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.settimeout(5)
+    sock.connect(str(manager.runtime_dir / "fd.sock"))
+    return sock
+
+
+def still_serving(manager: RunningManager) -> None:
+    with membacking.attach(manager.runtime_dir, name="probe") as memory:
+        memory.write_at(0x10, b"alive")
+        assert memory.read_at(0x10, 5) == b"alive"
+
+
+def test_garbage_on_the_fd_socket(manager: RunningManager) -> None:
+    baseline = fd_count(manager.pid)
+    garbage = [
+        b"\x00",
+        b"\xff" * 100,
+        msgpack.packb([1]),
+        msgpack.packb([2, 1, "x"]),
+        msgpack.packb([1, 99]),
+        msgpack.packb([1, 1, 7]),
+        msgpack.packb([1, 1, "a", "b"]),
+        encode(m.Detach()),
+        msgpack.packb([1, 3, -1]),
+        b"\x91" * 70000,
+    ]
+    # fewer than MAX_STRIKES (8) invalid messages per connection, so each one is answered
+    for batch in (garbage[:5], garbage[5:]):
+        with fd_socket(manager) as sock:
+            for data in batch:
+                sock.send(data)
+                reply, fds = recv_message(sock)
+                assert isinstance(reply, m.Error) and not fds, reply
+            if data is garbage[-1]:
+                assert reply.code == "too-large"
+    still_serving(manager)
+    assert settle(manager, baseline) == baseline
+    rejected = manager.client().stats()["rejected"]
+    for reason in (
+        "malformed",
+        "version",
+        "unknown-type",
+        "bad-arity",
+        "bad-field",
+        "wrong-channel",
+        "too-large",
+    ):
+        assert rejected.get(reason, 0) >= 1, (reason, rejected)
+
+
+def test_unexpected_fds_are_closed(manager: RunningManager) -> None:
+    baseline = fd_count(manager.pid)
+    memfds = [os.memfd_create(f"smuggled{i}") for i in range(5)]
+    try:
+        with fd_socket(manager) as sock:
+            socket.send_fds(sock, [encode(m.Hello("sneaky"))], memfds)  # Hello takes no fds
+            reply, _ = recv_message(sock)
+            assert isinstance(reply, m.Error) and reply.code == "fd-count"
+            socket.send_fds(sock, [b"\xc1"], memfds[:2])  # garbage with fds
+            reply, _ = recv_message(sock)
+            assert isinstance(reply, m.Error)
+            assert settle(manager, baseline + 1) == baseline + 1  # just our connection
+            targets = [
+                os.readlink(f"/proc/{manager.pid}/fd/{fd}")
+                for fd in os.listdir(f"/proc/{manager.pid}/fd")
+            ]
+            assert not [t for t in targets if "smuggled" in t]
+    finally:
+        for fd in memfds:
+            os.close(fd)
+    assert settle(manager, baseline) == baseline
+    still_serving(manager)
+
+
+def test_persistent_garbage_is_disconnected(manager: RunningManager) -> None:
+    with fd_socket(manager) as sock:
+        closed = False
+        for _ in range(20):
+            try:
+                sock.send(b"\xc1")
+                data = sock.recv(65536)
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+            if not data:
+                closed = True
+                break
+        assert closed
+    still_serving(manager)
+
+
+def test_fd_request_for_what_was_never_mapped(manager: RunningManager) -> None:
+    with fd_socket(manager) as sock:
+        send_message(sock, m.Hello("thief"))
+        welcome, _ = recv_message(sock)
+        assert isinstance(welcome, m.Welcome)
+        for mappable_id in (1, 2, 0, 12345):
+            send_message(sock, m.FdRequest(mappable_id))
+            reply, fds = recv_message(sock)
+            assert isinstance(reply, m.FdDenied) and fds == []
+        send_message(sock, m.Hello("again"))
+        reply, _ = recv_message(sock)
+        assert isinstance(reply, m.Error) and "twice" in reply.message
+
+
+def test_garbage_on_the_mapper_socket(manager: RunningManager) -> None:
+    ctx = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, 5000)
+        sock.connect(f"ipc://{manager.runtime_dir / 'mapper.ipc'}")
+        cases = [
+            ([b"\xc1"], "malformed"),
+            ([encode(m.SendMappings(membacking.MemoryRange(0, 4096)))], "not-attached"),
+            ([encode(m.Attach(1, b"\0" * 16, 0))], "bad-token"),
+            ([encode(m.Hello("x"))], "wrong-channel"),
+            ([b"a", b"b"], "malformed"),
+            ([msgpack.packb([1, 12, 1, 4096])], "bad-range"),
+        ]
+        for frames, code in cases:
+            sock.send_multipart(frames)
+            reply = membacking.protocol.decode(sock.recv(), m.Channel.MAPPER)
+            assert isinstance(reply, m.Error) and reply.code == code, (frames, reply)
+        sock.close()
+    finally:
+        ctx.term()
+    still_serving(manager)
+
+
+def test_garbage_on_the_control_socket(manager: RunningManager) -> None:
+    ctx = zmq.Context()
+    try:
+        req = ctx.socket(zmq.REQ)
+        req.setsockopt(zmq.LINGER, 0)
+        req.setsockopt(zmq.RCVTIMEO, 5000)
+        req.connect(f"ipc://{manager.runtime_dir / 'control.ipc'}")
+        for data in (
+            b"\x00\x01",
+            msgpack.packb([1, 30, "explode", {}]),
+            msgpack.packb([1, 30, "add_region", {"name": "x"}]),
+            msgpack.packb([1, 30, "regions", {"x": [1, 2]}]),
+            encode(m.Detach()),
+        ):
+            req.send(data)
+            reply = membacking.protocol.decode(req.recv(), m.Channel.CONTROL, max_bytes=1 << 20)
+            assert isinstance(reply, m.Error), reply
+        req.close()
+        raw = ctx.socket(zmq.DEALER)  # no REQ envelope at all: dropped and counted
+        raw.setsockopt(zmq.LINGER, 2000)
+        raw.connect(f"ipc://{manager.runtime_dir / 'control.ipc'}")
+        raw.send(b"junk")
+        raw.close()
+    finally:
+        ctx.term()
+    time.sleep(0.2)
+    stats = manager.client().stats()
+    assert stats["rejected"].get("malformed", 0) >= 2
+    still_serving(manager)
+
+
+def test_foreign_uid_is_refused(manager: RunningManager) -> None:
+    if os.getuid() != 0:
+        pytest.skip("needs root to connect as another uid")
+    pid = os.fork()
+    if pid == 0:  # child: become uid 65534 and try to register
+        code = 1
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            sock.settimeout(5)
+            # the 0700 directory already stops an unprivileged uid from reaching the socket
+            try:
+                sock.connect(str(manager.runtime_dir / "fd.sock"))
+            except PermissionError:
+                code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert Path(manager.runtime_dir).stat().st_mode & 0o777 == 0o700
