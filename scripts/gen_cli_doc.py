@@ -1,0 +1,60 @@
+"""Write docs/CLI.md from the click command tree, so the reference always matches the code.
+
+python scripts/gen_cli_doc.py          # rewrite docs/CLI.md
+python scripts/gen_cli_doc.py --check  # exit 1 if docs/CLI.md is out of date
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from membacking.cli import cli
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "CLI.md"
+HEADER = """# CLI reference
+
+Generated from the code by `python scripts/gen_cli_doc.py`; a test fails when it is out of date.
+
+Every command takes `--runtime-dir` (default `$MEMBACKING_RUNTIME_DIR`, else
+`$XDG_RUNTIME_DIR/membacking`, else `/tmp/membacking-<uid>`). Sizes and addresses accept decimal,
+`0x` hex and K/M/G/T suffixes (powers of 1024). An operator mistake prints one line on stderr and
+exits with status 1; a usage error exits with status 2.
+"""
+
+
+def _walk(command: click.Command, path: list[str]) -> list[tuple[list[str], click.Command]]:
+    out = [(path, command)]
+    if isinstance(command, click.Group):
+        for name in sorted(command.commands):
+            out.extend(_walk(command.commands[name], [*path, name]))
+    return out
+
+
+def render() -> str:
+    parts = [HEADER]
+    for path, command in _walk(cli, ["membacking"]):
+        if isinstance(command, click.Group) and len(path) > 1:
+            continue
+        ctx = click.Context(command, info_name=" ".join(path), terminal_width=100)
+        title = " ".join(path)
+        parts.append(f"\n## `{title}`\n\n```\n{command.get_help(ctx)}\n```\n")
+    return "".join(parts)
+
+
+def main() -> int:
+    text = render()
+    if "--check" in sys.argv[1:]:
+        if not DOC.exists() or DOC.read_text() != text:
+            print(f"{DOC} is out of date: run python scripts/gen_cli_doc.py", file=sys.stderr)
+            return 1
+        return 0
+    DOC.write_text(text)
+    print(f"wrote {DOC}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""The docs follow the code: docs/CLI.md is generated from it, and every example in the README
+runs against a real daemon."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from conftest import RunningManager, cli_env, run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.S)
+
+
+def test_cli_reference_is_up_to_date() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_cli_doc.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_readme_has_the_two_commands() -> None:
+    commands = [b.strip() for b in blocks("sh")[:2]]
+    assert commands[0].startswith("pip install -e '.[dev]' && membacking manager run")
+    assert commands[1] == "pytest"
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
+    assert ci[-1] == "pytest"  # CI runs exactly the README's test command
+
+
+def test_readme_quickstart_runs(start_manager: Callable[..., RunningManager]) -> None:
+    lines = [
+        line.split("  #")[0].strip()
+        for block in blocks("sh")[2:]
+        for line in block.splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    start = next(line for line in lines if line.startswith("membacking manager run"))
+    running = start_manager(*shlex.split(start)[3:])
+    background: list[subprocess.Popen[bytes]] = []
+    try:
+        for line in lines:
+            if line == start:
+                continue
+            args = shlex.split(line.removesuffix("&").strip())
+            assert args[0] == "membacking", line
+            if line.endswith("&"):
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "membacking", *args[1:]],
+                    env=cli_env(running.runtime_dir),
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                )
+                assert proc.stdout is not None
+                assert b"attached" in proc.stdout.readline()
+                background.append(proc)
+                continue
+            result = run_cli(*args[1:], runtime_dir=running.runtime_dir)
+            assert result.returncode == 0, (line, result.stderr)
+            if "mem read 0x1000 5" in line:
+                assert result.stdout.strip() == "68656c6c6f"
+        python = blocks("python")[0]
+        result = subprocess.run(
+            [sys.executable, "-c", python],
+            env=cli_env(running.runtime_dir),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+    finally:
+        for proc in background:
+            proc.terminate()
+            proc.wait(15)
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
