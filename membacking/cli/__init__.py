@@ -11,9 +11,11 @@ import click
 from .common import Group
 from .inspect_cmd import mappers_cmd, regions_cmd, stats_cmd
 from .manager_cmd import manager
+from .map_cmd import map_cmd
 from .mapper_cmd import mapper
 from .mem_cmd import mem
 from .region_cmd import region
+from .watch_cmd import watch_cmd
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,7 +24,17 @@ def cli() -> None:
     """One shared guest-physical address space for many processes."""
 
 
-for command in (manager, mapper, regions_cmd, mappers_cmd, stats_cmd, region, mem):
+for command in (
+    manager,
+    mapper,
+    regions_cmd,
+    mappers_cmd,
+    stats_cmd,
+    region,
+    mem,
+    map_cmd,
+    watch_cmd,
+):
     cli.add_command(command)
 
 

@@ -6,6 +6,7 @@ Every command module imports from here; nothing here talks to the manager.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -89,3 +90,14 @@ def table(headers: list[str], rows: list[list[str]]) -> None:
     click.echo("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
     for row in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+#: Long work advances in steps of this many bytes, with a progress bar on a terminal.
+PROGRESS_STEP = 64 << 20
+
+
+def progress(total: int, label: str) -> Any:
+    """A progress bar on stderr for work of `total` bytes (shown only on a terminal and only
+    for work of more than one step)."""
+    show = sys.stderr.isatty() and total > PROGRESS_STEP
+    return click.progressbar(length=total, label=label, file=sys.stderr, hidden=not show)

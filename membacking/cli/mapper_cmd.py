@@ -12,7 +12,7 @@ import click
 
 from .. import units
 from ..protocol.ranges import MemoryRange
-from .common import Group, runtime_dir_option, spec_callback
+from .common import PROGRESS_STEP, Group, progress, runtime_dir_option, spec_callback
 
 
 @click.group(cls=Group)
@@ -31,8 +31,11 @@ def mapper() -> None:
     metavar="GPA:SIZE",
     help="Map this range right away (repeatable).",
 )
+@click.option(
+    "--eager", is_flag=True, help="Be sent every mapping now and every new one when it is added."
+)
 def mapper_attach(
-    runtime_dir: Path | None, name: str | None, prefaults: list[tuple[int, int]]
+    runtime_dir: Path | None, name: str | None, prefaults: list[tuple[int, int]], eager: bool
 ) -> None:
     """Attach a mapper and stay attached until SIGINT or SIGTERM."""
     from ..mapper import attach
@@ -45,14 +48,19 @@ def mapper_attach(
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    with attach(runtime_dir, name=name) as memory:
+    with attach(runtime_dir, name=name, eager=eager) as memory:
         for gpa, size in prefaults:
             try:
                 rng = MemoryRange.bounding(gpa, gpa + size)
             except ValueError as exc:
                 raise click.BadParameter(str(exc), param_hint="--prefault") from None
-            memory.ensure_mapped(rng)
-        click.echo(f"mapper {memory.mapper_id} attached as {memory.name} (pid {os.getpid()})")
+            with progress(rng.len, f"prefaulting {rng}") as bar:
+                for start in range(rng.start, rng.end, PROGRESS_STEP):
+                    step = min(PROGRESS_STEP, rng.end - start)
+                    memory.ensure_mapped(start, step)
+                    bar.update(step)
+        mode = " (eager)" if memory.eager else ""
+        click.echo(f"mapper {memory.mapper_id} attached as {memory.name}{mode} (pid {os.getpid()})")
         sys.stdout.flush()
         while not stop.wait(0.5):
             pass

@@ -1,14 +1,16 @@
-"""`membacking mem read|write`: guest memory through a short-lived mapper."""
+"""`membacking mem read|write|dump|fill`: guest memory through a short-lived mapper."""
 
 from __future__ import annotations
 
 import binascii
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
 
-from .common import ADDRESS, SIZE, Group, runtime_dir_option
+from ..mapper import attach
+from .common import ADDRESS, PROGRESS_STEP, SIZE, Group, progress, runtime_dir_option
 
 
 @click.group(cls=Group)
@@ -21,12 +23,15 @@ def mem() -> None:
 @click.argument("gpa", type=ADDRESS)
 @click.argument("length", type=SIZE)
 @click.option(
-    "--format", "fmt", type=click.Choice(["hex", "raw"]), default="hex", show_default=True
+    "--format",
+    "fmt",
+    type=click.Choice(["hex", "raw"]),
+    default="hex",
+    show_default=True,
+    help="Hex digits on one line, or the raw bytes.",
 )
 def mem_read(runtime_dir: Path | None, gpa: int, length: int, fmt: str) -> None:
     """Read LENGTH bytes at guest address GPA."""
-    from ..mapper import attach
-
     with attach(runtime_dir, name="cli-mem-read") as memory:
         data = memory.read_at(gpa, length)
     if fmt == "raw":
@@ -49,20 +54,76 @@ def mem_read(runtime_dir: Path | None, gpa: int, length: int, fmt: str) -> None:
 )
 def mem_write(runtime_dir: Path | None, gpa: int, hex_data: str | None, path: Path | None) -> None:
     """Write bytes at guest address GPA."""
-    from ..mapper import attach
-
     if (hex_data is None) == (path is None):
         raise click.UsageError("give exactly one of --hex or --file")
-    if hex_data is not None:
-        try:
-            data = binascii.unhexlify(hex_data.replace(" ", "").removeprefix("0x"))
-        except (binascii.Error, ValueError):
-            raise click.BadParameter(
-                f"{hex_data!r} is not an even number of hex digits", param_hint="--hex"
-            ) from None
-    else:
-        assert path is not None
-        data = path.read_bytes()
     with attach(runtime_dir, name="cli-mem-write") as memory:
-        memory.write_at(gpa, data)
-    click.echo(f"wrote {len(data)} bytes at {gpa:#x}")
+        if hex_data is not None:
+            try:
+                data = binascii.unhexlify(hex_data.replace(" ", "").removeprefix("0x"))
+            except (binascii.Error, ValueError):
+                raise click.BadParameter(
+                    f"{hex_data!r} is not an even number of hex digits", param_hint="--hex"
+                ) from None
+            memory.write_at(gpa, data)
+            total = len(data)
+        else:
+            assert path is not None
+            total = path.stat().st_size
+            with open(path, "rb") as source, progress(total, f"writing {path.name}") as bar:
+                offset = 0
+                while chunk := source.read(PROGRESS_STEP):
+                    memory.write_at(gpa + offset, chunk)
+                    offset += len(chunk)
+                    bar.update(len(chunk))
+            total = offset
+    click.echo(f"wrote {total} bytes at {gpa:#x}")
+
+
+def hexdump(gpa: int, data: bytes) -> Iterator[str]:
+    """Lines of `hexdump -C` style: address, 16 bytes in hex, ASCII; repeats collapse to '*'."""
+    previous: bytes | None = None
+    starred = False
+    for offset in range(0, len(data), 16):
+        row = data[offset : offset + 16]
+        if row == previous and offset + 16 < len(data):
+            if not starred:
+                yield "*"
+                starred = True
+            continue
+        previous, starred = row, False
+        cells = [f"{b:02x}" for b in row] + ["  "] * (16 - len(row))
+        text = "".join(chr(b) if 32 <= b < 127 else "." for b in row)
+        yield f"{gpa + offset:016x}  {' '.join(cells[:8])}  {' '.join(cells[8:])}  |{text}|"
+    yield f"{gpa + len(data):016x}"
+
+
+@mem.command("dump")
+@runtime_dir_option
+@click.argument("gpa", type=ADDRESS)
+@click.argument("length", type=SIZE)
+def mem_dump(runtime_dir: Path | None, gpa: int, length: int) -> None:
+    """Show LENGTH bytes at guest address GPA as a hexdump (addresses, hex, ASCII)."""
+    with attach(runtime_dir, name="cli-mem-dump") as memory:
+        data = memory.read_at(gpa, length)
+    for line in hexdump(gpa, data):
+        click.echo(line)
+
+
+@mem.command("fill")
+@runtime_dir_option
+@click.argument("gpa", type=ADDRESS)
+@click.argument("length", type=SIZE)
+@click.argument("byte", type=ADDRESS)
+def mem_fill(runtime_dir: Path | None, gpa: int, length: int, byte: int) -> None:
+    """Set LENGTH bytes at guest address GPA to BYTE (0-255)."""
+    if not 0 <= byte <= 255:
+        raise click.BadParameter(f"{byte} is not a byte value (0-255)", param_hint="BYTE")
+    with (
+        attach(runtime_dir, name="cli-mem-fill") as memory,
+        progress(length, f"filling {length} bytes") as bar,
+    ):
+        for start in range(gpa, gpa + length, PROGRESS_STEP):
+            step = min(PROGRESS_STEP, gpa + length - start)
+            memory.fill_at(start, byte, step)
+            bar.update(step)
+    click.echo(f"filled {length} bytes at {gpa:#x} with {byte:#04x}")

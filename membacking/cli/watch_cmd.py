@@ -1,0 +1,85 @@
+"""`membacking watch`: the daemon's counters, refreshed in place until Ctrl-C."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .. import units
+from ..control_client import ControlClient
+from ..errors import MembackingError
+from .common import runtime_dir_option
+
+_CLEAR = "\x1b[H\x1b[2J"
+_RATES = ("faults", "maps_sent", "unmaps_sent", "fds_sent", "removals")
+
+
+def render_watch(
+    stats: dict[str, Any],
+    previous: dict[str, Any] | None,
+    interval: float,
+    mappers: list[dict[str, Any]],
+) -> list[str]:
+    """One screen of `watch` (pure: tests call it directly)."""
+    rejected = stats.get("rejected", {})
+    lines = [
+        f"membacking  up {stats['uptime']:.0f}s  regions {stats['regions']} "
+        f"({units.format_size(stats['region_bytes'])})  mappers {stats['mappers']}  "
+        f"rejected {sum(rejected.values())}",
+        "",
+        f"  {'counter':<16}{'total':>12}{'per second':>14}",
+    ]
+    for key in _RATES:
+        rate = ""
+        if previous is not None:
+            rate = f"{(stats[key] - previous[key]) / interval:.1f}"
+        lines.append(f"  {key:<16}{stats[key]:>12}{rate:>14}")
+    if rejected:
+        lines.append("  rejected: " + ", ".join(f"{k}={v}" for k, v in sorted(rejected.items())))
+    if mappers:
+        lines += ["", f"  {'mapper':<24}{'mode':<7}{'ranges':>8}{'mapped':>12}"]
+        for p in mappers[:20]:
+            lines.append(
+                f"  {(str(p['id']) + ' ' + p['name'])[:23]:<24}{p['mode']:<7}"
+                f"{p['ranges']:>8}{units.format_size(p['bytes']):>12}"
+            )
+        if len(mappers) > 20:
+            lines.append(f"  ... {len(mappers) - 20} more")
+    return lines
+
+
+@click.command("watch")
+@runtime_dir_option
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.05),
+    default=1.0,
+    show_default=True,
+    help="Seconds between refreshes.",
+)
+@click.option(
+    "--count",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Stop after this many refreshes (default: until Ctrl-C).",
+)
+def watch_cmd(runtime_dir: Path | None, interval: float, count: int | None) -> None:
+    """Show the daemon's counters, refreshing in place until Ctrl-C."""
+    client = ControlClient(runtime_dir, timeout=max(2.0, interval * 2))
+    previous: dict[str, Any] | None = None
+    shown = 0
+    try:
+        while count is None or shown < count:
+            stats = client.stats()
+            screen = render_watch(stats, previous, interval, client.mappers())
+            click.echo(_CLEAR + "\n".join(screen), nl=True)
+            previous, shown = stats, shown + 1
+            if count is None or shown < count:
+                time.sleep(interval)
+    except KeyboardInterrupt:
+        pass
+    except MembackingError as exc:
+        raise click.ClickException(f"stopped watching: {exc}") from None
