@@ -77,7 +77,7 @@ def test_hexdump_format() -> None:
     assert lines[1].startswith("0000000000001010  00") and lines[2] == "*"
     assert lines[3].startswith("0000000000001030  00")  # the last row is always shown
     assert lines[-1] == "0000000000001040"
-    assert list(hexdump(0, b"ab"))[0].endswith("  |ab|")
+    assert next(iter(hexdump(0, b"ab"))).endswith("  |ab|")
 
 
 def test_mem_dump_and_fill(manager: RunningManager) -> None:
