@@ -3,7 +3,8 @@
     python tests/worker.py RUNTIME_DIR NAME [--eager]
 
 Commands (one per line): `write GPA HEX`, `read GPA N`, `fill GPA BYTE N`, `ensure GPA N`,
-`loop GPA N` (read until an error, in a thread), `loopstatus`, `mapped`, `quit`.
+`loop GPA N` (read until an error, in a thread), `loopstatus`, `mapped`, `eager`,
+`nofile N` (allow N more open fds), `quit`.
 Answers: `ok [value]` or `err ExceptionClass message`.
 """
 
@@ -63,6 +64,20 @@ def main() -> None:
                     print("ok", flush=True)
                 elif cmd == "loopstatus":
                     print(f"ok {loop_state['reads']} {loop_state['error']}", flush=True)
+                elif cmd == "eager":
+                    memory.make_eager()
+                    print("ok", flush=True)
+                elif cmd == "nofile":
+                    # leave room for exactly N more fds (to make fd passing fail on purpose)
+                    import os
+                    import resource
+
+                    # the limit bounds fd numbers: put it at the lowest free one (+ N)
+                    lowest_free = os.open("/dev/null", os.O_RDONLY)
+                    os.close(lowest_free)
+                    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free + int(args[0]), hard))
+                    print("ok", flush=True)
                 elif cmd == "mapped":
                     ranges = ",".join(f"{r.start:#x}-{r.end:#x}" for r, _ in memory.mapped_ranges())
                     print(f"ok {ranges}", flush=True)

@@ -66,6 +66,11 @@ class GuestMemory:
     def eager(self) -> bool:
         return self._mapper.eager
 
+    def make_eager(self, timeout: float = 30.0) -> None:
+        """Upgrade this lazy mapper in place: the manager replays every mapping it lacks and
+        pushes new ones from now on. On failure it stays lazy and keeps what it got."""
+        self._mapper.set_eager(timeout)
+
     def mapped_ranges(self) -> list[tuple[MemoryRange, bool]]:
         """What is mapped in this process now: (range, writable), in address order."""
         with self._lock:
