@@ -56,7 +56,7 @@ class ControlClient:
         finally:
             sock.close()
         try:
-            reply = decode(data, Channel.CONTROL, max_bytes=MAX_REPLY_BYTES)
+            reply = decode(data, Channel.CONTROL, max_bytes=MAX_REPLY_BYTES, sender="manager")
         except ProtocolError as exc:
             raise ControlError("bad-reply", f"the manager sent an invalid reply: {exc}") from None
         if isinstance(reply, m.Error):

@@ -224,7 +224,10 @@ def test_unresponsive_mapper_is_evicted_after_timeout(state: ManagerState, clock
     clock.now += 2.0
     out = state.tick()
     assert Disconnect(m1) in out
-    assert msgs(out) == [m.ControlReply({"name": "a", "unmapped_from": [m1]})]
+    assert msgs(out) == [
+        m.Shutdown("evicted: it did not answer within 5s"),
+        m.ControlReply({"name": "a", "unmapped_from": [m1]}),
+    ]
     assert state.stats()["evictions"] == 1
 
 

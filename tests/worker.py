@@ -4,7 +4,7 @@
 
 Commands (one per line): `write GPA HEX`, `read GPA N`, `fill GPA BYTE N`, `ensure GPA N`,
 `loop GPA N` (read until an error, in a thread), `loopstatus`, `mapped`, `eager`,
-`nofile N` (allow N more open fds), `quit`.
+`nofile N` (allow N more open fds), `view GPA N` / `unview` (hold a view open), `quit`.
 Answers: `ok [value]` or `err ExceptionClass message`.
 """
 
@@ -21,6 +21,7 @@ def main() -> None:
     runtime_dir, name = sys.argv[1], sys.argv[2]
     eager = "--eager" in sys.argv[3:]
     loop_state = {"reads": 0, "error": ""}
+    views: list[threading.Event] = []
     with attach(runtime_dir, name=name, eager=eager) as memory:
         print(f"ok {memory.mapper_id}", flush=True)
 
@@ -64,6 +65,29 @@ def main() -> None:
                     print("ok", flush=True)
                 elif cmd == "loopstatus":
                     print(f"ok {loop_state['reads']} {loop_state['error']}", flush=True)
+                elif cmd == "view":
+                    # hold a view open in a thread until `unview`
+                    opened, release = threading.Event(), threading.Event()
+
+                    def hold(
+                        gpa: int, n: int, opened: threading.Event, release: threading.Event
+                    ) -> None:
+                        with memory.view(gpa, n):
+                            opened.set()
+                            release.wait()
+
+                    holder = threading.Thread(
+                        target=hold,
+                        args=(int(args[0], 0), int(args[1], 0), opened, release),
+                        daemon=True,
+                    )
+                    holder.start()
+                    opened.wait(10)
+                    views.append(release)
+                    print("ok", flush=True)
+                elif cmd == "unview":
+                    views.pop().set()
+                    print("ok", flush=True)
                 elif cmd == "eager":
                     memory.make_eager()
                     print("ok", flush=True)

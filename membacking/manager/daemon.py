@@ -79,7 +79,10 @@ class Daemon:
         self.paths = RuntimePaths.resolve(config.runtime_dir)
         self.store = MemfdStore()
         self.state = ManagerState(
-            self.store, address_space=config.address_space, unmap_timeout=config.unmap_timeout
+            self.store,
+            address_space=config.address_space,
+            unmap_timeout=config.unmap_timeout,
+            limits=config.limits,
         )
         self._lock = RuntimeDirLock(self.paths)
         self._conns: dict[int, _FdConn] = {}
@@ -248,6 +251,7 @@ class Daemon:
                 else:
                     self._control.send_multipart([effect.identity, b"", data])
             elif isinstance(effect, Disconnect):
+                self._apply(self.state.farewell(effect.mapper_id, "evicted by the manager"))
                 conn = self._conn_of_mapper.pop(effect.mapper_id, None)
                 if conn is not None:
                     self._drop_conn(conn, "evicted")
@@ -270,7 +274,7 @@ class Daemon:
             )
             return
         try:
-            msg = decode(frames[1], Channel.MAPPER)
+            msg = decode(frames[1], Channel.MAPPER, sender="mapper")
         except ProtocolError as exc:
             mapper_id = self.state.mapper_of(identity)
             pid = self.state.mappers[mapper_id].pid if mapper_id is not None else None
@@ -298,7 +302,7 @@ class Daemon:
             return
         identity = frames[0]
         try:
-            msg = decode(frames[2], Channel.CONTROL)
+            msg = decode(frames[2], Channel.CONTROL, sender="client")
         except ProtocolError as exc:
             self.state.reject(exc.reason, str(exc))
             self._apply([Send(Channel.CONTROL, identity, m.Error("bad-request", str(exc)[:1000]))])
@@ -345,7 +349,9 @@ class Daemon:
 
     def _on_fd_conn(self, conn: _FdConn) -> None:
         try:
-            msg, _fds = recv_message(conn.sock)  # fds: always empty for mapper -> manager types
+            msg, _fds = recv_message(
+                conn.sock, sender="mapper"
+            )  # fds: always empty for mapper -> manager types
         except (PeerClosed, ConnectionError, OSError) as exc:
             why = "fd socket closed" if isinstance(exc, PeerClosed) else f"fd socket error: {exc}"
             self._drop_conn(conn, why)

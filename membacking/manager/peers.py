@@ -123,6 +123,13 @@ class PeerState(TableState):
         self._by_identity[identity] = (entry.id, msg.role)
         return [Send(Channel.MAPPER, identity, m.Attached(msg.role))]
 
+    def farewell(self, mapper_id: int, reason: str) -> list[Effect]:
+        """A Shutdown for a mapper about to be cut off, so it knows why (if still known)."""
+        entry = self.mappers.get(mapper_id)
+        if entry is None or entry.stream is None:
+            return []
+        return [self._to_mapper(entry, m.Shutdown(reason))]
+
     def tick(self) -> list[Effect]:
         """Evict mappers that left a request unanswered for longer than `unmap_timeout`."""
         now = self._monotonic()
@@ -137,6 +144,11 @@ class PeerState(TableState):
                     self.unmap_timeout,
                 )
                 self.counters["evictions"] += 1
+                effects.extend(
+                    self.farewell(
+                        entry.id, f"evicted: it did not answer within {self.unmap_timeout:g}s"
+                    )
+                )
                 effects.append(Disconnect(entry.id))
                 effects.extend(self.mapper_gone(entry.id, "unresponsive"))
         return effects

@@ -114,10 +114,10 @@ class VaMapper:
             try:
                 self._flush_outbox()
                 self._complete_unmaps()
+                if self.link.stream in events:
+                    self._drain_stream()  # first: a Shutdown says why the connection ends
                 if fd_fileno in events and self.gone is None and self._fd_socket_closed():
                     poller.unregister(fd_fileno)
-                if self.link.stream in events:
-                    self._drain_stream()
             except zmq.ZMQError as exc:
                 if self._stop:
                     break

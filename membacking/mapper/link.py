@@ -72,7 +72,7 @@ class ManagerLink:
     def _hello(self, name: str) -> m.Welcome:
         try:
             send_message(self.fd_sock, m.Hello(name))
-            reply, _ = recv_message(self.fd_sock)
+            reply, _ = recv_message(self.fd_sock, sender="manager")
         except (PeerClosed, OSError) as exc:
             raise self._unavailable(f"registration failed: {exc}") from None
         except ProtocolError as exc:
@@ -93,7 +93,7 @@ class ManagerLink:
         if not sock.poll(int(self.timeout * 1000)):
             sock.close(0)
             raise AttachError(f"the manager did not answer Attach within {self.timeout:g}s")
-        reply = decode(sock.recv(), Channel.MAPPER)
+        reply = decode(sock.recv(), Channel.MAPPER, sender="manager")
         if isinstance(reply, m.Error):
             sock.close(0)
             raise AttachError(f"the manager refused the socket: {reply.message}")
@@ -118,13 +118,13 @@ class ManagerLink:
             data = self.stream.recv(zmq.NOBLOCK)
         except zmq.Again:
             return None
-        return decode(data, Channel.MAPPER)
+        return decode(data, Channel.MAPPER, sender="manager")
 
     def fetch_fd(self, mappable_id: int) -> tuple[int, m.FdGrant] | str:
         """Ask for a mappable's fd (mapper thread only): (fd, grant), or why it was denied."""
         send_message(self.fd_sock, m.FdRequest(mappable_id))
         while True:
-            reply, fds = recv_message(self.fd_sock)
+            reply, fds = recv_message(self.fd_sock, sender="manager")
             if isinstance(reply, m.FdGrant) and reply.mappable_id == mappable_id:
                 return fds[0], reply
             if isinstance(reply, m.FdDenied) and reply.mappable_id == mappable_id:

@@ -150,8 +150,11 @@ def _field(kind: Kind, items: list[Any], pos: int, field: str) -> tuple[Any, int
     return value, pos + 1  # Kind.ANY
 
 
-def decode(data: bytes, channel: Channel, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Message:
-    """Decode and validate one message received on `channel`."""
+def decode(
+    data: bytes, channel: Channel, *, max_bytes: int = MAX_MESSAGE_BYTES, sender: str | None = None
+) -> Message:
+    """Decode and validate one message received on `channel` (from `sender`, if given:
+    "mapper", "manager" or "client")."""
     if len(data) > max_bytes:
         raise ProtocolError(
             f"message of {len(data)} bytes exceeds the {max_bytes}-byte limit", reason="too-large"
@@ -188,6 +191,8 @@ def decode(data: bytes, channel: Channel, *, max_bytes: int = MAX_MESSAGE_BYTES)
         raise ProtocolError(
             f"{cls.__name__} is not allowed on the {channel.value} channel", reason="wrong-channel"
         )
+    if sender is not None and sender not in cls.FROM:
+        raise ProtocolError(f"{cls.__name__} may not be sent by a {sender}", reason="wrong-sender")
     if len(items) != _wire_len(cls):
         raise ProtocolError(
             f"{cls.__name__} needs {_wire_len(cls) - 2} wire fields, got {len(items) - 2}",

@@ -68,12 +68,12 @@ def recv_raw(sock: socket.socket, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[b
 
 
 def recv_message(
-    sock: socket.socket, max_bytes: int = MAX_MESSAGE_BYTES
+    sock: socket.socket, max_bytes: int = MAX_MESSAGE_BYTES, sender: str | None = None
 ) -> tuple[Message, list[int]]:
     """Receive and validate one message on the fd channel, with exactly the fds it expects."""
     data, fds = recv_raw(sock, max_bytes)
     try:
-        msg = decode(data, Channel.FD, max_bytes=max_bytes)
+        msg = decode(data, Channel.FD, max_bytes=max_bytes, sender=sender)
     except ProtocolError:
         close_fds(fds)
         raise

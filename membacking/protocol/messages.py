@@ -46,6 +46,8 @@ class Message:
     CHANNELS: ClassVar[frozenset[Channel]]
     #: exact number of fds that must accompany this message on the fd channel
     FDS: ClassVar[int] = 0
+    #: who may send it: "mapper", "manager", "client" (a control client)
+    FROM: ClassVar[frozenset[str]]
 
 
 # ---- fd channel (Unix SEQPACKET) -------------------------------------------------------------
@@ -56,6 +58,7 @@ class Hello(Message):
     """mapper -> manager: first message on a new fd-socket connection."""
 
     TYPE = 1
+    FROM = frozenset({"mapper"})
     FIELDS = (("name", Kind.NAME),)
     CHANNELS = frozenset({Channel.FD})
     name: str
@@ -66,6 +69,7 @@ class Welcome(Message):
     """manager -> mapper: registration accepted; identity to present on the ZeroMQ sockets."""
 
     TYPE = 2
+    FROM = frozenset({"manager"})
     FIELDS = (
         ("mapper_id", Kind.U64),
         ("token", Kind.TOKEN),
@@ -84,6 +88,7 @@ class FdRequest(Message):
     """mapper -> manager: send me the fd of a mappable I was sent a Map for."""
 
     TYPE = 3
+    FROM = frozenset({"mapper"})
     FIELDS = (("mappable_id", Kind.U64),)
     CHANNELS = frozenset({Channel.FD})
     mappable_id: int
@@ -94,6 +99,7 @@ class FdGrant(Message):
     """manager -> mapper: the fd of a mappable (exactly one fd attached)."""
 
     TYPE = 4
+    FROM = frozenset({"manager"})
     FIELDS = (("mappable_id", Kind.U64), ("size", Kind.U64), ("writable", Kind.BOOL))
     CHANNELS = frozenset({Channel.FD})
     FDS = 1
@@ -107,6 +113,7 @@ class FdDenied(Message):
     """manager -> mapper: no fd for this mappable (gone, or never mapped to this mapper)."""
 
     TYPE = 5
+    FROM = frozenset({"manager"})
     FIELDS = (("mappable_id", Kind.U64), ("reason", Kind.TEXT))
     CHANNELS = frozenset({Channel.FD})
     mappable_id: int
@@ -118,6 +125,7 @@ class Error(Message):
     """Either direction, any channel: the previous message was rejected."""
 
     TYPE = 6
+    FROM = frozenset({"mapper", "manager", "client"})
     FIELDS = (("code", Kind.NAME), ("message", Kind.TEXT))
     CHANNELS = frozenset({Channel.FD, Channel.MAPPER, Channel.CONTROL})
     code: str
@@ -135,6 +143,7 @@ class Attach(Message):
     """mapper -> manager: bind this ZeroMQ socket to a registered mapper."""
 
     TYPE = 10
+    FROM = frozenset({"mapper"})
     FIELDS = (("mapper_id", Kind.U64), ("token", Kind.TOKEN), ("role", Kind.U64))
     CHANNELS = frozenset({Channel.MAPPER})
     mapper_id: int
@@ -147,6 +156,7 @@ class Attached(Message):
     """manager -> mapper: the socket that sent Attach is bound."""
 
     TYPE = 11
+    FROM = frozenset({"manager"})
     FIELDS = (("role", Kind.U64),)
     CHANNELS = frozenset({Channel.MAPPER})
     role: int
@@ -157,6 +167,7 @@ class SendMappings(Message):
     """mapper -> manager (requests socket): send Map/NoMapping covering this range."""
 
     TYPE = 12
+    FROM = frozenset({"mapper"})
     FIELDS = (("range", Kind.RANGE),)
     CHANNELS = frozenset({Channel.MAPPER})
     range: MemoryRange
@@ -167,6 +178,7 @@ class Map(Message):
     """manager -> mapper (stream): `range` is backed by mappable at file_offset."""
 
     TYPE = 13
+    FROM = frozenset({"manager"})
     FIELDS = (
         ("range", Kind.RANGE),
         ("mappable_id", Kind.U64),
@@ -185,6 +197,7 @@ class NoMapping(Message):
     """manager -> mapper (stream): nothing backs `range`."""
 
     TYPE = 14
+    FROM = frozenset({"manager"})
     FIELDS = (("range", Kind.RANGE),)
     CHANNELS = frozenset({Channel.MAPPER})
     range: MemoryRange
@@ -195,6 +208,7 @@ class Unmap(Message):
     """manager -> mapper (stream): unmap `range`, close the fds of `release`, then UnmapAck."""
 
     TYPE = 15
+    FROM = frozenset({"manager"})
     FIELDS = (("seq", Kind.U64), ("range", Kind.RANGE), ("release", Kind.IDS))
     CHANNELS = frozenset({Channel.MAPPER})
     seq: int
@@ -207,6 +221,7 @@ class UnmapAck(Message):
     """mapper -> manager (stream): Unmap `seq` is applied; no access can touch the old memory."""
 
     TYPE = 16
+    FROM = frozenset({"mapper"})
     FIELDS = (("seq", Kind.U64),)
     CHANNELS = frozenset({Channel.MAPPER})
     seq: int
@@ -217,6 +232,7 @@ class Detach(Message):
     """mapper -> manager (stream): the mapper is going away cleanly."""
 
     TYPE = 17
+    FROM = frozenset({"mapper"})
     FIELDS = ()
     CHANNELS = frozenset({Channel.MAPPER})
 
@@ -226,6 +242,7 @@ class Shutdown(Message):
     """manager -> mapper (stream): the manager is stopping; no more faults will be served."""
 
     TYPE = 18
+    FROM = frozenset({"manager"})
     FIELDS = (("reason", Kind.TEXT),)
     CHANNELS = frozenset({Channel.MAPPER})
     reason: str
@@ -236,6 +253,7 @@ class Release(Message):
     """manager -> mapper (stream): close the fds of these destroyed mappables, then UnmapAck."""
 
     TYPE = 19
+    FROM = frozenset({"manager"})
     FIELDS = (("seq", Kind.U64), ("release", Kind.IDS))
     CHANNELS = frozenset({Channel.MAPPER})
     seq: int
@@ -247,6 +265,7 @@ class SetEager(Message):
     """mapper -> manager (stream): make me eager (replay every mapping, push new ones)."""
 
     TYPE = 20
+    FROM = frozenset({"mapper"})
     FIELDS = ()
     CHANNELS = frozenset({Channel.MAPPER})
 
@@ -256,6 +275,7 @@ class EagerResult(Message):
     """manager -> mapper (stream): outcome of SetEager; on failure the mapper stays lazy."""
 
     TYPE = 21
+    FROM = frozenset({"manager"})
     FIELDS = (("ok", Kind.BOOL), ("message", Kind.TEXT))
     CHANNELS = frozenset({Channel.MAPPER})
     ok: bool
@@ -267,6 +287,7 @@ class MapEager(Message):
     """manager -> eager mapper (stream): map this now and answer MapAck(seq)."""
 
     TYPE = 22
+    FROM = frozenset({"manager"})
     FIELDS = (
         ("seq", Kind.U64),
         ("range", Kind.RANGE),
@@ -287,6 +308,7 @@ class MapAck(Message):
     """mapper -> manager (stream): MapEager `seq` applied (ok) or failed (message says why)."""
 
     TYPE = 23
+    FROM = frozenset({"mapper"})
     FIELDS = (("seq", Kind.U64), ("ok", Kind.BOOL), ("message", Kind.TEXT))
     CHANNELS = frozenset({Channel.MAPPER})
     seq: int
@@ -307,6 +329,7 @@ class ControlRequest(Message):
     """client -> manager: run operation `op` with `args`."""
 
     TYPE = 30
+    FROM = frozenset({"client"})
     FIELDS = (("op", Kind.NAME), ("args", Kind.ARGS))
     CHANNELS = frozenset({Channel.CONTROL})
     op: str
@@ -318,6 +341,7 @@ class ControlReply(Message):
     """manager -> client: result of a ControlRequest (errors travel as `Error`)."""
 
     TYPE = 31
+    FROM = frozenset({"manager"})
     FIELDS = (("result", Kind.ANY),)
     CHANNELS = frozenset({Channel.CONTROL})
     result: Any

@@ -1,0 +1,238 @@
+"""Reliability: mappers killed at any point, mappers that stop answering, a manager killed and
+restarted, limits. Bounded in time; each scenario checks that nothing is lost and that the
+manager's fds and memfds return to where they were. With MEMBACKING_RELIABILITY_LOG set, each
+scenario appends its measured outcome (see scripts/reliability_report.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+import membacking
+from membacking import ManagerUnavailableError, MembackingError
+
+from conftest import RunningManager, Worker, WorkerError
+
+MiB = 1 << 20
+Spawn = Callable[..., Worker]
+Start = Callable[..., RunningManager]
+
+
+def manager_fds(manager: RunningManager) -> tuple[int, int]:
+    """(open fds, memfd fds) of the manager process."""
+    targets = []
+    for entry in os.listdir(f"/proc/{manager.pid}/fd"):
+        with contextlib.suppress(OSError):
+            targets.append(os.readlink(f"/proc/{manager.pid}/fd/{entry}"))
+    return len(targets), sum("memfd:" in t for t in targets)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def record(
+    scenario: str,
+    tried: int,
+    outcome: str,
+    lost: str,
+    before: tuple[int, int],
+    after: tuple[int, int],
+) -> None:
+    path = os.environ.get("MEMBACKING_RELIABILITY_LOG")
+    if path:
+        with open(path, "a") as log:
+            log.write(
+                json.dumps(
+                    {
+                        "scenario": scenario,
+                        "tried": tried,
+                        "outcome": outcome,
+                        "lost": lost,
+                        "fds_before": before[0],
+                        "fds_after": after[0],
+                        "memfds_before": before[1],
+                        "memfds_after": after[1],
+                    }
+                )
+                + "\n"
+            )
+
+
+def test_mapper_killed_at_random_points(start_manager: Start, spawn_worker: Spawn) -> None:
+    running = start_manager(
+        "--region", "ram=0:8M", *(f"--region=r{i}={(i + 1) * 8}M:1M" for i in range(8))
+    )
+    client = running.client()
+    keeper = spawn_worker(running, "keeper")
+    keeper.ask("write 0x0 " + b"precious".hex())
+    before = manager_fds(running)
+    rounds = 12
+    rng = random.Random(7)
+    for i in range(rounds):
+        victim = spawn_worker(running, f"victim{i}")
+        victim.ask(f"loop {((i % 8) + 1) * 8 * MiB:#x} 4096")  # faulting and reading
+        if i % 3 == 0:
+            victim.ask(f"view {((i % 8) + 1) * 8 * MiB:#x} 4096")  # holding a view
+        time.sleep(rng.random() * 0.05)
+        victim.proc.send_signal(signal.SIGKILL)
+        victim.proc.wait(10)
+        assert wait_until(
+            lambda v=victim: v.mapper_id not in [p["id"] for p in client.mappers()]
+        ), "killed mapper not removed"
+    # zmq closes a dead peer's connection asynchronously: allow it a moment
+    assert wait_until(lambda: manager_fds(running) == before), (before, manager_fds(running))
+    after = manager_fds(running)
+    assert bytes.fromhex(keeper.ask("read 0x0 8")) == b"precious"
+    assert [p["name"] for p in client.mappers()] == ["keeper"]
+    record(
+        "mapper SIGKILL while faulting / reading / holding a view",
+        rounds,
+        "removed within the bounded wait each time; other mappers unaffected",
+        "nothing",
+        before,
+        after,
+    )
+
+
+def test_mapper_killed_mid_unmap_unblocks_the_removal(
+    start_manager: Start, spawn_worker: Spawn
+) -> None:
+    running = start_manager("--region", "ram=0:1M")
+    client = running.client()
+    before = manager_fds(running)
+    rounds = 5
+    for i in range(rounds):
+        client.add_region("dev", 0x100000, 0x10000)
+        holder = spawn_worker(running, f"holder{i}")
+        holder.ask("view 0x100000 4096")  # its Unmap ack will wait for this view
+        result: dict[str, object] = {}
+        remover = threading.Thread(target=lambda r=result: r.update(client.remove_region("dev")))
+        remover.start()
+        time.sleep(0.2)
+        assert remover.is_alive()  # blocked on the holder's ack
+        holder.proc.send_signal(signal.SIGKILL)
+        remover.join(10)
+        assert not remover.is_alive(), "removal did not complete after the holder died"
+        assert result["unmapped_from"] == [holder.mapper_id]
+    assert wait_until(lambda: manager_fds(running) == before), (before, manager_fds(running))
+    after = manager_fds(running)
+    record(
+        "mapper SIGKILL while an Unmap waits for its ack",
+        rounds,
+        "removal completed as soon as the death was noticed",
+        "nothing",
+        before,
+        after,
+    )
+
+
+def test_unresponsive_mapper_is_evicted(start_manager: Start, spawn_worker: Spawn) -> None:
+    running = start_manager("--region", "ram=0:1M", "--unmap-timeout", "1")
+    client = running.client()
+    before = manager_fds(running)
+    client.add_region("dev", 0x100000, 0x10000)
+    frozen = spawn_worker(running, "frozen")
+    frozen.ask("read 0x100000 1")
+    healthy = spawn_worker(running, "healthy")
+    healthy.ask("read 0x100000 1")
+    frozen.proc.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        result = client.remove_region("dev")
+        waited = time.monotonic() - started
+    finally:
+        frozen.proc.send_signal(signal.SIGCONT)
+    assert sorted(result["unmapped_from"]) == sorted([frozen.mapper_id, healthy.mapper_id])
+    assert waited >= 1.0  # it waited for the timeout, not less
+    assert client.stats()["evictions"] == 1
+    assert [p["name"] for p in client.mappers()] == ["healthy"]
+    assert "did not answer within 1.0s: evicted" in running.log()
+    # the evicted mapper learns it: its new faults fail cleanly
+    assert wait_until(lambda: _fails_cleanly(frozen))
+    frozen.close()
+    healthy.close()
+    assert wait_until(lambda: manager_fds(running) == before)
+    record(
+        "mapper stops answering (SIGSTOP) during a removal",
+        1,
+        "evicted after --unmap-timeout; removal completed; evicted mapper sees ManagerGone",
+        "nothing",
+        before,
+        manager_fds(running),
+    )
+
+
+def _fails_cleanly(worker: Worker) -> bool:
+    try:
+        answer = worker.ask("read 0x0 1")
+    except WorkerError as exc:
+        if "ManagerGoneError" in str(exc):
+            return True
+        raise
+    raise AssertionError(f"an evicted mapper could still fault memory in: {answer}")
+
+
+def test_manager_killed_and_restarted(start_manager: Start, spawn_worker: Spawn) -> None:
+    running = start_manager("--region", "ram=0:1M")
+    workers = [spawn_worker(running, f"w{i}") for i in range(3)]
+    for i, worker in enumerate(workers):
+        worker.ask(f"write {i * 16:#x} " + f"w{i}".encode().hex())
+    running.stop(signal.SIGKILL)
+    for i, worker in enumerate(workers):
+        assert bytes.fromhex(worker.ask(f"read {i * 16:#x} 2")) == f"w{i}".encode()
+        with pytest.raises(WorkerError, match="ManagerGoneError"):
+            worker.ask("read 0x200000 1")
+    with pytest.raises(ManagerUnavailableError):
+        membacking.attach(running.runtime_dir, timeout=2)
+    again = start_manager("--region", "ram=0:1M", runtime_dir=running.runtime_dir)
+    with membacking.attach(again.runtime_dir) as memory:
+        memory.write_at(0, b"fresh")
+        assert memory.read_at(0, 5) == b"fresh"
+    record(
+        "manager SIGKILL with 3 mappers attached, then restart on the same directory",
+        1,
+        "mappers kept their mapped memory; new faults raised ManagerGoneError; restart clean",
+        "nothing that was mapped",
+        (0, 0),
+        (0, 0),
+    )
+
+
+def test_limits_refuse_cleanly(start_manager: Start, spawn_worker: Spawn) -> None:
+    running = start_manager(
+        "--region",
+        "ram=0:1M",
+        "--max-mappers",
+        "2",
+        "--max-regions",
+        "3",
+        "--max-fds-per-mapper",
+        "1",
+    )
+    client = running.client()
+    first = spawn_worker(running, "one")
+    spawn_worker(running, "two")
+    with pytest.raises(MembackingError, match="limit of 2 mappers"):
+        membacking.attach(running.runtime_dir, name="three")
+    client.add_region("b", 0x100000, 0x1000)
+    client.add_region("c", 0x200000, 0x1000)
+    with pytest.raises(MembackingError, match="limit of 3 regions"):
+        client.add_region("d", 0x300000, 0x1000)
+    first.ask("read 0x0 1")
+    with pytest.raises(WorkerError, match="NoMappingError"):
+        first.ask("read 0x100000 1")  # its second fd is denied: a clean failure
+    assert client.stats()["rejected"]["limit"] >= 2

@@ -1,0 +1,259 @@
+"""Fuzzing: the decoder with arbitrary bytes and structures, and the manager's state machine with
+random sequences of peer messages and control requests, checking its invariants after each step.
+A corpus of hostile messages is replayed against the decoder and a live daemon."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from test_manager_state import RecordingStore
+
+import membacking
+from membacking.manager.errors import Refused
+from membacking.manager.state import ManagerState, Send
+from membacking.protocol import ProtocolError, decode
+from membacking.protocol import messages as m
+from membacking.protocol.messages import Channel
+from membacking.protocol.ranges import MemoryRange
+
+from conftest import RunningManager
+
+CORPUS = Path(__file__).with_name("hostile_corpus.json")
+P = 4096
+
+wire_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=80)
+    | st.binary(max_size=40),
+    lambda children: (
+        st.lists(children, max_size=8) | st.dictionaries(st.text(max_size=10), children, max_size=5)
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=300), st.sampled_from(list(Channel)))
+def test_decoder_on_arbitrary_bytes(data: bytes, channel: Channel) -> None:
+    try:
+        msg = decode(data, channel)
+    except ProtocolError:
+        return
+    assert isinstance(msg, m.Message)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(0, 40), st.lists(wire_values, max_size=8), st.sampled_from(list(Channel)))
+def test_decoder_on_structured_garbage(kind: int, fields: list[Any], channel: Channel) -> None:
+    data = msgpack.packb([1, kind, *fields], use_bin_type=True)
+    try:
+        msg = decode(data, channel)
+    except ProtocolError:
+        return
+    # anything accepted round-trips exactly
+    assert decode(membacking.protocol.encode(msg), channel) == msg
+
+
+ranges = st.builds(
+    lambda s, n: MemoryRange.from_size(s * P, n * P), st.integers(0, 64), st.integers(1, 32)
+)
+
+
+class ManagerMachine(RuleBasedStateMachine):
+    """Random traffic into the state machine; invariants checked after every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state = ManagerState(RecordingStore(), address_space=128 * P)
+        self.identities: list[bytes] = []
+        self.seqs: list[tuple[bytes, int]] = []
+        self.names = ["a", "b", "c", "d"]
+
+    def _feed(self, effects: list[Any]) -> None:
+        for effect in effects:
+            if isinstance(effect, Send) and isinstance(
+                effect.msg, (m.Unmap, m.Release, m.MapEager)
+            ):
+                self.seqs.append((effect.identity, effect.msg.seq))
+
+    @rule(name=st.sampled_from(["m1", "m2", "m3"]))
+    def register(self, name: str) -> None:
+        try:
+            entry = self.state.register_mapper(name, 1000)
+        except Refused:
+            return
+        for role in (m.ROLE_STREAM, m.ROLE_REQUESTS):
+            identity = f"{entry.id}-{role}".encode()
+            self._feed(self.state.handle_mapper(identity, m.Attach(entry.id, entry.token, role)))
+            self.identities.append(identity)
+
+    @rule(data=st.data())
+    def peer_message(self, data: st.DataObject) -> None:
+        identity = data.draw(st.sampled_from([*self.identities, b"stranger"]))
+        msg = data.draw(
+            st.one_of(
+                st.builds(m.SendMappings, ranges),
+                st.builds(m.UnmapAck, st.integers(0, 50)),
+                st.builds(m.MapAck, st.integers(0, 50), st.booleans(), st.just("x")),
+                st.just(m.SetEager()),
+                st.just(m.Detach()),
+                st.builds(
+                    m.Attach,
+                    st.integers(0, 5),
+                    st.binary(min_size=16, max_size=16),
+                    st.integers(0, 3),
+                ),
+            )
+        )
+        self._feed(self.state.handle_mapper(identity, msg))
+
+    @rule(data=st.data())
+    def answer_pending(self, data: st.DataObject) -> None:
+        if not self.seqs:
+            return
+        identity, seq = data.draw(st.sampled_from(self.seqs))
+        ok = data.draw(st.booleans())
+        reply = m.UnmapAck(seq) if ok else m.MapAck(seq, data.draw(st.booleans()), "no")
+        self._feed(self.state.handle_mapper(identity, reply))
+
+    @rule(mapper_id=st.integers(0, 6), mappable=st.integers(0, 8))
+    def fd_request(self, mapper_id: int, mappable: int) -> None:
+        self.state.fd_request(mapper_id, mappable)
+
+    @rule(mapper_id=st.integers(0, 6))
+    def gone(self, mapper_id: int) -> None:
+        self._feed(self.state.mapper_gone(mapper_id))
+
+    @rule(data=st.data())
+    def control(self, data: st.DataObject) -> None:
+        name = data.draw(st.sampled_from(self.names))
+        page = st.integers(0, 140).map(lambda x: x * P)
+        op, args = data.draw(
+            st.sampled_from(
+                [
+                    (
+                        "add_region",
+                        {
+                            "name": name,
+                            "gpa": data.draw(page),
+                            "size": data.draw(st.integers(1, 40)) * P,
+                            "priority": data.draw(st.integers(0, 3)),
+                            "disabled": data.draw(st.booleans()),
+                        },
+                    ),
+                    ("remove_region", {"name": name}),
+                    ("enable_region", {"name": name}),
+                    ("disable_region", {"name": name}),
+                    ("move_region", {"name": name, "gpa": data.draw(page)}),
+                    ("map_range", {"name": name, "offset": data.draw(page), "size": P}),
+                    ("unmap_range", {"name": name, "offset": data.draw(page), "size": 2 * P}),
+                    ("regions", {}),
+                    ("stats", {}),
+                    ("bogus", {"x": 1}),
+                ]
+            )
+        )
+        self._feed(self.state.handle_control(b"ctl", m.ControlRequest(op, args)))
+
+    @rule()
+    def tick(self) -> None:
+        self._feed(self.state.tick())
+
+    @invariant()
+    def consistent(self) -> None:
+        state = self.state
+        previous_end = 0
+        for rng, mapping in state.table.items():
+            assert rng.start >= previous_end  # sorted, no overlap
+            previous_end = rng.end
+            assert rng.end <= state.address_space
+            region = state.regions[mapping.region]
+            assert region.active and region.range is not None and region.range.contains(rng)
+            for holder in mapping.holders:
+                assert state.mappers[holder].held.get(rng) == mapping.mappable_id
+        for entry in state.mappers.values():
+            for rng, _mappable_id in entry.held.items():
+                hit = state.table.lookup(rng.start)
+                assert hit is not None and hit[0] == rng and entry.id in hit[1].holders
+        for name, region in state.regions.items():
+            if region.active:
+                assert region.enabled and not region.removing
+            assert name == region.name
+        # at every address at most one region is active, and it is the best enabled one
+        active = [r for r in state.regions.values() if r.active]
+        for i, a in enumerate(active):
+            for b in active[i + 1 :]:
+                assert a.range is not None and b.range is not None
+                assert not a.range.overlaps(b.range)
+
+
+TestManagerMachine = ManagerMachine.TestCase
+TestManagerMachine.settings = settings(
+    max_examples=60, stateful_step_count=40, deadline=None, suppress_health_check=list(HealthCheck)
+)
+
+
+def load_corpus() -> list[dict[str, str]]:
+    entries: list[dict[str, str]] = json.loads(CORPUS.read_text())
+    return entries
+
+
+def test_corpus_is_rejected_by_the_decoder() -> None:
+    senders = {"fd": "mapper", "mapper": "mapper", "control": "client"}
+    for entry in load_corpus():
+        try:
+            decode(
+                bytes.fromhex(entry["hex"]),
+                Channel(entry["channel"]),
+                sender=senders[entry["channel"]],
+            )
+        except ProtocolError:
+            continue
+        raise AssertionError(f"corpus entry {entry['why']!r} was accepted")
+
+
+def test_corpus_against_a_live_daemon(manager: RunningManager) -> None:
+    ctx = zmq.Context()
+    try:
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(f"ipc://{manager.runtime_dir / 'mapper.ipc'}")
+        for entry in load_corpus():
+            data = bytes.fromhex(entry["hex"])
+            if entry["channel"] == "fd":
+                with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+                    sock.settimeout(5)
+                    sock.connect(str(manager.runtime_dir / "fd.sock"))
+                    sock.send(data)
+                    assert sock.recv(65536)  # an Error reply, and the daemon lives on
+            elif entry["channel"] == "mapper":
+                dealer.send(data)
+                assert dealer.poll(5000), entry["why"]
+                dealer.recv()
+            else:
+                req = ctx.socket(zmq.REQ)
+                req.setsockopt(zmq.LINGER, 0)
+                req.connect(f"ipc://{manager.runtime_dir / 'control.ipc'}")
+                req.send(data)
+                assert req.poll(5000), entry["why"]
+                req.recv()
+                req.close()
+        dealer.close()
+    finally:
+        ctx.term()
+    assert manager.proc.poll() is None
+    with membacking.attach(manager.runtime_dir) as memory:
+        memory.write_at(0, b"ok")
+        assert memory.read_at(0, 2) == b"ok"
+    assert sum(manager.client().stats()["rejected"].values()) >= len(load_corpus())
