@@ -11,6 +11,7 @@ from pathlib import Path
 import msgpack
 import pytest
 import zmq
+from reliability.test_faults import record
 
 import membacking
 from membacking.protocol import messages as m
@@ -72,6 +73,14 @@ def test_garbage_on_the_fd_socket(manager: RunningManager) -> None:
                 assert reply.code == "too-large"
     still_serving(manager)
     assert settle(manager, baseline) == baseline
+    record(
+        "malformed datagrams on the fd socket (one of each kind)",
+        len(garbage),
+        "each answered with Error, counted by reason; daemon kept serving",
+        "nothing",
+        (baseline, 0),
+        (settle(manager, baseline), 0),
+    )
     rejected = manager.client().stats()["rejected"]
     for reason in (
         "malformed",
@@ -107,6 +116,14 @@ def test_unexpected_fds_are_closed(manager: RunningManager) -> None:
             os.close(fd)
     assert settle(manager, baseline) == baseline
     still_serving(manager)
+    record(
+        "fds smuggled with messages that take none (5 + 2 memfds)",
+        2,
+        "rejected (fd-count); every smuggled fd closed by the manager at once",
+        "nothing",
+        (baseline, 0),
+        (settle(manager, baseline), 0),
+    )
 
 
 def test_persistent_garbage_is_disconnected(manager: RunningManager) -> None:
