@@ -85,3 +85,29 @@ def test_readme_quickstart_runs(start_manager: Callable[..., RunningManager]) ->
             for stream in (proc.stdout, proc.stderr):
                 if stream is not None:
                     stream.close()
+
+
+def test_example_config_and_unit_file() -> None:
+    from test_manager_state import RecordingStore
+
+    from membacking.manager.config import load_config
+    from membacking.manager.state import ManagerState
+    from membacking.protocol.ranges import MemoryRange
+
+    config = load_config(ROOT / "docs" / "membacking.example.toml")
+    state = ManagerState(RecordingStore(), address_space=config["address_space"])
+    for spec in config["regions"]:  # every region obeys the nesting rules together
+        backing = "file" if spec.get("file") else "memfd"
+        state.add_region(
+            spec["name"],
+            spec["gpa"],
+            spec["size"],
+            not spec.get("readonly"),
+            priority=spec.get("priority", 0),
+            enabled=not spec.get("disabled"),
+            backing=backing,
+            path=spec.get("file"),
+        )
+    assert MemoryRange(0xFFF00000, 0x100000000) in dict(state.table.items())
+    unit = (ROOT / "docs" / "membacking.service").read_text()
+    assert "Type=notify" in unit and "ExecStart=/usr/local/bin/membacking manager run" in unit

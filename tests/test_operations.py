@@ -60,7 +60,10 @@ readonly = true
     assert config["unmap_timeout"] == 5.0
     assert config["max_mappers"] == 8 and config["max_fds_per_mapper"] == 50
     assert config["allow_uids"] == (1000,)
-    assert config["regions"] == [("ram0", 0, 64 << 20, False), ("rom", 0xFFF00000, 1 << 20, True)]
+    assert config["regions"] == [
+        {"name": "ram0", "gpa": 0, "size": 64 << 20},
+        {"name": "rom", "gpa": 0xFFF00000, "size": 1 << 20, "readonly": True},
+    ]
 
 
 @pytest.mark.parametrize(

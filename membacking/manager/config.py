@@ -81,10 +81,11 @@ _TOP: dict[str, Any] = {
     "allow_gids": _ids,
 }
 _LIMITS = ("max_mappers", "max_regions", "max_fds_per_mapper")
-_REGION_KEYS = {"name", "gpa", "size", "readonly"}
+_REGION_KEYS = {"name", "gpa", "size", "readonly", "priority", "file", "hugetlb", "private",
+                "disabled"}
 
 
-def _region(index: int, table: Any) -> tuple[str, int, int, bool]:
+def _region(index: int, table: Any) -> dict[str, Any]:
     where = f"regions[{index}]"
     if not isinstance(table, dict):
         raise ConfigError(f"key {where!r}: must be a table with name, gpa and size")
@@ -104,10 +105,22 @@ def _region(index: int, table: Any) -> tuple[str, int, int, bool]:
             values.append(_size(key, table[key]))
         except ValueError as exc:
             raise ConfigError(f"key '{where}.{key}': {exc}") from None
-    readonly = table.get("readonly", False)
-    if type(readonly) is not bool:
-        raise ConfigError(f"key '{where}.readonly': must be true or false")
-    return name, values[0], values[1], readonly
+    out: dict[str, Any] = {"name": name, "gpa": values[0], "size": values[1]}
+    for flag in ("readonly", "hugetlb", "private", "disabled"):
+        if flag in table:
+            if type(table[flag]) is not bool:
+                raise ConfigError(f"key '{where}.{flag}': must be true or false")
+            out[flag] = table[flag]
+    if "priority" in table:
+        if type(table["priority"]) is not int or not 0 <= table["priority"] <= 255:
+            raise ConfigError(f"key '{where}.priority': must be an integer from 0 to 255")
+        out["priority"] = table["priority"]
+    if "file" in table:
+        try:
+            out["file"] = str(Path(_string("file", table["file"])).absolute())
+        except ValueError as exc:
+            raise ConfigError(f"key '{where}.file': {exc}") from None
+    return out
 
 
 def parse_config(data: dict[str, Any]) -> dict[str, Any]:

@@ -43,10 +43,23 @@ _HWM = 100_000
 
 @dataclass(frozen=True)
 class RegionSpec:
+    """A region to create at start (from --region or the config file)."""
+
     name: str
     gpa: int
     size: int
     readonly: bool = False
+    priority: int = 0
+    file: str | None = None
+    hugetlb: bool = False
+    private: bool = False
+    disabled: bool = False
+
+    @property
+    def backing(self) -> str:
+        if self.file is not None:
+            return "file"
+        return "hugetlb" if self.hugetlb else "private" if self.private else "memfd"
 
 
 @dataclass
@@ -103,7 +116,10 @@ class Daemon:
         self._lock.acquire()
         try:
             for spec in self.config.regions:
-                self.state.add_region(spec.name, spec.gpa, spec.size, not spec.readonly)
+                self.state.add_region(
+                    spec.name, spec.gpa, spec.size, not spec.readonly, priority=spec.priority,
+                    enabled=not spec.disabled, backing=spec.backing, path=spec.file,
+                )
             self._ctx = zmq.Context()
             self._mapper = self._bind_router(self.paths.mapper_endpoint, self.paths.mapper_socket)
             self._control = self._bind_router(
