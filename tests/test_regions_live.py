@@ -277,6 +277,7 @@ def test_private_ram_single_mapper(start_manager: Start) -> None:
         assert memory.read_at(0x2000, 5) == b"again"
         advice = memory.madvise_hugepage(0, 4 * MiB)
         assert isinstance(advice, bool)
+        assert running.client().mappers()[0]["mode"] == "private"
         with pytest.raises(MembackingError, match="only one mapper"):
             membacking.attach(running.runtime_dir, name="second")
         assert "membacking" not in "".join(
@@ -284,3 +285,13 @@ def test_private_ram_single_mapper(start_manager: Start) -> None:
             for line in Path("/proc/self/maps").read_text().splitlines()
             if line.startswith(f"{memory._mapper.reservation.base:x}")
         )
+
+
+def test_guest_memory_is_kept_out_of_core_dumps(manager: RunningManager,
+                                                spawn_worker: Spawn) -> None:
+    worker = spawn_worker(manager, "w")
+    worker.ask("read 0x0 1")
+    smaps = Path(f"/proc/{worker.pid}/smaps").read_text().split("\n")
+    header = next(i for i, line in enumerate(smaps) if "memfd:membacking:ram0" in line)
+    flags = next(line for line in smaps[header:] if line.startswith("VmFlags:"))
+    assert " dd" in flags  # MADV_DONTDUMP

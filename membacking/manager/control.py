@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..protocol import messages as m
-from ..protocol.messages import Channel
+from ..protocol.messages import PRIVATE_MAPPABLE, Channel
 from .errors import Refused
 from .state import Effect, ManagerState, Send, region_info
 
@@ -53,7 +53,7 @@ def _mappers(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list
                 "id": e.id,
                 "name": e.name,
                 "pid": e.pid,
-                "mode": e.mode,
+                "mode": "private" if PRIVATE_MAPPABLE in e.held.values() else e.mode,
                 "ranges": len(held),
                 "bytes": sum(r.len for r in held),
                 "held": [[r.start, r.len] for r in held],
