@@ -128,8 +128,10 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
     config = ManagerConfig(
         runtime_dir=options["runtime_dir"],
         address_space=address_space,
-        regions=[RegionSpec(**spec) if isinstance(spec, dict) else RegionSpec(*spec)
-                 for spec in options["regions"]],
+        regions=[
+            RegionSpec(**spec) if isinstance(spec, dict) else RegionSpec(*spec)
+            for spec in options["regions"]
+        ],
         unmap_timeout=options["unmap_timeout"],
         allow_uids=frozenset(options["allow_uids"]),
         allow_gids=frozenset(options["allow_gids"]),

@@ -81,8 +81,17 @@ _TOP: dict[str, Any] = {
     "allow_gids": _ids,
 }
 _LIMITS = ("max_mappers", "max_regions", "max_fds_per_mapper")
-_REGION_KEYS = {"name", "gpa", "size", "readonly", "priority", "file", "hugetlb", "private",
-                "disabled"}
+_REGION_KEYS = {
+    "name",
+    "gpa",
+    "size",
+    "readonly",
+    "priority",
+    "file",
+    "hugetlb",
+    "private",
+    "disabled",
+}
 
 
 def _region(index: int, table: Any) -> dict[str, Any]:

@@ -117,8 +117,14 @@ class Daemon:
         try:
             for spec in self.config.regions:
                 self.state.add_region(
-                    spec.name, spec.gpa, spec.size, not spec.readonly, priority=spec.priority,
-                    enabled=not spec.disabled, backing=spec.backing, path=spec.file,
+                    spec.name,
+                    spec.gpa,
+                    spec.size,
+                    not spec.readonly,
+                    priority=spec.priority,
+                    enabled=not spec.disabled,
+                    backing=spec.backing,
+                    path=spec.file,
                 )
             self._ctx = zmq.Context()
             self._mapper = self._bind_router(self.paths.mapper_endpoint, self.paths.mapper_socket)

@@ -124,6 +124,8 @@ class VaMapper:
                 log.error("mapper %d: socket error: %s", self.id, exc)
             except Exception:
                 log.exception("mapper %d: unexpected error in the mapper thread", self.id)
+        with contextlib.suppress(zmq.ZMQError):
+            self._flush_outbox()  # a Detach posted just before the stop still goes out
 
     def _flush_outbox(self) -> None:
         while self._outbox and self.gone is None:

@@ -216,7 +216,7 @@ class GuestMemory:
         self._check(gpa, n)
         mapper = self._mapper
         end = gpa + n
-        while True:
+        for _ in range(MAX_FAULTS):
             self._span(gpa, n, write, None)  # fault everything in
             with self._lock:
                 pieces = [
@@ -229,6 +229,8 @@ class GuestMemory:
                     raw = self._mv[gpa:end]
                     view = raw if writable else raw.toreadonly()
                     break
+        else:
+            raise GuestMemoryError(f"GPA {gpa:#x}+{n:#x} keeps being unmapped while viewed", gpa)
         try:
             yield view
         finally:
