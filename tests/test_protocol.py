@@ -1,0 +1,325 @@
+"""Pure protocol logic: MemoryRange, RangeMap (against a brute-force model), every message's
+round trip and rejections, SCM_RIGHTS helpers on a real socketpair, and the operator's units."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from membacking import units
+from membacking.protocol import ProtocolError, decode, encode
+from membacking.protocol import messages as m
+from membacking.protocol.fdpass import PeerClosed, recv_message, recv_raw, send_message
+from membacking.protocol.messages import Channel
+from membacking.protocol.rangemap import OverlapError, RangeMap
+from membacking.protocol.ranges import MAX_ADDRESS, MemoryRange
+
+P = 4096
+
+
+# ---- MemoryRange ---------------------------------------------------------------------------
+
+
+def test_memory_range_validation() -> None:
+    assert MemoryRange(0, P).len == P
+    for start, end, text in (
+        (P, 0, "above its end"),
+        (1, P, "not aligned"),
+        (-P, 0, "outside"),
+        (0, MAX_ADDRESS + P, "outside"),
+    ):
+        with pytest.raises(ValueError, match=text):
+            MemoryRange(start, end)
+    with pytest.raises(ValueError, match="integers"):
+        MemoryRange(True, P)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="overflows"):
+        MemoryRange.from_size(MAX_ADDRESS - P, 2 * P)
+    assert MemoryRange.bounding(P + 1, 2 * P + 1) == MemoryRange(P, 3 * P)
+    assert MemoryRange.bounding(P, P).is_empty()
+
+
+def test_memory_range_relations() -> None:
+    a, b = MemoryRange(0, 4 * P), MemoryRange(2 * P, 6 * P)
+    assert a.overlaps(b) and not a.overlaps(MemoryRange(4 * P, 5 * P))
+    assert a.intersection(b) == MemoryRange(2 * P, 4 * P)
+    assert a.intersection(MemoryRange(8 * P, 9 * P)).is_empty()
+    assert a.subtract(MemoryRange(P, 2 * P)) == [MemoryRange(0, P), MemoryRange(2 * P, 4 * P)]
+    assert a.subtract(b) == [MemoryRange(0, 2 * P)]
+    assert a.subtract(MemoryRange(0, 8 * P)) == []
+    assert a.contains(MemoryRange(P, 2 * P)) and not a.contains(b)
+    assert a.contains_addr(4 * P - 1) and not a.contains_addr(4 * P)
+    assert str(MemoryRange(0x1000, 0x2000)) == "0x1000-0x2000"
+
+
+# ---- RangeMap ------------------------------------------------------------------------------
+
+
+def test_range_map_basics() -> None:
+    rm: RangeMap[str] = RangeMap()
+    rm.insert(MemoryRange(2 * P, 4 * P), "a")
+    rm.insert(MemoryRange(6 * P, 8 * P), "b")
+    with pytest.raises(OverlapError, match="overlaps"):
+        rm.insert(MemoryRange(3 * P, 7 * P), "c")
+    assert rm.lookup(2 * P) == (MemoryRange(2 * P, 4 * P), "a")
+    assert rm.lookup(4 * P) is None and rm.lookup(0) is None
+    assert [v for _, v in rm.overlapping(MemoryRange(3 * P, 7 * P))] == ["a", "b"]
+    walk = list(rm.walk(MemoryRange(P, 10 * P)))
+    assert walk == [
+        (MemoryRange(P, 2 * P), None),
+        (MemoryRange(2 * P, 4 * P), "a"),
+        (MemoryRange(4 * P, 6 * P), None),
+        (MemoryRange(6 * P, 8 * P), "b"),
+        (MemoryRange(8 * P, 10 * P), None),
+    ]
+    # an entry that starts before the walked range is yielded whole, with no gap before it
+    assert list(rm.walk(MemoryRange(3 * P, 5 * P))) == [
+        (MemoryRange(2 * P, 4 * P), "a"),
+        (MemoryRange(4 * P, 5 * P), None),
+    ]
+    assert rm.remove(MemoryRange(2 * P, 4 * P)) == "a"
+    with pytest.raises(KeyError):
+        rm.remove(MemoryRange(2 * P, 4 * P))
+    with pytest.raises(ValueError):
+        rm.insert(MemoryRange(0, 0), "empty")
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.tuples(st.booleans(), st.integers(0, 30), st.integers(1, 6)), max_size=40),
+    st.lists(st.integers(0, 40), max_size=20),
+)
+def test_range_map_matches_a_brute_force_model(
+    ops: list[tuple[bool, int, int]], probes: list[int]
+) -> None:
+    rm: RangeMap[int] = RangeMap()
+    model: dict[int, int] = {}  # page -> value
+    entries: dict[MemoryRange, int] = {}
+    for i, (insert, start, size) in enumerate(ops):
+        rng = MemoryRange(start * P, (start + size) * P)
+        pages = range(start, start + size)
+        if insert:
+            if any(p in model for p in pages):
+                with pytest.raises(OverlapError):
+                    rm.insert(rng, i)
+            else:
+                rm.insert(rng, i)
+                entries[rng] = i
+                model.update((p, i) for p in pages)
+        elif rng in entries:
+            assert rm.remove(rng) == entries.pop(rng)
+            for p in pages:
+                del model[p]
+    for page in probes:
+        hit = rm.lookup(page * P + 5)
+        assert (hit[1] if hit else None) == model.get(page)
+    assert [v for _, v in rm.items()] == [entries[r] for r in sorted(entries)]
+
+
+# ---- codec ---------------------------------------------------------------------------------
+
+TOKEN = bytes(range(16))
+R = MemoryRange(P, 3 * P)
+EXAMPLES: list[m.Message] = [
+    m.Hello("mapper-1"),
+    m.Welcome(1, TOKEN, 1 << 40, P),
+    m.FdRequest(7),
+    m.FdGrant(7, 2 * P, False),
+    m.FdDenied(7, "gone"),
+    m.Error("bad-request", "why"),
+    m.Attach(1, TOKEN, m.ROLE_REQUESTS),
+    m.Attached(0),
+    m.SendMappings(R),
+    m.Map(R, 7, P, True),
+    m.NoMapping(R),
+    m.Unmap(3, R, (7, 8)),
+    m.UnmapAck(3),
+    m.Detach(),
+    m.Shutdown("bye"),
+    m.Release(4, (7,)),
+    m.SetEager(),
+    m.EagerResult(False, "no"),
+    m.MapEager(5, R, 7, 0, True),
+    m.MapAck(5, True, ""),
+    m.ControlRequest("add_region", {"name": "a", "size": P, "readonly": None}),
+    m.ControlReply({"nested": [1, {"x": b"y"}]}),
+]
+
+
+def test_every_message_type_has_an_example() -> None:
+    assert {type(x) for x in EXAMPLES} == set(m.ALL_MESSAGES)
+
+
+@pytest.mark.parametrize("msg", EXAMPLES, ids=lambda x: type(x).__name__)
+def test_round_trip(msg: m.Message) -> None:
+    channel = next(iter(msg.CHANNELS))
+    assert decode(encode(msg), channel) == msg
+
+
+def raw(*items: object) -> bytes:
+    data: bytes = msgpack.packb(list(items), use_bin_type=True)
+    return data
+
+
+@pytest.mark.parametrize(
+    ("data", "channel", "reason"),
+    [
+        (raw(2, 1, "x"), Channel.FD, "version"),
+        (raw(1, 99), Channel.FD, "unknown-type"),
+        (raw(1, 13, P, P, 1, 0, True), Channel.FD, "wrong-channel"),
+        (raw(1, 1), Channel.FD, "bad-arity"),
+        (raw(1, 16, True), Channel.MAPPER, "bad-field"),
+        (raw(1, 16, -1), Channel.MAPPER, "bad-field"),
+        (raw(1, 16, 1.0), Channel.MAPPER, "bad-field"),
+        (raw(1, 12, 1, P), Channel.MAPPER, "bad-range"),
+        (raw(1, 12, 0, 0), Channel.MAPPER, "bad-range"),
+        (raw(1, 12, MAX_ADDRESS - P, 2 * P), Channel.MAPPER, "bad-range"),
+        (raw(1, 1, "has space"), Channel.FD, "bad-field"),
+        (raw(1, 1, "x" * 65), Channel.FD, "bad-field"),
+        (raw(1, 1, ""), Channel.FD, "bad-field"),
+        (raw(1, 10, 1, b"short", 0), Channel.MAPPER, "bad-field"),
+        (raw(1, 15, 1, 0, P, list(range(1025))), Channel.MAPPER, "bad-field"),
+        (raw(1, 30, "op", {"k": [1]}), Channel.CONTROL, "bad-field"),
+        (raw(1, 30, "op", {"k": 1.5}), Channel.CONTROL, "bad-field"),
+        (b"\x92\x01", Channel.FD, "malformed"),
+        (b"\xc1", Channel.FD, "malformed"),
+        (raw(1, 1, "a") + b"\x00", Channel.FD, "malformed"),
+        (msgpack.packb({"v": 1}), Channel.FD, "malformed"),
+        (msgpack.packb([1, 1, msgpack.ExtType(1, b"x")]), Channel.FD, "malformed"),
+        (b"", Channel.FD, "malformed"),
+        (b"\x91" + b"\xa1x" * 1, Channel.FD, "malformed"),
+    ],
+)
+def test_rejections(data: bytes, channel: Channel, reason: str) -> None:
+    with pytest.raises(ProtocolError) as err:
+        decode(data, channel)
+    assert err.value.reason == reason, str(err.value)
+
+
+def test_size_limit_and_sender() -> None:
+    with pytest.raises(ProtocolError) as err:
+        decode(b"\x00" * 70000, Channel.FD)
+    assert err.value.reason == "too-large"
+    with pytest.raises(ProtocolError, match="may not be sent by a mapper") as sent:
+        decode(encode(m.FdGrant(1, P, True)), Channel.FD, sender="mapper")
+    assert sent.value.reason == "wrong-sender"
+    assert decode(encode(m.FdGrant(1, P, True)), Channel.FD, sender="manager")
+
+
+def test_documented_example_decodes() -> None:
+    assert decode(raw(1, 13, 1048576, 4194304, 7, 0, True), Channel.MAPPER) == m.Map(
+        MemoryRange(0x100000, 0x500000), 7, 0, True
+    )
+
+
+# ---- SCM_RIGHTS ----------------------------------------------------------------------------
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_fd_grant_carries_a_working_fd() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    memfd = os.memfd_create("grant")
+    try:
+        os.ftruncate(memfd, P)
+        send_message(a, m.FdGrant(1, P, True), [memfd])
+        msg, fds = recv_message(b)
+        assert msg == m.FdGrant(1, P, True) and len(fds) == 1
+        os.pwrite(memfd, b"shared", 0)
+        assert os.pread(fds[0], 6, 0) == b"shared"
+        os.close(fds[0])
+        with pytest.raises(ValueError, match="travels with 1 fds"):
+            send_message(a, m.FdGrant(1, P, True))
+    finally:
+        os.close(memfd)
+        a.close()
+        b.close()
+
+
+def test_unexpected_fds_are_closed_on_receipt() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    memfds = [os.memfd_create(f"x{i}") for i in range(3)]
+    try:
+        before = open_fds()
+        socket.send_fds(a, [encode(m.Hello("x"))], memfds)  # Hello takes none
+        with pytest.raises(ProtocolError) as err:
+            recv_message(b)
+        assert err.value.reason == "fd-count" and open_fds() == before
+        socket.send_fds(a, [b"\xc1"], memfds[:1])  # garbage with an fd
+        with pytest.raises(ProtocolError):
+            recv_message(b)
+        assert open_fds() == before
+        send_message(a, m.FdGrant(1, P, True), memfds[:1])
+        socket.send_fds(a, [encode(m.FdGrant(1, P, True))], memfds[:2])  # two instead of one
+        msg, fds = recv_message(b)
+        os.close(fds[0])
+        with pytest.raises(ProtocolError, match="must carry 1 fds, got 2"):
+            recv_message(b)
+        assert open_fds() == before
+    finally:
+        for fd in memfds:
+            os.close(fd)
+        a.close()
+        b.close()
+
+
+def test_oversize_and_end_of_stream() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    a.send(b"\x00" * 70000)
+    with pytest.raises(ProtocolError) as err:
+        recv_raw(b)
+    assert err.value.reason == "too-large"
+    a.close()
+    with pytest.raises(PeerClosed):
+        recv_raw(b)
+    b.close()
+
+
+# ---- units ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("4096", 4096),
+        ("0x1000", 4096),
+        ("64M", 64 << 20),
+        ("1G", 1 << 30),
+        ("2T", 2 << 40),
+        ("4k", 4096),
+        ("16MiB", 16 << 20),
+        ("1_000", 1000),
+        ("0x10M", 16 << 20),
+        (" 8K ", 8192),
+    ],
+)
+def test_parse_size(text: str, value: int) -> None:
+    assert units.parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "-1", "lots", "1.5G", "0x", "64Q", "1 G B"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="invalid size"):
+        units.parse_size(text)
+
+
+def test_specs_and_names() -> None:
+    assert units.parse_region_spec("ram0=0:64M") == ("ram0", 0, 64 << 20, False)
+    assert units.parse_region_spec("rom=0xfff00000:1M:ro") == ("rom", 0xFFF00000, 1 << 20, True)
+    for bad, text in (
+        ("ram0", "expected NAME=GPA:SIZE"),
+        ("r=0:1M:rw", "must be 'ro'"),
+        ("a b=0:1M", "invalid name"),
+        ("r=0", "expected GPA:SIZE"),
+    ):
+        with pytest.raises(ValueError, match=text):
+            units.parse_region_spec(bad)
+    assert units.parse_range_spec("0x1000:4K") == (4096, 4096)
+    assert units.format_size(4096) == "4 KiB" and units.format_size(1536) == "1.5 KiB"
+    assert units.format_size(100) == "100 B" and units.format_size(3 << 40) == "3 TiB"
