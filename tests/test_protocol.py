@@ -258,6 +258,7 @@ def test_unexpected_fds_are_closed_on_receipt() -> None:
         send_message(a, m.FdGrant(1, P, True), memfds[:1])
         socket.send_fds(a, [encode(m.FdGrant(1, P, True))], memfds[:2])  # two instead of one
         msg, fds = recv_message(b)
+        assert isinstance(msg, m.FdGrant)
         os.close(fds[0])
         with pytest.raises(ProtocolError, match="must carry 1 fds, got 2"):
             recv_message(b)
