@@ -7,6 +7,7 @@ ControlReply; refusals become `ControlError`, an absent manager `ManagerUnavaila
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 import zmq
@@ -31,30 +32,52 @@ class ControlClient:
         self.paths = RuntimePaths.resolve(runtime_dir)
         self.timeout = timeout
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self._local = threading.local()
+
+    def _socket(self, wait: float) -> zmq.Socket[bytes]:
+        """This thread's REQ socket to the manager (kept between calls: connecting costs more
+        than a round trip)."""
+        sock: zmq.Socket[bytes] | None = getattr(self._local, "sock", None)
+        if sock is None:
+            sock = self._ctx.socket(zmq.REQ)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.paths.control_endpoint)
+            self._local.sock = sock
+        sock.setsockopt(zmq.RCVTIMEO, int(wait * 1000))
+        sock.setsockopt(zmq.SNDTIMEO, int(wait * 1000))
+        return sock
+
+    def _drop_socket(self) -> None:
+        sock = getattr(self._local, "sock", None)
+        if sock is not None:
+            sock.close()
+            self._local.sock = None
+
+    def close(self) -> None:
+        """Close this thread's socket (others close when their threads' sockets are collected)."""
+        self._drop_socket()
 
     def call(self, op: str, timeout: float | None = None, **args: Any) -> Any:
         """Run operation `op` and return its result."""
         if not self.paths.control_socket.exists():
+            self._drop_socket()
             raise ManagerUnavailableError(
                 f"no membacking manager at {self.paths.root} "
                 "(is `membacking manager run` running there?)"
             )
         wait = self.timeout if timeout is None else timeout
-        sock = self._ctx.socket(zmq.REQ)
+        sock = self._socket(wait)
         try:
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.RCVTIMEO, int(wait * 1000))
-            sock.setsockopt(zmq.SNDTIMEO, int(wait * 1000))
-            sock.connect(self.paths.control_endpoint)
             sock.send(encode(m.ControlRequest(op, args)))
-            try:
-                data = sock.recv()
-            except zmq.Again:
-                raise ManagerUnavailableError(
-                    f"the manager at {self.paths.root} did not answer within {wait:g}s"
-                ) from None
-        finally:
-            sock.close()
+            data = sock.recv()
+        except zmq.Again:
+            self._drop_socket()  # a REQ socket that missed its reply cannot be reused
+            raise ManagerUnavailableError(
+                f"the manager at {self.paths.root} did not answer within {wait:g}s"
+            ) from None
+        except zmq.ZMQError as exc:
+            self._drop_socket()
+            raise ManagerUnavailableError(f"cannot reach the manager: {exc}") from None
         try:
             reply = decode(data, Channel.CONTROL, max_bytes=MAX_REPLY_BYTES, sender="manager")
         except ProtocolError as exc:

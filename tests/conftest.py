@@ -55,13 +55,17 @@ class RunningManager:
     log_path: Path
     ready_line: str
     _extra: list[Path] = field(default_factory=list)
+    _client: ControlClient | None = None
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
     def client(self, timeout: float = 10.0) -> ControlClient:
-        return ControlClient(self.runtime_dir, timeout=timeout)
+        """One control client per manager (it keeps its connection between calls)."""
+        if self._client is None:
+            self._client = ControlClient(self.runtime_dir, timeout=timeout)
+        return self._client
 
     def cli(self, *args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
         return run_cli(*args, runtime_dir=self.runtime_dir, timeout=timeout)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import click
 
+from .bench_cmd import bench_cmd
 from .common import Group
 from .inspect_cmd import mappers_cmd, regions_cmd, stats_cmd
 from .manager_cmd import manager
@@ -34,6 +35,7 @@ for command in (
     mem,
     map_cmd,
     watch_cmd,
+    bench_cmd,
 ):
     cli.add_command(command)
 

@@ -27,7 +27,9 @@ Start = Callable[..., RunningManager]
 
 
 def manager_fds(manager: RunningManager) -> tuple[int, int]:
-    """(open fds, memfd fds) of the manager process."""
+    """(open fds, memfd fds) of the manager process (after the test's control connection is
+    up, so that it is part of every count)."""
+    manager.client().stats()
     targets = []
     for entry in os.listdir(f"/proc/{manager.pid}/fd"):
         with contextlib.suppress(OSError):
