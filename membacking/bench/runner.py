@@ -101,14 +101,26 @@ def run(quick: bool, log: Callable[[str], None]) -> list[Result]:
     log("removals")
     rounds = 5 if quick else 15
     for holders in (1, 4, 16) if quick else (1, 4, 16, 64):
+        client_seen, inside = cases.removal(holders, rounds)
+        fanout = baselines.zmq_fanout_seconds(holders, rounds) * 1e6
         add(
             _result(
-                f"remove a region held by {holders} mappers",
-                cases.removal(holders, rounds) * 1e6,
-                baselines.zmq_fanout_seconds(holders, rounds) * 1e6,
+                f"remove, {holders} holders: inside the manager",
+                inside * 1e6,
+                fanout,
                 "us",
                 "lower",
                 1.5,
+            )
+        )
+        add(
+            _result(
+                f"remove, {holders} holders: control client's view",
+                client_seen * 1e6,
+                fanout,
+                "us",
+                "lower",
+                None,
             )
         )
 

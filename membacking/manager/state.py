@@ -305,6 +305,8 @@ class ManagerState(PeerState):
             "removals",
             "evictions",
             "rollbacks",
+            "invalidations",
+            "invalidation_us_total",
         )
         out: dict[str, Any] = {k: self.counters[k] for k in keys}
         out.update(

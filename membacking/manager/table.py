@@ -182,8 +182,12 @@ class TableState:
     def _maybe_finish(self, op: Operation) -> list[Effect]:
         if op.waiting:
             return []
-        if self.removal_observer is not None and (op.timed or op.unmapped_from):
-            self.removal_observer(self._monotonic() - op.started)
+        if op.timed or op.unmapped_from:
+            seconds = self._monotonic() - op.started
+            self.counters["invalidations"] += 1
+            self.counters["invalidation_us_total"] += round(seconds * 1e6)
+            if self.removal_observer is not None:
+                self.removal_observer(seconds)
         for mappable_id in op.destroy:
             if self._mappable_refs[mappable_id] == 0:
                 self._mappable_refs.pop(mappable_id, None)
