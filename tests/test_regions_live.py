@@ -287,8 +287,9 @@ def test_private_ram_single_mapper(start_manager: Start) -> None:
         )
 
 
-def test_guest_memory_is_kept_out_of_core_dumps(manager: RunningManager,
-                                                spawn_worker: Spawn) -> None:
+def test_guest_memory_is_kept_out_of_core_dumps(
+    manager: RunningManager, spawn_worker: Spawn
+) -> None:
     worker = spawn_worker(manager, "w")
     worker.ask("read 0x0 1")
     smaps = Path(f"/proc/{worker.pid}/smaps").read_text().split("\n")
