@@ -3,9 +3,11 @@ every fd it did not expect, and keeps serving."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import msgpack
@@ -239,3 +241,68 @@ def test_foreign_uid_is_refused(manager: RunningManager) -> None:
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert Path(manager.runtime_dir).stat().st_mode & 0o777 == 0o700
+
+
+def _hello_as(uid: int, path: Path) -> str:
+    """Fork, become `uid`, say Hello on the fd socket; return the reply's type (or the error)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(read_end)
+        answer = "nothing"
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+                sock.settimeout(5)
+                sock.connect(str(path))
+                with contextlib.suppress(BrokenPipeError):  # refused at once: read why
+                    send_message(sock, m.Hello("stranger"))
+                reply, _ = recv_message(sock)
+                answer = type(reply).__name__ + (
+                    f" {reply.code}" if isinstance(reply, m.Error) else ""
+                )
+        except Exception as exc:  # report whatever happened to the parent
+            answer = f"{type(exc).__name__} {exc}"
+        finally:
+            os.write(write_end, answer.encode())
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    with os.fdopen(read_end, "rb") as pipe:
+        return pipe.read().decode()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as another uid")
+def test_peer_credentials_are_checked(start_manager: Callable[..., RunningManager]) -> None:
+    for extra, expected in (((), "Error forbidden"), (("--allow-uid", "65534"), "Welcome")):
+        running = start_manager("--region", "ram=0:1M", *extra)
+        # an operator who widens the modes still has SO_PEERCRED between strangers and memory
+        os.chmod(running.runtime_dir, 0o755)
+        os.chmod(running.runtime_dir / "fd.sock", 0o666)
+        assert _hello_as(65534, running.runtime_dir / "fd.sock") == expected
+        if expected == "Error forbidden":
+            assert running.client().stats()["rejected"]["uid"] == 1
+
+
+def test_silent_connections_are_bounded_and_timed_out(manager: RunningManager) -> None:
+    from membacking.manager.daemon import HELLO_TIMEOUT, MAX_UNREGISTERED
+
+    baseline = baseline_fds(manager)
+    silent = [fd_socket(manager) for _ in range(MAX_UNREGISTERED)]
+    deadline = time.monotonic() + 5
+    while fd_count(manager.pid) < baseline + MAX_UNREGISTERED and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert fd_count(manager.pid) == baseline + MAX_UNREGISTERED
+    # one more is closed at once, without a word
+    with fd_socket(manager) as extra:
+        assert extra.recv(64) == b""
+    assert manager.client().stats()["rejected"]["busy"] == 1
+    # after the timeout every one of them is closed, and the daemon serves as before
+    for sock in silent:
+        sock.settimeout(HELLO_TIMEOUT + 5)
+        assert sock.recv(64) == b""
+        sock.close()
+    assert manager.client().stats()["rejected"]["timeout"] == MAX_UNREGISTERED
+    assert settle(manager, baseline) == baseline
+    still_serving(manager)

@@ -38,6 +38,10 @@ log = logging.getLogger("membacking.manager")
 
 #: A connection that sends this many invalid messages in a row is disconnected.
 MAX_STRIKES = 8
+#: A connection to fd.sock that has not registered within this many seconds is closed...
+HELLO_TIMEOUT = 5.0
+#: ...and at most this many may wait at once, so strangers cannot use up the daemon's fds.
+MAX_UNREGISTERED = 64
 _HWM = 100_000
 
 
@@ -82,6 +86,8 @@ class _FdConn:
     uid: int
     mapper_id: int | None = None
     strikes: int = 0
+    forbidden: str | None = None  # set for a peer whose credentials were refused
+    accepted: float = field(default_factory=time.monotonic)
 
 
 class Daemon:
@@ -247,6 +253,11 @@ class Daemon:
 
     def _tick(self) -> None:
         self._apply(self.state.tick())
+        deadline = time.monotonic() - HELLO_TIMEOUT
+        for conn in [c for c in self._conns.values() if c.mapper_id is None]:
+            if conn.accepted < deadline:
+                self.state.reject("timeout", "connected but never said Hello", conn.pid)
+                self._drop_conn(conn, "no Hello")
         for entry in list(self.state.mappers.values()):
             if not psutil.pid_exists(entry.pid):
                 self._apply([Disconnect(entry.id)])
@@ -352,14 +363,18 @@ class Daemon:
                 return
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             pid, uid, gid = struct.unpack("3i", creds)
-            if uid not in self._allowed_uids and gid not in self._allowed_gids:
-                self.state.reject("uid", f"uid {uid} may not connect", pid)
-                with contextlib.suppress(OSError):
-                    send_message(sock, m.Error("forbidden", f"uid {uid} may not use this manager"))
+            waiting = sum(1 for c in self._conns.values() if c.mapper_id is None)
+            if waiting >= MAX_UNREGISTERED:
+                self.state.reject("busy", f"{waiting} connections have not registered yet", pid)
                 sock.close()
                 continue
             sock.settimeout(2.0)  # sends to a mapper that stopped reading must not block us
             conn = _FdConn(sock, pid, uid)
+            if uid not in self._allowed_uids and gid not in self._allowed_gids:
+                # Refuse on its first message, not now: closing with that message unread would
+                # reset the connection and the peer would never read why it was refused.
+                self.state.reject("uid", f"uid {uid} may not connect", pid)
+                conn.forbidden = f"uid {uid} may not use this manager"
             self._conns[sock.fileno()] = conn
             if self._poller is not None:
                 self._poller.register(sock.fileno(), zmq.POLLIN)
@@ -378,6 +393,12 @@ class Daemon:
             self._apply(self.state.mapper_gone(conn.mapper_id, why))
 
     def _on_fd_conn(self, conn: _FdConn) -> None:
+        if conn.forbidden is not None:
+            with contextlib.suppress(PeerClosed, ProtocolError, OSError):
+                recv_message(conn.sock, sender="mapper")
+                send_message(conn.sock, m.Error("forbidden", conn.forbidden))
+            self._drop_conn(conn, "forbidden")
+            return
         try:
             msg, _fds = recv_message(
                 conn.sock, sender="mapper"

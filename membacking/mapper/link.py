@@ -71,7 +71,8 @@ class ManagerLink:
 
     def _hello(self, name: str) -> m.Welcome:
         try:
-            send_message(self.fd_sock, m.Hello(name))
+            with contextlib.suppress(BrokenPipeError):  # refused: the reason waits to be read
+                send_message(self.fd_sock, m.Hello(name))
             reply, _ = recv_message(self.fd_sock, sender="manager")
         except (PeerClosed, OSError) as exc:
             raise self._unavailable(f"registration failed: {exc}") from None
