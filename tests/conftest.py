@@ -244,3 +244,44 @@ def spawn_worker() -> Iterator[Callable[..., Worker]]:
     yield spawn
     for worker in workers:
         worker.close()
+
+
+class HandMapper:
+    """A mapper written by hand from docs/PROTOCOL.md: the fd socket plus both ZeroMQ sockets,
+    registered and attached, and nothing else (it reads and answers only when told to)."""
+
+    def __init__(self, runtime_dir: Path, name: str) -> None:
+        import socket
+
+        import zmq
+
+        from membacking.protocol import messages as m
+        from membacking.protocol.codec import decode, encode
+        from membacking.protocol.fdpass import recv_message, send_message
+        from membacking.protocol.messages import Channel
+        from membacking.runtime import RuntimePaths
+
+        paths = RuntimePaths.resolve(runtime_dir)
+        self.fd_sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.fd_sock.settimeout(5)
+        self.fd_sock.connect(str(paths.fd_socket))
+        send_message(self.fd_sock, m.Hello(name))
+        welcome, _ = recv_message(self.fd_sock)
+        assert isinstance(welcome, m.Welcome), welcome
+        self.welcome = welcome
+        self.ctx = zmq.Context()
+        sockets = []
+        for role in (m.ROLE_STREAM, m.ROLE_REQUESTS):
+            dealer = self.ctx.socket(zmq.DEALER)
+            dealer.connect(paths.mapper_endpoint)
+            dealer.send(encode(m.Attach(welcome.mapper_id, welcome.token, role)))
+            assert dealer.poll(5000)
+            assert decode(dealer.recv(), Channel.MAPPER) == m.Attached(role)
+            sockets.append(dealer)
+        self.stream, self.requests = sockets
+
+    def close(self) -> None:
+        self.stream.close(0)
+        self.requests.close(0)
+        self.ctx.term()
+        self.fd_sock.close()

@@ -17,10 +17,12 @@ from reliability.test_faults import record
 
 import membacking
 from membacking.protocol import messages as m
-from membacking.protocol.codec import encode
+from membacking.protocol.codec import decode, encode
 from membacking.protocol.fdpass import recv_message, send_message
+from membacking.protocol.messages import Channel
+from membacking.protocol.ranges import MemoryRange
 
-from conftest import RunningManager
+from conftest import HandMapper, RunningManager
 
 
 def fd_count(pid: int) -> int:
@@ -150,18 +152,36 @@ def test_persistent_garbage_is_disconnected(manager: RunningManager) -> None:
     still_serving(manager)
 
 
-def test_fd_request_for_what_was_never_mapped(manager: RunningManager) -> None:
-    with fd_socket(manager) as sock:
-        send_message(sock, m.Hello("thief"))
-        welcome, _ = recv_message(sock)
-        assert isinstance(welcome, m.Welcome)
-        for mappable_id in (1, 2, 0, 12345):
-            send_message(sock, m.FdRequest(mappable_id))
-            reply, fds = recv_message(sock)
-            assert isinstance(reply, m.FdDenied) and fds == []
-        send_message(sock, m.Hello("again"))
-        reply, _ = recv_message(sock)
-        assert isinstance(reply, m.Error) and "twice" in reply.message
+def test_fds_come_only_behind_a_map(manager: RunningManager) -> None:
+    """A hand-written mapper: nothing arrives on its fd socket until it is sent a Map, then
+    exactly that mappable's fd, once; asking for fds is not part of the protocol."""
+    peer = HandMapper(manager.runtime_dir, "by-hand")
+    sock, stream, requests = peer.fd_sock, peer.stream, peer.requests
+    try:
+        sock.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            sock.recvmsg(64, 64)  # nothing pushed before a Map
+        sock.settimeout(5)
+        sock.send(msgpack.packb([1, 3, 1]))  # what once asked for an fd is unknown now
+        reply, fds = recv_message(sock)
+        assert isinstance(reply, m.Error) and fds == []
+        for attempt in range(2):
+            requests.send(encode(m.SendMappings(MemoryRange(0, 4096))))
+            assert stream.poll(5000)
+            mapped = decode(stream.recv(), Channel.MAPPER)
+            assert isinstance(mapped, m.Map) and mapped.range.contains_addr(0)
+            if attempt == 0:
+                grant, fds = recv_message(sock)
+                assert isinstance(grant, m.FdGrant) and len(fds) == 1
+                assert grant.mappable_id == mapped.mappable_id
+                os.close(fds[0])
+            else:
+                sock.settimeout(0.2)
+                with pytest.raises(TimeoutError):
+                    sock.recvmsg(64, 64)  # the same mappable's fd is never sent twice
+    finally:
+        peer.close()
+    still_serving(manager)
 
 
 def test_garbage_on_the_mapper_socket(manager: RunningManager) -> None:

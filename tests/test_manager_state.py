@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from membacking.manager.backing import BackingError
-from membacking.manager.state import Disconnect, ManagerState, Send, region_info
+from membacking.manager.state import Disconnect, Effect, ManagerState, Send, SendFd, region_info
 from membacking.protocol import messages as m
 from membacking.protocol.messages import Channel
 from membacking.protocol.ranges import MemoryRange
@@ -82,7 +82,7 @@ def attach(state: ManagerState, name: str) -> tuple[int, bytes, bytes]:
     return entry.id, stream, requests
 
 
-def msgs(effects: list[Send | Disconnect], identity: bytes | None = None) -> list[m.Message]:
+def msgs(effects: list[Effect], identity: bytes | None = None) -> list[m.Message]:
     return [
         e.msg
         for e in effects
@@ -142,7 +142,6 @@ def test_removal_unmaps_holders_only_and_completes_after_every_ack(state: Manage
     _, s3, _ = attach(state, "m3")  # never faulted: must get nothing
     state.handle_mapper(r1, m.SendMappings(rng(0, 1)))
     state.handle_mapper(r2, m.SendMappings(rng(1, 1)))
-    assert isinstance(state.fd_request(m1, 1), m.FdGrant)  # m1 holds the fd, m2 does not
 
     out = state.handle_control(b"client", m.ControlRequest("remove_region", {"name": "a"}))
     unmaps = {e.identity: e.msg for e in out if isinstance(e, Send)}
@@ -150,7 +149,7 @@ def test_removal_unmaps_holders_only_and_completes_after_every_ack(state: Manage
     u1, u2 = unmaps[s1], unmaps[s2]
     assert isinstance(u1, m.Unmap) and isinstance(u2, m.Unmap)
     assert u1.range == u2.range == rng(0, 64)
-    assert u1.release == (1,) and u2.release == ()
+    assert u1.release == u2.release == (1,)  # each was pushed the fd with its Map
     assert s3 not in unmaps
     assert 1 in store.live  # still backed until every holder acknowledged
 
@@ -179,9 +178,8 @@ def test_removal_racing_a_fill_in(state: ManagerState) -> None:
     removal = state.handle_control(b"c", m.ControlRequest("remove_region", {"name": "a"}))
     sequence = msgs(fill + removal, stream)
     assert [type(x) for x in sequence] == [m.Map, m.Unmap]
-    assert state.fd_request(1, 1) == m.FdDenied(
-        1, "no current mapping of that mappable was sent to you"
-    )
+    assert fill[1] == SendFd(1, m.FdGrant(1, MiB, True))  # right behind the Map
+    assert sequence[1].release == (1,)  # and given back with the Unmap
 
     state.add_region("b", 0, MiB, True)
     state.handle_control(b"c", m.ControlRequest("remove_region", {"name": "b"}))
@@ -189,16 +187,22 @@ def test_removal_racing_a_fill_in(state: ManagerState) -> None:
     assert msgs(late) == [m.NoMapping(rng(0, 1))]
 
 
-def test_fd_sent_once_and_only_after_a_map(state: ManagerState) -> None:
+def test_fd_pushed_once_right_behind_the_first_map(state: ManagerState) -> None:
     state.add_region("a", 0, MiB, False)
-    mid, _, requests = attach(state, "m1")
-    assert isinstance(state.fd_request(mid, 1), m.FdDenied)
-    state.handle_mapper(requests, m.SendMappings(rng(0, 1)))
-    assert state.fd_request(mid, 1) == m.FdGrant(1, MiB, False)
-    again = state.fd_request(mid, 1)
-    assert isinstance(again, m.FdDenied) and "already" in again.reason
-    assert state.rejected["fd-again"] == 1
-    assert isinstance(state.fd_request(mid, 99), m.FdDenied)
+    state.add_region("b", MiB, MiB, False)
+    mid, stream, requests = attach(state, "m1")
+    first = state.handle_mapper(requests, m.SendMappings(rng(0, 1)))
+    assert first == [
+        Send(Channel.MAPPER, stream, m.Map(rng(0, 1), 1, 0, False)),
+        SendFd(mid, m.FdGrant(1, MiB, False)),
+    ]
+    again = state.handle_mapper(requests, m.SendMappings(rng(0, 1)))
+    assert again == [Send(Channel.MAPPER, stream, m.Map(rng(0, 1), 1, 0, False))]
+    # a fault spanning both regions: one fd, for the mappable not sent yet, behind its own Map
+    both = state.handle_mapper(requests, m.SendMappings(rng(0, 2)))
+    assert [type(e) for e in both] == [Send, Send, SendFd]
+    assert both[2] == SendFd(mid, m.FdGrant(2, MiB, False))
+    assert state.counters["fds_sent"] == 2
 
 
 def test_mapper_gone_unblocks_pending_removal(state: ManagerState) -> None:
@@ -347,11 +351,12 @@ def test_limits_refuse_mappers_regions_and_fds(clock: Clock) -> None:
     with pytest.raises(Refused) as refused:
         state.add_region("c", 2 * MiB, MiB, True)
     assert refused.value.code == "limit" and "limit of 2 regions" in str(refused.value)
-    mid, _, requests = attach(state, "m1")
+    _mid, _, requests = attach(state, "m1")
     with pytest.raises(Refused, match="limit of 1 mappers"):
         state.register_mapper("m2", 2)
-    state.handle_mapper(requests, m.SendMappings(rng(0, 2)))
-    assert isinstance(state.fd_request(mid, 1), m.FdGrant)
-    denied = state.fd_request(mid, 2)
+    out = state.handle_mapper(requests, m.SendMappings(rng(0, 2)))
+    pushed = [e.msg for e in out if isinstance(e, SendFd)]
+    assert pushed[0] == m.FdGrant(1, MiB, True)
+    denied = pushed[1]
     assert isinstance(denied, m.FdDenied) and "limit of 1 fds" in denied.reason
     assert state.rejected["limit"] == 2

@@ -127,7 +127,6 @@ R = MemoryRange(P, 3 * P)
 EXAMPLES: list[m.Message] = [
     m.Hello("mapper-1"),
     m.Welcome(1, TOKEN, 1 << 40, P),
-    m.FdRequest(7),
     m.FdGrant(7, 2 * P, False),
     m.FdDenied(7, "gone"),
     m.Error("bad-request", "why"),

@@ -151,9 +151,8 @@ def test_replacing_everything_destroys_the_old_backing(state: ManagerState) -> N
     store = state.store
     assert isinstance(store, RecordingStore)
     ok(state, "add_region", name="ram", gpa=0, size=2 * MiB)
-    mid, stream, requests = attach(state, "m1")
+    _mid, stream, requests = attach(state, "m1")
     state.handle_mapper(requests, m.SendMappings(rng(0, 1)))
-    assert isinstance(state.fd_request(mid, 1), m.FdGrant)
     out = state.handle_control(
         b"ctl", m.ControlRequest("map_range", {"name": "ram", "offset": 0, "size": 2 * MiB})
     )
@@ -167,9 +166,8 @@ def test_replacing_everything_destroys_the_old_backing(state: ManagerState) -> N
 
 def test_removing_a_disabled_region_releases_fds(state: ManagerState) -> None:
     ok(state, "add_region", name="dev", gpa=0, size=MiB)
-    mid, stream, requests = attach(state, "m1")
+    _mid, stream, requests = attach(state, "m1")
     state.handle_mapper(requests, m.SendMappings(rng(0, 1)))
-    assert isinstance(state.fd_request(mid, 1), m.FdGrant)
     out = state.handle_control(b"ctl", m.ControlRequest("disable_region", {"name": "dev"}))
     unmap = msgs(out, stream)[0]
     assert isinstance(unmap, m.Unmap) and unmap.release == ()  # still alive while disabled
@@ -223,8 +221,11 @@ def test_eager_failure_rolls_back_the_add(state: ManagerState) -> None:
     # the mapper that succeeded gets an Unmap; the failed one is not a holder
     unmaps = msgs(rollback, s_good)
     assert len(unmaps) == 1 and isinstance(unmaps[0], m.Unmap) and unmaps[0].range == rng(0, 1)
-    assert not msgs(rollback, s_bad)
+    # the failed one is not unmapped; it only gives back the fd pushed with its MapEager
+    (release,) = msgs(rollback, s_bad)
+    assert isinstance(release, m.Release) and release.release == (1,)
     assert not msgs(rollback, b"ctl")
+    assert not msgs(state.handle_mapper(s_bad, m.UnmapAck(release.seq)), b"ctl")
     reply = msgs(state.handle_mapper(s_good, m.UnmapAck(unmaps[0].seq)), b"ctl")
     assert isinstance(reply[0], m.Error) and reply[0].code == "map-failed"
     assert f"mapper {bad} (bad): mmap: ENOMEM" in reply[0].message
@@ -247,13 +248,14 @@ def test_failed_upgrade_keeps_what_it_got(state: ManagerState) -> None:
 
 
 def test_private_regions_allow_one_mapper(state: ManagerState) -> None:
-    attach(state, "one")
+    _, _, requests = attach(state, "one")
     ok(state, "add_region", name="ram", gpa=0, size=MiB, private=True)
     assert state.regions["ram"].submappings[0].mappable_id == m.PRIVATE_MAPPABLE
     with pytest.raises(Refused, match="only one mapper"):
         state.register_mapper("two", 2)
-    mid = next(iter(state.mappers))
-    assert isinstance(state.fd_request(mid, m.PRIVATE_MAPPABLE), m.FdDenied)
+    out = state.handle_mapper(requests, m.SendMappings(rng(0, 1)))
+    assert len(out) == 1  # no fd at all
+    assert msgs(out) == [m.Map(rng(0, 1), m.PRIVATE_MAPPABLE, 0, True)]
 
 
 def test_backing_choice_is_validated(state: ManagerState) -> None:

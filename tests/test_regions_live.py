@@ -47,6 +47,24 @@ def test_eager_replay_on_attach_and_push_on_add(start_manager: Start, spawn_work
     assert client.stats()["faults"] == faults
 
 
+def test_eager_replay_larger_than_the_fd_socket_buffer(start_manager: Start) -> None:
+    """Every MapEager of a replay brings its fd on the fd socket, more than the socket buffer
+    holds: the daemon keeps the rest back without blocking, and every region arrives."""
+    count = 1000
+    running = start_manager("--region", "ram=0:1M")
+    client = running.client()
+    for i in range(1, count):
+        client.add_region(f"r{i}", i * MiB, 64 << 10)
+    with membacking.attach(running.runtime_dir, name="writer") as writer:
+        for i in range(count):
+            writer.write_at(i * MiB, f"region {i}".encode())
+    with membacking.attach(running.runtime_dir, name="eager", eager=True) as eager:
+        assert len(eager.mapped_ranges()) == count
+        for i in range(count):
+            assert eager.read_at(i * MiB, 12).rstrip(b"\0") == f"region {i}".encode()
+    assert client.stats()["fds_sent"] == 2 * count
+
+
 def test_eager_failure_rolls_back(start_manager: Start, spawn_worker: Spawn) -> None:
     running = start_manager("--region", "a=0:1M")
     good = spawn_worker(running, "good", "--eager")

@@ -14,6 +14,7 @@ import signal
 import socket
 import struct
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import FrameType
@@ -32,7 +33,15 @@ from .backing import MemfdStore
 from .errors import Refused
 from .metrics import ManagerMetrics
 from .rundir import RuntimeDirError, RuntimeDirLock
-from .state import DEFAULT_ADDRESS_SPACE, Disconnect, Effect, Limits, ManagerState, Send
+from .state import (
+    DEFAULT_ADDRESS_SPACE,
+    Disconnect,
+    Effect,
+    Limits,
+    ManagerState,
+    Send,
+    SendFd,
+)
 
 log = logging.getLogger("membacking.manager")
 
@@ -88,6 +97,8 @@ class _FdConn:
     strikes: int = 0
     forbidden: str | None = None  # set for a peer whose credentials were refused
     accepted: float = field(default_factory=time.monotonic)
+    #: what the socket could not take yet, in order; each fd here is the daemon's own dup
+    outbox: deque[tuple[m.Message, int | None]] = field(default_factory=deque)
 
 
 class Daemon:
@@ -243,7 +254,11 @@ class Daemon:
             if self._listen.fileno() in ready:
                 self._accept()
             for fileno in [f for f in ready if isinstance(f, int) and f in self._conns]:
-                self._on_fd_conn(self._conns[fileno])
+                conn = self._conns.get(fileno)  # None: dropped while handling another
+                if conn is not None and ready[fileno] & zmq.POLLOUT:
+                    self._flush_outbox(conn)
+                if conn is not None and ready[fileno] & ~zmq.POLLOUT and conn.sock.fileno() != -1:
+                    self._on_fd_conn(conn)
             if self._wake_r.fileno() in ready:
                 with contextlib.suppress(BlockingIOError):
                     self._wake_r.recv(64)
@@ -286,6 +301,13 @@ class Daemon:
                     self._mapper.send_multipart([effect.identity, data])
                 else:
                     self._control.send_multipart([effect.identity, b"", data])
+            elif isinstance(effect, SendFd):
+                conn = self._conn_of_mapper.get(effect.mapper_id)
+                if conn is not None:
+                    fd = None
+                    if isinstance(effect.msg, m.FdGrant):
+                        fd = self.store.grant_fd(effect.msg.mappable_id)
+                    self._fd_send(conn, effect.msg, fd)
             elif isinstance(effect, Disconnect):
                 self._apply(self.state.farewell(effect.mapper_id, "evicted by the manager"))
                 conn = self._conn_of_mapper.pop(effect.mapper_id, None)
@@ -368,7 +390,7 @@ class Daemon:
                 self.state.reject("busy", f"{waiting} connections have not registered yet", pid)
                 sock.close()
                 continue
-            sock.settimeout(2.0)  # sends to a mapper that stopped reading must not block us
+            sock.setblocking(False)  # a mapper that stops reading must never block the loop
             conn = _FdConn(sock, pid, uid)
             if uid not in self._allowed_uids and gid not in self._allowed_gids:
                 # Refuse on its first message, not now: closing with that message unread would
@@ -388,9 +410,48 @@ class Daemon:
                 self._poller.unregister(fileno)
         self._conns.pop(fileno, None)
         conn.sock.close()
+        while conn.outbox:
+            _, fd = conn.outbox.popleft()
+            if fd is not None:
+                os.close(fd)
         if conn.mapper_id is not None:
             self._conn_of_mapper.pop(conn.mapper_id, None)
             self._apply(self.state.mapper_gone(conn.mapper_id, why))
+
+    def _fd_send(self, conn: _FdConn, msg: m.Message, fd: int | None = None) -> None:
+        """Send on a mapper's fd socket without blocking: what the socket cannot take now waits,
+        in order, in the connection's outbox (with its own dup of the fd) until it can."""
+        if not conn.outbox:
+            try:
+                send_message(conn.sock, msg, () if fd is None else (fd,))
+                return
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                self._drop_conn(conn, f"cannot send to mapper: {exc}")
+                return
+        if len(conn.outbox) > self.state.limits.max_fds_per_mapper + MAX_STRIKES:
+            self._drop_conn(conn, "it does not read its fd socket")
+            return
+        conn.outbox.append((msg, None if fd is None else os.dup(fd)))
+        if self._poller is not None:
+            self._poller.register(conn.sock.fileno(), zmq.POLLIN | zmq.POLLOUT)
+
+    def _flush_outbox(self, conn: _FdConn) -> None:
+        while conn.outbox:
+            msg, fd = conn.outbox[0]
+            try:
+                send_message(conn.sock, msg, () if fd is None else (fd,))
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self._drop_conn(conn, f"cannot send to mapper: {exc}")
+                return
+            conn.outbox.popleft()
+            if fd is not None:
+                os.close(fd)
+        if self._poller is not None:
+            self._poller.register(conn.sock.fileno(), zmq.POLLIN)
 
     def _on_fd_conn(self, conn: _FdConn) -> None:
         if conn.forbidden is not None:
@@ -403,6 +464,8 @@ class Daemon:
             msg, _fds = recv_message(
                 conn.sock, sender="mapper"
             )  # fds: always empty for mapper -> manager types
+        except BlockingIOError:
+            return  # woken with nothing to read
         except (PeerClosed, ConnectionError, OSError) as exc:
             why = "fd socket closed" if isinstance(exc, PeerClosed) else f"fd socket error: {exc}"
             self._drop_conn(conn, why)
@@ -423,11 +486,7 @@ class Daemon:
     def _strike(self, conn: _FdConn, reason: str, detail: str) -> None:
         self.state.reject(reason, detail, conn.pid)
         conn.strikes += 1
-        try:
-            send_message(conn.sock, m.Error(reason, detail[:1000]))
-        except OSError:
-            self._drop_conn(conn, "fd socket error")
-            return
+        self._fd_send(conn, m.Error(reason, detail[:1000]))
         if conn.strikes >= MAX_STRIKES:
             log.warning("disconnecting pid %d after %d invalid messages", conn.pid, conn.strikes)
             self._drop_conn(conn, "too many invalid messages")
@@ -440,21 +499,12 @@ class Daemon:
             try:
                 entry = self.state.register_mapper(msg.name, conn.pid)
             except Refused as exc:
-                send_message(conn.sock, m.Error(exc.code, str(exc)))
+                self._fd_send(conn, m.Error(exc.code, str(exc)))
                 self._drop_conn(conn, "refused")
                 return
             conn.mapper_id = entry.id
             self._conn_of_mapper[entry.id] = conn
-            send_message(conn.sock, self.state.welcome(entry))
-        elif isinstance(msg, m.FdRequest):
-            if conn.mapper_id is None:
-                self._strike(conn, "unexpected", "FdRequest before Hello")
-                return
-            decision = self.state.fd_request(conn.mapper_id, msg.mappable_id)
-            if isinstance(decision, m.FdGrant):
-                send_message(conn.sock, decision, [self.store.grant_fd(decision.mappable_id)])
-            else:
-                send_message(conn.sock, decision)
+            self._fd_send(conn, self.state.welcome(entry))
         else:
             self._strike(conn, "unexpected", f"{type(msg).__name__} is not accepted on fd.sock")
         conn.strikes = 0

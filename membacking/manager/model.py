@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..protocol.messages import Channel, Message
+from ..protocol.messages import Channel, FdDenied, FdGrant, Message
 from ..protocol.ranges import MemoryRange
 
 DEFAULT_ADDRESS_SPACE = 1 << 40  # 1 TiB of guest-physical address space
@@ -40,7 +40,16 @@ class Disconnect:
     mapper_id: int
 
 
-Effect = Send | Disconnect
+@dataclass(frozen=True)
+class SendFd:
+    """Effect: on the mapper's fd socket, right behind a Map, send `msg`: an FdGrant (with the
+    mappable's fd attached) or an FdDenied saying why the mapper cannot have it."""
+
+    mapper_id: int
+    msg: FdGrant | FdDenied
+
+
+Effect = Send | SendFd | Disconnect
 
 
 @dataclass

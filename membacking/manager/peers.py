@@ -161,11 +161,10 @@ class PeerState(TableState):
             ]
         entry.upgrading = True
         op = self.start_op(f"upgrade mapper {entry.id}", None)
-        effects = [
-            self._map_eager(entry, mapping, op)
-            for rng, mapping in self.table.items()
-            if rng not in entry.held
-        ]
+        effects: list[Effect] = []
+        for rng, mapping in self.table.items():
+            if rng not in entry.held:
+                effects.extend(self._map_eager(entry, mapping, op))
 
         def done(op: Operation) -> list[Effect]:
             entry.upgrading = False

@@ -24,6 +24,7 @@ from .model import (
     Mapping,
     Operation,
     Send,
+    SendFd,
 )
 from .peers import PeerState
 from .regions import MAX_PRIORITY, Region, SubMapping, check_nesting
@@ -40,6 +41,7 @@ __all__ = [
     "Mapping",
     "Operation",
     "Send",
+    "SendFd",
     "region_info",
 ]
 

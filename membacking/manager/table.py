@@ -25,6 +25,7 @@ from .model import (
     Mapping,
     Operation,
     Send,
+    SendFd,
 )
 from .regions import Region, SubMapping, desired_active
 
@@ -113,53 +114,44 @@ class TableState:
                     continue
                 # The holder is recorded before the Map leaves, so a removal decided after this
                 # point always sends this mapper an Unmap (queued behind the Map).
-                out.append(self._map_to(entry, mapping))
+                out.extend(self._map_to(entry, mapping))
         for outside in rng.subtract(MemoryRange(0, self.address_space)):
             out.append(Send(Channel.MAPPER, entry.stream, m.NoMapping(outside)))
             self.counters["nomappings_sent"] += 1
         return out
 
-    def _map_to(self, entry: MapperEntry, mapping: Mapping) -> Send:
+    def _map_to(self, entry: MapperEntry, mapping: Mapping) -> list[Effect]:
         mapping.holders.add(entry.id)
         entry.held[mapping.range] = mapping.mappable_id
         self.counters["maps_sent"] += 1
-        return self._to_mapper(
-            entry, m.Map(mapping.range, mapping.mappable_id, mapping.file_offset, mapping.writable)
-        )
+        msg = m.Map(mapping.range, mapping.mappable_id, mapping.file_offset, mapping.writable)
+        return [self._to_mapper(entry, msg), *self._fd_behind_map(entry, mapping.mappable_id)]
 
-    def _map_eager(self, entry: MapperEntry, mapping: Mapping, op: Operation) -> Send:
+    def _map_eager(self, entry: MapperEntry, mapping: Mapping, op: Operation) -> list[Effect]:
         mapping.holders.add(entry.id)
         entry.held[mapping.range] = mapping.mappable_id
         self.counters["maps_sent"] += 1
         seq = self._seq(entry, op)
         op.eager[(entry.id, seq)] = mapping.range
-        return self._to_mapper(
-            entry,
-            m.MapEager(
-                seq, mapping.range, mapping.mappable_id, mapping.file_offset, mapping.writable
-            ),
+        msg = m.MapEager(
+            seq, mapping.range, mapping.mappable_id, mapping.file_offset, mapping.writable
         )
+        return [self._to_mapper(entry, msg), *self._fd_behind_map(entry, mapping.mappable_id)]
 
-    def fd_request(self, mapper_id: int, mappable_id: int) -> m.FdGrant | m.FdDenied:
-        """Decide whether a mapper may receive a mappable's fd (once, after a Map for it)."""
-        entry = self.mappers.get(mapper_id)
-        if entry is None:
-            return m.FdDenied(mappable_id, "unknown mapper")
-        entry.last_seen = self._clock()
-        if mappable_id in entry.fds_sent:
-            self.reject("fd-again", f"fd of mappable {mappable_id} requested twice", entry.pid)
-            return m.FdDenied(mappable_id, "this mapper was already sent that fd")
-        if mappable_id == PRIVATE_MAPPABLE or mappable_id not in entry.held.values():
-            return m.FdDenied(mappable_id, "no current mapping of that mappable was sent to you")
+    def _fd_behind_map(self, entry: MapperEntry, mappable_id: int) -> list[Effect]:
+        """The fd a mapper needs for the Map just queued, unless it has it (or it is private):
+        pushed right behind the Map, so a first fault costs no extra round trip."""
+        if mappable_id == PRIVATE_MAPPABLE or mappable_id in entry.fds_sent:
+            return []
         if len(entry.fds_sent) >= self.limits.max_fds_per_mapper:
-            self.reject("limit", f"fd limit of {self.limits.max_fds_per_mapper} reached", entry.pid)
-            return m.FdDenied(
-                mappable_id, f"this mapper holds its limit of {self.limits.max_fds_per_mapper} fds"
-            )
+            limit = self.limits.max_fds_per_mapper
+            self.reject("limit", f"fd limit of {limit} reached", entry.pid)
+            reason = f"this mapper holds its limit of {limit} fds"
+            return [SendFd(entry.id, m.FdDenied(mappable_id, reason))]
         size, writable = self.store.describe(mappable_id)
         entry.fds_sent.add(mappable_id)
         self.counters["fds_sent"] += 1
-        return m.FdGrant(mappable_id, size, writable)
+        return [SendFd(entry.id, m.FdGrant(mappable_id, size, writable))]
 
     def _ack(self, mapper_id: int, seq: int, failure: str | None) -> list[Effect]:
         entry = self.mappers[mapper_id]
@@ -258,11 +250,11 @@ class TableState:
             region.name, rng, sub.mappable_id, sub.file_offset, sub.writable and region.writable
         )
         self.table.insert(rng, mapping)
-        return [
-            self._map_eager(e, mapping, op)
-            for e in self.mappers.values()
-            if (e.eager or e.upgrading) and e.stream is not None
-        ]
+        effects: list[Effect] = []
+        for e in self.mappers.values():
+            if (e.eager or e.upgrading) and e.stream is not None:
+                effects.extend(self._map_eager(e, mapping, op))
+        return effects
 
     def _refill(self, cut: dict[int, list[MemoryRange]]) -> list[Effect]:
         """Lazy holders of replaced memory get the new mapping right behind their Unmap, so a
@@ -275,7 +267,7 @@ class TableState:
             for piece in pieces:
                 for _, mapping in self.table.overlapping(piece):
                     if mapper_id not in mapping.holders:
-                        effects.append(self._map_to(entry, mapping))
+                        effects.extend(self._map_to(entry, mapping))
         return effects
 
     def _reconcile(

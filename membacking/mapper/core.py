@@ -13,7 +13,6 @@ import collections
 import contextlib
 import logging
 import os
-import socket
 import threading
 
 import zmq
@@ -28,7 +27,7 @@ from ..errors import (
 from ..ffi import MADV_DONTDUMP, Reservation
 from ..protocol import messages as m
 from ..protocol.errors import ProtocolError
-from ..protocol.fdpass import PeerClosed, close_fds, recv_message
+from ..protocol.fdpass import PeerClosed, close_fds
 from ..protocol.messages import PRIVATE_MAPPABLE, Message
 from ..protocol.rangemap import RangeMap
 from ..protocol.ranges import MemoryRange
@@ -69,7 +68,9 @@ class VaMapper:
         self.hot: list[int | bool] = [0, 0, False]
         self.mv = self.reservation.buffer()
         self.waiters = WaiterSet()
+        #: fds the manager pushed (each behind the Map needing it), and the fds it refused
         self.fds: dict[int, int] = {}
+        self._fds_denied: dict[int, str] = {}
         self.views: dict[int, tuple[int, int]] = {}
         self._next_view = 0
         self._pending_unmaps: list[tuple[int, MemoryRange, tuple[int, ...]]] = []
@@ -116,7 +117,7 @@ class VaMapper:
                 self._complete_unmaps()
                 if self.link.stream in events:
                     self._drain_stream()  # first: a Shutdown says why the connection ends
-                if fd_fileno in events and self.gone is None and self._fd_socket_closed():
+                if fd_fileno in events and self.gone is None and self._read_fd_socket():
                     poller.unregister(fd_fileno)
             except zmq.ZMQError as exc:
                 if self._stop:
@@ -131,25 +132,31 @@ class VaMapper:
         while self._outbox and self.gone is None:
             self.link.send_stream(self._outbox.popleft())
 
-    def _fd_socket_closed(self) -> bool:
-        """The fd socket is readable while idle: end of stream, or a stray message."""
-        try:
-            data = self.link.fd_sock.recv(1, socket.MSG_DONTWAIT | socket.MSG_PEEK)
-        except (BlockingIOError, TimeoutError):
-            return False
-        except OSError as exc:
-            self.manager_gone(f"lost the connection to the manager: {exc.strerror}")
-            return True
-        if not data:
-            self.manager_gone("the manager closed the connection")
-            return True
-        try:
-            msg, fds = recv_message(self.link.fd_sock)
+    def _read_fd_socket(self) -> bool:
+        """Take every fd message waiting; True if the manager closed the connection."""
+        while True:
+            try:
+                got = self.link.recv_fd_message(wait=False)
+            except (PeerClosed, OSError) as exc:
+                reason = getattr(exc, "strerror", None) or str(exc)
+                self.manager_gone(f"lost the connection to the manager: {reason}")
+                return True
+            except ProtocolError as exc:
+                log.warning("mapper %d: invalid data on the fd socket: %s", self.id, exc)
+                continue
+            if got is None:
+                return False
+            self._take_fd_message(*got)
+
+    def _take_fd_message(self, msg: Message, fds: list[int]) -> None:
+        if isinstance(msg, m.FdGrant):
+            close_fds([fd for fd in (self.fds.pop(msg.mappable_id, None),) if fd is not None])
+            self.fds[msg.mappable_id] = fds[0]
+        elif isinstance(msg, m.FdDenied):
+            self._fds_denied[msg.mappable_id] = msg.reason
+        else:
             close_fds(fds)
             log.warning("mapper %d: unexpected %s on the fd socket", self.id, type(msg).__name__)
-        except (ProtocolError, OSError, PeerClosed) as exc:
-            log.warning("mapper %d: invalid data on the fd socket: %s", self.id, exc)
-        return False
 
     def manager_gone(self, reason: str) -> None:
         """Mapped memory keeps working; new faults fail with ManagerGoneError."""
@@ -196,18 +203,22 @@ class VaMapper:
             log.warning("mapper %d: ignoring unexpected %s", self.id, type(msg).__name__)
 
     def _fd_for(self, mappable_id: int) -> int | str:
-        fd = self.fds.get(mappable_id)
-        if fd is not None:
-            return fd
-        try:
-            result = self.link.fetch_fd(mappable_id)
-        except (PeerClosed, OSError, ProtocolError) as exc:
-            return f"cannot fetch the fd of mappable {mappable_id}: {exc}"
-        if isinstance(result, str):
-            return f"the manager denied the fd of mappable {mappable_id}: {result}"
-        fd, _grant = result
-        self.fds[mappable_id] = fd
-        return fd
+        """The fd of a mappable just sent a Map for: held already, or right behind the Map."""
+        while True:
+            fd = self.fds.get(mappable_id)
+            if fd is not None:
+                return fd
+            denied = self._fds_denied.pop(mappable_id, None)
+            if denied is not None:
+                return f"the manager denied the fd of mappable {mappable_id}: {denied}"
+            try:
+                got = self.link.recv_fd_message(wait=True)
+            except TimeoutError:
+                return f"the manager did not send the fd of mappable {mappable_id}"
+            except (PeerClosed, OSError, ProtocolError) as exc:
+                return f"cannot receive the fd of mappable {mappable_id}: {exc}"
+            assert got is not None
+            self._take_fd_message(*got)
 
     def _apply_map(
         self, rng: MemoryRange, mappable_id: int, file_offset: int, writable: bool

@@ -1,6 +1,7 @@
 """A mapper's three connections to its manager: the fd socket (registration, fds, lifeline), the
 ZeroMQ stream socket (Map/NoMapping/Unmap in, acks out; mapper thread only) and the requests
-socket (SendMappings from any faulting thread, under a lock).
+socket (SendMappings from any faulting thread, under a lock). Fds arrive on the fd socket unasked,
+each right behind the Map that needs it.
 """
 
 from __future__ import annotations
@@ -9,16 +10,17 @@ import contextlib
 import errno
 import logging
 import os
+import select
 import socket
 import threading
 
 import zmq
 
-from ..errors import ManagerUnavailableError, MembackingError
+from ..errors import ManagerUnavailableError
 from ..protocol import messages as m
 from ..protocol.codec import decode, encode
 from ..protocol.errors import ProtocolError
-from ..protocol.fdpass import PeerClosed, close_fds, recv_message, send_message
+from ..protocol.fdpass import PeerClosed, recv_message, send_message
 from ..protocol.messages import Channel, Message
 from ..runtime import RuntimePaths
 
@@ -39,6 +41,10 @@ class ManagerLink:
         self.fd_sock = self._connect_fd_socket()
         try:
             welcome = self._hello(name)
+            # from now on only the mapper thread reads it, and never blocks on it
+            self.fd_sock.setblocking(False)
+            self._fd_poll = select.poll()
+            self._fd_poll.register(self.fd_sock, select.POLLIN)
             self.mapper_id = welcome.mapper_id
             self.token = welcome.token
             self.address_space = welcome.address_space
@@ -121,19 +127,15 @@ class ManagerLink:
             return None
         return decode(data, Channel.MAPPER, sender="manager")
 
-    def fetch_fd(self, mappable_id: int) -> tuple[int, m.FdGrant] | str:
-        """Ask for a mappable's fd (mapper thread only): (fd, grant), or why it was denied."""
-        send_message(self.fd_sock, m.FdRequest(mappable_id))
-        while True:
-            reply, fds = recv_message(self.fd_sock, sender="manager")
-            if isinstance(reply, m.FdGrant) and reply.mappable_id == mappable_id:
-                return fds[0], reply
-            if isinstance(reply, m.FdDenied) and reply.mappable_id == mappable_id:
-                return reply.reason
-            close_fds(fds)
-            log.warning("ignoring unexpected %s on the fd socket", type(reply).__name__)
-            if isinstance(reply, m.Error):
-                raise MembackingError(f"the manager rejected a request: {reply.message}")
+    def recv_fd_message(self, wait: bool) -> tuple[Message, list[int]] | None:
+        """The next message on the fd socket (mapper thread only): None if `wait` is false and
+        nothing is waiting; with `wait`, raises TimeoutError after the link's timeout."""
+        if wait and not self._fd_poll.poll(self.timeout * 1000):
+            raise TimeoutError(f"nothing arrived within {self.timeout:g}s")
+        try:
+            return recv_message(self.fd_sock, sender="manager")
+        except BlockingIOError:
+            return None
 
     def close(self) -> None:
         for name in ("stream", "requests"):

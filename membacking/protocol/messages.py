@@ -84,19 +84,9 @@ class Welcome(Message):
 
 
 @dataclass(frozen=True, slots=True)
-class FdRequest(Message):
-    """mapper -> manager: send me the fd of a mappable I was sent a Map for."""
-
-    TYPE = 3
-    FROM = frozenset({"mapper"})
-    FIELDS = (("mappable_id", Kind.U64),)
-    CHANNELS = frozenset({Channel.FD})
-    mappable_id: int
-
-
-@dataclass(frozen=True, slots=True)
 class FdGrant(Message):
-    """manager -> mapper: the fd of a mappable (exactly one fd attached)."""
+    """manager -> mapper, unasked, right behind the first Map of a mappable: its fd (exactly one
+    fd attached)."""
 
     TYPE = 4
     FROM = frozenset({"manager"})
@@ -110,7 +100,7 @@ class FdGrant(Message):
 
 @dataclass(frozen=True, slots=True)
 class FdDenied(Message):
-    """manager -> mapper: no fd for this mappable (gone, or never mapped to this mapper)."""
+    """manager -> mapper, in place of an FdGrant: this mapper may not have the fd (its fd limit)."""
 
     TYPE = 5
     FROM = frozenset({"manager"})
@@ -350,7 +340,6 @@ class ControlReply(Message):
 ALL_MESSAGES: tuple[type[Message], ...] = (
     Hello,
     Welcome,
-    FdRequest,
     FdGrant,
     FdDenied,
     Error,

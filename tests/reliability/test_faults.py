@@ -18,8 +18,10 @@ import pytest
 
 import membacking
 from membacking import ManagerUnavailableError, MembackingError
+from membacking.protocol import messages as m
+from membacking.protocol.codec import encode
 
-from conftest import RunningManager, Worker, WorkerError
+from conftest import HandMapper, RunningManager, Worker, WorkerError
 
 MiB = 1 << 20
 Spawn = Callable[..., Worker]
@@ -172,6 +174,36 @@ def test_unresponsive_mapper_is_evicted(start_manager: Start, spawn_worker: Spaw
         "mapper stops answering (SIGSTOP) during a removal",
         1,
         "evicted after --unmap-timeout; removal completed; evicted mapper sees ManagerGone",
+        "nothing",
+        before,
+        manager_fds(running),
+    )
+
+
+def test_mapper_that_never_reads_its_fd_socket(start_manager: Start) -> None:
+    """An eager mapper that takes no fds and acks nothing: the fds behind its MapEagers fill
+    its socket and wait in the daemon, which goes on serving; the mapper is evicted after
+    --unmap-timeout and every fd the daemon held back for it is closed."""
+    running = start_manager("--region", "ram=0:1M", "--unmap-timeout", "1")
+    client = running.client()
+    for i in range(1, 600):
+        client.add_region(f"r{i}", i << 20, 4096)
+    before = manager_fds(running)
+    peer = HandMapper(running.runtime_dir, "deaf")
+    try:
+        peer.stream.send(encode(m.SetEager()))
+        assert wait_until(lambda: manager_fds(running)[1] > before[1] + 100)  # held back
+        with membacking.attach(running.runtime_dir, name="other") as other:
+            other.write_at(0, b"still serving")
+        assert wait_until(lambda: client.stats()["evictions"] == 1)
+        assert "deaf" not in [p["name"] for p in client.mappers()]
+    finally:
+        peer.close()
+    assert wait_until(lambda: manager_fds(running) == before)
+    record(
+        "mapper never reads its fd socket (eager replay of 600 regions)",
+        1,
+        "fds held back without blocking the daemon; evicted after --unmap-timeout",
         "nothing",
         before,
         manager_fds(running),

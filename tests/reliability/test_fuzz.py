@@ -22,7 +22,7 @@ from test_manager_state import RecordingStore
 
 import membacking
 from membacking.manager.errors import Refused
-from membacking.manager.state import ManagerState, Send
+from membacking.manager.state import ManagerState, Send, SendFd
 from membacking.protocol import ProtocolError, decode
 from membacking.protocol import messages as m
 from membacking.protocol.messages import Channel
@@ -103,11 +103,17 @@ class ManagerMachine(RuleBasedStateMachine):
         self.names = ["a", "b", "c", "d"]
 
     def _feed(self, effects: list[Any]) -> None:
-        for effect in effects:
+        for i, effect in enumerate(effects):
             if isinstance(effect, Send) and isinstance(
                 effect.msg, (m.Unmap, m.Release, m.MapEager)
             ):
                 self.seqs.append((effect.identity, effect.msg.seq))
+            if isinstance(effect, SendFd):
+                # an fd goes only right behind a Map of that mappable to that mapper
+                before = effects[i - 1] if i else None
+                assert isinstance(before, Send) and isinstance(before.msg, (m.Map, m.MapEager))
+                assert before.msg.mappable_id == effect.msg.mappable_id
+                assert before.identity == self.state.mappers[effect.mapper_id].stream
 
     @rule(name=st.sampled_from(["m1", "m2", "m3"]))
     def register(self, name: str) -> None:
@@ -148,10 +154,6 @@ class ManagerMachine(RuleBasedStateMachine):
         ok = data.draw(st.booleans())
         reply = m.UnmapAck(seq) if ok else m.MapAck(seq, data.draw(st.booleans()), "no")
         self._feed(self.state.handle_mapper(identity, reply))
-
-    @rule(mapper_id=st.integers(0, 6), mappable=st.integers(0, 8))
-    def fd_request(self, mapper_id: int, mappable: int) -> None:
-        self.state.fd_request(mapper_id, mappable)
 
     @rule(mapper_id=st.integers(0, 6))
     def gone(self, mapper_id: int) -> None:
