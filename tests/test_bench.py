@@ -54,3 +54,22 @@ def test_quick_benchmark_reports_everything(tmp_path: Path) -> None:
     table = result.stdout
     assert "what" in table and "baseline" in table and "target" in table
     assert len([line for line in table.splitlines() if "x  " in line]) >= len(expected)
+
+
+def test_fault_stage_profile_runs(tmp_path: Path) -> None:
+    """scripts/fault_stages.py wraps mapper internals by name: it must keep finding them."""
+    out = tmp_path / "stages.json"
+    script = ROOT / "scripts" / "fault_stages.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--count", "20", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert set(data) == {"first fault", "fd already held"}
+    for stages in data.values():
+        assert list(stages)[-1] == "total" and len(stages) == 10
+        assert all(value >= 0 for value in stages.values())
+        assert stages["total"] > 0
