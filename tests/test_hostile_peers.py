@@ -324,5 +324,14 @@ def test_silent_connections_are_bounded_and_timed_out(manager: RunningManager) -
         assert sock.recv(64) == b""
         sock.close()
     assert manager.client().stats()["rejected"]["timeout"] == MAX_UNREGISTERED
-    assert settle(manager, baseline) == baseline
+    after = settle(manager, baseline)
+    assert after == baseline
     still_serving(manager)
+    record(
+        "fd-socket connections that never say Hello",
+        MAX_UNREGISTERED + 1,
+        f"{MAX_UNREGISTERED} wait, the next is closed at once; the rest after {HELLO_TIMEOUT:g} s",
+        "nothing",
+        (baseline, 0),
+        (after, 0),
+    )
