@@ -5,6 +5,7 @@ fd plus its mmap, ZeroMQ DEALER->ROUTER round trips, and a ROUTER fan-out with a
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import multiprocessing
 import os
@@ -13,7 +14,7 @@ import statistics
 import struct
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -172,78 +173,68 @@ def _ack_dealer(endpoint: str, count: int, ready: Connection) -> None:
     ctx.term()
 
 
-def zmq_parallel_rate(clients: int, per_client: int) -> float:
-    """Round trips per second with `clients` DEALER processes hammering one ROUTER echo."""
+@contextlib.contextmanager
+def _router_with_dealers(
+    name: str, count: int, rounds: int
+) -> Iterator[tuple[zmq.Socket[bytes], list[bytes]]]:
+    """A ROUTER and `count` DEALER processes that each ack `rounds` messages; yields the ROUTER
+    and the DEALERs' identities once every one of them is connected."""
     directory = tempfile.mkdtemp(prefix="mb-bench-", dir="/tmp")
-    endpoint = f"ipc://{directory}/echo"
+    endpoint = f"ipc://{directory}/{name}"
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.bind(endpoint)
-    pipes = []
     procs = []
-    for _ in range(clients):
-        parent, child = _SPAWN.Pipe()
-        proc = _SPAWN.Process(target=_ack_dealer, args=(endpoint, per_client, child), daemon=True)
-        proc.start()
-        procs.append(proc)
-        pipes.append(parent)
-    peers = [router.recv_multipart()[0] for _ in range(clients)]
-    for pipe in pipes:
-        pipe.recv()
-    started = time.perf_counter()
-    sent = dict.fromkeys(peers, 1)
-    for peer in peers:
-        router.send_multipart([peer, b"go"])
-    remaining = clients * per_client
-    while remaining:
-        peer, _ = router.recv_multipart()
-        remaining -= 1
-        if sent[peer] < per_client:  # each client loops exactly per_client times
-            sent[peer] += 1
+    pipes = []
+    try:
+        for _ in range(count):
+            parent, child = _SPAWN.Pipe()
+            proc = _SPAWN.Process(target=_ack_dealer, args=(endpoint, rounds, child), daemon=True)
+            proc.start()
+            procs.append(proc)
+            pipes.append(parent)
+        identities = [router.recv_multipart()[0] for _ in range(count)]
+        for pipe in pipes:
+            pipe.recv()
+        yield router, identities
+    finally:
+        for proc in procs:
+            proc.join(10)
+        router.close()
+        ctx.term()
+        for entry in os.listdir(directory):
+            os.unlink(os.path.join(directory, entry))
+        os.rmdir(directory)
+
+
+def zmq_parallel_rate(clients: int, per_client: int) -> float:
+    """Round trips per second with `clients` DEALER processes hammering one ROUTER echo."""
+    with _router_with_dealers("echo", clients, per_client) as (router, peers):
+        started = time.perf_counter()
+        sent = dict.fromkeys(peers, 1)
+        for peer in peers:
             router.send_multipart([peer, b"go"])
-    elapsed = time.perf_counter() - started
-    for proc in procs:
-        proc.join(10)
-    router.close()
-    ctx.term()
-    for name in os.listdir(directory):
-        os.unlink(os.path.join(directory, name))
-    os.rmdir(directory)
+        remaining = clients * per_client
+        while remaining:
+            peer, _ = router.recv_multipart()
+            remaining -= 1
+            if sent[peer] < per_client:  # each client loops exactly per_client times
+                sent[peer] += 1
+                router.send_multipart([peer, b"go"])
+        elapsed = time.perf_counter() - started
     return clients * per_client / elapsed
 
 
 def zmq_fanout_seconds(peers: int, rounds: int) -> float:
     """Median time for a ROUTER to send one message to each of `peers` DEALER processes and
     receive every ack."""
-    directory = tempfile.mkdtemp(prefix="mb-bench-", dir="/tmp")
-    endpoint = f"ipc://{directory}/fanout"
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.bind(endpoint)
-    procs = []
-    pipes = []
-    for _ in range(peers):
-        parent, child = _SPAWN.Pipe()
-        proc = _SPAWN.Process(target=_ack_dealer, args=(endpoint, rounds, child), daemon=True)
-        proc.start()
-        procs.append(proc)
-        pipes.append(parent)
-    identities = [router.recv_multipart()[0] for _ in range(peers)]
-    for pipe in pipes:
-        pipe.recv()
-    samples = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        for identity in identities:
-            router.send_multipart([identity, b"unmap"])
-        for _ in identities:
-            router.recv_multipart()
-        samples.append(time.perf_counter() - started)
-    for proc in procs:
-        proc.join(10)
-    router.close()
-    ctx.term()
-    for name in os.listdir(directory):
-        os.unlink(os.path.join(directory, name))
-    os.rmdir(directory)
+    with _router_with_dealers("fanout", peers, rounds) as (router, identities):
+        samples = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            for identity in identities:
+                router.send_multipart([identity, b"unmap"])
+            for _ in identities:
+                router.recv_multipart()
+            samples.append(time.perf_counter() - started)
     return statistics.median(samples)
