@@ -14,7 +14,6 @@ import signal
 import socket
 import struct
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import FrameType
@@ -31,6 +30,7 @@ from ..runtime import RuntimePaths
 from . import sdnotify
 from .backing import MemfdStore
 from .errors import Refused
+from .fdconn import FdConn, OutboxFull
 from .metrics import ManagerMetrics
 from .rundir import RuntimeDirError, RuntimeDirLock
 from .state import (
@@ -88,19 +88,6 @@ class ManagerConfig:
     metrics_addr: str = "127.0.0.1"
 
 
-@dataclass
-class _FdConn:
-    sock: socket.socket
-    pid: int
-    uid: int
-    mapper_id: int | None = None
-    strikes: int = 0
-    forbidden: str | None = None  # set for a peer whose credentials were refused
-    accepted: float = field(default_factory=time.monotonic)
-    #: what the socket could not take yet, in order; each fd here is the daemon's own dup
-    outbox: deque[tuple[m.Message, int | None]] = field(default_factory=deque)
-
-
 class Daemon:
     """Serves one runtime directory until `stop()` (or SIGINT/SIGTERM under `run`)."""
 
@@ -115,8 +102,8 @@ class Daemon:
             limits=config.limits,
         )
         self._lock = RuntimeDirLock(self.paths)
-        self._conns: dict[int, _FdConn] = {}
-        self._conn_of_mapper: dict[int, _FdConn] = {}
+        self._conns: dict[int, FdConn] = {}
+        self._conn_of_mapper: dict[int, FdConn] = {}
         self._stop_reason: str | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self._allowed_uids = {os.getuid(), 0, *config.allow_uids}
@@ -391,7 +378,7 @@ class Daemon:
                 sock.close()
                 continue
             sock.setblocking(False)  # a mapper that stops reading must never block the loop
-            conn = _FdConn(sock, pid, uid)
+            conn = FdConn(sock, pid, uid)
             if uid not in self._allowed_uids and gid not in self._allowed_gids:
                 # Refuse on its first message, not now: closing with that message unread would
                 # reset the connection and the peer would never read why it was refused.
@@ -401,7 +388,7 @@ class Daemon:
             if self._poller is not None:
                 self._poller.register(sock.fileno(), zmq.POLLIN)
 
-    def _drop_conn(self, conn: _FdConn, why: str = "disconnected") -> None:
+    def _drop_conn(self, conn: FdConn, why: str = "disconnected") -> None:
         fileno = conn.sock.fileno()
         if fileno == -1:
             return  # already dropped
@@ -409,51 +396,31 @@ class Daemon:
             with contextlib.suppress(KeyError):
                 self._poller.unregister(fileno)
         self._conns.pop(fileno, None)
-        conn.sock.close()
-        while conn.outbox:
-            _, fd = conn.outbox.popleft()
-            if fd is not None:
-                os.close(fd)
+        conn.close()
         if conn.mapper_id is not None:
             self._conn_of_mapper.pop(conn.mapper_id, None)
             self._apply(self.state.mapper_gone(conn.mapper_id, why))
 
-    def _fd_send(self, conn: _FdConn, msg: m.Message, fd: int | None = None) -> None:
-        """Send on a mapper's fd socket without blocking: what the socket cannot take now waits,
-        in order, in the connection's outbox (with its own dup of the fd) until it can."""
-        if not conn.outbox:
-            try:
-                send_message(conn.sock, msg, () if fd is None else (fd,))
-                return
-            except BlockingIOError:
-                pass
-            except OSError as exc:
-                self._drop_conn(conn, f"cannot send to mapper: {exc}")
-                return
-        if len(conn.outbox) > self.state.limits.max_fds_per_mapper + MAX_STRIKES:
-            self._drop_conn(conn, "it does not read its fd socket")
+    def _fd_send(self, conn: FdConn, msg: m.Message, fd: int | None = None) -> None:
+        """Send on a mapper's fd socket; what it cannot take now waits in the connection."""
+        try:
+            waiting = conn.send(msg, fd, self.state.limits.max_fds_per_mapper + MAX_STRIKES)
+        except (OutboxFull, OSError) as exc:
+            self._drop_conn(conn, f"cannot send to mapper: {exc}")
             return
-        conn.outbox.append((msg, None if fd is None else os.dup(fd)))
-        if self._poller is not None:
+        if waiting and self._poller is not None:
             self._poller.register(conn.sock.fileno(), zmq.POLLIN | zmq.POLLOUT)
 
-    def _flush_outbox(self, conn: _FdConn) -> None:
-        while conn.outbox:
-            msg, fd = conn.outbox[0]
-            try:
-                send_message(conn.sock, msg, () if fd is None else (fd,))
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                self._drop_conn(conn, f"cannot send to mapper: {exc}")
-                return
-            conn.outbox.popleft()
-            if fd is not None:
-                os.close(fd)
-        if self._poller is not None:
+    def _flush_outbox(self, conn: FdConn) -> None:
+        try:
+            done = conn.flush()
+        except OSError as exc:
+            self._drop_conn(conn, f"cannot send to mapper: {exc}")
+            return
+        if done and self._poller is not None:
             self._poller.register(conn.sock.fileno(), zmq.POLLIN)
 
-    def _on_fd_conn(self, conn: _FdConn) -> None:
+    def _on_fd_conn(self, conn: FdConn) -> None:
         if conn.forbidden is not None:
             with contextlib.suppress(PeerClosed, ProtocolError, OSError):
                 recv_message(conn.sock, sender="mapper")
@@ -483,7 +450,7 @@ class Daemon:
                 "internal error while handling %s from pid %d", type(msg).__name__, conn.pid
             )
 
-    def _strike(self, conn: _FdConn, reason: str, detail: str) -> None:
+    def _strike(self, conn: FdConn, reason: str, detail: str) -> None:
         self.state.reject(reason, detail, conn.pid)
         conn.strikes += 1
         self._fd_send(conn, m.Error(reason, detail[:1000]))
@@ -491,7 +458,7 @@ class Daemon:
             log.warning("disconnecting pid %d after %d invalid messages", conn.pid, conn.strikes)
             self._drop_conn(conn, "too many invalid messages")
 
-    def _handle_fd_message(self, conn: _FdConn, msg: m.Message) -> None:
+    def _handle_fd_message(self, conn: FdConn, msg: m.Message) -> None:
         if isinstance(msg, m.Hello):
             if conn.mapper_id is not None:
                 self._strike(conn, "unexpected", "Hello sent twice")

@@ -1,0 +1,68 @@
+"""One connection to the manager's fd socket (SOCK_SEQPACKET): who is on the other end, and the
+messages its socket could not take yet. Sends never block the daemon: what does not fit waits
+here, in order, holding its own duplicate of any fd, until the socket is writable again.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..protocol import messages as m
+from ..protocol.fdpass import send_message
+
+
+class OutboxFull(Exception):
+    """The peer has not read its fd socket for longer than its outbox may grow."""
+
+
+@dataclass
+class FdConn:
+    sock: socket.socket  # non-blocking
+    pid: int
+    uid: int
+    mapper_id: int | None = None
+    strikes: int = 0
+    forbidden: str | None = None  # set for a peer whose credentials were refused
+    accepted: float = field(default_factory=time.monotonic)
+    #: what the socket could not take yet, in order; each fd here is our own dup
+    outbox: deque[tuple[m.Message, int | None]] = field(default_factory=deque)
+
+    def send(self, msg: m.Message, fd: int | None, max_waiting: int) -> bool:
+        """Send `msg` (with `fd`), or queue it behind what waits already; True if it had to
+        wait. Raises OutboxFull past `max_waiting` waiting messages, OSError if the socket
+        failed."""
+        if not self.outbox:
+            try:
+                send_message(self.sock, msg, () if fd is None else (fd,))
+                return False
+            except BlockingIOError:
+                pass
+        if len(self.outbox) >= max_waiting:
+            raise OutboxFull(f"{len(self.outbox)} messages wait for it to read its fd socket")
+        self.outbox.append((msg, None if fd is None else os.dup(fd)))
+        return True
+
+    def flush(self) -> bool:
+        """Send what waits, as far as the socket takes it; True once nothing waits. Raises
+        OSError if the socket failed."""
+        while self.outbox:
+            msg, fd = self.outbox[0]
+            try:
+                send_message(self.sock, msg, () if fd is None else (fd,))
+            except BlockingIOError:
+                return False
+            self.outbox.popleft()
+            if fd is not None:
+                os.close(fd)
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+        while self.outbox:
+            _, fd = self.outbox.popleft()
+            if fd is not None:
+                os.close(fd)

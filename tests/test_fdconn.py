@@ -1,0 +1,65 @@
+"""The fd-socket connection's outbox, on a real SEQPACKET socket pair: sends never block, what
+does not fit waits in order with its own fd duplicates, and nothing leaks."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from membacking.manager.fdconn import FdConn, OutboxFull
+from membacking.protocol import messages as m
+from membacking.protocol.fdpass import recv_message
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_outbox_keeps_order_and_fds_until_the_peer_reads() -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    memfd = os.memfd_create("t")
+    before = open_fds()
+    conn = FdConn(ours, pid=0, uid=0)
+    sent = 0
+    while not conn.send(m.FdGrant(sent + 1, 4096, True), memfd, max_waiting=10_000):
+        sent += 1  # straight into the socket buffer
+    waiting = 1 + sum(
+        conn.send(m.FdGrant(sent + 2 + i, 4096, True), memfd, 10_000) for i in range(9)
+    )
+    assert waiting == 10 and len(conn.outbox) == 10
+    assert open_fds() == before + 10  # each waiting message holds its own duplicate
+    with pytest.raises(OutboxFull):
+        conn.send(m.Error("x", "y"), None, max_waiting=10)
+    received = []
+    theirs.settimeout(1)
+    while len(received) < sent + 10:
+        conn.flush()  # moves what waits as the peer makes room
+        msg, fds = recv_message(theirs)
+        received.append(msg.mappable_id)  # type: ignore[attr-defined]
+        for fd in fds:
+            os.close(fd)
+    assert conn.flush() and not conn.outbox
+    assert received == list(range(1, sent + 11))  # in order, none lost
+    assert open_fds() == before
+    conn.close()
+    theirs.close()
+    os.close(memfd)
+
+
+def test_close_releases_what_waits() -> None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    ours.setblocking(False)
+    memfd = os.memfd_create("t")
+    before = open_fds()
+    conn = FdConn(ours, pid=0, uid=0)
+    while not conn.send(m.FdGrant(1, 4096, True), memfd, 100):
+        pass
+    for _ in range(5):
+        conn.send(m.FdGrant(1, 4096, True), memfd, 100)
+    conn.close()
+    theirs.close()  # the datagrams in flight, and their fds, go with it
+    assert open_fds() == before - 2  # both ends of the pair, and every waiting duplicate
+    os.close(memfd)
