@@ -117,7 +117,8 @@ class VaMapper:
                 self._complete_unmaps()
                 if self.link.stream in events:
                     self._drain_stream()  # first: a Shutdown says why the connection ends
-                if fd_fileno in events and self.gone is None and self._read_fd_socket():
+                if fd_fileno in events and (self.gone is not None or self._read_fd_socket()):
+                    # closed (or no longer of use): stop polling it, or poll would never block
                     poller.unregister(fd_fileno)
             except zmq.ZMQError as exc:
                 if self._stop:
