@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,13 +85,15 @@ class RunningManager:
         return self.proc.returncode
 
 
-def launch_manager(runtime_dir: Path, *args: str) -> RunningManager:
-    """Start `membacking manager run` and wait for its ready line."""
+def launch_manager(runtime_dir: Path, *args: str, prefix: Sequence[str] = ()) -> RunningManager:
+    """Start `membacking manager run` (behind `prefix`, e.g. unshare) and wait for its ready
+    line."""
     log_dir = short_tmpdir("mblog-")
     log_path = log_dir / "manager.log"
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
             [
+                *prefix,
                 sys.executable,
                 "-m",
                 "membacking",
@@ -131,11 +133,13 @@ def start_manager() -> Iterator[Callable[..., RunningManager]]:
     started: list[RunningManager] = []
     dirs: list[Path] = []
 
-    def start(*args: str, runtime_dir: Path | None = None) -> RunningManager:
+    def start(
+        *args: str, runtime_dir: Path | None = None, prefix: Sequence[str] = ()
+    ) -> RunningManager:
         if runtime_dir is None:
             runtime_dir = short_tmpdir()
             dirs.append(runtime_dir)
-        running = launch_manager(runtime_dir, *args)
+        running = launch_manager(runtime_dir, *args, prefix=prefix)
         started.append(running)
         return running
 

@@ -5,11 +5,19 @@ started; `membacking <command> --help` proves each command line parses.)"""
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import yaml
+
+import membacking
+
+from conftest import RunningManager
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -61,3 +69,35 @@ def test_every_compose_command_is_a_real_cli_command() -> None:
         timeout=60,
     )
     assert bogus.returncode == 2  # the check above would notice a wrong option
+
+
+UNSHARE = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
+
+
+def _can_unshare() -> bool:
+    try:
+        return subprocess.run([*UNSHARE, "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not _can_unshare(), reason="cannot create a pid namespace here (needs root)")
+def test_mapper_in_another_pid_namespace_stays_attached(
+    start_manager: Callable[..., RunningManager],
+) -> None:
+    """As across containers: the manager cannot see the mapper's pid (SO_PEERCRED gives 0), so
+    it must rely on the fd socket, not on the pid, to know the mapper is alive."""
+    running = start_manager("--region", "ram=0:1M", prefix=UNSHARE)
+    try:
+        with membacking.attach(running.runtime_dir, name="outside") as memory:
+            memory.write_at(0, b"across")
+            client = running.client()
+            (entry,) = client.mappers()
+            assert entry["pid"] == 0
+            time.sleep(2.5)  # two liveness ticks
+            assert [p["name"] for p in client.mappers()] == ["outside"]
+            assert memory.read_at(0x1000, 4) == bytes(4)  # a new fault is still served
+            assert memory.read_at(0, 6) == b"across"
+        assert client.mappers() == []  # and its departure is noticed all the same
+    finally:
+        running.stop(signal.SIGKILL)  # unshare does not pass SIGTERM on; --kill-child does

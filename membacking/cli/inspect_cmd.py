@@ -46,6 +46,8 @@ def regions_cmd(runtime_dir: Path | None, as_json: bool) -> None:
 
 def _process(pid: int) -> tuple[str, str]:
     """(process name, RSS) of a local pid, or '?' where psutil cannot see it."""
+    if pid == 0:  # in a pid namespace the manager cannot see into
+        return "?", "?"
     try:
         proc = psutil.Process(pid)
         return proc.name(), units.format_size(proc.memory_info().rss)

@@ -261,7 +261,9 @@ class Daemon:
                 self.state.reject("timeout", "connected but never said Hello", conn.pid)
                 self._drop_conn(conn, "no Hello")
         for entry in list(self.state.mappers.values()):
-            if not psutil.pid_exists(entry.pid):
+            # pid 0: the mapper is in a pid namespace we cannot see into (another container);
+            # its fd socket still tells us when it goes away
+            if entry.pid != 0 and not psutil.pid_exists(entry.pid):
                 self._apply([Disconnect(entry.id)])
 
     def _drain(self, sock: zmq.Socket[bytes], handler: Callable[[list[bytes]], None]) -> None:
