@@ -57,20 +57,27 @@ class ControlClient:
         """Close this thread's socket (others close when their threads' sockets are collected)."""
         self._drop_socket()
 
+    def _no_manager(self, detail: str) -> ManagerUnavailableError:
+        self._drop_socket()
+        return ManagerUnavailableError(
+            f"no membacking manager at {self.paths.root} ({detail}; is `membacking manager run` "
+            "running there?)"
+        )
+
     def call(self, op: str, timeout: float | None = None, **args: Any) -> Any:
         """Run operation `op` and return its result."""
         if not self.paths.control_socket.exists():
-            self._drop_socket()
-            raise ManagerUnavailableError(
-                f"no membacking manager at {self.paths.root} "
-                "(is `membacking manager run` running there?)"
-            )
+            raise self._no_manager("no control socket")
+        if getattr(self._local, "sock", None) is None and self.paths.manager_running() is False:
+            raise self._no_manager("its sockets are left over from one that stopped")
         wait = self.timeout if timeout is None else timeout
         sock = self._socket(wait)
         try:
             sock.send(encode(m.ControlRequest(op, args)))
             data = sock.recv()
         except zmq.Again:
+            if self.paths.manager_running() is False:
+                raise self._no_manager("it stopped while this request waited") from None
             self._drop_socket()  # a REQ socket that missed its reply cannot be reused
             raise ManagerUnavailableError(
                 f"the manager at {self.paths.root} did not answer within {wait:g}s"

@@ -6,6 +6,7 @@ $XDG_RUNTIME_DIR/membacking, else /tmp/membacking-<uid>.
 
 from __future__ import annotations
 
+import fcntl
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,27 @@ class RuntimePaths:
     @property
     def control_endpoint(self) -> str:
         return f"ipc://{self.control_socket}"
+
+    def manager_running(self) -> bool | None:
+        """Whether a daemon holds this directory's lock: False when nobody does (any socket
+        left here is stale), None when this process cannot tell (no access to the lock)."""
+        try:
+            fd = os.open(self.lock, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return None
+        try:
+            # A shared lock is granted only while no daemon holds its exclusive one; it goes
+            # with the close below (a daemon starting at this instant retries its own).
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
 
     def check_lengths(self) -> None:
         """Raise ValueError if a socket path is too long for the kernel."""

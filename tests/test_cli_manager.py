@@ -3,10 +3,17 @@ error paths (one line on stderr, exit status 1, no traceback)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import shutil
 import signal
+import threading
 from collections.abc import Callable
 from pathlib import Path
+
+from membacking.manager.rundir import RuntimeDirLock
+from membacking.runtime import RuntimePaths
 
 from conftest import RunningManager, run_cli, short_tmpdir
 
@@ -46,8 +53,30 @@ def test_restart_after_sigkill_handles_stale_files(
     first = start_manager("--region", "ram0=0:1M")
     first.stop(signal.SIGKILL)
     assert (first.runtime_dir / "fd.sock").exists()  # left behind by the killed daemon
+    # commands say so at once instead of waiting for an answer that cannot come
+    for command in (("regions",), ("region", "remove", "ram0")):
+        result = first.cli(*command, timeout=5)
+        assert_clean_error(result, f"no membacking manager at {first.runtime_dir}")
+        assert "left over from one that stopped" in result.stderr
     second = start_manager("--region", "ram0=0:1M", runtime_dir=first.runtime_dir)
     assert second.client().regions()[0]["name"] == "ram0"
+
+
+def test_a_liveness_check_does_not_stop_a_daemon_from_starting() -> None:
+    """A client asking whether a daemon is alive holds a shared lock for a moment: a daemon
+    taking the directory right then waits for it instead of refusing."""
+    paths = RuntimePaths.resolve(short_tmpdir())
+    lock = os.open(paths.lock, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_SH)
+    assert paths.manager_running() is False  # shared holders are not daemons
+    threading.Timer(0.2, os.close, (lock,)).start()
+    claim = RuntimeDirLock(paths)
+    try:
+        claim.acquire()
+        assert paths.manager_running() is True
+    finally:
+        claim.release()
+        shutil.rmtree(paths.root, ignore_errors=True)
 
 
 def test_regions_table_and_json(manager: RunningManager) -> None:

@@ -8,6 +8,7 @@ import contextlib
 import fcntl
 import os
 import stat
+import time
 
 from ..errors import MembackingError
 from ..runtime import RuntimePaths
@@ -15,6 +16,20 @@ from ..runtime import RuntimePaths
 
 class RuntimeDirError(MembackingError):
     """The runtime directory cannot be used (taken by another daemon, unsafe, unwritable)."""
+
+
+def _lock_exclusive(fd: int, patience: float = 0.5) -> bool:
+    """flock(LOCK_EX) without blocking for long: a client checking whether a daemon is alive
+    holds a shared lock for a moment, so a held lock is tried again for `patience` seconds."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
 
 
 class RuntimeDirLock:
@@ -44,9 +59,7 @@ class RuntimeDirLock:
             )
         os.chmod(paths.root, 0o700)
         fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _lock_exclusive(fd):
             other = os.read(fd, 32).decode(errors="replace").strip() or "?"
             os.close(fd)
             raise RuntimeDirError(
