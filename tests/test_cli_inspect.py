@@ -70,14 +70,17 @@ def test_map_command(manager: RunningManager, spawn_worker: Callable[..., Worker
 
 
 def test_hexdump_format() -> None:
-    lines = list(hexdump(0x1000, b"hello world" + bytes(53)))
+    lines = list(hexdump(0x1000, [b"hello world" + bytes(53)]))
     assert lines[0] == (
         "0000000000001000  68 65 6c 6c 6f 20 77 6f  72 6c 64 00 00 00 00 00  |hello world.....|"
     )
     assert lines[1].startswith("0000000000001010  00") and lines[2] == "*"
     assert lines[3].startswith("0000000000001030  00")  # the last row is always shown
     assert lines[-1] == "0000000000001040"
-    assert next(iter(hexdump(0, b"ab"))).endswith("  |ab|")
+    assert next(iter(hexdump(0, [b"ab"]))).endswith("  |ab|")
+    data = bytes(range(256)) * 3 + bytes(100) + b"tail"
+    pieces = [data[i : i + 64] for i in range(0, len(data), 64)]
+    assert list(hexdump(0x10, pieces)) == list(hexdump(0x10, [data]))  # chunking changes nothing
 
 
 def test_mem_dump_and_fill(manager: RunningManager) -> None:

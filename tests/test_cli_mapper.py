@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import select
 import signal
 import subprocess
@@ -109,3 +110,25 @@ def test_mapper_attach_bad_prefault(manager: RunningManager) -> None:
     assert bad.returncode == 2 and "expected GPA:SIZE" in bad.stderr
     name = manager.cli("mapper", "attach", "--name", "has space")
     assert name.returncode == 2 and "invalid name" in name.stderr
+
+
+def test_long_reads_stream_and_check_first(manager: RunningManager, tmp_path: Path) -> None:
+    data = os.urandom(3 << 20)  # three read steps
+    source = tmp_path / "blob"
+    source.write_bytes(data)
+    assert manager.cli("mem", "write", "0x100000", "--file", str(source)).returncode == 0
+    raw = subprocess.run(
+        [sys.executable, "-m", "membacking", "mem", "read", "0x100000", "3M", "--format", "raw"],
+        env=cli_env(manager.runtime_dir),
+        capture_output=True,
+        timeout=60,
+    )
+    assert raw.returncode == 0 and raw.stdout == data
+    hexed = manager.cli("mem", "read", "0x100000", "3M").stdout.strip()
+    assert bytes.fromhex(hexed) == data
+    # far more than the region (and than this machine's memory): refused before anything is
+    # read or allocated, in one line
+    for command in (("read", "0", "100G"), ("dump", "0x3fff000", "8G")):
+        result = manager.cli("mem", *command, timeout=30)
+        assert result.returncode == 1 and result.stdout == ""
+        assert result.stderr.strip() == "Error: no region backs GPA 0x4000000"

@@ -212,6 +212,8 @@ def test_plain_values_and_buffers(manager: RunningManager) -> None:
             memory.read_at(-1, 4)
         with pytest.raises(TypeError):
             memory.read_at("0", 4)  # type: ignore[arg-type]
+        with pytest.raises(membacking.OutOfRangeError, match="outside"):
+            memory.read_at(0, 1 << 50)  # refused, not allocated
 
 
 def test_manager_killed_mappers_keep_what_they_have(

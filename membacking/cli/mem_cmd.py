@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import binascii
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import click
 
-from ..mapper import attach
+from ..mapper import GuestMemory, attach
 from .common import ADDRESS, PROGRESS_STEP, SIZE, Group, progress, runtime_dir_option
 
 
@@ -33,12 +33,30 @@ def mem() -> None:
 def mem_read(runtime_dir: Path | None, gpa: int, length: int, fmt: str) -> None:
     """Read LENGTH bytes at guest address GPA."""
     with attach(runtime_dir, name="cli-mem-read") as memory:
-        data = memory.read_at(gpa, length)
-    if fmt == "raw":
-        sys.stdout.buffer.write(data)
-        sys.stdout.buffer.flush()
-    else:
-        click.echo(data.hex())
+        chunks = _read_chunks(memory, gpa, length, "reading")
+        if fmt == "raw":
+            for chunk in chunks:
+                sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
+        else:
+            for chunk in chunks:
+                click.echo(chunk.hex(), nl=False)
+            click.echo()
+
+
+#: what one step of a long read or dump holds in memory
+READ_STEP = 1 << 20
+
+
+def _read_chunks(memory: GuestMemory, gpa: int, length: int, verb: str) -> Iterator[bytes]:
+    """The bytes of [gpa, gpa+length) in steps, after checking all of it is backed (so an error
+    comes before any output, and a long read never holds it all in memory)."""
+    memory.ensure_mapped(gpa, length)
+    with progress(length, f"{verb} {length} bytes") as bar:
+        for start in range(gpa, gpa + length, READ_STEP):
+            chunk = memory.read_at(start, min(READ_STEP, gpa + length - start))
+            bar.update(len(chunk))
+            yield chunk
 
 
 @mem.command("write")
@@ -79,22 +97,29 @@ def mem_write(runtime_dir: Path | None, gpa: int, hex_data: str | None, path: Pa
     click.echo(f"wrote {total} bytes at {gpa:#x}")
 
 
-def hexdump(gpa: int, data: bytes) -> Iterator[str]:
-    """Lines of `hexdump -C` style: address, 16 bytes in hex, ASCII; repeats collapse to '*'."""
+def hexdump(gpa: int, chunks: Iterable[bytes]) -> Iterator[str]:
+    """Lines of `hexdump -C` style: address, 16 bytes in hex, ASCII; repeats collapse to '*'.
+    `chunks` are consecutive pieces of memory from `gpa` on, each but the last a multiple of 16
+    bytes long."""
+    rows = (chunk[i : i + 16] for chunk in chunks for i in range(0, len(chunk), 16))
     previous: bytes | None = None
     starred = False
-    for offset in range(0, len(data), 16):
-        row = data[offset : offset + 16]
-        if row == previous and offset + 16 < len(data):
+    offset = 0
+    row = next(rows, None)
+    while row is not None:
+        following = next(rows, None)
+        if row == previous and following is not None:  # the last row is always shown
             if not starred:
                 yield "*"
                 starred = True
-            continue
-        previous, starred = row, False
-        cells = [f"{b:02x}" for b in row] + ["  "] * (16 - len(row))
-        text = "".join(chr(b) if 32 <= b < 127 else "." for b in row)
-        yield f"{gpa + offset:016x}  {' '.join(cells[:8])}  {' '.join(cells[8:])}  |{text}|"
-    yield f"{gpa + len(data):016x}"
+        else:
+            previous, starred = row, False
+            cells = [f"{b:02x}" for b in row] + ["  "] * (16 - len(row))
+            text = "".join(chr(b) if 32 <= b < 127 else "." for b in row)
+            yield f"{gpa + offset:016x}  {' '.join(cells[:8])}  {' '.join(cells[8:])}  |{text}|"
+        offset += len(row)
+        row = following
+    yield f"{gpa + offset:016x}"
 
 
 @mem.command("dump")
@@ -104,9 +129,8 @@ def hexdump(gpa: int, data: bytes) -> Iterator[str]:
 def mem_dump(runtime_dir: Path | None, gpa: int, length: int) -> None:
     """Show LENGTH bytes at guest address GPA as a hexdump (addresses, hex, ASCII)."""
     with attach(runtime_dir, name="cli-mem-dump") as memory:
-        data = memory.read_at(gpa, length)
-    for line in hexdump(gpa, data):
-        click.echo(line)
+        for line in hexdump(gpa, _read_chunks(memory, gpa, length, "dumping")):
+            click.echo(line)
 
 
 @mem.command("fill")

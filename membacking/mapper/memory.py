@@ -126,7 +126,8 @@ class GuestMemory:
             hot = self._hot
             if hot[0] <= gpa and gpa + n <= hot[1] and n >= 0:
                 return self._mv[gpa : gpa + n].tobytes()
-        out = bytearray(n if type(n) is int and n > 0 else 0)
+        self._check(gpa, n)  # before allocating: n may be anything
+        out = bytearray(n)
         self._span(
             gpa, n, False, lambda a, b: out.__setitem__(slice(a - gpa, b - gpa), self._mv[a:b])
         )
