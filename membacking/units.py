@@ -23,6 +23,22 @@ def parse_size(text: str, what: str = "size") -> int:
     return value * _SUFFIXES[suffix.upper()]
 
 
+#: every mapper reserves the whole guest address space in its own: keep it well inside the
+#: 128 TiB a process has on x86-64 and arm64 (4-level page tables)
+MAX_ADDRESS_SPACE = 1 << 46
+MIN_ADDRESS_SPACE = 1 << 20
+
+
+def check_address_space(size: int) -> int:
+    """A guest address space size a mapper can reserve: page-aligned, 1 MiB to 64 TiB."""
+    if not MIN_ADDRESS_SPACE <= size <= MAX_ADDRESS_SPACE or size % 4096:
+        raise ValueError(
+            f"address space {size:#x} must be a multiple of 4096 from 1 MiB to 64 TiB "
+            "(every mapper reserves all of it)"
+        )
+    return size
+
+
 def check_name(name: str) -> str:
     if not _NAME.match(name):
         raise ValueError(f"invalid name {name!r}: use 1 to 64 letters, digits, '_', '-' or '.'")

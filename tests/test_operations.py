@@ -81,6 +81,14 @@ readonly = true
         ("[[regions]]\nname = 'a'\ngpa = 0", "key 'regions[0].size': missing"),
         ("[[regions]]\nname = 'a b'\ngpa = 0\nsize = 1", "key 'regions[0].name': invalid name"),
         ("[[regions]]\nname='a'\ngpa=0\nsize=1\nro=1", "key 'regions[0].ro': unknown key"),
+        ("[[regions]]\nname='a'\ngpa=1\nsize=4096", "key 'regions[0].gpa': 0x1 must be a multiple"),
+        ("[[regions]]\nname='a'\ngpa=0\nsize=0", "key 'regions[0].size': 0x0 must be a non-zero"),
+        (
+            "[[regions]]\nname='a'\ngpa=0\nsize=4096\n[[regions]]\nname='a'\ngpa=8192\nsize=4096",
+            "key 'regions[1].name': 'a' is already the name of regions[0]",
+        ),
+        ("address_space = '5K'", "key 'address_space': address space 0x1400 must be a multiple"),
+        ("unmap_timeout = 0.001", "key 'unmap_timeout': must be at least 0.1"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:

@@ -6,6 +6,8 @@ exit status 1, never a traceback. Each group of commands lives in its own module
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from .bench_cmd import bench_cmd
@@ -41,4 +43,15 @@ for command in (
 
 
 def main() -> None:
-    cli(prog_name="membacking")
+    try:
+        code = cli.main(prog_name="membacking", standalone_mode=False)
+    except click.BadParameter as exc:  # a bad value (size, name, spec): one line, like the rest
+        click.echo(f"Error: {exc.format_message()}", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:  # usage mistakes keep click's usage hint
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -15,6 +15,15 @@ from ..manager.state import Limits
 from .common import SIZE, Group, runtime_dir_option, spec_callback
 
 
+def _check_address_space(value: int | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return units.check_address_space(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @click.group(cls=Group)
 def manager() -> None:
     """Run the manager daemon."""
@@ -33,6 +42,7 @@ def manager() -> None:
 @click.option(
     "--address-space",
     type=SIZE,
+    callback=lambda ctx, param, value: _check_address_space(value),
     default="1T",
     show_default=True,
     help="Size of the guest-physical address space.",

@@ -74,14 +74,17 @@ def mem_write(runtime_dir: Path | None, gpa: int, hex_data: str | None, path: Pa
     """Write bytes at guest address GPA."""
     if (hex_data is None) == (path is None):
         raise click.UsageError("give exactly one of --hex or --file")
+    data = b""
+    if hex_data is not None:
+        try:
+            data = binascii.unhexlify(hex_data.replace(" ", "").removeprefix("0x"))
+        except (binascii.Error, ValueError):
+            raise click.BadParameter(
+                f"{hex_data!r} is not hex bytes: give pairs of digits 0-9, a-f (e.g. cafe01)",
+                param_hint="--hex",
+            ) from None
     with attach(runtime_dir, name="cli-mem-write") as memory:
         if hex_data is not None:
-            try:
-                data = binascii.unhexlify(hex_data.replace(" ", "").removeprefix("0x"))
-            except (binascii.Error, ValueError):
-                raise click.BadParameter(
-                    f"{hex_data!r} is not an even number of hex digits", param_hint="--hex"
-                ) from None
             memory.write_at(gpa, data)
             total = len(data)
         else:

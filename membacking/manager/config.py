@@ -51,6 +51,12 @@ def _number(key: str, value: Any) -> float:
     return float(value)
 
 
+def _at_least(low: float, value: float) -> float:
+    if value < low:
+        raise ValueError(f"must be at least {low:g}, got {value:g}")
+    return value
+
+
 def _string(key: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"must be a non-empty string, got {value!r}")
@@ -71,8 +77,8 @@ def _port(key: str, value: Any) -> int:
 
 _TOP: dict[str, Any] = {
     "runtime_dir": lambda k, v: Path(_string(k, v)),
-    "address_space": _size,
-    "unmap_timeout": _number,
+    "address_space": lambda k, v: units.check_address_space(_size(k, v)),
+    "unmap_timeout": lambda k, v: _at_least(0.1, _number(k, v)),
     "log_level": _choice(_LOG_LEVELS),
     "log_format": _choice(_LOG_FORMATS),
     "metrics_port": _port,
@@ -111,9 +117,16 @@ def _region(index: int, table: Any) -> dict[str, Any]:
     values = []
     for key in ("gpa", "size"):
         try:
-            values.append(_size(key, table[key]))
+            value = _size(key, table[key])
         except ValueError as exc:
             raise ConfigError(f"key '{where}.{key}': {exc}") from None
+        if value % 4096 or (key == "size" and value == 0):
+            raise ConfigError(
+                f"key '{where}.{key}': {value:#x} must be a non-zero multiple of 4096"
+                if key == "size"
+                else f"key '{where}.{key}': {value:#x} must be a multiple of 4096"
+            )
+        values.append(value)
     out: dict[str, Any] = {"name": name, "gpa": values[0], "size": values[1]}
     for flag in ("readonly", "hugetlb", "private", "disabled"):
         if flag in table:
@@ -155,6 +168,14 @@ def parse_config(data: dict[str, Any]) -> dict[str, Any]:
             if not isinstance(value, list):
                 raise ConfigError("key 'regions': must be an array of tables ([[regions]])")
             out["regions"] = [_region(i, table) for i, table in enumerate(value)]
+            seen: dict[str, int] = {}
+            for i, region in enumerate(out["regions"]):
+                if region["name"] in seen:
+                    raise ConfigError(
+                        f"key 'regions[{i}].name': {region['name']!r} is already the name of "
+                        f"regions[{seen[region['name']]}]"
+                    )
+                seen[region["name"]] = i
         else:
             raise ConfigError(f"key {key!r}: unknown key")
     return out

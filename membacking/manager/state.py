@@ -257,6 +257,10 @@ class ManagerState(PeerState):
         new_sub = None
         if replace is not None:
             backing, path, file_offset, writable = replace
+            if file_offset < 0 or file_offset % PAGE_SIZE:
+                raise Refused(
+                    "bad-request", f"file offset {file_offset:#x} must be a multiple of {PAGE_SIZE}"
+                )
             mappable_id = self._new_mappable(
                 f"{name}+{offset:#x}", size + file_offset, writable, backing, path
             )

@@ -16,6 +16,7 @@ import threading
 
 import zmq
 
+from .. import units
 from ..errors import ManagerUnavailableError
 from ..protocol import messages as m
 from ..protocol.codec import decode, encode
@@ -88,6 +89,12 @@ class ManagerLink:
             raise AttachError(f"the manager refused this mapper: {reply.message}")
         if not isinstance(reply, m.Welcome):
             raise AttachError(f"unexpected {type(reply).__name__} during registration")
+        try:
+            units.check_address_space(reply.address_space)
+        except ValueError as exc:
+            raise AttachError(
+                f"the manager offers an address space this mapper cannot use: {exc}"
+            ) from None
         return reply
 
     def _attach(self, role: int) -> zmq.Socket[bytes]:
