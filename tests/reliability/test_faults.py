@@ -154,6 +154,7 @@ def test_unresponsive_mapper_is_evicted(start_manager: Start, spawn_worker: Spaw
     healthy = spawn_worker(running, "healthy")
     healthy.ask("read 0x100000 1")
     frozen.proc.send_signal(signal.SIGSTOP)
+    assert wait_until(lambda: _stopped(frozen.proc.pid))  # every thread, not about to be
     try:
         started = time.monotonic()
         result = client.remove_region("dev")
@@ -208,6 +209,14 @@ def test_mapper_that_never_reads_its_fd_socket(start_manager: Start) -> None:
         before,
         manager_fds(running),
     )
+
+
+def _stopped(pid: int) -> bool:
+    states = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/stat") as stat:
+            states.append(stat.read().rsplit(")", 1)[1].split()[0])
+    return all(state == "T" for state in states)
 
 
 def _fails_cleanly(worker: Worker) -> bool:
