@@ -256,6 +256,11 @@ def test_private_regions_allow_one_mapper(state: ManagerState) -> None:
     out = state.handle_mapper(requests, m.SendMappings(rng(0, 1)))
     assert len(out) == 1  # no fd at all
     assert msgs(out) == [m.Map(rng(0, 1), m.PRIVATE_MAPPABLE, 0, True)]
+    # its contents live only in the mapper: neither disabling nor moving may drop them
+    for op, args in (("disable_region", {}), ("move_region", {"gpa": 8 * MiB})):
+        e = error(state, op, name="ram", **args)
+        assert e.code == "private" and "would be lost" in e.message
+    assert state.regions["ram"].active and state.regions["ram"].gpa == 0
 
 
 def test_backing_choice_is_validated(state: ManagerState) -> None:

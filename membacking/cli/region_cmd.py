@@ -119,7 +119,7 @@ def region_disable(runtime_dir: Path | None, name: str) -> None:
 @click.argument("name")
 @click.argument("gpa", type=ADDRESS)
 def region_move(runtime_dir: Path | None, name: str, gpa: int) -> None:
-    """Move region NAME to guest address GPA, keeping its contents."""
+    """Move region NAME to guest address GPA, keeping its contents (private RAM cannot move)."""
     click.echo(f"moved region {_describe(ControlClient(runtime_dir).move_region(name, gpa))}")
 
 

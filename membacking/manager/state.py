@@ -197,6 +197,13 @@ class ManagerState(PeerState):
         """Enable (optionally at a new GPA) or disable a region; the best region beneath a
         disabled one becomes visible again."""
         region = self._region(name)
+        moving = gpa is not None and gpa != region.gpa
+        if region.backing == "private" and region.enabled and (moving or not enabled):
+            raise Refused(
+                "private",
+                f"region {name!r} is private RAM: its contents live only in the mapper and would "
+                "be lost, so it cannot be disabled or moved (remove it and add it again)",
+            )
         old = region.range
         windows = [old] if old is not None else []
         op = self.start_op(f"{'enable' if enabled else 'disable'} {name}", reply_to)
