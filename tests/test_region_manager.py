@@ -7,7 +7,7 @@ import pytest
 from test_manager_state import MiB, RecordingStore, attach, msgs, rng
 
 from membacking.manager.errors import Refused
-from membacking.manager.state import ManagerState, Send
+from membacking.manager.state import ManagerState, Send, region_info
 from membacking.protocol import messages as m
 from membacking.protocol.ranges import MemoryRange
 
@@ -62,6 +62,8 @@ def test_disable_reenables_the_region_beneath(state: ManagerState) -> None:
     ok(state, "add_region", name="flash", gpa=0, size=4 * MiB, priority=1)
     ok(state, "add_region", name="ram", gpa=MiB, size=MiB, priority=0)
     assert [(r, name) for r, name, _, _ in table(state)] == [(rng(0, 4), "flash")]
+    states = {n: region_info(state, r)["state"] for n, r in state.regions.items()}
+    assert states == {"flash": "active", "ram": "hidden"}
     mid, stream, requests = attach(state, "m1")
     state.handle_mapper(requests, m.SendMappings(rng(0, 4)))
     ram_id = state.regions["ram"].submappings[0].mappable_id
@@ -86,6 +88,7 @@ def test_disable_reenables_the_region_beneath(state: ManagerState) -> None:
     # disabling ram while hidden changes nothing in the table
     ok(state, "disable_region", name="ram")
     assert [(r, name) for r, name, _, _ in table(state)] == [(rng(0, 4), "flash")]
+    assert region_info(state, state.regions["ram"])["state"] == "disabled"
 
 
 def test_move_like_a_bar(state: ManagerState) -> None:

@@ -333,6 +333,14 @@ class ManagerState(PeerState):
         return out
 
 
+def _region_state(region: Region) -> str:
+    if region.removing:
+        return "removing"
+    if region.active:
+        return "active"
+    return "hidden" if region.enabled else "disabled"  # hidden: beneath a higher priority
+
+
 def region_info(state: ManagerState, region: Region) -> dict[str, Any]:
     """A region as the control channel describes it."""
     holders: set[int] = set()
@@ -363,5 +371,5 @@ def region_info(state: ManagerState, region: Region) -> dict[str, Any]:
             for s in region.submappings
         ],
         "holders": sorted(holders),
-        "state": "removing" if region.removing else ("active" if region.active else "inactive"),
+        "state": _region_state(region),
     }
