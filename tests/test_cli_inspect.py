@@ -21,7 +21,7 @@ def region(name: str, gpa: int, size: int, writable: bool = True) -> dict[str, o
 def test_map_of_one_region() -> None:
     lines = render_map([region("ram0", 0, 64 * MiB)], [])
     assert (
-        lines[0] == "guest address space 0x0-0x4000000: 1 visible region, 64 MiB mapped, 0 mappers"
+        lines[0] == "guest address space 0x0-0x4000000: 1 visible region, 64 MiB backed, 0 mappers"
     )
     assert set(lines[1].split()[1]) == {"█"}
     assert lines[-1].split() == ["0x0-0x4000000", "64", "MiB", "ram0"]
@@ -124,3 +124,25 @@ def test_watch(manager: RunningManager) -> None:
     manager.stop()
     gone = manager.cli("watch", "--count", "1")
     assert gone.returncode == 1 and "no membacking manager" in gone.stderr
+
+
+def test_map_shows_unbacked_parts_and_aligns_long_mapper_ids() -> None:
+    ram = region("ram", 0, 64 * MiB)
+    ram["mappings"] = [  # `region unmap ram 16M 16M` left two pieces
+        {"offset": 0, "size": 16 * MiB, "writable": True},
+        {"offset": 32 * MiB, "size": 32 * MiB, "writable": True},
+    ]
+    mappers = [
+        {"id": 5, "name": "a", "held": [[0, 16 * MiB]]},
+        {"id": 12345, "name": "b", "held": [[32 * MiB, 32 * MiB]]},
+    ]
+    lines = render_map([ram], mappers)
+    assert "48 MiB backed" in lines[0]
+    axis = lines[1].split()[1]
+    assert axis[:16] == "█" * 16 and set(axis[16:32]) == {"·"} and set(axis[32:]) == {"█"}
+    start = next(i for i, x in enumerate(lines) if x.strip().startswith("GPA"))
+    header, *body = lines[start : start + 4]
+    assert "(unbacked part of ram)" in body[1]
+    for row, marks in zip(body, (("█", "·"), ("·", "·"), ("·", "█")), strict=True):
+        for column, mark in zip(("m5", "m12345"), marks, strict=True):
+            assert row[header.index(column)] == mark, (row, column)

@@ -25,8 +25,21 @@ class Row:
     start: int
     end: int
     label: str
-    count: int  # regions in the row (0: a hole)
-    readonly: int  # of which read-only
+    regions: int  # regions that begin in the row
+    backed: bool  # False: a hole (between regions, or a part of one left unbacked)
+    readonly: int  # read-only pieces in the row
+
+
+def _pieces(region: dict[str, Any]) -> list[tuple[int, int, bool]]:
+    """(start, end, writable) of what backs a region, in address order."""
+    gpa = region["gpa"]
+    mappings = region.get("mappings")
+    if mappings is None:  # a whole region
+        return [(gpa, gpa + region["size"], bool(region["writable"]))]
+    return sorted(
+        (gpa + s["offset"], gpa + s["offset"] + s["size"], region["writable"] and s["writable"])
+        for s in mappings
+    )
 
 
 def _coverage(held: list[tuple[int, int]], start: int, end: int) -> float:
@@ -47,20 +60,27 @@ def _rows(regions: list[dict[str, Any]], max_rows: int) -> list[Row]:
     cursor: int | None = None
     for r in regions:
         if cursor is not None and r["gpa"] > cursor:
-            rows.append(Row(cursor, r["gpa"], "(hole)", 0, 0))
-        ro = "" if r["writable"] else " [ro]"
-        rows.append(
-            Row(r["gpa"], r["gpa"] + r["size"], f"{r['name']}{ro}", 1, 0 if r["writable"] else 1)
-        )
-        cursor = r["gpa"] + r["size"] if cursor is None else max(cursor, r["gpa"] + r["size"])
+            rows.append(Row(cursor, r["gpa"], "(hole)", 0, False, 0))
+        first = True
+        at = r["gpa"]
+        for start, end, writable in _pieces(r):
+            if start > at:
+                rows.append(Row(at, start, f"(unbacked part of {r['name']})", 0, False, 0))
+            ro = "" if writable else " [ro]"
+            rows.append(Row(start, end, f"{r['name']}{ro}", int(first), True, int(not writable)))
+            first, at = False, end
+        end = r["gpa"] + r["size"]
+        if end > at:
+            rows.append(Row(at, end, f"(unbacked part of {r['name']})", int(first), False, 0))
+        cursor = end if cursor is None else max(cursor, end)
     if len(rows) <= max_rows:
         return rows
     per = -(-len(rows) // max_rows)  # rows per group, rounded up
     grouped = []
     for i in range(0, len(rows), per):
         part = rows[i : i + per]
-        names = [row.label.split()[0] for row in part if row.count]
-        count = sum(row.count for row in part)
+        names = [row.label.split()[0] for row in part if row.backed]
+        count = sum(row.regions for row in part)
         label = (
             f"{count} regions {names[0]} .. {names[-1]}"
             if count > 1
@@ -68,30 +88,28 @@ def _rows(regions: list[dict[str, Any]], max_rows: int) -> list[Row]:
             if names
             else "(hole)"
         )
-        holes = sum(1 for row in part if not row.count)
-        if holes and count:
+        holes = sum(1 for row in part if not row.backed)
+        if holes and names:
             label += f", {holes} hole{'s' if holes > 1 else ''}"
         readonly = sum(row.readonly for row in part)
         if readonly:
             label += f" [{readonly} ro]"
-        grouped.append(Row(part[0].start, part[-1].end, label, count, readonly))
+        grouped.append(Row(part[0].start, part[-1].end, label, count, bool(names), readonly))
     return grouped
 
 
-def _axis(regions: list[dict[str, Any]], lo: int, hi: int, width: int) -> str:
+def _axis(pieces: list[tuple[int, int, bool]], lo: int, hi: int, width: int) -> str:
     cells = []
     span = hi - lo
-    starts = [r["gpa"] for r in regions]
+    starts = [p[0] for p in pieces]
     for i in range(width):
         a, b = lo + span * i // width, lo + span * (i + 1) // width
         j = max(0, bisect.bisect_right(starts, b) - 1)
-        hit = [
-            r for r in regions[max(0, j - 64) : j + 1] if r["gpa"] < b and r["gpa"] + r["size"] > a
-        ]
+        hit = [p for p in pieces[max(0, j - 64) : j + 1] if p[0] < b and p[1] > a]
         if not hit:
             cells.append(NONE)
         else:
-            cells.append(FULL if any(r["writable"] for r in hit) else PART)
+            cells.append(FULL if any(p[2] for p in hit) else PART)
     return "".join(cells)
 
 
@@ -108,12 +126,13 @@ def render_map(
     if not placed:
         return ["no visible regions"]
     lo, hi = placed[0]["gpa"], max(r["gpa"] + r["size"] for r in placed)
-    total = sum(r["size"] for r in placed)
+    pieces = [piece for r in placed for piece in _pieces(r)]
+    backed = sum(end - start for start, end, _ in pieces)
     lines = [
         f"guest address space {lo:#x}-{hi:#x}: {len(placed)} visible region"
-        f"{'s' if len(placed) != 1 else ''}, {units.format_size(total)} mapped, "
+        f"{'s' if len(placed) != 1 else ''}, {units.format_size(backed)} backed, "
         f"{len(mappers)} mapper{'s' if len(mappers) != 1 else ''}",
-        f"  {lo:#x} {_axis(placed, lo, hi, width)} {hi:#x}",
+        f"  {lo:#x} {_axis(pieces, lo, hi, width)} {hi:#x}",
         f"  {FULL} read-write  {PART} read-only  {NONE} hole",
         "",
     ]
@@ -122,15 +141,16 @@ def render_map(
     held = {p["id"]: sorted((s, s + n) for s, n in p.get("held", [])) for p in shown}
     gpa_w = max(len(f"{row.start:#x}-{row.end:#x}") for row in rows)
     label_w = min(48, max(len(row.label) for row in rows))
+    col_w = max([4] + [len(f"m{p['id']}") for p in shown])
     header = f"  {'GPA'.ljust(gpa_w)}  {'SIZE':>9}  {'REGION'.ljust(label_w)}"
-    header += "".join(f"  m{p['id']:<3}" for p in shown)
+    header += "".join(f"  {('m' + str(p['id'])).ljust(col_w)}" for p in shown)
     lines.append(header.rstrip())
     for row in rows:
         cells = ""
         for p in shown:
-            fraction = _coverage(held[p["id"]], row.start, row.end) if row.count else 0.0
+            fraction = _coverage(held[p["id"]], row.start, row.end) if row.backed else 0.0
             mark = FULL if fraction >= 0.999 else PART if fraction > 0 else NONE
-            cells += f"  {mark:<4}"
+            cells += f"  {mark.ljust(col_w)}"
         span = f"{row.start:#x}-{row.end:#x}"
         label = row.label if len(row.label) <= label_w else row.label[: label_w - 1] + "…"
         line = f"  {span.ljust(gpa_w)}  {units.format_size(row.end - row.start):>9}  "
