@@ -23,7 +23,8 @@ class JsonFormatter(logging.Formatter):
         }
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):
-                out[key] = value if isinstance(value, (str, int, float, bool)) else repr(value)
+                plain = value is None or isinstance(value, (str, int, float, bool))
+                out[key] = value if plain else repr(value)
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out)

@@ -209,6 +209,36 @@ def test_garbage_on_the_mapper_socket(manager: RunningManager) -> None:
     still_serving(manager)
 
 
+def test_a_stranger_that_keeps_sending_garbage_is_ignored(manager: RunningManager) -> None:
+    from membacking.manager.daemon import MAX_STRIKES
+
+    ctx = zmq.Context()
+    try:
+        endpoint = f"ipc://{manager.runtime_dir / 'mapper.ipc'}"
+        pest, other = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+        for sock in (pest, other):
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(endpoint)
+        for _ in range(MAX_STRIKES):
+            pest.send(b"\xc1")
+            assert pest.poll(5000)
+            reply = decode(pest.recv(), Channel.MAPPER)
+            assert isinstance(reply, m.Error) and reply.code == "malformed"
+            assert not reply.message.endswith(": "), reply.message  # says what was wrong
+        for _ in range(2):  # from now on it is not worth an answer
+            pest.send(encode(m.SendMappings(MemoryRange(0, 4096))))
+        assert not pest.poll(500)
+        assert manager.client().stats()["rejected"]["ignored"] == 2
+        other.send(b"\xc1")  # another peer is still answered
+        assert other.poll(5000)
+        assert isinstance(decode(other.recv(), Channel.MAPPER), m.Error)
+        pest.close()
+        other.close()
+    finally:
+        ctx.term()
+    still_serving(manager)
+
+
 def test_garbage_on_the_control_socket(manager: RunningManager) -> None:
     ctx = zmq.Context()
     try:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import zmq
 
 from membacking.manager.config import ConfigError, load_config, parse_config
 
@@ -224,11 +225,21 @@ def test_json_logs(tmp_path: Path) -> None:
     running = launch_manager(runtime_dir, "--log-format", "json", "--region", "a=0:4K")
     try:
         running.client().add_region("b", 0x1000, 0x1000)
+        ctx = zmq.Context()
+        stranger = ctx.socket(zmq.DEALER)
+        stranger.connect(f"ipc://{runtime_dir / 'mapper.ipc'}")
+        stranger.send(b"\xc1")  # rejected: a peer with no pid the manager knows
+        assert stranger.poll(5000)
+        stranger.close(0)
+        ctx.term()
         time.sleep(0.2)
     finally:
         assert running.stop() == 0
-    lines = [json.loads(line) for line in running.log().splitlines() if line.startswith("{")]
+    lines = [json.loads(line) for line in running.log().splitlines()]  # every line is JSON
     messages = [entry["msg"] for entry in lines]
     assert "region b added (0x1000-0x2000, 4096 bytes, priority 0)" in messages
     assert all(entry["logger"].startswith("membacking") for entry in lines)
     assert {entry["level"] for entry in lines} <= {"info", "warning", "error", "debug"}
+    assert messages[-1] == "membacking manager stopped"
+    (rejection,) = [entry for entry in lines if entry.get("reason") == "malformed"]
+    assert rejection["peer_pid"] is None  # JSON null, not the string "None"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -166,4 +167,4 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
         daemon.run(on_ready=ready)
     except Refused as exc:
         raise click.ClickException(f"cannot create the initial regions: {exc}") from None
-    click.echo("membacking manager stopped", err=True)
+    logging.getLogger("membacking.manager").info("membacking manager stopped")

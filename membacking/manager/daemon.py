@@ -51,6 +51,8 @@ MAX_STRIKES = 8
 HELLO_TIMEOUT = 5.0
 #: ...and at most this many may wait at once, so strangers cannot use up the daemon's fds.
 MAX_UNREGISTERED = 64
+#: unattached ZeroMQ peers whose invalid messages are counted (the oldest are forgotten)
+MAX_STRANGERS = 1024
 _HWM = 100_000
 
 
@@ -109,6 +111,7 @@ class Daemon:
         self._allowed_uids = {os.getuid(), 0, *config.allow_uids}
         self._allowed_gids = set(config.allow_gids)
         self._zmq_strikes: dict[int, int] = {}  # mapper id -> invalid messages in a row
+        self._strangers: dict[bytes, int] = {}  # unattached ZeroMQ identity -> invalid messages
         self._poller: zmq.Poller | None = None
         self.metrics = ManagerMetrics(self.state)
         #: the port metrics are served on, once started (None: not served)
@@ -320,20 +323,39 @@ class Daemon:
                 ]
             )
             return
+        mapper_id = self.state.mapper_of(identity)
+        if mapper_id is None and self._strangers.get(identity, 0) >= MAX_STRIKES:
+            self.state.rejected["ignored"] += 1  # a ROUTER cannot hang up on it: stop answering
+            return
         try:
             msg = decode(frames[1], Channel.MAPPER, sender="mapper")
         except ProtocolError as exc:
-            mapper_id = self.state.mapper_of(identity)
             pid = self.state.mappers[mapper_id].pid if mapper_id is not None else None
             self.state.reject(exc.reason, str(exc), pid)
             self._apply([Send(Channel.MAPPER, identity, m.Error(exc.reason, str(exc)[:1000]))])
             if mapper_id is not None:
                 self._zmq_strike(mapper_id)
+            else:
+                self._stranger_strike(identity)
             return
-        mapper_id = self.state.mapper_of(identity)
         if mapper_id is not None:
             self._zmq_strikes.pop(mapper_id, None)
-        self._apply(self.state.handle_mapper(identity, msg))
+        effects = self.state.handle_mapper(identity, msg)
+        if mapper_id is None:
+            if self.state.mapper_of(identity) is not None:
+                self._strangers.pop(identity, None)  # it attached
+            elif any(isinstance(e, Send) and isinstance(e.msg, m.Error) for e in effects):
+                self._stranger_strike(identity)
+        self._apply(effects)
+
+    def _stranger_strike(self, identity: bytes) -> None:
+        """Count an invalid message from a ZeroMQ peer that never attached; the table of such
+        peers is bounded (the oldest are forgotten first)."""
+        self._strangers[identity] = self._strangers.pop(identity, 0) + 1
+        if self._strangers[identity] == MAX_STRIKES:
+            log.warning("ignoring an unattached ZeroMQ peer after %d invalid messages", MAX_STRIKES)
+        while len(self._strangers) > MAX_STRANGERS:
+            del self._strangers[next(iter(self._strangers))]
 
     def _zmq_strike(self, mapper_id: int) -> None:
         strikes = self._zmq_strikes.get(mapper_id, 0) + 1

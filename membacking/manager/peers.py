@@ -38,6 +38,7 @@ class PeerState(TableState):
                 f"the manager already serves its limit of {self.limits.max_mappers} mappers",
             )
         if self.mappers and self.has_private_regions():
+            self.reject("private", f"mapper {name!r} refused: private RAM is in use", pid)
             raise Refused("private", "private RAM regions exist: only one mapper may attach")
         now = self._clock()
         token = secrets.token_bytes(m.TOKEN_BYTES)

@@ -174,7 +174,8 @@ def decode(
             max_ext_len=0,
         )
     except Exception as exc:  # msgpack raises many types (ValueError, ExtraData, ...)
-        raise ProtocolError(f"not a valid msgpack message: {exc}", reason="malformed") from None
+        why = str(exc) or type(exc).__name__
+        raise ProtocolError(f"not a valid msgpack message: {why}", reason="malformed") from None
     if type(items) is not list or len(items) < 2:
         raise ProtocolError(
             "a message must be an array [version, type, fields...]", reason="malformed"
