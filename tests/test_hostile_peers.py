@@ -7,6 +7,7 @@ import contextlib
 import os
 import socket
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -325,14 +326,45 @@ def _hello_as(uid: int, path: Path) -> str:
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as another uid")
 def test_peer_credentials_are_checked(start_manager: Callable[..., RunningManager]) -> None:
-    for extra, expected in (((), "Error forbidden"), (("--allow-uid", "65534"), "Welcome")):
-        running = start_manager("--region", "ram=0:1M", *extra)
-        # an operator who widens the modes still has SO_PEERCRED between strangers and memory
-        os.chmod(running.runtime_dir, 0o755)
-        os.chmod(running.runtime_dir / "fd.sock", 0o666)
-        assert _hello_as(65534, running.runtime_dir / "fd.sock") == expected
-        if expected == "Error forbidden":
-            assert running.client().stats()["rejected"]["uid"] == 1
+    refusing = start_manager("--region", "ram=0:1M")
+    # an operator who widens the modes by hand still has SO_PEERCRED between strangers and memory
+    os.chmod(refusing.runtime_dir, 0o755)
+    os.chmod(refusing.runtime_dir / "fd.sock", 0o666)
+    assert _hello_as(65534, refusing.runtime_dir / "fd.sock") == "Error forbidden"
+    assert refusing.client().stats()["rejected"]["uid"] == 1
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as another uid")
+def test_allowed_uid_attaches_as_shipped(start_manager: Callable[..., RunningManager]) -> None:
+    """--allow-uid opens exactly what the other user needs, nothing more."""
+    running = start_manager("--region", "ram=0:1M", "--allow-uid", "65534")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in running.runtime_dir.iterdir()}
+    assert running.runtime_dir.stat().st_mode & 0o777 == 0o711
+    assert modes == {
+        "fd.sock": 0o666,
+        "mapper.ipc": 0o666,
+        "control.ipc": 0o600,
+        "manager.lock": 0o600,
+    }
+    import membacking.mapper
+
+    pid = os.fork()
+    if pid == 0:  # child: a whole mapper, as uid 65534
+        code = 1
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            with membacking.attach(running.runtime_dir, name="nobody") as memory:
+                memory.write_at(0, b"from nobody")
+                code = 0
+        except BaseException:
+            traceback.print_exc()  # shows in the test's captured stderr
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    with membacking.attach(running.runtime_dir) as memory:
+        assert memory.read_at(0, 11) == b"from nobody"
 
 
 def test_silent_connections_are_bounded_and_timed_out(manager: RunningManager) -> None:

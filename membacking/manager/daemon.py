@@ -90,6 +90,11 @@ class ManagerConfig:
     metrics_addr: str = "127.0.0.1"
 
 
+def config_widens(config: ManagerConfig) -> bool:
+    """Whether other users than the daemon's (and root) may connect."""
+    return bool(config.allow_uids or config.allow_gids)
+
+
 class Daemon:
     """Serves one runtime directory until `stop()` (or SIGINT/SIGTERM under `run`)."""
 
@@ -146,9 +151,25 @@ class Daemon:
             os.chmod(self.paths.fd_socket, 0o600)
             self._listen.listen(128)
             self._listen.setblocking(False)
+            if config_widens(self.config):
+                self._open_to_other_users()
         except BaseException:
             self._close_all()
             raise
+
+    def _open_to_other_users(self) -> None:
+        """--allow-uid/--allow-gid: other users must reach fd.sock and mapper.ipc. fd.sock checks
+        SO_PEERCRED; mapper.ipc accepts nothing but the token a Welcome on fd.sock gave; the
+        control socket (add, remove, ...) stays the daemon user's alone."""
+        os.chmod(self.paths.root, 0o711)  # others may reach a socket by name, not list the dir
+        for path in (self.paths.fd_socket, self.paths.mapper_socket):
+            os.chmod(path, 0o666)
+        log.info(
+            "fd.sock and mapper.ipc are open to other users (allowed uids %s, gids %s); "
+            "control.ipc stays private",
+            sorted(self.config.allow_uids) or "-",
+            sorted(self.config.allow_gids) or "-",
+        )
 
     def _bind_router(self, endpoint: str, path: os.PathLike[str]) -> zmq.Socket[bytes]:
         sock = self._ctx.socket(zmq.ROUTER)
