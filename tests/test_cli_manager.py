@@ -195,6 +195,8 @@ def test_commands_without_a_daemon_fail_cleanly() -> None:
         ):
             result = run_cli(*args, "--runtime-dir", str(empty))
             assert_clean_error(result, f"no membacking manager at {empty}")
+        too_long = f"/tmp/{'x' * 120}"
+        assert_clean_error(run_cli("mem", "read", "0", "4", "--runtime-dir", too_long), "too long")
     finally:
         empty.rmdir()
 

@@ -20,10 +20,10 @@ _RATES = ("faults", "maps_sent", "unmaps_sent", "fds_sent", "removals")
 def render_watch(
     stats: dict[str, Any],
     previous: dict[str, Any] | None,
-    interval: float,
+    elapsed: float,
     mappers: list[dict[str, Any]],
 ) -> list[str]:
-    """One screen of `watch` (pure: tests call it directly)."""
+    """One screen of `watch`, rates over `elapsed` seconds (pure: tests call it directly)."""
     rejected = stats.get("rejected", {})
     lines = [
         f"membacking  up {stats['uptime']:.0f}s  regions {stats['regions']} "
@@ -35,7 +35,7 @@ def render_watch(
     for key in _RATES:
         rate = ""
         if previous is not None:
-            rate = f"{(stats[key] - previous[key]) / interval:.1f}"
+            rate = f"{(stats[key] - previous[key]) / max(elapsed, 1e-6):.1f}"
         lines.append(f"  {key:<16}{stats[key]:>12}{rate:>14}")
     if rejected:
         lines.append("  rejected: " + ", ".join(f"{k}={v}" for k, v in sorted(rejected.items())))
@@ -70,13 +70,15 @@ def watch_cmd(runtime_dir: Path | None, interval: float, count: int | None) -> N
     """Show the daemon's counters, refreshing in place until Ctrl-C."""
     client = ControlClient(runtime_dir, timeout=max(2.0, interval * 2))
     previous: dict[str, Any] | None = None
+    previous_at = 0.0
     shown = 0
     try:
         while count is None or shown < count:
-            stats = client.stats()
-            screen = render_watch(stats, previous, interval, client.mappers())
+            stats, now = client.stats(), time.monotonic()
+            # rates over the time that really passed (the calls themselves take some)
+            screen = render_watch(stats, previous, now - previous_at, client.mappers())
             click.echo(_CLEAR + "\n".join(screen), nl=True)
-            previous, shown = stats, shown + 1
+            previous, previous_at, shown = stats, now, shown + 1
             if count is None or shown < count:
                 time.sleep(interval)
     except KeyboardInterrupt:

@@ -63,6 +63,10 @@ class ManagerLink:
         )
 
     def _connect_fd_socket(self) -> socket.socket:
+        try:
+            self.paths.check_lengths()
+        except ValueError as exc:
+            raise ManagerUnavailableError(str(exc)) from None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         sock.settimeout(self.timeout)
         try:
@@ -72,7 +76,7 @@ class ManagerLink:
             if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
                 raise self._unavailable(exc.strerror or "cannot connect") from None
             raise ManagerUnavailableError(
-                f"cannot connect to {self.paths.fd_socket}: {exc.strerror}"
+                f"cannot connect to {self.paths.fd_socket}: {exc.strerror or exc}"
             ) from None
         return sock
 
