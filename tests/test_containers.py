@@ -4,7 +4,9 @@ started; `membacking <command> --help` proves each command line parses.)"""
 
 from __future__ import annotations
 
+import json
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -17,7 +19,7 @@ import yaml
 
 import membacking
 
-from conftest import RunningManager
+from conftest import RunningManager, cli_env, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,27 +50,42 @@ def test_compose_file_is_well_formed() -> None:
     assert health[:2] == ["CMD", "membacking"]
 
 
-def test_every_compose_command_is_a_real_cli_command() -> None:
+def test_compose_commands_run_together(start_manager: Callable[..., RunningManager]) -> None:
+    """The services' commands, run as they are written (no Docker engine here: as processes on
+    one runtime directory, which is what the shared volume gives the containers)."""
     services = compose()["services"]
     assert isinstance(services, dict)
-    commands = [service["command"] for service in services.values()]
-    commands.append(services["manager"]["healthcheck"]["test"][2:])
-    for command in commands:
-        result = subprocess.run(
-            [sys.executable, "-m", "membacking", *command, "--help"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert result.returncode == 0, (command, result.stderr)
-        assert result.stdout.startswith("Usage: membacking"), command
-    bogus = subprocess.run(
-        [sys.executable, "-m", "membacking", "mapper", "attach", "--bogus", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert bogus.returncode == 2  # the check above would notice a wrong option
+    manager_args = list(services["manager"]["command"])
+    assert manager_args[:2] == ["manager", "run"]
+    # the only change: an ephemeral loopback metrics port, so the test cannot collide
+    port = manager_args.index("--metrics-port")
+    manager_args[port + 1] = "0"
+    manager_args[manager_args.index("--metrics-addr") + 1] = "127.0.0.1"
+    running = start_manager(*manager_args[2:])
+    health = services["manager"]["healthcheck"]["test"][2:]
+    checked = run_cli(*health, runtime_dir=running.runtime_dir)
+    assert checked.returncode == 0 and json.loads(checked.stdout)["regions"] == 2
+    mappers = []
+    try:
+        for name in ("mapper-a", "mapper-b"):
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "membacking", *services[name]["command"]],
+                env=cli_env(running.runtime_dir),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            mappers.append(proc)
+            assert proc.stdout is not None
+            ready, _, _ = select.select([proc.stdout], [], [], 30)
+            assert ready and "attached" in proc.stdout.readline(), name
+        attached = {p["name"]: p for p in running.client().mappers()}
+        assert attached["device-a"]["mode"] == "lazy" and attached["device-a"]["ranges"] >= 1
+        assert attached["device-b"]["mode"] == "eager"
+    finally:
+        for proc in mappers:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(10)
 
 
 UNSHARE = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
