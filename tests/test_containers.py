@@ -1,6 +1,6 @@
 """docker-compose.yml and the Dockerfile: well-formed, wired to one shared runtime directory, and
-every command they run is a real CLI command. (No Docker engine runs here: the services are not
-started; `membacking <command> --help` proves each command line parses.)"""
+every command they run works. (No Docker engine runs here: the services' commands run as plain
+processes on one runtime directory, which is what the shared volume gives the containers.)"""
 
 from __future__ import annotations
 
