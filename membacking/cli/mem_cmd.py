@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import binascii
+import logging
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -16,6 +17,9 @@ from .common import ADDRESS, PROGRESS_STEP, SIZE, Group, progress, runtime_dir_o
 @click.group(cls=Group)
 def mem() -> None:
     """Read and write guest memory through a short-lived mapper."""
+    # The command's own one-line error says what went wrong; the short-lived mapper's log lines
+    # would only repeat it.
+    logging.getLogger("membacking.mapper").setLevel(logging.CRITICAL)
 
 
 @mem.command("read")

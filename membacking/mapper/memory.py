@@ -243,7 +243,8 @@ class GuestMemory:
 
     def sharing(self) -> list[SharedRange] | None:
         """The guest RAM as (gpa, size, fd, file offset, writable) for a third party to map
-        (the fds are duplicates the caller owns); None in private RAM mode."""
+        (the fds are duplicates the caller owns); None in private RAM mode. To get the fds this
+        mapper maps every region (and so holds them all from then on, as an eager one would)."""
         from ..control_client import ControlClient
 
         regions = ControlClient(self._mapper.link.paths.root).regions()
