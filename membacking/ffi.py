@@ -138,6 +138,16 @@ class Reservation:
         array = (ctypes.c_char * self.size).from_address(self.base)
         return memoryview(array).cast("B")
 
+    def exporter(self, offset: int, size: int) -> ctypes.Array[ctypes.c_char]:
+        """A buffer exporter of its own over [offset, offset+size): every memoryview taken from
+        it, and every slice of those, keeps it alive, so its reference count tells whether any
+        is left (GuestMemory.view relies on that to know when a view's memory is let go)."""
+        if self._closed or offset < 0 or size < 0 or offset + size > self.size:
+            raise ValueError(f"{offset:#x}+{size:#x} is outside the reservation")
+        # Safe: the array aliases pages of our own reservation, within bounds (checked above);
+        # the caller pins the range while anything made from the array is alive.
+        return (ctypes.c_char * size).from_address(self.base + offset)
+
     def release(self) -> None:
         """munmap the whole reservation (idempotent)."""
         with self._lock:

@@ -230,6 +230,34 @@ def test_manager_killed_mappers_keep_what_they_have(
         membacking.attach(manager.runtime_dir)
 
 
+def test_a_slice_that_outlives_its_view_keeps_the_memory_pinned(manager: RunningManager) -> None:
+    """Slices of a view must not outlive the block, but one that does must never crash the
+    process: the range stays pinned, so its Unmap is acknowledged only once the slice is gone."""
+    client = manager.client()
+    client.add_region("dev", 0x10000000, 0x10000)
+    with membacking.attach(manager.runtime_dir) as memory:
+        memory.write_at(0x10000000, b"kept")
+        with memory.view(0x10000000, 4096) as view:
+            leaked = view[0:16]
+        result: dict[str, object] = {}
+        remover = threading.Thread(target=lambda: result.update(client.remove_region("dev")))
+        remover.start()
+        time.sleep(0.5)
+        assert remover.is_alive()  # the Unmap waits for the slice
+        assert bytes(leaked[:4]) == b"kept"  # still the region's memory, no SIGSEGV
+        del leaked
+        remover.join(10)
+        assert not remover.is_alive() and result["name"] == "dev"
+        with pytest.raises(NoMappingError):
+            memory.read_at(0x10000000, 4)
+        with memory.view(0x1000, 64) as view:  # views that stay inside their block are let go
+            view[:2] = b"ok"
+        assert memory.read_at(0x1000, 2) == b"ok"
+        with memory.view(0x1000, 64) as view:
+            past_detach = view[0:2]
+    assert bytes(past_detach) == b"ok"  # detach left the address space in place for it
+
+
 def test_detached_memory_refuses_access(manager: RunningManager) -> None:
     memory = membacking.attach(manager.runtime_dir)
     memory.write_at(0, b"x")

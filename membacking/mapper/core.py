@@ -13,6 +13,7 @@ import collections
 import contextlib
 import logging
 import os
+import sys
 import threading
 
 import zmq
@@ -72,6 +73,8 @@ class VaMapper:
         self.fds: dict[int, int] = {}
         self._fds_denied: dict[int, str] = {}
         self.views: dict[int, tuple[int, int]] = {}
+        #: view id -> exporter of a view whose slices outlived its block (still pinned)
+        self._escaped: dict[int, object] = {}
         self._next_view = 0
         self._pending_unmaps: list[tuple[int, MemoryRange, tuple[int, ...]]] = []
         self.gone: str | None = None
@@ -296,6 +299,7 @@ class VaMapper:
             return
         done: list[tuple[int, MemoryRange, tuple[int, ...]]] = []
         with self.lock:
+            self._release_escaped()
             waiting = []
             for item in self._pending_unmaps:
                 if self._pinned(item[1]):
@@ -321,12 +325,34 @@ class VaMapper:
         self.views[self._next_view] = (start, end)
         return self._next_view
 
-    def unpin(self, view_id: int) -> None:
+    def unpin(self, view_id: int, escaped: object = None) -> None:
+        """End a view's pin. With `escaped` (the view's exporter, still referenced by slices
+        that outlived the block) the pin stays until those slices are gone: until then no Unmap
+        of the range is acknowledged, so they can never reach unmapped memory."""
         with self.lock:
+            if escaped is not None:
+                self._escaped[view_id] = escaped
+                start, end = self.views[view_id]
+                log.warning(
+                    "mapper %d: a slice of the view of GPA %#x-%#x outlived its block; the range "
+                    "stays pinned (Unmaps of it wait) until the slice is released",
+                    self.id,
+                    start,
+                    end,
+                )
+                return
             self.views.pop(view_id, None)
             wake = bool(self._pending_unmaps)
         if wake:
             self._wake()
+
+    def _release_escaped(self) -> None:
+        """Unpin views whose escaped slices have all been released (lock held)."""
+        for view_id in list(self._escaped):
+            # references: the dict's and getrefcount's argument; a live slice adds its own
+            if sys.getrefcount(self._escaped[view_id]) <= 2:
+                del self._escaped[view_id]
+                self.views.pop(view_id, None)
 
     def fault(self, gpa: int, end: int, write: bool) -> None:
         """Ask the manager to map [gpa, end) and wait; raises if it cannot be mapped."""
@@ -382,6 +408,7 @@ class VaMapper:
         self._wake()
         self._thread.join(10)
         with self.lock:
+            self._release_escaped()
             self.closed = True
             self.chunks.clear()
             self.hot[0] = self.hot[1] = 0

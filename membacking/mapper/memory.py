@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+import sys
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -213,7 +214,8 @@ class GuestMemory:
     @contextlib.contextmanager
     def view(self, gpa: int, n: int, write: bool = False) -> Iterator[memoryview]:
         """A memoryview of guest memory valid until the block ends (read-only where the memory
-        is; `write=True` insists on writable memory). Do not keep slices of it past the block."""
+        is; `write=True` insists on writable memory). A slice kept past the block keeps the range
+        pinned (its Unmaps wait) until the slice is released."""
         self._check(gpa, n)
         mapper = self._mapper
         end = gpa + n
@@ -227,7 +229,8 @@ class GuestMemory:
                 if covered or n == 0:
                     writable = all(c.writable for _, c in pieces)
                     view_id = mapper.pin(gpa, end)
-                    raw = self._mv[gpa:end]
+                    exporter = mapper.reservation.exporter(gpa, n)
+                    raw = memoryview(exporter).cast("B")
                     view = raw if writable else raw.toreadonly()
                     break
         else:
@@ -237,7 +240,10 @@ class GuestMemory:
         finally:
             view.release()
             raw.release()
-            mapper.unpin(view_id)
+            # Nothing else refers to the exporter but this name (and getrefcount's argument)
+            # unless a slice of the view escaped the block: then the range stays pinned.
+            escaped = sys.getrefcount(exporter) > 2
+            mapper.unpin(view_id, exporter if escaped else None)
 
     # ---- sharing and private RAM ---------------------------------------------------------------
 
