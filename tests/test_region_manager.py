@@ -276,3 +276,53 @@ def test_backing_choice_is_validated(state: ManagerState) -> None:
     ok(state, "add_region", name="x", gpa=0, size=MiB)
     e = error(state, "unmap_range", name="x", offset=MiB, size=4096)
     assert e.code == "bad-request" and "inside region" in e.message
+
+
+def test_replaced_backings_are_destroyed_with_their_region(state: ManagerState) -> None:
+    store = state.store
+    assert isinstance(store, RecordingStore)
+    ok(state, "add_region", name="leak", gpa=0, size=MiB)
+    ok(state, "map_range", name="leak", offset=0, size=4096)
+    assert len(store.live) == 2  # the region's memfd and the new piece's
+    ok(state, "remove_region", name="leak")
+    assert store.live == {} and sorted(store.destroyed) == [1, 2]
+
+
+def test_ranges_outside_the_region_are_refused(state: ManagerState) -> None:
+    ok(state, "add_region", name="a", gpa=0, size=MiB)
+    ok(state, "add_region", name="b", gpa=MiB, size=MiB)
+    for op, args in (
+        ("unmap_range", {"offset": -4096, "size": 4096}),
+        ("map_range", {"offset": -8192, "size": 4096}),
+        ("unmap_range", {"offset": MiB, "size": 4096}),
+        ("map_range", {"offset": 0, "size": 4096, "file": "/tmp/x", "file_offset": -4096}),
+    ):
+        e = error(state, op, name="b", **args)
+        assert e.code == "bad-request", (op, args, e)
+    assert [(r, name) for r, name, _, _ in table(state)] == [(rng(0, 1), "a"), (rng(1, 1), "b")]
+    store = state.store
+    assert isinstance(store, RecordingStore) and len(store.live) == 2  # nothing new created
+
+
+def test_removal_while_an_eager_mapper_fails_the_add(state: ManagerState) -> None:
+    store = state.store
+    assert isinstance(store, RecordingStore)
+    _, stream, _ = attach(state, "eager")
+    assert msgs(state.handle_mapper(stream, m.SetEager())) == [m.EagerResult(True, "")]
+    adding = state.handle_control(
+        b"add", m.ControlRequest("add_region", {"name": "e", "gpa": 0, "size": MiB})
+    )
+    (push,) = msgs(adding, stream)
+    assert isinstance(push, m.MapEager)
+    removing = state.handle_control(b"rm", m.ControlRequest("remove_region", {"name": "e"}))
+    (unmap,) = msgs(removing, stream)
+    assert isinstance(unmap, m.Unmap)
+    failed = state.handle_mapper(stream, m.MapAck(push.seq, False, "mmap: ENOMEM"))
+    (answer,) = msgs(failed, b"add")
+    assert isinstance(answer, m.Error) and answer.code == "map-failed"
+    assert not msgs(failed, stream)  # the removal under way unmaps it: nothing more to send
+    done = msgs(state.handle_mapper(stream, m.UnmapAck(unmap.seq)), b"rm")
+    assert isinstance(done[0], m.ControlReply) and done[0].result["name"] == "e"
+    stats = state.stats()
+    assert stats["removals"] == 1 and stats["rollbacks"] == 0 and stats["region_bytes"] == 0
+    assert store.live == {} and store.destroyed == [1]

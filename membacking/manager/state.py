@@ -155,6 +155,10 @@ class ManagerState(PeerState):
         text = f"eager mapper(s) could not map region {region.name!r}: " + "; ".join(
             failed.failures
         )
+        if region.removing or self.regions.get(region.name) is not region:
+            # removed meanwhile: that removal unmaps it; only the add's answer is left to give
+            log.error("%s (the region was removed meanwhile)", text)
+            return self._reply_error(failed, "map-failed", text[:1000])
         log.error("%s: rolling back", text)
         self.counters["rollbacks"] += 1
         return self._remove(region, failed.reply_to, error=("map-failed", text[:1000]))
@@ -253,27 +257,26 @@ class ManagerState(PeerState):
         from .regions import split_submappings
 
         region = self._region(name)
-        if size <= 0 or (offset | size) % PAGE_SIZE or offset + size > region.size:
+        if offset < 0 or size <= 0 or (offset | size) % PAGE_SIZE or offset + size > region.size:
             raise Refused(
                 "bad-request",
                 f"offset {offset:#x} + size {size:#x} must be page-aligned and lie "
                 f"inside region {name!r} ({region.size:#x} bytes)",
+            )
+        if replace is not None and (replace[2] < 0 or replace[2] % PAGE_SIZE):
+            raise Refused(
+                "bad-request", f"file offset {replace[2]:#x} must be a multiple of {PAGE_SIZE}"
             )
         op = self.start_op(f"change {name}", reply_to)
         kept, removed = split_submappings(region.submappings, offset, size)
         new_sub = None
         if replace is not None:
             backing, path, file_offset, writable = replace
-            if file_offset < 0 or file_offset % PAGE_SIZE:
-                raise Refused(
-                    "bad-request", f"file offset {file_offset:#x} must be a multiple of {PAGE_SIZE}"
-                )
             mappable_id = self._new_mappable(
                 f"{name}+{offset:#x}", size + file_offset, writable, backing, path
             )
             new_sub = SubMapping(offset, size, mappable_id, file_offset, writable)
-            self._mappable_refs[mappable_id] += 1
-            kept = sorted([*kept, new_sub], key=lambda s: s.offset)
+            kept = sorted([*kept, new_sub], key=lambda s: s.offset)  # counted with `kept` below
         for sub in region.submappings:
             self._mappable_refs[sub.mappable_id] -= 1
         for sub in kept:
