@@ -81,6 +81,9 @@ class MemfdStore:
 
     def __init__(self) -> None:
         self._backings: dict[int, _Backing] = {}
+        #: descriptors at or above this number are refused (the daemon keeps headroom below its
+        #: open-file limit for the sockets ZeroMQ accepts on its own); None: no ceiling
+        self.fd_ceiling: int | None = None
 
     def __len__(self) -> int:
         return len(self._backings)
@@ -107,6 +110,14 @@ class MemfdStore:
         except OSError as exc:
             os.close(fd)
             raise BackingError("internal", f"cannot reopen {name} read-only: {exc}") from None
+        if self.fd_ceiling is not None and max(fd, grant) >= self.fd_ceiling:
+            for each in {fd, grant}:
+                os.close(each)
+            raise BackingError(
+                "limit",
+                f"cannot back {name}: the manager is close to its open-file limit "
+                "(raise LimitNOFILE= / ulimit -n, or remove regions)",
+            )
         self._backings[mappable_id] = _Backing(fd, grant, size, writable)
 
     def _memfd(self, name: str, size: int, writable: bool) -> int:

@@ -8,8 +8,10 @@ A bad message is rejected and counted; nothing a peer sends can stop the loop.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import resource
 import signal
 import socket
 import struct
@@ -53,6 +55,8 @@ HELLO_TIMEOUT = 5.0
 MAX_UNREGISTERED = 64
 #: unattached ZeroMQ peers whose invalid messages are counted (the oldest are forgotten)
 MAX_STRANGERS = 1024
+#: descriptors kept free below the open-file limit, for ZeroMQ's own accepts and short needs
+FD_HEADROOM = 64
 _HWM = 100_000
 
 
@@ -90,6 +94,17 @@ class ManagerConfig:
     metrics_addr: str = "127.0.0.1"
 
 
+def _raise_fd_limit() -> int:
+    """Every region holds a memfd and every mapper three descriptors: take the hard open-file
+    limit rather than the often small soft one. Returns the limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
 def config_widens(config: ManagerConfig) -> bool:
     """Whether other users than the daemon's (and root) may connect."""
     return bool(config.allow_uids or config.allow_gids)
@@ -117,6 +132,8 @@ class Daemon:
         self._allowed_gids = set(config.allow_gids)
         self._zmq_strikes: dict[int, int] = {}  # mapper id -> invalid messages in a row
         self._strangers: dict[bytes, int] = {}  # unattached ZeroMQ identity -> invalid messages
+        self._accept_paused = False
+        self._fd_ceiling = 1 << 30  # set from the open-file limit at start
         self._poller: zmq.Poller | None = None
         self.metrics = ManagerMetrics(self.state)
         #: the port metrics are served on, once started (None: not served)
@@ -126,6 +143,20 @@ class Daemon:
 
     def start(self) -> None:
         """Claim the runtime directory, create the initial regions and bind every socket."""
+        limit = _raise_fd_limit()
+        # libzmq aborts the process when it cannot accept a connection for want of descriptors,
+        # so the daemon never lets its own descriptors come within FD_HEADROOM of the limit.
+        self._fd_ceiling = limit - FD_HEADROOM
+        self.store.fd_ceiling = self._fd_ceiling
+        limits = self.config.limits
+        wanted = limits.max_regions + 3 * limits.max_mappers + FD_HEADROOM
+        if limit < wanted:
+            log.warning(
+                "open-file limit %d is below what --max-regions and --max-mappers may need "
+                "(%d); beyond it new mappers and regions are refused (raise LimitNOFILE=)",
+                limit,
+                wanted,
+            )
         self._lock.acquire()
         try:
             for spec in self.config.regions:
@@ -263,7 +294,7 @@ class Daemon:
             if self._control in ready:
                 self._drain(self._control, self._on_control_frames)
             if self._listen.fileno() in ready:
-                self._accept()
+                self._guard("accept", None, self._accept)
             for fileno in [f for f in ready if isinstance(f, int) and f in self._conns]:
                 conn = self._conns.get(fileno)  # None: dropped while handling another
                 if conn is not None and ready[fileno] & zmq.POLLOUT:
@@ -277,7 +308,24 @@ class Daemon:
                 next_tick = time.monotonic() + 1.0
                 self._guard("tick", None, self._tick)
 
+    def _pause_accepting(self, exc: OSError) -> None:
+        """New connections wait in the backlog for a second; the listening socket would
+        otherwise stay readable and spin the loop. Mappers already attached are not affected."""
+        self.state.rejected["no-resources"] += 1
+        log.error(
+            "cannot accept a connection on fd.sock: %s; trying again in a second "
+            "(raise the open-file limit, LimitNOFILE=, for more mappers)",
+            exc.strerror or exc,
+        )
+        if self._poller is not None:
+            with contextlib.suppress(KeyError):
+                self._poller.unregister(self._listen.fileno())
+        self._accept_paused = True
+
     def _tick(self) -> None:
+        if self._accept_paused and self._poller is not None:
+            self._accept_paused = False
+            self._poller.register(self._listen.fileno(), zmq.POLLIN)
         self._apply(self.state.tick())
         deadline = time.monotonic() - HELLO_TIMEOUT
         for conn in [c for c in self._conns.values() if c.mapper_id is None]:
@@ -415,6 +463,16 @@ class Daemon:
                 sock, _ = self._listen.accept()
             except (BlockingIOError, InterruptedError):
                 return
+            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS...: out of descriptors or memory
+                self._pause_accepting(exc)
+                return
+            # each mapper will open two ZeroMQ connections too (descriptors are numbered from
+            # the lowest free one, so the new socket's number tells how many are in use)
+            pending = sum(1 for c in self._conns.values() if c.mapper_id is None) + 1
+            if sock.fileno() + 2 * pending >= self._fd_ceiling:
+                sock.close()
+                self._pause_accepting(OSError(errno.EMFILE, "close to the open-file limit"))
+                return
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             pid, uid, gid = struct.unpack("3i", creds)
             waiting = sum(1 for c in self._conns.values() if c.mapper_id is None)
@@ -449,7 +507,9 @@ class Daemon:
     def _fd_send(self, conn: FdConn, msg: m.Message, fd: int | None = None) -> None:
         """Send on a mapper's fd socket; what it cannot take now waits in the connection."""
         try:
-            waiting = conn.send(msg, fd, self.state.limits.max_fds_per_mapper + MAX_STRIKES)
+            waiting = conn.send(
+                msg, fd, self.state.limits.max_fds_per_mapper + MAX_STRIKES, self._fd_ceiling
+            )
         except (OutboxFull, OSError) as exc:
             self._drop_conn(conn, f"cannot send to mapper: {exc}")
             return

@@ -31,10 +31,12 @@ class FdConn:
     #: what the socket could not take yet, in order; each fd here is our own dup
     outbox: deque[tuple[m.Message, int | None]] = field(default_factory=deque)
 
-    def send(self, msg: m.Message, fd: int | None, max_waiting: int) -> bool:
+    def send(
+        self, msg: m.Message, fd: int | None, max_waiting: int, fd_ceiling: int = 1 << 30
+    ) -> bool:
         """Send `msg` (with `fd`), or queue it behind what waits already; True if it had to
-        wait. Raises OutboxFull past `max_waiting` waiting messages, OSError if the socket
-        failed."""
+        wait. Raises OutboxFull past `max_waiting` waiting messages or when the duplicate a
+        waiting fd needs would reach `fd_ceiling`, OSError if the socket failed."""
         if not self.outbox:
             try:
                 send_message(self.sock, msg, () if fd is None else (fd,))
@@ -43,7 +45,11 @@ class FdConn:
                 pass
         if len(self.outbox) >= max_waiting:
             raise OutboxFull(f"{len(self.outbox)} messages wait for it to read its fd socket")
-        self.outbox.append((msg, None if fd is None else os.dup(fd)))
+        copy = None if fd is None else os.dup(fd)
+        if copy is not None and copy >= fd_ceiling:
+            os.close(copy)
+            raise OutboxFull("the manager is close to its open-file limit")
+        self.outbox.append((msg, copy))
         return True
 
     def flush(self) -> bool:

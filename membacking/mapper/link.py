@@ -13,6 +13,7 @@ import os
 import select
 import socket
 import threading
+import time
 
 import zmq
 
@@ -28,6 +29,10 @@ from ..runtime import RuntimePaths
 log = logging.getLogger("membacking.mapper")
 
 
+class _Busy(Exception):
+    """The manager closed a new connection without a word (it is too busy to take it)."""
+
+
 class AttachError(ManagerUnavailableError):
     """The manager refused or did not complete this mapper's registration."""
 
@@ -39,9 +44,8 @@ class ManagerLink:
         self.paths = paths
         self.timeout = timeout
         self._req_lock = threading.Lock()
-        self.fd_sock = self._connect_fd_socket()
+        self.fd_sock, welcome = self._register(name)
         try:
-            welcome = self._hello(name)
             # from now on only the mapper thread reads it, and never blocks on it
             self.fd_sock.setblocking(False)
             self._fd_poll = select.poll()
@@ -80,12 +84,33 @@ class ManagerLink:
             ) from None
         return sock
 
-    def _hello(self, name: str) -> m.Welcome:
+    def _register(self, name: str) -> tuple[socket.socket, m.Welcome]:
+        """Connect to fd.sock and say Hello. A manager too busy to take the connection (too many
+        waiting, or near its open-file limit) closes it unanswered: try again until `timeout`."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            sock = self._connect_fd_socket()
+            try:
+                return sock, self._hello(sock, name)
+            except _Busy as exc:
+                sock.close()
+                if time.monotonic() + 0.1 > deadline:
+                    raise self._unavailable(
+                        f"registration failed: {exc}; the manager may be busy"
+                    ) from None
+                time.sleep(0.1)
+            except BaseException:
+                sock.close()
+                raise
+
+    def _hello(self, sock: socket.socket, name: str) -> m.Welcome:
         try:
             with contextlib.suppress(BrokenPipeError):  # refused: the reason waits to be read
-                send_message(self.fd_sock, m.Hello(name))
-            reply, _ = recv_message(self.fd_sock, sender="manager")
-        except (PeerClosed, OSError) as exc:
+                send_message(sock, m.Hello(name))
+            reply, _ = recv_message(sock, sender="manager")
+        except (PeerClosed, ConnectionResetError) as exc:
+            raise _Busy(str(exc)) from None
+        except OSError as exc:
             raise self._unavailable(f"registration failed: {exc}") from None
         except ProtocolError as exc:
             raise AttachError(f"the manager sent an invalid registration reply: {exc}") from None

@@ -9,7 +9,9 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +22,7 @@ import membacking
 from membacking import ManagerUnavailableError, MembackingError
 from membacking.protocol import messages as m
 from membacking.protocol.codec import encode
+from membacking.protocol.fdpass import send_message
 
 from conftest import HandMapper, RunningManager, Worker, WorkerError
 
@@ -279,3 +282,37 @@ def test_limits_refuse_cleanly(start_manager: Start, spawn_worker: Spawn) -> Non
     with pytest.raises(WorkerError, match="NoMappingError"):
         first.ask("read 0x100000 1")  # its second fd is denied: a clean failure
     assert client.stats()["rejected"]["limit"] >= 2
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit (util-linux)")
+def test_out_of_file_descriptors(start_manager: Start) -> None:
+    """More connections than the daemon may open files: it stops accepting for a moment, keeps
+    serving what it has, and takes new mappers again once descriptors are free."""
+    limit = ["prlimit", "--nofile=160:160", "--"]  # soft and hard: the daemon cannot raise it
+    running = start_manager("--region", "ram=0:1M", prefix=limit)
+    peers = []
+    try:
+        for _ in range(80):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            sock.settimeout(5)
+            sock.connect(str(running.runtime_dir / "fd.sock"))
+            send_message(sock, m.Hello("greedy"))
+            peers.append(sock)
+        assert wait_until(lambda: running.client().stats()["rejected"].get("no-resources", 0) > 0)
+        assert running.proc.poll() is None
+    finally:
+        for sock in peers:
+            sock.close()
+    assert wait_until(lambda: running.client().stats()["mappers"] == 0)
+    with membacking.attach(running.runtime_dir, name="after") as memory:
+        memory.write_at(0, b"served")
+        assert memory.read_at(0, 6) == b"served"
+    assert "cannot accept a connection on fd.sock" in running.log()
+    record(
+        "daemon near its open-file limit (160, 80 connections)",
+        1,
+        "accepting paused a second at a time; daemon kept serving; new mappers attach after",
+        "nothing",
+        (0, 0),
+        (0, 0),
+    )
