@@ -146,3 +146,16 @@ def test_map_shows_unbacked_parts_and_aligns_long_mapper_ids() -> None:
     for row, marks in zip(body, (("█", "·"), ("·", "·"), ("·", "█")), strict=True):
         for column, mark in zip(("m5", "m12345"), marks, strict=True):
             assert row[header.index(column)] == mark, (row, column)
+
+
+def test_map_groups_regions_that_are_all_unbacked() -> None:
+    regions = []
+    for i, name in enumerate("abcdefgh"):  # 8 rows in groups of 2: c and d share one
+        r = region(name, i * MiB, MiB)
+        r["mappings"] = [] if name in "cd" else [{"offset": 0, "size": MiB, "writable": True}]
+        regions.append(r)
+    lines = render_map(regions, [], max_rows=4)
+    body = [x for x in lines[4:] if x.startswith("  0x")]
+    assert len(body) <= 4
+    assert any("2 regions c .. d, 2 holes" in x for x in body)
+    assert "6 MiB backed" in lines[0]  # c and d back nothing

@@ -28,6 +28,7 @@ class Row:
     regions: int  # regions that begin in the row
     backed: bool  # False: a hole (between regions, or a part of one left unbacked)
     readonly: int  # read-only pieces in the row
+    names: tuple[str, ...] = ()  # the regions the row shows (none for a hole between them)
 
 
 def _pieces(region: dict[str, Any]) -> list[tuple[int, int, bool]]:
@@ -61,17 +62,23 @@ def _rows(regions: list[dict[str, Any]], max_rows: int) -> list[Row]:
     for r in regions:
         if cursor is not None and r["gpa"] > cursor:
             rows.append(Row(cursor, r["gpa"], "(hole)", 0, False, 0))
+        name = (r["name"],)
         first = True
         at = r["gpa"]
         for start, end, writable in _pieces(r):
             if start > at:
-                rows.append(Row(at, start, f"(unbacked part of {r['name']})", 0, False, 0))
+                label = f"(unbacked part of {r['name']})"
+                rows.append(Row(at, start, label, int(first), False, 0, name))
+                first = False
             ro = "" if writable else " [ro]"
-            rows.append(Row(start, end, f"{r['name']}{ro}", int(first), True, int(not writable)))
+            rows.append(
+                Row(start, end, f"{r['name']}{ro}", int(first), True, int(not writable), name)
+            )
             first, at = False, end
         end = r["gpa"] + r["size"]
         if end > at:
-            rows.append(Row(at, end, f"(unbacked part of {r['name']})", int(first), False, 0))
+            label = f"(unbacked part of {r['name']})"
+            rows.append(Row(at, end, label, int(first), False, 0, name))
         cursor = end if cursor is None else max(cursor, end)
     if len(rows) <= max_rows:
         return rows
@@ -79,22 +86,23 @@ def _rows(regions: list[dict[str, Any]], max_rows: int) -> list[Row]:
     grouped = []
     for i in range(0, len(rows), per):
         part = rows[i : i + per]
-        names = [row.label.split()[0] for row in part if row.backed]
+        names = [n for row in part for n in row.names]
+        names = [n for j, n in enumerate(names) if j == 0 or names[j - 1] != n]
         count = sum(row.regions for row in part)
-        label = (
-            f"{count} regions {names[0]} .. {names[-1]}"
-            if count > 1
-            else names[0]
-            if names
-            else "(hole)"
-        )
+        if count > 1 or len(names) > 1:
+            label = f"{max(count, len(names))} regions {names[0]} .. {names[-1]}"
+        else:
+            label = names[0] if names else "(hole)"
         holes = sum(1 for row in part if not row.backed)
         if holes and names:
             label += f", {holes} hole{'s' if holes > 1 else ''}"
         readonly = sum(row.readonly for row in part)
         if readonly:
             label += f" [{readonly} ro]"
-        grouped.append(Row(part[0].start, part[-1].end, label, count, bool(names), readonly))
+        backed = any(row.backed for row in part)
+        grouped.append(
+            Row(part[0].start, part[-1].end, label, count, backed, readonly, tuple(names))
+        )
     return grouped
 
 
