@@ -397,3 +397,42 @@ def test_silent_connections_are_bounded_and_timed_out(manager: RunningManager) -
         (baseline, 0),
         (after, 0),
     )
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as another uid")
+def test_strangers_cannot_crowd_out_allowed_mappers(
+    start_manager: Callable[..., RunningManager],
+) -> None:
+    """With the socket open to other users, a user who is not allowed opens many silent
+    connections: they wait in a queue of their own, so allowed mappers still get in."""
+    from membacking.manager.daemon import MAX_REFUSED_WAITING, MAX_UNREGISTERED
+
+    running = start_manager("--region", "ram=0:1M", "--allow-uid", "65534")
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a stranger, uid 65533
+        try:
+            os.setgid(65533)
+            os.setuid(65533)
+            held = []
+            for _ in range(MAX_UNREGISTERED + 10):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                sock.connect(str(running.runtime_dir / "fd.sock"))
+                held.append(sock)
+            os.write(ready_w, b"x")
+            os.read(done_r, 1)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(ready_r, 1) == b"x"
+        time.sleep(0.3)  # the daemon has accepted what it will
+        with membacking.attach(running.runtime_dir, name="allowed") as memory:
+            memory.write_at(0, b"in")
+        rejected = running.client().stats()["rejected"]
+        assert rejected["uid"] >= MAX_REFUSED_WAITING and rejected.get("busy", 0) == 0
+    finally:
+        os.write(done_w, b"x")
+        os.waitpid(pid, 0)
+        for fd in (ready_r, ready_w, done_r, done_w):
+            os.close(fd)

@@ -53,6 +53,8 @@ MAX_STRIKES = 8
 HELLO_TIMEOUT = 5.0
 #: ...and at most this many may wait at once, so strangers cannot use up the daemon's fds.
 MAX_UNREGISTERED = 64
+#: ...and refused strangers (answered on their first message) at most this many, for a second
+MAX_REFUSED_WAITING = 16
 #: unattached ZeroMQ peers whose invalid messages are counted (the oldest are forgotten)
 MAX_STRANGERS = 1024
 #: descriptors kept free below the open-file limit, for ZeroMQ's own accepts and short needs
@@ -327,9 +329,9 @@ class Daemon:
             self._accept_paused = False
             self._poller.register(self._listen.fileno(), zmq.POLLIN)
         self._apply(self.state.tick())
-        deadline = time.monotonic() - HELLO_TIMEOUT
+        now = time.monotonic()
         for conn in [c for c in self._conns.values() if c.mapper_id is None]:
-            if conn.accepted < deadline:
+            if conn.accepted < now - (HELLO_TIMEOUT if conn.forbidden is None else 1.0):
                 self.state.reject("timeout", "connected but never said Hello", conn.pid)
                 self._drop_conn(conn, "no Hello")
         for entry in list(self.state.mappers.values()):
@@ -475,14 +477,22 @@ class Daemon:
                 return
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             pid, uid, gid = struct.unpack("3i", creds)
-            waiting = sum(1 for c in self._conns.values() if c.mapper_id is None)
-            if waiting >= MAX_UNREGISTERED:
-                self.state.reject("busy", f"{waiting} connections have not registered yet", pid)
+            allowed = uid in self._allowed_uids or gid in self._allowed_gids
+            # strangers and allowed peers wait in separate queues, so strangers who reach the
+            # socket (--allow-uid opens it) cannot crowd out the mappers that may attach
+            waiting = sum(
+                1
+                for c in self._conns.values()
+                if c.mapper_id is None and (c.forbidden is None) == allowed
+            )
+            if waiting >= (MAX_UNREGISTERED if allowed else MAX_REFUSED_WAITING):
+                reason = "busy" if allowed else "uid"
+                self.state.reject(reason, f"{waiting} connections have not registered yet", pid)
                 sock.close()
                 continue
             sock.setblocking(False)  # a mapper that stops reading must never block the loop
             conn = FdConn(sock, pid, uid)
-            if uid not in self._allowed_uids and gid not in self._allowed_gids:
+            if not allowed:
                 # Refuse on its first message, not now: closing with that message unread would
                 # reset the connection and the peer would never read why it was refused.
                 self.state.reject("uid", f"uid {uid} may not connect", pid)
