@@ -19,7 +19,12 @@ def parse_size(text: str, what: str = "size") -> int:
             f"invalid {what} {text!r}: use a decimal or 0x-hex number, optionally with K, M, G or T"
         )
     digits, suffix = match.groups()
-    value = int(digits, 0) if digits[:2].lower() == "0x" else int(digits, 10)
+    try:
+        value = int(digits, 0) if digits[:2].lower() == "0x" else int(digits, 10)
+    except ValueError:  # underscores in the wrong places: "0x_", "1__0"
+        raise ValueError(
+            f"invalid {what} {text!r}: use a decimal or 0x-hex number, optionally with K, M, G or T"
+        ) from None
     return value * _SUFFIXES[suffix.upper()]
 
 

@@ -133,3 +133,27 @@ def test_long_reads_stream_and_check_first(manager: RunningManager, tmp_path: Pa
         result = manager.cli("mem", *command, timeout=30)
         assert result.returncode == 1 and result.stdout == ""
         assert result.stderr.strip() == "Error: no region backs GPA 0x4000000"
+
+
+def test_attached_mapper_exits_when_its_manager_goes(manager: RunningManager) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "membacking", "mapper", "attach", "--name", "follower"],
+        env=cli_env(manager.runtime_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        ready, _, _ = select.select([proc.stdout], [], [], 20)
+        assert ready and "attached as follower" in proc.stdout.readline()
+        manager.stop()
+        assert proc.wait(10) == 1
+        assert proc.stderr is not None
+        err = proc.stderr.read().strip().splitlines()
+        assert err[-1].startswith("Error: mapper ")
+        assert "the manager shut down" in err[-1] or "lost the connection" in err[-1], err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -303,7 +303,7 @@ def test_parse_size(text: str, value: int) -> None:
     assert units.parse_size(text) == value
 
 
-@pytest.mark.parametrize("text", ["", "-1", "lots", "1.5G", "0x", "64Q", "1 G B"])
+@pytest.mark.parametrize("text", ["", "-1", "lots", "1.5G", "0x", "64Q", "1 G B", "0x_", "1__0"])
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="invalid size"):
         units.parse_size(text)

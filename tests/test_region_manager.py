@@ -326,3 +326,13 @@ def test_removal_while_an_eager_mapper_fails_the_add(state: ManagerState) -> Non
     stats = state.stats()
     assert stats["removals"] == 1 and stats["rollbacks"] == 0 and stats["region_bytes"] == 0
     assert store.live == {} and store.destroyed == [1]
+
+
+def test_file_paths_must_be_absolute(state: ManagerState) -> None:
+    e = error(state, "add_region", name="f", gpa=0, size=MiB, file="relative.bin")
+    assert e.code == "bad-request" and "must be an absolute path" in e.message
+    ok(state, "add_region", name="m", gpa=0, size=MiB)
+    e = error(state, "map_range", name="m", offset=0, size=4096, file="rel.bin")
+    assert e.code == "bad-request" and "absolute" in e.message
+    e = error(state, "map_range", name="m", offset=0, size=4096, file_offset=4096)
+    assert e.code == "bad-request" and "file_offset needs a file" in e.message

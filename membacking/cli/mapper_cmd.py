@@ -1,4 +1,5 @@
-"""`membacking mapper attach`: a mapper that stays attached until SIGINT or SIGTERM."""
+"""`membacking mapper attach`: a mapper that stays attached until SIGINT or SIGTERM (or until it
+loses its manager: then it exits with status 1 and says why)."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def mapper() -> None:
 def mapper_attach(
     runtime_dir: Path | None, name: str | None, prefaults: list[tuple[int, int]], eager: bool
 ) -> None:
-    """Attach a mapper and stay attached until SIGINT or SIGTERM."""
+    """Attach a mapper and stay attached until SIGINT or SIGTERM (exit 1 if the manager goes)."""
     from ..mapper import attach
 
     if name is not None:
@@ -63,5 +64,6 @@ def mapper_attach(
         click.echo(f"mapper {memory.mapper_id} attached as {memory.name}{mode} (pid {os.getpid()})")
         sys.stdout.flush()
         while not stop.wait(0.5):
-            pass
+            if memory.manager_gone is not None:
+                raise click.ClickException(f"mapper {memory.mapper_id}: {memory.manager_gone}")
     click.echo("mapper detached", err=True)

@@ -84,6 +84,7 @@ def _add_region(state: ManagerState, identity: bytes, args: dict[str, Any]) -> l
             "private": bool,
         },
     )
+    _absolute_file(args)
     kinds = [k for k in ("file", "hugetlb", "private") if args.get(k)]
     if len(kinds) > 1:
         raise Refused("bad-request", f"choose one backing, not {' and '.join(kinds)}")
@@ -99,6 +100,16 @@ def _add_region(state: ManagerState, identity: bytes, args: dict[str, Any]) -> l
         path=args.get("file"),
         reply_to=identity,
     )
+
+
+def _absolute_file(args: dict[str, Any]) -> None:
+    path = args.get("file")
+    if path and not path.startswith("/"):
+        raise Refused(
+            "bad-request",
+            f"file {path!r} must be an absolute path (the manager's working directory is not "
+            "the client's)",
+        )
 
 
 def _remove_region(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[Effect]:
@@ -127,6 +138,9 @@ def _map_range(state: ManagerState, identity: bytes, args: dict[str, Any]) -> li
         {"name": str, "offset": int, "size": int},
         {"file": str, "file_offset": int, "readonly": bool},
     )
+    _absolute_file(args)
+    if args.get("file_offset") and not args.get("file"):
+        raise Refused("bad-request", "file_offset needs a file")
     backing = "file" if args.get("file") else "memfd"
     return state.change_mappings(
         args["name"],

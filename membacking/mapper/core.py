@@ -200,6 +200,8 @@ class VaMapper:
             self._eager_message = msg.message
             self._eager_done.set()
         elif isinstance(msg, m.Shutdown):
+            # the manager's own reason says more than a closed connection noticed first
+            self.gone = None
             self.manager_gone(f"the manager shut down ({msg.reason})")
         elif isinstance(msg, m.Error):
             log.warning("mapper %d: the manager rejected a message: %s", self.id, msg.message)

@@ -67,6 +67,12 @@ class GuestMemory:
     def eager(self) -> bool:
         return self._mapper.eager
 
+    @property
+    def manager_gone(self) -> str | None:
+        """Why this mapper lost its manager (stopped, evicted, connection lost), or None while it
+        is served. Mapped memory keeps working either way; new faults fail."""
+        return self._mapper.gone
+
     def make_eager(self, timeout: float = 30.0) -> None:
         """Upgrade this lazy mapper in place: the manager replays every mapping it lacks and
         pushes new ones from now on. On failure it stays lazy and keeps what it got."""
