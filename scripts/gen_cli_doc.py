@@ -18,7 +18,7 @@ HEADER = """# CLI reference
 
 Generated from the code by `python scripts/gen_cli_doc.py`; a test fails when it is out of date.
 
-Every command takes `--runtime-dir` (default `$MEMBACKING_RUNTIME_DIR`, else
+Every command that talks to a daemon takes `--runtime-dir` (default `$MEMBACKING_RUNTIME_DIR`, else
 `$XDG_RUNTIME_DIR/membacking`, else `/tmp/membacking-<uid>`). Sizes and addresses accept decimal,
 `0x` hex and K/M/G/T suffixes (powers of 1024). An operator mistake prints one line on stderr and
 exits with status 1; a usage error exits with status 2.

@@ -45,6 +45,9 @@ for command in (
 def main() -> None:
     try:
         code = cli.main(prog_name="membacking", standalone_mode=False)
+    except click.MissingParameter as exc:  # a usage mistake: keep click's usage hint
+        exc.show()
+        sys.exit(exc.exit_code)
     except click.BadParameter as exc:  # a bad value (size, name, spec): one line, like the rest
         click.echo(f"Error: {exc.format_message()}", err=True)
         sys.exit(1)

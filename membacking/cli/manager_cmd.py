@@ -132,7 +132,12 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
 
     if config_path is not None:
         for key, value in load_config(config_path).items():
-            if ctx.get_parameter_source(key) in (None, ParameterSource.DEFAULT):
+            # only the command line overrides the file (an ambient environment variable does not)
+            if ctx.get_parameter_source(key) in (
+                None,
+                ParameterSource.DEFAULT,
+                ParameterSource.ENVIRONMENT,
+            ):
                 options[key] = value
     logs.configure(options["log_level"], options["log_format"])
     address_space = options["address_space"]
