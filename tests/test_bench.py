@@ -35,7 +35,7 @@ def test_quick_benchmark_reports_everything(tmp_path: Path) -> None:
         "remove, 4 holders: inside",
         "remove, 16 holders: inside",
         "faults per second, 8 mappers",
-        "fault latency with 1000 regions vs 1",
+        "fault latency with 1000 regions vs 31",
         "manager memory per region",
         "manager memory per mapper",
     ]

@@ -136,9 +136,10 @@ def parallel_faults(mappers: int, per_mapper: int) -> float:
 
 
 def fault_among(regions: int, probes: int) -> float:
-    """Median first-fault seconds when the manager holds `regions` regions in all."""
-    with manager("--region", "ram0=0:1M", "--max-regions", str(regions + probes + 10)) as mgr:
-        for i in range(regions - 1):
+    """Median first-fault seconds when the manager holds `regions` regions in all (ram0, the
+    `probes` regions faulted, and fillers; so at least probes + 1)."""
+    with manager("--region", "ram0=0:1M", "--max-regions", str(regions + 10)) as mgr:
+        for i in range(regions - probes - 1):
             mgr.client.add_region(f"f{i}", 4 * MiB + i * 2 * 4096, 4096)
         gpas = _add_probes(mgr, probes)
         return _median_first_access(mgr, gpas)
