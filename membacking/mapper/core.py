@@ -33,7 +33,7 @@ from ..protocol.messages import PRIVATE_MAPPABLE, Message
 from ..protocol.rangemap import RangeMap
 from ..protocol.ranges import MemoryRange
 from .link import ManagerLink
-from .waitlist import NO_MAPPING, READ_ONLY, WaiterSet
+from .waitlist import MAP_FAILED, NO_MAPPING, READ_ONLY, WaiterSet
 
 log = logging.getLogger("membacking.mapper")
 
@@ -183,10 +183,14 @@ class VaMapper:
     def _handle(self, msg: Message) -> None:
         if isinstance(msg, m.Map):
             failure = self._apply_map(msg.range, msg.mappable_id, msg.file_offset, msg.writable)
-            self.waiters.complete(msg.range, msg.writable if failure is None else None)
+            self.waiters.complete(
+                msg.range, msg.writable, None if failure is None else MAP_FAILED + failure
+            )
         elif isinstance(msg, m.MapEager):
             failure = self._apply_map(msg.range, msg.mappable_id, msg.file_offset, msg.writable)
-            self.waiters.complete(msg.range, msg.writable if failure is None else None)
+            self.waiters.complete(
+                msg.range, msg.writable, None if failure is None else MAP_FAILED + failure
+            )
             self.link.send_stream(m.MapAck(msg.seq, failure is None, (failure or "")[:1000]))
         elif isinstance(msg, m.NoMapping):
             self.waiters.complete(msg.range, None)
@@ -386,6 +390,9 @@ class VaMapper:
             raise NoMappingError(f"no region backs GPA {missing:#x}", missing)
         if waiter.failure == READ_ONLY:
             raise ReadOnlyError(f"GPA {missing:#x} is mapped read-only; cannot write", missing)
+        if waiter.failure is not None and waiter.failure.startswith(MAP_FAILED):
+            why = waiter.failure.removeprefix(MAP_FAILED)
+            raise GuestMemoryError(f"cannot map GPA {missing:#x}: {why}", missing)
         if waiter.failure is not None:
             if self.closed:
                 raise DetachedError("this GuestMemory is detached", gpa)

@@ -13,6 +13,8 @@ from ..protocol.ranges import MemoryRange
 NO_MAPPING = "no-mapping"
 READ_ONLY = "read-only"
 SHUTDOWN = "shutdown"
+#: prefix of the failure of a Map this mapper could not apply, followed by the reason
+MAP_FAILED = "map-failed: "
 
 
 class Waiter:
@@ -30,10 +32,14 @@ class Waiter:
         self.failure = failure
         self.event.set()
 
-    def complete(self, rng: MemoryRange, writable: bool | None) -> bool:
-        """Apply a Map (writable is a bool) or NoMapping (None); True when the waiter is done."""
+    def complete(self, rng: MemoryRange, writable: bool | None, failure: str | None = None) -> bool:
+        """Apply a Map (writable is a bool), a NoMapping (None) or a Map this mapper could not
+        apply (`failure` says why); True when the waiter is done."""
         if not rng.contains_addr(self.range.start):
             return False
+        if failure is not None:
+            self._finish(failure)
+            return True
         if writable is None:
             self._finish(NO_MAPPING)
             return True
@@ -73,10 +79,10 @@ class WaiterSet:
                 self._waiters.append(waiter)
         return waiter
 
-    def complete(self, rng: MemoryRange, writable: bool | None) -> None:
+    def complete(self, rng: MemoryRange, writable: bool | None, failure: str | None = None) -> None:
         with self._lock:
             if self._waiters:
-                self._waiters = [w for w in self._waiters if not w.complete(rng, writable)]
+                self._waiters = [w for w in self._waiters if not w.complete(rng, writable, failure)]
 
     def discard(self, waiter: Waiter) -> None:
         """Forget a waiter that gave up (timed out)."""
