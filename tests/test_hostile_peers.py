@@ -211,7 +211,7 @@ def test_garbage_on_the_mapper_socket(manager: RunningManager) -> None:
 
 
 def test_a_stranger_that_keeps_sending_garbage_is_ignored(manager: RunningManager) -> None:
-    from membacking.manager.daemon import MAX_STRIKES
+    from membacking.manager.fdserver import MAX_STRIKES
 
     ctx = zmq.Context()
     try:
@@ -368,7 +368,7 @@ def test_allowed_uid_attaches_as_shipped(start_manager: Callable[..., RunningMan
 
 
 def test_silent_connections_are_bounded_and_timed_out(manager: RunningManager) -> None:
-    from membacking.manager.daemon import HELLO_TIMEOUT, MAX_UNREGISTERED
+    from membacking.manager.fdserver import HELLO_TIMEOUT, MAX_UNREGISTERED
 
     baseline = baseline_fds(manager)
     silent = [fd_socket(manager) for _ in range(MAX_UNREGISTERED)]
@@ -405,7 +405,7 @@ def test_strangers_cannot_crowd_out_allowed_mappers(
 ) -> None:
     """With the socket open to other users, a user who is not allowed opens many silent
     connections: they wait in a queue of their own, so allowed mappers still get in."""
-    from membacking.manager.daemon import MAX_REFUSED_WAITING, MAX_UNREGISTERED
+    from membacking.manager.fdserver import MAX_REFUSED_WAITING, MAX_UNREGISTERED
 
     running = start_manager("--region", "ram=0:1M", "--allow-uid", "65534")
     ready_r, ready_w = os.pipe()

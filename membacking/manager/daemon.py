@@ -8,13 +8,11 @@ A bad message is rejected and counted; nothing a peer sends can stop the loop.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import resource
 import signal
 import socket
-import struct
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -26,13 +24,13 @@ import zmq
 from ..protocol import messages as m
 from ..protocol.codec import decode, encode
 from ..protocol.errors import ProtocolError
-from ..protocol.fdpass import PeerClosed, recv_message, send_message
 from ..protocol.messages import Channel
 from ..runtime import RuntimePaths
 from . import sdnotify
 from .backing import MemfdStore
 from .errors import Refused
-from .fdconn import FdConn, OutboxFull
+from .fdconn import FdConn
+from .fdserver import MAX_STRIKES, FdServer
 from .metrics import ManagerMetrics
 from .rundir import RuntimeDirError, RuntimeDirLock
 from .state import (
@@ -47,14 +45,6 @@ from .state import (
 
 log = logging.getLogger("membacking.manager")
 
-#: A connection that sends this many invalid messages in a row is disconnected.
-MAX_STRIKES = 8
-#: A connection to fd.sock that has not registered within this many seconds is closed...
-HELLO_TIMEOUT = 5.0
-#: ...and at most this many may wait at once, so strangers cannot use up the daemon's fds.
-MAX_UNREGISTERED = 64
-#: ...and refused strangers (answered on their first message) at most this many, for a second
-MAX_REFUSED_WAITING = 16
 #: unattached ZeroMQ peers whose invalid messages are counted (the oldest are forgotten)
 MAX_STRANGERS = 1024
 #: descriptors kept free below the open-file limit, for ZeroMQ's own accepts and short needs
@@ -112,7 +102,7 @@ def config_widens(config: ManagerConfig) -> bool:
     return bool(config.allow_uids or config.allow_gids)
 
 
-class Daemon:
+class Daemon(FdServer):
     """Serves one runtime directory until `stop()` (or SIGINT/SIGTERM under `run`)."""
 
     def __init__(self, config: ManagerConfig) -> None:
@@ -310,30 +300,10 @@ class Daemon:
                 next_tick = time.monotonic() + 1.0
                 self._guard("tick", None, self._tick)
 
-    def _pause_accepting(self, exc: OSError) -> None:
-        """New connections wait in the backlog for a second; the listening socket would
-        otherwise stay readable and spin the loop. Mappers already attached are not affected."""
-        self.state.rejected["no-resources"] += 1
-        log.error(
-            "cannot accept a connection on fd.sock: %s; trying again in a second "
-            "(raise the open-file limit, LimitNOFILE=, for more mappers)",
-            exc.strerror or exc,
-        )
-        if self._poller is not None:
-            with contextlib.suppress(KeyError):
-                self._poller.unregister(self._listen.fileno())
-        self._accept_paused = True
-
     def _tick(self) -> None:
-        if self._accept_paused and self._poller is not None:
-            self._accept_paused = False
-            self._poller.register(self._listen.fileno(), zmq.POLLIN)
+        self._resume_accepting()
         self._apply(self.state.tick())
-        now = time.monotonic()
-        for conn in [c for c in self._conns.values() if c.mapper_id is None]:
-            if conn.accepted < now - (HELLO_TIMEOUT if conn.forbidden is None else 1.0):
-                self.state.reject("timeout", "connected but never said Hello", conn.pid)
-                self._drop_conn(conn, "no Hello")
+        self._sweep_unregistered()
         for entry in list(self.state.mappers.values()):
             # pid 0: the mapper is in a pid namespace we cannot see into (another container);
             # its fd socket still tells us when it goes away
@@ -458,135 +428,3 @@ class Daemon:
         self._apply(effects)
 
     # ---- fd socket -----------------------------------------------------------------------------
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, _ = self._listen.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS...: out of descriptors or memory
-                self._pause_accepting(exc)
-                return
-            # each mapper will open two ZeroMQ connections too (descriptors are numbered from
-            # the lowest free one, so the new socket's number tells how many are in use)
-            pending = sum(1 for c in self._conns.values() if c.mapper_id is None) + 1
-            if sock.fileno() + 2 * pending >= self._fd_ceiling:
-                sock.close()
-                self._pause_accepting(OSError(errno.EMFILE, "close to the open-file limit"))
-                return
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            pid, uid, gid = struct.unpack("3i", creds)
-            allowed = uid in self._allowed_uids or gid in self._allowed_gids
-            # strangers and allowed peers wait in separate queues, so strangers who reach the
-            # socket (--allow-uid opens it) cannot crowd out the mappers that may attach
-            waiting = sum(
-                1
-                for c in self._conns.values()
-                if c.mapper_id is None and (c.forbidden is None) == allowed
-            )
-            if waiting >= (MAX_UNREGISTERED if allowed else MAX_REFUSED_WAITING):
-                reason = "busy" if allowed else "uid"
-                self.state.reject(reason, f"{waiting} connections have not registered yet", pid)
-                sock.close()
-                continue
-            sock.setblocking(False)  # a mapper that stops reading must never block the loop
-            conn = FdConn(sock, pid, uid)
-            if not allowed:
-                # Refuse on its first message, not now: closing with that message unread would
-                # reset the connection and the peer would never read why it was refused.
-                self.state.reject("uid", f"uid {uid} may not connect", pid)
-                conn.forbidden = f"uid {uid} may not use this manager"
-            self._conns[sock.fileno()] = conn
-            if self._poller is not None:
-                self._poller.register(sock.fileno(), zmq.POLLIN)
-
-    def _drop_conn(self, conn: FdConn, why: str = "disconnected") -> None:
-        fileno = conn.sock.fileno()
-        if fileno == -1:
-            return  # already dropped
-        if self._poller is not None:
-            with contextlib.suppress(KeyError):
-                self._poller.unregister(fileno)
-        self._conns.pop(fileno, None)
-        conn.close()
-        if conn.mapper_id is not None:
-            self._conn_of_mapper.pop(conn.mapper_id, None)
-            self._apply(self.state.mapper_gone(conn.mapper_id, why))
-
-    def _fd_send(self, conn: FdConn, msg: m.Message, fd: int | None = None) -> None:
-        """Send on a mapper's fd socket; what it cannot take now waits in the connection."""
-        try:
-            waiting = conn.send(
-                msg, fd, self.state.limits.max_fds_per_mapper + MAX_STRIKES, self._fd_ceiling
-            )
-        except (OutboxFull, OSError) as exc:
-            self._drop_conn(conn, f"cannot send to mapper: {exc}")
-            return
-        if waiting and self._poller is not None:
-            self._poller.register(conn.sock.fileno(), zmq.POLLIN | zmq.POLLOUT)
-
-    def _flush_outbox(self, conn: FdConn) -> None:
-        try:
-            done = conn.flush()
-        except OSError as exc:
-            self._drop_conn(conn, f"cannot send to mapper: {exc}")
-            return
-        if done and self._poller is not None:
-            self._poller.register(conn.sock.fileno(), zmq.POLLIN)
-
-    def _on_fd_conn(self, conn: FdConn) -> None:
-        if conn.forbidden is not None:
-            with contextlib.suppress(PeerClosed, ProtocolError, OSError):
-                recv_message(conn.sock, sender="mapper")
-                send_message(conn.sock, m.Error("forbidden", conn.forbidden))
-            self._drop_conn(conn, "forbidden")
-            return
-        try:
-            msg, _fds = recv_message(
-                conn.sock, sender="mapper"
-            )  # fds: always empty for mapper -> manager types
-        except BlockingIOError:
-            return  # woken with nothing to read
-        except (PeerClosed, ConnectionError, OSError) as exc:
-            why = "fd socket closed" if isinstance(exc, PeerClosed) else f"fd socket error: {exc}"
-            self._drop_conn(conn, why)
-            return
-        except ProtocolError as exc:
-            self._strike(conn, exc.reason, str(exc))
-            return
-        try:
-            self._handle_fd_message(conn, msg)
-        except OSError as exc:
-            self._drop_conn(conn, f"cannot send to mapper: {exc}")
-        except Exception:
-            self.state.rejected["internal"] += 1
-            log.exception(
-                "internal error while handling %s from pid %d", type(msg).__name__, conn.pid
-            )
-
-    def _strike(self, conn: FdConn, reason: str, detail: str) -> None:
-        self.state.reject(reason, detail, conn.pid)
-        conn.strikes += 1
-        self._fd_send(conn, m.Error(reason, detail[:1000]))
-        if conn.strikes >= MAX_STRIKES:
-            log.warning("disconnecting pid %d after %d invalid messages", conn.pid, conn.strikes)
-            self._drop_conn(conn, "too many invalid messages")
-
-    def _handle_fd_message(self, conn: FdConn, msg: m.Message) -> None:
-        if isinstance(msg, m.Hello):
-            if conn.mapper_id is not None:
-                self._strike(conn, "unexpected", "Hello sent twice")
-                return
-            try:
-                entry = self.state.register_mapper(msg.name, conn.pid)
-            except Refused as exc:
-                self._fd_send(conn, m.Error(exc.code, str(exc)))
-                self._drop_conn(conn, "refused")
-                return
-            conn.mapper_id = entry.id
-            self._conn_of_mapper[entry.id] = conn
-            self._fd_send(conn, self.state.welcome(entry))
-        else:
-            self._strike(conn, "unexpected", f"{type(msg).__name__} is not accepted on fd.sock")
-        conn.strikes = 0
