@@ -59,31 +59,29 @@ def test_mem_errors(manager: RunningManager) -> None:
     assert len(badhex.stderr.strip().splitlines()) == 1
 
 
-def test_mapper_attach_prefault_and_signal(manager: RunningManager) -> None:
+def attach_cli(manager: RunningManager, *args: str) -> tuple[subprocess.Popen[str], str]:
+    """`membacking mapper attach ARGS` in the background; returns it and its first line."""
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "membacking",
-            "mapper",
-            "attach",
-            "--name",
-            "worker",
-            "--prefault",
-            "0:1M",
-            "--prefault",
-            "0xfff00000:4K",
-        ],
+        [sys.executable, "-m", "membacking", "mapper", "attach", *args],
         env=cli_env(manager.runtime_dir),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 20)
+    if not ready:
+        proc.kill()
+        proc.wait()
+        raise AssertionError("mapper attach printed nothing")
+    return proc, proc.stdout.readline()
+
+
+def test_mapper_attach_prefault_and_signal(manager: RunningManager) -> None:
+    proc, line = attach_cli(
+        manager, "--name", "worker", "--prefault", "0:1M", "--prefault", "0xfff00000:4K"
+    )
     try:
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], 20)
-        assert ready, "mapper attach printed nothing"
-        line = proc.stdout.readline()
         assert line.startswith("mapper ") and "attached as worker" in line
         mappers = json.loads(manager.cli("mappers", "--json").stdout)
         assert [(p["name"], p["pid"], p["ranges"]) for p in mappers] == [("worker", proc.pid, 2)]
@@ -136,17 +134,9 @@ def test_long_reads_stream_and_check_first(manager: RunningManager, tmp_path: Pa
 
 
 def test_attached_mapper_exits_when_its_manager_goes(manager: RunningManager) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "membacking", "mapper", "attach", "--name", "follower"],
-        env=cli_env(manager.runtime_dir),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc, line = attach_cli(manager, "--name", "follower")
     try:
-        assert proc.stdout is not None
-        ready, _, _ = select.select([proc.stdout], [], [], 20)
-        assert ready and "attached as follower" in proc.stdout.readline()
+        assert "attached as follower" in line
         manager.stop()
         assert proc.wait(10) == 1
         assert proc.stderr is not None
