@@ -296,7 +296,19 @@ class VaMapper:
                 # An open view still reads this memory: the ack waits for it to close.
                 self._pending_unmaps.append((seq, rng, release))
                 return
-            self.reservation.unmap(rng.start, rng.len)
+            try:
+                self.reservation.unmap(rng.start, rng.len)
+            except OSError as exc:
+                # The old memory is still mapped here (though no access reaches it: the table
+                # no longer has it), so the ack would be a lie. Without it the manager evicts
+                # this mapper after its --unmap-timeout, and the removal completes then.
+                log.error(
+                    "mapper %d: cannot unmap %s (%s): not acknowledging; expect eviction",
+                    self.id,
+                    rng,
+                    exc.strerror or exc,
+                )
+                return
         self._close_fds(release)
         self.link.send_stream(m.UnmapAck(seq))
 

@@ -318,3 +318,30 @@ def test_out_of_file_descriptors(start_manager: Start) -> None:
         (0, 0),
         (0, 0),
     )
+
+
+def test_a_mapper_that_cannot_unmap_does_not_acknowledge(
+    start_manager: Start, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fault injection: if putting the placeholder back fails, the old memory is still mapped,
+    so the mapper must not acknowledge; it is evicted and the removal completes then."""
+    from membacking.ffi import Reservation
+
+    running = start_manager("--region", "ram=0:1M", "--unmap-timeout", "1")
+    client = running.client()
+    client.add_region("dev", 0x100000, 0x10000)
+    with membacking.attach(running.runtime_dir, name="stuck") as memory:
+        memory.read_at(0x100000, 1)
+
+        def failing_unmap(self: Reservation, offset: int, size: int) -> None:
+            raise OSError(12, "Cannot allocate memory")
+
+        monkeypatch.setattr(Reservation, "unmap", failing_unmap)
+        started = time.monotonic()
+        result = client.remove_region("dev")
+        assert time.monotonic() - started >= 1.0  # waited for the eviction, not for an ack
+        assert result["unmapped_from"] == [memory.mapper_id]
+        assert client.stats()["evictions"] == 1
+        assert "not acknowledging" in caplog.text
+        monkeypatch.undo()
+        assert wait_until(lambda: memory.manager_gone is not None)
