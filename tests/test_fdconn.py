@@ -31,8 +31,10 @@ def test_outbox_keeps_order_and_fds_until_the_peer_reads() -> None:
     )
     assert waiting == 10 and len(conn.outbox) == 10
     assert open_fds() == before + 10  # each waiting message holds its own duplicate
-    with pytest.raises(OutboxFull):
-        conn.send(m.Error("x", "y"), None, max_waiting=10)
+    with pytest.raises(OutboxFull):  # ten fds wait: no eleventh
+        conn.send(m.FdGrant(999, 4096, True), memfd, max_waiting=10)
+    assert conn.send(m.FdDenied(998, "limit"), None, max_waiting=10)  # a denial still may
+    sent += 1
     received = []
     theirs.settimeout(1)
     while len(received) < sent + 10:
@@ -42,7 +44,7 @@ def test_outbox_keeps_order_and_fds_until_the_peer_reads() -> None:
         for fd in fds:
             os.close(fd)
     assert conn.flush() and not conn.outbox
-    assert received == list(range(1, sent + 11))  # in order, none lost
+    assert received == [*range(1, sent + 10), 998]  # in order, none lost
     assert open_fds() == before
     conn.close()
     theirs.close()

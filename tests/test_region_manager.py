@@ -336,3 +336,23 @@ def test_file_paths_must_be_absolute(state: ManagerState) -> None:
     assert e.code == "bad-request" and "absolute" in e.message
     e = error(state, "map_range", name="m", offset=0, size=4096, file_offset=4096)
     assert e.code == "bad-request" and "file_offset needs a file" in e.message
+
+
+def test_an_eager_mapper_that_cannot_map_a_change_becomes_lazy(state: ManagerState) -> None:
+    ok(state, "add_region", name="r", gpa=0, size=MiB)
+    mid, stream, _ = attach(state, "eager")
+    replay = msgs(state.handle_mapper(stream, m.SetEager()))
+    state.handle_mapper(stream, m.MapAck(replay[0].seq, True, ""))  # type: ignore[attr-defined]
+    assert state.mappers[mid].eager
+    out = state.handle_control(
+        b"ctl", m.ControlRequest("map_range", {"name": "r", "offset": 0, "size": 4096})
+    )
+    sent = msgs(out, stream)
+    unmap = next(x for x in sent if isinstance(x, m.Unmap))
+    push = next(x for x in sent if isinstance(x, m.MapEager))
+    state.handle_mapper(stream, m.UnmapAck(unmap.seq))
+    done = state.handle_mapper(stream, m.MapAck(push.seq, False, "fd limit"))
+    told = msgs(done, stream)
+    assert told == [m.EagerResult(False, "mapper 1 (eager): fd limit")]
+    assert isinstance(msgs(done, b"ctl")[0], m.ControlReply)  # the change itself stands
+    assert not state.mappers[mid].eager and state.stats()["demotions"] == 1

@@ -250,7 +250,7 @@ class Daemon(FdServer):
     def _close_all(self) -> None:
         self.metrics.close()
         for conn in list(self._conns.values()):
-            conn.sock.close()
+            conn.close()  # and the fd copies waiting in its outbox
         self._conns.clear()
         for name in ("_mapper", "_control"):
             sock = getattr(self, name, None)

@@ -43,7 +43,10 @@ class FdConn:
                 return False
             except BlockingIOError:
                 pass
-        if len(self.outbox) >= max_waiting:
+        # fds are what is scarce: `max_waiting` bounds those; small messages (FdDenied, Error)
+        # may wait in larger numbers
+        holding = sum(1 for _, waiting_fd in self.outbox if waiting_fd is not None)
+        if (fd is not None and holding >= max_waiting) or len(self.outbox) >= 16 * max_waiting:
             raise OutboxFull(f"{len(self.outbox)} messages wait for it to read its fd socket")
         copy = None if fd is None else os.dup(fd)
         if copy is not None and copy >= fd_ceiling:

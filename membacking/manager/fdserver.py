@@ -206,7 +206,7 @@ class FdServer:
                 return
             conn.mapper_id = entry.id
             self._conn_of_mapper[entry.id] = conn
+            conn.strikes = 0
             self._fd_send(conn, self.state.welcome(entry))
-        else:
+        else:  # after Hello a mapper sends nothing here: every message is a strike
             self._strike(conn, "unexpected", f"{type(msg).__name__} is not accepted on fd.sock")
-        conn.strikes = 0

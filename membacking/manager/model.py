@@ -97,6 +97,7 @@ class Operation:
     destroy: set[int] = field(default_factory=set)  # mappables to destroy once complete
     failures: list[str] = field(default_factory=list)
     eager: dict[tuple[int, int], MemoryRange] = field(default_factory=dict)  # MapEager sent
+    failed_mappers: set[int] = field(default_factory=set)  # eager mappers whose MapEager failed
     #: an invalidation: its duration goes to `removal_observer`
     timed: bool = False
     #: builds the reply (and any follow-up effects) once nothing is pending

@@ -294,7 +294,25 @@ class ManagerState(PeerState):
                 effects += self._insert(region, new_sub, op)
             effects += self._refill(cut)
         effects += self._release_leftovers(op)
-        op.on_done = lambda op: self._reply(op, region_info(self, region))
+
+        def done(op: Operation) -> list[Effect]:
+            # An eager mapper that could not map the new piece would never fault it in: it
+            # becomes lazy (and faults what it lacks from now on) instead of missing memory.
+            told: list[Effect] = []
+            for mapper_id in sorted(op.failed_mappers):
+                entry = self.mappers.get(mapper_id)
+                if entry is None or not entry.eager:
+                    continue
+                entry.eager = False
+                why = "; ".join(op.failures)
+                log.warning(
+                    "mapper %d is lazy from now on: it could not map %s: %s", mapper_id, name, why
+                )
+                self.counters["demotions"] += 1
+                told.append(self._to_mapper(entry, m.EagerResult(False, why[:1000])))
+            return told + self._reply(op, region_info(self, region))
+
+        op.on_done = done
         return effects + self._maybe_finish(op)
 
     def handle_control(self, identity: bytes, msg: Message) -> list[Effect]:
@@ -321,6 +339,7 @@ class ManagerState(PeerState):
             "removals",
             "evictions",
             "rollbacks",
+            "demotions",
             "invalidations",
             "invalidation_us_total",
         )

@@ -163,6 +163,7 @@ class TableState:
         op.waiting.discard((mapper_id, seq))
         if failure is not None:
             op.failures.append(f"mapper {mapper_id} ({entry.name}): {failure}")
+            op.failed_mappers.add(mapper_id)
             rng = op.eager.get((mapper_id, seq))
             if rng is not None:  # the mapper does not hold what it failed to map
                 entry.held.pop(rng, None)

@@ -71,7 +71,7 @@ class VaMapper:
         self.waiters = WaiterSet()
         #: fds the manager pushed (each behind the Map needing it), and the fds it refused
         self.fds: dict[int, int] = {}
-        self._fds_denied: dict[int, str] = {}
+        self._fds_denied: dict[int, list[str]] = {}  # one reason per denied Map, in order
         self.views: dict[int, tuple[int, int]] = {}
         #: view id -> exporter of a view whose slices outlived its block (still pinned)
         self._escaped: dict[int, object] = {}
@@ -157,7 +157,7 @@ class VaMapper:
             close_fds([fd for fd in (self.fds.pop(msg.mappable_id, None),) if fd is not None])
             self.fds[msg.mappable_id] = fds[0]
         elif isinstance(msg, m.FdDenied):
-            self._fds_denied[msg.mappable_id] = msg.reason
+            self._fds_denied.setdefault(msg.mappable_id, []).append(msg.reason)
         else:
             close_fds(fds)
             log.warning("mapper %d: unexpected %s on the fd socket", self.id, type(msg).__name__)
@@ -218,8 +218,11 @@ class VaMapper:
             fd = self.fds.get(mappable_id)
             if fd is not None:
                 return fd
-            denied = self._fds_denied.pop(mappable_id, None)
-            if denied is not None:
+            reasons = self._fds_denied.get(mappable_id)
+            if reasons:  # each denial answers one Map: take this one's
+                denied = reasons.pop(0)
+                if not reasons:
+                    del self._fds_denied[mappable_id]
                 return f"the manager denied the fd of mappable {mappable_id}: {denied}"
             try:
                 got = self.link.recv_fd_message(wait=True)

@@ -244,8 +244,9 @@ class GuestMemory:
         try:
             yield view
         finally:
-            view.release()
-            raw.release()
+            with contextlib.suppress(BufferError):  # the view itself is still exported: that
+                view.release()  # counts as escaping, below
+                raw.release()
             # Nothing else refers to the exporter but this name (and getrefcount's argument)
             # unless a slice of the view escaped the block: then the range stays pinned.
             escaped = sys.getrefcount(exporter) > 2
