@@ -75,13 +75,27 @@ class Reservation:
             )
         return self.base + offset
 
-    def map_fd(self, offset: int, size: int, fd: int, file_offset: int, writable: bool) -> None:
-        """Map `size` bytes of `fd` at `offset`, shared, read-only unless `writable`."""
+    def map_fd(
+        self,
+        offset: int,
+        size: int,
+        fd: int,
+        file_offset: int,
+        writable: bool,
+        copy_on_write: bool = False,
+    ) -> None:
+        """Map `size` bytes of `fd` at `offset`, shared, read-only unless `writable`. With
+        `copy_on_write` (for a read-only backing under a writable view that is still open):
+        private and writable, so a write through the view lands in a private copy instead of
+        faulting, and never reaches the backing."""
         addr = self._check(offset, size)
-        prot = PROT_READ | (PROT_WRITE if writable else 0)
+        if copy_on_write:
+            prot, flags = PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED
+        else:
+            prot, flags = PROT_READ | (PROT_WRITE if writable else 0), MAP_SHARED | MAP_FIXED
         # Safe: MAP_FIXED only ever replaces pages inside our own reservation (checked above);
         # callers hold the access lock, so no access is reading the pages being replaced.
-        got = _libc.mmap(addr, size, prot, MAP_SHARED | MAP_FIXED, fd, file_offset)
+        got = _libc.mmap(addr, size, prot, flags, fd, file_offset)
         if got in (None, _MAP_FAILED):
             raise _oserror(f"cannot map fd {fd} at offset {offset:#x}")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -266,3 +268,41 @@ def test_detached_memory_refuses_access(manager: RunningManager) -> None:
     with pytest.raises(GuestMemoryError, match="detached"):
         memory.read_at(0, 1)
     assert manager.client().mappers() == []
+
+
+REMAP_UNDER_A_WRITABLE_VIEW = """
+import sys, threading, time
+import membacking
+from membacking.control_client import ControlClient
+client = ControlClient(sys.argv[1])
+client.add_region("dev", 0x10000000, 0x10000)
+with membacking.attach(sys.argv[1]) as mem:
+    mem.write_at(0x10000000, b"old")
+    with mem.view(0x10000000, 4096, write=True) as view:
+        done = threading.Event()
+        def replace():
+            client.map_range("dev", 0, 0x1000, readonly=True)
+            done.set()
+        threading.Thread(target=replace, daemon=True).start()
+        deadline = time.monotonic() + 10
+        while mem.mapped_ranges()[0][1] and time.monotonic() < deadline:
+            time.sleep(0.01)  # until the read-only backing is mapped under the open view
+        view[0:4] = b"boom"  # must not fault
+    done.wait(10)
+    assert done.is_set(), "the replacement did not complete"
+    assert mem.read_at(0x10000000, 4) == bytes(4), "the read-only backing was written"
+print("survived")
+"""
+
+
+def test_a_writable_view_survives_a_read_only_remap(manager: RunningManager) -> None:
+    """A range replaced by a read-only backing while a writable view of it is open: writes
+    through the view go to a private copy (no SIGSEGV) and never reach the new backing."""
+    result = subprocess.run(
+        [sys.executable, "-c", REMAP_UNDER_A_WRITABLE_VIEW, str(manager.runtime_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    assert result.stdout.strip() == "survived"

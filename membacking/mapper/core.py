@@ -44,12 +44,16 @@ MAX_FAULTS = 64
 class Chunk:
     """What backs one mapped range of the reservation."""
 
-    __slots__ = ("file_offset", "mappable_id", "writable")
+    __slots__ = ("cow", "file_offset", "mappable_id", "writable")
 
-    def __init__(self, mappable_id: int, file_offset: int, writable: bool) -> None:
+    def __init__(
+        self, mappable_id: int, file_offset: int, writable: bool, cow: bool = False
+    ) -> None:
         self.mappable_id = mappable_id
         self.file_offset = file_offset
         self.writable = writable
+        #: mapped private and writable under an open writable view; remapped once it closes
+        self.cow = cow
 
 
 class VaMapper:
@@ -72,7 +76,7 @@ class VaMapper:
         #: fds the manager pushed (each behind the Map needing it), and the fds it refused
         self.fds: dict[int, int] = {}
         self._fds_denied: dict[int, list[str]] = {}  # one reason per denied Map, in order
-        self.views: dict[int, tuple[int, int]] = {}
+        self.views: dict[int, tuple[int, int, bool]] = {}  # view id -> (start, end, writable)
         #: view id -> exporter of a view whose slices outlived its block (still pinned)
         self._escaped: dict[int, object] = {}
         self._next_view = 0
@@ -259,11 +263,16 @@ class VaMapper:
                 ):
                     return None  # already mapped exactly so (two faults raced)
             self._remove_chunks(rng)
+            # A writable view still open here (its Unmap is deferred) must not fault on a write
+            # when the new backing is read-only: give it a private copy to write to.
+            cow = not writable and self._pinned_for_writing(rng)
             try:
                 if fd is None:
-                    self.reservation.map_anon(rng.start, rng.len, writable)
+                    self.reservation.map_anon(rng.start, rng.len, writable or cow)
                 else:
-                    self.reservation.map_fd(rng.start, rng.len, fd, file_offset, writable)
+                    self.reservation.map_fd(
+                        rng.start, rng.len, fd, file_offset, writable, copy_on_write=cow
+                    )
             except OSError as exc:
                 with contextlib.suppress(OSError):
                     self.reservation.unmap(rng.start, rng.len)
@@ -271,7 +280,7 @@ class VaMapper:
                 return f"mmap failed: {exc.strerror}"
             with contextlib.suppress(OSError):
                 self.reservation.madvise(rng.start, rng.len, MADV_DONTDUMP)
-            self.chunks.insert(rng, Chunk(mappable_id, file_offset, writable))
+            self.chunks.insert(rng, Chunk(mappable_id, file_offset, writable, cow))
         return None
 
     def _remove_chunks(self, rng: MemoryRange) -> None:
@@ -290,7 +299,12 @@ class VaMapper:
         self.hot[0] = self.hot[1] = 0
 
     def _pinned(self, rng: MemoryRange) -> bool:
-        return any(start < rng.end and rng.start < end for start, end in self.views.values())
+        return any(start < rng.end and rng.start < end for start, end, _ in self.views.values())
+
+    def _pinned_for_writing(self, rng: MemoryRange) -> bool:
+        return any(
+            w and start < rng.end and rng.start < end for start, end, w in self.views.values()
+        )
 
     def _unmap(self, seq: int, rng: MemoryRange, release: tuple[int, ...]) -> None:
         with self.lock:
@@ -329,21 +343,39 @@ class VaMapper:
                 for part, chunk in self.chunks.walk(item[1]):
                     if chunk is None:  # not mapped again since: put the placeholder back
                         self.reservation.unmap(part.start, part.len)
+                    elif chunk.cow:  # the writable view is gone: the read-only backing itself
+                        self._remap_shared(part, chunk)
                 done.append(item)
             self._pending_unmaps = waiting
         for seq, _, release in done:
             self._close_fds(release)
             self.link.send_stream(m.UnmapAck(seq))
 
+    def _remap_shared(self, part: MemoryRange, chunk: Chunk) -> None:
+        """Replace a copy-on-write chunk by the read-only backing it stands for, once no
+        writable view is open on it any more (lock held)."""
+        hit = self.chunks.lookup(part.start)
+        if hit is None or hit[1] is not chunk:
+            return
+        crange = hit[0]
+        if self._pinned_for_writing(crange):
+            return  # another writable view still needs the private copy
+        fd = self.fds.get(chunk.mappable_id)
+        if fd is None:
+            self.reservation.map_anon(crange.start, crange.len, False)
+        else:
+            self.reservation.map_fd(crange.start, crange.len, fd, chunk.file_offset, False)
+        chunk.cow = False
+
     def _close_fds(self, ids: tuple[int, ...]) -> None:
         close_fds([fd for fd in (self.fds.pop(i, None) for i in ids) if fd is not None])
 
     # ---- used by accessing threads -------------------------------------------------------------
 
-    def pin(self, start: int, end: int) -> int:
+    def pin(self, start: int, end: int, writable: bool = False) -> int:
         """Pin [start, end) for an open view (lock held); returns the view id."""
         self._next_view += 1
-        self.views[self._next_view] = (start, end)
+        self.views[self._next_view] = (start, end, writable)
         return self._next_view
 
     def unpin(self, view_id: int, escaped: object = None) -> None:
@@ -353,7 +385,7 @@ class VaMapper:
         with self.lock:
             if escaped is not None:
                 self._escaped[view_id] = escaped
-                start, end = self.views[view_id]
+                start, end, _ = self.views[view_id]
                 log.warning(
                     "mapper %d: a slice of the view of GPA %#x-%#x outlived its block; the range "
                     "stays pinned (Unmaps of it wait) until the slice is released",

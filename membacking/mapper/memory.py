@@ -234,7 +234,7 @@ class GuestMemory:
                 covered = sum(min(r.end, end) - max(r.start, gpa) for r, _ in pieces) == n
                 if covered or n == 0:
                     writable = all(c.writable for _, c in pieces)
-                    view_id = mapper.pin(gpa, end)
+                    view_id = mapper.pin(gpa, end, writable)
                     exporter = mapper.reservation.exporter(gpa, n)
                     raw = memoryview(exporter).cast("B")
                     view = raw if writable else raw.toreadonly()
