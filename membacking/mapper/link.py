@@ -90,6 +90,7 @@ class ManagerLink:
         deadline = time.monotonic() + self.timeout
         while True:
             sock = self._connect_fd_socket()
+            sock.settimeout(max(0.1, deadline - time.monotonic()))  # all tries share `timeout`
             try:
                 return sock, self._hello(sock, name)
             except _Busy as exc:
