@@ -17,12 +17,16 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def test_outbox_keeps_order_and_fds_until_the_peer_reads() -> None:
+def connection() -> tuple[FdConn, socket.socket, int]:
+    """A connection on our end of a SEQPACKET pair, the peer's end, and a memfd to send."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     ours.setblocking(False)
-    memfd = os.memfd_create("t")
+    return FdConn(ours, pid=0, uid=0), theirs, os.memfd_create("t")
+
+
+def test_outbox_keeps_order_and_fds_until_the_peer_reads() -> None:
+    conn, theirs, memfd = connection()
     before = open_fds()
-    conn = FdConn(ours, pid=0, uid=0)
     sent = 0
     while not conn.send(m.FdGrant(sent + 1, 4096, True), memfd, max_waiting=10_000):
         sent += 1  # straight into the socket buffer
@@ -52,11 +56,8 @@ def test_outbox_keeps_order_and_fds_until_the_peer_reads() -> None:
 
 
 def test_close_releases_what_waits() -> None:
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    ours.setblocking(False)
-    memfd = os.memfd_create("t")
+    conn, theirs, memfd = connection()
     before = open_fds()
-    conn = FdConn(ours, pid=0, uid=0)
     while not conn.send(m.FdGrant(1, 4096, True), memfd, 100):
         pass
     for _ in range(5):
