@@ -88,10 +88,10 @@ class FdServer:
             except OSError as exc:  # EMFILE, ENFILE, ENOBUFS...: out of descriptors or memory
                 self._pause_accepting(exc)
                 return
+            unregistered = [c for c in self._conns.values() if c.mapper_id is None]
             # each mapper will open two ZeroMQ connections too (descriptors are numbered from
             # the lowest free one, so the new socket's number tells how many are in use)
-            pending = sum(1 for c in self._conns.values() if c.mapper_id is None) + 1
-            if sock.fileno() + 2 * pending >= self._fd_ceiling:
+            if sock.fileno() + 2 * (len(unregistered) + 1) >= self._fd_ceiling:
                 sock.close()
                 self._pause_accepting(OSError(errno.EMFILE, "close to the open-file limit"))
                 return
@@ -100,11 +100,7 @@ class FdServer:
             allowed = uid in self._allowed_uids or gid in self._allowed_gids
             # strangers and allowed peers wait in separate queues, so strangers who reach the
             # socket (--allow-uid opens it) cannot crowd out the mappers that may attach
-            waiting = sum(
-                1
-                for c in self._conns.values()
-                if c.mapper_id is None and (c.forbidden is None) == allowed
-            )
+            waiting = sum(1 for c in unregistered if (c.forbidden is None) == allowed)
             if waiting >= (MAX_UNREGISTERED if allowed else MAX_REFUSED_WAITING):
                 reason = "busy" if allowed else "uid"
                 self.state.reject(reason, f"{waiting} connections have not registered yet", pid)

@@ -158,7 +158,9 @@ class VaMapper:
 
     def _take_fd_message(self, msg: Message, fds: list[int]) -> None:
         if isinstance(msg, m.FdGrant):
-            close_fds([fd for fd in (self.fds.pop(msg.mappable_id, None),) if fd is not None])
+            replaced = self.fds.get(msg.mappable_id)
+            if replaced is not None:  # sent twice (a manager bug): keep one
+                close_fds([replaced])
             self.fds[msg.mappable_id] = fds[0]
         elif isinstance(msg, m.FdDenied):
             self._fds_denied.setdefault(msg.mappable_id, []).append(msg.reason)
