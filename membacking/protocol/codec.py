@@ -6,6 +6,7 @@ version, the type against the channel, and every field's type and bounds, raisin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -32,28 +33,55 @@ MAX_ARGS = 16
 _U64_LIMIT = 1 << 64
 
 
-def _flatten(msg: Message) -> list[Any]:
-    out: list[Any] = [PROTOCOL_VERSION, msg.TYPE]
-    for name, kind in msg.FIELDS:
-        value = getattr(msg, name)
-        if kind is Kind.RANGE:
-            out.append(value.start)
-            out.append(value.end - value.start)
-        elif kind is Kind.IDS:
-            out.append(list(value))
-        else:
-            out.append(value)
-    return out
+class _Plan:
+    """How one message class travels: built once per class, so encoding and decoding do no
+    per-field dispatch on the field kinds."""
+
+    __slots__ = ("cls", "fields", "wide", "wire_len")
+
+    def __init__(self, cls: type[Message]) -> None:
+        self.cls = cls
+        #: (attribute, kind, checker, label) in wire order
+        self.fields = tuple(
+            (name, kind, _CHECKS[kind], f"{cls.__name__}.{name}") for name, kind in cls.FIELDS
+        )
+        #: any field that is not one wire value as it is (ranges, id lists)
+        self.wide = any(kind in (Kind.RANGE, Kind.IDS) for _, kind in cls.FIELDS)
+        self.wire_len = 2 + sum(2 if kind is Kind.RANGE else 1 for _, kind in cls.FIELDS)
+
+    def flatten(self, msg: Message) -> list[Any]:
+        out: list[Any] = [PROTOCOL_VERSION, self.cls.TYPE]
+        if not self.wide:
+            out.extend([getattr(msg, name) for name, *_ in self.fields])
+            return out
+        for name, kind, _, _ in self.fields:
+            value = getattr(msg, name)
+            if kind is Kind.RANGE:
+                out.append(value.start)
+                out.append(value.end - value.start)
+            elif kind is Kind.IDS:
+                out.append(list(value))
+            else:
+                out.append(value)
+        return out
+
+    def build(self, items: list[Any]) -> Message:
+        args = []
+        pos = 2
+        for _, kind, check, label in self.fields:
+            if kind is Kind.RANGE:
+                args.append(_range(items[pos], items[pos + 1], label))
+                pos += 2
+            else:
+                args.append(check(items[pos], label))
+                pos += 1
+        return self.cls(*args)
 
 
 def encode(msg: Message) -> bytes:
     """Encode a message for the wire."""
-    data: bytes = msgpack.packb(_flatten(msg), use_bin_type=True)
+    data: bytes = msgpack.packb(_PLANS[type(msg)].flatten(msg), use_bin_type=True)
     return data
-
-
-def _wire_len(cls: type[Message]) -> int:
-    return 2 + sum(2 if kind is Kind.RANGE else 1 for _, kind in cls.FIELDS)
 
 
 def _u64(value: Any, field: str) -> int:
@@ -90,7 +118,7 @@ def _range(start: Any, size: Any, field: str) -> MemoryRange:
         raise ProtocolError(
             f"field {field!r} ({start:#x} + {size:#x}) wraps the address space", reason="bad-range"
         )
-    return MemoryRange(start, start + size)
+    return MemoryRange.checked_already(start, start + size)
 
 
 def _args(value: Any, field: str) -> dict[str, Any]:
@@ -113,41 +141,56 @@ def _args(value: Any, field: str) -> dict[str, Any]:
     return value
 
 
-def _field(kind: Kind, items: list[Any], pos: int, field: str) -> tuple[Any, int]:
-    value = items[pos]
-    if kind is Kind.U64:
-        return _u64(value, field), pos + 1
-    if kind is Kind.BOOL:
-        if type(value) is not bool:
-            raise ProtocolError(
-                f"field {field!r} must be a boolean, got {value!r}", reason="bad-field"
-            )
-        return value, pos + 1
-    if kind is Kind.NAME:
-        return _name(value, field), pos + 1
-    if kind is Kind.TEXT:
-        if type(value) is not str or len(value) > MAX_REASON_LEN:
-            raise ProtocolError(
-                f"field {field!r} must be a string of at most {MAX_REASON_LEN}", reason="bad-field"
-            )
-        return value, pos + 1
-    if kind is Kind.TOKEN:
-        if type(value) is not bytes or len(value) != TOKEN_BYTES:
-            raise ProtocolError(
-                f"field {field!r} must be {TOKEN_BYTES} bytes of binary", reason="bad-field"
-            )
-        return value, pos + 1
-    if kind is Kind.RANGE:
-        return _range(value, items[pos + 1], field), pos + 2
-    if kind is Kind.IDS:
-        if type(value) is not list or len(value) > MAX_RELEASE_IDS:
-            raise ProtocolError(
-                f"field {field!r} must be an array of at most {MAX_RELEASE_IDS}", reason="bad-field"
-            )
-        return tuple(_u64(v, field) for v in value), pos + 1
-    if kind is Kind.ARGS:
-        return _args(value, field), pos + 1
-    return value, pos + 1  # Kind.ANY
+def _bool(value: Any, field: str) -> bool:
+    if type(value) is not bool:
+        raise ProtocolError(f"field {field!r} must be a boolean, got {value!r}", reason="bad-field")
+    return value
+
+
+def _text(value: Any, field: str) -> str:
+    if type(value) is not str or len(value) > MAX_REASON_LEN:
+        raise ProtocolError(
+            f"field {field!r} must be a string of at most {MAX_REASON_LEN}", reason="bad-field"
+        )
+    return value
+
+
+def _token(value: Any, field: str) -> bytes:
+    if type(value) is not bytes or len(value) != TOKEN_BYTES:
+        raise ProtocolError(
+            f"field {field!r} must be {TOKEN_BYTES} bytes of binary", reason="bad-field"
+        )
+    return value
+
+
+def _ids(value: Any, field: str) -> tuple[int, ...]:
+    if type(value) is not list or len(value) > MAX_RELEASE_IDS:
+        raise ProtocolError(
+            f"field {field!r} must be an array of at most {MAX_RELEASE_IDS}", reason="bad-field"
+        )
+    return tuple(_u64(v, field) for v in value)
+
+
+def _any(value: Any, field: str) -> Any:
+    return value
+
+
+def _no_check(value: Any, field: str) -> Any:
+    raise AssertionError("ranges are checked by _range")
+
+
+_CHECKS: dict[Kind, Callable[[Any, str], Any]] = {
+    Kind.U64: _u64,
+    Kind.BOOL: _bool,
+    Kind.NAME: _name,
+    Kind.TEXT: _text,
+    Kind.TOKEN: _token,
+    Kind.RANGE: _no_check,
+    Kind.IDS: _ids,
+    Kind.ARGS: _args,
+    Kind.ANY: _any,
+}
+_PLANS: dict[type[Message], _Plan] = {cls: _Plan(cls) for cls in BY_TYPE.values()}
 
 
 def decode(
@@ -194,13 +237,10 @@ def decode(
         )
     if sender is not None and sender not in cls.FROM:
         raise ProtocolError(f"{cls.__name__} may not be sent by a {sender}", reason="wrong-sender")
-    if len(items) != _wire_len(cls):
+    plan = _PLANS[cls]
+    if len(items) != plan.wire_len:
         raise ProtocolError(
-            f"{cls.__name__} needs {_wire_len(cls) - 2} wire fields, got {len(items) - 2}",
+            f"{cls.__name__} needs {plan.wire_len - 2} wire fields, got {len(items) - 2}",
             reason="bad-arity",
         )
-    values = {}
-    pos = 2
-    for name, kind in cls.FIELDS:
-        values[name], pos = _field(kind, items, pos, f"{cls.__name__}.{name}")
-    return cls(**values)
+    return plan.build(items)

@@ -98,9 +98,9 @@ class RangeMap(Generic[T]):
         """Cover `rng` in address order: (sub-range, value) for entries, (gap, None) for gaps."""
         cursor = rng.start
         for entry_range, value in self.overlapping(rng):
-            if entry_range.start > cursor:
-                yield MemoryRange(cursor, entry_range.start), None
+            if entry_range.start > cursor:  # both bounds come from valid ranges
+                yield MemoryRange.checked_already(cursor, entry_range.start), None
             yield entry_range, value
             cursor = entry_range.end
         if cursor < rng.end:
-            yield MemoryRange(cursor, rng.end), None
+            yield MemoryRange.checked_already(cursor, rng.end), None

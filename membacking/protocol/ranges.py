@@ -38,6 +38,12 @@ class MemoryRange(_Bounds):
         return super().__new__(cls, start, end)
 
     @classmethod
+    def checked_already(cls, start: int, end: int) -> MemoryRange:
+        """The range [start, end), for callers that have just checked everything `__new__`
+        checks (the decoder, the range map's gaps): the hot paths skip the second check."""
+        return tuple.__new__(cls, (start, end))
+
+    @classmethod
     def from_size(cls, start: int, size: int) -> MemoryRange:
         """The range of `size` bytes starting at `start` (both page-aligned)."""
         if type(size) is not int or size < 0:
