@@ -313,10 +313,17 @@ class Daemon(FdServer):
     def _drain(self, sock: zmq.Socket[bytes], handler: Callable[[list[bytes]], None]) -> None:
         for _ in range(256):  # bounded, so one busy socket cannot starve the others
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                # frame by frame: recv_multipart costs about 3x as much for two frames
+                frames = [sock.recv(zmq.NOBLOCK)]
             except zmq.Again:
                 return
-            self._guard("zmq message", None, lambda f=frames: handler(f))  # type: ignore[misc]
+            while sock.getsockopt(zmq.RCVMORE):
+                frames.append(sock.recv())
+            try:
+                handler(frames)
+            except Exception:
+                self.state.rejected["internal"] += 1
+                log.exception("internal error while handling a zmq message")
 
     def _guard(self, what: str, pid: int | None, action: Callable[[], None]) -> None:
         """Run one handler; an unexpected exception is logged and counted, never fatal."""
@@ -331,9 +338,12 @@ class Daemon(FdServer):
             if isinstance(effect, Send):
                 data = encode(effect.msg)
                 if effect.channel is Channel.MAPPER:
-                    self._mapper.send_multipart([effect.identity, data])
+                    self._mapper.send(effect.identity, zmq.SNDMORE)  # cheaper than send_multipart
+                    self._mapper.send(data)
                 else:
-                    self._control.send_multipart([effect.identity, b"", data])
+                    self._control.send(effect.identity, zmq.SNDMORE)
+                    self._control.send(b"", zmq.SNDMORE)
+                    self._control.send(data)
             elif isinstance(effect, SendFd):
                 conn = self._conn_of_mapper.get(effect.mapper_id)
                 if conn is not None:

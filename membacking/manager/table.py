@@ -104,6 +104,10 @@ class TableState:
             self.reject("not-attached", "SendMappings before the stream socket", entry.pid)
             return []
         self.counters["faults"] += 1
+        if rng.end <= self.address_space:
+            hit = self.table.lookup(rng.start)
+            if hit is not None and hit[0].end >= rng.end:  # one mapping covers it: most faults
+                return self._map_to(entry, hit[1])
         out: list[Effect] = []
         inside = rng.intersection(MemoryRange(0, self.address_space))
         if not inside.is_empty():
