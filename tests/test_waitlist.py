@@ -17,34 +17,34 @@ def test_map_covering_the_whole_range_completes() -> None:
     waiters = WaiterSet()
     waiter = waiters.register(r(2, 4), writable=False)
     waiters.complete(r(0, 8), True)
-    assert waiter.event.is_set() and waiter.failure is None and len(waiters) == 0
+    assert waiter.done and waiter.failure is None and len(waiters) == 0
 
 
 def test_partial_coverage_trims_and_keeps_waiting() -> None:
     waiters = WaiterSet()
     waiter = waiters.register(r(2, 6), writable=True)
     waiters.complete(r(0, 4), True)
-    assert not waiter.event.is_set() and waiter.range == r(4, 6)
+    assert not waiter.done and waiter.range == r(4, 6)
     waiters.complete(r(4, 5), True)
-    assert not waiter.event.is_set() and waiter.range == r(5, 6)
+    assert not waiter.done and waiter.range == r(5, 6)
     waiters.complete(r(5, 9), True)
-    assert waiter.event.is_set() and waiter.failure is None
+    assert waiter.done and waiter.failure is None
 
 
 def test_a_map_not_covering_the_start_is_ignored() -> None:
     waiters = WaiterSet()
     waiter = waiters.register(r(2, 6), writable=False)
     waiters.complete(r(3, 10), True)  # covers most of it, but not its start
-    assert not waiter.event.is_set() and waiter.range == r(2, 6)
+    assert not waiter.done and waiter.range == r(2, 6)
     waiters.complete(r(0, 2), None)  # NoMapping before the start: not about this waiter
-    assert not waiter.event.is_set()
+    assert not waiter.done
 
 
 def test_nomapping_fails() -> None:
     waiters = WaiterSet()
     waiter = waiters.register(r(2, 6), writable=False)
     waiters.complete(r(2, 3), None)
-    assert waiter.event.is_set() and waiter.failure == NO_MAPPING
+    assert waiter.done and waiter.failure == NO_MAPPING
 
 
 def test_write_on_read_only_fails_but_read_succeeds() -> None:
@@ -53,7 +53,7 @@ def test_write_on_read_only_fails_but_read_succeeds() -> None:
     reader = waiters.register(r(0, 1), writable=False)
     waiters.complete(r(0, 4), False)
     assert writer.failure == READ_ONLY and reader.failure is None
-    assert writer.event.is_set() and reader.event.is_set()
+    assert writer.done and reader.done
 
 
 def test_nomapping_after_partial_progress_fails_at_the_remaining_start() -> None:
@@ -68,9 +68,9 @@ def test_shutdown_fails_waiters_and_new_ones_at_once() -> None:
     waiters = WaiterSet()
     old = waiters.register(r(0, 1), writable=False)
     waiters.shutdown("manager gone")
-    assert old.failure == SHUTDOWN and old.event.is_set()
+    assert old.failure == SHUTDOWN and old.done
     new = waiters.register(r(0, 1), writable=False)
-    assert new.failure == SHUTDOWN and new.event.is_set()
+    assert new.failure == SHUTDOWN and new.done
     assert waiters.shutdown_reason == "manager gone"
     waiters.complete(r(0, 1), True)  # harmless after shutdown
 
@@ -80,4 +80,4 @@ def test_discard_forgets_a_waiter() -> None:
     waiter = waiters.register(r(0, 1), writable=False)
     waiters.discard(waiter)
     waiters.complete(r(0, 1), True)
-    assert not waiter.event.is_set() and len(waiters) == 0
+    assert not waiter.done and len(waiters) == 0

@@ -20,17 +20,23 @@ MAP_FAILED = "map-failed: "
 class Waiter:
     """One access waiting for `range` to be mapped (writable if `writable`)."""
 
-    __slots__ = ("event", "failure", "range", "writable")
+    __slots__ = ("_gate", "done", "failure", "range", "writable")
 
     def __init__(self, rng: MemoryRange, writable: bool) -> None:
         self.range = rng
         self.writable = writable
-        self.event = threading.Event()
+        self.done = False
         self.failure: str | None = None
+        # A bare lock, held until the waiter is done: waking on it runs no Python code (an
+        # Event's wait runs a Condition's, on a thread that has just woken up).
+        self._gate = threading.Lock()
+        self._gate.acquire()
 
     def _finish(self, failure: str | None) -> None:
+        """Called once per waiter: the set forgets a waiter as it finishes it."""
         self.failure = failure
-        self.event.set()
+        self.done = True
+        self._gate.release()
 
     def complete(self, rng: MemoryRange, writable: bool | None, failure: str | None = None) -> bool:
         """Apply a Map (writable is a bool), a NoMapping (None) or a Map this mapper could not
@@ -54,7 +60,8 @@ class Waiter:
         return False
 
     def wait(self, timeout: float) -> bool:
-        return self.event.wait(timeout)
+        """True once done; False if `timeout` seconds passed first."""
+        return self.done or self._gate.acquire(timeout=timeout) or self.done
 
 
 class WaiterSet:
