@@ -73,3 +73,19 @@ def test_fault_stage_profile_runs(tmp_path: Path) -> None:
         assert list(stages)[-1] == "total" and len(stages) == 10
         assert all(value >= 0 for value in stages.values())
         assert stages["total"] > 0
+
+
+def test_wake_cost_script_runs() -> None:
+    """scripts/wake_cost.py drives the real state machine; it must keep running (no times are
+    asserted: it reports them)."""
+    script = ROOT / "scripts" / "wake_cost.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--count", "20"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[1].split()[:3] == ["back", "to", "back"]
+    assert [line.split()[1] for line in lines[2:]] == ["100", "300", "1000", "5000"]
