@@ -141,8 +141,7 @@ def run(quick: bool, log: Callable[[str], None]) -> list[Result]:
     regions = 1000 if quick else 10_000
     probes = 30 if quick else 100
     few = probes + 1  # the faulted regions themselves, and ram0
-    one = cases.fault_among(few, probes)
-    many = cases.fault_among(regions, probes)
+    one, many = cases.fault_among(regions, probes)
     add(
         _result(
             f"fault latency with {regions} regions vs {few}",
