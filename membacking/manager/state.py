@@ -65,7 +65,8 @@ class ManagerState(PeerState):
                 f"{gpa:#x} + {size:#x} ends beyond the {self.address_space:#x}-byte address space",
             )
         rng = MemoryRange(gpa, gpa + size)
-        check_nesting(name, rng, priority, (r for r in self.regions.values() if not r.removing))
+        near = self.placed.overlapping(rng)
+        check_nesting(name, rng, priority, (r for r in near if not r.removing))
         return rng
 
     def _new_mappable(
@@ -130,6 +131,8 @@ class ManagerState(PeerState):
         self._next_order += 1
         self._mappable_refs[mappable_id] += 1
         self.regions[name] = region
+        if gpa is not None:
+            self.placed.add(region)
         self.region_bytes += size
         log.info(
             "region %s added (%s, %d bytes, priority %d%s)",
@@ -181,6 +184,7 @@ class ManagerState(PeerState):
 
         def done(op: Operation) -> list[Effect]:
             self.regions.pop(region.name, None)
+            self.placed.discard(region)
             self.region_bytes -= region.size
             self.counters["removals"] += 1
             log.info(
@@ -217,7 +221,9 @@ class ManagerState(PeerState):
             new = self._check_placement(name, gpa, region.size, region.priority)
             if region.active:
                 effects += self._deactivate(region, op, cut)
+            self.placed.discard(region)
             region.gpa = gpa
+            self.placed.add(region)
             windows.append(new)
         elif enabled and region.gpa is None:
             raise Refused("bad-request", f"region {name!r} has no GPA yet: give one")

@@ -27,7 +27,7 @@ from .model import (
     Send,
     SendFd,
 )
-from .regions import Region, SubMapping, desired_active
+from .regions import PlacementIndex, Region, SubMapping, desired_active
 
 log = logging.getLogger("membacking.manager")
 
@@ -53,6 +53,8 @@ class TableState:
         self._monotonic = monotonic
         self.started_at = clock()
         self.regions: dict[str, Region] = {}
+        #: the regions that have a GPA, by where they lie (kept in step with `regions`)
+        self.placed = PlacementIndex()
         self.region_bytes = 0
         #: called with the seconds an invalidation took, from request to the last ack
         self.removal_observer: Callable[[float], None] | None = None
@@ -284,7 +286,7 @@ class TableState:
         """Make the table match the region rules inside `windows` (deactivate, then activate)."""
         desired: dict[str, bool] = {}
         for window in windows:
-            desired.update(desired_active(self.regions.values(), window))
+            desired.update(desired_active(self.placed.overlapping(window), window))
         cut = {} if cut is None else cut
         effects: list[Effect] = []
         for name, want in sorted(desired.items()):
