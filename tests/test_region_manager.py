@@ -435,3 +435,13 @@ def test_many_regions_are_added_without_walking_them_all(
     with pytest.raises(Refused):
         state.add_region("clash", 4 * MiB + 8192, 8192, True)  # overlaps f1 unnested
     assert given[2] == 1
+
+
+def test_a_refused_placement_names_the_oldest_region_it_breaks(state: ManagerState) -> None:
+    """With several regions in the way, the refusal names the one created first, as it did
+    before the placement index (which files regions by size, not by age)."""
+    state.add_region("a", 0x300000, 0x4000, True, priority=1)
+    state.add_region("big", 0x0, 0x100000, True, priority=1)
+    state.add_region("c", 0x100000, 0x4000, True, priority=1)
+    with pytest.raises(Refused, match="region 'big'"):
+        state.add_region("new", 0x0, 0x200000, True, priority=1)

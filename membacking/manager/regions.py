@@ -96,7 +96,8 @@ class PlacementIndex:
         del self._regions[region.name]
 
     def overlapping(self, window: MemoryRange) -> list[Region]:
-        """Placed regions overlapping `window` (for an empty window: containing its start)."""
+        """Placed regions overlapping `window` (for an empty window: those that start before it
+        and end after it, as `MemoryRange.overlaps` has it)."""
         out = []
         for bits, entries in self._classes.items():
             i = bisect.bisect_left(entries, (window.start - (1 << bits),))

@@ -65,7 +65,7 @@ class ManagerState(PeerState):
                 f"{gpa:#x} + {size:#x} ends beyond the {self.address_space:#x}-byte address space",
             )
         rng = MemoryRange(gpa, gpa + size)
-        near = self.placed.overlapping(rng)
+        near = sorted(self.placed.overlapping(rng), key=lambda r: r.order)  # oldest named first
         check_nesting(name, rng, priority, (r for r in near if not r.removing))
         return rng
 
