@@ -306,3 +306,12 @@ def test_a_writable_view_survives_a_read_only_remap(manager: RunningManager) -> 
     )
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
     assert result.stdout.strip() == "survived"
+
+
+@pytest.mark.parametrize("bad", [0, -1, -0.5, None, "30", True])
+def test_timeouts_must_be_positive_numbers(bad: object) -> None:
+    """A timeout that a lock would read as 'forever' (-1) or reject (None) is refused up front,
+    before any connection is made."""
+    for keyword in ("fault_timeout", "timeout"):
+        with pytest.raises(membacking.MembackingError, match=f"{keyword} must be a positive"):
+            membacking.attach("/nonexistent-runtime-dir", **{keyword: bad})  # type: ignore[arg-type]

@@ -349,6 +349,9 @@ def attach(
     """Attach this process to the manager serving `runtime_dir` as a mapper named `name`."""
     if name is None:
         name = f"mapper-{os.getpid()}"
+    for what, value in (("timeout", timeout), ("fault_timeout", fault_timeout)):
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise MembackingError(f"{what} must be a positive number of seconds, got {value!r}")
     try:
         units.check_name(name)
     except ValueError as exc:
