@@ -105,7 +105,14 @@ def seqpacket_fd_mmap_seconds(count: int) -> float:
             time.sleep(0.01)
         samples = []
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as client:
-            client.connect(path)
+            while True:  # the file exists from bind(); connections are taken from listen()
+                try:
+                    client.connect(path)
+                    break
+                except ConnectionRefusedError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.01)
             for _ in range(count):
                 started = time.perf_counter()
                 client.send(b"x" * 24)
