@@ -1,9 +1,10 @@
 """What a wake-up costs on this machine: `python scripts/wake_cost.py [--count N]`.
 
 Runs the manager's whole handling of one fault (decode a SendMappings, the state machine, encode
-the Map; no sockets) back to back, and again right after the thread slept in `poll` for a while,
-as every stage of a real fault does. On a machine whose idle CPUs halt (and lose their caches to
-whatever runs meanwhile), the same work costs several times more after a sleep.
+the Map; no sockets) back to back, and again right after the thread slept in `select` (whose
+timeout has microsecond resolution) for a while, as every stage of a real fault does. On a
+machine whose idle CPUs halt (and lose their caches to whatever runs meanwhile), the same work
+costs several times more after a sleep.
 """
 
 from __future__ import annotations
@@ -46,16 +47,14 @@ def measure(count: int) -> dict[int, float]:
             if isinstance(effect, Send | SendFd):
                 encode(effect.msg)
 
-    read_end, write_end = os.pipe()  # never written: poll on it is a plain sleep
-    sleeper = select.poll()
-    sleeper.register(read_end, select.POLLIN)
+    read_end, write_end = os.pipe()  # never written: waiting on it is a plain sleep
     out = {}
     try:
         for gap in GAPS_US:
             samples = []
             for _ in range(count):
-                if gap:
-                    sleeper.poll(gap / 1000)
+                if gap:  # select, not poll: poll's timeout rounds up to whole milliseconds
+                    select.select([read_end], [], [], gap / 1e6)
                 started = time.perf_counter_ns()
                 handle()
                 samples.append(time.perf_counter_ns() - started)
