@@ -8,6 +8,7 @@ A bad message is rejected and counted; nothing a peer sends can stop the loop.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import resource
@@ -319,11 +320,7 @@ class Daemon(FdServer):
                 return
             while sock.getsockopt(zmq.RCVMORE):
                 frames.append(sock.recv())
-            try:
-                handler(frames)
-            except Exception:
-                self.state.rejected["internal"] += 1
-                log.exception("internal error while handling a zmq message")
+            self._guard("zmq message", None, functools.partial(handler, frames))
 
     def _guard(self, what: str, pid: int | None, action: Callable[[], None]) -> None:
         """Run one handler; an unexpected exception is logged and counted, never fatal."""
