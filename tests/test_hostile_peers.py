@@ -210,6 +210,31 @@ def test_garbage_on_the_mapper_socket(manager: RunningManager) -> None:
     still_serving(manager)
 
 
+def test_oversized_messages_on_the_mapper_socket(manager: RunningManager) -> None:
+    """Many frames are refused as malformed without being kept; a frame over the protocol's
+    limit gets "too-large"; one over the socket's limit disconnects its sender. The manager
+    serves on."""
+    ctx = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVTIMEO, 5000)
+        sock.connect(f"ipc://{manager.runtime_dir / 'mapper.ipc'}")
+        sock.send_multipart([b"x"] * 20_000)
+        reply = membacking.protocol.decode(sock.recv(), m.Channel.MAPPER)
+        assert isinstance(reply, m.Error) and reply.code == "malformed"
+        sock.send(b"\x90" * (100 * 1024))
+        reply = membacking.protocol.decode(sock.recv(), m.Channel.MAPPER)
+        assert isinstance(reply, m.Error) and reply.code == "too-large"
+        sock.send(b"\x90" * (2 << 20))  # over MAXMSGSIZE: libzmq drops the connection
+        sock.setsockopt(zmq.RCVTIMEO, 500)
+        with pytest.raises(zmq.Again):
+            sock.recv()
+    finally:
+        ctx.destroy(linger=0)
+    still_serving(manager)
+
+
 def test_a_stranger_that_keeps_sending_garbage_is_ignored(manager: RunningManager) -> None:
     from membacking.manager.fdserver import MAX_STRIKES
 

@@ -23,7 +23,7 @@ import psutil
 import zmq
 
 from ..protocol import messages as m
-from ..protocol.codec import decode, encode
+from ..protocol.codec import MAX_MESSAGE_BYTES, decode, encode
 from ..protocol.errors import ProtocolError
 from ..protocol.messages import Channel
 from ..runtime import RuntimePaths
@@ -43,6 +43,12 @@ from .state import (
     Send,
     SendFd,
 )
+
+#: largest ZeroMQ frame the ROUTERs accept (a larger one disconnects its sender)
+MAX_FRAME_BYTES = 16 * MAX_MESSAGE_BYTES
+#: frames of one message kept beyond the identity; every valid message has 1 (mapper) or 2
+#: (control); more are received and dropped, and the message is refused as malformed
+MAX_FRAMES = 4
 
 log = logging.getLogger("membacking.manager")
 
@@ -200,6 +206,9 @@ class Daemon(FdServer):
         sock.setsockopt(zmq.SNDHWM, _HWM)
         sock.setsockopt(zmq.RCVHWM, _HWM)
         sock.setsockopt(zmq.LINGER, 500)
+        # a peer sending a larger frame is disconnected by libzmq before it is buffered; frames
+        # up to this size but over the protocol's limit get an Error that says so
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
         sock.bind(endpoint)
         os.chmod(path, 0o600)
         return sock
@@ -319,7 +328,9 @@ class Daemon(FdServer):
             except zmq.Again:
                 return
             while sock.getsockopt(zmq.RCVMORE):
-                frames.append(sock.recv())
+                frame = sock.recv()
+                if len(frames) <= MAX_FRAMES:  # the rest of an oversized message is dropped
+                    frames.append(frame)
             self._guard("zmq message", None, functools.partial(handler, frames))
 
     def _guard(self, what: str, pid: int | None, action: Callable[[], None]) -> None:
