@@ -185,13 +185,21 @@ def test_fds_come_only_behind_a_map(manager: RunningManager) -> None:
     still_serving(manager)
 
 
+def mapper_dealer(
+    ctx: zmq.Context[zmq.Socket[bytes]], manager: RunningManager
+) -> zmq.Socket[bytes]:
+    """A bare DEALER on the manager's mapper socket: no Attach, 5 s receive timeout."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 5000)
+    sock.connect(f"ipc://{manager.runtime_dir / 'mapper.ipc'}")
+    return sock
+
+
 def test_garbage_on_the_mapper_socket(manager: RunningManager) -> None:
     ctx = zmq.Context()
     try:
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVTIMEO, 5000)
-        sock.connect(f"ipc://{manager.runtime_dir / 'mapper.ipc'}")
+        sock = mapper_dealer(ctx, manager)
         cases = [
             ([b"\xc1"], "malformed"),
             ([encode(m.SendMappings(membacking.MemoryRange(0, 4096)))], "not-attached"),
@@ -216,10 +224,7 @@ def test_oversized_messages_on_the_mapper_socket(manager: RunningManager) -> Non
     serves on."""
     ctx = zmq.Context()
     try:
-        sock = ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.RCVTIMEO, 5000)
-        sock.connect(f"ipc://{manager.runtime_dir / 'mapper.ipc'}")
+        sock = mapper_dealer(ctx, manager)
         sock.send_multipart([b"x"] * 20_000)
         reply = membacking.protocol.decode(sock.recv(), m.Channel.MAPPER)
         assert isinstance(reply, m.Error) and reply.code == "malformed"
