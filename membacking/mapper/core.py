@@ -301,6 +301,7 @@ class VaMapper:
                         chunk.mappable_id,
                         chunk.file_offset + part.start - crange.start,
                         chunk.writable,
+                        chunk.cow,  # a piece of a private copy is still one: remapped later
                     ),
                 )
         self.hot[0] = self.hot[1] = 0
