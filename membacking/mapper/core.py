@@ -272,7 +272,7 @@ class VaMapper:
             self._remove_chunks(rng)
             # A writable view still open here (its Unmap is deferred) must not fault on a write
             # when the new backing is read-only: give it a private copy to write to.
-            cow = not writable and self._pinned_for_writing(rng)
+            cow = not writable and self._pinned(rng, for_writing=True)
             try:
                 if fd is None:
                     self.reservation.map_anon(rng.start, rng.len, writable or cow)
@@ -306,12 +306,11 @@ class VaMapper:
                 )
         self.hot[0] = self.hot[1] = 0
 
-    def _pinned(self, rng: MemoryRange) -> bool:
-        return any(start < rng.end and rng.start < end for start, end, _ in self.views.values())
-
-    def _pinned_for_writing(self, rng: MemoryRange) -> bool:
+    def _pinned(self, rng: MemoryRange, for_writing: bool = False) -> bool:
+        """Whether an open view (a writable one, with `for_writing`) overlaps `rng`."""
         return any(
-            w and start < rng.end and rng.start < end for start, end, w in self.views.values()
+            (w or not for_writing) and start < rng.end and rng.start < end
+            for start, end, w in self.views.values()
         )
 
     def _unmap(self, seq: int, rng: MemoryRange, release: tuple[int, ...]) -> None:
@@ -366,7 +365,7 @@ class VaMapper:
         if hit is None or hit[1] is not chunk:
             return
         crange = hit[0]
-        if self._pinned_for_writing(crange):
+        if self._pinned(crange, for_writing=True):
             return  # another writable view still needs the private copy
         fd = self.fds.get(chunk.mappable_id)
         if fd is None:
