@@ -4,6 +4,7 @@ ratio target is asserted: the benchmark's table is the judge, on a machine that 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,10 @@ def test_quick_benchmark_reports_everything(tmp_path: Path) -> None:
         "remove, 1 holders: inside",
         "remove, 4 holders: inside",
         "remove, 16 holders: inside",
+        "remove, 1 holders: CPU per holder process",
+        "remove, 16 holders: CPU of the manager",
         "faults per second, 8 mappers",
+        "CPU per fault, 8 mappers",
         "fault latency with 1000 regions vs 31",
         "manager memory per region",
         "manager memory per mapper",
@@ -89,3 +93,39 @@ def test_wake_cost_script_runs() -> None:
     lines = result.stdout.splitlines()
     assert lines[1].split()[:3] == ["back", "to", "back"]
     assert [line.split()[1] for line in lines[2:]] == ["100", "300", "1000", "5000"]
+
+
+def test_cpu_accounting_sees_a_busy_thread() -> None:
+    """The CPU rows of the benchmark add up every thread's time: a thread that spins for 0.2 s
+    must show up in full, and a process that sleeps must not."""
+    import threading
+    import time
+
+    from membacking.bench.procs import cpu_seconds
+
+    def spin() -> None:  # 0.2 s of this thread's own CPU time, however the machine is loaded
+        start = time.thread_time()
+        while time.thread_time() - start < 0.2:
+            pass
+
+    sleeper = subprocess.Popen(
+        [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(30)"],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert sleeper.stdout is not None and sleeper.stdout.readline() == b"up\n"
+        before = cpu_seconds([os.getpid()]), cpu_seconds([sleeper.pid])
+        thread = threading.Thread(target=spin)
+        thread.start()
+        thread.join()
+        ours, theirs = (
+            cpu_seconds([os.getpid()]) - before[0],
+            cpu_seconds([sleeper.pid]) - before[1],
+        )
+    finally:
+        sleeper.kill()
+        sleeper.communicate()
+    # the spinning thread ended before the second reading: its time must still count (schedstat
+    # of the live threads alone would lose it)
+    assert 0.2 <= ours < 1.0, ours
+    assert theirs < 0.01, theirs

@@ -15,10 +15,14 @@ import struct
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import cast
 
 import zmq
+
+from .procs import cpu_seconds
 
 _SPAWN = multiprocessing.get_context("spawn")
 
@@ -167,14 +171,13 @@ def zmq_round_trip_seconds(count: int) -> float:
         os.rmdir(directory)
 
 
-def _ack_dealer(endpoint: str, count: int, ready: Connection) -> None:
+def _ack_dealer(endpoint: str, ready: Connection) -> None:
     ctx = zmq.Context()
     dealer = ctx.socket(zmq.DEALER)
     dealer.connect(endpoint)
     dealer.send(b"hi")
     ready.send(True)
-    for _ in range(count):
-        dealer.recv()
+    while dealer.recv() != b"bye":
         dealer.send(b"ack")
     dealer.close(linger=1000)
     ctx.term()
@@ -182,10 +185,11 @@ def _ack_dealer(endpoint: str, count: int, ready: Connection) -> None:
 
 @contextlib.contextmanager
 def _router_with_dealers(
-    name: str, count: int, rounds: int
-) -> Iterator[tuple[zmq.Socket[bytes], list[bytes]]]:
-    """A ROUTER and `count` DEALER processes that each ack `rounds` messages; yields the ROUTER
-    and the DEALERs' identities once every one of them is connected."""
+    name: str, count: int
+) -> Iterator[tuple[zmq.Socket[bytes], list[bytes], list[int]]]:
+    """A ROUTER and `count` DEALER processes that ack every message; yields the ROUTER, the
+    DEALERs' identities and their pids once every one of them is connected. The DEALERs exit
+    only after the block, so no exit is ever measured inside it."""
     directory = tempfile.mkdtemp(prefix="mb-bench-", dir="/tmp")
     endpoint = f"ipc://{directory}/{name}"
     ctx = zmq.Context()
@@ -193,20 +197,26 @@ def _router_with_dealers(
     router.bind(endpoint)
     procs = []
     pipes = []
+    identities: list[bytes] = []
     try:
         for _ in range(count):
             parent, child = _SPAWN.Pipe()
-            proc = _SPAWN.Process(target=_ack_dealer, args=(endpoint, rounds, child), daemon=True)
+            proc = _SPAWN.Process(target=_ack_dealer, args=(endpoint, child), daemon=True)
             proc.start()
             procs.append(proc)
             pipes.append(parent)
         identities = [router.recv_multipart()[0] for _ in range(count)]
         for pipe in pipes:
             pipe.recv()
-        yield router, identities
+        yield router, identities, [cast(int, proc.pid) for proc in procs]
     finally:
+        for identity in identities:
+            router.send_multipart([identity, b"bye"])
         for proc in procs:
             proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
         router.close()
         ctx.term()
         for entry in os.listdir(directory):
@@ -214,9 +224,12 @@ def _router_with_dealers(
         os.rmdir(directory)
 
 
-def zmq_parallel_rate(clients: int, per_client: int) -> float:
-    """Round trips per second with `clients` DEALER processes hammering one ROUTER echo."""
-    with _router_with_dealers("echo", clients, per_client) as (router, peers):
+def zmq_parallel_rate(clients: int, per_client: int) -> tuple[float, float]:
+    """Round trips per second with `clients` DEALER processes hammering one ROUTER echo, and
+    the CPU seconds each round trip cost (the DEALER processes' and this one's)."""
+    with _router_with_dealers("echo", clients) as (router, peers, pids):
+        dealers_before = cpu_seconds(pids)
+        router_before = time.process_time()  # this process: no /proc reading inside the window
         started = time.perf_counter()
         sent = dict.fromkeys(peers, 1)
         for peer in peers:
@@ -229,19 +242,33 @@ def zmq_parallel_rate(clients: int, per_client: int) -> float:
                 sent[peer] += 1
                 router.send_multipart([peer, b"go"])
         elapsed = time.perf_counter() - started
-    return clients * per_client / elapsed
+        cpu = time.process_time() - router_before + cpu_seconds(pids) - dealers_before
+    trips = clients * per_client
+    return trips / elapsed, cpu / trips
 
 
-def zmq_fanout_seconds(peers: int, rounds: int) -> float:
-    """Median time for a ROUTER to send one message to each of `peers` DEALER processes and
-    receive every ack."""
-    with _router_with_dealers("fanout", peers, rounds) as (router, identities):
+@dataclass
+class Fanout:
+    """A ROUTER sending one message to each of `peers` DEALER processes and taking every ack."""
+
+    seconds: float  #: median
+    dealer_cpu: float  #: mean CPU seconds per DEALER (every thread of its process)
+    router_cpu: float  #: mean CPU seconds of the ROUTER's process
+
+
+def zmq_fanout(peers: int, rounds: int) -> Fanout:
+    with _router_with_dealers("fanout", peers) as (router, identities, pids):
         samples = []
+        dealer_cpu = router_cpu = 0.0
         for _ in range(rounds):
+            dealers_before = cpu_seconds(pids)
+            router_before = time.process_time()  # this process: no /proc reading inside
             started = time.perf_counter()
             for identity in identities:
                 router.send_multipart([identity, b"unmap"])
             for _ in identities:
                 router.recv_multipart()
             samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
+            router_cpu += time.process_time() - router_before
+            dealer_cpu += cpu_seconds(pids) - dealers_before
+    return Fanout(statistics.median(samples), dealer_cpu / rounds / peers, router_cpu / rounds)

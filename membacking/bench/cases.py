@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 
 from ..mapper import attach
 from .baselines import best_of
-from .procs import Manager, Mapper, manager, rss
+from .procs import Manager, Mapper, cpu_seconds, manager, rss
 
 MiB = 1 << 20
 #: regions used to measure faults start here, 2 MiB apart
@@ -92,36 +93,57 @@ def fault_with_fd(count: int) -> float:
         return statistics.median(samples)
 
 
-def removal(holders: int, rounds: int) -> tuple[float, float]:
-    """Seconds to remove a region held by `holders` mapper processes, acks included: (median as
-    the control client sees it, mean inside the manager from the Unmaps to the last ack)."""
+@dataclass
+class Removal:
+    """A region removed while `holders` mapper processes hold it, over several rounds."""
+
+    client_seen: float  #: median seconds, as the control client sees the removal
+    inside: float  #: mean seconds inside the manager, from the Unmaps to the last ack
+    mapper_cpu: float  #: mean CPU seconds per holder (every thread of its process)
+    manager_cpu: float  #: mean CPU seconds of the manager (control request and reply included)
+
+
+def removal(holders: int, rounds: int) -> Removal:
+    """Remove a region held by `holders` mapper processes, acks included, `rounds` times."""
     with manager("--region", "ram0=0:1M") as mgr:
         mappers = [Mapper(mgr.dir, f"m{i}") for i in range(holders)]
+        pids = [mapper.pid for mapper in mappers]
         try:
             samples = []
-            inside = 0.0
+            inside = mapper_cpu = manager_cpu = 0.0
             for _ in range(rounds):
                 mgr.client.add_region("victim", PROBE_BASE, 4096)
                 for mapper in mappers:
                     mapper.call("touch", [PROBE_BASE])
                 before = mgr.client.stats()["invalidation_us_total"]
+                cpu_before = cpu_seconds(pids), cpu_seconds([mgr.pid])
                 started = time.perf_counter()
                 result = mgr.client.remove_region("victim")
                 samples.append(time.perf_counter() - started)
+                mapper_cpu += cpu_seconds(pids) - cpu_before[0]
+                manager_cpu += cpu_seconds([mgr.pid]) - cpu_before[1]
                 inside += (mgr.client.stats()["invalidation_us_total"] - before) / 1e6
                 assert len(result["unmapped_from"]) == holders
-            return statistics.median(samples), inside / rounds
+            return Removal(
+                statistics.median(samples),
+                inside / rounds,
+                mapper_cpu / rounds / holders,
+                manager_cpu / rounds,
+            )
         finally:
             for mapper in mappers:
                 mapper.close()
 
 
-def parallel_faults(mappers: int, per_mapper: int) -> float:
-    """Faults served per second with `mappers` processes each faulting distinct regions."""
+def parallel_faults(mappers: int, per_mapper: int) -> tuple[float, float]:
+    """Faults served per second with `mappers` processes each faulting distinct regions, and
+    the CPU seconds each fault cost (the mapper processes' and the manager's)."""
     with manager("--region", "ram0=0:1M") as mgr:
         gpas = _add_probes(mgr, mappers * per_mapper)
         procs = [Mapper(mgr.dir, f"m{i}") for i in range(mappers)]
+        pids = [mgr.pid, *(proc.pid for proc in procs)]
         try:
+            cpu_before = cpu_seconds(pids)
             started = time.perf_counter()
             for i, proc in enumerate(procs):
                 proc.send("fault_many", gpas[i * per_mapper : (i + 1) * per_mapper])
@@ -129,7 +151,8 @@ def parallel_faults(mappers: int, per_mapper: int) -> float:
                 status, _ = proc.call_raw(300)
                 assert status == "ok"
             elapsed = time.perf_counter() - started
-            return mappers * per_mapper / elapsed
+            faults = mappers * per_mapper
+            return faults / elapsed, (cpu_seconds(pids) - cpu_before) / faults
         finally:
             for proc in procs:
                 proc.close()

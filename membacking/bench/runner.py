@@ -101,23 +101,36 @@ def run(quick: bool, log: Callable[[str], None]) -> list[Result]:
     log("removals")
     rounds = 5 if quick else 15
     for holders in (1, 4, 16) if quick else (1, 4, 16, 64):
-        client_seen, inside = cases.removal(holders, rounds)
-        fanout = baselines.zmq_fanout_seconds(holders, rounds) * 1e6
+        removal = cases.removal(holders, rounds)
+        fanout = baselines.zmq_fanout(holders, rounds)
+        raw = fanout.seconds * 1e6
+        label = f"remove, {holders} holders:"
+        add(_result(f"{label} inside the manager", removal.inside * 1e6, raw, "us", "lower", 1.5))
         add(
             _result(
-                f"remove, {holders} holders: inside the manager",
-                inside * 1e6,
-                fanout,
+                f"{label} control client's view",
+                removal.client_seen * 1e6,
+                raw,
                 "us",
                 "lower",
-                1.5,
+                None,
             )
         )
         add(
             _result(
-                f"remove, {holders} holders: control client's view",
-                client_seen * 1e6,
-                fanout,
+                f"{label} CPU per holder process",
+                removal.mapper_cpu * 1e6,
+                fanout.dealer_cpu * 1e6,
+                "us",
+                "lower",
+                None,
+            )
+        )
+        add(
+            _result(
+                f"{label} CPU of the manager",
+                removal.manager_cpu * 1e6,
+                fanout.router_cpu * 1e6,
                 "us",
                 "lower",
                 None,
@@ -126,14 +139,12 @@ def run(quick: bool, log: Callable[[str], None]) -> list[Result]:
 
     log("parallel faults")
     per = 25 if quick else 100
+    rate, cpu = cases.parallel_faults(8, per)
+    raw_rate, raw_cpu = baselines.zmq_parallel_rate(8, per)
+    add(_result("faults per second, 8 mappers in parallel", rate, raw_rate, "/s", "higher", None))
     add(
         _result(
-            "faults per second, 8 mappers in parallel",
-            cases.parallel_faults(8, per),
-            baselines.zmq_parallel_rate(8, per),
-            "/s",
-            "higher",
-            None,
+            "CPU per fault, 8 mappers in parallel", cpu * 1e6, raw_cpu * 1e6, "us", "lower", None
         )
     )
 
