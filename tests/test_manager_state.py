@@ -205,6 +205,34 @@ def test_fd_pushed_once_right_behind_the_first_map(state: ManagerState) -> None:
     assert state.counters["fds_sent"] == 2
 
 
+def test_fd_dropped_on_arrival_is_pushed_again_when_asked(state: ManagerState) -> None:
+    """A mapper whose FdGrant arrived without its fd (its open-file limit) asks with ResendFd;
+    the fd comes again, counted, while the next Map alone would not bring it."""
+    state.add_region("a", 0, MiB, False)
+    mid, _, requests = attach(state, "m1")
+    state.handle_mapper(requests, m.SendMappings(rng(0, 1)))
+    assert state.handle_mapper(requests, m.ResendFd(1)) == [SendFd(mid, m.FdGrant(1, MiB, False))]
+    assert state.counters["fds_sent"] == 2
+    assert msgs(state.handle_mapper(requests, m.SendMappings(rng(0, 1)))) == [
+        m.Map(rng(0, 1), 1, 0, False)
+    ]
+
+
+def test_resend_of_an_fd_not_held_is_denied(state: ManagerState) -> None:
+    """Never sent, or released since (the region was removed): the stale Map that asked fails;
+    no fd of another mapper's or of a destroyed mappable leaves the manager."""
+    state.add_region("a", 0, MiB, False)
+    state.add_region("b", MiB, MiB, False)
+    _, _, requests = attach(state, "m1")
+    out = state.handle_mapper(requests, m.ResendFd(2))
+    assert len(out) == 1 and isinstance(out[0], SendFd) and isinstance(out[0].msg, m.FdDenied)
+    state.handle_mapper(requests, m.SendMappings(rng(0, 1)))
+    state.handle_control(b"c", m.ControlRequest("remove_region", {"name": "a"}))
+    out = state.handle_mapper(requests, m.ResendFd(1))
+    assert [type(e.msg) for e in out if isinstance(e, SendFd)] == [m.FdDenied]
+    assert state.counters["fds_sent"] == 1
+
+
 def test_mapper_gone_unblocks_pending_removal(state: ManagerState) -> None:
     state.add_region("a", 0, MiB, True)
     m1, _, r1 = attach(state, "m1")

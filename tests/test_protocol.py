@@ -133,6 +133,7 @@ EXAMPLES: list[m.Message] = [
     m.Attach(1, TOKEN, m.ROLE_REQUESTS),
     m.Attached(0),
     m.SendMappings(R),
+    m.ResendFd(7),
     m.Map(R, 7, P, True),
     m.NoMapping(R),
     m.Unmap(3, R, (7, 8)),

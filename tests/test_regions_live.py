@@ -80,6 +80,24 @@ def test_eager_failure_rolls_back(start_manager: Start, spawn_worker: Spawn) -> 
     assert running.client().stats()["rollbacks"] == 1
 
 
+def test_fd_dropped_at_the_open_file_limit_comes_again_once_there_is_room(
+    start_manager: Start, spawn_worker: Spawn
+) -> None:
+    """The kernel drops an fd sent to a process at its open-file limit: the access fails and
+    says why, and once the process has room the next access gets the fd (ResendFd), instead of
+    waiting for one the manager believes it sent."""
+    running = start_manager("--region", "a=0:1M")
+    worker = spawn_worker(running, "w")
+    worker.ask("nofile 0")
+    with pytest.raises(WorkerError, match="dropped on arrival: this process is at its open-file"):
+        worker.ask("read 0x0 1")
+    worker.ask("nofile 16")
+    worker.ask("write 0x10 " + b"back".hex())
+    assert bytes.fromhex(worker.ask("read 0x10 4")) == b"back"
+    assert mapped(worker) == ["0x0-0x100000"]
+    assert running.client().stats()["fds_sent"] == 2  # the dropped one, and again
+
+
 def test_upgrade_to_eager_in_place(start_manager: Start, spawn_worker: Spawn) -> None:
     running = start_manager("--region", "a=0:1M", "--region", "b=0x200000:1M")
     worker = spawn_worker(running, "w")

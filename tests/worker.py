@@ -96,10 +96,12 @@ def main() -> None:
                     import os
                     import resource
 
-                    # the limit bounds fd numbers: put it at the lowest free one (+ N)
+                    # the limit bounds fd numbers: put it at the lowest free one (+ N), found
+                    # with the limit lifted (a lower one may be in force already)
+                    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
                     lowest_free = os.open("/dev/null", os.O_RDONLY)
                     os.close(lowest_free)
-                    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
                     resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free + int(args[0]), hard))
                     print("ok", flush=True)
                 elif cmd == "mapped":

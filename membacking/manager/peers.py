@@ -88,8 +88,11 @@ class PeerState(TableState):
         mapper_id, role = bound
         entry = self.mappers[mapper_id]
         entry.last_seen = self._clock()
-        if role == m.ROLE_REQUESTS and isinstance(msg, m.SendMappings):
-            return self.send_mappings(mapper_id, msg.range)
+        if role == m.ROLE_REQUESTS:
+            if isinstance(msg, m.SendMappings):
+                return self.send_mappings(mapper_id, msg.range)
+            if isinstance(msg, m.ResendFd):
+                return self.resend_fd(entry, msg.mappable_id)
         if role == m.ROLE_STREAM:
             if isinstance(msg, m.UnmapAck):
                 return self._ack(mapper_id, msg.seq, None)

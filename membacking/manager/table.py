@@ -159,6 +159,16 @@ class TableState:
         self.counters["fds_sent"] += 1
         return [SendFd(entry.id, m.FdGrant(mappable_id, size, writable))]
 
+    def resend_fd(self, entry: MapperEntry, mappable_id: int) -> list[Effect]:
+        """A mapper's FdGrant arrived without its fd (the kernel dropped it at the mapper's
+        open-file limit): push it again, if the mapper still holds the mappable."""
+        if mappable_id not in entry.fds_sent:
+            # released or destroyed since (or never sent): the Map that needed it is stale
+            reason = f"mappable {mappable_id} is not held by this mapper (released, or removed)"
+            return [SendFd(entry.id, m.FdDenied(mappable_id, reason))]
+        entry.fds_sent.discard(mappable_id)  # counted again in fds_sent
+        return self._fd_behind_map(entry, mappable_id)
+
     def _ack(self, mapper_id: int, seq: int, failure: str | None) -> list[Effect]:
         entry = self.mappers[mapper_id]
         op = self._pending.pop((mapper_id, seq), None)

@@ -13,6 +13,7 @@ import collections
 import contextlib
 import logging
 import os
+import resource
 import sys
 import threading
 from typing import cast
@@ -29,7 +30,7 @@ from ..errors import (
 from ..ffi import MADV_DONTDUMP, Reservation
 from ..protocol import messages as m
 from ..protocol.errors import ProtocolError
-from ..protocol.fdpass import PeerClosed, close_fds
+from ..protocol.fdpass import FdsDropped, PeerClosed, close_fds
 from ..protocol.messages import PRIVATE_MAPPABLE, Message
 from ..protocol.rangemap import RangeMap
 from ..protocol.ranges import MemoryRange
@@ -42,6 +43,10 @@ log = logging.getLogger("membacking.mapper")
 MAX_FAULTS = 64
 # plain ints: pyzmq's flag enums make every `&` a call into the enum module
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+
+
+def _open_file_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 class Chunk:
@@ -79,6 +84,9 @@ class VaMapper:
         #: fds the manager pushed (each behind the Map needing it), and the fds it refused
         self.fds: dict[int, int] = {}
         self._fds_denied: dict[int, list[str]] = {}  # one reason per denied Map, in order
+        #: mappables whose FdGrant came without its fd (the kernel dropped it at this process's
+        #: open-file limit); the next Map needing one asks for it again (ResendFd)
+        self._fds_dropped: set[int] = set()
         self.views: dict[int, tuple[int, int, bool]] = {}  # view id -> (start, end, writable)
         #: view id -> exporter of a view whose slices outlived its block (still pinned)
         self._escaped: dict[int, object] = {}
@@ -152,6 +160,9 @@ class VaMapper:
                 reason = getattr(exc, "strerror", None) or str(exc)
                 self.manager_gone(f"lost the connection to the manager: {reason}")
                 return True
+            except FdsDropped as exc:
+                self._fd_dropped(exc)
+                continue
             except ProtocolError as exc:
                 log.warning("mapper %d: invalid data on the fd socket: %s", self.id, exc)
                 continue
@@ -159,12 +170,29 @@ class VaMapper:
                 return False
             self._take_fd_message(*got)
 
+    def _fd_dropped(self, exc: FdsDropped) -> int | None:
+        """Note a grant whose fd the kernel dropped; returns its mappable id, if it says."""
+        if not isinstance(exc.msg, m.FdGrant):
+            log.warning("mapper %d: invalid data on the fd socket: %s", self.id, exc)
+            return None
+        mappable_id = exc.msg.mappable_id
+        self._fds_dropped.add(mappable_id)
+        log.warning(
+            "mapper %d: the fd of mappable %d was dropped on arrival: this process is at its "
+            "open-file limit (%d); the next access to it asks for it again",
+            self.id,
+            mappable_id,
+            _open_file_limit(),
+        )
+        return mappable_id
+
     def _take_fd_message(self, msg: Message, fds: list[int]) -> None:
         if isinstance(msg, m.FdGrant):
             replaced = self.fds.get(msg.mappable_id)
             if replaced is not None:  # sent twice (a manager bug): keep one
                 close_fds([replaced])
             self.fds[msg.mappable_id] = fds[0]
+            self._fds_dropped.discard(msg.mappable_id)
         elif isinstance(msg, m.FdDenied):
             self._fds_denied.setdefault(msg.mappable_id, []).append(msg.reason)
         else:
@@ -228,7 +256,8 @@ class VaMapper:
             log.warning("mapper %d: ignoring unexpected %s", self.id, type(msg).__name__)
 
     def _fd_for(self, mappable_id: int) -> int | str:
-        """The fd of a mappable just sent a Map for: held already, or right behind the Map."""
+        """The fd of a mappable just sent a Map for: held already, right behind the Map, or (if
+        the kernel dropped it on an earlier arrival) asked for again."""
         while True:
             fd = self.fds.get(mappable_id)
             if fd is not None:
@@ -239,10 +268,22 @@ class VaMapper:
                 if not reasons:
                     del self._fds_denied[mappable_id]
                 return f"the manager denied the fd of mappable {mappable_id}: {denied}"
+            if mappable_id in self._fds_dropped:
+                # the manager believes it is here, so no fd follows this Map unless asked for;
+                # on the requests socket, so a later fault's request cannot overtake it
+                self._fds_dropped.discard(mappable_id)
+                self.link.request(m.ResendFd(mappable_id))
             try:
                 got = self.link.recv_fd_message(wait=True)
             except TimeoutError:
                 return f"the manager did not send the fd of mappable {mappable_id}"
+            except FdsDropped as exc:
+                if self._fd_dropped(exc) == mappable_id:
+                    return (
+                        f"the fd of mappable {mappable_id} was dropped on arrival: this process "
+                        f"is at its open-file limit ({_open_file_limit()})"
+                    )
+                continue
             except (PeerClosed, OSError, ProtocolError) as exc:
                 return f"cannot receive the fd of mappable {mappable_id}: {exc}"
             assert got is not None
@@ -379,6 +420,7 @@ class VaMapper:
         chunk.cow = False
 
     def _close_fds(self, ids: tuple[int, ...]) -> None:
+        self._fds_dropped.difference_update(ids)  # released: a later Map brings the fd again
         close_fds([fd for fd in (self.fds.pop(i, None) for i in ids) if fd is not None])
 
     # ---- used by accessing threads -------------------------------------------------------------

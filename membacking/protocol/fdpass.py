@@ -25,6 +25,21 @@ class PeerClosed(ConnectionError):
     """The peer closed the connection (end of stream)."""
 
 
+class FdsDropped(ProtocolError):
+    """The kernel dropped fds that came with a message (MSG_CTRUNC): the receiver is at its
+    open-file limit, or the sender attached more than the receive buffer holds. `msg` is the
+    message they came with, when its bytes (which arrive whole) decode."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(
+            "fds sent with a message were dropped on arrival (the receiver is at its open-file "
+            "limit, or too many fds were attached)",
+            reason="fd-count",
+        )
+        self.data = data
+        self.msg: Message | None = None
+
+
 def send_message(sock: socket.socket, msg: Message, fds: Sequence[int] = ()) -> None:
     """Send `msg` with exactly the fds its type requires."""
     if len(fds) != msg.FDS:
@@ -45,8 +60,8 @@ def close_fds(fds: Sequence[int]) -> None:
 def recv_raw(sock: socket.socket, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[bytes, list[int]]:
     """Receive one datagram and every fd that came with it (the caller owns the fds).
 
-    Raises PeerClosed at end of stream and ProtocolError (after closing the fds) when the data or
-    the ancillary data was truncated.
+    Raises PeerClosed at end of stream, FdsDropped when the ancillary data was truncated and
+    ProtocolError when the data was (closing the fds that did arrive, in both cases).
     """
     data, ancdata, flags, _ = sock.recvmsg(max_bytes + 1, _CMSG_SPACE)
     fds: list[int] = []
@@ -58,7 +73,7 @@ def recv_raw(sock: socket.socket, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[b
             fds.extend(ints)
     if flags & socket.MSG_CTRUNC:
         close_fds(fds)
-        raise ProtocolError("ancillary data truncated (too many fds)", reason="fd-count")
+        raise FdsDropped(data)
     if flags & socket.MSG_TRUNC or len(data) > max_bytes:
         close_fds(fds)
         raise ProtocolError(f"message longer than {max_bytes} bytes", reason="too-large")
@@ -71,7 +86,12 @@ def recv_message(
     sock: socket.socket, max_bytes: int = MAX_MESSAGE_BYTES, sender: str | None = None
 ) -> tuple[Message, list[int]]:
     """Receive and validate one message on the fd channel, with exactly the fds it expects."""
-    data, fds = recv_raw(sock, max_bytes)
+    try:
+        data, fds = recv_raw(sock, max_bytes)
+    except FdsDropped as exc:
+        with contextlib.suppress(ProtocolError):  # say which message lost its fds, if it can
+            exc.msg = decode(exc.data, Channel.FD, max_bytes=max_bytes, sender=sender)
+        raise
     try:
         msg = decode(data, Channel.FD, max_bytes=max_bytes, sender=sender)
     except ProtocolError:

@@ -164,6 +164,19 @@ class SendMappings(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class ResendFd(Message):
+    """mapper -> manager (requests socket): the FdGrant of this mappable arrived without its fd
+    (the kernel dropped it: this process was at its open-file limit); push it again. Answered
+    on the fd socket with FdGrant, or FdDenied if this mapper no longer holds the mappable."""
+
+    TYPE = 24
+    FROM = frozenset({"mapper"})
+    FIELDS = (("mappable_id", Kind.U64),)
+    CHANNELS = frozenset({Channel.MAPPER})
+    mappable_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class Map(Message):
     """manager -> mapper (stream): `range` is backed by mappable at file_offset."""
 
@@ -346,6 +359,7 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     Attach,
     Attached,
     SendMappings,
+    ResendFd,
     Map,
     NoMapping,
     Unmap,
