@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass
 
 import msgpack
 import pytest
@@ -158,6 +159,15 @@ def test_every_message_type_has_an_example() -> None:
 def test_round_trip(msg: m.Message) -> None:
     channel = next(iter(msg.CHANNELS))
     assert decode(encode(msg), channel) == msg
+
+
+def test_encoding_an_unregistered_message_says_so() -> None:
+    @dataclass(frozen=True, slots=True)
+    class Stray(m.Message):
+        TYPE = 99
+
+    with pytest.raises(TypeError, match="Stray is not a registered protocol message"):
+        encode(Stray())
 
 
 def raw(*items: object) -> bytes:

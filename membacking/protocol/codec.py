@@ -79,8 +79,12 @@ class _Plan:
 
 
 def encode(msg: Message) -> bytes:
-    """Encode a message for the wire."""
-    data: bytes = msgpack.packb(_PLANS[type(msg)].flatten(msg), use_bin_type=True)
+    """Encode a message for the wire (a registered Message class only: TypeError otherwise)."""
+    try:
+        plan = _PLANS[type(msg)]
+    except KeyError:
+        raise TypeError(f"{type(msg).__name__} is not a registered protocol message") from None
+    data: bytes = msgpack.packb(plan.flatten(msg), use_bin_type=True)
     return data
 
 
