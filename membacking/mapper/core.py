@@ -16,7 +16,6 @@ import os
 import resource
 import sys
 import threading
-from typing import cast
 
 import zmq
 
@@ -41,8 +40,6 @@ log = logging.getLogger("membacking.mapper")
 
 #: faults one access may take before it gives up (each fault maps at least one page it needs)
 MAX_FAULTS = 64
-# plain ints: pyzmq's flag enums make every `&` a call into the enum module
-_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 
 def _open_file_limit() -> int:
@@ -98,6 +95,7 @@ class VaMapper:
         self._eager_done = threading.Event()
         self._eager_message = ""
         self._outbox: collections.deque[Message] = collections.deque()
+        self._stream_ready = [(self.link.stream, zmq.POLLIN)]  # for a zero-timeout zmq_poll
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stop = False
         self._thread = threading.Thread(
@@ -122,18 +120,23 @@ class VaMapper:
         poller.register(self.link.fd_sock.fileno(), zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         fd_fileno = self.link.fd_sock.fileno()
+        stream = self.link.stream
+        # zmq_poll on the poller's own list: Poller.poll only adds a Python frame around it
+        items = poller.sockets
         while not self._stop:
             try:
-                events = dict(poller.poll(1000))
+                events = dict(zmq.zmq_poll(items, 1000))
             except zmq.ZMQError:
                 break
             if self._wake_r in events:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._wake_r, 4096)
             try:
-                self._flush_outbox()
-                self._complete_unmaps()
-                if self.link.stream in events:
+                if self._outbox:  # asked here: most wake-ups have nothing queued
+                    self._flush_outbox()
+                if self._pending_unmaps:
+                    self._complete_unmaps()
+                if stream in events:
                     self._drain_stream()  # first: a Shutdown says why the connection ends
                 if fd_fileno in events and (self.gone is not None or self._read_fd_socket()):
                     # closed (or no longer of use): stop polling it, or poll would never block
@@ -208,11 +211,12 @@ class VaMapper:
 
     def _drain_stream(self) -> None:
         """Apply the messages waiting on the stream, which the poller found readable."""
-        stream = self.link.stream
+        ready = self._stream_ready
         for i in range(1024):
             # The poller answered for the first message; after it, asking costs half of what
-            # a receive that finds nothing costs (it raises).
-            if i and not cast(int, stream.getsockopt(_EVENTS)) & _POLLIN:
+            # a receive that finds nothing costs (it raises), and a zero-timeout zmq_poll less
+            # than getsockopt(EVENTS) (which builds an enum member per call).
+            if i and not zmq.zmq_poll(ready, 0):
                 return
             try:
                 msg = self.link.recv_stream()
@@ -330,8 +334,10 @@ class VaMapper:
                     self.reservation.unmap(rng.start, rng.len)
                 log.error("mapper %d: cannot map %s: %s", self.id, rng, exc)
                 return f"mmap failed: {exc.strerror}"
-            with contextlib.suppress(OSError):
+            try:  # noqa: SIM105 (contextlib.suppress costs three Python calls; every fault runs this)
                 self.reservation.madvise(rng.start, rng.len, MADV_DONTDUMP)
+            except OSError:
+                pass  # kept out of core dumps where the kernel allows it; harmless otherwise
             self.chunks.insert(rng, Chunk(mappable_id, file_offset, writable, cow))
         return None
 

@@ -38,6 +38,10 @@ class Channel(Enum):
     MAPPER = "mapper"  # ZeroMQ DEALER <-> ROUTER
     CONTROL = "control"  # ZeroMQ REQ <-> ROUTER
 
+    # Members are singletons compared by identity, so identity hashing agrees with equality;
+    # Enum's own __hash__ is a Python call, paid at every decode's channel check.
+    __hash__ = object.__hash__
+
 
 @dataclass(frozen=True, slots=True)
 class Message:
