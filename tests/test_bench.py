@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -129,3 +132,22 @@ def test_cpu_accounting_sees_a_busy_thread() -> None:
     # of the live threads alone would lose it)
     assert 0.2 <= ours < 1.0, ours
     assert theirs < 0.01, theirs
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_instruction_count_script_counts_both_processes(tmp_path: Path) -> None:
+    """scripts/instructions.py runs the manager and a mapper under callgrind; each must report
+    a count for the rounds it was switched on for (no count is asserted: it reports them)."""
+    out = tmp_path / "instructions.json"
+    script = ROOT / "scripts" / "instructions.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--rounds", "3", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["rounds"] == 3
+    assert data["manager_per_round"] > 0 and data["mapper_per_round"] > 0
+    assert "manager" in result.stdout and "mapper" in result.stdout

@@ -1,0 +1,166 @@
+"""Instructions per fault and removal, counted by callgrind: `python scripts/instructions.py`.
+
+Times on this machine move 3x between runs; instruction counts repeat to within a fraction of a
+percent, so a change to the Python on a fault's path is judged here first. Each round adds a
+4 KiB region, has one mapper fault it in, and removes it (the Unmap acknowledged). The manager
+and the mapper each run under `valgrind --tool=callgrind`, counted only over the measured
+rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from membacking.control_client import ControlClient
+
+GPA = 1 << 32
+#: valgrind cannot reserve the default 1 TiB of address space for a mapper
+ADDRESS_SPACE = "8G"
+
+
+def _mapper_child(runtime_dir: str) -> None:
+    """Attach, then fault GPA in on each `read` line from stdin, answering `ok`."""
+    from membacking import attach
+
+    with attach(runtime_dir, name="counted", timeout=120, fault_timeout=120) as memory:
+        print("ok", flush=True)
+        for line in sys.stdin:
+            if line.strip() == "quit":
+                break
+            memory.read_at(GPA, 1)
+            print("ok", flush=True)
+
+
+def _callgrind(out: Path, *command: str) -> list[str]:
+    tool = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
+    return [*tool, *command]
+
+
+def _switch(pid: int, on: bool) -> None:
+    subprocess.run(
+        ["callgrind_control", "-i", "on" if on else "off", str(pid)],
+        capture_output=True,
+        check=True,
+        timeout=120,
+    )
+
+
+def _total(out: Path) -> int:
+    """The instruction total callgrind wrote for one process."""
+    for line in out.read_text().splitlines():
+        if line.startswith("totals:"):  # ("summary:" stays 0 when counting starts switched off)
+            return int(line.split()[1])
+    raise RuntimeError(f"no instruction total in {out}")
+
+
+def count(rounds: int, warmup: int = 10) -> dict[str, float]:
+    work = Path(tempfile.mkdtemp(prefix="mb-instr-", dir="/tmp"))
+    runtime = work / "run"
+    manager_out, mapper_out = work / "manager.out", work / "mapper.out"
+    manager = subprocess.Popen(
+        _callgrind(
+            manager_out,
+            sys.executable,
+            "-m",
+            "membacking",
+            "manager",
+            "run",
+            "--runtime-dir",
+            str(runtime),
+            "--address-space",
+            ADDRESS_SPACE,
+            "--log-level",
+            "error",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    mapper: subprocess.Popen[str] | None = None
+    try:
+        assert manager.stdout is not None
+        if not manager.stdout.readline().startswith("membacking manager ready"):
+            raise RuntimeError("the manager did not start under valgrind")
+        client = ControlClient(runtime, timeout=120)
+        mapper = subprocess.Popen(
+            _callgrind(mapper_out, sys.executable, __file__, "--mapper-child", str(runtime)),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        assert mapper.stdin is not None and mapper.stdout is not None
+        if mapper.stdout.readline().strip() != "ok":
+            raise RuntimeError("the mapper did not attach under valgrind")
+
+        def one_round() -> None:
+            assert mapper is not None and mapper.stdin is not None and mapper.stdout is not None
+            client.add_region("counted", GPA, 4096)
+            mapper.stdin.write("read\n")
+            mapper.stdin.flush()
+            if mapper.stdout.readline().strip() != "ok":
+                raise RuntimeError("the mapper failed a fault")
+            client.remove_region("counted")
+
+        for _ in range(warmup):
+            one_round()
+        for pid in (manager.pid, mapper.pid):
+            _switch(pid, True)
+        started = time.perf_counter()
+        for _ in range(rounds):
+            one_round()
+        elapsed = time.perf_counter() - started
+        for pid in (manager.pid, mapper.pid):
+            _switch(pid, False)
+        mapper.stdin.write("quit\n")
+        mapper.stdin.flush()
+        mapper.wait(120)
+        manager.terminate()
+        manager.wait(120)
+        return {
+            "rounds": rounds,
+            "manager_per_round": _total(manager_out) / rounds,
+            "mapper_per_round": _total(mapper_out) / rounds,
+            "seconds_under_valgrind": elapsed,
+        }
+    finally:
+        for proc in (mapper, manager):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main() -> int:
+    if len(sys.argv) == 3 and sys.argv[1] == "--mapper-child":
+        _mapper_child(sys.argv[2])
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=200, help="rounds counted (default 200)")
+    parser.add_argument("--json", type=Path, help="also write the counts to this file")
+    args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        print("instructions.py needs valgrind (with callgrind_control) on PATH", file=sys.stderr)
+        return 2
+    result = count(args.rounds)
+    print(f"instructions per round of add region, fault, remove ({args.rounds} rounds counted)")
+    print(f"  manager   {result['manager_per_round']:>12,.0f}")
+    print(f"  mapper    {result['mapper_per_round']:>12,.0f}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
