@@ -98,6 +98,39 @@ def test_wake_cost_script_runs() -> None:
     assert [line.split()[1] for line in lines[2:]] == ["100", "300", "1000", "5000"]
 
 
+def test_cpu_accounting_sees_another_process_spin() -> None:
+    """The CPU rows read other processes' CPU clocks: a child that spins 0.3 s of its own CPU
+    must show it in full when read from outside."""
+
+    from membacking.bench.procs import cpu_seconds
+
+    spinner = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "print('up', flush=True); sys.stdin.readline()\n"
+            "start = time.process_time()\n"
+            "while time.process_time() - start < 0.3: pass\n"
+            "print('done', flush=True); sys.stdin.readline()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert spinner.stdin is not None and spinner.stdout is not None
+    try:
+        assert spinner.stdout.readline() == b"up\n"
+        before = cpu_seconds([spinner.pid])
+        spinner.stdin.write(b"go\n")
+        spinner.stdin.flush()
+        assert spinner.stdout.readline() == b"done\n"
+        spent = cpu_seconds([spinner.pid]) - before
+    finally:
+        spinner.kill()
+        spinner.communicate()
+    assert 0.3 <= spent < 1.5, spent
+
+
 def test_cpu_accounting_sees_a_busy_thread() -> None:
     """The CPU rows of the benchmark add up every thread's time: a thread that spins for 0.2 s
     must show up in full, and a process that sleeps must not."""

@@ -20,7 +20,7 @@ from membacking.protocol.fdpass import recv_message, send_message
 from membacking.protocol.messages import Channel
 from membacking.runtime import RuntimePaths
 
-from conftest import short_tmpdir
+from conftest import Worker, short_tmpdir
 
 TOKEN = bytes(16)
 
@@ -103,3 +103,60 @@ def test_shutdown_read_before_the_fd_socket_closes(scripted: ScriptedManager) ->
             memory.read_at(0, 1)
     finally:
         memory.detach()
+
+
+def requests_seen(scripted: ScriptedManager, wait: float) -> list[m.Message]:
+    """Every message from the mapper's requests socket within `wait` seconds."""
+    seen: list[m.Message] = []
+    while scripted.router.poll(int(wait * 1000)):
+        identity, data = scripted.router.recv_multipart()
+        assert identity != scripted.stream
+        seen.append(decode(data, Channel.MAPPER))
+        wait = 0.2  # then only what is already on its way
+    return seen
+
+
+@pytest.mark.parametrize("first", ["grant", "map"])
+def test_a_dropped_fd_fails_its_map_and_only_the_next_map_asks_again(
+    scripted: ScriptedManager, first: str
+) -> None:
+    """The kernel drops an fd sent to a mapper at its open-file limit. Whether the mapper reads
+    the grant before its Map (as it often does: the fd socket has no I/O thread in the way) or
+    after, that Map fails saying why and nothing is asked then; the next Map, with room again,
+    sends ResendFd and maps the fd that answers it."""
+    root = Path(scripted.listener.getsockname()).parent
+    worker = Worker(root, "w")
+    memfd = os.memfd_create("dropped")
+    try:
+        os.ftruncate(memfd, 1 << 20)
+        os.pwrite(memfd, b"resent", 0)
+        scripted.registered()
+        assert scripted.conn is not None and worker.proc.stdin is not None
+        worker.ask("nofile 0")
+        grant, mapping = m.FdGrant(1, 1 << 20, True), m.Map(m.MemoryRange(0, 1 << 20), 1, 0, True)
+
+        worker.proc.stdin.write("read 0x0 6\n")
+        worker.proc.stdin.flush()
+        assert [type(x) for x in requests_seen(scripted, 10)] == [m.SendMappings]
+        for step in ("grant", "map") if first == "grant" else ("map", "grant"):
+            if step == "grant":
+                send_message(scripted.conn, grant, [memfd])  # dropped: no room for it
+            else:
+                scripted.router.send_multipart([scripted.stream, encode(mapping)])
+            time.sleep(0.3)  # read by the mapper thread before the other one is sent
+        answer = worker._line(10)
+        assert answer.startswith("err ") and "dropped on arrival" in answer, answer
+        assert "open-file limit" in answer
+        assert requests_seen(scripted, 0.5) == []  # the failed Map did not ask again
+
+        worker.ask("nofile 16")
+        worker.proc.stdin.write("read 0x0 6\n")
+        worker.proc.stdin.flush()
+        assert [type(x) for x in requests_seen(scripted, 10)] == [m.SendMappings]
+        scripted.router.send_multipart([scripted.stream, encode(mapping)])  # no fd behind it
+        assert requests_seen(scripted, 10) == [m.ResendFd(1)]
+        send_message(scripted.conn, grant, [memfd])
+        assert bytes.fromhex(worker._line(10).removeprefix("ok ")) == b"resent"
+    finally:
+        worker.close()
+        os.close(memfd)

@@ -95,9 +95,9 @@ def test_fd_dropped_at_the_open_file_limit_comes_again_once_there_is_room(
     worker.ask("write 0x10 " + b"back".hex())
     assert bytes.fromhex(worker.ask("read 0x10 4")) == b"back"
     assert mapped(worker) == ["0x0-0x100000"]
-    # the dropped one, and once more after the limit was raised; and once in between when the
-    # dropped grant was read before its Map (that Map asks at once, still at the limit)
-    assert running.client().stats()["fds_sent"] in (2, 3)
+    # the dropped one, and once more after the limit was raised, whichever of the grant and its
+    # Map the mapper read first (the grant often overtakes the Map)
+    assert running.client().stats()["fds_sent"] == 2
 
 
 def test_upgrade_to_eager_in_place(start_manager: Start, spawn_worker: Spawn) -> None:

@@ -82,7 +82,9 @@ class VaMapper:
         self.fds: dict[int, int] = {}
         self._fds_denied: dict[int, list[str]] = {}  # one reason per denied Map, in order
         #: mappables whose FdGrant came without its fd (the kernel dropped it at this process's
-        #: open-file limit); the next Map needing one asks for it again (ResendFd)
+        #: open-file limit), read before the Map it came behind: that Map fails
+        self._fds_unclaimed: set[int] = set()
+        #: mappables whose fd was dropped and whose Map failed: the next Map asks (ResendFd)
         self._fds_dropped: set[int] = set()
         self.views: dict[int, tuple[int, int, bool]] = {}  # view id -> (start, end, writable)
         #: view id -> exporter of a view whose slices outlived its block (still pinned)
@@ -173,13 +175,13 @@ class VaMapper:
                 return False
             self._take_fd_message(*got)
 
-    def _fd_dropped(self, exc: FdsDropped) -> int | None:
-        """Note a grant whose fd the kernel dropped; returns its mappable id, if it says."""
+    def _fd_dropped(self, exc: FdsDropped) -> None:
+        """Note a grant whose fd the kernel dropped: the Map it came behind will fail."""
         if not isinstance(exc.msg, m.FdGrant):
             log.warning("mapper %d: invalid data on the fd socket: %s", self.id, exc)
-            return None
+            return
         mappable_id = exc.msg.mappable_id
-        self._fds_dropped.add(mappable_id)
+        self._fds_unclaimed.add(mappable_id)
         log.warning(
             "mapper %d: the fd of mappable %d was dropped on arrival: this process is at its "
             "open-file limit (%d); the next access to it asks for it again",
@@ -187,7 +189,6 @@ class VaMapper:
             mappable_id,
             _open_file_limit(),
         )
-        return mappable_id
 
     def _take_fd_message(self, msg: Message, fds: list[int]) -> None:
         if isinstance(msg, m.FdGrant):
@@ -195,6 +196,7 @@ class VaMapper:
             if replaced is not None:  # sent twice (a manager bug): keep one
                 close_fds([replaced])
             self.fds[msg.mappable_id] = fds[0]
+            self._fds_unclaimed.discard(msg.mappable_id)
             self._fds_dropped.discard(msg.mappable_id)
         elif isinstance(msg, m.FdDenied):
             self._fds_denied.setdefault(msg.mappable_id, []).append(msg.reason)
@@ -272,21 +274,27 @@ class VaMapper:
                 if not reasons:
                     del self._fds_denied[mappable_id]
                 return f"the manager denied the fd of mappable {mappable_id}: {denied}"
+            if mappable_id in self._fds_unclaimed:  # this Map's fd: dropped on arrival
+                self._fds_unclaimed.discard(mappable_id)
+                self._fds_dropped.add(mappable_id)
+                return (
+                    f"the fd of mappable {mappable_id} was dropped on arrival: this process is "
+                    f"at its open-file limit ({_open_file_limit()})"
+                )
             if mappable_id in self._fds_dropped:
                 # the manager believes it is here, so no fd follows this Map unless asked for;
                 # on the requests socket, so a later fault's request cannot overtake it
+                try:
+                    self.link.request(m.ResendFd(mappable_id))
+                except zmq.ZMQError as exc:  # still dropped: the next Map asks again
+                    return f"cannot ask for the fd of mappable {mappable_id} again: {exc}"
                 self._fds_dropped.discard(mappable_id)
-                self.link.request(m.ResendFd(mappable_id))
             try:
                 got = self.link.recv_fd_message(wait=True)
             except TimeoutError:
                 return f"the manager did not send the fd of mappable {mappable_id}"
             except FdsDropped as exc:
-                if self._fd_dropped(exc) == mappable_id:
-                    return (
-                        f"the fd of mappable {mappable_id} was dropped on arrival: this process "
-                        f"is at its open-file limit ({_open_file_limit()})"
-                    )
+                self._fd_dropped(exc)  # this Map's (checked above) or one still on its way
                 continue
             except (PeerClosed, OSError, ProtocolError) as exc:
                 return f"cannot receive the fd of mappable {mappable_id}: {exc}"
@@ -426,7 +434,9 @@ class VaMapper:
         chunk.cow = False
 
     def _close_fds(self, ids: tuple[int, ...]) -> None:
-        self._fds_dropped.difference_update(ids)  # released: a later Map brings the fd again
+        # released: a later Map of these brings the fd again
+        self._fds_unclaimed.difference_update(ids)
+        self._fds_dropped.difference_update(ids)
         close_fds([fd for fd in (self.fds.pop(i, None) for i in ids) if fd is not None])
 
     # ---- used by accessing threads -------------------------------------------------------------

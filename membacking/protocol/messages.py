@@ -171,7 +171,8 @@ class SendMappings(Message):
 class ResendFd(Message):
     """mapper -> manager (requests socket): the FdGrant of this mappable arrived without its fd
     (the kernel dropped it: this process was at its open-file limit); push it again. Answered
-    on the fd socket with FdGrant, or FdDenied if this mapper no longer holds the mappable."""
+    on the fd socket with FdGrant, or FdDenied unless the manager sent this mapper that fd and
+    has not released it since."""
 
     TYPE = 24
     FROM = frozenset({"mapper"})
