@@ -65,21 +65,16 @@ def count(rounds: int, warmup: int = 10) -> dict[str, float]:
     work = Path(tempfile.mkdtemp(prefix="mb-instr-", dir="/tmp"))
     runtime = work / "run"
     manager_out, mapper_out = work / "manager.out", work / "mapper.out"
+    options = [
+        "--runtime-dir",
+        str(runtime),
+        "--address-space",
+        ADDRESS_SPACE,
+        "--log-level",
+        "error",
+    ]
     manager = subprocess.Popen(
-        _callgrind(
-            manager_out,
-            sys.executable,
-            "-m",
-            "membacking",
-            "manager",
-            "run",
-            "--runtime-dir",
-            str(runtime),
-            "--address-space",
-            ADDRESS_SPACE,
-            "--log-level",
-            "error",
-        ),
+        _callgrind(manager_out, sys.executable, "-m", "membacking", "manager", "run", *options),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

@@ -15,15 +15,21 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_quick_benchmark_reports_everything(tmp_path: Path) -> None:
-    out = tmp_path / "bench.json"
+def run_script(name: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run scripts/NAME with `args`; it must exit 0."""
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--json", str(out)],
+        [sys.executable, str(ROOT / "scripts" / name), *args],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def test_quick_benchmark_reports_everything(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = run_script("bench.py", "--quick", "--json", str(out), timeout=300)
     data = json.loads(out.read_text())
     assert data["quick"] is True and data["cores"] >= 1
     rows = {r["what"]: r for r in data["results"]}
@@ -66,14 +72,7 @@ def test_quick_benchmark_reports_everything(tmp_path: Path) -> None:
 def test_fault_stage_profile_runs(tmp_path: Path) -> None:
     """scripts/fault_stages.py wraps mapper internals by name: it must keep finding them."""
     out = tmp_path / "stages.json"
-    script = ROOT / "scripts" / "fault_stages.py"
-    result = subprocess.run(
-        [sys.executable, str(script), "--count", "20", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    run_script("fault_stages.py", "--count", "20", "--json", str(out), timeout=120)
     data = json.loads(out.read_text())
     assert set(data) == {"first fault", "fd already held"}
     for stages in data.values():
@@ -85,14 +84,7 @@ def test_fault_stage_profile_runs(tmp_path: Path) -> None:
 def test_wake_cost_script_runs() -> None:
     """scripts/wake_cost.py drives the real state machine; it must keep running (no times are
     asserted: it reports them)."""
-    script = ROOT / "scripts" / "wake_cost.py"
-    result = subprocess.run(
-        [sys.executable, str(script), "--count", "20"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_script("wake_cost.py", "--count", "20", timeout=120)
     lines = result.stdout.splitlines()
     assert lines[1].split()[:3] == ["back", "to", "back"]
     assert [line.split()[1] for line in lines[2:]] == ["100", "300", "1000", "5000"]
@@ -172,14 +164,7 @@ def test_instruction_count_script_counts_both_processes(tmp_path: Path) -> None:
     """scripts/instructions.py runs the manager and a mapper under callgrind; each must report
     a count for the rounds it was switched on for (no count is asserted: it reports them)."""
     out = tmp_path / "instructions.json"
-    script = ROOT / "scripts" / "instructions.py"
-    result = subprocess.run(
-        [sys.executable, str(script), "--rounds", "3", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
+    result = run_script("instructions.py", "--rounds", "3", "--json", str(out), timeout=300)
     data = json.loads(out.read_text())
     assert data["rounds"] == 3
     assert data["manager_per_round"] > 0 and data["mapper_per_round"] > 0
