@@ -142,25 +142,44 @@ def shadows(upper: Region, lower: Region) -> bool:
 
 
 def desired_active(regions: Iterable[Region], window: MemoryRange) -> dict[str, bool]:
-    """For each placed region overlapping `window`: should it be active?"""
-    near = [r for r in regions if r.range is not None and r.range.overlaps(window)]
-    out = {}
-    for region in near:
+    """For each placed region overlapping `window`: should it be active?
+
+    A region is active when it is enabled, not being removed, and no other such region shadows
+    it. The placement rules make overlapping regions nest, and a region strictly containing
+    another always has the higher priority, so a region is shadowed exactly when an eligible
+    region strictly contains it, or when one with an identical range beats it (`shadows`).
+    One sweep in (start, longest first) order finds both: O(k log k) for k regions, where
+    comparing every pair cost O(k^2) (4.5 s for 2,000 regions inside one that was disabled).
+    """
+    near = []
+    for region in regions:
         rng = region.range
-        assert rng is not None
-        if not region.enabled or region.removing:
-            out[region.name] = False
-            continue
-        hidden = any(
-            other is not region
-            and other.enabled
-            and not other.removing
-            and other.range is not None
-            and other.range.overlaps(rng)
-            and shadows(other, region)
-            for other in near
-        )
-        out[region.name] = not hidden
+        if rng is not None and rng.start < window.end and window.start < rng.end:
+            near.append((rng.start, -rng.end, region))
+    near.sort(key=lambda item: (item[0], item[1]))
+    out: dict[str, bool] = {}
+    reach = -1  # the furthest end of an eligible region in the groups swept so far
+    i = 0
+    while i < len(near):
+        start, neg_end, _ = near[i]
+        j = i
+        while j < len(near) and near[j][0] == start and near[j][1] == neg_end:
+            j += 1
+        group = [item[2] for item in near[i:j]]  # identical ranges
+        eligible = [r for r in group if r.enabled and not r.removing]
+        # an earlier group starts no later and is not identical: reaching our end, it contains us
+        contained = reach >= -neg_end
+        winner = None
+        if eligible and not contained:
+            winner = eligible[0]
+            for other in eligible[1:]:
+                if shadows(other, winner):
+                    winner = other
+        for region in group:
+            out[region.name] = region is winner
+        if eligible:
+            reach = max(reach, -neg_end)
+        i = j
     return out
 
 
