@@ -110,8 +110,14 @@ def _name(value: Any, field: str) -> str:
 
 
 def _range(start: Any, size: Any, field: str) -> MemoryRange:
-    start = _u64(start, f"{field}.start")
-    size = _u64(size, f"{field}.size")
+    if not (
+        type(start) is int
+        and type(size) is int
+        and 0 <= start < _U64_LIMIT
+        and 0 <= size < _U64_LIMIT
+    ):  # checked inline first: every fault's messages carry a range
+        start = _u64(start, f"{field}.start")
+        size = _u64(size, f"{field}.size")
     if size == 0:
         raise ProtocolError(f"field {field!r} has zero size", reason="bad-range")
     if (start | size) & PAGE_MASK:
