@@ -20,7 +20,7 @@ from typing import Any
 from membacking import attach
 from membacking.bench.cases import _add_probes
 from membacking.bench.procs import manager
-from membacking.mapper import core, link, waitlist
+from membacking.mapper import core, fds, link, waitlist
 from membacking.protocol import messages as m
 
 STAGES = (
@@ -67,7 +67,7 @@ def measure(count: int) -> dict[str, dict[str, float]]:
 
     link.ManagerLink.recv_stream = recv_stream  # type: ignore[method-assign]
     _wrap(core.VaMapper, "_apply_map", "apply0", "apply1", marks)
-    _wrap(core.VaMapper, "_fd_for", "fd0", "fd1", marks)
+    _wrap(fds.MapperFds, "for_map", "fd0", "fd1", marks)
     _wrap(waitlist.WaiterSet, "complete", None, "complete", marks)
     _wrap(core.VaMapper, "fault", None, "fault1", marks)
     out: dict[str, dict[str, float]] = {}

@@ -13,7 +13,6 @@ import collections
 import contextlib
 import logging
 import os
-import resource
 import sys
 import threading
 
@@ -29,10 +28,10 @@ from ..errors import (
 from ..ffi import MADV_DONTDUMP, Reservation
 from ..protocol import messages as m
 from ..protocol.errors import ProtocolError
-from ..protocol.fdpass import FdsDropped, PeerClosed, close_fds
 from ..protocol.messages import PRIVATE_MAPPABLE, Message
 from ..protocol.rangemap import RangeMap
 from ..protocol.ranges import MemoryRange
+from .fds import MapperFds
 from .link import ManagerLink
 from .waitlist import MAP_FAILED, NO_MAPPING, READ_ONLY, WaiterSet
 
@@ -40,10 +39,6 @@ log = logging.getLogger("membacking.mapper")
 
 #: faults one access may take before it gives up (each fault maps at least one page it needs)
 MAX_FAULTS = 64
-
-
-def _open_file_limit() -> int:
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 class Chunk:
@@ -78,14 +73,8 @@ class VaMapper:
         self.hot: list[int | bool] = [0, 0, False]
         self.mv = self.reservation.buffer()
         self.waiters = WaiterSet()
-        #: fds the manager pushed (each behind the Map needing it), and the fds it refused
-        self.fds: dict[int, int] = {}
-        self._fds_denied: dict[int, list[str]] = {}  # one reason per denied Map, in order
-        #: mappables whose FdGrant came without its fd (the kernel dropped it at this process's
-        #: open-file limit), read before the Map it came behind: that Map fails
-        self._fds_unclaimed: set[int] = set()
-        #: mappables whose fd was dropped and whose Map failed: the next Map asks (ResendFd)
-        self._fds_dropped: set[int] = set()
+        #: fds the manager pushed, each behind the Map needing it
+        self.fds = MapperFds(self.link, self.id)
         self.views: dict[int, tuple[int, int, bool]] = {}  # view id -> (start, end, writable)
         #: view id -> exporter of a view whose slices outlived its block (still pinned)
         self._escaped: dict[int, object] = {}
@@ -158,51 +147,10 @@ class VaMapper:
 
     def _read_fd_socket(self) -> bool:
         """Take every fd message waiting; True if the manager closed the connection."""
-        while True:
-            try:
-                got = self.link.recv_fd_message(wait=False)
-            except (PeerClosed, OSError) as exc:
-                reason = getattr(exc, "strerror", None) or str(exc)
-                self.manager_gone(f"lost the connection to the manager: {reason}")
-                return True
-            except FdsDropped as exc:
-                self._fd_dropped(exc)
-                continue
-            except ProtocolError as exc:
-                log.warning("mapper %d: invalid data on the fd socket: %s", self.id, exc)
-                continue
-            if got is None:
-                return False
-            self._take_fd_message(*got)
-
-    def _fd_dropped(self, exc: FdsDropped) -> None:
-        """Note a grant whose fd the kernel dropped: the Map it came behind will fail."""
-        if not isinstance(exc.msg, m.FdGrant):
-            log.warning("mapper %d: invalid data on the fd socket: %s", self.id, exc)
-            return
-        mappable_id = exc.msg.mappable_id
-        self._fds_unclaimed.add(mappable_id)
-        log.warning(
-            "mapper %d: the fd of mappable %d was dropped on arrival: this process is at its "
-            "open-file limit (%d); the next access to it asks for it again",
-            self.id,
-            mappable_id,
-            _open_file_limit(),
-        )
-
-    def _take_fd_message(self, msg: Message, fds: list[int]) -> None:
-        if isinstance(msg, m.FdGrant):
-            replaced = self.fds.get(msg.mappable_id)
-            if replaced is not None:  # sent twice (a manager bug): keep one
-                close_fds([replaced])
-            self.fds[msg.mappable_id] = fds[0]
-            self._fds_unclaimed.discard(msg.mappable_id)
-            self._fds_dropped.discard(msg.mappable_id)
-        elif isinstance(msg, m.FdDenied):
-            self._fds_denied.setdefault(msg.mappable_id, []).append(msg.reason)
-        else:
-            close_fds(fds)
-            log.warning("mapper %d: unexpected %s on the fd socket", self.id, type(msg).__name__)
+        lost = self.fds.read_waiting()
+        if lost is not None:
+            self.manager_gone(lost)
+        return lost is not None
 
     def manager_gone(self, reason: str) -> None:
         """Mapped memory keeps working; new faults fail with ManagerGoneError."""
@@ -246,7 +194,7 @@ class VaMapper:
         elif isinstance(msg, m.Unmap):
             self._unmap(msg.seq, msg.range, msg.release)
         elif isinstance(msg, m.Release):
-            self._close_fds(msg.release)
+            self.fds.close(msg.release)
             self.link.send_stream(m.UnmapAck(msg.seq))
         elif isinstance(msg, m.EagerResult):
             self.eager = msg.ok
@@ -261,46 +209,6 @@ class VaMapper:
         else:
             log.warning("mapper %d: ignoring unexpected %s", self.id, type(msg).__name__)
 
-    def _fd_for(self, mappable_id: int) -> int | str:
-        """The fd of a mappable just sent a Map for: held already, right behind the Map, or (if
-        the kernel dropped it on an earlier arrival) asked for again."""
-        while True:
-            fd = self.fds.get(mappable_id)
-            if fd is not None:
-                return fd
-            reasons = self._fds_denied.get(mappable_id)
-            if reasons:  # each denial answers one Map: take this one's
-                denied = reasons.pop(0)
-                if not reasons:
-                    del self._fds_denied[mappable_id]
-                return f"the manager denied the fd of mappable {mappable_id}: {denied}"
-            if mappable_id in self._fds_unclaimed:  # this Map's fd: dropped on arrival
-                self._fds_unclaimed.discard(mappable_id)
-                self._fds_dropped.add(mappable_id)
-                return (
-                    f"the fd of mappable {mappable_id} was dropped on arrival: this process is "
-                    f"at its open-file limit ({_open_file_limit()})"
-                )
-            if mappable_id in self._fds_dropped:
-                # the manager believes it is here, so no fd follows this Map unless asked for;
-                # on the requests socket, so a later fault's request cannot overtake it
-                try:
-                    self.link.request(m.ResendFd(mappable_id))
-                except zmq.ZMQError as exc:  # still dropped: the next Map asks again
-                    return f"cannot ask for the fd of mappable {mappable_id} again: {exc}"
-                self._fds_dropped.discard(mappable_id)
-            try:
-                got = self.link.recv_fd_message(wait=True)
-            except TimeoutError:
-                return f"the manager did not send the fd of mappable {mappable_id}"
-            except FdsDropped as exc:
-                self._fd_dropped(exc)  # this Map's (checked above) or one still on its way
-                continue
-            except (PeerClosed, OSError, ProtocolError) as exc:
-                return f"cannot receive the fd of mappable {mappable_id}: {exc}"
-            assert got is not None
-            self._take_fd_message(*got)
-
     def _apply_map(
         self, rng: MemoryRange, mappable_id: int, file_offset: int, writable: bool
     ) -> str | None:
@@ -309,7 +217,7 @@ class VaMapper:
             return f"{rng} lies outside the address space"
         fd: int | None = None
         if mappable_id != PRIVATE_MAPPABLE:
-            got = self._fd_for(mappable_id)
+            got = self.fds.for_map(mappable_id)
             if isinstance(got, str):
                 log.warning("mapper %d: %s", self.id, got)
                 return got
@@ -392,7 +300,7 @@ class VaMapper:
                     exc.strerror or exc,
                 )
                 return
-        self._close_fds(release)
+        self.fds.close(release)
         self.link.send_stream(m.UnmapAck(seq))
 
     def _complete_unmaps(self) -> None:
@@ -414,7 +322,7 @@ class VaMapper:
                 done.append(item)
             self._pending_unmaps = waiting
         for seq, _, release in done:
-            self._close_fds(release)
+            self.fds.close(release)
             self.link.send_stream(m.UnmapAck(seq))
 
     def _remap_shared(self, part: MemoryRange, chunk: Chunk) -> None:
@@ -432,12 +340,6 @@ class VaMapper:
         else:
             self.reservation.map_fd(crange.start, crange.len, fd, chunk.file_offset, False)
         chunk.cow = False
-
-    def _close_fds(self, ids: tuple[int, ...]) -> None:
-        # released: a later Map of these brings the fd again
-        self._fds_unclaimed.difference_update(ids)
-        self._fds_dropped.difference_update(ids)
-        close_fds([fd for fd in (self.fds.pop(i, None) for i in ids) if fd is not None])
 
     # ---- used by accessing threads -------------------------------------------------------------
 
@@ -540,8 +442,7 @@ class VaMapper:
             views_open = bool(self.views)
         self.waiters.shutdown("detached")
         self.link.close()
-        close_fds(list(self.fds.values()))
-        self.fds.clear()
+        self.fds.close_all()
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
                 os.close(fd)

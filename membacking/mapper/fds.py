@@ -1,0 +1,140 @@
+"""`MapperFds`: the fds a mapper holds, keyed by mappable id, and how it gets the one a Map needs.
+
+The manager pushes each fd on the fd socket right behind the first Map that needs it; an fd the
+kernel drops on arrival (this process at its open-file limit) fails that Map, and the next Map of
+the mappable asks for it again (ResendFd). Used by the mapper thread only.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+
+import zmq
+
+from ..protocol import messages as m
+from ..protocol.errors import ProtocolError
+from ..protocol.fdpass import FdsDropped, PeerClosed, close_fds
+from ..protocol.messages import Message
+from .link import ManagerLink
+
+log = logging.getLogger("membacking.mapper")
+
+
+def _open_file_limit() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+class MapperFds:
+    """The fds of one mapper, by mappable id (mapper thread only)."""
+
+    def __init__(self, link: ManagerLink, mapper_id: int) -> None:
+        self.link = link
+        self.id = mapper_id
+        self._held: dict[int, int] = {}
+        self._denied: dict[int, list[str]] = {}  # one reason per denied Map, in order
+        #: mappables whose FdGrant came without its fd, read before the Map it came behind:
+        #: that Map fails
+        self._unclaimed: set[int] = set()
+        #: mappables whose fd was dropped and whose Map failed: the next Map asks (ResendFd)
+        self._dropped: set[int] = set()
+
+    def get(self, mappable_id: int) -> int | None:
+        return self._held.get(mappable_id)
+
+    def read_waiting(self) -> str | None:
+        """Take every fd message waiting; the reason if the connection to the manager is lost."""
+        while True:
+            try:
+                got = self.link.recv_fd_message(wait=False)
+            except (PeerClosed, OSError) as exc:
+                reason = getattr(exc, "strerror", None) or str(exc)
+                return f"lost the connection to the manager: {reason}"
+            except FdsDropped as exc:
+                self._note_dropped(exc)
+                continue
+            except ProtocolError as exc:
+                log.warning("mapper %d: invalid data on the fd socket: %s", self.id, exc)
+                continue
+            if got is None:
+                return None
+            self._take(*got)
+
+    def for_map(self, mappable_id: int) -> int | str:
+        """The fd of a mappable just sent a Map for (held already, right behind the Map, or
+        asked for again if the kernel dropped it earlier), or why there is none."""
+        while True:
+            fd = self._held.get(mappable_id)
+            if fd is not None:
+                return fd
+            reasons = self._denied.get(mappable_id)
+            if reasons:  # each denial answers one Map: take this one's
+                denied = reasons.pop(0)
+                if not reasons:
+                    del self._denied[mappable_id]
+                return f"the manager denied the fd of mappable {mappable_id}: {denied}"
+            if mappable_id in self._unclaimed:  # this Map's fd: dropped on arrival
+                self._unclaimed.discard(mappable_id)
+                self._dropped.add(mappable_id)
+                return (
+                    f"the fd of mappable {mappable_id} was dropped on arrival: this process is "
+                    f"at its open-file limit ({_open_file_limit()})"
+                )
+            if mappable_id in self._dropped:
+                # the manager believes it is here, so no fd follows this Map unless asked for;
+                # on the requests socket, so a later fault's request cannot overtake it
+                try:
+                    self.link.request(m.ResendFd(mappable_id))
+                except zmq.ZMQError as exc:  # still dropped: the next Map asks again
+                    return f"cannot ask for the fd of mappable {mappable_id} again: {exc}"
+                self._dropped.discard(mappable_id)
+            try:
+                got = self.link.recv_fd_message(wait=True)
+            except TimeoutError:
+                return f"the manager did not send the fd of mappable {mappable_id}"
+            except FdsDropped as exc:
+                self._note_dropped(exc)  # this Map's (checked above) or one still on its way
+                continue
+            except (PeerClosed, OSError, ProtocolError) as exc:
+                return f"cannot receive the fd of mappable {mappable_id}: {exc}"
+            assert got is not None
+            self._take(*got)
+
+    def close(self, ids: tuple[int, ...]) -> None:
+        """Close the fds of mappables the manager released (a later Map brings them again)."""
+        self._unclaimed.difference_update(ids)
+        self._dropped.difference_update(ids)
+        close_fds([fd for fd in (self._held.pop(i, None) for i in ids) if fd is not None])
+
+    def close_all(self) -> None:
+        close_fds(list(self._held.values()))
+        self._held.clear()
+
+    def _note_dropped(self, exc: FdsDropped) -> None:
+        """A grant whose fd the kernel dropped: the Map it came behind will fail."""
+        if not isinstance(exc.msg, m.FdGrant):
+            log.warning("mapper %d: invalid data on the fd socket: %s", self.id, exc)
+            return
+        mappable_id = exc.msg.mappable_id
+        self._unclaimed.add(mappable_id)
+        log.warning(
+            "mapper %d: the fd of mappable %d was dropped on arrival: this process is at its "
+            "open-file limit (%d); the next access to it asks for it again",
+            self.id,
+            mappable_id,
+            _open_file_limit(),
+        )
+
+    def _take(self, msg: Message, fds: list[int]) -> None:
+        if isinstance(msg, m.FdGrant):
+            replaced = self._held.get(msg.mappable_id)
+            if replaced is not None:  # sent twice (a manager bug): keep one
+                close_fds([replaced])
+            self._held[msg.mappable_id] = fds[0]
+            self._unclaimed.discard(msg.mappable_id)
+            self._dropped.discard(msg.mappable_id)
+        elif isinstance(msg, m.FdDenied):
+            self._denied.setdefault(msg.mappable_id, []).append(msg.reason)
+        else:
+            close_fds(fds)
+            log.warning("mapper %d: unexpected %s on the fd socket", self.id, type(msg).__name__)
