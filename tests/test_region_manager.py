@@ -3,18 +3,10 @@ partial unmap and atomic replacement, eager replay, push and rollback. No socket
 
 from __future__ import annotations
 
-import contextlib
-import random
-from collections.abc import Iterable
-
 import pytest
 from test_manager_state import MiB, RecordingStore, attach, msgs, rng
 
-from membacking.manager import regions
-from membacking.manager import state as state_module
-from membacking.manager import table as table_module
 from membacking.manager.errors import Refused
-from membacking.manager.regions import Region
 from membacking.manager.state import ManagerState, Send, region_info
 from membacking.protocol import messages as m
 from membacking.protocol.ranges import MemoryRange
@@ -364,158 +356,6 @@ def test_an_eager_mapper_that_cannot_map_a_change_becomes_lazy(state: ManagerSta
     assert told == [m.EagerResult(False, "mapper 1 (eager): fd limit")]
     assert isinstance(msgs(done, b"ctl")[0], m.ControlReply)  # the change itself stands
     assert not state.mappers[mid].eager and state.stats()["demotions"] == 1
-
-
-def _brute_overlapping(state: ManagerState, window: MemoryRange) -> set[str]:
-    return {
-        r.name
-        for r in state.regions.values()
-        if r.gpa is not None and r.gpa < window.end and window.start < r.gpa + r.size
-    }
-
-
-def test_placement_index_follows_adds_moves_and_removals(state: ManagerState) -> None:
-    """The index that spares add/move a walk over every region answers exactly what a walk
-    would, for nested and disjoint regions of many sizes, through moves and removals."""
-    rnd = random.Random(7)
-    state.add_region("ram", 0, 512 * MiB, True)
-    names = []
-    for i in range(120):
-        size = 4096 << rnd.randrange(0, 12)
-        gpa = rnd.randrange(0, (1 << 32) - size) & ~(size - 1)
-        priority = 1 + rnd.randrange(0, 3) if gpa + size <= 512 * MiB else 0
-        try:
-            state.add_region(f"r{i}", gpa, size, True, priority=priority)
-            names.append(f"r{i}")
-        except Refused:
-            pass  # broke the nesting rule: refused, as before the index
-    for name in rnd.sample(names, 20):
-        region = state.regions[name]
-        with contextlib.suppress(Refused):  # some moves would break the nesting rule
-            state.set_enabled(name, True, gpa=(region.gpa or 0) + region.size)
-    for name in rnd.sample(names, 20):
-        state.remove_region(name)  # no mapper holds anything: removed at once
-    assert len(names) > 60 and len(state.placed) == len(state.regions)
-    for _ in range(300):
-        start = rnd.randrange(0, 1 << 32) & ~4095
-        window = MemoryRange(start, min(1 << 32, start + (4096 << rnd.randrange(0, 16))))
-        got = {r.name for r in state.placed.overlapping(window)}
-        assert got == _brute_overlapping(state, window), window
-    empty = MemoryRange(4096, 4096)  # an empty window: the regions that contain its start
-    assert {r.name for r in state.placed.overlapping(empty)} == {
-        r.name
-        for r in state.regions.values()
-        if r.gpa is not None and r.gpa < 4096 < r.gpa + r.size
-    }
-
-
-def _brute_desired_active(near: list[Region], window: MemoryRange) -> dict[str, bool]:
-    """The rule itself, pair by pair: active unless an eligible overlapping region shadows it."""
-    out = {}
-    for region in near:
-        rng = region.range
-        if rng is None or not rng.overlaps(window):
-            continue
-        eligible = region.enabled and not region.removing
-        out[region.name] = eligible and not any(
-            other is not region
-            and other.enabled
-            and not other.removing
-            and other.range is not None
-            and other.range.overlaps(rng)
-            and regions.shadows(other, region)
-            for other in near
-        )
-    return out
-
-
-@pytest.mark.parametrize("seed", range(6))
-def test_desired_active_agrees_with_the_pairwise_rule(state: ManagerState, seed: int) -> None:
-    """The sweep that decides which regions are active answers what comparing every pair
-    answers, for nested stacks of priorities, identical ranges, disabled and moved regions."""
-    rnd = random.Random(seed)
-    names = []
-    for i in range(150):
-        size = 4096 << rnd.randrange(0, 10)
-        gpa = rnd.randrange(0, 8 * MiB) & ~(size - 1)
-        if names and rnd.random() < 0.2:  # the same range as an existing region
-            other = state.regions[rnd.choice(names)]
-            gpa, size = other.gpa or 0, other.size
-        try:
-            state.add_region(f"r{i}", gpa, size, True, priority=rnd.randrange(0, 4))
-            names.append(f"r{i}")
-        except Refused:
-            pass  # broke the nesting rule
-    for name in rnd.sample(names, len(names) // 3):
-        state.set_enabled(name, False)
-    for name in rnd.sample(names, 10):
-        region = state.regions[name]
-        with contextlib.suppress(Refused):
-            state.set_enabled(name, True, gpa=(region.gpa or 0) + region.size)
-    assert len(names) >= 40
-    every = list(state.placed.overlapping(MemoryRange(0, 1 << 32)))
-    windows = [MemoryRange(0, 1 << 32)]
-    for _ in range(200):
-        start = rnd.randrange(0, 8 * MiB) & ~4095
-        windows.append(MemoryRange(start, start + (4096 << rnd.randrange(0, 12))))
-    for window in windows:
-        near = [r for r in every if r.range is not None and r.range.overlaps(window)]
-        assert regions.desired_active(near, window) == _brute_desired_active(near, window)
-    # and the table follows it: exactly the regions the rule makes active are active
-    assert {r.name for r in every if r.active} == {
-        name for name, on in _brute_desired_active(every, windows[0]).items() if on
-    }
-
-
-def test_desired_active_is_not_quadratic(state: ManagerState) -> None:
-    """2,000 regions inside a higher-priority one that is disabled: comparing every pair took
-    4.5 s; the sweep reads each region's range a bounded number of times (counted, not timed)."""
-    state.add_region("big", 0, 4000 * 4096, True, priority=1)
-    for i in range(2000):
-        state.add_region(f"s{i}", i * 2 * 4096, 4096, True)
-    reads = 0
-    real_range = Region.range
-
-    def counting(region: Region) -> MemoryRange | None:
-        nonlocal reads
-        reads += 1
-        return real_range.fget(region)  # type: ignore[attr-defined,no-any-return]
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Region, "range", property(counting))
-        state.set_enabled("big", False)
-        assert all(state.regions[f"s{i}"].active for i in range(2000))
-        state.set_enabled("big", True)
-        assert not any(state.regions[f"s{i}"].active for i in range(2000))
-    assert reads < 20 * 2001, reads  # pairwise: millions
-
-
-def test_many_regions_are_added_without_walking_them_all(
-    state: ManagerState, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Adding a region hands the nesting check and the reconciliation only the regions near it
-    (found by the index), not every region: 10,000 adds took 130 s when they walked them all."""
-    for i in range(2000):
-        state.add_region(f"f{i}", 4 * MiB + i * 8192, 4096, True)
-    given: list[int] = []
-
-    def nesting(name: str, rng: MemoryRange, priority: int, others: Iterable[Region]) -> None:
-        seen = list(others)
-        given.append(len(seen))
-        regions.check_nesting(name, rng, priority, seen)
-
-    def desired(near: Iterable[Region], window: MemoryRange) -> dict[str, bool]:
-        seen = list(near)
-        given.append(len(seen))
-        return regions.desired_active(seen, window)
-
-    monkeypatch.setattr(state_module, "check_nesting", nesting)
-    monkeypatch.setattr(table_module, "desired_active", desired)
-    state.add_region("last", 4 * MiB + 2000 * 8192, 4096, True)
-    assert given == [0, 1]  # nothing near it; then itself
-    with pytest.raises(Refused):
-        state.add_region("clash", 4 * MiB + 8192, 8192, True)  # overlaps f1 unnested
-    assert given[2] == 1
 
 
 def test_a_refused_placement_names_the_oldest_region_it_breaks(state: ManagerState) -> None:
