@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from membacking.manager.backing import BackingError
+from membacking.manager.model import Held
 from membacking.manager.state import Disconnect, Effect, ManagerState, Send, SendFd, region_info
 from membacking.protocol import messages as m
 from membacking.protocol.messages import Channel
@@ -388,3 +389,18 @@ def test_limits_refuse_mappers_regions_and_fds(clock: Clock) -> None:
     denied = pushed[1]
     assert isinstance(denied, m.FdDenied) and "limit of 1 fds" in denied.reason
     assert state.rejected["limit"] == 2
+
+
+def test_held_counts_the_ranges_of_each_mappable() -> None:
+    """A mapper's held ranges answer "does it still map this mappable" from counts, which must
+    follow overwrites and removals of single ranges."""
+    held = Held()
+    a, b = MemoryRange(0, 4096), MemoryRange(4096, 8192)
+    held[a] = 1
+    held[b] = 1
+    assert held.maps(1) and len(held) == 2
+    assert held.pop(a) == 1 and held.maps(1)
+    held[b] = 2  # the same range, now backed by another mappable
+    assert not held.maps(1) and held.maps(2) and held.get(b) == 2
+    assert held.pop(a) is None and held.pop(b) == 2
+    assert not held.maps(2) and list(held) == []

@@ -175,3 +175,32 @@ def test_many_regions_are_added_without_walking_them_all(
     with pytest.raises(Refused):
         state.add_region("clash", 4 * MiB + 8192, 8192, True)  # overlaps f1 unnested
     assert given[2] == 1
+
+
+def test_a_removal_does_not_walk_what_each_holder_holds(
+    state: ManagerState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whether a holder may close a destroyed mappable's fd was decided by collecting every
+    mappable it held, once per Unmap: 38 us per removal with 1,000 mappings held, 194 us with
+    4,096. It is a count lookup now: nothing walks the held ranges."""
+    from test_manager_state import attach
+
+    from membacking.manager.model import Held
+    from membacking.protocol import messages as m
+
+    mapper_id, stream, requests = attach(state, "m1")
+    for i in range(1000):
+        state.add_region(f"r{i}", i * 8192, 4096, True)
+    state.handle_mapper(requests, m.SendMappings(MemoryRange(0, 1000 * 8192)))
+    assert len(state.mappers[mapper_id].held) == 1000
+
+    def walked(self: Held) -> None:
+        raise AssertionError("the held ranges were walked")
+
+    monkeypatch.setattr(Held, "__iter__", walked)
+    monkeypatch.setattr(Held, "items", walked)
+    effects = state.remove_region("r500")
+    unmaps = [e.msg for e in effects if isinstance(getattr(e, "msg", None), m.Unmap)]
+    assert len(unmaps) == 1 and unmaps[0].release == (501,)  # its fd is closed with it
+    state.handle_mapper(stream, m.UnmapAck(unmaps[0].seq))
+    assert "r500" not in state.regions

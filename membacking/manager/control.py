@@ -53,7 +53,7 @@ def _mappers(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list
                 "id": e.id,
                 "name": e.name,
                 "pid": e.pid,
-                "mode": "private" if PRIVATE_MAPPABLE in e.held.values() else e.mode,
+                "mode": "private" if e.held.maps(PRIVATE_MAPPABLE) else e.mode,
                 "ranges": len(held),
                 "bytes": sum(r.len for r in held),
                 "held": [[r.start, r.len] for r in held],

@@ -5,7 +5,8 @@ Plain dataclasses shared by the layers of the state machine (`table`, `peers`, `
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, ItemsView, Iterator
 from dataclasses import dataclass, field
 
 from ..protocol.messages import Channel, FdDenied, FdGrant, Message
@@ -64,6 +65,52 @@ class Mapping:
     holders: set[int] = field(default_factory=set)
 
 
+class Held:
+    """The mapping ranges a mapper holds (range -> mappable id), counting the ranges of each
+    mappable, so whether it still maps a mappable costs one lookup, not a walk of them all."""
+
+    __slots__ = ("_count", "_ranges")
+
+    def __init__(self) -> None:
+        self._ranges: dict[MemoryRange, int] = {}
+        self._count: Counter[int] = Counter()
+
+    def __setitem__(self, rng: MemoryRange, mappable_id: int) -> None:
+        self.pop(rng)
+        self._ranges[rng] = mappable_id
+        self._count[mappable_id] += 1
+
+    def pop(self, rng: MemoryRange, default: int | None = None) -> int | None:
+        mappable_id = self._ranges.pop(rng, None)
+        if mappable_id is None:
+            return default
+        left = self._count[mappable_id] - 1
+        if left:
+            self._count[mappable_id] = left
+        else:
+            del self._count[mappable_id]
+        return mappable_id
+
+    def get(self, rng: MemoryRange) -> int | None:
+        return self._ranges.get(rng)
+
+    def items(self) -> ItemsView[MemoryRange, int]:
+        return self._ranges.items()
+
+    def maps(self, mappable_id: int) -> bool:
+        """Whether any range it holds is backed by `mappable_id`."""
+        return mappable_id in self._count
+
+    def __contains__(self, rng: object) -> bool:
+        return rng in self._ranges
+
+    def __iter__(self) -> Iterator[MemoryRange]:
+        return iter(self._ranges)
+
+    def __len__(self) -> int:
+        return len(self._ranges)
+
+
 @dataclass
 class MapperEntry:
     id: int
@@ -74,7 +121,7 @@ class MapperEntry:
     last_seen: float
     stream: bytes | None = None  # ROUTER identity of the stream socket
     requests: bytes | None = None  # ROUTER identity of the requests socket
-    held: dict[MemoryRange, int] = field(default_factory=dict)  # mapping range -> mappable id
+    held: Held = field(default_factory=Held)
     fds_sent: set[int] = field(default_factory=set)
     unacked: dict[int, float] = field(default_factory=dict)  # seq -> monotonic send time
     eager: bool = False

@@ -239,8 +239,7 @@ class TableState:
     def _releasable(self, entry: MapperEntry, destroy: set[int]) -> tuple[int, ...]:
         if not destroy:
             return ()
-        still = set(entry.held.values())
-        out = tuple(sorted(i for i in destroy if i in entry.fds_sent and i not in still))
+        out = tuple(sorted(i for i in destroy if i in entry.fds_sent and not entry.held.maps(i)))
         entry.fds_sent.difference_update(out)
         return out
 

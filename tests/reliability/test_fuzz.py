@@ -212,6 +212,10 @@ class ManagerMachine(RuleBasedStateMachine):
             for rng, _mappable_id in entry.held.items():
                 hit = state.table.lookup(rng.start)
                 assert hit is not None and hit[0] == rng and entry.id in hit[1].holders
+            # the per-mappable counts behind held.maps() agree with the ranges themselves
+            held_ids = {mappable_id for _, mappable_id in entry.held.items()}
+            for mappable_id in held_ids | entry.fds_sent:
+                assert entry.held.maps(mappable_id) == (mappable_id in held_ids)
         for name, region in state.regions.items():
             if region.active:
                 assert region.enabled and not region.removing
