@@ -204,3 +204,33 @@ def test_a_removal_does_not_walk_what_each_holder_holds(
     assert len(unmaps) == 1 and unmaps[0].release == (501,)  # its fd is closed with it
     state.handle_mapper(stream, m.UnmapAck(unmaps[0].seq))
     assert "r500" not in state.regions
+
+
+def test_desired_active_beside_a_region_being_removed(state: ManagerState) -> None:
+    """While a removal waits for its Unmaps, new regions may be placed across the region being
+    removed without nesting in it. The sweep must still answer what the pairwise rule does."""
+    from test_manager_state import attach
+
+    from membacking.protocol import messages as m
+
+    page = 4096
+    _, stream, requests = attach(state, "m1")
+    state.add_region("R", 0, 16 * page, True, priority=5)
+    state.add_region("in", 2 * page, 2 * page, True, priority=1)
+    state.handle_mapper(requests, m.SendMappings(MemoryRange(0, 16 * page)))
+    effects = state.remove_region("R")  # its Unmap is not acknowledged yet
+    assert state.regions["R"].removing
+    state.add_region("N", 8 * page, 16 * page, True, priority=5)  # across R's end
+    state.add_region("L", 12 * page, 8 * page, True, priority=0)  # inside N, across R's end
+    state.add_region("H", page, 4 * page, True, priority=9)  # inside R, around "in"
+    every = list(state.placed.overlapping(MemoryRange(0, 1 << 32)))
+    windows = (MemoryRange(0, 1 << 32), MemoryRange(0, 4 * page), MemoryRange(10 * page, 20 * page))
+    for window in windows:
+        near = [r for r in every if r.range is not None and r.range.overlaps(window)]
+        assert regions.desired_active(near, window) == _brute_desired_active(near, window)
+    assert {r.name for r in every if r.active} == {"N", "H"}
+    for effect in effects:
+        msg = getattr(effect, "msg", None)
+        if isinstance(msg, m.Unmap):
+            state.handle_mapper(stream, m.UnmapAck(msg.seq))
+    assert "R" not in state.regions

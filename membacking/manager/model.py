@@ -97,6 +97,10 @@ class Held:
     def items(self) -> ItemsView[MemoryRange, int]:
         return self._ranges.items()
 
+    def mappables(self) -> set[int]:
+        """The mappables it holds ranges of (from the counts)."""
+        return set(self._count)
+
     def maps(self, mappable_id: int) -> bool:
         """Whether any range it holds is backed by `mappable_id`."""
         return mappable_id in self._count

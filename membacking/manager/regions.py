@@ -147,7 +147,9 @@ def desired_active(regions: Iterable[Region], window: MemoryRange) -> dict[str, 
     A region is active when it is enabled, not being removed, and no other such region shadows
     it. The placement rules make overlapping regions nest, and a region strictly containing
     another always has the higher priority, so a region is shadowed exactly when an eligible
-    region strictly contains it, or when one with an identical range beats it (`shadows`).
+    region strictly contains it, or when one with an identical range beats it (`shadows`). The
+    rules do not hold against regions being removed (new ones may be placed across them while
+    their Unmaps are pending), but those are never eligible, so the sweep ignores them.
     One sweep in (start, longest first) order finds both: O(k log k) for k regions, where
     comparing every pair cost O(k^2) (4.5 s for 2,000 regions inside one that was disabled).
     """

@@ -2,7 +2,8 @@
 
 The manager pushes each fd on the fd socket right behind the first Map that needs it; an fd the
 kernel drops on arrival (this process at its open-file limit) fails that Map, and the next Map of
-the mappable asks for it again (ResendFd). Used by the mapper thread only.
+the mappable asks for it again (ResendFd). Used by the mapper thread, except `get`, which
+`GuestMemory.sharing()` also calls from its caller's thread.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def _open_file_limit() -> int:
 
 
 class MapperFds:
-    """The fds of one mapper, by mappable id (mapper thread only)."""
+    """The fds of one mapper, by mappable id."""
 
     def __init__(self, link: ManagerLink, mapper_id: int) -> None:
         self.link = link

@@ -213,9 +213,7 @@ class ManagerMachine(RuleBasedStateMachine):
                 hit = state.table.lookup(rng.start)
                 assert hit is not None and hit[0] == rng and entry.id in hit[1].holders
             # the per-mappable counts behind held.maps() agree with the ranges themselves
-            held_ids = {mappable_id for _, mappable_id in entry.held.items()}
-            for mappable_id in held_ids | entry.fds_sent:
-                assert entry.held.maps(mappable_id) == (mappable_id in held_ids)
+            assert entry.held.mappables() == {mappable_id for _, mappable_id in entry.held.items()}
         for name, region in state.regions.items():
             if region.active:
                 assert region.enabled and not region.removing
