@@ -2,14 +2,16 @@
 
 The manager pushes each fd on the fd socket right behind the first Map that needs it; an fd the
 kernel drops on arrival (this process at its open-file limit) fails that Map, and the next Map of
-the mappable asks for it again (ResendFd). Used by the mapper thread, except `get`, which
-`GuestMemory.sharing()` also calls from its caller's thread.
+the mappable asks for it again (ResendFd). Used by the mapper thread, except `dup`, which
+`GuestMemory.sharing()` calls from its caller's thread.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import resource
+import threading
 
 import zmq
 
@@ -33,6 +35,9 @@ class MapperFds:
         self.link = link
         self.id = mapper_id
         self._held: dict[int, int] = {}
+        #: held while an fd is closed or replaced, and while another thread duplicates one, so
+        #: that thread never duplicates a number closed (and perhaps reused) meanwhile
+        self._closing = threading.Lock()
         self._denied: dict[int, list[str]] = {}  # one reason per denied Map, in order
         #: mappables whose FdGrant came without its fd, read before the Map it came behind:
         #: that Map fails
@@ -41,7 +46,14 @@ class MapperFds:
         self._dropped: set[int] = set()
 
     def get(self, mappable_id: int) -> int | None:
+        """The fd held for `mappable_id` (mapper thread: others use `dup`)."""
         return self._held.get(mappable_id)
+
+    def dup(self, mappable_id: int) -> int | None:
+        """A duplicate of the fd held for `mappable_id`, owned by the caller (any thread)."""
+        with self._closing:
+            fd = self._held.get(mappable_id)
+            return None if fd is None else os.dup(fd)
 
     def read_waiting(self) -> str | None:
         """Take every fd message waiting; the reason if the connection to the manager is lost."""
@@ -105,11 +117,13 @@ class MapperFds:
         """Close the fds of mappables the manager released (a later Map brings them again)."""
         self._unclaimed.difference_update(ids)
         self._dropped.difference_update(ids)
-        close_fds([fd for fd in (self._held.pop(i, None) for i in ids) if fd is not None])
+        with self._closing:
+            close_fds([fd for fd in (self._held.pop(i, None) for i in ids) if fd is not None])
 
     def close_all(self) -> None:
-        close_fds(list(self._held.values()))
-        self._held.clear()
+        with self._closing:
+            close_fds(list(self._held.values()))
+            self._held.clear()
 
     def _note_dropped(self, exc: FdsDropped) -> None:
         """A grant whose fd the kernel dropped: the Map it came behind will fail."""
@@ -128,10 +142,11 @@ class MapperFds:
 
     def _take(self, msg: Message, fds: list[int]) -> None:
         if isinstance(msg, m.FdGrant):
-            replaced = self._held.get(msg.mappable_id)
-            if replaced is not None:  # sent twice (a manager bug): keep one
-                close_fds([replaced])
-            self._held[msg.mappable_id] = fds[0]
+            with self._closing:
+                replaced = self._held.get(msg.mappable_id)
+                if replaced is not None:  # sent twice (a manager bug): keep one
+                    close_fds([replaced])
+                self._held[msg.mappable_id] = fds[0]
             self._unclaimed.discard(msg.mappable_id)
             self._dropped.discard(msg.mappable_id)
         elif isinstance(msg, m.FdDenied):

@@ -270,14 +270,14 @@ class GuestMemory:
             for sub in region["mappings"]:
                 gpa = region["gpa"] + sub["offset"]
                 self.ensure_mapped(gpa, sub["size"])
-                fd = self._mapper.fds.get(sub["mappable_id"])
+                fd = self._mapper.fds.dup(sub["mappable_id"])
                 if fd is None:
                     continue
                 out.append(
                     SharedRange(
                         gpa,
                         sub["size"],
-                        os.dup(fd),
+                        fd,
                         sub["file_offset"],
                         sub["writable"] and region["writable"],
                     )
