@@ -108,7 +108,8 @@ class VaMapper:
     def _run(self) -> None:
         poller = zmq.Poller()
         poller.register(self.link.stream, zmq.POLLIN)
-        poller.register(self.link.fd_sock.fileno(), zmq.POLLIN)
+        # hang-ups only: each fd is read by the Map that needs it, not on a wake-up of its own
+        poller.register(self.link.fd_sock.fileno(), zmq.POLLERR)
         poller.register(self._wake_r, zmq.POLLIN)
         fd_fileno = self.link.fd_sock.fileno()
         stream = self.link.stream
