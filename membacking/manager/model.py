@@ -1,6 +1,6 @@
 """The manager's data model: limits, effects, mapping-table entries, mappers, operations.
 
-Plain dataclasses shared by the layers of the state machine (`table`, `peers`, `state`).
+Plain data types shared by the layers of the state machine (`table`, `peers`, `state`).
 """
 
 from __future__ import annotations
