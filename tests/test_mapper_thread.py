@@ -120,10 +120,10 @@ def requests_seen(scripted: ScriptedManager, wait: float) -> list[m.Message]:
 def test_a_dropped_fd_fails_its_map_and_only_the_next_map_asks_again(
     scripted: ScriptedManager, first: str
 ) -> None:
-    """The kernel drops an fd sent to a mapper at its open-file limit. Whether the mapper reads
-    the grant before its Map (as it often does: the fd socket has no I/O thread in the way) or
-    after, that Map fails saying why and nothing is asked then; the next Map, with room again,
-    sends ResendFd and maps the fd that answers it."""
+    """The kernel drops an fd sent to a mapper at its open-file limit. Whether the manager's
+    grant reaches the mapper before its Map or after it, that Map fails saying why and nothing
+    is asked then; the next Map, with room again, sends ResendFd and maps the fd that answers
+    it."""
     root = Path(scripted.listener.getsockname()).parent
     worker = Worker(root, "w")
     memfd = os.memfd_create("dropped")

@@ -228,8 +228,8 @@ def zmq_parallel_rate(clients: int, per_client: int) -> tuple[float, float]:
     """Round trips per second with `clients` DEALER processes hammering one ROUTER echo, and
     the CPU seconds each round trip cost (the DEALER processes' and this one's)."""
     with _router_with_dealers("echo", clients) as (router, peers, pids):
-        dealers_before = cpu_seconds(pids)
-        router_before = time.process_time()  # this process: no /proc reading inside the window
+        pids = [os.getpid(), *pids]
+        cpu_before = cpu_seconds(pids)
         started = time.perf_counter()
         sent = dict.fromkeys(peers, 1)
         for peer in peers:
@@ -242,7 +242,7 @@ def zmq_parallel_rate(clients: int, per_client: int) -> tuple[float, float]:
                 sent[peer] += 1
                 router.send_multipart([peer, b"go"])
         elapsed = time.perf_counter() - started
-        cpu = time.process_time() - router_before + cpu_seconds(pids) - dealers_before
+        cpu = cpu_seconds(pids) - cpu_before
     trips = clients * per_client
     return trips / elapsed, cpu / trips
 
@@ -261,14 +261,13 @@ def zmq_fanout(peers: int, rounds: int) -> Fanout:
         samples = []
         dealer_cpu = router_cpu = 0.0
         for _ in range(rounds):
-            dealers_before = cpu_seconds(pids)
-            router_before = time.process_time()  # this process: no /proc reading inside
+            dealers_before, router_before = cpu_seconds(pids), cpu_seconds([os.getpid()])
             started = time.perf_counter()
             for identity in identities:
                 router.send_multipart([identity, b"unmap"])
             for _ in identities:
                 router.recv_multipart()
             samples.append(time.perf_counter() - started)
-            router_cpu += time.process_time() - router_before
+            router_cpu += cpu_seconds([os.getpid()]) - router_before
             dealer_cpu += cpu_seconds(pids) - dealers_before
     return Fanout(statistics.median(samples), dealer_cpu / rounds / peers, router_cpu / rounds)
