@@ -25,8 +25,8 @@ from membacking.protocol import messages as m
 
 STAGES = (
     ("to request", "start", "request0", "the access misses, registers a waiter"),
-    ("request sent", "request0", "request1", "encode SendMappings, send on the requests socket"),
-    ("to the Map", "request1", "drain", "ZeroMQ there, the manager, ZeroMQ back, thread wakes"),
+    ("request sent", "request0", "request1", "encode SendMappings, send on the fd socket"),
+    ("to the Map", "request1", "drain", "fd socket there, the manager, ZeroMQ back, thread wakes"),
     ("decode", "drain", "apply0", "receive and decode the Map in the mapper thread"),
     ("fd", "fd0", "fd1", "take the fd pushed behind the Map (or the one held)"),
     ("mmap", "fd1", "apply1", "mmap MAP_FIXED, madvise, table insert"),

@@ -251,10 +251,11 @@ def spawn_worker() -> Iterator[Callable[..., Worker]]:
 
 
 class HandMapper:
-    """A mapper written by hand from docs/PROTOCOL.md: the fd socket plus both ZeroMQ sockets,
-    registered and attached, and nothing else (it reads and answers only when told to)."""
+    """A mapper written by hand from docs/PROTOCOL.md: the fd socket plus the stream socket (and
+    with `requests_socket`, the requests socket mappers of earlier releases used), registered
+    and attached, and nothing else (it reads and answers only when told to)."""
 
-    def __init__(self, runtime_dir: Path, name: str) -> None:
+    def __init__(self, runtime_dir: Path, name: str, requests_socket: bool = False) -> None:
         import socket
 
         import zmq
@@ -275,17 +276,19 @@ class HandMapper:
         self.welcome = welcome
         self.ctx = zmq.Context()
         sockets = []
-        for role in (m.ROLE_STREAM, m.ROLE_REQUESTS):
+        for role in (m.ROLE_STREAM, m.ROLE_REQUESTS)[: 2 if requests_socket else 1]:
             dealer = self.ctx.socket(zmq.DEALER)
             dealer.connect(paths.mapper_endpoint)
             dealer.send(encode(m.Attach(welcome.mapper_id, welcome.token, role)))
             assert dealer.poll(5000)
             assert decode(dealer.recv(), Channel.MAPPER) == m.Attached(role)
             sockets.append(dealer)
-        self.stream, self.requests = sockets
+        self.stream = sockets[0]
+        self.requests = sockets[1] if requests_socket else None
 
     def close(self) -> None:
-        self.stream.close(0)
-        self.requests.close(0)
+        for sock in (self.stream, self.requests):
+            if sock is not None:
+                sock.close(0)
         self.ctx.term()
         self.fd_sock.close()

@@ -153,11 +153,14 @@ def test_persistent_garbage_is_disconnected(manager: RunningManager) -> None:
     still_serving(manager)
 
 
-def test_fds_come_only_behind_a_map(manager: RunningManager) -> None:
+@pytest.mark.parametrize("via", ["fd socket", "requests socket"])
+def test_fds_come_only_behind_a_map(manager: RunningManager, via: str) -> None:
     """A hand-written mapper: nothing arrives on its fd socket until it is sent a Map, then
-    exactly that mappable's fd, once; asking for fds is not part of the protocol."""
-    peer = HandMapper(manager.runtime_dir, "by-hand")
-    sock, stream, requests = peer.fd_sock, peer.stream, peer.requests
+    exactly that mappable's fd, once; asking for fds is not part of the protocol. Its requests
+    go on its fd socket, or on the requests socket of earlier releases (still served)."""
+    peer = HandMapper(manager.runtime_dir, "by-hand", requests_socket=via == "requests socket")
+    sock, stream = peer.fd_sock, peer.stream
+    requests = sock if peer.requests is None else peer.requests
     try:
         sock.settimeout(0.2)
         with pytest.raises(TimeoutError):
@@ -182,6 +185,22 @@ def test_fds_come_only_behind_a_map(manager: RunningManager) -> None:
                     sock.recvmsg(64, 64)  # the same mappable's fd is never sent twice
     finally:
         peer.close()
+    still_serving(manager)
+
+
+def test_requests_on_the_fd_socket_only_after_hello(manager: RunningManager) -> None:
+    """Before Hello the fd socket takes no request; after it, requests only (a stream
+    message there is refused)."""
+    with fd_socket(manager) as sock:
+        send_message(sock, m.SendMappings(MemoryRange(0, 4096)))
+        reply, fds = recv_message(sock)
+        assert isinstance(reply, m.Error) and reply.code == "not-registered" and fds == []
+        send_message(sock, m.Hello("late"))
+        welcome, _ = recv_message(sock)
+        assert isinstance(welcome, m.Welcome)
+        sock.send(encode(m.UnmapAck(1)))
+        reply, _ = recv_message(sock)
+        assert isinstance(reply, m.Error) and reply.code == "wrong-channel"
     still_serving(manager)
 
 

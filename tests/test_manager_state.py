@@ -206,6 +206,29 @@ def test_fd_pushed_once_right_behind_the_first_map(state: ManagerState) -> None:
     assert state.counters["fds_sent"] == 2
 
 
+def test_requests_from_the_fd_socket_need_no_requests_socket(
+    state: ManagerState, clock: Clock
+) -> None:
+    """A mapper's requests arrive on its fd socket (`handle_request`, by mapper id): with only
+    its stream socket attached they are answered as on a requests socket, they count as a sign
+    of life, and anything else is left to the caller to refuse."""
+    state.add_region("a", 0, MiB, False)
+    entry = state.register_mapper("m1", pid=4000)
+    state.handle_mapper(b"m1-s", m.Attach(entry.id, entry.token, m.ROLE_STREAM))
+    clock.now += 7
+    assert state.handle_request(entry.id, m.SendMappings(rng(0, 1))) == [
+        Send(Channel.MAPPER, b"m1-s", m.Map(rng(0, 1), 1, 0, False)),
+        SendFd(entry.id, m.FdGrant(1, MiB, False)),
+    ]
+    assert entry.last_seen == clock.now
+    assert state.handle_request(entry.id, m.ResendFd(1)) == [
+        SendFd(entry.id, m.FdGrant(1, MiB, False))
+    ]
+    assert state.handle_request(entry.id, m.UnmapAck(1)) is None
+    state.mapper_gone(entry.id)
+    assert state.handle_request(entry.id, m.SendMappings(rng(0, 1))) == []  # gone meanwhile
+
+
 def test_fd_dropped_on_arrival_is_pushed_again_when_asked(state: ManagerState) -> None:
     """A mapper whose FdGrant arrived without its fd (its open-file limit) asks with ResendFd;
     the fd comes again, counted, while the next Map alone would not bring it."""

@@ -4,6 +4,7 @@ orders of events a real daemon produces only now and then."""
 from __future__ import annotations
 
 import os
+import select
 import socket
 import threading
 import time
@@ -26,7 +27,8 @@ TOKEN = bytes(16)
 
 
 class ScriptedManager:
-    """Registers one mapper (Welcome, Attached twice) and then does only what the test says."""
+    """Registers one mapper (Welcome, then Attached for its stream socket) and then does only
+    what the test says."""
 
     def __init__(self, root: Path) -> None:
         paths = RuntimePaths.resolve(root)
@@ -46,13 +48,11 @@ class ScriptedManager:
         hello, _ = recv_message(self.conn)
         assert isinstance(hello, m.Hello)
         send_message(self.conn, m.Welcome(1, TOKEN, 1 << 30, 4096))
-        for _ in range(2):
-            identity, data = self.router.recv_multipart()
-            attach = decode(data, Channel.MAPPER)
-            assert isinstance(attach, m.Attach)
-            if attach.role == m.ROLE_STREAM:
-                self.stream = identity
-            self.router.send_multipart([identity, encode(m.Attached(attach.role))])
+        identity, data = self.router.recv_multipart()
+        attach = decode(data, Channel.MAPPER)
+        assert isinstance(attach, m.Attach) and attach.role == m.ROLE_STREAM
+        self.stream = identity
+        self.router.send_multipart([identity, encode(m.Attached(attach.role))])
 
     def registered(self) -> None:
         self._thread.join(10)
@@ -106,12 +106,13 @@ def test_shutdown_read_before_the_fd_socket_closes(scripted: ScriptedManager) ->
 
 
 def requests_seen(scripted: ScriptedManager, wait: float) -> list[m.Message]:
-    """Every message from the mapper's requests socket within `wait` seconds."""
+    """Every request from the mapper (on its fd socket) within `wait` seconds."""
+    assert scripted.conn is not None
     seen: list[m.Message] = []
-    while scripted.router.poll(int(wait * 1000)):
-        identity, data = scripted.router.recv_multipart()
-        assert identity != scripted.stream
-        seen.append(decode(data, Channel.MAPPER))
+    while select.select([scripted.conn], [], [], wait)[0]:
+        msg, fds = recv_message(scripted.conn, sender="mapper")
+        assert fds == []
+        seen.append(msg)
         wait = 0.2  # then only what is already on its way
     return seen
 
@@ -160,3 +161,30 @@ def test_a_dropped_fd_fails_its_map_and_only_the_next_map_asks_again(
     finally:
         worker.close()
         os.close(memfd)
+
+
+def test_a_manager_that_takes_no_requests_fails_faults_after_the_timeout(
+    scripted: ScriptedManager,
+) -> None:
+    """Requests travel on the fd socket: when the manager stops reading it and its buffer is
+    full, a fault waits for room for the link's timeout, then fails saying so; once the manager
+    reads again, requests go through."""
+    root = Path(scripted.listener.getsockname()).parent
+    memory = membacking.attach(root, name="unheard", timeout=1.0)
+    try:
+        scripted.registered()
+        link = memory._mapper.link
+        sent = 0
+        with pytest.raises(TimeoutError, match="took no request"):
+            while sent < 1_000_000:  # the kernel's buffer holds a few hundred
+                link.request(m.SendMappings(m.MemoryRange(0, 4096)))
+                sent += 1
+        assert 0 < sent < 1_000_000
+        with pytest.raises(membacking.GuestMemoryError, match="took no request for 1s") as exc:
+            memory.read_at(0x1000, 1)
+        assert not isinstance(exc.value, membacking.ManagerGoneError)  # it is there, stalled
+        assert len(requests_seen(scripted, 1)) == sent
+        link.request(m.SendMappings(m.MemoryRange(0, 4096)))
+        assert requests_seen(scripted, 1) == [m.SendMappings(m.MemoryRange(0, 4096))]
+    finally:
+        memory.detach()

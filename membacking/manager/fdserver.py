@@ -1,6 +1,7 @@
 """The daemon's side of fd.sock: accepting connections (credentials, queues, the open-file
-limit), registration, and sending each mapper its fds without ever blocking the loop. A part of
-`Daemon`, kept apart because it is the one place peers reach before they have an identity.
+limit), registration, each mapper's requests (SendMappings, ResendFd), and sending each mapper
+its fds without ever blocking the loop. A part of `Daemon`, kept apart because it is the one
+place peers reach before they have an identity.
 """
 
 from __future__ import annotations
@@ -89,8 +90,9 @@ class FdServer:
                 self._pause_accepting(exc)
                 return
             unregistered = [c for c in self._conns.values() if c.mapper_id is None]
-            # each mapper will open two ZeroMQ connections too (descriptors are numbered from
-            # the lowest free one, so the new socket's number tells how many are in use)
+            # each mapper will open a ZeroMQ connection too, two if of an earlier release
+            # (descriptors are numbered from the lowest free one, so the new socket's number
+            # tells how many are in use)
             if sock.fileno() + 2 * (len(unregistered) + 1) >= self._fd_ceiling:
                 sock.close()
                 self._pause_accepting(OSError(errno.EMFILE, "close to the open-file limit"))
@@ -204,5 +206,13 @@ class FdServer:
             self._conn_of_mapper[entry.id] = conn
             conn.strikes = 0
             self._fd_send(conn, self.state.welcome(entry))
-        else:  # after Hello a mapper sends nothing here: every message is a strike
+            return
+        if conn.mapper_id is None:
+            self._strike(conn, "not-registered", f"{type(msg).__name__} before Hello")
+            return
+        effects = self.state.handle_request(conn.mapper_id, msg)
+        if effects is None:  # after Hello a mapper sends only requests here
             self._strike(conn, "unexpected", f"{type(msg).__name__} is not accepted on fd.sock")
+            return
+        conn.strikes = 0
+        self._apply(effects)

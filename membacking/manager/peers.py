@@ -89,10 +89,9 @@ class PeerState(TableState):
         entry = self.mappers[mapper_id]
         entry.last_seen = self._clock()
         if role == m.ROLE_REQUESTS:
-            if isinstance(msg, m.SendMappings):
-                return self.send_mappings(mapper_id, msg.range)
-            if isinstance(msg, m.ResendFd):
-                return self.resend_fd(entry, msg.mappable_id)
+            effects = self.handle_request(mapper_id, msg)
+            if effects is not None:
+                return effects
         if role == m.ROLE_STREAM:
             if isinstance(msg, m.UnmapAck):
                 return self._ack(mapper_id, msg.seq, None)
@@ -104,6 +103,19 @@ class PeerState(TableState):
                 return self.mapper_gone(mapper_id, "detached")
         self.reject("unexpected", f"{type(msg).__name__} on a role-{role} socket", entry.pid)
         return [self._error(identity, "unexpected", f"{type(msg).__name__} is not accepted here")]
+
+    def handle_request(self, mapper_id: int, msg: Message) -> list[Effect] | None:
+        """A request (SendMappings, ResendFd) from a registered mapper: on its fd socket, or on
+        a requests socket (mappers of earlier releases). None if `msg` is not a request."""
+        entry = self.mappers.get(mapper_id)
+        if entry is None:  # removed while this message waited
+            return []
+        entry.last_seen = self._clock()
+        if isinstance(msg, m.SendMappings):
+            return self.send_mappings(mapper_id, msg.range)
+        if isinstance(msg, m.ResendFd):
+            return self.resend_fd(entry, msg.mappable_id)
+        return None
 
     def _error(self, identity: bytes, code: str, text: str) -> Send:
         return Send(Channel.MAPPER, identity, m.Error(code, text))

@@ -394,9 +394,13 @@ class VaMapper:
         if not waiter.done:
             try:
                 self.link.request(m.SendMappings(rng))
-            except zmq.ZMQError as exc:
+            except TimeoutError as exc:  # alive (its socket is open) but not reading
                 self.waiters.discard(waiter)
-                raise ManagerGoneError(f"cannot reach the manager: {exc}", gpa) from None
+                raise GuestMemoryError(f"cannot fault GPA {gpa:#x}: {exc}", gpa) from None
+            except OSError as exc:
+                self.waiters.discard(waiter)
+                why = exc.strerror or str(exc)
+                raise ManagerGoneError(f"cannot reach the manager: {why}", gpa) from None
         if not waiter.wait(self.fault_timeout):
             self.waiters.discard(waiter)
             raise GuestMemoryError(

@@ -13,8 +13,6 @@ import os
 import resource
 import threading
 
-import zmq
-
 from ..protocol import messages as m
 from ..protocol.errors import ProtocolError
 from ..protocol.fdpass import FdsDropped, PeerClosed, close_fds
@@ -94,12 +92,13 @@ class MapperFds:
                     f"at its open-file limit ({_open_file_limit()})"
                 )
             if mappable_id in self._dropped:
-                # the manager believes it is here, so no fd follows this Map unless asked for;
-                # on the requests socket, so a later fault's request cannot overtake it
+                # the manager believes it is here, so no fd follows this Map unless asked for
+                # (on the fd socket, like every request: a later fault's cannot overtake it)
                 try:
                     self.link.request(m.ResendFd(mappable_id))
-                except zmq.ZMQError as exc:  # still dropped: the next Map asks again
-                    return f"cannot ask for the fd of mappable {mappable_id} again: {exc}"
+                except OSError as exc:  # still dropped: the next Map asks again
+                    why = exc.strerror or str(exc)
+                    return f"cannot ask for the fd of mappable {mappable_id} again: {why}"
                 self._dropped.discard(mappable_id)
             try:
                 got = self.link.recv_fd_message(wait=True)

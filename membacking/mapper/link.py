@@ -1,7 +1,7 @@
-"""A mapper's three connections to its manager: the fd socket (registration, fds, lifeline), the
-ZeroMQ stream socket (Map/NoMapping/Unmap in, acks out; mapper thread only) and the requests
-socket (SendMappings from any faulting thread, under a lock). Fds arrive on the fd socket unasked,
-each right behind the Map that needs it.
+"""A mapper's two connections to its manager: the fd socket (registration, requests out from any
+faulting thread, fds in, lifeline) and the ZeroMQ stream socket (Map/NoMapping/Unmap in, acks
+out; mapper thread only). Fds arrive on the fd socket unasked, each right behind the Map that
+needs it.
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ from ..runtime import RuntimePaths
 
 log = logging.getLogger("membacking.mapper")
 
+#: a plain int (the socket module's flags are IntFlag members); a manager gone raises EPIPE
+#: rather than killing a process that does not ignore SIGPIPE
+_MSG_NOSIGNAL = int(socket.MSG_NOSIGNAL)
+
 
 class _Busy(Exception):
     """The manager closed a new connection without a word (it is too busy to take it)."""
@@ -50,12 +54,13 @@ class ManagerLink:
             self.fd_sock.setblocking(False)
             self._fd_poll = select.poll()
             self._fd_poll.register(self.fd_sock, select.POLLIN)
+            self._room_poll = select.poll()
+            self._room_poll.register(self.fd_sock, select.POLLOUT)
             self.mapper_id = welcome.mapper_id
             self.token = welcome.token
             self.address_space = welcome.address_space
             self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
             self.stream = self._attach(m.ROLE_STREAM)
-            self.requests = self._attach(m.ROLE_REQUESTS)
         except BaseException:
             self.close()
             raise
@@ -147,10 +152,21 @@ class ManagerLink:
         return sock
 
     def request(self, msg: Message) -> None:
-        """Send a one-way request (SendMappings) from any thread."""
+        """Send a one-way request (SendMappings, ResendFd) on the fd socket, from any thread.
+        On this socket the manager's loop reads it straight away: on a ZeroMQ socket it would
+        pass through an I/O thread at each end first. Raises OSError if the manager is gone,
+        TimeoutError if it took nothing for the link's timeout."""
         data = encode(msg)
         with self._req_lock:
-            self.requests.send(data)
+            try:
+                self.fd_sock.send(data, _MSG_NOSIGNAL)
+            except BlockingIOError:
+                # the manager has not read the requests before this one yet: wait for room
+                if not self._room_poll.poll(self.timeout * 1000):
+                    raise TimeoutError(
+                        f"the manager took no request for {self.timeout:g}s"
+                    ) from None
+                self.fd_sock.send(data, _MSG_NOSIGNAL)
 
     def send_stream(self, msg: Message) -> None:
         """Send on the stream socket (mapper thread only)."""
@@ -175,10 +191,9 @@ class ManagerLink:
             return None
 
     def close(self) -> None:
-        for name in ("stream", "requests"):
-            sock = getattr(self, name, None)
-            if sock is not None:
-                sock.close()
+        sock = getattr(self, "stream", None)
+        if sock is not None:
+            sock.close()
         ctx = getattr(self, "ctx", None)
         if ctx is not None:
             ctx.term()

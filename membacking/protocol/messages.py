@@ -158,26 +158,27 @@ class Attached(Message):
 
 @dataclass(frozen=True, slots=True)
 class SendMappings(Message):
-    """mapper -> manager (requests socket): send Map/NoMapping covering this range."""
+    """mapper -> manager (fd socket; a requests socket is still accepted): send Map/NoMapping
+    covering this range."""
 
     TYPE = 12
     FROM = frozenset({"mapper"})
     FIELDS = (("range", Kind.RANGE),)
-    CHANNELS = frozenset({Channel.MAPPER})
+    CHANNELS = frozenset({Channel.FD, Channel.MAPPER})
     range: MemoryRange
 
 
 @dataclass(frozen=True, slots=True)
 class ResendFd(Message):
-    """mapper -> manager (requests socket): the FdGrant of this mappable arrived without its fd
-    (the kernel dropped it: this process was at its open-file limit); push it again. Answered
-    on the fd socket with FdGrant, or FdDenied unless the manager sent this mapper that fd and
-    has not released it since."""
+    """mapper -> manager (fd socket, like SendMappings): the FdGrant of this mappable arrived
+    without its fd (the kernel dropped it: this process was at its open-file limit); push it
+    again. Answered on the fd socket with FdGrant, or FdDenied unless the manager sent this
+    mapper that fd and has not released it since."""
 
     TYPE = 24
     FROM = frozenset({"mapper"})
     FIELDS = (("mappable_id", Kind.U64),)
-    CHANNELS = frozenset({Channel.MAPPER})
+    CHANNELS = frozenset({Channel.FD, Channel.MAPPER})
     mappable_id: int
 
 
