@@ -55,7 +55,7 @@ def _wrap(
 
 def measure(count: int) -> dict[str, dict[str, float]]:
     marks: dict[str, int] = {}
-    _wrap(link.ManagerLink, "request", "request0", "request1", marks)
+    _wrap(link.ManagerLink, "send", "request0", "request1", marks)
     receive = link.ManagerLink.recv_stream
 
     def recv_stream(self: link.ManagerLink) -> m.Message | None:

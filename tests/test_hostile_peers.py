@@ -189,8 +189,8 @@ def test_fds_come_only_behind_a_map(manager: RunningManager, via: str) -> None:
 
 
 def test_requests_on_the_fd_socket_only_after_hello(manager: RunningManager) -> None:
-    """Before Hello the fd socket takes no request; after it, requests only (a stream
-    message there is refused)."""
+    """Before Hello the fd socket takes no request; after it, requests and acks only (another
+    stream message there is refused)."""
     with fd_socket(manager) as sock:
         send_message(sock, m.SendMappings(MemoryRange(0, 4096)))
         reply, fds = recv_message(sock)
@@ -198,7 +198,7 @@ def test_requests_on_the_fd_socket_only_after_hello(manager: RunningManager) -> 
         send_message(sock, m.Hello("late"))
         welcome, _ = recv_message(sock)
         assert isinstance(welcome, m.Welcome)
-        sock.send(encode(m.UnmapAck(1)))
+        sock.send(encode(m.Detach()))
         reply, _ = recv_message(sock)
         assert isinstance(reply, m.Error) and reply.code == "wrong-channel"
     still_serving(manager)

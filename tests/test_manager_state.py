@@ -206,27 +206,30 @@ def test_fd_pushed_once_right_behind_the_first_map(state: ManagerState) -> None:
     assert state.counters["fds_sent"] == 2
 
 
-def test_requests_from_the_fd_socket_need_no_requests_socket(
-    state: ManagerState, clock: Clock
-) -> None:
-    """A mapper's requests arrive on its fd socket (`handle_request`, by mapper id): with only
-    its stream socket attached they are answered as on a requests socket, they count as a sign
-    of life, and anything else is left to the caller to refuse."""
+def test_requests_and_acks_from_the_fd_socket(state: ManagerState, clock: Clock) -> None:
+    """A mapper's requests and acks arrive on its fd socket (`handle_fd_message`, by mapper
+    id): with only its stream socket attached they are answered as on the ZeroMQ sockets, they
+    count as a sign of life, and anything else is left to the caller to refuse."""
     state.add_region("a", 0, MiB, False)
     entry = state.register_mapper("m1", pid=4000)
     state.handle_mapper(b"m1-s", m.Attach(entry.id, entry.token, m.ROLE_STREAM))
     clock.now += 7
-    assert state.handle_request(entry.id, m.SendMappings(rng(0, 1))) == [
+    assert state.handle_fd_message(entry.id, m.SendMappings(rng(0, 1))) == [
         Send(Channel.MAPPER, b"m1-s", m.Map(rng(0, 1), 1, 0, False)),
         SendFd(entry.id, m.FdGrant(1, MiB, False)),
     ]
     assert entry.last_seen == clock.now
-    assert state.handle_request(entry.id, m.ResendFd(1)) == [
+    assert state.handle_fd_message(entry.id, m.ResendFd(1)) == [
         SendFd(entry.id, m.FdGrant(1, MiB, False))
     ]
-    assert state.handle_request(entry.id, m.UnmapAck(1)) is None
+    removal = state.handle_control(b"c", m.ControlRequest("remove_region", {"name": "a"}))
+    (unmap,) = msgs(removal)
+    assert isinstance(unmap, m.Unmap)
+    done = state.handle_fd_message(entry.id, m.UnmapAck(unmap.seq))
+    assert msgs(done) == [m.ControlReply({"name": "a", "unmapped_from": [entry.id]})]
+    assert state.handle_fd_message(entry.id, m.Detach()) is None
     state.mapper_gone(entry.id)
-    assert state.handle_request(entry.id, m.SendMappings(rng(0, 1))) == []  # gone meanwhile
+    assert state.handle_fd_message(entry.id, m.SendMappings(rng(0, 1))) == []  # gone meanwhile
 
 
 def test_fd_dropped_on_arrival_is_pushed_again_when_asked(state: ManagerState) -> None:

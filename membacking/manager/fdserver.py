@@ -1,7 +1,7 @@
 """The daemon's side of fd.sock: accepting connections (credentials, queues, the open-file
-limit), registration, each mapper's requests (SendMappings, ResendFd), and sending each mapper
-its fds without ever blocking the loop. A part of `Daemon`, kept apart because it is the one
-place peers reach before they have an identity.
+limit), registration, each mapper's requests and acks, and sending each mapper its fds without
+ever blocking the loop. A part of `Daemon`, kept apart because it is the one place peers reach
+before they have an identity.
 """
 
 from __future__ import annotations
@@ -210,8 +210,8 @@ class FdServer:
         if conn.mapper_id is None:
             self._strike(conn, "not-registered", f"{type(msg).__name__} before Hello")
             return
-        effects = self.state.handle_request(conn.mapper_id, msg)
-        if effects is None:  # after Hello a mapper sends only requests here
+        effects = self.state.handle_fd_message(conn.mapper_id, msg)
+        if effects is None:  # after Hello a mapper sends only requests and acks here
             self._strike(conn, "unexpected", f"{type(msg).__name__} is not accepted on fd.sock")
             return
         conn.strikes = 0

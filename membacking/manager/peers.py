@@ -88,15 +88,15 @@ class PeerState(TableState):
         mapper_id, role = bound
         entry = self.mappers[mapper_id]
         entry.last_seen = self._clock()
-        if role == m.ROLE_REQUESTS:
-            effects = self.handle_request(mapper_id, msg)
-            if effects is not None:
-                return effects
+        # mappers of earlier releases: requests on a requests socket, acks on the stream
+        effects = (
+            self._request(entry, msg)
+            if role == m.ROLE_REQUESTS
+            else self._acknowledgement(entry, msg)
+        )
+        if effects is not None:
+            return effects
         if role == m.ROLE_STREAM:
-            if isinstance(msg, m.UnmapAck):
-                return self._ack(mapper_id, msg.seq, None)
-            if isinstance(msg, m.MapAck):
-                return self._ack(mapper_id, msg.seq, None if msg.ok else msg.message or "failed")
             if isinstance(msg, m.SetEager):
                 return self._upgrade(entry)
             if isinstance(msg, m.Detach):
@@ -104,17 +104,29 @@ class PeerState(TableState):
         self.reject("unexpected", f"{type(msg).__name__} on a role-{role} socket", entry.pid)
         return [self._error(identity, "unexpected", f"{type(msg).__name__} is not accepted here")]
 
-    def handle_request(self, mapper_id: int, msg: Message) -> list[Effect] | None:
-        """A request (SendMappings, ResendFd) from a registered mapper: on its fd socket, or on
-        a requests socket (mappers of earlier releases). None if `msg` is not a request."""
+    def handle_fd_message(self, mapper_id: int, msg: Message) -> list[Effect] | None:
+        """A message a registered mapper sent on its fd socket after Hello: a request
+        (SendMappings, ResendFd) or an acknowledgement (UnmapAck, MapAck). None if `msg` is
+        neither (the caller refuses it)."""
         entry = self.mappers.get(mapper_id)
         if entry is None:  # removed while this message waited
             return []
         entry.last_seen = self._clock()
+        effects = self._request(entry, msg)
+        return self._acknowledgement(entry, msg) if effects is None else effects
+
+    def _request(self, entry: MapperEntry, msg: Message) -> list[Effect] | None:
         if isinstance(msg, m.SendMappings):
-            return self.send_mappings(mapper_id, msg.range)
+            return self.send_mappings(entry.id, msg.range)
         if isinstance(msg, m.ResendFd):
             return self.resend_fd(entry, msg.mappable_id)
+        return None
+
+    def _acknowledgement(self, entry: MapperEntry, msg: Message) -> list[Effect] | None:
+        if isinstance(msg, m.UnmapAck):
+            return self._ack(entry.id, msg.seq, None)
+        if isinstance(msg, m.MapAck):
+            return self._ack(entry.id, msg.seq, None if msg.ok else msg.message or "failed")
         return None
 
     def _error(self, identity: bytes, code: str, text: str) -> Send:

@@ -153,6 +153,18 @@ class VaMapper:
             self.manager_gone(lost)
         return lost is not None
 
+    def _acknowledge(self, msg: m.UnmapAck | m.MapAck) -> None:
+        """Send an ack on the fd socket (the manager's loop reads it without a ZeroMQ I/O thread
+        in between)."""
+        if self.gone is not None:
+            return  # nobody to tell
+        try:
+            self.link.send(msg)
+        except OSError as exc:
+            # gone (the fd socket's hang-up will say so) or not reading: without the ack the
+            # manager evicts this mapper after its --unmap-timeout
+            log.error("mapper %d: cannot send %s: %s", self.id, msg, exc.strerror or exc)
+
     def manager_gone(self, reason: str) -> None:
         """Mapped memory keeps working; new faults fail with ManagerGoneError."""
         if self.gone is None:
@@ -189,14 +201,14 @@ class VaMapper:
             self.waiters.complete(
                 msg.range, msg.writable, None if failure is None else MAP_FAILED + failure
             )
-            self.link.send_stream(m.MapAck(msg.seq, failure is None, (failure or "")[:1000]))
+            self._acknowledge(m.MapAck(msg.seq, failure is None, (failure or "")[:1000]))
         elif isinstance(msg, m.NoMapping):
             self.waiters.complete(msg.range, None)
         elif isinstance(msg, m.Unmap):
             self._unmap(msg.seq, msg.range, msg.release)
         elif isinstance(msg, m.Release):
             self.fds.close(msg.release)
-            self.link.send_stream(m.UnmapAck(msg.seq))
+            self._acknowledge(m.UnmapAck(msg.seq))
         elif isinstance(msg, m.EagerResult):
             self.eager = msg.ok
             self._eager_message = msg.message
@@ -302,7 +314,7 @@ class VaMapper:
                 )
                 return
         self.fds.close(release)
-        self.link.send_stream(m.UnmapAck(seq))
+        self._acknowledge(m.UnmapAck(seq))
 
     def _complete_unmaps(self) -> None:
         if not self._pending_unmaps:
@@ -324,7 +336,7 @@ class VaMapper:
             self._pending_unmaps = waiting
         for seq, _, release in done:
             self.fds.close(release)
-            self.link.send_stream(m.UnmapAck(seq))
+            self._acknowledge(m.UnmapAck(seq))
 
     def _remap_shared(self, part: MemoryRange, chunk: Chunk) -> None:
         """Replace a copy-on-write chunk by the read-only backing it stands for, once no
@@ -393,7 +405,7 @@ class VaMapper:
         waiter = self.waiters.register(rng, write)
         if not waiter.done:
             try:
-                self.link.request(m.SendMappings(rng))
+                self.link.send(m.SendMappings(rng))
             except TimeoutError as exc:  # alive (its socket is open) but not reading
                 self.waiters.discard(waiter)
                 raise GuestMemoryError(f"cannot fault GPA {gpa:#x}: {exc}", gpa) from None

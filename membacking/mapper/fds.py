@@ -95,7 +95,7 @@ class MapperFds:
                 # the manager believes it is here, so no fd follows this Map unless asked for
                 # (on the fd socket, like every request: a later fault's cannot overtake it)
                 try:
-                    self.link.request(m.ResendFd(mappable_id))
+                    self.link.send(m.ResendFd(mappable_id))
                 except OSError as exc:  # still dropped: the next Map asks again
                     why = exc.strerror or str(exc)
                     return f"cannot ask for the fd of mappable {mappable_id} again: {why}"

@@ -1,7 +1,7 @@
-"""A mapper's two connections to its manager: the fd socket (registration, requests out from any
-faulting thread, fds in, lifeline) and the ZeroMQ stream socket (Map/NoMapping/Unmap in, acks
-out; mapper thread only). Fds arrive on the fd socket unasked, each right behind the Map that
-needs it.
+"""A mapper's two connections to its manager: the fd socket (registration, requests and acks out
+from any thread, fds in, lifeline) and the ZeroMQ stream socket (Map/NoMapping/Unmap in;
+mapper thread only). Fds arrive on the fd socket unasked, each right behind the Map that needs
+it.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class ManagerLink:
     def __init__(self, paths: RuntimePaths, name: str, timeout: float) -> None:
         self.paths = paths
         self.timeout = timeout
-        self._req_lock = threading.Lock()
+        self._send_lock = threading.Lock()
         self.fd_sock, welcome = self._register(name)
         try:
             # from now on only the mapper thread reads it, and never blocks on it
@@ -151,20 +151,21 @@ class ManagerLink:
             raise AttachError(f"unexpected {reply!r} in answer to Attach")
         return sock
 
-    def request(self, msg: Message) -> None:
-        """Send a one-way request (SendMappings, ResendFd) on the fd socket, from any thread.
-        On this socket the manager's loop reads it straight away: on a ZeroMQ socket it would
-        pass through an I/O thread at each end first. Raises OSError if the manager is gone,
-        TimeoutError if it took nothing for the link's timeout."""
+    def send(self, msg: Message) -> None:
+        """Send a request (SendMappings, ResendFd) or an ack (UnmapAck, MapAck) on the fd socket,
+        from any thread. On this socket the manager's loop reads it straight away: on a ZeroMQ
+        socket it would pass through an I/O thread at each end first. Raises OSError if the
+        manager is gone, TimeoutError if it read nothing from this mapper for the link's
+        timeout."""
         data = encode(msg)
-        with self._req_lock:
+        with self._send_lock:
             try:
                 self.fd_sock.send(data, _MSG_NOSIGNAL)
             except BlockingIOError:
-                # the manager has not read the requests before this one yet: wait for room
+                # the manager has not read what this mapper sent before yet: wait for room
                 if not self._room_poll.poll(self.timeout * 1000):
                     raise TimeoutError(
-                        f"the manager took no request for {self.timeout:g}s"
+                        f"the manager read nothing from this mapper for {self.timeout:g}s"
                     ) from None
                 self.fd_sock.send(data, _MSG_NOSIGNAL)
 

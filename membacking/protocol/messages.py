@@ -227,12 +227,13 @@ class Unmap(Message):
 
 @dataclass(frozen=True, slots=True)
 class UnmapAck(Message):
-    """mapper -> manager (stream): Unmap `seq` is applied; no access can touch the old memory."""
+    """mapper -> manager (fd socket; the stream socket is still accepted): Unmap or Release
+    `seq` is applied; no access can touch the old memory."""
 
     TYPE = 16
     FROM = frozenset({"mapper"})
     FIELDS = (("seq", Kind.U64),)
-    CHANNELS = frozenset({Channel.MAPPER})
+    CHANNELS = frozenset({Channel.FD, Channel.MAPPER})
     seq: int
 
 
@@ -314,12 +315,13 @@ class MapEager(Message):
 
 @dataclass(frozen=True, slots=True)
 class MapAck(Message):
-    """mapper -> manager (stream): MapEager `seq` applied (ok) or failed (message says why)."""
+    """mapper -> manager (fd socket; the stream socket is still accepted): MapEager `seq`
+    applied (ok) or failed (message says why)."""
 
     TYPE = 23
     FROM = frozenset({"mapper"})
     FIELDS = (("seq", Kind.U64), ("ok", Kind.BOOL), ("message", Kind.TEXT))
-    CHANNELS = frozenset({Channel.MAPPER})
+    CHANNELS = frozenset({Channel.FD, Channel.MAPPER})
     seq: int
     ok: bool
     message: str
