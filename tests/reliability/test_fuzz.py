@@ -102,13 +102,17 @@ class ManagerMachine(RuleBasedStateMachine):
         self.seqs: list[tuple[bytes, int]] = []
         self.names = ["a", "b", "c", "d"]
 
-    def _feed(self, effects: list[Any]) -> None:
+    def _feed(self, effects: list[Any], resend: tuple[int, int] | None = None) -> None:
+        """Check what the state machine sent; `resend`: (mapper, mappable) of the ResendFd
+        these effects answer."""
         for i, effect in enumerate(effects):
             if isinstance(effect, Send) and isinstance(
                 effect.msg, (m.Unmap, m.Release, m.MapEager)
             ):
                 self.seqs.append((effect.identity, effect.msg.seq))
-            if isinstance(effect, SendFd):
+            if isinstance(effect, SendFd) and (effect.mapper_id, effect.msg.mappable_id) == resend:
+                assert effects == [effect]  # the answer to a ResendFd, and nothing else
+            elif isinstance(effect, SendFd):
                 # an fd goes only right behind a Map of that mappable to that mapper
                 before = effects[i - 1] if i else None
                 assert isinstance(before, Send) and isinstance(before.msg, (m.Map, m.MapEager))
@@ -146,6 +150,23 @@ class ManagerMachine(RuleBasedStateMachine):
         )
         self._feed(self.state.handle_mapper(identity, msg))
 
+    @rule(data=st.data(), mapper_id=st.integers(0, 6))
+    def fd_message(self, data: st.DataObject, mapper_id: int) -> None:
+        """What a registered mapper may send on its fd socket (the daemon calls this only for
+        a connection that said Hello; the mapper may be gone since)."""
+        msg = data.draw(
+            st.one_of(
+                st.builds(m.SendMappings, ranges),
+                st.builds(m.ResendFd, st.integers(0, 8)),
+                st.builds(m.UnmapAck, st.integers(0, 50)),
+                st.builds(m.MapAck, st.integers(0, 50), st.booleans(), st.just("x")),
+                st.just(m.Detach()),
+            )
+        )
+        if mapper_id in self.state.mappers:
+            resend = (mapper_id, msg.mappable_id) if isinstance(msg, m.ResendFd) else None
+            self._feed(self.state.handle_fd_message(mapper_id, msg) or [], resend)
+
     @rule(data=st.data())
     def answer_pending(self, data: st.DataObject) -> None:
         if not self.seqs:
@@ -153,7 +174,11 @@ class ManagerMachine(RuleBasedStateMachine):
         identity, seq = data.draw(st.sampled_from(self.seqs))
         ok = data.draw(st.booleans())
         reply = m.UnmapAck(seq) if ok else m.MapAck(seq, data.draw(st.booleans()), "no")
-        self._feed(self.state.handle_mapper(identity, reply))
+        mapper_id = int(identity.split(b"-")[0])
+        if data.draw(st.booleans()) and mapper_id in self.state.mappers:  # as sent now
+            self._feed(self.state.handle_fd_message(mapper_id, reply) or [])
+        else:  # as mappers of earlier releases send it
+            self._feed(self.state.handle_mapper(identity, reply))
 
     @rule(mapper_id=st.integers(0, 6))
     def gone(self, mapper_id: int) -> None:
