@@ -190,3 +190,46 @@ def test_a_manager_that_takes_no_requests_fails_faults_after_the_timeout(
         assert requests_seen(scripted, 1) == [m.SendMappings(m.MemoryRange(0, 4096))]
     finally:
         memory.detach()
+
+
+def test_a_late_denial_answers_the_map_that_gave_up_not_the_next_one(
+    scripted: ScriptedManager,
+) -> None:
+    """A Map whose fd answer does not come within the link timeout fails. The denial that
+    comes afterwards belongs to that Map: the next Map of the mappable, answered with the fd,
+    maps it."""
+    root = Path(scripted.listener.getsockname()).parent
+    memory = membacking.attach(root, name="patient", timeout=1.0, fault_timeout=10.0)
+    memfd = os.memfd_create("late")
+    outcome: list[object] = []
+
+    def read() -> None:
+        try:
+            outcome.append(memory.read_at(0, 4))
+        except membacking.GuestMemoryError as exc:
+            outcome.append(exc)
+
+    try:
+        os.ftruncate(memfd, 1 << 20)
+        os.pwrite(memfd, b"late", 0)
+        scripted.registered()
+        assert scripted.conn is not None
+        mapping = m.Map(m.MemoryRange(0, 1 << 20), 1, 0, True)
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert requests_seen(scripted, 10) == [m.SendMappings(m.MemoryRange(0, 4096))]
+        scripted.router.send_multipart([scripted.stream, encode(mapping)])  # nothing behind it
+        reader.join(10)
+        assert "did not send the fd of mappable 1" in str(outcome.pop())
+        send_message(scripted.conn, m.FdDenied(1, "the answer to the first Map"))
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert requests_seen(scripted, 10) == [m.SendMappings(m.MemoryRange(0, 4096))]
+        scripted.router.send_multipart([scripted.stream, encode(mapping)])
+        send_message(scripted.conn, m.FdGrant(1, 1 << 20, True), [memfd])
+        reader.join(10)
+        assert outcome == [b"late"]
+    finally:
+        memory.detach()
+        os.close(memfd)

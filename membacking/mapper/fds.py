@@ -42,6 +42,9 @@ class MapperFds:
         self._unclaimed: set[int] = set()
         #: mappables whose fd was dropped and whose Map failed: the next Map asks (ResendFd)
         self._dropped: set[int] = set()
+        #: mappables whose Map gave up waiting for its grant or denial: a denial arriving later
+        #: answers that Map, not the next one
+        self._abandoned: set[int] = set()
 
     def get(self, mappable_id: int) -> int | None:
         """The fd held for `mappable_id` (mapper thread: others use `dup`)."""
@@ -103,6 +106,7 @@ class MapperFds:
             try:
                 got = self.link.recv_fd_message(wait=True)
             except TimeoutError:
+                self._abandoned.add(mappable_id)
                 return f"the manager did not send the fd of mappable {mappable_id}"
             except FdsDropped as exc:
                 self._note_dropped(exc)  # this Map's (checked above) or one still on its way
@@ -148,6 +152,16 @@ class MapperFds:
                 self._held[msg.mappable_id] = fds[0]
             self._unclaimed.discard(msg.mappable_id)
             self._dropped.discard(msg.mappable_id)
+            self._abandoned.discard(msg.mappable_id)
+        elif isinstance(msg, m.FdDenied) and msg.mappable_id in self._abandoned:
+            self._abandoned.discard(msg.mappable_id)
+            log.warning(
+                "mapper %d: a late denial of mappable %d's fd answers a Map that gave up waiting "
+                "for it: %s",
+                self.id,
+                msg.mappable_id,
+                msg.reason,
+            )
         elif isinstance(msg, m.FdDenied):
             self._denied.setdefault(msg.mappable_id, []).append(msg.reason)
         else:
