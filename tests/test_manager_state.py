@@ -430,3 +430,9 @@ def test_held_counts_the_ranges_of_each_mappable() -> None:
     assert not held.maps(1) and held.maps(2) and held.get(b) == 2
     assert held.pop(a) is None and held.pop(b) == 2
     assert not held.maps(2) and list(held) == []
+    # compared (as inside MapperEntry) and shown by the ranges it holds
+    held[a] = 3
+    other = Held()
+    assert held != other
+    other[a] = 3
+    assert held == other and repr(held) == f"Held({{{a!r}: 3}})"

@@ -114,6 +114,15 @@ class Held:
     def __len__(self) -> int:
         return len(self._ranges)
 
+    def __eq__(self, other: object) -> bool:
+        # the counts follow from the ranges
+        return isinstance(other, Held) and self._ranges == other._ranges
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Held({self._ranges!r})"
+
 
 @dataclass
 class MapperEntry:
