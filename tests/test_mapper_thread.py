@@ -175,13 +175,13 @@ def test_a_manager_that_takes_no_requests_fails_faults_after_the_timeout(
         scripted.registered()
         link = memory._mapper.link
         sent = 0
-        with pytest.raises(TimeoutError, match="read nothing from this mapper"):
+        with pytest.raises(TimeoutError, match="has not made room"):
             while sent < 1_000_000:  # the kernel's buffer holds a few hundred
                 link.send(m.SendMappings(m.MemoryRange(0, 4096)))
                 sent += 1
         assert 0 < sent < 1_000_000
         with pytest.raises(
-            membacking.GuestMemoryError, match="read nothing from this mapper for 1s"
+            membacking.GuestMemoryError, match="has not made room on this mapper's fd socket for 1s"
         ) as exc:
             memory.read_at(0x1000, 1)
         assert not isinstance(exc.value, membacking.ManagerGoneError)  # it is there, stalled
@@ -192,12 +192,13 @@ def test_a_manager_that_takes_no_requests_fails_faults_after_the_timeout(
         memory.detach()
 
 
-def test_a_late_denial_answers_the_map_that_gave_up_not_the_next_one(
-    scripted: ScriptedManager,
+@pytest.mark.parametrize("abandoned", [1, 2])
+def test_late_denials_answer_the_maps_that_gave_up_not_the_next_one(
+    scripted: ScriptedManager, abandoned: int
 ) -> None:
-    """A Map whose fd answer does not come within the link timeout fails. The denial that
-    comes afterwards belongs to that Map: the next Map of the mappable, answered with the fd,
-    maps it."""
+    """A Map whose fd answer does not come within the link timeout fails. The denials that come
+    afterwards, one per such Map, belong to them: the next Map of the mappable, answered with
+    the fd, maps it."""
     root = Path(scripted.listener.getsockname()).parent
     memory = membacking.attach(root, name="patient", timeout=1.0, fault_timeout=10.0)
     memfd = os.memfd_create("late")
@@ -215,13 +216,15 @@ def test_a_late_denial_answers_the_map_that_gave_up_not_the_next_one(
         scripted.registered()
         assert scripted.conn is not None
         mapping = m.Map(m.MemoryRange(0, 1 << 20), 1, 0, True)
-        reader = threading.Thread(target=read)
-        reader.start()
-        assert requests_seen(scripted, 10) == [m.SendMappings(m.MemoryRange(0, 4096))]
-        scripted.router.send_multipart([scripted.stream, encode(mapping)])  # nothing behind it
-        reader.join(10)
-        assert "did not send the fd of mappable 1" in str(outcome.pop())
-        send_message(scripted.conn, m.FdDenied(1, "the answer to the first Map"))
+        for _ in range(abandoned):
+            reader = threading.Thread(target=read)
+            reader.start()
+            assert requests_seen(scripted, 10) == [m.SendMappings(m.MemoryRange(0, 4096))]
+            scripted.router.send_multipart([scripted.stream, encode(mapping)])  # nothing behind
+            reader.join(10)
+            assert "did not send the fd of mappable 1" in str(outcome.pop())
+        for i in range(abandoned):
+            send_message(scripted.conn, m.FdDenied(1, f"the answer to Map {i}"))
 
         reader = threading.Thread(target=read)
         reader.start()
@@ -233,3 +236,65 @@ def test_a_late_denial_answers_the_map_that_gave_up_not_the_next_one(
     finally:
         memory.detach()
         os.close(memfd)
+
+
+def test_acks_go_on_the_fd_socket_and_wait_there_for_room(scripted: ScriptedManager) -> None:
+    """The mapper acknowledges on its fd socket, not on the stream. When that socket's buffer is
+    full, its acks wait in order, and are sent once the manager reads again; the mapper thread
+    goes on applying what the manager sends meanwhile."""
+    root = Path(scripted.listener.getsockname()).parent
+    memory = membacking.attach(root, name="acks", timeout=1.0)
+    try:
+        scripted.registered()
+        scripted.router.send_multipart([scripted.stream, encode(m.Release(5, ()))])
+        assert requests_seen(scripted, 10) == [m.UnmapAck(5)]
+        assert not scripted.router.poll(200)  # nothing came on the stream
+
+        link, mapper = memory._mapper.link, memory._mapper
+        filled = 0
+        while link.try_send(m.SendMappings(m.MemoryRange(0, 4096))):
+            filled += 1
+        for seq in (6, 7):
+            scripted.router.send_multipart([scripted.stream, encode(m.Release(seq, ()))])
+        scripted.router.send_multipart([scripted.stream, encode(m.EagerResult(False, "probe"))])
+        assert mapper._eager_done.wait(10)  # applied behind the acks that found no room
+        time.sleep(1.5)  # past the link timeout: still queued, not dropped
+        assert list(mapper._acks) == [m.UnmapAck(6), m.UnmapAck(7)]
+
+        seen = requests_seen(scripted, 5)
+        assert len(seen) == filled + 2
+        assert seen[-2:] == [m.UnmapAck(6), m.UnmapAck(7)]
+    finally:
+        memory.detach()
+
+
+def test_faulting_threads_wait_for_room_one_timeout_in_all(scripted: ScriptedManager) -> None:
+    """While the manager takes nothing, each fault waits for room on the fd socket at most the
+    link timeout, its wait for the send lock included, however many threads fault at once."""
+    root = Path(scripted.listener.getsockname()).parent
+    memory = membacking.attach(root, name="crowd", timeout=1.0)
+    failures: list[tuple[float, str]] = []
+    try:
+        scripted.registered()
+        link = memory._mapper.link
+        while link.try_send(m.SendMappings(m.MemoryRange(0, 4096))):
+            pass
+        started = time.monotonic()
+
+        def fault(page: int) -> None:
+            try:
+                memory.read_at(page * 4096, 1)
+            except membacking.GuestMemoryError as exc:
+                failures.append((time.monotonic() - started, str(exc)))
+
+        threads = [threading.Thread(target=fault, args=(page,)) for page in range(1, 5)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(20)
+        assert len(failures) == 4
+        assert all("has not made room" in why for _, why in failures), failures
+        # one after the other they would fail 1, 2, 3 and 4 s in
+        assert max(when for when, _ in failures) < 3, failures
+    finally:
+        memory.detach()

@@ -37,6 +37,9 @@ from .waitlist import MAP_FAILED, NO_MAPPING, READ_ONLY, WaiterSet
 
 log = logging.getLogger("membacking.mapper")
 
+# plain ints: pyzmq's flag enums make every `&` a call into the enum module
+_POLLOUT, _POLLERR = int(zmq.POLLOUT), int(zmq.POLLERR)
+
 #: faults one access may take before it gives up (each fault maps at least one page it needs)
 MAX_FAULTS = 64
 
@@ -86,6 +89,9 @@ class VaMapper:
         self._eager_done = threading.Event()
         self._eager_message = ""
         self._outbox: collections.deque[Message] = collections.deque()
+        #: acks the fd socket had no room for yet, in order (sent when it has: never dropped,
+        #: and the mapper thread never waits for room)
+        self._acks: collections.deque[m.UnmapAck | m.MapAck] = collections.deque()
         self._stream_ready = [(self.link.stream, zmq.POLLIN)]  # for a zero-timeout zmq_poll
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stop = False
@@ -109,10 +115,11 @@ class VaMapper:
         poller = zmq.Poller()
         poller.register(self.link.stream, zmq.POLLIN)
         # hang-ups only: each fd is read by the Map that needs it, not on a wake-up of its own
-        poller.register(self.link.fd_sock.fileno(), zmq.POLLERR)
+        poller.register(self.link.fd_sock.fileno(), _POLLERR)
         poller.register(self._wake_r, zmq.POLLIN)
         fd_fileno = self.link.fd_sock.fileno()
         stream = self.link.stream
+        fd_watched = _POLLERR  # and _POLLOUT while acks wait for room
         # zmq_poll on the poller's own list: Poller.poll only adds a Python frame around it
         items = poller.sockets
         while not self._stop:
@@ -130,9 +137,16 @@ class VaMapper:
                     self._complete_unmaps()
                 if stream in events:
                     self._drain_stream()  # first: a Shutdown says why the connection ends
-                if fd_fileno in events and (self.gone is not None or self._read_fd_socket()):
+                fd_events = events.get(fd_fileno, 0)
+                if fd_events & _POLLOUT:
+                    self._flush_acks()
+                if fd_events & ~_POLLOUT and (self.gone is not None or self._read_fd_socket()):
                     # closed (or no longer of use): stop polling it, or poll would never block
                     poller.unregister(fd_fileno)
+                    fd_watched = 0
+                if fd_watched and bool(self._acks) != bool(fd_watched & _POLLOUT):
+                    fd_watched = _POLLERR | _POLLOUT if self._acks else _POLLERR
+                    poller.modify(fd_fileno, fd_watched)
             except zmq.ZMQError as exc:
                 if self._stop:
                     break
@@ -155,15 +169,21 @@ class VaMapper:
 
     def _acknowledge(self, msg: m.UnmapAck | m.MapAck) -> None:
         """Send an ack on the fd socket (the manager's loop reads it without a ZeroMQ I/O thread
-        in between)."""
-        if self.gone is not None:
-            return  # nobody to tell
+        in between), or queue it behind those still waiting for room."""
+        self._acks.append(msg)
+        self._flush_acks()
+
+    def _flush_acks(self) -> None:
+        """Send the queued acks, in order, as far as the fd socket has room."""
+        acks = self._acks
         try:
-            self.link.send(msg)
-        except OSError as exc:
-            # gone (the fd socket's hang-up will say so) or not reading: without the ack the
-            # manager evicts this mapper after its --unmap-timeout
-            log.error("mapper %d: cannot send %s: %s", self.id, msg, exc.strerror or exc)
+            while acks and self.gone is None:
+                if not self.link.try_send(acks[0]):
+                    return  # the poll loop watches for room
+                acks.popleft()
+        except OSError as exc:  # gone: the fd socket's hang-up says so next
+            log.warning("mapper %d: cannot send %s: %s", self.id, acks[0], exc.strerror or exc)
+        acks.clear()
 
     def manager_gone(self, reason: str) -> None:
         """Mapped memory keeps working; new faults fail with ManagerGoneError."""

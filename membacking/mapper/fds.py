@@ -12,6 +12,7 @@ import logging
 import os
 import resource
 import threading
+from collections import Counter
 
 from ..protocol import messages as m
 from ..protocol.errors import ProtocolError
@@ -42,9 +43,9 @@ class MapperFds:
         self._unclaimed: set[int] = set()
         #: mappables whose fd was dropped and whose Map failed: the next Map asks (ResendFd)
         self._dropped: set[int] = set()
-        #: mappables whose Map gave up waiting for its grant or denial: a denial arriving later
-        #: answers that Map, not the next one
-        self._abandoned: set[int] = set()
+        #: Maps that gave up waiting for their grant or denial, by mappable: the answers that
+        #: arrive later belong to them, not to the next Maps
+        self._abandoned: Counter[int] = Counter()
 
     def get(self, mappable_id: int) -> int | None:
         """The fd held for `mappable_id` (mapper thread: others use `dup`)."""
@@ -106,7 +107,7 @@ class MapperFds:
             try:
                 got = self.link.recv_fd_message(wait=True)
             except TimeoutError:
-                self._abandoned.add(mappable_id)
+                self._abandoned[mappable_id] += 1
                 return f"the manager did not send the fd of mappable {mappable_id}"
             except FdsDropped as exc:
                 self._note_dropped(exc)  # this Map's (checked above) or one still on its way
@@ -134,7 +135,8 @@ class MapperFds:
             log.warning("mapper %d: invalid data on the fd socket: %s", self.id, exc)
             return
         mappable_id = exc.msg.mappable_id
-        self._unclaimed.add(mappable_id)
+        # the Map it came behind fails, unless that Map has failed already (then the next asks)
+        (self._dropped if self._late_answer(mappable_id) else self._unclaimed).add(mappable_id)
         log.warning(
             "mapper %d: the fd of mappable %d was dropped on arrival: this process is at its "
             "open-file limit (%d); the next access to it asks for it again",
@@ -142,6 +144,16 @@ class MapperFds:
             mappable_id,
             _open_file_limit(),
         )
+
+    def _late_answer(self, mappable_id: int) -> bool:
+        """Whether a grant or denial of `mappable_id` answers a Map that gave up waiting for it
+        (the oldest answers first); counts that Map as answered."""
+        left = self._abandoned.get(mappable_id, 0)
+        if left > 1:
+            self._abandoned[mappable_id] = left - 1
+        elif left:
+            del self._abandoned[mappable_id]
+        return left > 0
 
     def _take(self, msg: Message, fds: list[int]) -> None:
         if isinstance(msg, m.FdGrant):
@@ -152,9 +164,8 @@ class MapperFds:
                 self._held[msg.mappable_id] = fds[0]
             self._unclaimed.discard(msg.mappable_id)
             self._dropped.discard(msg.mappable_id)
-            self._abandoned.discard(msg.mappable_id)
-        elif isinstance(msg, m.FdDenied) and msg.mappable_id in self._abandoned:
-            self._abandoned.discard(msg.mappable_id)
+            self._late_answer(msg.mappable_id)  # kept either way: the manager counts it sent
+        elif isinstance(msg, m.FdDenied) and self._late_answer(msg.mappable_id):
             log.warning(
                 "mapper %d: a late denial of mappable %d's fd answers a Map that gave up waiting "
                 "for it: %s",

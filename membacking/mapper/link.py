@@ -1,7 +1,6 @@
-"""A mapper's two connections to its manager: the fd socket (registration, requests and acks out
-from any thread, fds in, lifeline) and the ZeroMQ stream socket (Map/NoMapping/Unmap in;
-mapper thread only). Fds arrive on the fd socket unasked, each right behind the Map that needs
-it.
+"""A mapper's two connections to its manager: the fd socket (registration, requests and acks out,
+fds in, lifeline) and the ZeroMQ stream socket (Map/NoMapping/Unmap in; mapper thread only).
+Fds arrive on the fd socket unasked, each right behind the Map that needs it.
 """
 
 from __future__ import annotations
@@ -152,22 +151,45 @@ class ManagerLink:
         return sock
 
     def send(self, msg: Message) -> None:
-        """Send a request (SendMappings, ResendFd) or an ack (UnmapAck, MapAck) on the fd socket,
-        from any thread. On this socket the manager's loop reads it straight away: on a ZeroMQ
-        socket it would pass through an I/O thread at each end first. Raises OSError if the
-        manager is gone, TimeoutError if it read nothing from this mapper for the link's
-        timeout."""
+        """Send a request (SendMappings, ResendFd) on the fd socket, from any thread. On this
+        socket the manager's loop reads it straight away: on a ZeroMQ socket it would pass
+        through an I/O thread at each end first. Waits for room in the socket's buffer for at
+        most the link's timeout in all (the lock included), then raises TimeoutError; raises
+        OSError if the manager is gone."""
         data = encode(msg)
-        with self._send_lock:
-            try:
-                self.fd_sock.send(data, _MSG_NOSIGNAL)
-            except BlockingIOError:
-                # the manager has not read what this mapper sent before yet: wait for room
-                if not self._room_poll.poll(self.timeout * 1000):
-                    raise TimeoutError(
-                        f"the manager read nothing from this mapper for {self.timeout:g}s"
-                    ) from None
-                self.fd_sock.send(data, _MSG_NOSIGNAL)
+        started: float | None = None  # taken only when something has to wait
+        if not self._send_lock.acquire(blocking=False):
+            started = time.monotonic()
+            if not self._send_lock.acquire(timeout=self.timeout):
+                raise self._no_room()
+        try:
+            while True:
+                try:
+                    self.fd_sock.send(data, _MSG_NOSIGNAL)
+                    return
+                except BlockingIOError:
+                    pass  # the manager has not read what this mapper sent before: wait for room
+                if started is None:
+                    started = time.monotonic()
+                left = started + self.timeout - time.monotonic()
+                if left <= 0 or not self._room_poll.poll(left * 1000):
+                    raise self._no_room() from None
+        finally:
+            self._send_lock.release()
+
+    def try_send(self, msg: Message) -> bool:
+        """Send `msg` on the fd socket if its buffer has room now; False if not (any thread,
+        never waits). Raises OSError if the manager is gone."""
+        try:
+            self.fd_sock.send(encode(msg), _MSG_NOSIGNAL)
+        except BlockingIOError:
+            return False
+        return True
+
+    def _no_room(self) -> TimeoutError:
+        return TimeoutError(
+            f"the manager has not made room on this mapper's fd socket for {self.timeout:g}s"
+        )
 
     def send_stream(self, msg: Message) -> None:
         """Send on the stream socket (mapper thread only)."""

@@ -128,8 +128,8 @@ class Error(Message):
 
 # ---- mapper channel (ZeroMQ DEALER -> manager ROUTER) ------------------------------------------
 
-ROLE_STREAM = 0  # receives Map / NoMapping / Unmap / Shutdown, sends UnmapAck / Detach
-ROLE_REQUESTS = 1  # sends SendMappings (one-way), from any faulting thread
+ROLE_STREAM = 0  # receives Map / NoMapping / Unmap / Shutdown..., sends SetEager / Detach
+ROLE_REQUESTS = 1  # mappers of earlier releases: SendMappings here (now on the fd socket)
 
 
 @dataclass(frozen=True, slots=True)
