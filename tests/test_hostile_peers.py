@@ -190,7 +190,7 @@ def test_fds_come_only_behind_a_map(manager: RunningManager, via: str) -> None:
 
 def test_requests_on_the_fd_socket_only_after_hello(manager: RunningManager) -> None:
     """Before Hello the fd socket takes no request; after it, requests and acks only (another
-    stream message there is refused)."""
+    stream message there is refused), and no fds with them (closed at once)."""
     with fd_socket(manager) as sock:
         send_message(sock, m.SendMappings(MemoryRange(0, 4096)))
         reply, fds = recv_message(sock)
@@ -201,6 +201,18 @@ def test_requests_on_the_fd_socket_only_after_hello(manager: RunningManager) -> 
         sock.send(encode(m.Detach()))
         reply, _ = recv_message(sock)
         assert isinstance(reply, m.Error) and reply.code == "wrong-channel"
+        smuggled = os.memfd_create("smuggled-with-a-request")
+        try:
+            socket.send_fds(sock, [encode(m.SendMappings(MemoryRange(0, 4096)))], [smuggled])
+            reply, fds = recv_message(sock)
+            assert isinstance(reply, m.Error) and reply.code == "fd-count" and fds == []
+        finally:
+            os.close(smuggled)
+        targets = [
+            os.readlink(f"/proc/{manager.pid}/fd/{fd}")
+            for fd in os.listdir(f"/proc/{manager.pid}/fd")
+        ]
+        assert not [t for t in targets if "smuggled-with-a-request" in t]
     still_serving(manager)
 
 

@@ -174,9 +174,9 @@ class FdServer:
             self._strike(conn, exc.reason, str(exc))
             return
         try:
+            # (what cannot be sent to this mapper drops the connection in _fd_send; anything
+            # else raised here is the daemon's own fault, not the mapper's)
             self._handle_fd_message(conn, msg)
-        except OSError as exc:
-            self._drop_conn(conn, f"cannot send to mapper: {exc}")
         except Exception:
             self.state.rejected["internal"] += 1
             log.exception(

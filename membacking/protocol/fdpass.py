@@ -22,6 +22,7 @@ _CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
 # plain ints: the socket module's flags are IntFlag members, and `int & member` runs the enum's
 # Python-level __rand__
 _MSG_CTRUNC, _MSG_TRUNC = int(socket.MSG_CTRUNC), int(socket.MSG_TRUNC)
+_MSG_NOSIGNAL = int(socket.MSG_NOSIGNAL)
 
 
 class PeerClosed(ConnectionError):
@@ -48,10 +49,13 @@ def send_message(sock: socket.socket, msg: Message, fds: Sequence[int] = ()) -> 
     if len(fds) != msg.FDS:
         raise ValueError(f"{type(msg).__name__} travels with {msg.FDS} fds, not {len(fds)}")
     data = encode(msg)
+    # MSG_NOSIGNAL: a peer gone raises EPIPE, even in a process that does not ignore SIGPIPE
     if fds:
-        socket.send_fds(sock, [data], list(fds))
+        socket.send_fds(sock, [data], list(fds), _MSG_NOSIGNAL)
+    elif sock.type == socket.SOCK_STREAM:
+        sock.sendall(data, _MSG_NOSIGNAL)
     else:
-        sock.sendall(data) if sock.type == socket.SOCK_STREAM else sock.send(data)
+        sock.send(data, _MSG_NOSIGNAL)
 
 
 def close_fds(fds: Sequence[int]) -> None:

@@ -153,7 +153,7 @@ class ManagerMachine(RuleBasedStateMachine):
     @rule(data=st.data(), mapper_id=st.integers(0, 6))
     def fd_message(self, data: st.DataObject, mapper_id: int) -> None:
         """What a registered mapper may send on its fd socket (the daemon calls this only for
-        a connection that said Hello; the mapper may be gone since)."""
+        a connection that said Hello; the mapper may be gone since, or never have existed)."""
         msg = data.draw(
             st.one_of(
                 st.builds(m.SendMappings, ranges),
@@ -163,9 +163,8 @@ class ManagerMachine(RuleBasedStateMachine):
                 st.just(m.Detach()),
             )
         )
-        if mapper_id in self.state.mappers:
-            resend = (mapper_id, msg.mappable_id) if isinstance(msg, m.ResendFd) else None
-            self._feed(self.state.handle_fd_message(mapper_id, msg) or [], resend)
+        resend = (mapper_id, msg.mappable_id) if isinstance(msg, m.ResendFd) else None
+        self._feed(self.state.handle_fd_message(mapper_id, msg) or [], resend)
 
     @rule(data=st.data())
     def answer_pending(self, data: st.DataObject) -> None:
