@@ -92,6 +92,10 @@ class VaMapper:
         #: acks the fd socket had no room for yet, in order (sent when it has: never dropped,
         #: and the mapper thread never waits for room)
         self._acks: collections.deque[m.UnmapAck | m.MapAck] = collections.deque()
+        #: the mapper thread's poller (set while it runs), and whether it still polls the fd
+        #: socket (it stops once that is closed)
+        self._poller: zmq.Poller | None = None
+        self._fd_polled = False
         self._stream_ready = [(self.link.stream, zmq.POLLIN)]  # for a zero-timeout zmq_poll
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stop = False
@@ -112,14 +116,15 @@ class VaMapper:
         self._wake()
 
     def _run(self) -> None:
-        poller = zmq.Poller()
+        poller = self._poller = zmq.Poller()
         poller.register(self.link.stream, zmq.POLLIN)
         # hang-ups only: each fd is read by the Map that needs it, not on a wake-up of its own
+        # (and room, while acks wait for it)
         poller.register(self.link.fd_sock.fileno(), _POLLERR)
+        self._fd_polled = True
         poller.register(self._wake_r, zmq.POLLIN)
         fd_fileno = self.link.fd_sock.fileno()
         stream = self.link.stream
-        fd_watched = _POLLERR  # and _POLLOUT while acks wait for room
         # zmq_poll on the poller's own list: Poller.poll only adds a Python frame around it
         items = poller.sockets
         while not self._stop:
@@ -137,16 +142,15 @@ class VaMapper:
                     self._complete_unmaps()
                 if stream in events:
                     self._drain_stream()  # first: a Shutdown says why the connection ends
-                fd_events = events.get(fd_fileno, 0)
-                if fd_events & _POLLOUT:
-                    self._flush_acks()
-                if fd_events & ~_POLLOUT and (self.gone is not None or self._read_fd_socket()):
-                    # closed (or no longer of use): stop polling it, or poll would never block
-                    poller.unregister(fd_fileno)
-                    fd_watched = 0
-                if fd_watched and bool(self._acks) != bool(fd_watched & _POLLOUT):
-                    fd_watched = _POLLERR | _POLLOUT if self._acks else _POLLERR
-                    poller.modify(fd_fileno, fd_watched)
+                fd_events = events.get(fd_fileno)
+                if fd_events is not None:
+                    if fd_events & _POLLOUT:
+                        self._flush_acks()
+                    if fd_events & ~_POLLOUT and (self.gone is not None or self._read_fd_socket()):
+                        # closed (or no longer of use): stop polling it, or poll would never
+                        # block
+                        poller.unregister(fd_fileno)
+                        self._fd_polled = False
             except zmq.ZMQError as exc:
                 if self._stop:
                     break
@@ -170,20 +174,35 @@ class VaMapper:
     def _acknowledge(self, msg: m.UnmapAck | m.MapAck) -> None:
         """Send an ack on the fd socket (the manager's loop reads it without a ZeroMQ I/O thread
         in between), or queue it behind those still waiting for room."""
+        if self.gone is not None:
+            return  # nobody to tell
+        if not self._acks:
+            try:
+                if self.link.try_send(msg):
+                    return
+            except OSError as exc:  # gone: the fd socket's hang-up says so next
+                log.warning("mapper %d: cannot send %s: %s", self.id, msg, exc.strerror or exc)
+                return
+            self._watch_for_room(True)
         self._acks.append(msg)
-        self._flush_acks()
 
     def _flush_acks(self) -> None:
-        """Send the queued acks, in order, as far as the fd socket has room."""
+        """The fd socket has room: send the queued acks, in order, as far as it goes."""
         acks = self._acks
         try:
             while acks and self.gone is None:
                 if not self.link.try_send(acks[0]):
-                    return  # the poll loop watches for room
+                    return  # still waiting for room
                 acks.popleft()
-        except OSError as exc:  # gone: the fd socket's hang-up says so next
+        except OSError as exc:
             log.warning("mapper %d: cannot send %s: %s", self.id, acks[0], exc.strerror or exc)
         acks.clear()
+        self._watch_for_room(False)
+
+    def _watch_for_room(self, on: bool) -> None:
+        if self._poller is not None and self._fd_polled:
+            fileno = self.link.fd_sock.fileno()
+            self._poller.modify(fileno, _POLLERR | _POLLOUT if on else _POLLERR)
 
     def manager_gone(self, reason: str) -> None:
         """Mapped memory keeps working; new faults fail with ManagerGoneError."""
