@@ -201,6 +201,9 @@ def test_requests_on_the_fd_socket_only_after_hello(manager: RunningManager) -> 
         sock.send(encode(m.Detach()))
         reply, _ = recv_message(sock)
         assert isinstance(reply, m.Error) and reply.code == "wrong-channel"
+        send_message(sock, m.Error("x", "valid here, but neither a request nor an ack"))
+        reply, _ = recv_message(sock)
+        assert isinstance(reply, m.Error) and reply.code == "unexpected"
         smuggled = os.memfd_create("smuggled-with-a-request")
         try:
             socket.send_fds(sock, [encode(m.SendMappings(MemoryRange(0, 4096)))], [smuggled])
