@@ -29,8 +29,8 @@ from ..ffi import MADV_DONTDUMP, Reservation
 from ..protocol import messages as m
 from ..protocol.errors import ProtocolError
 from ..protocol.messages import PRIVATE_MAPPABLE, Message
-from ..protocol.rangemap import RangeMap
 from ..protocol.ranges import MemoryRange
+from .chunks import Chunk, ChunkTable
 from .fds import MapperFds
 from .link import ManagerLink
 from .waitlist import MAP_FAILED, NO_MAPPING, READ_ONLY, WaiterSet
@@ -42,21 +42,6 @@ _POLLOUT, _POLLERR = int(zmq.POLLOUT), int(zmq.POLLERR)
 
 #: faults one access may take before it gives up (each fault maps at least one page it needs)
 MAX_FAULTS = 64
-
-
-class Chunk:
-    """What backs one mapped range of the reservation."""
-
-    __slots__ = ("cow", "file_offset", "mappable_id", "writable")
-
-    def __init__(
-        self, mappable_id: int, file_offset: int, writable: bool, cow: bool = False
-    ) -> None:
-        self.mappable_id = mappable_id
-        self.file_offset = file_offset
-        self.writable = writable
-        #: mapped private and writable under an open writable view; remapped once it closes
-        self.cow = cow
 
 
 class VaMapper:
@@ -71,7 +56,7 @@ class VaMapper:
         self.reservation.set_name(0, self.address_space, "membacking-guest")
         #: the access lock: held for every check-then-copy and for every map or unmap
         self.lock = threading.Lock()
-        self.chunks: RangeMap[Chunk] = RangeMap()
+        self.chunks = ChunkTable()
         #: [start, end, writable] of the chunk last accessed (checked first; reset on unmap)
         self.hot: list[int | bool] = [0, 0, False]
         self.mv = self.reservation.buffer()
@@ -311,18 +296,7 @@ class VaMapper:
 
     def _remove_chunks(self, rng: MemoryRange) -> None:
         """Drop `rng` from the table, keeping the parts of straddling chunks (lock held)."""
-        for crange, chunk in self.chunks.overlapping(rng):
-            self.chunks.remove(crange)
-            for part in crange.subtract(rng):
-                self.chunks.insert(
-                    part,
-                    Chunk(
-                        chunk.mappable_id,
-                        chunk.file_offset + part.start - crange.start,
-                        chunk.writable,
-                        chunk.cow,  # a piece of a private copy is still one: remapped later
-                    ),
-                )
+        self.chunks.cut(rng)
         self.hot[0] = self.hot[1] = 0
 
     def _pinned(self, rng: MemoryRange, for_writing: bool = False) -> bool:
