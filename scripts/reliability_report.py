@@ -25,7 +25,15 @@ def main() -> int:
     env = dict(os.environ, MEMBACKING_RELIABILITY_LOG=str(log))
     started = time.monotonic()
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "tests/reliability", "tests/test_hostile_peers.py"],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "tests/reliability",
+            "tests/test_hostile_peers.py",
+            "tests/test_peer_credentials.py",
+        ],
         cwd=ROOT,
         env=env,
     )
