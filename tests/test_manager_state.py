@@ -297,6 +297,24 @@ def test_mapper_ids_are_never_reused(state: ManagerState) -> None:
     assert second > first
 
 
+def test_role_2_is_the_stream_of_a_mapper_that_uses_the_fd_socket(state: ManagerState) -> None:
+    """Role 2 binds the stream like role 0 (it only tells the manager's release apart, which
+    refuses it when older): Maps go to it, it may not be bound twice, in either role."""
+    state.add_region("a", 0, MiB, False)
+    entry = state.register_mapper("m", 1)
+    assert state.handle_mapper(b"s", m.Attach(entry.id, entry.token, m.ROLE_STREAM_FD)) == [
+        Send(Channel.MAPPER, b"s", m.Attached(m.ROLE_STREAM_FD))
+    ]
+    assert entry.stream == b"s"
+    out = state.handle_fd_message(entry.id, m.SendMappings(rng(0, 1)))
+    assert out is not None and msgs(out, b"s") == [m.Map(rng(0, 1), 1, 0, False)]
+    for role in (m.ROLE_STREAM, m.ROLE_STREAM_FD):
+        again = msgs(state.handle_mapper(b"s2", m.Attach(entry.id, entry.token, role)))
+        assert again[0].code == "already-attached"
+    eager = msgs(state.handle_mapper(b"s", m.SetEager()))  # a stream message, taken
+    assert eager == [m.EagerResult(True, "")]
+
+
 def test_attach_checks_token_role_and_binding(state: ManagerState) -> None:
     entry = state.register_mapper("m", 1)
     bad = state.handle_mapper(b"x", m.Attach(entry.id, b"\0" * 16, 0))

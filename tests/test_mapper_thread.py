@@ -28,9 +28,11 @@ TOKEN = bytes(16)
 
 class ScriptedManager:
     """Registers one mapper (Welcome, then Attached for its stream socket) and then does only
-    what the test says."""
+    what the test says. With `older`, it refuses the stream's role as a manager of an earlier
+    release does."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, older: bool = False) -> None:
+        self.older = older
         paths = RuntimePaths.resolve(root)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.listener.bind(str(paths.fd_socket))
@@ -50,8 +52,12 @@ class ScriptedManager:
         send_message(self.conn, m.Welcome(1, TOKEN, 1 << 30, 4096))
         identity, data = self.router.recv_multipart()
         attach = decode(data, Channel.MAPPER)
-        assert isinstance(attach, m.Attach) and attach.role == m.ROLE_STREAM
+        assert isinstance(attach, m.Attach) and attach.role == m.ROLE_STREAM_FD
         self.stream = identity
+        if self.older:
+            refusal = m.Error("bad-role", "role must be 0 (stream) or 1 (requests)")
+            self.router.send_multipart([identity, encode(refusal)])
+            return
         self.router.send_multipart([identity, encode(m.Attached(attach.role))])
 
     def registered(self) -> None:
@@ -71,6 +77,18 @@ def scripted() -> Iterator[ScriptedManager]:
     manager = ScriptedManager(short_tmpdir())
     yield manager
     manager.close()
+
+
+def test_a_manager_of_an_earlier_release_is_named_at_attach() -> None:
+    """Such a manager would refuse this mapper's requests on the fd socket; it refuses the
+    stream's role first, and attach says what is wrong instead of faults timing out later."""
+    older = ScriptedManager(short_tmpdir(), older=True)
+    try:
+        root = Path(older.listener.getsockname()).parent
+        with pytest.raises(membacking.ManagerUnavailableError, match="of an earlier release"):
+            membacking.attach(root, name="newer", timeout=5.0)
+    finally:
+        older.close()
 
 
 def thread_cpu_seconds(native_id: int) -> float:

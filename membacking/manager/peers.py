@@ -137,18 +137,22 @@ class PeerState(TableState):
         if entry is None or not secrets.compare_digest(entry.token, msg.token):
             self.reject("bad-token", f"Attach for mapper {msg.mapper_id} with a wrong token")
             return [self._error(identity, "bad-token", "unknown mapper id or wrong token")]
-        if msg.role not in (m.ROLE_STREAM, m.ROLE_REQUESTS):
+        if msg.role not in (m.ROLE_STREAM, m.ROLE_REQUESTS, m.ROLE_STREAM_FD):
             self.reject("bad-role", f"Attach with role {msg.role}", entry.pid)
-            return [self._error(identity, "bad-role", "role must be 0 (stream) or 1 (requests)")]
-        current = entry.stream if msg.role == m.ROLE_STREAM else entry.requests
+            return [
+                self._error(identity, "bad-role", "role must be 0 or 2 (stream) or 1 (requests)")
+            ]
+        # role 2 is the stream too: it only says that requests and acks come on the fd socket
+        role = m.ROLE_REQUESTS if msg.role == m.ROLE_REQUESTS else m.ROLE_STREAM
+        current = entry.stream if role == m.ROLE_STREAM else entry.requests
         if current is not None or identity in self._by_identity:
             self.reject("already-attached", f"second role-{msg.role} socket", entry.pid)
             return [self._error(identity, "already-attached", "that role is already bound")]
-        if msg.role == m.ROLE_STREAM:
+        if role == m.ROLE_STREAM:
             entry.stream = identity
         else:
             entry.requests = identity
-        self._by_identity[identity] = (entry.id, msg.role)
+        self._by_identity[identity] = (entry.id, role)
         return [Send(Channel.MAPPER, identity, m.Attached(msg.role))]
 
     def farewell(self, mapper_id: int, reason: str) -> list[Effect]:

@@ -59,7 +59,7 @@ class ManagerLink:
             self.token = welcome.token
             self.address_space = welcome.address_space
             self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-            self.stream = self._attach(m.ROLE_STREAM)
+            self.stream = self._attach(m.ROLE_STREAM_FD)
         except BaseException:
             self.close()
             raise
@@ -142,6 +142,13 @@ class ManagerLink:
             sock.close(0)
             raise AttachError(f"the manager did not answer Attach within {self.timeout:g}s")
         reply = decode(sock.recv(), Channel.MAPPER, sender="manager")
+        if isinstance(reply, m.Error) and reply.code == "bad-role":
+            sock.close(0)
+            raise AttachError(
+                f"the manager at {self.paths.root} is of an earlier release: it does not take "
+                "requests on the fd socket, which this mapper sends there (run a manager of "
+                "this release or later)"
+            )
         if isinstance(reply, m.Error):
             sock.close(0)
             raise AttachError(f"the manager refused the socket: {reply.message}")

@@ -130,6 +130,9 @@ class Error(Message):
 
 ROLE_STREAM = 0  # receives Map / NoMapping / Unmap / Shutdown..., sends SetEager / Detach
 ROLE_REQUESTS = 1  # mappers of earlier releases: SendMappings here (now on the fd socket)
+#: the stream of a mapper that sends its requests and acks on the fd socket (this release): a
+#: manager of an earlier release refuses the role (bad-role), so the mapper learns it at attach
+ROLE_STREAM_FD = 2
 
 
 @dataclass(frozen=True, slots=True)
