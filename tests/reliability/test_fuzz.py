@@ -119,13 +119,16 @@ class ManagerMachine(RuleBasedStateMachine):
                 assert before.msg.mappable_id == effect.msg.mappable_id
                 assert before.identity == self.state.mappers[effect.mapper_id].stream
 
-    @rule(name=st.sampled_from(["m1", "m2", "m3"]))
-    def register(self, name: str) -> None:
+    @rule(
+        name=st.sampled_from(["m1", "m2", "m3"]),
+        stream_role=st.sampled_from([m.ROLE_STREAM, m.ROLE_STREAM_FD]),
+    )
+    def register(self, name: str, stream_role: int) -> None:
         try:
             entry = self.state.register_mapper(name, 1000)
         except Refused:
             return
-        for role in (m.ROLE_STREAM, m.ROLE_REQUESTS):
+        for role in (stream_role, m.ROLE_REQUESTS):
             identity = f"{entry.id}-{role}".encode()
             self._feed(self.state.handle_mapper(identity, m.Attach(entry.id, entry.token, role)))
             self.identities.append(identity)
