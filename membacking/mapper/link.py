@@ -213,12 +213,15 @@ class ManagerLink:
     def recv_fd_message(self, wait: bool) -> tuple[Message, list[int]] | None:
         """The next message on the fd socket (mapper thread only): None if `wait` is false and
         nothing is waiting; with `wait`, raises TimeoutError after the link's timeout."""
-        if wait and not self._fd_poll.poll(self.timeout * 1000):
-            raise TimeoutError(f"nothing arrived within {self.timeout:g}s")
-        try:
-            return recv_message(self.fd_sock, sender="manager")
-        except BlockingIOError:
-            return None
+        while True:
+            try:
+                # tried before waiting: the fd a Map needs has usually overtaken it
+                return recv_message(self.fd_sock, sender="manager")
+            except BlockingIOError:
+                if not wait:
+                    return None
+            if not self._fd_poll.poll(self.timeout * 1000):
+                raise TimeoutError(f"nothing arrived within {self.timeout:g}s")
 
     def close(self) -> None:
         sock = getattr(self, "stream", None)
