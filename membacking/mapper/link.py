@@ -163,24 +163,19 @@ class ManagerLink:
         through an I/O thread at each end first. Waits for room in the socket's buffer for at
         most the link's timeout in all (the lock included), then raises TimeoutError; raises
         OSError if the manager is gone."""
-        data = encode(msg)
         started: float | None = None  # taken only when something has to wait
         if not self._send_lock.acquire(blocking=False):
             started = time.monotonic()
             if not self._send_lock.acquire(timeout=self.timeout):
                 raise self._no_room()
         try:
-            while True:
-                try:
-                    self.fd_sock.send(data, _MSG_NOSIGNAL)
-                    return
-                except BlockingIOError:
-                    pass  # the manager has not read what this mapper sent before: wait for room
+            # no room: the manager has not read what this mapper sent before; wait for it
+            while not self.try_send(msg):
                 if started is None:
                     started = time.monotonic()
                 left = started + self.timeout - time.monotonic()
                 if left <= 0 or not self._room_poll.poll(left * 1000):
-                    raise self._no_room() from None
+                    raise self._no_room()
         finally:
             self._send_lock.release()
 
