@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,53 @@ def test_quick_benchmark_reports_everything(tmp_path: Path) -> None:
     table = result.stdout
     assert "what" in table and "baseline" in table and "target" in table
     assert len([line for line in table.splitlines() if "x  " in line]) >= len(expected)
+
+    # the breakdown of each latency path: measured in the same turns as the main table's rows
+    paths = {b["path"]: b for b in data["breakdown"]}
+    assert list(paths) == [
+        "first fault",
+        "fault, fd already held",
+        "remove, 1 holders (inside)",
+        "remove, 4 holders (inside)",
+        "remove, 16 holders (inside)",
+    ]
+    for name, what in (("first fault", "first fault"), ("fault, fd already held", "fault, fd")):
+        row = next(r for w, r in rows.items() if w.startswith(what))
+        assert paths[name]["membacking"] * 1e6 == pytest.approx(row["ours"])
+        assert paths[name]["baseline"] * 1e6 == pytest.approx(row["baseline"])
+    for b in paths.values():
+        assert all(b[k] > 0 for k in ("baseline", "floor", "thin", "membacking")), b
+        product = b["ratios"]["shape"] * b["ratios"]["manager"] * b["ratios"]["mapper"]
+        assert product == pytest.approx(b["membacking"] / b["baseline"])
+    assert "shape" in table and "thin mapper" in table
+
+
+def test_variants_are_measured_in_turn_with_the_order_rotated() -> None:
+    from membacking.bench.turns import in_turn
+
+    calls: list[str] = []
+
+    def probe(name: str) -> Callable[[], int]:
+        def call() -> int:
+            calls.append(name)
+            return len(calls)
+
+        return call
+
+    samples = in_turn({name: probe(name) for name in "abc"}, 4)
+    assert calls == list("abcbcacababc")
+    assert samples == {"a": [1, 6, 8, 10], "b": [2, 4, 9, 11], "c": [3, 5, 7, 12]}
+
+
+def test_removal_summary_takes_median_times_and_mean_cpu() -> None:
+    from membacking.bench.turns import Removal
+
+    samples = [
+        Removal(1.0, 3.0, 6.0, 2.0),
+        Removal(9.0, 1.0, 0.0, 4.0),
+        Removal(2.0, 2.0, 3.0, 8.0),
+    ]
+    assert Removal.summary(samples) == Removal(2.0, 2.0, 3.0, 4.0)
 
 
 def test_fault_stage_profile_runs(tmp_path: Path) -> None:

@@ -10,19 +10,18 @@ import mmap
 import multiprocessing
 import os
 import socket
-import statistics
 import struct
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from pathlib import Path
+from multiprocessing.process import BaseProcess
 from typing import cast
 
 import zmq
 
-from .procs import cpu_seconds
+from .procs import connect_seqpacket, cpu_seconds, endpoints
+from .turns import Removal
 
 _SPAWN = multiprocessing.get_context("spawn")
 
@@ -38,52 +37,57 @@ def best_of(fn: Callable[[], object], repeat: int, number: int = 1) -> float:
     return best
 
 
-class MemfdPair:
-    """Two mmaps of one memfd (the raw equivalent of two mappers sharing memory)."""
+def timed(fn: Callable[[], object]) -> Callable[[], float]:
+    """A probe: the seconds one call of `fn` takes."""
 
-    def __init__(self, size: int) -> None:
-        self.fd = os.memfd_create("bench-baseline")
-        os.ftruncate(self.fd, size)
-        self.a = mmap.mmap(self.fd, size)
-        self.b = mmap.mmap(self.fd, size)
-        self.va = memoryview(self.a)
-        self.vb = memoryview(self.b)
-        self.va[:] = b"\x01" * size
+    def probe() -> float:
+        started = time.perf_counter()
+        fn()
+        return time.perf_counter() - started
 
-    def close(self) -> None:
-        self.va.release()
-        self.vb.release()
-        self.a.close()
-        self.b.close()
-        os.close(self.fd)
+    return probe
 
 
-def copy_seconds(size: int, repeat: int) -> float:
-    """memoryview copy of `size` bytes from one mmap of a memfd to another."""
-    pair = MemfdPair(size)
-    try:
-        dst = bytearray(size)
-        view = memoryview(dst)
-        seconds = best_of(lambda: view.__setitem__(slice(None), pair.va), repeat)
-        view.release()
-        return seconds
-    finally:
-        pair.close()
+def stop(proc: BaseProcess, timeout: float = 10) -> None:
+    """Wait for a spawned process to exit, killing it after `timeout`."""
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+
+
+@contextlib.contextmanager
+def copy(fd: int, buf: bytearray) -> Iterator[Callable[[], float]]:
+    """A probe: one memoryview copy from an mmap of the memfd `fd` into `buf`, as many bytes as
+    `buf` holds (membacking's side passes its guest RAM and its own buffer, so that both copy
+    the same pages into the same buffer: at 16 MiB, what the caches hold decides a lot)."""
+    with mmap.mmap(fd, len(buf)) as mapped:
+        source = memoryview(mapped)
+        view = memoryview(buf)
+        try:
+            yield timed(lambda: view.__setitem__(slice(None), source))
+        finally:
+            view.release()
+            source.release()
 
 
 def plain_seconds(number: int) -> tuple[float, float]:
-    """(struct.unpack_from, struct.pack_into) of 8 bytes on an mmap, seconds per call."""
-    pair = MemfdPair(1 << 16)
+    """(struct.unpack_from, struct.pack_into) of 8 bytes on an mmap of a memfd, seconds per
+    call."""
+    fd = os.memfd_create("bench-baseline")
     try:
-        mm = pair.a
-        read = best_of(lambda: struct.unpack_from("<Q", mm, 0x100), 5, number)
-        write = best_of(lambda: struct.pack_into("<Q", mm, 0x100, 7), 5, number)
-        return read, write
+        os.ftruncate(fd, 1 << 16)
+        with mmap.mmap(fd, 1 << 16) as mm:
+            mm[0x100:0x108] = b"\x01" * 8
+            read = best_of(lambda: struct.unpack_from("<Q", mm, 0x100), 5, number)
+            write = best_of(lambda: struct.pack_into("<Q", mm, 0x100, 7), 5, number)
+            return read, write
     finally:
-        pair.close()
+        os.close(fd)
 
 
-def _fd_server(path: str, count: int) -> None:
+def _fd_server(path: str) -> None:
+    """Answer each request with a datagram carrying one memfd, until the client hangs up."""
     fd = os.memfd_create("bench-fd")
     os.ftruncate(fd, 4096)
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as server:
@@ -91,144 +95,147 @@ def _fd_server(path: str, count: int) -> None:
         server.listen(1)
         conn, _ = server.accept()
         with conn:
-            for _ in range(count):
-                conn.recv(64)
+            while conn.recv(64):
                 socket.send_fds(conn, [b"y" * 24], [fd])
     os.close(fd)
 
 
-def seqpacket_fd_mmap_seconds(count: int) -> float:
-    """Median of: request over AF_UNIX SEQPACKET, reply carrying one fd, mmap it, read a byte."""
-    directory = tempfile.mkdtemp(prefix="mb-bench-", dir="/tmp")
-    path = os.path.join(directory, "fd.sock")
-    server = _SPAWN.Process(target=_fd_server, args=(path, count), daemon=True)
-    server.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(path) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        samples = []
-        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as client:
-            while True:  # the file exists from bind(); connections are taken from listen()
-                try:
-                    client.connect(path)
-                    break
-                except ConnectionRefusedError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.01)
-            for _ in range(count):
-                started = time.perf_counter()
-                client.send(b"x" * 24)
-                _, fds, _, _ = socket.recv_fds(client, 64, 4)
-                mapped = mmap.mmap(fds[0], 4096)
-                mapped[0]
-                samples.append(time.perf_counter() - started)
-                mapped.close()
-                os.close(fds[0])
-        return statistics.median(samples)
-    finally:
-        server.join(10)
-        Path(path).unlink(missing_ok=True)
-        os.rmdir(directory)
+@contextlib.contextmanager
+def seqpacket_fd_mmap() -> Iterator[Callable[[], float]]:
+    """A probe: a request over AF_UNIX SEQPACKET, a reply carrying one fd, mmap it, read a
+    byte (another process answers)."""
+    with endpoints() as (path, _):
+        server = _SPAWN.Process(target=_fd_server, args=(path,), daemon=True)
+        server.start()
+        client = connect_seqpacket(path)
+
+        def probe() -> float:
+            started = time.perf_counter()
+            client.send(b"x" * 24)
+            _, fds, _, _ = socket.recv_fds(client, 64, 4)
+            mapped = mmap.mmap(fds[0], 4096)
+            mapped[0]
+            seconds = time.perf_counter() - started
+            mapped.close()
+            os.close(fds[0])
+            return seconds
+
+        try:
+            yield probe
+        finally:
+            client.close()
+            stop(server)
 
 
-def _echo_router(endpoint: str, count: int) -> None:
+def _echo_router(endpoint: str) -> None:
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.bind(endpoint)
-    for _ in range(count):
-        router.send_multipart(router.recv_multipart())
+    while True:
+        frames = router.recv_multipart()
+        if frames[1] == b"bye":
+            break
+        router.send_multipart(frames)
     router.close(linger=1000)
     ctx.term()
 
 
-def zmq_round_trip_seconds(count: int) -> float:
-    """Median DEALER -> ROUTER -> DEALER round trip of a 24-byte message between processes."""
-    directory = tempfile.mkdtemp(prefix="mb-bench-", dir="/tmp")
-    endpoint = f"ipc://{directory}/echo"
-    server = _SPAWN.Process(target=_echo_router, args=(endpoint, count + 1), daemon=True)
-    server.start()
-    ctx = zmq.Context()
-    try:
+@contextlib.contextmanager
+def zmq_round_trip() -> Iterator[Callable[[], float]]:
+    """A probe: a DEALER -> ROUTER -> DEALER round trip of a 24-byte message between
+    processes."""
+    with endpoints() as (_, endpoint):
+        server = _SPAWN.Process(target=_echo_router, args=(endpoint,), daemon=True)
+        server.start()
+        ctx = zmq.Context()
         dealer = ctx.socket(zmq.DEALER)
-        dealer.connect(endpoint)
-        dealer.send(b"hello")
-        dealer.recv()  # the server is up
-        samples = []
-        for _ in range(count):
-            started = time.perf_counter()
-            dealer.send(b"x" * 24)
-            dealer.recv()
-            samples.append(time.perf_counter() - started)
-        dealer.close()
-        return statistics.median(samples)
-    finally:
-        ctx.term()
-        server.join(10)
-        for name in os.listdir(directory):
-            os.unlink(os.path.join(directory, name))
-        os.rmdir(directory)
+        try:
+            dealer.connect(endpoint)
+            dealer.send(b"hello")
+            dealer.recv()  # the server is up
+
+            def probe() -> float:
+                started = time.perf_counter()
+                dealer.send(b"x" * 24)
+                dealer.recv()
+                return time.perf_counter() - started
+
+            yield probe
+            dealer.send(b"bye")
+        finally:
+            dealer.close(linger=1000)
+            ctx.term()
+            stop(server)
 
 
-def _ack_dealer(endpoint: str, ready: Connection) -> None:
+def _ack_dealer(endpoint: str, pipe: Connection) -> None:
+    """Ack every message on the DEALER; answer every poke on `pipe` (as a holder answers the
+    touch that precedes each removal)."""
     ctx = zmq.Context()
     dealer = ctx.socket(zmq.DEALER)
     dealer.connect(endpoint)
     dealer.send(b"hi")
-    ready.send(True)
-    while dealer.recv() != b"bye":
-        dealer.send(b"ack")
+    pipe.send(True)
+    poller = zmq.Poller()
+    poller.register(dealer, zmq.POLLIN)
+    poller.register(pipe.fileno(), zmq.POLLIN)
+    while True:
+        ready = dict(poller.poll())
+        if pipe.fileno() in ready:
+            pipe.send(pipe.recv())
+        if dealer in ready:
+            if dealer.recv() == b"bye":
+                break
+            dealer.send(b"ack")
     dealer.close(linger=1000)
     ctx.term()
 
 
+@dataclass
+class _Dealers:
+    router: zmq.Socket[bytes]
+    identities: list[bytes]
+    pids: list[int]
+    pipes: list[Connection]  #: one per DEALER, answering every poke
+
+
 @contextlib.contextmanager
-def _router_with_dealers(
-    name: str, count: int
-) -> Iterator[tuple[zmq.Socket[bytes], list[bytes], list[int]]]:
-    """A ROUTER and `count` DEALER processes that ack every message; yields the ROUTER, the
-    DEALERs' identities and their pids once every one of them is connected. The DEALERs exit
-    only after the block, so no exit is ever measured inside it."""
-    directory = tempfile.mkdtemp(prefix="mb-bench-", dir="/tmp")
-    endpoint = f"ipc://{directory}/{name}"
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.bind(endpoint)
-    procs = []
-    pipes = []
-    identities: list[bytes] = []
-    try:
-        for _ in range(count):
-            parent, child = _SPAWN.Pipe()
-            proc = _SPAWN.Process(target=_ack_dealer, args=(endpoint, child), daemon=True)
-            proc.start()
-            procs.append(proc)
-            pipes.append(parent)
-        identities = [router.recv_multipart()[0] for _ in range(count)]
-        for pipe in pipes:
-            pipe.recv()
-        yield router, identities, [cast(int, proc.pid) for proc in procs]
-    finally:
-        for identity in identities:
-            router.send_multipart([identity, b"bye"])
-        for proc in procs:
-            proc.join(10)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-        router.close()
-        ctx.term()
-        for entry in os.listdir(directory):
-            os.unlink(os.path.join(directory, entry))
-        os.rmdir(directory)
+def _router_with_dealers(count: int) -> Iterator[_Dealers]:
+    """A ROUTER and `count` DEALER processes that ack every message, once every one of them is
+    connected. The DEALERs exit only after the block, so no exit is ever measured inside it."""
+    with endpoints() as (_, endpoint):
+        ctx = zmq.Context()
+        router = ctx.socket(zmq.ROUTER)
+        router.bind(endpoint)
+        procs = []
+        pipes = []
+        identities: list[bytes] = []
+        try:
+            for _ in range(count):
+                parent, child = _SPAWN.Pipe()
+                proc = _SPAWN.Process(target=_ack_dealer, args=(endpoint, child), daemon=True)
+                proc.start()
+                procs.append(proc)
+                pipes.append(parent)
+            identities = [router.recv_multipart()[0] for _ in range(count)]
+            for pipe in pipes:
+                pipe.recv()
+            yield _Dealers(router, identities, [cast(int, proc.pid) for proc in procs], pipes)
+        finally:
+            for identity in identities:
+                router.send_multipart([identity, b"bye"])
+            for proc in procs:
+                stop(proc)
+            router.close()
+            ctx.term()
 
 
 def zmq_parallel_rate(clients: int, per_client: int) -> tuple[float, float]:
     """Round trips per second with `clients` DEALER processes hammering one ROUTER echo, and
     the CPU seconds each round trip cost (the DEALER processes' and this one's)."""
-    with _router_with_dealers("echo", clients) as (router, peers, pids):
-        pids = [os.getpid(), *pids]
+    with _router_with_dealers(clients) as dealers:
+        router, peers = dealers.router, dealers.identities
+        pids = [os.getpid(), *dealers.pids]
         cpu_before = cpu_seconds(pids)
         started = time.perf_counter()
         sent = dict.fromkeys(peers, 1)
@@ -247,27 +254,27 @@ def zmq_parallel_rate(clients: int, per_client: int) -> tuple[float, float]:
     return trips / elapsed, cpu / trips
 
 
-@dataclass
-class Fanout:
-    """A ROUTER sending one message to each of `peers` DEALER processes and taking every ack."""
+@contextlib.contextmanager
+def zmq_fanout(peers: int) -> Iterator[Callable[[], Removal]]:
+    """A probe: poke every DEALER over its pipe (as the removal benchmark has each holder touch
+    the region before it is removed), then time a ROUTER's message to each of `peers` DEALER
+    processes until the last ack."""
+    with _router_with_dealers(peers) as dealers:
+        router, identities, pids = dealers.router, dealers.identities, dealers.pids
 
-    seconds: float  #: median
-    dealer_cpu: float  #: mean CPU seconds per DEALER (every thread of its process)
-    router_cpu: float  #: mean CPU seconds of the ROUTER's process
-
-
-def zmq_fanout(peers: int, rounds: int) -> Fanout:
-    with _router_with_dealers("fanout", peers) as (router, identities, pids):
-        samples = []
-        dealer_cpu = router_cpu = 0.0
-        for _ in range(rounds):
-            dealers_before, router_before = cpu_seconds(pids), cpu_seconds([os.getpid()])
+        def probe() -> Removal:
+            for pipe in dealers.pipes:
+                pipe.send("touch")
+                pipe.recv()
+            before = cpu_seconds(pids), cpu_seconds([os.getpid()])
             started = time.perf_counter()
             for identity in identities:
                 router.send_multipart([identity, b"unmap"])
             for _ in identities:
                 router.recv_multipart()
-            samples.append(time.perf_counter() - started)
-            router_cpu += cpu_seconds([os.getpid()]) - router_before
-            dealer_cpu += cpu_seconds(pids) - dealers_before
-    return Fanout(statistics.median(samples), dealer_cpu / rounds / peers, router_cpu / rounds)
+            seconds = time.perf_counter() - started
+            router_cpu = cpu_seconds([os.getpid()]) - before[1]
+            dealer_cpu = (cpu_seconds(pids) - before[0]) / peers
+            return Removal(seconds, dealer_cpu, router_cpu, seconds)
+
+        yield probe

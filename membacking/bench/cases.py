@@ -1,16 +1,21 @@
 """The membacking side of each benchmark: accesses, views, plain values, faults, removals held
-by N mappers, parallel faulting, faults among 10,000 regions, and the manager's memory.
+by N mappers, parallel faulting, faults among 10,000 regions, and the manager's memory. Most are
+probes (one operation per call) that the runner measures in turn with their baselines.
 """
 
 from __future__ import annotations
 
-import statistics
+import contextlib
+import itertools
+import os
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 
 from ..mapper import attach
-from .baselines import best_of
+from .baselines import best_of, timed
 from .procs import Manager, Mapper, cpu_seconds, manager, rss
+from .thin import ThinMapper
+from .turns import Removal
 
 MiB = 1 << 20
 #: regions used to measure faults start here, 2 MiB apart
@@ -18,10 +23,15 @@ PROBE_BASE = 1 << 32
 PROBE_STEP = 2 * MiB
 
 
-def bulk(size: int, repeat: int) -> dict[str, float]:
-    """Seconds for read_into, write_at and view+copy of `size` bytes of mapped guest memory."""
+@contextlib.contextmanager
+def bulk(size: int) -> Iterator[tuple[dict[str, Callable[[], float]], int, bytearray]]:
+    """Probes: read_into, write_at and view+copy of `size` bytes of mapped guest memory; the fd
+    of that memory (from `sharing()`) and the buffer the probes copy to and from, so that the
+    baseline copies the very same pages into the very same buffer."""
     with manager("--region", f"ram0=0:{size}") as mgr, attach(mgr.dir, name="bench") as memory:
         memory.fill_at(0, 1, size)
+        shared = memory.sharing()
+        assert shared is not None and len(shared) == 1 and shared[0].size == size
         buf = bytearray(size)
         dst = memoryview(buf)
 
@@ -29,13 +39,16 @@ def bulk(size: int, repeat: int) -> dict[str, float]:
             with memory.view(0, size) as view:
                 dst[:] = view
 
-        out = {
-            "read_into": best_of(lambda: memory.read_into(0, buf), repeat),
-            "write_at": best_of(lambda: memory.write_at(0, buf), repeat),
-            "view": best_of(through_view, repeat),
-        }
-        dst.release()
-        return out
+        try:
+            probes = {
+                "read_into": timed(lambda: memory.read_into(0, buf)),
+                "write_at": timed(lambda: memory.write_at(0, buf)),
+                "view": timed(through_view),
+            }
+            yield probes, shared[0].fd, buf
+        finally:
+            dst.release()
+            os.close(shared[0].fd)
 
 
 def plain(number: int) -> tuple[float, float]:
@@ -56,80 +69,85 @@ def _add_probes(mgr: Manager, count: int, prefix: str = "p") -> list[int]:
     return gpas
 
 
-def _median_first_access(mgr: Manager, gpas: list[int]) -> float:
-    """Median seconds of an 8-byte read at each of `gpas`, by one new mapper."""
-    with attach(mgr.dir, name="bench") as memory:
-        memory.read_at(0, 1)  # attached and warm: the first probe is no different
-        samples = []
-        for gpa in gpas:
-            started = time.perf_counter()
-            memory.read_at(gpa, 8)
-            samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
-
-
-def first_fault(count: int) -> float:
-    """Median seconds of a first access to a region never touched (request, fd, mmap, access)."""
-    with manager("--region", "ram0=0:1M") as mgr:
-        gpas = _add_probes(mgr, count)
-        return _median_first_access(mgr, gpas)
-
-
-def fault_with_fd(count: int) -> float:
-    """Median seconds of a fault on a region whose fd the mapper already holds (the region was
-    disabled and enabled again, so the mapper must fault it back in but keeps the fd)."""
-    with manager("--region", "ram0=0:1M") as mgr:
-        gpas = _add_probes(mgr, count)
+@contextlib.contextmanager
+def _reader(mgr: Manager, thin: bool) -> Iterator[Callable[[int], object]]:
+    """A function reading 8 bytes at a GPA through a new mapper: membacking's own, or a thin
+    one (one byte: it reads nothing wider) with `thin`."""
+    if thin:
+        with ThinMapper(mgr.dir, "bench") as mapper:
+            yield mapper.read_at
+    else:
         with attach(mgr.dir, name="bench") as memory:
+            yield lambda gpa: memory.read_at(gpa, 8)
+
+
+@contextlib.contextmanager
+def first_faults(count: int, thin: bool = False, regions: int = 0) -> Iterator[Callable[[], float]]:
+    """A probe (`count` calls at most): a first access to a region never touched (request, fd,
+    mmap, access), by membacking's mapper or (`thin`) the thin one. With `regions`, the manager
+    holds that many regions in all (fillers besides ram0 and the faulted ones)."""
+    args = ["--region", "ram0=0:1M", "--max-regions", str(max(regions, count + 1) + 10)]
+    with manager(*args) as mgr:
+        for i in range(regions - count - 1):
+            mgr.client.add_region(f"f{i}", 4 * MiB + i * 2 * 4096, 4096)
+        gpas = iter(_add_probes(mgr, count))
+        with _reader(mgr, thin) as read:
+            read(0)  # attached and warm: the first probe is no different
+            yield timed(lambda: read(next(gpas)))
+
+
+@contextlib.contextmanager
+def held_faults(count: int, thin: bool = False) -> Iterator[Callable[[], float]]:
+    """A probe: a fault on a region whose fd the mapper already holds (one of `count` regions,
+    disabled and enabled again before each probe, so the mapper must fault it back in but
+    keeps the fd)."""
+    with manager("--region", "ram0=0:1M") as mgr:
+        gpas = _add_probes(mgr, count)
+        with _reader(mgr, thin) as read:
             for gpa in gpas:
-                memory.read_at(gpa, 1)
-            samples = []
-            for i, gpa in enumerate(gpas):
+                read(gpa)
+            turns = itertools.cycle(enumerate(gpas))
+
+            def probe() -> float:
+                i, gpa = next(turns)
                 mgr.client.disable_region(f"p{i}")
                 mgr.client.enable_region(f"p{i}")
                 started = time.perf_counter()
-                memory.read_at(gpa, 8)
-                samples.append(time.perf_counter() - started)
-        return statistics.median(samples)
+                read(gpa)
+                return time.perf_counter() - started
+
+            yield probe
 
 
-@dataclass
-class Removal:
-    """A region removed while `holders` mapper processes hold it, over several rounds."""
-
-    client_seen: float  #: median seconds, as the control client sees the removal
-    inside: float  #: mean seconds inside the manager, from the Unmaps to the last ack
-    mapper_cpu: float  #: mean CPU seconds per holder (every thread of its process)
-    manager_cpu: float  #: mean CPU seconds of the manager (control request and reply included)
-
-
-def removal(holders: int, rounds: int) -> Removal:
-    """Remove a region held by `holders` mapper processes, acks included, `rounds` times."""
+@contextlib.contextmanager
+def removals(holders: int, thin: bool = False) -> Iterator[Callable[[], Removal]]:
+    """A probe: add a region, have each of `holders` mapper processes (membacking's, or thin
+    ones with `thin`) touch it, then remove it; timed by the manager itself, from the request
+    to the last ack."""
     with manager("--region", "ram0=0:1M") as mgr:
-        mappers = [Mapper(mgr.dir, f"m{i}") for i in range(holders)]
+        mappers = [Mapper(mgr.dir, f"m{i}", thin) for i in range(holders)]
         pids = [mapper.pid for mapper in mappers]
+        # The manager's own sum of removal times, read after each removal: each difference is
+        # that removal's time. It is not read just before a removal, so the holders go straight
+        # from their touch to it.
+        total_us = [mgr.client.stats()["invalidation_us_total"]]
+
+        def probe() -> Removal:
+            mgr.client.add_region("victim", PROBE_BASE, 4096)
+            for mapper in mappers:
+                mapper.call("touch", [PROBE_BASE])
+            before = cpu_seconds(pids), cpu_seconds([mgr.pid])
+            started = time.perf_counter()
+            result = mgr.client.remove_region("victim")
+            seen = time.perf_counter() - started
+            holder_cpu = (cpu_seconds(pids) - before[0]) / holders
+            manager_cpu = cpu_seconds([mgr.pid]) - before[1]
+            assert len(result["unmapped_from"]) == holders
+            last, total_us[0] = total_us[0], mgr.client.stats()["invalidation_us_total"]
+            return Removal((total_us[0] - last) / 1e6, holder_cpu, manager_cpu, seen)
+
         try:
-            samples = []
-            inside = mapper_cpu = manager_cpu = 0.0
-            for _ in range(rounds):
-                mgr.client.add_region("victim", PROBE_BASE, 4096)
-                for mapper in mappers:
-                    mapper.call("touch", [PROBE_BASE])
-                before = mgr.client.stats()["invalidation_us_total"]
-                cpu_before = cpu_seconds(pids), cpu_seconds([mgr.pid])
-                started = time.perf_counter()
-                result = mgr.client.remove_region("victim")
-                samples.append(time.perf_counter() - started)
-                mapper_cpu += cpu_seconds(pids) - cpu_before[0]
-                manager_cpu += cpu_seconds([mgr.pid]) - cpu_before[1]
-                inside += (mgr.client.stats()["invalidation_us_total"] - before) / 1e6
-                assert len(result["unmapped_from"]) == holders
-            return Removal(
-                statistics.median(samples),
-                inside / rounds,
-                mapper_cpu / rounds / holders,
-                manager_cpu / rounds,
-            )
+            yield probe
         finally:
             for mapper in mappers:
                 mapper.close()
@@ -156,29 +174,6 @@ def parallel_faults(mappers: int, per_mapper: int) -> tuple[float, float]:
         finally:
             for proc in procs:
                 proc.close()
-
-
-def fault_among(regions: int, probes: int) -> tuple[float, float]:
-    """Median first-fault seconds with `probes` + 1 regions in all (ram0 and the regions
-    faulted), and with `regions` in all (fillers besides): two managers, one mapper on each,
-    faulting in turn, so that the machine's drift during the run falls on both alike."""
-    few_args = ("--region", "ram0=0:1M", "--max-regions", str(probes + 10))
-    many_args = ("--region", "ram0=0:1M", "--max-regions", str(regions + 10))
-    with manager(*few_args) as few, manager(*many_args) as many:
-        for i in range(regions - probes - 1):
-            many.client.add_region(f"f{i}", 4 * MiB + i * 2 * 4096, 4096)
-        gpas = _add_probes(few, probes)
-        _add_probes(many, probes)  # at the same addresses
-        samples: tuple[list[float], list[float]] = ([], [])
-        with attach(few.dir, name="bench") as on_few, attach(many.dir, name="bench") as on_many:
-            on_few.read_at(0, 1)  # attached and warm: the first probe is no different
-            on_many.read_at(0, 1)
-            for gpa in gpas:
-                for memory, out in ((on_few, samples[0]), (on_many, samples[1])):
-                    started = time.perf_counter()
-                    memory.read_at(gpa, 8)
-                    out.append(time.perf_counter() - started)
-    return statistics.median(samples[0]), statistics.median(samples[1])
 
 
 def manager_memory(regions: int, mappers: int) -> dict[str, float]:

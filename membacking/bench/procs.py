@@ -1,5 +1,6 @@
-"""Processes the benchmarks drive: a manager daemon in a subprocess, and mapper processes that
-obey commands over a pipe (spawned, so no ZeroMQ state is inherited across fork).
+"""Processes the benchmarks drive: a manager daemon in a subprocess, mapper processes that obey
+commands over a pipe (spawned, so no ZeroMQ state is inherited across fork), the endpoints raw
+baselines meet on, and every process's CPU clock.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import multiprocessing
 import os
 import select
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +23,31 @@ from typing import Any
 from ..control_client import ControlClient
 
 _SPAWN = multiprocessing.get_context("spawn")
+
+
+@contextlib.contextmanager
+def endpoints() -> Iterator[tuple[str, str]]:
+    """A SEQPACKET path and a ZeroMQ ipc endpoint in a fresh directory, removed afterwards."""
+    directory = tempfile.mkdtemp(prefix="mb-bench-", dir="/tmp")
+    try:
+        yield os.path.join(directory, "fd.sock"), f"ipc://{directory}/stream"
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def connect_seqpacket(path: str, timeout: float = 30.0) -> socket.socket:
+    """Connect a SEQPACKET socket to `path`, waiting for its listener to appear."""
+    deadline = time.monotonic() + timeout
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    while True:
+        try:
+            sock.connect(path)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            if time.monotonic() > deadline:
+                sock.close()
+                raise
+            time.sleep(0.01)
 
 
 class Manager:
@@ -99,12 +126,16 @@ def _mapper_main(runtime_dir: str, name: str, conn: Connection) -> None:
 
 
 class Mapper:
-    """A mapper process driven over a pipe."""
+    """A mapper process driven over a pipe: membacking's own, or a thin one (`thin`)."""
 
-    def __init__(self, runtime_dir: Path, name: str) -> None:
+    def __init__(self, runtime_dir: Path, name: str, thin: bool = False) -> None:
+        from .thin import holder_main
+
         self.conn, child = _SPAWN.Pipe()
         self.proc = _SPAWN.Process(
-            target=_mapper_main, args=(str(runtime_dir), name, child), daemon=True
+            target=holder_main if thin else _mapper_main,
+            args=(str(runtime_dir), name, child),
+            daemon=True,
         )
         self.proc.start()
         child.close()

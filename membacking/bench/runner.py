@@ -6,17 +6,22 @@ performance issue. Nothing here asserts a time: the table is the verdict.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import TextIO, TypeVar
 
-from . import baselines, cases
+from . import baselines, cases, floors
+from .turns import Removal, in_turn, medians
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -31,6 +36,27 @@ class Result:
     met: bool | None
 
 
+@dataclass
+class Breakdown:
+    """One path that misses its target, measured four ways in the same run (seconds)."""
+
+    path: str
+    membacking: float  #: the real manager with membacking's mapper
+    thin: float  #: the real manager with a thin mapper (bench/thin.py)
+    floor: float  #: membacking's hops with the least Python at both ends (bench/floors.py)
+    baseline: float  #: the raw baseline of the main table
+
+    @property
+    def ratios(self) -> dict[str, float]:
+        """shape: floor/baseline; manager: thin/floor; mapper: membacking/thin (their product is
+        membacking/baseline)."""
+        return {
+            "shape": self.floor / self.baseline,
+            "manager": self.thin / self.floor,
+            "mapper": self.membacking / self.thin,
+        }
+
+
 def _result(
     what: str, ours: float, baseline: float, unit: str, better: str, target: float | None
 ) -> Result:
@@ -41,10 +67,16 @@ def _result(
     return Result(what, ours, baseline, unit, ratio, better, target, met)
 
 
-def run(quick: bool, log: Callable[[str], None]) -> list[Result]:
+def _variants(stack: contextlib.ExitStack, **makers: AbstractContextManager[T]) -> dict[str, T]:
+    """Enter every variant's context (the processes it needs) on `stack`."""
+    return {name: stack.enter_context(maker) for name, maker in makers.items()}
+
+
+def run(quick: bool, log: Callable[[str], None]) -> tuple[list[Result], list[Breakdown]]:
     size = (16 if quick else 64) * cases.MiB
     repeat = 5 if quick else 10
     results: list[Result] = []
+    breakdowns: list[Breakdown] = []
 
     def add(result: Result) -> None:
         results.append(result)
@@ -52,18 +84,29 @@ def run(quick: bool, log: Callable[[str], None]) -> list[Result]:
         log(f"  {result.what}: {ours} vs {base}")
 
     log("bulk copies")
-    copy = baselines.copy_seconds(size, repeat)
-    ours = cases.bulk(size, repeat)
+    with cases.bulk(size) as (accesses, fd, buf), baselines.copy(fd, buf) as copy:
+        copies = in_turn({"baseline": copy, **accesses}, repeat)
+    best = {name: min(samples) for name, samples in copies.items()}
     gb = size / 1e9
     for name in ("read_into", "write_at"):
         add(
             _result(
-                f"bulk {name}, {size >> 20} MiB", gb / ours[name], gb / copy, "GB/s", "higher", 0.9
+                f"bulk {name}, {size >> 20} MiB",
+                gb / best[name],
+                gb / best["baseline"],
+                "GB/s",
+                "higher",
+                0.9,
             )
         )
     add(
         _result(
-            f"view() + copy, {size >> 20} MiB", gb / ours["view"], gb / copy, "GB/s", "higher", 1.0
+            f"view() + copy, {size >> 20} MiB",
+            gb / best["view"],
+            gb / best["baseline"],
+            "GB/s",
+            "higher",
+            1.0,
         )
     )
 
@@ -74,53 +117,86 @@ def run(quick: bool, log: Callable[[str], None]) -> list[Result]:
     add(_result("read_plain 8 bytes", read * 1e6, raw_read * 1e6, "us", "lower", 8.0))
     add(_result("write_plain 8 bytes", write * 1e6, raw_write * 1e6, "us", "lower", 8.0))
 
-    log("faults")
+    log("faults, in turn with a floor, a thin mapper and the baseline")
     count = 50 if quick else 200
+    with contextlib.ExitStack() as stack:
+        first = medians(
+            in_turn(
+                _variants(
+                    stack,
+                    membacking=cases.first_faults(count),
+                    thin=cases.first_faults(count, thin=True),
+                    floor=floors.fault(with_fd=True),
+                    baseline=baselines.seqpacket_fd_mmap(),
+                ),
+                count,
+            )
+        )
     add(
         _result(
             "first fault (request, fd, mmap, access)",
-            cases.first_fault(count) * 1e6,
-            baselines.seqpacket_fd_mmap_seconds(count * 4) * 1e6,
+            first["membacking"] * 1e6,
+            first["baseline"] * 1e6,
             "us",
             "lower",
             2.0,
         )
     )
-    zmq_rtt = baselines.zmq_round_trip_seconds(count * 4)
+    with contextlib.ExitStack() as stack:
+        held = medians(
+            in_turn(
+                _variants(
+                    stack,
+                    membacking=cases.held_faults(count),
+                    thin=cases.held_faults(count, thin=True),
+                    floor=floors.fault(with_fd=False),
+                    baseline=baselines.zmq_round_trip(),
+                ),
+                count,
+            )
+        )
     add(
         _result(
             "fault, fd already held",
-            cases.fault_with_fd(count) * 1e6,
-            zmq_rtt * 1e6,
+            held["membacking"] * 1e6,
+            held["baseline"] * 1e6,
             "us",
             "lower",
             1.3,
         )
     )
+    breakdowns.append(Breakdown("first fault", **first))
+    breakdowns.append(Breakdown("fault, fd already held", **held))
 
-    log("removals")
+    log("removals, in turn with a floor, thin holders and the raw fan-out")
     rounds = 5 if quick else 15
     for holders in (1, 4, 16) if quick else (1, 4, 16, 64):
-        removal = cases.removal(holders, rounds)
-        fanout = baselines.zmq_fanout(holders, rounds)
+        with contextlib.ExitStack() as stack:
+            samples = in_turn(
+                _variants(
+                    stack,
+                    membacking=cases.removals(holders),
+                    thin=cases.removals(holders, thin=True),
+                    floor=floors.removal(holders),
+                    baseline=baselines.zmq_fanout(holders),
+                ),
+                rounds,
+            )
+        removal = {name: Removal.summary(values) for name, values in samples.items()}
+        ours, fanout = removal["membacking"], removal["baseline"]
         raw = fanout.seconds * 1e6
         label = f"remove, {holders} holders:"
-        add(_result(f"{label} inside the manager", removal.inside * 1e6, raw, "us", "lower", 1.5))
+        add(_result(f"{label} inside the manager", ours.seconds * 1e6, raw, "us", "lower", 1.5))
         add(
             _result(
-                f"{label} control client's view",
-                removal.client_seen * 1e6,
-                raw,
-                "us",
-                "lower",
-                None,
+                f"{label} control client's view", ours.client_seen * 1e6, raw, "us", "lower", None
             )
         )
         add(
             _result(
                 f"{label} CPU per holder process",
-                removal.mapper_cpu * 1e6,
-                fanout.dealer_cpu * 1e6,
+                ours.holder_cpu * 1e6,
+                fanout.holder_cpu * 1e6,
                 "us",
                 "lower",
                 None,
@@ -129,11 +205,17 @@ def run(quick: bool, log: Callable[[str], None]) -> list[Result]:
         add(
             _result(
                 f"{label} CPU of the manager",
-                removal.manager_cpu * 1e6,
-                fanout.router_cpu * 1e6,
+                ours.server_cpu * 1e6,
+                fanout.server_cpu * 1e6,
                 "us",
                 "lower",
                 None,
+            )
+        )
+        breakdowns.append(
+            Breakdown(
+                f"remove, {holders} holders (inside)",
+                **{name: r.seconds for name, r in removal.items()},
             )
         )
 
@@ -148,16 +230,26 @@ def run(quick: bool, log: Callable[[str], None]) -> list[Result]:
         )
     )
 
-    log("many regions")
+    log("many regions, faulted in turn with few")
     regions = 1000 if quick else 10_000
-    probes = 30 if quick else 100
-    few = probes + 1  # the faulted regions themselves, and ram0
-    one, many = cases.fault_among(regions, probes)
+    probes_count = 30 if quick else 100
+    few = probes_count + 1  # the faulted regions themselves, and ram0
+    with contextlib.ExitStack() as stack:
+        among = medians(
+            in_turn(
+                _variants(
+                    stack,
+                    few=cases.first_faults(probes_count),
+                    many=cases.first_faults(probes_count, regions=regions),
+                ),
+                probes_count,
+            )
+        )
     add(
         _result(
             f"fault latency with {regions} regions vs {few}",
-            many * 1e6,
-            one * 1e6,
+            among["many"] * 1e6,
+            among["few"] * 1e6,
             "us",
             "lower",
             1.2,
@@ -186,7 +278,7 @@ def run(quick: bool, log: Callable[[str], None]) -> list[Result]:
             None,
         )
     )
-    return results
+    return results, breakdowns
 
 
 def _fmt(value: float, unit: str) -> str:
@@ -221,14 +313,43 @@ def table(results: list[Result], out: TextIO) -> None:
             out.write("  ".join("-" * w for w in widths) + "\n")
 
 
+def breakdown_table(rows: list[Breakdown], out: TextIO) -> None:
+    """Where each missed path's time goes: the shape of the service, the manager's code, the
+    mapper's code (ratios multiply to membacking/baseline)."""
+    head = ["path", "baseline", "floor", "thin mapper", "membacking"]
+    head += ["shape", "manager", "mapper"]
+    lines = [head]
+    for row in rows:
+        times = (row.baseline, row.floor, row.thin, row.membacking)
+        lines.append(
+            [row.path]
+            + [_fmt(t * 1e6, "us") for t in times]
+            + [f"{r:.2f}x" for r in row.ratios.values()]
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    for i, line in enumerate(lines):
+        out.write(
+            "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() + "\n"
+        )
+        if i == 0:
+            out.write("  ".join("-" * w for w in widths) + "\n")
+    out.write(
+        "\nfloor: membacking's hops with the least Python at both ends; thin mapper: the real\n"
+        "manager with a mapper doing only what the protocol asks. shape = floor/baseline,\n"
+        "manager = thin/floor, mapper = membacking/thin; they multiply to membacking/baseline.\n"
+    )
+
+
 def main(quick: bool = False, json_path: Path | None = None, out: TextIO = sys.stdout) -> int:
     started = time.time()
-    results = run(quick, lambda line: print(line, file=sys.stderr, flush=True))
+    results, breakdowns = run(quick, lambda line: print(line, file=sys.stderr, flush=True))
     out.write(
         f"\nmembacking benchmark ({'quick' if quick else 'full'}), {os.cpu_count()} cores, "
         f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M')}\n\n"
     )
     table(results, out)
+    out.write("\nwhere the time of the paths with a latency target goes (same run)\n\n")
+    breakdown_table(breakdowns, out)
     if json_path is not None:
         json_path.write_text(
             json.dumps(
@@ -239,6 +360,7 @@ def main(quick: bool = False, json_path: Path | None = None, out: TextIO = sys.s
                     "cores": os.cpu_count(),
                     "python": platform.python_version(),
                     "results": [asdict(r) for r in results],
+                    "breakdown": [{**asdict(b), "ratios": b.ratios} for b in breakdowns],
                 },
                 indent=2,
             )

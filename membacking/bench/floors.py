@@ -1,0 +1,226 @@
+"""Floors: membacking's own hops for a fault and for a removal, made with the least Python that
+can make them and no protocol (both ends raw). Beside the raw baselines they show what the shape
+of the service costs (a request on the fd socket answered on ZeroMQ, the mapper thread's hand-off,
+acks on the fd socket) before any of membacking's own code runs.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import multiprocessing
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection
+
+import zmq
+
+from ..ffi import PAGE_SIZE, Reservation
+from .baselines import stop
+from .procs import connect_seqpacket, cpu_seconds, endpoints
+from .turns import Removal
+
+_SPAWN = multiprocessing.get_context("spawn")
+#: what stands in for a SendMappings, a Map, an FdGrant, an Unmap and an UnmapAck (their sizes)
+_REQUEST, _MAP, _GRANT, _UNMAP, _ACK = b"r" * 8, b"m" * 9, b"g" * 7, b"u" * 10, b"a" * 4
+
+
+# ---- a fault -------------------------------------------------------------------------------
+
+
+def _fault_server(path: str, endpoint: str, with_fd: bool) -> None:
+    """The manager's side: read each request from the fd socket in a zmq_poll loop, answer it
+    on a ROUTER, and push an fd right behind the answer (`with_fd`), until the client hangs up."""
+    memfd = os.memfd_create("bench-floor")
+    os.ftruncate(memfd, PAGE_SIZE)
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind(endpoint)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
+        listener.bind(path)
+        listener.listen(1)
+        conn, _ = listener.accept()
+        with conn:
+            identity, _ = router.recv_multipart()
+            router.send_multipart([identity, b"ready"])
+            items = [(conn.fileno(), zmq.POLLIN)]
+            while True:
+                zmq.zmq_poll(items, -1)
+                if not conn.recv(64):
+                    router.send_multipart([identity, b"stop"])  # ends the mapper thread
+                    break
+                router.send(identity, zmq.SNDMORE)
+                router.send(_MAP)
+                if with_fd:
+                    socket.send_fds(conn, [_GRANT], [memfd])
+    router.close(linger=1000)
+    ctx.term()
+    os.close(memfd)
+
+
+@contextlib.contextmanager
+def fault(with_fd: bool) -> Iterator[Callable[[], float]]:
+    """A probe: a fault made of membacking's hops and little else. The faulting thread sets a
+    gate and sends a request on a SEQPACKET socket; the server answers on ZeroMQ (and pushes an
+    fd behind the answer, `with_fd`); a mapper thread takes the answer (and the fd), maps it
+    MAP_FIXED into a reservation and opens the gate; the faulting thread reads a byte."""
+    with endpoints() as (path, endpoint):
+        server = _SPAWN.Process(target=_fault_server, args=(path, endpoint, with_fd), daemon=True)
+        server.start()
+        ctx = zmq.Context()
+        dealer = ctx.socket(zmq.DEALER)
+        conn = connect_seqpacket(path)
+        reservation = Reservation(16 * PAGE_SIZE)
+        view = reservation.buffer()
+        held = os.memfd_create("bench-floor-held")
+        os.ftruncate(held, PAGE_SIZE)
+        gates: collections.deque[threading.Lock] = collections.deque()
+        thread: threading.Thread | None = None
+
+        def mapper_thread() -> None:
+            items = [(dealer, zmq.POLLIN)]
+            while True:
+                zmq.zmq_poll(items, -1)
+                if dealer.recv(zmq.NOBLOCK) == b"stop":
+                    return
+                fd = socket.recv_fds(conn, 64, 1)[1][0] if with_fd else held
+                reservation.map_fd(0, PAGE_SIZE, fd, 0, True)
+                if with_fd:
+                    os.close(fd)
+                gates.popleft().release()
+
+        def probe() -> float:
+            started = time.perf_counter()
+            gate = threading.Lock()
+            gate.acquire()
+            gates.append(gate)  # registered before the request, as a waiter is
+            conn.send(_REQUEST)
+            gate.acquire()
+            view[0]
+            seconds = time.perf_counter() - started
+            reservation.unmap(0, PAGE_SIZE)
+            return seconds
+
+        try:
+            dealer.connect(endpoint)
+            dealer.send(b"hello")
+            dealer.recv()
+            thread = threading.Thread(target=mapper_thread, daemon=True)
+            thread.start()
+            yield probe
+        finally:
+            conn.close()  # the server says stop to the mapper thread, and exits
+            if thread is not None:
+                thread.join(10)
+            stop(server)
+            dealer.close(linger=0)
+            ctx.term()
+            view.release()
+            reservation.release()
+            os.close(held)
+
+
+# ---- a removal -----------------------------------------------------------------------------
+
+
+def _holder(path: str, endpoint: str, pipe: Connection) -> None:
+    """One holder: maps a page when poked over `pipe` (as membacking's removal benchmark makes
+    its holders fault the region in), and on each message on its DEALER puts the placeholder
+    back and acks on its SEQPACKET socket, in a thread of its own (as the mapper thread does)."""
+    conn = connect_seqpacket(path)
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.connect(endpoint)
+    reservation = Reservation(16 * PAGE_SIZE)
+    memfd = os.memfd_create("bench-floor-holder")
+    os.ftruncate(memfd, PAGE_SIZE)
+
+    def mapper_thread() -> None:
+        items = [(dealer, zmq.POLLIN)]
+        while True:
+            zmq.zmq_poll(items, -1)
+            if dealer.recv(zmq.NOBLOCK) == b"bye":
+                return
+            reservation.unmap(0, PAGE_SIZE)
+            conn.send(_ACK)
+
+    dealer.send(b"hello")
+    thread = threading.Thread(target=mapper_thread, daemon=True)
+    thread.start()
+    pipe.send("ready")
+    while pipe.recv() == "touch":
+        reservation.map_fd(0, PAGE_SIZE, memfd, 0, True)
+        pipe.send("ok")
+    thread.join(10)
+    dealer.close(linger=1000)
+    ctx.term()
+    conn.close()
+    reservation.release()
+    os.close(memfd)
+
+
+@contextlib.contextmanager
+def removal(holders: int) -> Iterator[Callable[[], Removal]]:
+    """A probe: the hops of a removal. Pokes every holder (it maps its page), then times a
+    ROUTER's message to each of `holders` processes until the last ack read from their
+    SEQPACKET sockets."""
+    with endpoints() as (path, endpoint):
+        ctx = zmq.Context()
+        router = ctx.socket(zmq.ROUTER)
+        router.bind(endpoint)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        listener.bind(path)
+        listener.listen(holders)
+        procs, pipes, conns = [], [], []
+        identities: list[bytes] = []
+        try:
+            for _ in range(holders):
+                parent, child = _SPAWN.Pipe()
+                proc = _SPAWN.Process(target=_holder, args=(path, endpoint, child), daemon=True)
+                proc.start()
+                procs.append(proc)
+                pipes.append(parent)
+                conns.append(listener.accept()[0])
+            identities = [router.recv_multipart()[0] for _ in range(holders)]
+            for pipe in pipes:
+                pipe.recv()
+            pids = [p.pid for p in procs if p.pid is not None]
+            items = [(c.fileno(), zmq.POLLIN) for c in conns]
+            by_fileno = {c.fileno(): c for c in conns}
+
+            def probe() -> Removal:
+                for pipe in pipes:
+                    pipe.send("touch")
+                    pipe.recv()
+                before = cpu_seconds(pids), cpu_seconds([os.getpid()])
+                started = time.perf_counter()
+                for identity in identities:
+                    router.send(identity, zmq.SNDMORE)
+                    router.send(_UNMAP)
+                left = holders
+                while left:
+                    for fileno, _ in zmq.zmq_poll(items, -1):
+                        by_fileno[fileno].recv(64)
+                        left -= 1
+                seconds = time.perf_counter() - started
+                server_cpu = cpu_seconds([os.getpid()]) - before[1]
+                holder_cpu = (cpu_seconds(pids) - before[0]) / holders
+                return Removal(seconds, holder_cpu, server_cpu, seconds)
+
+            yield probe
+        finally:
+            for identity in identities:
+                router.send_multipart([identity, b"bye"])
+            for pipe in pipes:
+                with contextlib.suppress(OSError):
+                    pipe.send("quit")
+            for proc in procs:
+                stop(proc)
+            for conn in conns:
+                conn.close()
+            listener.close()
+            router.close()
+            ctx.term()
