@@ -34,10 +34,12 @@ _U64_LIMIT = 1 << 64
 
 
 class _Plan:
-    """How one message class travels: built once per class, so encoding and decoding do no
-    per-field dispatch on the field kinds."""
+    """How one message class travels: built once per class. `flatten` and `build` are functions
+    generated for the class from its fields, with every check of the hot kinds (u64, bool,
+    range, ids) written out inline: no call per field. A message that fails an inline check is
+    handed to `build_checked`, the field-by-field builder, which raises the precise error."""
 
-    __slots__ = ("cls", "fields", "wide", "wire_len")
+    __slots__ = ("build", "cls", "fields", "flatten", "wire_len")
 
     def __init__(self, cls: type[Message]) -> None:
         self.cls = cls
@@ -45,27 +47,13 @@ class _Plan:
         self.fields = tuple(
             (name, kind, _CHECKS[kind], f"{cls.__name__}.{name}") for name, kind in cls.FIELDS
         )
-        #: any field that is not one wire value as it is (ranges, id lists)
-        self.wide = any(kind in (Kind.RANGE, Kind.IDS) for _, kind in cls.FIELDS)
         self.wire_len = 2 + sum(2 if kind is Kind.RANGE else 1 for _, kind in cls.FIELDS)
+        self.flatten: Callable[[Message], list[Any]] = self._compile_flatten()
+        self.build: Callable[[list[Any]], Message] = self._compile_build()
 
-    def flatten(self, msg: Message) -> list[Any]:
-        out: list[Any] = [PROTOCOL_VERSION, self.cls.TYPE]
-        if not self.wide:
-            out.extend([getattr(msg, name) for name, *_ in self.fields])
-            return out
-        for name, kind, _, _ in self.fields:
-            value = getattr(msg, name)
-            if kind is Kind.RANGE:
-                out.append(value.start)
-                out.append(value.end - value.start)
-            elif kind is Kind.IDS:
-                out.append(list(value))
-            else:
-                out.append(value)
-        return out
-
-    def build(self, items: list[Any]) -> Message:
+    def build_checked(self, items: list[Any]) -> Message:
+        """Check each field in wire order with its checker (raising ProtocolError for the first
+        that fails) and build the message."""
         args = []
         pos = 2
         for _, kind, check, label in self.fields:
@@ -76,6 +64,76 @@ class _Plan:
                 args.append(check(items[pos], label))
                 pos += 1
         return self.cls(*args)
+
+    def _compile_flatten(self) -> Callable[[Message], list[Any]]:
+        lines = []
+        out = [str(PROTOCOL_VERSION), str(self.cls.TYPE)]
+        for name, kind, _, _ in self.fields:
+            if kind is Kind.RANGE:
+                lines.append(f"    {name} = msg.{name}")
+                out += [f"{name}[0]", f"{name}[1] - {name}[0]"]
+            elif kind is Kind.IDS:
+                out.append(f"list(msg.{name})")
+            else:
+                out.append(f"msg.{name}")
+        body = "\n".join([*lines, f"    return [{', '.join(out)}]"])
+        return self._compile(f"def flatten(msg):\n{body}\n", "flatten", {})
+
+    def _compile_build(self) -> Callable[[list[Any]], Message]:
+        """items has the right length here (decode checked it)."""
+        env: dict[str, Any] = {
+            "_cls": self.cls,
+            "_new": tuple.__new__,
+            "_Range": MemoryRange,
+            "_slow": self.build_checked,
+            "_L": _U64_LIMIT,
+            "_PM": PAGE_MASK,
+            "_MAX": MAX_ADDRESS,
+            "_MAX_IDS": MAX_RELEASE_IDS,
+        }
+        lines, checks, args = [], [], []
+        pos = 2
+        for i, (_, kind, check, label) in enumerate(self.fields):
+            v = f"v{pos}"
+            lines.append(f"    {v} = items[{pos}]")
+            if kind is Kind.RANGE:
+                z = f"v{pos + 1}"
+                lines.append(f"    {z} = items[{pos + 1}]")
+                checks.append(
+                    f"type({v}) is int and type({z}) is int and 0 <= {v} < _L and 0 < {z} < _L"
+                    f" and not ({v} | {z}) & _PM and {v} + {z} <= _MAX"
+                )
+                args.append(f"_new(_Range, ({v}, {v} + {z}))")
+                pos += 2
+                continue
+            if kind is Kind.U64:
+                checks.append(f"type({v}) is int and 0 <= {v} < _L")
+                args.append(v)
+            elif kind is Kind.BOOL:
+                checks.append(f"type({v}) is bool")
+                args.append(v)
+            elif kind is Kind.IDS:
+                checks.append(
+                    f"type({v}) is list and len({v}) <= _MAX_IDS"
+                    f" and all(type(x) is int and 0 <= x < _L for x in {v})"
+                )
+                args.append(f"tuple({v})")
+            else:  # the rarer kinds keep their checker, which raises the precise error itself
+                env[f"_check{i}"], env[f"_label{i}"] = check, label
+                args.append(f"_check{i}({v}, _label{i})")
+            pos += 1
+        lines.append(f"    if {' and '.join(checks) or 'True'}:")
+        lines.append(f"        return _cls({', '.join(args)})")
+        lines.append("    return _slow(items)")
+        return self._compile("def build(items):\n" + "\n".join(lines) + "\n", "build", env)
+
+    def _compile(self, source: str, name: str, env: dict[str, Any]) -> Callable[..., Any]:
+        # The source is made from this module's own field tables (class and field names that
+        # are Python identifiers), never from anything received.
+        code = compile(source, f"<membacking codec: {self.cls.__name__}.{name}>", "exec")
+        exec(code, env)
+        fn: Callable[..., Any] = env[name]
+        return fn
 
 
 def encode(msg: Message) -> bytes:
