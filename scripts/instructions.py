@@ -4,7 +4,8 @@ Times on this machine move 3x between runs; instruction counts repeat to within 
 percent, so a change to the Python on a fault's path is judged here first. Each round adds a
 4 KiB region, has one mapper fault it in, and removes it (the Unmap acknowledged). The manager
 and the mapper each run under `valgrind --tool=callgrind`, counted only over the measured
-rounds.
+rounds. With `--thin` the mapper is the benchmark's thin one (membacking/bench/thin.py): the
+same rounds with the least mapper code the protocol allows, to tell membacking's share.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from membacking.control_client import ControlClient
@@ -26,17 +28,26 @@ GPA = 1 << 32
 ADDRESS_SPACE = "8G"
 
 
-def _mapper_child(runtime_dir: str) -> None:
+def _mapper_child(runtime_dir: str, thin: bool) -> None:
     """Attach, then fault GPA in on each `read` line from stdin, answering `ok`."""
     from membacking import attach
+    from membacking.bench.thin import ThinMapper
 
-    with attach(runtime_dir, name="counted", timeout=120, fault_timeout=120) as memory:
+    if thin:
+        with ThinMapper(runtime_dir, "counted") as mapper:
+            _serve(lambda: mapper.read_at(GPA))
+    else:
+        with attach(runtime_dir, name="counted", timeout=120, fault_timeout=120) as memory:
+            _serve(lambda: memory.read_at(GPA, 1))
+
+
+def _serve(read: Callable[[], object]) -> None:
+    print("ok", flush=True)
+    for line in sys.stdin:
+        if line.strip() == "quit":
+            break
+        read()
         print("ok", flush=True)
-        for line in sys.stdin:
-            if line.strip() == "quit":
-                break
-            memory.read_at(GPA, 1)
-            print("ok", flush=True)
 
 
 def _callgrind(out: Path, *command: str) -> list[str]:
@@ -61,7 +72,7 @@ def _total(out: Path) -> int:
     raise RuntimeError(f"no instruction total in {out}")
 
 
-def count(rounds: int, warmup: int = 10) -> dict[str, float]:
+def count(rounds: int, thin: bool = False, warmup: int = 10) -> dict[str, float]:
     work = Path(tempfile.mkdtemp(prefix="mb-instr-", dir="/tmp"))
     runtime = work / "run"
     manager_out, mapper_out = work / "manager.out", work / "mapper.out"
@@ -86,7 +97,13 @@ def count(rounds: int, warmup: int = 10) -> dict[str, float]:
             raise RuntimeError("the manager did not start under valgrind")
         client = ControlClient(runtime, timeout=120)
         mapper = subprocess.Popen(
-            _callgrind(mapper_out, sys.executable, __file__, "--mapper-child", str(runtime)),
+            _callgrind(
+                mapper_out,
+                sys.executable,
+                __file__,
+                "--thin-child" if thin else "--mapper-child",
+                str(runtime),
+            ),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -135,22 +152,25 @@ def count(rounds: int, warmup: int = 10) -> dict[str, float]:
 
 
 def main() -> int:
-    if len(sys.argv) == 3 and sys.argv[1] == "--mapper-child":
-        _mapper_child(sys.argv[2])
+    if len(sys.argv) == 3 and sys.argv[1] in ("--mapper-child", "--thin-child"):
+        _mapper_child(sys.argv[2], thin=sys.argv[1] == "--thin-child")
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=200, help="rounds counted (default 200)")
     parser.add_argument("--json", type=Path, help="also write the counts to this file")
+    parser.add_argument(
+        "--thin", action="store_true", help="count the benchmark's thin mapper instead"
+    )
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("instructions.py needs valgrind (with callgrind_control) on PATH", file=sys.stderr)
         return 2
-    result = count(args.rounds)
+    result = count(args.rounds, args.thin)
     print(f"instructions per round of add region, fault, remove ({args.rounds} rounds counted)")
     print(f"  manager   {result['manager_per_round']:>12,.0f}")
-    print(f"  mapper    {result['mapper_per_round']:>12,.0f}")
+    print(f"  mapper    {result['mapper_per_round']:>12,.0f}{'  (thin)' if args.thin else ''}")
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
