@@ -31,9 +31,10 @@ ADDRESS_SPACE = "8G"
 def _mapper_child(runtime_dir: str, thin: bool) -> None:
     """Attach, then fault GPA in on each `read` line from stdin, answering `ok`."""
     from membacking import attach
-    from membacking.bench.thin import ThinMapper
 
     if thin:
+        from membacking.bench.thin import ThinMapper
+
         with ThinMapper(runtime_dir, "counted") as mapper:
             _serve(lambda: mapper.read_at(GPA))
     else:

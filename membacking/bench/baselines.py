@@ -49,7 +49,7 @@ def timed(fn: Callable[[], object]) -> Callable[[], float]:
 
 
 def stop(proc: BaseProcess, timeout: float = 10) -> None:
-    """Wait for a spawned process to exit, killing it after `timeout`."""
+    """Wait for a spawned process to exit, killing it after `timeout` seconds."""
     proc.join(timeout)
     if proc.is_alive():
         proc.kill()
@@ -107,7 +107,11 @@ def seqpacket_fd_mmap() -> Iterator[Callable[[], float]]:
     with endpoints() as (path, _):
         server = _SPAWN.Process(target=_fd_server, args=(path,), daemon=True)
         server.start()
-        client = connect_seqpacket(path)
+        try:
+            client = connect_seqpacket(path)
+        except BaseException:
+            stop(server, 0)
+            raise
 
         def probe() -> float:
             started = time.perf_counter()
@@ -123,7 +127,7 @@ def seqpacket_fd_mmap() -> Iterator[Callable[[], float]]:
         try:
             yield probe
         finally:
-            client.close()
+            client.close()  # the server's loop ends
             stop(server)
 
 
@@ -141,9 +145,11 @@ def _echo_router(endpoint: str) -> None:
 
 
 @contextlib.contextmanager
-def zmq_round_trip() -> Iterator[Callable[[], float]]:
+def zmq_round_trip(warm: bool = False) -> Iterator[Callable[[], float]]:
     """A probe: a DEALER -> ROUTER -> DEALER round trip of a 24-byte message between
-    processes."""
+    processes. With `warm`, an untimed round trip runs first (as membacking's probe of a held
+    fault has the manager and the mapper thread handle a disable and an enable just before the
+    fault it times)."""
     with endpoints() as (_, endpoint):
         server = _SPAWN.Process(target=_echo_router, args=(endpoint,), daemon=True)
         server.start()
@@ -152,9 +158,14 @@ def zmq_round_trip() -> Iterator[Callable[[], float]]:
         try:
             dealer.connect(endpoint)
             dealer.send(b"hello")
-            dealer.recv()  # the server is up
+            if not dealer.poll(30_000):
+                raise RuntimeError("the echo server did not start")
+            dealer.recv()
 
             def probe() -> float:
+                if warm:
+                    dealer.send(b"x" * 24)
+                    dealer.recv()
                 started = time.perf_counter()
                 dealer.send(b"x" * 24)
                 dealer.recv()

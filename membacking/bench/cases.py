@@ -124,8 +124,11 @@ def removals(holders: int, thin: bool = False) -> Iterator[Callable[[], Removal]
     """A probe: add a region, have each of `holders` mapper processes (membacking's, or thin
     ones with `thin`) touch it, then remove it; timed by the manager itself, from the request
     to the last ack."""
-    with manager("--region", "ram0=0:1M") as mgr:
-        mappers = [Mapper(mgr.dir, f"m{i}", thin) for i in range(holders)]
+    with manager("--region", "ram0=0:1M") as mgr, contextlib.ExitStack() as stack:
+        mappers = []
+        for i in range(holders):
+            mappers.append(Mapper(mgr.dir, f"m{i}", thin))
+            stack.callback(mappers[-1].close)
         pids = [mapper.pid for mapper in mappers]
         # The manager's own sum of removal times, read after each removal: each difference is
         # that removal's time. It is not read just before a removal, so the holders go straight
@@ -146,11 +149,7 @@ def removals(holders: int, thin: bool = False) -> Iterator[Callable[[], Removal]
             last, total_us[0] = total_us[0], mgr.client.stats()["invalidation_us_total"]
             return Removal((total_us[0] - last) / 1e6, holder_cpu, manager_cpu, seen)
 
-        try:
-            yield probe
-        finally:
-            for mapper in mappers:
-                mapper.close()
+        yield probe
 
 
 def parallel_faults(mappers: int, per_mapper: int) -> tuple[float, float]:

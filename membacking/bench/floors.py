@@ -26,6 +26,8 @@ from .turns import Removal
 _SPAWN = multiprocessing.get_context("spawn")
 #: what stands in for a SendMappings, a Map, an FdGrant, an Unmap and an UnmapAck (their sizes)
 _REQUEST, _MAP, _GRANT, _UNMAP, _ACK = b"r" * 8, b"m" * 9, b"g" * 7, b"u" * 10, b"a" * 4
+#: seconds any wait may take before the floor gives up (a benchmark error, not a measurement)
+_TIMEOUT = 30.0
 
 
 # ---- a fault -------------------------------------------------------------------------------
@@ -62,23 +64,30 @@ def _fault_server(path: str, endpoint: str, with_fd: bool) -> None:
 
 
 @contextlib.contextmanager
-def fault(with_fd: bool) -> Iterator[Callable[[], float]]:
+def fault(with_fd: bool, warm: bool = False) -> Iterator[Callable[[], float]]:
     """A probe: a fault made of membacking's hops and little else. The faulting thread sets a
     gate and sends a request on a SEQPACKET socket; the server answers on ZeroMQ (and pushes an
     fd behind the answer, `with_fd`); a mapper thread takes the answer (and the fd), maps it
-    MAP_FIXED into a reservation and opens the gate; the faulting thread reads a byte."""
-    with endpoints() as (path, endpoint):
+    MAP_FIXED into a reservation and opens the gate; the faulting thread reads a byte. With
+    `warm`, an untimed fault runs first (as membacking's probe of a held fault has the manager
+    and the mapper thread handle a disable and an enable just before the one it times)."""
+    with endpoints() as (path, endpoint), contextlib.ExitStack() as stack:
         server = _SPAWN.Process(target=_fault_server, args=(path, endpoint, with_fd), daemon=True)
         server.start()
+        stack.callback(stop, server)
         ctx = zmq.Context()
+        stack.callback(ctx.term)
         dealer = ctx.socket(zmq.DEALER)
+        stack.callback(dealer.close, 0)
         conn = connect_seqpacket(path)
         reservation = Reservation(16 * PAGE_SIZE)
+        stack.callback(reservation.release)
         view = reservation.buffer()
+        stack.callback(view.release)
         held = os.memfd_create("bench-floor-held")
+        stack.callback(os.close, held)
         os.ftruncate(held, PAGE_SIZE)
         gates: collections.deque[threading.Lock] = collections.deque()
-        thread: threading.Thread | None = None
 
         def mapper_thread() -> None:
             items = [(dealer, zmq.POLLIN)]
@@ -88,39 +97,39 @@ def fault(with_fd: bool) -> Iterator[Callable[[], float]]:
                     return
                 fd = socket.recv_fds(conn, 64, 1)[1][0] if with_fd else held
                 reservation.map_fd(0, PAGE_SIZE, fd, 0, True)
-                if with_fd:
-                    os.close(fd)
                 gates.popleft().release()
+                if with_fd:
+                    os.close(fd)  # membacking keeps it; the baseline closes it after timing
 
-        def probe() -> float:
+        def one() -> float:
             started = time.perf_counter()
             gate = threading.Lock()
             gate.acquire()
             gates.append(gate)  # registered before the request, as a waiter is
             conn.send(_REQUEST)
-            gate.acquire()
+            if not gate.acquire(timeout=_TIMEOUT):
+                raise RuntimeError("the floor's fault server did not answer")
             view[0]
             seconds = time.perf_counter() - started
             reservation.unmap(0, PAGE_SIZE)
             return seconds
 
-        try:
-            dealer.connect(endpoint)
-            dealer.send(b"hello")
-            dealer.recv()
-            thread = threading.Thread(target=mapper_thread, daemon=True)
-            thread.start()
-            yield probe
-        finally:
-            conn.close()  # the server says stop to the mapper thread, and exits
-            if thread is not None:
-                thread.join(10)
-            stop(server)
-            dealer.close(linger=0)
-            ctx.term()
-            view.release()
-            reservation.release()
-            os.close(held)
+        def probe() -> float:
+            if warm:
+                one()
+            return one()
+
+        dealer.connect(endpoint)
+        dealer.send(b"hello")
+        if not dealer.poll(int(_TIMEOUT * 1000)):
+            raise RuntimeError("the floor's fault server did not start")
+        dealer.recv()
+        thread = threading.Thread(target=mapper_thread, daemon=True)
+        thread.start()
+        # unwound first: the server says stop to the mapper thread when the connection closes
+        stack.callback(thread.join, _TIMEOUT)
+        stack.callback(conn.close)
+        yield probe
 
 
 # ---- a removal -----------------------------------------------------------------------------
@@ -171,7 +180,9 @@ def removal(holders: int) -> Iterator[Callable[[], Removal]]:
         ctx = zmq.Context()
         router = ctx.socket(zmq.ROUTER)
         router.bind(endpoint)
+        router.setsockopt(zmq.RCVTIMEO, int(_TIMEOUT * 1000))  # for the holders' hellos
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        listener.settimeout(_TIMEOUT)
         listener.bind(path)
         listener.listen(holders)
         procs, pipes, conns = [], [], []
@@ -186,7 +197,11 @@ def removal(holders: int) -> Iterator[Callable[[], Removal]]:
                 conns.append(listener.accept()[0])
             identities = [router.recv_multipart()[0] for _ in range(holders)]
             for pipe in pipes:
+                if not pipe.poll(_TIMEOUT):
+                    raise RuntimeError("a floor holder did not start")
                 pipe.recv()
+            for conn in conns:
+                conn.settimeout(None)
             pids = [p.pid for p in procs if p.pid is not None]
             items = [(c.fileno(), zmq.POLLIN) for c in conns]
             by_fileno = {c.fileno(): c for c in conns}
@@ -201,9 +216,13 @@ def removal(holders: int) -> Iterator[Callable[[], Removal]]:
                     router.send(identity, zmq.SNDMORE)
                     router.send(_UNMAP)
                 left = holders
-                while left:
-                    for fileno, _ in zmq.zmq_poll(items, -1):
-                        by_fileno[fileno].recv(64)
+                while left > 0:
+                    ready = zmq.zmq_poll(items, int(_TIMEOUT * 1000))
+                    if not ready:
+                        raise RuntimeError("a floor holder did not ack")
+                    for fileno, _ in ready:
+                        if not by_fileno[fileno].recv(64):
+                            raise RuntimeError("a floor holder went away")
                         left -= 1
                 seconds = time.perf_counter() - started
                 server_cpu = cpu_seconds([os.getpid()]) - before[1]

@@ -74,7 +74,8 @@ def _variants(stack: contextlib.ExitStack, **makers: AbstractContextManager[T]) 
 
 def run(quick: bool, log: Callable[[str], None]) -> tuple[list[Result], list[Breakdown]]:
     size = (16 if quick else 64) * cases.MiB
-    repeat = 5 if quick else 10
+    # turn counts are multiples of the four variants, so each runs in each place equally often
+    repeat = 4 if quick else 12
     results: list[Result] = []
     breakdowns: list[Breakdown] = []
 
@@ -118,7 +119,7 @@ def run(quick: bool, log: Callable[[str], None]) -> tuple[list[Result], list[Bre
     add(_result("write_plain 8 bytes", write * 1e6, raw_write * 1e6, "us", "lower", 8.0))
 
     log("faults, in turn with a floor, a thin mapper and the baseline")
-    count = 50 if quick else 200
+    count = 48 if quick else 200
     with contextlib.ExitStack() as stack:
         first = medians(
             in_turn(
@@ -149,8 +150,8 @@ def run(quick: bool, log: Callable[[str], None]) -> tuple[list[Result], list[Bre
                     stack,
                     membacking=cases.held_faults(count),
                     thin=cases.held_faults(count, thin=True),
-                    floor=floors.fault(with_fd=False),
-                    baseline=baselines.zmq_round_trip(),
+                    floor=floors.fault(with_fd=False, warm=True),
+                    baseline=baselines.zmq_round_trip(warm=True),
                 ),
                 count,
             )
@@ -169,7 +170,7 @@ def run(quick: bool, log: Callable[[str], None]) -> tuple[list[Result], list[Bre
     breakdowns.append(Breakdown("fault, fd already held", **held))
 
     log("removals, in turn with a floor, thin holders and the raw fan-out")
-    rounds = 5 if quick else 15
+    rounds = 4 if quick else 16
     for holders in (1, 4, 16) if quick else (1, 4, 16, 64):
         with contextlib.ExitStack() as stack:
             samples = in_turn(

@@ -69,9 +69,9 @@ class _Plan:
         lines = []
         out = [str(PROTOCOL_VERSION), str(self.cls.TYPE)]
         for name, kind, _, _ in self.fields:
-            if kind is Kind.RANGE:
-                lines.append(f"    {name} = msg.{name}")
-                out += [f"{name}[0]", f"{name}[1] - {name}[0]"]
+            if kind is Kind.RANGE:  # a local of its own: field names may shadow builtins
+                lines.append(f"    r_{name} = msg.{name}")
+                out += [f"r_{name}[0]", f"r_{name}[1] - r_{name}[0]"]
             elif kind is Kind.IDS:
                 out.append(f"list(msg.{name})")
             else:
