@@ -147,9 +147,8 @@ def _echo_router(endpoint: str) -> None:
 @contextlib.contextmanager
 def zmq_round_trip(warm: bool = False) -> Iterator[Callable[[], float]]:
     """A probe: a DEALER -> ROUTER -> DEALER round trip of a 24-byte message between
-    processes. With `warm`, an untimed round trip runs first (as membacking's probe of a held
-    fault has the manager and the mapper thread handle a disable and an enable just before the
-    fault it times)."""
+    processes. With `warm`, an untimed round trip runs just before the timed one (as an
+    untimed fault does in membacking's probe of a fault with the fd held)."""
     with endpoints() as (_, endpoint):
         server = _SPAWN.Process(target=_echo_router, args=(endpoint,), daemon=True)
         server.start()

@@ -98,22 +98,25 @@ def first_faults(count: int, thin: bool = False, regions: int = 0) -> Iterator[C
 
 @contextlib.contextmanager
 def held_faults(count: int, thin: bool = False) -> Iterator[Callable[[], float]]:
-    """A probe: a fault on a region whose fd the mapper already holds (one of `count` regions,
-    disabled and enabled again before each probe, so the mapper must fault it back in but
-    keeps the fd)."""
-    with manager("--region", "ram0=0:1M") as mgr:
-        gpas = _add_probes(mgr, count)
+    """A probe: a fault on a region whose fd the mapper already holds: two of `count` pairs of
+    regions are disabled and enabled again (so the mapper must fault them back in but keeps
+    their fds), the first is faulted in untimed and the second timed, so that the path has just
+    run, as the floor's and the baseline's warm probes have."""
+    with manager("--region", "ram0=0:1M", "--max-regions", str(2 * count + 10)) as mgr:
+        gpas = _add_probes(mgr, 2 * count)
         with _reader(mgr, thin) as read:
             for gpa in gpas:
                 read(gpa)
-            turns = itertools.cycle(enumerate(gpas))
+            pairs = itertools.cycle(range(0, 2 * count, 2))
 
             def probe() -> float:
-                i, gpa = next(turns)
-                mgr.client.disable_region(f"p{i}")
-                mgr.client.enable_region(f"p{i}")
+                i = next(pairs)
+                for name in (f"p{i}", f"p{i + 1}"):
+                    mgr.client.disable_region(name)
+                    mgr.client.enable_region(name)
+                read(gpas[i])
                 started = time.perf_counter()
-                read(gpa)
+                read(gpas[i + 1])
                 return time.perf_counter() - started
 
             yield probe

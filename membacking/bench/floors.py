@@ -69,8 +69,8 @@ def fault(with_fd: bool, warm: bool = False) -> Iterator[Callable[[], float]]:
     gate and sends a request on a SEQPACKET socket; the server answers on ZeroMQ (and pushes an
     fd behind the answer, `with_fd`); a mapper thread takes the answer (and the fd), maps it
     MAP_FIXED into a reservation and opens the gate; the faulting thread reads a byte. With
-    `warm`, an untimed fault runs first (as membacking's probe of a held fault has the manager
-    and the mapper thread handle a disable and an enable just before the one it times)."""
+    `warm`, an untimed fault runs just before the timed one (as in membacking's probe of a
+    fault with the fd held)."""
     with endpoints() as (path, endpoint), contextlib.ExitStack() as stack:
         server = _SPAWN.Process(target=_fault_server, args=(path, endpoint, with_fd), daemon=True)
         server.start()
