@@ -67,9 +67,11 @@ def _result(
     return Result(what, ours, baseline, unit, ratio, better, target, met)
 
 
-def _variants(stack: contextlib.ExitStack, **makers: AbstractContextManager[T]) -> dict[str, T]:
-    """Enter every variant's context (the processes it needs) on `stack`."""
-    return {name: stack.enter_context(maker) for name, maker in makers.items()}
+def _in_turn(turns: int, **variants: AbstractContextManager[Callable[[], T]]) -> dict[str, list[T]]:
+    """Set up every variant (the processes it needs), run their probes in turn, take them down."""
+    with contextlib.ExitStack() as stack:
+        probes = {name: stack.enter_context(variant) for name, variant in variants.items()}
+        return in_turn(probes, turns)
 
 
 def run(quick: bool, log: Callable[[str], None]) -> tuple[list[Result], list[Breakdown]]:
@@ -120,19 +122,15 @@ def run(quick: bool, log: Callable[[str], None]) -> tuple[list[Result], list[Bre
 
     log("faults, in turn with a floor, a thin mapper and the baseline")
     count = 48 if quick else 200
-    with contextlib.ExitStack() as stack:
-        first = medians(
-            in_turn(
-                _variants(
-                    stack,
-                    membacking=cases.first_faults(count),
-                    thin=cases.first_faults(count, thin=True),
-                    floor=floors.fault(with_fd=True),
-                    baseline=baselines.seqpacket_fd_mmap(),
-                ),
-                count,
-            )
+    first = medians(
+        _in_turn(
+            count,
+            membacking=cases.first_faults(count),
+            thin=cases.first_faults(count, thin=True),
+            floor=floors.fault(with_fd=True),
+            baseline=baselines.seqpacket_fd_mmap(),
         )
+    )
     add(
         _result(
             "first fault (request, fd, mmap, access)",
@@ -143,19 +141,15 @@ def run(quick: bool, log: Callable[[str], None]) -> tuple[list[Result], list[Bre
             2.0,
         )
     )
-    with contextlib.ExitStack() as stack:
-        held = medians(
-            in_turn(
-                _variants(
-                    stack,
-                    membacking=cases.held_faults(count),
-                    thin=cases.held_faults(count, thin=True),
-                    floor=floors.fault(with_fd=False, warm=True),
-                    baseline=baselines.zmq_round_trip(warm=True),
-                ),
-                count,
-            )
+    held = medians(
+        _in_turn(
+            count,
+            membacking=cases.held_faults(count),
+            thin=cases.held_faults(count, thin=True),
+            floor=floors.fault(with_fd=False, warm=True),
+            baseline=baselines.zmq_round_trip(warm=True),
         )
+    )
     add(
         _result(
             "fault, fd already held",
@@ -172,17 +166,13 @@ def run(quick: bool, log: Callable[[str], None]) -> tuple[list[Result], list[Bre
     log("removals, in turn with a floor, thin holders and the raw fan-out")
     rounds = 4 if quick else 16
     for holders in (1, 4, 16) if quick else (1, 4, 16, 64):
-        with contextlib.ExitStack() as stack:
-            samples = in_turn(
-                _variants(
-                    stack,
-                    membacking=cases.removals(holders),
-                    thin=cases.removals(holders, thin=True),
-                    floor=floors.removal(holders),
-                    baseline=baselines.zmq_fanout(holders),
-                ),
-                rounds,
-            )
+        samples = _in_turn(
+            rounds,
+            membacking=cases.removals(holders),
+            thin=cases.removals(holders, thin=True),
+            floor=floors.removal(holders),
+            baseline=baselines.zmq_fanout(holders),
+        )
         removal = {name: Removal.summary(values) for name, values in samples.items()}
         ours, fanout = removal["membacking"], removal["baseline"]
         raw = fanout.seconds * 1e6
@@ -235,17 +225,13 @@ def run(quick: bool, log: Callable[[str], None]) -> tuple[list[Result], list[Bre
     regions = 1000 if quick else 10_000
     probes_count = 30 if quick else 100
     few = probes_count + 1  # the faulted regions themselves, and ram0
-    with contextlib.ExitStack() as stack:
-        among = medians(
-            in_turn(
-                _variants(
-                    stack,
-                    few=cases.first_faults(probes_count),
-                    many=cases.first_faults(probes_count, regions=regions),
-                ),
-                probes_count,
-            )
+    among = medians(
+        _in_turn(
+            probes_count,
+            few=cases.first_faults(probes_count),
+            many=cases.first_faults(probes_count, regions=regions),
         )
+    )
     add(
         _result(
             f"fault latency with {regions} regions vs {few}",
