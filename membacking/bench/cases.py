@@ -98,10 +98,10 @@ def first_faults(count: int, thin: bool = False, regions: int = 0) -> Iterator[C
 
 @contextlib.contextmanager
 def held_faults(count: int, thin: bool = False) -> Iterator[Callable[[], float]]:
-    """A probe: a fault on a region whose fd the mapper already holds: two of `count` pairs of
-    regions are disabled and enabled again (so the mapper must fault them back in but keeps
-    their fds), the first is faulted in untimed and the second timed, so that the path has just
-    run, as the floor's and the baseline's warm probes have."""
+    """A probe: a fault on a region whose fd the mapper already holds. Each probe takes the next
+    of `count` pairs of regions, disables and enables both (so the mapper must fault them back
+    in but keeps their fds), faults the first in untimed and times the second: the path has
+    just run, as in the floor's and the baseline's warm probes."""
     with manager("--region", "ram0=0:1M", "--max-regions", str(2 * count + 10)) as mgr:
         gpas = _add_probes(mgr, 2 * count)
         with _reader(mgr, thin) as read:
