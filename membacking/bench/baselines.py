@@ -15,13 +15,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
 from typing import cast
 
 import zmq
 
-from .procs import connect_seqpacket, cpu_seconds, endpoints
-from .turns import Removal
+from .procs import connect_seqpacket, cpu_seconds, endpoints, stop
+from .turns import Removal, timed
 
 _SPAWN = multiprocessing.get_context("spawn")
 
@@ -35,25 +34,6 @@ def best_of(fn: Callable[[], object], repeat: int, number: int = 1) -> float:
             fn()
         best = min(best, (time.perf_counter() - started) / number)
     return best
-
-
-def timed(fn: Callable[[], object]) -> Callable[[], float]:
-    """A probe: the seconds one call of `fn` takes."""
-
-    def probe() -> float:
-        started = time.perf_counter()
-        fn()
-        return time.perf_counter() - started
-
-    return probe
-
-
-def stop(proc: BaseProcess, timeout: float = 10) -> None:
-    """Wait for a spawned process to exit, killing it after `timeout` seconds."""
-    proc.join(timeout)
-    if proc.is_alive():
-        proc.kill()
-        proc.join()
 
 
 @contextlib.contextmanager

@@ -12,10 +12,10 @@ import time
 from collections.abc import Callable, Iterator
 
 from ..mapper import attach
-from .baselines import best_of, timed
+from .baselines import best_of
 from .procs import Manager, Mapper, cpu_seconds, manager, rss
 from .thin import ThinMapper
-from .turns import Removal
+from .turns import Removal, timed
 
 MiB = 1 << 20
 #: regions used to measure faults start here, 2 MiB apart

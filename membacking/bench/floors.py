@@ -19,8 +19,7 @@ from multiprocessing.connection import Connection
 import zmq
 
 from ..ffi import PAGE_SIZE, Reservation
-from .baselines import stop
-from .procs import connect_seqpacket, cpu_seconds, endpoints
+from .procs import connect_seqpacket, cpu_seconds, endpoints, stop
 from .turns import Removal
 
 _SPAWN = multiprocessing.get_context("spawn")

@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,14 @@ def connect_seqpacket(path: str, timeout: float = 30.0) -> socket.socket:
                 sock.close()
                 raise
             time.sleep(0.01)
+
+
+def stop(proc: BaseProcess, timeout: float = 10) -> None:
+    """Wait for a spawned process to exit, killing it after `timeout` seconds."""
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
 
 
 class Manager:
