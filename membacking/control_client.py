@@ -27,10 +27,15 @@ class ControlClient:
     """Talks to the manager serving `runtime_dir` (default: see `membacking.runtime`)."""
 
     def __init__(
-        self, runtime_dir: str | os.PathLike[str] | None = None, timeout: float = 10.0
+        self,
+        runtime_dir: str | os.PathLike[str] | None = None,
+        timeout: float = 10.0,
+        long_timeout: float = LONG_TIMEOUT,
     ) -> None:
         self.paths = RuntimePaths.resolve(runtime_dir)
         self.timeout = timeout
+        #: seconds to wait for changes that wait on every affected mapper
+        self.long_timeout = long_timeout
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._local = threading.local()
 
@@ -135,12 +140,12 @@ class ControlClient:
             args["hugetlb"] = True
         if private:
             args["private"] = True
-        result: dict[str, Any] = self.call("add_region", timeout=LONG_TIMEOUT, **args)
+        result: dict[str, Any] = self.call("add_region", timeout=self.long_timeout, **args)
         return result
 
     def remove_region(self, name: str) -> dict[str, Any]:
         """Remove a region; returns after every mapper holding it acknowledged the unmap."""
-        result: dict[str, Any] = self.call("remove_region", timeout=LONG_TIMEOUT, name=name)
+        result: dict[str, Any] = self.call("remove_region", timeout=self.long_timeout, name=name)
         return result
 
     def enable_region(self, name: str, gpa: int | None = None) -> dict[str, Any]:
@@ -148,17 +153,19 @@ class ControlClient:
         args: dict[str, Any] = {"name": name}
         if gpa is not None:
             args["gpa"] = gpa
-        result: dict[str, Any] = self.call("enable_region", timeout=LONG_TIMEOUT, **args)
+        result: dict[str, Any] = self.call("enable_region", timeout=self.long_timeout, **args)
         return result
 
     def disable_region(self, name: str) -> dict[str, Any]:
         """Disable a region: the best region beneath it becomes visible again."""
-        result: dict[str, Any] = self.call("disable_region", timeout=LONG_TIMEOUT, name=name)
+        result: dict[str, Any] = self.call("disable_region", timeout=self.long_timeout, name=name)
         return result
 
     def move_region(self, name: str, gpa: int) -> dict[str, Any]:
         """Move a region to another guest address (contents are kept)."""
-        result: dict[str, Any] = self.call("move_region", timeout=LONG_TIMEOUT, name=name, gpa=gpa)
+        result: dict[str, Any] = self.call(
+            "move_region", timeout=self.long_timeout, name=name, gpa=gpa
+        )
         return result
 
     def map_range(
@@ -179,12 +186,12 @@ class ControlClient:
             args["file_offset"] = file_offset
         if readonly:
             args["readonly"] = True
-        result: dict[str, Any] = self.call("map_range", timeout=LONG_TIMEOUT, **args)
+        result: dict[str, Any] = self.call("map_range", timeout=self.long_timeout, **args)
         return result
 
     def unmap_range(self, name: str, offset: int, size: int) -> dict[str, Any]:
         """Remove [offset, offset+size) of a region's backing (splitting what straddles it)."""
         result: dict[str, Any] = self.call(
-            "unmap_range", timeout=LONG_TIMEOUT, name=name, offset=offset, size=size
+            "unmap_range", timeout=self.long_timeout, name=name, offset=offset, size=size
         )
         return result

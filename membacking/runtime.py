@@ -1,7 +1,8 @@
 """Where a manager's sockets and lock live, shared by the daemon, mappers and the CLI.
 
-The runtime directory is chosen by argument, else $MEMBACKING_RUNTIME_DIR, else
-$XDG_RUNTIME_DIR/membacking, else /tmp/membacking-<uid>.
+One rule for all of them (`choose_runtime_dir`): --runtime-dir, else $MEMBACKING_RUNTIME_DIR,
+else the configuration file's `runtime_dir`, else $XDG_RUNTIME_DIR/membacking, else
+/tmp/membacking-<uid>.
 """
 
 from __future__ import annotations
@@ -16,14 +17,33 @@ ENV_VAR = "MEMBACKING_RUNTIME_DIR"
 MAX_SOCKET_PATH = 107
 
 
-def default_runtime_dir() -> Path:
+#: Environment variable naming the configuration file (as `--config` does).
+CONFIG_ENV_VAR = "MEMBACKING_CONFIG"
+
+
+def choose_runtime_dir(
+    option: str | os.PathLike[str] | None = None,
+    config: str | os.PathLike[str] | None = None,
+) -> tuple[Path, str]:
+    """The runtime directory and where the choice came from, first match wins: the
+    --runtime-dir `option`, $MEMBACKING_RUNTIME_DIR, the configuration file's `config` value,
+    $XDG_RUNTIME_DIR/membacking, /tmp/membacking-<uid>."""
+    if option is not None and os.fspath(option):
+        return Path(option), "--runtime-dir"
     env = os.environ.get(ENV_VAR)
     if env:
-        return Path(env)
+        return Path(env), f"${ENV_VAR}"
+    if config is not None and os.fspath(config):
+        return Path(config), "configuration file"
     xdg = os.environ.get("XDG_RUNTIME_DIR")
     if xdg:
-        return Path(xdg) / "membacking"
-    return Path(f"/tmp/membacking-{os.getuid()}")
+        return Path(xdg) / "membacking", "$XDG_RUNTIME_DIR"
+    return Path(f"/tmp/membacking-{os.getuid()}"), "default"
+
+
+def default_runtime_dir() -> Path:
+    """The runtime directory when neither an option nor a configuration file names one."""
+    return choose_runtime_dir()[0]
 
 
 @dataclass(frozen=True)

@@ -36,12 +36,22 @@ MIN_ADDRESS_SPACE = 1 << 20
 
 def check_address_space(size: int) -> int:
     """A guest address space size a mapper can reserve: page-aligned, 1 MiB to 64 TiB."""
-    if not MIN_ADDRESS_SPACE <= size <= MAX_ADDRESS_SPACE or size % 4096:
+    shown = format_size(size) if size % 4096 == 0 else f"{size} bytes"
+    if size > MAX_ADDRESS_SPACE:
         raise ValueError(
-            f"address space {size:#x} must be a multiple of 4096 from 1 MiB to 64 TiB "
+            f"address space {shown} is more than the 64 TiB limit "
             "(every mapper reserves all of it)"
         )
+    if size < MIN_ADDRESS_SPACE:
+        raise ValueError(f"address space {shown} is less than the 1 MiB minimum")
+    if size % 4096:
+        raise ValueError(f"address space {shown} must be a multiple of 4096")
     return size
+
+
+def plural(count: int, word: str, words: str | None = None) -> str:
+    """`1 byte`, `2 bytes`, `0 holders`: a count with its noun in the right number."""
+    return f"{count} {word if count == 1 else (words or word + 's')}"
 
 
 def check_name(name: str) -> str:

@@ -18,10 +18,20 @@ HEADER = """# CLI reference
 
 Generated from the code by `python scripts/gen_cli_doc.py`; a test fails when it is out of date.
 
-Every command that talks to a daemon takes `--runtime-dir` (default `$MEMBACKING_RUNTIME_DIR`, else
-`$XDG_RUNTIME_DIR/membacking`, else `/tmp/membacking-<uid>`). Sizes and addresses accept decimal,
-`0x` hex and K/M/G/T suffixes (powers of 1024). An operator mistake prints one line on stderr and
-exits with status 1; a usage error exits with status 2.
+Every command that talks to a daemon takes `--runtime-dir` and `--config`. The runtime directory is,
+first match wins: `--runtime-dir`, `$MEMBACKING_RUNTIME_DIR`, the `runtime_dir` of the
+configuration file given by `--config` (or `$MEMBACKING_CONFIG`), `$XDG_RUNTIME_DIR/membacking`,
+`/tmp/membacking-<uid>`; `manager run` follows the same rule. Client commands take `--timeout`
+(seconds to wait for the manager). Sizes and addresses accept decimal, `0x` hex and K/M/G/T
+suffixes (powers of 1024). `-h` is short for `--help` everywhere.
+
+Exit status follows click's convention: 2 for a usage mistake (unknown option, a missing or bad
+value such as a size, name, choice, range or missing file), 1 for what the daemon or the system
+refuses (no daemon, unknown region, overlapping regions, a timeout), 0 otherwise. Either way the
+error is one line on stderr.
+
+Shell completion is click's: `eval "$(_MEMBACKING_COMPLETE=bash_source membacking)"` in `~/.bashrc`
+(`zsh_source` in `~/.zshrc`, `fish_source` for fish); region names complete from the running daemon.
 """
 
 
@@ -38,7 +48,12 @@ def render() -> str:
     for path, command in _walk(cli, ["membacking"]):
         if isinstance(command, click.Group) and len(path) > 1:
             continue
-        ctx = click.Context(command, info_name=" ".join(path), terminal_width=100)
+        ctx = click.Context(
+            command,
+            info_name=" ".join(path),
+            terminal_width=100,
+            help_option_names=["-h", "--help"],
+        )
         title = " ".join(path)
         parts.append(f"\n## `{title}`\n\n```\n{command.get_help(ctx)}\n```\n")
     return "".join(parts)

@@ -91,7 +91,7 @@ def test_mem_dump_and_fill(manager: RunningManager) -> None:
     assert dump[0].endswith("|AAAAAAAAAAAAAAAA|") and dump[1] == "*"
     assert dump[2].startswith("0000000000002060  41 41 41 41 00")
     bad = manager.cli("mem", "fill", "0", "10", "300")
-    assert bad.returncode == 1 and "not a byte value" in bad.stderr
+    assert bad.returncode == 2 and "not a byte value" in bad.stderr
     ro = manager.cli("mem", "fill", "0xfff00000", "1", "1")
     assert ro.returncode == 1 and "read-only" in ro.stderr
 

@@ -18,10 +18,12 @@ from membacking.runtime import RuntimePaths
 from conftest import RunningManager, run_cli, short_tmpdir
 
 
-def assert_clean_error(result: object, fragment: str) -> None:
+def assert_clean_error(result: object, fragment: str, status: int = 1) -> None:
+    """One line on stderr, no traceback, and the exit status: 1 for what the daemon or the
+    system refuses, 2 for a usage mistake (click's convention)."""
     code = result.returncode
     err = result.stderr
-    assert code == 1, (code, err)
+    assert code == status, (code, err)
     assert "Traceback" not in err, err
     assert fragment in err, err
     assert len(err.strip().splitlines()) == 1, err
@@ -176,8 +178,19 @@ def test_region_errors_are_one_clean_line(manager: RunningManager) -> None:
         )
     finally:
         backing.unlink()
-    assert_clean_error(manager.cli("region", "add", "x", "0", "lots"), "invalid size 'lots'")
-    assert_clean_error(manager.cli("region", "add", "bad name", "0x10000000", "4K"), "invalid name")
+    usage = 2
+    assert_clean_error(manager.cli("region", "add", "x", "0", "lots"), "invalid size 'lots'", usage)
+    assert_clean_error(
+        manager.cli("region", "add", "bad name", "0x10000000", "4K"), "invalid name", usage
+    )
+    assert_clean_error(
+        manager.cli("region", "add", "x", "0x10000000", "4K", "--priority", "300"), "300", usage
+    )
+    assert_clean_error(
+        manager.cli("region", "map", "ram0", "0", "4K", "--file", "/nonexistent/x"),
+        "/nonexistent/x",
+        1,  # a file the daemon cannot open is refused by it, not a usage mistake
+    )
 
 
 def test_commands_without_a_daemon_fail_cleanly() -> None:
@@ -204,11 +217,17 @@ def test_commands_without_a_daemon_fail_cleanly() -> None:
 def test_address_space_must_be_one_a_mapper_can_reserve() -> None:
     runtime_dir = short_tmpdir()
     try:
-        for value in ("0", "5K", "0x100001", "128T"):
+        for value, reason in (
+            ("0", "0 B is less than the 1 MiB minimum"),
+            ("5K", "5120 bytes is less than the 1 MiB minimum"),
+            ("0x100001", "1048577 bytes must be a multiple of 4096"),
+            ("128T", "128 TiB is more than the 64 TiB limit"),
+            ("1000T", "1000 TiB is more than the 64 TiB limit"),
+        ):
             result = run_cli(
                 "manager", "run", "--runtime-dir", str(runtime_dir), "--address-space", value
             )
-            assert_clean_error(result, "must be a multiple of 4096 from 1 MiB to 64 TiB")
+            assert_clean_error(result, f"address space {reason}", 2)
     finally:
         shutil.rmtree(runtime_dir)
 
@@ -217,7 +236,7 @@ def test_bad_region_spec_at_startup(tmp_path: Path) -> None:
     result = run_cli(
         "manager", "run", "--runtime-dir", str(short_tmpdir()), "--region", "ram0=0:64Q"
     )
-    assert_clean_error(result, "invalid size '64Q'")
+    assert_clean_error(result, "invalid size '64Q'", 2)
     overlap = run_cli(
         "manager",
         "run",

@@ -55,7 +55,7 @@ def test_mem_errors(manager: RunningManager) -> None:
     usage = manager.cli("mem", "write", "0")
     assert usage.returncode == 2 and "exactly one of --hex or --file" in usage.stderr
     badhex = manager.cli("mem", "write", "0", "--hex", "xyz")
-    assert badhex.returncode == 1 and "'xyz' is not hex bytes" in badhex.stderr
+    assert badhex.returncode == 2 and "'xyz' is not hex bytes" in badhex.stderr
     assert len(badhex.stderr.strip().splitlines()) == 1
 
 
@@ -106,9 +106,9 @@ def test_mapper_attach_bad_prefault(manager: RunningManager) -> None:
     assert result.returncode == 1 and "no region backs GPA 0x80000000" in result.stderr
     assert "Traceback" not in result.stderr
     bad = manager.cli("mapper", "attach", "--prefault", "zero")
-    assert bad.returncode == 1 and "expected GPA:SIZE" in bad.stderr
+    assert bad.returncode == 2 and "expected GPA:SIZE" in bad.stderr
     name = manager.cli("mapper", "attach", "--name", "has space")
-    assert name.returncode == 1 and "invalid name" in name.stderr
+    assert name.returncode == 2 and "invalid name" in name.stderr
 
 
 def test_long_reads_stream_and_check_first(manager: RunningManager, tmp_path: Path) -> None:

@@ -243,23 +243,3 @@ def test_json_logs(tmp_path: Path) -> None:
     assert messages[-1] == "membacking manager stopped"
     (rejection,) = [entry for entry in lines if entry.get("reason") == "malformed"]
     assert rejection["peer_pid"] is None  # JSON null, not the string "None"
-
-
-def test_the_environment_does_not_override_the_config_file(tmp_path: Path) -> None:
-    wanted, ambient = short_tmpdir(), short_tmpdir()
-    config = write(tmp_path, f"runtime_dir = '{wanted}'\n")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "membacking", "manager", "run", "--config", str(config)],
-        env=cli_env(ambient),  # MEMBACKING_RUNTIME_DIR points elsewhere
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        assert f"runtime-dir={wanted} " in proc.stdout.readline()
-    finally:
-        proc.terminate()
-        assert proc.wait(15) == 0
-        for d in (wanted, ambient):
-            d.rmdir()

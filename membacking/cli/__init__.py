@@ -1,7 +1,9 @@
 """The `membacking` command line: run the manager, attach mappers, inspect and change the daemon.
 
-Operator mistakes (no daemon, unknown region, bad size, overlap) end with one line on stderr and
-exit status 1, never a traceback. Each group of commands lives in its own module.
+Exit status follows click's convention: 2 for a usage mistake (unknown option, missing or bad
+value: bad size, name, choice, range, missing file), 1 for everything the daemon or the system
+refuses (no daemon, unknown region, overlap); either way one line on stderr, never a traceback.
+Each group of commands lives in its own module.
 """
 
 from __future__ import annotations
@@ -48,9 +50,9 @@ def main() -> None:
     except click.MissingParameter as exc:  # a usage mistake: keep click's usage hint
         exc.show()
         sys.exit(exc.exit_code)
-    except click.BadParameter as exc:  # a bad value (size, name, spec): one line, like the rest
+    except click.BadParameter as exc:  # a bad value (size, name, spec): one line, status 2
         click.echo(f"Error: {exc.format_message()}", err=True)
-        sys.exit(1)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:  # usage mistakes keep click's usage hint
         exc.show()
         sys.exit(exc.exit_code)

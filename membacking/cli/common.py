@@ -5,16 +5,19 @@ Every command module imports from here; nothing here talks to the manager.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import click
 
 from .. import units
+from ..control_client import ControlClient
 from ..errors import MembackingError
+from ..runtime import CONFIG_ENV_VAR, choose_runtime_dir
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -60,16 +63,74 @@ def spec_callback(
     return callback
 
 
-def runtime_dir_option(fn: F) -> F:
+RUNTIME_DIR_HELP = (
+    "Runtime directory of the manager. First match wins: this option, $MEMBACKING_RUNTIME_DIR, "
+    "the configuration file's runtime_dir, $XDG_RUNTIME_DIR/membacking, /tmp/membacking-<uid>."
+)
+
+
+def runtime_dir_param(fn: F) -> F:
+    """The bare --runtime-dir option (its value is resolved by `runtime.choose_runtime_dir`)."""
     decorated: F = click.option(
         "--runtime-dir",
         type=click.Path(file_okay=False, path_type=Path),
-        envvar="MEMBACKING_RUNTIME_DIR",
         default=None,
-        help="Runtime directory of the manager [env MEMBACKING_RUNTIME_DIR; default "
-        "$XDG_RUNTIME_DIR/membacking, else /tmp/membacking-<uid>].",
+        help=RUNTIME_DIR_HELP,
     )(fn)
     return decorated
+
+
+def config_param(help: str) -> Callable[[F], F]:
+    """--config FILE (or $MEMBACKING_CONFIG): the daemon's TOML configuration file."""
+    return click.option(
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        envvar=CONFIG_ENV_VAR,
+        default=None,
+        help=help + " [env MEMBACKING_CONFIG]",
+    )
+
+
+def client_runtime_dir(option: Path | None, config_path: Path | None) -> Path:
+    """The runtime directory a client command talks to: the same rule as the daemon's."""
+    from ..manager.config import load_config
+
+    from_config = load_config(config_path).get("runtime_dir") if config_path else None
+    return choose_runtime_dir(option, from_config)[0]
+
+
+def runtime_dir_option(fn: F) -> F:
+    """--runtime-dir and --config, passed on to the command as one `runtime_dir` Path."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, config_path: Path | None, **kwargs: Any) -> Any:
+        kwargs["runtime_dir"] = client_runtime_dir(kwargs.get("runtime_dir"), config_path)
+        return fn(*args, **kwargs)
+
+    decorated = config_param(
+        "The daemon's configuration file: use its runtime_dir (see --runtime-dir)."
+    )(wrapper)
+    return runtime_dir_param(cast(F, decorated))
+
+
+def timeout_option(shown: str = "10, or 120 for changes") -> Callable[[F], F]:
+    """--timeout SECONDS: how long a client command waits for the manager (None: the
+    command's own default, described by `shown`)."""
+    return click.option(
+        "--timeout",
+        type=click.FloatRange(min=0.1),
+        default=None,
+        help=f"Seconds to wait for the manager's answer [default: {shown}].",
+    )
+
+
+def control_client(runtime_dir: Path, timeout: float | None) -> ControlClient:
+    """A control client that waits `timeout` seconds for any answer (default: 10 s for
+    questions, longer for changes that wait on every mapper)."""
+    if timeout is None:
+        return ControlClient(runtime_dir)
+    return ControlClient(runtime_dir, timeout=timeout, long_timeout=timeout)
 
 
 def json_option(fn: F) -> F:

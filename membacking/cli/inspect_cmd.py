@@ -9,16 +9,23 @@ import click
 import psutil
 
 from .. import units
-from ..control_client import ControlClient
-from .common import echo_json, json_option, runtime_dir_option, table
+from .common import (
+    control_client,
+    echo_json,
+    json_option,
+    runtime_dir_option,
+    table,
+    timeout_option,
+)
 
 
 @click.command("regions")
 @runtime_dir_option
+@timeout_option()
 @json_option
-def regions_cmd(runtime_dir: Path | None, as_json: bool) -> None:
+def regions_cmd(runtime_dir: Path, timeout: float | None, as_json: bool) -> None:
     """List the regions of guest memory."""
-    regions = ControlClient(runtime_dir).regions()
+    regions = control_client(runtime_dir, timeout).regions()
     if as_json:
         echo_json(regions)
         return
@@ -66,10 +73,11 @@ def _ago(now: float, then: float) -> str:
 
 @click.command("mappers")
 @runtime_dir_option
+@timeout_option()
 @json_option
-def mappers_cmd(runtime_dir: Path | None, as_json: bool) -> None:
+def mappers_cmd(runtime_dir: Path, timeout: float | None, as_json: bool) -> None:
     """List the attached mappers."""
-    mappers = ControlClient(runtime_dir).mappers()
+    mappers = control_client(runtime_dir, timeout).mappers()
     for p in mappers:
         p["process"], p["rss"] = _process(p["pid"])
     if as_json:
@@ -114,10 +122,11 @@ def mappers_cmd(runtime_dir: Path | None, as_json: bool) -> None:
 
 @click.command("stats")
 @runtime_dir_option
+@timeout_option()
 @json_option
-def stats_cmd(runtime_dir: Path | None, as_json: bool) -> None:
+def stats_cmd(runtime_dir: Path, timeout: float | None, as_json: bool) -> None:
     """Show the manager's counters."""
-    stats = ControlClient(runtime_dir).stats()
+    stats = control_client(runtime_dir, timeout).stats()
     if as_json:
         echo_json(stats)
         return

@@ -13,7 +13,7 @@ from click.core import ParameterSource
 
 from .. import units
 from ..manager.state import Limits
-from .common import SIZE, Group, runtime_dir_option, spec_callback
+from .common import SIZE, Group, config_param, runtime_dir_param, spec_callback
 
 
 def _check_address_space(value: int | None) -> int | None:
@@ -25,13 +25,22 @@ def _check_address_space(value: int | None) -> int | None:
         raise click.BadParameter(str(exc)) from None
 
 
+def _check_ids(ctx: click.Context, param: click.Parameter, values: Any) -> Any:
+    from ..manager.config import check_id
+
+    try:
+        return tuple(check_id(v) for v in values)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
 @click.group(cls=Group)
 def manager() -> None:
     """Run the manager daemon."""
 
 
 @manager.command("run")
-@runtime_dir_option
+@runtime_dir_param
 @click.option(
     "--region",
     "regions",
@@ -81,6 +90,7 @@ def manager() -> None:
     "allow_uids",
     type=int,
     multiple=True,
+    callback=_check_ids,
     help="Also accept mappers running as this uid (repeatable; default: own uid, root).",
 )
 @click.option(
@@ -88,6 +98,7 @@ def manager() -> None:
     "allow_gids",
     type=int,
     multiple=True,
+    callback=_check_ids,
     help="Also accept mappers whose primary gid is this (repeatable).",
 )
 @click.option(
@@ -115,13 +126,7 @@ def manager() -> None:
     show_default=True,
     help="Address the metrics endpoint listens on.",
 )
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="TOML file with any of these settings; options given here override it.",
-)
+@config_param("TOML file with any of these settings; options given here override it.")
 @click.pass_context
 def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any) -> None:
     """Run the manager in the foreground until SIGINT or SIGTERM."""
@@ -129,16 +134,21 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
     from ..manager import Daemon, ManagerConfig, RegionSpec
     from ..manager.config import load_config
     from ..manager.errors import Refused
+    from ..runtime import choose_runtime_dir
 
-    if config_path is not None:
-        for key, value in load_config(config_path).items():
-            # only the command line overrides the file (an ambient environment variable does not)
-            if ctx.get_parameter_source(key) in (
-                None,
-                ParameterSource.DEFAULT,
-                ParameterSource.ENVIRONMENT,
-            ):
-                options[key] = value
+    from_file = load_config(config_path) if config_path is not None else {}
+    for key, value in from_file.items():
+        # the command line overrides the file; the runtime directory follows the one rule
+        # every command follows (runtime.choose_runtime_dir)
+        if key != "runtime_dir" and ctx.get_parameter_source(key) in (
+            None,
+            ParameterSource.DEFAULT,
+            ParameterSource.ENVIRONMENT,
+        ):
+            options[key] = value
+    options["runtime_dir"] = choose_runtime_dir(
+        options["runtime_dir"], from_file.get("runtime_dir")
+    )[0]
     logs.configure(options["log_level"], options["log_format"])
     address_space = options["address_space"]
     config = ManagerConfig(

@@ -13,8 +13,7 @@ from typing import Any
 import click
 
 from .. import units
-from ..control_client import ControlClient
-from .common import echo_json, json_option, runtime_dir_option
+from .common import control_client, echo_json, json_option, runtime_dir_option, timeout_option
 
 FULL, PART, NONE = "█", "▒", "·"
 MAX_MAPPER_COLUMNS = 8
@@ -178,6 +177,7 @@ def render_map(
 
 @click.command("map")
 @runtime_dir_option
+@timeout_option()
 @json_option
 @click.option(
     "--rows",
@@ -193,9 +193,9 @@ def render_map(
     show_default=True,
     help="Width of the address-space bar.",
 )
-def map_cmd(runtime_dir: Path | None, as_json: bool, rows: int, width: int) -> None:
+def map_cmd(runtime_dir: Path, timeout: float | None, as_json: bool, rows: int, width: int) -> None:
     """Draw the guest address space: regions, holes, and what each mapper has mapped."""
-    client = ControlClient(runtime_dir)
+    client = control_client(runtime_dir, timeout)
     regions, mappers = client.regions(), client.mappers()
     if as_json:
         echo_json({"regions": regions, "mappers": mappers})

@@ -13,7 +13,14 @@ import click
 
 from .. import units
 from ..protocol.ranges import MemoryRange
-from .common import PROGRESS_STEP, Group, progress, runtime_dir_option, spec_callback
+from .common import (
+    PROGRESS_STEP,
+    Group,
+    progress,
+    runtime_dir_option,
+    spec_callback,
+    timeout_option,
+)
 
 
 @click.group(cls=Group)
@@ -23,6 +30,7 @@ def mapper() -> None:
 
 @mapper.command("attach")
 @runtime_dir_option
+@timeout_option("10")
 @click.option("--name", default=None, help="Mapper name shown by `membacking mappers`.")
 @click.option(
     "--prefault",
@@ -36,7 +44,11 @@ def mapper() -> None:
     "--eager", is_flag=True, help="Be sent every mapping now and every new one when it is added."
 )
 def mapper_attach(
-    runtime_dir: Path | None, name: str | None, prefaults: list[tuple[int, int]], eager: bool
+    runtime_dir: Path,
+    timeout: float | None,
+    name: str | None,
+    prefaults: list[tuple[int, int]],
+    eager: bool,
 ) -> None:
     """Attach a mapper and stay attached until SIGINT or SIGTERM (exit 1 if the manager goes)."""
     from ..mapper import attach
@@ -49,7 +61,7 @@ def mapper_attach(
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    with attach(runtime_dir, name=name, eager=eager) as memory:
+    with attach(runtime_dir, name=name, eager=eager, timeout=timeout or 10.0) as memory:
         for gpa, size in prefaults:
             try:
                 rng = MemoryRange.bounding(gpa, gpa + size)

@@ -11,7 +11,15 @@ from pathlib import Path
 import click
 
 from ..mapper import GuestMemory, attach
-from .common import ADDRESS, PROGRESS_STEP, SIZE, Group, progress, runtime_dir_option
+from .common import (
+    ADDRESS,
+    PROGRESS_STEP,
+    SIZE,
+    Group,
+    progress,
+    runtime_dir_option,
+    timeout_option,
+)
 
 
 @click.group(cls=Group)
@@ -24,6 +32,7 @@ def mem() -> None:
 
 @mem.command("read")
 @runtime_dir_option
+@timeout_option("10")
 @click.argument("gpa", type=ADDRESS)
 @click.argument("length", type=SIZE)
 @click.option(
@@ -34,9 +43,9 @@ def mem() -> None:
     show_default=True,
     help="Hex digits on one line, or the raw bytes.",
 )
-def mem_read(runtime_dir: Path | None, gpa: int, length: int, fmt: str) -> None:
+def mem_read(runtime_dir: Path, timeout: float | None, gpa: int, length: int, fmt: str) -> None:
     """Read LENGTH bytes at guest address GPA."""
-    with attach(runtime_dir, name="cli-mem-read") as memory:
+    with attach(runtime_dir, name="cli-mem-read", timeout=timeout or 10.0) as memory:
         chunks = _read_chunks(memory, gpa, length, "reading")
         if fmt == "raw":
             for chunk in chunks:
@@ -65,6 +74,7 @@ def _read_chunks(memory: GuestMemory, gpa: int, length: int, verb: str) -> Itera
 
 @mem.command("write")
 @runtime_dir_option
+@timeout_option("10")
 @click.argument("gpa", type=ADDRESS)
 @click.option("--hex", "hex_data", default=None, help="Bytes to write, as hex digits.")
 @click.option(
@@ -74,7 +84,9 @@ def _read_chunks(memory: GuestMemory, gpa: int, length: int, verb: str) -> Itera
     default=None,
     help="Write the contents of this file.",
 )
-def mem_write(runtime_dir: Path | None, gpa: int, hex_data: str | None, path: Path | None) -> None:
+def mem_write(
+    runtime_dir: Path, timeout: float | None, gpa: int, hex_data: str | None, path: Path | None
+) -> None:
     """Write bytes at guest address GPA."""
     if (hex_data is None) == (path is None):
         raise click.UsageError("give exactly one of --hex or --file")
@@ -87,7 +99,7 @@ def mem_write(runtime_dir: Path | None, gpa: int, hex_data: str | None, path: Pa
                 f"{hex_data!r} is not hex bytes: give pairs of digits 0-9, a-f (e.g. cafe01)",
                 param_hint="--hex",
             ) from None
-    with attach(runtime_dir, name="cli-mem-write") as memory:
+    with attach(runtime_dir, name="cli-mem-write", timeout=timeout or 10.0) as memory:
         if hex_data is not None:
             memory.write_at(gpa, data)
             total = len(data)
@@ -131,26 +143,28 @@ def hexdump(gpa: int, chunks: Iterable[bytes]) -> Iterator[str]:
 
 @mem.command("dump")
 @runtime_dir_option
+@timeout_option("10")
 @click.argument("gpa", type=ADDRESS)
 @click.argument("length", type=SIZE)
-def mem_dump(runtime_dir: Path | None, gpa: int, length: int) -> None:
+def mem_dump(runtime_dir: Path, timeout: float | None, gpa: int, length: int) -> None:
     """Show LENGTH bytes at guest address GPA as a hexdump (addresses, hex, ASCII)."""
-    with attach(runtime_dir, name="cli-mem-dump") as memory:
+    with attach(runtime_dir, name="cli-mem-dump", timeout=timeout or 10.0) as memory:
         for line in hexdump(gpa, _read_chunks(memory, gpa, length, "dumping")):
             click.echo(line)
 
 
 @mem.command("fill")
 @runtime_dir_option
+@timeout_option("10")
 @click.argument("gpa", type=ADDRESS)
 @click.argument("length", type=SIZE)
 @click.argument("byte", type=ADDRESS)
-def mem_fill(runtime_dir: Path | None, gpa: int, length: int, byte: int) -> None:
+def mem_fill(runtime_dir: Path, timeout: float | None, gpa: int, length: int, byte: int) -> None:
     """Set LENGTH bytes at guest address GPA to BYTE (0-255)."""
     if not 0 <= byte <= 255:
         raise click.BadParameter(f"{byte} is not a byte value (0-255)", param_hint="BYTE")
     with (
-        attach(runtime_dir, name="cli-mem-fill") as memory,
+        attach(runtime_dir, name="cli-mem-fill", timeout=timeout or 10.0) as memory,
         progress(length, f"filling {length} bytes") as bar,
     ):
         for start in range(gpa, gpa + length, PROGRESS_STEP):

@@ -9,8 +9,7 @@ from typing import Any
 import click
 
 from .. import units
-from ..control_client import ControlClient
-from .common import ADDRESS, SIZE, Group, runtime_dir_option
+from .common import ADDRESS, SIZE, Group, control_client, runtime_dir_option, timeout_option
 
 
 @click.group(cls=Group)
@@ -36,6 +35,7 @@ def _check_name(name: str) -> None:
 
 @region.command("add")
 @runtime_dir_option
+@timeout_option()
 @click.argument("name")
 @click.argument("gpa", type=ADDRESS)
 @click.argument("size", type=SIZE)
@@ -60,7 +60,8 @@ def _check_name(name: str) -> None:
 )
 @click.option("--disabled", is_flag=True, help="Add it without making it visible yet.")
 def region_add(
-    runtime_dir: Path | None,
+    runtime_dir: Path,
+    timeout: float | None,
     name: str,
     gpa: int,
     size: int,
@@ -73,7 +74,7 @@ def region_add(
 ) -> None:
     """Add a region NAME of SIZE bytes at guest address GPA."""
     _check_name(name)
-    r = ControlClient(runtime_dir).add_region(
+    r = control_client(runtime_dir, timeout).add_region(
         name,
         gpa,
         size,
@@ -89,42 +90,53 @@ def region_add(
 
 @region.command("remove")
 @runtime_dir_option
+@timeout_option()
 @click.argument("name")
-def region_remove(runtime_dir: Path | None, name: str) -> None:
+def region_remove(runtime_dir: Path, timeout: float | None, name: str) -> None:
     """Remove region NAME; returns once every mapper holding it has unmapped it."""
-    result = ControlClient(runtime_dir).remove_region(name)
+    result = control_client(runtime_dir, timeout).remove_region(name)
     holders = ", ".join(map(str, result["unmapped_from"])) or "no mapper"
     click.echo(f"removed region {result['name']} (unmapped from {holders})")
 
 
 @region.command("enable")
 @runtime_dir_option
+@timeout_option()
 @click.argument("name")
 @click.argument("gpa", type=ADDRESS, required=False)
-def region_enable(runtime_dir: Path | None, name: str, gpa: int | None) -> None:
+def region_enable(runtime_dir: Path, timeout: float | None, name: str, gpa: int | None) -> None:
     """Make region NAME visible (at GPA, if given)."""
-    click.echo(f"enabled region {_describe(ControlClient(runtime_dir).enable_region(name, gpa))}")
+    click.echo(
+        f"enabled region {_describe(control_client(runtime_dir, timeout).enable_region(name, gpa))}"
+    )
 
 
 @region.command("disable")
 @runtime_dir_option
+@timeout_option()
 @click.argument("name")
-def region_disable(runtime_dir: Path | None, name: str) -> None:
+def region_disable(runtime_dir: Path, timeout: float | None, name: str) -> None:
     """Hide region NAME; the best region beneath it shows through again."""
-    click.echo(f"disabled region {_describe(ControlClient(runtime_dir).disable_region(name))}")
+    click.echo(
+        f"disabled region {_describe(control_client(runtime_dir, timeout).disable_region(name))}"
+    )
 
 
 @region.command("move")
 @runtime_dir_option
+@timeout_option()
 @click.argument("name")
 @click.argument("gpa", type=ADDRESS)
-def region_move(runtime_dir: Path | None, name: str, gpa: int) -> None:
+def region_move(runtime_dir: Path, timeout: float | None, name: str, gpa: int) -> None:
     """Move region NAME to guest address GPA, keeping its contents (private RAM cannot move)."""
-    click.echo(f"moved region {_describe(ControlClient(runtime_dir).move_region(name, gpa))}")
+    click.echo(
+        f"moved region {_describe(control_client(runtime_dir, timeout).move_region(name, gpa))}"
+    )
 
 
 @region.command("map")
 @runtime_dir_option
+@timeout_option()
 @click.argument("name")
 @click.argument("offset", type=ADDRESS)
 @click.argument("size", type=SIZE)
@@ -138,7 +150,8 @@ def region_move(runtime_dir: Path | None, name: str, gpa: int) -> None:
 @click.option("--file-offset", type=SIZE, default=0, help="Where in the file the range starts.")
 @click.option("--readonly", is_flag=True, help="Map the new backing read-only.")
 def region_map(
-    runtime_dir: Path | None,
+    runtime_dir: Path,
+    timeout: float | None,
     name: str,
     offset: int,
     size: int,
@@ -147,7 +160,7 @@ def region_map(
     readonly: bool,
 ) -> None:
     """Replace OFFSET..OFFSET+SIZE of region NAME with a new backing (atomic for readers)."""
-    r = ControlClient(runtime_dir).map_range(
+    r = control_client(runtime_dir, timeout).map_range(
         name, offset, size, file=path, file_offset=file_offset, readonly=readonly
     )
     click.echo(f"mapped {units.format_size(size)} at offset {offset:#x} of region {_describe(r)}")
@@ -155,10 +168,13 @@ def region_map(
 
 @region.command("unmap")
 @runtime_dir_option
+@timeout_option()
 @click.argument("name")
 @click.argument("offset", type=ADDRESS)
 @click.argument("size", type=SIZE)
-def region_unmap(runtime_dir: Path | None, name: str, offset: int, size: int) -> None:
+def region_unmap(
+    runtime_dir: Path, timeout: float | None, name: str, offset: int, size: int
+) -> None:
     """Remove OFFSET..OFFSET+SIZE of region NAME's backing, leaving a hole."""
-    r = ControlClient(runtime_dir).unmap_range(name, offset, size)
+    r = control_client(runtime_dir, timeout).unmap_range(name, offset, size)
     click.echo(f"unmapped {units.format_size(size)} at offset {offset:#x} of region {_describe(r)}")

@@ -9,9 +9,8 @@ from typing import Any
 import click
 
 from .. import units
-from ..control_client import ControlClient
 from ..errors import MembackingError
-from .common import runtime_dir_option
+from .common import control_client, runtime_dir_option, timeout_option
 
 _CLEAR = "\x1b[H\x1b[2J"
 _RATES = ("faults", "maps_sent", "unmaps_sent", "fds_sent", "removals")
@@ -53,6 +52,7 @@ def render_watch(
 
 @click.command("watch")
 @runtime_dir_option
+@timeout_option("twice --interval, at least 2")
 @click.option(
     "--interval",
     type=click.FloatRange(min=0.05),
@@ -66,9 +66,9 @@ def render_watch(
     default=None,
     help="Stop after this many refreshes (default: until Ctrl-C).",
 )
-def watch_cmd(runtime_dir: Path | None, interval: float, count: int | None) -> None:
+def watch_cmd(runtime_dir: Path, timeout: float | None, interval: float, count: int | None) -> None:
     """Show the daemon's counters, refreshing in place until Ctrl-C."""
-    client = ControlClient(runtime_dir, timeout=max(2.0, interval * 2))
+    client = control_client(runtime_dir, timeout or max(2.0, interval * 2))
     previous: dict[str, Any] | None = None
     previous_at = 0.0
     shown = 0

@@ -63,10 +63,22 @@ def _string(key: str, value: Any) -> str:
     return value
 
 
+#: The largest valid uid or gid: (uid_t)-1, 4294967295, means "no id" to the kernel.
+MAX_ID = 2**32 - 2
+
+
+def check_id(value: Any) -> int:
+    """A uid or gid the kernel can hold, else ValueError (the same check for the command line
+    and for the configuration file)."""
+    if type(value) is not int or not 0 <= value <= MAX_ID:
+        raise ValueError(f"{value!r} is not a uid/gid: it must be an integer from 0 to {MAX_ID}")
+    return value
+
+
 def _ids(key: str, value: Any) -> tuple[int, ...]:
-    if not isinstance(value, list) or any(type(v) is not int or v < 0 for v in value):
-        raise ValueError(f"must be a list of non-negative integers, got {value!r}")
-    return tuple(value)
+    if not isinstance(value, list):
+        raise ValueError(f"must be a list of uids/gids, got {value!r}")
+    return tuple(check_id(v) for v in value)
 
 
 def _port(key: str, value: Any) -> int:

@@ -94,6 +94,13 @@ class ManagerConfig:
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"
 
+    def __post_init__(self) -> None:
+        from .config import check_id
+
+        for ids in (self.allow_uids, self.allow_gids):
+            for value in ids:
+                check_id(value)  # a bad id must not open the sockets to everyone
+
 
 def _raise_fd_limit() -> int:
     """Every region holds a memfd and every mapper three descriptors: take the hard open-file

@@ -115,6 +115,10 @@ class ManagerLink:
             reply, _ = recv_message(sock, sender="manager")
         except (PeerClosed, ConnectionResetError) as exc:
             raise _Busy(str(exc)) from None
+        except TimeoutError:  # a daemon that is stopped or stuck: as the control client says
+            raise ManagerUnavailableError(
+                f"the manager at {self.paths.root} did not answer within {self.timeout:g}s"
+            ) from None
         except OSError as exc:
             raise self._unavailable(f"registration failed: {exc}") from None
         except ProtocolError as exc:
