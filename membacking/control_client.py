@@ -112,6 +112,21 @@ class ControlClient:
         result: dict[str, Any] = self.call("stats")
         return result
 
+    def status(self) -> dict[str, Any]:
+        """pid, version, uptime, region and mapper counts, process resources, health."""
+        result: dict[str, Any] = self.call("status")
+        return result
+
+    def stop(self) -> dict[str, Any]:
+        """Ask the manager to shut down as on SIGTERM; returns once it has agreed to."""
+        result: dict[str, Any] = self.call("stop")
+        return result
+
+    def evict_mapper(self, mapper_id: int) -> dict[str, Any]:
+        """Cut mapper `mapper_id` off (it is told why); returns its id, name and pid."""
+        result: dict[str, Any] = self.call("evict_mapper", id=mapper_id)
+        return result
+
     def add_region(
         self,
         name: str,

@@ -30,6 +30,26 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
+def ready_line(fmt: str, fields: dict[str, Any]) -> str:
+    """The daemon's one line on stdout once it serves: `membacking manager ready: key=value ...`
+    as text, or one JSON object like the log lines (`msg` "membacking manager ready")."""
+    if fmt == "json":
+        record = logging.makeLogRecord(
+            {"name": "membacking.manager", "levelno": logging.INFO, "levelname": "INFO"}
+        )
+        record.msg = "membacking manager ready"
+        for key, value in fields.items():
+            setattr(record, key, value)
+        return JsonFormatter().format(record)
+    shown = {**fields}
+    if "address_space" in shown:
+        from .units import format_size
+
+        shown["address_space"] = format_size(shown["address_space"])
+    text = " ".join(f"{key.replace('_', '-')}={value}" for key, value in shown.items())
+    return f"membacking manager ready: {text}"
+
+
 def configure(level: str = "info", fmt: str = "text") -> None:
     """Send log records to stderr in `fmt` ("text" or "json") from `level` up."""
     handler = logging.StreamHandler(sys.stderr)

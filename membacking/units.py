@@ -39,14 +39,32 @@ def check_address_space(size: int) -> int:
     shown = format_size(size) if size % 4096 == 0 else f"{size} bytes"
     if size > MAX_ADDRESS_SPACE:
         raise ValueError(
-            f"address space {shown} is more than the 64 TiB limit "
-            "(every mapper reserves all of it)"
+            f"address space {shown} is more than the 64 TiB limit (every mapper reserves all of it)"
         )
     if size < MIN_ADDRESS_SPACE:
         raise ValueError(f"address space {shown} is less than the 1 MiB minimum")
     if size % 4096:
         raise ValueError(f"address space {shown} must be a multiple of 4096")
     return size
+
+
+def format_duration(seconds: float) -> str:
+    """A duration for people: 4.2 -> '4.2 s', 3725 -> '1 h 2 min 5 s'."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    whole = round(seconds)
+    days, rest = divmod(whole, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [(days, "d"), (hours, "h"), (minutes, "min"), (secs, "s")]
+    shown = [f"{n} {unit}" for n, unit in parts if n]
+    return " ".join(shown[:3])
+
+
+def format_address(n: int) -> str:
+    """An address or value as typed back to an operator: hex, with the decimal beside it when
+    they differ (`0x1000 (4096)`), so neither way of typing it reads wrong."""
+    return f"{n:#x}" if n < 10 else f"{n:#x} ({n})"
 
 
 def plural(count: int, word: str, words: str | None = None) -> str:

@@ -85,7 +85,7 @@ def test_hexdump_format() -> None:
 
 def test_mem_dump_and_fill(manager: RunningManager) -> None:
     assert manager.cli("mem", "fill", "0x2000", "100", "0x41").stdout.strip() == (
-        "filled 100 bytes at 0x2000 with 0x41"
+        "filled 100 bytes at 0x2000 (8192) with 0x41 (65)"
     )
     dump = manager.cli("mem", "dump", "0x2000", "0x80").stdout.splitlines()
     assert dump[0].endswith("|AAAAAAAAAAAAAAAA|") and dump[1] == "*"

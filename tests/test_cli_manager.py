@@ -145,7 +145,7 @@ def test_region_add_and_remove(manager: RunningManager) -> None:
     assert names == ["ram0", "dev0", "rom"]
     removed = manager.cli("region", "remove", "dev0")
     assert removed.returncode == 0, removed.stderr
-    assert "removed region dev0 (unmapped from no mapper)" in removed.stdout
+    assert "removed region dev0 (no mapper held it)" in removed.stdout
     assert [r["name"] for r in manager.client().regions()] == ["ram0", "rom"]
 
 

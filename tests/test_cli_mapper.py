@@ -16,7 +16,7 @@ from conftest import RunningManager, cli_env
 
 def test_mem_write_then_read(manager: RunningManager, tmp_path: Path) -> None:
     wrote = manager.cli("mem", "write", "0x1000", "--hex", "68656c6c6f")
-    assert wrote.returncode == 0 and wrote.stdout.strip() == "wrote 5 bytes at 0x1000"
+    assert wrote.returncode == 0 and wrote.stdout.strip() == "wrote 5 bytes at 0x1000 (4096)"
     read = manager.cli("mem", "read", "0x1000", "5")
     assert read.returncode == 0 and read.stdout.strip() == "68656c6c6f"
     payload = bytes(range(256)) * 40

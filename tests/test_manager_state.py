@@ -432,7 +432,7 @@ def test_limits_refuse_mappers_regions_and_fds(clock: Clock) -> None:
     assert pushed[0] == m.FdGrant(1, MiB, True)
     denied = pushed[1]
     assert isinstance(denied, m.FdDenied) and "limit of 1 fds" in denied.reason
-    assert state.rejected["limit"] == 2
+    assert state.refused["limit"] == 2 and not state.rejected
 
 
 def test_held_counts_the_ranges_of_each_mappable() -> None:

@@ -75,7 +75,7 @@ readonly = true
         ("unmap_timeout = -1", "key 'unmap_timeout': must be a positive number"),
         ("log_level = 'loud'", "key 'log_level': must be one of debug, info, warning, error"),
         ("metrics_port = 70000", "key 'metrics_port': must be a TCP port number"),
-        ("allow_uids = ['root']", "key 'allow_uids': must be a list of non-negative integers"),
+        ("allow_uids = ['root']", "key 'allow_uids': 'root' is not a uid/gid"),
         ("limits = 3", "key 'limits': must be a table"),
         ("[limits]\nmax_mappers = 0", "key 'limits.max_mappers': must be an integer >= 1"),
         ("[limits]\nmax_pies = 3", "key 'limits.max_pies': unknown key"),
@@ -88,7 +88,10 @@ readonly = true
             "[[regions]]\nname='a'\ngpa=0\nsize=4096\n[[regions]]\nname='a'\ngpa=8192\nsize=4096",
             "key 'regions[1].name': 'a' is already the name of regions[0]",
         ),
-        ("address_space = '5K'", "key 'address_space': address space 0x1400 must be a multiple"),
+        (
+            "address_space = '5K'",
+            "key 'address_space': address space 5120 bytes is less than the 1 MiB minimum",
+        ),
         ("unmap_timeout = 0.001", "key 'unmap_timeout': must be at least 0.1"),
     ],
 )

@@ -366,3 +366,16 @@ def test_a_refused_placement_names_the_oldest_region_it_breaks(state: ManagerSta
     state.add_region("c", 0x100000, 0x4000, True, priority=1)
     with pytest.raises(Refused, match="region 'big'"):
         state.add_region("new", 0x0, 0x200000, True, priority=1)
+
+
+def test_private_region_is_refused_while_several_mappers_are_attached(
+    state: ManagerState,
+) -> None:
+    """Adding private RAM with two mappers attached would leave both without it and refuse
+    every mapper after them: the add is refused, saying who is attached, and counts as nothing
+    a peer did wrong."""
+    attach(state, "one")
+    attach(state, "two")
+    e = error(state, "add_region", name="ram", gpa=0, size=MiB, private=True)
+    assert e.code == "private" and "2 are attached: 1 (one), 2 (two)" in e.message
+    assert "ram" not in state.regions and not state.rejected

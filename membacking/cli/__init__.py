@@ -20,6 +20,7 @@ from .map_cmd import map_cmd
 from .mapper_cmd import mapper
 from .mem_cmd import mem
 from .region_cmd import region
+from .status_cmd import status_cmd
 from .watch_cmd import watch_cmd
 
 
@@ -35,6 +36,7 @@ for command in (
     regions_cmd,
     mappers_cmd,
     stats_cmd,
+    status_cmd,
     region,
     mem,
     map_cmd,

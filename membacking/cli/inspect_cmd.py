@@ -51,15 +51,15 @@ def regions_cmd(runtime_dir: Path, timeout: float | None, as_json: bool) -> None
     table(["NAME", "GPA", "END", "SIZE", "MODE", "PRIO", "BACKING", "HOLDERS", "STATE"], rows)
 
 
-def _process(pid: int) -> tuple[str, str]:
-    """(process name, RSS) of a local pid, or '?' where psutil cannot see it."""
+def _process(pid: int) -> tuple[str | None, int | None]:
+    """(process name, RSS in bytes) of a local pid, or None where psutil cannot see it."""
     if pid == 0:  # in a pid namespace the manager cannot see into
-        return "?", "?"
+        return None, None
     try:
         proc = psutil.Process(pid)
-        return proc.name(), units.format_size(proc.memory_info().rss)
+        return proc.name(), int(proc.memory_info().rss)
     except (psutil.Error, OSError):
-        return "?", "?"
+        return None, None
 
 
 def _ago(now: float, then: float) -> str:
@@ -106,8 +106,8 @@ def mappers_cmd(runtime_dir: Path, timeout: float | None, as_json: bool) -> None
                 str(p["id"]),
                 p["name"],
                 str(p["pid"]),
-                p["process"],
-                p["rss"],
+                p["process"] or "?",
+                "?" if p["rss"] is None else units.format_size(p["rss"]),
                 p["mode"],
                 str(p["ranges"]),
                 units.format_size(p["bytes"]),
@@ -125,18 +125,24 @@ def mappers_cmd(runtime_dir: Path, timeout: float | None, as_json: bool) -> None
 @timeout_option()
 @json_option
 def stats_cmd(runtime_dir: Path, timeout: float | None, as_json: bool) -> None:
-    """Show the manager's counters."""
+    """Show the manager's counters (`rejected`: peers that broke the protocol; `refused`:
+    requests turned down by a limit or a policy)."""
     stats = control_client(runtime_dir, timeout).stats()
     if as_json:
         echo_json(stats)
         return
-    rejected = stats.pop("rejected", {})
-    width = max(len(k) for k in stats)
+    by_reason = {key: stats.pop(key, {}) for key in ("rejected", "refused")}
+    width = max(len(k) for k in [*stats, *by_reason])
     for key in sorted(stats):
         value = stats[key]
         if key in ("region_bytes", "address_space"):
             value = units.format_size(value)
+        elif key == "uptime":
+            value = units.format_duration(value)
+        elif key == "invalidation_us_total":
+            value = f"{value} µs"
         click.echo(f"{key.ljust(width)}  {value}")
-    total = sum(rejected.values())
-    detail = ", ".join(f"{k}={v}" for k, v in sorted(rejected.items()))
-    click.echo(f"{'rejected'.ljust(width)}  {total}" + (f" ({detail})" if detail else ""))
+    for key, counts in by_reason.items():
+        detail = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
+        total = sum(counts.values())
+        click.echo(f"{key.ljust(width)}  {total}" + (f" ({detail})" if detail else ""))

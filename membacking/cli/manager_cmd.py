@@ -1,10 +1,11 @@
-"""`membacking manager run`: the daemon in the foreground."""
+"""`membacking manager run`: the daemon in the foreground; `manager stop`: ask it to stop."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,18 @@ from click.core import ParameterSource
 
 from .. import units
 from ..manager.state import Limits
-from .common import SIZE, Group, config_param, runtime_dir_param, spec_callback
+from .common import (
+    SIZE,
+    Group,
+    config_param,
+    control_client,
+    echo_json,
+    json_option,
+    runtime_dir_option,
+    runtime_dir_param,
+    spec_callback,
+    timeout_option,
+)
 
 
 def _check_address_space(value: int | None) -> int | None:
@@ -134,6 +146,7 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
     from ..manager import Daemon, ManagerConfig, RegionSpec
     from ..manager.config import load_config
     from ..manager.errors import Refused
+    from ..manager.metrics import metrics_url
     from ..runtime import choose_runtime_dir
 
     from_file = load_config(config_path) if config_path is not None else {}
@@ -170,12 +183,15 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
     daemon = Daemon(config)
 
     def ready(d: Daemon) -> None:
-        metrics = f" metrics=http://{config.metrics_addr}:{d.metrics_port}/metrics"
-        click.echo(
-            f"membacking manager ready: runtime-dir={d.paths.root} pid={os.getpid()} "
-            f"regions={len(d.state.regions)} address-space={units.format_size(address_space)}"
-            + (metrics if d.metrics_port is not None else "")
-        )
+        fields: dict[str, Any] = {
+            "runtime_dir": str(d.paths.root),
+            "pid": os.getpid(),
+            "regions": len(d.state.regions),
+            "address_space": address_space,
+        }
+        if d.metrics_port is not None:
+            fields["metrics"] = metrics_url(config.metrics_addr, d.metrics_port)
+        click.echo(logs.ready_line(options["log_format"], fields))
         sys.stdout.flush()
 
     try:
@@ -183,3 +199,31 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
     except Refused as exc:
         raise click.ClickException(f"cannot create the initial regions: {exc}") from None
     logging.getLogger("membacking.manager").info("membacking manager stopped")
+
+
+@manager.command("stop")
+@runtime_dir_option
+@timeout_option("10 to answer, 30 more to stop")
+@click.option("--no-wait", is_flag=True, help="Return once the manager agreed to stop.")
+@json_option
+def manager_stop(runtime_dir: Path, timeout: float | None, no_wait: bool, as_json: bool) -> None:
+    """Stop the manager as SIGTERM does (mappers are told, sockets removed), and wait until it
+    has released its runtime directory."""
+    client = control_client(runtime_dir, timeout)
+    pid = client.stop()["pid"]
+    stopped = no_wait
+    deadline = time.monotonic() + (timeout if timeout is not None else 30.0)
+    while not stopped and time.monotonic() < deadline:
+        stopped = client.paths.manager_running() is False
+        if not stopped:
+            time.sleep(0.05)
+    client.close()
+    if not stopped:
+        raise click.ClickException(
+            f"the manager (pid {pid}) agreed to stop but still holds {client.paths.root}"
+        )
+    if as_json:
+        echo_json({"pid": pid, "runtime_dir": str(client.paths.root), "stopped": not no_wait})
+        return
+    verb = "is stopping" if no_wait else "stopped"
+    click.echo(f"manager (pid {pid}) at {client.paths.root} {verb}")

@@ -16,6 +16,9 @@ from ..protocol.ranges import MemoryRange
 from .common import (
     PROGRESS_STEP,
     Group,
+    control_client,
+    echo_json,
+    json_option,
     progress,
     runtime_dir_option,
     spec_callback,
@@ -25,7 +28,7 @@ from .common import (
 
 @click.group(cls=Group)
 def mapper() -> None:
-    """Attach mapper processes."""
+    """Attach mapper processes, or evict one."""
 
 
 @mapper.command("attach")
@@ -43,15 +46,26 @@ def mapper() -> None:
 @click.option(
     "--eager", is_flag=True, help="Be sent every mapping now and every new one when it is added."
 )
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default="error",
+    show_default=True,
+    help="Show the mapper's own log lines from this level up (why it stops is printed anyway).",
+)
 def mapper_attach(
     runtime_dir: Path,
     timeout: float | None,
     name: str | None,
     prefaults: list[tuple[int, int]],
     eager: bool,
+    log_level: str,
 ) -> None:
     """Attach a mapper and stay attached until SIGINT or SIGTERM (exit 1 if the manager goes)."""
+    from .. import logs
     from ..mapper import attach
+
+    logs.configure(log_level)
 
     if name is not None:
         try:
@@ -79,3 +93,18 @@ def mapper_attach(
             if memory.manager_gone is not None:
                 raise click.ClickException(f"mapper {memory.mapper_id}: {memory.manager_gone}")
     click.echo("mapper detached", err=True)
+
+
+@mapper.command("evict")
+@runtime_dir_option
+@timeout_option()
+@click.argument("mapper_id", metavar="ID", type=click.IntRange(min=1))
+@json_option
+def mapper_evict(runtime_dir: Path, timeout: float | None, mapper_id: int, as_json: bool) -> None:
+    """Cut mapper ID off (see `membacking mappers`): it is told it was evicted, and what it
+    held is released. Its mapped memory keeps working; new faults fail."""
+    evicted = control_client(runtime_dir, timeout).evict_mapper(mapper_id)
+    if as_json:
+        echo_json(evicted)
+        return
+    click.echo(f"evicted mapper {evicted['id']} ({evicted['name']}, pid {evicted['pid']})")

@@ -10,12 +10,15 @@ from pathlib import Path
 
 import click
 
+from .. import units
 from ..mapper import GuestMemory, attach
 from .common import (
     ADDRESS,
     PROGRESS_STEP,
     SIZE,
     Group,
+    echo_json,
+    json_option,
     progress,
     runtime_dir_option,
     timeout_option,
@@ -65,7 +68,7 @@ def _read_chunks(memory: GuestMemory, gpa: int, length: int, verb: str) -> Itera
     """The bytes of [gpa, gpa+length) in steps, after checking all of it is backed (so an error
     comes before any output, and a long read never holds it all in memory)."""
     memory.ensure_mapped(gpa, length)
-    with progress(length, f"{verb} {length} bytes") as bar:
+    with progress(length, f"{verb} {units.plural(length, 'byte')}") as bar:
         for start in range(gpa, gpa + length, READ_STEP):
             chunk = memory.read_at(start, min(READ_STEP, gpa + length - start))
             bar.update(len(chunk))
@@ -84,8 +87,14 @@ def _read_chunks(memory: GuestMemory, gpa: int, length: int, verb: str) -> Itera
     default=None,
     help="Write the contents of this file.",
 )
+@json_option
 def mem_write(
-    runtime_dir: Path, timeout: float | None, gpa: int, hex_data: str | None, path: Path | None
+    runtime_dir: Path,
+    timeout: float | None,
+    gpa: int,
+    hex_data: str | None,
+    path: Path | None,
+    as_json: bool,
 ) -> None:
     """Write bytes at guest address GPA."""
     if (hex_data is None) == (path is None):
@@ -113,7 +122,10 @@ def mem_write(
                     offset += len(chunk)
                     bar.update(len(chunk))
             total = offset
-    click.echo(f"wrote {total} bytes at {gpa:#x}")
+    if as_json:
+        echo_json({"gpa": gpa, "bytes": total})
+    else:
+        click.echo(f"wrote {units.plural(total, 'byte')} at {units.format_address(gpa)}")
 
 
 def hexdump(gpa: int, chunks: Iterable[bytes]) -> Iterator[str]:
@@ -146,10 +158,17 @@ def hexdump(gpa: int, chunks: Iterable[bytes]) -> Iterator[str]:
 @timeout_option("10")
 @click.argument("gpa", type=ADDRESS)
 @click.argument("length", type=SIZE)
-def mem_dump(runtime_dir: Path, timeout: float | None, gpa: int, length: int) -> None:
+@json_option
+def mem_dump(
+    runtime_dir: Path, timeout: float | None, gpa: int, length: int, as_json: bool
+) -> None:
     """Show LENGTH bytes at guest address GPA as a hexdump (addresses, hex, ASCII)."""
     with attach(runtime_dir, name="cli-mem-dump", timeout=timeout or 10.0) as memory:
-        for line in hexdump(gpa, _read_chunks(memory, gpa, length, "dumping")):
+        chunks = _read_chunks(memory, gpa, length, "dumping")
+        if as_json:  # the bytes as hex, with where they came from
+            echo_json({"gpa": gpa, "length": length, "hex": b"".join(chunks).hex()})
+            return
+        for line in hexdump(gpa, chunks):
             click.echo(line)
 
 
@@ -159,16 +178,25 @@ def mem_dump(runtime_dir: Path, timeout: float | None, gpa: int, length: int) ->
 @click.argument("gpa", type=ADDRESS)
 @click.argument("length", type=SIZE)
 @click.argument("byte", type=ADDRESS)
-def mem_fill(runtime_dir: Path, timeout: float | None, gpa: int, length: int, byte: int) -> None:
+@json_option
+def mem_fill(
+    runtime_dir: Path, timeout: float | None, gpa: int, length: int, byte: int, as_json: bool
+) -> None:
     """Set LENGTH bytes at guest address GPA to BYTE (0-255)."""
     if not 0 <= byte <= 255:
         raise click.BadParameter(f"{byte} is not a byte value (0-255)", param_hint="BYTE")
     with (
         attach(runtime_dir, name="cli-mem-fill", timeout=timeout or 10.0) as memory,
-        progress(length, f"filling {length} bytes") as bar,
+        progress(length, f"filling {units.plural(length, 'byte')}") as bar,
     ):
         for start in range(gpa, gpa + length, PROGRESS_STEP):
             step = min(PROGRESS_STEP, gpa + length - start)
             memory.fill_at(start, byte, step)
             bar.update(step)
-    click.echo(f"filled {length} bytes at {gpa:#x} with {byte:#04x}")
+    if as_json:
+        echo_json({"gpa": gpa, "bytes": length, "byte": byte})
+    else:
+        click.echo(
+            f"filled {units.plural(length, 'byte')} at {units.format_address(gpa)} "
+            f"with {units.format_address(byte)}"
+        )

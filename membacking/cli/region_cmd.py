@@ -3,13 +3,29 @@ backing ranges."""
 
 from __future__ import annotations
 
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import click
+from click.shell_completion import CompletionItem
 
 from .. import units
-from .common import ADDRESS, SIZE, Group, control_client, runtime_dir_option, timeout_option
+from ..control_client import ControlClient
+from ..errors import MembackingError
+from .common import (
+    ADDRESS,
+    SIZE,
+    Group,
+    client_runtime_dir,
+    control_client,
+    echo_json,
+    json_option,
+    runtime_dir_option,
+    timeout_option,
+)
 
 
 @click.group(cls=Group)
@@ -26,6 +42,32 @@ def _describe(r: dict[str, Any]) -> str:
     )
 
 
+def complete_region_name(
+    ctx: click.Context, param: click.Parameter, incomplete: str
+) -> list[CompletionItem]:
+    """Shell completion of NAME: the regions of the daemon the command line points at."""
+    try:
+        runtime_dir = client_runtime_dir(
+            ctx.params.get("runtime_dir"), ctx.params.get("config_path")
+        )
+        regions = ControlClient(runtime_dir, timeout=1.0).regions()
+    except (MembackingError, OSError):
+        return []
+    return [
+        CompletionItem(r["name"], help=f"{units.format_size(r['size'])} {r['backing']}")
+        for r in regions
+        if r["name"].startswith(incomplete)
+    ]
+
+
+def _done(result: dict[str, Any], text: str, as_json: bool) -> None:
+    """Print what a command did: a sentence, or with --json the daemon's answer."""
+    if as_json:
+        echo_json(result)
+    else:
+        click.echo(text)
+
+
 def _check_name(name: str) -> None:
     try:
         units.check_name(name)
@@ -36,6 +78,7 @@ def _check_name(name: str) -> None:
 @region.command("add")
 @runtime_dir_option
 @timeout_option()
+@json_option
 @click.argument("name")
 @click.argument("gpa", type=ADDRESS)
 @click.argument("size", type=SIZE)
@@ -62,6 +105,7 @@ def _check_name(name: str) -> None:
 def region_add(
     runtime_dir: Path,
     timeout: float | None,
+    as_json: bool,
     name: str,
     gpa: int,
     size: int,
@@ -85,59 +129,74 @@ def region_add(
         hugetlb=hugetlb,
         private=private,
     )
-    click.echo(f"added region {_describe(r)}")
+    note = ""
+    if private:
+        note = "; only one mapper may attach while it exists"
+    _done(r, f"added region {_describe(r)}{note}", as_json)
 
 
 @region.command("remove")
 @runtime_dir_option
 @timeout_option()
-@click.argument("name")
-def region_remove(runtime_dir: Path, timeout: float | None, name: str) -> None:
+@json_option
+@click.argument("name", shell_complete=complete_region_name)
+def region_remove(runtime_dir: Path, timeout: float | None, as_json: bool, name: str) -> None:
     """Remove region NAME; returns once every mapper holding it has unmapped it."""
-    result = control_client(runtime_dir, timeout).remove_region(name)
-    holders = ", ".join(map(str, result["unmapped_from"])) or "no mapper"
-    click.echo(f"removed region {result['name']} (unmapped from {holders})")
+    client = control_client(runtime_dir, timeout)
+    result = _wait_showing_holders(client, name, lambda: client.remove_region(name))
+    ids = result["unmapped_from"]
+    if not ids:
+        held = "no mapper held it"
+    else:
+        held = "unmapped from " + ("mapper " if len(ids) == 1 else "mappers ")
+        held += ", ".join(map(str, ids))
+    _done(result, f"removed region {result['name']} ({held})", as_json)
 
 
 @region.command("enable")
 @runtime_dir_option
 @timeout_option()
-@click.argument("name")
+@json_option
+@click.argument("name", shell_complete=complete_region_name)
 @click.argument("gpa", type=ADDRESS, required=False)
-def region_enable(runtime_dir: Path, timeout: float | None, name: str, gpa: int | None) -> None:
+def region_enable(
+    runtime_dir: Path, timeout: float | None, as_json: bool, name: str, gpa: int | None
+) -> None:
     """Make region NAME visible (at GPA, if given)."""
-    click.echo(
-        f"enabled region {_describe(control_client(runtime_dir, timeout).enable_region(name, gpa))}"
-    )
+    r = control_client(runtime_dir, timeout).enable_region(name, gpa)
+    _done(r, f"enabled region {_describe(r)}", as_json)
 
 
 @region.command("disable")
 @runtime_dir_option
 @timeout_option()
-@click.argument("name")
-def region_disable(runtime_dir: Path, timeout: float | None, name: str) -> None:
+@json_option
+@click.argument("name", shell_complete=complete_region_name)
+def region_disable(runtime_dir: Path, timeout: float | None, as_json: bool, name: str) -> None:
     """Hide region NAME; the best region beneath it shows through again."""
-    click.echo(
-        f"disabled region {_describe(control_client(runtime_dir, timeout).disable_region(name))}"
-    )
+    r = control_client(runtime_dir, timeout).disable_region(name)
+    _done(r, f"disabled region {_describe(r)}", as_json)
 
 
 @region.command("move")
 @runtime_dir_option
 @timeout_option()
-@click.argument("name")
+@json_option
+@click.argument("name", shell_complete=complete_region_name)
 @click.argument("gpa", type=ADDRESS)
-def region_move(runtime_dir: Path, timeout: float | None, name: str, gpa: int) -> None:
+def region_move(
+    runtime_dir: Path, timeout: float | None, as_json: bool, name: str, gpa: int
+) -> None:
     """Move region NAME to guest address GPA, keeping its contents (private RAM cannot move)."""
-    click.echo(
-        f"moved region {_describe(control_client(runtime_dir, timeout).move_region(name, gpa))}"
-    )
+    r = control_client(runtime_dir, timeout).move_region(name, gpa)
+    _done(r, f"moved region {_describe(r)}", as_json)
 
 
 @region.command("map")
 @runtime_dir_option
 @timeout_option()
-@click.argument("name")
+@json_option
+@click.argument("name", shell_complete=complete_region_name)
 @click.argument("offset", type=ADDRESS)
 @click.argument("size", type=SIZE)
 @click.option(
@@ -152,6 +211,7 @@ def region_move(runtime_dir: Path, timeout: float | None, name: str, gpa: int) -
 def region_map(
     runtime_dir: Path,
     timeout: float | None,
+    as_json: bool,
     name: str,
     offset: int,
     size: int,
@@ -163,18 +223,79 @@ def region_map(
     r = control_client(runtime_dir, timeout).map_range(
         name, offset, size, file=path, file_offset=file_offset, readonly=readonly
     )
-    click.echo(f"mapped {units.format_size(size)} at offset {offset:#x} of region {_describe(r)}")
+    _done(
+        r,
+        f"mapped {units.format_size(size)} at offset {offset:#x} of region {_describe(r)}",
+        as_json,
+    )
 
 
 @region.command("unmap")
 @runtime_dir_option
 @timeout_option()
-@click.argument("name")
+@json_option
+@click.argument("name", shell_complete=complete_region_name)
 @click.argument("offset", type=ADDRESS)
 @click.argument("size", type=SIZE)
 def region_unmap(
-    runtime_dir: Path, timeout: float | None, name: str, offset: int, size: int
+    runtime_dir: Path, timeout: float | None, as_json: bool, name: str, offset: int, size: int
 ) -> None:
     """Remove OFFSET..OFFSET+SIZE of region NAME's backing, leaving a hole."""
     r = control_client(runtime_dir, timeout).unmap_range(name, offset, size)
-    click.echo(f"unmapped {units.format_size(size)} at offset {offset:#x} of region {_describe(r)}")
+    _done(
+        r,
+        f"unmapped {units.format_size(size)} at offset {offset:#x} of region {_describe(r)}",
+        as_json,
+    )
+
+
+#: Seconds a removal may take before the command says whom it waits for, and how often after.
+SHOW_AFTER = 1.0
+
+
+def _wait_showing_holders(client: ControlClient, name: str, call: Any) -> dict[str, Any]:
+    """Run `call` (which waits for every holder of region `name` to unmap it); while it takes
+    longer than SHOW_AFTER, say on stderr which mappers still hold the region, for how long,
+    and against which timeout."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = call()
+        except BaseException as exc:  # handed to the waiting thread
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, daemon=True)
+    started = time.monotonic()
+    worker.start()
+    worker.join(SHOW_AFTER)
+    watcher: ControlClient | None = None
+    while worker.is_alive():
+        try:
+            if watcher is None:
+                watcher = ControlClient(client.paths.root, timeout=2.0)
+                limit = units.format_duration(watcher.status()["unmap_timeout"])
+            holders: list[int] = next(
+                (r["holders"] for r in watcher.regions() if r["name"] == name), []
+            )
+            who = {p["id"]: p for p in watcher.mappers()}
+            names = ", ".join(
+                f"mapper {h} ({who[h]['name']}, pid {who[h]['pid']})" if h in who else f"mapper {h}"
+                for h in holders
+            )
+            waited = units.format_duration(time.monotonic() - started)
+            click.echo(
+                f"removing {name}: waiting {waited} for {names or 'the last acknowledgement'} "
+                f"to unmap it (a mapper is evicted after {limit})",
+                err=True,
+            )
+            sys.stderr.flush()
+        except MembackingError:
+            pass  # the answer, or its error, comes from `call`
+        worker.join(2.0)
+    if watcher is not None:
+        watcher.close()
+    if "error" in outcome:
+        raise outcome["error"]
+    result: dict[str, Any] = outcome["result"]
+    return result

@@ -6,12 +6,15 @@ affected mapper has answered.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 from ..protocol import messages as m
 from ..protocol.messages import PRIVATE_MAPPABLE, Channel
 from .errors import Refused
+from .metrics import FD_WARN_SHARE, VERSION, process_info
+from .model import Disconnect
 from .state import Effect, ManagerState, Send, region_info
 
 _NOTHING: dict[str, type] = {}
@@ -67,7 +70,56 @@ def _mappers(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list
 
 def _stats(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[Effect]:
     expect_args(args, _NOTHING)
-    return _reply(identity, state.stats())
+    return _reply(identity, {**state.stats(), "version": VERSION})
+
+
+def _status(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[Effect]:
+    """Who is serving and whether it is well: pid, version, uptime, counts, process resources
+    and a health verdict with its reasons."""
+    expect_args(args, _NOTHING)
+    stats = state.stats()
+    proc = process_info()
+    problems = []
+    if proc["max_fds"] and proc["open_fds"] >= FD_WARN_SHARE * proc["max_fds"]:
+        problems.append(f"{proc['open_fds']} of {proc['max_fds']} open-file slots in use")
+    waiting = sorted({e.id for e in state.mappers.values() if e.unacked})
+    if waiting:
+        problems.append("waiting on mapper(s) " + ", ".join(map(str, waiting)))
+    return _reply(
+        identity,
+        {
+            **proc,
+            "version": VERSION,
+            "uptime": stats["uptime"],
+            "regions": stats["regions"],
+            "mappers": stats["mappers"],
+            "unmap_timeout": state.unmap_timeout,
+            "health": "degraded" if problems else "ok",
+            "problems": problems,
+        },
+    )
+
+
+#: Operations after whose reply the daemon stops (it shuts down as on SIGTERM).
+STOPPING_OPS = frozenset({"stop"})
+
+
+def _stop(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[Effect]:
+    expect_args(args, _NOTHING)
+    return _reply(identity, {"pid": os.getpid(), "stopping": True})
+
+
+def _evict_mapper(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[Effect]:
+    """Cut a mapper off as an unresponsive one is: it is told why, what it held is released."""
+    expect_args(args, {"id": int})
+    entry = state.mappers.get(args["id"])
+    if entry is None:
+        raise Refused("unknown-mapper", f"no mapper {args['id']} is attached")
+    info = {"id": entry.id, "name": entry.name, "pid": entry.pid}
+    effects = state.farewell(entry.id, "evicted: an operator ran `membacking mapper evict`")
+    effects.append(Disconnect(entry.id))
+    effects.extend(state.mapper_gone(entry.id, "evicted by an operator"))
+    return effects + _reply(identity, info)
 
 
 def _add_region(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[Effect]:
@@ -89,6 +141,17 @@ def _add_region(state: ManagerState, identity: bytes, args: dict[str, Any]) -> l
     if len(kinds) > 1:
         raise Refused("bad-request", f"choose one backing, not {' and '.join(kinds)}")
     backing = kinds[0] if kinds else "memfd"
+    if backing == "private" and len(state.mappers) > 1:
+        # private RAM lives in one mapper: the others could never see it, and every mapper
+        # after them would be refused
+        attached = ", ".join(
+            f"{e.id} ({e.name})" for e in sorted(state.mappers.values(), key=lambda e: e.id)
+        )
+        raise Refused(
+            "private",
+            f"private RAM needs a single mapper, but {len(state.mappers)} are attached: "
+            f"{attached}; detach all but one first",
+        )
     return state.add_region(
         args["name"],
         args.get("gpa"),
@@ -165,6 +228,9 @@ OPS: dict[str, Callable[[ManagerState, bytes, dict[str, Any]], list[Effect]]] = 
     "regions": _regions,
     "mappers": _mappers,
     "stats": _stats,
+    "status": _status,
+    "stop": _stop,
+    "evict_mapper": _evict_mapper,
     "add_region": _add_region,
     "remove_region": _remove_region,
     "enable_region": _enable_region,

@@ -29,6 +29,7 @@ from ..protocol.messages import Channel
 from ..runtime import RuntimePaths
 from . import sdnotify
 from .backing import MemfdStore
+from .control import STOPPING_OPS
 from .errors import Refused
 from .fdconn import FdConn
 from .fdserver import MAX_STRIKES, FdServer
@@ -263,7 +264,7 @@ class Daemon(FdServer):
         log.info("shutting down: %s", reason)
         sdnotify.notify("STOPPING=1")
         with contextlib.suppress(Exception):
-            self._apply(self.state.shutdown(f"manager shutting down ({reason})"))
+            self._apply(self.state.shutdown(reason))
         self._close_all()
 
     def _close_all(self) -> None:
@@ -377,7 +378,7 @@ class Daemon(FdServer):
                         fd = self.store.grant_fd(effect.msg.mappable_id)
                     self._fd_send(conn, effect.msg, fd)
             elif isinstance(effect, Disconnect):
-                self._apply(self.state.farewell(effect.mapper_id, "evicted by the manager"))
+                self._apply(self.state.farewell(effect.mapper_id, "evicted"))
                 conn = self._conn_of_mapper.pop(effect.mapper_id, None)
                 if conn is not None:
                     self._drop_conn(conn, "evicted")
@@ -454,6 +455,12 @@ class Daemon(FdServer):
             return
         try:
             effects = self.state.handle_control(identity, msg)
+            if (
+                isinstance(msg, m.ControlRequest)
+                and msg.op in STOPPING_OPS
+                and any(isinstance(e, Send) and isinstance(e.msg, m.ControlReply) for e in effects)
+            ):
+                self.stop("stop requested on the control socket")
         except Refused as exc:
             effects = [Send(Channel.CONTROL, identity, m.Error(exc.code, str(exc)))]
         except Exception as exc:

@@ -69,7 +69,7 @@ class FdServer:
     def _pause_accepting(self, exc: OSError) -> None:
         """New connections wait in the backlog for a second; the listening socket would
         otherwise stay readable and spin the loop. Mappers already attached are not affected."""
-        self.state.rejected["no-resources"] += 1
+        self.state.refused["no-resources"] += 1
         log.error(
             "cannot accept a connection on fd.sock: %s; trying again in a second "
             "(raise the open-file limit, LimitNOFILE=, for more mappers)",

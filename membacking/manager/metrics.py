@@ -2,22 +2,66 @@
 
 Counters and gauges are read from `ManagerState` at scrape time (only atomic reads, since the
 scrape runs in the HTTP server's thread); the invalidation latency is a histogram fed by the loop.
+The process's own resources (fds against the limit, RSS, VMAs) come from /proc.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
+import os
+import resource
 import threading
 from collections.abc import Iterator
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Histogram, ProcessCollector, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .state import ManagerState
 
 log = logging.getLogger("membacking.manager")
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("membacking")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown"
+
+
+#: The version of the running code (the installed distribution's).
+VERSION = _version()
+
+#: Share of the open-file limit beyond which `status` reports the daemon as degraded.
+FD_WARN_SHARE = 0.9
+
+
+def metrics_url(addr: str, port: int) -> str:
+    """The URL of the metrics endpoint (an IPv6 address goes in brackets)."""
+    host = f"[{addr}]" if ":" in addr else addr
+    return f"http://{host}:{port}/metrics"
+
+
+def process_info() -> dict[str, Any]:
+    """This process's resources an operator watches: open fds against the soft limit, resident
+    memory, and the number of memory mappings (VMAs), read from /proc."""
+    fds = len(os.listdir("/proc/self/fd"))
+    with open("/proc/self/maps", "rb") as maps:
+        vmas = sum(1 for _ in maps)
+    with open("/proc/self/statm") as statm:
+        rss = int(statm.read().split()[1]) * resource.getpagesize()
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return {
+        "pid": os.getpid(),
+        "open_fds": fds,
+        "max_fds": None if limit == resource.RLIM_INFINITY else limit,
+        "rss_bytes": rss,
+        "vmas": vmas,
+    }
+
 
 _COUNTERS = {
     "faults": "Fault requests (SendMappings) served",
@@ -27,6 +71,9 @@ _COUNTERS = {
     "fds_sent": "File descriptors sent to mappers",
     "removals": "Region removals completed",
     "evictions": "Mappers evicted for not acknowledging an Unmap",
+    "rollbacks": "Changes rolled back because an eager mapper could not map them",
+    "demotions": "Eager mappers made lazy because they could not map a change",
+    "invalidations": "Changes that waited for their holders' Unmap acknowledgements",
 }
 
 
@@ -50,6 +97,22 @@ class _StateCollector(Collector):
         for reason, count in sorted(dict(state.rejected).items()):
             rejected.add_metric([reason], count)
         yield rejected
+        refused = CounterMetricFamily(
+            "membacking_refused_requests",
+            "Requests turned down by a limit or a policy, by reason",
+            labels=["reason"],
+        )
+        for reason, count in sorted(dict(state.refused).items()):
+            refused.add_metric([reason], count)
+        yield refused
+        info = GaugeMetricFamily(
+            "membacking_build_info", "The running version (always 1)", labels=["version"]
+        )
+        info.add_metric([VERSION], 1)
+        yield info
+        yield GaugeMetricFamily(
+            "membacking_process_vmas", "Memory mappings of the daemon", value=process_info()["vmas"]
+        )
 
 
 class ManagerMetrics:
@@ -58,6 +121,8 @@ class ManagerMetrics:
     def __init__(self, state: ManagerState) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_StateCollector(state))
+        # process_open_fds, process_max_fds, process_resident_memory_bytes, CPU and start time
+        ProcessCollector(registry=self.registry)
         self.invalidation = Histogram(
             "membacking_invalidation_seconds",
             "Time from a region removal request until every holder acknowledged its Unmap",
@@ -72,7 +137,7 @@ class ManagerMetrics:
         """Serve /metrics on addr:port (port 0 picks a free one); returns the bound port."""
         self._server, self._thread = start_http_server(port, addr, registry=self.registry)
         bound: int = self._server.server_port
-        log.info("metrics served on http://%s:%d/metrics", addr, bound)
+        log.info("metrics served on %s", metrics_url(addr, bound))
         return bound
 
     def close(self) -> None:

@@ -32,13 +32,13 @@ class PeerState(TableState):
     def register_mapper(self, name: str, pid: int) -> MapperEntry:
         """A mapper said Hello on the fd socket: give it an id (never reused) and a token."""
         if len(self.mappers) >= self.limits.max_mappers:
-            self.reject("limit", f"mapper {name!r} refused: {len(self.mappers)} attached", pid)
+            self.refuse("limit", f"mapper {name!r} refused: {len(self.mappers)} attached", pid)
             raise Refused(
                 "limit",
                 f"the manager already serves its limit of {self.limits.max_mappers} mappers",
             )
         if self.mappers and self.has_private_regions():
-            self.reject("private", f"mapper {name!r} refused: private RAM is in use", pid)
+            self.refuse("private", f"mapper {name!r} refused: private RAM is in use", pid)
             raise Refused("private", "private RAM regions exist: only one mapper may attach")
         now = self._clock()
         token = secrets.token_bytes(m.TOKEN_BYTES)
@@ -83,6 +83,9 @@ class PeerState(TableState):
             return self._attach(identity, msg)
         bound = self._by_identity.get(identity)
         if bound is None:
+            if isinstance(msg, m.Detach):  # a mapper whose fd socket closed first: nothing wrong
+                log.debug("Detach from a socket of a mapper already gone")
+                return []
             self.reject("not-attached", f"{type(msg).__name__} from an unattached socket")
             return [self._error(identity, "not-attached", "send Attach first")]
         mapper_id, role = bound

@@ -356,6 +356,7 @@ class ManagerState(PeerState):
             mappers=len(self.mappers),
             address_space=self.address_space,
             rejected=dict(self.rejected),
+            refused=dict(self.refused),
             uptime=round(self._clock() - self.started_at, 3),
         )
         return out

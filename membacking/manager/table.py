@@ -69,12 +69,26 @@ class TableState:
         self._next_order = 0
         self.counters: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
+        #: requests turned down by a limit or a policy (not a peer's fault), by reason
+        self.refused: Counter[str] = Counter()
 
     def reject(self, reason: str, detail: str, pid: int | None = None) -> None:
         """Count and log a rejected peer message."""
         self.rejected[reason] += 1
         log.warning(
             "rejected message (%s) from pid %s: %s",
+            reason,
+            pid,
+            detail,
+            extra={"reason": reason, "peer_pid": pid},
+        )
+
+    def refuse(self, reason: str, detail: str, pid: int | None = None) -> None:
+        """Count and log a request turned down by a limit or policy (kept apart from
+        `rejected`, which counts peers that broke the protocol)."""
+        self.refused[reason] += 1
+        log.warning(
+            "refused (%s) for pid %s: %s",
             reason,
             pid,
             detail,
@@ -151,7 +165,7 @@ class TableState:
             return []
         if len(entry.fds_sent) >= self.limits.max_fds_per_mapper:
             limit = self.limits.max_fds_per_mapper
-            self.reject("limit", f"fd limit of {limit} reached", entry.pid)
+            self.refuse("limit", f"fd limit of {limit} reached", entry.pid)
             reason = f"this mapper holds its limit of {limit} fds"
             return [SendFd(entry.id, m.FdDenied(mappable_id, reason))]
         size, writable = self.store.describe(mappable_id)

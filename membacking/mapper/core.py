@@ -240,7 +240,7 @@ class VaMapper:
         elif isinstance(msg, m.Shutdown):
             # the manager's own reason says more than a closed connection noticed first
             self.gone = None
-            self.manager_gone(f"the manager shut down ({msg.reason})")
+            self.manager_gone(describe_shutdown(msg.reason))
         elif isinstance(msg, m.Error):
             log.warning("mapper %d: the manager rejected a message: %s", self.id, msg.message)
         else:
@@ -481,3 +481,11 @@ class VaMapper:
         else:
             self.mv.release()
             self.reservation.release()
+
+
+def describe_shutdown(reason: str) -> str:
+    """How a mapper tells its user why the manager let it go: an eviction is not a shutdown."""
+    if reason.startswith("evicted"):
+        detail = reason.removeprefix("evicted").lstrip(": ")
+        return "the manager evicted this mapper" + (f": {detail}" if detail else "")
+    return f"the manager shut down ({reason})"

@@ -283,7 +283,7 @@ def test_limits_refuse_cleanly(start_manager: Start, spawn_worker: Spawn) -> Non
         WorkerError, match=r"GuestMemoryError cannot map GPA 0x100000: .*limit of 1 fds"
     ):
         first.ask("read 0x100000 1")  # its second fd is denied: a clean failure that says why
-    assert client.stats()["rejected"]["limit"] >= 2
+    assert client.stats()["refused"]["limit"] >= 2
 
 
 @pytest.mark.skipif(shutil.which("prlimit") is None, reason="needs prlimit (util-linux)")
@@ -300,7 +300,7 @@ def test_out_of_file_descriptors(start_manager: Start) -> None:
             sock.connect(str(running.runtime_dir / "fd.sock"))
             send_message(sock, m.Hello("greedy"))
             peers.append(sock)
-        assert wait_until(lambda: running.client().stats()["rejected"].get("no-resources", 0) > 0)
+        assert wait_until(lambda: running.client().stats()["refused"].get("no-resources", 0) > 0)
         assert running.proc.poll() is None
     finally:
         for sock in peers:

@@ -1,0 +1,43 @@
+"""`membacking status`: whether a manager serves here, which one, and whether it is well."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .. import units
+from .common import control_client, echo_json, json_option, runtime_dir_option, timeout_option
+
+
+@click.command("status")
+@runtime_dir_option
+@timeout_option()
+@json_option
+def status_cmd(runtime_dir: Path, timeout: float | None, as_json: bool) -> None:
+    """Show the serving manager: pid, version, uptime, runtime directory, counts, resources
+    and health (exit 0 while it answers, even degraded; 1 if no manager answers)."""
+    client = control_client(runtime_dir, timeout)
+    status = client.status()
+    status["runtime_dir"] = str(client.paths.root)
+    if as_json:
+        echo_json(status)
+        return
+    limit = status["max_fds"]
+    rows = [
+        ("pid", str(status["pid"])),
+        ("version", status["version"]),
+        ("uptime", units.format_duration(status["uptime"])),
+        ("runtime dir", status["runtime_dir"]),
+        ("regions", str(status["regions"])),
+        ("mappers", str(status["mappers"])),
+        ("open fds", f"{status['open_fds']} of {limit if limit else 'unlimited'}"),
+        ("memory", f"{units.format_size(status['rss_bytes'])} resident"),
+        ("mappings", f"{status['vmas']} VMAs"),
+        ("unmap timeout", units.format_duration(status["unmap_timeout"])),
+    ]
+    click.echo(f"membacking manager: {status['health']}")
+    for problem in status["problems"]:
+        click.echo(f"  ! {problem}")
+    for key, value in rows:
+        click.echo(f"  {key:<14}{value}")
