@@ -255,8 +255,8 @@ SHOW_AFTER = 1.0
 
 def _wait_showing_holders(client: ControlClient, name: str, call: Any) -> dict[str, Any]:
     """Run `call` (which waits for every holder of region `name` to unmap it); while it takes
-    longer than SHOW_AFTER, say on stderr which mappers still hold the region, for how long,
-    and against which timeout."""
+    longer than SHOW_AFTER, say on stderr which mappers have not answered yet, for how long,
+    and after how long they are evicted."""
     outcome: dict[str, Any] = {}
 
     def run() -> None:
@@ -274,19 +274,18 @@ def _wait_showing_holders(client: ControlClient, name: str, call: Any) -> dict[s
         try:
             if watcher is None:
                 watcher = ControlClient(client.paths.root, timeout=2.0)
-                limit = units.format_duration(watcher.status()["unmap_timeout"])
-            holders: list[int] = next(
-                (r["holders"] for r in watcher.regions() if r["name"] == name), []
-            )
-            who = {p["id"]: p for p in watcher.mappers()}
-            names = ", ".join(
-                f"mapper {h} ({who[h]['name']}, pid {who[h]['pid']})" if h in who else f"mapper {h}"
-                for h in holders
+            status = watcher.status()
+            limit = units.format_duration(status["unmap_timeout"])
+            holders = ", ".join(
+                f"mapper {w['id']} ({w['name']}, pid {w['pid']}, "
+                f"{units.format_duration(w['seconds'])})"
+                for w in status["waiting_on"]
             )
             waited = units.format_duration(time.monotonic() - started)
             click.echo(
-                f"removing {name}: waiting {waited} for {names or 'the last acknowledgement'} "
-                f"to unmap it (a mapper is evicted after {limit})",
+                f"removing {name} for {waited}: waiting for "
+                f"{holders or 'the last acknowledgement'} to unmap it "
+                f"(a mapper is evicted after {limit})",
                 err=True,
             )
             sys.stderr.flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -10,10 +11,19 @@ import click
 
 from .. import units
 from ..errors import MembackingError
-from .common import control_client, runtime_dir_option, timeout_option
+from .common import control_client, json_option, runtime_dir_option, timeout_option
 
 _CLEAR = "\x1b[H\x1b[2J"
 _RATES = ("faults", "maps_sent", "unmaps_sent", "fds_sent", "removals")
+
+
+def watch_rates(
+    stats: dict[str, Any], previous: dict[str, Any] | None, elapsed: float
+) -> dict[str, float]:
+    """Per-second rates of the counters since the previous refresh (none on the first)."""
+    if previous is None:
+        return {}
+    return {k: round((stats[k] - previous[k]) / max(elapsed, 1e-6), 3) for k in _RATES}
 
 
 def render_watch(
@@ -66,8 +76,12 @@ def render_watch(
     default=None,
     help="Stop after this many refreshes (default: until Ctrl-C).",
 )
-def watch_cmd(runtime_dir: Path, timeout: float | None, interval: float, count: int | None) -> None:
-    """Show the daemon's counters, refreshing in place until Ctrl-C."""
+@json_option
+def watch_cmd(
+    runtime_dir: Path, timeout: float | None, interval: float, count: int | None, as_json: bool
+) -> None:
+    """Show the daemon's counters, refreshing in place until Ctrl-C (with --json, one JSON
+    object per refresh and line: stats, per-second rates, mappers)."""
     client = control_client(runtime_dir, timeout or max(2.0, interval * 2))
     previous: dict[str, Any] | None = None
     previous_at = 0.0
@@ -76,8 +90,13 @@ def watch_cmd(runtime_dir: Path, timeout: float | None, interval: float, count: 
         while count is None or shown < count:
             stats, now = client.stats(), time.monotonic()
             # rates over the time that really passed (the calls themselves take some)
-            screen = render_watch(stats, previous, now - previous_at, client.mappers())
-            click.echo(_CLEAR + "\n".join(screen), nl=True)
+            mappers = client.mappers()
+            if as_json:  # one object per refresh, one line each (JSON Lines)
+                rates = watch_rates(stats, previous, now - previous_at)
+                click.echo(json.dumps({"stats": stats, "rates": rates, "mappers": mappers}))
+            else:
+                screen = render_watch(stats, previous, now - previous_at, mappers)
+                click.echo(_CLEAR + "\n".join(screen), nl=True)
             previous, previous_at, shown = stats, now, shown + 1
             if count is None or shown < count:
                 time.sleep(interval)

@@ -82,9 +82,19 @@ def _status(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[
     problems = []
     if proc["max_fds"] and proc["open_fds"] >= FD_WARN_SHARE * proc["max_fds"]:
         problems.append(f"{proc['open_fds']} of {proc['max_fds']} open-file slots in use")
-    waiting = sorted({e.id for e in state.mappers.values() if e.unacked})
+    now = state._monotonic()
+    waiting = [
+        {
+            "id": e.id,
+            "name": e.name,
+            "pid": e.pid,
+            "seconds": round(now - min(e.unacked.values()), 3),
+        }
+        for e in sorted(state.mappers.values(), key=lambda e: e.id)
+        if e.unacked
+    ]
     if waiting:
-        problems.append("waiting on mapper(s) " + ", ".join(map(str, waiting)))
+        problems.append("waiting on mapper(s) " + ", ".join(str(w["id"]) for w in waiting))
     return _reply(
         identity,
         {
@@ -94,6 +104,7 @@ def _status(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[
             "regions": stats["regions"],
             "mappers": stats["mappers"],
             "unmap_timeout": state.unmap_timeout,
+            "waiting_on": waiting,
             "health": "degraded" if problems else "ok",
             "problems": problems,
         },

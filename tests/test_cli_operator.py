@@ -1,0 +1,267 @@
+"""What an operator reaches for, against a real daemon: status, manager stop, mapper evict,
+--timeout against a stopped daemon, --json on every command that changes something, the
+progress of a slow removal, and counters that tell a misbehaving peer from a normal refusal."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+
+import pytest
+
+from conftest import RunningManager, Worker, cli_env
+
+Spawn = Callable[..., Worker]
+Start = Callable[..., RunningManager]
+
+
+def test_status_says_who_serves_and_how_well(manager: RunningManager) -> None:
+    result = manager.cli("status", "--json")
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert status["pid"] == manager.pid and status["runtime_dir"] == str(manager.runtime_dir)
+    assert status["version"] and status["version"] == manager.client().stats()["version"]
+    assert (status["regions"], status["mappers"], status["health"]) == (2, 0, "ok")
+    for key in ("open_fds", "max_fds", "rss_bytes", "vmas"):
+        assert type(status[key]) is int and status[key] > 0, key
+    assert status["open_fds"] < status["max_fds"]
+    text = manager.cli("status").stdout
+    assert text.startswith("membacking manager: ok\n")
+    assert f"pid           {manager.pid}" in text and " s\n" in text  # uptime with its unit
+    stats = manager.cli("stats").stdout
+    assert "uptime" in stats and any(
+        line.startswith("uptime") and line.endswith(" s") for line in stats.splitlines()
+    )
+    assert "version" in stats and "refused                0" in stats
+
+
+def test_manager_stop(start_manager: Start) -> None:
+    running = start_manager("--region", "ram0=0:1M")
+    result = running.cli("manager", "stop")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"manager (pid {running.pid}) at {running.runtime_dir} stopped"
+    assert running.proc.wait(10) == 0
+    assert list(running.runtime_dir.iterdir()) == []  # sockets and lock removed, as on SIGTERM
+    assert "shutting down: stop requested on the control socket" in running.log()
+    again = running.cli("manager", "stop")
+    assert again.returncode == 1 and "no membacking manager" in again.stderr
+
+
+def test_mapper_evict(manager: RunningManager, spawn_worker: Spawn) -> None:
+    worker = spawn_worker(manager, "idle")
+    worker.ask("read 0 1")
+    result = manager.cli("mapper", "evict", str(worker.mapper_id), "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {
+        "id": worker.mapper_id,
+        "name": "idle",
+        "pid": worker.pid,
+    }
+    assert manager.client().mappers() == []
+    # the mapper is told, in words that say it was evicted (not that the manager shut down)
+    with pytest.raises(Exception, match="the manager evicted this mapper: an operator ran"):
+        worker.ask("read 0xfff00000 1")  # a region it has not mapped yet: a fault
+    unknown = manager.cli("mapper", "evict", "999")
+    assert unknown.returncode == 1 and unknown.stderr.strip() == (
+        "Error: no mapper 999 is attached"
+    )
+    assert manager.client().stats()["evictions"] == 0  # not an unresponsive mapper
+
+
+def _attach_cli(manager: RunningManager, *args: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "membacking", "mapper", "attach", *args],
+        env=cli_env(manager.runtime_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 30)
+    assert ready and "attached" in proc.stdout.readline()
+    return proc
+
+
+def test_mapper_attach_says_once_why_it_stopped(
+    manager: RunningManager, start_manager: Start
+) -> None:
+    evicted = _attach_cli(manager, "--name", "victim")
+    mapper_id = manager.client().mappers()[0]["id"]
+    assert manager.cli("mapper", "evict", str(mapper_id)).returncode == 0
+    assert evicted.wait(10) == 1
+    assert evicted.stderr is not None
+    assert evicted.stderr.read().strip().splitlines() == [
+        f"Error: mapper {mapper_id}: the manager evicted this mapper: an operator ran "
+        "`membacking mapper evict`"
+    ]
+    running = start_manager("--region", "ram0=0:1M")
+    follower = _attach_cli(running)
+    running.stop()
+    assert follower.wait(10) == 1 and follower.stderr is not None
+    assert follower.stderr.read().strip().splitlines() == [
+        "Error: mapper 1: the manager shut down (received SIGTERM)"
+    ]
+    # a clean detach is nothing a peer did wrong
+    follower2 = _attach_cli(manager)
+    follower2.send_signal(signal.SIGTERM)
+    assert follower2.wait(10) == 0
+    time.sleep(0.2)
+    assert manager.client().stats()["rejected"] == {}
+
+
+def test_timeout_against_a_stopped_daemon(manager: RunningManager) -> None:
+    os.kill(manager.pid, signal.SIGSTOP)
+    try:
+        for command in (("regions",), ("mem", "read", "0", "4"), ("status",)):
+            started = time.monotonic()
+            result = manager.cli(*command, "--timeout", "0.5")
+            assert time.monotonic() - started < 8
+            assert result.returncode == 1, result.stderr
+            assert result.stderr.strip() == (
+                f"Error: the manager at {manager.runtime_dir} did not answer within 0.5s"
+            ), command
+    finally:
+        os.kill(manager.pid, signal.SIGCONT)
+    assert manager.cli("regions", "--timeout", "5").returncode == 0
+
+
+def test_json_output_of_changing_commands(manager: RunningManager) -> None:
+    def run(*args: str) -> object:
+        result = manager.cli(*args, "--json")
+        assert result.returncode == 0, (args, result.stderr)
+        return json.loads(result.stdout)
+
+    added = run("region", "add", "dev0", "0x10000000", "2M")
+    assert isinstance(added, dict) and added["name"] == "dev0" and added["size"] == 2 << 20
+    assert isinstance(run("region", "disable", "dev0"), dict)
+    assert run("region", "move", "dev0", "0x20000000")["gpa"] == 0x20000000  # type: ignore[index]
+    assert isinstance(run("region", "enable", "dev0"), dict)
+    assert isinstance(run("region", "map", "dev0", "0", "4K"), dict)
+    assert isinstance(run("region", "unmap", "dev0", "0", "4K"), dict)
+    assert run("mem", "write", "0x1000", "--hex", "cafe") == {"gpa": 0x1000, "bytes": 2}
+    assert run("mem", "fill", "0x2000", "3", "7") == {"gpa": 0x2000, "bytes": 3, "byte": 7}
+    assert run("mem", "dump", "0x1000", "2") == {"gpa": 0x1000, "length": 2, "hex": "cafe"}
+    removed = run("region", "remove", "dev0")
+    assert isinstance(removed, dict) and removed["name"] == "dev0"
+    assert removed["unmapped_from"] == []
+    lines = manager.cli("watch", "--count", "2", "--interval", "0.1", "--json").stdout.splitlines()
+    frames = [json.loads(line) for line in lines]
+    assert len(frames) == 2 and frames[0]["rates"] == {} and "faults" in frames[1]["rates"]
+
+
+def test_sizes_in_json_are_integers(manager: RunningManager, spawn_worker: Spawn) -> None:
+    worker = spawn_worker(manager, "w")
+    worker.ask("read 0 1")
+    (entry,) = json.loads(manager.cli("mappers", "--json").stdout)
+    assert type(entry["rss"]) is int and entry["rss"] > 0 and type(entry["bytes"]) is int
+    assert manager.cli("mappers").stdout.count("MiB") >= 2  # people still read units
+
+
+def test_remove_says_whom_it_waits_for(start_manager: Start, spawn_worker: Spawn) -> None:
+    running = start_manager("--region", "ram0=0:1M", "--unmap-timeout", "2")
+    holder = spawn_worker(running, "slow")
+    holder.ask("view 0 4096")  # a view held open: the Unmap waits until the mapper is evicted
+    result = running.cli("region", "remove", "ram0")
+    assert result.returncode == 0, result.stderr
+    assert f"(unmapped from mapper {holder.mapper_id})" in result.stdout
+    waiting = [line for line in result.stderr.splitlines() if line.startswith("removing ram0 for ")]
+    assert waiting, result.stderr
+    assert f"mapper {holder.mapper_id} (slow, pid {holder.pid}, " in waiting[0]
+    assert "a mapper is evicted after 2.0 s" in waiting[0]
+
+
+def test_refusals_are_counted_apart(start_manager: Start, spawn_worker: Spawn) -> None:
+    running = start_manager("--max-mappers", "1")
+    spawn_worker(running, "one")
+    result = running.cli("mem", "read", "0", "1")
+    assert result.returncode == 1 and "limit of 1 mappers" in result.stderr
+    stats = running.client().stats()
+    assert stats["refused"] == {"limit": 1} and stats["rejected"] == {}
+
+
+def test_private_ram_is_refused_with_several_mappers(
+    manager: RunningManager, spawn_worker: Spawn
+) -> None:
+    one, two = spawn_worker(manager, "one"), spawn_worker(manager, "two")
+    result = manager.cli("region", "add", "pram", "0x10000000", "1M", "--private")
+    assert result.returncode == 1
+    assert (
+        f"2 are attached: {one.mapper_id} (one), {two.mapper_id} (two); detach all but one"
+        in result.stderr
+    )
+    assert "pram" not in {r["name"] for r in manager.client().regions()}
+
+
+def _scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text: str = response.read().decode()
+    return text
+
+
+def test_metrics_export_version_process_and_every_counter(start_manager: Start) -> None:
+    running = start_manager("--region", "ram0=0:1M", "--metrics-port", "0")
+    text = _scrape(running.ready_line.split("metrics=")[1].strip())
+    version = running.client().stats()["version"]
+    assert f'membacking_build_info{{version="{version}"}} 1.0' in text
+    for name in (
+        "process_open_fds",
+        "process_max_fds",
+        "process_resident_memory_bytes",
+        "membacking_process_vmas",
+        "membacking_rollbacks_total",
+        "membacking_demotions_total",
+        "membacking_invalidations_total",
+        "membacking_refused_requests",
+    ):
+        assert f"\n{name}" in text or f"# TYPE {name}" in text, name
+
+
+def _ipv6_loopback() -> bool:
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            sock.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+def test_ipv6_metrics_url_has_brackets(start_manager: Start) -> None:
+    running = start_manager("--metrics-port", "0", "--metrics-addr", "::1")
+    url = running.ready_line.split("metrics=")[1].strip()
+    assert url.startswith("http://[::1]:")
+    assert "membacking_regions" in _scrape(url)
+
+
+def test_ready_line_is_json_with_json_logs(start_manager: Start) -> None:
+    running = start_manager("--log-format", "json", "--region", "a=0:4K")
+    ready = json.loads(running.ready_line)
+    assert ready["msg"] == "membacking manager ready" and ready["pid"] == running.pid
+    assert ready["runtime_dir"] == str(running.runtime_dir) and ready["regions"] == 1
+
+
+def test_region_names_complete_from_the_daemon(manager: RunningManager) -> None:
+    env = {
+        **cli_env(manager.runtime_dir),
+        "_MEMBACKING_COMPLETE": "bash_complete",
+        "COMP_WORDS": "membacking region remove r",
+        "COMP_CWORD": "3",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", "from membacking.cli import main; main()"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["plain,ram0", "plain,rom"]
