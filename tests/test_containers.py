@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -118,3 +119,68 @@ def test_mapper_in_another_pid_namespace_stays_attached(
         assert client.mappers() == []  # and its departure is noticed all the same
     finally:
         running.stop(signal.SIGKILL)  # unshare does not pass SIGTERM on; --kill-child does
+
+
+def _instructions() -> list[tuple[str, str]]:
+    """The Dockerfile's instructions as (KEYWORD, arguments), continuation lines joined."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            keyword, _, rest = line.partition(" ")
+            out.append((keyword.upper(), rest.strip()))
+    return out
+
+
+def test_image_runs_as_an_unprivileged_user() -> None:
+    steps = _instructions()
+    users = [rest for keyword, rest in steps if keyword == "USER"]
+    assert users and users[-1] not in ("root", "0"), users
+    entry = next(i for i, (keyword, _) in enumerate(steps) if keyword == "ENTRYPOINT")
+    assert max(i for i, (keyword, _) in enumerate(steps) if keyword == "USER") < entry
+    # the runtime directory a new volume copies is the user's own
+    created = " ".join(rest for keyword, rest in steps if keyword == "RUN")
+    assert "useradd --system --uid 10001" in created and "chown membacking" in created
+
+
+def test_dependencies_are_installed_before_the_source_is_copied() -> None:
+    """Layer caching: a change of the source must not reinstall the dependencies."""
+    steps = _instructions()
+    source = next(i for i, s in enumerate(steps) if s == ("COPY", "membacking ./membacking"))
+    deps = next(i for i, (k, rest) in enumerate(steps) if k == "RUN" and "-r /tmp/req" in rest)
+    assert deps < source
+    copies_before = [rest for keyword, rest in steps[:deps] if keyword in ("COPY", "ADD")]
+    assert copies_before == ["pyproject.toml README.md ./"]
+    # the dependency list the image installs is pyproject's, read the way the RUN line does
+    run = steps[deps][1]
+    snippet = re.search(r'python -c "(.*?)" >', run)
+    assert snippet is not None
+    listed = subprocess.run(
+        [sys.executable, "-c", snippet.group(1)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert listed.returncode == 0, listed.stderr
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert listed.stdout.split() == project["dependencies"]
+    final = next(rest for k, rest in steps[source:] if k == "RUN")
+    assert "--no-deps" in final
+
+
+def test_dockerignore_keeps_the_build_context_small() -> None:
+    ignored = {
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    assert {".venv", ".git", "**/__pycache__", "tests"} <= ignored
+    # what the Dockerfile copies is not ignored
+    for kept in ("pyproject.toml", "README.md", "membacking"):
+        assert kept not in ignored
+
+
+def test_every_service_restarts() -> None:
+    """`mapper attach` exits when its manager stops: every service needs a restart policy."""
+    services = compose()["services"]
+    assert isinstance(services, dict)
+    for name, service in services.items():
+        assert service.get("restart") in ("unless-stopped", "always", "on-failure"), name
