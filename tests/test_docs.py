@@ -7,6 +7,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,10 +33,25 @@ def test_cli_reference_is_up_to_date() -> None:
 
 def test_readme_has_the_two_commands() -> None:
     commands = [b.strip() for b in blocks("sh")[:2]]
-    assert commands[0].startswith("pip install -e '.[dev]' && membacking manager run")
+    # a venv first: a system Python under PEP 668 refuses a bare pip install
+    assert commands[0].startswith(
+        "python3 -m venv .venv && . .venv/bin/activate && pip install -e . && "
+        "membacking manager run"
+    )
     assert commands[1] == "pytest"
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
     assert ci[-1] == "pytest"  # CI runs exactly the README's test command
+    assert "pip install --quiet -e '.[dev]'" in ci[-2]  # in the environment the README names
+    assert "pip install -e '.[dev]'" in README
+
+
+def test_the_service_install_pulls_no_test_or_fuzz_tools() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[<>=;\[ ]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
+    assert names == {"pyzmq", "msgpack", "psutil", "click", "prometheus-client"}
+    extras = project["optional-dependencies"]
+    parts = extras["test"] + extras["lint"] + extras["fuzz"]
+    assert sorted(extras["dev"]) == sorted(parts)  # dev is exactly its parts
 
 
 def test_readme_quickstart_runs(start_manager: Callable[..., RunningManager]) -> None:
