@@ -265,3 +265,15 @@ def test_region_names_complete_from_the_daemon(manager: RunningManager) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["plain,ram0", "plain,rom"]
+
+
+def test_debug_logging_says_what_the_daemon_does(start_manager: Start) -> None:
+    running = start_manager("--region", "ram0=0:1M", "--log-level", "debug")
+    assert running.cli("mem", "read", "0x1000", "1").returncode == 0
+    assert running.cli("region", "add", "dev", "0x10000000", "4K").returncode == 0
+    log = running.log()
+    assert "DEBUG membacking.manager: mapper 1 faults" in log
+    assert "DEBUG membacking.manager: control request add_region" in log
+    quiet = start_manager("--region", "ram0=0:1M")
+    assert quiet.cli("mem", "read", "0", "1").returncode == 0
+    assert "DEBUG" not in quiet.log()

@@ -246,3 +246,4 @@ def test_json_logs(tmp_path: Path) -> None:
     assert messages[-1] == "membacking manager stopped"
     (rejection,) = [entry for entry in lines if entry.get("reason") == "malformed"]
     assert rejection["peer_pid"] is None  # JSON null, not the string "None"
+    assert "from a peer of unknown pid (not a registered mapper)" in rejection["msg"]

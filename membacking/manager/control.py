@@ -6,6 +6,7 @@ affected mapper has answered.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +17,8 @@ from .errors import Refused
 from .metrics import FD_WARN_SHARE, VERSION, process_info
 from .model import Disconnect
 from .state import Effect, ManagerState, Send, region_info
+
+log = logging.getLogger("membacking.manager")
 
 _NOTHING: dict[str, type] = {}
 
@@ -258,4 +261,5 @@ def run_control(
     handler = OPS.get(op)
     if handler is None:
         raise Refused("bad-request", f"unknown operation {op!r}")
+    log.debug("control request %s %s", op, args)
     return handler(state, identity, args)

@@ -76,9 +76,9 @@ class TableState:
         """Count and log a rejected peer message."""
         self.rejected[reason] += 1
         log.warning(
-            "rejected message (%s) from pid %s: %s",
+            "rejected message (%s) from %s: %s",
             reason,
-            pid,
+            f"pid {pid}" if pid is not None else "a peer of unknown pid (not a registered mapper)",
             detail,
             extra={"reason": reason, "peer_pid": pid},
         )
@@ -120,6 +120,7 @@ class TableState:
             self.reject("not-attached", "SendMappings before the stream socket", entry.pid)
             return []
         self.counters["faults"] += 1
+        log.debug("mapper %d faults %s", mapper_id, rng)
         if rng.end <= self.address_space:
             hit = self.table.lookup(rng.start)
             if hit is not None and hit[0].end >= rng.end:  # one mapping covers it: most faults
