@@ -42,10 +42,10 @@ def test_quick_benchmark_reports_everything(tmp_path: Path) -> None:
         "write_plain",
         "first fault",
         "fault, fd already held",
-        "remove, 1 holders: inside",
+        "remove, 1 holder: inside",
         "remove, 4 holders: inside",
         "remove, 16 holders: inside",
-        "remove, 1 holders: CPU per holder process",
+        "remove, 1 holder: CPU per holder process",
         "remove, 16 holders: CPU of the manager",
         "faults per second, 8 mappers",
         "CPU per fault, 8 mappers",
@@ -74,7 +74,7 @@ def test_quick_benchmark_reports_everything(tmp_path: Path) -> None:
     assert list(paths) == [
         "first fault",
         "fault, fd already held",
-        "remove, 1 holders (inside)",
+        "remove, 1 holder (inside)",
         "remove, 4 holders (inside)",
         "remove, 16 holders (inside)",
     ]
@@ -223,3 +223,56 @@ def test_instruction_count_script_counts_both_processes(tmp_path: Path) -> None:
     assert data["rounds"] == 3
     assert data["manager_per_round"] > 0 and data["mapper_per_round"] > 0
     assert "manager" in result.stdout and "mapper" in result.stdout
+
+
+def test_table_explains_its_columns_and_keeps_memory_apart() -> None:
+    """The baseline column is explained under the table; a memory row (growth per region) is
+    not set beside the manager's whole RSS as if that were its baseline."""
+    import io
+
+    from membacking.bench.runner import Result, table
+
+    out = io.StringIO()
+    table(
+        [
+            Result("first fault", 120.0, 60.0, "us", 2.0, "lower", 2.5, True),
+            Result(
+                "manager memory per region",
+                2048.0,
+                40 << 20,
+                "bytes",
+                2048 / (40 << 20),
+                "lower",
+                None,
+                None,
+            ),
+        ],
+        out,
+    )
+    text = out.getvalue()
+    lines = text.splitlines()
+    assert lines[2].split() == [
+        "first",
+        "fault",
+        "120",
+        "us",
+        "60.00",
+        "us",
+        "2.00x",
+        "<=",
+        "2.5x",
+        "yes",
+    ]
+    memory = next(line for line in lines if line.startswith("manager memory per region"))
+    assert memory.split()[-4:] == ["-", "-", "report", "-"] and "RSS" not in memory
+    assert "baseline: the same operation done raw in the same run" in text
+    assert "the manager's RSS before them was 40,960.0 KiB" in text
+
+
+def test_load_average_warning() -> None:
+    from membacking.bench.runner import load_note
+
+    quiet = load_note(0.2, 1.9, 2)
+    assert quiet == "load average 0.20 before the run, 1.90 after (2 cores)\n"
+    busy = load_note(1.5, 2.5, 2)
+    assert "WARNING: the machine was busy before the run (load 1.50 on 2 cores)" in busy

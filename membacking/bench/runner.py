@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TextIO, TypeVar
 
+from ..units import plural
 from . import baselines, cases, floors
 from .turns import Removal, in_turn, medians
 
@@ -176,7 +177,7 @@ def run(quick: bool, log: Callable[[str], None]) -> tuple[list[Result], list[Bre
         removal = {name: Removal.summary(values) for name, values in samples.items()}
         ours, fanout = removal["membacking"], removal["baseline"]
         raw = fanout.seconds * 1e6
-        label = f"remove, {holders} holders:"
+        label = f"remove, {plural(holders, 'holder')}:"
         add(_result(f"{label} inside the manager", ours.seconds * 1e6, raw, "us", "lower", 1.5))
         add(
             _result(
@@ -205,7 +206,7 @@ def run(quick: bool, log: Callable[[str], None]) -> tuple[list[Result], list[Bre
         )
         breakdowns.append(
             Breakdown(
-                f"remove, {holders} holders (inside)",
+                f"remove, {plural(holders, 'holder')} (inside)",
                 **{name: r.seconds for name, r in removal.items()},
             )
         )
@@ -285,11 +286,12 @@ def table(results: list[Result], out: TextIO) -> None:
             target = "report"
         else:
             target = f"{'>=' if r.better == 'higher' else '<='} {r.target:g}x"
-        ratio = f"{r.ratio:.2f}x" if r.ratio is not None and r.unit != "bytes" else "-"
+        # memory rows have no raw twin: their baseline (the manager's RSS before them) is
+        # shown in the legend, not beside a per-region growth it cannot be compared with
+        memory = r.unit == "bytes"
+        ratio = f"{r.ratio:.2f}x" if r.ratio is not None and not memory else "-"
         met = "-" if r.met is None else ("yes" if r.met else "NO")
-        baseline = (
-            _fmt(r.baseline, r.unit) if r.unit != "bytes" else (f"RSS {_fmt(r.baseline, r.unit)}")
-        )
+        baseline = "-" if memory else _fmt(r.baseline, r.unit)
         rows.append([r.what, _fmt(r.ours, r.unit), baseline, ratio, target, met])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for i, row in enumerate(rows):
@@ -298,6 +300,33 @@ def table(results: list[Result], out: TextIO) -> None:
         )
         if i == 0:
             out.write("  ".join("-" * w for w in widths) + "\n")
+    out.write(LEGEND)
+    rss = next((r.baseline for r in results if r.unit == "bytes"), None)
+    if rss is not None:
+        out.write(
+            f"manager memory rows: growth of the manager's RSS per region and per attached\n"
+            f"mapper (no raw baseline; the manager's RSS before them was {_fmt(rss, 'bytes')}).\n"
+        )
+
+
+LEGEND = """
+membacking: the operation through membacking. baseline: the same operation done raw in the
+same run, without membacking (each row's baseline: docs/PERFORMANCE.md, "The baselines").
+ratio: membacking / baseline, so for times lower is better and for rates (/s) higher is;
+target: the bound the ratio should meet ("report": no bound), met: whether it did.
+"""
+
+
+def load_note(before: float, after: float, cores: int) -> str:
+    """The load average around the run, and a warning when the machine was busy before it
+    started (other work then takes CPU from the variants unevenly and the ratios drift)."""
+    text = f"load average {before:.2f} before the run, {after:.2f} after ({cores} cores)"
+    if before >= 0.5 * cores:
+        text += (
+            f"\nWARNING: the machine was busy before the run (load {before:.2f} on {cores} "
+            "cores): ratios may be off; run again when it is idle"
+        )
+    return text + "\n"
 
 
 def breakdown_table(rows: list[Breakdown], out: TextIO) -> None:
@@ -329,10 +358,15 @@ def breakdown_table(rows: list[Breakdown], out: TextIO) -> None:
 
 def main(quick: bool = False, json_path: Path | None = None, out: TextIO = sys.stdout) -> int:
     started = time.time()
+    load_before = os.getloadavg()[0]
     results, breakdowns = run(quick, lambda line: print(line, file=sys.stderr, flush=True))
+    load_after = os.getloadavg()[0]
+    cores = os.cpu_count() or 1
     out.write(
-        f"\nmembacking benchmark ({'quick' if quick else 'full'}), {os.cpu_count()} cores, "
-        f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M')}\n\n"
+        f"\nmembacking benchmark ({'quick' if quick else 'full'}), {cores} cores, "
+        f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M')}\n"
+        + load_note(load_before, load_after, cores)
+        + "\n"
     )
     table(results, out)
     out.write("\nwhere the time of the paths with a latency target goes (same run)\n\n")
@@ -345,6 +379,7 @@ def main(quick: bool = False, json_path: Path | None = None, out: TextIO = sys.s
                     "started": started,
                     "seconds": time.time() - started,
                     "cores": os.cpu_count(),
+                    "load_average": [load_before, load_after],
                     "python": platform.python_version(),
                     "results": [asdict(r) for r in results],
                     "breakdown": [{**asdict(b), "ratios": b.ratios} for b in breakdowns],
