@@ -256,7 +256,7 @@ def test_table_explains_its_columns_and_keeps_memory_apart() -> None:
         "fault",
         "120",
         "us",
-        "60.00",
+        "60",
         "us",
         "2.00x",
         "<=",
