@@ -109,6 +109,7 @@ def test_watch(manager: RunningManager) -> None:
             "region_bytes": MiB,
             "mappers": 0,
             "rejected": {"malformed": 2},
+            "refused": {"limit": 1},
             "faults": 10,
             "maps_sent": 4,
             "unmaps_sent": 0,
@@ -119,7 +120,7 @@ def test_watch(manager: RunningManager) -> None:
         2.0,
         [],
     )
-    assert screen[0].endswith("rejected 2")
+    assert screen[0].endswith("rejected 2  refused 1")
     assert screen[3].split() == ["faults", "10", "3.0"]
     manager.stop()
     gone = manager.cli("watch", "--count", "1")

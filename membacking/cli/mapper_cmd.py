@@ -1,5 +1,6 @@
 """`membacking mapper attach`: a mapper that stays attached until SIGINT or SIGTERM (or until it
-loses its manager: then it exits with status 1 and says why)."""
+loses its manager: then it exits with status 1 and says why, once); `mapper evict ID`: cut one
+off."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ def render_watch(
     lines = [
         f"membacking  up {stats['uptime']:.0f}s  regions {stats['regions']} "
         f"({units.format_size(stats['region_bytes'])})  mappers {stats['mappers']}  "
-        f"rejected {sum(rejected.values())}",
+        f"rejected {sum(rejected.values())}  refused {sum(stats.get('refused', {}).values())}",
         "",
         f"  {'counter':<16}{'total':>12}{'per second':>14}",
     ]
