@@ -214,7 +214,9 @@ def manager_stop(runtime_dir: Path, timeout: float | None, no_wait: bool, as_jso
     stopped = no_wait
     deadline = time.monotonic() + (timeout if timeout is not None else 30.0)
     while not stopped and time.monotonic() < deadline:
-        stopped = client.paths.manager_running() is False
+        running = client.paths.manager_running()
+        # a lock this user cannot read: the daemon removes its sockets as it releases the lock
+        stopped = running is False or (running is None and not client.paths.control_socket.exists())
         if not stopped:
             time.sleep(0.05)
     client.close()
