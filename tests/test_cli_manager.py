@@ -186,6 +186,15 @@ def test_region_errors_are_one_clean_line(manager: RunningManager) -> None:
     assert_clean_error(
         manager.cli("region", "add", "x", "0x10000000", "4K", "--priority", "300"), "300", usage
     )
+    assert_clean_error(manager.cli("map", "--width", "15"), "15", usage)
+    assert_clean_error(
+        manager.cli("mem", "write", "0", "--file", "/nonexistent"), "/nonexistent", usage
+    )
+    assert_clean_error(
+        run_cli("manager", "run", "--runtime-dir", "/tmp/unused", "--log-level", "trace"),
+        "'trace' is not one of",
+        usage,
+    )
     assert_clean_error(
         manager.cli("region", "map", "ram0", "0", "4K", "--file", "/nonexistent/x"),
         "/nonexistent/x",

@@ -7,7 +7,7 @@ import pytest
 from test_manager_state import MiB, RecordingStore, attach, msgs, rng
 
 from membacking.manager.errors import Refused
-from membacking.manager.state import ManagerState, Send, region_info
+from membacking.manager.state import Disconnect, ManagerState, Send, region_info
 from membacking.protocol import messages as m
 from membacking.protocol.ranges import MemoryRange
 
@@ -379,3 +379,29 @@ def test_private_region_is_refused_while_several_mappers_are_attached(
     e = error(state, "add_region", name="ram", gpa=0, size=MiB, private=True)
     assert e.code == "private" and "2 are attached: 1 (one), 2 (two)" in e.message
     assert "ram" not in state.regions and not state.rejected
+
+
+def test_status_names_the_mappers_a_change_waits_on(state: ManagerState) -> None:
+    """`status` is healthy until a change waits on a mapper; then it says which, and since when;
+    `evict_mapper` cuts that mapper off and the change completes."""
+    state.add_region("a", 0, 4 * MiB, True)
+    mid, _, requests = attach(state, "slow")
+    state.handle_mapper(requests, m.SendMappings(rng(0, 1)))
+    before = ok(state, "status")
+    assert isinstance(before, dict) and before["health"] == "ok" and before["waiting_on"] == []
+    assert before["regions"] == 1 and before["mappers"] == 1 and before["problems"] == []
+    state.handle_control(b"remover", m.ControlRequest("remove_region", {"name": "a"}))
+    during = ok(state, "status")
+    assert isinstance(during, dict) and during["health"] == "degraded"
+    (waiting,) = during["waiting_on"]
+    assert waiting["id"] == mid and waiting["name"] == "slow" and waiting["seconds"] >= 0
+    assert during["problems"] == [f"waiting on mapper(s) {mid}"]
+    out = state.handle_control(b"ctl", m.ControlRequest("evict_mapper", {"id": mid}))
+    sent = [(e.identity, e.msg) for e in out if isinstance(e, Send)]
+    assert (b"remover", m.ControlReply({"name": "a", "unmapped_from": [mid]})) in sent
+    assert sent[-1] == (b"ctl", m.ControlReply({"id": mid, "name": "slow", "pid": 4000}))
+    assert sent[0][1] == m.Shutdown("evicted: an operator ran `membacking mapper evict`")
+    assert Disconnect(mid) in out
+    assert mid not in state.mappers and "a" not in state.regions
+    assert error(state, "evict_mapper", id=mid).code == "unknown-mapper"
+    assert error(state, "evict_mapper", id="1").code == "bad-request"
