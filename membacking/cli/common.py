@@ -135,7 +135,7 @@ def control_client(runtime_dir: Path, timeout: float | None) -> ControlClient:
 
 def json_option(fn: F) -> F:
     decorated: F = click.option(
-        "--json", "as_json", is_flag=True, help="Print JSON instead of a table."
+        "--json", "as_json", is_flag=True, help="Print JSON instead of text."
     )(fn)
     return decorated
 
