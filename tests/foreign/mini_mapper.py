@@ -33,6 +33,8 @@ ROLE_STREAM_FD = 2
 F_DETACH_ACK, F_TAGS = 1 << 1, 1 << 2  # feature bits this mapper offers
 PAGE = 4096
 TIMEOUT = 5.0
+#: defects to show on purpose (the conformance tests check that the checker names them)
+DEFECTS = set(os.environ.get("MINI_MAPPER_DEFECTS", "").split(","))
 
 
 def pack(*items: Any) -> bytes:
@@ -146,6 +148,8 @@ class MiniMapper:
     def serve_stream(self) -> None:
         while self.stream.poll(0):
             msg = unpack(self.stream.recv())
+            if msg is None and "crash-on-junk" in DEFECTS:
+                raise SystemExit(3)
             if msg:
                 with contextlib.suppress(IndexError, TypeError, ValueError, OSError):
                     self.handle(msg)  # a malformed message is ignored
@@ -162,9 +166,12 @@ class MiniMapper:
             self.settle(msg[1], msg[1] + msg[2], None)
         elif kind == UNMAP:
             seq, start, size, release = msg[1], msg[2], msg[3], msg[4]
+            held = any(c.start < start + size and start < c.end for c in self.chunks)
             self.cut(start, start + size)
-            self.close_fds(release)
-            self.ack(UNMAP_ACK, seq)  # even for a range never mapped here
+            if "keep-fds" not in DEFECTS:
+                self.close_fds(release)
+            if held or "ack-only-held" not in DEFECTS:
+                self.ack(UNMAP_ACK, seq)  # even for a range never mapped here
         elif kind == RELEASE:
             self.close_fds(msg[2])
             self.ack(UNMAP_ACK, msg[1])
