@@ -5,11 +5,11 @@ eager upgrades, eviction and shutdown.
 from __future__ import annotations
 
 import logging
+import mmap
 import secrets
 
 from ..protocol import messages as m
 from ..protocol.messages import Channel, Message
-from ..protocol.ranges import PAGE_SIZE
 from .errors import Refused
 from .model import (
     Disconnect,
@@ -21,6 +21,9 @@ from .model import (
 from .table import TableState
 
 log = logging.getLogger("membacking.manager")
+
+#: the host's page size, told to mappers in Welcome (ranges on the wire are multiples of it)
+HOST_PAGE_SIZE = mmap.PAGESIZE
 
 
 class PeerState(TableState):
@@ -49,7 +52,7 @@ class PeerState(TableState):
         return entry
 
     def welcome(self, entry: MapperEntry) -> m.Welcome:
-        return m.Welcome(entry.id, entry.token, self.address_space, PAGE_SIZE)
+        return m.Welcome(entry.id, entry.token, self.address_space, HOST_PAGE_SIZE)
 
     def mapper_of(self, identity: bytes) -> int | None:
         """The mapper a ZeroMQ socket identity is bound to, if any."""

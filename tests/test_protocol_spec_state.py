@@ -1,0 +1,78 @@
+"""State-machine tests of the protocol rules docs/PROTOCOL.md states for the manager: the page
+size in Welcome, hugetlb memory placed and cut only on huge pages, a clean detach that races the
+fd socket, the acknowledged Detach and request tags."""
+
+from __future__ import annotations
+
+import pytest
+from test_manager_state import RecordingStore, attach, msgs
+
+from membacking.manager import peers
+from membacking.manager.errors import Refused
+from membacking.manager.state import ManagerState
+from membacking.protocol import messages as m
+from membacking.protocol.ranges import MemoryRange
+
+MiB = 1 << 20
+HUGE = 2 * MiB
+
+
+@pytest.fixture
+def state() -> ManagerState:
+    return ManagerState(RecordingStore(), address_space=1 << 32, huge_page_size=HUGE)
+
+
+def test_welcome_tells_the_hosts_page_size(
+    state: ManagerState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(peers, "HOST_PAGE_SIZE", 16384)
+    entry = state.register_mapper("m", pid=1)
+    assert state.welcome(entry).page_size == 16384
+
+
+def test_a_hugetlb_region_is_placed_on_a_huge_page(state: ManagerState) -> None:
+    with pytest.raises(Refused, match="multiple of 0x200000"):
+        state.add_region("h", MiB, HUGE, True, backing="hugetlb")
+    with pytest.raises(Refused, match="multiple of the 2 MiB huge page size"):
+        state.add_region("h", 0, 3 * MiB, True, backing="hugetlb")
+    state.add_region("h", HUGE, 2 * HUGE, True, backing="hugetlb")
+    # a memfd region still goes anywhere page-aligned
+    state.add_region("small", 64 * MiB + 4096, MiB, True)
+
+
+def test_a_hugetlb_region_moves_only_to_a_huge_page(state: ManagerState) -> None:
+    state.add_region("h", HUGE, HUGE, True, backing="hugetlb")
+    with pytest.raises(Refused, match="huge page size"):
+        state.move_region("h", 3 * MiB)
+    state.move_region("h", 4 * HUGE)
+    assert state.regions["h"].gpa == 4 * HUGE
+
+
+def test_hugetlb_memory_is_cut_only_in_whole_huge_pages(state: ManagerState) -> None:
+    state.add_region("h", 0, 4 * HUGE, True, backing="hugetlb")
+    for offset, size in ((MiB, HUGE), (0, MiB), (HUGE, 4096)):
+        with pytest.raises(Refused, match="whole huge pages"):
+            state.change_mappings("h", offset, size)
+    state.change_mappings("h", HUGE, HUGE)
+    assert [(s.offset, s.size) for s in state.regions["h"].submappings] == [
+        (0, HUGE),
+        (2 * HUGE, 2 * HUGE),
+    ]
+    # ...and hugetlb memory put into a region lands on huge pages too
+    state.add_region("r", 64 * MiB, 8 * MiB, True)
+    with pytest.raises(Refused, match="whole huge pages"):
+        state.change_mappings("r", MiB, HUGE, replace=("hugetlb", None, 0, True))
+    state.change_mappings("r", HUGE, HUGE, replace=("hugetlb", None, 0, True))
+    # the region now holds hugetlb memory: it moves only to a huge page
+    with pytest.raises(Refused, match="huge page size"):
+        state.move_region("r", 128 * MiB + MiB)
+    # memfd parts of it can still be cut anywhere
+    state.change_mappings("r", 6 * MiB, 4096)
+
+
+def test_partial_unmap_of_plain_memory_is_unchanged(state: ManagerState) -> None:
+    state.add_region("a", 0, 8 * MiB, True)
+    _, stream, requests = attach(state, "m1")
+    state.handle_mapper(requests, m.SendMappings(MemoryRange(0, 8 * MiB)))
+    out = state.change_mappings("a", 4096, 4096)
+    assert [type(x).__name__ for x in msgs(out, stream)][:1] == ["Unmap"]
