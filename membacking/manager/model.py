@@ -139,6 +139,8 @@ class MapperEntry:
     unacked: dict[int, float] = field(default_factory=dict)  # seq -> monotonic send time
     eager: bool = False
     upgrading: bool = False
+    #: feature bits negotiated at Hello (None: a mapper of an earlier release offered none)
+    features: int | None = None
 
     @property
     def mode(self) -> str:

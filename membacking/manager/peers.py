@@ -51,8 +51,17 @@ class PeerState(TableState):
         log.info("mapper %d (%s, pid %d) registered", entry.id, name, pid)
         return entry
 
-    def welcome(self, entry: MapperEntry) -> m.Welcome:
-        return m.Welcome(entry.id, entry.token, self.address_space, HOST_PAGE_SIZE)
+    def welcome(self, entry: MapperEntry, offered: int | None = None) -> m.Welcome:
+        """Welcome a registered mapper; it offered feature bits `offered` (None: none at all,
+        so Welcome carries none either) and gets the subset this manager will use."""
+        entry.features = None if offered is None else offered & m.SUPPORTED_FEATURES
+        return m.Welcome(entry.id, entry.token, self.address_space, HOST_PAGE_SIZE, entry.features)
+
+    def _shutdown_message(self, entry: MapperEntry, reason: str, code: str) -> m.Shutdown:
+        """Shutdown with its machine-readable code for a mapper that negotiated it."""
+        if entry.features is not None and entry.features & m.FEATURE_SHUTDOWN_CODE:
+            return m.Shutdown(reason, code)
+        return m.Shutdown(reason)
 
     def mapper_of(self, identity: bytes) -> int | None:
         """The mapper a ZeroMQ socket identity is bound to, if any."""
@@ -158,12 +167,14 @@ class PeerState(TableState):
         self._by_identity[identity] = (entry.id, role)
         return [Send(Channel.MAPPER, identity, m.Attached(msg.role))]
 
-    def farewell(self, mapper_id: int, reason: str) -> list[Effect]:
+    def farewell(
+        self, mapper_id: int, reason: str, code: str = m.SHUTDOWN_EVICTED
+    ) -> list[Effect]:
         """A Shutdown for a mapper about to be cut off, so it knows why (if still known)."""
         entry = self.mappers.get(mapper_id)
         if entry is None or entry.stream is None:
             return []
-        return [self._to_mapper(entry, m.Shutdown(reason))]
+        return [self._to_mapper(entry, self._shutdown_message(entry, reason, code))]
 
     def tick(self) -> list[Effect]:
         """Evict mappers that left a request unanswered for longer than `unmap_timeout`."""
@@ -214,12 +225,13 @@ class PeerState(TableState):
         op.on_done = done
         return effects + self._maybe_finish(op)
 
-    def shutdown(self, reason: str) -> list[Effect]:
-        """Tell every mapper and every waiting control client that the manager is stopping."""
+    def shutdown(self, reason: str, code: str = m.SHUTDOWN_STOPPING) -> list[Effect]:
+        """Tell every mapper and every waiting control client that the manager is stopping
+        (`code`: for good, or restarting on the same state)."""
         effects: list[Effect] = []
         for entry in self.mappers.values():
             if entry.stream is not None:
-                effects.append(self._to_mapper(entry, m.Shutdown(reason)))
+                effects.append(self._to_mapper(entry, self._shutdown_message(entry, reason, code)))
         answered: set[int] = set()
         for op in self._pending.values():
             if op.reply_to is not None and id(op) not in answered:
