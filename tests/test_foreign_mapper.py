@@ -123,3 +123,19 @@ def test_the_foreign_mapper_acks_an_unmap_of_what_it_holds(
     assert mini.ask("read 0xfff00000 2") == "ok 0000"
     assert client.call("stats")["evictions"] == 0
     assert mini.quit() == 0
+
+
+def test_short_lived_mappers_detach_cleanly_every_time(
+    manager: RunningManager, spawn_mini: Callable[[RunningManager, str], Mini]
+) -> None:
+    """Detach is acknowledged before the fd socket closes: none is taken for a lost mapper, and
+    none is counted as a rejected message."""
+    for i in range(6):
+        mini = spawn_mini(manager, f"brief-{i}")
+        assert mini.ask("read 0x0 1") == "ok 00"
+        assert mini.quit() == 0
+    assert manager.cli("mem", "read", "0x0", "1").returncode == 0
+    stats = manager.client().call("stats")
+    assert stats["rejected"] == {} and stats["mappers"] == 0
+    assert manager.log().count("removed: detached") == 7
+    assert "removed: fd socket closed" not in manager.log()

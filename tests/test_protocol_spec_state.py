@@ -9,7 +9,7 @@ from test_manager_state import RecordingStore, attach, msgs
 
 from membacking.manager import peers
 from membacking.manager.errors import Refused
-from membacking.manager.state import ManagerState
+from membacking.manager.state import ManagerState, SendFd
 from membacking.protocol import messages as m
 from membacking.protocol.ranges import MemoryRange
 
@@ -76,3 +76,52 @@ def test_partial_unmap_of_plain_memory_is_unchanged(state: ManagerState) -> None
     state.handle_mapper(requests, m.SendMappings(MemoryRange(0, 8 * MiB)))
     out = state.change_mappings("a", 4096, 4096)
     assert [type(x).__name__ for x in msgs(out, stream)][:1] == ["Unmap"]
+
+
+def register_fd(state: ManagerState, features: int | None) -> tuple[int, bytes]:
+    """A mapper of this release: Hello (with `features`), stream attached as role 2."""
+    entry = state.register_mapper("m", pid=77)
+    state.welcome(entry, features)
+    stream = b"stream-%d" % entry.id
+    state.handle_mapper(stream, m.Attach(entry.id, entry.token, m.ROLE_STREAM_FD))
+    return entry.id, stream
+
+
+def test_detach_is_acknowledged_when_negotiated(state: ManagerState) -> None:
+    mid, stream = register_fd(state, m.FEATURE_DETACH_ACK)
+    out = state.handle_mapper(stream, m.Detach())
+    assert msgs(out, stream) == [m.DetachAck()]
+    assert mid not in state.mappers
+    # a mapper that did not negotiate it gets no answer (as before)
+    _, old = register_fd(state, None)
+    assert msgs(state.handle_mapper(old, m.Detach())) == []
+
+
+def test_a_detach_that_loses_the_race_with_the_fd_socket_is_not_a_rejection(
+    state: ManagerState,
+) -> None:
+    mid, stream = register_fd(state, None)
+    state.mapper_gone(mid, "fd socket closed")  # the fd socket's close was read first
+    assert state.handle_mapper(stream, m.Detach()) == []
+    assert sum(state.rejected.values()) == 0
+    # anything else from that socket is still refused
+    assert msgs(state.handle_mapper(stream, m.SetEager()))[0].code == "not-attached"
+
+
+def test_a_tagged_request_before_attach_is_refused_by_tag(state: ManagerState) -> None:
+    entry = state.register_mapper("m", pid=5)
+    state.welcome(entry, m.FEATURE_TAGS)
+    request = m.SendMappings(MemoryRange(0, 4096), 41)
+    out = state.handle_fd_message(entry.id, request)
+    assert out == [SendFd(entry.id, m.Error("not-attached", out[0].msg.message, 41))]  # type: ignore[union-attr]
+    # untagged, it is dropped as before (counted)
+    assert state.handle_fd_message(entry.id, m.SendMappings(MemoryRange(0, 4096))) == []
+    assert state.rejected["not-attached"] == 2
+
+
+def test_a_role_2_socket_is_named_so_in_rejections(
+    state: ManagerState, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, stream = register_fd(state, None)
+    state.handle_mapper(stream, m.SendMappings(MemoryRange(0, 4096)))
+    assert "on a role-2 socket" in caplog.text

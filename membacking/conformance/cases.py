@@ -40,7 +40,12 @@ CLAUSES: dict[str, str] = {
     "SHUTDOWN": "after Shutdown an access to an unmapped GPA fails without a request",
     "DETACH": "a mapper leaving sends Detach on the stream; one that negotiated detach-ack "
     "keeps fd.sock open until DetachAck",
+    "TAGS": "a mapper that negotiated tags tags each request, and an Error naming a request's "
+    "tag fails the access waiting for it",
 }
+
+#: the feature bits the checker grants when offered
+CHECKED_FEATURES = m.FEATURE_SHUTDOWN_CODE | m.FEATURE_DETACH_ACK | m.FEATURE_TAGS
 
 
 @dataclass
@@ -88,7 +93,9 @@ def register(h: Harness) -> m.Hello:
     hello = h.expect_fd(m.Hello, "REG-HELLO", "registration")
     assert isinstance(hello, m.Hello)
     token = secrets.token_bytes(m.TOKEN_BYTES)
-    h.send_fd(m.Welcome(MAPPER_ID, token, ADDRESS_SPACE, os.sysconf("SC_PAGE_SIZE")))
+    h.features = None if hello.features is None else hello.features & CHECKED_FEATURES
+    page = os.sysconf("SC_PAGE_SIZE")
+    h.send_fd(m.Welcome(MAPPER_ID, token, ADDRESS_SPACE, page, h.features))
     attach = h.expect_stream(m.Attach, "REG-ATTACH", "attach")
     assert isinstance(attach, m.Attach)
     if (attach.mapper_id, attach.token, attach.role) != (MAPPER_ID, token, m.ROLE_STREAM_FD):
@@ -286,9 +293,33 @@ def _shutdown(h: Harness, mem: Memfds) -> None:
         raise Violation("ROBUST", f"the mapper exited with status {h.proc.returncode}")
 
 
+def _tags(h: Harness, mem: Memfds) -> None:
+    if not (h.features or 0) & m.FEATURE_TAGS:
+        return  # not negotiated: nothing to check
+    tags = set()
+    for gpa in (30 * MIB, 30 * MIB + 0x10000):
+        h.command(f"read {gpa:#x} 4")
+        req = h.expect_fd(m.SendMappings, "FAULT-REQUEST", "read")
+        assert isinstance(req, m.SendMappings)
+        if req.tag is None or req.tag in tags:
+            raise Violation("TAGS", f"request without a tag of its own: {req}")
+        tags.add(req.tag)
+        h.send_stream(m.Error("not-attached", "conformance: refused", req.tag))
+        line = h.answer("TAGS", "read refused by a tagged Error")
+        if not line.startswith("err"):
+            raise Violation("TAGS", f"a refused request answered {line!r}")
+
+
 def _detach(h: Harness, mem: Memfds) -> None:
     h.command("quit")
     h.expect_stream(m.Detach, "DETACH", "leaving")
+    if (h.features or 0) & m.FEATURE_DETACH_ACK:
+        h.wait_for(lambda: h.fd_closed, 0.3)
+        if h.fd_closed:
+            raise Violation("DETACH", "fd.sock closed before DetachAck")
+        h.send_stream(m.DetachAck())
+    if not h.wait_for(lambda: h.fd_closed):
+        raise Violation("DETACH", "fd.sock still open after Detach")
     h.answer("DETACH", "quit")
     if h.proc.wait(h.timeout) != 0:
         raise Violation("ROBUST", f"the mapper exited with status {h.proc.returncode}")
@@ -301,6 +332,7 @@ SESSIONS: tuple[tuple[Step, ...], ...] = (
         ("unsolicited and duplicate Maps", _unsolicited),
         ("FdDenied, NoMapping, Unmap of ranges never mapped", _denied_and_gaps),
         ("read-only", _read_only),
+        ("tagged requests", _tags),
         ("invalid messages on the stream", _hostile_stream),
         ("Unmap and Release", _unmap_and_release),
         ("detach", _detach),

@@ -60,6 +60,8 @@ class Harness:
         self.lines: deque[str] = deque()
         self.fd_closed = False
         self.seq = 0
+        #: feature bits granted in Welcome (None: the mapper offered none)
+        self.features: int | None = None
         #: what arrived that did not decode: (channel, reason)
         self.invalid: list[tuple[str, str]] = []
         self._out = b""

@@ -26,8 +26,14 @@ MAX_RELEASE_IDS = 1024
 
 #: Shutdown carries `code` (one of SHUTDOWN_CODES) after its text
 FEATURE_SHUTDOWN_CODE = 1 << 0
+#: the manager answers Detach with DetachAck; a mapper that negotiated it keeps its fd socket
+#: open until then (closing it first races the Detach, which then reaches no mapper)
+FEATURE_DETACH_ACK = 1 << 1
+#: SendMappings and ResendFd carry a `tag`, and an Error refusing one carries the same tag, so
+#: the mapper can fail the access waiting for it instead of letting it time out
+FEATURE_TAGS = 1 << 2
 #: every feature bit this release knows
-SUPPORTED_FEATURES = FEATURE_SHUTDOWN_CODE
+SUPPORTED_FEATURES = FEATURE_SHUTDOWN_CODE | FEATURE_DETACH_ACK | FEATURE_TAGS
 
 #: Shutdown codes: the mapper was cut off for not answering (it should drop its mappings)
 SHUTDOWN_EVICTED = "evicted"
@@ -146,14 +152,17 @@ class FdDenied(Message):
 
 @dataclass(frozen=True, slots=True)
 class Error(Message):
-    """Either direction, any channel: the previous message was rejected."""
+    """Either direction, any channel: a message was rejected. `tag` (FEATURE_TAGS): the tag of
+    the request it refuses."""
 
     TYPE = 6
     FROM = frozenset({"mapper", "manager", "client"})
-    FIELDS = (("code", Kind.NAME), ("message", Kind.TEXT))
+    FIELDS = (("code", Kind.NAME), ("message", Kind.TEXT), ("tag", Kind.U64))
+    REQUIRED = 2
     CHANNELS = frozenset({Channel.FD, Channel.MAPPER, Channel.CONTROL})
     code: str
     message: str
+    tag: int | None = None
 
 
 # ---- mapper channel (ZeroMQ DEALER -> manager ROUTER) ------------------------------------------
@@ -192,13 +201,15 @@ class Attached(Message):
 @dataclass(frozen=True, slots=True)
 class SendMappings(Message):
     """mapper -> manager (fd socket; a requests socket is still accepted): send Map/NoMapping
-    covering this range."""
+    covering this range. `tag` (FEATURE_TAGS) names the request in an Error refusing it."""
 
     TYPE = 12
     FROM = frozenset({"mapper"})
-    FIELDS = (("range", Kind.RANGE),)
+    FIELDS = (("range", Kind.RANGE), ("tag", Kind.U64))
+    REQUIRED = 1
     CHANNELS = frozenset({Channel.FD, Channel.MAPPER})
     range: MemoryRange
+    tag: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,9 +221,11 @@ class ResendFd(Message):
 
     TYPE = 24
     FROM = frozenset({"mapper"})
-    FIELDS = (("mappable_id", Kind.U64),)
+    FIELDS = (("mappable_id", Kind.U64), ("tag", Kind.U64))
+    REQUIRED = 1
     CHANNELS = frozenset({Channel.FD, Channel.MAPPER})
     mappable_id: int
+    tag: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +289,17 @@ class Detach(Message):
 
     TYPE = 17
     FROM = frozenset({"mapper"})
+    FIELDS = ()
+    CHANNELS = frozenset({Channel.MAPPER})
+
+
+@dataclass(frozen=True, slots=True)
+class DetachAck(Message):
+    """manager -> mapper (stream; FEATURE_DETACH_ACK): the Detach is done; the mapper may now
+    close its fd socket."""
+
+    TYPE = 25
+    FROM = frozenset({"manager"})
     FIELDS = ()
     CHANNELS = frozenset({Channel.MAPPER})
 
@@ -410,6 +434,7 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     Unmap,
     UnmapAck,
     Detach,
+    DetachAck,
     Shutdown,
     Release,
     SetEager,

@@ -67,7 +67,7 @@ class MiniMapper:
         self.fd_sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.fd_sock.settimeout(TIMEOUT)
         self.fd_sock.connect(os.path.join(runtime_dir, "fd.sock"))
-        self.fd_sock.send(pack(HELLO, name))
+        self.fd_sock.send(pack(HELLO, name, F_DETACH_ACK | F_TAGS))
         welcome = unpack(self.fd_sock.recv(65536))
         if not welcome or welcome[0] != WELCOME:
             raise SystemExit(f"registration refused: {welcome}")
@@ -175,6 +175,8 @@ class MiniMapper:
         elif kind == RELEASE:
             self.close_fds(msg[2])
             self.ack(UNMAP_ACK, msg[1])
+        elif kind == ERROR and self.waiting and msg[3:4] == [self.waiting[2]]:
+            self.waiting[3] = f"refused: {msg[1]}"  # the Error names the request's tag
         elif kind == SHUTDOWN:
             self.gone = True
             if self.waiting is not None:
