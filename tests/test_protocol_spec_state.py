@@ -125,3 +125,30 @@ def test_a_role_2_socket_is_named_so_in_rejections(
     _, stream = register_fd(state, None)
     state.handle_mapper(stream, m.SendMappings(MemoryRange(0, 4096)))
     assert "on a role-2 socket" in caplog.text
+
+
+# ---- codec: the fields the features add --------------------------------------------------------
+
+
+def test_tags_travel_and_are_optional() -> None:
+    from membacking.protocol.codec import decode, encode
+    from membacking.protocol.errors import ProtocolError
+    from membacking.protocol.messages import Channel
+
+    r = MemoryRange(0, 4096)
+    assert decode(encode(m.SendMappings(r, 2**64 - 1)), Channel.FD) == m.SendMappings(r, 2**64 - 1)
+    assert decode(encode(m.SendMappings(r)), Channel.FD) == m.SendMappings(r)  # earlier layout
+    assert encode(m.SendMappings(r)) == bytes.fromhex("94010c00cd1000")
+    assert decode(encode(m.Error("x", "y", 5)), Channel.MAPPER).tag == 5  # type: ignore[attr-defined]
+    for bad in ([1, 12, 0, 4096, -1], [1, 12, 0, 4096, "t"], [1, 12, 0, 4096, None]):
+        import msgpack
+
+        with pytest.raises(ProtocolError) as err:
+            decode(msgpack.packb(bad), Channel.FD)
+        assert err.value.reason == "bad-field"
+    # a DetachAck is the manager's alone, and only on the stream
+    assert decode(encode(m.DetachAck()), Channel.MAPPER, sender="manager") == m.DetachAck()
+    with pytest.raises(ProtocolError, match="may not be sent by a mapper"):
+        decode(encode(m.DetachAck()), Channel.MAPPER, sender="mapper")
+    with pytest.raises(ProtocolError, match="not allowed on the fd channel"):
+        decode(encode(m.DetachAck()), Channel.FD)
