@@ -254,6 +254,18 @@ def _hostile_stream(h: Harness, mem: Memfds) -> None:
         raise Violation("ROBUST", f"the mapper exited ({h.proc.returncode})")
 
 
+def _hostile_fd(h: Harness, mem: Memfds) -> None:
+    """Junk on fd.sock, read while the mapper waits for an fd, must not fail the Map."""
+    mem.make(5)
+    fault(h, f"read {6 * MIB + 0x20:#x} 4", 6 * MIB + 0x20)
+    h.send_stream(m.Map(MemoryRange(6 * MIB, 7 * MIB), 5, 0, True))
+    assert h.conn is not None
+    for junk in (b"\xc1", b"\x93\x01\x63\x00", b"\x92\x01\x0d"):
+        h.conn.send(junk)
+    h.send_fd(m.FdGrant(5, MIB, True), mem.fds[5])
+    answer_ok(h, "ROBUST", "read of a Map after junk on fd.sock", mem.read(5, 0x20, 4))
+
+
 def _unmap_and_release(h: Harness, mem: Memfds) -> None:
     h.send_stream(m.Unmap(h.next_seq(), MemoryRange(0, MIB), (1,)))
     expect_ack(h, h.seq, "UNMAP-ACK", "Unmap of a mapped range")
@@ -333,6 +345,7 @@ SESSIONS: tuple[tuple[Step, ...], ...] = (
         ("read-only", _read_only),
         ("tagged requests", _tags),
         ("invalid messages on the stream", _hostile_stream),
+        ("invalid messages on fd.sock", _hostile_fd),
         ("Unmap and Release", _unmap_and_release),
         ("detach", _detach),
     ),

@@ -115,8 +115,11 @@ class MapperFds:
             except FdsDropped as exc:
                 self._note_dropped(exc)  # this Map's (checked above) or one still on its way
                 continue
-            except (PeerClosed, OSError, ProtocolError) as exc:
+            except (PeerClosed, OSError) as exc:
                 return f"cannot receive the fd of mappable {mappable_id}: {exc}"
+            except ProtocolError as exc:  # junk on the socket: ignored; the fd may still come
+                log.warning("mapper %d: invalid data on the fd socket ignored: %s", self.id, exc)
+                continue
             assert got is not None
             self._take(*got)
 
