@@ -77,8 +77,8 @@ class ManagerState(PeerState):
         self, name: str, gpa: int, size: int, priority: int, align: int = PAGE_SIZE
     ) -> MemoryRange:
         if gpa < 0 or gpa % align:
-            what = "" if align == PAGE_SIZE else f" (the huge page size of {name!r}'s memory)"
-            raise Refused("bad-request", f"gpa {gpa:#x} must be a multiple of {align:#x}{what}")
+            what = str(align) if align == PAGE_SIZE else f"{align:#x} (the huge page size)"
+            raise Refused("bad-request", f"gpa {gpa:#x} must be a multiple of {what}")
         if gpa + size > self.address_space:
             raise Refused(
                 "out-of-range",
