@@ -31,6 +31,13 @@ def test_both_mappers_conform(command: list[str]) -> None:
     assert "detach" in report.passed and "shutdown" in report.passed
 
 
+def test_a_mapper_that_offers_no_features_conforms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hello without a feature mask (the earlier layout): no tags, Detach not acknowledged."""
+    monkeypatch.setenv("MINI_MAPPER_DEFECTS", "plain-hello")
+    report = run(MINI, timeout=10)
+    assert report.ok, [str(v) for v in report.violations] + report.stderr
+
+
 @pytest.mark.parametrize(
     ("defect", "clause"),
     [

@@ -67,7 +67,8 @@ class MiniMapper:
         self.fd_sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.fd_sock.settimeout(TIMEOUT)
         self.fd_sock.connect(os.path.join(runtime_dir, "fd.sock"))
-        self.fd_sock.send(pack(HELLO, name, F_DETACH_ACK | F_TAGS))
+        hello = [HELLO, name] if "plain-hello" in DEFECTS else [HELLO, name, F_DETACH_ACK | F_TAGS]
+        self.fd_sock.send(pack(*hello))  # plain: as a mapper of the earlier release
         welcome = unpack(self.fd_sock.recv(65536))
         if not welcome or welcome[0] != WELCOME:
             raise SystemExit(f"registration refused: {welcome}")
