@@ -246,6 +246,7 @@ def _hostile_stream(h: Harness, mem: Memfds) -> None:
         b"\x92\x02\x0d",  # version 2
         b"\x94\x01\x0f\x05\x10",  # Unmap with too few fields
         m.Attached(m.ROLE_STREAM_FD),  # valid but unexpected
+        m.Map(MemoryRange(ADDRESS_SPACE, ADDRESS_SPACE + MIB), 1, 0, True),  # beyond the space
     ):
         h.send_stream(junk)
     h.send_stream(m.Unmap(h.next_seq(), MemoryRange(50 * MIB, 51 * MIB), ()))
