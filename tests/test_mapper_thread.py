@@ -29,10 +29,13 @@ TOKEN = bytes(16)
 class ScriptedManager:
     """Registers one mapper (Welcome, then Attached for its stream socket) and then does only
     what the test says. With `older`, it refuses the stream's role as a manager of an earlier
-    release does."""
+    release does; with `strict_arity`, it refuses a Hello with a feature mask as that release's
+    decoder does (bad-arity, connection kept open)."""
 
-    def __init__(self, root: Path, older: bool = False) -> None:
+    def __init__(self, root: Path, older: bool = False, strict_arity: bool = False) -> None:
         self.older = older
+        self.strict_arity = strict_arity
+        self.hellos: list[m.Hello] = []
         paths = RuntimePaths.resolve(root)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.listener.bind(str(paths.fd_socket))
@@ -49,6 +52,12 @@ class ScriptedManager:
         self.conn, _ = self.listener.accept()
         hello, _ = recv_message(self.conn)
         assert isinstance(hello, m.Hello)
+        self.hellos.append(hello)
+        if self.strict_arity and hello.features is not None:
+            send_message(self.conn, m.Error("bad-arity", "Hello needs 1 wire fields, got 2"))
+            hello, _ = recv_message(self.conn)
+            assert isinstance(hello, m.Hello)
+            self.hellos.append(hello)
         send_message(self.conn, m.Welcome(1, TOKEN, 1 << 30, 4096))
         identity, data = self.router.recv_multipart()
         attach = decode(data, Channel.MAPPER)
@@ -89,6 +98,27 @@ def test_a_manager_of_an_earlier_release_is_named_at_attach() -> None:
             membacking.attach(root, name="newer", timeout=5.0)
     finally:
         older.close()
+
+
+def test_a_manager_that_refuses_the_feature_mask_gets_a_plain_hello() -> None:
+    """A manager of the release before feature negotiation answers a Hello with a mask with
+    bad-arity: the mapper registers again without one and uses no features."""
+    strict = ScriptedManager(short_tmpdir(), strict_arity=True)
+    try:
+        root = Path(strict.listener.getsockname()).parent
+        with membacking.attach(root, name="newer", timeout=5.0) as memory:
+            strict.registered()
+            assert [h.features for h in strict.hellos] == [m.SUPPORTED_FEATURES, None]
+            assert memory._mapper.link.features == 0
+    finally:
+        strict.close()
+
+
+def test_a_mapper_offers_its_features(scripted: ScriptedManager) -> None:
+    root = Path(scripted.listener.getsockname()).parent
+    with membacking.attach(root, name="offers", timeout=5.0):
+        scripted.registered()
+        assert [h.features for h in scripted.hellos] == [m.SUPPORTED_FEATURES]
 
 
 def thread_cpu_seconds(native_id: int) -> float:

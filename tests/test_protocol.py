@@ -129,20 +129,27 @@ TOKEN = bytes(range(16))
 R = MemoryRange(P, 3 * P)
 EXAMPLES: list[m.Message] = [
     m.Hello("mapper-1"),
+    m.Hello("mapper-1", m.SUPPORTED_FEATURES),
     m.Welcome(1, TOKEN, 1 << 40, P),
+    m.Welcome(1, TOKEN, 1 << 40, P, 0),
     m.FdGrant(7, 2 * P, False),
     m.FdDenied(7, "gone"),
     m.Error("bad-request", "why"),
+    m.Error("not-attached", "why", 9),
     m.Attach(1, TOKEN, m.ROLE_REQUESTS),
     m.Attached(0),
     m.SendMappings(R),
+    m.SendMappings(R, 9),
     m.ResendFd(7),
+    m.ResendFd(7, 9),
     m.Map(R, 7, P, True),
     m.NoMapping(R),
     m.Unmap(3, R, (7, 8)),
     m.UnmapAck(3),
     m.Detach(),
+    m.DetachAck(),
     m.Shutdown("bye"),
+    m.Shutdown("bye", m.SHUTDOWN_RESTARTING),
     m.Release(4, (7,)),
     m.SetEager(),
     m.EagerResult(False, "no"),
@@ -161,6 +168,55 @@ def test_every_message_type_has_an_example() -> None:
 def test_round_trip(msg: m.Message) -> None:
     channel = next(iter(msg.CHANNELS))
     assert decode(encode(msg), channel) == msg
+
+
+def test_the_layouts_of_the_earlier_release_decode_with_optional_fields_absent() -> None:
+    """Peers of the earlier release send Hello, Welcome and Shutdown without the trailing
+    fields added since; they decode with those fields None."""
+    assert decode(raw(1, 1, "old"), Channel.FD) == m.Hello("old", None)
+    assert decode(raw(1, 2, 7, TOKEN, 1 << 40, P), Channel.FD) == m.Welcome(7, TOKEN, 1 << 40, P)
+    assert decode(raw(1, 18, "bye"), Channel.MAPPER) == m.Shutdown("bye", None)
+    # and a message without optional fields is sent in exactly that layout
+    assert msgpack.unpackb(encode(m.Hello("old"))) == [1, 1, "old"]
+    assert msgpack.unpackb(encode(m.Shutdown("bye"))) == [1, 18, "bye"]
+
+
+@pytest.mark.parametrize("msg", EXAMPLES, ids=lambda x: type(x).__name__)
+def test_unknown_trailing_fields_are_accepted_and_ignored(msg: m.Message) -> None:
+    """A later revision may append fields to any message: this decoder ignores them (it no
+    longer answers bad-arity), whatever their msgpack type."""
+    channel = next(iter(msg.CHANNELS))
+    items = msgpack.unpackb(encode(msg), raw=False)
+    wire_len = 2 + sum(2 if k is m.Kind.RANGE else 1 for _, k in type(msg).FIELDS)
+    valid = {m.Kind.U64: 0, m.Kind.NAME: m.SHUTDOWN_STOPPING}
+    for _, kind in type(msg).FIELDS[len(items) - wire_len :] if len(items) < wire_len else ():
+        items.append(valid[kind])  # the absent optional fields, sent: the extras come after
+    extended = raw(*items, "later", [1, 2], {"k": 3}, None)
+    got = decode(extended, channel)
+    assert type(got) is type(msg)
+    assert decode(raw(*items), channel) == got
+
+
+def test_an_optional_field_cannot_follow_an_absent_one() -> None:
+    @dataclass(frozen=True, slots=True)
+    class Two(m.Message):
+        TYPE = 18  # borrowed: only the plan is exercised
+        FIELDS = (("a", m.Kind.TEXT), ("b", m.Kind.U64), ("c", m.Kind.U64))
+        REQUIRED = 1
+        CHANNELS = frozenset({Channel.MAPPER})
+        a: str
+        b: int | None = None
+        c: int | None = None
+
+    from membacking.protocol.codec import _Plan
+
+    plan = _Plan(Two)
+    assert plan.flatten(Two("x", 1)) == [1, 18, "x", 1]
+    assert plan.flatten(Two("x")) == [1, 18, "x"]
+    with pytest.raises(ValueError, match="set after an absent one"):
+        plan.flatten(Two("x", None, 2))
+    assert plan.build([1, 18, "x"]) == plan.build_checked([1, 18, "x"]) == Two("x")
+    assert plan.build([1, 18, "x", 5]) == plan.build_checked([1, 18, "x", 5]) == Two("x", 5)
 
 
 def test_encoding_an_unregistered_message_says_so() -> None:
@@ -184,6 +240,10 @@ def raw(*items: object) -> bytes:
         (raw(1, 99), Channel.FD, "unknown-type"),
         (raw(1, 13, P, P, 1, 0, True), Channel.FD, "wrong-channel"),
         (raw(1, 1), Channel.FD, "bad-arity"),
+        (raw(1, 2, 1, TOKEN, P), Channel.FD, "bad-arity"),
+        (raw(1, 1, "a", -1), Channel.FD, "bad-field"),
+        (raw(1, 1, "a", None), Channel.FD, "bad-field"),  # absent is not nil
+        (raw(1, 18, "x", "has space"), Channel.MAPPER, "bad-field"),
         (raw(1, 16, True), Channel.MAPPER, "bad-field"),
         (raw(1, 16, -1), Channel.MAPPER, "bad-field"),
         (raw(1, 16, 1.0), Channel.MAPPER, "bad-field"),

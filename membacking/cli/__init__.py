@@ -14,6 +14,7 @@ import click
 
 from .bench_cmd import bench_cmd
 from .common import Group
+from .conformance_cmd import conformance_cmd
 from .inspect_cmd import mappers_cmd, regions_cmd, stats_cmd
 from .manager_cmd import manager
 from .map_cmd import map_cmd
@@ -42,6 +43,7 @@ for command in (
     map_cmd,
     watch_cmd,
     bench_cmd,
+    conformance_cmd,
 ):
     cli.add_command(command)
 

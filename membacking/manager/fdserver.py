@@ -205,7 +205,7 @@ class FdServer:
             conn.mapper_id = entry.id
             self._conn_of_mapper[entry.id] = conn
             conn.strikes = 0
-            self._fd_send(conn, self.state.welcome(entry))
+            self._fd_send(conn, self.state.welcome(entry, msg.features))
             return
         if conn.mapper_id is None:
             self._strike(conn, "not-registered", f"{type(msg).__name__} before Hello")

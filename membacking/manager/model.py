@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Callable, ItemsView, Iterator
 from dataclasses import dataclass, field
 
-from ..protocol.messages import Channel, FdDenied, FdGrant, Message
+from ..protocol.messages import Channel, Error, FdDenied, FdGrant, Message
 from ..protocol.ranges import MemoryRange
 
 DEFAULT_ADDRESS_SPACE = 1 << 40  # 1 TiB of guest-physical address space
@@ -44,10 +44,11 @@ class Disconnect:
 @dataclass(frozen=True)
 class SendFd:
     """Effect: on the mapper's fd socket, right behind a Map, send `msg`: an FdGrant (with the
-    mappable's fd attached) or an FdDenied saying why the mapper cannot have it."""
+    mappable's fd attached) or an FdDenied saying why the mapper cannot have it; or an Error
+    refusing a tagged request that has no stream to be answered on."""
 
     mapper_id: int
-    msg: FdGrant | FdDenied
+    msg: FdGrant | FdDenied | Error
 
 
 Effect = Send | SendFd | Disconnect
@@ -139,6 +140,8 @@ class MapperEntry:
     unacked: dict[int, float] = field(default_factory=dict)  # seq -> monotonic send time
     eager: bool = False
     upgrading: bool = False
+    #: feature bits negotiated at Hello (None: a mapper of an earlier release offered none)
+    features: int | None = None
 
     @property
     def mode(self) -> str:

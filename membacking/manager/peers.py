@@ -5,11 +5,13 @@ eager upgrades, eviction and shutdown.
 from __future__ import annotations
 
 import logging
+import mmap
 import secrets
+from collections import OrderedDict
+from typing import Any
 
 from ..protocol import messages as m
 from ..protocol.messages import Channel, Message
-from ..protocol.ranges import PAGE_SIZE
 from .errors import Refused
 from .model import (
     Disconnect,
@@ -17,14 +19,25 @@ from .model import (
     MapperEntry,
     Operation,
     Send,
+    SendFd,
 )
 from .table import TableState
 
 log = logging.getLogger("membacking.manager")
 
+#: the host's page size, told to mappers in Welcome (ranges on the wire are multiples of it)
+HOST_PAGE_SIZE = mmap.PAGESIZE
+#: ZeroMQ identities of mappers removed lately, whose last messages (a Detach that lost the race
+#: with the fd socket's close) are dropped without counting them as a stranger's
+MAX_DEPARTED = 1024
+
 
 class PeerState(TableState):
     """Adds the mapper registry (ids never reused) and mapper messages to the table."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._departed: OrderedDict[bytes, None] = OrderedDict()
 
     def has_private_regions(self) -> bool:
         return any(r.backing == "private" for r in self.regions.values())
@@ -48,8 +61,17 @@ class PeerState(TableState):
         log.info("mapper %d (%s, pid %d) registered", entry.id, name, pid)
         return entry
 
-    def welcome(self, entry: MapperEntry) -> m.Welcome:
-        return m.Welcome(entry.id, entry.token, self.address_space, PAGE_SIZE)
+    def welcome(self, entry: MapperEntry, offered: int | None = None) -> m.Welcome:
+        """Welcome a registered mapper; it offered feature bits `offered` (None: none at all,
+        so Welcome carries none either) and gets the subset this manager will use."""
+        entry.features = None if offered is None else offered & m.SUPPORTED_FEATURES
+        return m.Welcome(entry.id, entry.token, self.address_space, HOST_PAGE_SIZE, entry.features)
+
+    def _shutdown_message(self, entry: MapperEntry, reason: str, code: str) -> m.Shutdown:
+        """Shutdown with its machine-readable code for a mapper that negotiated it."""
+        if entry.features is not None and entry.features & m.FEATURE_SHUTDOWN_CODE:
+            return m.Shutdown(reason, code)
+        return m.Shutdown(reason)
 
     def mapper_of(self, identity: bytes) -> int | None:
         """The mapper a ZeroMQ socket identity is bound to, if any."""
@@ -65,6 +87,9 @@ class PeerState(TableState):
         for identity in (entry.stream, entry.requests):
             if identity is not None:
                 self._by_identity.pop(identity, None)
+                self._departed[identity] = None
+                if len(self._departed) > MAX_DEPARTED:
+                    self._departed.popitem(last=False)
         for rng in entry.held:
             mapping = self._mapping_at(rng)
             if mapping is not None:
@@ -82,6 +107,10 @@ class PeerState(TableState):
         if isinstance(msg, m.Attach):
             return self._attach(identity, msg)
         bound = self._by_identity.get(identity)
+        if bound is None and identity in self._departed and isinstance(msg, m.Detach):
+            # a removed mapper's last words (its Detach, when its fd socket closed first)
+            log.debug("%s from removed mapper socket %r dropped", type(msg).__name__, identity)
+            return []
         if bound is None:
             if isinstance(msg, m.Detach):  # a mapper whose fd socket closed first: nothing wrong
                 log.debug("Detach from a socket of a mapper already gone")
@@ -99,11 +128,11 @@ class PeerState(TableState):
         )
         if effects is not None:
             return effects
-        if role == m.ROLE_STREAM:
+        if role != m.ROLE_REQUESTS:
             if isinstance(msg, m.SetEager):
                 return self._upgrade(entry)
             if isinstance(msg, m.Detach):
-                return self.mapper_gone(mapper_id, "detached")
+                return self._detach(entry)
         self.reject("unexpected", f"{type(msg).__name__} on a role-{role} socket", entry.pid)
         return [self._error(identity, "unexpected", f"{type(msg).__name__} is not accepted here")]
 
@@ -118,8 +147,21 @@ class PeerState(TableState):
         effects = self._request(entry, msg)
         return self._acknowledgement(entry, msg) if effects is None else effects
 
+    def _detach(self, entry: MapperEntry) -> list[Effect]:
+        """A clean detach: answered with DetachAck if negotiated (the mapper closes its fd
+        socket only then), and never counted as a rejection."""
+        ack: list[Effect] = []
+        if entry.features is not None and entry.features & m.FEATURE_DETACH_ACK:
+            ack.append(self._to_mapper(entry, m.DetachAck()))
+        return ack + self.mapper_gone(entry.id, "detached")
+
     def _request(self, entry: MapperEntry, msg: Message) -> list[Effect] | None:
         if isinstance(msg, m.SendMappings):
+            if entry.stream is None and msg.tag is not None:
+                # nowhere to answer on the stream: refuse it here, so its waiter fails now
+                self.reject("not-attached", "SendMappings before the stream socket", entry.pid)
+                text = "SendMappings before Attach: the answer would have nowhere to go"
+                return [SendFd(entry.id, m.Error("not-attached", text, msg.tag))]
             return self.send_mappings(entry.id, msg.range)
         if isinstance(msg, m.ResendFd):
             return self.resend_fd(entry, msg.mappable_id)
@@ -155,15 +197,15 @@ class PeerState(TableState):
             entry.stream = identity
         else:
             entry.requests = identity
-        self._by_identity[identity] = (entry.id, role)
+        self._by_identity[identity] = (entry.id, msg.role)  # as attached: logs name it so
         return [Send(Channel.MAPPER, identity, m.Attached(msg.role))]
 
-    def farewell(self, mapper_id: int, reason: str) -> list[Effect]:
+    def farewell(self, mapper_id: int, reason: str, code: str = m.SHUTDOWN_EVICTED) -> list[Effect]:
         """A Shutdown for a mapper about to be cut off, so it knows why (if still known)."""
         entry = self.mappers.get(mapper_id)
         if entry is None or entry.stream is None:
             return []
-        return [self._to_mapper(entry, m.Shutdown(reason))]
+        return [self._to_mapper(entry, self._shutdown_message(entry, reason, code))]
 
     def tick(self) -> list[Effect]:
         """Evict mappers that left a request unanswered for longer than `unmap_timeout`."""
@@ -214,12 +256,13 @@ class PeerState(TableState):
         op.on_done = done
         return effects + self._maybe_finish(op)
 
-    def shutdown(self, reason: str) -> list[Effect]:
-        """Tell every mapper and every waiting control client that the manager is stopping."""
+    def shutdown(self, reason: str, code: str = m.SHUTDOWN_STOPPING) -> list[Effect]:
+        """Tell every mapper and every waiting control client that the manager is stopping
+        (`code`: for good, or restarting on the same state)."""
         effects: list[Effect] = []
         for entry in self.mappers.values():
             if entry.stream is not None:
-                effects.append(self._to_mapper(entry, m.Shutdown(reason)))
+                effects.append(self._to_mapper(entry, self._shutdown_message(entry, reason, code)))
         answered: set[int] = set()
         for op in self._pending.values():
             if op.reply_to is not None and id(op) not in answered:

@@ -13,6 +13,7 @@ from typing import Any
 from ..protocol import messages as m
 from ..protocol.messages import PRIVATE_MAPPABLE, Channel, Message
 from ..protocol.ranges import PAGE_SIZE, MemoryRange
+from .backing import hugepage_size
 from .errors import Refused
 from .model import (
     BACKINGS,
@@ -49,6 +50,22 @@ __all__ = [
 class ManagerState(PeerState):
     """All of the manager's bookkeeping; every input returns the effects to carry out."""
 
+    def __init__(self, *args: Any, huge_page_size: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: a hugetlb mapping's GPA, size and file offset are multiples of this: MAP_FIXED of a
+        #: hugetlb fd fails at any other address in every mapper
+        self.huge_page_size = huge_page_size or hugepage_size()
+        self._hugetlb: set[int] = set()  # mappables backed by hugetlb memfds
+
+    def _alignment(self, region: Region) -> int:
+        """What a region's GPA must be a multiple of: the huge page size if any of it is
+        backed by hugetlb memory."""
+        if region.backing == "hugetlb" or any(
+            s.mappable_id in self._hugetlb for s in region.submappings
+        ):
+            return self.huge_page_size
+        return PAGE_SIZE
+
     def _region(self, name: str) -> Region:
         region = self.regions.get(name)
         if region is None or region.removing:
@@ -56,9 +73,12 @@ class ManagerState(PeerState):
             raise Refused("not-found", f"region {name!r} {what}")
         return region
 
-    def _check_placement(self, name: str, gpa: int, size: int, priority: int) -> MemoryRange:
-        if gpa < 0 or gpa % PAGE_SIZE:
-            raise Refused("bad-request", f"gpa {gpa:#x} must be a multiple of {PAGE_SIZE}")
+    def _check_placement(
+        self, name: str, gpa: int, size: int, priority: int, align: int = PAGE_SIZE
+    ) -> MemoryRange:
+        if gpa < 0 or gpa % align:
+            what = str(align) if align == PAGE_SIZE else f"{align:#x} (the huge page size)"
+            raise Refused("bad-request", f"gpa {gpa:#x} must be a multiple of {what}")
         if gpa + size > self.address_space:
             raise Refused(
                 "out-of-range",
@@ -77,6 +97,8 @@ class ManagerState(PeerState):
         mappable_id = self._next_mappable_id
         self.store.create(mappable_id, name, size, writable, kind=backing, path=path)
         self._next_mappable_id += 1
+        if backing == "hugetlb":
+            self._hugetlb.add(mappable_id)
         return mappable_id
 
     def add_region(
@@ -107,8 +129,15 @@ class ManagerState(PeerState):
             raise Refused("bad-request", f"backing must be one of {', '.join(BACKINGS)}")
         if enabled and gpa is None:
             raise Refused("bad-request", "an enabled region needs a GPA")
+        align = self.huge_page_size if backing == "hugetlb" else PAGE_SIZE
+        if size % align:
+            raise Refused(
+                "bad-request",
+                f"a hugetlb region's size must be a multiple of the {align >> 20} MiB huge page "
+                f"size; {size:#x} is not",
+            )
         if gpa is not None:
-            self._check_placement(name, gpa, size, priority)
+            self._check_placement(name, gpa, size, priority, align)
         if len(self.regions) >= self.limits.max_regions:
             raise Refused(
                 "limit", f"the manager holds its limit of {self.limits.max_regions} regions"
@@ -218,7 +247,9 @@ class ManagerState(PeerState):
         effects: list[Effect] = []
         cut: dict[int, list[MemoryRange]] = {}
         if gpa is not None and gpa != region.gpa:
-            new = self._check_placement(name, gpa, region.size, region.priority)
+            new = self._check_placement(
+                name, gpa, region.size, region.priority, self._alignment(region)
+            )
             if region.active:
                 effects += self._deactivate(region, op, cut)
             self.placed.discard(region)
@@ -273,6 +304,7 @@ class ManagerState(PeerState):
             raise Refused(
                 "bad-request", f"file offset {replace[2]:#x} must be a multiple of {PAGE_SIZE}"
             )
+        self._check_huge_change(region, offset, size, replace)
         op = self.start_op(f"change {name}", reply_to)
         kept, removed = split_submappings(region.submappings, offset, size)
         new_sub = None
@@ -320,6 +352,31 @@ class ManagerState(PeerState):
 
         op.on_done = done
         return effects + self._maybe_finish(op)
+
+    def _check_huge_change(
+        self,
+        region: Region,
+        offset: int,
+        size: int,
+        replace: tuple[str, str | None, int, bool] | None,
+    ) -> None:
+        """A change that cuts hugetlb memory, or puts some in, must fall on huge pages."""
+        huge = self.huge_page_size
+        cuts_huge = any(
+            s.mappable_id in self._hugetlb and s.offset < offset + size and offset < s.end
+            for s in region.submappings
+        )
+        adds_huge = replace is not None and replace[0] == "hugetlb"
+        if not (cuts_huge or adds_huge):
+            return
+        misaligned = (offset | size) % huge or (adds_huge and (region.gpa or 0) % huge)
+        if misaligned or (replace is not None and replace[2] % huge):
+            raise Refused(
+                "bad-request",
+                f"hugetlb memory of region {region.name!r} can only be changed in whole huge "
+                f"pages: offset, size, file offset and the region's gpa must be multiples "
+                f"of {huge:#x}",
+            )
 
     def handle_control(self, identity: bytes, msg: Message) -> list[Effect]:
         """A ControlRequest arrived from client `identity`."""

@@ -72,6 +72,9 @@ class VaMapper:
         self.eager = False
         self.closed = False
         self._eager_done = threading.Event()
+        #: set when the manager answered Detach (FEATURE_DETACH_ACK) or is gone
+        self._detach_acked = threading.Event()
+        self.fds.on_error = self._refused
         self._eager_message = ""
         self._outbox: collections.deque[Message] = collections.deque()
         #: acks the fd socket had no room for yet, in order (sent when it has: never dropped,
@@ -195,6 +198,7 @@ class VaMapper:
             log.warning("mapper %d: %s", self.id, reason)
             self.gone = reason
         self.waiters.shutdown(reason)
+        self._detach_acked.set()  # nobody left to answer a Detach
 
     def _drain_stream(self) -> None:
         """Apply the messages waiting on the stream, which the poller found readable."""
@@ -241,10 +245,18 @@ class VaMapper:
             # the manager's own reason says more than a closed connection noticed first
             self.gone = None
             self.manager_gone(describe_shutdown(msg.reason))
+        elif isinstance(msg, m.DetachAck):
+            self._detach_acked.set()
         elif isinstance(msg, m.Error):
-            log.warning("mapper %d: the manager rejected a message: %s", self.id, msg.message)
+            self._refused(msg)
         else:
             log.warning("mapper %d: ignoring unexpected %s", self.id, type(msg).__name__)
+
+    def _refused(self, msg: m.Error) -> None:
+        """An Error from the manager: fails the access whose request it names (FEATURE_TAGS)."""
+        why = f"{MAP_FAILED}the manager refused it ({msg.code}): {msg.message}"
+        if msg.tag is None or not self.waiters.fail_tagged(msg.tag, why):
+            log.warning("mapper %d: the manager rejected a message: %s", self.id, msg.message)
 
     def _apply_map(
         self, rng: MemoryRange, mappable_id: int, file_offset: int, writable: bool
@@ -415,10 +427,10 @@ class VaMapper:
                 f"no region backs GPA {gpa:#x} (an eager mapper has every mapping already)", gpa
             )
         rng = MemoryRange.bounding(gpa, min(end, self.address_space))
-        waiter = self.waiters.register(rng, write)
+        waiter = self.waiters.register(rng, write, bool(self.link.features & m.FEATURE_TAGS))
         if not waiter.done:
             try:
-                self.link.send(m.SendMappings(rng))
+                self.link.send(m.SendMappings(rng, waiter.tag))
             except TimeoutError as exc:  # alive (its socket is open) but not reading
                 self.waiters.discard(waiter)
                 raise GuestMemoryError(f"cannot fault GPA {gpa:#x}: {exc}", gpa) from None
@@ -461,6 +473,10 @@ class VaMapper:
             return
         if self.gone is None:
             self.post(m.Detach())
+            if self.link.features & m.FEATURE_DETACH_ACK:
+                # the fd socket stays open until the manager has taken the Detach: closed
+                # first, it would remove this mapper as lost and the Detach would find nobody
+                self._detach_acked.wait(self.link.timeout)
         self._stop = True
         self._wake()
         self._thread.join(10)

@@ -13,6 +13,7 @@ import os
 import resource
 import threading
 from collections import Counter
+from collections.abc import Callable
 
 from ..protocol import messages as m
 from ..protocol.errors import ProtocolError
@@ -46,6 +47,8 @@ class MapperFds:
         #: Maps that gave up waiting for their grant or denial, by mappable: the answers that
         #: arrive later belong to them, not to the next Maps
         self._abandoned: Counter[int] = Counter()
+        #: told of an Error read here (one refusing a tagged request: FEATURE_TAGS)
+        self.on_error: Callable[[m.Error], None] | None = None
 
     def get(self, mappable_id: int) -> int | None:
         """The fd held for `mappable_id` (mapper thread: others use `dup`)."""
@@ -112,8 +115,11 @@ class MapperFds:
             except FdsDropped as exc:
                 self._note_dropped(exc)  # this Map's (checked above) or one still on its way
                 continue
-            except (PeerClosed, OSError, ProtocolError) as exc:
+            except (PeerClosed, OSError) as exc:
                 return f"cannot receive the fd of mappable {mappable_id}: {exc}"
+            except ProtocolError as exc:  # junk on the socket: ignored; the fd may still come
+                log.warning("mapper %d: invalid data on the fd socket ignored: %s", self.id, exc)
+                continue
             assert got is not None
             self._take(*got)
 
@@ -175,6 +181,8 @@ class MapperFds:
             )
         elif isinstance(msg, m.FdDenied):
             self._denied.setdefault(msg.mappable_id, []).append(msg.reason)
+        elif isinstance(msg, m.Error) and self.on_error is not None:
+            self.on_error(msg)
         else:
             close_fds(fds)
             log.warning("mapper %d: unexpected %s on the fd socket", self.id, type(msg).__name__)

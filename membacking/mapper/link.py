@@ -58,6 +58,8 @@ class ManagerLink:
             self.mapper_id = welcome.mapper_id
             self.token = welcome.token
             self.address_space = welcome.address_space
+            #: feature bits the manager will use (0 from a manager of an earlier release)
+            self.features = welcome.features or 0
             self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
             self.stream = self._attach(m.ROLE_STREAM_FD)
         except BaseException:
@@ -109,9 +111,27 @@ class ManagerLink:
                 raise
 
     def _hello(self, sock: socket.socket, name: str) -> m.Welcome:
+        reply = self._say_hello(sock, m.Hello(name, m.SUPPORTED_FEATURES))
+        if isinstance(reply, m.Error) and reply.code == "bad-arity":
+            # a manager of an earlier release refuses a Hello with a feature mask (and keeps
+            # the connection open): register without features
+            reply = self._say_hello(sock, m.Hello(name))
+        if isinstance(reply, m.Error):
+            raise AttachError(f"the manager refused this mapper: {reply.message}")
+        if not isinstance(reply, m.Welcome):
+            raise AttachError(f"unexpected {type(reply).__name__} during registration")
+        try:
+            units.check_address_space(reply.address_space)
+        except ValueError as exc:
+            raise AttachError(
+                f"the manager offers an address space this mapper cannot use: {exc}"
+            ) from None
+        return reply
+
+    def _say_hello(self, sock: socket.socket, hello: m.Hello) -> Message:
         try:
             with contextlib.suppress(BrokenPipeError):  # refused: the reason waits to be read
-                send_message(sock, m.Hello(name))
+                send_message(sock, hello)
             reply, _ = recv_message(sock, sender="manager")
         except (PeerClosed, ConnectionResetError) as exc:
             raise _Busy(str(exc)) from None
@@ -123,16 +143,6 @@ class ManagerLink:
             raise self._unavailable(f"registration failed: {exc}") from None
         except ProtocolError as exc:
             raise AttachError(f"the manager sent an invalid registration reply: {exc}") from None
-        if isinstance(reply, m.Error):
-            raise AttachError(f"the manager refused this mapper: {reply.message}")
-        if not isinstance(reply, m.Welcome):
-            raise AttachError(f"unexpected {type(reply).__name__} during registration")
-        try:
-            units.check_address_space(reply.address_space)
-        except ValueError as exc:
-            raise AttachError(
-                f"the manager offers an address space this mapper cannot use: {exc}"
-            ) from None
         return reply
 
     def _attach(self, role: int) -> zmq.Socket[bytes]:

@@ -5,6 +5,7 @@ want to write, and by shutdown (after which new waiters fail at once).
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 from ..protocol.ranges import MemoryRange
@@ -20,11 +21,13 @@ MAP_FAILED = "map-failed: "
 class Waiter:
     """One access waiting for `range` to be mapped (writable if `writable`)."""
 
-    __slots__ = ("_gate", "done", "failure", "range", "writable")
+    __slots__ = ("_gate", "done", "failure", "range", "tag", "writable")
 
-    def __init__(self, rng: MemoryRange, writable: bool) -> None:
+    def __init__(self, rng: MemoryRange, writable: bool, tag: int | None = None) -> None:
         self.range = rng
         self.writable = writable
+        #: the tag of its request (FEATURE_TAGS), by which an Error from the manager names it
+        self.tag = tag
         self.done = False
         self.failure: str | None = None
         # A bare lock, held until the waiter is done: waking on it runs no Python code (an
@@ -71,14 +74,16 @@ class WaiterSet:
         self._lock = threading.Lock()
         self._waiters: list[Waiter] | None = []
         self.shutdown_reason = ""
+        self._tags = itertools.count(1)
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._waiters or ())
 
-    def register(self, rng: MemoryRange, writable: bool) -> Waiter:
-        """A new waiter; already failed if the set was shut down."""
-        waiter = Waiter(rng, writable)
+    def register(self, rng: MemoryRange, writable: bool, tagged: bool = False) -> Waiter:
+        """A new waiter (with a tag of its own if `tagged`); already failed if the set was shut
+        down."""
+        waiter = Waiter(rng, writable, next(self._tags) if tagged else None)
         with self._lock:
             if self._waiters is None:
                 waiter._finish(SHUTDOWN)
@@ -90,6 +95,17 @@ class WaiterSet:
         with self._lock:
             if self._waiters:
                 self._waiters = [w for w in self._waiters if not w.complete(rng, writable, failure)]
+
+    def fail_tagged(self, tag: int, failure: str) -> bool:
+        """Fail the waiter whose request had `tag` (the manager refused it); False if none
+        waits with that tag."""
+        with self._lock:
+            waiter = next((w for w in self._waiters or () if w.tag == tag), None)
+            if waiter is None:
+                return False
+            self._waiters.remove(waiter)  # type: ignore[union-attr]
+        waiter._finish(failure)
+        return True
 
     def discard(self, waiter: Waiter) -> None:
         """Forget a waiter that gave up (timed out)."""

@@ -1,7 +1,8 @@
 """msgpack encoding and strict decoding of protocol messages.
 
 A message travels as one msgpack array: [version, type, field...]. `decode` checks the size, the
-version, the type against the channel, and every field's type and bounds, raising ProtocolError.
+version, the type against the channel, and every field's type and bounds, raising ProtocolError;
+optional trailing fields may be absent, and fields past the known ones are ignored.
 """
 
 from __future__ import annotations
@@ -33,13 +34,26 @@ MAX_ARGS = 16
 _U64_LIMIT = 1 << 64
 
 
+class _AbsentType:
+    """An optional trailing field the sender did not send (distinct from an explicit nil, which
+    no field kind accepts)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<absent>"
+
+
+_ABSENT = _AbsentType()
+
+
 class _Plan:
     """How one message class travels: built once per class. `flatten` and `build` are functions
     generated for the class from its fields, with every check of the hot kinds (u64, bool,
     range, ids) written out inline: no call per field. A message that fails an inline check is
     handed to `build_checked`, the field-by-field builder, which raises the precise error."""
 
-    __slots__ = ("build", "cls", "fields", "flatten", "wire_len")
+    __slots__ = ("build", "cls", "fields", "flatten", "min_len", "required", "wire_len")
 
     def __init__(self, cls: type[Message]) -> None:
         self.cls = cls
@@ -47,17 +61,24 @@ class _Plan:
         self.fields = tuple(
             (name, kind, _CHECKS[kind], f"{cls.__name__}.{name}") for name, kind in cls.FIELDS
         )
+        self.required = len(cls.FIELDS) if cls.REQUIRED is None else cls.REQUIRED
+        # an optional field is one wire element (its absence is the array's end)
+        assert all(k not in (Kind.RANGE, Kind.IDS) for _, k in cls.FIELDS[self.required :])
         self.wire_len = 2 + sum(2 if kind is Kind.RANGE else 1 for _, kind in cls.FIELDS)
+        self.min_len = self.wire_len - (len(cls.FIELDS) - self.required)
         self.flatten: Callable[[Message], list[Any]] = self._compile_flatten()
         self.build: Callable[[list[Any]], Message] = self._compile_build()
 
     def build_checked(self, items: list[Any]) -> Message:
         """Check each field in wire order with its checker (raising ProtocolError for the first
         that fails) and build the message."""
-        args = []
+        args: list[Any] = []
         pos = 2
-        for _, kind, check, label in self.fields:
-            if kind is Kind.RANGE:
+        for i, (_, kind, check, label) in enumerate(self.fields):
+            if i >= self.required and pos >= len(items):
+                args.append(None)  # an optional field not sent (nor any after it)
+                pos += 1
+            elif kind is Kind.RANGE:
                 args.append(_range(items[pos], items[pos + 1], label))
                 pos += 2
             else:
@@ -76,12 +97,32 @@ class _Plan:
                 out.append(f"list(msg.{name})")
             else:
                 out.append(f"msg.{name}")
-        body = "\n".join([*lines, f"    return [{', '.join(out)}]"])
-        return self._compile(f"def flatten(msg):\n{body}\n", "flatten", {})
+        required = 2 + sum(
+            2 if k is Kind.RANGE else 1 for _, k, _, _ in self.fields[: self.required]
+        )
+        optional = out[required:]
+        if not optional:
+            body = "\n".join([*lines, f"    return [{', '.join(out)}]"])
+            return self._compile(f"def flatten(msg):\n{body}\n", "flatten", {})
+        # optional trailing fields: the trailing absent (None) ones are left off the wire
+        lines += [
+            f"    out = [{', '.join(out[:required])}]",
+            f"    opt = [{', '.join(optional)}]",
+            "    while opt and opt[-1] is None:",
+            "        opt.pop()",
+            "    if None in opt:",
+            f"        raise ValueError('{self.cls.__name__}: an optional field is set after an "
+            "absent one')",
+            "    out += opt",
+            "    return out",
+        ]
+        return self._compile("def flatten(msg):\n" + "\n".join(lines) + "\n", "flatten", {})
 
     def _compile_build(self) -> Callable[[list[Any]], Message]:
-        """items has the right length here (decode checked it)."""
+        """items holds at least the required fields here (decode checked it); an optional field
+        past its end is absent."""
         env: dict[str, Any] = {
+            "_A": _ABSENT,
             "_cls": self.cls,
             "_new": tuple.__new__,
             "_Range": MemoryRange,
@@ -95,6 +136,14 @@ class _Plan:
         pos = 2
         for i, (_, kind, check, label) in enumerate(self.fields):
             v = f"v{pos}"
+            if i >= self.required:
+                lines.append(f"    {v} = items[{pos}] if len(items) > {pos} else _A")
+                env[f"_check{i}"], env[f"_label{i}"] = check, label
+                # checked while the message is built, after every required field: the same
+                # order (so the same first error) as the field-by-field builder
+                args.append(f"None if {v} is _A else _check{i}({v}, _label{i})")
+                pos += 1
+                continue
             lines.append(f"    {v} = items[{pos}]")
             if kind is Kind.RANGE:
                 z = f"v{pos + 1}"
@@ -306,9 +355,10 @@ def decode(
     if sender is not None and sender not in cls.FROM:
         raise ProtocolError(f"{cls.__name__} may not be sent by a {sender}", reason="wrong-sender")
     plan = _PLANS[cls]
-    if len(items) != plan.wire_len:
+    if len(items) < plan.min_len:  # more is fine: a later revision's trailing fields, ignored
+        at_least = "at least " if plan.min_len < plan.wire_len else ""
         raise ProtocolError(
-            f"{cls.__name__} needs {plan.wire_len - 2} wire fields, got {len(items) - 2}",
+            f"{cls.__name__} needs {at_least}{plan.min_len - 2} wire fields, got {len(items) - 2}",
             reason="bad-arity",
         )
     return plan.build(items)

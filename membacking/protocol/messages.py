@@ -18,6 +18,31 @@ MAX_NAME_LEN = 64
 MAX_REASON_LEN = 1024
 MAX_RELEASE_IDS = 1024
 
+# ---- feature negotiation -----------------------------------------------------------------------
+# A mapper offers a mask of feature bits in Hello; the manager answers in Welcome with the subset
+# it will use (offered & what it supports). A peer that sends a mask also accepts (and ignores)
+# unknown trailing fields on every message; optional trailing fields a feature adds are sent only
+# to a peer that negotiated that feature.
+
+#: Shutdown carries `code` (one of SHUTDOWN_CODES) after its text
+FEATURE_SHUTDOWN_CODE = 1 << 0
+#: the manager answers Detach with DetachAck; a mapper that negotiated it keeps its fd socket
+#: open until then (closing it first races the Detach, which then reaches no mapper)
+FEATURE_DETACH_ACK = 1 << 1
+#: SendMappings and ResendFd carry a `tag`, and an Error refusing one carries the same tag, so
+#: the mapper can fail the access waiting for it instead of letting it time out
+FEATURE_TAGS = 1 << 2
+#: every feature bit this release knows
+SUPPORTED_FEATURES = FEATURE_SHUTDOWN_CODE | FEATURE_DETACH_ACK | FEATURE_TAGS
+
+#: Shutdown codes: the mapper was cut off for not answering (it should drop its mappings)
+SHUTDOWN_EVICTED = "evicted"
+#: the manager is stopping for good: guest memory ends with it
+SHUTDOWN_STOPPING = "stopping"
+#: the manager is restarting on the same state: keep every mapping and wait for it
+SHUTDOWN_RESTARTING = "restarting"
+SHUTDOWN_CODES = frozenset({SHUTDOWN_EVICTED, SHUTDOWN_STOPPING, SHUTDOWN_RESTARTING})
+
 
 class Kind(Enum):
     """How a field travels and is validated."""
@@ -52,6 +77,10 @@ class Message:
     FDS: ClassVar[int] = 0
     #: who may send it: "mapper", "manager", "client" (a control client)
     FROM: ClassVar[frozenset[str]]
+    #: how many of FIELDS every sender sends; the rest are optional trailing fields (default
+    #: None = absent, omitted on the wire), added by a later revision and sent only to a peer
+    #: that negotiated the feature introducing them. None: every field is required.
+    REQUIRED: ClassVar[int | None] = None
 
 
 # ---- fd channel (Unix SEQPACKET) -------------------------------------------------------------
@@ -59,18 +88,22 @@ class Message:
 
 @dataclass(frozen=True, slots=True)
 class Hello(Message):
-    """mapper -> manager: first message on a new fd-socket connection."""
+    """mapper -> manager: first message on a new fd-socket connection; `features` (optional)
+    offers feature bits (a mapper of an earlier release sends none)."""
 
     TYPE = 1
     FROM = frozenset({"mapper"})
-    FIELDS = (("name", Kind.NAME),)
+    FIELDS = (("name", Kind.NAME), ("features", Kind.U64))
+    REQUIRED = 1
     CHANNELS = frozenset({Channel.FD})
     name: str
+    features: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Welcome(Message):
-    """manager -> mapper: registration accepted; identity to present on the ZeroMQ sockets."""
+    """manager -> mapper: registration accepted; identity to present on the ZeroMQ sockets.
+    `features` (present only if Hello offered some): the offered bits the manager will use."""
 
     TYPE = 2
     FROM = frozenset({"manager"})
@@ -79,12 +112,15 @@ class Welcome(Message):
         ("token", Kind.TOKEN),
         ("address_space", Kind.U64),
         ("page_size", Kind.U64),
+        ("features", Kind.U64),
     )
+    REQUIRED = 4
     CHANNELS = frozenset({Channel.FD})
     mapper_id: int
     token: bytes
     address_space: int
     page_size: int
+    features: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,14 +152,17 @@ class FdDenied(Message):
 
 @dataclass(frozen=True, slots=True)
 class Error(Message):
-    """Either direction, any channel: the previous message was rejected."""
+    """Either direction, any channel: a message was rejected. `tag` (FEATURE_TAGS): the tag of
+    the request it refuses."""
 
     TYPE = 6
     FROM = frozenset({"mapper", "manager", "client"})
-    FIELDS = (("code", Kind.NAME), ("message", Kind.TEXT))
+    FIELDS = (("code", Kind.NAME), ("message", Kind.TEXT), ("tag", Kind.U64))
+    REQUIRED = 2
     CHANNELS = frozenset({Channel.FD, Channel.MAPPER, Channel.CONTROL})
     code: str
     message: str
+    tag: int | None = None
 
 
 # ---- mapper channel (ZeroMQ DEALER -> manager ROUTER) ------------------------------------------
@@ -162,13 +201,15 @@ class Attached(Message):
 @dataclass(frozen=True, slots=True)
 class SendMappings(Message):
     """mapper -> manager (fd socket; a requests socket is still accepted): send Map/NoMapping
-    covering this range."""
+    covering this range. `tag` (FEATURE_TAGS) names the request in an Error refusing it."""
 
     TYPE = 12
     FROM = frozenset({"mapper"})
-    FIELDS = (("range", Kind.RANGE),)
+    FIELDS = (("range", Kind.RANGE), ("tag", Kind.U64))
+    REQUIRED = 1
     CHANNELS = frozenset({Channel.FD, Channel.MAPPER})
     range: MemoryRange
+    tag: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,9 +221,11 @@ class ResendFd(Message):
 
     TYPE = 24
     FROM = frozenset({"mapper"})
-    FIELDS = (("mappable_id", Kind.U64),)
+    FIELDS = (("mappable_id", Kind.U64), ("tag", Kind.U64))
+    REQUIRED = 1
     CHANNELS = frozenset({Channel.FD, Channel.MAPPER})
     mappable_id: int
+    tag: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,14 +294,29 @@ class Detach(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class DetachAck(Message):
+    """manager -> mapper (stream; FEATURE_DETACH_ACK): the Detach is done; the mapper may now
+    close its fd socket."""
+
+    TYPE = 25
+    FROM = frozenset({"manager"})
+    FIELDS = ()
+    CHANNELS = frozenset({Channel.MAPPER})
+
+
+@dataclass(frozen=True, slots=True)
 class Shutdown(Message):
-    """manager -> mapper (stream): the manager is stopping; no more faults will be served."""
+    """manager -> mapper (stream): the manager is stopping or cutting this mapper off; `reason`
+    is for humans, `code` (one of SHUTDOWN_CODES; sent only with FEATURE_SHUTDOWN_CODE) for
+    programs. A mapper reads an unknown code as SHUTDOWN_STOPPING."""
 
     TYPE = 18
     FROM = frozenset({"manager"})
-    FIELDS = (("reason", Kind.TEXT),)
+    FIELDS = (("reason", Kind.TEXT), ("code", Kind.NAME))
+    REQUIRED = 1
     CHANNELS = frozenset({Channel.MAPPER})
     reason: str
+    code: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,6 +434,7 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     Unmap,
     UnmapAck,
     Detach,
+    DetachAck,
     Shutdown,
     Release,
     SetEager,

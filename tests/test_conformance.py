@@ -1,0 +1,86 @@
+"""The conformance check (`membacking conformance`) against the Python mapper and the foreign
+mini mapper, which both conform, and against mini mappers with a defect on purpose, which it must
+name by clause."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from membacking.conformance import CLAUSES, run
+from membacking.conformance.harness import Violation
+
+TESTS = Path(__file__).parent
+MINI = [sys.executable, str(TESTS / "foreign" / "mini_mapper.py")]
+PYTHON_MAPPER = [sys.executable, str(TESTS / "worker.py"), "{runtime_dir}", "conformance"]
+PROTOCOL = (TESTS.parent / "docs" / "PROTOCOL.md").read_text()
+
+
+def clauses_violated(violations: list[Violation]) -> set[str]:
+    return {v.clause for v in violations}
+
+
+@pytest.mark.parametrize("command", [PYTHON_MAPPER, MINI], ids=["python", "foreign"])
+def test_both_mappers_conform(command: list[str]) -> None:
+    report = run(command, timeout=10)
+    assert report.ok, [str(v) for v in report.violations] + report.stderr
+    assert "detach" in report.passed and "shutdown" in report.passed
+
+
+def test_a_mapper_that_offers_no_features_conforms(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hello without a feature mask (the earlier layout): no tags, Detach not acknowledged."""
+    monkeypatch.setenv("MINI_MAPPER_DEFECTS", "plain-hello")
+    report = run(MINI, timeout=10)
+    assert report.ok, [str(v) for v in report.violations] + report.stderr
+
+
+@pytest.mark.parametrize(
+    ("defect", "clause"),
+    [
+        ("ack-only-held", "UNMAP-ACK"),
+        ("crash-on-junk", "ROBUST"),
+        ("keep-fds", "RELEASE-CLOSE"),
+    ],
+)
+def test_the_checker_names_the_clause_a_defect_violates(
+    defect: str, clause: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MINI_MAPPER_DEFECTS", defect)
+    report = run(MINI, timeout=2)
+    assert clause in clauses_violated(report.violations), [str(v) for v in report.violations]
+
+
+def test_a_mapper_that_never_registers_violates_reg_hello() -> None:
+    report = run([sys.executable, "-c", "import time; time.sleep(30)"], timeout=0.5)
+    assert clauses_violated(report.violations) == {"REG-HELLO"}
+
+
+def test_every_clause_is_in_the_specification() -> None:
+    in_doc = set(re.findall(r"\[([A-Z]+(?:-[A-Z]+)*)\]", PROTOCOL))
+    assert set(CLAUSES) <= in_doc, set(CLAUSES) - in_doc
+
+
+def test_the_cli_runs_it(tmp_path: Path) -> None:
+    import subprocess
+
+    env = {**os.environ, "MINI_MAPPER_DEFECTS": "ack-only-held"}
+    bad = subprocess.run(
+        [sys.executable, "-m", "membacking", "conformance", "--timeout", "2", "--", *MINI],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert bad.returncode == 1
+    assert "FAIL  UNMAP-ACK" in bad.stdout
+    listed = subprocess.run(
+        [sys.executable, "-m", "membacking", "conformance", "--clauses"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listed.returncode == 0 and "RELEASE-CLOSE" in listed.stdout

@@ -1,0 +1,83 @@
+"""Feature negotiation (Hello offers bits, Welcome answers the subset used) and Shutdown's
+reason code: in the state machine and against a real daemon, for peers with and without a mask."""
+
+from __future__ import annotations
+
+import socket
+
+import msgpack
+from test_manager_state import Clock, RecordingStore
+
+from membacking.manager.model import Send
+from membacking.manager.state import ManagerState
+from membacking.protocol import messages as m
+from membacking.protocol.fdpass import recv_message, send_message
+
+from conftest import RunningManager
+
+
+def new_state() -> ManagerState:
+    clock = Clock()
+    return ManagerState(
+        RecordingStore(), address_space=1 << 32, unmap_timeout=5.0, clock=clock, monotonic=clock
+    )
+
+
+def test_welcome_answers_the_offered_bits_it_knows() -> None:
+    state = new_state()
+    entry = state.register_mapper("new", 1)
+    assert state.welcome(entry, 0xFFFF_0000 | m.FEATURE_SHUTDOWN_CODE).features == (
+        m.FEATURE_SHUTDOWN_CODE
+    )
+    assert state.welcome(entry, 0xFFFF_0000).features == 0
+    old = state.register_mapper("old", 2)
+    assert state.welcome(old, None).features is None  # no mask offered: none answered
+
+
+def bind_stream(state: ManagerState, entry_id: int, token: bytes, identity: bytes) -> None:
+    assert state.handle_mapper(identity, m.Attach(entry_id, token, m.ROLE_STREAM_FD))
+
+
+def test_shutdown_carries_its_code_only_to_mappers_that_negotiated_it() -> None:
+    state = new_state()
+    new, old = state.register_mapper("new", 1), state.register_mapper("old", 2)
+    state.welcome(new, m.SUPPORTED_FEATURES)
+    state.welcome(old, None)
+    bind_stream(state, new.id, new.token, b"new")
+    bind_stream(state, old.id, old.token, b"old")
+    sent = {e.identity: e.msg for e in state.shutdown("bye") if isinstance(e, Send)}
+    assert sent == {b"new": m.Shutdown("bye", m.SHUTDOWN_STOPPING), b"old": m.Shutdown("bye")}
+    sent = {
+        e.identity: e.msg
+        for e in state.shutdown("back soon", m.SHUTDOWN_RESTARTING)
+        if isinstance(e, Send)
+    }
+    assert sent[b"new"] == m.Shutdown("back soon", m.SHUTDOWN_RESTARTING)
+    assert [e.msg for e in state.farewell(new.id, "late") if isinstance(e, Send)] == [
+        m.Shutdown("late", m.SHUTDOWN_EVICTED)
+    ]
+    assert [e.msg for e in state.farewell(old.id, "late") if isinstance(e, Send)] == [
+        m.Shutdown("late")
+    ]
+
+
+def hello(manager: RunningManager, msg: m.Hello) -> tuple[m.Message, list[object]]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.settimeout(5)
+        sock.connect(str(manager.runtime_dir / "fd.sock"))
+        send_message(sock, msg)
+        sock.setblocking(True)
+        raw = sock.recv(65536, socket.MSG_PEEK)
+        reply, _ = recv_message(sock)
+        return reply, msgpack.unpackb(raw)
+
+
+def test_the_daemon_negotiates_and_keeps_the_old_layout_for_old_mappers(
+    manager: RunningManager,
+) -> None:
+    reply, wire = hello(manager, m.Hello("offers-all", (1 << 64) - 1))
+    assert isinstance(reply, m.Welcome) and reply.features == m.SUPPORTED_FEATURES
+    assert len(wire) == 2 + 5
+    reply, wire = hello(manager, m.Hello("older"))
+    assert isinstance(reply, m.Welcome) and reply.features is None
+    assert len(wire) == 2 + 4  # exactly what a decoder of the earlier release accepts
