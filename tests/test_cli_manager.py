@@ -177,7 +177,9 @@ def test_region_errors_are_one_clean_line(manager: RunningManager) -> None:
     finally:
         backing.unlink()
     assert_clean_error(manager.cli("region", "add", "x", "0", "lots"), "invalid size 'lots'")
-    assert_clean_error(manager.cli("region", "add", "bad name", "0x10000000", "4K"), "invalid name")
+    assert_clean_error(
+        manager.cli("region", "add", "bad name", "0x10000000", "4K"), "invalid region name"
+    )
 
 
 def test_commands_without_a_daemon_fail_cleanly() -> None:

@@ -27,16 +27,17 @@ def _describe(r: dict[str, Any]) -> str:
     )
 
 
-def _check_name(name: str) -> None:
+def _region_name(ctx: click.Context, param: click.Parameter, name: str) -> str:
+    """NAME of every region command: the name rule is checked before the manager is asked."""
     try:
-        units.check_name(name)
+        return units.check_name(name, "region name")
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="NAME") from None
+        raise click.BadParameter(str(exc), ctx, param) from None
 
 
 @region.command("add")
 @runtime_dir_option
-@click.argument("name")
+@click.argument("name", callback=_region_name)
 @click.argument("gpa", type=ADDRESS)
 @click.argument("size", type=SIZE)
 @click.option("--readonly", is_flag=True, help="Mappers may only read this region.")
@@ -72,7 +73,6 @@ def region_add(
     disabled: bool,
 ) -> None:
     """Add a region NAME of SIZE bytes at guest address GPA."""
-    _check_name(name)
     r = ControlClient(runtime_dir).add_region(
         name,
         gpa,
@@ -89,7 +89,7 @@ def region_add(
 
 @region.command("remove")
 @runtime_dir_option
-@click.argument("name")
+@click.argument("name", callback=_region_name)
 def region_remove(runtime_dir: Path | None, name: str) -> None:
     """Remove region NAME; returns once every mapper holding it has unmapped it."""
     result = ControlClient(runtime_dir).remove_region(name)
@@ -99,7 +99,7 @@ def region_remove(runtime_dir: Path | None, name: str) -> None:
 
 @region.command("enable")
 @runtime_dir_option
-@click.argument("name")
+@click.argument("name", callback=_region_name)
 @click.argument("gpa", type=ADDRESS, required=False)
 def region_enable(runtime_dir: Path | None, name: str, gpa: int | None) -> None:
     """Make region NAME visible (at GPA, if given)."""
@@ -108,7 +108,7 @@ def region_enable(runtime_dir: Path | None, name: str, gpa: int | None) -> None:
 
 @region.command("disable")
 @runtime_dir_option
-@click.argument("name")
+@click.argument("name", callback=_region_name)
 def region_disable(runtime_dir: Path | None, name: str) -> None:
     """Hide region NAME; the best region beneath it shows through again."""
     click.echo(f"disabled region {_describe(ControlClient(runtime_dir).disable_region(name))}")
@@ -116,7 +116,7 @@ def region_disable(runtime_dir: Path | None, name: str) -> None:
 
 @region.command("move")
 @runtime_dir_option
-@click.argument("name")
+@click.argument("name", callback=_region_name)
 @click.argument("gpa", type=ADDRESS)
 def region_move(runtime_dir: Path | None, name: str, gpa: int) -> None:
     """Move region NAME to guest address GPA, keeping its contents (private RAM cannot move)."""
@@ -125,7 +125,7 @@ def region_move(runtime_dir: Path | None, name: str, gpa: int) -> None:
 
 @region.command("map")
 @runtime_dir_option
-@click.argument("name")
+@click.argument("name", callback=_region_name)
 @click.argument("offset", type=ADDRESS)
 @click.argument("size", type=SIZE)
 @click.option(
@@ -155,7 +155,7 @@ def region_map(
 
 @region.command("unmap")
 @runtime_dir_option
-@click.argument("name")
+@click.argument("name", callback=_region_name)
 @click.argument("offset", type=ADDRESS)
 @click.argument("size", type=SIZE)
 def region_unmap(runtime_dir: Path | None, name: str, offset: int, size: int) -> None:

@@ -6,7 +6,7 @@ Plain data types shared by the layers of the state machine (`table`, `peers`, `s
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, ItemsView, Iterator
+from collections.abc import Callable, ItemsView, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from ..protocol.messages import Channel, FdDenied, FdGrant, Message
@@ -53,6 +53,61 @@ class SendFd:
 Effect = Send | SendFd | Disconnect
 
 
+class Holders:
+    """The mappers holding one mapping, counted into its region's tally (mapper id -> mappings
+    of the region it holds) as they come and go: a region's holders cost no walk of its pieces."""
+
+    __slots__ = ("_ids", "_tally")
+
+    def __init__(self, tally: Counter[int] | None = None, ids: Iterable[int] = ()) -> None:
+        self._tally: Counter[int] = Counter() if tally is None else tally
+        self._ids: set[int] = set()
+        for mapper_id in ids:
+            self.add(mapper_id)
+
+    def add(self, mapper_id: int) -> None:
+        if mapper_id not in self._ids:
+            self._ids.add(mapper_id)
+            self._tally[mapper_id] += 1
+
+    def discard(self, mapper_id: int) -> None:
+        if mapper_id in self._ids:
+            self._ids.remove(mapper_id)
+            left = self._tally[mapper_id] - 1
+            if left > 0:
+                self._tally[mapper_id] = left
+            else:
+                del self._tally[mapper_id]
+
+    def copy(self) -> Holders:
+        """The same holders for a piece cut from the same mapping (counted in the same tally)."""
+        return Holders(self._tally, self._ids)
+
+    def clear(self) -> None:
+        """The mapping left the table: none of its holders counts for the region any more."""
+        for mapper_id in list(self._ids):
+            self.discard(mapper_id)
+
+    def __contains__(self, mapper_id: object) -> bool:
+        return mapper_id in self._ids
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Holders):
+            return self._ids == other._ids
+        return isinstance(other, set | frozenset) and self._ids == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Holders({sorted(self._ids)!r})"
+
+
 @dataclass
 class Mapping:
     """An entry of the mapping table: an active piece of a region."""
@@ -62,7 +117,7 @@ class Mapping:
     mappable_id: int
     file_offset: int
     writable: bool
-    holders: set[int] = field(default_factory=set)
+    holders: Holders = field(default_factory=Holders)
 
 
 class Held:

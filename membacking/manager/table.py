@@ -20,6 +20,7 @@ from .backing import BackingStore
 from .model import (
     DEFAULT_ADDRESS_SPACE,
     Effect,
+    Holders,
     Limits,
     MapperEntry,
     Mapping,
@@ -53,6 +54,8 @@ class TableState:
         self._monotonic = monotonic
         self.started_at = clock()
         self.regions: dict[str, Region] = {}
+        #: the regions' names, sorted: the `regions` listing pages through them by name
+        self.names: list[str] = []
         #: the regions that have a GPA, by where they lie (kept in step with `regions`)
         self.placed = PlacementIndex()
         self.region_bytes = 0
@@ -220,7 +223,7 @@ class TableState:
                     mapping.mappable_id,
                     mapping.file_offset + (part.start - mrange.start),
                     mapping.writable,
-                    set(mapping.holders),
+                    mapping.holders.copy(),
                 )
                 self.table.insert(part, kept)
                 for holder in kept.holders:
@@ -234,6 +237,7 @@ class TableState:
                 self.counters["unmaps_sent"] += 1
                 op.unmapped_from.add(holder)
                 cut.setdefault(holder, []).append(piece)
+            mapping.holders.clear()  # out of the table: no longer counted for its region
         return effects
 
     def _releasable(self, entry: MapperEntry, destroy: set[int]) -> tuple[int, ...]:
@@ -262,9 +266,9 @@ class TableState:
 
     def _insert(self, region: Region, sub: SubMapping, op: Operation) -> list[Effect]:
         rng = region.absolute(sub)
-        mapping = Mapping(
-            region.name, rng, sub.mappable_id, sub.file_offset, sub.writable and region.writable
-        )
+        writable = sub.writable and region.writable
+        holders = Holders(region.holder_tally)
+        mapping = Mapping(region.name, rng, sub.mappable_id, sub.file_offset, writable, holders)
         self.table.insert(rng, mapping)
         effects: list[Effect] = []
         for e in self.mappers.values():
