@@ -158,8 +158,35 @@ class ControlClient:
             offset = page[-1]["offset"] + page[-1]["size"]
 
     def mappers(self) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = self.call("mappers")
-        return result
+        """Every mapper, by id, each with all its `held` ranges (gathered a page at a time)."""
+        out: list[dict[str, Any]] = []
+        after = 0
+        while True:
+            page: list[dict[str, Any]] = self.call(
+                "mappers", **({"after_id": after} if after else {})
+            )
+            if not page:
+                return out
+            for mapper in page:
+                if mapper.get("ranges", 0) > len(mapper["held"]):
+                    mapper["held"] = self._all_held(mapper["id"])
+            out.extend(page)
+            after = page[-1]["id"]
+
+    def _all_held(self, mapper_id: int) -> list[list[int]]:
+        held: list[list[int]] = []
+        gpa = 0
+        while True:
+            try:
+                page = self.call("mapper_held", id=mapper_id, gpa=gpa)["held"]
+            except ControlError as exc:
+                if exc.code == "not-found":  # gone meanwhile
+                    return held
+                raise
+            if not page:
+                return held
+            held.extend(page)
+            gpa = page[-1][0] + page[-1][1]
 
     def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = self.call("stats")

@@ -352,3 +352,9 @@ def test_the_listing_gathers_every_page(start_manager: Start) -> None:
     assert holes["pieces"] == 301
     assert [p["offset"] // 4096 for p in holes["mappings"]] == [0, *range(2, 601, 2)]
     assert all(len(r["mappings"]) == 1 for r in regions[1:])
+    with membacking.attach(running.runtime_dir, name="reader") as memory:
+        for piece in holes["mappings"]:
+            memory.read_at(piece["offset"], 1)
+        (mapper,) = client.mappers()
+        assert mapper["ranges"] == 301 and mapper["bytes"] == 4 * MiB - 300 * 4096
+        assert [r[0] for r in mapper["held"]] == [p["offset"] for p in holes["mappings"]]
