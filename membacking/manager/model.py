@@ -86,8 +86,14 @@ class Holders:
 
     def clear(self) -> None:
         """The mapping left the table: none of its holders counts for the region any more."""
-        for mapper_id in list(self._ids):
-            self.discard(mapper_id)
+        tally = self._tally
+        for mapper_id in self._ids:
+            left = tally[mapper_id] - 1
+            if left > 0:
+                tally[mapper_id] = left
+            else:
+                del tally[mapper_id]
+        self._ids.clear()
 
     def __contains__(self, mapper_id: object) -> bool:
         return mapper_id in self._ids
@@ -160,6 +166,24 @@ class Held:
         self._bytes -= rng.end - rng.start
         self._uncount(mappable_id)
         return mappable_id
+
+    def pop_all(self, ranges: list[MemoryRange]) -> None:
+        """Pop each of `ranges` (in address order): one slice deletion from the order when
+        they lie side by side in it, as the ranges of one cut do, instead of one per range."""
+        present = [r for r in ranges if r in self._ranges]
+        if len(present) < 8:
+            for rng in present:
+                self.pop(rng)
+            return
+        for rng in present:
+            self._bytes -= rng.end - rng.start
+            self._uncount(self._ranges.pop(rng))
+        i = bisect.bisect_left(self._sorted, present[0])
+        j = i + len(present)
+        if self._sorted[i:j] == present:
+            del self._sorted[i:j]
+        else:  # not side by side: filter once
+            self._sorted = [r for r in self._sorted if r in self._ranges]
 
     def get(self, rng: MemoryRange) -> int | None:
         return self._ranges.get(rng)

@@ -217,8 +217,8 @@ class TableState:
         24,000 Unmaps and held the loop for 316 ms."""
         effects: list[Effect] = []
         pieces: dict[int, list[MemoryRange]] = {}
-        for mrange, mapping in self.table.overlapping(rng):
-            self.table.remove(mrange)
+        popped: dict[int, list[MemoryRange]] = {}
+        for mrange, mapping in self.table.remove_overlapping(rng):
             piece = mrange.intersection(rng)
             for part in mrange.subtract(rng):
                 kept = Mapping(
@@ -233,11 +233,12 @@ class TableState:
                 for holder in kept.holders:
                     self.mappers[holder].held[part] = kept.mappable_id
             for holder in mapping.holders:
-                self.mappers[holder].held.pop(mrange, None)
+                popped.setdefault(holder, []).append(mrange)
                 pieces.setdefault(holder, []).append(piece)
             mapping.holders.clear()  # out of the table: no longer counted for its region
         for holder in sorted(pieces):
             entry = self.mappers[holder]
+            entry.held.pop_all(popped[holder])
             held = pieces[holder]  # in address order
             span = MemoryRange.checked_already(held[0].start, held[-1].end)
             release = self._releasable(entry, op.destroy)
@@ -292,10 +293,18 @@ class TableState:
             entry = self.mappers[mapper_id]
             if entry.eager or entry.upgrading:
                 continue  # eager mappers were sent MapEager already
-            for piece in pieces:
-                for _, mapping in self.table.overlapping(piece):
-                    if mapper_id not in mapping.holders:
-                        effects.extend(self._map_to(entry, mapping))
+            # one lookup over the span of its pieces, walked beside them (both in address order,
+            # each without overlaps): a lookup per piece cost a bisection each
+            lost = sorted(pieces)
+            span = MemoryRange.checked_already(lost[0].start, max(p.end for p in lost))
+            i = 0
+            for mrange, mapping in self.table.overlapping(span):
+                while i < len(lost) and lost[i].end <= mrange.start:
+                    i += 1
+                if i == len(lost):
+                    break
+                if lost[i].start < mrange.end and mapper_id not in mapping.holders:
+                    effects.extend(self._map_to(entry, mapping))
         return effects
 
     def _reconcile(
