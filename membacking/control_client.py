@@ -131,7 +131,7 @@ class ControlClient:
         after: str | None = None
         while True:
             args: dict[str, Any] = {} if after is None else {"after": after}
-            page: list[dict[str, Any]] = self.call("regions", **args)
+            page = self._page("regions", args)
             if not page:
                 break
             for region in page:
@@ -141,6 +141,17 @@ class ControlClient:
             after = page[-1]["name"]
         out.sort(key=lambda r: (r["gpa"] is None, r["gpa"] or 0, -r["priority"]))
         return out
+
+    def _page(self, op: str, args: dict[str, Any]) -> list[dict[str, Any]]:
+        """One page of a listing; none after the first from a manager of an earlier release,
+        which lists everything at once and knows no page arguments."""
+        try:
+            page: list[dict[str, Any]] = self.call(op, **args)
+        except ControlError as exc:
+            if args and exc.code == "bad-request" and "unknown argument" in str(exc):
+                return []
+            raise
+        return page
 
     def _all_mappings(self, name: str) -> list[dict[str, Any]]:
         mappings: list[dict[str, Any]] = []
@@ -162,9 +173,7 @@ class ControlClient:
         out: list[dict[str, Any]] = []
         after = 0
         while True:
-            page: list[dict[str, Any]] = self.call(
-                "mappers", **({"after_id": after} if after else {})
-            )
+            page = self._page("mappers", {"after_id": after} if after else {})
             if not page:
                 return out
             for mapper in page:

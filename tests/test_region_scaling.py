@@ -435,3 +435,35 @@ def test_removing_a_region_of_many_pieces_sends_one_unmap_per_holder(
             state.handle_mapper(identity, m.UnmapAck(msg.seq))
     assert not state.regions["holes"].active and "other" not in state.regions
     assert all(len(state.mappers[i].held) == 0 for i, _, _ in mappers)
+
+
+def test_control_client_pages_against_a_manager_of_an_earlier_release() -> None:
+    """A manager of an earlier release lists everything at once and refuses page arguments as
+    unknown: the client takes its first answer as the whole listing."""
+    from membacking import ControlClient, ControlError
+
+    from conftest import short_tmpdir
+
+    class EarlierManager(ControlClient):
+        calls: list[tuple[str, dict[str, object]]] = []
+
+        def call(self, op: str, timeout: float | None = None, **args: object) -> object:
+            self.calls.append((op, args))
+            if args:
+                raise ControlError("bad-request", f"unknown argument(s): {', '.join(args)}")
+            if op == "regions":
+                return [
+                    {"name": n, "gpa": g, "priority": 0, "mappings": []}
+                    for n, g in [("b", 0), ("a", 1)]
+                ]
+            return [{"id": 1, "held": [[0, 4096]]}, {"id": 2, "held": []}]
+
+    client = EarlierManager(short_tmpdir())
+    assert [r["name"] for r in client.regions()] == ["b", "a"]
+    assert [p["id"] for p in client.mappers()] == [1, 2]
+    assert client.calls == [
+        ("regions", {}),
+        ("regions", {"after": "a"}),
+        ("mappers", {}),
+        ("mappers", {"after_id": 2}),
+    ]
