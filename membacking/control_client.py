@@ -12,6 +12,7 @@ from typing import Any
 
 import zmq
 
+from . import units
 from .errors import ControlError, ManagerUnavailableError
 from .protocol import messages as m
 from .protocol.codec import MAX_REPLY_BYTES, decode, encode
@@ -19,8 +20,32 @@ from .protocol.errors import ProtocolError
 from .protocol.messages import Channel
 from .runtime import RuntimePaths
 
+_U64_LIMIT = 1 << 64
+
 #: Seconds to wait for operations that wait on every affected mapper.
 LONG_TIMEOUT = 120.0
+
+
+def _check_args(args: dict[str, Any]) -> None:
+    """Refuse, as the manager would, arguments that are no request's: a region name outside the
+    name rule (`bad-name`), an integer beyond 64 bits (msgpack cannot carry it) or a value of a
+    type the protocol has not (`bad-request`)."""
+    for key, value in args.items():
+        if key in ("name", "after") and value is not None:
+            try:
+                units.check_name(value, "region name" if key == "name" else key)
+            except ValueError as exc:
+                raise ControlError("bad-name", str(exc)) from None
+        elif type(value) is int and not -_U64_LIMIT < value < _U64_LIMIT:
+            raise ControlError(
+                "bad-request", f"argument {key!r} ({value:#x}) does not fit in 64 bits"
+            )
+        elif value is not None and type(value) not in (bool, int, str):
+            raise ControlError(
+                "bad-request",
+                f"argument {key!r} must be an integer, a boolean or a string, "
+                f"not {type(value).__name__}",
+            )
 
 
 class ControlClient:
@@ -70,7 +95,10 @@ class ControlClient:
         )
 
     def call(self, op: str, timeout: float | None = None, **args: Any) -> Any:
-        """Run operation `op` and return its result."""
+        """Run operation `op` and return its result. Arguments the manager would refuse by
+        their form (a bad region name, an integer beyond 64 bits, a float) are refused here
+        with the same `ControlError` codes, before anything is sent."""
+        _check_args(args)
         if not self.paths.control_socket.exists():
             raise self._no_manager("no control socket")
         if getattr(self._local, "sock", None) is None and self.paths.manager_running() is False:
@@ -101,12 +129,78 @@ class ControlClient:
         return reply.result
 
     def regions(self) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = self.call("regions")
-        return result
+        """Every region, by guest address (unplaced ones last), each with all its `mappings`.
+        The manager lists them a page at a time (and the pieces of a region with many a page
+        at a time), so a listing is not one snapshot when regions change meanwhile."""
+        out: list[dict[str, Any]] = []
+        after: str | None = None
+        while True:
+            args: dict[str, Any] = {} if after is None else {"after": after}
+            page = self._page("regions", args)
+            if not page:
+                break
+            for region in page:
+                if region.get("pieces", 0) > len(region["mappings"]):
+                    region["mappings"] = self._all_mappings(region["name"])
+            out.extend(page)
+            after = page[-1]["name"]
+        out.sort(key=lambda r: (r["gpa"] is None, r["gpa"] or 0, -r["priority"]))
+        return out
+
+    def _page(self, op: str, args: dict[str, Any]) -> list[dict[str, Any]]:
+        """One page of a listing; none after the first from a manager of an earlier release,
+        which lists everything at once and knows no page arguments."""
+        try:
+            page: list[dict[str, Any]] = self.call(op, **args)
+        except ControlError as exc:
+            if args and exc.code == "bad-request" and "unknown argument" in str(exc):
+                return []
+            raise
+        return page
+
+    def _all_mappings(self, name: str) -> list[dict[str, Any]]:
+        mappings: list[dict[str, Any]] = []
+        offset = 0
+        while True:
+            try:
+                page = self.call("mappings", name=name, offset=offset)["mappings"]
+            except ControlError as exc:
+                if exc.code == "not-found":  # removed meanwhile
+                    return mappings
+                raise
+            if not page:
+                return mappings
+            mappings.extend(page)
+            offset = page[-1]["offset"] + page[-1]["size"]
 
     def mappers(self) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = self.call("mappers")
-        return result
+        """Every mapper, by id, each with all its `held` ranges (gathered a page at a time)."""
+        out: list[dict[str, Any]] = []
+        after = 0
+        while True:
+            page = self._page("mappers", {"after_id": after} if after else {})
+            if not page:
+                return out
+            for mapper in page:
+                if mapper.get("ranges", 0) > len(mapper["held"]):
+                    mapper["held"] = self._all_held(mapper["id"])
+            out.extend(page)
+            after = page[-1]["id"]
+
+    def _all_held(self, mapper_id: int) -> list[list[int]]:
+        held: list[list[int]] = []
+        gpa = 0
+        while True:
+            try:
+                page = self.call("mapper_held", id=mapper_id, gpa=gpa)["held"]
+            except ControlError as exc:
+                if exc.code == "not-found":  # gone meanwhile
+                    return held
+                raise
+            if not page:
+                return held
+            held.extend(page)
+            gpa = page[-1][0] + page[-1][1]
 
     def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = self.call("stats")

@@ -1,5 +1,6 @@
-"""Parsing and formatting of the sizes and specs operators type: `64M`, `0xfff00000`,
-`ram0=0:64M`, `rom=0xfff00000:1M:ro`. Pure functions; errors are ValueError with a clear text.
+"""Parsing and formatting of the names, sizes and specs operators type: `ram0`, `64M`,
+`0xfff00000`, `ram0=0:64M`, `rom=0xfff00000:1M:ro`. Pure functions; errors are ValueError with a
+clear text. `check_name` is the one rule for region and mapper names, wherever they arrive.
 """
 
 from __future__ import annotations
@@ -8,7 +9,9 @@ import re
 
 _SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _NUMBER = re.compile(r"^(0[xX][0-9a-fA-F_]+|[0-9][0-9_]*)\s*([kKmMgGtT]?)(?:i?[bB])?$")
-_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+#: longest region or mapper name
+MAX_NAME_LEN = 64
+_NAME = re.compile(rf"[A-Za-z0-9_.:][A-Za-z0-9_.:\-]{{0,{MAX_NAME_LEN - 1}}}")
 
 
 def parse_size(text: str, what: str = "size") -> int:
@@ -72,9 +75,16 @@ def plural(count: int, word: str, words: str | None = None) -> str:
     return f"{count} {word if count == 1 else (words or word + 's')}"
 
 
-def check_name(name: str) -> str:
-    if not _NAME.match(name):
-        raise ValueError(f"invalid name {name!r}: use 1 to 64 letters, digits, '_', '-' or '.'")
+def check_name(name: object, what: str = "name") -> str:
+    """`name` if it is a valid region or mapper name: 1 to 64 ASCII letters, digits, '_', '.',
+    ':' or '-', not starting with '-' (so it cannot pass for an option, and nothing in it can
+    move a terminal's cursor, split a log line or a path). ValueError otherwise."""
+    if type(name) is not str or _NAME.fullmatch(name) is None:
+        shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:72] + "...'"
+        raise ValueError(
+            f"invalid {what} {shown}: use 1 to {MAX_NAME_LEN} letters, digits, '_', '.', ':' or "
+            "'-', not starting with '-'"
+        )
     return name
 
 

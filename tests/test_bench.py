@@ -50,6 +50,7 @@ def test_quick_benchmark_reports_everything(tmp_path: Path) -> None:
         "faults per second, 8 mappers",
         "CPU per fault, 8 mappers",
         "fault latency with 1000 regions vs 31",
+        "unmap_range with 1000 holes vs 10",
         "manager memory per region",
         "manager memory per mapper",
     ]

@@ -181,7 +181,7 @@ def test_region_errors_are_one_clean_line(manager: RunningManager) -> None:
     usage = 2
     assert_clean_error(manager.cli("region", "add", "x", "0", "lots"), "invalid size 'lots'", usage)
     assert_clean_error(
-        manager.cli("region", "add", "bad name", "0x10000000", "4K"), "invalid name", usage
+        manager.cli("region", "add", "bad name", "0x10000000", "4K"), "invalid region name", usage
     )
     assert_clean_error(
         manager.cli("region", "add", "x", "0x10000000", "4K", "--priority", "300"), "300", usage

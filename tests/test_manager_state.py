@@ -383,6 +383,7 @@ def test_control_listing_and_unknown_op(state: ManagerState) -> None:
             "enabled": True,
             "active": True,
             "mappable_id": 1,
+            "pieces": 1,
             "mappings": [
                 {"offset": 0, "size": MiB, "mappable_id": 1, "file_offset": 0, "writable": False}
             ],

@@ -334,3 +334,27 @@ def test_guest_memory_is_kept_out_of_core_dumps(
     header = next(i for i, line in enumerate(smaps) if "memfd:membacking:ram0" in line)
     flags = next(line for line in smaps[header:] if line.startswith("VmFlags:"))
     assert " dd" in flags  # MADV_DONTDUMP
+
+
+def test_the_listing_gathers_every_page(start_manager: Start) -> None:
+    """The manager lists regions and a region's pieces a page at a time; ControlClient.regions()
+    puts every page together, in address order, each region with all its pieces."""
+    running = start_manager("--region", "holes=0:4M")
+    client = running.client()
+    for i in range(300):
+        client.add_region(f"r{i}", (1 << 30) - (i + 1) * MiB, 64 << 10)
+    for i in range(300):
+        reply = client.unmap_range("holes", (2 * i + 1) * 4096, 4096)
+    assert reply["pieces"] == 301 and len(reply["mappings"]) == 2  # around the change only
+    regions = client.regions()
+    assert [r["name"] for r in regions] == ["holes"] + [f"r{i}" for i in reversed(range(300))]
+    holes = regions[0]
+    assert holes["pieces"] == 301
+    assert [p["offset"] // 4096 for p in holes["mappings"]] == [0, *range(2, 601, 2)]
+    assert all(len(r["mappings"]) == 1 for r in regions[1:])
+    with membacking.attach(running.runtime_dir, name="reader") as memory:
+        for piece in holes["mappings"]:
+            memory.read_at(piece["offset"], 1)
+        (mapper,) = client.mappers()
+        assert mapper["ranges"] == 301 and mapper["bytes"] == 4 * MiB - 300 * 4096
+        assert [r[0] for r in mapper["held"]] == [p["offset"] for p in holes["mappings"]]

@@ -1,6 +1,7 @@
 """The membacking side of each benchmark: accesses, views, plain values, faults, removals held
-by N mappers, parallel faulting, faults among 10,000 regions, and the manager's memory. Most are
-probes (one operation per call) that the runner measures in turn with their baselines.
+by N mappers, parallel faulting, faults among 10,000 regions, unmap_range in a region with
+10,000 holes, and the manager's memory. Most are probes (one operation per call) that the
+runner measures in turn with their baselines.
 """
 
 from __future__ import annotations
@@ -153,6 +154,40 @@ def removals(holders: int, thin: bool = False) -> Iterator[Callable[[], Removal]
             return Removal((total_us[0] - last) / 1e6, holder_cpu, manager_cpu, seen)
 
         yield probe
+
+
+@contextlib.contextmanager
+def unmap_ranges(holes: int, count: int) -> Iterator[Callable[[], float]]:
+    """A probe (`count` calls at most): an `unmap_range` of one page of a region that has
+    `holes` one-page holes already, held whole by a mapper process (so the reply waits for its
+    Unmap's ack); timed as the control client sees it. With fewer holes than probes each probe
+    cuts into a region of its own, so every one finds exactly `holes`; otherwise all cut into
+    one region (which ends with `holes` + `count` holes)."""
+    own = holes < count
+    regions = count if own else 1
+    pages = 2 * (holes + count) + 2
+    span = -(-pages * 4096 // PROBE_STEP) * PROBE_STEP
+    with manager("--region", "ram0=0:1M", "--max-regions", str(regions + 10)) as mgr:
+        holder = Mapper(mgr.dir, "holder")
+        try:
+            for r in range(regions):
+                gpa = PROBE_BASE + r * span
+                mgr.client.add_region(f"h{r}", gpa, pages * 4096)
+                holder.call("touch", [gpa])  # one Map of the whole region: it holds every piece
+                for i in range(holes):
+                    mgr.client.unmap_range(f"h{r}", (2 * i + 1) * 4096, 4096)
+            probes = itertools.count()
+
+            def probe() -> float:
+                i = next(probes)
+                name, hole = (f"h{i}", holes) if own else ("h0", holes + i)
+                started = time.perf_counter()
+                mgr.client.unmap_range(name, (2 * hole + 1) * 4096, 4096)
+                return time.perf_counter() - started
+
+            yield probe
+        finally:
+            holder.close()
 
 
 def parallel_faults(mappers: int, per_mapper: int) -> tuple[float, float]:

@@ -244,6 +244,27 @@ def run(quick: bool, log: Callable[[str], None]) -> tuple[list[Result], list[Bre
         )
     )
 
+    log("unmap_range in a region with many holes, in turn with few")
+    holes = 1000 if quick else 10_000
+    changes = 30 if quick else 100
+    cut = medians(
+        _in_turn(
+            changes,
+            few=cases.unmap_ranges(10, changes),
+            many=cases.unmap_ranges(holes, changes),
+        )
+    )
+    add(
+        _result(
+            f"unmap_range with {holes} holes vs 10",
+            cut["many"] * 1e6,
+            cut["few"] * 1e6,
+            "us",
+            "lower",
+            1.5,
+        )
+    )
+
     log("manager memory")
     memory = cases.manager_memory(1000 if quick else 10_000, 8 if quick else 16)
     add(

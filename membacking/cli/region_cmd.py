@@ -68,18 +68,19 @@ def _done(result: dict[str, Any], text: str, as_json: bool) -> None:
         click.echo(text)
 
 
-def _check_name(name: str) -> None:
+def _region_name(ctx: click.Context, param: click.Parameter, name: str) -> str:
+    """NAME of every region command: the name rule is checked before the manager is asked."""
     try:
-        units.check_name(name)
+        return units.check_name(name, "region name")
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="NAME") from None
+        raise click.BadParameter(str(exc), ctx, param) from None
 
 
 @region.command("add")
 @runtime_dir_option
 @timeout_option()
 @json_option
-@click.argument("name")
+@click.argument("name", callback=_region_name)
 @click.argument("gpa", type=ADDRESS)
 @click.argument("size", type=SIZE)
 @click.option("--readonly", is_flag=True, help="Mappers may only read this region.")
@@ -117,7 +118,6 @@ def region_add(
     disabled: bool,
 ) -> None:
     """Add a region NAME of SIZE bytes at guest address GPA."""
-    _check_name(name)
     r = control_client(runtime_dir, timeout).add_region(
         name,
         gpa,
@@ -139,7 +139,7 @@ def region_add(
 @runtime_dir_option
 @timeout_option()
 @json_option
-@click.argument("name", shell_complete=complete_region_name)
+@click.argument("name", callback=_region_name, shell_complete=complete_region_name)
 def region_remove(runtime_dir: Path, timeout: float | None, as_json: bool, name: str) -> None:
     """Remove region NAME; returns once every mapper holding it has unmapped it."""
     client = control_client(runtime_dir, timeout)
@@ -157,7 +157,7 @@ def region_remove(runtime_dir: Path, timeout: float | None, as_json: bool, name:
 @runtime_dir_option
 @timeout_option()
 @json_option
-@click.argument("name", shell_complete=complete_region_name)
+@click.argument("name", callback=_region_name, shell_complete=complete_region_name)
 @click.argument("gpa", type=ADDRESS, required=False)
 def region_enable(
     runtime_dir: Path, timeout: float | None, as_json: bool, name: str, gpa: int | None
@@ -171,7 +171,7 @@ def region_enable(
 @runtime_dir_option
 @timeout_option()
 @json_option
-@click.argument("name", shell_complete=complete_region_name)
+@click.argument("name", callback=_region_name, shell_complete=complete_region_name)
 def region_disable(runtime_dir: Path, timeout: float | None, as_json: bool, name: str) -> None:
     """Hide region NAME; the best region beneath it shows through again."""
     r = control_client(runtime_dir, timeout).disable_region(name)
@@ -182,7 +182,7 @@ def region_disable(runtime_dir: Path, timeout: float | None, as_json: bool, name
 @runtime_dir_option
 @timeout_option()
 @json_option
-@click.argument("name", shell_complete=complete_region_name)
+@click.argument("name", callback=_region_name, shell_complete=complete_region_name)
 @click.argument("gpa", type=ADDRESS)
 def region_move(
     runtime_dir: Path, timeout: float | None, as_json: bool, name: str, gpa: int
@@ -196,7 +196,7 @@ def region_move(
 @runtime_dir_option
 @timeout_option()
 @json_option
-@click.argument("name", shell_complete=complete_region_name)
+@click.argument("name", callback=_region_name, shell_complete=complete_region_name)
 @click.argument("offset", type=ADDRESS)
 @click.argument("size", type=SIZE)
 @click.option(
@@ -234,7 +234,7 @@ def region_map(
 @runtime_dir_option
 @timeout_option()
 @json_option
-@click.argument("name", shell_complete=complete_region_name)
+@click.argument("name", callback=_region_name, shell_complete=complete_region_name)
 @click.argument("offset", type=ADDRESS)
 @click.argument("size", type=SIZE)
 def region_unmap(

@@ -5,8 +5,9 @@ Plain data types shared by the layers of the state machine (`table`, `peers`, `s
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
-from collections.abc import Callable, ItemsView, Iterator
+from collections.abc import Callable, ItemsView, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from ..protocol.messages import Channel, Error, FdDenied, FdGrant, Message
@@ -54,6 +55,67 @@ class SendFd:
 Effect = Send | SendFd | Disconnect
 
 
+class Holders:
+    """The mappers holding one mapping, counted into its region's tally (mapper id -> mappings
+    of the region it holds) as they come and go: a region's holders cost no walk of its pieces."""
+
+    __slots__ = ("_ids", "_tally")
+
+    def __init__(self, tally: Counter[int] | None = None, ids: Iterable[int] = ()) -> None:
+        self._tally: Counter[int] = Counter() if tally is None else tally
+        self._ids: set[int] = set()
+        for mapper_id in ids:
+            self.add(mapper_id)
+
+    def add(self, mapper_id: int) -> None:
+        if mapper_id not in self._ids:
+            self._ids.add(mapper_id)
+            self._tally[mapper_id] += 1
+
+    def discard(self, mapper_id: int) -> None:
+        if mapper_id in self._ids:
+            self._ids.remove(mapper_id)
+            left = self._tally[mapper_id] - 1
+            if left > 0:
+                self._tally[mapper_id] = left
+            else:
+                del self._tally[mapper_id]
+
+    def copy(self) -> Holders:
+        """The same holders for a piece cut from the same mapping (counted in the same tally)."""
+        return Holders(self._tally, self._ids)
+
+    def clear(self) -> None:
+        """The mapping left the table: none of its holders counts for the region any more."""
+        tally = self._tally
+        for mapper_id in self._ids:
+            left = tally[mapper_id] - 1
+            if left > 0:
+                tally[mapper_id] = left
+            else:
+                del tally[mapper_id]
+        self._ids.clear()
+
+    def __contains__(self, mapper_id: object) -> bool:
+        return mapper_id in self._ids
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Holders):
+            return self._ids == other._ids
+        return isinstance(other, set | frozenset) and self._ids == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Holders({sorted(self._ids)!r})"
+
+
 @dataclass
 class Mapping:
     """An entry of the mapping table: an active piece of a region."""
@@ -63,34 +125,66 @@ class Mapping:
     mappable_id: int
     file_offset: int
     writable: bool
-    holders: set[int] = field(default_factory=set)
+    holders: Holders = field(default_factory=Holders)
 
 
 class Held:
     """The mapping ranges a mapper holds (range -> mappable id), counting the ranges of each
-    mappable, so whether it still maps a mappable costs one lookup, not a walk of them all."""
+    mappable, so whether it still maps a mappable costs one lookup, not a walk of them all; and
+    kept in address order with their byte total, so a listing pages through them without a
+    sort (an insertion costs a bisection and a memmove: about 1.6 us at 10,000 ranges)."""
 
-    __slots__ = ("_count", "_ranges")
+    __slots__ = ("_bytes", "_count", "_ranges", "_sorted")
 
     def __init__(self) -> None:
         self._ranges: dict[MemoryRange, int] = {}
         self._count: Counter[int] = Counter()
+        self._sorted: list[MemoryRange] = []
+        self._bytes = 0
 
     def __setitem__(self, rng: MemoryRange, mappable_id: int) -> None:
-        self.pop(rng)
+        old = self._ranges.get(rng)
+        if old is None:
+            bisect.insort(self._sorted, rng)
+            self._bytes += rng.end - rng.start
+        else:
+            self._uncount(old)
         self._ranges[rng] = mappable_id
         self._count[mappable_id] += 1
 
-    def pop(self, rng: MemoryRange, default: int | None = None) -> int | None:
-        mappable_id = self._ranges.pop(rng, None)
-        if mappable_id is None:
-            return default
+    def _uncount(self, mappable_id: int) -> None:
         left = self._count[mappable_id] - 1
         if left:
             self._count[mappable_id] = left
         else:
             del self._count[mappable_id]
+
+    def pop(self, rng: MemoryRange, default: int | None = None) -> int | None:
+        mappable_id = self._ranges.pop(rng, None)
+        if mappable_id is None:
+            return default
+        del self._sorted[bisect.bisect_left(self._sorted, rng)]
+        self._bytes -= rng.end - rng.start
+        self._uncount(mappable_id)
         return mappable_id
+
+    def pop_all(self, ranges: list[MemoryRange]) -> None:
+        """Pop each of `ranges` (in address order): one slice deletion from the order when
+        they lie side by side in it, as the ranges of one cut do, instead of one per range."""
+        present = [r for r in ranges if r in self._ranges]
+        if len(present) < 8:
+            for rng in present:
+                self.pop(rng)
+            return
+        for rng in present:
+            self._bytes -= rng.end - rng.start
+            self._uncount(self._ranges.pop(rng))
+        i = bisect.bisect_left(self._sorted, present[0])
+        j = i + len(present)
+        if self._sorted[i:j] == present:
+            del self._sorted[i:j]
+        else:  # not side by side: filter once
+            self._sorted = [r for r in self._sorted if r in self._ranges]
 
     def get(self, rng: MemoryRange) -> int | None:
         return self._ranges.get(rng)
@@ -106,6 +200,18 @@ class Held:
         """Whether any range it holds is backed by `mappable_id`."""
         return mappable_id in self._count
 
+    @property
+    def bytes(self) -> int:
+        """The bytes of every range it holds."""
+        return self._bytes
+
+    def page(self, gpa: int, limit: int) -> list[MemoryRange]:
+        """Up to `limit` of its ranges in address order, from the first ending after `gpa`."""
+        i = bisect.bisect_left(self._sorted, (gpa,))
+        if i and self._sorted[i - 1].end > gpa:
+            i -= 1
+        return self._sorted[i : i + limit]
+
     def __contains__(self, rng: object) -> bool:
         return rng in self._ranges
 
@@ -116,7 +222,7 @@ class Held:
         return len(self._ranges)
 
     def __eq__(self, other: object) -> bool:
-        # the counts follow from the ranges
+        # the counts and the order follow from the ranges
         return isinstance(other, Held) and self._ranges == other._ranges
 
     __hash__ = None  # type: ignore[assignment]

@@ -8,7 +8,8 @@ at each address the enabled region of highest priority is the active one.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from ..protocol.ranges import MemoryRange
@@ -32,6 +33,57 @@ class SubMapping:
         return self.offset + self.size
 
 
+class Pieces:
+    """A region's sub-mappings, sorted by offset and not overlapping (holes may lie between).
+
+    The pieces a change overlaps are found by bisecting the sorted starts, and replaced by a
+    slice assignment: a change costs O(log n) comparisons plus one memmove of the pointers after
+    it (about a microsecond for 10,000 pieces), instead of a walk and a sort of every piece.
+    """
+
+    __slots__ = ("_starts", "_subs")
+
+    def __init__(self, subs: Iterable[SubMapping] = ()) -> None:
+        self._subs = sorted(subs, key=lambda s: s.offset)
+        self._starts = [s.offset for s in self._subs]
+
+    def __len__(self) -> int:
+        return len(self._subs)
+
+    def __iter__(self) -> Iterator[SubMapping]:
+        return iter(self._subs)
+
+    def __getitem__(self, index: int) -> SubMapping:
+        return self._subs[index]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Pieces):
+            return self._subs == other._subs
+        return isinstance(other, list) and self._subs == other
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Pieces({self._subs!r})"
+
+    def span(self, offset: int, end: int) -> tuple[int, int]:
+        """Indexes [i, j) of the pieces overlapping [offset, end); i == j where none does (i is
+        then where a piece at `offset` would go)."""
+        i = bisect.bisect_right(self._starts, offset) - 1
+        if i < 0 or self._subs[i].end <= offset:
+            i += 1
+        j = bisect.bisect_left(self._starts, end, lo=i)
+        return i, j
+
+    def slice(self, i: int, j: int) -> list[SubMapping]:
+        return self._subs[i:j]
+
+    def replace(self, i: int, j: int, subs: list[SubMapping]) -> None:
+        """Put `subs` (sorted, fitting between the neighbours of [i, j)) in place of [i, j)."""
+        self._subs[i:j] = subs
+        self._starts[i:j] = [s.offset for s in subs]
+
+
 @dataclass
 class Region:
     name: str
@@ -45,7 +97,10 @@ class Region:
     active: bool = False  # its sub-mappings are in the mapping table
     removing: bool = False
     path: str | None = None
-    submappings: list[SubMapping] = field(default_factory=list)
+    submappings: Pieces = field(default_factory=Pieces)
+    #: mapper id -> how many of the region's mappings in the table it holds (kept by the
+    #: table's `Holders`), so the region's holders are known without a walk of its pieces
+    holder_tally: Counter[int] = field(default_factory=Counter)
 
     @property
     def range(self) -> MemoryRange | None:
@@ -56,9 +111,6 @@ class Region:
     def absolute(self, sub: SubMapping) -> MemoryRange:
         assert self.gpa is not None
         return MemoryRange(self.gpa + sub.offset, self.gpa + sub.end)
-
-    def mappables(self) -> set[int]:
-        return {s.mappable_id for s in self.submappings}
 
 
 class PlacementIndex:
@@ -186,9 +238,10 @@ def desired_active(regions: Iterable[Region], window: MemoryRange) -> dict[str, 
 
 
 def split_submappings(
-    subs: list[SubMapping], offset: int, size: int
+    subs: Iterable[SubMapping], offset: int, size: int
 ) -> tuple[list[SubMapping], list[SubMapping]]:
-    """Cut [offset, offset+size) out of `subs`: (kept pieces, removed pieces), both sorted."""
+    """Cut [offset, offset+size) out of `subs`: (kept pieces, removed pieces), both sorted.
+    Callers hand it only the pieces the cut overlaps (`Pieces.span`)."""
     end = offset + size
     kept: list[SubMapping] = []
     removed: list[SubMapping] = []

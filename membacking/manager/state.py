@@ -7,9 +7,11 @@ out the effects it returns; tests do the same without any socket.
 
 from __future__ import annotations
 
+import bisect
 import logging
 from typing import Any
 
+from .. import units
 from ..protocol import messages as m
 from ..protocol.messages import PRIVATE_MAPPABLE, Channel, Message
 from ..protocol.ranges import PAGE_SIZE, MemoryRange
@@ -28,7 +30,7 @@ from .model import (
     SendFd,
 )
 from .peers import PeerState
-from .regions import MAX_PRIORITY, Region, SubMapping, check_nesting
+from .regions import MAX_PRIORITY, Pieces, Region, SubMapping, check_nesting, split_submappings
 
 log = logging.getLogger("membacking.manager")
 
@@ -115,6 +117,10 @@ class ManagerState(PeerState):
         reply_to: bytes | None = None,
     ) -> list[Effect]:
         """Create a region (and its backing); enabled regions become visible at once."""
+        try:
+            units.check_name(name, "region name")
+        except ValueError as exc:
+            raise Refused("bad-name", str(exc)) from None
         if name in self.regions:
             extra = " (it is being removed)" if self.regions[name].removing else ""
             raise Refused("exists", f"a region named {name!r} already exists{extra}")
@@ -155,11 +161,12 @@ class ManagerState(PeerState):
             gpa,
             enabled,
             path=path,
-            submappings=[SubMapping(0, size, mappable_id, 0, writable)],
+            submappings=Pieces([SubMapping(0, size, mappable_id, 0, writable)]),
         )
         self._next_order += 1
         self._mappable_refs[mappable_id] += 1
         self.regions[name] = region
+        bisect.insort(self.names, name)
         if gpa is not None:
             self.placed.add(region)
         self.region_bytes += size
@@ -212,7 +219,9 @@ class ManagerState(PeerState):
         effects += self._release_leftovers(op)
 
         def done(op: Operation) -> list[Effect]:
-            self.regions.pop(region.name, None)
+            if self.regions.get(region.name) is region:
+                del self.regions[region.name]
+                del self.names[bisect.bisect_left(self.names, region.name)]
             self.placed.discard(region)
             self.region_bytes -= region.size
             self.counters["removals"] += 1
@@ -291,8 +300,6 @@ class ManagerState(PeerState):
     ) -> list[Effect]:
         """Remove [offset, offset+size) of a region's sub-mappings (splitting them), and with
         `replace=(backing, path, file_offset, writable)` put a new backing there, atomically."""
-        from .regions import split_submappings
-
         region = self._region(name)
         if offset < 0 or size <= 0 or (offset | size) % PAGE_SIZE or offset + size > region.size:
             raise Refused(
@@ -306,7 +313,11 @@ class ManagerState(PeerState):
             )
         self._check_huge_change(region, offset, size, replace)
         op = self.start_op(f"change {name}", reply_to)
-        kept, removed = split_submappings(region.submappings, offset, size)
+        # only the pieces the change overlaps are looked at (found by bisection), and only the
+        # table entries inside the range: the work does not grow with the region's other pieces
+        first, last = region.submappings.span(offset, offset + size)
+        touched = region.submappings.slice(first, last)
+        kept, removed = split_submappings(touched, offset, size)
         new_sub = None
         if replace is not None:
             backing, path, file_offset, writable = replace
@@ -315,12 +326,12 @@ class ManagerState(PeerState):
             )
             new_sub = SubMapping(offset, size, mappable_id, file_offset, writable)
             kept = sorted([*kept, new_sub], key=lambda s: s.offset)  # counted with `kept` below
-        for sub in region.submappings:
+        for sub in touched:
             self._mappable_refs[sub.mappable_id] -= 1
         for sub in kept:
             self._mappable_refs[sub.mappable_id] += 1
         op.destroy.update(s.mappable_id for s in removed if self._mappable_refs[s.mappable_id] == 0)
-        region.submappings = kept
+        region.submappings.replace(first, last, kept)
         effects: list[Effect] = []
         if region.active:
             cut: dict[int, list[MemoryRange]] = {}
@@ -348,7 +359,8 @@ class ManagerState(PeerState):
                 )
                 self.counters["demotions"] += 1
                 told.append(self._to_mapper(entry, m.EagerResult(False, why[:1000])))
-            return told + self._reply(op, region_info(self, region))
+            around = (offset, offset + size)
+            return told + self._reply(op, region_info(self, region, around=around))
 
         op.on_done = done
         return effects + self._maybe_finish(op)
@@ -362,9 +374,9 @@ class ManagerState(PeerState):
     ) -> None:
         """A change that cuts hugetlb memory, or puts some in, must fall on huge pages."""
         huge = self.huge_page_size
-        cuts_huge = any(
-            s.mappable_id in self._hugetlb and s.offset < offset + size and offset < s.end
-            for s in region.submappings
+        subs = region.submappings
+        cuts_huge = any(  # only the pieces the change overlaps (bisected), never all of them
+            s.mappable_id in self._hugetlb for s in subs.slice(*subs.span(offset, offset + size))
         )
         adds_huge = replace is not None and replace[0] == "hugetlb"
         if not (cuts_huge or adds_huge):
@@ -427,14 +439,36 @@ def _region_state(region: Region) -> str:
     return "hidden" if region.enabled else "disabled"  # hidden: beneath a higher priority
 
 
-def region_info(state: ManagerState, region: Region) -> dict[str, Any]:
-    """A region as the control channel describes it."""
-    holders: set[int] = set()
-    if region.active:
-        for sub in region.submappings:
-            hit = state.table.lookup(region.absolute(sub).start)
-            if hit is not None:
-                holders |= hit[1].holders
+#: most pieces a region map lists in `mappings` (the `mappings` operation pages through more)
+MAX_LISTED_PIECES = 256
+
+
+def piece_info(sub: SubMapping) -> dict[str, Any]:
+    return {
+        "offset": sub.offset,
+        "size": sub.size,
+        "mappable_id": sub.mappable_id,
+        "file_offset": sub.file_offset,
+        "writable": sub.writable,
+    }
+
+
+def region_info(
+    state: ManagerState, region: Region, *, around: tuple[int, int] | None = None
+) -> dict[str, Any]:
+    """A region as the control channel describes it, in work bounded by MAX_LISTED_PIECES:
+    `pieces` counts its sub-mappings and `mappings` lists at most that many, from the first, or
+    with `around=(offset, end)` the ones a change there touched and their neighbours."""
+    pieces = region.submappings
+    first = 0
+    if around is not None:
+        first, _ = pieces.span(*around)
+        first = max(first - 1, 0)
+    listed = pieces.slice(first, first + MAX_LISTED_PIECES)
+    if around is not None:
+        # up to the neighbour after the change
+        _, last = pieces.span(*around)
+        listed = listed[: last + 1 - first]
     return {
         "name": region.name,
         "gpa": region.gpa,
@@ -445,17 +479,10 @@ def region_info(state: ManagerState, region: Region) -> dict[str, Any]:
         "path": region.path,
         "enabled": region.enabled,
         "active": region.active,
-        "mappable_id": region.submappings[0].mappable_id if region.submappings else None,
-        "mappings": [
-            {
-                "offset": s.offset,
-                "size": s.size,
-                "mappable_id": s.mappable_id,
-                "file_offset": s.file_offset,
-                "writable": s.writable,
-            }
-            for s in region.submappings
-        ],
-        "holders": sorted(holders),
+        "mappable_id": pieces[0].mappable_id if len(pieces) else None,
+        "pieces": len(pieces),
+        "mappings": [piece_info(s) for s in listed],
+        # the region's mappings in the table (none unless active) count who holds them
+        "holders": sorted(region.holder_tally),
         "state": _region_state(region),
     }

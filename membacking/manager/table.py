@@ -20,6 +20,7 @@ from .backing import BackingStore
 from .model import (
     DEFAULT_ADDRESS_SPACE,
     Effect,
+    Holders,
     Limits,
     MapperEntry,
     Mapping,
@@ -53,6 +54,8 @@ class TableState:
         self._monotonic = monotonic
         self.started_at = clock()
         self.regions: dict[str, Region] = {}
+        #: the regions' names, sorted: the `regions` listing pages through them by name
+        self.names: list[str] = []
         #: the regions that have a GPA, by where they lie (kept in step with `regions`)
         self.placed = PlacementIndex()
         self.region_bytes = 0
@@ -223,10 +226,14 @@ class TableState:
     def _cut(
         self, rng: MemoryRange, op: Operation, cut: dict[int, list[MemoryRange]]
     ) -> list[Effect]:
-        """Take `rng` out of the table: Unmap the cut pieces to their holders (only to them)."""
+        """Take `rng` out of the table: Unmap the cut pieces to their holders (only to them),
+        one Unmap per holder spanning the pieces it held (everything in `rng` leaves the table,
+        so the span covers nothing it keeps): a region of 1,000 pieces held by 24 mappers sent
+        24,000 Unmaps and held the loop for 316 ms."""
         effects: list[Effect] = []
-        for mrange, mapping in self.table.overlapping(rng):
-            self.table.remove(mrange)
+        pieces: dict[int, list[MemoryRange]] = {}
+        popped: dict[int, list[MemoryRange]] = {}
+        for mrange, mapping in self.table.remove_overlapping(rng):
             piece = mrange.intersection(rng)
             for part in mrange.subtract(rng):
                 kept = Mapping(
@@ -235,20 +242,26 @@ class TableState:
                     mapping.mappable_id,
                     mapping.file_offset + (part.start - mrange.start),
                     mapping.writable,
-                    set(mapping.holders),
+                    mapping.holders.copy(),
                 )
                 self.table.insert(part, kept)
                 for holder in kept.holders:
                     self.mappers[holder].held[part] = kept.mappable_id
-            for holder in sorted(mapping.holders):
-                entry = self.mappers[holder]
-                entry.held.pop(mrange, None)
-                release = self._releasable(entry, op.destroy)
-                seq = self._seq(entry, op)
-                effects.append(self._to_mapper(entry, m.Unmap(seq, piece, release)))
-                self.counters["unmaps_sent"] += 1
-                op.unmapped_from.add(holder)
-                cut.setdefault(holder, []).append(piece)
+            for holder in mapping.holders:
+                popped.setdefault(holder, []).append(mrange)
+                pieces.setdefault(holder, []).append(piece)
+            mapping.holders.clear()  # out of the table: no longer counted for its region
+        for holder in sorted(pieces):
+            entry = self.mappers[holder]
+            entry.held.pop_all(popped[holder])
+            held = pieces[holder]  # in address order
+            span = MemoryRange.checked_already(held[0].start, held[-1].end)
+            release = self._releasable(entry, op.destroy)
+            seq = self._seq(entry, op)
+            effects.append(self._to_mapper(entry, m.Unmap(seq, span, release)))
+            self.counters["unmaps_sent"] += 1
+            op.unmapped_from.add(holder)
+            cut.setdefault(holder, []).extend(held)
         return effects
 
     def _releasable(self, entry: MapperEntry, destroy: set[int]) -> tuple[int, ...]:
@@ -277,9 +290,9 @@ class TableState:
 
     def _insert(self, region: Region, sub: SubMapping, op: Operation) -> list[Effect]:
         rng = region.absolute(sub)
-        mapping = Mapping(
-            region.name, rng, sub.mappable_id, sub.file_offset, sub.writable and region.writable
-        )
+        writable = sub.writable and region.writable
+        holders = Holders(region.holder_tally)
+        mapping = Mapping(region.name, rng, sub.mappable_id, sub.file_offset, writable, holders)
         self.table.insert(rng, mapping)
         effects: list[Effect] = []
         for e in self.mappers.values():
@@ -295,10 +308,18 @@ class TableState:
             entry = self.mappers[mapper_id]
             if entry.eager or entry.upgrading:
                 continue  # eager mappers were sent MapEager already
-            for piece in pieces:
-                for _, mapping in self.table.overlapping(piece):
-                    if mapper_id not in mapping.holders:
-                        effects.extend(self._map_to(entry, mapping))
+            # one lookup over the span of its pieces, walked beside them (both in address order,
+            # each without overlaps): a lookup per piece cost a bisection each
+            lost = sorted(pieces)
+            span = MemoryRange.checked_already(lost[0].start, max(p.end for p in lost))
+            i = 0
+            for mrange, mapping in self.table.overlapping(span):
+                while i < len(lost) and lost[i].end <= mrange.start:
+                    i += 1
+                if i == len(lost):
+                    break
+                if lost[i].start < mrange.end and mapper_id not in mapping.holders:
+                    effects.extend(self._map_to(entry, mapping))
         return effects
 
     def _reconcile(
@@ -327,10 +348,10 @@ class TableState:
         self, region: Region, op: Operation, cut: dict[int, list[MemoryRange]]
     ) -> list[Effect]:
         region.active = False
-        effects: list[Effect] = []
-        for sub in region.submappings:
-            effects.extend(self._cut(region.absolute(sub), op, cut))
-        return effects
+        # Active regions never overlap, so what the table holds in its range is its own: one
+        # cut (and one Unmap per holder) for all of its pieces.
+        assert region.range is not None
+        return self._cut(region.range, op, cut)
 
     def start_op(self, what: str, reply_to: bytes | None) -> Operation:
         return Operation(what, self._monotonic(), reply_to)

@@ -12,10 +12,10 @@ from typing import Any
 
 import msgpack
 
+from ..units import check_name
 from .errors import ProtocolError
 from .messages import (
     BY_TYPE,
-    MAX_NAME_LEN,
     MAX_REASON_LEN,
     MAX_RELEASE_IDS,
     PROTOCOL_VERSION,
@@ -204,16 +204,11 @@ def _u64(value: Any, field: str) -> int:
 
 
 def _name(value: Any, field: str) -> str:
-    if type(value) is not str or not 1 <= len(value) <= MAX_NAME_LEN:
-        raise ProtocolError(
-            f"field {field!r} must be a string of 1 to {MAX_NAME_LEN} characters",
-            reason="bad-field",
-        )
-    if not value.isprintable() or any(ch.isspace() for ch in value):
-        raise ProtocolError(
-            f"field {field!r} must be printable with no spaces: {value!r}", reason="bad-field"
-        )
-    return value
+    # the one rule for names (units.check_name): 1 to 64 of [A-Za-z0-9_.:-], no leading '-'
+    try:
+        return check_name(value, f"field {field!r}")
+    except ValueError as exc:
+        raise ProtocolError(str(exc), reason="bad-field") from None
 
 
 def _range(start: Any, size: Any, field: str) -> MemoryRange:

@@ -49,7 +49,7 @@ class Kind(Enum):
 
     U64 = "u64"  # integer 0 <= x < 2**64
     BOOL = "bool"
-    NAME = "name"  # str, 1..MAX_NAME_LEN chars, printable, no whitespace
+    NAME = "name"  # str: units.check_name (1..64 of A-Za-z0-9_.:-, no leading "-")
     TEXT = "text"  # str, up to MAX_REASON_LEN chars
     TOKEN = "token"  # bin, exactly TOKEN_BYTES bytes
     RANGE = "range"  # two u64 on the wire: start, size (page-aligned, size > 0, no overflow)

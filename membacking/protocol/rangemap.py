@@ -70,6 +70,16 @@ class RangeMap(Generic[T]):
         del self._starts[i]
         return self._entries.pop(i)[1]
 
+    def remove_overlapping(self, rng: MemoryRange) -> list[tuple[MemoryRange, T]]:
+        """Remove every entry overlapping `rng` (whole) and return them, in address order: one
+        slice deletion, where removing k entries one by one moved the rest of the list k times."""
+        i = self._first_overlapping_index(rng)
+        j = bisect.bisect_left(self._starts, rng.end, lo=i)
+        out = self._entries[i:j]
+        del self._starts[i:j]
+        del self._entries[i:j]
+        return out
+
     def lookup(self, addr: int) -> tuple[MemoryRange, T] | None:
         """The entry whose range contains `addr`, if any."""
         i = bisect.bisect_right(self._starts, addr) - 1
