@@ -8,27 +8,48 @@ mapper's access lock; a miss walks the mapped-range table and, where nothing is 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import struct
 import sys
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from .. import units
 from ..errors import (
+    AtomicsUnavailableError,
     DetachedError,
     GuestMemoryError,
     MembackingError,
     OutOfRangeError,
     ReadOnlyError,
 )
-from ..ffi import MADV_DONTNEED, MADV_HUGEPAGE, MADV_POPULATE_WRITE, hugepage_advice_supported
+from ..ffi import (
+    MADV_DONTNEED,
+    MADV_HUGEPAGE,
+    MADV_POPULATE_WRITE,
+    atomics_unavailable,
+    hugepage_advice_supported,
+)
 from ..protocol.messages import PRIVATE_MAPPABLE
 from ..protocol.ranges import PAGE_SIZE, MemoryRange
 from ..runtime import RuntimePaths
 from .core import MAX_FAULTS, VaMapper
 from .link import ManagerLink
+from .plain import (
+    FastPlain,
+    PlainFormat,
+    add_delta,
+    atomic_format,
+    byte_view,
+    fetch_add_op,
+    pack,
+    plain_format,
+    unpacked,
+)
+
+T = TypeVar("T")
 
 
 class SharedRange(NamedTuple):
@@ -50,7 +71,10 @@ class GuestMemory:
         self._hot = mapper.hot
         self._mv = mapper.mv
         self._space = mapper.address_space
-        self._structs: dict[str, struct.Struct] = {}
+        #: struct format -> PlainFormat's fields as a plain tuple (unpacking a NamedTuple goes
+        #: through its iterator: slow), then the PlainFormat
+        self._plain: dict[str, FastPlain] = {}
+        self._views: dict[str, memoryview] = {}
         self.name = name
 
     # ---- identity ------------------------------------------------------------------------------
@@ -85,9 +109,14 @@ class GuestMemory:
 
     # ---- the general path ----------------------------------------------------------------------
 
-    def _check(self, gpa: int, n: int) -> None:
+    def _check(self, gpa: Any, n: Any) -> None:
+        """TypeError, ValueError or OutOfRangeError unless [gpa, gpa+n) is a range of the guest
+        address space (bools are not addresses)."""
         if type(gpa) is not int or type(n) is not int:
-            raise TypeError(f"guest address and length must be integers, got {gpa!r}, {n!r}")
+            raise TypeError(
+                f"guest address and length must be integers, got {type(gpa).__name__} "
+                f"{gpa!r} and {type(n).__name__} {n!r}"
+            )
         if gpa < 0 or n < 0:
             raise ValueError(f"guest address and length must not be negative ({gpa}, {n})")
         if gpa + n > self._space:
@@ -96,151 +125,238 @@ class GuestMemory:
                 gpa,
             )
 
-    def _span(
-        self, gpa: int, n: int, write: bool, action: Callable[[int, int], None] | None
-    ) -> None:
-        """Run `action(start, end)` under the lock on each mapped piece of [gpa, gpa+n)."""
-        self._check(gpa, n)
+    def _missing(self, gpa: int, end: int, write: bool) -> int | None:
+        """The first byte of [gpa, end) that is not mapped, or None (lock held). ReadOnlyError
+        if `write` and a part is mapped read-only. Leaves the last chunk seen in the cache."""
         mapper = self._mapper
-        pos, end = gpa, gpa + n
-        faults = 0
+        if mapper.closed:
+            raise DetachedError("this GuestMemory is detached", gpa)
+        lookup = mapper.chunks.lookup
+        pos = gpa
         while pos < end:
+            hit = lookup(pos)
+            if hit is None:
+                return pos
+            rng, chunk = hit
+            if write and not chunk.writable:
+                raise ReadOnlyError(f"GPA {pos:#x} is mapped read-only; cannot write", pos)
+            hot = self._hot
+            hot[0], hot[1], hot[2] = rng.start, rng.end, chunk.writable
+            pos = rng.end
+        return None
+
+    def _access(self, gpa: int, n: int, write: bool, op: Callable[[], T]) -> T:
+        """Fault in all of [gpa, gpa+n) (checked by the caller), then run `op` under one hold of
+        the lock once the table shows the whole range mapped (and writable with `write`): `op`
+        runs entirely or not at all. A range unmapped again meanwhile is faulted again, at most
+        MAX_FAULTS times in all. Since GPA g lives at base + g, a range that is all mapped is
+        one contiguous part of the reservation, whatever chunks it spans."""
+        end = gpa + n
+        faults = 0
+        while True:
             with self._lock:
-                if mapper.closed:
-                    raise DetachedError("this GuestMemory is detached", pos)
-                hit = mapper.chunks.lookup(pos)
-                if hit is not None:
-                    rng, chunk = hit
-                    if write and not chunk.writable:
-                        raise ReadOnlyError(f"GPA {pos:#x} is mapped read-only; cannot write", pos)
-                    stop = min(end, rng.end)
-                    if action is not None:
-                        action(pos, stop)
-                    hot = self._hot
-                    hot[0], hot[1], hot[2] = rng.start, rng.end, chunk.writable
-                    pos = stop
-                    continue
+                missing = self._missing(gpa, end, write)
+                if missing is None:
+                    return op()
             faults += 1
             if faults > MAX_FAULTS:
-                raise GuestMemoryError(f"GPA {pos:#x} keeps being unmapped while accessed", pos)
-            mapper.fault(pos, end, write)
+                raise GuestMemoryError(
+                    f"GPA {missing:#x} keeps being unmapped while accessed", missing
+                )
+            self._mapper.fault(missing, end, write)
 
     # ---- reads and writes ----------------------------------------------------------------------
+    #
+    # Each has a fast path (the range lies in the cached chunk), then the general one. Errors:
+    # TypeError for arguments of the wrong type, ValueError for bad values, OutOfRangeError past
+    # the address space; NoMappingError, ReadOnlyError, ManagerGoneError, DetachedError or
+    # GuestMemoryError when the memory cannot be reached. Nothing is read or written then.
 
     def read_at(self, gpa: int, n: int) -> bytes:
-        """Read `n` bytes at `gpa`."""
-        with self._lock:
-            hot = self._hot
-            if hot[0] <= gpa and gpa + n <= hot[1] and n >= 0:
-                return self._mv[gpa : gpa + n].tobytes()
-        self._check(gpa, n)  # before allocating: n may be anything
-        out = bytearray(n)
-        self._span(
-            gpa, n, False, lambda a, b: out.__setitem__(slice(a - gpa, b - gpa), self._mv[a:b])
-        )
-        return bytes(out)
+        """Read `n` bytes at `gpa`. Nothing is allocated before the whole range is mapped."""
+        if type(gpa) is int and type(n) is int:
+            with self._lock:
+                hot = self._hot
+                if hot[0] <= gpa and gpa + n <= hot[1] and n >= 0:
+                    return self._mv[gpa : gpa + n].tobytes()
+        self._check(gpa, n)
+        mv = self._mv
+        return self._access(gpa, n, False, lambda: mv[gpa : gpa + n].tobytes())
 
     def read_into(self, gpa: int, buf: Any) -> None:
-        """Fill the writable buffer `buf` from guest memory at `gpa`."""
-        dst = memoryview(buf).cast("B")
+        """Fill the writable bytes-like `buf` from guest memory at `gpa`."""
+        dst = byte_view(buf, "read_into", writable=True)
         n = dst.nbytes
-        with self._lock:
-            hot = self._hot
-            if hot[0] <= gpa and gpa + n <= hot[1]:
-                dst[:] = self._mv[gpa : gpa + n]
-                return
-        self._span(
-            gpa, n, False, lambda a, b: dst.__setitem__(slice(a - gpa, b - gpa), self._mv[a:b])
-        )
+        if type(gpa) is int:
+            with self._lock:
+                hot = self._hot
+                if hot[0] <= gpa and gpa + n <= hot[1]:
+                    dst[:] = self._mv[gpa : gpa + n]
+                    return
+        self._check(gpa, n)
+        self._access(gpa, n, False, lambda: dst.__setitem__(slice(None), self._mv[gpa : gpa + n]))
 
     def write_at(self, gpa: int, data: Any) -> None:
-        """Write the bytes-like `data` at `gpa`."""
-        src = memoryview(data).cast("B")
+        """Write the bytes-like `data` at `gpa`: all of it, or (on an error) none of it."""
+        src = byte_view(data, "write_at")
         n = src.nbytes
-        with self._lock:
-            hot = self._hot
-            if hot[2] and hot[0] <= gpa and gpa + n <= hot[1]:
-                self._mv[gpa : gpa + n] = src
-                return
-        self._span(
-            gpa, n, True, lambda a, b: self._mv.__setitem__(slice(a, b), src[a - gpa : b - gpa])
-        )
+        if type(gpa) is int:
+            with self._lock:
+                hot = self._hot
+                if hot[2] and hot[0] <= gpa and gpa + n <= hot[1]:
+                    self._mv[gpa : gpa + n] = src
+                    return
+        self._check(gpa, n)
+        self._access(gpa, n, True, lambda: self._mv.__setitem__(slice(gpa, gpa + n), src))
 
     def fill_at(self, gpa: int, byte: int, n: int) -> None:
-        """Set `n` bytes at `gpa` to `byte`."""
-        if type(byte) is not int or not 0 <= byte <= 255:
+        """Set `n` bytes at `gpa` to `byte` (0..255): all of them, or (on an error) none."""
+        if type(byte) is not int:
+            raise TypeError(f"fill byte must be an integer, got {byte!r}")
+        if not 0 <= byte <= 255:
             raise ValueError(f"fill byte must be 0..255, got {byte!r}")
+        self._check(gpa, n)
         reservation = self._mapper.reservation
-        self._span(gpa, n, True, lambda a, b: reservation.fill(a, b - a, byte))
+        self._access(gpa, n, True, lambda: reservation.fill(gpa, n, byte))
 
-    def _struct(self, fmt: str) -> struct.Struct:
-        st = self._structs.get(fmt)
-        if st is None:
-            try:
-                st = struct.Struct(fmt)
-            except struct.error as exc:
-                raise ValueError(f"invalid struct format {fmt!r}: {exc}") from None
-            self._structs[fmt] = st
-        return st
+    # ---- plain values and atomic words ---------------------------------------------------------
+    #
+    # A plain access of a 1-, 2-, 4- or 8-byte format at an address that is a multiple of its
+    # size is one load or store of the whole word (an item of a cast memoryview is copied with
+    # one fixed-size memcpy), so another process never sees part of it. Other accesses copy
+    # bytes (a concurrent reader may see some old and some new bytes, never others).
+
+    def _format(self, fmt: str) -> FastPlain:
+        spec = plain_format(fmt, self._words)
+        fast = self._plain[fmt] = (*spec[:9], spec)
+        return fast
+
+    def _words(self, code: str) -> memoryview:
+        view = self._views.get(code)
+        if view is None:
+            view = self._views[code] = self._mv.cast(code)  # type: ignore[call-overload]
+        return view
 
     def read_plain(self, gpa: int, fmt: str) -> Any:
-        """Read a value of struct format `fmt` (one field: the value, else a tuple)."""
-        st = self._structs.get(fmt) or self._struct(fmt)
-        with self._lock:
-            hot = self._hot
-            if hot[0] <= gpa and gpa + st.size <= hot[1]:
-                values = st.unpack_from(self._mv, gpa)
-                return values[0] if len(values) == 1 else values
-        values = st.unpack(self.read_at(gpa, st.size))
-        return values[0] if len(values) == 1 else values
+        """Read a value of struct format `fmt` (one field: the value, else a tuple). Atomic for
+        1, 2, 4 and 8 bytes at an address aligned to that size."""
+        try:
+            view, shift, mask, single, word_bytes, values_of, _, _, st, _ = self._plain[fmt]
+        except (KeyError, TypeError):
+            view, shift, mask, single, word_bytes, values_of, _, _, st, _ = self._format(fmt)
+        if view is not None and type(gpa) is int and not gpa & mask:
+            with self._lock:
+                hot = self._hot
+                if hot[0] <= gpa < hot[1] - mask:
+                    word = view[gpa >> shift]
+                    if word_bytes is None:
+                        return word
+                    values = values_of(word_bytes(word))
+                    return values[0] if single else values
+            self._check(gpa, mask + 1)
+            word = self._access(gpa, mask + 1, False, lambda: view[gpa >> shift])
+            if word_bytes is None:
+                return word
+            values = values_of(word_bytes(word))
+            return values[0] if single else values
+        return unpacked(values_of(self.read_at(gpa, st.size)))
 
     def write_plain(self, gpa: int, fmt: str, value: Any) -> None:
-        """Write `value` (a tuple for several fields) in struct format `fmt`."""
-        st = self._structs.get(fmt) or self._struct(fmt)
-        values = value if isinstance(value, tuple) else (value,)
-        with self._lock:
-            hot = self._hot
-            if hot[2] and hot[0] <= gpa and gpa + st.size <= hot[1]:
-                st.pack_into(self._mv, gpa, *values)
-                return
-        self.write_at(gpa, st.pack(*values))
+        """Write `value` (a tuple for several fields) in struct format `fmt`: TypeError if it is
+        of the wrong kind, ValueError if it does not fit. Atomic for 1, 2, 4 and 8 bytes at an
+        address aligned to that size."""
+        try:
+            view, shift, mask, _, _, _, bytes_of, word_of, st, spec = self._plain[fmt]
+        except (KeyError, TypeError):
+            view, shift, mask, _, _, _, bytes_of, word_of, st, spec = self._format(fmt)
+        if view is not None and type(gpa) is int and not gpa & mask:
+            try:
+                word = value if word_of is None else word_of(bytes_of(value))[0]
+                with self._lock:
+                    hot = self._hot
+                    if hot[2] and hot[0] <= gpa < hot[1] - mask:
+                        view[gpa >> shift] = word
+                        return
+            except (struct.error, TypeError, ValueError):  # a value that does not fit: the
+                pass  # general path says why
+            word = spec.item(value)
+            self._check(gpa, mask + 1)
+            self._access(gpa, mask + 1, True, lambda: view.__setitem__(gpa >> shift, word))
+            return
+        self.write_at(gpa, pack(st, fmt, value))
+
+    def _atomic(self, gpa: int, fmt: str) -> PlainFormat:
+        try:
+            spec = atomic_format(self._plain[fmt][-1])
+        except (KeyError, TypeError):
+            spec = atomic_format(self._format(fmt)[-1])
+        self._check(gpa, spec.mask + 1)
+        if gpa & spec.mask:
+            raise ValueError(f"GPA {gpa:#x} is not aligned to the {spec.mask + 1}-byte word")
+        unavailable = atomics_unavailable()
+        if unavailable is not None:
+            raise AtomicsUnavailableError(unavailable)
+        return spec
+
+    def compare_exchange(self, gpa: int, fmt: str, expected: int, new: int) -> tuple[bool, int]:
+        """Atomically replace the integer of format `fmt` (4 or 8 bytes, either byte order) at
+        the aligned `gpa` by `new` if it equals `expected`. Returns (replaced, value found)."""
+        spec = self._atomic(gpa, fmt)
+        size = spec.mask + 1
+        old, word = spec.encode(expected), spec.encode(new)
+        reservation = self._mapper.reservation
+        ok, found = self._access(
+            gpa, size, True, lambda: reservation.compare_exchange(gpa, size, old, word)
+        )
+        return ok, spec.decode(found)
+
+    def fetch_add(self, gpa: int, fmt: str, delta: int) -> int:
+        """Atomically add `delta` to the integer of format `fmt` (4 or 8 bytes, either byte
+        order) at the aligned `gpa`, wrapping around like the hardware; returns the old value."""
+        spec = self._atomic(gpa, fmt)
+        op = fetch_add_op(self._mapper.reservation, spec, gpa, add_delta(spec, delta))
+        return spec.decode(self._access(gpa, spec.mask + 1, True, op))  # type: ignore[no-any-return]
+
+    # ---- mapping ahead, and views --------------------------------------------------------------
 
     def ensure_mapped(
         self, rng: MemoryRange | int, size: int | None = None, write: bool = False
     ) -> None:
-        """Map a range now (a MemoryRange, or gpa and size) instead of at first access."""
+        """Map a range now (a MemoryRange, or gpa and size) instead of at first access; with
+        `write`, insist that it is writable. Raises as an access of the range would."""
+        if type(write) is not bool:
+            raise TypeError(f"write must be True or False, got {write!r}")
         if isinstance(rng, MemoryRange):
+            if size is not None:
+                raise TypeError("ensure_mapped(MemoryRange) takes no size")
             gpa, n = rng.start, rng.len
         else:
             if size is None:
                 raise TypeError("ensure_mapped(gpa, size) needs a size")
             gpa, n = rng, size
-        self._span(gpa, n, write, None)
+        self._check(gpa, n)
+        self._access(gpa, n, write, lambda: None)
 
     @contextlib.contextmanager
     def view(self, gpa: int, n: int, write: bool = False) -> Iterator[memoryview]:
         """A memoryview of guest memory valid until the block ends (read-only where the memory
         is; `write=True` insists on writable memory). A slice kept past the block keeps the range
-        pinned (its Unmaps wait) until the slice is released."""
+        pinned (its Unmaps wait) until the slice is released. Raises as read_at does (with
+        `write`, as write_at does) before the block is entered."""
+        if type(write) is not bool:
+            raise TypeError(f"write must be True or False, got {write!r}")
         self._check(gpa, n)
         mapper = self._mapper
         end = gpa + n
-        for _ in range(MAX_FAULTS):
-            self._span(gpa, n, write, None)  # fault everything in
-            with self._lock:
-                pieces = [
-                    (r, c) for r, c in mapper.chunks.overlapping(MemoryRange.bounding(gpa, end))
-                ]
-                covered = sum(min(r.end, end) - max(r.start, gpa) for r, _ in pieces) == n
-                if covered or n == 0:
-                    writable = all(c.writable for _, c in pieces)
-                    view_id = mapper.pin(gpa, end, writable)
-                    exporter = mapper.reservation.exporter(gpa, n)
-                    raw = memoryview(exporter).cast("B")
-                    view = raw if writable else raw.toreadonly()
-                    break
-        else:
-            raise GuestMemoryError(f"GPA {gpa:#x}+{n:#x} keeps being unmapped while viewed", gpa)
+
+        def pin() -> tuple[int, bool, ctypes.Array[ctypes.c_char]]:
+            pieces = mapper.chunks.overlapping(MemoryRange.bounding(gpa, end)) if n else []
+            writable = all(c.writable for _, c in pieces)
+            return mapper.pin(gpa, end, writable), writable, mapper.reservation.exporter(gpa, n)
+
+        view_id, writable, exporter = self._access(gpa, n, write, pin)
+        raw = memoryview(exporter).cast("B")
+        view = raw if writable else raw.toreadonly()
         try:
             yield view
         finally:
