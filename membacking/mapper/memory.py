@@ -1,8 +1,8 @@
 """`GuestMemory`: read and write guest memory by guest-physical address, and `attach()`.
 
-Each access checks a one-entry cache of the chunk last used, then copies, all under the
-mapper's access lock; a miss walks the mapped-range table and, where nothing is mapped, faults
-(asks the manager, waits, retries).
+Each access checks its arguments and a one-entry cache of the chunk last used, then copies, all
+under the mapper's access lock; a miss checks the mapped-range table for the whole range and
+faults what is missing (asks the manager, waits, retries) before copying anything.
 """
 
 from __future__ import annotations
