@@ -1,4 +1,4 @@
-"""`GuestMemory`: read and write guest memory by guest-physical address, and `attach()`.
+"""`GuestMemory`: read and write guest memory by guest-physical address.
 
 Each access checks its arguments and a one-entry cache of the chunk last used, then copies, all
 under the mapper's access lock; a miss checks the mapped-range table for the whole range and
@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import os
 import struct
 import sys
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
-from .. import units
 from ..errors import (
     AtomicsUnavailableError,
     DetachedError,
     GuestMemoryError,
-    MembackingError,
     OutOfRangeError,
     ReadOnlyError,
 )
@@ -34,9 +31,7 @@ from ..ffi import (
 )
 from ..protocol.messages import PRIVATE_MAPPABLE
 from ..protocol.ranges import PAGE_SIZE, MemoryRange
-from ..runtime import RuntimePaths
 from .core import MAX_FAULTS, VaMapper
-from .link import ManagerLink
 from .plain import (
     FastPlain,
     PlainFormat,
@@ -48,18 +43,9 @@ from .plain import (
     plain_format,
     unpacked,
 )
+from .sharing import SharedRange, shared_ranges
 
 T = TypeVar("T")
-
-
-class SharedRange(NamedTuple):
-    """A range of guest RAM a third party can map: `size` bytes of `fd` at `file_offset`."""
-
-    gpa: int
-    size: int
-    fd: int
-    file_offset: int
-    writable: bool
 
 
 class GuestMemory:
@@ -179,13 +165,21 @@ class GuestMemory:
                 hot = self._hot
                 if hot[0] <= gpa and gpa + n <= hot[1] and n >= 0:
                     return self._mv[gpa : gpa + n].tobytes()
+        return self._read(gpa, n)
+
+    def _read(self, gpa: Any, n: Any) -> bytes:
         self._check(gpa, n)
         mv = self._mv
         return self._access(gpa, n, False, lambda: mv[gpa : gpa + n].tobytes())
 
     def read_into(self, gpa: int, buf: Any) -> None:
         """Fill the writable bytes-like `buf` from guest memory at `gpa`."""
-        dst = byte_view(buf, "read_into", writable=True)
+        try:
+            dst = memoryview(buf).cast("B")
+        except TypeError:
+            dst = byte_view(buf, "read_into", writable=True)  # says why
+        if dst.readonly:
+            byte_view(buf, "read_into", writable=True)  # raises
         n = dst.nbytes
         if type(gpa) is int:
             with self._lock:
@@ -193,12 +187,19 @@ class GuestMemory:
                 if hot[0] <= gpa and gpa + n <= hot[1]:
                     dst[:] = self._mv[gpa : gpa + n]
                     return
+        self._read_into(gpa, dst)
+
+    def _read_into(self, gpa: Any, dst: memoryview) -> None:
+        n = dst.nbytes
         self._check(gpa, n)
         self._access(gpa, n, False, lambda: dst.__setitem__(slice(None), self._mv[gpa : gpa + n]))
 
     def write_at(self, gpa: int, data: Any) -> None:
         """Write the bytes-like `data` at `gpa`: all of it, or (on an error) none of it."""
-        src = byte_view(data, "write_at")
+        try:
+            src = memoryview(data).cast("B")
+        except TypeError:
+            src = byte_view(data, "write_at")  # says why
         n = src.nbytes
         if type(gpa) is int:
             with self._lock:
@@ -206,6 +207,10 @@ class GuestMemory:
                 if hot[2] and hot[0] <= gpa and gpa + n <= hot[1]:
                     self._mv[gpa : gpa + n] = src
                     return
+        self._write(gpa, src)
+
+    def _write(self, gpa: Any, src: memoryview) -> None:
+        n = src.nbytes
         self._check(gpa, n)
         self._access(gpa, n, True, lambda: self._mv.__setitem__(slice(gpa, gpa + n), src))
 
@@ -244,21 +249,26 @@ class GuestMemory:
             view, shift, mask, single, word_bytes, values_of, _, _, st, _ = self._plain[fmt]
         except (KeyError, TypeError):
             view, shift, mask, single, word_bytes, values_of, _, _, st, _ = self._format(fmt)
-        if view is not None and type(gpa) is int and not gpa & mask:
-            with self._lock:
+        if type(gpa) is int:
+            if view is not None and not gpa & mask:
+                with self._lock:
+                    hot = self._hot
+                    if hot[0] <= gpa < hot[1] - mask:
+                        word = view[gpa >> shift]
+                        if word_bytes is None:
+                            return word
+                        values = values_of(word_bytes(word))
+                        return values[0] if single else values
+                word = self._load(gpa, view, shift, mask)
+                if word_bytes is None:
+                    return word
+                values = values_of(word_bytes(word))
+                return values[0] if single else values
+            with self._lock:  # not atomic: bytes
                 hot = self._hot
-                if hot[0] <= gpa < hot[1] - mask:
-                    word = view[gpa >> shift]
-                    if word_bytes is None:
-                        return word
-                    values = values_of(word_bytes(word))
+                if hot[0] <= gpa and gpa + st.size <= hot[1]:
+                    values = st.unpack_from(self._mv, gpa)
                     return values[0] if single else values
-            self._check(gpa, mask + 1)
-            word = self._access(gpa, mask + 1, False, lambda: view[gpa >> shift])
-            if word_bytes is None:
-                return word
-            values = values_of(word_bytes(word))
-            return values[0] if single else values
         return unpacked(values_of(self.read_at(gpa, st.size)))
 
     def write_plain(self, gpa: int, fmt: str, value: Any) -> None:
@@ -269,7 +279,9 @@ class GuestMemory:
             view, shift, mask, _, _, _, bytes_of, word_of, st, spec = self._plain[fmt]
         except (KeyError, TypeError):
             view, shift, mask, _, _, _, bytes_of, word_of, st, spec = self._format(fmt)
-        if view is not None and type(gpa) is int and not gpa & mask:
+        if type(gpa) is not int:
+            self._check(gpa, st.size)
+        if view is not None and not gpa & mask:
             try:
                 word = value if word_of is None else word_of(bytes_of(value))[0]
                 with self._lock:
@@ -279,11 +291,29 @@ class GuestMemory:
                         return
             except (struct.error, TypeError, ValueError):  # a value that does not fit: the
                 pass  # general path says why
-            word = spec.item(value)
-            self._check(gpa, mask + 1)
-            self._access(gpa, mask + 1, True, lambda: view.__setitem__(gpa >> shift, word))
+            self._store(gpa, view, shift, mask, spec.item(value))
             return
-        self.write_at(gpa, pack(st, fmt, value))
+        # not atomic: a copy of the packed bytes (not pack_into, which clears them first)
+        try:
+            data = bytes_of(value)
+        except (struct.error, TypeError):
+            data = pack(st, fmt, value)  # a tuple for one field, or a value that does not fit
+        with self._lock:
+            hot = self._hot
+            if hot[2] and hot[0] <= gpa and gpa + len(data) <= hot[1]:
+                self._mv[gpa : gpa + len(data)] = data
+                return
+        self.write_at(gpa, data)
+
+    def _load(self, gpa: int, view: memoryview, shift: int, mask: int) -> Any:
+        """The word at the aligned `gpa`, by the general path."""
+        self._check(gpa, mask + 1)
+        return self._access(gpa, mask + 1, False, lambda: view[gpa >> shift])
+
+    def _store(self, gpa: int, view: memoryview, shift: int, mask: int, word: Any) -> None:
+        """Store `word` at the aligned `gpa`, by the general path."""
+        self._check(gpa, mask + 1)
+        self._access(gpa, mask + 1, True, lambda: view.__setitem__(gpa >> shift, word))
 
     def _atomic(self, gpa: int, fmt: str) -> PlainFormat:
         try:
@@ -374,33 +404,10 @@ class GuestMemory:
         """The guest RAM as (gpa, size, fd, file offset, writable) for a third party to map
         (the fds are duplicates the caller owns); None in private RAM mode. To get the fds this
         mapper maps every region (and so holds them all from then on, as an eager one would)."""
-        from ..control_client import ControlClient
-
-        regions = ControlClient(self._mapper.link.paths.root).regions()
-        if any(r["backing"] == "private" for r in regions):
-            return None
-        out = []
-        for region in regions:
-            if not region["active"]:
-                continue
-            for sub in region["mappings"]:
-                gpa = region["gpa"] + sub["offset"]
-                self.ensure_mapped(gpa, sub["size"])
-                fd = self._mapper.fds.dup(sub["mappable_id"])
-                if fd is None:
-                    continue
-                out.append(
-                    SharedRange(
-                        gpa,
-                        sub["size"],
-                        fd,
-                        sub["file_offset"],
-                        sub["writable"] and region["writable"],
-                    )
-                )
-        return out
+        return shared_ranges(self._mapper, self.ensure_mapped)
 
     def _private(self, gpa: int, size: int) -> None:
+        self._check(gpa, size)
         if (gpa | size) % PAGE_SIZE or size <= 0:
             raise ValueError(f"{gpa:#x}+{size:#x} must be page-aligned and non-empty")
         self.ensure_mapped(gpa, size)
@@ -452,37 +459,3 @@ class GuestMemory:
 
     def __repr__(self) -> str:
         return f"<GuestMemory mapper={self.mapper_id} name={self.name!r}>"
-
-
-def attach(
-    runtime_dir: str | os.PathLike[str] | None = None,
-    name: str | None = None,
-    *,
-    eager: bool = False,
-    timeout: float = 10.0,
-    fault_timeout: float = 30.0,
-) -> GuestMemory:
-    """Attach this process to the manager serving `runtime_dir` as a mapper named `name`."""
-    if name is None:
-        name = f"mapper-{os.getpid()}"
-    for what, value in (("timeout", timeout), ("fault_timeout", fault_timeout)):
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-            raise MembackingError(f"{what} must be a positive number of seconds, got {value!r}")
-    try:
-        units.check_name(name)
-    except ValueError as exc:
-        raise MembackingError(str(exc)) from None
-    link = ManagerLink(RuntimePaths.resolve(runtime_dir), name, timeout)
-    try:
-        mapper = VaMapper(link, fault_timeout=fault_timeout)
-    except BaseException:
-        link.close()
-        raise
-    memory = GuestMemory(mapper, name)
-    if eager:
-        try:
-            mapper.set_eager(timeout)
-        except BaseException:
-            memory.detach()
-            raise
-    return memory
