@@ -4,6 +4,8 @@ allocates; a write that cannot be done completely (a hole, read-only memory) wri
 
 from __future__ import annotations
 
+import threading
+import time
 import tracemalloc
 from collections.abc import Callable
 from typing import Any
@@ -175,3 +177,48 @@ def test_reads_and_writes_spanning_regions(memory: GuestMemory) -> None:
         assert view.readonly and bytes(view) == data
     with pytest.raises(ReadOnlyError), memory.view(HOLE_END - 4, 8, write=True):
         pass
+
+
+def test_a_write_racing_a_removal_is_all_or_nothing(manager: RunningManager) -> None:
+    """A write across two regions while the second is removed and added again, over and over:
+    each write either lands completely or raises having changed nothing (the first region's
+    part, which nobody else writes, shows which)."""
+    client = manager.client()
+    first, second = 0x20000000, 0x20010000
+    client.add_region("first", first, 0x10000)
+    client.add_region("second", second, 0x10000)
+    stop = threading.Event()
+    toggles = 0
+
+    def toggle() -> None:
+        nonlocal toggles
+        other = membacking.ControlClient(manager.runtime_dir)
+        while not stop.is_set():
+            other.remove_region("second")
+            other.add_region("second", second, 0x10000)
+            toggles += 1
+
+    with membacking.attach(manager.runtime_dir) as memory:
+        memory.write_at(second - 16, bytes(16))
+        toggler = threading.Thread(target=toggle)
+        toggler.start()
+        landed = failed = 0
+        try:
+            expected = bytes(16)
+            deadline = time.monotonic() + 1.0
+            k = 0
+            while time.monotonic() < deadline or not (landed and failed):
+                k = k % 255 + 1
+                try:
+                    memory.write_at(second - 16, bytes([k]) * 32)
+                    expected = bytes([k]) * 16
+                    landed += 1
+                except NoMappingError:
+                    failed += 1
+                assert memory.read_at(second - 16, 16) == expected, (landed, failed)
+                if time.monotonic() > deadline + 10:
+                    break
+        finally:
+            stop.set()
+            toggler.join(30)
+    assert landed and failed and toggles, (landed, failed, toggles)

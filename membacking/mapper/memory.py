@@ -49,7 +49,15 @@ T = TypeVar("T")
 
 
 class GuestMemory:
-    """Guest memory as seen by one mapper process. Use as a context manager, or `detach()`."""
+    """Guest memory as seen by one mapper process. Use as a context manager, or `detach()`.
+
+    Every accessor raises TypeError for an argument of the wrong type (bools are not addresses
+    or lengths), ValueError for a bad value, OutOfRangeError past the address space, and
+    NoMappingError, ReadOnlyError, ManagerGoneError, DetachedError or GuestMemoryError when the
+    memory cannot be reached; a failed access has read or written nothing. Aligned plain values
+    of 1, 2, 4 and 8 bytes and the atomic operations are single-copy atomic; the rest copies
+    bytes (docs/ARCHITECTURE.md, "Accesses").
+    """
 
     def __init__(self, mapper: VaMapper, name: str) -> None:
         self._mapper = mapper
@@ -330,7 +338,9 @@ class GuestMemory:
 
     def compare_exchange(self, gpa: int, fmt: str, expected: int, new: int) -> tuple[bool, int]:
         """Atomically replace the integer of format `fmt` (4 or 8 bytes, either byte order) at
-        the aligned `gpa` by `new` if it equals `expected`. Returns (replaced, value found)."""
+        the aligned `gpa` by `new` if it equals `expected`. Returns (replaced, value found).
+        Raises as write_plain does; also ValueError for another format or an unaligned `gpa`,
+        and AtomicsUnavailableError where libatomic is missing."""
         spec = self._atomic(gpa, fmt)
         size = spec.mask + 1
         old, word = spec.encode(expected), spec.encode(new)
@@ -342,7 +352,8 @@ class GuestMemory:
 
     def fetch_add(self, gpa: int, fmt: str, delta: int) -> int:
         """Atomically add `delta` to the integer of format `fmt` (4 or 8 bytes, either byte
-        order) at the aligned `gpa`, wrapping around like the hardware; returns the old value."""
+        order) at the aligned `gpa`, wrapping around like the hardware; returns the old value.
+        Raises as compare_exchange does (ValueError for a `delta` that does not fit the word)."""
         spec = self._atomic(gpa, fmt)
         op = fetch_add_op(self._mapper.reservation, spec, gpa, add_delta(spec, delta))
         return spec.decode(self._access(gpa, spec.mask + 1, True, op))  # type: ignore[no-any-return]
