@@ -192,3 +192,22 @@ def test_atomics_say_so_when_libatomic_is_missing(
         memory.write_plain(0x300, "<Q", 3)  # plain accesses need no library
         assert memory.read_plain(0x300, "<Q") == 3
     monkeypatch.setattr(ffi, "_atomics", None)  # loaded again for real by the next caller
+
+
+def test_plain_accesses_after_detach_raise(manager: RunningManager) -> None:
+    """The word views outlive the reservation's own view: an access after detach must be
+    refused, not reach the unmapped address space."""
+    memory = membacking.attach(manager.runtime_dir)
+    for fmt in ("<Q", ">I", "B", "<3H"):
+        memory.write_plain(0x400, fmt, (1, 2, 3) if fmt == "<3H" else 1)
+    memory.detach()
+    for call in (
+        lambda: memory.read_plain(0x400, "<Q"),
+        lambda: memory.write_plain(0x400, ">I", 1),
+        lambda: memory.read_plain(0x400, "<3H"),
+        lambda: memory.fetch_add(0x400, "<Q", 1),
+        lambda: memory.compare_exchange(0x400, ">I", 0, 1),
+        lambda: memory.read_at(0x400, 0),
+    ):
+        with pytest.raises(membacking.DetachedError):
+            call()
