@@ -7,6 +7,7 @@ and each method checks that the range lies inside it before the call.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
@@ -58,14 +59,18 @@ class _Atomics:
         self.error: str | None = None
         self.cas: dict[int, Callable[..., Any]] = {}
         self.add: dict[int, Callable[..., Any]] = {}
-        found = ctypes.util.find_library("atomic")
         lib = None
-        for name in (*names, *((found,) if found else ())):
+        for name in names:
             try:
                 lib = ctypes.CDLL(name)
                 break
             except OSError:
                 continue
+        if lib is None:
+            found = ctypes.util.find_library("atomic")  # another soname, if any
+            if found:
+                with contextlib.suppress(OSError):
+                    lib = ctypes.CDLL(found)
         if lib is None:
             self.error = (
                 f"atomic guest-memory operations need libatomic ({', '.join(names)}, GCC's "
@@ -74,10 +79,14 @@ class _Atomics:
             )
             return
         for width, word in _WORD_TYPES.items():
-            cas = getattr(lib, f"__atomic_compare_exchange_{width}")
+            try:
+                cas = getattr(lib, f"__atomic_compare_exchange_{width}")
+                add = getattr(lib, f"__atomic_fetch_add_{width}")
+            except AttributeError as exc:
+                self.error = f"the libatomic found here lacks a function membacking needs: {exc}"
+                return
             cas.restype = ctypes.c_bool
             cas.argtypes = [ctypes.c_void_p, ctypes.POINTER(word), word, ctypes.c_int, ctypes.c_int]
-            add = getattr(lib, f"__atomic_fetch_add_{width}")
             add.restype = word
             add.argtypes = [ctypes.c_void_p, word, ctypes.c_int]
             self.cas[width], self.add[width] = cas, add
