@@ -69,6 +69,8 @@ class GuestMemory:
         #: through its iterator: slow), then the PlainFormat
         self._plain: dict[str, FastPlain] = {}
         self._views: dict[str, memoryview] = {}
+        self._atomic_formats: dict[str, PlainFormat] = {}
+        self._reservation = mapper.reservation
         self.name = name
 
     # ---- identity ------------------------------------------------------------------------------
@@ -323,17 +325,24 @@ class GuestMemory:
         self._check(gpa, mask + 1)
         self._access(gpa, mask + 1, True, lambda: view.__setitem__(gpa >> shift, word))
 
-    def _atomic(self, gpa: int, fmt: str) -> PlainFormat:
+    def _atomic(self, gpa: Any, fmt: str) -> PlainFormat:
+        """The format, checked for the atomic operations, and `gpa` checked for alignment (the
+        rest of its checks are done by the hot-cache test or by the general path)."""
         try:
-            spec = atomic_format(self._plain[fmt][-1])
+            spec = self._atomic_formats[fmt]
         except (KeyError, TypeError):
-            spec = atomic_format(self._format(fmt)[-1])
-        self._check(gpa, spec.mask + 1)
-        if gpa & spec.mask:
+            try:
+                fast = self._plain[fmt]
+            except (KeyError, TypeError):
+                fast = self._format(fmt)
+            spec = atomic_format(fast[-1])
+            unavailable = atomics_unavailable()
+            if unavailable is not None:
+                raise AtomicsUnavailableError(unavailable) from None
+            self._atomic_formats[fmt] = spec
+        if type(gpa) is not int or gpa & spec.mask:
+            self._check(gpa, spec.mask + 1)
             raise ValueError(f"GPA {gpa:#x} is not aligned to the {spec.mask + 1}-byte word")
-        unavailable = atomics_unavailable()
-        if unavailable is not None:
-            raise AtomicsUnavailableError(unavailable)
         return spec
 
     def compare_exchange(self, gpa: int, fmt: str, expected: int, new: int) -> tuple[bool, int]:
@@ -342,9 +351,15 @@ class GuestMemory:
         Raises as write_plain does; also ValueError for another format or an unaligned `gpa`,
         and AtomicsUnavailableError where libatomic is missing."""
         spec = self._atomic(gpa, fmt)
-        size = spec.mask + 1
         old, word = spec.encode(expected), spec.encode(new)
-        reservation = self._mapper.reservation
+        size = spec.mask + 1
+        reservation = self._reservation
+        with self._lock:
+            hot = self._hot
+            if hot[2] and hot[0] <= gpa < hot[1] - spec.mask:
+                ok, found = reservation.compare_exchange(gpa, size, old, word)
+                return ok, spec.decode(found)
+        self._check(gpa, size)
         ok, found = self._access(
             gpa, size, True, lambda: reservation.compare_exchange(gpa, size, old, word)
         )
@@ -355,8 +370,16 @@ class GuestMemory:
         order) at the aligned `gpa`, wrapping around like the hardware; returns the old value.
         Raises as compare_exchange does (ValueError for a `delta` that does not fit the word)."""
         spec = self._atomic(gpa, fmt)
-        op = fetch_add_op(self._mapper.reservation, spec, gpa, add_delta(spec, delta))
-        return spec.decode(self._access(gpa, spec.mask + 1, True, op))  # type: ignore[no-any-return]
+        addend = add_delta(spec, delta)
+        size = spec.mask + 1
+        if not spec.swapped:
+            with self._lock:
+                hot = self._hot
+                if hot[2] and hot[0] <= gpa < hot[1] - spec.mask:
+                    return spec.decode(self._reservation.fetch_add(gpa, size, addend))  # type: ignore[no-any-return]
+        self._check(gpa, size)
+        op = fetch_add_op(self._reservation, spec, gpa, addend)
+        return spec.decode(self._access(gpa, size, True, op))  # type: ignore[no-any-return]
 
     # ---- mapping ahead, and views --------------------------------------------------------------
 
