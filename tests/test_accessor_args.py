@@ -222,3 +222,14 @@ def test_a_write_racing_a_removal_is_all_or_nothing(manager: RunningManager) -> 
             stop.set()
             toggler.join(30)
     assert landed and failed and toggles, (landed, failed, toggles)
+
+
+def test_a_read_into_across_a_hole_leaves_the_buffer_alone(memory: GuestMemory) -> None:
+    end = REGION + REGION_SIZE
+    memory.fill_at(end - 16, 0x33, 16)
+    buf = bytearray(b"\x55" * 32)
+    with pytest.raises(NoMappingError):
+        memory.read_into(end - 16, buf)
+    assert buf == b"\x55" * 32
+    memory.read_into(end - 16, memoryview(buf)[:16])
+    assert buf == b"\x33" * 16 + b"\x55" * 16
