@@ -208,6 +208,9 @@ def test_plain_accesses_after_detach_raise(manager: RunningManager) -> None:
         lambda: memory.fetch_add(0x400, "<Q", 1),
         lambda: memory.compare_exchange(0x400, ">I", 0, 1),
         lambda: memory.read_at(0x400, 0),
+        lambda: memory.read_plain(0x400, ">h"),  # a format first used now
+        lambda: memory.write_plain(0x400, "<d", 1.0),
+        lambda: memory.fetch_add(0x400, "<i", 1),
     ):
         with pytest.raises(membacking.DetachedError):
             call()

@@ -249,6 +249,8 @@ class GuestMemory:
     def _words(self, code: str) -> memoryview:
         view = self._views.get(code)
         if view is None:
+            if self._mapper.closed:  # the reservation's view is released
+                raise DetachedError("this GuestMemory is detached")
             view = self._views[code] = self._mv.cast(code)  # type: ignore[call-overload]
         return view
 
