@@ -249,9 +249,10 @@ class GuestMemory:
     def _words(self, code: str) -> memoryview:
         view = self._views.get(code)
         if view is None:
-            if self._mapper.closed:  # the reservation's view is released
-                raise DetachedError("this GuestMemory is detached")
-            view = self._views[code] = self._mv.cast(code)  # type: ignore[call-overload]
+            try:
+                view = self._views[code] = self._mv.cast(code)  # type: ignore[call-overload]
+            except ValueError:  # the reservation's view is released
+                raise DetachedError("this GuestMemory is detached") from None
         return view
 
     def read_plain(self, gpa: int, fmt: str) -> Any:
