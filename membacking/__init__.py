@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 from .control_client import ControlClient
 from .errors import (
+    AtomicsUnavailableError,
     ControlError,
+    DetachedError,
     GuestMemoryError,
     ManagerGoneError,
     ManagerUnavailableError,
@@ -25,8 +27,10 @@ if TYPE_CHECKING:
     from .mapper import GuestMemory, attach
 
 __all__ = [
+    "AtomicsUnavailableError",
     "ControlClient",
     "ControlError",
+    "DetachedError",
     "GuestMemory",
     "GuestMemoryError",
     "ManagerGoneError",

@@ -49,3 +49,7 @@ class ManagerGoneError(GuestMemoryError, ManagerUnavailableError):
 
 class DetachedError(GuestMemoryError):
     """The GuestMemory was detached; no more accesses are possible."""
+
+
+class AtomicsUnavailableError(MembackingError):
+    """Atomic guest-memory operations need libatomic (GCC's runtime library), which is absent."""

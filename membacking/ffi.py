@@ -1,4 +1,5 @@
-"""Every libc call membacking makes (mmap, munmap, madvise, prctl), behind one `Reservation`.
+"""Every libc call membacking makes (mmap, munmap, madvise, prctl, and libatomic's word
+operations), behind one `Reservation`.
 
 Nothing else in the project touches raw addresses: callers speak in offsets into a reservation,
 and each method checks that the range lies inside it before the call.
@@ -6,9 +7,13 @@ and each method checks that the range lies inside it before the call.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import ctypes.util
 import os
 import threading
+from collections.abc import Callable
+from typing import Any
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mmap.restype = ctypes.c_void_p
@@ -42,6 +47,65 @@ MADV_DONTDUMP = 16
 MADV_POPULATE_WRITE = 23  # Linux 5.14
 PR_SET_VMA, PR_SET_VMA_ANON_NAME = 0x53564D41, 0
 _MAP_FAILED = ctypes.c_void_p(-1).value
+_SEQ_CST = 5  # __ATOMIC_SEQ_CST
+_WORD_TYPES = {4: ctypes.c_uint32, 8: ctypes.c_uint64}
+
+
+class _Atomics:
+    """libatomic's compare-exchange and fetch-add for 4- and 8-byte words, loaded on first use
+    (GCC's runtime library; a minimal image may lack it)."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.error: str | None = None
+        self.cas: dict[int, Callable[..., Any]] = {}
+        self.add: dict[int, Callable[..., Any]] = {}
+        lib = None
+        for name in names:
+            try:
+                lib = ctypes.CDLL(name)
+                break
+            except OSError:
+                continue
+        if lib is None:
+            found = ctypes.util.find_library("atomic")  # another soname, if any
+            if found:
+                with contextlib.suppress(OSError):
+                    lib = ctypes.CDLL(found)
+        if lib is None:
+            self.error = (
+                f"atomic guest-memory operations need libatomic ({', '.join(names)}, GCC's "
+                "runtime library), which this system lacks (install libatomic1 or your "
+                "distribution's equivalent)"
+            )
+            return
+        for width, word in _WORD_TYPES.items():
+            try:
+                cas = getattr(lib, f"__atomic_compare_exchange_{width}")
+                add = getattr(lib, f"__atomic_fetch_add_{width}")
+            except AttributeError as exc:
+                self.error = f"the libatomic found here lacks a function membacking needs: {exc}"
+                return
+            cas.restype = ctypes.c_bool
+            cas.argtypes = [ctypes.c_void_p, ctypes.POINTER(word), word, ctypes.c_int, ctypes.c_int]
+            add.restype = word
+            add.argtypes = [ctypes.c_void_p, word, ctypes.c_int]
+            self.cas[width], self.add[width] = cas, add
+
+
+_ATOMICS_LIBRARIES = ("libatomic.so.1",)
+_atomics: _Atomics | None = None
+
+
+def _load_atomics() -> _Atomics:
+    global _atomics
+    if _atomics is None:
+        _atomics = _Atomics(_ATOMICS_LIBRARIES)
+    return _atomics
+
+
+def atomics_unavailable() -> str | None:
+    """Why compare_exchange / fetch_add cannot work here, or None when they can."""
+    return _load_atomics().error
 
 
 def _oserror(what: str) -> OSError:
@@ -133,6 +197,39 @@ class Reservation:
         # are mapped writable.
         ctypes.memset(self.base + offset, byte, size)
 
+    def _word(self, offset: int, width: int) -> int:
+        if width not in _WORD_TYPES:
+            raise ValueError(f"atomic operations take 4- or 8-byte words, not {width}")
+        if self._closed or offset < 0 or offset + width > self.size or offset % width:
+            raise ValueError(f"{offset:#x} is not an aligned {width}-byte word of the reservation")
+        atomics = _load_atomics()
+        if atomics.error is not None:
+            from .errors import AtomicsUnavailableError
+
+            raise AtomicsUnavailableError(atomics.error)
+        return self.base + offset
+
+    def compare_exchange(
+        self, offset: int, width: int, expected: int, desired: int
+    ) -> tuple[bool, int]:
+        """Atomically: if the native-order `width`-byte word at `offset` equals `expected`,
+        store `desired`. Returns (stored, the word found). Words are unsigned."""
+        addr = self._word(offset, width)
+        word = _WORD_TYPES[width]
+        found = word(expected)
+        # Safe: an aligned word inside our reservation (checked above); callers hold the
+        # access lock and checked that it is mapped writable; `found` outlives the call.
+        ok = _load_atomics().cas[width](addr, ctypes.byref(found), desired, _SEQ_CST, _SEQ_CST)
+        return bool(ok), int(found.value)
+
+    def fetch_add(self, offset: int, width: int, delta: int) -> int:
+        """Atomically add `delta` (modulo 2**(8*width)) to the native-order word at `offset`;
+        returns the word it held before."""
+        addr = self._word(offset, width)
+        # Safe: as compare_exchange: an aligned word of our own reservation, mapped writable,
+        # under the access lock.
+        return int(_load_atomics().add[width](addr, delta, _SEQ_CST))
+
     def set_name(self, offset: int, size: int, name: str) -> bool:
         """Name the range in /proc/PID/maps; False where the kernel cannot name anonymous VMAs."""
         addr = self._check(offset, size)
@@ -189,5 +286,6 @@ __all__ = [
     "MADV_POPULATE_WRITE",
     "PAGE_SIZE",
     "Reservation",
+    "atomics_unavailable",
     "hugepage_advice_supported",
 ]

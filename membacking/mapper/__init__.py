@@ -2,7 +2,9 @@
 demand. `attach()` returns a `GuestMemory`; `VaMapper` is the machinery underneath.
 """
 
+from .attaching import attach
 from .core import VaMapper
-from .memory import GuestMemory, SharedRange, attach
+from .memory import GuestMemory
+from .sharing import SharedRange
 
 __all__ = ["GuestMemory", "SharedRange", "VaMapper", "attach"]

@@ -1,48 +1,63 @@
-"""`GuestMemory`: read and write guest memory by guest-physical address, and `attach()`.
+"""`GuestMemory`: read and write guest memory by guest-physical address.
 
-Each access checks a one-entry cache of the chunk last used, then copies, all under the
-mapper's access lock; a miss walks the mapped-range table and, where nothing is mapped, faults
-(asks the manager, waits, retries).
+Each access checks its arguments and a one-entry cache of the chunk last used, then copies, all
+under the mapper's access lock; a miss checks the mapped-range table for the whole range and
+faults what is missing (asks the manager, waits, retries) before copying anything.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
+import ctypes
 import struct
 import sys
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import Any, TypeVar
 
-from .. import units
 from ..errors import (
+    AtomicsUnavailableError,
     DetachedError,
     GuestMemoryError,
-    MembackingError,
     OutOfRangeError,
     ReadOnlyError,
 )
-from ..ffi import MADV_DONTNEED, MADV_HUGEPAGE, MADV_POPULATE_WRITE, hugepage_advice_supported
+from ..ffi import (
+    MADV_DONTNEED,
+    MADV_HUGEPAGE,
+    MADV_POPULATE_WRITE,
+    atomics_unavailable,
+    hugepage_advice_supported,
+)
 from ..protocol.messages import PRIVATE_MAPPABLE
 from ..protocol.ranges import PAGE_SIZE, MemoryRange
-from ..runtime import RuntimePaths
 from .core import MAX_FAULTS, VaMapper
-from .link import ManagerLink
+from .plain import (
+    FastPlain,
+    PlainFormat,
+    add_delta,
+    atomic_format,
+    byte_view,
+    fetch_add_op,
+    pack,
+    plain_format,
+    unpacked,
+)
+from .sharing import SharedRange, shared_ranges
 
-
-class SharedRange(NamedTuple):
-    """A range of guest RAM a third party can map: `size` bytes of `fd` at `file_offset`."""
-
-    gpa: int
-    size: int
-    fd: int
-    file_offset: int
-    writable: bool
+T = TypeVar("T")
 
 
 class GuestMemory:
-    """Guest memory as seen by one mapper process. Use as a context manager, or `detach()`."""
+    """Guest memory as seen by one mapper process. Use as a context manager, or `detach()`.
+
+    Every accessor raises TypeError for an argument of the wrong type (bools are not addresses
+    or lengths), ValueError for a bad value, OutOfRangeError past the address space, and
+    NoMappingError, ReadOnlyError, ManagerGoneError, DetachedError or GuestMemoryError when the
+    memory cannot be reached; a failed access has read or written nothing. Aligned plain values
+    of 1, 2, 4 and 8 bytes and the atomic operations are single-copy atomic; the rest copies
+    bytes (docs/ARCHITECTURE.md, "Accesses").
+    """
 
     def __init__(self, mapper: VaMapper, name: str) -> None:
         self._mapper = mapper
@@ -50,7 +65,12 @@ class GuestMemory:
         self._hot = mapper.hot
         self._mv = mapper.mv
         self._space = mapper.address_space
-        self._structs: dict[str, struct.Struct] = {}
+        #: struct format -> PlainFormat's fields as a plain tuple (unpacking a NamedTuple goes
+        #: through its iterator: slow), then the PlainFormat
+        self._plain: dict[str, FastPlain] = {}
+        self._views: dict[str, memoryview] = {}
+        self._atomic_formats: dict[str, PlainFormat] = {}
+        self._reservation = mapper.reservation
         self.name = name
 
     # ---- identity ------------------------------------------------------------------------------
@@ -85,9 +105,14 @@ class GuestMemory:
 
     # ---- the general path ----------------------------------------------------------------------
 
-    def _check(self, gpa: int, n: int) -> None:
+    def _check(self, gpa: Any, n: Any) -> None:
+        """TypeError, ValueError or OutOfRangeError unless [gpa, gpa+n) is a range of the guest
+        address space (bools are not addresses)."""
         if type(gpa) is not int or type(n) is not int:
-            raise TypeError(f"guest address and length must be integers, got {gpa!r}, {n!r}")
+            raise TypeError(
+                f"guest address and length must be integers, got {type(gpa).__name__} "
+                f"{gpa!r} and {type(n).__name__} {n!r}"
+            )
         if gpa < 0 or n < 0:
             raise ValueError(f"guest address and length must not be negative ({gpa}, {n})")
         if gpa + n > self._space:
@@ -96,151 +121,309 @@ class GuestMemory:
                 gpa,
             )
 
-    def _span(
-        self, gpa: int, n: int, write: bool, action: Callable[[int, int], None] | None
-    ) -> None:
-        """Run `action(start, end)` under the lock on each mapped piece of [gpa, gpa+n)."""
-        self._check(gpa, n)
+    def _missing(self, gpa: int, end: int, write: bool) -> int | None:
+        """The first byte of [gpa, end) that is not mapped, or None (lock held). ReadOnlyError
+        if `write` and a part is mapped read-only. Leaves the last chunk seen in the cache."""
         mapper = self._mapper
-        pos, end = gpa, gpa + n
-        faults = 0
+        if mapper.closed:
+            raise DetachedError("this GuestMemory is detached", gpa)
+        lookup = mapper.chunks.lookup
+        pos = gpa
         while pos < end:
+            hit = lookup(pos)
+            if hit is None:
+                return pos
+            rng, chunk = hit
+            if write and not chunk.writable:
+                raise ReadOnlyError(f"GPA {pos:#x} is mapped read-only; cannot write", pos)
+            hot = self._hot
+            hot[0], hot[1], hot[2] = rng.start, rng.end, chunk.writable
+            pos = rng.end
+        return None
+
+    def _access(self, gpa: int, n: int, write: bool, op: Callable[[], T]) -> T:
+        """Fault in all of [gpa, gpa+n) (checked by the caller), then run `op` under one hold of
+        the lock once the table shows the whole range mapped (and writable with `write`): `op`
+        runs entirely or not at all. A range unmapped again meanwhile is faulted again, at most
+        MAX_FAULTS times in all. Since GPA g lives at base + g, a range that is all mapped is
+        one contiguous part of the reservation, whatever chunks it spans."""
+        end = gpa + n
+        faults = 0
+        while True:
             with self._lock:
-                if mapper.closed:
-                    raise DetachedError("this GuestMemory is detached", pos)
-                hit = mapper.chunks.lookup(pos)
-                if hit is not None:
-                    rng, chunk = hit
-                    if write and not chunk.writable:
-                        raise ReadOnlyError(f"GPA {pos:#x} is mapped read-only; cannot write", pos)
-                    stop = min(end, rng.end)
-                    if action is not None:
-                        action(pos, stop)
-                    hot = self._hot
-                    hot[0], hot[1], hot[2] = rng.start, rng.end, chunk.writable
-                    pos = stop
-                    continue
+                missing = self._missing(gpa, end, write)
+                if missing is None:
+                    return op()
             faults += 1
             if faults > MAX_FAULTS:
-                raise GuestMemoryError(f"GPA {pos:#x} keeps being unmapped while accessed", pos)
-            mapper.fault(pos, end, write)
+                raise GuestMemoryError(
+                    f"GPA {missing:#x} keeps being unmapped while accessed", missing
+                )
+            self._mapper.fault(missing, end, write)
 
     # ---- reads and writes ----------------------------------------------------------------------
+    #
+    # Each has a fast path (the range lies in the cached chunk), then the general one. Errors:
+    # TypeError for arguments of the wrong type, ValueError for bad values, OutOfRangeError past
+    # the address space; NoMappingError, ReadOnlyError, ManagerGoneError, DetachedError or
+    # GuestMemoryError when the memory cannot be reached. Nothing is read or written then.
 
     def read_at(self, gpa: int, n: int) -> bytes:
-        """Read `n` bytes at `gpa`."""
-        with self._lock:
-            hot = self._hot
-            if hot[0] <= gpa and gpa + n <= hot[1] and n >= 0:
-                return self._mv[gpa : gpa + n].tobytes()
-        self._check(gpa, n)  # before allocating: n may be anything
-        out = bytearray(n)
-        self._span(
-            gpa, n, False, lambda a, b: out.__setitem__(slice(a - gpa, b - gpa), self._mv[a:b])
-        )
-        return bytes(out)
+        """Read `n` bytes at `gpa`. Nothing is allocated before the whole range is mapped."""
+        if type(gpa) is int and type(n) is int:
+            with self._lock:
+                hot = self._hot
+                if hot[0] <= gpa and gpa + n <= hot[1] and n >= 0:
+                    return self._mv[gpa : gpa + n].tobytes()
+        return self._read(gpa, n)
+
+    def _read(self, gpa: Any, n: Any) -> bytes:
+        self._check(gpa, n)
+        mv = self._mv
+        return self._access(gpa, n, False, lambda: mv[gpa : gpa + n].tobytes())
 
     def read_into(self, gpa: int, buf: Any) -> None:
-        """Fill the writable buffer `buf` from guest memory at `gpa`."""
-        dst = memoryview(buf).cast("B")
+        """Fill the writable bytes-like `buf` from guest memory at `gpa`."""
+        try:
+            dst = memoryview(buf).cast("B")
+        except TypeError:
+            dst = byte_view(buf, "read_into", writable=True)  # says why
+        if dst.readonly:
+            byte_view(buf, "read_into", writable=True)  # raises
         n = dst.nbytes
-        with self._lock:
-            hot = self._hot
-            if hot[0] <= gpa and gpa + n <= hot[1]:
-                dst[:] = self._mv[gpa : gpa + n]
-                return
-        self._span(
-            gpa, n, False, lambda a, b: dst.__setitem__(slice(a - gpa, b - gpa), self._mv[a:b])
-        )
+        if type(gpa) is int:
+            with self._lock:
+                hot = self._hot
+                if hot[0] <= gpa and gpa + n <= hot[1]:
+                    dst[:] = self._mv[gpa : gpa + n]
+                    return
+        self._read_into(gpa, dst)
+
+    def _read_into(self, gpa: Any, dst: memoryview) -> None:
+        n = dst.nbytes
+        self._check(gpa, n)
+        self._access(gpa, n, False, lambda: dst.__setitem__(slice(None), self._mv[gpa : gpa + n]))
 
     def write_at(self, gpa: int, data: Any) -> None:
-        """Write the bytes-like `data` at `gpa`."""
-        src = memoryview(data).cast("B")
+        """Write the bytes-like `data` at `gpa`: all of it, or (on an error) none of it."""
+        try:
+            src = memoryview(data).cast("B")
+        except TypeError:
+            src = byte_view(data, "write_at")  # says why
         n = src.nbytes
-        with self._lock:
-            hot = self._hot
-            if hot[2] and hot[0] <= gpa and gpa + n <= hot[1]:
-                self._mv[gpa : gpa + n] = src
-                return
-        self._span(
-            gpa, n, True, lambda a, b: self._mv.__setitem__(slice(a, b), src[a - gpa : b - gpa])
-        )
+        if type(gpa) is int:
+            with self._lock:
+                hot = self._hot
+                if hot[2] and hot[0] <= gpa and gpa + n <= hot[1]:
+                    self._mv[gpa : gpa + n] = src
+                    return
+        self._write(gpa, src)
+
+    def _write(self, gpa: Any, src: memoryview) -> None:
+        n = src.nbytes
+        self._check(gpa, n)
+        self._access(gpa, n, True, lambda: self._mv.__setitem__(slice(gpa, gpa + n), src))
 
     def fill_at(self, gpa: int, byte: int, n: int) -> None:
-        """Set `n` bytes at `gpa` to `byte`."""
-        if type(byte) is not int or not 0 <= byte <= 255:
+        """Set `n` bytes at `gpa` to `byte` (0..255): all of them, or (on an error) none."""
+        if type(byte) is not int:
+            raise TypeError(f"fill byte must be an integer, got {byte!r}")
+        if not 0 <= byte <= 255:
             raise ValueError(f"fill byte must be 0..255, got {byte!r}")
+        self._check(gpa, n)
         reservation = self._mapper.reservation
-        self._span(gpa, n, True, lambda a, b: reservation.fill(a, b - a, byte))
+        self._access(gpa, n, True, lambda: reservation.fill(gpa, n, byte))
 
-    def _struct(self, fmt: str) -> struct.Struct:
-        st = self._structs.get(fmt)
-        if st is None:
+    # ---- plain values and atomic words ---------------------------------------------------------
+    #
+    # A plain access of a 1-, 2-, 4- or 8-byte format at an address that is a multiple of its
+    # size is one load or store of the whole word (an item of a cast memoryview is copied with
+    # one fixed-size memcpy), so another process never sees part of it. Other accesses copy
+    # bytes (a concurrent reader may see some old and some new bytes, never others).
+
+    def _format(self, fmt: str) -> FastPlain:
+        spec = plain_format(fmt, self._words)
+        fast = self._plain[fmt] = (*spec[:9], spec)
+        return fast
+
+    def _words(self, code: str) -> memoryview:
+        view = self._views.get(code)
+        if view is None:
             try:
-                st = struct.Struct(fmt)
-            except struct.error as exc:
-                raise ValueError(f"invalid struct format {fmt!r}: {exc}") from None
-            self._structs[fmt] = st
-        return st
+                view = self._views[code] = self._mv.cast(code)  # type: ignore[call-overload]
+            except ValueError:  # the reservation's view is released
+                raise DetachedError("this GuestMemory is detached") from None
+        return view
 
     def read_plain(self, gpa: int, fmt: str) -> Any:
-        """Read a value of struct format `fmt` (one field: the value, else a tuple)."""
-        st = self._structs.get(fmt) or self._struct(fmt)
-        with self._lock:
-            hot = self._hot
-            if hot[0] <= gpa and gpa + st.size <= hot[1]:
-                values = st.unpack_from(self._mv, gpa)
-                return values[0] if len(values) == 1 else values
-        values = st.unpack(self.read_at(gpa, st.size))
-        return values[0] if len(values) == 1 else values
+        """Read a value of struct format `fmt` (one field: the value, else a tuple). Atomic for
+        1, 2, 4 and 8 bytes at an address aligned to that size."""
+        try:
+            view, shift, mask, single, word_bytes, values_of, _, _, st, _ = self._plain[fmt]
+        except (KeyError, TypeError):
+            view, shift, mask, single, word_bytes, values_of, _, _, st, _ = self._format(fmt)
+        if type(gpa) is int:
+            if view is not None and not gpa & mask:
+                with self._lock:
+                    hot = self._hot
+                    if hot[0] <= gpa < hot[1] - mask:
+                        word = view[gpa >> shift]
+                        if word_bytes is None:
+                            return word
+                        values = values_of(word_bytes(word))
+                        return values[0] if single else values
+                word = self._load(gpa, view, shift, mask)
+                if word_bytes is None:
+                    return word
+                values = values_of(word_bytes(word))
+                return values[0] if single else values
+            with self._lock:  # not atomic: bytes
+                hot = self._hot
+                if hot[0] <= gpa and gpa + st.size <= hot[1]:
+                    values = st.unpack_from(self._mv, gpa)
+                    return values[0] if single else values
+        return unpacked(values_of(self.read_at(gpa, st.size)))
 
     def write_plain(self, gpa: int, fmt: str, value: Any) -> None:
-        """Write `value` (a tuple for several fields) in struct format `fmt`."""
-        st = self._structs.get(fmt) or self._struct(fmt)
-        values = value if isinstance(value, tuple) else (value,)
+        """Write `value` (a tuple for several fields) in struct format `fmt`: TypeError if it is
+        of the wrong kind, ValueError if it does not fit. Atomic for 1, 2, 4 and 8 bytes at an
+        address aligned to that size."""
+        try:
+            view, shift, mask, _, _, _, bytes_of, word_of, st, spec = self._plain[fmt]
+        except (KeyError, TypeError):
+            view, shift, mask, _, _, _, bytes_of, word_of, st, spec = self._format(fmt)
+        if type(gpa) is not int:
+            self._check(gpa, st.size)
+        if view is not None and not gpa & mask:
+            try:
+                word = value if word_of is None else word_of(bytes_of(value))[0]
+                with self._lock:
+                    hot = self._hot
+                    if hot[2] and hot[0] <= gpa < hot[1] - mask:
+                        view[gpa >> shift] = word
+                        return
+            except (struct.error, TypeError, ValueError):  # a value that does not fit: the
+                pass  # general path says why
+            self._store(gpa, view, shift, mask, spec.item(value))
+            return
+        # not atomic: a copy of the packed bytes (not pack_into, which clears them first)
+        try:
+            data = bytes_of(value)
+        except (struct.error, TypeError):
+            data = pack(st, fmt, value)  # a tuple for one field, or a value that does not fit
         with self._lock:
             hot = self._hot
-            if hot[2] and hot[0] <= gpa and gpa + st.size <= hot[1]:
-                st.pack_into(self._mv, gpa, *values)
+            if hot[2] and hot[0] <= gpa and gpa + len(data) <= hot[1]:
+                self._mv[gpa : gpa + len(data)] = data
                 return
-        self.write_at(gpa, st.pack(*values))
+        self.write_at(gpa, data)
+
+    def _load(self, gpa: int, view: memoryview, shift: int, mask: int) -> Any:
+        """The word at the aligned `gpa`, by the general path."""
+        self._check(gpa, mask + 1)
+        return self._access(gpa, mask + 1, False, lambda: view[gpa >> shift])
+
+    def _store(self, gpa: int, view: memoryview, shift: int, mask: int, word: Any) -> None:
+        """Store `word` at the aligned `gpa`, by the general path."""
+        self._check(gpa, mask + 1)
+        self._access(gpa, mask + 1, True, lambda: view.__setitem__(gpa >> shift, word))
+
+    def _atomic(self, gpa: Any, fmt: str) -> PlainFormat:
+        """The format, checked for the atomic operations, and `gpa` checked for alignment (the
+        rest of its checks are done by the hot-cache test or by the general path)."""
+        try:
+            spec = self._atomic_formats[fmt]
+        except (KeyError, TypeError):
+            try:
+                fast = self._plain[fmt]
+            except (KeyError, TypeError):
+                fast = self._format(fmt)
+            spec = atomic_format(fast[-1])
+            unavailable = atomics_unavailable()
+            if unavailable is not None:
+                raise AtomicsUnavailableError(unavailable) from None
+            self._atomic_formats[fmt] = spec
+        if type(gpa) is not int or gpa & spec.mask:
+            self._check(gpa, spec.mask + 1)
+            raise ValueError(f"GPA {gpa:#x} is not aligned to the {spec.mask + 1}-byte word")
+        return spec
+
+    def compare_exchange(self, gpa: int, fmt: str, expected: int, new: int) -> tuple[bool, int]:
+        """Atomically replace the integer of format `fmt` (4 or 8 bytes, either byte order) at
+        the aligned `gpa` by `new` if it equals `expected`. Returns (replaced, value found).
+        Raises as write_plain does; also ValueError for another format or an unaligned `gpa`,
+        and AtomicsUnavailableError where libatomic is missing."""
+        spec = self._atomic(gpa, fmt)
+        old, word = spec.encode(expected), spec.encode(new)
+        size = spec.mask + 1
+        reservation = self._reservation
+        with self._lock:
+            hot = self._hot
+            if hot[2] and hot[0] <= gpa < hot[1] - spec.mask:
+                ok, found = reservation.compare_exchange(gpa, size, old, word)
+                return ok, spec.decode(found)
+        self._check(gpa, size)
+        ok, found = self._access(
+            gpa, size, True, lambda: reservation.compare_exchange(gpa, size, old, word)
+        )
+        return ok, spec.decode(found)
+
+    def fetch_add(self, gpa: int, fmt: str, delta: int) -> int:
+        """Atomically add `delta` to the integer of format `fmt` (4 or 8 bytes, either byte
+        order) at the aligned `gpa`, wrapping around like the hardware; returns the old value.
+        Raises as compare_exchange does (ValueError for a `delta` that does not fit the word)."""
+        spec = self._atomic(gpa, fmt)
+        addend = add_delta(spec, delta)
+        size = spec.mask + 1
+        if not spec.swapped:
+            with self._lock:
+                hot = self._hot
+                if hot[2] and hot[0] <= gpa < hot[1] - spec.mask:
+                    return spec.decode(self._reservation.fetch_add(gpa, size, addend))  # type: ignore[no-any-return]
+        self._check(gpa, size)
+        op = fetch_add_op(self._reservation, spec, gpa, addend)
+        return spec.decode(self._access(gpa, size, True, op))  # type: ignore[no-any-return]
+
+    # ---- mapping ahead, and views --------------------------------------------------------------
 
     def ensure_mapped(
         self, rng: MemoryRange | int, size: int | None = None, write: bool = False
     ) -> None:
-        """Map a range now (a MemoryRange, or gpa and size) instead of at first access."""
+        """Map a range now (a MemoryRange, or gpa and size) instead of at first access; with
+        `write`, insist that it is writable. Raises as an access of the range would."""
+        if type(write) is not bool:
+            raise TypeError(f"write must be True or False, got {write!r}")
         if isinstance(rng, MemoryRange):
+            if size is not None:
+                raise TypeError("ensure_mapped(MemoryRange) takes no size")
             gpa, n = rng.start, rng.len
         else:
             if size is None:
                 raise TypeError("ensure_mapped(gpa, size) needs a size")
             gpa, n = rng, size
-        self._span(gpa, n, write, None)
+        self._check(gpa, n)
+        self._access(gpa, n, write, lambda: None)
 
     @contextlib.contextmanager
     def view(self, gpa: int, n: int, write: bool = False) -> Iterator[memoryview]:
         """A memoryview of guest memory valid until the block ends (read-only where the memory
         is; `write=True` insists on writable memory). A slice kept past the block keeps the range
-        pinned (its Unmaps wait) until the slice is released."""
+        pinned (its Unmaps wait) until the slice is released. Raises as read_at does (with
+        `write`, as write_at does) before the block is entered."""
+        if type(write) is not bool:
+            raise TypeError(f"write must be True or False, got {write!r}")
         self._check(gpa, n)
         mapper = self._mapper
         end = gpa + n
-        for _ in range(MAX_FAULTS):
-            self._span(gpa, n, write, None)  # fault everything in
-            with self._lock:
-                pieces = [
-                    (r, c) for r, c in mapper.chunks.overlapping(MemoryRange.bounding(gpa, end))
-                ]
-                covered = sum(min(r.end, end) - max(r.start, gpa) for r, _ in pieces) == n
-                if covered or n == 0:
-                    writable = all(c.writable for _, c in pieces)
-                    view_id = mapper.pin(gpa, end, writable)
-                    exporter = mapper.reservation.exporter(gpa, n)
-                    raw = memoryview(exporter).cast("B")
-                    view = raw if writable else raw.toreadonly()
-                    break
-        else:
-            raise GuestMemoryError(f"GPA {gpa:#x}+{n:#x} keeps being unmapped while viewed", gpa)
+
+        def pin() -> tuple[int, bool, ctypes.Array[ctypes.c_char]]:
+            pieces = mapper.chunks.overlapping(MemoryRange.bounding(gpa, end)) if n else []
+            writable = all(c.writable for _, c in pieces)
+            return mapper.pin(gpa, end, writable), writable, mapper.reservation.exporter(gpa, n)
+
+        view_id, writable, exporter = self._access(gpa, n, write, pin)
+        raw = memoryview(exporter).cast("B")
+        view = raw if writable else raw.toreadonly()
         try:
             yield view
         finally:
@@ -258,33 +441,10 @@ class GuestMemory:
         """The guest RAM as (gpa, size, fd, file offset, writable) for a third party to map
         (the fds are duplicates the caller owns); None in private RAM mode. To get the fds this
         mapper maps every region (and so holds them all from then on, as an eager one would)."""
-        from ..control_client import ControlClient
-
-        regions = ControlClient(self._mapper.link.paths.root).regions()
-        if any(r["backing"] == "private" for r in regions):
-            return None
-        out = []
-        for region in regions:
-            if not region["active"]:
-                continue
-            for sub in region["mappings"]:
-                gpa = region["gpa"] + sub["offset"]
-                self.ensure_mapped(gpa, sub["size"])
-                fd = self._mapper.fds.dup(sub["mappable_id"])
-                if fd is None:
-                    continue
-                out.append(
-                    SharedRange(
-                        gpa,
-                        sub["size"],
-                        fd,
-                        sub["file_offset"],
-                        sub["writable"] and region["writable"],
-                    )
-                )
-        return out
+        return shared_ranges(self._mapper, self.ensure_mapped)
 
     def _private(self, gpa: int, size: int) -> None:
+        self._check(gpa, size)
         if (gpa | size) % PAGE_SIZE or size <= 0:
             raise ValueError(f"{gpa:#x}+{size:#x} must be page-aligned and non-empty")
         self.ensure_mapped(gpa, size)
@@ -336,37 +496,3 @@ class GuestMemory:
 
     def __repr__(self) -> str:
         return f"<GuestMemory mapper={self.mapper_id} name={self.name!r}>"
-
-
-def attach(
-    runtime_dir: str | os.PathLike[str] | None = None,
-    name: str | None = None,
-    *,
-    eager: bool = False,
-    timeout: float = 10.0,
-    fault_timeout: float = 30.0,
-) -> GuestMemory:
-    """Attach this process to the manager serving `runtime_dir` as a mapper named `name`."""
-    if name is None:
-        name = f"mapper-{os.getpid()}"
-    for what, value in (("timeout", timeout), ("fault_timeout", fault_timeout)):
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-            raise MembackingError(f"{what} must be a positive number of seconds, got {value!r}")
-    try:
-        units.check_name(name)
-    except ValueError as exc:
-        raise MembackingError(str(exc)) from None
-    link = ManagerLink(RuntimePaths.resolve(runtime_dir), name, timeout)
-    try:
-        mapper = VaMapper(link, fault_timeout=fault_timeout)
-    except BaseException:
-        link.close()
-        raise
-    memory = GuestMemory(mapper, name)
-    if eager:
-        try:
-            mapper.set_eager(timeout)
-        except BaseException:
-            memory.detach()
-            raise
-    return memory

@@ -1,0 +1,215 @@
+"""Plain values in guest memory: how `GuestMemory` turns a struct format into one load or store
+of a whole 1-, 2-, 4- or 8-byte word (`PlainFormat`), its fetch-add, and the argument checks
+its accessors share.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import sys
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from ..ffi import Reservation
+
+#: a single integer field, optionally after a byte-order prefix: stored straight from the value
+_INTEGER = re.compile(r"([@=<>!]?)([bBhHiIlLqQnN])")
+_NATIVE_ORDER = ("", "@", "=", "<" if sys.byteorder == "little" else ">")
+_SHIFTS = {1: 0, 2: 1, 4: 2, 8: 3}
+#: the native unsigned word of each width (memoryview.cast codes, and struct formats with '=')
+_UNSIGNED = {1: "B", 2: "H", 4: "I", 8: "Q"}
+
+
+class PlainFormat(NamedTuple):
+    """What read_plain / write_plain need to know about one struct format.
+
+    `view` is a cast of guest memory to native words of the format's size (None unless that is
+    1, 2, 4 or 8 bytes): item `gpa >> shift` is the word at an aligned `gpa`, loaded or stored
+    with one fixed-size copy. For an integer format in native byte order the item is the value
+    itself (`word_bytes` is None); for others the fast paths convert through bytes with the
+    bound struct methods below (no Python frame in between).
+    """
+
+    view: memoryview | None
+    shift: int
+    mask: int
+    #: one field: the value is not a tuple
+    single: bool
+    #: the native word's bytes (None where the item is the value)
+    word_bytes: Callable[[int], bytes] | None
+    #: the values in those bytes
+    values_of: Callable[[bytes], tuple[Any, ...]]
+    #: the bytes of a value (a tuple for several fields)
+    bytes_of: Callable[[Any], bytes]
+    #: the native word made of those bytes (as a 1-tuple)
+    word_of: Callable[[bytes], tuple[int]] | None
+    st: struct.Struct
+    fmt: str
+    #: one integer field (what compare_exchange and fetch_add accept)
+    integer: bool
+    #: the word is stored in the other byte order than the value's (fetch_add cannot use the
+    #: hardware's add on it)
+    swapped: bool
+
+    def decode(self, word: int) -> Any:
+        """The value held by the unsigned native `word`."""
+        return unpacked(self.st.unpack(word.to_bytes(self.mask + 1, sys.byteorder)))
+
+    def encode(self, value: Any) -> int:
+        """The unsigned native word holding `value`; TypeError or ValueError as `pack`."""
+        return int.from_bytes(pack(self.st, self.fmt, value), sys.byteorder)
+
+    def item(self, value: Any) -> Any:
+        """What to store in `view` for `value`; TypeError or ValueError as `pack`."""
+        if self.word_bytes is not None:
+            return self.encode(value)
+        return self.st.unpack(pack(self.st, self.fmt, value))[0]
+
+
+#: PlainFormat's first nine fields, then the PlainFormat
+FastPlain = tuple[
+    memoryview | None,
+    int,
+    int,
+    bool,
+    Callable[[int], bytes] | None,
+    Callable[[bytes], tuple[Any, ...]],
+    Callable[[Any], bytes],
+    Callable[[bytes], tuple[int]] | None,
+    struct.Struct,
+    PlainFormat,
+]
+
+#: what struct says of a value of the wrong kind (anything else it refuses is out of range)
+_WRONG_KIND = ("not an integer", "not a float", "must be a bytes", "requires a bytes")
+
+
+def pack(st: struct.Struct, fmt: str, value: Any) -> bytes:
+    """`value` (a tuple for several fields) packed in `fmt`: TypeError if it is of the wrong
+    kind for the format, ValueError if out of range or of the wrong number of fields."""
+    values = value if isinstance(value, tuple) else (value,)
+    try:
+        return st.pack(*values)
+    except struct.error as exc:
+        kind = TypeError if any(s in str(exc) for s in _WRONG_KIND) else ValueError
+        raise kind(f"{value!r} cannot be stored as {fmt!r}: {exc}") from None
+
+
+def unpacked(values: tuple[Any, ...]) -> Any:
+    """One field: the value; several: the tuple."""
+    return values[0] if len(values) == 1 else values
+
+
+def plain_format(fmt: Any, words: Callable[[str], memoryview]) -> PlainFormat:
+    """Parse `fmt`; `words(code)` gives guest memory cast to that native word format.
+    TypeError if `fmt` is not a str, ValueError if struct does not take it."""
+    if type(fmt) is not str:
+        raise TypeError(f"a plain-value format must be a struct format string, got {fmt!r}")
+    try:
+        st = struct.Struct(fmt)
+    except struct.error as exc:
+        raise ValueError(f"invalid struct format {fmt!r}: {exc}") from None
+    size = st.size
+    shift = _SHIFTS.get(size, -1)
+    match = _INTEGER.fullmatch(fmt)
+    integer = match is not None
+    swapped = match is not None and match.group(1) not in _NATIVE_ORDER
+    single = len(st.unpack(bytes(size))) == 1
+    bytes_of = st.pack if single else lambda values: st.pack(*values)
+    if shift < 0:
+        return PlainFormat(
+            None, 0, 0, single, None, st.unpack, bytes_of, None, st, fmt, integer, swapped
+        )
+    if match is not None and not swapped:  # the item is the value
+        code = _UNSIGNED[size].lower() if match.group(2).islower() else _UNSIGNED[size]
+        return PlainFormat(
+            words(code),
+            shift,
+            size - 1,
+            single,
+            None,
+            st.unpack,
+            bytes_of,
+            None,
+            st,
+            fmt,
+            True,
+            False,
+        )
+    native = struct.Struct("=" + _UNSIGNED[size])
+    return PlainFormat(
+        words(_UNSIGNED[size]),
+        shift,
+        size - 1,
+        single,
+        native.pack,
+        st.unpack,
+        bytes_of,
+        native.unpack,
+        st,
+        fmt,
+        integer,
+        swapped,
+    )
+
+
+def swap_word(word: int, size: int) -> int:
+    """`word` with its `size` bytes in the other order."""
+    return int.from_bytes(word.to_bytes(size, "little"), "big")
+
+
+def add_delta(fmt: PlainFormat, delta: Any) -> int:
+    """`delta` as an unsigned addend of the format's width (adding wraps like the hardware);
+    TypeError if it is no integer, ValueError if it does not fit the width."""
+    if type(delta) is not int:
+        raise TypeError(f"fetch_add needs an integer to add, got {delta!r}")
+    bits = 8 << fmt.shift
+    if not -(1 << (bits - 1)) <= delta < 1 << bits:
+        raise ValueError(f"{delta} does not fit a {bits}-bit word")
+    return delta & ((1 << bits) - 1)
+
+
+def atomic_format(fmt: PlainFormat) -> PlainFormat:
+    """`fmt` if atomic operations take it (one integer field of 4 or 8 bytes), else ValueError."""
+    if not fmt.integer or fmt.shift not in (2, 3) or fmt.view is None:
+        raise ValueError(
+            f"atomic operations take one 4- or 8-byte integer (e.g. '<I', '>q'), not {fmt.fmt!r}"
+        )
+    return fmt
+
+
+def byte_view(data: Any, what: str, writable: bool = False) -> memoryview:
+    """`data` as a flat memoryview of bytes; TypeError if it is no (writable) bytes-like."""
+    try:
+        view = memoryview(data).cast("B")
+    except TypeError:
+        raise TypeError(
+            f"{what} needs a {'writable ' if writable else ''}contiguous bytes-like object, "
+            f"got {type(data).__name__}"
+        ) from None
+    if writable and view.readonly:
+        raise TypeError(f"{what} needs a writable buffer, got a read-only {type(data).__name__}")
+    return view
+
+
+def fetch_add_op(
+    reservation: Reservation, spec: PlainFormat, gpa: int, addend: int
+) -> Callable[[], int]:
+    """The fetch-add of `addend` to the word at `gpa`, to run under the access lock once the
+    word is mapped writable; it returns the word found."""
+    size = spec.mask + 1
+    if not spec.swapped:
+        return lambda: reservation.fetch_add(gpa, size, addend)
+    view, shift, wrap = spec.view, spec.shift, (1 << (8 * size)) - 1
+    assert view is not None
+
+    def add_swapped() -> int:  # no hardware add for the other byte order: a CAS loop
+        while True:
+            found = view[gpa >> shift]
+            total = swap_word((swap_word(found, size) + addend) & wrap, size)
+            ok, seen = reservation.compare_exchange(gpa, size, found, total)
+            if ok:
+                return seen
+
+    return add_swapped

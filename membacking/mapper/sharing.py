@@ -1,0 +1,52 @@
+"""Guest RAM for a third party (a vhost-user backend, a DMA engine, QEMU) to map itself:
+`SharedRange`, and `shared_ranges()`, which `GuestMemory.sharing()` returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+from .core import VaMapper
+
+
+class SharedRange(NamedTuple):
+    """A range of guest RAM a third party can map: `size` bytes of `fd` at `file_offset`."""
+
+    gpa: int
+    size: int
+    fd: int
+    file_offset: int
+    writable: bool
+
+
+def shared_ranges(
+    mapper: VaMapper, ensure_mapped: Callable[[int, int], None]
+) -> list[SharedRange] | None:
+    """Every active region's sub-mappings with a duplicate of its fd (the caller owns them),
+    mapping each with `ensure_mapped` to get that fd; None in private RAM mode."""
+    from ..control_client import ControlClient
+
+    regions = ControlClient(mapper.link.paths.root).regions()
+    if any(r["backing"] == "private" for r in regions):
+        return None
+    out = []
+    for region in regions:
+        if not region["active"]:
+            continue
+        for sub in region["mappings"]:
+            gpa = region["gpa"] + sub["offset"]
+            ensure_mapped(gpa, sub["size"])
+            fd = mapper.fds.dup(sub["mappable_id"])
+            if fd is None:
+                continue
+            out.append(
+                SharedRange(
+                    gpa,
+                    sub["size"],
+                    fd,
+                    sub["file_offset"],
+                    sub["writable"] and region["writable"],
+                )
+            )
+    return out

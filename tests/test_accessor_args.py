@@ -1,0 +1,235 @@
+"""GuestMemory's accessors: bad arguments raise TypeError / ValueError / OutOfRangeError with a
+clear message before anything is touched; a huge read of unmapped memory fails before it
+allocates; a write that cannot be done completely (a hole, read-only memory) writes nothing."""
+
+from __future__ import annotations
+
+import threading
+import time
+import tracemalloc
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import membacking
+from membacking import GuestMemory
+from membacking.errors import NoMappingError, OutOfRangeError, ReadOnlyError
+
+from conftest import RunningManager
+
+GiB = 1 << 30
+#: a 64 KiB region with a hole after it, and a read-only one right after that hole
+REGION, REGION_SIZE = 0x10000000, 0x10000
+HOLE_END = REGION + 2 * REGION_SIZE
+
+
+@pytest.fixture
+def memory(manager: RunningManager) -> Any:
+    client = manager.client()
+    client.add_region("dev", REGION, REGION_SIZE)
+    client.add_region("devrom", HOLE_END, REGION_SIZE, readonly=True)
+    client.add_region("dev2", HOLE_END - 0x1000, 0x1000)  # writable, right before devrom
+    with membacking.attach(manager.runtime_dir) as mem:
+        yield mem
+
+
+def accessors(memory: GuestMemory, gpa: Any) -> dict[str, Callable[[], object]]:
+    """Every accessor, at `gpa`."""
+    buf = bytearray(4)
+    return {
+        "read_at": lambda: memory.read_at(gpa, 4),
+        "read_into": lambda: memory.read_into(gpa, buf),
+        "write_at": lambda: memory.write_at(gpa, b"abcd"),
+        "fill_at": lambda: memory.fill_at(gpa, 1, 4),
+        "read_plain": lambda: memory.read_plain(gpa, "<I"),
+        "read_plain (several fields)": lambda: memory.read_plain(gpa, "<3H"),
+        "write_plain": lambda: memory.write_plain(gpa, "<I", 1),
+        "write_plain (several fields)": lambda: memory.write_plain(gpa, "<3H", (1, 2, 3)),
+        "compare_exchange": lambda: memory.compare_exchange(gpa, "<I", 0, 1),
+        "fetch_add": lambda: memory.fetch_add(gpa, "<I", 1),
+        "ensure_mapped": lambda: memory.ensure_mapped(gpa, 4),
+        "view": lambda: memory.view(gpa, 4).__enter__(),
+    }
+
+
+def test_addresses_and_lengths_that_are_not_integers_are_refused(memory: GuestMemory) -> None:
+    memory.write_at(0, b"\x07" * 8)
+    for gpa in (True, False, "0", 0.0, 1.5, None, b"\x00"):
+        for name, call in accessors(memory, gpa).items():
+            with pytest.raises(TypeError, match="guest address and length must be integers"):
+                call()
+            assert memory.read_at(0, 8) == b"\x07" * 8, name  # nothing written at 0 (False)
+    for n in (True, "4", 4.0, b"4"):
+        with pytest.raises(TypeError, match="must be integers"):
+            memory.read_at(0, n)
+        with pytest.raises(TypeError, match="must be integers"):
+            memory.fill_at(0, 1, n)
+        with pytest.raises(TypeError, match="must be integers"):
+            memory.ensure_mapped(0, n)
+        with pytest.raises(TypeError, match="must be integers"), memory.view(0, n):
+            pass
+
+
+def test_negative_and_outside_addresses(memory: GuestMemory) -> None:
+    for call in accessors(memory, -8).values():
+        with pytest.raises(ValueError, match="must not be negative"):
+            call()
+    space = memory.address_space
+    for call in accessors(memory, space).values():
+        with pytest.raises(OutOfRangeError, match="outside"):
+            call()
+    with pytest.raises(ValueError, match="must not be negative"):
+        memory.read_at(0, -1)
+
+
+def test_plain_values_that_do_not_fit_their_format(memory: GuestMemory) -> None:
+    memory.write_at(0x100, b"\x07" * 8)
+    for gpa in (0x100, 0x101):  # the one-store path and the copy path
+        for fmt, value in (("<H", 70000), ("<Q", -1), ("b", 128), ("<I", 1 << 32), ("<HH", (1,))):
+            with pytest.raises(ValueError, match="cannot be stored as"):
+                memory.write_plain(gpa, fmt, value)
+        for fmt, value in (("<Q", 1.5), ("<Q", "1"), ("<d", "x"), ("<I", None)):
+            with pytest.raises(TypeError, match="cannot be stored as"):
+                memory.write_plain(gpa, fmt, value)
+        assert memory.read_at(0x100, 8) == b"\x07" * 8
+    for fmt in ("<Z", "<Q<Q", "Q!"):
+        with pytest.raises(ValueError, match="invalid struct format"):
+            memory.read_plain(0x100, fmt)
+    for fmt_arg in (b"<Q", 8, None, ["<Q"]):
+        with pytest.raises(TypeError, match="struct format string"):
+            memory.read_plain(0x100, fmt_arg)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="struct format string"):
+            memory.write_plain(0x100, fmt_arg, 1)  # type: ignore[arg-type]
+
+
+def test_buffers_bytes_and_flags(memory: GuestMemory) -> None:
+    with pytest.raises(TypeError, match="writable buffer"):
+        memory.read_into(0, b"1234")
+    with pytest.raises(TypeError, match="bytes-like"):
+        memory.read_into(0, [0, 0])
+    with pytest.raises(TypeError, match="bytes-like"):
+        memory.write_at(0, "text")
+    with pytest.raises(TypeError, match="bytes-like"):
+        memory.write_at(0, 5)
+    with pytest.raises(TypeError, match="fill byte must be an integer"):
+        memory.fill_at(0, True, 4)
+    with pytest.raises(TypeError, match="fill byte must be an integer"):
+        memory.fill_at(0, "a", 4)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"fill byte must be 0\.\.255"):
+        memory.fill_at(0, 256, 4)
+    with pytest.raises(TypeError, match="write must be True or False"):
+        memory.ensure_mapped(0, 4, write=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="write must be True or False"):
+        memory.view(0, 4, write="yes").__enter__()  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="needs a size"):
+        memory.ensure_mapped(0)
+
+
+def test_a_huge_read_of_unmapped_memory_fails_before_allocating(memory: GuestMemory) -> None:
+    tracemalloc.start()
+    try:
+        with pytest.raises(NoMappingError):
+            memory.read_at(REGION + REGION_SIZE, GiB)  # the hole, and far beyond
+        with pytest.raises(NoMappingError):
+            memory.read_at(REGION, GiB)  # mapped at first, then not
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"{peak} bytes allocated for a read that failed"
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        lambda m, gpa, n: m.write_at(gpa, b"\xee" * n),
+        lambda m, gpa, n: m.fill_at(gpa, 0xEE, n),
+        lambda m, gpa, n: m.write_plain(gpa, f"<{n}B", (0xEE,) * n),
+    ],
+    ids=["write_at", "fill_at", "write_plain"],
+)
+def test_a_write_into_a_hole_or_read_only_memory_writes_nothing(
+    memory: GuestMemory, write: Callable[[GuestMemory, int, int], None]
+) -> None:
+    end = REGION + REGION_SIZE
+    memory.fill_at(end - 0x2000, 0x11, 0x2000)
+    with pytest.raises(NoMappingError, match=f"{end:#x}"):
+        write(memory, end - 16, 32)  # 16 mapped bytes, then the hole
+    with pytest.raises(NoMappingError):
+        write(memory, end - 0x1800, 0x2000)  # across a page into the hole
+    assert memory.read_at(end - 0x2000, 0x2000) == b"\x11" * 0x2000
+    memory.fill_at(HOLE_END - 0x1000, 0x22, 0x1000)
+    with pytest.raises(ReadOnlyError):
+        write(memory, HOLE_END - 8, 16)  # 8 writable bytes, then read-only ones
+    assert memory.read_at(HOLE_END - 0x1000, 0x1000) == b"\x22" * 0x1000
+    write(memory, end - 16, 16)  # what fits is written
+    assert memory.read_at(end - 16, 16) == b"\xee" * 16
+
+
+def test_reads_and_writes_spanning_regions(memory: GuestMemory) -> None:
+    memory.write_at(HOLE_END - 4, b"abcd")  # dev2's end
+    data = memory.read_at(HOLE_END - 4, 8)  # dev2's end and devrom's start
+    assert data == b"abcd" + bytes(4)
+    buf = bytearray(8)
+    memory.read_into(HOLE_END - 4, buf)
+    assert bytes(buf) == data
+    with memory.view(HOLE_END - 4, 8) as view:
+        assert view.readonly and bytes(view) == data
+    with pytest.raises(ReadOnlyError), memory.view(HOLE_END - 4, 8, write=True):
+        pass
+
+
+def test_a_write_racing_a_removal_is_all_or_nothing(manager: RunningManager) -> None:
+    """A write across two regions while the second is removed and added again, over and over:
+    each write either lands completely or raises having changed nothing (the first region's
+    part, which nobody else writes, shows which)."""
+    client = manager.client()
+    first, second = 0x20000000, 0x20010000
+    client.add_region("first", first, 0x10000)
+    client.add_region("second", second, 0x10000)
+    stop = threading.Event()
+    toggles = 0
+
+    def toggle() -> None:
+        nonlocal toggles
+        other = membacking.ControlClient(manager.runtime_dir)
+        while not stop.is_set():
+            other.remove_region("second")
+            other.add_region("second", second, 0x10000)
+            toggles += 1
+
+    with membacking.attach(manager.runtime_dir) as memory:
+        memory.write_at(second - 16, bytes(16))
+        toggler = threading.Thread(target=toggle)
+        toggler.start()
+        landed = failed = 0
+        try:
+            expected = bytes(16)
+            deadline = time.monotonic() + 1.0
+            k = 0
+            while time.monotonic() < deadline or not (landed and failed):
+                k = k % 255 + 1
+                try:
+                    memory.write_at(second - 16, bytes([k]) * 32)
+                    expected = bytes([k]) * 16
+                    landed += 1
+                except NoMappingError:
+                    failed += 1
+                assert memory.read_at(second - 16, 16) == expected, (landed, failed)
+                if time.monotonic() > deadline + 10:
+                    break
+        finally:
+            stop.set()
+            toggler.join(30)
+    assert landed and failed and toggles, (landed, failed, toggles)
+
+
+def test_a_read_into_across_a_hole_leaves_the_buffer_alone(memory: GuestMemory) -> None:
+    end = REGION + REGION_SIZE
+    memory.fill_at(end - 16, 0x33, 16)
+    buf = bytearray(b"\x55" * 32)
+    with pytest.raises(NoMappingError):
+        memory.read_into(end - 16, buf)
+    assert buf == b"\x55" * 32
+    memory.read_into(end - 16, memoryview(buf)[:16])
+    assert buf == b"\x33" * 16 + b"\x55" * 16
