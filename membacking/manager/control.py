@@ -58,6 +58,7 @@ def _mappers(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list
                 "bytes": sum(r.len for r in held),
                 "held": [[r.start, r.len] for r in held],
                 "fds": len(e.fds_sent),
+                "pin": pin.describe() if (pin := state.pins.of(e.id)) else None,
                 "connected_at": e.connected_at,
                 "last_seen": e.last_seen,
             }
@@ -156,6 +157,21 @@ def _map_range(state: ManagerState, identity: bytes, args: dict[str, Any]) -> li
     )
 
 
+def _pin_regions(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[Effect]:
+    """Pin regions for an attached mapper that lent them (e.g. to a VM) until it detaches."""
+    expect_args(args, {"mapper": int, "label": str, "pid": int, "regions": list})
+    if args["mapper"] not in state.mappers:
+        raise Refused("not-found", f"no mapper {args['mapper']} is attached")
+    names = args["regions"]
+    if not all(type(n) is str for n in names) or len(names) > state.limits.max_regions:
+        raise Refused("bad-request", "regions must be a list of region names")
+    for name in names:
+        if name not in state.regions or state.regions[name].removing:
+            raise Refused("not-found", f"region {name!r} does not exist")
+    pin = state.pins.set(args["mapper"], args["label"], args["pid"], names)
+    return _reply(identity, pin.describe())
+
+
 def _unmap_range(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[Effect]:
     expect_args(args, {"name": str, "offset": int, "size": int})
     return state.change_mappings(args["name"], args["offset"], args["size"], identity)
@@ -172,6 +188,7 @@ OPS: dict[str, Callable[[ManagerState, bytes, dict[str, Any]], list[Effect]]] = 
     "move_region": _move_region,
     "map_range": _map_range,
     "unmap_range": _unmap_range,
+    "pin_regions": _pin_regions,
 }
 
 
