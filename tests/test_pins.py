@@ -30,7 +30,7 @@ def pinned_vm(state: ManagerState) -> int:
     control(state, "add_region", name="ram", gpa=0, size=64 * MiB)
     control(state, "add_region", name="other", gpa=128 * MiB, size=16 * MiB)
     mid, _, _ = attach(state, "qemu-vm1")
-    reply = control(state, "pin_regions", mapper=mid, label="VM 'vm1'", pid=777, regions=["ram"])
+    reply = control(state, "pin_regions", mapper=mid, label="VM 'vm1'", pid=777, regions="ram")
     assert reply == m.ControlReply({"label": "VM 'vm1'", "pid": 777, "regions": ["ram"]})
     return mid
 
@@ -93,19 +93,19 @@ def test_enabling_a_region_that_would_hide_a_pinned_one_is_refused(state: Manage
 
 def test_an_empty_pin_unpins(state: ManagerState) -> None:
     mid = pinned_vm(state)
-    control(state, "pin_regions", mapper=mid, label="VM 'vm1'", pid=777, regions=[])
+    control(state, "pin_regions", mapper=mid, label="VM 'vm1'", pid=777, regions="")
     assert isinstance(control(state, "disable_region", name="ram"), m.ControlReply)
 
 
 @pytest.mark.parametrize(
     ("args", "code"),
     [
-        ({"mapper": 99, "label": "x", "pid": 1, "regions": ["ram"]}, "not-found"),
-        ({"mapper": 1, "label": "x", "pid": 1, "regions": ["nope"]}, "not-found"),
-        ({"mapper": 1, "label": "x", "pid": 1, "regions": [3]}, "bad-request"),
-        ({"mapper": 1, "label": "", "pid": 1, "regions": ["ram"]}, "bad-request"),
-        ({"mapper": 1, "label": "x\n", "pid": 1, "regions": ["ram"]}, "bad-request"),
-        ({"mapper": 1, "label": "x", "regions": ["ram"]}, "bad-request"),
+        ({"mapper": 99, "label": "x", "pid": 1, "regions": "ram"}, "not-found"),
+        ({"mapper": 1, "label": "x", "pid": 1, "regions": "ram,nope"}, "not-found"),
+        ({"mapper": 1, "label": "x", "pid": 1, "regions": 3}, "bad-request"),
+        ({"mapper": 1, "label": "", "pid": 1, "regions": "ram"}, "bad-request"),
+        ({"mapper": 1, "label": "x\n", "pid": 1, "regions": "ram"}, "bad-request"),
+        ({"mapper": 1, "label": "x", "regions": "ram"}, "bad-request"),
     ],
 )
 def test_bad_pin_requests_are_refused(state: ManagerState, args: dict[str, Any], code: str) -> None:

@@ -17,6 +17,7 @@ from .manager_cmd import manager
 from .map_cmd import map_cmd
 from .mapper_cmd import mapper
 from .mem_cmd import mem
+from .qemu_cmd import qemu
 from .region_cmd import region
 from .watch_cmd import watch_cmd
 
@@ -38,6 +39,7 @@ for command in (
     map_cmd,
     watch_cmd,
     bench_cmd,
+    qemu,
 ):
     cli.add_command(command)
 
