@@ -226,6 +226,11 @@ def test_launcher_killed_leaves_no_orphan(
         except ControlError as exc:
             assert exc.code == "pinned" and time.monotonic() < deadline
             time.sleep(0.1)
+    # the dead launcher's monitor socket is left behind; a new VM of that name clears it
+    assert qmp_path(manager.runtime_dir, "orphan").exists()
+    manager.client().add_region("ram", 0, 32 * MiB)
+    again = start_vm(manager, "orphan")
+    assert again.qmp.execute("query-name") == {"name": "orphan"}
 
 
 @pytest.mark.parametrize(
