@@ -159,6 +159,8 @@ def test_guest_boots_and_shares_ram_both_ways(
     assert [(d["data"]["addr"], d["data"]["size"]) for d in dimms] == [(4 << 30, 16 * MiB)]
     (entry,) = [e for e in manager.client().mappers() if e["name"] == "qemu-boot"]
     assert entry["pin"] == {"label": "VM 'boot'", "pid": vm.qemu_pid, "regions": ["hi", "ram"]}
+    listed = run_cli("mappers", runtime_dir=manager.runtime_dir)
+    assert f"(qemu-boot) lends hi, ram to VM 'boot', pid {vm.qemu_pid}" in listed.stdout
     with open(f"/proc/{vm.qemu_pid}/cmdline", "rb") as handle:
         cmdline = handle.read()
     assert b"qemu-system" in cmdline and b"mem-path=/proc/self/fd/" in cmdline
