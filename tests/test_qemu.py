@@ -53,7 +53,7 @@ class Vm:
             [
                 *(sys.executable, "-m", "membacking", "qemu", "run"),
                 *("--runtime-dir", str(runtime_dir), "--name", name, *args),
-                *("--", *QUIET, *qemu_args),
+                *("--", *(QUIET if "-serial" not in qemu_args else QUIET[:3]), *qemu_args),
             ],
             env=cli_env(),
             stderr=subprocess.PIPE,
@@ -324,3 +324,42 @@ def test_migration_between_managers(
     source.client().remove_region("ram")
     vm_b.qmp.execute("cont")
     assert vm_b.qmp.execute("query-status")["status"] == "running"
+
+
+def test_linux_command_line_found_in_guest_ram(
+    start_manager: Callable[..., RunningManager], start_vm: Callable[..., Vm], tmp_path: Path
+) -> None:
+    """A real Linux kernel boots (until it finds no root file system) on membacking RAM; its
+    command line, with a random marker, is found in guest RAM by a mapper: QEMU's loader copy and
+    the kernel's own copies."""
+    kernel = os.environ.get("MEMBACKING_TEST_KERNEL") or next(
+        (str(p) for p in sorted(Path("/boot").glob("vmlinuz-*"))), None
+    )
+    if kernel is None or not os.path.exists(kernel):
+        pytest.skip("no Linux kernel: set MEMBACKING_TEST_KERNEL or install a linux-image package")
+    manager = start_manager("--region", "ram=0:256M")
+    marker = f"membacking.marker={os.urandom(8).hex()}".encode()
+    serial = tmp_path / "serial.log"
+    # TCG: KVM inside a nested host may lack CPU features the kernel expects
+    start_vm(
+        manager,
+        "linux",
+        "--accel",
+        "tcg",
+        qemu_args=(
+            "-serial",
+            f"file:{serial}",
+            "-kernel",
+            kernel,
+            "-append",
+            f"console=ttyS0 {marker.decode()}",
+        ),
+    )
+    deadline = time.monotonic() + 30
+    with attach(manager.runtime_dir, name="cmdline-finder") as memory:
+        while len(found := list(memory.find_all(marker, 0, 256 * MiB))) < 2:
+            assert time.monotonic() < deadline, f"kernel's copy not found (only {found})"
+            time.sleep(0.2)
+    while not re.search(rb"Kernel command line: .*" + marker, serial.read_bytes()):
+        assert time.monotonic() < deadline, "the kernel did not print its command line"
+        time.sleep(0.1)
