@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import os
 import re
+import select
 import signal
 import socket
 import subprocess
@@ -58,22 +59,27 @@ class Vm:
             env=cli_env(),
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
-            text=True,
         )
         assert self.proc.stderr is not None
-        self.announce = self.proc.stderr.readline()
-        found = re.search(r"pid (\d+)", self.announce)
-        if found is None:
-            rest = self.proc.stderr.read()
-            self.proc.wait(10)
-            raise AssertionError(f"the VM did not start: {self.announce}{rest}")
+        self.stderr = b""  # the launcher's and QEMU's, up to the launcher's announcement
+        fd = self.proc.stderr.fileno()
+        deadline = time.monotonic() + 40
+        while (found := re.search(rb"membacking: VM .* pid (\d+) .*\n", self.stderr)) is None:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            chunk = os.read(fd, 65536) if ready else b""
+            if not chunk:  # the launcher ended (or said nothing in 40 s)
+                self.proc.kill()
+                self.proc.wait(10)
+                raise AssertionError(f"the VM did not start: {self.stderr.decode()}")
+            self.stderr += chunk
+        self.announce = found[0].decode()
         self.qemu_pid = int(found[1])
         self.qmp = Qmp.wait(qmp_path(runtime_dir, name), 10, lambda: self.proc.poll() is None)
 
     def wait(self, timeout: float = 15.0) -> tuple[int, str]:
         assert self.proc.stderr is not None
         code = self.proc.wait(timeout)
-        return code, self.proc.stderr.read()
+        return code, (self.stderr + self.proc.stderr.read()).decode(errors="replace")
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,11 +177,15 @@ def run_vm(opts: VmOptions, announce: Callable[[str], None]) -> int:
         lent = ", ".join(
             f"{d.name} ({d.size >> 20} MiB at {d.gpa:#x})" for d in (plan.ram, *plan.dimms)
         )
-        announce(
-            f"VM {opts.name!r}: QEMU {'.'.join(map(str, version))} pid {proc.pid} ({chosen}) on "
-            f"{lent}; monitor {monitor}"
-        )
-        return supervise(proc)
+
+        def ready() -> None:  # once the monitor answers, so tools can reach the VM at once
+            if _monitor_up(monitor, proc):
+                announce(
+                    f"VM {opts.name!r}: QEMU {'.'.join(map(str, version))} pid {proc.pid} "
+                    f"({chosen}) on {lent}; monitor {monitor}"
+                )
+
+        return supervise(proc, ready)
     finally:
         memory.detach()
         client.close()
@@ -188,8 +193,23 @@ def run_vm(opts: VmOptions, announce: Callable[[str], None]) -> int:
             monitor.unlink()
 
 
-def supervise(proc: subprocess.Popen[bytes]) -> int:
-    """Forward SIGINT, SIGTERM and SIGHUP to QEMU until it exits; its status as a shell's."""
+def _monitor_up(path: Path, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> bool:
+    """Wait until QEMU's monitor accepts a connection; False if QEMU exits (or is slower)."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(path))
+                return True
+            except OSError:
+                pass
+        time.sleep(0.02)
+    return False
+
+
+def supervise(proc: subprocess.Popen[bytes], started: Callable[[], None] | None = None) -> int:
+    """Forward SIGINT, SIGTERM and SIGHUP to QEMU until it exits (calling `started()` once
+    they are forwarded); QEMU's status as a shell gives it."""
 
     def forward(sig: int, _frame: object) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -197,6 +217,8 @@ def supervise(proc: subprocess.Popen[bytes]) -> int:
 
     previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
     try:
+        if started is not None:
+            started()
         code = proc.wait()
     finally:
         for sig, handler in previous.items():
