@@ -26,6 +26,7 @@ from ..control_client import ControlClient
 from ..ffi import die_with_parent
 from ..mapper import attach
 from ..runtime import MAX_SOCKET_PATH, RuntimePaths
+from ..units import format_size
 from . import layout
 from .binary import QemuError, find_qemu
 
@@ -175,7 +176,7 @@ def run_vm(opts: VmOptions, announce: Callable[[str], None]) -> int:
                 regions=",".join(plan.regions),
             )
         lent = ", ".join(
-            f"{d.name} ({d.size >> 20} MiB at {d.gpa:#x})" for d in (plan.ram, *plan.dimms)
+            f"{d.name} ({format_size(d.size)} at {d.gpa:#x})" for d in (plan.ram, *plan.dimms)
         )
 
         def ready() -> None:  # once the monitor answers, so tools can reach the VM at once
