@@ -241,6 +241,25 @@ def test_launcher_killed_leaves_no_orphan(
     assert again.qmp.execute("query-name") == {"name": "orphan"}
 
 
+def test_vm_outlives_its_manager_and_says_so(
+    start_manager: Callable[..., RunningManager], start_vm: Callable[..., Vm]
+) -> None:
+    manager = start_manager("--region", "ram=0:32M")
+    vm = start_vm(manager, "lonely")
+    find_rsdp(manager.runtime_dir)
+    manager.stop()
+    assert vm.proc.stderr is not None
+    deadline = time.monotonic() + 10
+    while b"lost the manager" not in vm.stderr:
+        ready, _, _ = select.select([vm.proc.stderr], [], [], max(0.0, deadline - time.monotonic()))
+        assert ready, f"no warning: {vm.stderr.decode()}"
+        vm.stderr += os.read(vm.proc.stderr.fileno(), 65536)
+    assert b"the regions it lent are no longer pinned" in vm.stderr
+    assert vm.qmp.execute("query-status")["status"] == "running"  # the guest runs on
+    vm.qmp.execute("quit")
+    assert vm.wait()[0] == 0
+
+
 @pytest.mark.parametrize(
     ("regions", "args", "message"),
     [

@@ -186,7 +186,18 @@ def run_vm(opts: VmOptions, announce: Callable[[str], None]) -> int:
                     f"({chosen}) on {lent}; monitor {monitor}"
                 )
 
-        return supervise(proc, ready)
+        warned: list[str] = []
+
+        def watch() -> None:  # said once: the VM runs on, but nothing guards its memory now
+            gone = memory.manager_gone
+            if gone and not warned:
+                warned.append(gone)
+                announce(
+                    f"VM {opts.name!r} keeps running, but its mapper lost the manager ({gone}): "
+                    "the regions it lent are no longer pinned"
+                )
+
+        return supervise(proc, ready, watch)
     finally:
         memory.detach()
         client.close()
@@ -208,9 +219,13 @@ def _monitor_up(path: Path, proc: subprocess.Popen[bytes], timeout: float = 60.0
     return False
 
 
-def supervise(proc: subprocess.Popen[bytes], started: Callable[[], None] | None = None) -> int:
+def supervise(
+    proc: subprocess.Popen[bytes],
+    started: Callable[[], None] | None = None,
+    tick: Callable[[], None] | None = None,
+) -> int:
     """Forward SIGINT, SIGTERM and SIGHUP to QEMU until it exits (calling `started()` once
-    they are forwarded); QEMU's status as a shell gives it."""
+    they are forwarded, `tick()` about every half second); QEMU's status as a shell gives it."""
 
     def forward(sig: int, _frame: object) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -220,7 +235,13 @@ def supervise(proc: subprocess.Popen[bytes], started: Callable[[], None] | None 
     try:
         if started is not None:
             started()
-        code = proc.wait()
+        while True:
+            try:
+                code = proc.wait(0.5)
+                break
+            except subprocess.TimeoutExpired:
+                if tick is not None:
+                    tick()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
