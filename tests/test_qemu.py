@@ -388,3 +388,21 @@ def test_linux_command_line_found_in_guest_ram(
     while not re.search(rb"Kernel command line: .*" + marker, serial.read_bytes()):
         assert time.monotonic() < deadline, "the kernel did not print its command line"
         time.sleep(0.1)
+
+
+def test_migrate_errors_are_one_clear_line(
+    start_manager: Callable[..., RunningManager], start_vm: Callable[..., Vm]
+) -> None:
+    manager = start_manager("--region", "ram=0:32M")
+    missing = run_cli("qemu", "migrate", "nope", "tcp:127.0.0.1:1", runtime_dir=manager.runtime_dir)
+    assert missing.returncode == 1 and "no VM named 'nope' here" in missing.stderr
+    vm = start_vm(manager, "stay")
+    vm.qmp.close()  # the monitor serves one client at a time
+    port = free_port()  # nobody listens there
+    failed = run_cli(
+        "qemu", "migrate", "stay", f"tcp:127.0.0.1:{port}", runtime_dir=manager.runtime_dir
+    )
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert "migration failed" in failed.stderr or "QEMU refused migrate" in failed.stderr
+    vm.qmp = Qmp(qmp_path(manager.runtime_dir, "stay"))
+    assert vm.qmp.execute("query-status")["status"] == "running"  # the source runs on
