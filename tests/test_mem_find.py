@@ -1,5 +1,5 @@
 """`GuestMemory.find` / `find_all` and `membacking mem find` on a real manager: matches across
-step boundaries, overlapping matches, holes, and the command's errors."""
+step boundaries, overlapping matches, ranges beyond what is backed, and the command's errors."""
 
 from __future__ import annotations
 
