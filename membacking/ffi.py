@@ -279,6 +279,21 @@ def hugepage_advice_supported() -> bool:
         return False
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int, parent_pid: int) -> None:
+    """In a freshly forked child (subprocess's preexec_fn): ask the kernel to send `sig` to this
+    process when the thread that forked it exits, and exit at once if that parent is already
+    gone (the race between fork and this call). Used so a VM never outlives its launcher."""
+    # Safe: prctl(PR_SET_PDEATHSIG) takes a signal number by value and touches no memory; the
+    # function object was set up at import, so the child only makes the call (no loading).
+    if _libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        os._exit(127)
+    if os.getppid() != parent_pid:
+        os._exit(127)
+
+
 __all__ = [
     "MADV_DONTDUMP",
     "MADV_DONTNEED",
@@ -287,5 +302,6 @@ __all__ = [
     "PAGE_SIZE",
     "Reservation",
     "atomics_unavailable",
+    "die_with_parent",
     "hugepage_advice_supported",
 ]

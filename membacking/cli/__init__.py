@@ -20,6 +20,7 @@ from .manager_cmd import manager
 from .map_cmd import map_cmd
 from .mapper_cmd import mapper
 from .mem_cmd import mem
+from .qemu_cmd import qemu
 from .region_cmd import region
 from .status_cmd import status_cmd
 from .watch_cmd import watch_cmd
@@ -44,6 +45,7 @@ for command in (
     watch_cmd,
     bench_cmd,
     conformance_cmd,
+    qemu,
 ):
     cli.add_command(command)
 

@@ -118,6 +118,13 @@ def mappers_cmd(runtime_dir: Path, timeout: float | None, as_json: bool) -> None
             for p in mappers
         ],
     )
+    for p in mappers:  # what a mapper lent to another process (a VM) and pinned
+        if p.get("pin"):
+            pin = p["pin"]
+            lent = ", ".join(pin["regions"])
+            click.echo(
+                f"mapper {p['id']} ({p['name']}) lends {lent} to {pin['label']}, pid {pin['pid']}"
+            )
 
 
 @click.command("stats")

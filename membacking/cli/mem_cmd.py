@@ -1,4 +1,4 @@
-"""`membacking mem read|write|dump|fill`: guest memory through a short-lived mapper."""
+"""`membacking mem read|write|dump|fill|find`: guest memory through a short-lived mapper."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -17,6 +18,7 @@ from .common import (
     PROGRESS_STEP,
     SIZE,
     Group,
+    control_client,
     echo_json,
     json_option,
     progress,
@@ -200,3 +202,90 @@ def mem_fill(
             f"filled {units.plural(length, 'byte')} at {units.format_address(gpa)} "
             f"with {units.format_address(byte)}"
         )
+
+
+def _backed_extent(regions: list[dict[str, Any]], start: int) -> int:
+    """How many bytes from `start` on are backed without a gap by active regions' mappings."""
+    pieces = sorted(
+        (r["gpa"] + s["offset"], r["gpa"] + s["offset"] + s["size"])
+        for r in regions
+        if r["active"]
+        for s in r["mappings"]
+    )
+    end = start
+    for lo, hi in pieces:
+        if lo <= end < hi:
+            end = hi
+    return end - start
+
+
+@mem.command("find")
+@runtime_dir_option
+@timeout_option("10")
+@click.argument("pattern")
+@click.option("--hex", "is_hex", is_flag=True, help="PATTERN is hex digits, not text.")
+@click.option("--start", type=ADDRESS, default=0, show_default=True, help="First GPA to search.")
+@click.option(
+    "--length",
+    type=SIZE,
+    default=None,
+    help="Bytes to search [default: up to the first unbacked GPA from --start].",
+)
+@click.option(
+    "--max-matches", type=int, default=1000, show_default=True, help="Stop after this many."
+)
+@json_option
+def mem_find(
+    runtime_dir: Path,
+    timeout: float | None,
+    pattern: str,
+    is_hex: bool,
+    start: int,
+    length: int | None,
+    max_matches: int,
+    as_json: bool,
+) -> None:
+    """Print the guest addresses where PATTERN (text, or hex with --hex) occurs."""
+    if is_hex:
+        try:
+            needle = binascii.unhexlify(pattern.replace(" ", "").removeprefix("0x"))
+        except (binascii.Error, ValueError):
+            raise click.BadParameter(
+                f"{pattern!r} is not hex bytes: give pairs of digits 0-9, a-f",
+                param_hint="PATTERN",
+            ) from None
+    else:
+        needle = pattern.encode()
+    if not needle:
+        raise click.BadParameter("the pattern is empty", param_hint="PATTERN")
+    if max_matches < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--max-matches")
+    if length is None:
+        length = _backed_extent(control_client(runtime_dir, timeout).regions(), start)
+        if length == 0:
+            raise click.ClickException(f"no active region backs GPA {start:#x}")
+    matches: list[int] = []
+    with (
+        attach(runtime_dir, name="cli-mem-find", timeout=timeout or 10.0) as memory,
+        progress(length, f"searching {units.plural(length, 'byte')}") as bar,
+    ):
+        memory.ensure_mapped(start, length)  # an unbacked GPA is an error before any output
+        for found in memory.find_all(needle, start, length, bar.update):
+            matches.append(found)
+            if not as_json:
+                click.echo(f"{found:#x}")
+            if len(matches) >= max_matches:
+                break
+    truncated = len(matches) >= max_matches
+    if as_json:
+        echo_json(
+            {
+                "pattern": needle.hex(),
+                "start": start,
+                "length": length,
+                "matches": matches,
+                "truncated": truncated,
+            }
+        )
+    elif truncated:
+        click.echo(f"stopped after {max_matches} matches (--max-matches)", err=True)

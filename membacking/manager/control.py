@@ -18,6 +18,7 @@ from ..protocol.messages import PRIVATE_MAPPABLE, Channel
 from .errors import Refused
 from .metrics import FD_WARN_SHARE, VERSION, process_info
 from .model import Disconnect, MapperEntry
+from .pins import Pins
 from .state import MAX_LISTED_PIECES, Effect, ManagerState, Send, piece_info, region_info
 
 log = logging.getLogger("membacking.manager")
@@ -96,7 +97,7 @@ def _mappings(state: ManagerState, identity: bytes, args: dict[str, Any]) -> lis
     return _reply(identity, result)
 
 
-def _mapper_info(entry: MapperEntry) -> dict[str, Any]:
+def _mapper_info(entry: MapperEntry, pins: Pins) -> dict[str, Any]:
     listed = entry.held.page(0, MAX_LISTED_PIECES)
     return {
         "id": entry.id,
@@ -107,6 +108,7 @@ def _mapper_info(entry: MapperEntry) -> dict[str, Any]:
         "bytes": entry.held.bytes,
         "held": [[r.start, r.end - r.start] for r in listed],
         "fds": len(entry.fds_sent),
+        "pin": pin.describe() if (pin := pins.of(entry.id)) else None,
         "connected_at": entry.connected_at,
         "last_seen": entry.last_seen,
     }
@@ -127,7 +129,7 @@ def _mappers(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list
     page: list[dict[str, Any]] = []
     listed = 0
     while i < len(ids) and len(page) < PAGE_MAPPERS and listed < PAGE_ITEMS:
-        info = _mapper_info(state.mappers[ids[i]])
+        info = _mapper_info(state.mappers[ids[i]], state.pins)
         listed += len(info["held"])
         page.append(info)
         i += 1
@@ -307,6 +309,19 @@ def _map_range(state: ManagerState, identity: bytes, args: dict[str, Any]) -> li
     )
 
 
+def _pin_regions(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[Effect]:
+    """Pin regions for an attached mapper that lent them (e.g. to a VM) until it detaches."""
+    expect_args(args, {"mapper": int, "label": str, "pid": int}, {"regions": str})
+    if args["mapper"] not in state.mappers:
+        raise Refused("not-found", f"no mapper {args['mapper']} is attached")
+    names = [n for n in (args.get("regions") or "").split(",") if n]  # names hold no commas
+    for name in names:
+        if name not in state.regions or state.regions[name].removing:
+            raise Refused("not-found", f"region {name!r} does not exist")
+    pin = state.pins.set(args["mapper"], args["label"], args["pid"], names)
+    return _reply(identity, pin.describe())
+
+
 def _unmap_range(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[Effect]:
     expect_args(args, {"name": str, "offset": int, "size": int})
     return state.change_mappings(args["name"], args["offset"], args["size"], identity)
@@ -328,6 +343,7 @@ OPS: dict[str, Callable[[ManagerState, bytes, dict[str, Any]], list[Effect]]] = 
     "move_region": _move_region,
     "map_range": _map_range,
     "unmap_range": _unmap_range,
+    "pin_regions": _pin_regions,
 }
 
 

@@ -8,6 +8,7 @@ out the effects it returns; tests do the same without any socket.
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 from typing import Any
 
@@ -30,6 +31,7 @@ from .model import (
     SendFd,
 )
 from .peers import PeerState
+from .pins import Pins, guard
 from .regions import MAX_PRIORITY, Pieces, Region, SubMapping, check_nesting, split_submappings
 
 log = logging.getLogger("membacking.manager")
@@ -67,6 +69,11 @@ class ManagerState(PeerState):
         ):
             return self.huge_page_size
         return PAGE_SIZE
+
+    @functools.cached_property
+    def pins(self) -> Pins:
+        """Regions lent to running VMs: changing them is refused (pins.py)."""
+        return Pins()
 
     def _region(self, name: str) -> Region:
         region = self.regions.get(name)
@@ -143,7 +150,9 @@ class ManagerState(PeerState):
                 f"size; {size:#x} is not",
             )
         if gpa is not None:
-            self._check_placement(name, gpa, size, priority, align)
+            rng = self._check_placement(name, gpa, size, priority, align)
+            rank = (priority, self._next_order)
+            guard(self, name, "added", rng if enabled else None, rank)
         if len(self.regions) >= self.limits.max_regions:
             raise Refused(
                 "limit", f"the manager holds its limit of {self.limits.max_regions} regions"
@@ -204,7 +213,9 @@ class ManagerState(PeerState):
 
     def remove_region(self, name: str, reply_to: bytes | None = None) -> list[Effect]:
         """Remove a region; the reply waits until every holder acknowledged its Unmap."""
-        return self._remove(self._region(name), reply_to)
+        region = self._region(name)
+        guard(self, name, "removed")
+        return self._remove(region, reply_to)
 
     def _remove(
         self, region: Region, reply_to: bytes | None, error: tuple[str, str] | None = None
@@ -250,6 +261,10 @@ class ManagerState(PeerState):
                 f"region {name!r} is private RAM: its contents live only in the mapper and would "
                 "be lost, so it cannot be disabled or moved (remove it and add it again)",
             )
+        if moving or (region.enabled and not enabled):
+            guard(self, name, "moved" if moving else "disabled")
+        elif enabled and not region.enabled:
+            guard(self, name, "enabled", region.range, (region.priority, region.order))
         old = region.range
         windows = [old] if old is not None else []
         op = self.start_op(f"{'enable' if enabled else 'disable'} {name}", reply_to)
@@ -301,6 +316,7 @@ class ManagerState(PeerState):
         """Remove [offset, offset+size) of a region's sub-mappings (splitting them), and with
         `replace=(backing, path, file_offset, writable)` put a new backing there, atomically."""
         region = self._region(name)
+        guard(self, name, "re-mapped")
         if offset < 0 or size <= 0 or (offset | size) % PAGE_SIZE or offset + size > region.size:
             raise Refused(
                 "bad-request",

@@ -435,6 +435,24 @@ class GuestMemory:
             escaped = sys.getrefcount(exporter) > 2
             mapper.unpin(view_id, exporter if escaped else None)
 
+    def find(self, pattern: bytes, gpa: int, n: int) -> int | None:
+        """The GPA of the first occurrence of `pattern` in [gpa, gpa+n), or None (searched in
+        bounded steps: never a copy of the whole range)."""
+        return next(self.find_all(pattern, gpa, n), None)
+
+    def find_all(
+        self,
+        pattern: bytes,
+        gpa: int,
+        n: int,
+        progress: Callable[[int], None] | None = None,
+    ) -> Iterator[int]:
+        """Every GPA in [gpa, gpa+n) where `pattern` starts, ascending (see search.py)."""
+        from .search import find_all
+
+        self._check(gpa, n)
+        return find_all(self, pattern, gpa, n, progress=progress)
+
     # ---- sharing and private RAM ---------------------------------------------------------------
 
     def sharing(self) -> list[SharedRange] | None:

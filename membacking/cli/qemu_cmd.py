@@ -1,0 +1,119 @@
+"""`membacking qemu run|migrate`: a QEMU VM on the manager's regions, and its migration."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .. import units
+from ..qemu.launcher import VmOptions, qmp_path, run_vm
+from ..qemu.qmp import Qmp
+from .common import Group, runtime_dir_option
+
+
+def _vm_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    try:
+        units.check_name(f"qemu-{value}")  # the launcher's mapper name
+        return units.check_name(value)
+    except ValueError:
+        raise click.BadParameter(
+            f"invalid name {value!r}: use 1 to 59 letters, digits, '_', '-' or '.'", ctx, param
+        ) from None
+
+
+@click.group(cls=Group)
+def qemu() -> None:
+    """Run QEMU with its guest RAM backed by the manager's regions."""
+
+
+@qemu.command(
+    "run", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False}
+)
+@runtime_dir_option
+@click.option("--name", default="vm", show_default=True, callback=_vm_name, help="The VM's name.")
+@click.option("--qemu", "binary", default=None, help="QEMU binary [default: qemu-system-x86_64].")
+@click.option(
+    "--region",
+    "regions",
+    multiple=True,
+    help="Lend only this region (repeatable) [default: every active region].",
+)
+@click.option(
+    "--accel",
+    type=click.Choice(["auto", "kvm", "tcg", "none"]),
+    default="auto",
+    show_default=True,
+    help="auto: KVM where /dev/kvm is usable, else TCG; none: leave it to QEMU-ARGS.",
+)
+@click.option("--incoming", default=None, help="Wait for a migration on this QEMU URI.")
+@click.option(
+    "--machine-opt", "machine_opts", multiple=True, help="KEY=VALUE for -machine (repeatable)."
+)
+@click.argument("qemu_args", nargs=-1, type=click.UNPROCESSED)
+def qemu_run(
+    runtime_dir: Path | None,
+    name: str,
+    binary: str | None,
+    regions: tuple[str, ...],
+    accel: str,
+    incoming: str | None,
+    machine_opts: tuple[str, ...],
+    qemu_args: tuple[str, ...],
+) -> None:
+    """Start QEMU on the regions: the region at GPA 0 is its boot RAM, regions at or above
+    4 GiB are pc-dimm devices. Regions lent stay pinned until QEMU exits. The QMP monitor
+    listens on RUNTIME-DIR/qemu-NAME.qmp. Usage: membacking qemu run [OPTIONS] -- QEMU-ARGS..."""
+    options = VmOptions(
+        name,
+        runtime_dir,
+        binary,
+        regions,
+        accel,
+        incoming,
+        machine_opts,
+        tuple(a for a in qemu_args),
+    )
+    code = run_vm(options, lambda text: click.echo(f"membacking: {text}", err=True))
+    sys.exit(code)
+
+
+@qemu.command("migrate")
+@runtime_dir_option
+@click.argument("name")
+@click.argument("uri")
+@click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait.")
+@click.option("--quit", "quit_after", is_flag=True, help="Stop the source VM once migrated.")
+def qemu_migrate(
+    runtime_dir: Path | None, name: str, uri: str, timeout: float, quit_after: bool
+) -> None:
+    """Migrate VM NAME to URI (e.g. tcp:HOST:PORT, where a `qemu run --incoming` waits)."""
+    path = qmp_path(runtime_dir, name)
+    if not path.exists():
+        raise click.ClickException(f"no VM named {name!r} here ({path} does not exist)")
+    with Qmp(path) as qmp:
+        qmp.execute("migrate", uri=uri)
+        deadline = time.monotonic() + timeout
+        while True:
+            info = qmp.execute("query-migrate")
+            status = info.get("status", "none")
+            if status == "completed":
+                break
+            if status in ("failed", "cancelled"):
+                raise click.ClickException(
+                    f"migration {status}: {info.get('error-desc', 'no reason given')}"
+                )
+            if time.monotonic() > deadline:
+                qmp.execute("migrate_cancel")
+                raise click.ClickException(f"migration did not finish in {timeout:g}s: cancelled")
+            time.sleep(0.05)
+        ram = info.get("ram", {})
+        click.echo(
+            f"migrated {name} to {uri}: {ram.get('transferred', 0)} bytes in "
+            f"{info.get('total-time', 0)} ms (downtime {info.get('downtime', 0)} ms)"
+        )
+        if quit_after:
+            qmp.execute("quit")
+            click.echo(f"stopped the source VM {name}")

@@ -1,0 +1,54 @@
+"""Finding a byte pattern in guest memory, in bounded steps.
+
+Each step copies at most `step` bytes (plus the pattern's length less one carried over from the
+step before, so matches that straddle two steps are found once) into one reused buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .memory import GuestMemory
+
+#: bytes copied per step of a search
+FIND_STEP = 4 << 20
+
+
+def find_all(
+    memory: GuestMemory,
+    pattern: bytes,
+    gpa: int,
+    n: int,
+    *,
+    step: int = FIND_STEP,
+    progress: Callable[[int], None] | None = None,
+) -> Iterator[int]:
+    """The GPAs where `pattern` starts inside [gpa, gpa+n), ascending (overlapping matches
+    included). `progress(k)` is called as each k bytes have been searched."""
+    pattern = bytes(pattern)
+    if not pattern:
+        raise ValueError("the pattern to find is empty")
+    if step < len(pattern):
+        step = len(pattern)
+    if type(gpa) is not int or type(n) is not int or gpa < 0 or n < 0:
+        raise ValueError(f"guest address and length must be non-negative integers ({gpa}, {n})")
+    keep = len(pattern) - 1
+    buf = bytearray(step + keep)
+    base, have, pos, end = gpa, 0, gpa, gpa + n  # buf[0] is at GPA `base`; `have` carried bytes
+    while pos < end:
+        take = min(step, end - pos)
+        with memoryview(buf) as view:
+            memory.read_into(pos, view[have : have + take])
+        valid = have + take
+        i = buf.find(pattern, 0, valid)
+        while i != -1:
+            yield base + i
+            i = buf.find(pattern, i + 1, valid)
+        pos += take
+        if progress is not None:
+            progress(take)
+        have = min(keep, valid)
+        buf[:have] = buf[valid - have : valid]
+        base = pos - have

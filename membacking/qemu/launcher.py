@@ -1,0 +1,248 @@
+"""`membacking qemu run`: QEMU as a mapper's child, its RAM the manager's regions.
+
+The launcher attaches as mapper `qemu-<name>`, takes the regions' fds (`sharing()`), pins the
+regions it lends, starts QEMU with those fds inherited, forwards signals and exits with QEMU's
+status. QEMU is killed by the kernel if the launcher dies; the pins go when the mapper does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import functools
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..control_client import ControlClient
+from ..ffi import die_with_parent
+from ..mapper import attach
+from ..runtime import MAX_SOCKET_PATH, RuntimePaths
+from ..units import format_size
+from . import layout
+from .binary import QemuError, find_qemu
+
+log = logging.getLogger("membacking.qemu")
+
+#: options membacking sets itself from the regions
+OWN_OPTIONS = ("-m", "-machine", "-M", "--machine")
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+KVM_GET_API_VERSION = 0xAE00
+
+
+@dataclass(frozen=True)
+class VmOptions:
+    name: str
+    runtime_dir: Path | None = None
+    qemu: str | None = None
+    regions: tuple[str, ...] = ()
+    accel: str = "auto"
+    incoming: str | None = None
+    machine_opts: tuple[str, ...] = ()
+    qemu_args: tuple[str, ...] = field(default_factory=tuple)
+
+
+def qmp_path(runtime_dir: Path | str | None, name: str) -> Path:
+    """Where the monitor socket of VM `name` lives: in the manager's runtime directory."""
+    return RuntimePaths.resolve(runtime_dir).root / f"qemu-{name}.qmp"
+
+
+def kvm_usable() -> bool:
+    """Whether /dev/kvm opens and answers (it may exist and still be unusable)."""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        return fcntl.ioctl(fd, KVM_GET_API_VERSION) == 12  # the stable KVM API
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def accel_args(accel: str, qemu_args: Sequence[str]) -> tuple[list[str], str]:
+    """QEMU's accelerator options and what was chosen ("auto": KVM where usable, else TCG)."""
+    if accel == "none" or any(a in ("-accel", "--accel", "-enable-kvm") for a in qemu_args):
+        return [], "as given"
+    if accel == "auto":
+        accel = "kvm" if kvm_usable() else "tcg"
+    return ["-accel", accel], accel
+
+
+def _claim_socket(path: Path, name: str) -> None:
+    """Refuse a name whose monitor socket answers; remove one left by a VM that died."""
+    if len(str(path)) > MAX_SOCKET_PATH:
+        raise QemuError(f"monitor socket path {path} is too long for a Unix socket: shorten --name")
+    if not path.exists():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise QemuError(f"cannot check {path}: {exc}") from None
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return
+    finally:
+        probe.close()
+    raise QemuError(f"a VM named {name!r} already runs here (its monitor {path} answers)")
+
+
+def _check_args(qemu_args: Sequence[str]) -> None:
+    for arg in qemu_args:
+        if arg in OWN_OPTIONS or arg.startswith(("-m=", "-machine=")):
+            raise QemuError(
+                f"{arg} is set by membacking from the regions (pc machine, boot RAM size); "
+                "give machine properties with --machine-opt KEY=VALUE"
+            )
+
+
+def _same_layout(
+    before: list[dict[str, Any]], after: list[dict[str, Any]], names: list[str]
+) -> bool:
+    def key(regions: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            r["name"]: (r["gpa"], r["active"], r["mappings"]) for r in regions if r["name"] in names
+        }
+
+    return key(before) == key(after)
+
+
+def run_vm(opts: VmOptions, announce: Callable[[str], None]) -> int:
+    """Run the VM until QEMU exits; returns the exit status to leave with."""
+    binary, version = find_qemu(opts.qemu)
+    _check_args(opts.qemu_args)
+    monitor = qmp_path(opts.runtime_dir, opts.name)
+    _claim_socket(monitor, opts.name)
+    client = ControlClient(opts.runtime_dir)
+    memory = attach(opts.runtime_dir, name=f"qemu-{opts.name}")
+    try:
+        shares = memory.sharing()
+        if shares is None:
+            raise QemuError("the manager runs private RAM: it has no fds to lend to QEMU")
+        try:
+            regions = client.regions()
+            plan = layout.plan(regions, shares, opts.regions)
+            label = f"VM {opts.name!r}"
+            client.call(
+                "pin_regions",
+                mapper=memory.mapper_id,
+                label=label,
+                pid=os.getpid(),
+                regions=",".join(plan.regions),
+            )
+            if not _same_layout(regions, client.regions(), plan.regions):
+                raise QemuError("the regions changed while the VM was being set up; try again")
+            accel, chosen = accel_args(opts.accel, opts.qemu_args)
+            argv = [
+                binary,
+                *plan.qemu_args(opts.machine_opts),
+                "-name",
+                opts.name,
+                "-qmp",
+                f"unix:{monitor},server=on,wait=off",
+                *accel,
+                *(["-incoming", opts.incoming] if opts.incoming else []),
+                *opts.qemu_args,
+            ]
+            log.debug("starting %s", argv)
+            try:
+                proc = subprocess.Popen(
+                    argv,
+                    pass_fds=plan.fds,
+                    preexec_fn=functools.partial(die_with_parent, signal.SIGKILL, os.getpid()),
+                )
+            except OSError as exc:
+                raise QemuError(f"cannot start {binary}: {exc}") from None
+        finally:
+            for share in shares:
+                os.close(share.fd)
+        with contextlib.suppress(Exception):  # the pin stands; this only names the VM's pid
+            client.call(
+                "pin_regions",
+                mapper=memory.mapper_id,
+                label=label,
+                pid=proc.pid,
+                regions=",".join(plan.regions),
+            )
+        lent = ", ".join(
+            f"{d.name} ({format_size(d.size)} at {d.gpa:#x})" for d in (plan.ram, *plan.dimms)
+        )
+
+        def ready() -> None:  # once the monitor answers, so tools can reach the VM at once
+            if _monitor_up(monitor, proc):
+                announce(
+                    f"VM {opts.name!r}: QEMU {'.'.join(map(str, version))} pid {proc.pid} "
+                    f"({chosen}) on {lent}; monitor {monitor}"
+                )
+
+        warned: list[str] = []
+
+        def watch() -> None:  # said once: the VM runs on, but nothing guards its memory now
+            gone = memory.manager_gone
+            if gone and not warned:
+                warned.append(gone)
+                announce(
+                    f"VM {opts.name!r} keeps running, but its mapper lost the manager ({gone}): "
+                    "the regions it lent are no longer pinned"
+                )
+
+        return supervise(proc, ready, watch)
+    finally:
+        memory.detach()
+        client.close()
+        with contextlib.suppress(FileNotFoundError):
+            monitor.unlink()
+
+
+def _monitor_up(path: Path, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> bool:
+    """Wait until QEMU's monitor accepts a connection; False if QEMU exits (or is slower)."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(path))
+                return True
+            except OSError:
+                pass
+        time.sleep(0.02)
+    return False
+
+
+def supervise(
+    proc: subprocess.Popen[bytes],
+    started: Callable[[], None] | None = None,
+    tick: Callable[[], None] | None = None,
+) -> int:
+    """Forward SIGINT, SIGTERM and SIGHUP to QEMU until it exits (calling `started()` once
+    they are forwarded, `tick()` about every half second); QEMU's status as a shell gives it."""
+
+    def forward(sig: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
+
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    try:
+        if started is not None:
+            started()
+        while True:
+            try:
+                code = proc.wait(0.5)
+                break
+            except subprocess.TimeoutExpired:
+                if tick is not None:
+                    tick()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return code if code >= 0 else 128 - code
