@@ -89,7 +89,7 @@ readonly = true
             "key 'regions[1].name': 'a' is already the name of regions[0]",
         ),
         ("address_space = '5K'", "key 'address_space': address space 0x1400 must be a multiple"),
-        ("unmap_timeout = 0.001", "key 'unmap_timeout': must be at least 0.1"),
+        ("unmap_timeout = 0.001", "key 'unmap_timeout': must be at least 1"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:

@@ -88,6 +88,8 @@ class ManagerConfig:
     address_space: int = DEFAULT_ADDRESS_SPACE
     regions: list[RegionSpec] = field(default_factory=list)
     unmap_timeout: float = 30.0
+    #: SIGKILL a mapper evicted for not answering (see docs/OPERATIONS.md for the default)
+    evict_kill: bool = False
     allow_uids: frozenset[int] = frozenset()
     allow_gids: frozenset[int] = frozenset()
     limits: Limits = field(default_factory=Limits)
@@ -134,6 +136,7 @@ class Daemon(FdServer):
         self._zmq_strikes: dict[int, int] = {}  # mapper id -> invalid messages in a row
         self._strangers: dict[bytes, int] = {}  # unattached ZeroMQ identity -> invalid messages
         self._accept_paused = False
+        self._evict_kill = config.evict_kill
         self._fd_ceiling = 1 << 30  # set from the open-file limit at start
         self._poller: zmq.Poller | None = None
         self.metrics = ManagerMetrics(self.state)
@@ -256,7 +259,10 @@ class Daemon(FdServer):
         log.info("shutting down: %s", reason)
         sdnotify.notify("STOPPING=1")
         with contextlib.suppress(Exception):
-            self._apply(self.state.shutdown(f"manager shutting down ({reason})"))
+            farewell = f"{m.SHUTDOWN_STOPPING} ({reason})"
+            self._apply(self.state.shutdown(farewell))
+            for conn in list(self._conns.values()):
+                self._say_farewell(conn, farewell)
         self._close_all()
 
     def _close_all(self) -> None:
@@ -370,11 +376,32 @@ class Daemon(FdServer):
                         fd = self.store.grant_fd(effect.msg.mappable_id)
                     self._fd_send(conn, effect.msg, fd)
             elif isinstance(effect, Disconnect):
-                self._apply(self.state.farewell(effect.mapper_id, "evicted by the manager"))
                 conn = self._conn_of_mapper.pop(effect.mapper_id, None)
+                if effect.unresponsive and self._evict_kill:
+                    self._kill_evicted(effect.mapper_id, conn)
                 if conn is not None:
-                    self._drop_conn(conn, "evicted")
+                    self._drop_conn(conn, "evicted", effect.reason)
+                else:
+                    self._apply(self.state.farewell(effect.mapper_id, effect.reason))
                 self._apply(self.state.mapper_gone(effect.mapper_id, "evicted"))
+
+    def _kill_evicted(self, mapper_id: int, conn: FdConn | None) -> None:
+        """--evict-kill: SIGKILL an evicted mapper, by the pidfd taken when it connected (a pid
+        reused since cannot be hit)."""
+        entry = self.state.mappers.get(mapper_id)
+        who = f"mapper {mapper_id}" + (f" ({entry.name}, pid {entry.pid})" if entry else "")
+        if conn is None or conn.pidfd is None:
+            log.error("%s: --evict-kill cannot kill it (no pidfd of it)", who)
+            return
+        try:
+            signal.pidfd_send_signal(conn.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            return  # it has exited already
+        except OSError as exc:
+            log.error("%s: --evict-kill cannot kill it: %s", who, exc.strerror or exc)
+            return
+        self.state.counters["evict_kills"] += 1
+        log.error("%s killed (SIGKILL, --evict-kill): evicted for not answering", who)
 
     # ---- ZeroMQ channels -----------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ _COUNTERS = {
     "fds_sent": "File descriptors sent to mappers",
     "removals": "Region removals completed",
     "evictions": "Mappers evicted for not acknowledging an Unmap",
+    "evict_kills": "Evicted mappers killed (SIGKILL) under --evict-kill",
 }
 
 

@@ -176,12 +176,9 @@ class PeerState(TableState):
                     self.unmap_timeout,
                 )
                 self.counters["evictions"] += 1
-                effects.extend(
-                    self.farewell(
-                        entry.id, f"evicted: it did not answer within {self.unmap_timeout:g}s"
-                    )
-                )
-                effects.append(Disconnect(entry.id))
+                reason = f"{m.SHUTDOWN_EVICTED}: it did not answer within {self.unmap_timeout:g}s"
+                effects.extend(self.farewell(entry.id, reason))
+                effects.append(Disconnect(entry.id, reason, unresponsive=True))
                 effects.extend(self.mapper_gone(entry.id, "unresponsive"))
         return effects
 

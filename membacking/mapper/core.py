@@ -4,7 +4,9 @@ in it, and the mapper thread that applies the manager's Map / NoMapping / Unmap 
 Safety scheme (Python cannot recover from SIGSEGV): every access checks the table and copies
 under one `lock`; the mapper thread takes the same lock before it maps or unmaps anything. Open
 views pin their range; an Unmap touching a pinned range is acknowledged only after the last
-view on it closes, so an UnmapAck always means no access can reach the old memory.
+view on it closes, so an UnmapAck always means no access can reach the old memory. Accesses
+also need a live `lease` (see `LEASE`): a mapper evicted while it was stopped drops every
+mapping before any access of its own can touch one again.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import os
 import sys
 import threading
+import time
 
 import zmq
 
@@ -22,6 +25,7 @@ from ..errors import (
     DetachedError,
     GuestMemoryError,
     ManagerGoneError,
+    MappingsDroppedError,
     NoMappingError,
     ReadOnlyError,
 )
@@ -30,7 +34,7 @@ from ..protocol import messages as m
 from ..protocol.errors import ProtocolError
 from ..protocol.messages import PRIVATE_MAPPABLE, Message
 from ..protocol.ranges import MemoryRange
-from .chunks import Chunk, ChunkTable
+from .chunks import Chunk, ChunkTable, MapCountBudget
 from .fds import MapperFds
 from .link import ManagerLink
 from .waitlist import MAP_FAILED, NO_MAPPING, READ_ONLY, WaiterSet
@@ -42,6 +46,31 @@ _POLLOUT, _POLLERR = int(zmq.POLLOUT), int(zmq.POLLERR)
 
 #: faults one access may take before it gives up (each fault maps at least one page it needs)
 MAX_FAULTS = 64
+
+#: Seconds one turn of the mapper thread vouches for its connection. Each turn takes the time
+#: before it polls the stream and the fd socket, handles what they show (a Shutdown, the fd
+#: socket's end) and then sets the lease to that time + LEASE; an access touches memory only
+#: while the lease runs, else it waits for a turn. The manager evicts only a mapper that left
+#: an Unmap unanswered for --unmap-timeout (at least 2 * LEASE): a mapper stopped long enough to
+#: be evicted finds its lease run out when it runs again, and its first access waits for the
+#: turn that reads the eviction and drops every mapping.
+LEASE = 0.5
+#: the mapper thread's poll timeout: an idle mapper renews its lease before it runs out
+_POLL_MS = int(LEASE * 1000) // 2
+#: how long a mapper whose fd socket ended without a Shutdown on it waits for one on the
+#: stream (a manager that could not write it on the fd socket sends it there) before it
+#: takes the manager for dead and keeps its mappings
+FAREWELL_WAIT = LEASE
+
+_monotonic = time.monotonic
+
+
+def drops_mappings(shutdown: m.Shutdown) -> bool:
+    """Whether this Shutdown means the manager no longer backs what the mapper holds (evicted,
+    or the manager stopped), so the mapper must drop every mapping. A connection lost without
+    a Shutdown (the manager died) never drops them. Keyed on the reason text today; once the
+    Shutdown carries a machine-readable code, this test is the one line to change."""
+    return shutdown.reason.startswith(m.SHUTDOWN_DROPS_MAPPINGS)
 
 
 class VaMapper:
@@ -57,6 +86,8 @@ class VaMapper:
         #: the access lock: held for every check-then-copy and for every map or unmap
         self.lock = threading.Lock()
         self.chunks = ChunkTable()
+        #: VMAs this mapper may split its reservation into (vm.max_map_count less headroom)
+        self.map_budget = MapCountBudget.from_environment()
         #: [start, end, writable] of the chunk last accessed (checked first; reset on unmap)
         self.hot: list[int | bool] = [0, 0, False]
         self.mv = self.reservation.buffer()
@@ -69,6 +100,14 @@ class VaMapper:
         self._next_view = 0
         self._pending_unmaps: list[tuple[int, MemoryRange, tuple[int, ...]]] = []
         self.gone: str | None = None
+        #: why every mapping was dropped (evicted, or the manager stopped), once it was
+        self.dropped: str | None = None
+        #: [monotonic deadline]: accesses touch memory only before it (see LEASE); one list
+        #: shared with GuestMemory so the hot path reads it without an attribute lookup
+        self.lease: list[float] = [_monotonic() + LEASE]
+        #: accessing threads wait on it for a turn of the mapper thread when the lease ran out
+        self._turned = threading.Condition(threading.Lock())
+        self._renewing = 0
         self.eager = False
         self.closed = False
         self._eager_done = threading.Event()
@@ -112,9 +151,13 @@ class VaMapper:
         stream = self.link.stream
         # zmq_poll on the poller's own list: Poller.poll only adds a Python frame around it
         items = poller.sockets
+        lease = self.lease
         while not self._stop:
+            # taken before the poll: whatever the poll shows (the fd socket's end, a Shutdown)
+            # was there no later than this, and is handled before the lease is renewed
+            turn = _monotonic()
             try:
-                events = dict(zmq.zmq_poll(items, 1000))
+                events = dict(zmq.zmq_poll(items, _POLL_MS))
             except zmq.ZMQError:
                 break
             if self._wake_r in events:
@@ -142,6 +185,11 @@ class VaMapper:
                 log.error("mapper %d: socket error: %s", self.id, exc)
             except Exception:
                 log.exception("mapper %d: unexpected error in the mapper thread", self.id)
+            if self.dropped is None:
+                lease[0] = turn + LEASE
+            if self._renewing:
+                with self._turned:
+                    self._turned.notify_all()
         with contextlib.suppress(zmq.ZMQError):
             self._flush_outbox()  # a Detach posted just before the stop still goes out
 
@@ -152,9 +200,42 @@ class VaMapper:
     def _read_fd_socket(self) -> bool:
         """Take every fd message waiting; True if the manager closed the connection."""
         lost = self.fds.read_waiting()
+        farewell = self.fds.take_farewell()
+        if farewell is not None:
+            self._handle(farewell)
+        elif lost is not None:
+            self._await_farewell()
         if lost is not None:
             self.manager_gone(lost)
         return lost is not None
+
+    def _await_farewell(self) -> None:
+        """The fd socket ended without a Shutdown on it: a manager that evicted this mapper
+        while its fd socket was full says so on the stream only. Wait a little for that before
+        taking the manager for dead (which keeps every mapping)."""
+        deadline = _monotonic() + FAREWELL_WAIT
+        while self.gone is None and (left := deadline - _monotonic()) > 0:
+            if zmq.zmq_poll(self._stream_ready, int(left * 1000) + 1):
+                self._drain_stream()
+
+    def renew_lease(self) -> None:
+        """Wait until a turn of the mapper thread renewed the lease, or it dropped every mapping
+        (called by an access that found the lease run out; never with `lock` held)."""
+        deadline = _monotonic() + self.fault_timeout
+        with self._turned:
+            self._renewing += 1
+            try:
+                while _monotonic() >= self.lease[0] and self.dropped is None and not self.closed:
+                    left = deadline - _monotonic()
+                    if left <= 0:
+                        raise GuestMemoryError(
+                            f"the mapper thread has not checked its connection to the manager "
+                            f"for {self.fault_timeout:g}s; no access can be made until it does"
+                        )
+                    self._wake()
+                    self._turned.wait(min(left, 0.05))
+            finally:
+                self._renewing -= 1
 
     def _acknowledge(self, msg: m.UnmapAck | m.MapAck) -> None:
         """Send an ack on the fd socket (the manager's loop reads it without a ZeroMQ I/O thread
@@ -195,6 +276,35 @@ class VaMapper:
             log.warning("mapper %d: %s", self.id, reason)
             self.gone = reason
         self.waiters.shutdown(reason)
+
+    def drop_mappings(self, reason: str) -> None:
+        """The manager no longer backs anything here (evicted, or it stopped): unmap every
+        chunk and close every fd, before any access can touch them again. A range an open view
+        still pins gets private anonymous memory in place of the old backing (the view reads
+        zeros from then on, and never the removed memory), so the view cannot fault."""
+        if self.dropped is not None:
+            return
+        with self.lock:
+            if self.closed:
+                return
+            self._release_escaped()
+            # the chunks, and the ranges whose Unmap waits for a view (out of the table already)
+            ranges = [r for r, _ in self.chunks.items()] + [r for _, r, _ in self._pending_unmaps]
+            for rng in ranges:
+                try:
+                    if self._pinned(rng):
+                        self.reservation.map_anon(rng.start, rng.len, True)
+                    else:
+                        self.reservation.unmap(rng.start, rng.len)
+                except OSError as exc:  # the table no longer has it: no access reaches it
+                    log.error("mapper %d: cannot unmap %s: %s", self.id, rng, exc.strerror or exc)
+            self.chunks.clear()
+            self.hot[0] = self.hot[1] = 0
+            self._pending_unmaps.clear()  # nobody to acknowledge them to
+            self.dropped = reason
+        self.fds.close_all()
+        log.warning("mapper %d: every mapping dropped: %s", self.id, reason)
+        self.manager_gone(reason)
 
     def _drain_stream(self) -> None:
         """Apply the messages waiting on the stream, which the poller found readable."""
@@ -240,7 +350,10 @@ class VaMapper:
         elif isinstance(msg, m.Shutdown):
             # the manager's own reason says more than a closed connection noticed first
             self.gone = None
-            self.manager_gone(f"the manager shut down ({msg.reason})")
+            if drops_mappings(msg):
+                self.drop_mappings(f"the manager shut down ({msg.reason})")
+            else:
+                self.manager_gone(f"the manager shut down ({msg.reason})")
         elif isinstance(msg, m.Error):
             log.warning("mapper %d: the manager rejected a message: %s", self.id, msg.message)
         else:
@@ -262,6 +375,8 @@ class VaMapper:
         with self.lock:
             if self.closed:
                 return "the mapper is detached"
+            if self.dropped is not None:
+                return f"every mapping was dropped: {self.dropped}"
             hit = self.chunks.lookup(rng.start)
             if hit is not None and hit[0] == rng:
                 chunk = hit[1]
@@ -271,6 +386,10 @@ class VaMapper:
                     writable,
                 ):
                     return None  # already mapped exactly so (two faults raced)
+            over = self.map_budget.refuses(self.chunks, rng)
+            if over is not None:
+                log.error("mapper %d: cannot map %s: %s", self.id, rng, over)
+                return over
             self._remove_chunks(rng)
             # A writable view still open here (its Unmap is deferred) must not fault on a write
             # when the new backing is read-only: give it a private copy to write to.
@@ -408,6 +527,8 @@ class VaMapper:
         """Ask the manager to map [gpa, end) and wait; raises if it cannot be mapped."""
         if self.closed:
             raise DetachedError("this GuestMemory is detached", gpa)
+        if self.dropped is not None:
+            raise MappingsDroppedError(f"cannot access GPA {gpa:#x}: {self.dropped}", gpa)
         if self.gone is not None:
             raise ManagerGoneError(f"cannot map GPA {gpa:#x}: {self.gone}", gpa)
         if self.eager:
@@ -444,6 +565,8 @@ class VaMapper:
         if waiter.failure is not None:
             if self.closed:
                 raise DetachedError("this GuestMemory is detached", gpa)
+            if self.dropped is not None:
+                raise MappingsDroppedError(f"cannot access GPA {gpa:#x}: {self.dropped}", gpa)
             raise ManagerGoneError(f"cannot map GPA {gpa:#x}: {self.gone or 'manager gone'}", gpa)
 
     def set_eager(self, timeout: float) -> None:

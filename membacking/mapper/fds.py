@@ -46,6 +46,13 @@ class MapperFds:
         #: Maps that gave up waiting for their grant or denial, by mappable: the answers that
         #: arrive later belong to them, not to the next Maps
         self._abandoned: Counter[int] = Counter()
+        #: a Shutdown the manager wrote on the fd socket right before closing it
+        self._farewell: m.Shutdown | None = None
+
+    def take_farewell(self) -> m.Shutdown | None:
+        """The Shutdown that arrived on the fd socket, once (None if none did)."""
+        farewell, self._farewell = self._farewell, None
+        return farewell
 
     def get(self, mappable_id: int) -> int | None:
         """The fd held for `mappable_id` (mapper thread: others use `dup`)."""
@@ -175,6 +182,8 @@ class MapperFds:
             )
         elif isinstance(msg, m.FdDenied):
             self._denied.setdefault(msg.mappable_id, []).append(msg.reason)
+        elif isinstance(msg, m.Shutdown):
+            self._farewell = msg
         else:
             close_fds(fds)
             log.warning("mapper %d: unexpected %s on the fd socket", self.id, type(msg).__name__)

@@ -11,6 +11,7 @@ import contextlib
 import os
 import struct
 import sys
+import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -29,6 +30,8 @@ from ..protocol.ranges import PAGE_SIZE, MemoryRange
 from ..runtime import RuntimePaths
 from .core import MAX_FAULTS, VaMapper
 from .link import ManagerLink
+
+_monotonic = time.monotonic
 
 
 class SharedRange(NamedTuple):
@@ -49,6 +52,8 @@ class GuestMemory:
         self._lock = mapper.lock
         self._hot = mapper.hot
         self._mv = mapper.mv
+        #: [deadline]: no access touches memory past it until the mapper thread renews it
+        self._lease = mapper.lease
         self._space = mapper.address_space
         self._structs: dict[str, struct.Struct] = {}
         self.name = name
@@ -109,7 +114,7 @@ class GuestMemory:
                 if mapper.closed:
                     raise DetachedError("this GuestMemory is detached", pos)
                 hit = mapper.chunks.lookup(pos)
-                if hit is not None:
+                if hit is not None and _monotonic() < self._lease[0]:
                     rng, chunk = hit
                     if write and not chunk.writable:
                         raise ReadOnlyError(f"GPA {pos:#x} is mapped read-only; cannot write", pos)
@@ -120,6 +125,9 @@ class GuestMemory:
                     hot[0], hot[1], hot[2] = rng.start, rng.end, chunk.writable
                     pos = stop
                     continue
+            if hit is not None:  # mapped, but the lease ran out: the mapper thread checks first
+                mapper.renew_lease()
+                continue
             faults += 1
             if faults > MAX_FAULTS:
                 raise GuestMemoryError(f"GPA {pos:#x} keeps being unmapped while accessed", pos)
@@ -131,7 +139,7 @@ class GuestMemory:
         """Read `n` bytes at `gpa`."""
         with self._lock:
             hot = self._hot
-            if hot[0] <= gpa and gpa + n <= hot[1] and n >= 0:
+            if hot[0] <= gpa and gpa + n <= hot[1] and n >= 0 and _monotonic() < self._lease[0]:
                 return self._mv[gpa : gpa + n].tobytes()
         self._check(gpa, n)  # before allocating: n may be anything
         out = bytearray(n)
@@ -146,7 +154,7 @@ class GuestMemory:
         n = dst.nbytes
         with self._lock:
             hot = self._hot
-            if hot[0] <= gpa and gpa + n <= hot[1]:
+            if hot[0] <= gpa and gpa + n <= hot[1] and _monotonic() < self._lease[0]:
                 dst[:] = self._mv[gpa : gpa + n]
                 return
         self._span(
@@ -159,7 +167,7 @@ class GuestMemory:
         n = src.nbytes
         with self._lock:
             hot = self._hot
-            if hot[2] and hot[0] <= gpa and gpa + n <= hot[1]:
+            if hot[2] and hot[0] <= gpa and gpa + n <= hot[1] and _monotonic() < self._lease[0]:
                 self._mv[gpa : gpa + n] = src
                 return
         self._span(
@@ -188,7 +196,7 @@ class GuestMemory:
         st = self._structs.get(fmt) or self._struct(fmt)
         with self._lock:
             hot = self._hot
-            if hot[0] <= gpa and gpa + st.size <= hot[1]:
+            if hot[0] <= gpa and gpa + st.size <= hot[1] and _monotonic() < self._lease[0]:
                 values = st.unpack_from(self._mv, gpa)
                 return values[0] if len(values) == 1 else values
         values = st.unpack(self.read_at(gpa, st.size))
@@ -200,7 +208,12 @@ class GuestMemory:
         values = value if isinstance(value, tuple) else (value,)
         with self._lock:
             hot = self._hot
-            if hot[2] and hot[0] <= gpa and gpa + st.size <= hot[1]:
+            if (
+                hot[2]
+                and hot[0] <= gpa
+                and gpa + st.size <= hot[1]
+                and _monotonic() < self._lease[0]
+            ):
                 st.pack_into(self._mv, gpa, *values)
                 return
         self.write_at(gpa, st.pack(*values))
@@ -227,7 +240,11 @@ class GuestMemory:
         end = gpa + n
         for _ in range(MAX_FAULTS):
             self._span(gpa, n, write, None)  # fault everything in
+            if _monotonic() >= self._lease[0]:
+                mapper.renew_lease()
             with self._lock:
+                if _monotonic() >= self._lease[0]:
+                    continue  # ran out again meanwhile: check again, then map again
                 pieces = [
                     (r, c) for r, c in mapper.chunks.overlapping(MemoryRange.bounding(gpa, end))
                 ]

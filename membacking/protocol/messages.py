@@ -252,13 +252,24 @@ class Detach(Message):
 
 @dataclass(frozen=True, slots=True)
 class Shutdown(Message):
-    """manager -> mapper (stream): the manager is stopping; no more faults will be served."""
+    """manager -> mapper (stream, and on the fd socket right before the manager closes it): the
+    manager is stopping or has evicted the mapper; no more faults will be served. A reason
+    starting with one of `SHUTDOWN_DROPS_MAPPINGS` means the manager no longer stands behind
+    anything the mapper holds: the mapper drops every mapping."""
 
     TYPE = 18
     FROM = frozenset({"manager"})
     FIELDS = (("reason", Kind.TEXT),)
-    CHANNELS = frozenset({Channel.MAPPER})
+    CHANNELS = frozenset({Channel.MAPPER, Channel.FD})
     reason: str
+
+
+#: how the reasons of a Shutdown after which the mapper must drop every mapping begin: the
+#: manager evicted it, or the manager is stopping (a connection lost without a Shutdown, a
+#: crashed manager, keeps them)
+SHUTDOWN_EVICTED = "evicted"
+SHUTDOWN_STOPPING = "manager shutting down"
+SHUTDOWN_DROPS_MAPPINGS = (SHUTDOWN_EVICTED, SHUTDOWN_STOPPING)
 
 
 @dataclass(frozen=True, slots=True)

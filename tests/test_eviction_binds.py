@@ -1,0 +1,186 @@
+"""Removal binds every holder: a mapper evicted while stopped drops every mapping before its
+first access after SIGCONT, `--evict-kill` kills it instead, a stopped manager's mappers drop
+theirs too, and a manager that merely dies leaves them in place."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+
+import pytest
+
+from membacking.manager.config import MIN_UNMAP_TIMEOUT
+from membacking.mapper.core import LEASE
+
+from conftest import RunningManager, Worker, WorkerError
+
+Spawn = Callable[..., Worker]
+Start = Callable[..., RunningManager]
+
+GPA = 0x100000
+SIZE = 0x10000
+OLD, NEW, STRAY = "aa" * 16, "bb" * 16, "cc" * 16
+
+
+def stopped(pid: int) -> bool:
+    """Every thread of `pid` is stopped (not merely about to be)."""
+    states = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/stat") as stat:
+            states.append(stat.read().rsplit(")", 1)[1].split()[0])
+    return all(state == "T" for state in states)
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def stop(worker: Worker) -> None:
+    worker.proc.send_signal(signal.SIGSTOP)
+    assert wait_until(lambda: stopped(worker.pid))
+
+
+def queue(worker: Worker, *commands: str) -> None:
+    """Write commands to a (stopped) worker's stdin: it runs them the moment it runs again."""
+    assert worker.proc.stdin is not None
+    worker.proc.stdin.write("".join(c + "\n" for c in commands))
+    worker.proc.stdin.flush()
+
+
+def answers(worker: Worker, n: int) -> list[str]:
+    """The worker's next `n` answers (after the first, the rest may be buffered already)."""
+    assert worker.proc.stdout is not None
+    first = worker._line(30.0)
+    return [first] + [worker.proc.stdout.readline().strip() for _ in range(n - 1)]
+
+
+def holds_region(worker: Worker, name: str) -> bool:
+    """Whether the worker maps, or holds an fd of, region `name`'s memfd."""
+    memfd = f"memfd:membacking:{name} "  # then "(deleted)"
+    return memfd in worker.maps() or any(memfd in t for t in worker.fd_targets())
+
+
+def test_the_lease_is_shorter_than_any_eviction() -> None:
+    assert MIN_UNMAP_TIMEOUT >= 2 * LEASE
+
+
+def test_a_holder_evicted_while_stopped_drops_everything_before_it_accesses(
+    start_manager: Start, spawn_worker: Spawn
+) -> None:
+    """The holder maps two regions and is stopped. Removing the first evicts it; the second,
+    removed after that, sends it nothing at all (it holds nothing any more, as far as the
+    manager knows). A new region takes the second one's GPA. Woken, the holder's very first
+    accesses (waiting on its stdin, racing its mapper thread) must fail before touching any
+    byte, and it must hold neither memfd any more."""
+    running = start_manager("--unmap-timeout", "1")
+    client = running.client()
+    client.add_region("first", 2 * GPA, SIZE)
+    client.add_region("old", GPA, SIZE)
+    holder = spawn_worker(running, "holder")
+    holder.ask(f"write {2 * GPA:#x} {OLD}")
+    holder.ask(f"write {GPA:#x} {OLD}")
+    assert holds_region(holder, "first") and holds_region(holder, "old")
+    stop(holder)
+    try:
+        started = time.monotonic()
+        result = client.remove_region("first")  # returns once the stopped holder is evicted
+        assert time.monotonic() - started >= 1.0
+        assert result["unmapped_from"] == [holder.mapper_id]
+        assert client.remove_region("old")["unmapped_from"] == []  # nobody to wait for
+        client.add_region("new", GPA, SIZE)
+        writer = spawn_worker(running, "writer")
+        writer.ask(f"write {GPA:#x} {NEW}")
+        queue(
+            holder,
+            f"read {GPA:#x} 16",
+            f"write {GPA:#x} {STRAY}",
+            f"read {2 * GPA:#x} 16",
+            f"read {GPA + 32:#x} 1",
+        )
+    finally:
+        holder.proc.send_signal(signal.SIGCONT)
+    got = answers(holder, 4)
+    for answer in got:
+        assert answer.startswith("err MappingsDroppedError"), got
+    assert "evicted" in got[0]
+    assert writer.ask(f"read {GPA:#x} 16") == NEW  # the new region is untouched
+    assert holder.ask("mapped") == ""
+    for name in ("first", "old"):
+        assert not holds_region(holder, name)  # neither mapped nor held as an fd
+    assert client.stats()["evictions"] == 1
+
+
+def test_a_view_open_at_eviction_reads_zeros_not_the_removed_memory(
+    start_manager: Start, spawn_worker: Spawn
+) -> None:
+    """A running holder whose open view keeps the Unmap from being acknowledged is evicted;
+    it drops its mappings at once, and the view's range gets anonymous memory (no fault)."""
+    running = start_manager("--unmap-timeout", "1")
+    client = running.client()
+    client.add_region("old", GPA, SIZE)
+    holder = spawn_worker(running, "viewer")
+    holder.ask(f"write {GPA:#x} {OLD}")
+    holder.ask(f"view {GPA:#x} 4096")
+    client.remove_region("old")
+    assert wait_until(lambda: not holds_region(holder, "old"))
+    with pytest.raises(WorkerError, match="MappingsDroppedError"):
+        holder.ask(f"read {GPA:#x} 1")
+    holder.ask("unview")  # the view closes without a fault
+    assert holder.proc.poll() is None
+
+
+def test_evict_kill_kills_a_stopped_holder(start_manager: Start, spawn_worker: Spawn) -> None:
+    running = start_manager("--unmap-timeout", "1", "--evict-kill")
+    client = running.client()
+    client.add_region("old", GPA, SIZE)
+    holder = spawn_worker(running, "frozen")
+    bystander = spawn_worker(running, "bystander")
+    holder.ask(f"read {GPA:#x} 1")
+    bystander.ask(f"write {GPA:#x} {OLD}")
+    stop(holder)
+    client.remove_region("old")
+    assert holder.proc.wait(10) == -signal.SIGKILL
+    assert client.stats()["evict_kills"] == 1
+    assert "killed (SIGKILL, --evict-kill)" in running.log()
+    with pytest.raises(WorkerError, match="NoMappingError"):
+        bystander.ask(f"read {GPA:#x} 1")  # answered (not evicted), and the region is gone
+
+
+def test_a_stopped_manager_makes_its_mappers_drop_theirs(
+    start_manager: Start, spawn_worker: Spawn
+) -> None:
+    running = start_manager("--region", "ram=0:1M")
+    holder = spawn_worker(running, "holder")
+    holder.ask(f"write 0x0 {OLD}")
+    stop(holder)
+    try:
+        assert running.stop(signal.SIGTERM) == 0
+        queue(holder, "read 0x0 16")
+    finally:
+        holder.proc.send_signal(signal.SIGCONT)
+    (answer,) = answers(holder, 1)
+    assert answer.startswith("err MappingsDroppedError") and "shutting down" in answer
+    assert not holds_region(holder, "ram")
+
+
+def test_a_manager_that_dies_leaves_the_mappings_in_place(
+    start_manager: Start, spawn_worker: Spawn
+) -> None:
+    """No Shutdown, just the end of the connection: the manager may come back (and the
+    mapper re-attach), so nothing is dropped."""
+    running = start_manager("--region", "ram=0:1M")
+    holder = spawn_worker(running, "holder")
+    holder.ask(f"write 0x0 {OLD}")
+    running.stop(signal.SIGKILL)
+    time.sleep(2 * LEASE)
+    assert holder.ask("read 0x0 16") == OLD
+    with pytest.raises(WorkerError, match="ManagerGoneError"):
+        holder.ask("read 0x200000 1")  # a new fault cannot be served
+    assert holds_region(holder, "ram")
