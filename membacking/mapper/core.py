@@ -88,8 +88,10 @@ class VaMapper:
         self.chunks = ChunkTable()
         #: VMAs this mapper may split its reservation into (vm.max_map_count less headroom)
         self.map_budget = MapCountBudget.from_environment()
-        #: [start, end, writable] of the chunk last accessed (checked first; reset on unmap)
-        self.hot: list[int | bool] = [0, 0, False]
+        #: [start, end, writable] of the chunk last accessed (checked first; reset on unmap),
+        #: then the lease: the monotonic time before which accesses may touch memory (see
+        #: LEASE), kept here so the hot path finds it in the list it has loaded already
+        self.hot: list[int | bool | float] = [0, 0, False, _monotonic() + LEASE]
         self.mv = self.reservation.buffer()
         self.waiters = WaiterSet()
         #: fds the manager pushed, each behind the Map needing it
@@ -102,9 +104,6 @@ class VaMapper:
         self.gone: str | None = None
         #: why every mapping was dropped (evicted, or the manager stopped), once it was
         self.dropped: str | None = None
-        #: [monotonic deadline]: accesses touch memory only before it (see LEASE); one list
-        #: shared with GuestMemory so the hot path reads it without an attribute lookup
-        self.lease: list[float] = [_monotonic() + LEASE]
         #: accessing threads wait on it for a turn of the mapper thread when the lease ran out
         self._turned = threading.Condition(threading.Lock())
         self._renewing = 0
@@ -151,7 +150,7 @@ class VaMapper:
         stream = self.link.stream
         # zmq_poll on the poller's own list: Poller.poll only adds a Python frame around it
         items = poller.sockets
-        lease = self.lease
+        hot = self.hot
         while not self._stop:
             # taken before the poll: whatever the poll shows (the fd socket's end, a Shutdown)
             # was there no later than this, and is handled before the lease is renewed
@@ -186,7 +185,7 @@ class VaMapper:
             except Exception:
                 log.exception("mapper %d: unexpected error in the mapper thread", self.id)
             if self.dropped is None:
-                lease[0] = turn + LEASE
+                hot[3] = turn + LEASE
             if self._renewing:
                 with self._turned:
                     self._turned.notify_all()
@@ -225,7 +224,7 @@ class VaMapper:
         with self._turned:
             self._renewing += 1
             try:
-                while _monotonic() >= self.lease[0] and self.dropped is None and not self.closed:
+                while _monotonic() >= self.hot[3] and self.dropped is None and not self.closed:
                     left = deadline - _monotonic()
                     if left <= 0:
                         raise GuestMemoryError(

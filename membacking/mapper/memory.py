@@ -52,8 +52,6 @@ class GuestMemory:
         self._lock = mapper.lock
         self._hot = mapper.hot
         self._mv = mapper.mv
-        #: [deadline]: no access touches memory past it until the mapper thread renews it
-        self._lease = mapper.lease
         self._space = mapper.address_space
         self._structs: dict[str, struct.Struct] = {}
         self.name = name
@@ -114,7 +112,7 @@ class GuestMemory:
                 if mapper.closed:
                     raise DetachedError("this GuestMemory is detached", pos)
                 hit = mapper.chunks.lookup(pos)
-                if hit is not None and _monotonic() < self._lease[0]:
+                if hit is not None and _monotonic() < self._hot[3]:
                     rng, chunk = hit
                     if write and not chunk.writable:
                         raise ReadOnlyError(f"GPA {pos:#x} is mapped read-only; cannot write", pos)
@@ -139,7 +137,7 @@ class GuestMemory:
         """Read `n` bytes at `gpa`."""
         with self._lock:
             hot = self._hot
-            if hot[0] <= gpa and gpa + n <= hot[1] and n >= 0 and _monotonic() < self._lease[0]:
+            if hot[0] <= gpa and gpa + n <= hot[1] and n >= 0 and _monotonic() < hot[3]:
                 return self._mv[gpa : gpa + n].tobytes()
         self._check(gpa, n)  # before allocating: n may be anything
         out = bytearray(n)
@@ -154,7 +152,7 @@ class GuestMemory:
         n = dst.nbytes
         with self._lock:
             hot = self._hot
-            if hot[0] <= gpa and gpa + n <= hot[1] and _monotonic() < self._lease[0]:
+            if hot[0] <= gpa and gpa + n <= hot[1] and _monotonic() < hot[3]:
                 dst[:] = self._mv[gpa : gpa + n]
                 return
         self._span(
@@ -167,7 +165,7 @@ class GuestMemory:
         n = src.nbytes
         with self._lock:
             hot = self._hot
-            if hot[2] and hot[0] <= gpa and gpa + n <= hot[1] and _monotonic() < self._lease[0]:
+            if hot[2] and hot[0] <= gpa and gpa + n <= hot[1] and _monotonic() < hot[3]:
                 self._mv[gpa : gpa + n] = src
                 return
         self._span(
@@ -196,7 +194,7 @@ class GuestMemory:
         st = self._structs.get(fmt) or self._struct(fmt)
         with self._lock:
             hot = self._hot
-            if hot[0] <= gpa and gpa + st.size <= hot[1] and _monotonic() < self._lease[0]:
+            if hot[0] <= gpa and gpa + st.size <= hot[1] and _monotonic() < hot[3]:
                 values = st.unpack_from(self._mv, gpa)
                 return values[0] if len(values) == 1 else values
         values = st.unpack(self.read_at(gpa, st.size))
@@ -208,12 +206,7 @@ class GuestMemory:
         values = value if isinstance(value, tuple) else (value,)
         with self._lock:
             hot = self._hot
-            if (
-                hot[2]
-                and hot[0] <= gpa
-                and gpa + st.size <= hot[1]
-                and _monotonic() < self._lease[0]
-            ):
+            if hot[2] and hot[0] <= gpa and gpa + st.size <= hot[1] and _monotonic() < hot[3]:
                 st.pack_into(self._mv, gpa, *values)
                 return
         self.write_at(gpa, st.pack(*values))
@@ -240,10 +233,10 @@ class GuestMemory:
         end = gpa + n
         for _ in range(MAX_FAULTS):
             self._span(gpa, n, write, None)  # fault everything in
-            if _monotonic() >= self._lease[0]:
+            if _monotonic() >= self._hot[3]:
                 mapper.renew_lease()
             with self._lock:
-                if _monotonic() >= self._lease[0]:
+                if _monotonic() >= self._hot[3]:
                     continue  # ran out again meanwhile: check again, then map again
                 pieces = [
                     (r, c) for r, c in mapper.chunks.overlapping(MemoryRange.bounding(gpa, end))
