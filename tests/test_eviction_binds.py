@@ -6,15 +6,22 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
+from test_mapper_thread import ScriptedManager, requests_seen
 
+import membacking
 from membacking.manager.config import MIN_UNMAP_TIMEOUT
 from membacking.mapper.core import LEASE
+from membacking.protocol import messages as m
+from membacking.protocol.codec import encode
+from membacking.protocol.fdpass import send_message
 
-from conftest import RunningManager, Worker, WorkerError
+from conftest import RunningManager, Worker, WorkerError, short_tmpdir
 
 Spawn = Callable[..., Worker]
 Start = Callable[..., RunningManager]
@@ -184,3 +191,100 @@ def test_a_manager_that_dies_leaves_the_mappings_in_place(
     with pytest.raises(WorkerError, match="ManagerGoneError"):
         holder.ask("read 0x200000 1")  # a new fault cannot be served
     assert holds_region(holder, "ram")
+
+
+# ---- against a scripted manager: which endings drop the mappings ------------------------------
+
+
+@pytest.fixture
+def scripted() -> Iterator[ScriptedManager]:
+    manager = ScriptedManager(short_tmpdir())
+    yield manager
+    manager.close()
+
+
+def map_first_mib(scripted: ScriptedManager, memory: membacking.GuestMemory, memfd: int) -> None:
+    """Fault GPA 0 in and answer it with a Map of the first MiB, backed by `memfd`."""
+    result: dict[str, bytes] = {}
+    reader = threading.Thread(target=lambda: result.update(data=memory.read_at(0, 6)))
+    reader.start()
+    assert [type(x) for x in requests_seen(scripted, 10)] == [m.SendMappings]
+    assert scripted.conn is not None
+    send_message(scripted.conn, m.FdGrant(1, 1 << 20, True), [memfd])
+    mapping = m.Map(m.MemoryRange(0, 1 << 20), 1, 0, True)
+    scripted.router.send_multipart([scripted.stream, encode(mapping)])
+    reader.join(10)
+    assert result["data"] == b"mapped"
+
+
+@pytest.mark.parametrize(
+    ("ending", "drops"),
+    [
+        ("evicted on the fd socket", True),
+        ("evicted on the stream only", True),
+        ("stopping on the fd socket", True),
+        ("other reason on the fd socket", False),
+        ("connection lost", False),
+    ],
+)
+def test_which_endings_drop_the_mappings(
+    scripted: ScriptedManager, ending: str, drops: bool
+) -> None:
+    root = Path(scripted.listener.getsockname()).parent
+    memfd = os.memfd_create("scripted")
+    os.ftruncate(memfd, 1 << 20)
+    os.pwrite(memfd, b"mapped", 0)
+    memory = membacking.attach(root, name="scripted")
+    try:
+        scripted.registered()
+        assert scripted.conn is not None
+        map_first_mib(scripted, memory, memfd)
+        reason = {
+            "evicted": f"{m.SHUTDOWN_EVICTED}: scripted",
+            "stopping": f"{m.SHUTDOWN_STOPPING} (scripted)",
+            "other": "handing over to a newer manager",
+        }.get(ending.split()[0])
+        if reason is not None and ending.endswith("fd socket"):
+            send_message(scripted.conn, m.Shutdown(reason))
+        elif reason is not None:  # as a manager does whose fd socket to the mapper was full
+            scripted.router.send_multipart([scripted.stream, encode(m.Shutdown(reason))])
+        scripted.conn.close()
+        scripted.conn = None
+        mapper = memory._mapper
+        assert wait_until(lambda: mapper.gone is not None)
+        if drops:
+            assert wait_until(lambda: mapper.dropped is not None)
+            with pytest.raises(membacking.MappingsDroppedError, match="scripted"):
+                memory.read_at(0, 6)
+            assert memory.mapped_ranges() == [] and mapper.fds.get(1) is None
+        else:
+            time.sleep(2 * LEASE)  # the lease has run out and been renewed since
+            assert mapper.dropped is None
+            assert memory.read_at(0, 6) == b"mapped"
+            with pytest.raises(membacking.ManagerGoneError) as exc:
+                memory.read_at(1 << 20, 1)  # a new fault cannot be served
+            assert not isinstance(exc.value, membacking.MappingsDroppedError)
+    finally:
+        memory.detach()
+        os.close(memfd)
+
+
+def test_an_access_after_the_lease_ran_out_waits_for_a_turn(scripted: ScriptedManager) -> None:
+    """The slow side of the lease: an access finding it run out wakes the mapper thread, waits
+    for its turn, then goes ahead (hot path and general path alike)."""
+    root = Path(scripted.listener.getsockname()).parent
+    memfd = os.memfd_create("scripted")
+    os.ftruncate(memfd, 1 << 20)
+    os.pwrite(memfd, b"mapped", 0)
+    memory = membacking.attach(root, name="lease")
+    try:
+        scripted.registered()
+        map_first_mib(scripted, memory, memfd)
+        hot = memory._mapper.hot
+        for access in (lambda: memory.read_at(0, 6), lambda: memory.read_plain(0, "6s")):
+            hot[3] = 0.0
+            assert access() == b"mapped"
+            assert hot[3] > time.monotonic()
+    finally:
+        memory.detach()
+        os.close(memfd)
