@@ -16,6 +16,7 @@ from test_mapper_thread import ScriptedManager, requests_seen
 
 import membacking
 from membacking.manager.config import MIN_UNMAP_TIMEOUT
+from membacking.manager.daemon import STOP_LINGER
 from membacking.mapper.core import LEASE
 from membacking.protocol import messages as m
 from membacking.protocol.codec import encode
@@ -74,8 +75,9 @@ def holds_region(worker: Worker, name: str) -> bool:
     return memfd in worker.maps() or any(memfd in t for t in worker.fd_targets())
 
 
-def test_the_lease_is_shorter_than_any_eviction() -> None:
+def test_the_lease_is_shorter_than_any_eviction_or_stop() -> None:
     assert MIN_UNMAP_TIMEOUT >= 2 * LEASE
+    assert STOP_LINGER > LEASE
 
 
 def test_a_holder_evicted_while_stopped_drops_everything_before_it_accesses(
@@ -163,6 +165,8 @@ def test_evict_kill_kills_a_stopped_holder(start_manager: Start, spawn_worker: S
 def test_a_stopped_manager_makes_its_mappers_drop_theirs(
     start_manager: Start, spawn_worker: Spawn
 ) -> None:
+    """Once the stopped daemon has exited, a holder woken right then (its lease still ran when
+    it was stopped) drops its mappings before its first access."""
     running = start_manager("--region", "ram=0:1M")
     holder = spawn_worker(running, "holder")
     holder.ask(f"write 0x0 {OLD}")

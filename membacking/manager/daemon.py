@@ -56,6 +56,10 @@ log = logging.getLogger("membacking.manager")
 MAX_STRANGERS = 1024
 #: descriptors kept free below the open-file limit, for ZeroMQ's own accepts and short needs
 FD_HEADROOM = 64
+#: Seconds a stopping daemon that had mappers waits after telling them (and closing their fd
+#: sockets) before it exits: longer than a mapper's lease (membacking.mapper.core.LEASE), so
+#: once the daemon is gone no mapper can access its old mappings before it has dropped them.
+STOP_LINGER = 0.6
 _HWM = 100_000
 # plain ints: pyzmq's flag enums make every `&` a call into the enum module
 _POLLIN, _POLLOUT, _RCVMORE = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.RCVMORE)
@@ -260,9 +264,13 @@ class Daemon(FdServer):
         sdnotify.notify("STOPPING=1")
         with contextlib.suppress(Exception):
             farewell = f"{m.SHUTDOWN_STOPPING} ({reason})"
+            attached = bool(self.state.mappers)
             self._apply(self.state.shutdown(farewell))
             for conn in list(self._conns.values()):
                 self._say_farewell(conn, farewell)
+                conn.close()  # the end of the fd socket wakes each mapper at once
+            if attached:
+                time.sleep(STOP_LINGER)
         self._close_all()
 
     def _close_all(self) -> None:
