@@ -73,7 +73,9 @@ class GuestMemory:
     @property
     def manager_gone(self) -> str | None:
         """Why this mapper lost its manager (stopped, evicted, connection lost), or None while it
-        is served. Mapped memory keeps working either way; new faults fail."""
+        is served. New faults fail; mapped memory keeps working only if the connection was just
+        lost (evicted or stopped: every mapping was dropped, accesses raise
+        MappingsDroppedError)."""
         return self._mapper.gone
 
     def make_eager(self, timeout: float = 30.0) -> None:
