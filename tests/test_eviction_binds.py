@@ -145,8 +145,14 @@ def test_a_view_open_at_eviction_reads_zeros_not_the_removed_memory(
     assert holder.proc.poll() is None
 
 
-def test_evict_kill_kills_a_stopped_holder(start_manager: Start, spawn_worker: Spawn) -> None:
-    running = start_manager("--unmap-timeout", "1", "--evict-kill")
+@pytest.mark.parametrize("how", ["option", "config"])
+def test_evict_kill_kills_a_stopped_holder(
+    start_manager: Start, spawn_worker: Spawn, tmp_path: Path, how: str
+) -> None:
+    config = tmp_path / "membacking.toml"
+    config.write_text("evict_kill = true\nunmap_timeout = 1\n")
+    flags = ["--unmap-timeout", "1", "--evict-kill"]
+    running = start_manager(*(["--config", str(config)] if how == "config" else flags))
     client = running.client()
     client.add_region("old", GPA, SIZE)
     holder = spawn_worker(running, "frozen")
