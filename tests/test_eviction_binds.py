@@ -80,52 +80,6 @@ def test_the_lease_is_shorter_than_any_eviction_or_stop() -> None:
     assert STOP_LINGER > LEASE
 
 
-def test_a_holder_evicted_while_stopped_drops_everything_before_it_accesses(
-    start_manager: Start, spawn_worker: Spawn
-) -> None:
-    """The holder maps two regions and is stopped. Removing the first evicts it; the second,
-    removed after that, sends it nothing at all (it holds nothing any more, as far as the
-    manager knows). A new region takes the second one's GPA. Woken, the holder's very first
-    accesses (waiting on its stdin, racing its mapper thread) must fail before touching any
-    byte, and it must hold neither memfd any more."""
-    running = start_manager("--unmap-timeout", "1")
-    client = running.client()
-    client.add_region("first", 2 * GPA, SIZE)
-    client.add_region("old", GPA, SIZE)
-    holder = spawn_worker(running, "holder")
-    holder.ask(f"write {2 * GPA:#x} {OLD}")
-    holder.ask(f"write {GPA:#x} {OLD}")
-    assert holds_region(holder, "first") and holds_region(holder, "old")
-    stop(holder)
-    try:
-        started = time.monotonic()
-        result = client.remove_region("first")  # returns once the stopped holder is evicted
-        assert time.monotonic() - started >= 1.0
-        assert result["unmapped_from"] == [holder.mapper_id]
-        assert client.remove_region("old")["unmapped_from"] == []  # nobody to wait for
-        client.add_region("new", GPA, SIZE)
-        writer = spawn_worker(running, "writer")
-        writer.ask(f"write {GPA:#x} {NEW}")
-        queue(
-            holder,
-            f"read {GPA:#x} 16",
-            f"write {GPA:#x} {STRAY}",
-            f"read {2 * GPA:#x} 16",
-            f"read {GPA + 32:#x} 1",
-        )
-    finally:
-        holder.proc.send_signal(signal.SIGCONT)
-    got = answers(holder, 4)
-    for answer in got:
-        assert answer.startswith("err MappingsDroppedError"), got
-    assert "evicted" in got[0]
-    assert writer.ask(f"read {GPA:#x} 16") == NEW  # the new region is untouched
-    assert holder.ask("mapped") == ""
-    for name in ("first", "old"):
-        assert not holds_region(holder, name)  # neither mapped nor held as an fd
-    assert client.stats()["evictions"] == 1
-
-
 def test_a_view_open_at_eviction_reads_zeros_not_the_removed_memory(
     start_manager: Start, spawn_worker: Spawn
 ) -> None:
@@ -143,29 +97,6 @@ def test_a_view_open_at_eviction_reads_zeros_not_the_removed_memory(
         holder.ask(f"read {GPA:#x} 1")
     holder.ask("unview")  # the view closes without a fault
     assert holder.proc.poll() is None
-
-
-@pytest.mark.parametrize("how", ["option", "config"])
-def test_evict_kill_kills_a_stopped_holder(
-    start_manager: Start, spawn_worker: Spawn, tmp_path: Path, how: str
-) -> None:
-    config = tmp_path / "membacking.toml"
-    config.write_text("evict_kill = true\nunmap_timeout = 1\n")
-    flags = ["--unmap-timeout", "1", "--evict-kill"]
-    running = start_manager(*(["--config", str(config)] if how == "config" else flags))
-    client = running.client()
-    client.add_region("old", GPA, SIZE)
-    holder = spawn_worker(running, "frozen")
-    bystander = spawn_worker(running, "bystander")
-    holder.ask(f"read {GPA:#x} 1")
-    bystander.ask(f"write {GPA:#x} {OLD}")
-    stop(holder)
-    client.remove_region("old")
-    assert holder.proc.wait(10) == -signal.SIGKILL
-    assert client.stats()["evict_kills"] == 1
-    assert "killed (SIGKILL, --evict-kill)" in running.log()
-    with pytest.raises(WorkerError, match="NoMappingError"):
-        bystander.ask(f"read {GPA:#x} 1")  # answered (not evicted), and the region is gone
 
 
 def test_a_stopped_manager_makes_its_mappers_drop_theirs(
