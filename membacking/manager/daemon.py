@@ -396,8 +396,7 @@ class Daemon(FdServer):
     def _kill_evicted(self, mapper_id: int, conn: FdConn | None) -> None:
         """--evict-kill: SIGKILL an evicted mapper, by the pidfd taken when it connected (a pid
         reused since cannot be hit)."""
-        entry = self.state.mappers.get(mapper_id)
-        who = f"mapper {mapper_id}" + (f" ({entry.name}, pid {entry.pid})" if entry else "")
+        who = f"mapper {mapper_id}" + (f" (pid {conn.pid})" if conn is not None else "")
         if conn is None or conn.pidfd is None:
             log.error("%s: --evict-kill cannot kill it (no pidfd of it)", who)
             return
