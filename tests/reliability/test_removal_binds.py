@@ -110,7 +110,7 @@ def test_evict_kill_kills_a_stopped_holder(
     client.remove_region("old")
     assert holder.proc.wait(10) == -signal.SIGKILL
     assert client.stats()["evict_kills"] == 1
-    assert "killed (SIGKILL, --evict-kill)" in running.log()
+    assert f"(pid {holder.pid}) killed (SIGKILL, --evict-kill)" in running.log()
     with pytest.raises(WorkerError, match="NoMappingError"):
         bystander.ask(f"read {GPA:#x} 1")  # answered (not evicted), and the region is gone
     bystander.close()
