@@ -13,7 +13,7 @@ from typing import Any
 from .. import units
 from ..errors import MembackingError
 
-#: The shortest --unmap-timeout: twice a mapper's lease (membacking.mapper.core.LEASE), so a
+#: The shortest --unmap-timeout: twice a mapper's lease (membacking.mapper.lease.LEASE), so a
 #: mapper stopped long enough to be evicted always finds its lease run out when it runs again
 #: (and drops its mappings before it accesses any).
 MIN_UNMAP_TIMEOUT = 1.0

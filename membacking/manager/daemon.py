@@ -57,7 +57,7 @@ MAX_STRANGERS = 1024
 #: descriptors kept free below the open-file limit, for ZeroMQ's own accepts and short needs
 FD_HEADROOM = 64
 #: Seconds a stopping daemon that had mappers waits after telling them (and closing their fd
-#: sockets) before it exits: longer than a mapper's lease (membacking.mapper.core.LEASE), so
+#: sockets) before it exits: longer than a mapper's lease (membacking.mapper.lease.LEASE), so
 #: once the daemon is gone no mapper can access its old mappings before it has dropped them.
 STOP_LINGER = 0.6
 _HWM = 100_000

@@ -5,7 +5,7 @@ Safety scheme (Python cannot recover from SIGSEGV): every access checks the tabl
 under one `lock`; the mapper thread takes the same lock before it maps or unmaps anything. Open
 views pin their range; an Unmap touching a pinned range is acknowledged only after the last
 view on it closes, so an UnmapAck always means no access can reach the old memory. Accesses
-also need a live `lease` (see `LEASE`): a mapper evicted while it was stopped drops every
+also need a live lease (see lease.py): a mapper evicted while it was stopped drops every
 mapping before any access of its own can touch one again.
 """
 
@@ -22,22 +22,20 @@ import time
 import zmq
 
 from ..errors import (
-    DetachedError,
     GuestMemoryError,
-    ManagerGoneError,
-    MappingsDroppedError,
-    NoMappingError,
-    ReadOnlyError,
 )
 from ..ffi import MADV_DONTDUMP, Reservation
 from ..protocol import messages as m
 from ..protocol.errors import ProtocolError
 from ..protocol.messages import PRIVATE_MAPPABLE, Message
 from ..protocol.ranges import MemoryRange
+from .acks import AckQueue
 from .chunks import Chunk, ChunkTable, MapCountBudget
+from .faulting import fault
 from .fds import MapperFds
+from .lease import FAREWELL_WAIT, POLL_MS, Lease, drops_mappings
 from .link import ManagerLink
-from .waitlist import MAP_FAILED, NO_MAPPING, READ_ONLY, WaiterSet
+from .waitlist import MAP_FAILED, WaiterSet
 
 log = logging.getLogger("membacking.mapper")
 
@@ -47,30 +45,7 @@ _POLLOUT, _POLLERR = int(zmq.POLLOUT), int(zmq.POLLERR)
 #: faults one access may take before it gives up (each fault maps at least one page it needs)
 MAX_FAULTS = 64
 
-#: Seconds one turn of the mapper thread vouches for its connection. Each turn takes the time
-#: before it polls the stream and the fd socket, handles what they show (a Shutdown, the fd
-#: socket's end) and then sets the lease to that time + LEASE; an access touches memory only
-#: while the lease runs, else it waits for a turn. The manager evicts only a mapper that left
-#: an Unmap unanswered for --unmap-timeout (at least 2 * LEASE): a mapper stopped long enough to
-#: be evicted finds its lease run out when it runs again, and its first access waits for the
-#: turn that reads the eviction and drops every mapping.
-LEASE = 0.5
-#: the mapper thread's poll timeout: an idle mapper renews its lease before it runs out
-_POLL_MS = int(LEASE * 1000) // 2
-#: how long a mapper whose fd socket ended without a Shutdown on it waits for one on the
-#: stream (a manager that could not write it on the fd socket sends it there) before it
-#: takes the manager for dead and keeps its mappings
-FAREWELL_WAIT = LEASE
-
 _monotonic = time.monotonic
-
-
-def drops_mappings(shutdown: m.Shutdown) -> bool:
-    """Whether this Shutdown means the manager no longer backs what the mapper holds (evicted,
-    or the manager stopped), so the mapper must drop every mapping. A connection lost without
-    a Shutdown (the manager died) never drops them. Keyed on the reason text today; once the
-    Shutdown carries a machine-readable code, this test is the one line to change."""
-    return shutdown.reason.startswith(m.SHUTDOWN_DROPS_MAPPINGS)
 
 
 class VaMapper:
@@ -90,8 +65,8 @@ class VaMapper:
         self.map_budget = MapCountBudget.from_environment()
         #: [start, end, writable] of the chunk last accessed (checked first; reset on unmap),
         #: then the lease: the monotonic time before which accesses may touch memory (see
-        #: LEASE), kept here so the hot path finds it in the list it has loaded already
-        self.hot: list[int | bool | float] = [0, 0, False, _monotonic() + LEASE]
+        #: lease.py), kept here so the hot path finds it in the list it has loaded already
+        self.hot: list[int | bool | float] = [0, 0, False, 0.0]
         self.mv = self.reservation.buffer()
         self.waiters = WaiterSet()
         #: fds the manager pushed, each behind the Map needing it
@@ -104,23 +79,19 @@ class VaMapper:
         self.gone: str | None = None
         #: why every mapping was dropped (evicted, or the manager stopped), once it was
         self.dropped: str | None = None
-        #: accessing threads wait on it for a turn of the mapper thread when the lease ran out
-        self._turned = threading.Condition(threading.Lock())
-        self._renewing = 0
         self.eager = False
         self.closed = False
         self._eager_done = threading.Event()
         self._eager_message = ""
         self._outbox: collections.deque[Message] = collections.deque()
-        #: acks the fd socket had no room for yet, in order (sent when it has: never dropped,
-        #: and the mapper thread never waits for room)
-        self._acks: collections.deque[m.UnmapAck | m.MapAck] = collections.deque()
+        self.acks = AckQueue(self.link, self.id, self._watch_for_room)
         #: the mapper thread's poller (set while it runs), and whether it still polls the fd
         #: socket (it stops once that is closed)
         self._poller: zmq.Poller | None = None
         self._fd_polled = False
         self._stream_ready = [(self.link.stream, zmq.POLLIN)]  # for a zero-timeout zmq_poll
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.lease = Lease(self.hot, self._wake)
         self._stop = False
         self._thread = threading.Thread(
             target=self._run, name=f"membacking-mapper-{self.id}", daemon=True
@@ -150,13 +121,13 @@ class VaMapper:
         stream = self.link.stream
         # zmq_poll on the poller's own list: Poller.poll only adds a Python frame around it
         items = poller.sockets
-        hot = self.hot
+        lease = self.lease
         while not self._stop:
             # taken before the poll: whatever the poll shows (the fd socket's end, a Shutdown)
             # was there no later than this, and is handled before the lease is renewed
             turn = _monotonic()
             try:
-                events = dict(zmq.zmq_poll(items, _POLL_MS))
+                events = dict(zmq.zmq_poll(items, POLL_MS))
             except zmq.ZMQError:
                 break
             if self._wake_r in events:
@@ -172,7 +143,7 @@ class VaMapper:
                 fd_events = events.get(fd_fileno)
                 if fd_events is not None:
                     if fd_events & _POLLOUT:
-                        self._flush_acks()
+                        self.acks.flush(lambda: self.gone is not None)
                     if fd_events & ~_POLLOUT and (self.gone is not None or self._read_fd_socket()):
                         # closed (or no longer of use): stop polling it, or poll would never
                         # block
@@ -184,11 +155,7 @@ class VaMapper:
                 log.error("mapper %d: socket error: %s", self.id, exc)
             except Exception:
                 log.exception("mapper %d: unexpected error in the mapper thread", self.id)
-            if self.dropped is None:
-                hot[3] = turn + LEASE
-            if self._renewing:
-                with self._turned:
-                    self._turned.notify_all()
+            lease.end_turn(turn, renew=self.dropped is None)
         with contextlib.suppress(zmq.ZMQError):
             self._flush_outbox()  # a Detach posted just before the stop still goes out
 
@@ -218,51 +185,17 @@ class VaMapper:
                 self._drain_stream()
 
     def renew_lease(self) -> None:
-        """Wait until a turn of the mapper thread renewed the lease, or it dropped every mapping
-        (called by an access that found the lease run out; never with `lock` held)."""
-        deadline = _monotonic() + self.fault_timeout
-        with self._turned:
-            self._renewing += 1
-            try:
-                while _monotonic() >= self.hot[3] and self.dropped is None and not self.closed:
-                    left = deadline - _monotonic()
-                    if left <= 0:
-                        raise GuestMemoryError(
-                            f"the mapper thread has not checked its connection to the manager "
-                            f"for {self.fault_timeout:g}s; no access can be made until it does"
-                        )
-                    self._wake()
-                    self._turned.wait(min(left, 0.05))
-            finally:
-                self._renewing -= 1
+        """Wait for a turn of the mapper thread: the lease ran out (an access calls this, never
+        with `lock` held). Raises if the mapper thread has not run for `fault_timeout`."""
+        if not self.lease.wait(self.fault_timeout, lambda: self.dropped is not None or self.closed):
+            raise GuestMemoryError(
+                f"the mapper thread has not checked its connection to the manager for "
+                f"{self.fault_timeout:g}s; no access can be made until it does"
+            )
 
     def _acknowledge(self, msg: m.UnmapAck | m.MapAck) -> None:
-        """Send an ack on the fd socket (the manager's loop reads it without a ZeroMQ I/O thread
-        in between), or queue it behind those still waiting for room."""
-        if self.gone is not None:
-            return  # nobody to tell
-        if not self._acks:
-            try:
-                if self.link.try_send(msg):
-                    return
-            except OSError as exc:  # gone: the fd socket's hang-up says so next
-                log.warning("mapper %d: cannot send %s: %s", self.id, msg, exc.strerror or exc)
-                return
-            self._watch_for_room(True)
-        self._acks.append(msg)
-
-    def _flush_acks(self) -> None:
-        """The fd socket has room: send the queued acks, in order, as far as it goes."""
-        acks = self._acks
-        try:
-            while acks and self.gone is None:
-                if not self.link.try_send(acks[0]):
-                    return  # still waiting for room
-                acks.popleft()
-        except OSError as exc:
-            log.warning("mapper %d: cannot send %s: %s", self.id, acks[0], exc.strerror or exc)
-        acks.clear()
-        self._watch_for_room(False)
+        if self.gone is None:  # else nobody to tell
+            self.acks.send(msg)
 
     def _watch_for_room(self, on: bool) -> None:
         if self._poller is not None and self._fd_polled:
@@ -524,49 +457,7 @@ class VaMapper:
 
     def fault(self, gpa: int, end: int, write: bool) -> None:
         """Ask the manager to map [gpa, end) and wait; raises if it cannot be mapped."""
-        if self.closed:
-            raise DetachedError("this GuestMemory is detached", gpa)
-        if self.dropped is not None:
-            raise MappingsDroppedError(f"cannot access GPA {gpa:#x}: {self.dropped}", gpa)
-        if self.gone is not None:
-            raise ManagerGoneError(f"cannot map GPA {gpa:#x}: {self.gone}", gpa)
-        if self.eager:
-            raise NoMappingError(
-                f"no region backs GPA {gpa:#x} (an eager mapper has every mapping already)", gpa
-            )
-        rng = MemoryRange.bounding(gpa, min(end, self.address_space))
-        waiter = self.waiters.register(rng, write)
-        if not waiter.done:
-            try:
-                self.link.send(m.SendMappings(rng))
-            except TimeoutError as exc:  # alive (its socket is open) but not reading
-                self.waiters.discard(waiter)
-                raise GuestMemoryError(f"cannot fault GPA {gpa:#x}: {exc}", gpa) from None
-            except OSError as exc:
-                self.waiters.discard(waiter)
-                why = exc.strerror or str(exc)
-                raise ManagerGoneError(f"cannot reach the manager: {why}", gpa) from None
-        if not waiter.wait(self.fault_timeout):
-            self.waiters.discard(waiter)
-            raise GuestMemoryError(
-                f"the manager did not answer a fault at GPA {gpa:#x} within "
-                f"{self.fault_timeout:g}s",
-                gpa,
-            )
-        missing = waiter.range.start
-        if waiter.failure == NO_MAPPING:
-            raise NoMappingError(f"no region backs GPA {missing:#x}", missing)
-        if waiter.failure == READ_ONLY:
-            raise ReadOnlyError(f"GPA {missing:#x} is mapped read-only; cannot write", missing)
-        if waiter.failure is not None and waiter.failure.startswith(MAP_FAILED):
-            why = waiter.failure.removeprefix(MAP_FAILED)
-            raise GuestMemoryError(f"cannot map GPA {missing:#x}: {why}", missing)
-        if waiter.failure is not None:
-            if self.closed:
-                raise DetachedError("this GuestMemory is detached", gpa)
-            if self.dropped is not None:
-                raise MappingsDroppedError(f"cannot access GPA {gpa:#x}: {self.dropped}", gpa)
-            raise ManagerGoneError(f"cannot map GPA {gpa:#x}: {self.gone or 'manager gone'}", gpa)
+        fault(self, gpa, end, write)
 
     def set_eager(self, timeout: float) -> None:
         """Become eager: the manager replays every mapping; raises if that failed."""
