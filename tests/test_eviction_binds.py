@@ -163,6 +163,7 @@ def map_first_mib(scripted: ScriptedManager, memory: membacking.GuestMemory, mem
     [
         ("evicted on the fd socket", True),
         ("evicted on the stream only", True),
+        ("evicted on both sockets", True),
         ("stopping on the fd socket", True),
         ("other reason on the fd socket", False),
         ("connection lost", False),
@@ -185,9 +186,10 @@ def test_which_endings_drop_the_mappings(
             "stopping": f"{m.SHUTDOWN_STOPPING} (scripted)",
             "other": "handing over to a newer manager",
         }.get(ending.split()[0])
-        if reason is not None and ending.endswith("fd socket"):
+        if reason is not None and not ending.endswith("stream only"):
             send_message(scripted.conn, m.Shutdown(reason))
-        elif reason is not None:  # as a manager does whose fd socket to the mapper was full
+        if reason is not None and ending.endswith("stream only"):
+            # as a manager does whose fd socket to the mapper was full
             scripted.router.send_multipart([scripted.stream, encode(m.Shutdown(reason))])
         scripted.conn.close()
         scripted.conn = None
@@ -198,6 +200,11 @@ def test_which_endings_drop_the_mappings(
             with pytest.raises(membacking.MappingsDroppedError, match="scripted"):
                 memory.read_at(0, 6)
             assert memory.mapped_ranges() == [] and mapper.fds.get(1) is None
+            if ending.endswith("both sockets"):  # the stream's copy, read after the fd socket's
+                assert reason is not None
+                scripted.router.send_multipart([scripted.stream, encode(m.Shutdown(reason))])
+            time.sleep(0.3)  # a second Shutdown changes nothing
+            assert mapper.gone is not None and memory.manager_gone is not None
         else:
             time.sleep(2 * LEASE)  # the lease has run out and been renewed since
             assert mapper.dropped is None

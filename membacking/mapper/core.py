@@ -236,7 +236,6 @@ class VaMapper:
             self.dropped = reason
         self.fds.close_all()
         log.warning("mapper %d: every mapping dropped: %s", self.id, reason)
-        self.manager_gone(reason)
 
     def _drain_stream(self) -> None:
         """Apply the messages waiting on the stream, which the poller found readable."""
@@ -281,11 +280,12 @@ class VaMapper:
             self._eager_done.set()
         elif isinstance(msg, m.Shutdown):
             # the manager's own reason says more than a closed connection noticed first
+            # (a second Shutdown, on the other socket, says the same again)
             self.gone = None
+            reason = f"the manager shut down ({msg.reason})"
             if drops_mappings(msg):
-                self.drop_mappings(f"the manager shut down ({msg.reason})")
-            else:
-                self.manager_gone(f"the manager shut down ({msg.reason})")
+                self.drop_mappings(reason)
+            self.manager_gone(reason)
         elif isinstance(msg, m.Error):
             log.warning("mapper %d: the manager rejected a message: %s", self.id, msg.message)
         else:
