@@ -47,6 +47,13 @@ class ManagerGoneError(GuestMemoryError, ManagerUnavailableError):
     """The manager is gone: what is mapped keeps working, new faults cannot be served."""
 
 
+class MappingsDroppedError(ManagerGoneError):
+    """The manager evicted this mapper or stopped, and the mapper dropped every mapping (and
+    closed every fd) before any access could touch them again: nothing can be read or written
+    any more. A mapper whose manager merely died (no word from it) keeps its mappings and
+    raises plain ManagerGoneError on new faults only."""
+
+
 class DetachedError(GuestMemoryError):
     """The GuestMemory was detached; no more accesses are possible."""
 

@@ -282,9 +282,10 @@ def test_unresponsive_mapper_is_evicted_after_timeout(state: ManagerState, clock
     assert state.tick() == []
     clock.now += 2.0
     out = state.tick()
-    assert Disconnect(m1) in out
+    reason = "evicted: it did not answer within 5s"
+    assert Disconnect(m1, reason, unresponsive=True) in out
     assert msgs(out) == [
-        m.Shutdown("evicted: it did not answer within 5s"),
+        m.Shutdown(reason),
         m.ControlReply({"name": "a", "unmapped_from": [m1]}),
     ]
     assert state.stats()["evictions"] == 1

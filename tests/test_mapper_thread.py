@@ -307,7 +307,7 @@ def test_acks_go_on_the_fd_socket_and_wait_there_for_room(scripted: ScriptedMana
         scripted.router.send_multipart([scripted.stream, encode(m.EagerResult(False, "probe"))])
         assert mapper._eager_done.wait(10)  # applied behind the acks that found no room
         time.sleep(1.5)  # past the link timeout: still queued, not dropped
-        assert list(mapper._acks) == [m.UnmapAck(6), m.UnmapAck(7)]
+        assert list(mapper.acks.waiting) == [m.UnmapAck(6), m.UnmapAck(7)]
 
         seen = requests_seen(scripted, 5)
         assert len(seen) == filled + 2

@@ -35,6 +35,7 @@ def test_config_file_parses_every_key(tmp_path: Path) -> None:
 runtime_dir = "/run/mb"
 address_space = "64G"
 unmap_timeout = 5
+evict_kill = true
 log_level = "debug"
 log_format = "json"
 metrics_port = 9464
@@ -59,6 +60,7 @@ readonly = true
     )
     assert config["address_space"] == 64 << 30
     assert config["unmap_timeout"] == 5.0
+    assert config["evict_kill"] is True
     assert config["max_mappers"] == 8 and config["max_fds_per_mapper"] == 50
     assert config["allow_uids"] == (1000,)
     assert config["regions"] == [
@@ -92,7 +94,8 @@ readonly = true
             "address_space = '5K'",
             "key 'address_space': address space 5120 bytes is less than the 1 MiB minimum",
         ),
-        ("unmap_timeout = 0.001", "key 'unmap_timeout': must be at least 0.1"),
+        ("unmap_timeout = 0.001", "key 'unmap_timeout': must be at least 1"),
+        ("evict_kill = 1", "key 'evict_kill': must be true or false"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:

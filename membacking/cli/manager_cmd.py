@@ -13,6 +13,7 @@ import click
 from click.core import ParameterSource
 
 from .. import units
+from ..manager.config import MIN_UNMAP_TIMEOUT
 from ..manager.state import Limits
 from .common import (
     SIZE,
@@ -71,10 +72,17 @@ def manager() -> None:
 )
 @click.option(
     "--unmap-timeout",
-    type=click.FloatRange(min=0.1),
+    type=click.FloatRange(min=MIN_UNMAP_TIMEOUT),
     default=30.0,
     show_default=True,
     help="Seconds a mapper may take to acknowledge an Unmap before it is evicted.",
+)
+@click.option(
+    "--evict-kill/--no-evict-kill",
+    default=False,
+    show_default=True,
+    help="Also SIGKILL a mapper evicted for not acknowledging an Unmap (enforces removal on a "
+    "stopped or hung holder at once; without it, it drops its mappings when it runs again).",
 )
 @click.option(
     "--max-mappers",
@@ -172,6 +180,7 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
             for spec in options["regions"]
         ],
         unmap_timeout=options["unmap_timeout"],
+        evict_kill=options["evict_kill"],
         allow_uids=frozenset(options["allow_uids"]),
         allow_gids=frozenset(options["allow_gids"]),
         limits=Limits(

@@ -13,6 +13,11 @@ from typing import Any
 from .. import units
 from ..errors import MembackingError
 
+#: The shortest --unmap-timeout: twice a mapper's lease (membacking.mapper.lease.LEASE), so a
+#: mapper stopped long enough to be evicted always finds its lease run out when it runs again
+#: (and drops its mappings before it accesses any).
+MIN_UNMAP_TIMEOUT = 1.0
+
 
 class ConfigError(MembackingError):
     """The configuration file is missing, not TOML, or has a bad key."""
@@ -57,6 +62,12 @@ def _at_least(low: float, value: float) -> float:
     return value
 
 
+def _flag(key: str, value: Any) -> bool:
+    if type(value) is not bool:
+        raise ValueError("must be true or false")
+    return value
+
+
 def _string(key: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ValueError(f"must be a non-empty string, got {value!r}")
@@ -90,7 +101,8 @@ def _port(key: str, value: Any) -> int:
 _TOP: dict[str, Any] = {
     "runtime_dir": lambda k, v: Path(_string(k, v)),
     "address_space": lambda k, v: units.check_address_space(_size(k, v)),
-    "unmap_timeout": lambda k, v: _at_least(0.1, _number(k, v)),
+    "unmap_timeout": lambda k, v: _at_least(MIN_UNMAP_TIMEOUT, _number(k, v)),
+    "evict_kill": _flag,
     "log_level": _choice(_LOG_LEVELS),
     "log_format": _choice(_LOG_FORMATS),
     "metrics_port": _port,

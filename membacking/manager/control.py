@@ -206,8 +206,9 @@ def _evict_mapper(state: ManagerState, identity: bytes, args: dict[str, Any]) ->
     if entry is None:
         raise Refused("unknown-mapper", f"no mapper {args['id']} is attached")
     info = {"id": entry.id, "name": entry.name, "pid": entry.pid}
-    effects = state.farewell(entry.id, "evicted: an operator ran `membacking mapper evict`")
-    effects.append(Disconnect(entry.id))
+    reason = f"{m.SHUTDOWN_EVICTED}: an operator ran `membacking mapper evict`"
+    effects = state.farewell(entry.id, reason)
+    effects.append(Disconnect(entry.id, reason))
     effects.extend(state.mapper_gone(entry.id, "evicted by an operator"))
     return effects + _reply(identity, info)
 

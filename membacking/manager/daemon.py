@@ -57,6 +57,10 @@ log = logging.getLogger("membacking.manager")
 MAX_STRANGERS = 1024
 #: descriptors kept free below the open-file limit, for ZeroMQ's own accepts and short needs
 FD_HEADROOM = 64
+#: Seconds a stopping daemon that had mappers waits after telling them (and closing their fd
+#: sockets) before it exits: longer than a mapper's lease (membacking.mapper.lease.LEASE), so
+#: once the daemon is gone no mapper can access its old mappings before it has dropped them.
+STOP_LINGER = 0.6
 _HWM = 100_000
 # plain ints: pyzmq's flag enums make every `&` a call into the enum module
 _POLLIN, _POLLOUT, _RCVMORE = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.RCVMORE)
@@ -89,6 +93,8 @@ class ManagerConfig:
     address_space: int = DEFAULT_ADDRESS_SPACE
     regions: list[RegionSpec] = field(default_factory=list)
     unmap_timeout: float = 30.0
+    #: SIGKILL a mapper evicted for not answering (see docs/OPERATIONS.md for the default)
+    evict_kill: bool = False
     allow_uids: frozenset[int] = frozenset()
     allow_gids: frozenset[int] = frozenset()
     limits: Limits = field(default_factory=Limits)
@@ -142,6 +148,7 @@ class Daemon(FdServer):
         self._zmq_strikes: dict[int, int] = {}  # mapper id -> invalid messages in a row
         self._strangers: dict[bytes, int] = {}  # unattached ZeroMQ identity -> invalid messages
         self._accept_paused = False
+        self._evict_kill = config.evict_kill
         self._fd_ceiling = 1 << 30  # set from the open-file limit at start
         self._poller: zmq.Poller | None = None
         self.metrics = ManagerMetrics(self.state)
@@ -264,7 +271,13 @@ class Daemon(FdServer):
         log.info("shutting down: %s", reason)
         sdnotify.notify("STOPPING=1")
         with contextlib.suppress(Exception):
+            attached = bool(self.state.mappers)
             self._apply(self.state.shutdown(reason))
+            for conn in list(self._conns.values()):
+                self._say_farewell(conn, reason, m.SHUTDOWN_STOPPING)
+                conn.close()  # the end of the fd socket wakes each mapper at once
+            if attached:
+                time.sleep(STOP_LINGER)
         self._close_all()
 
     def _close_all(self) -> None:
@@ -378,11 +391,31 @@ class Daemon(FdServer):
                         fd = self.store.grant_fd(effect.msg.mappable_id)
                     self._fd_send(conn, effect.msg, fd)
             elif isinstance(effect, Disconnect):
-                self._apply(self.state.farewell(effect.mapper_id, "evicted"))
                 conn = self._conn_of_mapper.pop(effect.mapper_id, None)
+                if effect.unresponsive and self._evict_kill:
+                    self._kill_evicted(effect.mapper_id, conn)
                 if conn is not None:
-                    self._drop_conn(conn, "evicted")
+                    self._drop_conn(conn, "evicted", effect.reason)
+                else:
+                    self._apply(self.state.farewell(effect.mapper_id, effect.reason))
                 self._apply(self.state.mapper_gone(effect.mapper_id, "evicted"))
+
+    def _kill_evicted(self, mapper_id: int, conn: FdConn | None) -> None:
+        """--evict-kill: SIGKILL an evicted mapper, by the pidfd taken when it connected (a pid
+        reused since cannot be hit)."""
+        who = f"mapper {mapper_id}" + (f" (pid {conn.pid})" if conn is not None else "")
+        if conn is None or conn.pidfd is None:
+            log.error("%s: --evict-kill cannot kill it (no pidfd of it)", who)
+            return
+        try:
+            signal.pidfd_send_signal(conn.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            return  # it has exited already
+        except OSError as exc:
+            log.error("%s: --evict-kill cannot kill it: %s", who, exc.strerror or exc)
+            return
+        self.state.counters["evict_kills"] += 1
+        log.error("%s killed (SIGKILL, --evict-kill): evicted for not answering", who)
 
     # ---- ZeroMQ channels -----------------------------------------------------------------------
 

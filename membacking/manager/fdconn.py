@@ -27,6 +27,9 @@ class FdConn:
     mapper_id: int | None = None
     strikes: int = 0
     forbidden: str | None = None  # set for a peer whose credentials were refused
+    #: a pidfd of the peer process, opened at accept under --evict-kill (it cannot name another
+    #: process once the pid is reused)
+    pidfd: int | None = None
     accepted: float = field(default_factory=time.monotonic)
     #: what the socket could not take yet, in order; each fd here is our own dup
     outbox: deque[tuple[m.Message, int | None]] = field(default_factory=deque)
@@ -71,6 +74,9 @@ class FdConn:
 
     def close(self) -> None:
         self.sock.close()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
         while self.outbox:
             _, fd = self.outbox.popleft()
             if fd is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import socket
 import struct
 import time
@@ -49,6 +50,8 @@ class FdServer:
     _allowed_gids: set[int]
     _fd_ceiling: int
     _accept_paused: bool
+    #: --evict-kill: each connection keeps a pidfd of its peer to kill it by
+    _evict_kill: bool
 
     def _apply(self, effects: Iterable[Effect]) -> None:
         raise NotImplementedError
@@ -110,6 +113,10 @@ class FdServer:
                 continue
             sock.setblocking(False)  # a mapper that stops reading must never block the loop
             conn = FdConn(sock, pid, uid)
+            if self._evict_kill and allowed and pid > 0:
+                # now, while the peer waits for its Welcome: a pid read later may be reused
+                with contextlib.suppress(OSError):
+                    conn.pidfd = os.pidfd_open(pid)
             if not allowed:
                 # Refuse on its first message, not now: closing with that message unread would
                 # reset the connection and the peer would never read why it was refused.
@@ -119,10 +126,18 @@ class FdServer:
             if self._poller is not None:
                 self._poller.register(sock.fileno(), zmq.POLLIN)
 
-    def _drop_conn(self, conn: FdConn, why: str = "disconnected") -> None:
+    def _drop_conn(
+        self, conn: FdConn, why: str = "disconnected", farewell: str | None = None
+    ) -> None:
+        """Close a connection and forget its mapper; with `farewell`, first tell the mapper why
+        (a Shutdown on the stream and on the fd socket, where the kernel delivers it before the
+        end of stream, so the mapper reads it the moment it runs again)."""
         fileno = conn.sock.fileno()
         if fileno == -1:
             return  # already dropped
+        if farewell is not None and conn.mapper_id is not None:
+            self._apply(self.state.farewell(conn.mapper_id, farewell))
+            self._say_farewell(conn, farewell)
         if self._poller is not None:
             with contextlib.suppress(KeyError):
                 self._poller.unregister(fileno)
@@ -132,6 +147,20 @@ class FdServer:
             self._conn_of_mapper.pop(conn.mapper_id, None)
             self._apply(self.state.mapper_gone(conn.mapper_id, why))
 
+    def _say_farewell(self, conn: FdConn, reason: str, code: str = m.SHUTDOWN_EVICTED) -> None:
+        """Write a Shutdown on a mapper's fd socket behind what waits for it there, if it has
+        room (a mapper evicted with a full socket reads the Shutdown on its stream); with its
+        `code` where the mapper negotiated codes."""
+        with contextlib.suppress(OSError):
+            if conn.mapper_id is not None and conn.flush():
+                entry = self.state.mappers.get(conn.mapper_id)
+                msg = (
+                    m.Shutdown(reason)
+                    if entry is None
+                    else self.state.shutdown_message(entry, reason, code)
+                )
+                send_message(conn.sock, msg)
+
     def _fd_send(self, conn: FdConn, msg: m.Message, fd: int | None = None) -> None:
         """Send on a mapper's fd socket; what it cannot take now waits in the connection."""
         try:
@@ -139,7 +168,8 @@ class FdServer:
                 msg, fd, self.state.limits.max_fds_per_mapper + MAX_STRIKES, self._fd_ceiling
             )
         except (OutboxFull, OSError) as exc:
-            self._drop_conn(conn, f"cannot send to mapper: {exc}")
+            farewell = f"{m.SHUTDOWN_EVICTED}: the manager cannot send to it ({exc})"
+            self._drop_conn(conn, f"cannot send to mapper: {exc}", farewell)
             return
         if waiting and self._poller is not None:
             self._poller.register(conn.sock.fileno(), zmq.POLLIN | zmq.POLLOUT)
@@ -189,7 +219,8 @@ class FdServer:
         self._fd_send(conn, m.Error(reason, detail[:1000]))
         if conn.strikes >= MAX_STRIKES:
             log.warning("disconnecting pid %d after %d invalid messages", conn.pid, conn.strikes)
-            self._drop_conn(conn, "too many invalid messages")
+            farewell = f"{m.SHUTDOWN_EVICTED}: too many invalid messages"
+            self._drop_conn(conn, "too many invalid messages", farewell)
 
     def _handle_fd_message(self, conn: FdConn, msg: m.Message) -> None:
         if isinstance(msg, m.Hello):

@@ -74,6 +74,7 @@ _COUNTERS = {
     "rollbacks": "Changes rolled back because an eager mapper could not map them",
     "demotions": "Eager mappers made lazy because they could not map a change",
     "invalidations": "Changes that waited for their holders' Unmap acknowledgements",
+    "evict_kills": "Evicted mappers killed (SIGKILL) under --evict-kill",
 }
 
 

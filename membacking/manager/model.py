@@ -37,9 +37,13 @@ class Send:
 
 @dataclass(frozen=True)
 class Disconnect:
-    """Effect: close the fd-socket connection of a mapper that was evicted."""
+    """Effect: close the fd-socket connection of a mapper that was evicted, telling it `reason`
+    (a Shutdown on its fd socket right before the end); `unresponsive` if it left a request
+    unanswered (then `manager run --evict-kill` also kills it)."""
 
     mapper_id: int
+    reason: str = "evicted by the manager"
+    unresponsive: bool = False
 
 
 @dataclass(frozen=True)

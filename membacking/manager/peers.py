@@ -67,7 +67,7 @@ class PeerState(TableState):
         entry.features = None if offered is None else offered & m.SUPPORTED_FEATURES
         return m.Welcome(entry.id, entry.token, self.address_space, HOST_PAGE_SIZE, entry.features)
 
-    def _shutdown_message(self, entry: MapperEntry, reason: str, code: str) -> m.Shutdown:
+    def shutdown_message(self, entry: MapperEntry, reason: str, code: str) -> m.Shutdown:
         """Shutdown with its machine-readable code for a mapper that negotiated it."""
         if entry.features is not None and entry.features & m.FEATURE_SHUTDOWN_CODE:
             return m.Shutdown(reason, code)
@@ -205,7 +205,7 @@ class PeerState(TableState):
         entry = self.mappers.get(mapper_id)
         if entry is None or entry.stream is None:
             return []
-        return [self._to_mapper(entry, self._shutdown_message(entry, reason, code))]
+        return [self._to_mapper(entry, self.shutdown_message(entry, reason, code))]
 
     def tick(self) -> list[Effect]:
         """Evict mappers that left a request unanswered for longer than `unmap_timeout`."""
@@ -221,12 +221,9 @@ class PeerState(TableState):
                     self.unmap_timeout,
                 )
                 self.counters["evictions"] += 1
-                effects.extend(
-                    self.farewell(
-                        entry.id, f"evicted: it did not answer within {self.unmap_timeout:g}s"
-                    )
-                )
-                effects.append(Disconnect(entry.id))
+                reason = f"{m.SHUTDOWN_EVICTED}: it did not answer within {self.unmap_timeout:g}s"
+                effects.extend(self.farewell(entry.id, reason))
+                effects.append(Disconnect(entry.id, reason, unresponsive=True))
                 effects.extend(self.mapper_gone(entry.id, "unresponsive"))
         return effects
 
@@ -262,7 +259,7 @@ class PeerState(TableState):
         effects: list[Effect] = []
         for entry in self.mappers.values():
             if entry.stream is not None:
-                effects.append(self._to_mapper(entry, self._shutdown_message(entry, reason, code)))
+                effects.append(self._to_mapper(entry, self.shutdown_message(entry, reason, code)))
         answered: set[int] = set()
         for op in self._pending.values():
             if op.reply_to is not None and id(op) not in answered:

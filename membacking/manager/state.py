@@ -429,6 +429,7 @@ class ManagerState(PeerState):
             "fds_sent",
             "removals",
             "evictions",
+            "evict_kills",
             "rollbacks",
             "demotions",
             "invalidations",

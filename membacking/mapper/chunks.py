@@ -1,11 +1,26 @@
-"""What backs each mapped range of a mapper's reservation: `Chunk`, and `ChunkTable`, the range
-map of chunks that the mapper thread edits (under the access lock) and accesses look up.
+"""What backs each mapped range of a mapper's reservation: `Chunk`, `ChunkTable` (the range map
+of chunks that the mapper thread edits under the access lock and accesses look up), and
+`MapCountBudget`, which keeps the chunks' VMAs below vm.max_map_count with headroom.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 from ..protocol.rangemap import RangeMap
 from ..protocol.ranges import MemoryRange
+
+#: where the kernel's limit of VMAs per process is read (once per mapper)
+MAX_MAP_COUNT_PATH = "/proc/sys/vm/max_map_count"
+#: the kernel's default, used where the file cannot be read
+DEFAULT_MAX_MAP_COUNT = 65530
+#: VMAs left, beyond those the process has when it attaches, for the rest of the process (its
+#: heap, thread stacks, libraries loaded later)
+DEFAULT_MAP_HEADROOM = 4096
+#: environment variables that override the limit read from the kernel and the whole headroom
+ENV_MAX_MAP_COUNT = "MEMBACKING_MAX_MAP_COUNT"
+ENV_MAP_HEADROOM = "MEMBACKING_MAP_HEADROOM"
 
 
 class Chunk:
@@ -42,3 +57,73 @@ class ChunkTable(RangeMap[Chunk]):
                         chunk.cow,  # a piece of a private copy is still one: remapped later
                     ),
                 )
+
+
+def vma_bound(chunks: int) -> int:
+    """At most how many VMAs a reservation holding `chunks` mapped chunks is split into: each
+    chunk is one mapping, and the unmapped gaps between and around them at most one more
+    than the chunks (adjacent placeholder pieces merge)."""
+    return 2 * chunks + 1
+
+
+class MapCountBudget:
+    """How many VMAs one mapper's reservation may be split into: the kernel's vm.max_map_count
+    less `headroom` for everything else in the process. Past it the kernel refuses mappings
+    and then the process's own allocations (MemoryError); this refuses the Map first."""
+
+    __slots__ = ("allowed", "headroom", "limit")
+
+    def __init__(self, limit: int, headroom: int) -> None:
+        self.limit = limit
+        self.headroom = headroom
+        self.allowed = limit - headroom
+
+    @classmethod
+    def from_environment(cls) -> MapCountBudget:
+        """The kernel's limit (or $MEMBACKING_MAX_MAP_COUNT) less $MEMBACKING_MAP_HEADROOM, by
+        default DEFAULT_MAP_HEADROOM more than the VMAs the process has now."""
+        limit = _env_int(ENV_MAX_MAP_COUNT)
+        if limit is None:
+            limit = DEFAULT_MAX_MAP_COUNT
+            with contextlib.suppress(OSError, ValueError), open(MAX_MAP_COUNT_PATH) as f:
+                limit = int(f.read())
+        headroom = _env_int(ENV_MAP_HEADROOM)
+        if headroom is None:
+            headroom = DEFAULT_MAP_HEADROOM + _vmas_now()
+        return cls(limit, headroom)
+
+    def refuses(self, table: ChunkTable, rng: MemoryRange) -> str | None:
+        """Why mapping `rng` as one more chunk would go past the budget, or None if it fits."""
+        now = len(table)
+        if vma_bound(now + 2) <= self.allowed:  # the new chunk, and one it may split in two
+            return None
+        after = now + 1
+        for crange, _ in table.overlapping(rng):
+            after += len(crange.subtract(rng)) - 1
+        if vma_bound(after) <= self.allowed:
+            return None
+        return (
+            f"mapping {rng} would take this process's guest mappings to {vma_bound(after)} "
+            f"VMAs, past vm.max_map_count ({self.limit}) less {self.headroom} kept for the "
+            f"rest of the process; {now} ranges are mapped (unmap some, map fewer and larger "
+            f"regions, or raise vm.max_map_count)"
+        )
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value, 0)
+    except ValueError:
+        return None
+
+
+def _vmas_now() -> int:
+    """The VMAs this process has now (a line each in /proc/self/maps); 0 if unknown."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0

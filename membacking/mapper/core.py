@@ -4,7 +4,9 @@ in it, and the mapper thread that applies the manager's Map / NoMapping / Unmap 
 Safety scheme (Python cannot recover from SIGSEGV): every access checks the table and copies
 under one `lock`; the mapper thread takes the same lock before it maps or unmaps anything. Open
 views pin their range; an Unmap touching a pinned range is acknowledged only after the last
-view on it closes, so an UnmapAck always means no access can reach the old memory.
+view on it closes, so an UnmapAck always means no access can reach the old memory. Accesses
+also need a live lease (see lease.py): a mapper evicted while it was stopped drops every
+mapping before any access of its own can touch one again.
 """
 
 from __future__ import annotations
@@ -15,25 +17,25 @@ import logging
 import os
 import sys
 import threading
+import time
 
 import zmq
 
 from ..errors import (
-    DetachedError,
     GuestMemoryError,
-    ManagerGoneError,
-    NoMappingError,
-    ReadOnlyError,
 )
 from ..ffi import MADV_DONTDUMP, Reservation
 from ..protocol import messages as m
 from ..protocol.errors import ProtocolError
 from ..protocol.messages import PRIVATE_MAPPABLE, Message
 from ..protocol.ranges import MemoryRange
-from .chunks import Chunk, ChunkTable
+from .acks import AckQueue
+from .chunks import Chunk, ChunkTable, MapCountBudget
+from .faulting import fault
 from .fds import MapperFds
+from .lease import FAREWELL_WAIT, POLL_MS, Lease, drops_mappings
 from .link import ManagerLink
-from .waitlist import MAP_FAILED, NO_MAPPING, READ_ONLY, WaiterSet
+from .waitlist import MAP_FAILED, WaiterSet
 
 log = logging.getLogger("membacking.mapper")
 
@@ -42,6 +44,8 @@ _POLLOUT, _POLLERR = int(zmq.POLLOUT), int(zmq.POLLERR)
 
 #: faults one access may take before it gives up (each fault maps at least one page it needs)
 MAX_FAULTS = 64
+
+_monotonic = time.monotonic
 
 
 class VaMapper:
@@ -57,8 +61,12 @@ class VaMapper:
         #: the access lock: held for every check-then-copy and for every map or unmap
         self.lock = threading.Lock()
         self.chunks = ChunkTable()
-        #: [start, end, writable] of the chunk last accessed (checked first; reset on unmap)
-        self.hot: list[int | bool] = [0, 0, False]
+        #: VMAs this mapper may split its reservation into (vm.max_map_count less headroom)
+        self.map_budget = MapCountBudget.from_environment()
+        #: [start, end, writable] of the chunk last accessed (checked first; reset on unmap),
+        #: then the lease: the monotonic time before which accesses may touch memory (see
+        #: lease.py), kept here so the hot path finds it in the list it has loaded already
+        self.hot: list[int | bool | float] = [0, 0, False, 0.0]
         self.mv = self.reservation.buffer()
         self.waiters = WaiterSet()
         #: fds the manager pushed, each behind the Map needing it
@@ -69,6 +77,8 @@ class VaMapper:
         self._next_view = 0
         self._pending_unmaps: list[tuple[int, MemoryRange, tuple[int, ...]]] = []
         self.gone: str | None = None
+        #: why every mapping was dropped (evicted, or the manager stopped), once it was
+        self.dropped: str | None = None
         self.eager = False
         self.closed = False
         self._eager_done = threading.Event()
@@ -77,15 +87,14 @@ class VaMapper:
         self.fds.on_error = self._refused
         self._eager_message = ""
         self._outbox: collections.deque[Message] = collections.deque()
-        #: acks the fd socket had no room for yet, in order (sent when it has: never dropped,
-        #: and the mapper thread never waits for room)
-        self._acks: collections.deque[m.UnmapAck | m.MapAck] = collections.deque()
+        self.acks = AckQueue(self.link, self.id, self._watch_for_room)
         #: the mapper thread's poller (set while it runs), and whether it still polls the fd
         #: socket (it stops once that is closed)
         self._poller: zmq.Poller | None = None
         self._fd_polled = False
         self._stream_ready = [(self.link.stream, zmq.POLLIN)]  # for a zero-timeout zmq_poll
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.lease = Lease(self.hot, self._wake)
         self._stop = False
         self._thread = threading.Thread(
             target=self._run, name=f"membacking-mapper-{self.id}", daemon=True
@@ -115,9 +124,13 @@ class VaMapper:
         stream = self.link.stream
         # zmq_poll on the poller's own list: Poller.poll only adds a Python frame around it
         items = poller.sockets
+        lease = self.lease
         while not self._stop:
+            # taken before the poll: whatever the poll shows (the fd socket's end, a Shutdown)
+            # was there no later than this, and is handled before the lease is renewed
+            turn = _monotonic()
             try:
-                events = dict(zmq.zmq_poll(items, 1000))
+                events = dict(zmq.zmq_poll(items, POLL_MS))
             except zmq.ZMQError:
                 break
             if self._wake_r in events:
@@ -133,7 +146,7 @@ class VaMapper:
                 fd_events = events.get(fd_fileno)
                 if fd_events is not None:
                     if fd_events & _POLLOUT:
-                        self._flush_acks()
+                        self.acks.flush(lambda: self.gone is not None)
                     if fd_events & ~_POLLOUT and (self.gone is not None or self._read_fd_socket()):
                         # closed (or no longer of use): stop polling it, or poll would never
                         # block
@@ -145,6 +158,7 @@ class VaMapper:
                 log.error("mapper %d: socket error: %s", self.id, exc)
             except Exception:
                 log.exception("mapper %d: unexpected error in the mapper thread", self.id)
+            lease.end_turn(turn, renew=self.dropped is None)
         with contextlib.suppress(zmq.ZMQError):
             self._flush_outbox()  # a Detach posted just before the stop still goes out
 
@@ -155,37 +169,36 @@ class VaMapper:
     def _read_fd_socket(self) -> bool:
         """Take every fd message waiting; True if the manager closed the connection."""
         lost = self.fds.read_waiting()
+        farewell = self.fds.take_farewell()
+        if farewell is not None:
+            self._handle(farewell)
+        elif lost is not None:
+            self._await_farewell()
         if lost is not None:
             self.manager_gone(lost)
         return lost is not None
 
-    def _acknowledge(self, msg: m.UnmapAck | m.MapAck) -> None:
-        """Send an ack on the fd socket (the manager's loop reads it without a ZeroMQ I/O thread
-        in between), or queue it behind those still waiting for room."""
-        if self.gone is not None:
-            return  # nobody to tell
-        if not self._acks:
-            try:
-                if self.link.try_send(msg):
-                    return
-            except OSError as exc:  # gone: the fd socket's hang-up says so next
-                log.warning("mapper %d: cannot send %s: %s", self.id, msg, exc.strerror or exc)
-                return
-            self._watch_for_room(True)
-        self._acks.append(msg)
+    def _await_farewell(self) -> None:
+        """The fd socket ended without a Shutdown on it: a manager that evicted this mapper
+        while its fd socket was full says so on the stream only. Wait a little for that before
+        taking the manager for dead (which keeps every mapping)."""
+        deadline = _monotonic() + FAREWELL_WAIT
+        while self.gone is None and (left := deadline - _monotonic()) > 0:
+            if zmq.zmq_poll(self._stream_ready, int(left * 1000) + 1):
+                self._drain_stream()
 
-    def _flush_acks(self) -> None:
-        """The fd socket has room: send the queued acks, in order, as far as it goes."""
-        acks = self._acks
-        try:
-            while acks and self.gone is None:
-                if not self.link.try_send(acks[0]):
-                    return  # still waiting for room
-                acks.popleft()
-        except OSError as exc:
-            log.warning("mapper %d: cannot send %s: %s", self.id, acks[0], exc.strerror or exc)
-        acks.clear()
-        self._watch_for_room(False)
+    def renew_lease(self) -> None:
+        """Wait for a turn of the mapper thread: the lease ran out (an access calls this, never
+        with `lock` held). Raises if the mapper thread has not run for `fault_timeout`."""
+        if not self.lease.wait(self.fault_timeout, lambda: self.dropped is not None or self.closed):
+            raise GuestMemoryError(
+                f"the mapper thread has not checked its connection to the manager for "
+                f"{self.fault_timeout:g}s; no access can be made until it does"
+            )
+
+    def _acknowledge(self, msg: m.UnmapAck | m.MapAck) -> None:
+        if self.gone is None:  # else nobody to tell
+            self.acks.send(msg)
 
     def _watch_for_room(self, on: bool) -> None:
         if self._poller is not None and self._fd_polled:
@@ -199,6 +212,34 @@ class VaMapper:
             self.gone = reason
         self.waiters.shutdown(reason)
         self._detach_acked.set()  # nobody left to answer a Detach
+
+    def drop_mappings(self, reason: str) -> None:
+        """The manager no longer backs anything here (evicted, or it stopped): unmap every
+        chunk and close every fd, before any access can touch them again. A range an open view
+        still pins gets private anonymous memory in place of the old backing (the view reads
+        zeros from then on, and never the removed memory), so the view cannot fault."""
+        if self.dropped is not None:
+            return
+        with self.lock:
+            if self.closed:
+                return
+            self._release_escaped()
+            # the chunks, and the ranges whose Unmap waits for a view (out of the table already)
+            ranges = [r for r, _ in self.chunks.items()] + [r for _, r, _ in self._pending_unmaps]
+            for rng in ranges:
+                try:
+                    if self._pinned(rng):
+                        self.reservation.map_anon(rng.start, rng.len, True)
+                    else:
+                        self.reservation.unmap(rng.start, rng.len)
+                except OSError as exc:  # the table no longer has it: no access reaches it
+                    log.error("mapper %d: cannot unmap %s: %s", self.id, rng, exc.strerror or exc)
+            self.chunks.clear()
+            self.hot[0] = self.hot[1] = 0
+            self._pending_unmaps.clear()  # nobody to acknowledge them to
+            self.dropped = reason
+        self.fds.close_all()
+        log.warning("mapper %d: every mapping dropped: %s", self.id, reason)
 
     def _drain_stream(self) -> None:
         """Apply the messages waiting on the stream, which the poller found readable."""
@@ -243,8 +284,12 @@ class VaMapper:
             self._eager_done.set()
         elif isinstance(msg, m.Shutdown):
             # the manager's own reason says more than a closed connection noticed first
+            # (a second Shutdown, on the other socket, says the same again)
             self.gone = None
-            self.manager_gone(describe_shutdown(msg.reason))
+            reason = describe_shutdown(msg.reason)
+            if drops_mappings(msg):
+                self.drop_mappings(reason)
+            self.manager_gone(reason)
         elif isinstance(msg, m.DetachAck):
             self._detach_acked.set()
         elif isinstance(msg, m.Error):
@@ -274,6 +319,8 @@ class VaMapper:
         with self.lock:
             if self.closed:
                 return "the mapper is detached"
+            if self.dropped is not None:
+                return f"every mapping was dropped: {self.dropped}"
             hit = self.chunks.lookup(rng.start)
             if hit is not None and hit[0] == rng:
                 chunk = hit[1]
@@ -283,6 +330,10 @@ class VaMapper:
                     writable,
                 ):
                     return None  # already mapped exactly so (two faults raced)
+            over = self.map_budget.refuses(self.chunks, rng)
+            if over is not None:
+                log.error("mapper %d: cannot map %s: %s", self.id, rng, over)
+                return over
             self._remove_chunks(rng)
             # A writable view still open here (its Unmap is deferred) must not fault on a write
             # when the new backing is read-only: give it a private copy to write to.
@@ -418,45 +469,7 @@ class VaMapper:
 
     def fault(self, gpa: int, end: int, write: bool) -> None:
         """Ask the manager to map [gpa, end) and wait; raises if it cannot be mapped."""
-        if self.closed:
-            raise DetachedError("this GuestMemory is detached", gpa)
-        if self.gone is not None:
-            raise ManagerGoneError(f"cannot map GPA {gpa:#x}: {self.gone}", gpa)
-        if self.eager:
-            raise NoMappingError(
-                f"no region backs GPA {gpa:#x} (an eager mapper has every mapping already)", gpa
-            )
-        rng = MemoryRange.bounding(gpa, min(end, self.address_space))
-        waiter = self.waiters.register(rng, write, bool(self.link.features & m.FEATURE_TAGS))
-        if not waiter.done:
-            try:
-                self.link.send(m.SendMappings(rng, waiter.tag))
-            except TimeoutError as exc:  # alive (its socket is open) but not reading
-                self.waiters.discard(waiter)
-                raise GuestMemoryError(f"cannot fault GPA {gpa:#x}: {exc}", gpa) from None
-            except OSError as exc:
-                self.waiters.discard(waiter)
-                why = exc.strerror or str(exc)
-                raise ManagerGoneError(f"cannot reach the manager: {why}", gpa) from None
-        if not waiter.wait(self.fault_timeout):
-            self.waiters.discard(waiter)
-            raise GuestMemoryError(
-                f"the manager did not answer a fault at GPA {gpa:#x} within "
-                f"{self.fault_timeout:g}s",
-                gpa,
-            )
-        missing = waiter.range.start
-        if waiter.failure == NO_MAPPING:
-            raise NoMappingError(f"no region backs GPA {missing:#x}", missing)
-        if waiter.failure == READ_ONLY:
-            raise ReadOnlyError(f"GPA {missing:#x} is mapped read-only; cannot write", missing)
-        if waiter.failure is not None and waiter.failure.startswith(MAP_FAILED):
-            why = waiter.failure.removeprefix(MAP_FAILED)
-            raise GuestMemoryError(f"cannot map GPA {missing:#x}: {why}", missing)
-        if waiter.failure is not None:
-            if self.closed:
-                raise DetachedError("this GuestMemory is detached", gpa)
-            raise ManagerGoneError(f"cannot map GPA {gpa:#x}: {self.gone or 'manager gone'}", gpa)
+        fault(self, gpa, end, write)
 
     def set_eager(self, timeout: float) -> None:
         """Become eager: the manager replays every mapping; raises if that failed."""

@@ -49,6 +49,13 @@ class MapperFds:
         self._abandoned: Counter[int] = Counter()
         #: told of an Error read here (one refusing a tagged request: FEATURE_TAGS)
         self.on_error: Callable[[m.Error], None] | None = None
+        #: a Shutdown the manager wrote on the fd socket right before closing it
+        self._farewell: m.Shutdown | None = None
+
+    def take_farewell(self) -> m.Shutdown | None:
+        """The Shutdown that arrived on the fd socket, once (None if none did)."""
+        farewell, self._farewell = self._farewell, None
+        return farewell
 
     def get(self, mappable_id: int) -> int | None:
         """The fd held for `mappable_id` (mapper thread: others use `dup`)."""
@@ -183,6 +190,8 @@ class MapperFds:
             self._denied.setdefault(msg.mappable_id, []).append(msg.reason)
         elif isinstance(msg, m.Error) and self.on_error is not None:
             self.on_error(msg)
+        elif isinstance(msg, m.Shutdown):
+            self._farewell = msg
         else:
             close_fds(fds)
             log.warning("mapper %d: unexpected %s on the fd socket", self.id, type(msg).__name__)

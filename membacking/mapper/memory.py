@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import struct
 import sys
+import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
@@ -44,6 +45,9 @@ from .plain import (
     unpacked,
 )
 from .sharing import SharedRange, shared_ranges
+
+#: the lease check every access makes (mapper/lease.py): one call and one compare
+_monotonic = time.monotonic
 
 T = TypeVar("T")
 
@@ -90,7 +94,9 @@ class GuestMemory:
     @property
     def manager_gone(self) -> str | None:
         """Why this mapper lost its manager (stopped, evicted, connection lost), or None while it
-        is served. Mapped memory keeps working either way; new faults fail."""
+        is served. New faults fail; mapped memory keeps working only if the connection was just
+        lost (evicted or stopped: every mapping was dropped, accesses raise
+        MappingsDroppedError)."""
         return self._mapper.gone
 
     def make_eager(self, timeout: float = 30.0) -> None:
@@ -149,11 +155,15 @@ class GuestMemory:
         one contiguous part of the reservation, whatever chunks it spans."""
         end = gpa + n
         faults = 0
+        hot = self._hot
         while True:
             with self._lock:
                 missing = self._missing(gpa, end, write)
-                if missing is None:
+                if missing is None and _monotonic() < hot[3]:
                     return op()
+            if missing is None:  # mapped, but the lease ran out: the mapper thread checks first
+                self._mapper.renew_lease()
+                continue
             faults += 1
             if faults > MAX_FAULTS:
                 raise GuestMemoryError(
@@ -173,7 +183,7 @@ class GuestMemory:
         if type(gpa) is int and type(n) is int:
             with self._lock:
                 hot = self._hot
-                if hot[0] <= gpa and gpa + n <= hot[1] and n >= 0:
+                if hot[0] <= gpa and gpa + n <= hot[1] and n >= 0 and _monotonic() < hot[3]:
                     return self._mv[gpa : gpa + n].tobytes()
         return self._read(gpa, n)
 
@@ -194,7 +204,7 @@ class GuestMemory:
         if type(gpa) is int:
             with self._lock:
                 hot = self._hot
-                if hot[0] <= gpa and gpa + n <= hot[1]:
+                if hot[0] <= gpa and gpa + n <= hot[1] and _monotonic() < hot[3]:
                     dst[:] = self._mv[gpa : gpa + n]
                     return
         self._read_into(gpa, dst)
@@ -214,7 +224,7 @@ class GuestMemory:
         if type(gpa) is int:
             with self._lock:
                 hot = self._hot
-                if hot[2] and hot[0] <= gpa and gpa + n <= hot[1]:
+                if hot[2] and hot[0] <= gpa and gpa + n <= hot[1] and _monotonic() < hot[3]:
                     self._mv[gpa : gpa + n] = src
                     return
         self._write(gpa, src)
@@ -266,7 +276,7 @@ class GuestMemory:
             if view is not None and not gpa & mask:
                 with self._lock:
                     hot = self._hot
-                    if hot[0] <= gpa < hot[1] - mask:
+                    if hot[0] <= gpa < hot[1] - mask and _monotonic() < hot[3]:
                         word = view[gpa >> shift]
                         if word_bytes is None:
                             return word
@@ -279,7 +289,7 @@ class GuestMemory:
                 return values[0] if single else values
             with self._lock:  # not atomic: bytes
                 hot = self._hot
-                if hot[0] <= gpa and gpa + st.size <= hot[1]:
+                if hot[0] <= gpa and gpa + st.size <= hot[1] and _monotonic() < hot[3]:
                     values = st.unpack_from(self._mv, gpa)
                     return values[0] if single else values
         return unpacked(values_of(self.read_at(gpa, st.size)))
@@ -299,7 +309,7 @@ class GuestMemory:
                 word = value if word_of is None else word_of(bytes_of(value))[0]
                 with self._lock:
                     hot = self._hot
-                    if hot[2] and hot[0] <= gpa < hot[1] - mask:
+                    if hot[2] and hot[0] <= gpa < hot[1] - mask and _monotonic() < hot[3]:
                         view[gpa >> shift] = word
                         return
             except (struct.error, TypeError, ValueError):  # a value that does not fit: the
@@ -313,7 +323,7 @@ class GuestMemory:
             data = pack(st, fmt, value)  # a tuple for one field, or a value that does not fit
         with self._lock:
             hot = self._hot
-            if hot[2] and hot[0] <= gpa and gpa + len(data) <= hot[1]:
+            if hot[2] and hot[0] <= gpa and gpa + len(data) <= hot[1] and _monotonic() < hot[3]:
                 self._mv[gpa : gpa + len(data)] = data
                 return
         self.write_at(gpa, data)
@@ -359,7 +369,7 @@ class GuestMemory:
         reservation = self._reservation
         with self._lock:
             hot = self._hot
-            if hot[2] and hot[0] <= gpa < hot[1] - spec.mask:
+            if hot[2] and hot[0] <= gpa < hot[1] - spec.mask and _monotonic() < hot[3]:
                 ok, found = reservation.compare_exchange(gpa, size, old, word)
                 return ok, spec.decode(found)
         self._check(gpa, size)
@@ -378,7 +388,7 @@ class GuestMemory:
         if not spec.swapped:
             with self._lock:
                 hot = self._hot
-                if hot[2] and hot[0] <= gpa < hot[1] - spec.mask:
+                if hot[2] and hot[0] <= gpa < hot[1] - spec.mask and _monotonic() < hot[3]:
                     return spec.decode(self._reservation.fetch_add(gpa, size, addend))  # type: ignore[no-any-return]
         self._check(gpa, size)
         op = fetch_add_op(self._reservation, spec, gpa, addend)

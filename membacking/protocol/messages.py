@@ -306,7 +306,8 @@ class DetachAck(Message):
 
 @dataclass(frozen=True, slots=True)
 class Shutdown(Message):
-    """manager -> mapper (stream): the manager is stopping or cutting this mapper off; `reason`
+    """manager -> mapper (stream, and on the fd socket right before the manager closes it):
+    the manager is stopping or cutting this mapper off; `reason`
     is for humans, `code` (one of SHUTDOWN_CODES; sent only with FEATURE_SHUTDOWN_CODE) for
     programs. A mapper reads an unknown code as SHUTDOWN_STOPPING."""
 
@@ -314,7 +315,7 @@ class Shutdown(Message):
     FROM = frozenset({"manager"})
     FIELDS = (("reason", Kind.TEXT), ("code", Kind.NAME))
     REQUIRED = 1
-    CHANNELS = frozenset({Channel.MAPPER})
+    CHANNELS = frozenset({Channel.MAPPER, Channel.FD})
     reason: str
     code: str | None = None
 

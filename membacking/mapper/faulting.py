@@ -1,0 +1,75 @@
+"""How an access faults: check that the mapper can still be served, register a waiter before
+sending SendMappings on the fd socket (so no answer can be missed), wait, and turn each way the
+wait can end into the exception the access raises.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..errors import (
+    DetachedError,
+    GuestMemoryError,
+    ManagerGoneError,
+    MappingsDroppedError,
+    NoMappingError,
+    ReadOnlyError,
+)
+from ..protocol import messages as m
+from ..protocol.ranges import MemoryRange
+from .waitlist import MAP_FAILED, NO_MAPPING, READ_ONLY
+
+if TYPE_CHECKING:
+    from .core import VaMapper
+
+
+def unserved(mapper: VaMapper, gpa: int) -> GuestMemoryError | None:
+    """Why `mapper` can map nothing more (detached, mappings dropped, manager gone), or None."""
+    if mapper.closed:
+        return DetachedError("this GuestMemory is detached", gpa)
+    if mapper.dropped is not None:
+        return MappingsDroppedError(f"cannot access GPA {gpa:#x}: {mapper.dropped}", gpa)
+    if mapper.gone is not None:
+        return ManagerGoneError(f"cannot map GPA {gpa:#x}: {mapper.gone}", gpa)
+    return None
+
+
+def fault(mapper: VaMapper, gpa: int, end: int, write: bool) -> None:
+    """Ask the manager to map [gpa, end) and wait; raises if it cannot be mapped."""
+    ended = unserved(mapper, gpa)
+    if ended is not None:
+        raise ended
+    if mapper.eager:
+        raise NoMappingError(
+            f"no region backs GPA {gpa:#x} (an eager mapper has every mapping already)", gpa
+        )
+    rng = MemoryRange.bounding(gpa, min(end, mapper.address_space))
+    waiter = mapper.waiters.register(rng, write, bool(mapper.link.features & m.FEATURE_TAGS))
+    if not waiter.done:
+        try:
+            mapper.link.send(m.SendMappings(rng, waiter.tag))
+        except TimeoutError as exc:  # alive (its socket is open) but not reading
+            mapper.waiters.discard(waiter)
+            raise GuestMemoryError(f"cannot fault GPA {gpa:#x}: {exc}", gpa) from None
+        except OSError as exc:
+            mapper.waiters.discard(waiter)
+            why = exc.strerror or str(exc)
+            raise ManagerGoneError(f"cannot reach the manager: {why}", gpa) from None
+    if not waiter.wait(mapper.fault_timeout):
+        mapper.waiters.discard(waiter)
+        raise GuestMemoryError(
+            f"the manager did not answer a fault at GPA {gpa:#x} within {mapper.fault_timeout:g}s",
+            gpa,
+        )
+    missing = waiter.range.start
+    if waiter.failure == NO_MAPPING:
+        raise NoMappingError(f"no region backs GPA {missing:#x}", missing)
+    if waiter.failure == READ_ONLY:
+        raise ReadOnlyError(f"GPA {missing:#x} is mapped read-only; cannot write", missing)
+    if waiter.failure is not None and waiter.failure.startswith(MAP_FAILED):
+        why = waiter.failure.removeprefix(MAP_FAILED)
+        raise GuestMemoryError(f"cannot map GPA {missing:#x}: {why}", missing)
+    if waiter.failure is not None:
+        raise unserved(mapper, gpa) or ManagerGoneError(
+            f"cannot map GPA {gpa:#x}: manager gone", gpa
+        )

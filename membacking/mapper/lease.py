@@ -1,0 +1,84 @@
+"""The mapper's lease: how long one turn of the mapper thread vouches for its connection to the
+manager, the wait of an access that finds it run out, and which Shutdowns make a mapper drop
+every mapping (see docs/ARCHITECTURE.md, "Removal binds every holder").
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+from ..protocol import messages as m
+
+#: Seconds one turn of the mapper thread vouches for its connection. Each turn takes the time
+#: before it polls the stream and the fd socket, handles what they show (a Shutdown, the fd
+#: socket's end) and then sets the lease to that time + LEASE; an access touches memory only
+#: while the lease runs, else it waits for a turn. The manager evicts only a mapper that left
+#: an Unmap unanswered for --unmap-timeout (at least 2 * LEASE): a mapper stopped long enough to
+#: be evicted finds its lease run out when it runs again, and its first access waits for the
+#: turn that reads the eviction and drops every mapping.
+LEASE = 0.5
+#: the mapper thread's poll timeout: an idle mapper renews its lease before it runs out
+POLL_MS = int(LEASE * 1000) // 2
+#: how long a mapper whose fd socket ended without a Shutdown on it waits for one on the
+#: stream (a manager that could not write it on the full fd socket sends it there only)
+#: before it takes the manager for dead and keeps its mappings
+FAREWELL_WAIT = LEASE
+
+_monotonic = time.monotonic
+
+
+#: how the Shutdown texts of managers that send no code (earlier releases, or a mapper that did
+#: not negotiate FEATURE_SHUTDOWN_CODE) begin when the mapper must drop its mappings
+_DROPPING_TEXTS = ("evicted", "manager shutting down")
+
+
+def drops_mappings(shutdown: m.Shutdown) -> bool:
+    """Whether this Shutdown means the manager no longer backs what the mapper holds (evicted,
+    or the manager stopped for good), so the mapper must drop every mapping. A manager that is
+    restarting on the same state (code `restarting`) and a connection lost without a Shutdown
+    (the manager died) keep them. An unknown code reads as `stopping` (docs/PROTOCOL.md)."""
+    if shutdown.code is not None:
+        return shutdown.code != m.SHUTDOWN_RESTARTING
+    return shutdown.reason.startswith(_DROPPING_TEXTS)
+
+
+class Lease:
+    """The deadline lives in `hot[3]` (the hot-chunk list every fast path has loaded already);
+    the mapper thread renews it at the end of each turn, accesses wait here when it ran out."""
+
+    __slots__ = ("_hot", "_turned", "_waiting", "_wake")
+
+    def __init__(self, hot: list[int | bool | float], wake: Callable[[], None]) -> None:
+        self._hot = hot
+        self._wake = wake
+        self._turned = threading.Condition(threading.Lock())
+        self._waiting = 0
+        hot[3] = _monotonic() + LEASE  # just registered: nothing can have ended it yet
+
+    def end_turn(self, turn: float, renew: bool) -> None:
+        """The mapper thread finished a turn that started (and polled) at `turn`."""
+        if renew:
+            self._hot[3] = turn + LEASE
+        if self._waiting:
+            with self._turned:
+                self._turned.notify_all()
+
+    def wait(self, timeout: float, settled: Callable[[], bool]) -> bool:
+        """Wake the mapper thread and wait until the lease runs again or `settled()` (the
+        mappings were dropped, the mapper closed); False if `timeout` seconds passed first."""
+        deadline = _monotonic() + timeout
+        with self._turned:
+            self._waiting += 1
+            try:
+                while _monotonic() >= self._hot[3] and not settled():
+                    left = deadline - _monotonic()
+                    if left <= 0:
+                        return False
+                    self._wake()
+                    # bounded: a turn that ended just before this wait began notified no one
+                    self._turned.wait(min(left, 0.05))
+            finally:
+                self._waiting -= 1
+        return True
