@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from . import build  # noqa: F401  (first: with MEMBACKING_PURE it picks the .py files)
 from .control_client import ControlClient
 from .errors import (
     ControlError,

@@ -5,9 +5,7 @@ percent, so a change to the Python on a fault's path is judged here first. Each 
 4 KiB region, has one mapper fault it in, and removes it (the Unmap acknowledged). The manager
 and the mapper each run under `valgrind --tool=callgrind`, counted only over the measured
 rounds. With `--thin` the mapper is the benchmark's thin one (membacking/bench/thin.py): the
-same rounds with the least mapper code the protocol allows, to tell membacking's share. The
-count is of the form installed (pure Python or compiled; MEMBACKING_PURE=1 forces pure Python),
-which it prints; `--keep DIR` keeps callgrind's files there for `callgrind_annotate`.
+same rounds with the least mapper code the protocol allows, to tell membacking's share.
 """
 
 from __future__ import annotations
@@ -23,7 +21,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from membacking import build
 from membacking.control_client import ControlClient
 
 GPA = 1 << 32
@@ -76,9 +73,7 @@ def _total(out: Path) -> int:
     raise RuntimeError(f"no instruction total in {out}")
 
 
-def count(
-    rounds: int, thin: bool = False, warmup: int = 10, keep: Path | None = None
-) -> dict[str, float]:
+def count(rounds: int, thin: bool = False, warmup: int = 10) -> dict[str, float]:
     work = Path(tempfile.mkdtemp(prefix="mb-instr-", dir="/tmp"))
     runtime = work / "run"
     manager_out, mapper_out = work / "manager.out", work / "mapper.out"
@@ -154,11 +149,6 @@ def count(
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        if keep is not None:
-            keep.mkdir(parents=True, exist_ok=True)
-            for out in (manager_out, mapper_out):
-                if out.exists():
-                    shutil.copy(out, keep / out.name)
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -172,22 +162,18 @@ def main() -> int:
     parser.add_argument(
         "--thin", action="store_true", help="count the benchmark's thin mapper instead"
     )
-    parser.add_argument(
-        "--keep", type=Path, metavar="DIR", help="keep callgrind's manager.out and mapper.out here"
-    )
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("instructions.py needs valgrind (with callgrind_control) on PATH", file=sys.stderr)
         return 2
-    result = count(args.rounds, args.thin, keep=args.keep)
+    result = count(args.rounds, args.thin)
     print(f"instructions per round of add region, fault, remove ({args.rounds} rounds counted)")
-    print(f"  membacking {build.form()}")
     print(f"  manager   {result['manager_per_round']:>12,.0f}")
     print(f"  mapper    {result['mapper_per_round']:>12,.0f}{'  (thin)' if args.thin else ''}")
     if args.json is not None:
-        args.json.write_text(json.dumps({**result, "build": build.form()}, indent=2) + "\n")
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TextIO, TypeVar
 
-from .. import build
 from ..units import plural
 from . import baselines, cases, floors
 from .turns import Removal, in_turn, medians
@@ -366,7 +365,8 @@ def main(quick: bool = False, json_path: Path | None = None, out: TextIO = sys.s
     out.write(
         f"\nmembacking benchmark ({'quick' if quick else 'full'}), {cores} cores, "
         f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M')}\n"
-        f"membacking {build.form()}\n" + load_note(load_before, load_after, cores) + "\n"
+        + load_note(load_before, load_after, cores)
+        + "\n"
     )
     table(results, out)
     out.write("\nwhere the time of the paths with a latency target goes (same run)\n\n")
@@ -381,7 +381,6 @@ def main(quick: bool = False, json_path: Path | None = None, out: TextIO = sys.s
                     "cores": os.cpu_count(),
                     "load_average": [load_before, load_after],
                     "python": platform.python_version(),
-                    "build": build.form(),
                     "results": [asdict(r) for r in results],
                     "breakdown": [{**asdict(b), "ratios": b.ratios} for b in breakdowns],
                 },

@@ -12,7 +12,6 @@ import sys
 
 import click
 
-from .. import build
 from .bench_cmd import bench_cmd
 from .common import Group
 from .conformance_cmd import conformance_cmd
@@ -27,9 +26,7 @@ from .watch_cmd import watch_cmd
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(
-    package_name="membacking", message=f"%(prog)s, version %(version)s, {build.form()}"
-)
+@click.version_option(package_name="membacking")
 def cli() -> None:
     """One shared guest-physical address space for many processes."""
 

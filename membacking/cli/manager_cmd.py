@@ -79,21 +79,21 @@ def manager() -> None:
 @click.option(
     "--max-mappers",
     type=click.IntRange(min=1),
-    default=Limits().max_mappers,
+    default=Limits.max_mappers,
     show_default=True,
     help="Refuse mappers beyond this many.",
 )
 @click.option(
     "--max-regions",
     type=click.IntRange(min=1),
-    default=Limits().max_regions,
+    default=Limits.max_regions,
     show_default=True,
     help="Refuse regions beyond this many.",
 )
 @click.option(
     "--max-fds-per-mapper",
     type=click.IntRange(min=1),
-    default=Limits().max_fds_per_mapper,
+    default=Limits.max_fds_per_mapper,
     show_default=True,
     help="Deny a mapper fds beyond this many.",
 )

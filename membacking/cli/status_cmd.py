@@ -27,7 +27,6 @@ def status_cmd(runtime_dir: Path, timeout: float | None, as_json: bool) -> None:
     rows = [
         ("pid", str(status["pid"])),
         ("version", status["version"]),
-        ("build", status.get("build", "not reported")),  # (a manager of an earlier release)
         ("uptime", units.format_duration(status["uptime"])),
         ("runtime dir", status["runtime_dir"]),
         ("regions", str(status["regions"])),

@@ -11,7 +11,6 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from .. import build
 from ..protocol import messages as m
 from ..protocol.messages import PRIVATE_MAPPABLE, Channel
 from .errors import Refused
@@ -104,7 +103,6 @@ def _status(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[
         {
             **proc,
             "version": VERSION,
-            "build": build.form(),
             "uptime": stats["uptime"],
             "regions": stats["regions"],
             "mappers": stats["mappers"],

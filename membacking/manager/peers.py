@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import mmap
 import secrets
-import time
 from collections import OrderedDict
 from typing import Any
 
@@ -15,7 +14,6 @@ from ..protocol import messages as m
 from ..protocol.messages import Channel, Message
 from .errors import Refused
 from .model import (
-    DEFAULT_ADDRESS_SPACE,
     Disconnect,
     Effect,
     MapperEntry,
@@ -37,24 +35,8 @@ MAX_DEPARTED = 1024
 class PeerState(TableState):
     """Adds the mapper registry (ids never reused) and mapper messages to the table."""
 
-    def __init__(
-        self,
-        store: Any,
-        *,
-        address_space: int = DEFAULT_ADDRESS_SPACE,
-        unmap_timeout: float = 30.0,
-        limits: Any = None,
-        clock: Any = time.time,
-        monotonic: Any = time.monotonic,
-    ) -> None:
-        super().__init__(
-            store,
-            address_space=address_space,
-            unmap_timeout=unmap_timeout,
-            limits=limits,
-            clock=clock,
-            monotonic=monotonic,
-        )
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         self._departed: OrderedDict[bytes, None] = OrderedDict()
 
     def has_private_regions(self) -> bool:

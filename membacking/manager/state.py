@@ -8,7 +8,6 @@ out the effects it returns; tests do the same without any socket.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from ..protocol import messages as m
@@ -51,25 +50,8 @@ __all__ = [
 class ManagerState(PeerState):
     """All of the manager's bookkeeping; every input returns the effects to carry out."""
 
-    def __init__(
-        self,
-        store: Any,
-        *,
-        address_space: int = DEFAULT_ADDRESS_SPACE,
-        unmap_timeout: float = 30.0,
-        limits: Any = None,
-        clock: Any = time.time,
-        monotonic: Any = time.monotonic,
-        huge_page_size: int | None = None,
-    ) -> None:
-        super().__init__(
-            store,
-            address_space=address_space,
-            unmap_timeout=unmap_timeout,
-            limits=limits,
-            clock=clock,
-            monotonic=monotonic,
-        )
+    def __init__(self, *args: Any, huge_page_size: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         #: a hugetlb mapping's GPA, size and file offset are multiples of this: MAP_FIXED of a
         #: hugetlb fd fails at any other address in every mapper
         self.huge_page_size = huge_page_size or hugepage_size()

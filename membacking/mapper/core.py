@@ -87,10 +87,10 @@ class VaMapper:
         self._stream_ready = [(self.link.stream, zmq.POLLIN)]  # for a zero-timeout zmq_poll
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stop = False
-        self._worker = threading.Thread(
+        self._thread = threading.Thread(
             target=self._run, name=f"membacking-mapper-{self.id}", daemon=True
         )
-        self._worker.start()
+        self._thread.start()
 
     # ---- the mapper thread ---------------------------------------------------------------------
 
@@ -479,7 +479,7 @@ class VaMapper:
                 self._detach_acked.wait(self.link.timeout)
         self._stop = True
         self._wake()
-        self._worker.join(10)
+        self._thread.join(10)
         with self.lock:
             self._release_escaped()
             self.closed = True
