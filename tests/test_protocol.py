@@ -475,3 +475,19 @@ def test_specs_and_names() -> None:
     assert units.parse_range_spec("0x1000:4K") == (4096, 4096)
     assert units.format_size(4096) == "4 KiB" and units.format_size(1536) == "1.5 KiB"
     assert units.format_size(100) == "100 B" and units.format_size(3 << 40) == "3 TiB"
+
+
+def test_a_name_is_refused_for_any_whitespace_as_before() -> None:
+    """A name may hold no whitespace. The check looks for the space only, because a printable
+    character that is whitespace can only be the space: checked here over every code point, and
+    every whitespace character of Unicode is still refused inside a name."""
+    import sys
+
+    from membacking.protocol.codec import _name
+
+    chars = [chr(code) for code in range(sys.maxunicode + 1)]
+    assert [ch for ch in chars if ch.isprintable() and ch.isspace()] == [" "]
+    for ch in (ch for ch in chars if ch.isspace()):
+        with pytest.raises(ProtocolError):
+            _name(f"a{ch}b", "name")
+    assert _name("a\u00e9b", "name") == "a\u00e9b"

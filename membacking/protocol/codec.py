@@ -209,7 +209,8 @@ def _name(value: Any, field: str) -> str:
             f"field {field!r} must be a string of 1 to {MAX_NAME_LEN} characters",
             reason="bad-field",
         )
-    if not value.isprintable() or any(ch.isspace() for ch in value):
+    # (a printable character that is whitespace can only be the space: checked over Unicode)
+    if not value.isprintable() or " " in value:
         raise ProtocolError(
             f"field {field!r} must be printable with no spaces: {value!r}", reason="bad-field"
         )
