@@ -6,6 +6,8 @@ percent, so a change to the Python on a fault's path is judged here first. Each 
 and the mapper each run under `valgrind --tool=callgrind`, counted only over the measured
 rounds. With `--thin` the mapper is the benchmark's thin one (membacking/bench/thin.py): the
 same rounds with the least mapper code the protocol allows, to tell membacking's share.
+`--by-object` adds how the instructions split between the interpreter, libzmq, msgpack, libc
+and the rest; `--keep DIR` keeps callgrind's files there, for `callgrind_annotate`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from membacking.control_client import ControlClient
 
@@ -65,6 +68,32 @@ def _switch(pid: int, on: bool) -> None:
     )
 
 
+def _by_object(out: Path) -> dict[str, int]:
+    """Instructions by shared object (self cost: the cost lines of each function, not the
+    inclusive cost callgrind writes after each `calls=` line)."""
+    names: dict[str, str] = {}
+    current = "?"
+    skip_next = False
+    costs: dict[str, int] = {}
+    for line in out.read_text(errors="replace").splitlines():
+        if line.startswith(("ob=", "cob=")):
+            ref, _, name = line.split("=", 1)[1].partition(" ")
+            if name:
+                names[ref] = name
+            if line.startswith("ob="):
+                current = os.path.basename(names.get(ref, ref))
+        elif line.startswith("calls="):
+            skip_next = True
+        elif line[:1].isdigit() or line[:1] in "+-*":
+            if skip_next:
+                skip_next = False
+                continue
+            parts = line.split()
+            if len(parts) >= 2:
+                costs[current] = costs.get(current, 0) + int(parts[1])
+    return costs
+
+
 def _total(out: Path) -> int:
     """The instruction total callgrind wrote for one process."""
     for line in out.read_text().splitlines():
@@ -73,7 +102,13 @@ def _total(out: Path) -> int:
     raise RuntimeError(f"no instruction total in {out}")
 
 
-def count(rounds: int, thin: bool = False, warmup: int = 10) -> dict[str, float]:
+def count(
+    rounds: int,
+    thin: bool = False,
+    warmup: int = 10,
+    keep: Path | None = None,
+    by_object: bool = False,
+) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="mb-instr-", dir="/tmp"))
     runtime = work / "run"
     manager_out, mapper_out = work / "manager.out", work / "mapper.out"
@@ -138,17 +173,28 @@ def count(rounds: int, thin: bool = False, warmup: int = 10) -> dict[str, float]
         mapper.wait(120)
         manager.terminate()
         manager.wait(120)
-        return {
+        result: dict[str, Any] = {
             "rounds": rounds,
             "manager_per_round": _total(manager_out) / rounds,
             "mapper_per_round": _total(mapper_out) / rounds,
             "seconds_under_valgrind": elapsed,
         }
+        if by_object:
+            for side, out in (("manager", manager_out), ("mapper", mapper_out)):
+                result[f"{side}_by_object"] = {
+                    k: v / rounds for k, v in sorted(_by_object(out).items(), key=lambda kv: -kv[1])
+                }
+        return result
     finally:
         for proc in (mapper, manager):
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        if keep is not None:
+            keep.mkdir(parents=True, exist_ok=True)
+            for out in (manager_out, mapper_out):
+                if out.exists():
+                    shutil.copy(out, keep / out.name)
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -162,16 +208,28 @@ def main() -> int:
     parser.add_argument(
         "--thin", action="store_true", help="count the benchmark's thin mapper instead"
     )
+    parser.add_argument(
+        "--keep", type=Path, metavar="DIR", help="keep callgrind's manager.out and mapper.out here"
+    )
+    parser.add_argument(
+        "--by-object", action="store_true", help="also split each count by shared object"
+    )
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("instructions.py needs valgrind (with callgrind_control) on PATH", file=sys.stderr)
         return 2
-    result = count(args.rounds, args.thin)
+    result = count(args.rounds, args.thin, keep=args.keep, by_object=args.by_object)
     print(f"instructions per round of add region, fault, remove ({args.rounds} rounds counted)")
     print(f"  manager   {result['manager_per_round']:>12,.0f}")
     print(f"  mapper    {result['mapper_per_round']:>12,.0f}{'  (thin)' if args.thin else ''}")
+    for side in ("manager", "mapper") if args.by_object else ():
+        costs = result[f"{side}_by_object"]
+        total = sum(costs.values())
+        print(f"{side}, by shared object:")
+        for name, per_round in list(costs.items())[:6]:
+            print(f"  {per_round:>12,.0f}  {per_round / total:6.1%}  {name}")
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0

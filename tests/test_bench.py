@@ -219,11 +219,32 @@ def test_instruction_count_script_counts_both_processes(tmp_path: Path) -> None:
     """scripts/instructions.py runs the manager and a mapper under callgrind; each must report
     a count for the rounds it was switched on for (no count is asserted: it reports them)."""
     out = tmp_path / "instructions.json"
-    result = run_script("instructions.py", "--rounds", "3", "--json", str(out), timeout=300)
+    keep = tmp_path / "kept"
+    result = run_script(
+        "instructions.py",
+        *("--rounds", "3", "--json", str(out), "--by-object", "--keep", str(keep)),
+        timeout=300,
+    )
     data = json.loads(out.read_text())
     assert data["rounds"] == 3
     assert data["manager_per_round"] > 0 and data["mapper_per_round"] > 0
     assert "manager" in result.stdout and "mapper" in result.stdout
+    for side in ("manager", "mapper"):
+        # the split adds up to the total, and the interpreter is in it
+        by_object = data[f"{side}_by_object"]
+        assert abs(sum(by_object.values()) / data[f"{side}_per_round"] - 1) < 0.001
+        assert any(name.startswith("libpython") for name in by_object), by_object
+        assert (keep / f"{side}.out").read_text().startswith("# callgrind format")
+
+
+def test_parallel_cpu_script_splits_by_thread() -> None:
+    """scripts/parallel_cpu.py reads every thread's CPU around a parallel run; it must keep
+    running and find the manager's loop and the mapper threads (no time is asserted)."""
+    result = run_script("parallel_cpu.py", "--mappers", "2", "--faults", "5", timeout=120)
+    out = result.stdout
+    assert "10 faults by 2 mappers" in out, out
+    assert "manager  main" in out and "mappers  python thread" in out, out
+    assert "manager loop busy" in out, out
 
 
 def test_table_explains_its_columns_and_keeps_memory_apart() -> None:

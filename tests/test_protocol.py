@@ -475,3 +475,4 @@ def test_specs_and_names() -> None:
     assert units.parse_range_spec("0x1000:4K") == (4096, 4096)
     assert units.format_size(4096) == "4 KiB" and units.format_size(1536) == "1.5 KiB"
     assert units.format_size(100) == "100 B" and units.format_size(3 << 40) == "3 TiB"
+
