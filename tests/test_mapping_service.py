@@ -24,7 +24,8 @@ Spawn = Callable[..., Worker]
 
 
 def memfd_refs(text: str, region: str) -> list[str]:
-    return re.findall(rf"memfd:membacking:{region}\b.*", text)
+    # a memfd, or a file of the state directory: mem/<id>.membacking:<region>
+    return re.findall(rf"(?:memfd:|/mem/\d+\.)membacking:{region}\b.*", text)
 
 
 def test_writes_by_one_mapper_are_seen_by_another(

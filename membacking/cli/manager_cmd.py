@@ -116,6 +116,31 @@ def manager() -> None:
     help="Address the metrics endpoint listens on.",
 )
 @click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep guest memory and the region journal here, so they survive the manager "
+    "(default: /dev/shm/membacking-<uid>-<hash of the runtime directory>; put it on a tmpfs).",
+)
+@click.option(
+    "--no-state",
+    is_flag=True,
+    help="No state directory: RAM is sealed memfds that end with the manager process "
+    "(a crash or restart loses every region).",
+)
+@click.option(
+    "--fresh",
+    is_flag=True,
+    help="Discard a state left in the state directory (its guest memory is lost) instead "
+    "of adopting it.",
+)
+@click.option(
+    "--keep-state",
+    is_flag=True,
+    help="A clean stop (SIGTERM/SIGINT) keeps the state for the next start instead of "
+    "ending guest memory.",
+)
+@click.option(
     "--config",
     "config_path",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -129,6 +154,7 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
     from ..manager import Daemon, ManagerConfig, RegionSpec
     from ..manager.config import load_config
     from ..manager.errors import Refused
+    from ..manager.persist import PersistConfig
 
     if config_path is not None:
         for key, value in load_config(config_path).items():
@@ -156,7 +182,15 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
         ),
         metrics_port=options["metrics_port"],
         metrics_addr=options["metrics_addr"],
+        persist=PersistConfig(
+            state_dir=options["state_dir"],
+            enabled=not options["no_state"],
+            fresh=options["fresh"],
+            keep=options["keep_state"],
+        ),
     )
+    if options["no_state"] and (options["keep_state"] or options["state_dir"] is not None):
+        raise click.UsageError("--no-state cannot go with --state-dir or --keep-state")
     daemon = Daemon(config)
 
     def ready(d: Daemon) -> None:
@@ -164,6 +198,11 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
         click.echo(
             f"membacking manager ready: runtime-dir={d.paths.root} pid={os.getpid()} "
             f"regions={len(d.state.regions)} address-space={units.format_size(address_space)}"
+            + (
+                f" state-dir={d.persist.dir.root} adopted={d.persist.adopted}"
+                if d.persist is not None
+                else " state-dir=none"
+            )
             + (metrics if d.metrics_port is not None else "")
         )
         sys.stdout.flush()

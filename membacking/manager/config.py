@@ -69,6 +69,12 @@ def _ids(key: str, value: Any) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _flag(key: str, value: Any) -> bool:
+    if type(value) is not bool:
+        raise ValueError(f"must be true or false, got {value!r}")
+    return value
+
+
 def _port(key: str, value: Any) -> int:
     if type(value) is not int or not 0 <= value <= 65535:
         raise ValueError(f"must be a TCP port number (0-65535), got {value!r}")
@@ -85,6 +91,9 @@ _TOP: dict[str, Any] = {
     "metrics_addr": _string,
     "allow_uids": _ids,
     "allow_gids": _ids,
+    "state_dir": lambda k, v: Path(_string(k, v)),
+    "no_state": lambda k, v: _flag(k, v),
+    "keep_state": lambda k, v: _flag(k, v),
 }
 _LIMITS = ("max_mappers", "max_regions", "max_fds_per_mapper")
 _REGION_KEYS = {

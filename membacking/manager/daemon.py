@@ -33,6 +33,7 @@ from .errors import Refused
 from .fdconn import FdConn
 from .fdserver import MAX_STRIKES, FdServer
 from .metrics import ManagerMetrics
+from .persist import READ_ONLY_OPS, PersistConfig, Persistence
 from .rundir import RuntimeDirError, RuntimeDirLock
 from .state import (
     DEFAULT_ADDRESS_SPACE,
@@ -93,6 +94,7 @@ class ManagerConfig:
     limits: Limits = field(default_factory=Limits)
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"
+    persist: PersistConfig = field(default_factory=PersistConfig)
 
 
 def _raise_fd_limit() -> int:
@@ -117,7 +119,8 @@ class Daemon(FdServer):
     def __init__(self, config: ManagerConfig) -> None:
         self.config = config
         self.paths = RuntimePaths.resolve(config.runtime_dir)
-        self.store = MemfdStore()
+        self.persist = Persistence(config.persist, self.paths) if config.persist.enabled else None
+        self.store = MemfdStore(self.persist.dir if self.persist is not None else None)
         self.state = ManagerState(
             self.store,
             address_space=config.address_space,
@@ -160,7 +163,14 @@ class Daemon(FdServer):
             )
         self._lock.acquire()
         try:
+            if self.persist is not None:
+                self.persist.open(self.state, self.store)
             for spec in self.config.regions:
+                want = (spec.gpa, spec.size, spec.readonly, spec.backing, spec.file)
+                if self.persist is not None and self.persist.has_region(
+                    self.state, spec.name, want
+                ):
+                    continue
                 self.state.add_region(
                     spec.name,
                     spec.gpa,
@@ -171,6 +181,7 @@ class Daemon(FdServer):
                     backing=spec.backing,
                     path=spec.file,
                 )
+            self._save_state()
             self._ctx = zmq.Context()
             self._mapper = self._bind_router(self.paths.mapper_endpoint, self.paths.mapper_socket)
             self._control = self._bind_router(
@@ -188,6 +199,16 @@ class Daemon(FdServer):
         except BaseException:
             self._close_all()
             raise
+
+    def _save_state(self) -> None:
+        """Journal the region table if it changed (before any reply says a change is done)."""
+        if self.persist is None:
+            return
+        try:
+            self.persist.save(self.state, self.store)
+        except OSError as exc:  # the change stands; a crash now would lose it
+            self.state.rejected["internal"] += 1
+            log.error("cannot journal the region table in %s: %s", self.persist.dir.root, exc)
 
     def _open_to_other_users(self) -> None:
         """--allow-uid/--allow-gid: other users must reach fd.sock and mapper.ipc. fd.sock checks
@@ -255,8 +276,15 @@ class Daemon(FdServer):
         reason = self._stop_reason or "stopped"
         log.info("shutting down: %s", reason)
         sdnotify.notify("STOPPING=1")
+        keep = self.persist is not None and self.persist.config.keep
+        code = m.SHUTDOWN_RESTARTING if keep else m.SHUTDOWN_STOPPING
         with contextlib.suppress(Exception):
-            self._apply(self.state.shutdown(f"manager shutting down ({reason})"))
+            self._apply(self.state.shutdown(f"manager shutting down ({reason})", code))
+        if self.persist is not None:
+            try:
+                self.persist.close(self.state, self.store, clean=True)
+            except Exception:
+                log.exception("could not close the state directory")
         self._close_all()
 
     def _close_all(self) -> None:
@@ -272,6 +300,8 @@ class Daemon(FdServer):
             self._listen.close()
         if getattr(self, "_ctx", None) is not None:
             self._ctx.term()
+        if self.persist is not None:
+            self.persist.close(self.state, self.store, clean=False)  # if not closed already
         self.store.close_all()
         self._wake_r.close()
         self._wake_w.close()
@@ -315,6 +345,8 @@ class Daemon(FdServer):
     def _tick(self) -> None:
         self._resume_accepting()
         self._apply(self.state.tick())
+        if self.persist is not None:  # rollbacks made on acks; files of completed removals
+            self.persist.tick(self.state, self.store)
         self._sweep_unregistered()
         for entry in list(self.state.mappers.values()):
             # pid 0: the mapper is in a pid namespace we cannot see into (another container);
@@ -453,6 +485,15 @@ class Daemon(FdServer):
             log.exception("control request failed")
             self.state.rejected["internal"] += 1
             effects = [Send(Channel.CONTROL, identity, m.Error("internal", str(exc)[:1000]))]
-        self._apply(effects)
+        if self.persist is None or getattr(msg, "op", None) in READ_ONLY_OPS:
+            self._apply(effects)
+            return
+        # what goes to mappers leaves first (they work on it while the journal is written);
+        # the client's answer only once the change is journaled
+        self._apply(
+            e for e in effects if not (isinstance(e, Send) and e.channel is Channel.CONTROL)
+        )
+        self._save_state()
+        self._apply(e for e in effects if isinstance(e, Send) and e.channel is Channel.CONTROL)
 
     # ---- fd socket -----------------------------------------------------------------------------

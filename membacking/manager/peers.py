@@ -164,9 +164,7 @@ class PeerState(TableState):
         self._by_identity[identity] = (entry.id, role)
         return [Send(Channel.MAPPER, identity, m.Attached(msg.role))]
 
-    def farewell(
-        self, mapper_id: int, reason: str, code: str = m.SHUTDOWN_EVICTED
-    ) -> list[Effect]:
+    def farewell(self, mapper_id: int, reason: str, code: str = m.SHUTDOWN_EVICTED) -> list[Effect]:
         """A Shutdown for a mapper about to be cut off, so it knows why (if still known)."""
         entry = self.mappers.get(mapper_id)
         if entry is None or entry.stream is None:
