@@ -222,7 +222,7 @@ def test_plain_values_and_buffers(manager: RunningManager) -> None:
 def test_manager_killed_mappers_keep_what_they_have(
     manager: RunningManager, spawn_worker: Spawn
 ) -> None:
-    worker = spawn_worker(manager, "survivor")
+    worker = spawn_worker(manager, "survivor", "--reconnect", "0")  # not waiting for a successor
     worker.ask("write 0x0 cafe")
     manager.stop(signal.SIGKILL)
     time.sleep(0.3)

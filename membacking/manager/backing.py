@@ -293,6 +293,14 @@ class MemfdStore:
         except OSError as exc:
             raise BackingError("bad-file", f"cannot open {path}: {exc.strerror}") from None
 
+    def identity(self, mappable_id: int) -> tuple[int, int] | None:
+        """(st_dev, st_ino) of a file backing (a mapper holding its fd after a restart proves
+        it is the same file); None for memfds, which a restart never adopts."""
+        backing = self._backings.get(mappable_id)
+        if backing is None or backing.record is None or backing.kind not in ("shm", "file"):
+            return None
+        return backing.record.dev, backing.record.ino
+
     def describe(self, mappable_id: int) -> tuple[int, bool]:
         backing = self._backings[mappable_id]
         return backing.size, backing.writable

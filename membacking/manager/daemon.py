@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 import resource
+import secrets
 import signal
 import socket
 import time
@@ -165,6 +166,9 @@ class Daemon(FdServer):
         try:
             if self.persist is not None:
                 self.persist.open(self.state, self.store)
+            self.state.state_id = (
+                self.persist.state_id if self.persist is not None else secrets.token_bytes(16)
+            )
             for spec in self.config.regions:
                 want = (spec.gpa, spec.size, spec.readonly, spec.backing, spec.file)
                 if self.persist is not None and self.persist.has_region(
@@ -202,13 +206,8 @@ class Daemon(FdServer):
 
     def _save_state(self) -> None:
         """Journal the region table if it changed (before any reply says a change is done)."""
-        if self.persist is None:
-            return
-        try:
-            self.persist.save(self.state, self.store)
-        except OSError as exc:  # the change stands; a crash now would lose it
+        if self.persist is not None and not self.persist.save_logged(self.state, self.store):
             self.state.rejected["internal"] += 1
-            log.error("cannot journal the region table in %s: %s", self.persist.dir.root, exc)
 
     def _open_to_other_users(self) -> None:
         """--allow-uid/--allow-gid: other users must reach fd.sock and mapper.ipc. fd.sock checks

@@ -115,6 +115,15 @@ class Persistence:
         snapshot = capture(state, store, self.state_id, str(self.paths.root))
         self.dir.write(snapshot)
 
+    def save_logged(self, state: ManagerState, store: MemfdStore) -> bool:
+        """`save`, logging a failure (the change stands; a crash now would lose it)."""
+        try:
+            self.save(state, store)
+        except OSError as exc:
+            log.error("cannot journal the region table in %s: %s", self.dir.root, exc)
+            return False
+        return True
+
     def tick(self, state: ManagerState, store: MemfdStore) -> None:
         """Each second: journal what acknowledgements changed (only rollbacks of an add, an
         enable or a move change what the journal keeps), and unlink the files of mappables

@@ -30,10 +30,12 @@ from ..protocol import messages as m
 from ..protocol.errors import ProtocolError
 from ..protocol.messages import PRIVATE_MAPPABLE, Message
 from ..protocol.ranges import MemoryRange
+from . import reconnect
+from .acks import AckSender
 from .chunks import Chunk, ChunkTable
 from .fds import MapperFds
 from .link import ManagerLink
-from .waitlist import MAP_FAILED, NO_MAPPING, READ_ONLY, WaiterSet
+from .waitlist import MAP_FAILED, NO_MAPPING, READ_ONLY, RELINK, WaiterSet
 
 log = logging.getLogger("membacking.mapper")
 
@@ -47,8 +49,18 @@ MAX_FAULTS = 64
 class VaMapper:
     """Maps guest memory into this process on demand; see the module docstring for safety."""
 
-    def __init__(self, link: ManagerLink, *, fault_timeout: float = 30.0) -> None:
+    def __init__(
+        self, link: ManagerLink, *, fault_timeout: float = 30.0, reconnect_timeout: float = 30.0
+    ) -> None:
         self.link = link
+        #: seconds to wait for a manager to come back after the connection is lost (0: never);
+        #: `relinked` is clear while the mapper registers again (faults wait for it)
+        self.reconnect_timeout, self.relinked, self.relink_reason = (
+            reconnect_timeout,
+            threading.Event(),
+            "",
+        )
+        self.relinked.set()
         self.id = link.mapper_id
         self.address_space = link.address_space
         self.fault_timeout = fault_timeout
@@ -77,6 +89,7 @@ class VaMapper:
         #: acks the fd socket had no room for yet, in order (sent when it has: never dropped,
         #: and the mapper thread never waits for room)
         self._acks: collections.deque[m.UnmapAck | m.MapAck] = collections.deque()
+        self.acker = AckSender(self)
         #: the mapper thread's poller (set while it runs), and whether it still polls the fd
         #: socket (it stops once that is closed)
         self._poller: zmq.Poller | None = None
@@ -101,6 +114,16 @@ class VaMapper:
         self._wake()
 
     def _run(self) -> None:
+        while not self._stop:
+            self._serve()
+            if self._stop or self.relinked.is_set():
+                break
+            if not reconnect.relink(self):
+                break
+        self.relinked.set()
+
+    def _serve(self) -> None:
+        """Serve the current connection until stopped or it is lost and to be relinked."""
         poller = self._poller = zmq.Poller()
         poller.register(self.link.stream, zmq.POLLIN)
         # hang-ups only: each fd is read by the Map that needs it, not on a wake-up of its own
@@ -112,7 +135,8 @@ class VaMapper:
         stream = self.link.stream
         # zmq_poll on the poller's own list: Poller.poll only adds a Python frame around it
         items = poller.sockets
-        while not self._stop:
+        self._stream_ready = [(stream, zmq.POLLIN)]
+        while not self._stop and self.relinked.is_set():
             try:
                 events = dict(zmq.zmq_poll(items, 1000))
             except zmq.ZMQError:
@@ -130,7 +154,7 @@ class VaMapper:
                 fd_events = events.get(fd_fileno)
                 if fd_events is not None:
                     if fd_events & _POLLOUT:
-                        self._flush_acks()
+                        self.acker.flush()
                     if fd_events & ~_POLLOUT and (self.gone is not None or self._read_fd_socket()):
                         # closed (or no longer of use): stop polling it, or poll would never
                         # block
@@ -156,45 +180,19 @@ class VaMapper:
             self.manager_gone(lost)
         return lost is not None
 
-    def _acknowledge(self, msg: m.UnmapAck | m.MapAck) -> None:
-        """Send an ack on the fd socket (the manager's loop reads it without a ZeroMQ I/O thread
-        in between), or queue it behind those still waiting for room."""
-        if self.gone is not None:
-            return  # nobody to tell
-        if not self._acks:
-            try:
-                if self.link.try_send(msg):
-                    return
-            except OSError as exc:  # gone: the fd socket's hang-up says so next
-                log.warning("mapper %d: cannot send %s: %s", self.id, msg, exc.strerror or exc)
-                return
-            self._watch_for_room(True)
-        self._acks.append(msg)
+    def manager_gone(self, reason: str, final: bool = False) -> None:
+        """Mapped memory keeps working. Unless `final` (stopped for good, or evicted), faults
+        wait for the manager's successor (reconnect.py); else they fail with ManagerGoneError."""
+        if final or not reconnect.start_relink(self, reason):
+            self.gone_for_good(reason)
 
-    def _flush_acks(self) -> None:
-        """The fd socket has room: send the queued acks, in order, as far as it goes."""
-        acks = self._acks
-        try:
-            while acks and self.gone is None:
-                if not self.link.try_send(acks[0]):
-                    return  # still waiting for room
-                acks.popleft()
-        except OSError as exc:
-            log.warning("mapper %d: cannot send %s: %s", self.id, acks[0], exc.strerror or exc)
-        acks.clear()
-        self._watch_for_room(False)
-
-    def _watch_for_room(self, on: bool) -> None:
-        if self._poller is not None and self._fd_polled:
-            fileno = self.link.fd_sock.fileno()
-            self._poller.modify(fileno, _POLLERR | _POLLOUT if on else _POLLERR)
-
-    def manager_gone(self, reason: str) -> None:
-        """Mapped memory keeps working; new faults fail with ManagerGoneError."""
+    def gone_for_good(self, reason: str) -> None:
+        """New faults fail with ManagerGoneError from now on."""
         if self.gone is None:
             log.warning("mapper %d: %s", self.id, reason)
             self.gone = reason
         self.waiters.shutdown(reason)
+        self.relinked.set()
 
     def _drain_stream(self) -> None:
         """Apply the messages waiting on the stream, which the poller found readable."""
@@ -225,14 +223,14 @@ class VaMapper:
             self.waiters.complete(
                 msg.range, msg.writable, None if failure is None else MAP_FAILED + failure
             )
-            self._acknowledge(m.MapAck(msg.seq, failure is None, (failure or "")[:1000]))
+            self.acker.send(m.MapAck(msg.seq, failure is None, (failure or "")[:1000]))
         elif isinstance(msg, m.NoMapping):
             self.waiters.complete(msg.range, None)
         elif isinstance(msg, m.Unmap):
             self._unmap(msg.seq, msg.range, msg.release)
         elif isinstance(msg, m.Release):
             self.fds.close(msg.release)
-            self._acknowledge(m.UnmapAck(msg.seq))
+            self.acker.send(m.UnmapAck(msg.seq))
         elif isinstance(msg, m.EagerResult):
             self.eager = msg.ok
             self._eager_message = msg.message
@@ -240,7 +238,8 @@ class VaMapper:
         elif isinstance(msg, m.Shutdown):
             # the manager's own reason says more than a closed connection noticed first
             self.gone = None
-            self.manager_gone(f"the manager shut down ({msg.reason})")
+            restarting = msg.code == m.SHUTDOWN_RESTARTING
+            self.manager_gone(f"the manager shut down ({msg.reason})", final=not restarting)
         elif isinstance(msg, m.Error):
             log.warning("mapper %d: the manager rejected a message: %s", self.id, msg.message)
         else:
@@ -327,7 +326,7 @@ class VaMapper:
                 )
                 return
         self.fds.close(release)
-        self._acknowledge(m.UnmapAck(seq))
+        self.acker.send(m.UnmapAck(seq))
 
     def _complete_unmaps(self) -> None:
         if not self._pending_unmaps:
@@ -349,7 +348,8 @@ class VaMapper:
             self._pending_unmaps = waiting
         for seq, _, release in done:
             self.fds.close(release)
-            self._acknowledge(m.UnmapAck(seq))
+            if seq >= 0:  # -1: owed to a manager that is gone
+                self.acker.send(m.UnmapAck(seq))
 
     def _remap_shared(self, part: MemoryRange, chunk: Chunk) -> None:
         """Replace a copy-on-write chunk by the read-only backing it stands for, once no
@@ -405,7 +405,18 @@ class VaMapper:
                 self.views.pop(view_id, None)
 
     def fault(self, gpa: int, end: int, write: bool) -> None:
-        """Ask the manager to map [gpa, end) and wait; raises if it cannot be mapped."""
+        """Ask the manager to map [gpa, end) and wait; raises if it cannot be mapped. While
+        the mapper registers again with a restarted manager, wait for that first."""
+        while True:
+            if not self.relinked.is_set():
+                self.relinked.wait(self.reconnect_timeout + 5.0)
+            try:
+                self._fault_once(gpa, end, write)
+                return
+            except reconnect.Relink:
+                continue
+
+    def _fault_once(self, gpa: int, end: int, write: bool) -> None:
         if self.closed:
             raise DetachedError("this GuestMemory is detached", gpa)
         if self.gone is not None:
@@ -424,6 +435,8 @@ class VaMapper:
                 raise GuestMemoryError(f"cannot fault GPA {gpa:#x}: {exc}", gpa) from None
             except OSError as exc:
                 self.waiters.discard(waiter)
+                if reconnect.relink_coming(self):
+                    raise reconnect.Relink() from None
                 why = exc.strerror or str(exc)
                 raise ManagerGoneError(f"cannot reach the manager: {why}", gpa) from None
         if not waiter.wait(self.fault_timeout):
@@ -438,6 +451,8 @@ class VaMapper:
             raise NoMappingError(f"no region backs GPA {missing:#x}", missing)
         if waiter.failure == READ_ONLY:
             raise ReadOnlyError(f"GPA {missing:#x} is mapped read-only; cannot write", missing)
+        if waiter.failure == RELINK:
+            raise reconnect.Relink()
         if waiter.failure is not None and waiter.failure.startswith(MAP_FAILED):
             why = waiter.failure.removeprefix(MAP_FAILED)
             raise GuestMemoryError(f"cannot map GPA {missing:#x}: {why}", missing)
