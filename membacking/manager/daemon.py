@@ -11,7 +11,6 @@ import contextlib
 import functools
 import logging
 import os
-import resource
 import secrets
 import signal
 import socket
@@ -30,12 +29,13 @@ from ..protocol.messages import Channel
 from ..runtime import RuntimePaths
 from . import sdnotify
 from .backing import MemfdStore
+from .control import addressed_elsewhere
 from .errors import Refused
 from .fdconn import FdConn
 from .fdserver import MAX_STRIKES, FdServer
 from .metrics import ManagerMetrics
 from .persist import READ_ONLY_OPS, PersistConfig, Persistence
-from .rundir import RuntimeDirError, RuntimeDirLock
+from .rundir import RuntimeDirError, RuntimeDirLock, raise_fd_limit
 from .state import (
     DEFAULT_ADDRESS_SPACE,
     Disconnect,
@@ -98,17 +98,6 @@ class ManagerConfig:
     persist: PersistConfig = field(default_factory=PersistConfig)
 
 
-def _raise_fd_limit() -> int:
-    """Every region holds a memfd and every mapper three descriptors: take the hard open-file
-    limit rather than the often small soft one. Returns the limit in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
 def config_widens(config: ManagerConfig) -> bool:
     """Whether other users than the daemon's (and root) may connect."""
     return bool(config.allow_uids or config.allow_gids)
@@ -129,6 +118,7 @@ class Daemon(FdServer):
             limits=config.limits,
         )
         self._lock = RuntimeDirLock(self.paths)
+        self.instance = self._lock.instance
         self._conns: dict[int, FdConn] = {}
         self._conn_of_mapper: dict[int, FdConn] = {}
         self._stop_reason: str | None = None
@@ -148,7 +138,7 @@ class Daemon(FdServer):
 
     def start(self) -> None:
         """Claim the runtime directory, create the initial regions and bind every socket."""
-        limit = _raise_fd_limit()
+        limit = raise_fd_limit()
         # libzmq aborts the process when it cannot accept a connection for want of descriptors,
         # so the daemon never lets its own descriptors come within FD_HEADROOM of the limit.
         self._fd_ceiling = limit - FD_HEADROOM
@@ -475,6 +465,11 @@ class Daemon(FdServer):
         except ProtocolError as exc:
             self.state.reject(exc.reason, str(exc))
             self._apply([Send(Channel.CONTROL, identity, m.Error("bad-request", str(exc)[:1000]))])
+            return
+        refusal = isinstance(msg, m.ControlRequest) and addressed_elsewhere(msg.args, self.instance)
+        if refusal:
+            self.state.reject("wrong-instance", refusal.message)
+            self._apply([Send(Channel.CONTROL, identity, refusal)])
             return
         try:
             effects = self.state.handle_control(identity, msg)
