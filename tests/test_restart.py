@@ -188,3 +188,11 @@ def test_custom_state_dir(start_manager: Start, tmp_path: Path) -> None:
         import shutil
 
         shutil.rmtree(custom, ignore_errors=True)
+
+
+def test_a_start_that_fails_leaves_no_state_behind() -> None:
+    runtime_dir = short_tmpdir()
+    sdir = default_state_dir(RuntimePaths.resolve(runtime_dir))
+    failed = run_manager(runtime_dir, "--region", "ram0=0:1M", "--region", "ram1=0x80000:1M")
+    assert failed.returncode == 1 and "overlaps" in failed.stderr, failed.stderr
+    assert not sdir.exists()

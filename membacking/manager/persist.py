@@ -44,6 +44,8 @@ class Persistence:
         self.state_id = b""
         #: regions adopted from the journal at start (0: started fresh)
         self.adopted = 0
+        #: no state was there (or --fresh): a start that fails leaves nothing behind
+        self.fresh = False
         self._rollbacks = 0
 
     def open(self, state: ManagerState, store: MemfdStore) -> None:
@@ -70,6 +72,7 @@ class Persistence:
                 log.warning("starting fresh: discarding any state in %s", self.dir.root)
             self.dir.reset()
             self.state_id = secrets.token_bytes(16)
+            self.fresh = True
             return
         try:
             check_fits(snapshot, str(self.paths.root), state.address_space)
@@ -136,8 +139,9 @@ class Persistence:
 
     def close(self, state: ManagerState, store: MemfdStore, clean: bool) -> None:
         """At exit: a clean stop ends the state unless it is to be kept (then it is journaled
-        one last time); otherwise (start failed) the directory is only unlocked."""
+        one last time); otherwise (start failed) the directory is only unlocked, or removed if
+        this start created it (it holds nothing anyone served)."""
         if clean and self.config.keep:
             self.save(state, store)
             log.info("kept the state in %s for the next start", self.dir.root)
-        self.dir.release(remove=clean and not self.config.keep)
+        self.dir.release(remove=(not self.config.keep) if clean else self.fresh)
