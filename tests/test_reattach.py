@@ -163,3 +163,21 @@ def test_holdings_are_checked_against_the_table(tmp_path: Path) -> None:
     assert any(isinstance(e, Send) and isinstance(e.msg, m.Unmap) for e in out)
     store.close_all()
     sdir.release(remove=True)
+
+
+def test_a_planned_restart_with_keep_state_is_ridden_through(
+    start_manager: Start, spawn_worker: Spawn
+) -> None:
+    """SIGTERM of a daemon run with --keep-state tells mappers Shutdown "restarting": they keep
+    their mappings and wait for the next daemon (an upgrade without stopping them)."""
+    first = start_manager(*REGIONS, "--keep-state")
+    worker = spawn_worker(first, "planned")
+    worker.ask("write 0x0 " + b"kept".hex())
+    assert first.stop() == 0
+    assert worker.ask("read 0x0 4") == b"kept".hex()
+    send(worker, "read 0x10000000 1")  # a fault in the gap
+    time.sleep(0.3)
+    second = start_manager(*REGIONS, runtime_dir=first.runtime_dir)
+    assert answer(worker) == "00"
+    with membacking.attach(second.runtime_dir) as memory:
+        assert memory.read_at(0, 4) == b"kept"
