@@ -2,7 +2,8 @@
 other's, and a reader loop each that never stops) while the daemon is SIGKILLed and restarted
 again and again, with a region added before and removed after each restart. Nothing may be lost:
 every slice reads back as the model says, every fault made in a gap succeeds after it, and no
-access to mapped memory fails. MEMBACKING_SOAK_KILLS sets the number of kills (default 2; 20 for the measured table)."""
+access to mapped memory fails. MEMBACKING_SOAK_KILLS sets the number of kills (default 2; the
+measured table uses 20)."""
 
 from __future__ import annotations
 
