@@ -181,3 +181,23 @@ def test_a_planned_restart_with_keep_state_is_ridden_through(
     assert answer(worker) == "00"
     with membacking.attach(second.runtime_dir) as memory:
         assert memory.read_at(0, 4) == b"kept"
+
+
+def test_an_eager_mapper_is_eager_again_after_the_restart(
+    start_manager: Start, spawn_worker: Spawn
+) -> None:
+    first = start_manager(*REGIONS)
+    worker = spawn_worker(first, "eager", "--eager")
+    worker.ask("write 0x10 " + b"e".hex())
+    first.stop(signal.SIGKILL)
+    second = start_manager(*REGIONS, runtime_dir=first.runtime_dir)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        mappers = second.client().mappers()
+        if mappers and mappers[0]["mode"] == "eager":
+            break
+        time.sleep(0.1)
+    assert [x["mode"] for x in second.client().mappers()] == ["eager"]
+    second.client().add_region("new", 0x20000000, MiB)  # pushed to it, as to any eager mapper
+    assert worker.ask("read 0x20000000 1") == "00"
+    assert worker.ask("read 0x10 1") == b"e".hex()

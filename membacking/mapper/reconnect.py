@@ -114,8 +114,9 @@ def relink(mapper: VaMapper) -> bool:
     while not mapper._stop:
         try:
             mapper.link.reconnect()
+            _restore(mapper, old_state, old_id)
             break
-        except ManagerUnavailableError as exc:
+        except (ManagerUnavailableError, OSError, TimeoutError) as exc:  # not yet: try again
             last = str(exc)
         left = deadline - time.monotonic()
         if left <= 0:
@@ -128,6 +129,21 @@ def relink(mapper: VaMapper) -> bool:
         delay = min(delay * 2, BACKOFF_MAX)
     else:
         return False
+    log.warning(
+        "mapper %d (was %d): registered again after %.3fs",
+        mapper.id,
+        old_id,
+        time.monotonic() - started,
+    )
+    if mapper.eager:  # the new manager knows it as lazy: ask for the replay again
+        mapper.eager = False
+        mapper.post(m.SetEager())
+    mapper.relinked.set()  # faults waiting for it go on
+    return True
+
+
+def _restore(mapper: VaMapper, old_state: bytes | None, old_id: int) -> None:
+    """Registered with a new manager: keep what it still serves, drop the rest."""
     mapper.id = mapper.fds.id = mapper.link.mapper_id
     _forget_acks(mapper)
     if old_state is None or mapper.link.state_id != old_state:
@@ -141,14 +157,6 @@ def relink(mapper: VaMapper) -> bool:
         )
     else:
         _send_holdings(mapper)
-    log.warning(
-        "mapper %d (was %d): registered again after %.3fs",
-        mapper.id,
-        old_id,
-        time.monotonic() - started,
-    )
-    mapper.relinked.set()  # faults waiting for it go on
-    return True
 
 
 def _send_holdings(mapper: VaMapper) -> None:
