@@ -40,6 +40,7 @@ def answer(worker: Worker, timeout: float = 30.0) -> str:
     return line[3:]
 
 
+@pytest.mark.timeout(120 + 30 * KILLS)  # 20 kills with 8 workers take minutes on 2 cores
 def test_mappers_ride_through_repeated_daemon_kills(
     start_manager: Start, spawn_worker: Spawn
 ) -> None:
