@@ -1,13 +1,18 @@
 """Client for the manager's control channel (used by the CLI and by the Python API).
 
 Each call sends one ControlRequest over a ZeroMQ REQ socket and waits, with a timeout, for the
-ControlReply; refusals become `ControlError`, an absent manager `ManagerUnavailableError`.
+ControlReply; refusals become `ControlError`, an absent manager `ManagerUnavailableError`. A
+request names the daemon instance it is for (from the lock file), so only that daemon runs it;
+if that daemon dies while the call waits, the call notices within a fraction of a second: a
+read-only request (regions, mappers, stats) is asked once more of its successor, any other fails
+saying it may or may not have been carried out.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Any
 
 import zmq
@@ -24,6 +29,14 @@ _U64_LIMIT = 1 << 64
 
 #: Seconds to wait for operations that wait on every affected mapper.
 LONG_TIMEOUT = 120.0
+#: how often a waiting call checks that the daemon it asked is still there
+LIVENESS_INTERVAL = 0.2
+#: operations that change nothing: asked again of a restarted daemon
+READ_ONLY_OPS = frozenset({"regions", "mappings", "mappers", "mapper_held", "stats", "status"})
+
+
+class _Died(Exception):
+    """The daemon a request was addressed to died (or was replaced) while the call waited."""
 
 
 def _check_args(args: dict[str, Any]) -> None:
@@ -94,20 +107,57 @@ class ControlClient:
             "running there?)"
         )
 
+    def instance(self) -> str | None:
+        """The instance of the daemon holding the runtime directory, from its lock file (None
+        if it cannot be read)."""
+        try:
+            with open(self.paths.lock, "rb") as lock:
+                words = lock.read(64).split()
+        except OSError:
+            return None
+        return words[1].decode(errors="replace") if len(words) >= 2 else None
+
+    def _gone(self, instance: str | None) -> bool:
+        """Whether the daemon `instance` is gone: none holds the lock, or another does."""
+        if self.paths.manager_running() is False:
+            return True
+        return instance is not None and self.instance() not in (instance, None)
+
     def call(self, op: str, timeout: float | None = None, **args: Any) -> Any:
         """Run operation `op` and return its result. Arguments the manager would refuse by
         their form (a bad region name, an integer beyond 64 bits, a float) are refused here
         with the same `ControlError` codes, before anything is sent."""
         _check_args(args)
+        wait = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait
+        try:
+            return self._call(op, wait, args)
+        except _Died as exc:
+            if op not in READ_ONLY_OPS:
+                raise ManagerUnavailableError(str(exc)) from None
+            died = str(exc)
+        # read-only: ask its successor, once, if one takes the directory within the timeout
+        while not (self.paths.control_socket.exists() and self.paths.manager_running()):
+            if time.monotonic() >= deadline:
+                raise ManagerUnavailableError(f"{died}; no manager took its place in {wait:g}s")
+            time.sleep(0.1)
+        try:
+            return self._call(op, max(0.1, deadline - time.monotonic()), args)
+        except _Died as exc:
+            raise ManagerUnavailableError(str(exc)) from None
+
+    def _call(self, op: str, timeout: float | None, args: dict[str, Any]) -> Any:
         if not self.paths.control_socket.exists():
             raise self._no_manager("no control socket")
         if getattr(self._local, "sock", None) is None and self.paths.manager_running() is False:
             raise self._no_manager("its sockets are left over from one that stopped")
         wait = self.timeout if timeout is None else timeout
+        instance = self.instance()
         sock = self._socket(wait)
+        request = dict(args, instance=instance) if instance is not None else args
         try:
-            sock.send(encode(m.ControlRequest(op, args)))
-            data = sock.recv()
+            sock.send(encode(m.ControlRequest(op, request)))
+            data = self._receive(sock, wait, instance)
         except zmq.Again:
             if self.paths.manager_running() is False:
                 raise self._no_manager("it stopped while this request waited") from None
@@ -122,11 +172,29 @@ class ControlClient:
             reply = decode(data, Channel.CONTROL, max_bytes=MAX_REPLY_BYTES, sender="manager")
         except ProtocolError as exc:
             raise ControlError("bad-reply", f"the manager sent an invalid reply: {exc}") from None
+        if isinstance(reply, m.Error) and reply.code == "wrong-instance":
+            raise _Died(f"the manager at {self.paths.root} was replaced: {reply.message}")
         if isinstance(reply, m.Error):
             raise ControlError(reply.code, reply.message)
         if not isinstance(reply, m.ControlReply):
             raise ControlError("bad-reply", f"unexpected {type(reply).__name__} from the manager")
         return reply.result
+
+    def _receive(self, sock: zmq.Socket[bytes], wait: float, instance: str | None) -> bytes:
+        """The reply, checking every LIVENESS_INTERVAL that the daemon asked is still there."""
+        deadline = time.monotonic() + wait
+        while not sock.poll(
+            int(min(LIVENESS_INTERVAL, max(0.0, deadline - time.monotonic())) * 1000)
+        ):
+            if time.monotonic() >= deadline:
+                raise zmq.Again()
+            if self._gone(instance):
+                self._drop_socket()  # and the request with it: no other daemon may get it
+                raise _Died(
+                    f"the manager at {self.paths.root} died while this request waited; it may "
+                    "or may not have been carried out (look, then ask again)"
+                )
+        return sock.recv()
 
     def regions(self) -> list[dict[str, Any]]:
         """Every region, by guest address (unplaced ones last), each with all its `mappings`.

@@ -46,7 +46,10 @@ def ready_line(fmt: str, fields: dict[str, Any]) -> str:
         from .units import format_size
 
         shown["address_space"] = format_size(shown["address_space"])
-    text = " ".join(f"{key.replace('_', '-')}={value}" for key, value in shown.items())
+    text = " ".join(
+        f"{key.replace('_', '-')}={'none' if value is None else value}"
+        for key, value in shown.items()
+    )
     return f"membacking manager ready: {text}"
 
 

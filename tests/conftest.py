@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from membacking.control_client import ControlClient
+from membacking.manager.statedir import default_state_dir
+from membacking.runtime import RuntimePaths
 
 READY_TIMEOUT = 20.0
 
@@ -124,7 +126,9 @@ def launch_manager(runtime_dir: Path, *args: str, prefix: Sequence[str] = ()) ->
             line += chunk
     text = line.decode()
     assert "membacking manager ready" in text, text  # a text line, or JSON with --log-format json
-    return RunningManager(runtime_dir, proc, log_path, text, [log_dir])
+    # the default state directory (on /dev/shm) of a daemon that was killed outlives it
+    state_dir = default_state_dir(RuntimePaths.resolve(runtime_dir))
+    return RunningManager(runtime_dir, proc, log_path, text, [log_dir, state_dir])
 
 
 @pytest.fixture

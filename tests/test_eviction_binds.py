@@ -5,6 +5,7 @@ theirs too, and a manager that merely dies leaves them in place."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -70,9 +71,10 @@ def answers(worker: Worker, n: int) -> list[str]:
 
 
 def holds_region(worker: Worker, name: str) -> bool:
-    """Whether the worker maps, or holds an fd of, region `name`'s memfd."""
-    memfd = f"memfd:membacking:{name} "  # then "(deleted)"
-    return memfd in worker.maps() or any(memfd in t for t in worker.fd_targets())
+    """Whether the worker maps, or holds an fd of, region `name`'s memory: a memfd, or a file
+    of the state directory (mem/<id>.membacking:<name>)."""
+    ref = re.compile(rf"(?:memfd:|/mem/\d+\.)membacking:{re.escape(name)}\b")
+    return bool(ref.search(worker.maps())) or any(ref.search(t) for t in worker.fd_targets())
 
 
 def test_the_lease_is_shorter_than_any_eviction_or_stop() -> None:
@@ -177,7 +179,8 @@ def test_which_endings_drop_the_mappings(
     memfd = os.memfd_create("scripted")
     os.ftruncate(memfd, 1 << 20)
     os.pwrite(memfd, b"mapped", 0)
-    memory = membacking.attach(root, name="scripted")
+    # no waiting for a successor: a scripted manager never comes back
+    memory = membacking.attach(root, name="scripted", reconnect_timeout=0)
     try:
         scripted.registered()
         assert scripted.conn is not None

@@ -77,7 +77,10 @@ def test_the_daemon_negotiates_and_keeps_the_old_layout_for_old_mappers(
 ) -> None:
     reply, wire = hello(manager, m.Hello("offers-all", (1 << 64) - 1))
     assert isinstance(reply, m.Welcome) and reply.features == m.SUPPORTED_FEATURES
-    assert len(wire) == 2 + 5
+    assert reply.state_id is not None and len(wire) == 2 + 6  # FEATURE_REATTACH: state_id
+    reply, wire = hello(manager, m.Hello("no-reattach", m.FEATURE_SHUTDOWN_CODE))
+    assert isinstance(reply, m.Welcome) and reply.features == m.FEATURE_SHUTDOWN_CODE
+    assert reply.state_id is None and len(wire) == 2 + 5
     reply, wire = hello(manager, m.Hello("older"))
     assert isinstance(reply, m.Welcome) and reply.features is None
     assert len(wire) == 2 + 4  # exactly what a decoder of the earlier release accepts

@@ -24,7 +24,8 @@ Spawn = Callable[..., Worker]
 
 
 def memfd_refs(text: str, region: str) -> list[str]:
-    return re.findall(rf"memfd:membacking:{region}\b.*", text)
+    # a memfd, or a file of the state directory: mem/<id>.membacking:<region>
+    return re.findall(rf"(?:memfd:|/mem/\d+\.)membacking:{region}\b.*", text)
 
 
 def test_writes_by_one_mapper_are_seen_by_another(
@@ -221,7 +222,7 @@ def test_plain_values_and_buffers(manager: RunningManager) -> None:
 def test_manager_killed_mappers_keep_what_they_have(
     manager: RunningManager, spawn_worker: Spawn
 ) -> None:
-    worker = spawn_worker(manager, "survivor")
+    worker = spawn_worker(manager, "survivor", "--reconnect", "0")  # not waiting for a successor
     worker.ask("write 0x0 cafe")
     manager.stop(signal.SIGKILL)
     time.sleep(0.3)

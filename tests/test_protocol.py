@@ -132,6 +132,8 @@ EXAMPLES: list[m.Message] = [
     m.Hello("mapper-1", m.SUPPORTED_FEATURES),
     m.Welcome(1, TOKEN, 1 << 40, P),
     m.Welcome(1, TOKEN, 1 << 40, P, 0),
+    m.Welcome(1, TOKEN, 1 << 40, P, m.SUPPORTED_FEATURES, TOKEN),
+    m.Holdings((7, 64769, 12), (0, P, 7, 0, 1)),
     m.FdGrant(7, 2 * P, False),
     m.FdDenied(7, "gone"),
     m.Error("bad-request", "why"),
@@ -188,7 +190,7 @@ def test_unknown_trailing_fields_are_accepted_and_ignored(msg: m.Message) -> Non
     channel = next(iter(msg.CHANNELS))
     items = msgpack.unpackb(encode(msg), raw=False)
     wire_len = 2 + sum(2 if k is m.Kind.RANGE else 1 for _, k in type(msg).FIELDS)
-    valid = {m.Kind.U64: 0, m.Kind.NAME: m.SHUTDOWN_STOPPING}
+    valid = {m.Kind.U64: 0, m.Kind.NAME: m.SHUTDOWN_STOPPING, m.Kind.TOKEN: TOKEN}
     for _, kind in type(msg).FIELDS[len(items) - wire_len :] if len(items) < wire_len else ():
         items.append(valid[kind])  # the absent optional fields, sent: the extras come after
     extended = raw(*items, "later", [1, 2], {"k": 3}, None)
@@ -475,4 +477,3 @@ def test_specs_and_names() -> None:
     assert units.parse_range_spec("0x1000:4K") == (4096, 4096)
     assert units.format_size(4096) == "4 KiB" and units.format_size(1536) == "1.5 KiB"
     assert units.format_size(100) == "100 B" and units.format_size(3 << 40) == "3 TiB"
-

@@ -1,6 +1,6 @@
 """A mapper process for tests, driven line by line over stdin/stdout.
 
-    python tests/worker.py RUNTIME_DIR NAME [--eager]
+    python tests/worker.py RUNTIME_DIR NAME [--eager] [--reconnect SECONDS]
 
 Commands (one per line): `write GPA HEX`, `read GPA N`, `fill GPA BYTE N`, `ensure GPA N`,
 `loop GPA N` (read until an error, in a thread), `loopstatus`, `mapped`, `eager`,
@@ -20,9 +20,11 @@ from membacking import attach
 def main() -> None:
     runtime_dir, name = sys.argv[1], sys.argv[2]
     eager = "--eager" in sys.argv[3:]
+    extra = sys.argv[3:]
+    reconnect = float(extra[extra.index("--reconnect") + 1]) if "--reconnect" in extra else 30.0
     loop_state = {"reads": 0, "error": ""}
     views: list[threading.Event] = []
-    with attach(runtime_dir, name=name, eager=eager) as memory:
+    with attach(runtime_dir, name=name, eager=eager, reconnect_timeout=reconnect) as memory:
         print(f"ok {memory.mapper_id}", flush=True)
 
         def loop(gpa: int, n: int) -> None:

@@ -146,6 +146,31 @@ def manager() -> None:
     show_default=True,
     help="Address the metrics endpoint listens on.",
 )
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep guest memory and the region journal here, so they survive the manager "
+    "(default: /dev/shm/membacking-<uid>-<hash of the runtime directory>; put it on a tmpfs).",
+)
+@click.option(
+    "--no-state",
+    is_flag=True,
+    help="No state directory: RAM is sealed memfds that end with the manager process "
+    "(a crash or restart loses every region).",
+)
+@click.option(
+    "--fresh",
+    is_flag=True,
+    help="Discard a state left in the state directory (its guest memory is lost) instead "
+    "of adopting it.",
+)
+@click.option(
+    "--keep-state",
+    is_flag=True,
+    help="A clean stop (SIGTERM/SIGINT) keeps the state for the next start instead of "
+    "ending guest memory.",
+)
 @config_param("TOML file with any of these settings; options given here override it.")
 @click.pass_context
 def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any) -> None:
@@ -155,6 +180,7 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
     from ..manager.config import load_config
     from ..manager.errors import Refused
     from ..manager.metrics import metrics_url
+    from ..manager.persist import PersistConfig
     from ..runtime import choose_runtime_dir
 
     from_file = load_config(config_path) if config_path is not None else {}
@@ -188,7 +214,15 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
         ),
         metrics_port=options["metrics_port"],
         metrics_addr=options["metrics_addr"],
+        persist=PersistConfig(
+            state_dir=options["state_dir"],
+            enabled=not options["no_state"],
+            fresh=options["fresh"],
+            keep=options["keep_state"],
+        ),
     )
+    if options["no_state"] and (options["keep_state"] or options["state_dir"] is not None):
+        raise click.UsageError("--no-state cannot go with --state-dir or --keep-state")
     daemon = Daemon(config)
 
     def ready(d: Daemon) -> None:
@@ -198,6 +232,9 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
             "regions": len(d.state.regions),
             "address_space": address_space,
         }
+        fields["state_dir"] = str(d.persist.dir.root) if d.persist is not None else None
+        if d.persist is not None:
+            fields["adopted"] = d.persist.adopted
         if d.metrics_port is not None:
             fields["metrics"] = metrics_url(config.metrics_addr, d.metrics_port)
         click.echo(logs.ready_line(options["log_format"], fields))

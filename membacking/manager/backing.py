@@ -1,4 +1,5 @@
-"""Memory backings the manager owns, one per mappable: sealed memfds, files, hugetlb memfds.
+"""Memory backings the manager owns, one per mappable: tmpfs files in the state directory (or
+sealed memfds without one), the operator's files, hugetlb memfds.
 
 `BackingStore` is the interface the state machine calls; `MemfdStore` is the real one. A read-only
 backing hands mappers a descriptor opened O_RDONLY, so the kernel refuses a writable mapping.
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Protocol
 
 from .errors import Refused
+from .journal import BackingRecord
+from .statedir import StateDir, StateDirError
 
 #: F_SEAL_FUTURE_WRITE (Linux 5.1): no new writable mappings or writes (Python 3.11 lacks it).
 F_SEAL_FUTURE_WRITE = 0x10
@@ -53,6 +56,9 @@ class _Backing:
     grant_fd: int  # what mappers receive: == fd, or an O_RDONLY reopen for read-only backings
     size: int
     writable: bool
+    kind: str = "memfd"  # as in BackingRecord.kind: shm | memfd | file | hugetlb
+    name: str = ""  # shm: the file's name in the state directory; file: its path
+    record: BackingRecord | None = None  # what the journal keeps of it (made once)
 
 
 def hugepage_size() -> int:
@@ -77,9 +83,11 @@ def _reopen_readonly(fd: int) -> int:
 
 
 class MemfdStore:
-    """Creates and owns every backing's descriptor."""
+    """Creates and owns every backing's descriptor. With a state directory, RAM backings are
+    files there (they outlive the manager); without one, sealed memfds (they die with it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, state_dir: StateDir | None = None) -> None:
+        self.state_dir = state_dir
         self._backings: dict[int, _Backing] = {}
         #: descriptors at or above this number are refused (the daemon keeps headroom below its
         #: open-file limit for the sockets ZeroMQ accepts on its own); None: no ceiling
@@ -98,13 +106,30 @@ class MemfdStore:
         kind: str = "memfd",
         path: str | None = None,
     ) -> None:
+        label = ""
         if kind == "file":
             assert path is not None
             fd = self._open_file(name, Path(path), size, writable)
+            label = path
         elif kind == "hugetlb":
             fd = self._hugetlb(name, size)
+        elif self.state_dir is not None:
+            # named for the region, as a memfd is, so /proc/PID/maps says whose memory it is
+            label = f"{mappable_id}.membacking:{name.replace('/', '_')}"
+            kind = "shm"
+            fd = self._shm_file(self.state_dir, label, name, size)
         else:
             fd = self._memfd(name, size, writable)
+        try:
+            self._own(mappable_id, fd, size, writable, kind, label, name)
+        except BackingError:
+            if kind == "shm" and self.state_dir is not None:
+                self.state_dir.discard(label)  # never journaled
+            raise
+
+    def _own(
+        self, mappable_id: int, fd: int, size: int, writable: bool, kind: str, label: str, name: str
+    ) -> None:
         try:
             grant = fd if writable else _reopen_readonly(fd)
         except OSError as exc:
@@ -118,7 +143,75 @@ class MemfdStore:
                 f"cannot back {name}: the manager is close to its open-file limit "
                 "(raise LimitNOFILE= / ulimit -n, or remove regions)",
             )
-        self._backings[mappable_id] = _Backing(fd, grant, size, writable)
+        dev = ino = 0
+        if kind in ("shm", "file"):
+            info = os.fstat(fd)
+            dev, ino = info.st_dev, info.st_ino
+        record = BackingRecord(mappable_id, kind, label, size, writable, dev, ino)
+        self._backings[mappable_id] = _Backing(fd, grant, size, writable, kind, label, record)
+
+    def _shm_file(self, state_dir: StateDir, label: str, name: str, size: int) -> int:
+        # No seals on a tmpfs file that memfd_create did not make: the file is the daemon's
+        # (0600 in a 0700 directory), and a restart checks its size against the journal.
+        try:
+            return state_dir.create_file(label, size)
+        except OSError as exc:
+            nomem = exc.errno in (errno.ENOMEM, errno.ENOSPC, errno.EFBIG)
+            raise BackingError(
+                "no-memory" if nomem else "internal",
+                f"cannot create the memory of {name} in {state_dir.mem}: {exc.strerror or exc}",
+            ) from None
+
+    def records(self, mappable_ids: set[int]) -> list[BackingRecord]:
+        """What the journal keeps of these mappables (identity from fstat)."""
+        backings = self._backings
+        return [
+            b.record
+            for b in (backings.get(i) for i in sorted(mappable_ids))
+            if b is not None and b.record is not None
+        ]
+
+    def adopt(self, record: BackingRecord) -> str | None:
+        """Take up a journaled backing again after a restart: its file must be the very one the
+        journal names (same inode, size, owner). StateDirError if not. Memory that could not
+        survive (memfd, hugetlb) comes back zero-filled: returns a warning saying so."""
+        what = f"mappable {record.mappable_id}"
+        if record.kind in ("memfd", "hugetlb"):
+            fd = (
+                self._hugetlb(what, record.size)
+                if record.kind == "hugetlb"
+                else self._memfd(what, record.size, record.writable)
+            )
+            self._own(record.mappable_id, fd, record.size, record.writable, record.kind, "", what)
+            return f"{what} was {record.kind} memory, which does not outlive the manager: zeroed"
+        try:
+            if record.kind == "shm":
+                assert self.state_dir is not None
+                where = self.state_dir.mem / record.name
+                fd = self.state_dir.open_file(record.name)
+            else:
+                where = Path(record.name)
+                flags = os.O_RDWR if record.writable else os.O_RDONLY
+                fd = os.open(where, flags | os.O_CLOEXEC)
+        except OSError as exc:
+            raise StateDirError(f"{what}: cannot open {where}: {exc.strerror or exc}") from None
+        info = os.fstat(fd)
+        problem = None
+        if record.kind == "shm" and (info.st_dev, info.st_ino) != (record.dev, record.ino):
+            problem = "it is not the file the journal names (another inode)"
+        elif record.kind == "shm" and info.st_size != record.size:
+            problem = f"it is {info.st_size} bytes, the journal says {record.size} (truncated?)"
+        elif info.st_size < record.size:
+            problem = f"it is {info.st_size} bytes, smaller than the {record.size} needed"
+        elif record.kind == "shm" and info.st_uid != os.getuid():
+            problem = f"it belongs to uid {info.st_uid}"
+        if problem is not None:
+            os.close(fd)
+            raise StateDirError(f"{what}: {where}: {problem}")
+        self._own(
+            record.mappable_id, fd, record.size, record.writable, record.kind, record.name, what
+        )
+        return None
 
     def _memfd(self, name: str, size: int, writable: bool) -> int:
         try:
@@ -200,6 +293,14 @@ class MemfdStore:
         except OSError as exc:
             raise BackingError("bad-file", f"cannot open {path}: {exc.strerror}") from None
 
+    def identity(self, mappable_id: int) -> tuple[int, int] | None:
+        """(st_dev, st_ino) of a file backing (a mapper holding its fd after a restart proves
+        it is the same file); None for memfds, which a restart never adopts."""
+        backing = self._backings.get(mappable_id)
+        if backing is None or backing.record is None or backing.kind not in ("shm", "file"):
+            return None
+        return backing.record.dev, backing.record.ino
+
     def describe(self, mappable_id: int) -> tuple[int, bool]:
         backing = self._backings[mappable_id]
         return backing.size, backing.writable
@@ -211,10 +312,16 @@ class MemfdStore:
         if backing.grant_fd != backing.fd:
             os.close(backing.grant_fd)
         os.close(backing.fd)
+        if backing.kind == "shm" and self.state_dir is not None:
+            self.state_dir.unlink_later(backing.name)
 
     def grant_fd(self, mappable_id: int) -> int:
         return self._backings[mappable_id].grant_fd
 
     def close_all(self) -> None:
-        for mappable_id in list(self._backings):
-            self.destroy(mappable_id)
+        """Close every descriptor (the manager is exiting; a state directory keeps the files)."""
+        for backing in self._backings.values():
+            if backing.grant_fd != backing.fd:
+                os.close(backing.grant_fd)
+            os.close(backing.fd)
+        self._backings.clear()

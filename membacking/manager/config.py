@@ -109,6 +109,9 @@ _TOP: dict[str, Any] = {
     "metrics_addr": _string,
     "allow_uids": _ids,
     "allow_gids": _ids,
+    "state_dir": lambda k, v: Path(_string(k, v)),
+    "no_state": lambda k, v: _flag(k, v),
+    "keep_state": lambda k, v: _flag(k, v),
 }
 _LIMITS = ("max_mappers", "max_regions", "max_fds_per_mapper")
 _REGION_KEYS = {

@@ -348,6 +348,24 @@ OPS: dict[str, Callable[[ManagerState, bytes, dict[str, Any]], list[Effect]]] = 
 }
 
 
+#: the argument a client addresses a request with: the daemon instance of the lock file
+INSTANCE_ARG = "instance"
+
+
+def addressed_elsewhere(args: dict[str, Any], instance: str) -> m.Error | None:
+    """A request addressed to another daemon instance (one that died, whose successor took
+    the runtime directory) is refused, never executed: the client decides what to do. The
+    argument is taken out of `args` otherwise."""
+    wanted = args.pop(INSTANCE_ARG, None)
+    if wanted is None or wanted == instance:
+        return None
+    return m.Error(
+        "wrong-instance",
+        f"this request was addressed to manager instance {wanted!r}, which is gone; this is "
+        f"instance {instance!r}: nothing was done",
+    )
+
+
 def run_control(
     state: ManagerState, identity: bytes, op: str, args: dict[str, Any]
 ) -> list[Effect]:

@@ -11,7 +11,7 @@ import contextlib
 import functools
 import logging
 import os
-import resource
+import secrets
 import signal
 import socket
 import time
@@ -29,12 +29,13 @@ from ..protocol.messages import Channel
 from ..runtime import RuntimePaths
 from . import sdnotify
 from .backing import MemfdStore
-from .control import STOPPING_OPS
+from .control import STOPPING_OPS, addressed_elsewhere
 from .errors import Refused
 from .fdconn import FdConn
 from .fdserver import MAX_STRIKES, FdServer
 from .metrics import ManagerMetrics
-from .rundir import RuntimeDirError, RuntimeDirLock
+from .persist import READ_ONLY_OPS, PersistConfig, Persistence
+from .rundir import RuntimeDirError, RuntimeDirLock, raise_fd_limit
 from .state import (
     DEFAULT_ADDRESS_SPACE,
     Disconnect,
@@ -100,6 +101,7 @@ class ManagerConfig:
     limits: Limits = field(default_factory=Limits)
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"
+    persist: PersistConfig = field(default_factory=PersistConfig)
 
     def __post_init__(self) -> None:
         from .config import check_id
@@ -107,17 +109,6 @@ class ManagerConfig:
         for ids in (self.allow_uids, self.allow_gids):
             for value in ids:
                 check_id(value)  # a bad id must not open the sockets to everyone
-
-
-def _raise_fd_limit() -> int:
-    """Every region holds a memfd and every mapper three descriptors: take the hard open-file
-    limit rather than the often small soft one. Returns the limit in force."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def config_widens(config: ManagerConfig) -> bool:
@@ -131,7 +122,8 @@ class Daemon(FdServer):
     def __init__(self, config: ManagerConfig) -> None:
         self.config = config
         self.paths = RuntimePaths.resolve(config.runtime_dir)
-        self.store = MemfdStore()
+        self.persist = Persistence(config.persist, self.paths) if config.persist.enabled else None
+        self.store = MemfdStore(self.persist.dir if self.persist is not None else None)
         self.state = ManagerState(
             self.store,
             address_space=config.address_space,
@@ -139,6 +131,7 @@ class Daemon(FdServer):
             limits=config.limits,
         )
         self._lock = RuntimeDirLock(self.paths)
+        self.instance = self._lock.instance
         self._conns: dict[int, FdConn] = {}
         self._conn_of_mapper: dict[int, FdConn] = {}
         self._stop_reason: str | None = None
@@ -159,7 +152,7 @@ class Daemon(FdServer):
 
     def start(self) -> None:
         """Claim the runtime directory, create the initial regions and bind every socket."""
-        limit = _raise_fd_limit()
+        limit = raise_fd_limit()
         # libzmq aborts the process when it cannot accept a connection for want of descriptors,
         # so the daemon never lets its own descriptors come within FD_HEADROOM of the limit.
         self._fd_ceiling = limit - FD_HEADROOM
@@ -175,7 +168,17 @@ class Daemon(FdServer):
             )
         self._lock.acquire()
         try:
+            if self.persist is not None:
+                self.persist.open(self.state, self.store)
+            self.state.state_id = (
+                self.persist.state_id if self.persist is not None else secrets.token_bytes(16)
+            )
             for spec in self.config.regions:
+                want = (spec.gpa, spec.size, spec.readonly, spec.backing, spec.file)
+                if self.persist is not None and self.persist.has_region(
+                    self.state, spec.name, want
+                ):
+                    continue
                 self.state.add_region(
                     spec.name,
                     spec.gpa,
@@ -186,6 +189,7 @@ class Daemon(FdServer):
                     backing=spec.backing,
                     path=spec.file,
                 )
+            self._save_state()
             self._ctx = zmq.Context()
             self._mapper = self._bind_router(self.paths.mapper_endpoint, self.paths.mapper_socket)
             self._control = self._bind_router(
@@ -203,6 +207,11 @@ class Daemon(FdServer):
         except BaseException:
             self._close_all()
             raise
+
+    def _save_state(self) -> None:
+        """Journal the region table if it changed (before any reply says a change is done)."""
+        if self.persist is not None and not self.persist.save_logged(self.state, self.store):
+            self.state.rejected["internal"] += 1
 
     def _open_to_other_users(self) -> None:
         """--allow-uid/--allow-gid: other users must reach fd.sock and mapper.ipc. fd.sock checks
@@ -270,14 +279,21 @@ class Daemon(FdServer):
         reason = self._stop_reason or "stopped"
         log.info("shutting down: %s", reason)
         sdnotify.notify("STOPPING=1")
+        keep = self.persist is not None and self.persist.config.keep
+        code = m.SHUTDOWN_RESTARTING if keep else m.SHUTDOWN_STOPPING
         with contextlib.suppress(Exception):
             attached = bool(self.state.mappers)
-            self._apply(self.state.shutdown(reason))
+            self._apply(self.state.shutdown(reason, code))
             for conn in list(self._conns.values()):
-                self._say_farewell(conn, reason, m.SHUTDOWN_STOPPING)
+                self._say_farewell(conn, reason, code)
                 conn.close()  # the end of the fd socket wakes each mapper at once
-            if attached:
+            if attached and code != m.SHUTDOWN_RESTARTING:
                 time.sleep(STOP_LINGER)
+        if self.persist is not None:
+            try:
+                self.persist.close(self.state, self.store, clean=True)
+            except Exception:
+                log.exception("could not close the state directory")
         self._close_all()
 
     def _close_all(self) -> None:
@@ -293,6 +309,8 @@ class Daemon(FdServer):
             self._listen.close()
         if getattr(self, "_ctx", None) is not None:
             self._ctx.term()
+        if self.persist is not None:
+            self.persist.close(self.state, self.store, clean=False)  # if not closed already
         self.store.close_all()
         self._wake_r.close()
         self._wake_w.close()
@@ -336,6 +354,8 @@ class Daemon(FdServer):
     def _tick(self) -> None:
         self._resume_accepting()
         self._apply(self.state.tick())
+        if self.persist is not None:  # rollbacks made on acks; files of completed removals
+            self.persist.tick(self.state, self.store)
         self._sweep_unregistered()
         for entry in list(self.state.mappers.values()):
             # pid 0: the mapper is in a pid namespace we cannot see into (another container);
@@ -486,6 +506,11 @@ class Daemon(FdServer):
             self.state.reject(exc.reason, str(exc))
             self._apply([Send(Channel.CONTROL, identity, m.Error("bad-request", str(exc)[:1000]))])
             return
+        refusal = isinstance(msg, m.ControlRequest) and addressed_elsewhere(msg.args, self.instance)
+        if refusal:
+            self.state.reject("wrong-instance", refusal.message)
+            self._apply([Send(Channel.CONTROL, identity, refusal)])
+            return
         try:
             effects = self.state.handle_control(identity, msg)
             if (
@@ -500,6 +525,15 @@ class Daemon(FdServer):
             log.exception("control request failed")
             self.state.rejected["internal"] += 1
             effects = [Send(Channel.CONTROL, identity, m.Error("internal", str(exc)[:1000]))]
-        self._apply(effects)
+        if self.persist is None or getattr(msg, "op", None) in READ_ONLY_OPS:
+            self._apply(effects)
+            return
+        # what goes to mappers leaves first (they work on it while the journal is written);
+        # the client's answer only once the change is journaled
+        self._apply(
+            e for e in effects if not (isinstance(e, Send) and e.channel is Channel.CONTROL)
+        )
+        self._save_state()
+        self._apply(e for e in effects if isinstance(e, Send) and e.channel is Channel.CONTROL)
 
     # ---- fd socket -----------------------------------------------------------------------------

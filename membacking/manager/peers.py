@@ -35,6 +35,10 @@ MAX_DEPARTED = 1024
 class PeerState(TableState):
     """Adds the mapper registry (ids never reused) and mapper messages to the table."""
 
+    #: names the memory this manager serves (Welcome.state_id): kept across restarts that adopt
+    #: a state directory; empty: mappers cannot keep what they hold across a restart
+    state_id: bytes = b""
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._departed: OrderedDict[bytes, None] = OrderedDict()
@@ -65,6 +69,15 @@ class PeerState(TableState):
         """Welcome a registered mapper; it offered feature bits `offered` (None: none at all,
         so Welcome carries none either) and gets the subset this manager will use."""
         entry.features = None if offered is None else offered & m.SUPPORTED_FEATURES
+        if entry.features is not None and entry.features & m.FEATURE_REATTACH and self.state_id:
+            return m.Welcome(
+                entry.id,
+                entry.token,
+                self.address_space,
+                HOST_PAGE_SIZE,
+                entry.features,
+                self.state_id,
+            )
         return m.Welcome(entry.id, entry.token, self.address_space, HOST_PAGE_SIZE, entry.features)
 
     def shutdown_message(self, entry: MapperEntry, reason: str, code: str) -> m.Shutdown:
@@ -165,6 +178,10 @@ class PeerState(TableState):
             return self.send_mappings(entry.id, msg.range)
         if isinstance(msg, m.ResendFd):
             return self.resend_fd(entry, msg.mappable_id)
+        if isinstance(msg, m.Holdings):
+            from .reattach import take_holdings
+
+            return take_holdings(self, entry, msg)
         return None
 
     def _acknowledgement(self, entry: MapperEntry, msg: Message) -> list[Effect] | None:

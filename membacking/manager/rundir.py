@@ -1,5 +1,6 @@
 """The daemon's claim on a runtime directory: a 0700 directory, an flock'ed lock file, no stale
-sockets. A second daemon on the same directory is refused with the first one's pid.
+sockets. A second daemon on the same directory is refused with the first one's pid. The lock file
+says "PID INSTANCE": control clients address their requests to that daemon instance.
 """
 
 from __future__ import annotations
@@ -7,11 +8,24 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import resource
+import secrets
 import stat
 import time
 
 from ..errors import MembackingError
 from ..runtime import RuntimePaths
+
+
+def raise_fd_limit() -> int:
+    """Every region holds a memfd and every mapper three descriptors: take the hard open-file
+    limit rather than the often small soft one. Returns the limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 class RuntimeDirError(MembackingError):
@@ -38,6 +52,8 @@ class RuntimeDirLock:
     def __init__(self, paths: RuntimePaths) -> None:
         self.paths = paths
         self._fd: int | None = None
+        #: this daemon process's id, different at every start (written in the lock file)
+        self.instance = secrets.token_hex(8)
 
     def acquire(self) -> None:
         paths = self.paths
@@ -60,13 +76,13 @@ class RuntimeDirLock:
         os.chmod(paths.root, 0o700)
         fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         if not _lock_exclusive(fd):
-            other = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            other = (os.read(fd, 64).decode(errors="replace").split() or ["?"])[0]
             os.close(fd)
             raise RuntimeDirError(
                 f"another membacking manager (pid {other}) is already serving {paths.root}"
             ) from None
         os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.write(fd, f"{os.getpid()} {self.instance}\n".encode())
         self._fd = fd
         # The lock is ours, so any socket file left here belongs to a daemon that died.
         for path in (paths.fd_socket, paths.mapper_socket, paths.control_socket):

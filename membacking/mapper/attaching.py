@@ -19,20 +19,32 @@ def attach(
     eager: bool = False,
     timeout: float = 10.0,
     fault_timeout: float = 30.0,
+    reconnect_timeout: float = 30.0,
 ) -> GuestMemory:
-    """Attach this process to the manager serving `runtime_dir` as a mapper named `name`."""
+    """Attach this process to the manager serving `runtime_dir` as a mapper named `name`.
+
+    If the connection to the manager is lost (it crashed, or announced a restart), the mapper
+    keeps every mapping and registers again with the manager that comes back on `runtime_dir`
+    within `reconnect_timeout` seconds (0: never; faults fail with ManagerGoneError at once);
+    faults in the meantime wait for it."""
     if name is None:
         name = f"mapper-{os.getpid()}"
     for what, value in (("timeout", timeout), ("fault_timeout", fault_timeout)):
         if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
             raise MembackingError(f"{what} must be a positive number of seconds, got {value!r}")
+    if (
+        isinstance(reconnect_timeout, bool)
+        or not isinstance(reconnect_timeout, int | float)
+        or not reconnect_timeout >= 0
+    ):
+        raise MembackingError(f"reconnect_timeout must be >= 0 seconds, got {reconnect_timeout!r}")
     try:
         units.check_name(name)
     except ValueError as exc:
         raise MembackingError(str(exc)) from None
     link = ManagerLink(RuntimePaths.resolve(runtime_dir), name, timeout)
     try:
-        mapper = VaMapper(link, fault_timeout=fault_timeout)
+        mapper = VaMapper(link, fault_timeout=fault_timeout, reconnect_timeout=reconnect_timeout)
     except BaseException:
         link.close()
         raise

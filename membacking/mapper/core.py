@@ -29,6 +29,7 @@ from ..protocol import messages as m
 from ..protocol.errors import ProtocolError
 from ..protocol.messages import PRIVATE_MAPPABLE, Message
 from ..protocol.ranges import MemoryRange
+from . import reconnect
 from .acks import AckQueue
 from .chunks import Chunk, ChunkTable, MapCountBudget
 from .faulting import fault
@@ -51,7 +52,15 @@ _monotonic = time.monotonic
 class VaMapper:
     """Maps guest memory into this process on demand; see the module docstring for safety."""
 
-    def __init__(self, link: ManagerLink, *, fault_timeout: float = 30.0) -> None:
+    def __init__(
+        self, link: ManagerLink, *, fault_timeout: float = 30.0, reconnect_timeout: float = 30.0
+    ) -> None:
+        #: seconds to wait for a manager to come back after the connection is lost (0: never);
+        #: `relinked` is clear while the mapper registers again (faults wait for it)
+        self.reconnect_timeout = reconnect_timeout
+        self.relinked = threading.Event()
+        self.relinked.set()
+        self.relink_reason = ""
         self.link = link
         self.id = link.mapper_id
         self.address_space = link.address_space
@@ -113,6 +122,17 @@ class VaMapper:
         self._wake()
 
     def _run(self) -> None:
+        while not self._stop:
+            self._serve()
+            if self._stop or self.relinked.is_set():
+                break
+            if not reconnect.relink(self):
+                break
+        self.relinked.set()
+
+    def _serve(self) -> None:
+        """Serve the current connection until stopped, or until it is lost and the mapper is
+        to register again with the manager's successor (reconnect.py)."""
         poller = self._poller = zmq.Poller()
         poller.register(self.link.stream, zmq.POLLIN)
         # hang-ups only: each fd is read by the Map that needs it, not on a wake-up of its own
@@ -124,8 +144,9 @@ class VaMapper:
         stream = self.link.stream
         # zmq_poll on the poller's own list: Poller.poll only adds a Python frame around it
         items = poller.sockets
+        self._stream_ready = [(stream, zmq.POLLIN)]
         lease = self.lease
-        while not self._stop:
+        while not self._stop and self.relinked.is_set():
             # taken before the poll: whatever the poll shows (the fd socket's end, a Shutdown)
             # was there no later than this, and is handled before the lease is renewed
             turn = _monotonic()
@@ -205,8 +226,15 @@ class VaMapper:
             fileno = self.link.fd_sock.fileno()
             self._poller.modify(fileno, _POLLERR | _POLLOUT if on else _POLLERR)
 
-    def manager_gone(self, reason: str) -> None:
-        """Mapped memory keeps working; new faults fail with ManagerGoneError."""
+    def manager_gone(self, reason: str, final: bool = False) -> None:
+        """Mapped memory keeps working. Unless `final` (stopped for good, or evicted), faults
+        wait for the manager's successor (reconnect.py); else they fail with ManagerGoneError."""
+        if final or not reconnect.start_relink(self, reason):
+            self.gone_for_good(reason)
+
+    def gone_for_good(self, reason: str) -> None:
+        """New faults fail with ManagerGoneError from now on."""
+        self.relinked.set()
         if self.gone is None:
             log.warning("mapper %d: %s", self.id, reason)
             self.gone = reason
@@ -289,7 +317,7 @@ class VaMapper:
             reason = describe_shutdown(msg.reason)
             if drops_mappings(msg):
                 self.drop_mappings(reason)
-            self.manager_gone(reason)
+            self.manager_gone(reason, final=msg.code != m.SHUTDOWN_RESTARTING)
         elif isinstance(msg, m.DetachAck):
             self._detach_acked.set()
         elif isinstance(msg, m.Error):
@@ -412,7 +440,8 @@ class VaMapper:
             self._pending_unmaps = waiting
         for seq, _, release in done:
             self.fds.close(release)
-            self._acknowledge(m.UnmapAck(seq))
+            if seq >= 0:  # -1: owed to a manager that is gone (reconnect.py)
+                self._acknowledge(m.UnmapAck(seq))
 
     def _remap_shared(self, part: MemoryRange, chunk: Chunk) -> None:
         """Replace a copy-on-write chunk by the read-only backing it stands for, once no

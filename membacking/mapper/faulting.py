@@ -17,7 +17,8 @@ from ..errors import (
 )
 from ..protocol import messages as m
 from ..protocol.ranges import MemoryRange
-from .waitlist import MAP_FAILED, NO_MAPPING, READ_ONLY
+from . import reconnect
+from .waitlist import MAP_FAILED, NO_MAPPING, READ_ONLY, RELINK
 
 if TYPE_CHECKING:
     from .core import VaMapper
@@ -35,7 +36,19 @@ def unserved(mapper: VaMapper, gpa: int) -> GuestMemoryError | None:
 
 
 def fault(mapper: VaMapper, gpa: int, end: int, write: bool) -> None:
-    """Ask the manager to map [gpa, end) and wait; raises if it cannot be mapped."""
+    """Ask the manager to map [gpa, end) and wait; raises if it cannot be mapped. While the
+    mapper registers again with a restarted manager (reconnect.py), wait for that first."""
+    while True:
+        if not mapper.relinked.is_set():
+            mapper.relinked.wait(mapper.reconnect_timeout + 5.0)
+        try:
+            _fault_once(mapper, gpa, end, write)
+            return
+        except reconnect.Relink:
+            continue
+
+
+def _fault_once(mapper: VaMapper, gpa: int, end: int, write: bool) -> None:
     ended = unserved(mapper, gpa)
     if ended is not None:
         raise ended
@@ -53,6 +66,8 @@ def fault(mapper: VaMapper, gpa: int, end: int, write: bool) -> None:
             raise GuestMemoryError(f"cannot fault GPA {gpa:#x}: {exc}", gpa) from None
         except OSError as exc:
             mapper.waiters.discard(waiter)
+            if reconnect.relink_coming(mapper):
+                raise reconnect.Relink() from None
             why = exc.strerror or str(exc)
             raise ManagerGoneError(f"cannot reach the manager: {why}", gpa) from None
     if not waiter.wait(mapper.fault_timeout):
@@ -66,6 +81,8 @@ def fault(mapper: VaMapper, gpa: int, end: int, write: bool) -> None:
         raise NoMappingError(f"no region backs GPA {missing:#x}", missing)
     if waiter.failure == READ_ONLY:
         raise ReadOnlyError(f"GPA {missing:#x} is mapped read-only; cannot write", missing)
+    if waiter.failure == RELINK:
+        raise reconnect.Relink()
     if waiter.failure is not None and waiter.failure.startswith(MAP_FAILED):
         why = waiter.failure.removeprefix(MAP_FAILED)
         raise GuestMemoryError(f"cannot map GPA {missing:#x}: {why}", missing)

@@ -61,6 +61,10 @@ class MapperFds:
         """The fd held for `mappable_id` (mapper thread: others use `dup`)."""
         return self._held.get(mappable_id)
 
+    def held(self) -> list[tuple[int, int]]:
+        """(mappable id, fd) of every fd held (mapper thread)."""
+        return list(self._held.items())
+
     def dup(self, mappable_id: int) -> int | None:
         """A duplicate of the fd held for `mappable_id`, owned by the caller (any thread)."""
         with self._closing:

@@ -45,26 +45,52 @@ class ManagerLink:
 
     def __init__(self, paths: RuntimePaths, name: str, timeout: float) -> None:
         self.paths = paths
+        self.name = name
         self.timeout = timeout
         self._send_lock = threading.Lock()
         self.fd_sock, welcome = self._register(name)
         try:
-            # from now on only the mapper thread reads it, and never blocks on it
-            self.fd_sock.setblocking(False)
-            self._fd_poll = select.poll()
-            self._fd_poll.register(self.fd_sock, select.POLLIN)
-            self._room_poll = select.poll()
-            self._room_poll.register(self.fd_sock, select.POLLOUT)
-            self.mapper_id = welcome.mapper_id
-            self.token = welcome.token
-            self.address_space = welcome.address_space
-            #: feature bits the manager will use (0 from a manager of an earlier release)
-            self.features = welcome.features or 0
             self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-            self.stream = self._attach(m.ROLE_STREAM_FD)
+            self._take(welcome)
+            self.address_space = welcome.address_space
         except BaseException:
             self.close()
             raise
+
+    def _take(self, welcome: m.Welcome) -> None:
+        """Use a new registration: the fd socket is `self.fd_sock`; attach the stream."""
+        # from now on only the mapper thread reads it, and never blocks on it
+        self.fd_sock.setblocking(False)
+        self._fd_poll = select.poll()
+        self._fd_poll.register(self.fd_sock, select.POLLIN)
+        self._room_poll = select.poll()
+        self._room_poll.register(self.fd_sock, select.POLLOUT)
+        self.mapper_id = welcome.mapper_id
+        self.token = welcome.token
+        #: feature bits the manager will use (0 from a manager of an earlier release)
+        self.features = welcome.features or 0
+        #: the memory the manager serves (None: it cannot tell, so nothing is kept across a
+        #: restart)
+        self.state_id = welcome.state_id if self.features & m.FEATURE_REATTACH else None
+        self.stream = self._attach(m.ROLE_STREAM_FD)
+
+    def reconnect(self) -> None:
+        """Register again with the manager now serving the runtime directory (after its
+        predecessor died): new fd socket, id, token and stream socket. Raises
+        ManagerUnavailableError (or AttachError) if that cannot be done now. Mapper thread
+        only, with no access waiting on the fd socket."""
+        with contextlib.suppress(zmq.ZMQError):
+            self.stream.close(0)
+        with contextlib.suppress(OSError):
+            self.fd_sock.close()
+        self.fd_sock, welcome = self._register(self.name)
+        if welcome.address_space != self.address_space:
+            self.fd_sock.close()
+            raise AttachError(
+                f"the manager now serves an address space of {welcome.address_space:#x} bytes, "
+                f"not {self.address_space:#x}"
+            )
+        self._take(welcome)
 
     def _unavailable(self, detail: str) -> ManagerUnavailableError:
         return ManagerUnavailableError(

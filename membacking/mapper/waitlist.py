@@ -14,6 +14,8 @@ from ..protocol.ranges import MemoryRange
 NO_MAPPING = "no-mapping"
 READ_ONLY = "read-only"
 SHUTDOWN = "shutdown"
+#: the connection to the manager was lost: ask again once registered with its successor
+RELINK = "relink"
 #: prefix of the failure of a Map this mapper could not apply, followed by the reason
 MAP_FAILED = "map-failed: "
 
@@ -112,6 +114,13 @@ class WaiterSet:
         with self._lock:
             if self._waiters and waiter in self._waiters:
                 self._waiters.remove(waiter)
+
+    def fail_all(self, failure: str) -> None:
+        """Fail every current waiter with `failure` (later ones wait as usual)."""
+        with self._lock:
+            waiters, self._waiters = self._waiters, [] if self._waiters is not None else None
+        for waiter in waiters or ():
+            waiter._finish(failure)
 
     def shutdown(self, reason: str) -> None:
         """Fail every waiter; later ones fail at once."""

@@ -32,8 +32,11 @@ FEATURE_DETACH_ACK = 1 << 1
 #: SendMappings and ResendFd carry a `tag`, and an Error refusing one carries the same tag, so
 #: the mapper can fail the access waiting for it instead of letting it time out
 FEATURE_TAGS = 1 << 2
+#: re-registration after a manager restart: Welcome carries `state_id`, and a mapper may send
+#: Holdings (what it still maps) right after attaching
+FEATURE_REATTACH = 1 << 3
 #: every feature bit this release knows
-SUPPORTED_FEATURES = FEATURE_SHUTDOWN_CODE | FEATURE_DETACH_ACK | FEATURE_TAGS
+SUPPORTED_FEATURES = FEATURE_SHUTDOWN_CODE | FEATURE_DETACH_ACK | FEATURE_TAGS | FEATURE_REATTACH
 
 #: Shutdown codes: the mapper was cut off for not answering (it should drop its mappings)
 SHUTDOWN_EVICTED = "evicted"
@@ -103,7 +106,9 @@ class Hello(Message):
 @dataclass(frozen=True, slots=True)
 class Welcome(Message):
     """manager -> mapper: registration accepted; identity to present on the ZeroMQ sockets.
-    `features` (present only if Hello offered some): the offered bits the manager will use."""
+    `features` (present only if Hello offered some): the offered bits the manager will use;
+    `state_id` (with FEATURE_REATTACH): names the memory this manager serves, the same after a
+    restart that adopted its state, another after a fresh start."""
 
     TYPE = 2
     FROM = frozenset({"manager"})
@@ -113,6 +118,7 @@ class Welcome(Message):
         ("address_space", Kind.U64),
         ("page_size", Kind.U64),
         ("features", Kind.U64),
+        ("state_id", Kind.TOKEN),
     )
     REQUIRED = 4
     CHANNELS = frozenset({Channel.FD})
@@ -121,6 +127,7 @@ class Welcome(Message):
     address_space: int
     page_size: int
     features: int | None = None
+    state_id: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +233,27 @@ class ResendFd(Message):
     CHANNELS = frozenset({Channel.FD, Channel.MAPPER})
     mappable_id: int
     tag: int | None = None
+
+
+#: entries of Holdings.fds (mappable_id, dev, ino) and Holdings.mappings (start, size,
+#: mappable_id, file_offset, writable as 0/1), flattened into arrays of u64
+HOLDING_FD_LEN = 3
+HOLDING_MAPPING_LEN = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Holdings(Message):
+    """mapper -> manager (fd socket, FEATURE_REATTACH): after registering again with a manager
+    whose Welcome has the state_id it had before, what it still holds: `fds` the fds it keeps
+    (each identified by the st_dev and st_ino of its fstat), `mappings` what it has mapped.
+    Several may be sent. The manager keeps what matches its table and unmaps the rest."""
+
+    TYPE = 26
+    FROM = frozenset({"mapper"})
+    FIELDS = (("fds", Kind.IDS), ("mappings", Kind.IDS))
+    CHANNELS = frozenset({Channel.FD})
+    fds: tuple[int, ...]
+    mappings: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,6 +458,7 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     Attached,
     SendMappings,
     ResendFd,
+    Holdings,
     Map,
     NoMapping,
     Unmap,

@@ -1,0 +1,147 @@
+"""The daemon's hooks into its state directory: adopt a journaled state at start (or refuse it),
+journal the region table after each change, and end or keep the state at a clean stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..runtime import RuntimePaths
+from .backing import MemfdStore
+from .journal import JournalError
+from .snapshot import capture, check_fits, restore
+from .state import ManagerState
+from .statedir import StateDir, StateDirError, default_state_dir
+
+log = logging.getLogger("membacking.manager")
+
+#: control operations that change nothing the journal keeps (no snapshot is taken for them)
+READ_ONLY_OPS = frozenset({"regions", "mappers", "stats"})
+
+
+@dataclass(frozen=True)
+class PersistConfig:
+    #: the state directory (None: the default one for the runtime directory)
+    state_dir: Path | None = None
+    #: False: no state directory at all; RAM is sealed memfds that die with the manager
+    enabled: bool = True
+    #: discard a state found there instead of adopting it
+    fresh: bool = False
+    #: a clean stop keeps the state (guest memory) for the next start instead of ending it
+    keep: bool = False
+
+
+class Persistence:
+    """Owns the state directory for one daemon run."""
+
+    def __init__(self, config: PersistConfig, paths: RuntimePaths) -> None:
+        self.config = config
+        self.paths = paths
+        self.dir = StateDir(config.state_dir or default_state_dir(paths))
+        self.state_id = b""
+        #: regions adopted from the journal at start (0: started fresh)
+        self.adopted = 0
+        #: no state was there (or --fresh): a start that fails leaves nothing behind
+        self.fresh = False
+        self._rollbacks = 0
+
+    def open(self, state: ManagerState, store: MemfdStore) -> None:
+        """Claim the directory and adopt its state into the empty `state`/`store`, or start
+        fresh when there is none (or --fresh). StateDirError when it does not fit."""
+        self.dir.acquire()
+        try:
+            self._adopt(state, store)
+        except BaseException:
+            self.dir.release(remove=False)
+            raise
+
+    def _adopt(self, state: ManagerState, store: MemfdStore) -> None:
+        hint = (
+            f"the state in {self.dir.root} cannot be used: {{}}. Nothing was changed; start "
+            "with --fresh to discard it (its guest memory is lost), or give another --state-dir"
+        )
+        try:
+            snapshot = None if self.config.fresh else self.dir.read()
+        except JournalError as exc:
+            raise StateDirError(hint.format(exc)) from None
+        if snapshot is None:
+            if self.config.fresh:
+                log.warning("starting fresh: discarding any state in %s", self.dir.root)
+            self.dir.reset()
+            self.state_id = secrets.token_bytes(16)
+            self.fresh = True
+            return
+        try:
+            check_fits(snapshot, str(self.paths.root), state.address_space)
+            warnings = restore(snapshot, state, store)
+        except StateDirError as exc:
+            raise StateDirError(hint.format(exc)) from None
+        self.state_id = snapshot.state_id
+        self.adopted = len(snapshot.regions)
+        for warning in warnings:
+            log.error("restored state: %s", warning)
+        keep = {b.name for b in snapshot.backings if b.kind == "shm"}
+        orphans = self.dir.remove_orphans(keep)
+        if orphans:
+            log.info("removed %d memory files no journal named: %s", len(orphans), orphans)
+        log.info(
+            "adopted the state in %s: %d regions, %d backings",
+            self.dir.root,
+            len(snapshot.regions),
+            len(snapshot.backings),
+        )
+
+    def has_region(
+        self, state: ManagerState, name: str, want: tuple[int, int, bool, str, str | None]
+    ) -> bool:
+        """Whether an initial region (gpa, size, read-only, backing, file) came back from the
+        state: it must be as configured (a different one is refused, not silently kept or
+        replaced)."""
+        region = state.regions.get(name)
+        if region is None:
+            return False
+        have = (region.gpa, region.size, not region.writable, region.backing, region.path)
+        if have != want:
+            where = "not placed" if region.gpa is None else f"at {region.gpa:#x}"
+            raise StateDirError(
+                f"region {name!r} in the adopted state ({region.size:#x} bytes {where}, "
+                f"{region.backing}{', read-only' if not region.writable else ''}) differs from "
+                "--region/config; remove it first, or start with --fresh to discard the state"
+            )
+        return True
+
+    def save(self, state: ManagerState, store: MemfdStore) -> None:
+        """Journal the region table if it changed since the last save."""
+        snapshot = capture(state, store, self.state_id, str(self.paths.root))
+        self.dir.write(snapshot)
+
+    def save_logged(self, state: ManagerState, store: MemfdStore) -> bool:
+        """`save`, logging a failure (the change stands; a crash now would lose it)."""
+        try:
+            self.save(state, store)
+        except OSError as exc:
+            log.error("cannot journal the region table in %s: %s", self.dir.root, exc)
+            return False
+        return True
+
+    def tick(self, state: ManagerState, store: MemfdStore) -> None:
+        """Each second: journal what acknowledgements changed (only rollbacks of an add, an
+        enable or a move change what the journal keeps), and unlink the files of mappables
+        destroyed since (removals that completed; the journal stopped naming them when the
+        removal was asked for)."""
+        if state.counters["rollbacks"] != self._rollbacks:
+            self._rollbacks = state.counters["rollbacks"]
+            self.save(state, store)
+        self.dir.flush_unlinks()
+
+    def close(self, state: ManagerState, store: MemfdStore, clean: bool) -> None:
+        """At exit: a clean stop ends the state unless it is to be kept (then it is journaled
+        one last time); otherwise (start failed) the directory is only unlocked, or removed if
+        this start created it (it holds nothing anyone served)."""
+        if clean and self.config.keep:
+            self.save(state, store)
+            log.info("kept the state in %s for the next start", self.dir.root)
+        self.dir.release(remove=(not self.config.keep) if clean else self.fresh)

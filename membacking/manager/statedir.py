@@ -1,0 +1,159 @@
+"""The state directory: where guest memory and the region journal outlive the manager process.
+
+A 0700 directory of the daemon's uid (default on /dev/shm, a tmpfs) holding `journal` (see
+`journal`), `mem/<mappable id>` (the memory of each RAM region, a tmpfs file) and `state.lock`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import stat
+from pathlib import Path
+
+from ..errors import MembackingError
+from ..runtime import RuntimePaths
+from . import journal
+from .journal import Snapshot
+
+log = logging.getLogger("membacking.manager")
+
+#: where state directories live unless --state-dir says otherwise (a tmpfs on Linux)
+DEFAULT_PARENT = Path("/dev/shm")
+
+
+class StateDirError(MembackingError):
+    """The state directory cannot be used, or holds a state that does not fit this manager."""
+
+
+def default_state_dir(paths: RuntimePaths) -> Path:
+    """/dev/shm/membacking-<uid>-<hash of the runtime directory>: one per runtime directory."""
+    digest = hashlib.sha256(os.fsencode(paths.root)).hexdigest()[:16]
+    return DEFAULT_PARENT / f"membacking-{os.getuid()}-{digest}"
+
+
+class StateDir:
+    """A claimed state directory (flock'ed while the daemon runs)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.absolute()
+        self.journal = self.root / "journal"
+        self.mem = self.root / "mem"
+        self._lock_fd: int | None = None
+        self._unlink_later: list[str] = []
+        self._last_written: bytes | None = None
+
+    def acquire(self) -> None:
+        try:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            info = os.lstat(self.root)
+        except OSError as exc:
+            raise StateDirError(
+                f"cannot create the state directory {self.root}: {exc.strerror or exc} "
+                "(choose another with --state-dir, or run without one: --no-state)"
+            ) from None
+        if not stat.S_ISDIR(info.st_mode):
+            raise StateDirError(f"state directory {self.root} is not a directory")
+        if info.st_uid != os.getuid():
+            raise StateDirError(
+                f"state directory {self.root} belongs to uid {info.st_uid}, not to you "
+                f"(uid {os.getuid()}); choose another --state-dir"
+            )
+        os.chmod(self.root, 0o700)
+        self.mem.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(self.root / "state.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StateDirError(
+                f"state directory {self.root} is in use by another membacking manager"
+            ) from None
+        self._lock_fd = fd
+
+    def read(self) -> Snapshot | None:
+        """The journal's snapshot, None if there is none (JournalError if it is unusable)."""
+        return journal.read(self.journal)
+
+    def write(self, snapshot: Snapshot) -> bool:
+        """Store `snapshot` atomically unless it is what was stored last; then unlink the files
+        of mappables destroyed before it (the journal no longer names them). True if written."""
+        data = journal.encode(snapshot)
+        written = data != self._last_written
+        if written:
+            journal.write_atomically(self.journal, data)
+            self._last_written = data
+        self.flush_unlinks()
+        return written
+
+    # ---- memory files --------------------------------------------------------------------------
+
+    def create_file(self, name: str, size: int) -> int:
+        """A new zero-filled file `mem/<name>` of `size` bytes, 0600, opened read-write. A file
+        left there by a manager that died before journaling it is replaced."""
+        path = self.mem / name
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileExistsError:
+            path.unlink()
+            fd = os.open(path, flags, 0o600)
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
+        return fd
+
+    def open_file(self, name: str) -> int:
+        return os.open(self.mem / name, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+
+    def discard(self, name: str) -> None:
+        """Unlink `mem/<name>` now (a file no journal has named)."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.mem / name).unlink()
+
+    def unlink_later(self, name: str) -> None:
+        """Forget `mem/<name>` once the next journal no longer names it (mappers that still map
+        it keep the memory until they unmap it)."""
+        self._unlink_later.append(name)
+
+    def flush_unlinks(self) -> None:
+        for name in self._unlink_later:
+            with contextlib.suppress(FileNotFoundError):
+                (self.mem / name).unlink()
+        self._unlink_later.clear()
+
+    def remove_orphans(self, keep: set[str]) -> list[str]:
+        """Unlink memory files the journal does not name (created or destroyed by a manager
+        that died before journaling it). Returns their names."""
+        gone = []
+        for entry in os.scandir(self.mem):
+            if entry.name not in keep:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                gone.append(entry.name)
+        return sorted(gone)
+
+    def reset(self) -> None:
+        """Start fresh: forget the journal and every memory file."""
+        with contextlib.suppress(FileNotFoundError):
+            self.journal.unlink()
+        self.remove_orphans(set())
+        self._last_written = None
+
+    def release(self, remove: bool) -> None:
+        """Unlock; with `remove`, delete the whole state (guest memory ends when the last
+        mapper unmaps it)."""
+        if self._lock_fd is None:
+            return
+        if remove:
+            shutil.rmtree(self.root, ignore_errors=True)
+        os.close(self._lock_fd)
+        self._lock_fd = None

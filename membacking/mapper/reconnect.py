@@ -1,0 +1,187 @@
+"""A mapper riding through a manager restart: when its connection is lost (or the manager said
+Shutdown "restarting"), it keeps every mapping, registers again with the manager that comes back
+on its runtime directory (with backoff, for at most its reconnect timeout), and tells it what it
+still holds (Holdings), which that manager checks against its table. Runs on the mapper thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import select
+import time
+from typing import TYPE_CHECKING
+
+import zmq
+
+from ..errors import ManagerUnavailableError
+from ..protocol import messages as m
+from .lease import LEASE
+from .waitlist import RELINK
+
+if TYPE_CHECKING:
+    from .core import VaMapper
+
+log = logging.getLogger("membacking.mapper")
+
+#: first and largest pause between two tries to register again
+BACKOFF_START, BACKOFF_MAX = 0.05, 1.0
+#: how long a Shutdown may lag behind the hang-up of the fd socket
+SHUTDOWN_GRACE = 0.25
+#: how long a manager that said Shutdown "restarting" has to close the old connection
+OLD_CONNECTION_GRACE = 2.0
+#: entries per Holdings message (each array stays within the codec's 1024 elements)
+FDS_PER_MESSAGE = 1024 // m.HOLDING_FD_LEN
+MAPPINGS_PER_MESSAGE = 1024 // m.HOLDING_MAPPING_LEN
+
+
+class Relink(Exception):
+    """A fault's request went to a manager that is gone: ask its successor."""
+
+
+def start_relink(mapper: VaMapper, reason: str) -> bool:
+    """The connection is lost: unless the mapper cannot wait for a successor (no reconnect
+    timeout, gone, closing), make faults wait while the mapper thread registers again. True if
+    it will."""
+    if mapper.gone is not None or mapper.reconnect_timeout <= 0 or mapper._stop:
+        return False
+    if mapper.relinked.is_set():
+        # The manager's Shutdown may be on its way behind the hang-up (it travels on the
+        # stream, through ZeroMQ's I/O threads): it says whether to wait for a successor.
+        with contextlib.suppress(zmq.ZMQError):
+            if mapper.link.stream.poll(int(SHUTDOWN_GRACE * 1000)):
+                mapper._drain_stream()
+        if mapper.gone is not None or not mapper.relinked.is_set():
+            return True  # the Shutdown decided
+    if mapper.relinked.is_set():
+        log.warning("mapper %d: %s; waiting for the manager to come back", mapper.id, reason)
+        mapper.relink_reason = reason
+        mapper.relinked.clear()
+        mapper.waiters.fail_all(RELINK)  # their requests went to the manager that is gone
+    return True
+
+
+def relink_coming(mapper: VaMapper) -> bool:
+    """The fd socket failed under a fault: whether the mapper thread is about to register
+    again (it notices the hang-up within a moment), so the fault should wait for that."""
+    if mapper.reconnect_timeout <= 0:
+        return False
+    deadline = time.monotonic() + 2.0
+    while mapper.relinked.is_set() and mapper.gone is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return not mapper.relinked.is_set() or (mapper.gone is None and not mapper.closed)
+
+
+def _forget_acks(mapper: VaMapper) -> None:
+    """Registered again: acks owed to the dead manager are owed to nobody."""
+    mapper.acks.waiting.clear()
+    mapper._pending_unmaps = [(-1, rng, rel) for _, rng, rel in mapper._pending_unmaps]
+
+
+def _drop_everything(mapper: VaMapper) -> int:
+    """The manager serves other memory now: unmap what no view pins, close every fd. Returns
+    how many mappings were dropped."""
+    dropped = 0
+    with mapper.lock:
+        for rng, _ in list(mapper.chunks.items()):
+            if not mapper._pinned(rng):
+                mapper._remove_chunks(rng)
+                mapper.reservation.unmap(rng.start, rng.len)
+                dropped += 1
+    mapper.fds.close_all()
+    return dropped
+
+
+def _await_hangup(mapper: VaMapper) -> None:
+    """Let a manager that announced its restart close the old connection first: a daemon
+    still shutting down would never answer a new Hello."""
+    with contextlib.suppress(OSError, ValueError):
+        poll = select.poll()
+        poll.register(mapper.link.fd_sock, select.POLLHUP | select.POLLRDHUP)
+        poll.poll(OLD_CONNECTION_GRACE * 1000)
+
+
+def relink(mapper: VaMapper) -> bool:
+    """Register again and restore what is held; False (and the mapper gone) if no manager
+    took it within the reconnect timeout or the mapper is closing."""
+    deadline = time.monotonic() + mapper.reconnect_timeout
+    old_state = mapper.link.state_id
+    old_id = mapper.id
+    _await_hangup(mapper)
+    delay = BACKOFF_START
+    last = "no manager answered"
+    started = time.monotonic()
+    while not mapper._stop:
+        try:
+            mapper.link.reconnect()
+            _restore(mapper, old_state, old_id)
+            break
+        except (ManagerUnavailableError, OSError, TimeoutError) as exc:  # not yet: try again
+            last = str(exc)
+        # Mapped memory stays in use meanwhile: this thread vouches for the mapper's lease
+        # while it is alive and trying (no manager can evict a mapper that is not registered).
+        mapper.lease.end_turn(time.monotonic(), renew=mapper.dropped is None)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            mapper.gone_for_good(
+                f"{mapper.relink_reason}; no manager took this mapper back within "
+                f"{mapper.reconnect_timeout:g}s ({last})"
+            )
+            return False
+        pause_end = time.monotonic() + min(delay, left)
+        while (rest := pause_end - time.monotonic()) > 0 and not mapper._stop:
+            time.sleep(min(rest, LEASE / 2))
+            mapper.lease.end_turn(time.monotonic(), renew=mapper.dropped is None)
+        delay = min(delay * 2, BACKOFF_MAX)
+    else:
+        return False
+    log.warning(
+        "mapper %d (was %d): registered again after %.3fs",
+        mapper.id,
+        old_id,
+        time.monotonic() - started,
+    )
+    if mapper.eager:  # the new manager knows it as lazy: ask for the replay again
+        mapper.eager = False
+        mapper.post(m.SetEager())
+    mapper.relinked.set()  # faults waiting for it go on
+    return True
+
+
+def _restore(mapper: VaMapper, old_state: bytes | None, old_id: int) -> None:
+    """Registered with a new manager: keep what it still serves, drop the rest."""
+    mapper.id = mapper.fds.id = mapper.acks.id = mapper.link.mapper_id
+    _forget_acks(mapper)
+    if old_state is None or mapper.link.state_id != old_state:
+        dropped = _drop_everything(mapper)
+        log.warning(
+            "mapper %d (was %d): the manager serves other memory now (a fresh start): dropped "
+            "%d mappings and every fd",
+            mapper.id,
+            old_id,
+            dropped,
+        )
+    else:
+        _send_holdings(mapper)
+
+
+def _send_holdings(mapper: VaMapper) -> None:
+    fds: list[int] = []
+    for mappable_id, fd in mapper.fds.held():
+        try:
+            info = os.fstat(fd)
+        except OSError:
+            continue
+        fds += [mappable_id, info.st_dev, info.st_ino]
+    mappings: list[int] = []
+    with mapper.lock:
+        for rng, chunk in mapper.chunks.items():
+            mappings += [rng.start, rng.len, chunk.mappable_id, chunk.file_offset, chunk.writable]
+    fd_step = FDS_PER_MESSAGE * m.HOLDING_FD_LEN
+    map_step = MAPPINGS_PER_MESSAGE * m.HOLDING_MAPPING_LEN
+    # the fds first: the manager checks each mapping against the fds it was told of
+    for i in range(0, len(fds), fd_step):
+        mapper.link.send(m.Holdings(tuple(fds[i : i + fd_step]), ()))
+    for i in range(0, max(len(mappings), 1), map_step):
+        mapper.link.send(m.Holdings((), tuple(int(x) for x in mappings[i : i + map_step])))

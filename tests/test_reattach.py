@@ -1,0 +1,206 @@
+"""Mappers ride through a daemon's death: real daemons SIGKILLed and restarted on the same
+runtime directory, real mapper processes that keep their mappings, register again, and have
+what the new daemon's table no longer holds unmapped."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import membacking
+from membacking.manager.backing import MemfdStore
+from membacking.manager.model import Send
+from membacking.manager.state import ManagerState, region_info
+from membacking.manager.statedir import StateDir
+from membacking.protocol import messages as m
+from membacking.protocol.ranges import MemoryRange
+
+from conftest import RunningManager, Worker, WorkerError
+
+MiB = 1 << 20
+Start = Callable[..., RunningManager]
+Spawn = Callable[..., Worker]
+REGIONS = ("--region", "ram0=0:8M", "--region", "dev=0x10000000:1M")
+
+
+def send(worker: Worker, command: str) -> None:
+    """Start a command without waiting for its answer (read it with `answer`)."""
+    assert worker.proc.stdin is not None
+    worker.proc.stdin.write(command + "\n")
+    worker.proc.stdin.flush()
+
+
+def answer(worker: Worker, timeout: float = 30.0) -> str:
+    line = worker._line(timeout)
+    assert line.startswith("ok"), (line, worker.stderr())
+    return line[3:]
+
+
+def test_mappers_keep_working_across_sigkill_and_restart(
+    start_manager: Start, spawn_worker: Spawn
+) -> None:
+    first = start_manager(*REGIONS)
+    workers = [spawn_worker(first, f"w{i}") for i in range(2)]
+    for i, worker in enumerate(workers):
+        worker.ask(f"fill {i * MiB:#x} {0x41 + i:#x} {MiB:#x}")  # its own MiB of ram0
+        worker.ask(f"write {0x10000000 + i * 16:#x} " + f"dev{i}".encode().hex())
+    first.stop(signal.SIGKILL)
+
+    # mapped memory keeps working while no daemon runs, both ways
+    for i, worker in enumerate(workers):
+        assert worker.ask(f"read {i * MiB + 100:#x} 2") == bytes([0x41 + i] * 2).hex()
+        worker.ask(f"write {i * MiB:#x} " + f"gap{i}".encode().hex())
+    # a fault during the gap (w0 never touched the last MiB) waits for the new daemon
+    send(workers[0], f"read {7 * MiB:#x} 4")
+    time.sleep(0.5)
+
+    second = start_manager(*REGIONS, runtime_dir=first.runtime_dir)
+    assert answer(workers[0]) == "00000000"  # served by the new daemon
+    # each reads what the other wrote, before and during the gap: one memory throughout
+    assert workers[0].ask(f"read {MiB:#x} 4") == b"gap1".hex()
+    assert workers[1].ask("read 0x0 4") == b"gap0".hex()
+    assert workers[1].ask(f"read {MiB + 4:#x} 2") == "4242"
+    deadline = time.monotonic() + 10
+    while len(second.client().mappers()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    mappers = second.client().mappers()
+    assert len(mappers) == 2
+    # the new daemon took their holdings: removing `dev` unmaps it from both
+    holders = {r["name"]: r["holders"] for r in second.client().regions()}
+    assert len(holders["dev"]) == 2, holders
+    result = second.client().remove_region("dev")
+    assert sorted(result["unmapped_from"]) == sorted(m["id"] for m in mappers)
+    for worker in workers:
+        with pytest.raises(WorkerError, match="NoMappingError"):
+            worker.ask("read 0x10000000 1")
+    with membacking.attach(second.runtime_dir) as memory:
+        assert memory.read_at(0, 4) == b"gap0"
+
+
+def test_a_fresh_daemon_is_not_mixed_with_old_mappings(
+    start_manager: Start, spawn_worker: Spawn
+) -> None:
+    first = start_manager(*REGIONS)
+    worker = spawn_worker(first, "w")
+    worker.ask("write 0x0 " + b"old".hex())
+    first.stop(signal.SIGKILL)
+    second = start_manager(*REGIONS, "--fresh", runtime_dir=first.runtime_dir)
+    # the worker registers again, sees other memory, and drops what it had: it reads the new
+    # daemon's (zeroed) RAM, never the old file
+    deadline = time.monotonic() + 10
+    while not second.client().mappers() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert worker.ask("read 0x0 3") == "000000"
+    with membacking.attach(second.runtime_dir) as memory:
+        memory.write_at(0, b"new")
+    assert worker.ask("read 0x0 3") == b"new".hex()
+
+
+def test_a_clean_stop_ends_it_at_once_and_the_wait_is_bounded(
+    start_manager: Start, spawn_worker: Spawn
+) -> None:
+    first = start_manager(*REGIONS)
+    stopped = spawn_worker(first, "stopped")
+    stopped.ask("read 0x0 1")
+    first.stop()  # Shutdown code "stopping": no successor to wait for
+    started = time.monotonic()
+    # a stop for good drops what the mapper held (MappingsDroppedError is a ManagerGoneError)
+    with pytest.raises(WorkerError, match="MappingsDroppedError"):
+        stopped.ask("read 0x10000000 1")  # not mapped yet
+    with pytest.raises(WorkerError, match="MappingsDroppedError"):
+        stopped.ask("read 0x0 1")  # mapped before the stop
+    assert time.monotonic() - started < 5
+
+    second = start_manager(*REGIONS, runtime_dir=first.runtime_dir)
+    waiting = spawn_worker(second, "waiting", "--reconnect", "1.5")
+    waiting.ask("read 0x0 1")
+    second.stop(signal.SIGKILL)
+    started = time.monotonic()
+    with pytest.raises(WorkerError, match=r"ManagerGoneError.*within 1.5s"):
+        waiting.ask("read 0x10000000 1")
+    assert 1.0 < time.monotonic() - started < 10
+    assert waiting.ask("read 0x0 1") == "00"  # still mapped
+
+
+def test_holdings_are_checked_against_the_table(tmp_path: Path) -> None:
+    """The state machine alone: what matches the table (same range, mappable, offset,
+    writability, and an fd of the very file) is kept; the rest is unmapped, wrong fds
+    released."""
+    sdir = StateDir(tmp_path / "state")
+    sdir.acquire()
+    store = MemfdStore(sdir)
+    state = ManagerState(store, address_space=1 << 32)
+    state.state_id = b"s" * 16
+    state.add_region("a", 0, MiB, True)
+    state.add_region("b", 2 * MiB, MiB, True)
+    a_id = state.regions["a"].submappings[0].mappable_id
+    b_id = state.regions["b"].submappings[0].mappable_id
+    entry = state.register_mapper("back", 1)
+    welcome = state.welcome(entry, m.SUPPORTED_FEATURES)
+    assert welcome.state_id == b"s" * 16
+    state.handle_mapper(b"st", m.Attach(entry.id, entry.token, m.ROLE_STREAM_FD))
+    identity = store.identity(a_id)
+    assert identity is not None
+    out = state.handle_fd_message(entry.id, m.Holdings((a_id, *identity, b_id, 1, 2), ()))
+    assert [e.msg for e in out or [] if isinstance(e, Send)] == [m.Release(1, (b_id,))]
+    out = state.handle_fd_message(
+        entry.id,
+        m.Holdings(
+            (),
+            (0, MiB, a_id, 0, 1, 2 * MiB, MiB, b_id, 0, 1, 8 * MiB, MiB, a_id, 0, 1),
+        ),
+    )
+    sent = [e.msg for e in out or [] if isinstance(e, Send)]
+    assert [type(x) for x in sent] == [m.Unmap, m.Unmap]
+    assert [x.range for x in sent if isinstance(x, m.Unmap)] == [
+        MemoryRange(2 * MiB, 3 * MiB),  # its fd is not the file of b
+        MemoryRange(8 * MiB, 9 * MiB),  # nothing there
+    ]
+    assert region_info(state, state.regions["a"])["holders"] == [entry.id]
+    # what it kept is unmapped from it like from any holder
+    out = state.remove_region("a")
+    assert any(isinstance(e, Send) and isinstance(e.msg, m.Unmap) for e in out)
+    store.close_all()
+    sdir.release(remove=True)
+
+
+def test_a_planned_restart_with_keep_state_is_ridden_through(
+    start_manager: Start, spawn_worker: Spawn
+) -> None:
+    """SIGTERM of a daemon run with --keep-state tells mappers Shutdown "restarting": they keep
+    their mappings and wait for the next daemon (an upgrade without stopping them)."""
+    first = start_manager(*REGIONS, "--keep-state")
+    worker = spawn_worker(first, "planned")
+    worker.ask("write 0x0 " + b"kept".hex())
+    assert first.stop() == 0
+    assert worker.ask("read 0x0 4") == b"kept".hex()
+    send(worker, "read 0x10000000 1")  # a fault in the gap
+    time.sleep(0.3)
+    second = start_manager(*REGIONS, runtime_dir=first.runtime_dir)
+    assert answer(worker) == "00"
+    with membacking.attach(second.runtime_dir) as memory:
+        assert memory.read_at(0, 4) == b"kept"
+
+
+def test_an_eager_mapper_is_eager_again_after_the_restart(
+    start_manager: Start, spawn_worker: Spawn
+) -> None:
+    first = start_manager(*REGIONS)
+    worker = spawn_worker(first, "eager", "--eager")
+    worker.ask("write 0x10 " + b"e".hex())
+    first.stop(signal.SIGKILL)
+    second = start_manager(*REGIONS, runtime_dir=first.runtime_dir)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        mappers = second.client().mappers()
+        if mappers and mappers[0]["mode"] == "eager":
+            break
+        time.sleep(0.1)
+    assert [x["mode"] for x in second.client().mappers()] == ["eager"]
+    second.client().add_region("new", 0x20000000, MiB)  # pushed to it, as to any eager mapper
+    assert worker.ask("read 0x20000000 1") == "00"
+    assert worker.ask("read 0x10 1") == b"e".hex()

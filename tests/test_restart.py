@@ -1,0 +1,198 @@
+"""Guest memory outlives the daemon: SIGKILL and a plain restart on the same runtime directory
+bring every region back with every byte (real daemons, real tmpfs files); a clean stop ends it
+unless asked to keep it; a state that does not fit is refused, and --fresh discards it."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import membacking
+from membacking.manager.statedir import default_state_dir
+from membacking.runtime import RuntimePaths
+
+from conftest import RunningManager, run_cli, short_tmpdir
+
+MiB = 1 << 20
+Start = Callable[..., RunningManager]
+REGIONS = ("--region", "ram0=0:8M", "--region", "rom=0xfff00000:1M:ro")
+
+
+def pattern(seed: int, size: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+def checksums(runtime_dir: Path) -> dict[str, str]:
+    """sha256 of every enabled region's bytes, read through a fresh mapper."""
+    client = membacking.ControlClient(runtime_dir)
+    out = {}
+    with membacking.attach(runtime_dir, name="checker") as memory:
+        for region in client.regions():
+            if region["state"] == "active":
+                data = memory.read_at(region["gpa"], region["size"])
+                out[region["name"]] = hashlib.sha256(data).hexdigest()
+    client.close()
+    return out
+
+
+def state_dir(manager: RunningManager) -> Path:
+    return default_state_dir(RuntimePaths.resolve(manager.runtime_dir))
+
+
+def test_sigkill_and_restart_keep_every_region_and_byte(start_manager: Start) -> None:
+    first = start_manager(*REGIONS)
+    assert f"state-dir={state_dir(first)} adopted=0" in first.ready_line
+    client = first.client()
+    client.add_region("dev", 0x10000000, 2 * MiB, priority=1)
+    client.add_region("hidden", 0x10000000, MiB)  # beneath dev: hidden
+    client.add_region("parked", None, MiB, disabled=True)
+    client.add_region("doomed", 0x20000000, MiB)
+    client.map_range("ram0", 2 * MiB, MiB)  # ram0's middle gets a backing of its own
+    with membacking.attach(first.runtime_dir) as memory:
+        memory.write_at(0, pattern(1, 8 * MiB))
+        memory.write_at(0x10000000, pattern(2, 2 * MiB))
+        memory.write_at(0x20000000, b"doomed")
+    client.remove_region("doomed")
+    before = checksums(first.runtime_dir)
+    regions_before = client.regions()
+    first.stop(signal.SIGKILL)
+
+    second = start_manager(*REGIONS, runtime_dir=first.runtime_dir)
+    assert "adopted=5" in second.ready_line, second.ready_line
+    after = second.client().regions()
+    assert [{k: r[k] for k in r if k != "holders"} for r in after] == [
+        {k: r[k] for k in r if k != "holders"} for r in regions_before
+    ]
+    assert checksums(second.runtime_dir) == before
+    with membacking.attach(second.runtime_dir) as memory:
+        assert memory.read_at(0, 8 * MiB) == pattern(1, 8 * MiB)
+        with pytest.raises(membacking.ReadOnlyError):
+            memory.write_at(0xFFF00000, b"x")
+        with pytest.raises(membacking.NoMappingError):
+            memory.read_at(0x20000000, 1)  # the removal stands
+    # one memory file per backing left, no orphan
+    assert len(os.listdir(state_dir(second) / "mem")) == 6  # ram0 x2, rom, dev, hidden, parked
+    second.stop()
+    assert not state_dir(second).exists()  # a clean stop ends guest memory
+
+
+def test_kill_during_a_burst_of_changes_restarts_consistent(start_manager: Start) -> None:
+    """SIGKILL at an arbitrary moment of adds and removals: the restart adopts what the journal
+    says, and no memory file is left that it does not name."""
+    first = start_manager(*REGIONS)
+    client = first.client()
+    for i in range(30):
+        client.add_region(f"r{i}", 0x40000000 + i * MiB, MiB)
+        if i % 3 == 0:
+            client.remove_region(f"r{i}")
+    first.proc.send_signal(signal.SIGKILL)  # right after the last reply
+    first.proc.wait(10)
+    second = start_manager(*REGIONS, runtime_dir=first.runtime_dir)
+    names = {r["name"] for r in second.client().regions()}
+    assert names == {"ram0", "rom"} | {f"r{i}" for i in range(30) if i % 3}
+    assert len(os.listdir(state_dir(second) / "mem")) == len(names)
+
+
+def test_sigterm_ends_guest_memory_unless_kept(start_manager: Start) -> None:
+    first = start_manager(*REGIONS)
+    with membacking.attach(first.runtime_dir) as memory:
+        memory.write_at(0x100, b"gone")
+    assert first.stop() == 0
+    second = start_manager(*REGIONS, "--keep-state", runtime_dir=first.runtime_dir)
+    assert "adopted=0" in second.ready_line
+    with membacking.attach(second.runtime_dir) as memory:
+        assert memory.read_at(0x100, 4) == bytes(4)
+        memory.write_at(0x100, b"kept")
+    assert second.stop() == 0
+    assert state_dir(second).exists()
+    third = start_manager(*REGIONS, runtime_dir=first.runtime_dir)
+    assert "adopted=2" in third.ready_line
+    with membacking.attach(third.runtime_dir) as memory:
+        assert memory.read_at(0x100, 4) == b"kept"
+
+
+def run_manager(runtime_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return run_cli("manager", "run", *args, runtime_dir=runtime_dir, timeout=30)
+
+
+def test_a_state_that_does_not_fit_is_refused_until_fresh(start_manager: Start) -> None:
+    first = start_manager(*REGIONS)
+    with membacking.attach(first.runtime_dir) as memory:
+        memory.write_at(0, b"old")
+    first.stop(signal.SIGKILL)
+    sdir = state_dir(first)
+    kept = sorted(os.listdir(sdir / "mem"))
+
+    refused = run_manager(first.runtime_dir, *REGIONS, "--address-space", "64G")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "address space" in refused.stderr and "--fresh" in refused.stderr
+    other = run_manager(first.runtime_dir, "--region", "ram0=0:16M")
+    assert other.returncode == 1 and "differs from --region" in other.stderr
+    assert sorted(os.listdir(sdir / "mem")) == kept  # nothing changed by a refusal
+
+    journal = sdir / "journal"
+    data = bytearray(journal.read_bytes())
+    data[-1] ^= 0xFF
+    journal.write_bytes(bytes(data))
+    corrupt = run_manager(first.runtime_dir, *REGIONS)
+    assert corrupt.returncode == 1 and "checksum" in corrupt.stderr, corrupt.stderr
+
+    fresh = start_manager(*REGIONS, "--fresh", runtime_dir=first.runtime_dir)
+    assert "adopted=0" in fresh.ready_line
+    with membacking.attach(fresh.runtime_dir) as memory:
+        assert memory.read_at(0, 3) == bytes(3)
+
+
+def test_a_missing_memory_file_or_a_foreign_directory_is_refused(start_manager: Start) -> None:
+    first = start_manager(*REGIONS)
+    first.stop(signal.SIGKILL)
+    sdir = state_dir(first)
+    victim = sorted(os.listdir(sdir / "mem"))[0]
+    os.unlink(sdir / "mem" / victim)
+    missing = run_manager(first.runtime_dir, *REGIONS)
+    assert missing.returncode == 1 and "cannot open" in missing.stderr, missing.stderr
+    os.chown(sdir, 12345, 12345)
+    foreign = run_manager(first.runtime_dir, *REGIONS)
+    assert foreign.returncode == 1 and "belongs to uid 12345" in foreign.stderr, foreign.stderr
+
+
+def test_no_state_keeps_memfds_and_writes_nothing(start_manager: Start) -> None:
+    runtime_dir = short_tmpdir()
+    manager = start_manager(*REGIONS, "--no-state", runtime_dir=runtime_dir)
+    assert "state-dir=none" in manager.ready_line
+    assert not default_state_dir(RuntimePaths.resolve(runtime_dir)).exists()
+    fds = os.listdir(f"/proc/{manager.pid}/fd")
+    targets = {os.readlink(f"/proc/{manager.pid}/fd/{fd}") for fd in fds}
+    assert any(t.startswith("/memfd:membacking:ram0") for t in targets), targets
+
+
+def test_custom_state_dir(start_manager: Start, tmp_path: Path) -> None:
+    custom = Path("/dev/shm") / f"mb-test-{os.getpid()}-{tmp_path.name}"
+    try:
+        first = start_manager(*REGIONS, "--state-dir", str(custom))
+        with membacking.attach(first.runtime_dir) as memory:
+            memory.write_at(0x10, b"custom")
+        first.stop(signal.SIGKILL)
+        assert (custom / "journal").exists()
+        second = start_manager(*REGIONS, "--state-dir", str(custom), runtime_dir=first.runtime_dir)
+        with membacking.attach(second.runtime_dir) as memory:
+            assert memory.read_at(0x10, 6) == b"custom"
+    finally:
+        import shutil
+
+        shutil.rmtree(custom, ignore_errors=True)
+
+
+def test_a_start_that_fails_leaves_no_state_behind() -> None:
+    runtime_dir = short_tmpdir()
+    sdir = default_state_dir(RuntimePaths.resolve(runtime_dir))
+    failed = run_manager(runtime_dir, "--region", "ram0=0:1M", "--region", "ram1=0x80000:1M")
+    assert failed.returncode == 1 and "overlaps" in failed.stderr, failed.stderr
+    assert not sdir.exists()
