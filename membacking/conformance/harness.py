@@ -186,6 +186,18 @@ class Harness:
             raise Violation("ROBUST", f"{what}: the mapper exited ({self.proc.returncode})")
         return self.lines.popleft()
 
+    def expect_exit(self, clause: str, what: str) -> None:
+        """The mapper must exit with status 0 within the timeout (a mapper still running then is
+        a violation of `clause`, never an exception of the checker's)."""
+        try:
+            status = self.proc.wait(self.timeout)
+        except subprocess.TimeoutExpired:
+            raise Violation(
+                clause, f"{what}: the mapper was still running {self.timeout:g} s later"
+            ) from None
+        if status != 0:
+            raise Violation("ROBUST", f"{what}: the mapper exited with status {status}")
+
     # ---- sending ---------------------------------------------------------------------------------
 
     def send_fd(self, msg: Message, fd: int | None = None) -> None:

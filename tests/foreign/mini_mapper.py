@@ -299,7 +299,11 @@ class MiniMapper:
         self.stream.send(pack(DETACH))
         if self.features & F_DETACH_ACK:  # the manager answers: only then close the fd socket
             deadline = time.monotonic() + TIMEOUT
-            while time.monotonic() < deadline and not self.gone:
+            if "wait-after-shutdown" in DEFECTS:  # waits for a DetachAck that never comes
+                deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and (
+                not self.gone or "wait-after-shutdown" in DEFECTS
+            ):
                 if self.stream.poll(100):
                     msg = unpack(self.stream.recv())
                     if msg and msg[0] == DETACH_ACK:
