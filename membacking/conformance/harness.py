@@ -203,8 +203,13 @@ class Harness:
     def send_fd(self, msg: Message, fd: int | None = None) -> None:
         assert self.conn is not None
         self.conn.setblocking(True)
+        self.conn.settimeout(self.timeout)
         try:
             send_message(self.conn, msg, () if fd is None else (fd,))
+        except OSError as exc:  # closed, or not read for the whole timeout: never a traceback
+            what = "did not read it" if isinstance(exc, TimeoutError) else f"closed it ({exc})"
+            detail = f"cannot send {type(msg).__name__} on fd.sock: the mapper {what}"
+            raise Violation("ROBUST", detail) from None
         finally:
             self.conn.setblocking(False)
 
