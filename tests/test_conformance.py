@@ -54,6 +54,35 @@ def test_the_checker_names_the_clause_a_defect_violates(
     assert clause in clauses_violated(report.violations), [str(v) for v in report.violations]
 
 
+def test_a_mapper_still_running_after_quit_is_a_violation_not_a_crash(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After Shutdown a Detach is never answered: a mapper that sends one on `quit` and waits for
+    the DetachAck is reported under SHUTDOWN (the checker once died of TimeoutExpired)."""
+    monkeypatch.setenv("MINI_MAPPER_DEFECTS", "wait-after-shutdown")
+    report = run(MINI, timeout=1)
+    shutdown = [v for v in report.violations if v.clause == "SHUTDOWN"]
+    assert shutdown and "still running 1 s later" in shutdown[0].detail, [
+        str(v) for v in report.violations
+    ]
+    assert "shutdown" not in report.passed
+
+
+def test_a_mapper_that_hangs_up_after_hello_is_reported_not_a_crash() -> None:
+    """The checker's Welcome meets a closed fd.sock: a violation, not a BrokenPipeError."""
+    hangs_up = (
+        "import os, socket, time\n"
+        "s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
+        "s.connect(os.environ['MEMBACKING_RUNTIME_DIR'] + '/fd.sock')\n"
+        "s.send(bytes.fromhex('930101a4766d2d31'))\n"  # Hello("vm-1")
+        "s.close()\n"
+        "time.sleep(30)\n"
+    )
+    report = run([sys.executable, "-c", hangs_up], timeout=0.5)
+    assert clauses_violated(report.violations) <= {"ROBUST", "REG-ATTACH"}
+    assert report.violations and not report.passed
+
+
 def test_a_mapper_that_never_registers_violates_reg_hello() -> None:
     report = run([sys.executable, "-c", "import time; time.sleep(30)"], timeout=0.5)
     assert clauses_violated(report.violations) == {"REG-HELLO"}

@@ -329,3 +329,64 @@ def test_garbage_on_the_control_socket(manager: RunningManager) -> None:
     stats = manager.client().stats()
     assert stats["rejected"].get("malformed", 0) >= 2
     still_serving(manager)
+
+
+def _next_on_stream(hand: HandMapper) -> m.Message:
+    assert hand.stream.poll(5000)
+    return decode(hand.stream.recv(), Channel.MAPPER)
+
+
+@pytest.mark.parametrize("junk", [[b"a", b"b"], [b"\xc1"]], ids=["two frames", "not msgpack"])
+def test_undecodable_messages_on_a_stream_evict_its_mapper(
+    manager: RunningManager, junk: list[bytes]
+) -> None:
+    """Every undecodable message on an attached mapper's stream, a message of two frames as much
+    as bytes that are not msgpack, is a strike of that mapper, logged with its id and pid; the
+    8th evicts it, counted in `evictions` and `evictions_invalid`. Its DEALER is then an
+    unattached peer."""
+    from membacking.manager.fdserver import MAX_STRIKES
+
+    hand = HandMapper(manager.runtime_dir, "striker")
+    mapper_id = hand.welcome.mapper_id
+    try:
+        for _ in range(MAX_STRIKES):
+            hand.stream.send_multipart(junk)
+            reply = _next_on_stream(hand)
+            assert isinstance(reply, m.Error) and reply.code == "malformed", reply
+        shutdown = _next_on_stream(hand)
+        assert isinstance(shutdown, m.Shutdown) and shutdown.reason.startswith("evicted"), shutdown
+        hand.fd_sock.settimeout(5)
+        while hand.fd_sock.recv(65536):  # its Shutdown, then the end of the fd socket
+            pass
+        stats = manager.client().stats()
+        assert stats["evictions"] == 1 and stats["evictions_invalid"] == 1, stats
+        assert stats["mappers"] == 0
+        log = manager.log()
+        assert f"mapper {mapper_id} (striker, pid {os.getpid()}) evicted" in log
+        assert "unknown pid" not in log
+        hand.stream.send(encode(m.SetEager()))  # no longer attached
+        reply = _next_on_stream(hand)
+        assert isinstance(reply, m.Error) and reply.code == "not-attached", reply
+    finally:
+        hand.close()
+    still_serving(manager)
+
+
+def test_invalid_messages_on_fd_sock_evict_a_registered_mapper(manager: RunningManager) -> None:
+    from membacking.manager.fdserver import MAX_STRIKES
+
+    hand = HandMapper(manager.runtime_dir, "fdstriker")
+    try:
+        for _ in range(MAX_STRIKES):
+            hand.fd_sock.send(b"\xc1")
+        got = []
+        while data := hand.fd_sock.recv(65536):
+            got.append(decode(data, Channel.FD))
+        assert isinstance(got[-1], m.Shutdown) and got[-1].reason.startswith("evicted"), got
+        stats = manager.client().stats()
+        assert stats["evictions"] == 1 and stats["evictions_invalid"] == 1, stats
+        assert f"mapper {hand.welcome.mapper_id} (fdstriker, pid {os.getpid()}) evicted" in (
+            manager.log()
+        )
+    finally:
+        hand.close()

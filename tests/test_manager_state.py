@@ -122,16 +122,21 @@ def test_fault_inside_a_mapping_maps_the_whole_mapping(state: ManagerState) -> N
     ]
 
 
-def test_fault_beyond_the_address_space_is_nomapping(state: ManagerState) -> None:
-    state.add_region("top", (1 << 32) - MiB, MiB, True)
+def test_answers_stay_inside_the_address_space(state: ManagerState) -> None:
+    """A request reaching past the end of the space is answered for the part inside it only; a
+    request wholly outside gets one NoMapping of itself (so it is answered)."""
+    top = 1 << 32
+    state.add_region("top", top - MiB, MiB, True)
     _, _, requests = attach(state, "m1")
-    out = msgs(
-        state.handle_mapper(requests, m.SendMappings(MemoryRange((1 << 32) - MiB, (1 << 32) + MiB)))
-    )
-    assert out == [
-        m.Map(MemoryRange((1 << 32) - MiB, 1 << 32), 1, 0, True),
-        m.NoMapping(MemoryRange(1 << 32, (1 << 32) + MiB)),
-    ]
+    out = msgs(state.handle_mapper(requests, m.SendMappings(MemoryRange(top - MiB, top + MiB))))
+    assert out == [m.Map(MemoryRange(top - MiB, top), 1, 0, True)]
+    out = msgs(state.handle_mapper(requests, m.SendMappings(MemoryRange(top - 8192, top + 8192))))
+    assert out == [m.Map(MemoryRange(top - MiB, top), 1, 0, True)]
+    state.remove_region("top")
+    out = msgs(state.handle_mapper(requests, m.SendMappings(MemoryRange(top - 4096, top + 4096))))
+    assert out == [m.NoMapping(MemoryRange(top - 4096, top))]
+    out = msgs(state.handle_mapper(requests, m.SendMappings(MemoryRange(top, top + MiB))))
+    assert out == [m.NoMapping(MemoryRange(top, top + MiB))]
 
 
 def test_removal_unmaps_holders_only_and_completes_after_every_ack(state: ManagerState) -> None:

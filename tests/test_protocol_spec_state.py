@@ -152,3 +152,27 @@ def test_tags_travel_and_are_optional() -> None:
         decode(encode(m.DetachAck()), Channel.MAPPER, sender="mapper")
     with pytest.raises(ProtocolError, match="not allowed on the fd channel"):
         decode(encode(m.DetachAck()), Channel.FD)
+
+
+def test_fd_denied_behind_every_map_until_a_release_frees_a_slot() -> None:
+    """docs/PROTOCOL.md §6.1: at --max-fds-per-mapper, each Map of a mappable whose fd the
+    mapper lacks is followed by FdDenied (counted in `refused`, never in `rejected`); once a
+    release frees a slot, the next Map brings the FdGrant. No fd is sent without a Map."""
+    from membacking.manager.model import Limits
+
+    state = ManagerState(RecordingStore(), limits=Limits(max_fds_per_mapper=1))
+    state.add_region("a", 0, MiB, True)
+    state.add_region("b", MiB, MiB, True)
+    _, _, requests = attach(state, "m1")
+    state.handle_mapper(requests, m.SendMappings(MemoryRange(0, 4096)))  # takes the one slot
+    for _ in range(2):
+        out = state.handle_mapper(requests, m.SendMappings(MemoryRange(MiB, MiB + 4096)))
+        assert [type(e.msg) for e in out if isinstance(e, SendFd)] == [m.FdDenied]
+    assert state.refused["limit"] == 2 and "limit" not in state.rejected
+    out = state.handle_control(b"c", m.ControlRequest("remove_region", {"name": "a"}))
+    (unmap,) = [msg for msg in msgs(out) if isinstance(msg, m.Unmap)]
+    assert unmap.release == (1,)
+    out = state.handle_mapper(requests, m.UnmapAck(unmap.seq))
+    assert not [e for e in out if isinstance(e, SendFd)]  # the freed slot pushes nothing
+    out = state.handle_mapper(requests, m.SendMappings(MemoryRange(MiB, MiB + 4096)))
+    assert [e.msg for e in out if isinstance(e, SendFd)] == [m.FdGrant(2, MiB, True)]

@@ -186,13 +186,30 @@ class Harness:
             raise Violation("ROBUST", f"{what}: the mapper exited ({self.proc.returncode})")
         return self.lines.popleft()
 
+    def expect_exit(self, clause: str, what: str) -> None:
+        """The mapper must exit with status 0 within the timeout (a mapper still running then is
+        a violation of `clause`, never an exception of the checker's)."""
+        try:
+            status = self.proc.wait(self.timeout)
+        except subprocess.TimeoutExpired:
+            raise Violation(
+                clause, f"{what}: the mapper was still running {self.timeout:g} s later"
+            ) from None
+        if status != 0:
+            raise Violation("ROBUST", f"{what}: the mapper exited with status {status}")
+
     # ---- sending ---------------------------------------------------------------------------------
 
     def send_fd(self, msg: Message, fd: int | None = None) -> None:
         assert self.conn is not None
         self.conn.setblocking(True)
+        self.conn.settimeout(self.timeout)
         try:
             send_message(self.conn, msg, () if fd is None else (fd,))
+        except OSError as exc:  # closed, or not read for the whole timeout: never a traceback
+            what = "did not read it" if isinstance(exc, TimeoutError) else f"closed it ({exc})"
+            detail = f"cannot send {type(msg).__name__} on fd.sock: the mapper {what}"
+            raise Violation("ROBUST", detail) from None
         finally:
             self.conn.setblocking(False)
 

@@ -54,6 +54,8 @@ MAX_FRAMES = 4
 
 log = logging.getLogger("membacking.manager")
 
+#: the Error text answering a message of more than one frame on the mapper socket
+ONE_FRAME = "send exactly one frame per message"
 #: unattached ZeroMQ peers whose invalid messages are counted (the oldest are forgotten)
 MAX_STRANGERS = 1024
 #: descriptors kept free below the open-file limit, for ZeroMQ's own accepts and short needs
@@ -441,32 +443,18 @@ class Daemon(FdServer):
 
     def _on_mapper_frames(self, frames: list[bytes]) -> None:
         identity = frames[0]
-        if len(frames) != 2:
-            self.state.reject("malformed", f"{len(frames) - 1} frames on the mapper socket")
-            self._apply(
-                [
-                    Send(
-                        Channel.MAPPER,
-                        identity,
-                        m.Error("malformed", "send exactly one frame per message"),
-                    )
-                ]
-            )
-            return
         mapper_id = self.state.mapper_of(identity)
         if mapper_id is None and self._strangers.get(identity, 0) >= MAX_STRIKES:
             self.state.rejected["ignored"] += 1  # a ROUTER cannot hang up on it: stop answering
             return
+        if len(frames) != 2:
+            detail = f"{len(frames) - 1} frames on the mapper socket"
+            self._undecodable(identity, mapper_id, "malformed", detail, ONE_FRAME)
+            return
         try:
             msg = decode(frames[1], Channel.MAPPER, sender="mapper")
         except ProtocolError as exc:
-            pid = self.state.mappers[mapper_id].pid if mapper_id is not None else None
-            self.state.reject(exc.reason, str(exc), pid)
-            self._apply([Send(Channel.MAPPER, identity, m.Error(exc.reason, str(exc)[:1000]))])
-            if mapper_id is not None:
-                self._zmq_strike(mapper_id)
-            else:
-                self._stranger_strike(identity)
+            self._undecodable(identity, mapper_id, exc.reason, str(exc), str(exc))
             return
         if mapper_id is not None:
             self._zmq_strikes.pop(mapper_id, None)
@@ -477,6 +465,22 @@ class Daemon(FdServer):
             elif any(isinstance(e, Send) and isinstance(e.msg, m.Error) for e in effects):
                 self._stranger_strike(identity)
         self._apply(effects)
+
+    def _undecodable(
+        self, identity: bytes, mapper_id: int | None, reason: str, detail: str, answer: str
+    ) -> None:
+        """A message on the mapper socket that does not decode (docs/PROTOCOL.md §11.2: not one
+        frame, or refused by the codec): answered with an Error and a strike of its sender, the
+        attached mapper it belongs to or the unattached peer it comes from."""
+        entry = self.state.mappers.get(mapper_id) if mapper_id is not None else None
+        if entry is not None:
+            detail = f"mapper {entry.id} ({entry.name}): {detail}"
+        self.state.reject(reason, detail, entry.pid if entry is not None else None)
+        self._apply([Send(Channel.MAPPER, identity, m.Error(reason, answer[:1000]))])
+        if mapper_id is not None:
+            self._zmq_strike(mapper_id)
+        else:
+            self._stranger_strike(identity)
 
     def _stranger_strike(self, identity: bytes) -> None:
         """Count an invalid message from a ZeroMQ peer that never attached; the table of such
@@ -491,9 +495,15 @@ class Daemon(FdServer):
         strikes = self._zmq_strikes.get(mapper_id, 0) + 1
         self._zmq_strikes[mapper_id] = strikes
         if strikes >= MAX_STRIKES:
-            log.warning("evicting mapper %d after %d invalid messages", mapper_id, strikes)
+            entry = self.state.mappers.get(mapper_id)
+            who = f"mapper {mapper_id}" + (
+                f" ({entry.name}, pid {entry.pid})" if entry is not None else ""
+            )
+            log.error("%s evicted: %d undecodable messages in a row on its stream", who, strikes)
             self._zmq_strikes.pop(mapper_id, None)
-            self._apply([Disconnect(mapper_id)])
+            self.count_strike_eviction()
+            reason = f"{m.SHUTDOWN_EVICTED}: {strikes} undecodable messages in a row"
+            self._apply([Disconnect(mapper_id, reason)])
 
     def _on_control_frames(self, frames: list[bytes]) -> None:
         if len(frames) != 3 or frames[1] != b"":

@@ -218,9 +218,28 @@ class FdServer:
         conn.strikes += 1
         self._fd_send(conn, m.Error(reason, detail[:1000]))
         if conn.strikes >= MAX_STRIKES:
-            log.warning("disconnecting pid %d after %d invalid messages", conn.pid, conn.strikes)
+            entry = self.state.mappers.get(conn.mapper_id) if conn.mapper_id is not None else None
+            if entry is None:
+                log.warning(
+                    "disconnecting pid %d after %d invalid messages", conn.pid, conn.strikes
+                )
+            else:
+                log.error(
+                    "mapper %d (%s, pid %d) evicted: %d invalid messages in a row on fd.sock",
+                    entry.id,
+                    entry.name,
+                    entry.pid,
+                    conn.strikes,
+                )
+                self.count_strike_eviction()
             farewell = f"{m.SHUTDOWN_EVICTED}: too many invalid messages"
             self._drop_conn(conn, "too many invalid messages", farewell)
+
+    def count_strike_eviction(self) -> None:
+        """A mapper cut off for 8 invalid messages in a row: an eviction like one for not
+        answering (`evictions`), told apart in `evictions_invalid`."""
+        self.state.counters["evictions"] += 1
+        self.state.counters["evictions_invalid"] += 1
 
     def _handle_fd_message(self, conn: FdConn, msg: m.Message) -> None:
         if isinstance(msg, m.Hello):

@@ -70,11 +70,12 @@ _COUNTERS = {
     "unmaps_sent": "Unmap messages sent to mappers",
     "fds_sent": "File descriptors sent to mappers",
     "removals": "Region removals completed",
-    "evictions": "Mappers evicted for not acknowledging an Unmap",
+    "evictions": "Mappers evicted: an Unmap unacknowledged, or 8 invalid messages in a row",
     "rollbacks": "Changes rolled back because an eager mapper could not map them",
     "demotions": "Eager mappers made lazy because they could not map a change",
     "invalidations": "Changes that waited for their holders' Unmap acknowledgements",
     "evict_kills": "Evicted mappers killed (SIGKILL) under --evict-kill",
+    "evictions_invalid": "Mappers evicted for 8 invalid messages in a row (also in evictions)",
 }
 
 

@@ -434,6 +434,7 @@ class ManagerState(PeerState):
             "demotions",
             "invalidations",
             "invalidation_us_total",
+            "evictions_invalid",
         )
         out: dict[str, Any] = {k: self.counters[k] for k in keys}
         out.update(

@@ -130,18 +130,20 @@ class TableState:
                 return self._map_to(entry, hit[1])
         out: list[Effect] = []
         inside = rng.intersection(MemoryRange(0, self.address_space))
-        if not inside.is_empty():
-            for sub, mapping in self.table.walk(inside):
-                if mapping is None:
-                    out.append(Send(Channel.MAPPER, entry.stream, m.NoMapping(sub)))
-                    self.counters["nomappings_sent"] += 1
-                    continue
-                # The holder is recorded before the Map leaves, so a removal decided after this
-                # point always sends this mapper an Unmap (queued behind the Map).
-                out.extend(self._map_to(entry, mapping))
-        for outside in rng.subtract(MemoryRange(0, self.address_space)):
-            out.append(Send(Channel.MAPPER, entry.stream, m.NoMapping(outside)))
+        if inside.is_empty():
+            # wholly outside the space: one NoMapping, so the request is answered; of a request
+            # reaching past the end, only the part inside is answered (a mapper asks for no GPA
+            # beyond the space, docs/PROTOCOL.md §6.1)
             self.counters["nomappings_sent"] += 1
+            return [Send(Channel.MAPPER, entry.stream, m.NoMapping(rng))]
+        for sub, mapping in self.table.walk(inside):
+            if mapping is None:
+                out.append(Send(Channel.MAPPER, entry.stream, m.NoMapping(sub)))
+                self.counters["nomappings_sent"] += 1
+                continue
+            # The holder is recorded before the Map leaves, so a removal decided after this
+            # point always sends this mapper an Unmap (queued behind the Map).
+            out.extend(self._map_to(entry, mapping))
         return out
 
     def _map_to(self, entry: MapperEntry, mapping: Mapping) -> list[Effect]:
