@@ -42,6 +42,7 @@ EXAMPLES: list[tuple[str, m.Message]] = [
     ('MapAck(11, true, "")', m.MapAck(11, True, "")),
     ("ResendFd(7, tag=4)", m.ResendFd(7, 4)),
     ("DetachAck()", m.DetachAck()),
+    ("Holdings(fds=[7, 64768, 12], mappings=[])", m.Holdings((7, 64768, 12), ())),
     ('ControlRequest("regions", {})', m.ControlRequest("regions", {})),
     ("ControlReply([])", m.ControlReply([])),
 ]
