@@ -15,6 +15,7 @@ from click.shell_completion import CompletionItem
 from .. import units
 from ..control_client import ControlClient
 from ..errors import MembackingError
+from ..manager.model import removal_summary
 from .common import (
     ADDRESS,
     SIZE,
@@ -144,13 +145,7 @@ def region_remove(runtime_dir: Path, timeout: float | None, as_json: bool, name:
     """Remove region NAME; returns once every mapper holding it has unmapped it."""
     client = control_client(runtime_dir, timeout)
     result = _wait_showing_holders(client, name, lambda: client.remove_region(name))
-    ids = result["unmapped_from"]
-    if not ids:
-        held = "no mapper held it"
-    else:
-        held = "unmapped from " + ("mapper " if len(ids) == 1 else "mappers ")
-        held += ", ".join(map(str, ids))
-    _done(result, f"removed region {result['name']} ({held})", as_json)
+    _done(result, f"removed region {result['name']} ({removal_summary(result)})", as_json)
 
 
 @region.command("enable")

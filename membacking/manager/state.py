@@ -29,6 +29,8 @@ from .model import (
     Operation,
     Send,
     SendFd,
+    removal_result,
+    removal_summary,
 )
 from .peers import PeerState
 from .pins import Pins, guard
@@ -236,14 +238,11 @@ class ManagerState(PeerState):
             self.placed.discard(region)
             self.region_bytes -= region.size
             self.counters["removals"] += 1
-            log.info(
-                "region %s removed (unmapped from %s)",
-                region.name,
-                sorted(op.unmapped_from) or "no mapper",
-            )
+            result = removal_result(region.name, op)
+            log.info("region %s removed (%s)", region.name, removal_summary(result))
             if error is not None:
                 return self._reply_error(op, *error)
-            return self._reply(op, {"name": region.name, "unmapped_from": sorted(op.unmapped_from)})
+            return self._reply(op, result)
 
         op.on_done = done
         return effects + self._maybe_finish(op)
@@ -429,6 +428,7 @@ class ManagerState(PeerState):
             "fds_sent",
             "removals",
             "evictions",
+            "evictions_by_operator",
             "rollbacks",
             "demotions",
             "invalidations",
