@@ -509,3 +509,19 @@ def test_held_counts_the_ranges_of_each_mappable() -> None:
     assert held != other
     other[a] = 3
     assert held == other and repr(held) == f"Held({{{a!r}: 3}})"
+
+
+def test_refusals_show_sizes_and_addresses_as_typed(state: ManagerState) -> None:
+    """`0x1388 (5000)`: hex with the decimal beside, as the command line shows numbers."""
+
+    def refusal(op: str, **args: object) -> str:
+        (reply,) = msgs(state.handle_control(b"c", m.ControlRequest(op, args)))
+        assert isinstance(reply, m.Error)
+        return reply.message
+
+    assert refusal("add_region", name="a", gpa=0, size=5000) == (
+        "size 0x1388 (5000) must be a non-zero multiple of 4096 (a page)"
+    )
+    assert refusal("add_region", name="a", gpa=0x30001, size=4096) == (
+        "gpa 0x30001 (196609) must be a multiple of 4096 (a page)"
+    )

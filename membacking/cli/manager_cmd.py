@@ -15,8 +15,10 @@ from click.core import ParameterSource
 from .. import units
 from ..manager.state import Limits
 from .common import (
+    SECONDS,
     SIZE,
     Group,
+    Whole,
     config_param,
     control_client,
     echo_json,
@@ -71,28 +73,28 @@ def manager() -> None:
 )
 @click.option(
     "--unmap-timeout",
-    type=click.FloatRange(min=0.1),
+    type=SECONDS,
     default=30.0,
     show_default=True,
     help="Seconds a mapper may take to acknowledge an Unmap before it is evicted.",
 )
 @click.option(
     "--max-mappers",
-    type=click.IntRange(min=1),
+    type=Whole("limit", min=1),
     default=Limits.max_mappers,
     show_default=True,
     help="Refuse mappers beyond this many.",
 )
 @click.option(
     "--max-regions",
-    type=click.IntRange(min=1),
+    type=Whole("limit", min=1),
     default=Limits.max_regions,
     show_default=True,
     help="Refuse regions beyond this many.",
 )
 @click.option(
     "--max-fds-per-mapper",
-    type=click.IntRange(min=1),
+    type=Whole("limit", min=1),
     default=Limits.max_fds_per_mapper,
     show_default=True,
     help="Deny a mapper fds beyond this many.",
@@ -128,7 +130,7 @@ def manager() -> None:
 )
 @click.option(
     "--metrics-port",
-    type=click.IntRange(0, 65535),
+    type=Whole("TCP port", "PORT", min=0, max=65535),
     default=None,
     help="Serve Prometheus metrics on this port (0 picks a free one).",
 )

@@ -445,7 +445,7 @@ class VaMapper:
                 f"{self.fault_timeout:g}s",
                 gpa,
             )
-        missing = waiter.range.start
+        missing = max(gpa, waiter.range.start)  # the first address asked for, not its page
         if waiter.failure == NO_MAPPING:
             raise NoMappingError(f"no region backs GPA {missing:#x}", missing)
         if waiter.failure == READ_ONLY:
