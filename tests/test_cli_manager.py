@@ -328,3 +328,20 @@ def test_timeout_help_gives_the_default_that_applies() -> None:
         assert "[default: 10]" in shown and "120" not in shown, command
     shown = " ".join(run_cli("region", "remove", "--help").stdout.split())
     assert "[default: 120]" in shown
+
+
+def test_a_fatal_startup_error_is_a_json_record_with_json_logs() -> None:
+    runtime_dir = short_tmpdir()
+    try:
+        overlapping = ("--region", "a=0:1M", "--region", "b=0x80000:1M")
+        args = ("manager", "run", "--runtime-dir", str(runtime_dir), *overlapping)
+        result = run_cli(*args, "--log-format", "json", timeout=30)
+        assert result.returncode == 1
+        records = [json.loads(line) for line in result.stderr.splitlines()]  # every line JSON
+        assert records[-1]["level"] == "error" and records[-1]["fatal"] is True
+        assert records[-1]["msg"].startswith("cannot create the initial regions: ")
+        plain = run_cli(*args, timeout=30)  # as text: the one-line error, the same status
+        assert plain.returncode == 1
+        assert plain.stderr.splitlines()[-1].startswith("Error: cannot create the initial")
+    finally:
+        shutil.rmtree(runtime_dir, ignore_errors=True)

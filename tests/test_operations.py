@@ -267,3 +267,24 @@ def test_json_logs(tmp_path: Path) -> None:
     (rejection,) = [entry for entry in lines if entry.get("reason") == "malformed"]
     assert rejection["peer_pid"] is None  # JSON null, not the string "None"
     assert "from a peer of unknown pid (not a registered mapper)" in rejection["msg"]
+
+
+def test_example_rom_needs_an_existing_file_only_when_it_names_one(
+    tmp_path: Path, start_manager: Callable[..., RunningManager]
+) -> None:
+    """What the example configuration's comment says: a read-only region without `file` is
+    zeroed memory; only a `file` naming a missing file stops the daemon."""
+    example = Path(__file__).resolve().parent.parent / "docs" / "membacking.example.toml"
+    comment = " ".join(example.read_text().replace("#", " ").split())
+    assert "A `file` that does not exist stops the daemon at startup" in comment
+    rom = "[[regions]]\nname = 'rom'\ngpa = '0xfff00000'\nsize = '1M'\nreadonly = true\n"
+    running = start_manager("--config", str(write(tmp_path, rom)))
+    (region,) = running.client().regions()
+    assert (region["name"], region["writable"]) == ("rom", False)
+    missing = rom + f"file = '{tmp_path / 'missing.bin'}'\n"
+    config = tmp_path / "missing.toml"
+    config.write_text(missing)
+    result = run_cli(
+        "manager", "run", "--config", str(config), "--runtime-dir", str(tmp_path / "r")
+    )
+    assert result.returncode == 1 and "does not exist" in result.stderr

@@ -13,6 +13,7 @@ import click
 from click.core import ParameterSource
 
 from .. import units
+from ..errors import MembackingError
 from ..manager.state import Limits
 from .common import (
     SECONDS,
@@ -197,10 +198,28 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
         sys.stdout.flush()
 
     try:
-        daemon.run(on_ready=ready)
-    except Refused as exc:
-        raise click.ClickException(f"cannot create the initial regions: {exc}") from None
+        try:
+            daemon.run(on_ready=ready)
+        except Refused as exc:
+            raise click.ClickException(f"cannot create the initial regions: {exc}") from None
+        except MembackingError as exc:
+            raise click.ClickException(str(exc)) from None
+    except click.ClickException as exc:
+        if options["log_format"] != "json":
+            raise
+        # with JSON logs, the reason it stopped is one more JSON record on stderr
+        logging.getLogger("membacking.manager").error(
+            exc.format_message(), extra={"fatal": True, "exit_code": exc.exit_code}
+        )
+        raise _AlreadyLogged(exc.format_message()) from None
     logging.getLogger("membacking.manager").info("membacking manager stopped")
+
+
+class _AlreadyLogged(click.ClickException):
+    """A fatal error already written as a log record: nothing more to print (exit status 1)."""
+
+    def show(self, file: Any = None) -> None:
+        pass
 
 
 @manager.command("stop")
