@@ -128,6 +128,11 @@ def parse_region_spec(text: str) -> tuple[str, int, int, bool]:
         readonly = True
         parts = parts[:2]
     gpa, size = parse_range_spec(":".join(parts))
+    try:  # checked here, as the configuration file's regions are: a usage mistake
+        check_pages(gpa, "gpa")
+        check_pages(size, "size", nonzero=True)
+    except ValueError as exc:
+        raise ValueError(f"invalid region {text!r}: {exc}") from None
     return name, gpa, size, readonly
 
 

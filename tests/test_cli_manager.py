@@ -345,3 +345,11 @@ def test_a_fatal_startup_error_is_a_json_record_with_json_logs() -> None:
         assert plain.stderr.splitlines()[-1].startswith("Error: cannot create the initial")
     finally:
         shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+def test_a_region_flag_is_checked_as_the_configuration_file_is(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[[regions]]\nname = 'a'\ngpa = 0\nsize = 5000\n")
+    for args in (("--region", "a=0:5000"), ("--config", str(config))):
+        result = run_cli("manager", "run", "--runtime-dir", str(tmp_path / "r"), *args)
+        assert_clean_error(result, "size 0x1388 (5000) must be a non-zero multiple of 4096", 2)
