@@ -146,7 +146,8 @@ def region_add(
 @json_option
 @click.argument("name", callback=_region_name, shell_complete=complete_region_name)
 def region_remove(runtime_dir: Path, timeout: float | None, as_json: bool, name: str) -> None:
-    """Remove region NAME; returns once every mapper holding it has unmapped it."""
+    """Remove region NAME; returns once every mapper holding it has unmapped it or been
+    evicted (after --unmap-timeout), and says which."""
     client = control_client(runtime_dir, timeout)
     result = _wait_showing_holders(client, name, lambda: client.remove_region(name))
     _done(result, f"removed region {result['name']} ({removal_summary(result)})", as_json)
