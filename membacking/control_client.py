@@ -18,7 +18,7 @@ from typing import Any
 import zmq
 
 from . import units
-from .errors import ControlError, ManagerUnavailableError
+from .errors import LEFT_OVER, NO_SOCKET, ControlError, ManagerUnavailableError
 from .protocol import messages as m
 from .protocol.codec import MAX_REPLY_BYTES, decode, encode
 from .protocol.errors import ProtocolError
@@ -148,9 +148,9 @@ class ControlClient:
 
     def _call(self, op: str, timeout: float | None, args: dict[str, Any]) -> Any:
         if not self.paths.control_socket.exists():
-            raise self._no_manager("no control socket")
+            raise self._no_manager(NO_SOCKET)
         if getattr(self._local, "sock", None) is None and self.paths.manager_running() is False:
-            raise self._no_manager("its sockets are left over from one that stopped")
+            raise self._no_manager(LEFT_OVER)
         wait = self.timeout if timeout is None else timeout
         instance = self.instance()
         sock = self._socket(wait)

@@ -15,6 +15,11 @@ class ManagerUnavailableError(MembackingError):
     """No manager is serving the runtime directory (not started, or gone)."""
 
 
+#: why no manager serves a runtime directory, in the same words for every command
+NO_SOCKET = "no socket to connect to"
+LEFT_OVER = "its sockets are left over from one that stopped"
+
+
 class ControlError(MembackingError):
     """The manager refused a control request; `code` is the protocol error code."""
 

@@ -39,7 +39,7 @@ MIN_ADDRESS_SPACE = 1 << 20
 
 def check_address_space(size: int) -> int:
     """A guest address space size a mapper can reserve: page-aligned, 1 MiB to 64 TiB."""
-    shown = format_size(size) if size % 4096 == 0 else f"{size} bytes"
+    shown = format_size(size) if size % 4096 == 0 else format_address(size)
     if size > MAX_ADDRESS_SPACE:
         raise ValueError(
             f"address space {shown} is more than the 64 TiB limit (every mapper reserves all of it)"
@@ -47,7 +47,7 @@ def check_address_space(size: int) -> int:
     if size < MIN_ADDRESS_SPACE:
         raise ValueError(f"address space {shown} is less than the 1 MiB minimum")
     if size % 4096:
-        raise ValueError(f"address space {shown} must be a multiple of 4096")
+        raise ValueError(f"address space {shown} must be a multiple of {PAGE} (a page)")
     return size
 
 
@@ -67,7 +67,25 @@ def format_duration(seconds: float) -> str:
 def format_address(n: int) -> str:
     """An address or value as typed back to an operator: hex, with the decimal beside it when
     they differ (`0x1000 (4096)`), so neither way of typing it reads wrong."""
-    return f"{n:#x}" if n < 10 else f"{n:#x} ({n})"
+    return f"{n:#x}" if 0 <= n < 10 else f"{n:#x} ({n})"
+
+
+#: the page size every region's address, size and change must be a multiple of
+PAGE = 4096
+
+
+def check_pages(value: int, what: str, nonzero: bool = False) -> int:
+    """`value` if it is a multiple of the page (and not 0 with `nonzero`), else ValueError
+    naming it as typed back: `size 0x1388 (5000) must be a non-zero multiple of 4096`."""
+    if value % PAGE or (nonzero and value <= 0):
+        raise ValueError(page_error(value, what, nonzero))
+    return value
+
+
+def page_error(value: int, what: str, nonzero: bool = False) -> str:
+    """The words of `check_pages`'s error."""
+    kind = "a non-zero multiple" if nonzero else "a multiple"
+    return f"{what} {format_address(value)} must be {kind} of {PAGE} (a page)"
 
 
 def plural(count: int, word: str, words: str | None = None) -> str:
@@ -110,6 +128,11 @@ def parse_region_spec(text: str) -> tuple[str, int, int, bool]:
         readonly = True
         parts = parts[:2]
     gpa, size = parse_range_spec(":".join(parts))
+    try:  # checked here, as the configuration file's regions are: a usage mistake
+        check_pages(gpa, "gpa")
+        check_pages(size, "size", nonzero=True)
+    except ValueError as exc:
+        raise ValueError(f"invalid region {text!r}: {exc}") from None
     return name, gpa, size, readonly
 
 

@@ -25,10 +25,15 @@ configuration file given by `--config` (or `$MEMBACKING_CONFIG`), `$XDG_RUNTIME_
 (seconds to wait for the manager). Sizes and addresses accept decimal, `0x` hex and K/M/G/T
 suffixes (powers of 1024). `-h` is short for `--help` everywhere.
 
-Exit status follows click's convention: 2 for a usage mistake (unknown option, a missing or bad
-value such as a size, name, choice, range or missing file), 1 for what the daemon or the system
-refuses (no daemon, unknown region, overlapping regions, a timeout), 0 otherwise. Either way the
-error is one line on stderr.
+Exit status: 2 for a mistake in what was given, found before the daemon is asked anything: an
+unknown option; a missing or malformed value (size, address, name, choice, a number out of its
+range); a value the command line can check alone (a region's or a change's size that is 0 or not a
+multiple of 4096, an address or offset that is not a multiple of 4096); a `--config` file that is
+missing, unreadable, not TOML or has a bad key or value (the same mistake typed as an option exits
+2 too). 1 for what the daemon or the system refuses: no daemon, an unknown region, overlapping
+regions, a size only the daemon can judge (beyond the address space, not a multiple of the huge
+page), a timeout, initial regions that cannot be created. 0 otherwise. Either way the error is one
+line on stderr.
 
 Shell completion is click's: `eval "$(_MEMBACKING_COMPLETE=bash_source membacking)"` in `~/.bashrc`
 (`zsh_source` in `~/.zshrc`, `fish_source` for fish); region names complete from the running daemon.

@@ -153,11 +153,26 @@ def test_region_errors_are_one_clean_line(manager: RunningManager) -> None:
     assert_clean_error(manager.cli("region", "add", "x", "0x1000", "64K"), "overlaps region 'ram0'")
     assert_clean_error(manager.cli("region", "add", "ram0", "0x10000000", "4K"), "already exists")
     assert_clean_error(manager.cli("region", "remove", "nope"), "region 'nope' does not exist")
+    # value mistakes the command line checks itself are usage mistakes (status 2), and the
+    # numbers are shown as typed (hex with the decimal beside)
     assert_clean_error(
         manager.cli("region", "add", "x", "0x10000100", "4K"),
-        "gpa 0x10000100 must be a multiple of 4096",
+        "address 0x10000100 (268435712) must be a multiple of 4096 (a page)",
+        2,
     )
-    assert_clean_error(manager.cli("region", "add", "x", "0x10000000", "0"), "size > 0")
+    assert_clean_error(
+        manager.cli("region", "add", "dev2", "0x30000000", "0"),
+        "size 0x0 must be a non-zero multiple of 4096",
+        2,
+    )
+    assert_clean_error(
+        manager.cli("region", "add", "dev2", "0x30000000", "5000"),
+        "size 0x1388 (5000) must be a non-zero multiple of 4096 (a page)",
+        2,
+    )
+    assert_clean_error(manager.cli("region", "move", "ram0", "0x30001"), "0x30001 (196609)", 2)
+    assert_clean_error(manager.cli("region", "unmap", "ram0", "0", "5000"), "0x1388 (5000)", 2)
+    # what only the daemon knows stays a refusal (status 1)
     assert_clean_error(manager.cli("region", "add", "x", "0x1000000000000", "4K"), "beyond the")
     backing = manager.runtime_dir.parent / f"{manager.runtime_dir.name}-file"
     backing.write_bytes(bytes(64 << 10))
@@ -174,7 +189,8 @@ def test_region_errors_are_one_clean_line(manager: RunningManager) -> None:
                 "--file-offset",
                 "0x1001",
             ),
-            "file offset 0x1001 must be a multiple of 4096",
+            "file offset 0x1001 (4097) must be a multiple of 4096 (a page)",
+            2,
         )
     finally:
         backing.unlink()
@@ -223,13 +239,20 @@ def test_commands_without_a_daemon_fail_cleanly() -> None:
         empty.rmdir()
 
 
+def test_errors_name_the_address_the_user_asked_for(manager: RunningManager) -> None:
+    """Not the start of its page: the first missing address of those asked for."""
+    assert_clean_error(manager.cli("mem", "read", "0x5000010", "16"), "GPA 0x5000010")
+    # a read that starts in ram0 (64 MiB) and runs past it: the first address it lacks
+    assert_clean_error(manager.cli("mem", "read", "0x3fffff0", "32"), "GPA 0x4000000")
+
+
 def test_address_space_must_be_one_a_mapper_can_reserve() -> None:
     runtime_dir = short_tmpdir()
     try:
         for value, reason in (
             ("0", "0 B is less than the 1 MiB minimum"),
-            ("5K", "5120 bytes is less than the 1 MiB minimum"),
-            ("0x100001", "1048577 bytes must be a multiple of 4096"),
+            ("5K", "0x1400 (5120) is less than the 1 MiB minimum"),
+            ("0x100001", "0x100001 (1048577) must be a multiple of 4096 (a page)"),
             ("128T", "128 TiB is more than the 64 TiB limit"),
             ("1000T", "1000 TiB is more than the 64 TiB limit"),
         ):
@@ -267,3 +290,66 @@ def test_bad_region_spec_at_startup(tmp_path: Path) -> None:
 def test_runtime_dir_from_environment(manager: RunningManager) -> None:
     result = run_cli("regions", "--json", runtime_dir=manager.runtime_dir)
     assert result.returncode == 0 and json.loads(result.stdout)[0]["name"] == "ram0"
+
+
+def test_bad_numbers_say_what_is_expected() -> None:
+    for args, words in (
+        (("mapper", "evict", "abc"), "mapper id must be a whole number of at least 1, got 'abc'"),
+        (("status", "--timeout", "abc"), "seconds must be a number of at least 0.1, got 'abc'"),
+        (("status", "--timeout", "0"), "seconds must be a number of at least 0.1, got '0'"),
+        (("map", "--width", "15"), "width must be a whole number from 16 to 400, got '15'"),
+    ):
+        assert_clean_error(run_cli(*args), words, 2)
+
+
+def test_no_daemon_is_said_alike_by_every_command() -> None:
+    runtime_dir = short_tmpdir()
+    try:
+        expected = (
+            f"Error: no membacking manager at {runtime_dir} (no socket to connect to; is "
+            "`membacking manager run` running there?)"
+        )
+        for args in (
+            ("status",),
+            ("regions",),
+            ("mem", "read", "0", "1"),
+            ("mapper", "attach"),
+            ("watch", "--count", "1"),  # it never started watching: no "stopped watching"
+        ):
+            result = run_cli(*args, "--runtime-dir", str(runtime_dir))
+            assert (result.returncode, result.stderr.strip()) == (1, expected), args
+    finally:
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+def test_timeout_help_gives_the_default_that_applies() -> None:
+    for command in (("regions",), ("status",), ("stats",), ("map",), ("mappers",)):
+        shown = " ".join(run_cli(*command, "--help").stdout.split())
+        assert "[default: 10]" in shown and "120" not in shown, command
+    shown = " ".join(run_cli("region", "remove", "--help").stdout.split())
+    assert "[default: 120]" in shown
+
+
+def test_a_fatal_startup_error_is_a_json_record_with_json_logs() -> None:
+    runtime_dir = short_tmpdir()
+    try:
+        overlapping = ("--region", "a=0:1M", "--region", "b=0x80000:1M")
+        args = ("manager", "run", "--runtime-dir", str(runtime_dir), *overlapping)
+        result = run_cli(*args, "--log-format", "json", timeout=30)
+        assert result.returncode == 1
+        records = [json.loads(line) for line in result.stderr.splitlines()]  # every line JSON
+        assert records[-1]["level"] == "error" and records[-1]["fatal"] is True
+        assert records[-1]["msg"].startswith("cannot create the initial regions: ")
+        plain = run_cli(*args, timeout=30)  # as text: the one-line error, the same status
+        assert plain.returncode == 1
+        assert plain.stderr.splitlines()[-1].startswith("Error: cannot create the initial")
+    finally:
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+def test_a_region_flag_is_checked_as_the_configuration_file_is(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[[regions]]\nname = 'a'\ngpa = 0\nsize = 5000\n")
+    for args in (("--region", "a=0:5000"), ("--config", str(config))):
+        result = run_cli("manager", "run", "--runtime-dir", str(tmp_path / "r"), *args)
+        assert_clean_error(result, "size 0x1388 (5000) must be a non-zero multiple of 4096", 2)

@@ -72,7 +72,12 @@ def test_mapper_evict(manager: RunningManager, spawn_worker: Spawn) -> None:
     assert unknown.returncode == 1 and unknown.stderr.strip() == (
         "Error: no mapper 999 is attached"
     )
-    assert manager.client().stats()["evictions"] == 0  # not an unresponsive mapper
+    stats = manager.client().stats()
+    # counted, apart from the mappers evicted for not answering
+    assert (stats["evictions_by_operator"], stats["evictions"]) == (1, 0)
+    metrics = manager.cli("stats", "--json")
+    assert json.loads(metrics.stdout)["evictions_by_operator"] == 1
+    assert "evictions_by_operator  1" in manager.cli("stats").stdout
 
 
 def _attach_cli(manager: RunningManager, *args: str) -> subprocess.Popen[str]:
@@ -168,9 +173,29 @@ def test_remove_says_whom_it_waits_for(start_manager: Start, spawn_worker: Spawn
     running = start_manager("--region", "ram0=0:1M", "--unmap-timeout", "2")
     holder = spawn_worker(running, "slow")
     holder.ask("view 0 4096")  # a view held open: the Unmap waits until the mapper is evicted
-    result = running.cli("region", "remove", "ram0")
+    remove = subprocess.Popen(
+        [sys.executable, "-m", "membacking", "region", "remove", "ram0"],
+        env=cli_env(running.runtime_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # while the removal waits, `mappers` says what the holder still has to unmap
+    listed = running.cli("mappers")
+    while "unmapping" not in listed.stdout and remove.poll() is None:
+        listed = running.cli("mappers")
+    assert "0 (+1 unmapping)" in listed.stdout and "0 B (+1 MiB unmapping)" in listed.stdout
+    assert (
+        f"mapper {holder.mapper_id} (slow) has not yet acknowledged the unmapping of "
+        "1 range (1 MiB)" in listed.stdout
+    )
+    out, err = remove.communicate(timeout=30)
+    result = subprocess.CompletedProcess(remove.args, remove.returncode, out, err)
     assert result.returncode == 0, result.stderr
-    assert f"(unmapped from mapper {holder.mapper_id})" in result.stdout
+    # evicted, not unmapped: the command and the log say so
+    assert f"(mapper {holder.mapper_id} evicted after not answering for 2." in result.stdout
+    assert "unmapped from" not in result.stdout
+    assert f"region ram0 removed (mapper {holder.mapper_id} evicted after" in running.log()
     waiting = [line for line in result.stderr.splitlines() if line.startswith("removing ram0 for ")]
     assert waiting, result.stderr
     assert f"mapper {holder.mapper_id} (slow, pid {holder.pid}, " in waiting[0]
@@ -205,9 +230,15 @@ def _scrape(url: str) -> str:
     return text
 
 
-def test_metrics_export_version_process_and_every_counter(start_manager: Start) -> None:
+def test_metrics_export_version_process_and_every_counter(
+    start_manager: Start, spawn_worker: Spawn
+) -> None:
     running = start_manager("--region", "ram0=0:1M", "--metrics-port", "0")
+    evicted = spawn_worker(running, "evicted")
+    assert running.cli("mapper", "evict", str(evicted.mapper_id)).returncode == 0
     text = _scrape(running.ready_line.split("metrics=")[1].strip())
+    assert "\nmembacking_evictions_by_operator_total 1.0" in text
+    assert "\nmembacking_evictions_total 0.0" in text
     version = running.client().stats()["version"]
     assert f'membacking_build_info{{version="{version}"}} 1.0' in text
     for name in (

@@ -289,11 +289,65 @@ def test_unresponsive_mapper_is_evicted_after_timeout(state: ManagerState, clock
     out = state.tick()
     reason = "evicted: it did not answer within 5s"
     assert Disconnect(m1, reason, unresponsive=True) in out
+    # the removal reports the mapper as evicted, not as one that unmapped the region
     assert msgs(out) == [
         m.Shutdown(reason),
-        m.ControlReply({"name": "a", "unmapped_from": [m1]}),
+        m.ControlReply(
+            {
+                "name": "a",
+                "unmapped_from": [],
+                "evicted": [m1],
+                "evicted_why": {str(m1): "after not answering for 6.0 s"},
+            }
+        ),
     ]
     assert state.stats()["evictions"] == 1
+    assert state.stats()["evictions_by_operator"] == 0
+
+
+def test_removal_names_acked_and_evicted_holders_apart(state: ManagerState, clock: Clock) -> None:
+    state.add_region("a", 0, MiB, True)
+    m1, s1, r1 = attach(state, "quick")
+    m2, _, r2 = attach(state, "stuck")
+    state.handle_mapper(r1, m.SendMappings(rng(0, 1)))
+    state.handle_mapper(r2, m.SendMappings(rng(0, 1)))
+    out = state.handle_control(b"c", m.ControlRequest("remove_region", {"name": "a"}))
+    seq1 = next(msg.seq for msg in msgs(out, b"quick-s") if isinstance(msg, m.Unmap))
+    assert state.handle_mapper(s1, m.UnmapAck(seq1)) == []
+    out = state.handle_control(b"op", m.ControlRequest("evict_mapper", {"id": m2}))
+    assert m.ControlReply(
+        {
+            "name": "a",
+            "unmapped_from": [m1],
+            "evicted": [m2],
+            "evicted_why": {str(m2): "by an operator"},
+        }
+    ) in msgs(out, b"c")
+    stats = state.stats()
+    assert stats["evictions_by_operator"] == 1 and stats["evictions"] == 0
+
+
+def test_mappers_lists_what_a_holder_still_has_to_unmap(state: ManagerState) -> None:
+    """A holder a removal waits on holds nothing in the table any more, but `mappers` says
+    what it still has to unmap (the reason the removal waits on it)."""
+    state.add_region("a", 0, 2 * MiB, True)
+    _, s1, r1 = attach(state, "stuck")
+    state.handle_mapper(r1, m.SendMappings(rng(0, 1)))
+
+    def listed() -> dict[str, object]:
+        out = msgs(state.handle_control(b"q", m.ControlRequest("mappers", {})))
+        assert isinstance(out[0], m.ControlReply)
+        info: dict[str, object] = out[0].result[0]
+        return info
+
+    assert (listed()["ranges"], listed()["unmapping_ranges"]) == (1, 0)
+    out = state.handle_control(b"c", m.ControlRequest("remove_region", {"name": "a"}))
+    info = listed()
+    assert (info["ranges"], info["bytes"]) == (0, 0)
+    assert (info["unmapping_ranges"], info["unmapping_bytes"]) == (1, 2 * MiB)
+    seq = next(msg.seq for msg in msgs(out, b"stuck-s") if isinstance(msg, m.Unmap))
+    state.handle_mapper(s1, m.UnmapAck(seq))
+    assert (listed()["unmapping_ranges"], listed()["unmapping_bytes"]) == (0, 0)
 
 
 def test_mapper_ids_are_never_reused(state: ManagerState) -> None:
@@ -461,3 +515,19 @@ def test_held_counts_the_ranges_of_each_mappable() -> None:
     assert held != other
     other[a] = 3
     assert held == other and repr(held) == f"Held({{{a!r}: 3}})"
+
+
+def test_refusals_show_sizes_and_addresses_as_typed(state: ManagerState) -> None:
+    """`0x1388 (5000)`: hex with the decimal beside, as the command line shows numbers."""
+
+    def refusal(op: str, **args: object) -> str:
+        (reply,) = msgs(state.handle_control(b"c", m.ControlRequest(op, args)))
+        assert isinstance(reply, m.Error)
+        return reply.message
+
+    assert refusal("add_region", name="a", gpa=0, size=5000) == (
+        "size 0x1388 (5000) must be a non-zero multiple of 4096 (a page)"
+    )
+    assert refusal("add_region", name="a", gpa=0x30001, size=4096) == (
+        "gpa 0x30001 (196609) must be a multiple of 4096 (a page)"
+    )

@@ -74,27 +74,32 @@ readonly = true
     [
         ("colour = 'red'", "key 'colour': unknown key"),
         ("address_space = 'lots'", "key 'address_space': invalid size 'lots'"),
-        ("unmap_timeout = -1", "key 'unmap_timeout': must be a positive number"),
+        ("unmap_timeout = -1", "key 'unmap_timeout': must be a number of at least 1, got -1"),
+        ("unmap_timeout = 0", "key 'unmap_timeout': must be a number of at least 1, got 0"),
         ("log_level = 'loud'", "key 'log_level': must be one of debug, info, warning, error"),
         ("metrics_port = 70000", "key 'metrics_port': must be a TCP port number"),
         ("allow_uids = ['root']", "key 'allow_uids': 'root' is not a uid/gid"),
         ("limits = 3", "key 'limits': must be a table"),
-        ("[limits]\nmax_mappers = 0", "key 'limits.max_mappers': must be an integer >= 1"),
+        ("[limits]\nmax_mappers = 0", "key 'limits.max_mappers': must be a whole number of at"),
         ("[limits]\nmax_pies = 3", "key 'limits.max_pies': unknown key"),
         ("[[regions]]\nname = 'a'\ngpa = 0", "key 'regions[0].size': missing"),
         ("[[regions]]\nname = 'a b'\ngpa = 0\nsize = 1", "key 'regions[0].name': invalid name"),
         ("[[regions]]\nname='a'\ngpa=0\nsize=1\nro=1", "key 'regions[0].ro': unknown key"),
-        ("[[regions]]\nname='a'\ngpa=1\nsize=4096", "key 'regions[0].gpa': 0x1 must be a multiple"),
-        ("[[regions]]\nname='a'\ngpa=0\nsize=0", "key 'regions[0].size': 0x0 must be a non-zero"),
+        ("[[regions]]\nname='a'\ngpa=1\nsize=4096", "key 'regions[0].gpa': gpa 0x1 must be"),
+        ("[[regions]]\nname='a'\ngpa=0\nsize=0", "key 'regions[0].size': size 0x0 must be a non-"),
+        (
+            "[[regions]]\nname='a'\ngpa=0\nsize=5000",
+            "key 'regions[0].size': size 0x1388 (5000) must be a non-zero multiple of 4096",
+        ),
         (
             "[[regions]]\nname='a'\ngpa=0\nsize=4096\n[[regions]]\nname='a'\ngpa=8192\nsize=4096",
             "key 'regions[1].name': 'a' is already the name of regions[0]",
         ),
         (
             "address_space = '5K'",
-            "key 'address_space': address space 5120 bytes is less than the 1 MiB minimum",
+            "key 'address_space': address space 0x1400 (5120) is less than the 1 MiB minimum",
         ),
-        ("unmap_timeout = 0.001", "key 'unmap_timeout': must be at least 1"),
+        ("unmap_timeout = 0.001", "key 'unmap_timeout': must be a number of at least 1, got"),
         ("evict_kill = 1", "key 'evict_kill': must be true or false"),
     ],
 )
@@ -117,10 +122,25 @@ def test_config_not_toml_or_missing(tmp_path: Path) -> None:
 def test_cli_reports_config_errors_cleanly(tmp_path: Path) -> None:
     bad = write(tmp_path, "[limits]\nmax_regions = 'many'\n")
     result = run_cli("manager", "run", "--config", str(bad), "--runtime-dir", str(tmp_path / "r"))
-    assert result.returncode == 1 and "Traceback" not in result.stderr
+    # a mistake in the file named on the command line is a usage mistake, as the same
+    # mistake typed as an option is: status 2, in the same words
+    assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == (
-        f"Error: config {bad}: key 'limits.max_regions': must be an integer >= 1, got 'many'"
+        f"Error: config {bad}: key 'limits.max_regions': must be a whole number of at least 1, "
+        "got 'many'"
     )
+    flag = run_cli("manager", "run", "--max-regions", "many", "--runtime-dir", str(tmp_path))
+    assert flag.returncode == 2
+    assert "limit must be a whole number of at least 1, got 'many'" in flag.stderr
+    for args in (
+        ("manager", "run", "--config", str(tmp_path / "missing.toml")),
+        ("regions", "--config", str(tmp_path / "missing.toml")),
+        ("regions", "--config", str(bad)),
+        ("regions", "--config", str(tmp_path)),  # a directory
+    ):
+        result = run_cli(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.startswith("Error: ") and "Traceback" not in result.stderr
 
 
 def test_flags_override_the_config_file(
@@ -250,3 +270,24 @@ def test_json_logs(tmp_path: Path) -> None:
     (rejection,) = [entry for entry in lines if entry.get("reason") == "malformed"]
     assert rejection["peer_pid"] is None  # JSON null, not the string "None"
     assert "from a peer of unknown pid (not a registered mapper)" in rejection["msg"]
+
+
+def test_example_rom_needs_an_existing_file_only_when_it_names_one(
+    tmp_path: Path, start_manager: Callable[..., RunningManager]
+) -> None:
+    """What the example configuration's comment says: a read-only region without `file` is
+    zeroed memory; only a `file` naming a missing file stops the daemon."""
+    example = Path(__file__).resolve().parent.parent / "docs" / "membacking.example.toml"
+    comment = " ".join(example.read_text().replace("#", " ").split())
+    assert "A `file` that does not exist stops the daemon at startup" in comment
+    rom = "[[regions]]\nname = 'rom'\ngpa = '0xfff00000'\nsize = '1M'\nreadonly = true\n"
+    running = start_manager("--config", str(write(tmp_path, rom)))
+    (region,) = running.client().regions()
+    assert (region["name"], region["writable"]) == ("rom", False)
+    missing = rom + f"file = '{tmp_path / 'missing.bin'}'\n"
+    config = tmp_path / "missing.toml"
+    config.write_text(missing)
+    result = run_cli(
+        "manager", "run", "--config", str(config), "--runtime-dir", str(tmp_path / "r")
+    )
+    assert result.returncode == 1 and "does not exist" in result.stderr

@@ -398,10 +398,16 @@ def test_status_names_the_mappers_a_change_waits_on(state: ManagerState) -> None
     assert during["problems"] == [f"waiting on mapper(s) {mid}"]
     out = state.handle_control(b"ctl", m.ControlRequest("evict_mapper", {"id": mid}))
     sent = [(e.identity, e.msg) for e in out if isinstance(e, Send)]
-    assert (b"remover", m.ControlReply({"name": "a", "unmapped_from": [mid]})) in sent
+    done = {
+        "name": "a",
+        "unmapped_from": [],
+        "evicted": [mid],
+        "evicted_why": {str(mid): "by an operator"},
+    }
+    assert (b"remover", m.ControlReply(done)) in sent
     assert sent[-1] == (b"ctl", m.ControlReply({"id": mid, "name": "slow", "pid": 4000}))
     assert sent[0][1] == m.Shutdown("evicted: an operator ran `membacking mapper evict`")
-    assert Disconnect(mid) in out
+    assert Disconnect(mid, "evicted: an operator ran `membacking mapper evict`") in out
     assert mid not in state.mappers and "a" not in state.regions
     assert error(state, "evict_mapper", id=mid).code == "unknown-mapper"
     assert error(state, "evict_mapper", id="1").code == "bad-request"

@@ -99,8 +99,9 @@ def test_clients_find_a_daemon_started_from_a_config_file(dirs: list[Path]) -> N
 
 
 def test_a_bad_config_file_is_a_clean_error_for_clients(tmp_path: Path) -> None:
+    # a usage mistake (status 2), as `--config` naming a directory is
     result = run_cli("regions", "--config", str(tmp_path / "missing.toml"))
-    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"config {tmp_path / 'missing.toml'}: cannot read" in result.stderr
 
 
@@ -128,6 +129,6 @@ def test_bad_access_ids_are_refused_in_the_file_and_the_api(tmp_path: Path) -> N
     config = tmp_path / "c.toml"
     config.write_text("allow_gids = [-7]\n")
     result = run_cli("manager", "run", "--config", str(config), "--runtime-dir", str(tmp_path))
-    assert result.returncode == 1 and "-7 is not a uid/gid" in result.stderr
+    assert result.returncode == 2 and "-7 is not a uid/gid" in result.stderr
     with pytest.raises(ValueError, match="99999999999 is not a uid/gid"):
         ManagerConfig(allow_uids=frozenset({99999999999}))

@@ -1,8 +1,9 @@
 """The `membacking` command line: run the manager, attach mappers, inspect and change the daemon.
 
-Exit status follows click's convention: 2 for a usage mistake (unknown option, missing or bad
-value: bad size, name, choice, range, missing file), 1 for everything the daemon or the system
-refuses (no daemon, unknown region, overlap); either way one line on stderr, never a traceback.
+Exit status: 2 for a mistake in what was given, found before the daemon is asked (an unknown
+option, a malformed or out-of-range value, a size or address that is not a page multiple, a bad
+or missing `--config` file), 1 for what the daemon or the system refuses (no daemon, unknown
+region, overlap); either way one line on stderr, never a traceback. docs/CLI.md states the rule.
 Each group of commands lives in its own module.
 """
 

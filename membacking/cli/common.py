@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,38 +18,119 @@ import click
 from .. import units
 from ..control_client import ControlClient
 from ..errors import MembackingError
+from ..manager.config import ConfigError
 from ..runtime import CONFIG_ENV_VAR, choose_runtime_dir
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Group(click.Group):
-    """A group that turns membacking's operator-facing errors into one clean line."""
+    """A group that turns membacking's operator-facing errors into one clean line: a mistake
+    in the configuration file named on the command line is a usage mistake (status 2), like
+    the same mistake typed as an option; anything else refused is status 1."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except ConfigError as exc:
+            raise UsageMistake(str(exc)) from None
         except MembackingError as exc:
             raise click.ClickException(str(exc)) from None
+
+
+class UsageMistake(click.ClickException):
+    """A mistake in what the operator gave (a value, a configuration file): one line, status 2."""
+
+    exit_code = 2
 
 
 class _Size(click.ParamType[int]):
     name = "size"
 
-    def __init__(self, what: str = "size") -> None:
+    def __init__(self, what: str = "size", page: bool = False, nonzero: bool = False) -> None:
         self.what = what
+        self.page = page
+        self.nonzero = nonzero
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
         try:
-            return units.parse_size(str(value), self.what)
+            number = value if isinstance(value, int) else units.parse_size(str(value), self.what)
+            if self.page:
+                units.check_pages(number, self.what, self.nonzero)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
+        return number
 
 
 SIZE = _Size()
 ADDRESS = _Size("address")
+#: a region's size or a change's size: a non-zero multiple of the page
+PAGE_SIZE = _Size("size", page=True, nonzero=True)
+#: a region's guest address or an offset in it: a multiple of the page
+PAGE_ADDRESS = _Size("address", page=True)
+PAGE_OFFSET = _Size("offset", page=True)
+FILE_OFFSET = _Size("file offset", page=True)
+
+
+def _expected(noun: str, low: float | None, high: float | None) -> str:
+    """`a whole number from 0 to 255`, `a number of at least 0.1`: what a bounded option takes."""
+    if low is not None and high is not None:
+        return f"{noun} from {low:g} to {high:g}"
+    if low is not None:
+        return f"{noun} of at least {low:g}"
+    return f"{noun} of at most {high:g}" if high is not None else noun
+
+
+class Whole(click.IntRange):
+    """A whole number in a range whose errors say what it is and what is expected:
+    `mapper id must be a whole number of at least 1, got 'abc'`."""
+
+    def __init__(
+        self, what: str, metavar: str = "N", min: int | None = None, max: int | None = None
+    ) -> None:
+        super().__init__(min=min, max=max)
+        self.what, self.metavar = what, metavar
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context) -> str:
+        return self.metavar
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        try:
+            number: int = super().convert(value, param, ctx)
+        except click.BadParameter:
+            expected = _expected("a whole number", self.min, self.max)
+            self.fail(f"{self.what} must be {expected}, got {value!r}", param, ctx)
+        return number
+
+
+class Decimal(click.FloatRange):
+    """A finite number in a range whose errors say what it is and what is expected:
+    `seconds must be a number of at least 0.1, got 'abc'`."""
+
+    def __init__(
+        self, what: str, metavar: str, min: float | None = None, max: float | None = None
+    ) -> None:
+        super().__init__(min=min, max=max)
+        self.what, self.metavar = what, metavar
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context) -> str:
+        return self.metavar
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        try:
+            number: float = super().convert(value, param, ctx)
+            if not math.isfinite(number):
+                raise click.BadParameter("not finite")
+        except click.BadParameter:
+            expected = _expected("a number", self.min, self.max)
+            self.fail(f"{self.what} must be {expected}, got {value!r}", param, ctx)
+        return number
+
+
+#: seconds to wait for the manager (the same bound as the configuration's timeouts)
+SECONDS = Decimal("seconds", "SECONDS", min=0.1)
 
 
 def spec_callback(
@@ -114,12 +196,13 @@ def runtime_dir_option(fn: F) -> F:
     return runtime_dir_param(cast(F, decorated))
 
 
-def timeout_option(shown: str = "10, or 120 for changes") -> Callable[[F], F]:
+def timeout_option(shown: str = "10") -> Callable[[F], F]:
     """--timeout SECONDS: how long a client command waits for the manager (None: the
-    command's own default, described by `shown`)."""
+    command's own default, described by `shown`: 10 for a question, 120 for a change that may
+    wait on every mapper)."""
     return click.option(
         "--timeout",
-        type=click.FloatRange(min=0.1),
+        type=SECONDS,
         default=None,
         help=f"Seconds to wait for the manager's answer [default: {shown}].",
     )

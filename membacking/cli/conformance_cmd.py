@@ -8,12 +8,13 @@ import sys
 import click
 
 from ..conformance import CLAUSES, run
+from .common import Decimal
 
 
 @click.command("conformance", context_settings={"ignore_unknown_options": True})
 @click.option(
     "--timeout",
-    type=click.FloatRange(0.5, 120),
+    type=Decimal("seconds", "SECONDS", min=0.5, max=120),
     default=5.0,
     show_default=True,
     help="Seconds to wait for each answer of the mapper.",

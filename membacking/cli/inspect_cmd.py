@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 import psutil
@@ -71,12 +72,18 @@ def _ago(now: float, then: float) -> str:
     return f"{seconds / 3600:.0f}h ago"
 
 
+def _unmapping(p: dict[str, Any], shown: str) -> str:
+    """` (+N unmapping)` beside what a mapper holds while Unmaps to it await its answer."""
+    return f" (+{shown} unmapping)" if p.get("unmapping_ranges") else ""
+
+
 @click.command("mappers")
 @runtime_dir_option
 @timeout_option()
 @json_option
 def mappers_cmd(runtime_dir: Path, timeout: float | None, as_json: bool) -> None:
-    """List the attached mappers."""
+    """List the attached mappers (`+N unmapping`: ranges it was told to unmap and has not
+    yet acknowledged; a change such as `region remove` waits on them)."""
     mappers = control_client(runtime_dir, timeout).mappers()
     for p in mappers:
         p["process"], p["rss"] = _process(p["pid"])
@@ -109,8 +116,9 @@ def mappers_cmd(runtime_dir: Path, timeout: float | None, as_json: bool) -> None
                 p["process"] or "?",
                 "?" if p["rss"] is None else units.format_size(p["rss"]),
                 p["mode"],
-                str(p["ranges"]),
-                units.format_size(p["bytes"]),
+                str(p["ranges"]) + _unmapping(p, str(p.get("unmapping_ranges", 0))),
+                units.format_size(p["bytes"])
+                + _unmapping(p, units.format_size(p.get("unmapping_bytes", 0))),
                 str(p["fds"]),
                 _ago(now, p["connected_at"]),
                 _ago(now, p["last_seen"]),
@@ -118,6 +126,13 @@ def mappers_cmd(runtime_dir: Path, timeout: float | None, as_json: bool) -> None
             for p in mappers
         ],
     )
+    for p in mappers:  # why a change waits on a mapper
+        if p.get("unmapping_ranges"):
+            click.echo(
+                f"mapper {p['id']} ({p['name']}) has not yet acknowledged the unmapping of "
+                f"{units.plural(p['unmapping_ranges'], 'range')} "
+                f"({units.format_size(p['unmapping_bytes'])}): a change waits on it"
+            )
     for p in mappers:  # what a mapper lent to another process (a VM) and pinned
         if p.get("pin"):
             pin = p["pin"]

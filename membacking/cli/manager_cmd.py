@@ -13,11 +13,14 @@ import click
 from click.core import ParameterSource
 
 from .. import units
+from ..errors import MembackingError
 from ..manager.config import MIN_UNMAP_TIMEOUT
 from ..manager.state import Limits
 from .common import (
     SIZE,
+    Decimal,
     Group,
+    Whole,
     config_param,
     control_client,
     echo_json,
@@ -72,7 +75,7 @@ def manager() -> None:
 )
 @click.option(
     "--unmap-timeout",
-    type=click.FloatRange(min=MIN_UNMAP_TIMEOUT),
+    type=Decimal("seconds", "SECONDS", min=MIN_UNMAP_TIMEOUT),
     default=30.0,
     show_default=True,
     help="Seconds a mapper may take to acknowledge an Unmap before it is evicted.",
@@ -86,21 +89,21 @@ def manager() -> None:
 )
 @click.option(
     "--max-mappers",
-    type=click.IntRange(min=1),
+    type=Whole("limit", min=1),
     default=Limits.max_mappers,
     show_default=True,
     help="Refuse mappers beyond this many.",
 )
 @click.option(
     "--max-regions",
-    type=click.IntRange(min=1),
+    type=Whole("limit", min=1),
     default=Limits.max_regions,
     show_default=True,
     help="Refuse regions beyond this many.",
 )
 @click.option(
     "--max-fds-per-mapper",
-    type=click.IntRange(min=1),
+    type=Whole("limit", min=1),
     default=Limits.max_fds_per_mapper,
     show_default=True,
     help="Deny a mapper fds beyond this many.",
@@ -136,7 +139,7 @@ def manager() -> None:
 )
 @click.option(
     "--metrics-port",
-    type=click.IntRange(0, 65535),
+    type=Whole("TCP port", "PORT", min=0, max=65535),
     default=None,
     help="Serve Prometheus metrics on this port (0 picks a free one).",
 )
@@ -241,10 +244,28 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
         sys.stdout.flush()
 
     try:
-        daemon.run(on_ready=ready)
-    except Refused as exc:
-        raise click.ClickException(f"cannot create the initial regions: {exc}") from None
+        try:
+            daemon.run(on_ready=ready)
+        except Refused as exc:
+            raise click.ClickException(f"cannot create the initial regions: {exc}") from None
+        except MembackingError as exc:
+            raise click.ClickException(str(exc)) from None
+    except click.ClickException as exc:
+        if options["log_format"] != "json":
+            raise
+        # with JSON logs, the reason it stopped is one more JSON record on stderr
+        logging.getLogger("membacking.manager").error(
+            exc.format_message(), extra={"fatal": True, "exit_code": exc.exit_code}
+        )
+        raise _AlreadyLogged(exc.format_message()) from None
     logging.getLogger("membacking.manager").info("membacking manager stopped")
+
+
+class _AlreadyLogged(click.ClickException):
+    """A fatal error already written as a log record: nothing more to print (exit status 1)."""
+
+    def show(self, file: Any = None) -> None:
+        pass
 
 
 @manager.command("stop")

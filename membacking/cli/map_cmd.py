@@ -13,7 +13,14 @@ from typing import Any
 import click
 
 from .. import units
-from .common import control_client, echo_json, json_option, runtime_dir_option, timeout_option
+from .common import (
+    Whole,
+    control_client,
+    echo_json,
+    json_option,
+    runtime_dir_option,
+    timeout_option,
+)
 
 FULL, PART, NONE = "█", "▒", "·"
 MAX_MAPPER_COLUMNS = 8
@@ -181,14 +188,14 @@ def render_map(
 @json_option
 @click.option(
     "--rows",
-    type=click.IntRange(min=4),
+    type=Whole("rows", "ROWS", min=4),
     default=40,
     show_default=True,
     help="Group neighbouring regions beyond this many lines.",
 )
 @click.option(
     "--width",
-    type=click.IntRange(min=16, max=400),
+    type=Whole("width", "COLUMNS", min=16, max=400),
     default=64,
     show_default=True,
     help="Width of the address-space bar.",

@@ -17,6 +17,7 @@ from ..protocol.ranges import MemoryRange
 from .common import (
     PROGRESS_STEP,
     Group,
+    Whole,
     control_client,
     echo_json,
     json_option,
@@ -99,11 +100,12 @@ def mapper_attach(
 @mapper.command("evict")
 @runtime_dir_option
 @timeout_option()
-@click.argument("mapper_id", metavar="ID", type=click.IntRange(min=1))
+@click.argument("mapper_id", metavar="ID", type=Whole("mapper id", "ID", min=1))
 @json_option
 def mapper_evict(runtime_dir: Path, timeout: float | None, mapper_id: int, as_json: bool) -> None:
     """Cut mapper ID off (see `membacking mappers`): it is told it was evicted, and what it
-    held is released. Its mapped memory keeps working; new faults fail."""
+    held is released (counted in `stats` as evictions_by_operator). Its mapped memory keeps
+    working; new faults fail."""
     evicted = control_client(runtime_dir, timeout).evict_mapper(mapper_id)
     if as_json:
         echo_json(evicted)

@@ -15,10 +15,14 @@ from click.shell_completion import CompletionItem
 from .. import units
 from ..control_client import ControlClient
 from ..errors import MembackingError
+from ..manager.model import removal_summary
 from .common import (
-    ADDRESS,
-    SIZE,
+    FILE_OFFSET,
+    PAGE_ADDRESS,
+    PAGE_OFFSET,
+    PAGE_SIZE,
     Group,
+    Whole,
     client_runtime_dir,
     control_client,
     echo_json,
@@ -78,15 +82,15 @@ def _region_name(ctx: click.Context, param: click.Parameter, name: str) -> str:
 
 @region.command("add")
 @runtime_dir_option
-@timeout_option()
+@timeout_option("120")
 @json_option
 @click.argument("name", callback=_region_name)
-@click.argument("gpa", type=ADDRESS)
-@click.argument("size", type=SIZE)
+@click.argument("gpa", type=PAGE_ADDRESS)
+@click.argument("size", type=PAGE_SIZE)
 @click.option("--readonly", is_flag=True, help="Mappers may only read this region.")
 @click.option(
     "--priority",
-    type=click.IntRange(0, 255),
+    type=Whole("priority", min=0, max=255),
     default=0,
     show_default=True,
     help="Higher priorities hide lower ones nested inside them.",
@@ -117,7 +121,8 @@ def region_add(
     private: bool,
     disabled: bool,
 ) -> None:
-    """Add a region NAME of SIZE bytes at guest address GPA."""
+    """Add a region NAME of SIZE bytes at guest address GPA (both multiples of 4096; a
+    hugetlb region's, of the huge page size)."""
     r = control_client(runtime_dir, timeout).add_region(
         name,
         gpa,
@@ -137,28 +142,23 @@ def region_add(
 
 @region.command("remove")
 @runtime_dir_option
-@timeout_option()
+@timeout_option("120")
 @json_option
 @click.argument("name", callback=_region_name, shell_complete=complete_region_name)
 def region_remove(runtime_dir: Path, timeout: float | None, as_json: bool, name: str) -> None:
-    """Remove region NAME; returns once every mapper holding it has unmapped it."""
+    """Remove region NAME; returns once every mapper holding it has unmapped it or been
+    evicted (after --unmap-timeout), and says which."""
     client = control_client(runtime_dir, timeout)
     result = _wait_showing_holders(client, name, lambda: client.remove_region(name))
-    ids = result["unmapped_from"]
-    if not ids:
-        held = "no mapper held it"
-    else:
-        held = "unmapped from " + ("mapper " if len(ids) == 1 else "mappers ")
-        held += ", ".join(map(str, ids))
-    _done(result, f"removed region {result['name']} ({held})", as_json)
+    _done(result, f"removed region {result['name']} ({removal_summary(result)})", as_json)
 
 
 @region.command("enable")
 @runtime_dir_option
-@timeout_option()
+@timeout_option("120")
 @json_option
 @click.argument("name", callback=_region_name, shell_complete=complete_region_name)
-@click.argument("gpa", type=ADDRESS, required=False)
+@click.argument("gpa", type=PAGE_ADDRESS, required=False)
 def region_enable(
     runtime_dir: Path, timeout: float | None, as_json: bool, name: str, gpa: int | None
 ) -> None:
@@ -169,7 +169,7 @@ def region_enable(
 
 @region.command("disable")
 @runtime_dir_option
-@timeout_option()
+@timeout_option("120")
 @json_option
 @click.argument("name", callback=_region_name, shell_complete=complete_region_name)
 def region_disable(runtime_dir: Path, timeout: float | None, as_json: bool, name: str) -> None:
@@ -180,10 +180,10 @@ def region_disable(runtime_dir: Path, timeout: float | None, as_json: bool, name
 
 @region.command("move")
 @runtime_dir_option
-@timeout_option()
+@timeout_option("120")
 @json_option
 @click.argument("name", callback=_region_name, shell_complete=complete_region_name)
-@click.argument("gpa", type=ADDRESS)
+@click.argument("gpa", type=PAGE_ADDRESS)
 def region_move(
     runtime_dir: Path, timeout: float | None, as_json: bool, name: str, gpa: int
 ) -> None:
@@ -194,11 +194,11 @@ def region_move(
 
 @region.command("map")
 @runtime_dir_option
-@timeout_option()
+@timeout_option("120")
 @json_option
 @click.argument("name", callback=_region_name, shell_complete=complete_region_name)
-@click.argument("offset", type=ADDRESS)
-@click.argument("size", type=SIZE)
+@click.argument("offset", type=PAGE_OFFSET)
+@click.argument("size", type=PAGE_SIZE)
 @click.option(
     "--file",
     "path",
@@ -206,7 +206,12 @@ def region_move(
     default=None,
     help="Back the range with this file instead of new zeroed memory.",
 )
-@click.option("--file-offset", type=SIZE, default=0, help="Where in the file the range starts.")
+@click.option(
+    "--file-offset",
+    type=FILE_OFFSET,
+    default=0,
+    help="Where in the file the range starts (a multiple of 4096).",
+)
 @click.option("--readonly", is_flag=True, help="Map the new backing read-only.")
 def region_map(
     runtime_dir: Path,
@@ -225,18 +230,19 @@ def region_map(
     )
     _done(
         r,
-        f"mapped {units.format_size(size)} at offset {offset:#x} of region {_describe(r)}",
+        f"mapped {units.format_size(size)} at offset {units.format_address(offset)} "
+        f"of region {_describe(r)}",
         as_json,
     )
 
 
 @region.command("unmap")
 @runtime_dir_option
-@timeout_option()
+@timeout_option("120")
 @json_option
 @click.argument("name", callback=_region_name, shell_complete=complete_region_name)
-@click.argument("offset", type=ADDRESS)
-@click.argument("size", type=SIZE)
+@click.argument("offset", type=PAGE_OFFSET)
+@click.argument("size", type=PAGE_SIZE)
 def region_unmap(
     runtime_dir: Path, timeout: float | None, as_json: bool, name: str, offset: int, size: int
 ) -> None:
@@ -244,7 +250,8 @@ def region_unmap(
     r = control_client(runtime_dir, timeout).unmap_range(name, offset, size)
     _done(
         r,
-        f"unmapped {units.format_size(size)} at offset {offset:#x} of region {_describe(r)}",
+        f"unmapped {units.format_size(size)} at offset {units.format_address(offset)} "
+        f"of region {_describe(r)}",
         as_json,
     )
 

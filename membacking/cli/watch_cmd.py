@@ -11,7 +11,7 @@ import click
 
 from .. import units
 from ..errors import MembackingError
-from .common import control_client, json_option, runtime_dir_option, timeout_option
+from .common import Decimal, Whole, control_client, json_option, runtime_dir_option, timeout_option
 
 _CLEAR = "\x1b[H\x1b[2J"
 _RATES = ("faults", "maps_sent", "unmaps_sent", "fds_sent", "removals")
@@ -65,14 +65,14 @@ def render_watch(
 @timeout_option("twice --interval, at least 2")
 @click.option(
     "--interval",
-    type=click.FloatRange(min=0.05),
+    type=Decimal("seconds", "SECONDS", min=0.05),
     default=1.0,
     show_default=True,
     help="Seconds between refreshes.",
 )
 @click.option(
     "--count",
-    type=click.IntRange(min=1),
+    type=Whole("count", min=1),
     default=None,
     help="Stop after this many refreshes (default: until Ctrl-C).",
 )
@@ -103,4 +103,6 @@ def watch_cmd(
     except KeyboardInterrupt:
         pass
     except MembackingError as exc:
+        if not shown:  # it never started: the reason alone, as every other command says it
+            raise
         raise click.ClickException(f"stopped watching: {exc}") from None

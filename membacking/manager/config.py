@@ -6,6 +6,7 @@ the key and the reason. Options given on the command line override the file.
 
 from __future__ import annotations
 
+import math
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ _LOG_FORMATS = ("text", "json")
 
 def _positive_int(key: str, value: Any, minimum: int = 1) -> int:
     if type(value) is not int or value < minimum:
-        raise ValueError(f"must be an integer >= {minimum}, got {value!r}")
+        raise ValueError(f"must be a whole number of at least {minimum}, got {value!r}")
     return value
 
 
@@ -50,16 +51,16 @@ def _choice(options: tuple[str, ...]) -> Any:
     return check
 
 
-def _number(key: str, value: Any) -> float:
-    if type(value) not in (int, float) or value <= 0:
-        raise ValueError(f"must be a positive number, got {value!r}")
-    return float(value)
+def _at_least(low: float) -> Any:
+    """A number of at least `low`: one message whatever is wrong with it (as the same option
+    says on the command line)."""
 
+    def check(key: str, value: Any) -> float:
+        if type(value) not in (int, float) or not math.isfinite(value) or value < low:
+            raise ValueError(f"must be a number of at least {low:g}, got {value!r}")
+        return float(value)
 
-def _at_least(low: float, value: float) -> float:
-    if value < low:
-        raise ValueError(f"must be at least {low:g}, got {value:g}")
-    return value
+    return check
 
 
 def _flag(key: str, value: Any) -> bool:
@@ -101,7 +102,7 @@ def _port(key: str, value: Any) -> int:
 _TOP: dict[str, Any] = {
     "runtime_dir": lambda k, v: Path(_string(k, v)),
     "address_space": lambda k, v: units.check_address_space(_size(k, v)),
-    "unmap_timeout": lambda k, v: _at_least(MIN_UNMAP_TIMEOUT, _number(k, v)),
+    "unmap_timeout": _at_least(MIN_UNMAP_TIMEOUT),
     "evict_kill": _flag,
     "log_level": _choice(_LOG_LEVELS),
     "log_format": _choice(_LOG_FORMATS),
@@ -147,12 +148,10 @@ def _region(index: int, table: Any) -> dict[str, Any]:
             value = _size(key, table[key])
         except ValueError as exc:
             raise ConfigError(f"key '{where}.{key}': {exc}") from None
-        if value % 4096 or (key == "size" and value == 0):
-            raise ConfigError(
-                f"key '{where}.{key}': {value:#x} must be a non-zero multiple of 4096"
-                if key == "size"
-                else f"key '{where}.{key}': {value:#x} must be a multiple of 4096"
-            )
+        try:
+            units.check_pages(value, key, nonzero=key == "size")
+        except ValueError as exc:
+            raise ConfigError(f"key '{where}.{key}': {exc}") from None
         values.append(value)
     out: dict[str, Any] = {"name": name, "gpa": values[0], "size": values[1]}
     for flag in ("readonly", "hugetlb", "private", "disabled"):

@@ -108,6 +108,9 @@ def _mapper_info(entry: MapperEntry, pins: Pins) -> dict[str, Any]:
         "bytes": entry.held.bytes,
         "held": [[r.start, r.end - r.start] for r in listed],
         "fds": len(entry.fds_sent),
+        # what Unmaps still awaiting its answer take away (a removal waits on these)
+        "unmapping_ranges": sum(n for n, _ in entry.unmapping.values()),
+        "unmapping_bytes": sum(b for _, b in entry.unmapping.values()),
         "pin": pin.describe() if (pin := pins.of(entry.id)) else None,
         "connected_at": entry.connected_at,
         "last_seen": entry.last_seen,
@@ -209,7 +212,8 @@ def _evict_mapper(state: ManagerState, identity: bytes, args: dict[str, Any]) ->
     reason = f"{m.SHUTDOWN_EVICTED}: an operator ran `membacking mapper evict`"
     effects = state.farewell(entry.id, reason)
     effects.append(Disconnect(entry.id, reason))
-    effects.extend(state.mapper_gone(entry.id, "evicted by an operator"))
+    state.counters["evictions_by_operator"] += 1
+    effects.extend(state.mapper_gone(entry.id, "evicted by an operator", evicted="by an operator"))
     return effects + _reply(identity, info)
 
 

@@ -71,6 +71,7 @@ _COUNTERS = {
     "fds_sent": "File descriptors sent to mappers",
     "removals": "Region removals completed",
     "evictions": "Mappers evicted: an Unmap unacknowledged, or 8 invalid messages in a row",
+    "evictions_by_operator": "Mappers evicted by an operator (membacking mapper evict)",
     "rollbacks": "Changes rolled back because an eager mapper could not map them",
     "demotions": "Eager mappers made lazy because they could not map a change",
     "invalidations": "Changes that waited for their holders' Unmap acknowledgements",

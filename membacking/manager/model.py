@@ -9,6 +9,7 @@ import bisect
 from collections import Counter
 from collections.abc import Callable, ItemsView, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..protocol.messages import Channel, Error, FdDenied, FdGrant, Message
 from ..protocol.ranges import MemoryRange
@@ -248,6 +249,9 @@ class MapperEntry:
     held: Held = field(default_factory=Held)
     fds_sent: set[int] = field(default_factory=set)
     unacked: dict[int, float] = field(default_factory=dict)  # seq -> monotonic send time
+    #: seq -> (ranges, bytes) an Unmap sent and not yet acknowledged takes away: the table no
+    #: longer counts them as held, but the mapper may still map them until it answers
+    unmapping: dict[int, tuple[int, int]] = field(default_factory=dict)
     eager: bool = False
     upgrading: bool = False
     #: feature bits negotiated at Hello (None: a mapper of an earlier release offered none)
@@ -267,6 +271,8 @@ class Operation:
     reply_to: bytes | None = None
     waiting: set[tuple[int, int]] = field(default_factory=set)  # (mapper id, seq)
     unmapped_from: set[int] = field(default_factory=set)
+    #: mappers evicted while this change waited on them -> why (`after not answering for 5.0 s`)
+    evicted: dict[int, str] = field(default_factory=dict)
     destroy: set[int] = field(default_factory=set)  # mappables to destroy once complete
     failures: list[str] = field(default_factory=list)
     eager: dict[tuple[int, int], MemoryRange] = field(default_factory=dict)  # MapEager sent
@@ -275,3 +281,28 @@ class Operation:
     timed: bool = False
     #: builds the reply (and any follow-up effects) once nothing is pending
     on_done: Callable[[Operation], list[Effect]] | None = None
+
+
+def removal_result(name: str, op: Operation) -> dict[str, Any]:
+    """A removal's reply: the mappers that acknowledged their Unmap apart from those evicted
+    while it waited on them (`evicted_why`: mapper id as text -> how it was evicted)."""
+    result: dict[str, Any] = {"name": name, "unmapped_from": sorted(op.unmapped_from)}
+    if op.evicted:
+        result["evicted"] = sorted(op.evicted)
+        result["evicted_why"] = {str(i): why for i, why in sorted(op.evicted.items())}
+    return result
+
+
+def removal_summary(result: dict[str, Any]) -> str:
+    """What a removal did (from its reply), for the log and the command line: `unmapped from
+    mapper 1; mapper 2 evicted after not answering for 5.0 s`."""
+    ids = result["unmapped_from"]
+    parts = []
+    if ids:
+        mappers = "mapper " if len(ids) == 1 else "mappers "
+        parts.append("unmapped from " + mappers + ", ".join(map(str, ids)))
+    why = result.get("evicted_why", {})
+    parts += [
+        f"mapper {i} evicted {why.get(str(i), '')}".rstrip() for i in result.get("evicted", [])
+    ]
+    return "; ".join(parts) or "no mapper held it"

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..protocol import messages as m
 from ..protocol.messages import Channel, Message
+from ..units import format_duration
 from .errors import Refused
 from .model import (
     Disconnect,
@@ -91,8 +92,12 @@ class PeerState(TableState):
         bound = self._by_identity.get(identity)
         return bound[0] if bound else None
 
-    def mapper_gone(self, mapper_id: int, why: str = "disconnected") -> list[Effect]:
-        """A mapper detached, died or was evicted: forget it and unblock what waited on it."""
+    def mapper_gone(
+        self, mapper_id: int, why: str = "disconnected", evicted: str | None = None
+    ) -> list[Effect]:
+        """A mapper detached, died or was evicted (`evicted`: how, e.g. `by an operator`):
+        forget it and unblock what waited on it. A change that waited on an evicted mapper
+        reports it as evicted, not as unmapped."""
         entry = self.mappers.pop(mapper_id, None)
         if entry is None:
             return []
@@ -112,6 +117,9 @@ class PeerState(TableState):
             op = self._pending.pop((mapper_id, seq), None)
             if op is not None:
                 op.waiting.discard((mapper_id, seq))
+                if evicted is not None:
+                    op.unmapped_from.discard(mapper_id)
+                    op.evicted[mapper_id] = evicted
                 effects.extend(self._maybe_finish(op))
         return effects
 
@@ -229,7 +237,8 @@ class PeerState(TableState):
         now = self._monotonic()
         effects: list[Effect] = []
         for entry in list(self.mappers.values()):
-            if entry.unacked and now - min(entry.unacked.values()) > self.unmap_timeout:
+            waited = now - min(entry.unacked.values()) if entry.unacked else 0.0
+            if entry.unacked and waited > self.unmap_timeout:
                 log.error(
                     "mapper %d (%s, pid %d) did not answer within %.1fs: evicted",
                     entry.id,
@@ -241,7 +250,8 @@ class PeerState(TableState):
                 reason = f"{m.SHUTDOWN_EVICTED}: it did not answer within {self.unmap_timeout:g}s"
                 effects.extend(self.farewell(entry.id, reason))
                 effects.append(Disconnect(entry.id, reason, unresponsive=True))
-                effects.extend(self.mapper_gone(entry.id, "unresponsive"))
+                silent = f"after not answering for {format_duration(waited)}"
+                effects.extend(self.mapper_gone(entry.id, "unresponsive", evicted=silent))
         return effects
 
     def _upgrade(self, entry: MapperEntry) -> list[Effect]:

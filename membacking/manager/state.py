@@ -29,6 +29,8 @@ from .model import (
     Operation,
     Send,
     SendFd,
+    removal_result,
+    removal_summary,
 )
 from .peers import PeerState
 from .pins import Pins, guard
@@ -86,8 +88,10 @@ class ManagerState(PeerState):
         self, name: str, gpa: int, size: int, priority: int, align: int = PAGE_SIZE
     ) -> MemoryRange:
         if gpa < 0 or gpa % align:
-            what = str(align) if align == PAGE_SIZE else f"{align:#x} (the huge page size)"
-            raise Refused("bad-request", f"gpa {gpa:#x} must be a multiple of {what}")
+            what = f"{align} (a page)" if align == PAGE_SIZE else f"{align:#x} (the huge page size)"
+            raise Refused(
+                "bad-request", f"gpa {units.format_address(gpa)} must be a multiple of {what}"
+            )
         if gpa + size > self.address_space:
             raise Refused(
                 "out-of-range",
@@ -132,10 +136,7 @@ class ManagerState(PeerState):
             extra = " (it is being removed)" if self.regions[name].removing else ""
             raise Refused("exists", f"a region named {name!r} already exists{extra}")
         if size <= 0 or size % PAGE_SIZE:
-            raise Refused(
-                "bad-request",
-                f"size {size:#x} must be a positive multiple of {PAGE_SIZE} (size > 0)",
-            )
+            raise Refused("bad-request", units.page_error(size, "size", nonzero=True))
         if not 0 <= priority <= MAX_PRIORITY:
             raise Refused("bad-request", f"priority must be 0 to {MAX_PRIORITY}")
         if backing not in BACKINGS:
@@ -147,7 +148,7 @@ class ManagerState(PeerState):
             raise Refused(
                 "bad-request",
                 f"a hugetlb region's size must be a multiple of the {align >> 20} MiB huge page "
-                f"size; {size:#x} is not",
+                f"size; {units.format_address(size)} is not",
             )
         if gpa is not None:
             rng = self._check_placement(name, gpa, size, priority, align)
@@ -236,14 +237,11 @@ class ManagerState(PeerState):
             self.placed.discard(region)
             self.region_bytes -= region.size
             self.counters["removals"] += 1
-            log.info(
-                "region %s removed (unmapped from %s)",
-                region.name,
-                sorted(op.unmapped_from) or "no mapper",
-            )
+            result = removal_result(region.name, op)
+            log.info("region %s removed (%s)", region.name, removal_summary(result))
             if error is not None:
                 return self._reply_error(op, *error)
-            return self._reply(op, {"name": region.name, "unmapped_from": sorted(op.unmapped_from)})
+            return self._reply(op, result)
 
         op.on_done = done
         return effects + self._maybe_finish(op)
@@ -320,13 +318,12 @@ class ManagerState(PeerState):
         if offset < 0 or size <= 0 or (offset | size) % PAGE_SIZE or offset + size > region.size:
             raise Refused(
                 "bad-request",
-                f"offset {offset:#x} + size {size:#x} must be page-aligned and lie "
-                f"inside region {name!r} ({region.size:#x} bytes)",
+                f"offset {units.format_address(offset)} + size {units.format_address(size)} "
+                f"must be page-aligned and lie inside region {name!r} "
+                f"({units.format_size(region.size)})",
             )
         if replace is not None and (replace[2] < 0 or replace[2] % PAGE_SIZE):
-            raise Refused(
-                "bad-request", f"file offset {replace[2]:#x} must be a multiple of {PAGE_SIZE}"
-            )
+            raise Refused("bad-request", units.page_error(replace[2], "file offset"))
         self._check_huge_change(region, offset, size, replace)
         op = self.start_op(f"change {name}", reply_to)
         # only the pieces the change overlaps are looked at (found by bisection), and only the
@@ -430,6 +427,7 @@ class ManagerState(PeerState):
             "removals",
             "evictions",
             "evict_kills",
+            "evictions_by_operator",
             "rollbacks",
             "demotions",
             "invalidations",

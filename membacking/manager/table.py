@@ -196,6 +196,7 @@ class TableState:
             self.reject("unknown-seq", f"acknowledgement of unknown seq {seq}", entry.pid)
             return []
         entry.unacked.pop(seq, None)
+        entry.unmapping.pop(seq, None)
         op.waiting.discard((mapper_id, seq))
         if failure is not None:
             op.failures.append(f"mapper {mapper_id} ({entry.name}): {failure}")
@@ -261,6 +262,7 @@ class TableState:
             release = self._releasable(entry, op.destroy)
             seq = self._seq(entry, op)
             effects.append(self._to_mapper(entry, m.Unmap(seq, span, release)))
+            entry.unmapping[seq] = (len(held), sum(r.end - r.start for r in held))
             self.counters["unmaps_sent"] += 1
             op.unmapped_from.add(holder)
             cut.setdefault(holder, []).extend(held)

@@ -76,7 +76,7 @@ def _fault_once(mapper: VaMapper, gpa: int, end: int, write: bool) -> None:
             f"the manager did not answer a fault at GPA {gpa:#x} within {mapper.fault_timeout:g}s",
             gpa,
         )
-    missing = waiter.range.start
+    missing = max(gpa, waiter.range.start)  # the first address asked for, not its page
     if waiter.failure == NO_MAPPING:
         raise NoMappingError(f"no region backs GPA {missing:#x}", missing)
     if waiter.failure == READ_ONLY:

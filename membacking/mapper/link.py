@@ -17,7 +17,7 @@ import time
 import zmq
 
 from .. import units
-from ..errors import ManagerUnavailableError
+from ..errors import LEFT_OVER, NO_SOCKET, ManagerUnavailableError
 from ..protocol import messages as m
 from ..protocol.codec import decode, encode
 from ..protocol.errors import ProtocolError
@@ -109,8 +109,10 @@ class ManagerLink:
             sock.connect(os.fspath(self.paths.fd_socket))
         except OSError as exc:
             sock.close()
-            if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
-                raise self._unavailable(exc.strerror or "cannot connect") from None
+            if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):  # as the control client says
+                raise self._unavailable(
+                    NO_SOCKET if exc.errno == errno.ENOENT else LEFT_OVER
+                ) from None
             raise ManagerUnavailableError(
                 f"cannot connect to {self.paths.fd_socket}: {exc.strerror or exc}"
             ) from None
