@@ -118,3 +118,35 @@ def test_a_fresh_manager_is_not_pinned_by_a_vm_on_other_memory(
     assert entry is not None and entry.get("pin") is None
     second.client().remove_region("ram")  # not the VM's memory: not pinned
     assert vm.qmp.execute("query-status")["status"] == "running"
+
+
+def test_a_restarted_manager_keeps_the_pin_before_the_launcher_is_back(
+    start_manager: Start, start_vm: Any
+) -> None:
+    """The pin is journaled: the restarted manager refuses to remove the VM's region at once,
+    before the launcher registers again (here it is stopped), while QEMU runs."""
+    first = start_manager("--region", "ram=0:32M", "--region", "spare=1G:4M")
+    vm: Vm = start_vm(first, "held", "--region", "ram")
+    wait_for_pin(first, "held")
+    os.kill(vm.proc.pid, signal.SIGSTOP)  # the launcher: QEMU runs on
+    try:
+        first.stop(signal.SIGKILL)
+        second = start_manager(
+            "--region", "ram=0:32M", "--region", "spare=1G:4M", runtime_dir=first.runtime_dir
+        )
+        assert launcher_entry(second, "held") is None  # not registered again yet
+        with pytest.raises(ControlError) as refused:
+            second.client().remove_region("ram")
+        assert refused.value.code == "pinned"
+        assert f"VM 'held' (pid {vm.qemu_pid}, pinned before a restart)" in str(refused.value)
+        removed = run_cli("region", "remove", "ram", runtime_dir=second.runtime_dir)
+        assert removed.returncode == 1 and "lent to VM 'held'" in removed.stderr
+        second.client().remove_region("spare")  # not lent: free
+    finally:
+        os.kill(vm.proc.pid, signal.SIGCONT)
+    assert wait_for_pin(second, "held")["pin"]["pid"] == vm.qemu_pid  # its own pin again
+    with pytest.raises(ControlError):
+        second.client().disable_region("ram")
+    vm.qmp.execute("quit")
+    assert vm.wait()[0] == 0
+    second.client().remove_region("ram")
