@@ -34,6 +34,7 @@ def main() -> int:
             "tests/reliability",
             "tests/test_hostile_peers.py",
             "tests/test_peer_credentials.py",
+            "tests/test_qemu_restart.py",
         ],
         cwd=ROOT,
         env=env,

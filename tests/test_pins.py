@@ -1,13 +1,23 @@
 """Pins at the state-machine level: regions lent to a VM cannot be removed, disabled, moved,
-re-mapped or covered while the lending mapper is attached; everything is allowed once it is gone."""
+re-mapped or covered while the lending mapper is attached; everything is allowed once it is gone.
+Pins taken up from a journal hold while their process runs, until the lender pins again."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import struct
+import subprocess
+import zlib
 from typing import Any
 
+import msgpack
 import pytest
 from test_manager_state import MiB, RecordingStore, attach
 
+from membacking.manager import journal
+from membacking.manager.journal import PinRecord, Snapshot
+from membacking.manager.pins import Pin, Pins, process_start
 from membacking.manager.state import ManagerState
 from membacking.protocol import messages as m
 from membacking.protocol.messages import Channel
@@ -114,3 +124,78 @@ def test_bad_pin_requests_are_refused(state: ManagerState, args: dict[str, Any],
     reply = control(state, "pin_regions", **args)
     assert isinstance(reply, m.Error) and reply.code == code, reply
     assert state.pins.of(1) is None
+
+
+class Processes:
+    """Stand-in for /proc in pure-logic tests: pid -> start time of the running processes."""
+
+    def __init__(self, **running: int) -> None:
+        self.running = {int(k[1:]): v for k, v in running.items()}
+
+    def __call__(self, pid: int) -> int | None:
+        return self.running.get(pid)
+
+
+def journaled_pin(pid: int = 777, started: int = 5000, regions: str = "ram") -> Pin:
+    return Pin(3, "VM 'vm1'", pid, frozenset(regions.split(",")), started)
+
+
+def test_a_journaled_pin_holds_while_its_process_runs(state: ManagerState) -> None:
+    control(state, "add_region", name="ram", gpa=0, size=64 * MiB)
+    procs = Processes(p777=5000)
+    state.pins = Pins(procs)
+    # a process that ended, and a pid now used by another process, are not taken up
+    adopted = state.pins.adopt(
+        [journaled_pin(), journaled_pin(pid=778), journaled_pin(started=4000)]
+    )
+    assert adopted == [journaled_pin()]
+    reply = control(state, "remove_region", name="ram")
+    assert isinstance(reply, m.Error) and reply.code == "pinned", reply
+    assert "VM 'vm1' (pid 777, pinned before a restart)" in reply.message
+    assert state.pins.kept(state.mappers) == [journaled_pin()]  # journaled again
+    del procs.running[777]  # the VM exited
+    assert isinstance(control(state, "remove_region", name="ram"), m.ControlReply)
+    assert state.pins.kept(state.mappers) == []
+
+
+def test_the_lender_pinning_again_replaces_the_journaled_pin(state: ManagerState) -> None:
+    state.pins = Pins(Processes(p777=5000))
+    control(state, "add_region", name="ram", gpa=0, size=64 * MiB)
+    control(state, "add_region", name="other", gpa=128 * MiB, size=16 * MiB)
+    state.pins.adopt([journaled_pin(regions="ram,other")])
+    mid, _, _ = attach(state, "qemu-vm1")  # registered again: pins "ram" only, for pid 777
+    control(state, "pin_regions", mapper=mid, label="VM 'vm1'", pid=777, regions="ram")
+    assert isinstance(control(state, "remove_region", name="other"), m.ControlReply)
+    assert state.pins.kept(state.mappers) == [Pin(mid, "VM 'vm1'", 777, frozenset({"ram"}), 5000)]
+    state.mapper_gone(mid, "detached")  # the VM's launcher ended
+    assert isinstance(control(state, "remove_region", name="ram"), m.ControlReply)
+
+
+def test_pins_of_unknown_processes_are_not_journaled(state: ManagerState) -> None:
+    state.pins = Pins(Processes())  # pid 777 is not a process here
+    pinned_vm(state)
+    assert state.pins.kept(state.mappers) == []
+
+
+def test_process_start_names_one_process() -> None:
+    assert process_start(os.getpid()) == process_start(os.getpid()) is not None
+    child = subprocess.Popen(["sleep", "0"])
+    child.wait()
+    assert process_start(child.pid) is None
+
+
+def test_pins_round_trip_through_the_journal() -> None:
+    snapshot = Snapshot(
+        os.urandom(16), 0, "/run/x", 1 << 32, 1, 1, 4, (), (),
+        pins=(PinRecord(3, "VM 'vm1'", 777, 5000, ("hi", "ram")),),
+    )  # fmt: skip
+    assert journal.decode(journal.encode(snapshot)) == snapshot
+    bare = dataclasses.replace(snapshot, pins=())
+    body = msgpack.unpackb(journal.encode(bare)[struct.calcsize("<8sIII") :])
+    del body["pins"]  # a journal written before pins were kept
+    data = msgpack.packb(body)
+    old = struct.pack("<8sIII", journal.MAGIC, 1, len(data), zlib.crc32(data)) + data
+    assert journal.decode(old) == bare
+    broken = dataclasses.replace(snapshot, pins=(PinRecord(3, "x", -1, 5000, ()),))
+    with pytest.raises(journal.JournalError, match="pin pid"):
+        journal.decode(journal.encode(broken))

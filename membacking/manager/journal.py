@@ -69,6 +69,17 @@ class BackingRecord(NamedTuple):
     ino: int
 
 
+class PinRecord(NamedTuple):
+    """Regions lent to process `pid` (started at `started`, clock ticks after boot), `label`
+    for error messages; `mapper_id` of the manager that wrote the journal."""
+
+    mapper_id: int
+    label: str
+    pid: int
+    started: int
+    regions: tuple[str, ...]
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Everything a restarted manager needs to serve the same memory again."""
@@ -84,6 +95,8 @@ class Snapshot:
     regions: tuple[RegionRecord, ...]
     backings: tuple[BackingRecord, ...]
     counters: dict[str, int] = field(default_factory=dict)
+    #: pins of running VMs (an optional key: a journal without it has none)
+    pins: tuple[PinRecord, ...] = ()
 
 
 def encode(snapshot: Snapshot) -> bytes:
@@ -100,6 +113,7 @@ def encode(snapshot: Snapshot) -> bytes:
         # arrays in field order (named tuples pack as arrays)
         "regions": snapshot.regions,
         "backings": snapshot.backings,
+        "pins": snapshot.pins,
     }
     data: bytes = msgpack.packb(body, use_bin_type=True)
     return _HEADER.pack(MAGIC, FORMAT_VERSION, len(data), zlib.crc32(data)) + data
@@ -192,6 +206,8 @@ def _from_v1(doc: Any) -> Snapshot:
         )
     counters = doc["counters"]
     _check(type(counters) is dict, "counters")
+    pins = doc.get("pins", [])
+    _check(type(pins) is list, "pins")
     return Snapshot(
         state_id,
         _int(doc["uid"], "uid"),
@@ -203,6 +219,20 @@ def _from_v1(doc: Any) -> Snapshot:
         tuple(regions),
         tuple(backings),
         {_str(k, "counter"): _int(v, "counter") for k, v in counters.items()},
+        tuple(_pin(p) for p in pins),
+    )
+
+
+def _pin(item: Any) -> PinRecord:
+    _check(type(item) is list and len(item) == 5, "pin")
+    mapper_id, label, pid, started, regions = item
+    _check(type(regions) is list, "pin regions")
+    return PinRecord(
+        _int(mapper_id, "pin mapper"),
+        _str(label, "pin label"),
+        _int(pid, "pin pid"),
+        _int(started, "pin start time"),
+        tuple(_str(r, "pin region") for r in regions),
     )
 
 

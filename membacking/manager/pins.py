@@ -1,12 +1,14 @@
 """Pins: regions a mapper has lent to a third party (a running VM) that must stay as they are.
 
 A pin lives as long as the mapper that registered it; while it does, removing, disabling,
-moving, re-mapping or covering a pinned region is refused with the error code "pinned".
+moving, re-mapping or covering a pinned region is refused with the error code "pinned". Pins
+are journaled: a restarted manager keeps them while their process (pid and start time) runs,
+until the lending mapper registers again and pins anew.
 """
 
 from __future__ import annotations
 
-from collections.abc import Container, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -20,50 +22,90 @@ if TYPE_CHECKING:
 MAX_LABEL = 200
 
 
+def process_start(pid: int) -> int | None:
+    """When process `pid` started (clock ticks after boot, /proc/PID/stat field 22), None if
+    there is no such process here: with the pid it names one process, never a later one."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            fields = handle.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # fields[0] is field 3 (the state); a zombie has ended
+    return int(fields[19]) if len(fields) > 19 and fields[0] != b"Z" else None
+
+
 @dataclass(frozen=True)
 class Pin:
-    """Regions `regions` are lent by mapper `mapper_id` to `label` (e.g. a VM), process `pid`."""
+    """Regions `regions` are lent by mapper `mapper_id` to `label` (e.g. a VM), process `pid`
+    that started at `started` (None: unknown; such a pin is not kept across a restart)."""
 
     mapper_id: int
     label: str
     pid: int
     regions: frozenset[str]
+    started: int | None = None
 
     def describe(self) -> dict[str, Any]:
         return {"label": self.label, "pid": self.pid, "regions": sorted(self.regions)}
 
 
 class Pins:
-    """The pins of attached mappers; pins of mappers that are gone are dropped when next seen."""
+    """The pins of attached mappers; pins of mappers that are gone are dropped when next seen.
+    Pins adopted from a journal (their mapper belonged to the previous manager) live while their
+    process does, or until a mapper pins for the same process or label."""
 
-    def __init__(self) -> None:
+    def __init__(self, started: Callable[[int], int | None] = process_start) -> None:
         self._by_mapper: dict[int, Pin] = {}
+        self._adopted: list[Pin] = []
+        self._started = started
 
     def set(self, mapper_id: int, label: str, pid: int, regions: Iterable[str]) -> Pin:
         """Pin `regions` for `mapper_id` (replacing its earlier pin; no regions unpins)."""
         if not label or len(label) > MAX_LABEL or not label.isprintable():
             raise Refused("bad-request", f"a pin label must be 1 to {MAX_LABEL} printable chars")
-        pin = Pin(mapper_id, label, pid, frozenset(regions))
+        pin = Pin(mapper_id, label, pid, frozenset(regions), self._started(pid))
         if pin.regions:
             self._by_mapper[mapper_id] = pin
         else:
             self._by_mapper.pop(mapper_id, None)
+        # the lender registered again after a restart: its own pin replaces the adopted one
+        self._adopted = [p for p in self._adopted if p.pid != pid and p.label != label]
         return pin
 
     def of(self, mapper_id: int) -> Pin | None:
         return self._by_mapper.get(mapper_id)
 
+    def adopt(self, pins: Iterable[Pin]) -> list[Pin]:
+        """Take up the journaled pins whose process still runs; returns them."""
+        self._adopted += [p for p in pins if self._runs(p)]
+        return list(self._adopted)
+
+    def kept(self, live: Container[int]) -> list[Pin]:
+        """What a journal keeps: the pins whose process is known, of live mappers or adopted."""
+        pins = [p for i, p in self._by_mapper.items() if i in live] + self._adopted
+        return [p for p in pins if p.started is not None]
+
+    def _runs(self, pin: Pin) -> bool:
+        return pin.started is not None and self._started(pin.pid) == pin.started
+
     def holders(self, region: str, live: Container[int]) -> list[Pin]:
-        """The live pins on `region` (pins of mappers not in `live` are forgotten)."""
+        """The live pins on `region` (pins of mappers not in `live`, and adopted pins whose
+        process has ended, are forgotten)."""
         for gone in [i for i in self._by_mapper if i not in live]:
             del self._by_mapper[gone]
-        return [p for p in self._by_mapper.values() if region in p.regions]
+        self._adopted = [p for p in self._adopted if self._runs(p)]
+        pins = [*self._by_mapper.values(), *self._adopted]
+        return [p for p in pins if region in p.regions]
 
     def check(self, region: str, action: str, live: Container[int]) -> None:
         """Refuse `action` ("removed", "disabled", ...) on `region` while it is pinned."""
         pins = self.holders(region, live)
         if pins:
-            who = ", ".join(f"{p.label} (pid {p.pid}, mapper {p.mapper_id})" for p in pins)
+            who = ", ".join(
+                f"{p.label} (pid {p.pid}, "
+                + ("pinned before a restart)" if p in self._adopted else f"mapper {p.mapper_id})")
+                for p in pins
+            )
             raise Refused(
                 "pinned",
                 f"region {region!r} is lent to {who} and cannot be {action} while it runs; "

@@ -1,6 +1,6 @@
 """Between the live state machine and its journal: `capture` builds a `journal.Snapshot` from the
-parts (regions with their sub-mappings, backings, id counters, stats counters); `restore` builds
-them again in a fresh `ManagerState` and re-adopts the backings, then recomputes the table.
+parts (regions with their sub-mappings, backings, id counters, stats counters, pins); `restore`
+builds them again in a fresh `ManagerState` and re-adopts the backings, then recomputes the table.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from ..protocol.messages import PRIVATE_MAPPABLE
 from ..protocol.ranges import MemoryRange
 from .backing import MemfdStore
 from .errors import Refused
-from .journal import RegionRecord, Snapshot, SubMappingRecord
+from .journal import PinRecord, RegionRecord, Snapshot, SubMappingRecord
+from .pins import Pin
 from .regions import Pieces, Region, SubMapping
 from .state import ManagerState
 from .statedir import StateDirError
@@ -59,6 +60,11 @@ def capture(state: ManagerState, store: MemfdStore, state_id: bytes, runtime_dir
         regions=tuple(regions),
         backings=tuple(store.records(mappables)),
         counters={k: v for k, v in state.counters.items() if v},
+        pins=tuple(
+            PinRecord(p.mapper_id, p.label, p.pid, p.started, tuple(sorted(p.regions)))
+            for p in state.pins.kept(state.mappers)
+            if p.started is not None
+        ),
     )
 
 
@@ -126,6 +132,13 @@ def restore(snapshot: Snapshot, state: ManagerState, store: MemfdStore) -> list[
     state._next_order = max(snapshot.next_order, state._next_order)
     state._next_mapper_id = max(snapshot.next_mapper_id, state._next_mapper_id)
     state.counters.update(snapshot.counters)
+    # pins of VMs that still run: they hold the regions until their launcher pins anew
+    for pin in state.pins.adopt(
+        Pin(p.mapper_id, p.label, p.pid, frozenset(p.regions), p.started) for p in snapshot.pins
+    ):
+        log.info(
+            "kept the pin of %s (pid %d) on %s", pin.label, pin.pid, ", ".join(sorted(pin.regions))
+        )
     # no mapper is attached: this only recomputes which regions are active and the table
     op = state.start_op("restore", None)
     effects = state._reconcile([MemoryRange(0, state.address_space)], op)

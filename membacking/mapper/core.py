@@ -18,6 +18,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import zmq
 
@@ -61,6 +62,8 @@ class VaMapper:
         self.relinked = threading.Event()
         self.relinked.set()
         self.relink_reason = ""
+        #: called on the mapper thread each time it registered again: (kept, old mapper id)
+        self.relink_hooks: list[Callable[[bool, int], None]] = []
         self.link = link
         self.id = link.mapper_id
         self.address_space = link.address_space

@@ -99,6 +99,12 @@ class GuestMemory:
         MappingsDroppedError)."""
         return self._mapper.gone
 
+    def on_registered_again(self, hook: Callable[[bool, int], None]) -> None:
+        """Call `hook(kept, old_mapper_id)` each time this mapper registered again with a
+        restarted manager (`kept`: it serves the same memory). Runs on the mapper thread, so
+        it must return quickly; `mapper_id` is the new id by then."""
+        self._mapper.relink_hooks.append(hook)
+
     def make_eager(self, timeout: float = 30.0) -> None:
         """Upgrade this lazy mapper in place: the manager replays every mapping it lacks and
         pushes new ones from now on. On failure it stays lazy and keeps what it got."""

@@ -1,7 +1,8 @@
 """A mapper riding through a manager restart: when its connection is lost (or the manager said
 Shutdown "restarting"), it keeps every mapping, registers again with the manager that comes back
 on its runtime directory (with backoff, for at most its reconnect timeout), and tells it what it
-still holds (Holdings), which that manager checks against its table. Runs on the mapper thread.
+still holds (Holdings), which that manager checks against its table, then calls the hooks its
+owner set (e.g. to pin again what it lent). Runs on the mapper thread.
 """
 
 from __future__ import annotations
@@ -146,6 +147,12 @@ def relink(mapper: VaMapper) -> bool:
         mapper.eager = False
         mapper.post(m.SetEager())
     mapper.relinked.set()  # faults waiting for it go on
+    kept = old_state is not None and mapper.link.state_id == old_state
+    for hook in list(mapper.relink_hooks):
+        try:
+            hook(kept, old_id)
+        except Exception:  # a hook's bug must not stop the mapper thread
+            log.exception("mapper %d: a hook on registering again failed", mapper.id)
     return True
 
 

@@ -2,7 +2,8 @@
 
 The launcher attaches as mapper `qemu-<name>`, takes the regions' fds (`sharing()`), pins the
 regions it lends, starts QEMU with those fds inherited, forwards signals and exits with QEMU's
-status. QEMU is killed by the kernel if the launcher dies; the pins go when the mapper does.
+status. QEMU is killed by the kernel if the launcher dies; the pins go when the mapper does,
+and are set again when the mapper registers again with a manager restarted on the same memory.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ from typing import Any
 
 from ..control_client import ControlClient
 from ..ffi import die_with_parent
-from ..mapper import attach
+from ..mapper import GuestMemory, attach
 from ..runtime import MAX_SOCKET_PATH, RuntimePaths
 from ..units import format_size
 from . import layout
@@ -175,6 +177,9 @@ def run_vm(opts: VmOptions, announce: Callable[[str], None]) -> int:
                 pid=proc.pid,
                 regions=",".join(plan.regions),
             )
+        memory.on_registered_again(
+            _pin_again(opts.runtime_dir, memory, label, proc.pid, plan.regions, announce)
+        )
         lent = ", ".join(
             f"{d.name} ({format_size(d.size)} at {d.gpa:#x})" for d in (plan.ram, *plan.dimms)
         )
@@ -203,6 +208,50 @@ def run_vm(opts: VmOptions, announce: Callable[[str], None]) -> int:
         client.close()
         with contextlib.suppress(FileNotFoundError):
             monitor.unlink()
+
+
+def _pin_again(
+    runtime_dir: Path | None,
+    memory: GuestMemory,
+    label: str,
+    pid: int,
+    regions: list[str],
+    announce: Callable[[str], None],
+) -> Callable[[bool, int], None]:
+    """The hook run when the launcher's mapper registered again with a restarted manager: the
+    pins lived in the old manager's memory, so pin the lent regions again (from a thread of its
+    own: the hook runs on the mapper thread) if the new manager serves the same memory."""
+
+    def pin(old_id: int) -> None:
+        new_id, names = memory.mapper_id, ", ".join(regions)
+        client = ControlClient(runtime_dir)
+        try:
+            client.call(
+                "pin_regions", mapper=new_id, label=label, pid=pid, regions=",".join(regions)
+            )
+        except Exception as exc:  # the VM runs on; say what no longer guards its memory
+            announce(f"{label}: the manager restarted, but pinning {names} again failed: {exc}")
+            return
+        finally:
+            client.close()
+        announce(
+            f"{label}: the manager restarted; registered again as mapper {new_id} (was "
+            f"{old_id}), {names} pinned again"
+        )
+
+    def hook(kept: bool, old_id: int) -> None:
+        if kept:
+            threading.Thread(
+                target=pin, args=(old_id,), name="membacking-repin", daemon=True
+            ).start()
+        else:
+            announce(
+                f"{label} keeps running on memory the manager no longer serves (it started "
+                "without the old state and serves other memory): nothing guards the guest's "
+                "RAM now; stop the VM"
+            )
+
+    return hook
 
 
 def _monitor_up(path: Path, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> bool:
