@@ -173,6 +173,28 @@ def test_no_state_keeps_memfds_and_writes_nothing(start_manager: Start) -> None:
     assert any(t.startswith("/memfd:membacking:ram0") for t in targets), targets
 
 
+def test_no_state_warns_of_a_state_left_by_a_crash(start_manager: Start) -> None:
+    """--no-state cannot use a state a killed manager left, but says it is there (the guest
+    memory in it stays allocated), how big it is, and how to adopt or remove it."""
+    first = start_manager(*REGIONS)
+    with membacking.attach(first.runtime_dir) as memory:
+        memory.write_at(0, pattern(3, 2 * MiB))
+    first.stop(signal.SIGKILL)
+    sdir = state_dir(first)
+    second = start_manager(*REGIONS, "--no-state", runtime_dir=first.runtime_dir)
+    log = " ".join(second.log().split())
+    assert f"--no-state ignores the state left in {sdir}" in log, log
+    assert "2 memory files, 2 MiB in use (9 MiB of guest memory)" in log, log
+    assert "start without --no-state" in log and f"rm -r {sdir}" in log, log
+    assert second.stop() == 0
+    assert (sdir / "journal").exists()  # left alone
+    third = start_manager(*REGIONS, runtime_dir=first.runtime_dir)  # adopts it
+    assert "adopted=2" in third.ready_line
+    assert third.stop() == 0  # a clean stop ends the state
+    fourth = start_manager(*REGIONS, "--no-state", runtime_dir=first.runtime_dir)
+    assert "ignores the state" not in fourth.log()
+
+
 def test_custom_state_dir(start_manager: Start, tmp_path: Path) -> None:
     custom = Path("/dev/shm") / f"mb-test-{os.getpid()}-{tmp_path.name}"
     try:
