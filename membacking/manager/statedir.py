@@ -37,6 +37,13 @@ def default_state_dir(paths: RuntimePaths) -> Path:
     return DEFAULT_PARENT / f"membacking-{os.getuid()}-{digest}"
 
 
+def region_text(gpa: int | None, size: int, readonly: bool, backing: str, path: str | None) -> str:
+    """A region as a --region spec gives it: size, place, backing, file, read-only."""
+    where = "not placed" if gpa is None else f"at {gpa:#x}"
+    extra = (f" {path}" if path else "") + (", read-only" if readonly else "")
+    return f"{format_size(size)} ({size:#x} bytes) {where}, {backing}{extra}"
+
+
 def left_behind(paths: RuntimePaths) -> str | None:
     """What a manager run with --no-state should tell of the default state directory of its
     runtime directory if a manager left a state there (killed, or stopped with --keep-state):
