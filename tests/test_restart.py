@@ -49,6 +49,7 @@ def state_dir(manager: RunningManager) -> Path:
 def test_sigkill_and_restart_keep_every_region_and_byte(start_manager: Start) -> None:
     first = start_manager(*REGIONS)
     assert f"state-dir={state_dir(first)} adopted=0" in first.ready_line
+    assert {r["memory"] for r in first.client().regions()} == {"shm"}
     client = first.client()
     client.add_region("dev", 0x10000000, 2 * MiB, priority=1)
     client.add_region("hidden", 0x10000000, MiB)  # beneath dev: hidden
@@ -183,6 +184,8 @@ def test_no_state_keeps_memfds_and_writes_nothing(start_manager: Start) -> None:
     fds = os.listdir(f"/proc/{manager.pid}/fd")
     targets = {os.readlink(f"/proc/{manager.pid}/fd/{fd}") for fd in fds}
     assert any(t.startswith("/memfd:membacking:ram0") for t in targets), targets
+    listed = manager.cli("regions").stdout.splitlines()[1].split()
+    assert listed[0] == "ram0" and listed[7] == "memfd", listed  # BACKING: no state file
 
 
 def test_no_state_warns_of_a_state_left_by_a_crash(start_manager: Start) -> None:
