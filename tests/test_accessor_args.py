@@ -118,6 +118,11 @@ def test_buffers_bytes_and_flags(memory: GuestMemory) -> None:
         memory.fill_at(0, "a", 4)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"fill byte must be 0\.\.255"):
         memory.fill_at(0, 256, 4)
+    # the byte comes before the length (the CLI's `mem fill` has them the other way round):
+    # the error says which is which
+    with pytest.raises(ValueError, match=r"takes the fill byte 2nd, the length n 3rd"):
+        memory.fill_at(0x1000, 256, 4)
+    assert memory.read_at(0x1000, 4) == bytes(4)
     with pytest.raises(TypeError, match="write must be True or False"):
         memory.ensure_mapped(0, 4, write=1)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="write must be True or False"):
@@ -233,3 +238,63 @@ def test_a_read_into_across_a_hole_leaves_the_buffer_alone(memory: GuestMemory) 
     assert buf == b"\x55" * 32
     memory.read_into(end - 16, memoryview(buf)[:16])
     assert buf == b"\x33" * 16 + b"\x55" * 16
+
+
+def test_a_view_without_write_is_read_only_on_writable_memory(memory: GuestMemory) -> None:
+    """A device model asking for a view without `write` gets a read-only one, whatever the
+    memory is; `write=True` gives a writable view (and insists on writable memory)."""
+    with memory.view(REGION, 8) as view:
+        assert view.readonly
+        with pytest.raises(TypeError):
+            view[0] = 1
+        with pytest.raises(TypeError):
+            view[:4] = b"abcd"
+    assert memory.read_at(REGION, 8) == bytes(8)
+    with memory.view(REGION, 8, write=True) as view:
+        assert not view.readonly
+        view[:4] = b"abcd"
+    assert memory.read_at(REGION, 4) == b"abcd"
+
+
+def test_find_takes_bytes_like_patterns_only(memory: GuestMemory) -> None:
+    memory.write_at(REGION + 0x10, b"abc")
+    for pattern in ("abc", 3, None, ["a"]):
+        with pytest.raises(TypeError, match="the pattern to find must be bytes-like") as exc:
+            memory.find(pattern, REGION, 100)  # type: ignore[arg-type]
+        assert ("encode" in str(exc.value)) == isinstance(pattern, str)
+        with pytest.raises(TypeError, match="the pattern to find must be bytes-like"):
+            memory.find_all(pattern, REGION, 100)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="empty"):
+        memory.find_all(b"", REGION, 100)  # refused at once, not at the first next()
+    for pattern in (b"abc", bytearray(b"abc"), memoryview(b"xabc")[1:]):
+        assert memory.find(pattern, REGION, 100) == REGION + 0x10
+
+
+def test_bools_are_not_values_of_integer_formats(memory: GuestMemory) -> None:
+    """As fetch_add refuses True, so do write_plain and compare_exchange, on every path;
+    a '?' field still takes a bool."""
+    memory.write_at(0x2000, b"\x07" * 16)
+    for gpa in (0x2000, 0x2001):  # the one-store path and the copy path
+        for fmt, value in (
+            ("<Q", True),
+            ("<I", False),
+            (">I", True),
+            ("B", True),
+            ("<d", True),
+            ("<HH", (1, True)),
+            ("<II", (False, 2)),
+            ("<3H", (1, 2, True)),
+        ):
+            with pytest.raises(TypeError, match="a bool is not a number"):
+                memory.write_plain(gpa, fmt, value)
+        assert memory.read_at(0x2000, 16) == b"\x07" * 16
+    for expected, new in ((True, 1), (7, False)):
+        with pytest.raises(TypeError, match="a bool is not a number"):
+            memory.compare_exchange(0x2000, "<I", expected, new)
+    with pytest.raises(TypeError, match="integer to add"):
+        memory.fetch_add(0x2000, "<I", True)
+    assert memory.read_at(0x2000, 16) == b"\x07" * 16
+    memory.write_plain(0x2000, "?", True)
+    memory.write_plain(0x2002, "<?H", (False, 5))
+    assert memory.read_plain(0x2000, "?") is True
+    assert memory.read_plain(0x2002, "<?H") == (False, 5)

@@ -104,7 +104,7 @@ def test_regions_table_and_json(manager: RunningManager) -> None:
         "MiB",
         "rw",
         "0",
-        "memfd",
+        "shm",  # the memory is a file of the state directory
         "-",
         "active",
     ]
@@ -116,7 +116,7 @@ def test_regions_table_and_json(manager: RunningManager) -> None:
         "MiB",
         "ro",
         "0",
-        "memfd",
+        "shm",  # the memory is a file of the state directory
         "-",
         "active",
     ]
@@ -125,6 +125,9 @@ def test_regions_table_and_json(manager: RunningManager) -> None:
         ("ram0", 0, 64 << 20, True),
         ("rom", 0xFFF00000, 1 << 20, False),
     ]
+    # `backing` is the kind asked for (as --region and region add give it), `memory` where the
+    # memory lives: a file of the state directory
+    assert [(r["backing"], r["memory"]) for r in data] == [("memfd", "shm")] * 2
 
 
 def test_stats_and_mappers(manager: RunningManager) -> None:
@@ -140,7 +143,7 @@ def test_stats_and_mappers(manager: RunningManager) -> None:
 def test_region_add_and_remove(manager: RunningManager) -> None:
     added = manager.cli("region", "add", "dev0", "0x10000000", "2M", "--readonly")
     assert added.returncode == 0, added.stderr
-    assert "added region dev0 at 0x10000000-0x10200000 (2 MiB, ro, memfd, active)" in added.stdout
+    assert "added region dev0 at 0x10000000-0x10200000 (2 MiB, ro, shm, active)" in added.stdout
     names = [r["name"] for r in manager.client().regions()]
     assert names == ["ram0", "dev0", "rom"]
     removed = manager.cli("region", "remove", "dev0")

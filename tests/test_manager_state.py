@@ -18,6 +18,8 @@ MiB = 1 << 20
 class RecordingStore:
     """Backings as bookkeeping only: which mappable ids exist."""
 
+    ram_kind = "memfd"
+
     def __init__(self) -> None:
         self.live: dict[int, tuple[str, int, bool]] = {}
         self.destroyed: list[int] = []
@@ -439,6 +441,7 @@ def test_control_listing_and_unknown_op(state: ManagerState) -> None:
             "writable": False,
             "priority": 0,
             "backing": "memfd",
+            "memory": "memfd",
             "path": None,
             "enabled": True,
             "active": True,

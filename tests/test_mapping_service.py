@@ -188,9 +188,15 @@ def test_view_defers_the_unmap_ack_until_the_block_ends(manager: RunningManager)
             view[0]  # released at the end of the block
 
 
-def test_views_are_writable_unless_read_only(manager: RunningManager) -> None:
+def test_views_are_read_only_unless_asked_to_write(manager: RunningManager) -> None:
     with membacking.attach(manager.runtime_dir) as memory:
-        with memory.view(0x5000, 8) as view:
+        with memory.view(0x5000, 8) as view:  # writable memory, but no write asked for
+            assert view.readonly
+            with pytest.raises(TypeError):
+                view[:] = b"12345678"
+        assert memory.read_at(0x5000, 8) == bytes(8)
+        with memory.view(0x5000, 8, write=True) as view:
+            assert not view.readonly
             view[:] = b"12345678"
         assert memory.read_at(0x5000, 8) == b"12345678"
         with memory.view(0xFFF00000, 8) as rom:
@@ -253,8 +259,8 @@ def test_a_slice_that_outlives_its_view_keeps_the_memory_pinned(manager: Running
         assert not remover.is_alive() and result["name"] == "dev"
         with pytest.raises(NoMappingError):
             memory.read_at(0x10000000, 4)
-        with memory.view(0x1000, 64) as view:  # views that stay inside their block are let go
-            view[:2] = b"ok"
+        with memory.view(0x1000, 64, write=True) as view:  # views that stay in their block
+            view[:2] = b"ok"  # are let go
         assert memory.read_at(0x1000, 2) == b"ok"
         with memory.view(0x1000, 64) as view:
             past_detach = view[0:2]

@@ -165,6 +165,18 @@ def test_atomic_operations(manager: RunningManager) -> None:
             memory.compare_exchange(0x300, "<d", 1.0, 2.0)
         with pytest.raises(ValueError, match="does not fit"):
             memory.fetch_add(0x300, "<I", 1 << 32)
+        # a negative delta within the width's signed range subtracts (unsigned formats too)
+        memory.write_plain(0x318, "<I", 5)
+        assert memory.fetch_add(0x318, "<I", -1) == 5
+        assert memory.fetch_add(0x318, "<I", -(1 << 31)) == 4
+        assert memory.read_plain(0x318, "<I") == (4 - (1 << 31)) % (1 << 32)
+        assert memory.fetch_add(0x318, "<I", (1 << 32) - 1) == (4 - (1 << 31)) % (1 << 32)
+        for delta in (-(1 << 31) - 1, 1 << 32):
+            with pytest.raises(ValueError, match=r"takes -2\*\*31 to 2\*\*32-1"):
+                memory.fetch_add(0x318, "<I", delta)
+        with pytest.raises(ValueError, match=r"takes -2\*\*63 to 2\*\*64-1"):
+            memory.fetch_add(0x318, ">q", -(1 << 63) - 1)
+        assert memory.read_plain(0x318, "<I") == (3 - (1 << 31)) % (1 << 32)
         with pytest.raises(TypeError, match="integer to add"):
             memory.fetch_add(0x300, "<I", 1.0)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="cannot be stored"):

@@ -49,6 +49,7 @@ def state_dir(manager: RunningManager) -> Path:
 def test_sigkill_and_restart_keep_every_region_and_byte(start_manager: Start) -> None:
     first = start_manager(*REGIONS)
     assert f"state-dir={state_dir(first)} adopted=0" in first.ready_line
+    assert {r["memory"] for r in first.client().regions()} == {"shm"}
     client = first.client()
     client.add_region("dev", 0x10000000, 2 * MiB, priority=1)
     client.add_region("hidden", 0x10000000, MiB)  # beneath dev: hidden
@@ -134,8 +135,20 @@ def test_a_state_that_does_not_fit_is_refused_until_fresh(start_manager: Start) 
     assert refused.returncode == 1 and "Traceback" not in refused.stderr
     assert "address space" in refused.stderr and "--fresh" in refused.stderr
     other = run_manager(first.runtime_dir, "--region", "ram0=0:16M")
-    assert other.returncode == 1 and "differs from --region" in other.stderr
+    assert other.returncode == 1 and "Traceback" not in other.stderr
+    said = " ".join(other.stderr.split())
+    # what the state holds, what was asked, the ways out; and no "adopted" before the refusal
+    assert (
+        f"region 'ram0' in the state in {sdir} is 8 MiB (0x800000 bytes) at 0x0, memfd, but "
+        "--region/config asks for 16 MiB (0x1000000 bytes) at 0x0, memfd." in said
+    ), said
+    assert "Start without that region in --region/config to keep the state" in said, said
+    assert "or with --fresh to discard the state" in said, said
+    assert "adopted" not in other.stderr, other.stderr
     assert sorted(os.listdir(sdir / "mem")) == kept  # nothing changed by a refusal
+    adopting = start_manager(runtime_dir=first.runtime_dir)  # no --region: the state as it is
+    assert "adopted=2" in adopting.ready_line and "adopted the state in" in adopting.log()
+    adopting.stop(signal.SIGKILL)
 
     journal = sdir / "journal"
     data = bytearray(journal.read_bytes())
@@ -171,6 +184,30 @@ def test_no_state_keeps_memfds_and_writes_nothing(start_manager: Start) -> None:
     fds = os.listdir(f"/proc/{manager.pid}/fd")
     targets = {os.readlink(f"/proc/{manager.pid}/fd/{fd}") for fd in fds}
     assert any(t.startswith("/memfd:membacking:ram0") for t in targets), targets
+    listed = manager.cli("regions").stdout.splitlines()[1].split()
+    assert listed[0] == "ram0" and listed[7] == "memfd", listed  # BACKING: no state file
+
+
+def test_no_state_warns_of_a_state_left_by_a_crash(start_manager: Start) -> None:
+    """--no-state cannot use a state a killed manager left, but says it is there (the guest
+    memory in it stays allocated), how big it is, and how to adopt or remove it."""
+    first = start_manager(*REGIONS)
+    with membacking.attach(first.runtime_dir) as memory:
+        memory.write_at(0, pattern(3, 2 * MiB))
+    first.stop(signal.SIGKILL)
+    sdir = state_dir(first)
+    second = start_manager(*REGIONS, "--no-state", runtime_dir=first.runtime_dir)
+    log = " ".join(second.log().split())
+    assert f"--no-state ignores the state left in {sdir}" in log, log
+    assert "2 memory files, 2 MiB in use (9 MiB of guest memory)" in log, log
+    assert "start without --no-state" in log and f"rm -r {sdir}" in log, log
+    assert second.stop() == 0
+    assert (sdir / "journal").exists()  # left alone
+    third = start_manager(*REGIONS, runtime_dir=first.runtime_dir)  # adopts it
+    assert "adopted=2" in third.ready_line
+    assert third.stop() == 0  # a clean stop ends the state
+    fourth = start_manager(*REGIONS, "--no-state", runtime_dir=first.runtime_dir)
+    assert "ignores the state" not in fourth.log()
 
 
 def test_custom_state_dir(start_manager: Start, tmp_path: Path) -> None:

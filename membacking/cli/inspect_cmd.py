@@ -25,7 +25,9 @@ from .common import (
 @timeout_option()
 @json_option
 def regions_cmd(runtime_dir: Path, timeout: float | None, as_json: bool) -> None:
-    """List the regions of guest memory."""
+    """List the regions of guest memory. BACKING is where each region's memory lives: shm (a
+    file in the manager's state directory, which outlives it), memfd (without one: --no-state),
+    file, hugetlb or private."""
     regions = control_client(runtime_dir, timeout).regions()
     if as_json:
         echo_json(regions)
@@ -44,7 +46,7 @@ def regions_cmd(runtime_dir: Path, timeout: float | None, as_json: bool) -> None
                 units.format_size(r["size"]),
                 "rw" if r["writable"] else "ro",
                 str(r["priority"]),
-                r["backing"],
+                r.get("memory", r["backing"]),
                 ",".join(map(str, r["holders"])) or "-",
                 r["state"],
             ]

@@ -226,6 +226,13 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
     )
     if options["no_state"] and (options["keep_state"] or options["state_dir"] is not None):
         raise click.UsageError("--no-state cannot go with --state-dir or --keep-state")
+    if options["no_state"]:
+        from ..manager.statedir import left_behind
+        from ..runtime import RuntimePaths
+
+        warning = left_behind(RuntimePaths.resolve(options["runtime_dir"]))
+        if warning is not None:
+            logging.getLogger("membacking.manager").warning(warning)
     daemon = Daemon(config)
 
     def ready(d: Daemon) -> None:

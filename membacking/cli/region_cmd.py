@@ -41,7 +41,8 @@ def _describe(r: dict[str, Any]) -> str:
     where = f"{r['gpa']:#x}-{r['gpa'] + r['size']:#x}" if r["gpa"] is not None else "(no GPA)"
     mode = "rw" if r["writable"] else "ro"
     extra = f", priority {r['priority']}" if r["priority"] else ""
-    return f"{r['name']} at {where} ({units.format_size(r['size'])}, {mode}, {r['backing']}" + (
+    memory = r.get("memory", r["backing"])  # where it lives (a daemon before 'memory': the kind)
+    return f"{r['name']} at {where} ({units.format_size(r['size'])}, {mode}, {memory}" + (
         f"{extra}, {r['state']})"
     )
 

@@ -28,6 +28,10 @@ class BackingError(Refused):
 
 
 class BackingStore(Protocol):
+    #: what the default backing ("memfd") really is in this store: "shm" (a file in the state
+    #: directory) or "memfd"
+    ram_kind: str
+
     def create(
         self,
         mappable_id: int,
@@ -88,6 +92,7 @@ class MemfdStore:
 
     def __init__(self, state_dir: StateDir | None = None) -> None:
         self.state_dir = state_dir
+        self.ram_kind = "shm" if state_dir is not None else "memfd"
         self._backings: dict[int, _Backing] = {}
         #: descriptors at or above this number are refused (the daemon keeps headroom below its
         #: open-file limit for the sockets ZeroMQ accepts on its own); None: no ceiling

@@ -14,7 +14,7 @@ from .backing import MemfdStore
 from .journal import JournalError
 from .snapshot import capture, check_fits, restore
 from .state import ManagerState
-from .statedir import StateDir, StateDirError, default_state_dir
+from .statedir import StateDir, StateDirError, default_state_dir, region_text
 
 log = logging.getLogger("membacking.manager")
 
@@ -47,6 +47,7 @@ class Persistence:
         #: no state was there (or --fresh): a start that fails leaves nothing behind
         self.fresh = False
         self._rollbacks = 0
+        self._adopted_note: str | None = None
 
     def open(self, state: ManagerState, store: MemfdStore) -> None:
         """Claim the directory and adopt its state into the empty `state`/`store`, or start
@@ -87,12 +88,8 @@ class Persistence:
         orphans = self.dir.remove_orphans(keep)
         if orphans:
             log.info("removed %d memory files no journal named: %s", len(orphans), orphans)
-        log.info(
-            "adopted the state in %s: %d regions, %d backings",
-            self.dir.root,
-            len(snapshot.regions),
-            len(snapshot.backings),
-        )
+        # logged by the first save, once the initial regions were found to fit (has_region)
+        self._adopted_note = f"{len(snapshot.regions)} regions, {len(snapshot.backings)} backings"
 
     def has_region(
         self, state: ManagerState, name: str, want: tuple[int, int, bool, str, str | None]
@@ -105,11 +102,11 @@ class Persistence:
             return False
         have = (region.gpa, region.size, not region.writable, region.backing, region.path)
         if have != want:
-            where = "not placed" if region.gpa is None else f"at {region.gpa:#x}"
             raise StateDirError(
-                f"region {name!r} in the adopted state ({region.size:#x} bytes {where}, "
-                f"{region.backing}{', read-only' if not region.writable else ''}) differs from "
-                "--region/config; remove it first, or start with --fresh to discard the state"
+                f"region {name!r} in the state in {self.dir.root} is {region_text(*have)}, but "
+                f"--region/config asks for {region_text(*want)}. Start without that region in "
+                "--region/config to keep the state (the region comes back as it was), or with "
+                "--fresh to discard the state (its guest memory is lost)"
             )
         return True
 
@@ -117,6 +114,9 @@ class Persistence:
         """Journal the region table if it changed since the last save."""
         snapshot = capture(state, store, self.state_id, str(self.paths.root))
         self.dir.write(snapshot)
+        if self._adopted_note is not None:
+            log.info("adopted the state in %s: %s", self.dir.root, self._adopted_note)
+            self._adopted_note = None
 
     def save_logged(self, state: ManagerState, store: MemfdStore) -> bool:
         """`save`, logging a failure (the change stands; a crash now would lose it)."""

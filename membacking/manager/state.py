@@ -492,6 +492,9 @@ def region_info(
         "writable": region.writable,
         "priority": region.priority,
         "backing": region.backing,
+        # where the memory lives: a "memfd" region's is a file of the state directory ("shm")
+        # when there is one
+        "memory": state.store.ram_kind if region.backing == "memfd" else region.backing,
         "path": region.path,
         "enabled": region.enabled,
         "active": region.active,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..errors import MembackingError
 from ..runtime import RuntimePaths
+from ..units import format_size
 from . import journal
 from .journal import Snapshot
 
@@ -34,6 +35,35 @@ def default_state_dir(paths: RuntimePaths) -> Path:
     """/dev/shm/membacking-<uid>-<hash of the runtime directory>: one per runtime directory."""
     digest = hashlib.sha256(os.fsencode(paths.root)).hexdigest()[:16]
     return DEFAULT_PARENT / f"membacking-{os.getuid()}-{digest}"
+
+
+def region_text(gpa: int | None, size: int, readonly: bool, backing: str, path: str | None) -> str:
+    """A region as a --region spec gives it: size, place, backing, file, read-only."""
+    where = "not placed" if gpa is None else f"at {gpa:#x}"
+    extra = (f" {path}" if path else "") + (", read-only" if readonly else "")
+    return f"{format_size(size)} ({size:#x} bytes) {where}, {backing}{extra}"
+
+
+def left_behind(paths: RuntimePaths) -> str | None:
+    """What a manager run with --no-state should tell of the default state directory of its
+    runtime directory if a manager left a state there (killed, or stopped with --keep-state):
+    it ignores it, and the guest memory in it stays allocated until adopted or removed."""
+    root = default_state_dir(paths)
+    try:
+        files = [e.stat() for e in os.scandir(root / "mem") if e.is_file(follow_symlinks=False)]
+    except OSError:
+        files = []
+    if not files and not (root / "journal").exists():
+        return None
+    used = sum(f.st_blocks * 512 for f in files)
+    size = sum(f.st_size for f in files)
+    return (
+        f"--no-state ignores the state left in {root} by an earlier manager: "
+        f"{len(files)} memory files, {format_size(used)} in use ({format_size(size)} of guest "
+        "memory), which stay allocated until that directory is removed. To keep that memory, "
+        "start without --no-state (the state is adopted); if nothing needs it, remove it: "
+        f"rm -r {root}"
+    )
 
 
 class StateDir:

@@ -241,11 +241,14 @@ class GuestMemory:
         self._access(gpa, n, True, lambda: self._mv.__setitem__(slice(gpa, gpa + n), src))
 
     def fill_at(self, gpa: int, byte: int, n: int) -> None:
-        """Set `n` bytes at `gpa` to `byte` (0..255): all of them, or (on an error) none."""
-        if type(byte) is not int:
-            raise TypeError(f"fill byte must be an integer, got {byte!r}")
-        if not 0 <= byte <= 255:
-            raise ValueError(f"fill byte must be 0..255, got {byte!r}")
+        """Set `n` bytes at `gpa` to `byte` (0..255): all of them, or (on an error) none. The
+        byte comes BEFORE the length (the CLI's `mem fill GPA LENGTH BYTE` has them the other
+        way round)."""
+        if type(byte) is not int or not 0 <= byte <= 255:
+            raise (TypeError if type(byte) is not int else ValueError)(
+                f"fill byte must be {'an integer' if type(byte) is not int else '0..255'}, got "
+                f"{byte!r}: fill_at(gpa, byte, n) takes the fill byte 2nd, the length n 3rd"
+            )
         self._check(gpa, n)
         reservation = self._mapper.reservation
         self._access(gpa, n, True, lambda: reservation.fill(gpa, n, byte))
@@ -312,6 +315,8 @@ class GuestMemory:
             self._check(gpa, st.size)
         if view is not None and not gpa & mask:
             try:
+                if value.__class__ is bool:  # plain.pack says whether the format takes it
+                    raise TypeError
                 word = value if word_of is None else word_of(bytes_of(value))[0]
                 with self._lock:
                     hot = self._hot
@@ -324,7 +329,7 @@ class GuestMemory:
             return
         # not atomic: a copy of the packed bytes (not pack_into, which clears them first)
         try:
-            data = bytes_of(value)
+            data = bytes_of(value) if value.__class__ is not bool else pack(st, fmt, value)
         except (struct.error, TypeError):
             data = pack(st, fmt, value)  # a tuple for one field, or a value that does not fit
         with self._lock:
@@ -387,7 +392,8 @@ class GuestMemory:
     def fetch_add(self, gpa: int, fmt: str, delta: int) -> int:
         """Atomically add `delta` to the integer of format `fmt` (4 or 8 bytes, either byte
         order) at the aligned `gpa`, wrapping around like the hardware; returns the old value.
-        Raises as compare_exchange does (ValueError for a `delta` that does not fit the word)."""
+        `delta` may be -2**(bits-1) to 2**bits-1 (a negative one subtracts, for unsigned
+        formats too); ValueError outside that, otherwise raises as compare_exchange does."""
         spec = self._atomic(gpa, fmt)
         addend = add_delta(spec, delta)
         size = spec.mask + 1
@@ -422,24 +428,23 @@ class GuestMemory:
 
     @contextlib.contextmanager
     def view(self, gpa: int, n: int, write: bool = False) -> Iterator[memoryview]:
-        """A memoryview of guest memory valid until the block ends (read-only where the memory
-        is; `write=True` insists on writable memory). A slice kept past the block keeps the range
-        pinned (its Unmaps wait) until the slice is released. Raises as read_at does (with
-        `write`, as write_at does) before the block is entered."""
+        """A memoryview of guest memory valid until the block ends: read-only unless `write=True`,
+        which insists on writable memory and gives a writable view. A slice kept past the block
+        keeps the range pinned (its Unmaps wait) until the slice is released. Raises as read_at
+        does (with `write`, as write_at does) before the block is entered."""
         if type(write) is not bool:
             raise TypeError(f"write must be True or False, got {write!r}")
         self._check(gpa, n)
         mapper = self._mapper
         end = gpa + n
 
-        def pin() -> tuple[int, bool, ctypes.Array[ctypes.c_char]]:
-            pieces = mapper.chunks.overlapping(MemoryRange.bounding(gpa, end)) if n else []
-            writable = all(c.writable for _, c in pieces)
-            return mapper.pin(gpa, end, writable), writable, mapper.reservation.exporter(gpa, n)
+        def pin() -> tuple[int, ctypes.Array[ctypes.c_char]]:
+            # only a writable view needs a private copy if its range turns read-only (core.py)
+            return mapper.pin(gpa, end, write), mapper.reservation.exporter(gpa, n)
 
-        view_id, writable, exporter = self._access(gpa, n, write, pin)
+        view_id, exporter = self._access(gpa, n, write, pin)
         raw = memoryview(exporter).cast("B")
-        view = raw if writable else raw.toreadonly()
+        view = raw if write else raw.toreadonly()
         try:
             yield view
         finally:
@@ -452,8 +457,8 @@ class GuestMemory:
             mapper.unpin(view_id, exporter if escaped else None)
 
     def find(self, pattern: bytes, gpa: int, n: int) -> int | None:
-        """The GPA of the first occurrence of `pattern` in [gpa, gpa+n), or None (searched in
-        bounded steps: never a copy of the whole range)."""
+        """The GPA of the first occurrence of `pattern` (bytes-like; TypeError for a str: encode
+        it first) in [gpa, gpa+n), or None (searched in bounded steps: never a whole copy)."""
         return next(self.find_all(pattern, gpa, n), None)
 
     def find_all(
@@ -464,8 +469,9 @@ class GuestMemory:
         progress: Callable[[int], None] | None = None,
     ) -> Iterator[int]:
         """Every GPA in [gpa, gpa+n) where `pattern` starts, ascending (see search.py)."""
-        from .search import find_all
+        from .search import find_all, pattern_bytes
 
+        pattern = pattern_bytes(pattern)
         self._check(gpa, n)
         return find_all(self, pattern, gpa, n, progress=progress)
 

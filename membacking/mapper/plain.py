@@ -5,6 +5,7 @@ its accessors share.
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 import sys
@@ -90,10 +91,18 @@ def pack(st: struct.Struct, fmt: str, value: Any) -> bytes:
     kind for the format, ValueError if out of range or of the wrong number of fields."""
     values = value if isinstance(value, tuple) else (value,)
     try:
-        return st.pack(*values)
+        data = st.pack(*values)
     except struct.error as exc:
         kind = TypeError if any(s in str(exc) for s in _WRONG_KIND) else ValueError
         raise kind(f"{value!r} cannot be stored as {fmt!r}: {exc}") from None
+    if bool in map(type, values):  # a bool only for a '?' field (one that reads back a bool)
+        for given, read in zip(values, st.unpack(data), strict=True):
+            if type(given) is bool and type(read) is not bool:
+                raise TypeError(
+                    f"{value!r} cannot be stored as {fmt!r}: a bool is not a number "
+                    "(only a '?' field takes one)"
+                )
+    return data
 
 
 def unpacked(values: tuple[Any, ...]) -> Any:
@@ -116,7 +125,7 @@ def plain_format(fmt: Any, words: Callable[[str], memoryview]) -> PlainFormat:
     integer = match is not None
     swapped = match is not None and match.group(1) not in _NATIVE_ORDER
     single = len(st.unpack(bytes(size))) == 1
-    bytes_of = st.pack if single else lambda values: st.pack(*values)
+    bytes_of = st.pack if single else functools.partial(_pack_fields, st)
     if shift < 0:
         return PlainFormat(
             None, 0, 0, single, None, st.unpack, bytes_of, None, st, fmt, integer, swapped
@@ -154,6 +163,14 @@ def plain_format(fmt: Any, words: Callable[[str], memoryview]) -> PlainFormat:
     )
 
 
+def _pack_fields(st: struct.Struct, values: Any) -> bytes:
+    """The fast paths' packer of several fields: TypeError for a bool (they then call `pack`,
+    which says whether the format takes it)."""
+    if bool in map(type, values):
+        raise TypeError
+    return st.pack(*values)
+
+
 def swap_word(word: int, size: int) -> int:
     """`word` with its `size` bytes in the other order."""
     return int.from_bytes(word.to_bytes(size, "little"), "big")
@@ -161,12 +178,16 @@ def swap_word(word: int, size: int) -> int:
 
 def add_delta(fmt: PlainFormat, delta: Any) -> int:
     """`delta` as an unsigned addend of the format's width (adding wraps like the hardware);
-    TypeError if it is no integer, ValueError if it does not fit the width."""
+    TypeError if it is no integer (bools included), ValueError unless -2**(bits-1) <= delta <
+    2**bits: a delta in the signed range of the width subtracts, whatever the format's sign."""
     if type(delta) is not int:
         raise TypeError(f"fetch_add needs an integer to add, got {delta!r}")
     bits = 8 << fmt.shift
     if not -(1 << (bits - 1)) <= delta < 1 << bits:
-        raise ValueError(f"{delta} does not fit a {bits}-bit word")
+        raise ValueError(
+            f"{delta} does not fit a {bits}-bit word: fetch_add takes -2**{bits - 1} to "
+            f"2**{bits}-1 (a negative delta subtracts)"
+        )
     return delta & ((1 << bits) - 1)
 
 

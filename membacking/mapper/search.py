@@ -16,6 +16,22 @@ if TYPE_CHECKING:
 FIND_STEP = 4 << 20
 
 
+def pattern_bytes(pattern: object) -> bytes:
+    """`pattern` as bytes: it must be bytes-like and not empty (TypeError, ValueError). A str
+    is refused rather than encoded: text has no one byte form."""
+    try:
+        data = memoryview(pattern).tobytes()  # type: ignore[arg-type]
+    except TypeError:
+        hint = " (encode text first, e.g. 'abc'.encode())" if isinstance(pattern, str) else ""
+        raise TypeError(
+            f"the pattern to find must be bytes-like (bytes, bytearray, memoryview), got "
+            f"{type(pattern).__name__}{hint}"
+        ) from None
+    if not data:
+        raise ValueError("the pattern to find is empty")
+    return data
+
+
 def find_all(
     memory: GuestMemory,
     pattern: bytes,
@@ -27,9 +43,7 @@ def find_all(
 ) -> Iterator[int]:
     """The GPAs where `pattern` starts inside [gpa, gpa+n), ascending (overlapping matches
     included). `progress(k)` is called as each k bytes have been searched."""
-    pattern = bytes(pattern)
-    if not pattern:
-        raise ValueError("the pattern to find is empty")
+    pattern = pattern_bytes(pattern)
     if step < len(pattern):
         step = len(pattern)
     if type(gpa) is not int or type(n) is not int or gpa < 0 or n < 0:
