@@ -1,0 +1,232 @@
+"""Planned handover (`manager run --takeover`) with real processes: mappers writing and reading
+ride through it with no failed access and every byte kept; regions added and removed around
+it; refusals (versions, no state directory, nothing to take over); a handover asked for while a
+removal waits on a mapper's acknowledgement waits for it and loses nothing."""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import membacking
+from membacking.manager.statedir import default_state_dir
+from membacking.runtime import RuntimePaths
+
+from conftest import RunningManager, Worker, WorkerError, cli_env, run_cli, short_tmpdir
+
+MiB = 1 << 20
+Start = Callable[..., RunningManager]
+Spawn = Callable[..., Worker]
+REGIONS = ("--region", "ram0=0:8M", "--region", "dev=0x10000000:1M")
+PATTERN = Path(__file__).with_name("pattern_mapper.py")
+SLICE = 256 << 10
+
+
+class PatternMapper:
+    """tests/pattern_mapper.py: writes and verifies its slice, reads the others', in a loop."""
+
+    def __init__(self, runtime_dir: Path, index: int, count: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(PATTERN), str(runtime_dir), str(index), str(count), str(SLICE)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=cli_env(),
+        )
+
+    def started(self) -> None:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
+        assert ready and self.proc.stdout.readline().strip() == "ok started"
+
+    def finish(self) -> tuple[int, int, int]:
+        """Stop the loop: (rounds, failures, the byte its slice holds last)."""
+        out, err = self.proc.communicate(input="", timeout=30)
+        assert self.proc.returncode == 0, err
+        rounds, failures, value = (int(w) for w in out.split()[-3:])
+        assert failures == 0, err
+        return rounds, failures, value
+
+
+def python_cli(*args: str, patch: str) -> list[str]:
+    """`membacking ARGS` in a process whose module constants `patch` changes first (another
+    release, as far as the handover is concerned)."""
+    code = f"{patch}\nfrom membacking.cli import main\nsys.argv[0] = 'membacking'\nmain()"
+    return [sys.executable, "-c", f"import sys\n{code}", *args]
+
+
+def test_mappers_ride_through_a_handover_with_regions_added_and_removed(
+    start_manager: Start, spawn_worker: Spawn
+) -> None:
+    first = start_manager(*REGIONS)
+    mappers = [PatternMapper(first.runtime_dir, i, 3) for i in range(3)]
+    for mapper in mappers:
+        mapper.started()
+    worker = spawn_worker(first, "w")
+    client = first.client()
+    client.add_region("before", 0x20000000, MiB)
+    worker.ask("write 0x20000000 " + b"before".hex())
+    worker.ask("read 0x10000000 1")  # dev: held by the worker
+
+    second = start_manager(*REGIONS, "--takeover", runtime_dir=first.runtime_dir)
+    assert f"took-over-from={first.pid}" in second.ready_line, second.ready_line
+    assert "adopted=3" in second.ready_line
+    assert first.proc.wait(10) == 0
+    assert "handing over to pid" in first.log()
+
+    new = second.client()
+    deadline = time.monotonic() + 10
+    while len(new.mappers()) < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(new.mappers()) == 4  # every mapper registered again with the new daemon
+    # what was written before the handover is there; what the new daemon adds is served
+    assert worker.ask("read 0x20000000 6") == b"before".hex()
+    new.add_region("after", 0x30000000, MiB)
+    worker.ask("write 0x30000000 " + b"after".hex())
+    # the new daemon took over the worker's holdings: a removal unmaps from it
+    removed = new.remove_region("dev")
+    assert worker.mapper_id not in removed["unmapped_from"]  # it registered under a new id
+    assert len(removed["unmapped_from"]) == 1
+    with pytest.raises(WorkerError, match="NoMappingError"):
+        worker.ask("read 0x10000000 1")
+    new.remove_region("before")
+    with pytest.raises(WorkerError, match="NoMappingError"):
+        worker.ask("read 0x20000000 1")
+    time.sleep(0.3)  # the loops go on under the new daemon
+    results = [mapper.finish() for mapper in mappers]
+    with membacking.attach(second.runtime_dir) as memory:
+        for index, (rounds, _, value) in enumerate(results):
+            assert rounds > 1
+            assert memory.read_at(index * SLICE, SLICE) == bytes([value]) * SLICE
+        assert memory.read_at(0x30000000, 5) == b"after"
+
+
+def test_refusals_leave_the_running_manager_serving(start_manager: Start) -> None:
+    first = start_manager(*REGIONS)
+    with membacking.attach(first.runtime_dir) as memory:
+        memory.write_at(0, b"kept")
+    runtime = str(first.runtime_dir)
+    newer = python_cli(
+        "manager",
+        "run",
+        "--runtime-dir",
+        runtime,
+        "--takeover",
+        *REGIONS,
+        patch="import membacking.manager.handover as h; h.HANDOVER_VERSION = 2",
+    )
+    done = subprocess.run(newer, capture_output=True, text=True, env=cli_env(), timeout=60)
+    assert done.returncode == 1, done.stderr
+    assert "refuses to hand over" in done.stderr
+    assert "handover version 1, the new one 2" in done.stderr
+    assert "Traceback" not in done.stderr
+    journal = python_cli(
+        "manager",
+        "run",
+        "--runtime-dir",
+        runtime,
+        "--takeover",
+        *REGIONS,
+        patch="import membacking.manager.handover as h; h.FORMAT_VERSION = 0",
+    )
+    done = subprocess.run(journal, capture_output=True, text=True, env=cli_env(), timeout=60)
+    assert done.returncode == 1 and "reads up to version 0 only" in done.stderr, done.stderr
+    assert first.proc.poll() is None
+    assert first.client().stats()["regions"] == 2
+    with membacking.attach(first.runtime_dir) as memory:
+        assert memory.read_at(0, 4) == b"kept"
+
+    done = run_cli("manager", "run", "--takeover", "--fresh", runtime_dir=first.runtime_dir)
+    assert done.returncode == 2 and "cannot go with --no-state or --fresh" in done.stderr
+    empty = first.runtime_dir.with_name(first.runtime_dir.name + "-none")
+    done = run_cli("manager", "run", "--runtime-dir", str(empty), "--takeover")
+    assert done.returncode == 1 and "nothing to take over" in done.stderr, done.stderr
+    assert not empty.exists()  # nothing was claimed
+
+
+def test_an_older_manager_or_one_without_state_is_refused_clearly(start_manager: Start) -> None:
+    no_state = start_manager(*REGIONS, "--no-state")
+    done = run_cli("manager", "run", "--takeover", runtime_dir=no_state.runtime_dir)
+    assert done.returncode == 1 and "without a state directory" in done.stderr, done.stderr
+    assert no_state.proc.poll() is None
+
+    runtime = short_tmpdir()
+    older = subprocess.Popen(
+        python_cli(
+            "manager",
+            "run",
+            "--runtime-dir",
+            str(runtime),
+            *REGIONS,
+            patch="import membacking.manager.handover as h; h.OP = 'none'",
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=cli_env(),
+    )
+    try:
+        assert older.stdout is not None and b"ready" in older.stdout.readline()
+        done = run_cli("manager", "run", "--takeover", runtime_dir=runtime)
+        assert done.returncode == 1, done.stderr
+        assert "does not know how to hand over" in done.stderr
+        assert older.poll() is None
+    finally:
+        older.terminate()
+        older.wait(15)
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_a_handover_during_a_pending_removal_waits_and_loses_nothing(
+    start_manager: Start, spawn_worker: Spawn
+) -> None:
+    first = start_manager(*REGIONS)
+    first.client().add_region("dyn", 0x20000000, MiB)
+    worker = spawn_worker(first, "slow")
+    worker.ask("write 0x20000000 " + b"dyn".hex())
+    worker.ask("write 0x0 " + b"ram".hex())
+    os.kill(worker.pid, signal.SIGSTOP)  # it will not acknowledge the Unmap for a while
+    outcome: dict[str, Any] = {}
+
+    def remove() -> None:
+        outcome["removed"] = membacking.ControlClient(first.runtime_dir).remove_region("dyn")
+
+    def take_over() -> None:
+        outcome["second"] = start_manager(*REGIONS, "--takeover", runtime_dir=first.runtime_dir)
+
+    remover = threading.Thread(target=remove)
+    remover.start()
+    deadline = time.monotonic() + 10
+    while not first.client().status()["waiting_on"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert first.client().status()["waiting_on"]
+    taker = threading.Thread(target=take_over)
+    taker.start()
+    time.sleep(1.0)
+    # the running manager keeps serving; the removal still waits, the new one has not started
+    assert first.proc.poll() is None and taker.is_alive() and remover.is_alive()
+    assert first.client().stats()["regions"] == 3
+    os.kill(worker.pid, signal.SIGCONT)
+    remover.join(30)
+    taker.join(60)
+    assert outcome["removed"]["unmapped_from"] == [worker.mapper_id]  # done, by the old one
+    second = outcome["second"]
+    assert f"took-over-from={first.pid}" in second.ready_line
+    assert first.proc.wait(10) == 0
+    assert sorted(r["name"] for r in second.client().regions()) == ["dev", "ram0"]
+    files = os.listdir(default_state_dir(RuntimePaths.resolve(second.runtime_dir)) / "mem")
+    assert len(files) == 2  # dyn's memory file went with the removal
+    with pytest.raises(WorkerError, match="NoMappingError"):
+        worker.ask("read 0x20000000 1")
+    assert worker.ask("read 0x0 3") == b"ram".hex()
