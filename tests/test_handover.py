@@ -15,12 +15,15 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 import membacking
 from membacking.manager.statedir import default_state_dir
+from membacking.mapper import reconnect
+from membacking.mapper.waitlist import RELINK
 from membacking.runtime import RuntimePaths
 
 from conftest import RunningManager, Worker, WorkerError, cli_env, run_cli, short_tmpdir
@@ -230,3 +233,59 @@ def test_a_handover_during_a_pending_removal_waits_and_loses_nothing(
     with pytest.raises(WorkerError, match="NoMappingError"):
         worker.ask("read 0x20000000 1")
     assert worker.ask("read 0x0 3") == b"ram".hex()
+
+
+class _Stream:
+    def __init__(self) -> None:
+        self.polls = 0
+
+    def poll(self, timeout: int) -> int:
+        self.polls += 1
+        time.sleep(timeout / 1000)
+        return 0
+
+
+class _Waiters:
+    def __init__(self) -> None:
+        self.failed: list[str] = []
+
+    def fail_all(self, why: str) -> None:
+        self.failed.append(why)
+
+
+def _mapper_state(mapper_id: int) -> Any:
+    relinked = threading.Event()
+    relinked.set()
+    return SimpleNamespace(
+        id=mapper_id,
+        gone=None,
+        closed=False,
+        _stop=False,
+        reconnect_timeout=30.0,
+        relinked=relinked,
+        relink_reason="",
+        link=SimpleNamespace(stream=_Stream()),
+        waiters=_Waiters(),
+    )
+
+
+def test_a_restarting_shutdown_starts_the_relink_without_a_grace() -> None:
+    """The mapper thread handling Shutdown `restarting` does not wait for a Shutdown behind the
+    hang-up (it held every fault of a handover for SHUTDOWN_GRACE)."""
+    mapper = _mapper_state(1)
+    assert reconnect.start_relink(mapper, "handing over", announced=True)
+    assert mapper.link.stream.polls == 0
+    assert not mapper.relinked.is_set() and mapper.waiters.failed == [RELINK]
+    hung_up = _mapper_state(1)  # a hang-up noticed first still looks for the Shutdown
+    assert reconnect.start_relink(hung_up, "connection lost")
+    assert hung_up.link.stream.polls == 1
+
+
+def test_a_fault_that_failed_after_the_relink_does_not_wait(monkeypatch: Any) -> None:
+    """A fault whose send failed on the old connection after the mapper had already registered
+    again (its id changed) is asked again at once, not after RELINK_NOTICE."""
+    monkeypatch.setattr(reconnect, "RELINK_NOTICE", 30.0)
+    mapper = _mapper_state(2)
+    started = time.monotonic()
+    assert reconnect.relink_coming(mapper, sent_as=1)
+    assert time.monotonic() - started < 15.0  # it did not wait out the notice
