@@ -151,6 +151,15 @@ def test_refusals_leave_the_running_manager_serving(start_manager: Start) -> Non
     with membacking.attach(first.runtime_dir) as memory:
         assert memory.read_at(0, 4) == b"kept"
 
+    # a state the new one could not adopt is refused before the running one is asked
+    done = run_cli(
+        "manager", "run", "--takeover", "--address-space", "2T", runtime_dir=first.runtime_dir
+    )
+    assert done.returncode == 1 and "address space is 0x10000000000" in done.stderr, done.stderr
+    other = ("--region", "ram0=0:4M", "--region", "dev=0x10000000:1M")
+    done = run_cli("manager", "run", "--takeover", *other, runtime_dir=first.runtime_dir)
+    assert done.returncode == 1 and "region 'ram0'" in done.stderr, done.stderr
+    assert first.proc.poll() is None and "handing over" not in first.log()
     done = run_cli("manager", "run", "--takeover", "--fresh", runtime_dir=first.runtime_dir)
     assert done.returncode == 2 and "cannot go with --no-state or --fresh" in done.stderr
     empty = first.runtime_dir.with_name(first.runtime_dir.name + "-none")
@@ -162,7 +171,7 @@ def test_refusals_leave_the_running_manager_serving(start_manager: Start) -> Non
 def test_an_older_manager_or_one_without_state_is_refused_clearly(start_manager: Start) -> None:
     no_state = start_manager(*REGIONS, "--no-state")
     done = run_cli("manager", "run", "--takeover", runtime_dir=no_state.runtime_dir)
-    assert done.returncode == 1 and "without a state directory" in done.stderr, done.stderr
+    assert done.returncode == 1 and "runs with --no-state" in done.stderr, done.stderr
     assert no_state.proc.poll() is None
 
     runtime = short_tmpdir()

@@ -174,7 +174,7 @@ class Daemon(FdServer):
                 wanted,
             )
         if self.config.takeover:
-            self.handed_over = handover.take_over(self.paths)
+            self.handed_over = handover.take_over(self)
         self._lock.acquire()
         try:
             if self.persist is not None:

@@ -20,9 +20,10 @@ from ..protocol import messages as m
 from ..protocol.messages import Channel
 from ..runtime import RuntimePaths
 from .errors import Refused
-from .journal import FORMAT_VERSION
+from .journal import FORMAT_VERSION, JournalError
 from .model import Effect, Send
-from .snapshot import capture
+from .snapshot import capture, check_fits
+from .statedir import StateDirError
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -128,10 +129,42 @@ def _agree(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
 # ---- the new daemon's side -------------------------------------------------------------------
 
 
-def take_over(paths: RuntimePaths, timeout: float = 10.0) -> dict[str, Any]:
-    """Ask the daemon serving `paths` to hand over, and wait until it has released the runtime
-    directory. Returns its answer. HandoverError if it cannot (it keeps serving then)."""
+def precheck(daemon: Daemon) -> None:
+    """Refuse, before the running daemon is asked, a state this one could not adopt (another
+    address space, an initial region that differs): the running daemon would be gone and this
+    one refuse to start. HandoverError if so."""
+    persist = daemon.persist
+    if persist is None:
+        raise HandoverError("--takeover adopts the running manager's state: not with --no-state")
+    try:
+        snapshot = persist.dir.read()
+        if snapshot is None:
+            raise HandoverError(
+                f"nothing to take over: no state in {persist.dir.root} (the running manager "
+                "keeps none there: it runs with --no-state, or another --state-dir)"
+            )
+        check_fits(snapshot, str(daemon.paths.root), daemon.config.address_space)
+    except (JournalError, StateDirError) as exc:
+        raise HandoverError(f"cannot take over the state in {persist.dir.root}: {exc}") from None
+    have = {r.name: r for r in snapshot.regions}
+    for spec in daemon.config.regions:
+        rec = have.get(spec.name)
+        want = (spec.gpa, spec.size, spec.readonly, spec.backing, spec.file)
+        if rec is not None and (rec.gpa, rec.size, not rec.writable, rec.backing, rec.path) != want:
+            raise HandoverError(
+                f"region {spec.name!r} of the running manager differs from --region/config; "
+                "nothing was changed"
+            )
+
+
+def take_over(daemon: Daemon, timeout: float = 10.0) -> dict[str, Any]:
+    """Ask the daemon serving `daemon`'s runtime directory to hand over, and wait until it has
+    released it. Returns its answer. HandoverError if it cannot (it keeps serving then)."""
+    paths = daemon.paths
     client = ControlClient(paths.root, timeout=timeout)
+    if paths.manager_running() is False:
+        raise HandoverError(f"nothing to take over: no membacking manager at {paths.root}")
+    precheck(daemon)
     args = {"version": HANDOVER_VERSION, "journal": FORMAT_VERSION, "pid": os.getpid()}
     deadline = time.monotonic() + BUSY_WAIT
     try:
