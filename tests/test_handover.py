@@ -21,9 +21,13 @@ from typing import Any
 import pytest
 
 import membacking
+from membacking.manager.daemon import Daemon, ManagerConfig
+from membacking.manager.persist import PersistConfig
 from membacking.manager.statedir import default_state_dir
 from membacking.mapper import reconnect
 from membacking.mapper.waitlist import RELINK
+from membacking.protocol import messages as m
+from membacking.protocol.codec import encode
 from membacking.runtime import RuntimePaths
 
 from conftest import RunningManager, Worker, WorkerError, cli_env, run_cli, short_tmpdir
@@ -298,3 +302,23 @@ def test_a_fault_that_failed_after_the_relink_does_not_wait(monkeypatch: Any) ->
     started = time.monotonic()
     assert reconnect.relink_coming(mapper, sent_as=1)
     assert time.monotonic() - started < 15.0  # it did not wait out the notice
+
+
+def test_requests_read_after_the_daemon_agreed_to_stop_are_refused(tmp_path: Path) -> None:
+    """A request that arrives in the same batch as the handover it follows is refused with
+    `stopping`, not run by a daemon about to exit (a removal would be left half done)."""
+    runtime = short_tmpdir()
+    config = ManagerConfig(runtime_dir=runtime, persist=PersistConfig(state_dir=tmp_path / "s"))
+    daemon = Daemon(config)
+    daemon.start()
+    try:
+        add = m.ControlRequest("add_region", {"name": "a", "size": MiB, "gpa": 0})
+        daemon._on_control_frames([b"client", b"", encode(add)])
+        assert "a" in daemon.state.regions
+        daemon.stop("handing over to pid 1")
+        remove = m.ControlRequest("remove_region", {"name": "a"})
+        daemon._on_control_frames([b"client", b"", encode(remove)])
+        assert not daemon.state.regions["a"].removing
+    finally:
+        daemon._shutdown()
+        shutil.rmtree(runtime, ignore_errors=True)

@@ -528,8 +528,10 @@ class Daemon(FdServer):
             self.state.reject("wrong-instance", refusal.message)
             self._apply([Send(Channel.CONTROL, identity, refusal)])
             return
-        if isinstance(msg, m.ControlRequest) and msg.op == handover.OP:
-            self._apply(handover.answer(self, identity, msg.args))
+        if isinstance(msg, m.ControlRequest) and (
+            msg.op == handover.OP or self._stop_reason is not None
+        ):
+            self._apply(handover.answer(self, identity, msg))
             return
         try:
             effects = self.state.handle_control(identity, msg)

@@ -51,10 +51,18 @@ class HandoverError(MembackingError):
 # ---- the running daemon's side ---------------------------------------------------------------
 
 
-def answer(daemon: Daemon, identity: bytes, args: dict[str, Any]) -> list[Effect]:
+def answer(daemon: Daemon, identity: bytes, msg: m.ControlRequest) -> list[Effect]:
     """The `handover` operation: refuse (with a reason a new daemon can show) or agree, then
-    stop keeping the state (the reply leaves before the shutdown starts)."""
+    stop keeping the state (the reply leaves before the shutdown starts). Any request read
+    after the daemon agreed to stop (in the same batch) is refused, not half done."""
+    args = msg.args
     try:
+        if daemon._stop_reason is not None:
+            raise Refused(
+                "stopping",
+                f"this manager is stopping ({daemon._stop_reason}): nothing was done; ask "
+                "the manager that takes its place",
+            )
         result = _agree(daemon, args)
     except Refused as exc:
         log.warning("handover refused: %s", exc)
