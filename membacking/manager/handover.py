@@ -54,12 +54,13 @@ class HandoverError(MembackingError):
 def answer(daemon: Daemon, identity: bytes, msg: m.ControlRequest) -> list[Effect]:
     """The `handover` operation: refuse (with a reason a new daemon can show) or agree, then
     stop keeping the state (the reply leaves before the shutdown starts). Any request read
-    after the daemon agreed to stop (in the same batch) is refused, not half done."""
+    after the daemon agreed to stop (in the same batch) is refused (`shutting-down`), not half
+    done."""
     args = msg.args
     try:
         if daemon._stop_reason is not None:
             raise Refused(
-                "stopping",
+                "shutting-down",
                 f"this manager is stopping ({daemon._stop_reason}): nothing was done; ask "
                 "the manager that takes its place",
             )
