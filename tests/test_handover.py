@@ -322,3 +322,32 @@ def test_requests_read_after_the_daemon_agreed_to_stop_are_refused(tmp_path: Pat
     finally:
         daemon._shutdown()
         shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_a_waiting_mapper_tries_as_soon_as_a_new_daemon_binds(
+    start_manager: Start, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mapper between two registration tries does not sleep out its backoff once a new
+    daemon has bound its fd socket (here the backoff is 30 s: the read below would time out)."""
+    import conftest
+
+    script = tmp_path / "slow_backoff_worker.py"
+    script.write_text(
+        "import runpy, sys\n"
+        "import membacking.mapper.reconnect as r\n"
+        "r.BACKOFF_START = r.BACKOFF_MAX = 30.0\n"
+        f"sys.argv = [{str(conftest.WORKER)!r}, *sys.argv[1:]]\n"
+        f"runpy.run_path({str(conftest.WORKER)!r}, run_name='__main__')\n"
+    )
+    monkeypatch.setattr(conftest, "WORKER", script)
+    first = start_manager(*REGIONS)
+    worker = Worker(first.runtime_dir, "patient")
+    try:
+        worker.ask("write 0x0 " + b"kept".hex())
+        first.stop(signal.SIGKILL)
+        time.sleep(0.5)  # its first try failed: it pauses for 30 s
+        start_manager(*REGIONS, runtime_dir=first.runtime_dir)
+        assert worker.ask("read 0x10000000 1", timeout=15) == "00"  # a fault: served again
+        assert worker.ask("read 0x0 4") == b"kept".hex()
+    finally:
+        worker.close()
