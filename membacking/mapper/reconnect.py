@@ -116,13 +116,14 @@ def _await_hangup(mapper: VaMapper) -> None:
         poll.poll(OLD_CONNECTION_GRACE * 1000)
 
 
-def _socket_identity(mapper: VaMapper) -> tuple[int, int] | None:
-    """(device, inode) of the fd socket file on the runtime directory, None if there is none."""
+def _socket_identity(mapper: VaMapper) -> tuple[int, int, int] | None:
+    """(device, inode, change time) of the fd socket file on the runtime directory, None if
+    there is none. The time tells a new socket from an old one whose inode number it reused."""
     try:
         info = os.stat(mapper.link.paths.fd_socket)
     except OSError:
         return None
-    return info.st_dev, info.st_ino
+    return info.st_dev, info.st_ino, info.st_ctime_ns
 
 
 def relink(mapper: VaMapper) -> bool:
@@ -137,6 +138,7 @@ def relink(mapper: VaMapper) -> bool:
     started = time.monotonic()
     while not mapper._stop:
         try:
+            tried = _socket_identity(mapper)  # before the try: one bound during it counts
             mapper.link.reconnect()
             _restore(mapper, old_state, old_id)
             break
@@ -153,7 +155,6 @@ def relink(mapper: VaMapper) -> bool:
             )
             return False
         pause_end = time.monotonic() + min(delay, left)
-        tried = _socket_identity(mapper)
         while (rest := pause_end - time.monotonic()) > 0 and not mapper._stop:
             time.sleep(min(rest, SOCKET_WATCH))
             mapper.lease.end_turn(time.monotonic(), renew=mapper.dropped is None)
