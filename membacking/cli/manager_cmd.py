@@ -174,6 +174,13 @@ def manager() -> None:
     help="A clean stop (SIGTERM/SIGINT) keeps the state for the next start instead of "
     "ending guest memory.",
 )
+@click.option(
+    "--takeover",
+    is_flag=True,
+    help="Take over from the manager running on this runtime directory: it journals its "
+    "state and exits 0, this one adopts the state; mappers stay attached (see "
+    "docs/OPERATIONS.md).",
+)
 @config_param("TOML file with any of these settings; options given here override it.")
 @click.pass_context
 def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any) -> None:
@@ -223,7 +230,12 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
             fresh=options["fresh"],
             keep=options["keep_state"],
         ),
+        takeover=options["takeover"],
     )
+    if options["takeover"] and (options["no_state"] or options["fresh"]):
+        raise click.UsageError(
+            "--takeover adopts the running manager's state: it cannot go with --no-state or --fresh"
+        )
     if options["no_state"] and (options["keep_state"] or options["state_dir"] is not None):
         raise click.UsageError("--no-state cannot go with --state-dir or --keep-state")
     if options["no_state"]:
@@ -245,6 +257,8 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
         fields["state_dir"] = str(d.persist.dir.root) if d.persist is not None else None
         if d.persist is not None:
             fields["adopted"] = d.persist.adopted
+        if d.handed_over is not None:
+            fields["took_over_from"] = d.handed_over["pid"]
         if d.metrics_port is not None:
             fields["metrics"] = metrics_url(config.metrics_addr, d.metrics_port)
         click.echo(logs.ready_line(options["log_format"], fields))

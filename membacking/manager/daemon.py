@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import FrameType
+from typing import Any
 
 import psutil
 import zmq
@@ -27,7 +28,7 @@ from ..protocol.codec import MAX_MESSAGE_BYTES, decode, encode
 from ..protocol.errors import ProtocolError
 from ..protocol.messages import Channel
 from ..runtime import RuntimePaths
-from . import sdnotify
+from . import handover, sdnotify
 from .backing import MemfdStore
 from .control import STOPPING_OPS, addressed_elsewhere
 from .errors import Refused
@@ -104,6 +105,8 @@ class ManagerConfig:
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"
     persist: PersistConfig = field(default_factory=PersistConfig)
+    #: take over from the daemon serving the runtime directory (membacking.manager.handover)
+    takeover: bool = False
 
     def __post_init__(self) -> None:
         from .config import check_id
@@ -149,6 +152,8 @@ class Daemon(FdServer):
         self.metrics = ManagerMetrics(self.state)
         #: the port metrics are served on, once started (None: not served)
         self.metrics_port: int | None = None
+        #: with `takeover`: the answer of the daemon that handed over
+        self.handed_over: dict[str, Any] | None = None
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -168,6 +173,8 @@ class Daemon(FdServer):
                 limit,
                 wanted,
             )
+        if self.config.takeover:
+            self.handed_over = handover.take_over(self)
         self._lock.acquire()
         try:
             if self.persist is not None:
@@ -520,6 +527,11 @@ class Daemon(FdServer):
         if refusal:
             self.state.reject("wrong-instance", refusal.message)
             self._apply([Send(Channel.CONTROL, identity, refusal)])
+            return
+        if isinstance(msg, m.ControlRequest) and (
+            msg.op == handover.OP or self._stop_reason is not None
+        ):
+            self._apply(handover.answer(self, identity, msg))
             return
         try:
             effects = self.state.handle_control(identity, msg)

@@ -229,10 +229,11 @@ class VaMapper:
             fileno = self.link.fd_sock.fileno()
             self._poller.modify(fileno, _POLLERR | _POLLOUT if on else _POLLERR)
 
-    def manager_gone(self, reason: str, final: bool = False) -> None:
+    def manager_gone(self, reason: str, final: bool = False, announced: bool = False) -> None:
         """Mapped memory keeps working. Unless `final` (stopped for good, or evicted), faults
-        wait for the manager's successor (reconnect.py); else they fail with ManagerGoneError."""
-        if final or not reconnect.start_relink(self, reason):
+        wait for the manager's successor (reconnect.py); else they fail with ManagerGoneError.
+        `announced`: the manager's Shutdown said so (no other word of it is awaited)."""
+        if final or not reconnect.start_relink(self, reason, announced):
             self.gone_for_good(reason)
 
     def gone_for_good(self, reason: str) -> None:
@@ -320,7 +321,7 @@ class VaMapper:
             reason = describe_shutdown(msg.reason)
             if drops_mappings(msg):
                 self.drop_mappings(reason)
-            self.manager_gone(reason, final=msg.code != m.SHUTDOWN_RESTARTING)
+            self.manager_gone(reason, final=msg.code != m.SHUTDOWN_RESTARTING, announced=True)
         elif isinstance(msg, m.DetachAck):
             self._detach_acked.set()
         elif isinstance(msg, m.Error):

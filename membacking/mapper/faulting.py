@@ -57,6 +57,7 @@ def _fault_once(mapper: VaMapper, gpa: int, end: int, write: bool) -> None:
             f"no region backs GPA {gpa:#x} (an eager mapper has every mapping already)", gpa
         )
     rng = MemoryRange.bounding(gpa, min(end, mapper.address_space))
+    sent_as = mapper.id
     waiter = mapper.waiters.register(rng, write, bool(mapper.link.features & m.FEATURE_TAGS))
     if not waiter.done:
         try:
@@ -66,7 +67,7 @@ def _fault_once(mapper: VaMapper, gpa: int, end: int, write: bool) -> None:
             raise GuestMemoryError(f"cannot fault GPA {gpa:#x}: {exc}", gpa) from None
         except OSError as exc:
             mapper.waiters.discard(waiter)
-            if reconnect.relink_coming(mapper):
+            if reconnect.relink_coming(mapper, sent_as):
                 raise reconnect.Relink() from None
             why = exc.strerror or str(exc)
             raise ManagerGoneError(f"cannot reach the manager: {why}", gpa) from None

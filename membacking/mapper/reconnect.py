@@ -18,7 +18,6 @@ import zmq
 
 from ..errors import ManagerUnavailableError
 from ..protocol import messages as m
-from .lease import LEASE
 from .waitlist import RELINK
 
 if TYPE_CHECKING:
@@ -28,6 +27,8 @@ log = logging.getLogger("membacking.mapper")
 
 #: first and largest pause between two tries to register again
 BACKOFF_START, BACKOFF_MAX = 0.05, 1.0
+#: how often a pause between two tries looks for a new fd socket (a successor bound it)
+SOCKET_WATCH = 0.005
 #: how long a Shutdown may lag behind the hang-up of the fd socket
 SHUTDOWN_GRACE = 0.25
 #: how long a manager that said Shutdown "restarting" has to close the old connection
@@ -41,13 +42,15 @@ class Relink(Exception):
     """A fault's request went to a manager that is gone: ask its successor."""
 
 
-def start_relink(mapper: VaMapper, reason: str) -> bool:
+def start_relink(mapper: VaMapper, reason: str, announced: bool = False) -> bool:
     """The connection is lost: unless the mapper cannot wait for a successor (no reconnect
     timeout, gone, closing), make faults wait while the mapper thread registers again. True if
-    it will."""
+    it will. `announced`: called for the manager's Shutdown (`restarting`), which has decided
+    already: its grace for a Shutdown behind the hang-up is not waited (it held every fault of
+    a handover for SHUTDOWN_GRACE)."""
     if mapper.gone is not None or mapper.reconnect_timeout <= 0 or mapper._stop:
         return False
-    if mapper.relinked.is_set():
+    if mapper.relinked.is_set() and not announced:
         # The manager's Shutdown may be on its way behind the hang-up (it travels on the
         # stream, through ZeroMQ's I/O threads): it says whether to wait for a successor.
         with contextlib.suppress(zmq.ZMQError):
@@ -63,13 +66,24 @@ def start_relink(mapper: VaMapper, reason: str) -> bool:
     return True
 
 
-def relink_coming(mapper: VaMapper) -> bool:
-    """The fd socket failed under a fault: whether the mapper thread is about to register
-    again (it notices the hang-up within a moment), so the fault should wait for that."""
+#: how long a fault whose request could not be sent waits for the mapper thread to notice
+RELINK_NOTICE = 2.0
+
+
+def relink_coming(mapper: VaMapper, sent_as: int) -> bool:
+    """The fd socket failed under a fault sent as mapper `sent_as`: whether the mapper thread
+    is about to register again (it notices the hang-up within a moment), or already has (the
+    mapper's id changed: the fault must not wait out RELINK_NOTICE then), so the fault should
+    be asked again."""
     if mapper.reconnect_timeout <= 0:
         return False
-    deadline = time.monotonic() + 2.0
-    while mapper.relinked.is_set() and mapper.gone is None and time.monotonic() < deadline:
+    deadline = time.monotonic() + RELINK_NOTICE
+    while (
+        mapper.relinked.is_set()
+        and mapper.id == sent_as
+        and mapper.gone is None
+        and time.monotonic() < deadline
+    ):
         time.sleep(0.01)
     return not mapper.relinked.is_set() or (mapper.gone is None and not mapper.closed)
 
@@ -103,6 +117,16 @@ def _await_hangup(mapper: VaMapper) -> None:
         poll.poll(OLD_CONNECTION_GRACE * 1000)
 
 
+def _socket_identity(mapper: VaMapper) -> tuple[int, int, int] | None:
+    """(device, inode, change time) of the fd socket file on the runtime directory, None if
+    there is none. The time tells a new socket from an old one whose inode number it reused."""
+    try:
+        info = os.stat(mapper.link.paths.fd_socket)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino, info.st_ctime_ns
+
+
 def relink(mapper: VaMapper) -> bool:
     """Register again and restore what is held; False (and the mapper gone) if no manager
     took it within the reconnect timeout or the mapper is closing."""
@@ -115,6 +139,7 @@ def relink(mapper: VaMapper) -> bool:
     started = time.monotonic()
     while not mapper._stop:
         try:
+            tried = _socket_identity(mapper)  # before the try: one bound during it counts
             mapper.link.reconnect()
             _restore(mapper, old_state, old_id)
             break
@@ -132,8 +157,10 @@ def relink(mapper: VaMapper) -> bool:
             return False
         pause_end = time.monotonic() + min(delay, left)
         while (rest := pause_end - time.monotonic()) > 0 and not mapper._stop:
-            time.sleep(min(rest, LEASE / 2))
+            time.sleep(min(rest, SOCKET_WATCH))
             mapper.lease.end_turn(time.monotonic(), renew=mapper.dropped is None)
+            if _socket_identity(mapper) not in (tried, None):
+                break  # a manager has just bound a new fd socket: try it now
         delay = min(delay * 2, BACKOFF_MAX)
     else:
         return False
