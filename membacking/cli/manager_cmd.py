@@ -174,6 +174,15 @@ def manager() -> None:
     help="A clean stop (SIGTERM/SIGINT) keeps the state for the next start instead of "
     "ending guest memory.",
 )
+@click.option(
+    "--fd-store",
+    type=click.Choice(["auto", "on", "off"]),
+    default="auto",
+    show_default=True,
+    help="Keep memfd and hugetlb memory (and, with --no-state, the region journal) in the "
+    "systemd service manager's fd store, so it survives a crash of the manager; auto: when "
+    "NOTIFY_SOCKET is set (see FileDescriptorStoreMax= in docs/membacking.service).",
+)
 @config_param("TOML file with any of these settings; options given here override it.")
 @click.pass_context
 def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any) -> None:
@@ -222,6 +231,7 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
             enabled=not options["no_state"],
             fresh=options["fresh"],
             keep=options["keep_state"],
+            fd_store=options["fd_store"],
         ),
     )
     if options["no_state"] and (options["keep_state"] or options["state_dir"] is not None):
@@ -238,6 +248,10 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
         fields["state_dir"] = str(d.persist.dir.root) if d.persist is not None else None
         if d.persist is not None:
             fields["adopted"] = d.persist.adopted
+        if d.fdstore is not None:
+            fields["fd_store"] = "on"
+            if d.persist is None:
+                fields["adopted"] = d.fdstore.adopted
         if d.metrics_port is not None:
             fields["metrics"] = metrics_url(config.metrics_addr, d.metrics_port)
         click.echo(logs.ready_line(options["log_format"], fields))

@@ -32,6 +32,28 @@ class PersistConfig:
     fresh: bool = False
     #: a clean stop keeps the state (guest memory) for the next start instead of ending it
     keep: bool = False
+    #: the service manager's fd store (`fdstore`): auto (under systemd), on, off
+    fd_store: str = "auto"
+
+
+def adopted_region(
+    state: ManagerState, name: str, want: tuple[int, int, bool, str, str | None]
+) -> bool:
+    """Whether an initial region (gpa, size, read-only, backing, file) came back from an
+    adopted state (state directory or fd store): it must be as configured (a different one is
+    refused, not silently kept or replaced)."""
+    region = state.regions.get(name)
+    if region is None:
+        return False
+    have = (region.gpa, region.size, not region.writable, region.backing, region.path)
+    if have != want:
+        where = "not placed" if region.gpa is None else f"at {region.gpa:#x}"
+        raise StateDirError(
+            f"region {name!r} in the adopted state ({region.size:#x} bytes {where}, "
+            f"{region.backing}{', read-only' if not region.writable else ''}) differs from "
+            "--region/config; remove it first, or start with --fresh to discard the state"
+        )
+    return True
 
 
 class Persistence:
@@ -97,21 +119,7 @@ class Persistence:
     def has_region(
         self, state: ManagerState, name: str, want: tuple[int, int, bool, str, str | None]
     ) -> bool:
-        """Whether an initial region (gpa, size, read-only, backing, file) came back from the
-        state: it must be as configured (a different one is refused, not silently kept or
-        replaced)."""
-        region = state.regions.get(name)
-        if region is None:
-            return False
-        have = (region.gpa, region.size, not region.writable, region.backing, region.path)
-        if have != want:
-            where = "not placed" if region.gpa is None else f"at {region.gpa:#x}"
-            raise StateDirError(
-                f"region {name!r} in the adopted state ({region.size:#x} bytes {where}, "
-                f"{region.backing}{', read-only' if not region.writable else ''}) differs from "
-                "--region/config; remove it first, or start with --fresh to discard the state"
-            )
-        return True
+        return adopted_region(state, name, want)
 
     def save(self, state: ManagerState, store: MemfdStore) -> None:
         """Journal the region table if it changed since the last save."""
