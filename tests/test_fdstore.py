@@ -185,18 +185,29 @@ def test_sigkill_keeps_memfd_regions_through_the_fd_store(service: ServiceManage
         # ram0 (two backings), rom, dev; doomed's memfd leaves once its removal completes
         wait_for(lambda: sum(n.startswith("mem.") for n in service.names()) == 4, "4 memfds")
         assert sum(n.startswith("state.") for n in service.names()) == 1
+        keeper = membacking.attach(runtime_dir, name="keeper")  # stays attached through it all
+        assert keeper.read_at(0, 4) == pattern(1, 4)
         kill(first)
 
         second = launch(runtime_dir, service, *REGIONS)
         line = ready(second)
         assert "fd-store=on" in line and "adopted=3" in line, line
         client = membacking.ControlClient(runtime_dir)
+        # the mapper registers again and keeps its mapping: the same memfd came back
+        keeper.write_at(0, b"still the same memory")
+        wait_for(lambda: client.stats()["mappers"] == 1, "the mapper registers again")
+        time.sleep(0.5)  # an Unmap of what it holds would have come by now
+        assert any(r.start == 0 for r, _ in keeper.mapped_ranges()), keeper.mapped_ranges()
+        ram0 = next(r for r in client.regions() if r["name"] == "ram0")
+        assert ram0["holders"], ram0
+        keeper.detach()
         after = client.regions()
         assert [{k: r[k] for k in r if k != "holders"} for r in after] == [
             {k: r[k] for k in r if k != "holders"} for r in regions_before
         ]
         with membacking.attach(runtime_dir) as memory:
-            assert memory.read_at(0, 8 * MiB) == pattern(1, 8 * MiB)
+            assert memory.read_at(0, 21) == b"still the same memory"
+            assert memory.read_at(21, 8 * MiB - 21) == pattern(1, 8 * MiB)[21:]
             assert memory.read_at(0x10000000, 2 * MiB) == pattern(2, 2 * MiB)
             with pytest.raises(membacking.ReadOnlyError):
                 memory.write_at(0xFFF00000, b"x")
@@ -281,6 +292,30 @@ def test_fds_that_do_not_match_the_journal_are_refused_until_fresh(
                 assert memory.read_at(0, 4) == bytes(4)
         finally:
             kill(fresh)
+    finally:
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+def test_keep_state_without_a_state_dir_keeps_the_store(service: ServiceManager) -> None:
+    runtime_dir = short_tmpdir()
+    try:
+        proc = launch(runtime_dir, service, *REGIONS, "--keep-state")
+        try:
+            ready(proc)
+            with membacking.attach(runtime_dir) as memory:
+                memory.write_at(0, b"kept over a clean stop")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0
+        finally:
+            kill(proc)
+        assert len(service.names()) == 3, service.names()
+        again = launch(runtime_dir, service, *REGIONS)
+        try:
+            assert "adopted=2" in ready(again)
+            with membacking.attach(runtime_dir) as memory:
+                assert memory.read_at(0, 22) == b"kept over a clean stop"
+        finally:
+            kill(again)
     finally:
         shutil.rmtree(runtime_dir, ignore_errors=True)
 

@@ -172,7 +172,7 @@ def manager() -> None:
     "--keep-state",
     is_flag=True,
     help="A clean stop (SIGTERM/SIGINT) keeps the state for the next start instead of "
-    "ending guest memory.",
+    "ending guest memory (with --no-state: in systemd's fd store).",
 )
 @click.option(
     "--fd-store",
@@ -191,6 +191,7 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
     from ..manager import Daemon, ManagerConfig, RegionSpec
     from ..manager.config import load_config
     from ..manager.errors import Refused
+    from ..manager.fdstore import use_fd_store
     from ..manager.metrics import metrics_url
     from ..manager.persist import PersistConfig
     from ..runtime import choose_runtime_dir
@@ -234,8 +235,13 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
             fd_store=options["fd_store"],
         ),
     )
-    if options["no_state"] and (options["keep_state"] or options["state_dir"] is not None):
-        raise click.UsageError("--no-state cannot go with --state-dir or --keep-state")
+    if options["no_state"] and options["state_dir"] is not None:
+        raise click.UsageError("--no-state cannot go with --state-dir")
+    if options["no_state"] and options["keep_state"] and not use_fd_store(options["fd_store"]):
+        raise click.UsageError(
+            "--keep-state with --no-state keeps memory in systemd's fd store only, and there "
+            "is none here (NOTIFY_SOCKET unset, or --fd-store off)"
+        )
     daemon = Daemon(config)
 
     def ready(d: Daemon) -> None:

@@ -289,7 +289,7 @@ class Daemon(FdServer):
         reason = self._stop_reason or "stopped"
         log.info("shutting down: %s", reason)
         sdnotify.notify("STOPPING=1")
-        keep = self.persist is not None and self.persist.config.keep
+        keep = self.config.persist.keep and (self.persist or self.fdstore) is not None
         code = m.SHUTDOWN_RESTARTING if keep else m.SHUTDOWN_STOPPING
         with contextlib.suppress(Exception):
             attached = bool(self.state.mappers)
@@ -371,7 +371,7 @@ class Daemon(FdServer):
         if self.persist is not None:  # rollbacks made on acks; files of completed removals
             self.persist.tick(self.state, self.store)
         if self.fdstore is not None:  # completed removals, rollbacks
-            self.fdstore.sync(self.state, self.store)
+            self.fdstore.tick(self.state, self.store)
         self._sweep_unregistered()
         for entry in list(self.state.mappers.values()):
             # pid 0: the mapper is in a pid namespace we cannot see into (another container);

@@ -2,7 +2,8 @@
 backing is pushed there, with a sealed memfd holding the journal when there is no state
 directory, and taken back at the next start (LISTEN_FDS), so that memory outlives a crash too.
 
-Names in the store: `mem.<n>` (a batch of backings; each is matched to the journal by inode) and
+Names in the store: `mem.<mappable id>` (one backing per datagram: systemd gives every fd of a
+datagram the same name and removes by name; each is also matched to the journal by inode) and
 `state.<n>` (the journal; the highest n that decodes is the newest).
 """
 
@@ -28,8 +29,6 @@ log = logging.getLogger("membacking.manager")
 
 #: the first descriptor the service manager passes (SD_LISTEN_FDS_START)
 LISTEN_FDS_START = 3
-#: most descriptors one datagram carries (the kernel's SCM_MAX_FD)
-SCM_MAX_FD = 253
 #: backing kinds that die with the manager unless the fd store keeps them
 KEPT_KINDS = frozenset({"memfd", "hugetlb"})
 _NAME = re.compile(r"(mem|state)\.(\d+)\Z")
@@ -99,9 +98,8 @@ class FdStore:
         self._inherited = list(inherited)
         self._mem: dict[tuple[int, int], tuple[str, int]] = {}  # inherited, by (dev, ino)
         self._states: list[tuple[int, str, int]] = []  # inherited journals (n, name, fd)
-        self._groups: dict[str, set[int]] = {}  # name in the store -> mappable ids
-        self._group_of: dict[int, str] = {}
-        self._dirty: set[str] = set()  # groups holding fds to drop: pushed again without them
+        self._name_of: dict[int, str] = {}  # mappable id -> its name in the store
+        self._rollbacks = -1
         self._seq = 0
         self._state_name: str | None = None
         self._journal: bytes | None = None
@@ -134,9 +132,11 @@ class FdStore:
                 f"the service manager's fd store holds {len(self._mem)} memory descriptors but "
                 "there is no journal to adopt them" + _HINT
             )
+        taken = set(self._name_of.values())
         for name, fd in self._mem.values():  # named by no journal: a crash before journaling
             os.close(fd)
-            (self._dirty.add if name in self._groups else self._remove)(name)
+            if name not in taken:
+                self._remove(name)
         if self._mem:
             log.info(
                 "dropped %d descriptors from the fd store that no journal named", len(self._mem)
@@ -160,8 +160,7 @@ class FdStore:
             else:
                 info = os.fstat(fd)
                 if (info.st_dev, info.st_ino) in self._mem:
-                    os.close(fd)  # a copy left by a crash while a batch was pushed again
-                    self._dirty.add(name)
+                    os.close(fd)  # the same memory twice: the store keeps one
                 else:
                     self._mem[info.st_dev, info.st_ino] = (name, fd)
         self._inherited.clear()
@@ -232,8 +231,7 @@ class FdStore:
         if size != record.size:
             os.close(fd)
             raise StateDirError(f"{what}: the fd store's descriptor ({name}) is {size} bytes")
-        self._groups.setdefault(name, set()).add(record.mappable_id)
-        self._group_of[record.mappable_id] = name
+        self._name_of[record.mappable_id] = name
         return fd
 
     # ---- while serving -------------------------------------------------------------------------
@@ -250,24 +248,18 @@ class FdStore:
         """Make the store hold what the manager holds: new backings first, then the journal,
         then drop what the journal no longer names (a crash in between leaves extra
         descriptors, which the next start drops, never a journal naming a missing one)."""
+        self._rollbacks = state.counters["rollbacks"]
         fds = {i: fd for i, (fd, kind) in store.fd_table().items() if kind in KEPT_KINDS}
-        new = sorted(set(fds) - set(self._group_of))
-        for start in range(0, len(new), SCM_MAX_FD):
-            self._push_group(new[start : start + SCM_MAX_FD], fds)
-        for gone in set(self._group_of) - set(fds):
-            name = self._group_of.pop(gone)
-            self._groups[name].discard(gone)
-            self._dirty.add(name)
+        for new in sorted(set(fds) - set(self._name_of)):
+            name = f"mem.{new}"
+            if self._send(f"FDSTORE=1\nFDNAME={name}", [fds[new]]):
+                self._name_of[new] = name
         if self.with_journal:
             self._push_journal(encode(capture(state, store, state.state_id, self.runtime_dir)))
-        for name in sorted(self._dirty):
-            survivors = sorted(self._groups.pop(name, ()))
-            for start in range(0, len(survivors), SCM_MAX_FD):
-                self._push_group(survivors[start : start + SCM_MAX_FD], fds)
-            self._remove(name)
-        self._dirty.clear()
-        held = len(self._group_of) + (1 if self._state_name else 0)
-        if self.limit is not None and held > self.limit and not self._warned_full:
+        for gone in sorted(set(self._name_of) - set(fds)):
+            self._remove(self._name_of.pop(gone))
+        held = len(self._name_of) + (1 if self._state_name else 0)
+        if self.limit is not None and held + 1 > self.limit and not self._warned_full:
             self._warned_full = True
             log.error(
                 "the fd store needs %d descriptors, FileDescriptorStoreMax= is %d: the service "
@@ -276,12 +268,12 @@ class FdStore:
                 self.limit,
             )
 
-    def _push_group(self, ids: list[int], fds: dict[int, int]) -> None:
-        name = f"mem.{self._seq}"
-        if self._send(f"FDSTORE=1\nFDNAME={name}", [fds[i] for i in ids]):
-            self._seq += 1
-            self._groups[name] = set(ids)
-            self._group_of.update((i, name) for i in ids)
+    def tick(self, state: ManagerState, store: MemfdStore) -> None:
+        """Each second: sync what acknowledgements changed (completed removals, rollbacks)."""
+        table = store.fd_table()
+        kept = {i for i, (_, kind) in table.items() if kind in KEPT_KINDS}
+        if kept != set(self._name_of) or state.counters["rollbacks"] != self._rollbacks:
+            self.sync(state, store)
 
     def _push_journal(self, data: bytes) -> None:
         if data == self._journal:
@@ -323,10 +315,11 @@ class FdStore:
         """A clean stop: empty the store unless the state is to be kept."""
         if keep:
             return
-        for name in sorted({*self._groups, *([self._state_name] if self._state_name else [])}):
+        for name in sorted(self._name_of.values()):
             self._remove(name)
-        self._groups.clear()
-        self._group_of.clear()
+        if self._state_name is not None:
+            self._remove(self._state_name)
+        self._name_of.clear()
         self._state_name = None
 
     def close(self) -> None:
