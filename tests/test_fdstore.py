@@ -5,6 +5,7 @@ the daemon is SIGKILLed, and a second daemon gets the stored fds as systemd pass
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import select
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import membacking
-from membacking.manager.fdstore import inherited_fds
+from membacking.manager.fdstore import LISTEN_FDS_START, inherited_fds
 
 from conftest import READY_TIMEOUT, cli_env, short_tmpdir
 
@@ -107,7 +108,9 @@ def launch(
     with service.lock:
         service._pump()
         stored = list(service.stored) if pass_store else []
-        high = [os.dup(fd) for _, fd in stored]  # moved to 3.. by the wrapper
+        # copies above 3 + len(stored), moved down to 3.. by the wrapper
+        base = LISTEN_FDS_START + len(stored) + 16
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, base) for _, fd in stored]
     moves = " ".join(f"{3 + i}<&{fd}" for i, fd in enumerate(high))
     closes = " ".join(f"{fd}<&-" for fd in high)
     script = f'exec {moves} {closes}; LISTEN_PID=$$ exec "$@"' if high else 'exec "$@"'
