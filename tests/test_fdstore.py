@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -321,6 +322,40 @@ def test_keep_state_without_a_state_dir_keeps_the_store(service: ServiceManager)
             kill(again)
     finally:
         shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
+def test_with_a_state_dir_stray_descriptors_are_dropped_or_refused(
+    service: ServiceManager,
+) -> None:
+    runtime_dir = short_tmpdir()
+    state = Path(tempfile.mkdtemp(prefix="mbfd-", dir="/dev/shm"))
+    args = ("--state-dir", str(state), "--region", "ram0=0:1M")
+    try:
+        proc = launch(runtime_dir, service, *args)
+        try:
+            ready(proc)  # RAM is a tmpfs file there: nothing for the fd store
+        finally:
+            kill(proc)
+        assert service.names() == []
+        # a memfd the journal does not name (a crash between pushing it and journaling it)
+        stray = os.memfd_create("stray")
+        service.stored.append(("mem.7", stray))
+        proc = launch(runtime_dir, service, *args)
+        try:
+            assert "adopted=1" in ready(proc)
+            assert not [t for t in memfds_open(proc.pid) if "stray" in t]
+            assert service.names() == []  # and it was dropped from the store
+        finally:
+            kill(proc)
+        # the same with no journal at all: refused, the store left as it is
+        service.stored.append(("mem.7", os.memfd_create("stray")))
+        shutil.rmtree(state)
+        text = refused(launch(runtime_dir, service, *args))
+        assert "holds 1 memory descriptor but there is no journal" in text, text
+        assert service.names() == ["mem.7"]
+    finally:
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def test_listen_fds_for_another_process_are_left_alone() -> None:

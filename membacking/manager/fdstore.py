@@ -129,8 +129,9 @@ class FdStore:
         store.inherited = None
         if self._mem and not journaled:
             raise StateDirError(
-                f"the service manager's fd store holds {len(self._mem)} memory descriptors but "
-                "there is no journal to adopt them" + _HINT
+                f"the service manager's fd store holds {len(self._mem)} memory "
+                f"descriptor{'s' if len(self._mem) != 1 else ''} but there is no journal to "
+                "adopt them" + _HINT
             )
         taken = set(self._name_of.values())
         for name, fd in self._mem.values():  # named by no journal: a crash before journaling
