@@ -358,6 +358,34 @@ def test_with_a_state_dir_stray_descriptors_are_dropped_or_refused(
         shutil.rmtree(state, ignore_errors=True)
 
 
+def test_an_unreachable_service_manager_is_logged_once_and_served_through(tmp_path: Path) -> None:
+    runtime_dir = short_tmpdir()
+    env = cli_env()
+    env["NOTIFY_SOCKET"] = str(tmp_path / "nobody-listens")
+    proc = subprocess.Popen(
+        [*DAEMON, "--runtime-dir", str(runtime_dir), *REGIONS],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert "fd-store=on" in ready(proc)
+        client = membacking.ControlClient(runtime_dir)
+        for i in range(3):
+            client.add_region(f"r{i}", 0x10000000 + i * MiB, MiB)
+        client.close()
+        with membacking.attach(runtime_dir) as memory:
+            memory.write_at(0x10000000, b"served")
+            assert memory.read_at(0x10000000, 6) == b"served"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+        assert proc.returncode == 0
+        assert err.decode().count("cannot reach the service manager's fd store") == 1, err
+    finally:
+        kill(proc)
+        shutil.rmtree(runtime_dir, ignore_errors=True)
+
+
 def test_listen_fds_for_another_process_are_left_alone() -> None:
     environ = {"LISTEN_PID": str(os.getpid() + 1), "LISTEN_FDS": "1", "LISTEN_FDNAMES": "x"}
     assert inherited_fds(environ) == []

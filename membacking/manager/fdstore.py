@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import secrets
+import time
 from collections.abc import MutableMapping, Sequence
 
 from . import sdnotify
@@ -31,6 +32,8 @@ log = logging.getLogger("membacking.manager")
 LISTEN_FDS_START = 3
 #: backing kinds that die with the manager unless the fd store keeps them
 KEPT_KINDS = frozenset({"memfd", "hugetlb"})
+#: seconds between tries after the service manager could not be reached
+RETRY = 1.0
 _NAME = re.compile(r"(mem|state)\.(\d+)\Z")
 _HINT = (
     "; nothing was changed. Start with --fresh to discard it (its guest memory is lost), or "
@@ -105,6 +108,7 @@ class FdStore:
         self._journal: bytes | None = None
         self._strict = False
         self._failing = False
+        self._retry_at = 0.0
         self._warned_full = False
 
     # ---- start ---------------------------------------------------------------------------------
@@ -300,13 +304,21 @@ class FdStore:
         self._send(f"FDSTOREREMOVE=1\nFDNAME={name}", [])
 
     def _send(self, message: str, fds: list[int]) -> bool:
+        """One datagram; after a failure none is tried for RETRY seconds (a stuck service
+        manager costs one SEND_TIMEOUT, not one per backing); what was not pushed is pushed
+        at a later sync."""
+        if self._failing and time.monotonic() < self._retry_at:
+            return False
         try:
             sdnotify.send(message, fds)
         except OSError as exc:
             if not self._failing:
                 log.error("cannot reach the service manager's fd store: %s", exc.strerror or exc)
             self._failing = True
+            self._retry_at = time.monotonic() + RETRY
             return False
+        if self._failing:
+            log.warning("the service manager's fd store is reachable again")
         self._failing = False
         return True
 
