@@ -358,10 +358,12 @@ def test_with_a_state_dir_stray_descriptors_are_dropped_or_refused(
         shutil.rmtree(state, ignore_errors=True)
 
 
-def test_an_unreachable_service_manager_is_logged_once_and_served_through(tmp_path: Path) -> None:
+def test_an_unreachable_service_manager_is_logged_once_and_caught_up_with() -> None:
     runtime_dir = short_tmpdir()
+    where = short_tmpdir("mbsd-")
     env = cli_env()
-    env["NOTIFY_SOCKET"] = str(tmp_path / "nobody-listens")
+    env["NOTIFY_SOCKET"] = str(where / "notify")  # nobody listens there yet
+    late: ServiceManager | None = None
     proc = subprocess.Popen(
         [*DAEMON, "--runtime-dir", str(runtime_dir), *REGIONS],
         env=env,
@@ -377,13 +379,20 @@ def test_an_unreachable_service_manager_is_logged_once_and_served_through(tmp_pa
         with membacking.attach(runtime_dir) as memory:
             memory.write_at(0x10000000, b"served")
             assert memory.read_at(0x10000000, 6) == b"served"
+        # once it listens, the next ticks push every backing (5) and the journal
+        late = ServiceManager(where)
+        wait_for(lambda: late is not None and len(late.names()) == 6, "the store caught up")
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=15)
         assert proc.returncode == 0
         assert err.decode().count("cannot reach the service manager's fd store") == 1, err
+        assert late.names() == []  # and the clean stop emptied it
     finally:
         kill(proc)
+        if late is not None:
+            late.close()
         shutil.rmtree(runtime_dir, ignore_errors=True)
+        shutil.rmtree(where, ignore_errors=True)
 
 
 def test_listen_fds_for_another_process_are_left_alone() -> None:

@@ -109,6 +109,7 @@ class FdStore:
         self._strict = False
         self._failing = False
         self._retry_at = 0.0
+        self._behind = False  # the last journal was not pushed: try again at the next tick
         self._warned_full = False
 
     # ---- start ---------------------------------------------------------------------------------
@@ -254,6 +255,7 @@ class FdStore:
         then drop what the journal no longer names (a crash in between leaves extra
         descriptors, which the next start drops, never a journal naming a missing one)."""
         self._rollbacks = state.counters["rollbacks"]
+        self._behind = False
         fds = {i: fd for i, (fd, kind) in store.fd_table().items() if kind in KEPT_KINDS}
         for new in sorted(set(fds) - set(self._name_of)):
             name = f"mem.{new}"
@@ -277,21 +279,33 @@ class FdStore:
         """Each second: sync what acknowledgements changed (completed removals, rollbacks)."""
         table = store.fd_table()
         kept = {i for i, (_, kind) in table.items() if kind in KEPT_KINDS}
-        if kept != set(self._name_of) or state.counters["rollbacks"] != self._rollbacks:
+        changed = kept != set(self._name_of) or state.counters["rollbacks"] != self._rollbacks
+        if changed or self._behind:
             self.sync(state, store)
 
     def _push_journal(self, data: bytes) -> None:
         if data == self._journal:
             return
-        fd = os.memfd_create("membacking:state", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            fd = os.memfd_create("membacking:state", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        except OSError as exc:  # the change stands; a crash now would lose it (logged)
+            log.error("cannot make the journal memfd for the fd store: %s", exc.strerror or exc)
+            self._behind = True
+            return
         try:
             view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            seals = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals | fcntl.F_SEAL_SEAL)
+            try:
+                while view:
+                    view = view[os.write(fd, view) :]
+                seals = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals | fcntl.F_SEAL_SEAL)
+            except OSError as exc:
+                log.error("cannot write the journal memfd for the fd store: %s", exc)
+                self._behind = True
+                return
             name = f"state.{self._seq}"
             if not self._send(f"FDSTORE=1\nFDNAME={name}", [fd]):
+                self._behind = True
                 return
         finally:
             os.close(fd)
