@@ -23,7 +23,9 @@ from pathlib import Path
 import pytest
 
 import membacking
-from membacking.manager.fdstore import LISTEN_FDS_START, inherited_fds
+from membacking.manager.backing import MemfdStore
+from membacking.manager.fdstore import LISTEN_FDS_START, FdStore, inherited_fds
+from membacking.manager.state import ManagerState
 
 from conftest import READY_TIMEOUT, cli_env, short_tmpdir
 
@@ -393,6 +395,28 @@ def test_an_unreachable_service_manager_is_logged_once_and_caught_up_with() -> N
             late.close()
         shutil.rmtree(runtime_dir, ignore_errors=True)
         shutil.rmtree(where, ignore_errors=True)
+
+
+def test_beyond_file_descriptor_store_max_is_an_error_once(
+    service: ServiceManager, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", str(service.path))
+    monkeypatch.setenv("FDSTORE", "3")  # systemd 254+ tells FileDescriptorStoreMax= so
+    store = MemfdStore()
+    state = ManagerState(store)
+    state.state_id = b"x" * 16
+    fdstore = FdStore([], with_journal=True, runtime_dir="/nowhere")
+    try:
+        state.add_region("a", 0, MiB, True)
+        fdstore.sync(state, store)  # 1 memfd + 1 journal (+1 while a journal is replaced)
+        assert "FileDescriptorStoreMax" not in caplog.text
+        for i in range(3):
+            state.add_region(f"r{i}", (i + 1) * MiB, MiB, True)
+            fdstore.sync(state, store)
+        assert caplog.text.count("FileDescriptorStoreMax= is 3") == 1, caplog.text
+        assert sum(n.startswith("mem.") for n in service.names()) == 4  # it still pushes
+    finally:
+        store.close_all()
 
 
 def test_listen_fds_for_another_process_are_left_alone() -> None:
