@@ -172,7 +172,16 @@ def manager() -> None:
     "--keep-state",
     is_flag=True,
     help="A clean stop (SIGTERM/SIGINT) keeps the state for the next start instead of "
-    "ending guest memory.",
+    "ending guest memory (with --no-state: in systemd's fd store).",
+)
+@click.option(
+    "--fd-store",
+    type=click.Choice(["auto", "on", "off"]),
+    default="auto",
+    show_default=True,
+    help="Keep memfd and hugetlb memory (and, with --no-state, the region journal) in the "
+    "systemd service manager's fd store, so it survives a crash of the manager; auto: when "
+    "NOTIFY_SOCKET is set (see FileDescriptorStoreMax= in docs/membacking.service).",
 )
 @click.option(
     "--takeover",
@@ -189,6 +198,7 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
     from ..manager import Daemon, ManagerConfig, RegionSpec
     from ..manager.config import load_config
     from ..manager.errors import Refused
+    from ..manager.fdstore import use_fd_store
     from ..manager.metrics import metrics_url
     from ..manager.persist import PersistConfig
     from ..runtime import choose_runtime_dir
@@ -229,6 +239,7 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
             enabled=not options["no_state"],
             fresh=options["fresh"],
             keep=options["keep_state"],
+            fd_store=options["fd_store"],
         ),
         takeover=options["takeover"],
     )
@@ -236,8 +247,13 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
         raise click.UsageError(
             "--takeover adopts the running manager's state: it cannot go with --no-state or --fresh"
         )
-    if options["no_state"] and (options["keep_state"] or options["state_dir"] is not None):
-        raise click.UsageError("--no-state cannot go with --state-dir or --keep-state")
+    if options["no_state"] and options["state_dir"] is not None:
+        raise click.UsageError("--no-state cannot go with --state-dir")
+    if options["no_state"] and options["keep_state"] and not use_fd_store(options["fd_store"]):
+        raise click.UsageError(
+            "--keep-state with --no-state keeps memory in systemd's fd store only, and there "
+            "is none here (NOTIFY_SOCKET unset, or --fd-store off)"
+        )
     if options["no_state"]:
         from ..manager.statedir import left_behind
         from ..runtime import RuntimePaths
@@ -259,6 +275,10 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
             fields["adopted"] = d.persist.adopted
         if d.handed_over is not None:
             fields["took_over_from"] = d.handed_over["pid"]
+        if d.fdstore is not None:
+            fields["fd_store"] = "on"
+            if d.persist is None:
+                fields["adopted"] = d.fdstore.adopted
         if d.metrics_port is not None:
             fields["metrics"] = metrics_url(config.metrics_addr, d.metrics_port)
         click.echo(logs.ready_line(options["log_format"], fields))

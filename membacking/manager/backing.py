@@ -11,6 +11,7 @@ import errno
 import fcntl
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -97,6 +98,9 @@ class MemfdStore:
         #: descriptors at or above this number are refused (the daemon keeps headroom below its
         #: open-file limit for the sockets ZeroMQ accepts on its own); None: no ceiling
         self.fd_ceiling: int | None = None
+        #: where a restarted manager finds memfd/hugetlb memory again (the service manager's fd
+        #: store, `fdstore`): the journaled record's descriptor, or None (it comes back zeroed)
+        self.inherited: Callable[[BackingRecord], int | None] | None = None
 
     def __len__(self) -> int:
         return len(self._backings)
@@ -148,10 +152,8 @@ class MemfdStore:
                 f"cannot back {name}: the manager is close to its open-file limit "
                 "(raise LimitNOFILE= / ulimit -n, or remove regions)",
             )
-        dev = ino = 0
-        if kind in ("shm", "file"):
-            info = os.fstat(fd)
-            dev, ino = info.st_dev, info.st_ino
+        info = os.fstat(fd)  # identifies memfds too: the fd store gives them back by inode
+        dev, ino = info.st_dev, info.st_ino
         record = BackingRecord(mappable_id, kind, label, size, writable, dev, ino)
         self._backings[mappable_id] = _Backing(fd, grant, size, writable, kind, label, record)
 
@@ -182,6 +184,12 @@ class MemfdStore:
         survive (memfd, hugetlb) comes back zero-filled: returns a warning saying so."""
         what = f"mappable {record.mappable_id}"
         if record.kind in ("memfd", "hugetlb"):
+            fd = self.inherited(record) if self.inherited is not None else None
+            if fd is not None:
+                self._own(
+                    record.mappable_id, fd, record.size, record.writable, record.kind, "", what
+                )
+                return None
             fd = (
                 self._hugetlb(what, record.size)
                 if record.kind == "hugetlb"
@@ -299,10 +307,10 @@ class MemfdStore:
             raise BackingError("bad-file", f"cannot open {path}: {exc.strerror}") from None
 
     def identity(self, mappable_id: int) -> tuple[int, int] | None:
-        """(st_dev, st_ino) of a file backing (a mapper holding its fd after a restart proves
-        it is the same file); None for memfds, which a restart never adopts."""
+        """(st_dev, st_ino) of a backing (a mapper holding its fd after a restart proves it is
+        the same memory; a memfd is the same only when it came back from the fd store)."""
         backing = self._backings.get(mappable_id)
-        if backing is None or backing.record is None or backing.kind not in ("shm", "file"):
+        if backing is None or backing.record is None:
             return None
         return backing.record.dev, backing.record.ino
 
@@ -319,6 +327,10 @@ class MemfdStore:
         os.close(backing.fd)
         if backing.kind == "shm" and self.state_dir is not None:
             self.state_dir.unlink_later(backing.name)
+
+    def fd_table(self) -> dict[int, tuple[int, str]]:
+        """mappable id -> (the manager's descriptor, backing kind), for the fd store."""
+        return {i: (b.fd, b.kind) for i, b in self._backings.items()}
 
     def grant_fd(self, mappable_id: int) -> int:
         return self._backings[mappable_id].grant_fd

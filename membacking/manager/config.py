@@ -113,6 +113,7 @@ _TOP: dict[str, Any] = {
     "state_dir": lambda k, v: Path(_string(k, v)),
     "no_state": lambda k, v: _flag(k, v),
     "keep_state": lambda k, v: _flag(k, v),
+    "fd_store": _choice(("auto", "on", "off")),
 }
 _LIMITS = ("max_mappers", "max_regions", "max_fds_per_mapper")
 _REGION_KEYS = {

@@ -34,8 +34,9 @@ from .control import STOPPING_OPS, addressed_elsewhere
 from .errors import Refused
 from .fdconn import FdConn
 from .fdserver import MAX_STRIKES, FdServer
+from .fdstore import FdStore
 from .metrics import ManagerMetrics
-from .persist import READ_ONLY_OPS, PersistConfig, Persistence
+from .persist import READ_ONLY_OPS, PersistConfig, Persistence, adopted_region
 from .rundir import RuntimeDirError, RuntimeDirLock, raise_fd_limit
 from .state import (
     DEFAULT_ADDRESS_SPACE,
@@ -129,6 +130,7 @@ class Daemon(FdServer):
         self.paths = RuntimePaths.resolve(config.runtime_dir)
         self.persist = Persistence(config.persist, self.paths) if config.persist.enabled else None
         self.store = MemfdStore(self.persist.dir if self.persist is not None else None)
+        self.fdstore = FdStore.attach(config.persist, str(self.paths.root))  # under systemd
         self.state = ManagerState(
             self.store,
             address_space=config.address_space,
@@ -177,16 +179,25 @@ class Daemon(FdServer):
             self.handed_over = handover.take_over(self)
         self._lock.acquire()
         try:
-            if self.persist is not None:
+            if self.fdstore is not None:  # adopts through the state directory if there is one
+                self.fdstore.open(self.state, self.store, self.persist, self.config.persist.fresh)
+            elif self.persist is not None:
                 self.persist.open(self.state, self.store)
             self.state.state_id = (
-                self.persist.state_id if self.persist is not None else secrets.token_bytes(16)
+                self.persist.state_id
+                if self.persist is not None
+                else self.fdstore.state_id
+                if self.fdstore is not None
+                else secrets.token_bytes(16)
+            )
+            adopted_from = (
+                f"the state in {self.persist.dir.root}"
+                if self.persist is not None
+                else "the state in the service manager's fd store"
             )
             for spec in self.config.regions:
                 want = (spec.gpa, spec.size, spec.readonly, spec.backing, spec.file)
-                if self.persist is not None and self.persist.has_region(
-                    self.state, spec.name, want
-                ):
+                if adopted_region(self.state, spec.name, want, adopted_from):
                     continue
                 self.state.add_region(
                     spec.name,
@@ -221,6 +232,8 @@ class Daemon(FdServer):
         """Journal the region table if it changed (before any reply says a change is done)."""
         if self.persist is not None and not self.persist.save_logged(self.state, self.store):
             self.state.rejected["internal"] += 1
+        if self.fdstore is not None:
+            self.fdstore.sync(self.state, self.store)
 
     def _open_to_other_users(self) -> None:
         """--allow-uid/--allow-gid: other users must reach fd.sock and mapper.ipc. fd.sock checks
@@ -288,7 +301,12 @@ class Daemon(FdServer):
         reason = self._stop_reason or "stopped"
         log.info("shutting down: %s", reason)
         sdnotify.notify("STOPPING=1")
-        keep = self.persist is not None and self.persist.config.keep
+        # the state directory's own setting (a handover turns it on), else the configured one
+        keep = (
+            self.persist.config.keep
+            if self.persist is not None
+            else self.config.persist.keep and self.fdstore is not None
+        )
         code = m.SHUTDOWN_RESTARTING if keep else m.SHUTDOWN_STOPPING
         with contextlib.suppress(Exception):
             attached = bool(self.state.mappers)
@@ -298,6 +316,8 @@ class Daemon(FdServer):
                 conn.close()  # the end of the fd socket wakes each mapper at once
             if attached and code != m.SHUTDOWN_RESTARTING:
                 time.sleep(STOP_LINGER)
+        if self.fdstore is not None:
+            self.fdstore.stop(keep)
         if self.persist is not None:
             try:
                 self.persist.close(self.state, self.store, clean=True)
@@ -320,6 +340,8 @@ class Daemon(FdServer):
             self._ctx.term()
         if self.persist is not None:
             self.persist.close(self.state, self.store, clean=False)  # if not closed already
+        if self.fdstore is not None:
+            self.fdstore.close()
         self.store.close_all()
         self._wake_r.close()
         self._wake_w.close()
@@ -365,6 +387,8 @@ class Daemon(FdServer):
         self._apply(self.state.tick())
         if self.persist is not None:  # rollbacks made on acks; files of completed removals
             self.persist.tick(self.state, self.store)
+        if self.fdstore is not None:  # completed removals, rollbacks
+            self.fdstore.tick(self.state, self.store)
         self._sweep_unregistered()
         for entry in list(self.state.mappers.values()):
             # pid 0: the mapper is in a pid namespace we cannot see into (another container);
@@ -547,7 +571,9 @@ class Daemon(FdServer):
             log.exception("control request failed")
             self.state.rejected["internal"] += 1
             effects = [Send(Channel.CONTROL, identity, m.Error("internal", str(exc)[:1000]))]
-        if self.persist is None or getattr(msg, "op", None) in READ_ONLY_OPS:
+        if (self.persist is None and self.fdstore is None) or getattr(
+            msg, "op", None
+        ) in READ_ONLY_OPS:
             self._apply(effects)
             return
         # what goes to mappers leaves first (they work on it while the journal is written);

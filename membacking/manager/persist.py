@@ -32,6 +32,31 @@ class PersistConfig:
     fresh: bool = False
     #: a clean stop keeps the state (guest memory) for the next start instead of ending it
     keep: bool = False
+    #: the service manager's fd store (`fdstore`): auto (under systemd), on, off
+    fd_store: str = "auto"
+
+
+def adopted_region(
+    state: ManagerState,
+    name: str,
+    want: tuple[int, int, bool, str, str | None],
+    where: str = "the adopted state",
+) -> bool:
+    """Whether an initial region (gpa, size, read-only, backing, file) came back from an
+    adopted state (state directory or fd store): it must be as configured (a different one is
+    refused, not silently kept or replaced)."""
+    region = state.regions.get(name)
+    if region is None:
+        return False
+    have = (region.gpa, region.size, not region.writable, region.backing, region.path)
+    if have != want:
+        raise StateDirError(
+            f"region {name!r} in {where} is {region_text(*have)}, but --region/config "
+            f"asks for {region_text(*want)}. Start without that region in --region/config to "
+            "keep the state (the region comes back as it was), or with --fresh to discard the "
+            "state (its guest memory is lost)"
+        )
+    return True
 
 
 class Persistence:
@@ -94,21 +119,7 @@ class Persistence:
     def has_region(
         self, state: ManagerState, name: str, want: tuple[int, int, bool, str, str | None]
     ) -> bool:
-        """Whether an initial region (gpa, size, read-only, backing, file) came back from the
-        state: it must be as configured (a different one is refused, not silently kept or
-        replaced)."""
-        region = state.regions.get(name)
-        if region is None:
-            return False
-        have = (region.gpa, region.size, not region.writable, region.backing, region.path)
-        if have != want:
-            raise StateDirError(
-                f"region {name!r} in the state in {self.dir.root} is {region_text(*have)}, but "
-                f"--region/config asks for {region_text(*want)}. Start without that region in "
-                "--region/config to keep the state (the region comes back as it was), or with "
-                "--fresh to discard the state (its guest memory is lost)"
-            )
-        return True
+        return adopted_region(state, name, want, f"the state in {self.dir.root}")
 
     def save(self, state: ManagerState, store: MemfdStore) -> None:
         """Journal the region table if it changed since the last save."""
