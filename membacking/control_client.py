@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -227,19 +228,34 @@ class ControlClient:
         return page
 
     def _all_mappings(self, name: str) -> list[dict[str, Any]]:
-        mappings: list[dict[str, Any]] = []
-        offset = 0
+        return self._gather(
+            "mappings", "mappings", {"name": name}, "offset", lambda p: p["offset"] + p["size"]
+        )
+
+    def _gather(
+        self,
+        op: str,
+        key: str,
+        args: dict[str, Any],
+        cursor: str,
+        after: Callable[[Any], int],
+    ) -> list[Any]:
+        """Every item of a paged listing `op` (its items under `key`), page after page: the
+        next page starts at `cursor` = after(the last item). Empty if what it lists was removed
+        meanwhile (`not-found`)."""
+        items: list[Any] = []
+        position = 0
         while True:
             try:
-                page = self.call("mappings", name=name, offset=offset)["mappings"]
+                page = self.call(op, **args, **{cursor: position})[key]
             except ControlError as exc:
                 if exc.code == "not-found":  # removed meanwhile
-                    return mappings
+                    return items
                 raise
             if not page:
-                return mappings
-            mappings.extend(page)
-            offset = page[-1]["offset"] + page[-1]["size"]
+                return items
+            items.extend(page)
+            position = after(page[-1])
 
     def mappers(self) -> list[dict[str, Any]]:
         """Every mapper, by id, each with all its `held` ranges (gathered a page at a time)."""
@@ -256,19 +272,7 @@ class ControlClient:
             after = page[-1]["id"]
 
     def _all_held(self, mapper_id: int) -> list[list[int]]:
-        held: list[list[int]] = []
-        gpa = 0
-        while True:
-            try:
-                page = self.call("mapper_held", id=mapper_id, gpa=gpa)["held"]
-            except ControlError as exc:
-                if exc.code == "not-found":  # gone meanwhile
-                    return held
-                raise
-            if not page:
-                return held
-            held.extend(page)
-            gpa = page[-1][0] + page[-1][1]
+        return self._gather("mapper_held", "held", {"id": mapper_id}, "gpa", lambda r: r[0] + r[1])
 
     def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = self.call("stats")
