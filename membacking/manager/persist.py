@@ -12,7 +12,8 @@ from pathlib import Path
 from ..runtime import RuntimePaths
 from .backing import MemfdStore
 from .journal import JournalError
-from .snapshot import capture, check_fits, restore
+from .journalcache import JournalEncoder
+from .snapshot import check_fits, restore
 from .state import ManagerState
 from .statedir import StateDir, StateDirError, default_state_dir
 
@@ -47,6 +48,8 @@ class Persistence:
         #: no state was there (or --fresh): a start that fails leaves nothing behind
         self.fresh = False
         self._rollbacks = 0
+        #: the journal's records packed so far: a save packs only the regions changed since
+        self._encoder = JournalEncoder()
 
     def open(self, state: ManagerState, store: MemfdStore) -> None:
         """Claim the directory and adopt its state into the empty `state`/`store`, or start
@@ -114,9 +117,10 @@ class Persistence:
         return True
 
     def save(self, state: ManagerState, store: MemfdStore) -> None:
-        """Journal the region table if it changed since the last save."""
-        snapshot = capture(state, store, self.state_id, str(self.paths.root))
-        self.dir.write(snapshot)
+        """Journal the region table if it changed since the last save (the regions that did
+        not change are not packed again)."""
+        data = self._encoder.encode(state, store, self.state_id, str(self.paths.root))
+        self.dir.write_encoded(data)
 
     def save_logged(self, state: ManagerState, store: MemfdStore) -> bool:
         """`save`, logging a failure (the change stands; a crash now would lose it)."""

@@ -29,25 +29,11 @@ def capture(state: ManagerState, store: MemfdStore, state_id: bytes, runtime_dir
     for region in sorted(state.regions.values(), key=lambda r: r.order):
         if region.removing:
             continue
-        subs = tuple(
-            SubMappingRecord(s.offset, s.size, s.mappable_id, s.file_offset, s.writable)
-            for s in region.submappings
+        record = region_record(region)
+        mappables.update(
+            s.mappable_id for s in record.submappings if s.mappable_id != PRIVATE_MAPPABLE
         )
-        mappables.update(s.mappable_id for s in subs if s.mappable_id != PRIVATE_MAPPABLE)
-        regions.append(
-            RegionRecord(
-                region.name,
-                region.size,
-                region.priority,
-                region.order,
-                region.writable,
-                region.backing,
-                region.gpa,
-                region.enabled,
-                region.path,
-                subs,
-            )
-        )
+        regions.append(record)
     return Snapshot(
         state_id=state_id,
         uid=os.getuid(),
@@ -59,6 +45,25 @@ def capture(state: ManagerState, store: MemfdStore, state_id: bytes, runtime_dir
         regions=tuple(regions),
         backings=tuple(store.records(mappables)),
         counters={k: v for k, v in state.counters.items() if v},
+    )
+
+
+def region_record(region: Region) -> RegionRecord:
+    """What the journal keeps of one region."""
+    return RegionRecord(
+        region.name,
+        region.size,
+        region.priority,
+        region.order,
+        region.writable,
+        region.backing,
+        region.gpa,
+        region.enabled,
+        region.path,
+        tuple(
+            SubMappingRecord(s.offset, s.size, s.mappable_id, s.file_offset, s.writable)
+            for s in region.submappings
+        ),
     )
 
 

@@ -59,6 +59,9 @@ class TableState:
         #: the regions that have a GPA, by where they lie (kept in step with `regions`)
         self.placed = PlacementIndex()
         self.region_bytes = 0
+        #: names of the regions whose journaled part changed (added, removed, enabled or
+        #: disabled, moved, re-mapped) since the journal last packed them (journalcache.py)
+        self.changed_regions: set[str] = set()
         #: called with the seconds an invalidation took, from request to the last ack
         self.removal_observer: Callable[[float], None] | None = None
         self.table: RangeMap[Mapping] = RangeMap()
