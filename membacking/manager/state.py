@@ -10,6 +10,8 @@ from __future__ import annotations
 import bisect
 import functools
 import logging
+import operator
+from collections import Counter
 from typing import Any
 
 from .. import units
@@ -36,8 +38,11 @@ from .peers import PeerState
 from .pins import Pins, guard
 from .regioninfo import MAX_LISTED_PIECES, piece_info, region_info
 from .regions import MAX_PRIORITY, Pieces, Region, SubMapping, check_nesting, split_submappings
+from .table import Lost
 
 log = logging.getLogger("membacking.manager")
+
+_MAPPABLE = operator.attrgetter("mappable_id")
 
 __all__ = [
     "DEFAULT_ADDRESS_SPACE",
@@ -229,9 +234,10 @@ class ManagerState(PeerState):
         self.changed_regions.add(region.name)
         op = self.start_op(f"remove {region.name}", reply_to)
         op.timed = True
-        for sub in region.submappings:
-            self._mappable_refs[sub.mappable_id] -= 1
-            op.destroy.add(sub.mappable_id)
+        uses = Counter(map(_MAPPABLE, region.submappings))  # counted in C, not piece by piece
+        for mappable_id, n in uses.items():
+            self._mappable_refs[mappable_id] -= n
+        op.destroy.update(uses)
         effects = self._reconcile([region.range], op) if region.range is not None else []
         effects += self._release_leftovers(op)
 
@@ -272,7 +278,7 @@ class ManagerState(PeerState):
         windows = [old] if old is not None else []
         op = self.start_op(f"{'enable' if enabled else 'disable'} {name}", reply_to)
         effects: list[Effect] = []
-        cut: dict[int, list[MemoryRange]] = {}
+        cut: Lost = {}
         if gpa is not None and gpa != region.gpa:
             new = self._check_placement(
                 name, gpa, region.size, region.priority, self._alignment(region)
@@ -355,10 +361,10 @@ class ManagerState(PeerState):
         self.changed_regions.add(name)
         effects: list[Effect] = []
         if region.active:
-            cut: dict[int, list[MemoryRange]] = {}
+            cut: Lost = {}
             assert region.gpa is not None
             effects += self._cut(
-                MemoryRange(region.gpa + offset, region.gpa + offset + size), op, cut
+                region, MemoryRange(region.gpa + offset, region.gpa + offset + size), op, cut
             )
             if new_sub is not None:
                 effects += self._insert(region, new_sub, op)
