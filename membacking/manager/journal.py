@@ -109,11 +109,20 @@ def head(snapshot: Snapshot) -> dict[str, Any]:
     }
 
 
-def pack(record: RegionRecord | BackingRecord) -> bytes:
+def pack(record: RegionRecord | SubMappingRecord | BackingRecord) -> bytes:
     """One record's bytes as they stand in the body (named tuples pack as arrays in field
     order): a journal's regions and backings are these bytes one after the other."""
     data: bytes = msgpack.packb(record, use_bin_type=True)
     return data
+
+
+def pack_region(fields: tuple[Any, ...], submappings: list[bytes]) -> bytes:
+    """`pack` of a RegionRecord from its fields before `submappings` and its sub-mappings
+    already packed (`pack`): a change to a few pieces packs only those again."""
+    assert len(fields) == len(RegionRecord._fields) - 1
+    packed: bytes = msgpack.packb(fields, use_bin_type=True)  # a fixarray: one byte of header
+    header = bytes((0x90 | len(RegionRecord._fields),))
+    return b"".join((header, packed[1:], _array_header(len(submappings)), *submappings))
 
 
 def _array_header(count: int) -> bytes:

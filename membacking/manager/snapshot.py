@@ -8,6 +8,7 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+from typing import Any
 
 from ..protocol.messages import PRIVATE_MAPPABLE
 from ..protocol.ranges import MemoryRange
@@ -50,7 +51,12 @@ def capture(state: ManagerState, store: MemfdStore, state_id: bytes, runtime_dir
 
 def region_record(region: Region) -> RegionRecord:
     """What the journal keeps of one region."""
-    return RegionRecord(
+    return RegionRecord._make((*region_fields(region), tuple(map(sub_record, region.submappings))))
+
+
+def region_fields(region: Region) -> tuple[Any, ...]:
+    """A region's RegionRecord fields before its sub-mappings."""
+    return (
         region.name,
         region.size,
         region.priority,
@@ -60,11 +66,11 @@ def region_record(region: Region) -> RegionRecord:
         region.gpa,
         region.enabled,
         region.path,
-        tuple(
-            SubMappingRecord(s.offset, s.size, s.mappable_id, s.file_offset, s.writable)
-            for s in region.submappings
-        ),
     )
+
+
+def sub_record(sub: SubMapping) -> SubMappingRecord:
+    return SubMappingRecord(sub.offset, sub.size, sub.mappable_id, sub.file_offset, sub.writable)
 
 
 def check_fits(snapshot: Snapshot, runtime_dir: str, address_space: int) -> None:
