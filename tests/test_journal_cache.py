@@ -157,6 +157,8 @@ def test_pieces_replaced_between_saves_are_packed_again(tmp_path: Path) -> None:
             size = min(size, 256 * PAGE - offset)
             replace = ("memfd", None, 0, True) if rand.random() < 0.4 else None
             state.change_mappings("ram", offset, size, replace=replace)
+            if rand.random() < 0.1:  # the region's own fields change too, its pieces not
+                state.set_enabled("ram", not state.regions["ram"].enabled)
         whole = journal.encode(capture(state, store, b"i" * 16, "/rt"))
         assert encoder.encode(state, store, b"i" * 16, "/rt") == whole
     assert len(state.regions["ram"].submappings) > 20

@@ -10,6 +10,7 @@ import bisect
 import operator
 import os
 from collections import Counter
+from dataclasses import dataclass
 
 from ..protocol.messages import PRIVATE_MAPPABLE
 from .backing import MemfdStore
@@ -21,18 +22,28 @@ from .state import ManagerState
 _MAPPABLE = operator.attrgetter("mappable_id")
 
 
+@dataclass
+class _Kept:
+    """What is kept of one region: the very region and `Pieces` packed, each sub-mapping's
+    bytes and mappable id (in the pieces' order), and how many pieces use each mappable."""
+
+    region: Region
+    pieces: Pieces
+    packed: list[bytes]
+    ids: list[int]
+    uses: Counter[int]
+
+
 class JournalEncoder:
     """The packed records of one state's regions (by creation order, as `capture` lists them)
     and backings (by mappable id), brought up to date with the changed regions at each save.
     A region's sub-mappings are kept packed one by one too: re-mapping a page of a region of
-    10,000 pieces packs the pieces it replaced (`Pieces.changed`), not all 10,000."""
+    10,000 pieces packs the pieces it replaced (`Pieces.changed`), not all 10,000. One encoder
+    follows a state (it takes the pieces' windows for itself)."""
 
     def __init__(self) -> None:
         self._primed = False
-        #: region name -> its order and the mappables it was packed with
-        self._packed: dict[str, tuple[int, set[int]]] = {}
-        #: region name -> its pieces as packed last (the very `Pieces`), and their bytes
-        self._pieces: dict[str, tuple[Pieces, list[bytes]]] = {}
+        self._kept: dict[str, _Kept] = {}
         self._orders: list[int] = []  # sorted, beside the packed regions
         self._regions: list[bytes] = []
         self._backing_refs: Counter[int] = Counter()  # mappable -> packed regions using it
@@ -49,12 +60,18 @@ class JournalEncoder:
             changed.update(state.regions)
             self._primed = True
         for name in sorted(changed):  # repeating one (after an error below) is harmless
-            self._drop(name)
             region = state.regions.get(name)
-            if region is not None and not region.removing:
+            live = region is not None and not region.removing
+            kept = self._kept.get(name)
+            if kept is not None and (not live or kept.region is not region):
+                self._drop(name)  # removed (or removed and added again)
+                kept = None
+            if region is None or not live:
+                continue
+            if kept is None:
                 self._add(region, store)
             else:
-                self._pieces.pop(name, None)
+                self._update(kept, store)
         changed.clear()
         fields = head(
             Snapshot(
@@ -73,48 +90,65 @@ class JournalEncoder:
         return encode_packed(fields, self._regions, self._backings)
 
     def _drop(self, name: str) -> None:
-        packed = self._packed.pop(name, None)
-        if packed is None:
-            return
-        order, mappables = packed
-        i = bisect.bisect_left(self._orders, order)
+        kept = self._kept.pop(name)
+        i = bisect.bisect_left(self._orders, kept.region.order)
         del self._orders[i], self._regions[i]
-        for mappable_id in mappables:
-            self._backing_refs[mappable_id] -= 1
-            if self._backing_refs[mappable_id] == 0:
-                del self._backing_refs[mappable_id]
-                j = bisect.bisect_left(self._backing_ids, mappable_id)
-                if j < len(self._backing_ids) and self._backing_ids[j] == mappable_id:
-                    del self._backing_ids[j], self._backings[j]
-
-    def _packed_pieces(self, name: str, pieces: Pieces) -> list[bytes]:
-        """The region's sub-mappings packed, repacking only those replaced since last time."""
-        kept = self._pieces.get(name)
-        if kept is None or kept[0] is not pieces or not pieces.watched:
-            memo = [pack(sub_record(s)) for s in pieces]
-            pieces.watched = True
-        else:
-            memo = kept[1]
-            if pieces.changed is not None:
-                lo, hi = pieces.changed
-                grown = len(pieces) - len(memo)
-                memo[lo : hi - grown] = [pack(sub_record(s)) for s in pieces.slice(lo, hi)]
-        pieces.changed = None
-        self._pieces[name] = (pieces, memo)
-        return memo
+        self._unref(kept.uses)
 
     def _add(self, region: Region, store: MemfdStore) -> None:
         pieces = region.submappings
-        mappables = set(map(_MAPPABLE, pieces))  # in C, not piece by piece
-        mappables.discard(PRIVATE_MAPPABLE)
-        self._packed[region.name] = (region.order, mappables)
+        ids = list(map(_MAPPABLE, pieces))  # in C, not piece by piece
+        kept = _Kept(region, pieces, [pack(sub_record(s)) for s in pieces], ids, Counter(ids))
+        pieces.watched, pieces.changed = True, None
+        self._kept[region.name] = kept
         i = bisect.bisect_left(self._orders, region.order)
         self._orders.insert(i, region.order)
-        memo = self._packed_pieces(region.name, pieces)
-        self._regions.insert(i, pack_region(region_fields(region), memo))
-        new = {i for i in mappables if self._backing_refs[i] == 0}
-        self._backing_refs.update(mappables)
+        self._regions.insert(i, pack_region(region_fields(region), kept.packed))
+        self._ref(kept.uses, store)
+
+    def _update(self, kept: _Kept, store: MemfdStore) -> None:
+        """Pack a region again, and only the pieces replaced since it was packed last."""
+        region, pieces = kept.region, kept.pieces
+        assert pieces is region.submappings and pieces.watched
+        if pieces.changed is not None:
+            lo, hi = pieces.changed
+            old = hi - (len(pieces) - len(kept.packed))  # where the window ended before
+            subs = pieces.slice(lo, hi)
+            kept.packed[lo:old] = [pack(sub_record(s)) for s in subs]
+            gone = kept.ids[lo:old]
+            kept.ids[lo:old] = new = [s.mappable_id for s in subs]
+            pieces.changed = None
+            # the mappables it started or stopped using, from the window alone
+            started = Counter({i: 1 for i in new if i not in kept.uses})
+            kept.uses.subtract(gone)
+            kept.uses.update(new)
+            stopped: Counter[int] = Counter()
+            for mappable_id in set(gone):
+                if kept.uses[mappable_id] <= 0:
+                    del kept.uses[mappable_id]
+                    stopped[mappable_id] = 1
+            self._unref(stopped)
+            self._ref(started, store)
+        i = bisect.bisect_left(self._orders, region.order)
+        self._regions[i] = pack_region(region_fields(region), kept.packed)
+
+    def _ref(self, uses: Counter[int], store: MemfdStore) -> None:
+        """Mappables a region started to use: their backings join the journal's."""
+        new = {i for i in uses if i != PRIVATE_MAPPABLE and self._backing_refs[i] == 0}
+        self._backing_refs.update(i for i in uses if i != PRIVATE_MAPPABLE)
         for backing in store.records(new):  # those without a record are not journaled
             j = bisect.bisect_left(self._backing_ids, backing.mappable_id)
             self._backing_ids.insert(j, backing.mappable_id)
             self._backings.insert(j, pack(backing))
+
+    def _unref(self, uses: Counter[int]) -> None:
+        """Mappables a region stopped using: backings no region uses leave the journal."""
+        for mappable_id in uses:
+            if mappable_id == PRIVATE_MAPPABLE:
+                continue
+            self._backing_refs[mappable_id] -= 1
+            if self._backing_refs[mappable_id] <= 0:
+                del self._backing_refs[mappable_id]
+                j = bisect.bisect_left(self._backing_ids, mappable_id)
+                if j < len(self._backing_ids) and self._backing_ids[j] == mappable_id:
+                    del self._backing_ids[j], self._backings[j]
