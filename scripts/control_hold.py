@@ -5,8 +5,10 @@ returns before it serves the next fault. This drives the real state machine (rea
 sockets: mappers are simulated by feeding their messages in) with 10,000 regions, 8 eager and
 64 lazy mappers and a region with 10,000 holes, and prints, per operation, the longest time the
 state machine plus the encoding of its messages took (what the loop does besides the socket
-writes). Each answer from a mapper (a MapAck, an UnmapAck) is a loop turn of its own and timed
-as one. Run: python scripts/control_hold.py [--regions N] [--holes N] [--repeat N]
+writes), and for each changing operation the building of the journal's bytes the daemon writes
+before it answers (not the file's write and fsync). Each answer from a mapper (a MapAck, an
+UnmapAck) is a loop turn of its own and timed as one.
+Run: python scripts/control_hold.py [--regions N] [--holes N] [--repeat N]
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from collections.abc import Callable
 
 from membacking.manager.backing import MemfdStore
+from membacking.manager.journalcache import JournalEncoder
 from membacking.manager.model import Limits
 from membacking.manager.state import Effect, ManagerState, Send
 from membacking.protocol import messages as m
@@ -36,6 +39,19 @@ class Rig:
         self.state = ManagerState(MemfdStore(), limits=limits)
         self.streams: dict[bytes, int] = {}
         self.worst_answer = 0.0
+        self.store = self.state.store
+        assert isinstance(self.store, MemfdStore)
+        self.journal = JournalEncoder()
+
+    def journal_bytes(self) -> float:
+        """Seconds to build the journal's bytes after a change, as the daemon does before it
+        answers a changing request (the atomic write of the file is not included)."""
+        gc.disable()
+        started = time.perf_counter()
+        self.journal.encode(self.state, self.store, bytes(16), "/run/membacking")
+        held = time.perf_counter() - started
+        gc.enable()
+        return held
 
     def attach(self, name: str, eager: bool) -> int:
         entry = self.state.register_mapper(name, pid=1)
@@ -127,6 +143,7 @@ def main() -> None:
     for i in range(opts.holes):
         rig.control("unmap_range", name="holes", offset=(2 * i + 1) * PAGE, size=PAGE)
     rig.worst_answer = 0.0
+    rig.journal_bytes()  # the daemon journals the whole table once at start
     print(
         f"{opts.regions} regions, {opts.eager} eager and {opts.holders} lazy mappers holding "
         f"every region, a region with {opts.holes} holes (set up in "
@@ -158,10 +175,20 @@ def main() -> None:
             lambda i: rig.control("mapper_held", id=lazy[0], gpa=MiB + i * 100 * PAGE),
         ),
     ]
-    print(f"{'operation':40} {'median':>13} {'longest':>13}")
+    changing = ("unmap_range", "add_region", "remove_region", "disable_region", "enable_region")
+    print(f"{'operation':40} {'median':>13} {'longest':>13} {'journal median':>17} {'longest':>13}")
     for label, run in ops:
-        holds = sorted(run(i)[0] * 1e3 for i in range(opts.repeat))
-        print(f"{label:40} {holds[len(holds) // 2]:10.2f} ms {holds[-1]:10.2f} ms")
+        holds, saves = [], []
+        for i in range(opts.repeat):
+            holds.append(run(i)[0] * 1e3)
+            if label.startswith(changing):  # the daemon journals before it answers
+                saves.append(rig.journal_bytes() * 1e3)
+        holds.sort()
+        saves.sort()
+        line = f"{label:40} {holds[len(holds) // 2]:10.2f} ms {holds[-1]:10.2f} ms"
+        if saves:
+            line += f" {saves[len(saves) // 2]:14.2f} ms {saves[-1]:10.2f} ms"
+        print(line)
     label = "one mapper answer (MapAck, UnmapAck)"
     print(f"{label:40} {'':13} {rig.worst_answer * 1e3:10.2f} ms")
     label = f"remove_region ({len(rig.state.regions['holes'].submappings)} pieces)"

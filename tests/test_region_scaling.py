@@ -467,3 +467,44 @@ def test_control_client_pages_against_a_manager_of_an_earlier_release() -> None:
         ("mappers", {}),
         ("mappers", {"after_id": 2}),
     ]
+
+
+def test_a_removal_does_not_grow_as_pieces_times_holders() -> None:
+    """Removing a region runs lines of Python per piece or per holder, never per piece and
+    holder: the lines 190 more pieces add are the same with 2 holders and with 12. Every piece's
+    holders were walked and each holder's ranges popped one by one (2.3 us per piece and
+    holder: 1.66 s for 10,010 pieces held by 72 mappers, in one turn of the loop)."""
+    from test_manager_state import attach
+
+    from membacking.protocol import messages as m
+
+    page = 4096
+
+    def cost(pieces: int, holders: int) -> int:
+        state = ManagerState(RecordingStore(), address_space=1 << 36)
+        pages = 2 * pieces
+        state.add_region("ram", 0, pages * page, True)
+        streams = []
+        for h in range(holders):
+            _, stream, requests = attach(state, f"m{h}")
+            state.handle_mapper(requests, m.SendMappings(MemoryRange(0, pages * page)))
+            streams.append(stream)
+        for i in range(pieces - 1):
+            state.change_mappings("ram", (2 * i + 1) * page, page)
+        region = state.regions["ram"]
+        assert len(region.submappings) == pieces
+        assert region.holder_tally == {h + 1: pieces for h in range(holders)}
+        effects: list[object] = []
+        lines = _lines_run(lambda: effects.extend(state.remove_region("ram", reply_to=b"c")))
+        unmaps = [e.msg for e in effects if isinstance(getattr(e, "msg", None), m.Unmap)]
+        assert len(unmaps) == holders  # one each, over all of its pieces
+        for h, stream in enumerate(streams):  # answered, and the Unmaps of the holes before
+            for seq in list(state.mappers[h + 1].unacked):
+                state.handle_mapper(stream, m.UnmapAck(seq))
+        assert "ram" not in state.regions and not region.holder_tally
+        assert all(len(e.held) == 0 and e.held.bytes == 0 for e in state.mappers.values())
+        return lines
+
+    few_holders = cost(200, 2) - cost(10, 2)
+    many_holders = cost(200, 12) - cost(10, 12)
+    assert many_holders <= few_holders * 1.1 + 50, (few_holders, many_holders)

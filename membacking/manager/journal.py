@@ -101,7 +101,16 @@ class Snapshot:
 
 def encode(snapshot: Snapshot) -> bytes:
     """The journal file's bytes for `snapshot` (format FORMAT_VERSION)."""
-    body = {
+    return encode_packed(
+        head(snapshot),
+        [pack(r) for r in snapshot.regions],
+        [pack(b) for b in snapshot.backings],
+    )
+
+
+def head(snapshot: Snapshot) -> dict[str, Any]:
+    """The body's fields before its regions and backings, in the order they are written."""
+    return {
         "state_id": snapshot.state_id,
         "uid": snapshot.uid,
         "runtime_dir": snapshot.runtime_dir,
@@ -110,12 +119,51 @@ def encode(snapshot: Snapshot) -> bytes:
         "next_order": snapshot.next_order,
         "next_mapper_id": snapshot.next_mapper_id,
         "counters": dict(snapshot.counters),
-        # arrays in field order (named tuples pack as arrays)
-        "regions": snapshot.regions,
-        "backings": snapshot.backings,
-        "pins": snapshot.pins,
+        # VM pins: named tuples pack as arrays in field order
+        "pins": [tuple(p) for p in snapshot.pins],
     }
-    data: bytes = msgpack.packb(body, use_bin_type=True)
+
+
+def pack(record: RegionRecord | SubMappingRecord | BackingRecord) -> bytes:
+    """One record's bytes as they stand in the body (named tuples pack as arrays in field
+    order): a journal's regions and backings are these bytes one after the other."""
+    data: bytes = msgpack.packb(record, use_bin_type=True)
+    return data
+
+
+def pack_region(fields: tuple[Any, ...], submappings: list[bytes]) -> bytes:
+    """`pack` of a RegionRecord from its fields before `submappings` and its sub-mappings
+    already packed (`pack`): a change to a few pieces packs only those again."""
+    assert len(fields) == len(RegionRecord._fields) - 1
+    packed: bytes = msgpack.packb(fields, use_bin_type=True)  # a fixarray: one byte of header
+    header = bytes((0x90 | len(RegionRecord._fields),))
+    return b"".join((header, packed[1:], _array_header(len(submappings)), *submappings))
+
+
+def _array_header(count: int) -> bytes:
+    if count < 16:
+        return bytes((0x90 | count,))
+    if count < 1 << 16:
+        return b"\xdc" + count.to_bytes(2, "big")
+    return b"\xdd" + count.to_bytes(4, "big")
+
+
+_REGIONS_KEY = msgpack.packb("regions")
+_BACKINGS_KEY = msgpack.packb("backings")
+
+
+def encode_packed(fields: dict[str, Any], regions: list[bytes], backings: list[bytes]) -> bytes:
+    """The journal file's bytes from `head` fields and records already packed (`pack`): the
+    same bytes msgpack makes of the whole body, so a save can reuse the records that did not
+    change. The body is a map of the fields, then `regions` and `backings` (arrays)."""
+    assert len(fields) < 14  # a fixmap with the two arrays
+    parts = [bytes((0x80 | (len(fields) + 2),))]
+    for key, value in fields.items():
+        parts.append(msgpack.packb(key, use_bin_type=True))
+        parts.append(msgpack.packb(value, use_bin_type=True))
+    parts += (_REGIONS_KEY, _array_header(len(regions)), *regions)
+    parts += (_BACKINGS_KEY, _array_header(len(backings)), *backings)
+    data = b"".join(parts)
     return _HEADER.pack(MAGIC, FORMAT_VERSION, len(data), zlib.crc32(data)) + data
 
 

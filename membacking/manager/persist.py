@@ -12,7 +12,8 @@ from pathlib import Path
 from ..runtime import RuntimePaths
 from .backing import MemfdStore
 from .journal import JournalError
-from .snapshot import capture, check_fits, restore
+from .journalcache import JournalEncoder
+from .snapshot import check_fits, restore
 from .state import ManagerState
 from .statedir import StateDir, StateDirError, default_state_dir, region_text
 
@@ -73,6 +74,8 @@ class Persistence:
         self.fresh = False
         self._rollbacks = 0
         self._adopted_note: str | None = None
+        #: the journal's records packed so far: a save packs only the regions changed since
+        self._encoder = JournalEncoder()
 
     def open(self, state: ManagerState, store: MemfdStore) -> None:
         """Claim the directory and adopt its state into the empty `state`/`store`, or start
@@ -122,9 +125,10 @@ class Persistence:
         return adopted_region(state, name, want, f"the state in {self.dir.root}")
 
     def save(self, state: ManagerState, store: MemfdStore) -> None:
-        """Journal the region table if it changed since the last save."""
-        snapshot = capture(state, store, self.state_id, str(self.paths.root))
-        self.dir.write(snapshot)
+        """Journal the region table if it changed since the last save (the regions that did
+        not change are not packed again)."""
+        data = self._encoder.encode(state, store, self.state_id, str(self.paths.root))
+        self.dir.write_encoded(data)
         if self._adopted_note is not None:
             log.info("adopted the state in %s: %s", self.dir.root, self._adopted_note)
             self._adopted_note = None

@@ -41,11 +41,16 @@ class Pieces:
     it (about a microsecond for 10,000 pieces), instead of a walk and a sort of every piece.
     """
 
-    __slots__ = ("_starts", "_subs")
+    __slots__ = ("_starts", "_subs", "changed", "watched")
 
     def __init__(self, subs: Iterable[SubMapping] = ()) -> None:
         self._subs = sorted(subs, key=lambda s: s.offset)
         self._starts = [s.offset for s in self._subs]
+        #: set by an observer that keeps something per piece (the journal's packed records):
+        #: `changed` is then the window [i, j) of the pieces replaced since it last looked, in
+        #: today's indexes (None: none), so it redoes only those
+        self.watched = False
+        self.changed: tuple[int, int] | None = None
 
     def __len__(self) -> int:
         return len(self._subs)
@@ -82,6 +87,14 @@ class Pieces:
         """Put `subs` (sorted, fitting between the neighbours of [i, j)) in place of [i, j)."""
         self._subs[i:j] = subs
         self._starts[i:j] = [s.offset for s in subs]
+        if self.watched:  # widen the window by [i, i + len(subs)), shifting what lay after j
+            n = len(subs)
+            if self.changed is None:
+                self.changed = (i, i + n)
+            else:
+                lo, hi = self.changed
+                hi = hi if hi <= i else i + n if hi <= j else hi + n - (j - i)
+                self.changed = (min(lo, i), max(hi, i + n))
 
 
 @dataclass

@@ -8,6 +8,7 @@ from __future__ import annotations
 import bisect
 import logging
 import os
+from typing import Any
 
 from ..protocol.messages import PRIVATE_MAPPABLE
 from ..protocol.ranges import MemoryRange
@@ -30,25 +31,11 @@ def capture(state: ManagerState, store: MemfdStore, state_id: bytes, runtime_dir
     for region in sorted(state.regions.values(), key=lambda r: r.order):
         if region.removing:
             continue
-        subs = tuple(
-            SubMappingRecord(s.offset, s.size, s.mappable_id, s.file_offset, s.writable)
-            for s in region.submappings
+        record = region_record(region)
+        mappables.update(
+            s.mappable_id for s in record.submappings if s.mappable_id != PRIVATE_MAPPABLE
         )
-        mappables.update(s.mappable_id for s in subs if s.mappable_id != PRIVATE_MAPPABLE)
-        regions.append(
-            RegionRecord(
-                region.name,
-                region.size,
-                region.priority,
-                region.order,
-                region.writable,
-                region.backing,
-                region.gpa,
-                region.enabled,
-                region.path,
-                subs,
-            )
-        )
+        regions.append(record)
     return Snapshot(
         state_id=state_id,
         uid=os.getuid(),
@@ -60,12 +47,41 @@ def capture(state: ManagerState, store: MemfdStore, state_id: bytes, runtime_dir
         regions=tuple(regions),
         backings=tuple(store.records(mappables)),
         counters={k: v for k, v in state.counters.items() if v},
-        pins=tuple(
-            PinRecord(p.mapper_id, p.label, p.pid, p.started, tuple(sorted(p.regions)))
-            for p in state.pins.kept(state.mappers)
-            if p.started is not None
-        ),
+        pins=pin_records(state),
     )
+
+
+def pin_records(state: ManagerState) -> tuple[PinRecord, ...]:
+    """What the journal keeps of the pins of running VMs (those whose process it can name)."""
+    return tuple(
+        PinRecord(p.mapper_id, p.label, p.pid, p.started, tuple(sorted(p.regions)))
+        for p in state.pins.kept(state.mappers)
+        if p.started is not None
+    )
+
+
+def region_record(region: Region) -> RegionRecord:
+    """What the journal keeps of one region."""
+    return RegionRecord._make((*region_fields(region), tuple(map(sub_record, region.submappings))))
+
+
+def region_fields(region: Region) -> tuple[Any, ...]:
+    """A region's RegionRecord fields before its sub-mappings."""
+    return (
+        region.name,
+        region.size,
+        region.priority,
+        region.order,
+        region.writable,
+        region.backing,
+        region.gpa,
+        region.enabled,
+        region.path,
+    )
+
+
+def sub_record(sub: SubMapping) -> SubMappingRecord:
+    return SubMappingRecord(sub.offset, sub.size, sub.mappable_id, sub.file_offset, sub.writable)
 
 
 def check_fits(snapshot: Snapshot, runtime_dir: str, address_space: int) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import bisect
 import functools
 import logging
+import operator
+from collections import Counter
 from typing import Any
 
 from .. import units
@@ -34,12 +36,17 @@ from .model import (
 )
 from .peers import PeerState
 from .pins import Pins, guard
+from .regioninfo import MAX_LISTED_PIECES, piece_info, region_info
 from .regions import MAX_PRIORITY, Pieces, Region, SubMapping, check_nesting, split_submappings
+from .table import Lost
 
 log = logging.getLogger("membacking.manager")
 
+_MAPPABLE = operator.attrgetter("mappable_id")
+
 __all__ = [
     "DEFAULT_ADDRESS_SPACE",
+    "MAX_LISTED_PIECES",
     "Disconnect",
     "Effect",
     "Limits",
@@ -49,6 +56,7 @@ __all__ = [
     "Operation",
     "Send",
     "SendFd",
+    "piece_info",
     "region_info",
 ]
 
@@ -176,6 +184,7 @@ class ManagerState(PeerState):
         self._next_order += 1
         self._mappable_refs[mappable_id] += 1
         self.regions[name] = region
+        self.changed_regions.add(name)
         bisect.insort(self.names, name)
         if gpa is not None:
             self.placed.add(region)
@@ -222,11 +231,13 @@ class ManagerState(PeerState):
         self, region: Region, reply_to: bytes | None, error: tuple[str, str] | None = None
     ) -> list[Effect]:
         region.removing = True
+        self.changed_regions.add(region.name)
         op = self.start_op(f"remove {region.name}", reply_to)
         op.timed = True
-        for sub in region.submappings:
-            self._mappable_refs[sub.mappable_id] -= 1
-            op.destroy.add(sub.mappable_id)
+        uses = Counter(map(_MAPPABLE, region.submappings))  # counted in C, not piece by piece
+        for mappable_id, n in uses.items():
+            self._mappable_refs[mappable_id] -= n
+        op.destroy.update(uses)
         effects = self._reconcile([region.range], op) if region.range is not None else []
         effects += self._release_leftovers(op)
 
@@ -267,7 +278,7 @@ class ManagerState(PeerState):
         windows = [old] if old is not None else []
         op = self.start_op(f"{'enable' if enabled else 'disable'} {name}", reply_to)
         effects: list[Effect] = []
-        cut: dict[int, list[MemoryRange]] = {}
+        cut: Lost = {}
         if gpa is not None and gpa != region.gpa:
             new = self._check_placement(
                 name, gpa, region.size, region.priority, self._alignment(region)
@@ -281,11 +292,13 @@ class ManagerState(PeerState):
         elif enabled and region.gpa is None:
             raise Refused("bad-request", f"region {name!r} has no GPA yet: give one")
         region.enabled = enabled
+        self.changed_regions.add(name)
         effects += self._reconcile(windows, op, cut)
 
         def done(op: Operation) -> list[Effect]:
             if op.failures and enabled:
                 region.enabled = False
+                self.changed_regions.add(name)
                 undo = self.start_op(f"roll back {name}", op.reply_to)
                 text = f"eager mapper(s) could not map region {name!r}: " + "; ".join(op.failures)
                 self.counters["rollbacks"] += 1
@@ -345,12 +358,13 @@ class ManagerState(PeerState):
             self._mappable_refs[sub.mappable_id] += 1
         op.destroy.update(s.mappable_id for s in removed if self._mappable_refs[s.mappable_id] == 0)
         region.submappings.replace(first, last, kept)
+        self.changed_regions.add(name)
         effects: list[Effect] = []
         if region.active:
-            cut: dict[int, list[MemoryRange]] = {}
+            cut: Lost = {}
             assert region.gpa is not None
             effects += self._cut(
-                MemoryRange(region.gpa + offset, region.gpa + offset + size), op, cut
+                region, MemoryRange(region.gpa + offset, region.gpa + offset + size), op, cut
             )
             if new_sub is not None:
                 effects += self._insert(region, new_sub, op)
@@ -445,63 +459,3 @@ class ManagerState(PeerState):
             uptime=round(self._clock() - self.started_at, 3),
         )
         return out
-
-
-def _region_state(region: Region) -> str:
-    if region.removing:
-        return "removing"
-    if region.active:
-        return "active"
-    return "hidden" if region.enabled else "disabled"  # hidden: beneath a higher priority
-
-
-#: most pieces a region map lists in `mappings` (the `mappings` operation pages through more)
-MAX_LISTED_PIECES = 256
-
-
-def piece_info(sub: SubMapping) -> dict[str, Any]:
-    return {
-        "offset": sub.offset,
-        "size": sub.size,
-        "mappable_id": sub.mappable_id,
-        "file_offset": sub.file_offset,
-        "writable": sub.writable,
-    }
-
-
-def region_info(
-    state: ManagerState, region: Region, *, around: tuple[int, int] | None = None
-) -> dict[str, Any]:
-    """A region as the control channel describes it, in work bounded by MAX_LISTED_PIECES:
-    `pieces` counts its sub-mappings and `mappings` lists at most that many, from the first, or
-    with `around=(offset, end)` the ones a change there touched and their neighbours."""
-    pieces = region.submappings
-    first = 0
-    if around is not None:
-        first, _ = pieces.span(*around)
-        first = max(first - 1, 0)
-    listed = pieces.slice(first, first + MAX_LISTED_PIECES)
-    if around is not None:
-        # up to the neighbour after the change
-        _, last = pieces.span(*around)
-        listed = listed[: last + 1 - first]
-    return {
-        "name": region.name,
-        "gpa": region.gpa,
-        "size": region.size,
-        "writable": region.writable,
-        "priority": region.priority,
-        "backing": region.backing,
-        # where the memory lives: a "memfd" region's is a file of the state directory ("shm")
-        # when there is one
-        "memory": state.store.ram_kind if region.backing == "memfd" else region.backing,
-        "path": region.path,
-        "enabled": region.enabled,
-        "active": region.active,
-        "mappable_id": pieces[0].mappable_id if len(pieces) else None,
-        "pieces": len(pieces),
-        "mappings": [piece_info(s) for s in listed],
-        # the region's mappings in the table (none unless active) count who holds them
-        "holders": sorted(region.holder_tally),
-        "state": _region_state(region),
-    }

@@ -112,7 +112,10 @@ class StateDir:
     def write(self, snapshot: Snapshot) -> bool:
         """Store `snapshot` atomically unless it is what was stored last; then unlink the files
         of mappables destroyed before it (the journal no longer names them). True if written."""
-        data = journal.encode(snapshot)
+        return self.write_encoded(journal.encode(snapshot))
+
+    def write_encoded(self, data: bytes) -> bool:
+        """`write` of a snapshot already encoded (`journal.encode` or `JournalEncoder`)."""
         written = data != self._last_written
         if written:
             journal.write_atomically(self.journal, data)

@@ -6,7 +6,9 @@ mappers and an `Operation` that completes when each of them has answered.
 
 from __future__ import annotations
 
+import bisect
 import logging
+import operator
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -31,6 +33,11 @@ from .model import (
 from .regions import PlacementIndex, Region, SubMapping, desired_active
 
 log = logging.getLogger("membacking.manager")
+
+_END = operator.attrgetter("end")
+
+#: mapper id -> the pieces it lost in each cut of one change (each list in address order)
+Lost = dict[int, list[list[MemoryRange]]]
 
 
 class TableState:
@@ -59,6 +66,9 @@ class TableState:
         #: the regions that have a GPA, by where they lie (kept in step with `regions`)
         self.placed = PlacementIndex()
         self.region_bytes = 0
+        #: names of the regions whose journaled part changed (added, removed, enabled or
+        #: disabled, moved, re-mapped) since the journal last packed them (journalcache.py)
+        self.changed_regions: set[str] = set()
         #: called with the seconds an invalidation took, from request to the last ack
         self.removal_observer: Callable[[float], None] | None = None
         self.table: RangeMap[Mapping] = RangeMap()
@@ -226,19 +236,25 @@ class TableState:
         effects = op.on_done(op) if op.on_done is not None else []
         return effects
 
-    def _cut(
-        self, rng: MemoryRange, op: Operation, cut: dict[int, list[MemoryRange]]
-    ) -> list[Effect]:
-        """Take `rng` out of the table: Unmap the cut pieces to their holders (only to them),
-        one Unmap per holder spanning the pieces it held (everything in `rng` leaves the table,
-        so the span covers nothing it keeps): a region of 1,000 pieces held by 24 mappers sent
-        24,000 Unmaps and held the loop for 316 ms."""
-        effects: list[Effect] = []
-        pieces: dict[int, list[MemoryRange]] = {}
-        popped: dict[int, list[MemoryRange]] = {}
-        for mrange, mapping in self.table.remove_overlapping(rng):
-            piece = mrange.intersection(rng)
-            for part in mrange.subtract(rng):
+    def _cut(self, region: Region, rng: MemoryRange, op: Operation, cut: Lost) -> list[Effect]:
+        """Take `rng`, inside active `region`, out of the table: Unmap the cut pieces to their
+        holders (only to them), one Unmap per holder spanning the pieces it held (everything in
+        `rng` leaves the table, so the span covers nothing it keeps): a region of 1,000 pieces
+        held by 24 mappers sent 24,000 Unmaps and held the loop for 316 ms. The holders come
+        from the region's tally, and each takes its pieces out of its held ranges with one
+        slice (`Held.take`): no Python runs per piece and holder (2.3 us each did: 1.66 s for
+        10,010 pieces held by 72 mappers)."""
+        removed = self.table.remove_overlapping(rng)
+        if not removed:
+            return []
+        tally = region.holder_tally  # active regions never overlap: all of `removed` is its own
+        assert removed[0][1].holders.tally is tally and removed[-1][1].holders.tally is tally
+        holders = sorted(tally)
+        whole = 0  # the bytes of every piece cut, for a holder that held them all
+        for mrange, mapping in removed[:: max(len(removed) - 1, 1)]:  # the first and the last
+            if mrange.start >= rng.start and mrange.end <= rng.end:
+                continue
+            for part in mrange.subtract(rng):  # a piece straddling the cut keeps its outside
                 kept = Mapping(
                     mapping.region,
                     part,
@@ -250,22 +266,41 @@ class TableState:
                 self.table.insert(part, kept)
                 for holder in kept.holders:
                     self.mappers[holder].held[part] = kept.mappable_id
-            for holder in mapping.holders:
-                popped.setdefault(holder, []).append(mrange)
-                pieces.setdefault(holder, []).append(piece)
-            mapping.holders.clear()  # out of the table: no longer counted for its region
-        for holder in sorted(pieces):
+        # The removed mappings leave the table and are dropped: their holder sets are not
+        # emptied one by one; the tally comes down by what each holder took, below.
+        effects: list[Effect] = []
+        for holder in holders:
             entry = self.mappers[holder]
-            entry.held.pop_all(popped[holder])
-            held = pieces[holder]  # in address order
-            span = MemoryRange.checked_already(held[0].start, held[-1].end)
+            taken = entry.held.take(rng)
+            if not taken:
+                continue
+            left = tally[holder] - len(taken)
+            if left > 0:
+                tally[holder] = left
+            else:
+                del tally[holder]
+            if len(taken) == len(removed):  # it held every piece: their bytes are counted once
+                whole = whole or sum(r.end - r.start for r, _ in removed)
+                nbytes = whole
+            else:
+                nbytes = sum(r.end - r.start for r in taken)
+            entry.held.forget_bytes(nbytes)
+            # the pieces it loses: its ranges, the first and the last cut to `rng`
+            first, last = taken[0], taken[-1]
+            if first.start < rng.start or last.end > rng.end:
+                taken[0] = first.intersection(rng)
+                taken[-1] = taken[-1].intersection(rng)
+                nbytes -= (first.end - first.start) - (taken[0].end - taken[0].start)
+                if len(taken) > 1:
+                    nbytes -= (last.end - last.start) - (taken[-1].end - taken[-1].start)
+            span = MemoryRange.checked_already(taken[0].start, taken[-1].end)
             release = self._releasable(entry, op.destroy)
             seq = self._seq(entry, op)
             effects.append(self._to_mapper(entry, m.Unmap(seq, span, release)))
-            entry.unmapping[seq] = (len(held), sum(r.end - r.start for r in held))
+            entry.unmapping[seq] = (len(taken), nbytes)
             self.counters["unmaps_sent"] += 1
             op.unmapped_from.add(holder)
-            cut.setdefault(holder, []).extend(held)
+            cut.setdefault(holder, []).append(taken)
         return effects
 
     def _releasable(self, entry: MapperEntry, destroy: set[int]) -> tuple[int, ...]:
@@ -304,33 +339,33 @@ class TableState:
                 effects.extend(self._map_eager(e, mapping, op))
         return effects
 
-    def _refill(self, cut: dict[int, list[MemoryRange]]) -> list[Effect]:
+    def _refill(self, cut: Lost) -> list[Effect]:
         """Lazy holders of replaced memory get the new mapping right behind their Unmap, so a
         reader sees the old or the new backing, never a hole it was not told about."""
         effects: list[Effect] = []
-        for mapper_id, pieces in cut.items():
+        for mapper_id, runs in cut.items():
             entry = self.mappers[mapper_id]
             if entry.eager or entry.upgrading:
                 continue  # eager mappers were sent MapEager already
-            # one lookup over the span of its pieces, walked beside them (both in address order,
-            # each without overlaps): a lookup per piece cost a bisection each
-            lost = sorted(pieces)
-            span = MemoryRange.checked_already(lost[0].start, max(p.end for p in lost))
-            i = 0
-            for mrange, mapping in self.table.overlapping(span):
-                while i < len(lost) and lost[i].end <= mrange.start:
-                    i += 1
-                if i == len(lost):
-                    break
-                if lost[i].start < mrange.end and mapper_id not in mapping.holders:
-                    effects.extend(self._map_to(entry, mapping))
+            # one lookup over the span of each cut's pieces (in address order, without
+            # overlaps, so sorted by end too): what the table holds there now is matched to the
+            # first piece ending after its start by bisection, never by a walk of the pieces
+            for lost in runs:
+                span = MemoryRange.checked_already(lost[0].start, lost[-1].end)
+                i = 0
+                for mrange, mapping in self.table.overlapping(span):
+                    i = bisect.bisect_right(lost, mrange.start, lo=i, key=_END)
+                    if i == len(lost):
+                        break
+                    if lost[i].start < mrange.end and mapper_id not in mapping.holders:
+                        effects.extend(self._map_to(entry, mapping))
         return effects
 
     def _reconcile(
         self,
         windows: Iterable[MemoryRange],
         op: Operation,
-        cut: dict[int, list[MemoryRange]] | None = None,
+        cut: Lost | None = None,
     ) -> list[Effect]:
         """Make the table match the region rules inside `windows` (deactivate, then activate)."""
         desired: dict[str, bool] = {}
@@ -348,14 +383,12 @@ class TableState:
                 effects.extend(self._activate(region, op))
         return effects + self._refill(cut)
 
-    def _deactivate(
-        self, region: Region, op: Operation, cut: dict[int, list[MemoryRange]]
-    ) -> list[Effect]:
+    def _deactivate(self, region: Region, op: Operation, cut: Lost) -> list[Effect]:
         region.active = False
         # Active regions never overlap, so what the table holds in its range is its own: one
         # cut (and one Unmap per holder) for all of its pieces.
         assert region.range is not None
-        return self._cut(region.range, op, cut)
+        return self._cut(region, region.range, op, cut)
 
     def start_op(self, what: str, reply_to: bytes | None) -> Operation:
         return Operation(what, self._monotonic(), reply_to)
