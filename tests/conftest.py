@@ -200,11 +200,21 @@ class Worker:
             return ""
         return self.proc.stderr.read()
 
-    def ask(self, command: str, timeout: float = 30.0) -> str:
-        """Send a command; return the answer (without `ok `), raise on `err`."""
+    def send(self, command: str) -> None:
+        """Start a command without waiting for its answer (read it with `answer`)."""
         assert self.proc.stdin is not None
         self.proc.stdin.write(command + "\n")
         self.proc.stdin.flush()
+
+    def answer(self, timeout: float = 30.0) -> str:
+        """The next answer, which must be `ok` (without `ok `)."""
+        line = self._line(timeout)
+        assert line.startswith("ok"), (line, self.stderr())
+        return line[3:]
+
+    def ask(self, command: str, timeout: float = 30.0) -> str:
+        """Send a command; return the answer (without `ok `), raise on `err`."""
+        self.send(command)
         answer = self._line(timeout)
         if answer.startswith("err "):
             raise WorkerError(answer[4:])

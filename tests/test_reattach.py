@@ -27,19 +27,6 @@ Spawn = Callable[..., Worker]
 REGIONS = ("--region", "ram0=0:8M", "--region", "dev=0x10000000:1M")
 
 
-def send(worker: Worker, command: str) -> None:
-    """Start a command without waiting for its answer (read it with `answer`)."""
-    assert worker.proc.stdin is not None
-    worker.proc.stdin.write(command + "\n")
-    worker.proc.stdin.flush()
-
-
-def answer(worker: Worker, timeout: float = 30.0) -> str:
-    line = worker._line(timeout)
-    assert line.startswith("ok"), (line, worker.stderr())
-    return line[3:]
-
-
 def test_mappers_keep_working_across_sigkill_and_restart(
     start_manager: Start, spawn_worker: Spawn
 ) -> None:
@@ -55,11 +42,11 @@ def test_mappers_keep_working_across_sigkill_and_restart(
         assert worker.ask(f"read {i * MiB + 100:#x} 2") == bytes([0x41 + i] * 2).hex()
         worker.ask(f"write {i * MiB:#x} " + f"gap{i}".encode().hex())
     # a fault during the gap (w0 never touched the last MiB) waits for the new daemon
-    send(workers[0], f"read {7 * MiB:#x} 4")
+    workers[0].send(f"read {7 * MiB:#x} 4")
     time.sleep(0.5)
 
     second = start_manager(*REGIONS, runtime_dir=first.runtime_dir)
-    assert answer(workers[0]) == "00000000"  # served by the new daemon
+    assert workers[0].answer() == "00000000"  # served by the new daemon
     # each reads what the other wrote, before and during the gap: one memory throughout
     assert workers[0].ask(f"read {MiB:#x} 4") == b"gap1".hex()
     assert workers[1].ask("read 0x0 4") == b"gap0".hex()
@@ -178,10 +165,10 @@ def test_a_planned_restart_with_keep_state_is_ridden_through(
     worker.ask("write 0x0 " + b"kept".hex())
     assert first.stop() == 0
     assert worker.ask("read 0x0 4") == b"kept".hex()
-    send(worker, "read 0x10000000 1")  # a fault in the gap
+    worker.send("read 0x10000000 1")  # a fault in the gap
     time.sleep(0.3)
     second = start_manager(*REGIONS, runtime_dir=first.runtime_dir)
-    assert answer(worker) == "00"
+    assert worker.answer() == "00"
     with membacking.attach(second.runtime_dir) as memory:
         assert memory.read_at(0, 4) == b"kept"
 

@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import bisect
 import operator
-import os
 from collections import Counter
 from dataclasses import dataclass
 
 from ..protocol.messages import PRIVATE_MAPPABLE
 from .backing import MemfdStore
-from .journal import Snapshot, encode_packed, head, pack, pack_region
+from .journal import encode_packed, head, pack, pack_region
 from .regions import Pieces, Region
-from .snapshot import pin_records, region_fields, sub_record
+from .snapshot import region_fields, snapshot_of, sub_record
 from .state import ManagerState
 
 _MAPPABLE = operator.attrgetter("mappable_id")
@@ -73,21 +72,7 @@ class JournalEncoder:
             else:
                 self._update(kept, store)
         changed.clear()
-        fields = head(
-            Snapshot(
-                state_id=state_id,
-                uid=os.getuid(),
-                runtime_dir=runtime_dir,
-                address_space=state.address_space,
-                next_mappable_id=state._next_mappable_id,
-                next_order=state._next_order,
-                next_mapper_id=state._next_mapper_id,
-                regions=(),
-                backings=(),
-                counters={k: v for k, v in state.counters.items() if v},
-                pins=pin_records(state),
-            )
-        )
+        fields = head(snapshot_of(state, state_id, runtime_dir, (), ()))
         return encode_packed(fields, self._regions, self._backings)
 
     def _drop(self, name: str) -> None:

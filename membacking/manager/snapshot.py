@@ -14,7 +14,7 @@ from ..protocol.messages import PRIVATE_MAPPABLE
 from ..protocol.ranges import MemoryRange
 from .backing import MemfdStore
 from .errors import Refused
-from .journal import PinRecord, RegionRecord, Snapshot, SubMappingRecord
+from .journal import BackingRecord, PinRecord, RegionRecord, Snapshot, SubMappingRecord
 from .pins import Pin
 from .regions import Pieces, Region, SubMapping
 from .state import ManagerState
@@ -36,6 +36,20 @@ def capture(state: ManagerState, store: MemfdStore, state_id: bytes, runtime_dir
             s.mappable_id for s in record.submappings if s.mappable_id != PRIVATE_MAPPABLE
         )
         regions.append(record)
+    return snapshot_of(
+        state, state_id, runtime_dir, tuple(regions), tuple(store.records(mappables))
+    )
+
+
+def snapshot_of(
+    state: ManagerState,
+    state_id: bytes,
+    runtime_dir: str,
+    regions: tuple[RegionRecord, ...],
+    backings: tuple[BackingRecord, ...],
+) -> Snapshot:
+    """The journal's structure: the state's counters, ids and pins around these records (the
+    packed encoder passes none: it keeps the records packed itself)."""
     return Snapshot(
         state_id=state_id,
         uid=os.getuid(),
@@ -44,8 +58,8 @@ def capture(state: ManagerState, store: MemfdStore, state_id: bytes, runtime_dir
         next_mappable_id=state._next_mappable_id,
         next_order=state._next_order,
         next_mapper_id=state._next_mapper_id,
-        regions=tuple(regions),
-        backings=tuple(store.records(mappables)),
+        regions=regions,
+        backings=backings,
         counters={k: v for k, v in state.counters.items() if v},
         pins=pin_records(state),
     )

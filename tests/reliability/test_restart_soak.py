@@ -28,18 +28,6 @@ Start = Callable[..., RunningManager]
 Spawn = Callable[..., Worker]
 
 
-def send(worker: Worker, command: str) -> None:
-    assert worker.proc.stdin is not None
-    worker.proc.stdin.write(command + "\n")
-    worker.proc.stdin.flush()
-
-
-def answer(worker: Worker, timeout: float = 30.0) -> str:
-    line = worker._line(timeout)
-    assert line.startswith("ok"), (line, worker.stderr())
-    return line[3:]
-
-
 @pytest.mark.timeout(120 + 30 * KILLS)  # 20 kills with 8 workers take minutes on 2 cores
 def test_mappers_ride_through_repeated_daemon_kills(
     start_manager: Start, spawn_worker: Spawn
@@ -65,12 +53,12 @@ def test_mappers_ride_through_repeated_daemon_kills(
             offset = (cycle * 64) % (SLICE - 64)
             worker.ask(f"write {i * SLICE + offset:#x} {data.hex()}")
             model[i][offset : offset + len(data)] = data
-            send(worker, f"read {EXTRA + cycle * MiB:#x} {len(f'x{cycle}')}")
+            worker.send(f"read {EXTRA + cycle * MiB:#x} {len(f'x{cycle}')}")
         gap_faults += MAPPERS
         manager = start_manager("--region", "ram0=0:8M", runtime_dir=manager.runtime_dir)
         ready = time.monotonic()
         for worker in workers:
-            assert bytes.fromhex(answer(worker)) == f"x{cycle}".encode()
+            assert bytes.fromhex(worker.answer()) == f"x{cycle}".encode()
         gaps.append(time.monotonic() - ready)
         # every slice, read by another mapper: one memory, nothing lost
         for i in range(MAPPERS):
