@@ -15,7 +15,6 @@ import collections
 import contextlib
 import logging
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -35,8 +34,16 @@ from .acks import AckQueue
 from .chunks import Chunk, ChunkTable, MapCountBudget
 from .faulting import fault
 from .fds import MapperFds
-from .lease import FAREWELL_WAIT, POLL_MS, Lease, drops_mappings
+from .lease import (
+    FAREWELL_WAIT,
+    POLL_MS,
+    Lease,
+    describe_shutdown,
+    drop_every_mapping,
+    drops_mappings,
+)
 from .link import ManagerLink
+from .views import ViewPins, end_copy_on_write
 from .waitlist import MAP_FAILED, WaiterSet
 
 log = logging.getLogger("membacking.mapper")
@@ -83,10 +90,8 @@ class VaMapper:
         self.waiters = WaiterSet()
         #: fds the manager pushed, each behind the Map needing it
         self.fds = MapperFds(self.link, self.id)
-        self.views: dict[int, tuple[int, int, bool]] = {}  # view id -> (start, end, writable)
-        #: view id -> exporter of a view whose slices outlived its block (still pinned)
-        self._escaped: dict[int, object] = {}
-        self._next_view = 0
+        #: what open views pin (their Unmaps wait)
+        self.views = ViewPins()
         self._pending_unmaps: list[tuple[int, MemoryRange, tuple[int, ...]]] = []
         self.gone: str | None = None
         #: why every mapping was dropped (evicted, or the manager stopped), once it was
@@ -246,32 +251,8 @@ class VaMapper:
         self._detach_acked.set()  # nobody left to answer a Detach
 
     def drop_mappings(self, reason: str) -> None:
-        """The manager no longer backs anything here (evicted, or it stopped): unmap every
-        chunk and close every fd, before any access can touch them again. A range an open view
-        still pins gets private anonymous memory in place of the old backing (the view reads
-        zeros from then on, and never the removed memory), so the view cannot fault."""
-        if self.dropped is not None:
-            return
-        with self.lock:
-            if self.closed:
-                return
-            self._release_escaped()
-            # the chunks, and the ranges whose Unmap waits for a view (out of the table already)
-            ranges = [r for r, _ in self.chunks.items()] + [r for _, r, _ in self._pending_unmaps]
-            for rng in ranges:
-                try:
-                    if self._pinned(rng):
-                        self.reservation.map_anon(rng.start, rng.len, True)
-                    else:
-                        self.reservation.unmap(rng.start, rng.len)
-                except OSError as exc:  # the table no longer has it: no access reaches it
-                    log.error("mapper %d: cannot unmap %s: %s", self.id, rng, exc.strerror or exc)
-            self.chunks.clear()
-            self.hot[0] = self.hot[1] = 0
-            self._pending_unmaps.clear()  # nobody to acknowledge them to
-            self.dropped = reason
-        self.fds.close_all()
-        log.warning("mapper %d: every mapping dropped: %s", self.id, reason)
+        """The manager no longer backs anything here: see lease.drop_every_mapping."""
+        drop_every_mapping(self, reason)
 
     def _drain_stream(self) -> None:
         """Apply the messages waiting on the stream, which the poller found readable."""
@@ -395,11 +376,7 @@ class VaMapper:
         self.hot[0] = self.hot[1] = 0
 
     def _pinned(self, rng: MemoryRange, for_writing: bool = False) -> bool:
-        """Whether an open view (a writable one, with `for_writing`) overlaps `rng`."""
-        return any(
-            (w or not for_writing) and start < rng.end and rng.start < end
-            for start, end, w in self.views.values()
-        )
+        return self.views.pinned(rng, for_writing)
 
     def _unmap(self, seq: int, rng: MemoryRange, release: tuple[int, ...]) -> None:
         with self.lock:
@@ -429,7 +406,7 @@ class VaMapper:
             return
         done: list[tuple[int, MemoryRange, tuple[int, ...]]] = []
         with self.lock:
-            self._release_escaped()
+            self.views.release_escaped()
             waiting = []
             for item in self._pending_unmaps:
                 if self._pinned(item[1]):
@@ -439,7 +416,7 @@ class VaMapper:
                     if chunk is None:  # not mapped again since: put the placeholder back
                         self.reservation.unmap(part.start, part.len)
                     elif chunk.cow:  # the writable view is gone: the read-only backing itself
-                        self._remap_shared(part, chunk)
+                        end_copy_on_write(self, part, chunk)
                 done.append(item)
             self._pending_unmaps = waiting
         for seq, _, release in done:
@@ -447,38 +424,20 @@ class VaMapper:
             if seq >= 0:  # -1: owed to a manager that is gone (reconnect.py)
                 self._acknowledge(m.UnmapAck(seq))
 
-    def _remap_shared(self, part: MemoryRange, chunk: Chunk) -> None:
-        """Replace a copy-on-write chunk by the read-only backing it stands for, once no
-        writable view is open on it any more (lock held)."""
-        hit = self.chunks.lookup(part.start)
-        if hit is None or hit[1] is not chunk:
-            return
-        crange = hit[0]
-        if self._pinned(crange, for_writing=True):
-            return  # another writable view still needs the private copy
-        fd = self.fds.get(chunk.mappable_id)
-        if fd is None:
-            self.reservation.map_anon(crange.start, crange.len, False)
-        else:
-            self.reservation.map_fd(crange.start, crange.len, fd, chunk.file_offset, False)
-        chunk.cow = False
-
     # ---- used by accessing threads -------------------------------------------------------------
 
     def pin(self, start: int, end: int, writable: bool = False) -> int:
         """Pin [start, end) for an open view (lock held); returns the view id."""
-        self._next_view += 1
-        self.views[self._next_view] = (start, end, writable)
-        return self._next_view
+        return self.views.pin(start, end, writable)
 
     def unpin(self, view_id: int, escaped: object = None) -> None:
         """End a view's pin. With `escaped` (the view's exporter, still referenced by slices
         that outlived the block) the pin stays until those slices are gone: until then no Unmap
         of the range is acknowledged, so they can never reach unmapped memory."""
         with self.lock:
-            if escaped is not None:
-                self._escaped[view_id] = escaped
-                start, end, _ = self.views[view_id]
+            kept = self.views.end(view_id, escaped)
+            if kept is not None:
+                start, end = kept
                 log.warning(
                     "mapper %d: a slice of the view of GPA %#x-%#x outlived its block; the range "
                     "stays pinned (Unmaps of it wait) until the slice is released",
@@ -487,18 +446,9 @@ class VaMapper:
                     end,
                 )
                 return
-            self.views.pop(view_id, None)
             wake = bool(self._pending_unmaps)
         if wake:
             self._wake()
-
-    def _release_escaped(self) -> None:
-        """Unpin views whose escaped slices have all been released (lock held)."""
-        for view_id in list(self._escaped):
-            # references: the dict's and getrefcount's argument; a live slice adds its own
-            if sys.getrefcount(self._escaped[view_id]) <= 2:
-                del self._escaped[view_id]
-                self.views.pop(view_id, None)
 
     def fault(self, gpa: int, end: int, write: bool) -> None:
         """Ask the manager to map [gpa, end) and wait; raises if it cannot be mapped."""
@@ -527,7 +477,7 @@ class VaMapper:
         self._wake()
         self._thread.join(10)
         with self.lock:
-            self._release_escaped()
+            self.views.release_escaped()
             self.closed = True
             self.chunks.clear()
             self.hot[0] = self.hot[1] = 0
@@ -543,11 +493,3 @@ class VaMapper:
         else:
             self.mv.release()
             self.reservation.release()
-
-
-def describe_shutdown(reason: str) -> str:
-    """How a mapper tells its user why the manager let it go: an eviction is not a shutdown."""
-    if reason.startswith("evicted"):
-        detail = reason.removeprefix("evicted").lstrip(": ")
-        return "the manager evicted this mapper" + (f": {detail}" if detail else "")
-    return f"the manager shut down ({reason})"

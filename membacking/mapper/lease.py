@@ -1,15 +1,22 @@
 """The mapper's lease: how long one turn of the mapper thread vouches for its connection to the
-manager, the wait of an access that finds it run out, and which Shutdowns make a mapper drop
-every mapping (see docs/ARCHITECTURE.md, "Removal binds every holder").
+manager, the wait of an access that finds it run out, which Shutdowns make a mapper drop every
+mapping, and the dropping (see docs/ARCHITECTURE.md, "Removal binds every holder").
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from ..protocol import messages as m
+
+if TYPE_CHECKING:
+    from .core import VaMapper
+
+log = logging.getLogger("membacking.mapper")
 
 #: Seconds one turn of the mapper thread vouches for its connection. Each turn takes the time
 #: before it polls the stream and the fd socket, handles what they show (a Shutdown, the fd
@@ -42,6 +49,43 @@ def drops_mappings(shutdown: m.Shutdown) -> bool:
     if shutdown.code is not None:
         return shutdown.code != m.SHUTDOWN_RESTARTING
     return shutdown.reason.startswith(_DROPPING_TEXTS)
+
+
+def describe_shutdown(reason: str) -> str:
+    """How a mapper tells its user why the manager let it go: an eviction is not a shutdown."""
+    if reason.startswith("evicted"):
+        detail = reason.removeprefix("evicted").lstrip(": ")
+        return "the manager evicted this mapper" + (f": {detail}" if detail else "")
+    return f"the manager shut down ({reason})"
+
+
+def drop_every_mapping(mapper: VaMapper, reason: str) -> None:
+    """The manager no longer backs anything the mapper holds (evicted, or it stopped): unmap
+    every chunk and close every fd, before any access can touch them again. A range an open
+    view still pins gets private anonymous memory in place of the old backing (the view reads
+    zeros from then on, and never the removed memory), so the view cannot fault."""
+    if mapper.dropped is not None:
+        return
+    with mapper.lock:
+        if mapper.closed:
+            return
+        mapper.views.release_escaped()
+        # the chunks, and the ranges whose Unmap waits for a view (out of the table already)
+        pending = [r for _, r, _ in mapper._pending_unmaps]
+        for rng in [r for r, _ in mapper.chunks.items()] + pending:
+            try:
+                if mapper.views.pinned(rng):
+                    mapper.reservation.map_anon(rng.start, rng.len, True)
+                else:
+                    mapper.reservation.unmap(rng.start, rng.len)
+            except OSError as exc:  # the table no longer has it: no access reaches it
+                log.error("mapper %d: cannot unmap %s: %s", mapper.id, rng, exc.strerror or exc)
+        mapper.chunks.clear()
+        mapper.hot[0] = mapper.hot[1] = 0
+        mapper._pending_unmaps.clear()  # nobody to acknowledge them to
+        mapper.dropped = reason
+    mapper.fds.close_all()
+    log.warning("mapper %d: every mapping dropped: %s", mapper.id, reason)
 
 
 class Lease:
