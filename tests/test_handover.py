@@ -21,8 +21,9 @@ from typing import Any
 import pytest
 
 import membacking
-from membacking.manager.daemon import Daemon, ManagerConfig
+from membacking.manager.daemon import Daemon
 from membacking.manager.persist import PersistConfig
+from membacking.manager.settings import ManagerConfig
 from membacking.manager.statedir import default_state_dir
 from membacking.mapper import reconnect
 from membacking.mapper.waitlist import RELINK

@@ -4,7 +4,8 @@
 the memfds; `rundir` claims the runtime directory.
 """
 
-from .daemon import Daemon, ManagerConfig, RegionSpec
+from .daemon import Daemon
+from .settings import ManagerConfig, RegionSpec
 from .state import ManagerState
 
 __all__ = ["Daemon", "ManagerConfig", "ManagerState", "RegionSpec"]

@@ -16,7 +16,6 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
@@ -24,7 +23,7 @@ import psutil
 import zmq
 
 from ..protocol import messages as m
-from ..protocol.codec import MAX_MESSAGE_BYTES, decode, encode
+from ..protocol.codec import decode, encode
 from ..protocol.errors import ProtocolError
 from ..protocol.messages import Channel
 from ..runtime import RuntimePaths
@@ -36,20 +35,12 @@ from .fdconn import FdConn
 from .fdserver import MAX_STRIKES, FdServer
 from .fdstore import FdStore
 from .metrics import ManagerMetrics
-from .persist import READ_ONLY_OPS, PersistConfig, Persistence, adopted_region
+from .persist import READ_ONLY_OPS, Persistence, adopted_region
+from .routers import bind_router, open_to_other_users
 from .rundir import RuntimeDirError, RuntimeDirLock, raise_fd_limit
-from .state import (
-    DEFAULT_ADDRESS_SPACE,
-    Disconnect,
-    Effect,
-    Limits,
-    ManagerState,
-    Send,
-    SendFd,
-)
+from .settings import ManagerConfig, config_widens
+from .state import Disconnect, Effect, ManagerState, Send, SendFd
 
-#: largest ZeroMQ frame the ROUTERs accept (a larger one disconnects its sender)
-MAX_FRAME_BYTES = 16 * MAX_MESSAGE_BYTES
 #: frames of one message kept beyond the identity; every valid message has 1 (mapper) or 2
 #: (control); more are received and dropped, and the message is refused as malformed
 MAX_FRAMES = 4
@@ -66,60 +57,8 @@ FD_HEADROOM = 64
 #: sockets) before it exits: longer than a mapper's lease (membacking.mapper.lease.LEASE), so
 #: once the daemon is gone no mapper can access its old mappings before it has dropped them.
 STOP_LINGER = 0.6
-_HWM = 100_000
 # plain ints: pyzmq's flag enums make every `&` a call into the enum module
 _POLLIN, _POLLOUT, _RCVMORE = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.RCVMORE)
-
-
-@dataclass(frozen=True)
-class RegionSpec:
-    """A region to create at start (from --region or the config file)."""
-
-    name: str
-    gpa: int
-    size: int
-    readonly: bool = False
-    priority: int = 0
-    file: str | None = None
-    hugetlb: bool = False
-    private: bool = False
-    disabled: bool = False
-
-    @property
-    def backing(self) -> str:
-        if self.file is not None:
-            return "file"
-        return "hugetlb" if self.hugetlb else "private" if self.private else "memfd"
-
-
-@dataclass
-class ManagerConfig:
-    runtime_dir: str | os.PathLike[str] | None = None
-    address_space: int = DEFAULT_ADDRESS_SPACE
-    regions: list[RegionSpec] = field(default_factory=list)
-    unmap_timeout: float = 30.0
-    #: SIGKILL a mapper evicted for not answering (see docs/OPERATIONS.md for the default)
-    evict_kill: bool = False
-    allow_uids: frozenset[int] = frozenset()
-    allow_gids: frozenset[int] = frozenset()
-    limits: Limits = field(default_factory=Limits)
-    metrics_port: int | None = None
-    metrics_addr: str = "127.0.0.1"
-    persist: PersistConfig = field(default_factory=PersistConfig)
-    #: take over from the daemon serving the runtime directory (membacking.manager.handover)
-    takeover: bool = False
-
-    def __post_init__(self) -> None:
-        from .config import check_id
-
-        for ids in (self.allow_uids, self.allow_gids):
-            for value in ids:
-                check_id(value)  # a bad id must not open the sockets to everyone
-
-
-def config_widens(config: ManagerConfig) -> bool:
-    """Whether other users than the daemon's (and root) may connect."""
-    return bool(config.allow_uids or config.allow_gids)
 
 
 class Daemon(FdServer):
@@ -211,9 +150,11 @@ class Daemon(FdServer):
                 )
             self._save_state()
             self._ctx = zmq.Context()
-            self._mapper = self._bind_router(self.paths.mapper_endpoint, self.paths.mapper_socket)
-            self._control = self._bind_router(
-                self.paths.control_endpoint, self.paths.control_socket
+            self._mapper = bind_router(
+                self._ctx, self.paths.mapper_endpoint, self.paths.mapper_socket
+            )
+            self._control = bind_router(
+                self._ctx, self.paths.control_endpoint, self.paths.control_socket
             )
             self._listen = socket.socket(
                 socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
@@ -223,7 +164,7 @@ class Daemon(FdServer):
             self._listen.listen(128)
             self._listen.setblocking(False)
             if config_widens(self.config):
-                self._open_to_other_users()
+                open_to_other_users(self.paths, self.config.allow_uids, self.config.allow_gids)
         except BaseException:
             self._close_all()
             raise
@@ -234,32 +175,6 @@ class Daemon(FdServer):
             self.state.rejected["internal"] += 1
         if self.fdstore is not None:
             self.fdstore.sync(self.state, self.store)
-
-    def _open_to_other_users(self) -> None:
-        """--allow-uid/--allow-gid: other users must reach fd.sock and mapper.ipc. fd.sock checks
-        SO_PEERCRED; mapper.ipc accepts nothing but the token a Welcome on fd.sock gave; the
-        control socket (add, remove, ...) stays the daemon user's alone."""
-        os.chmod(self.paths.root, 0o711)  # others may reach a socket by name, not list the dir
-        for path in (self.paths.fd_socket, self.paths.mapper_socket):
-            os.chmod(path, 0o666)
-        log.info(
-            "fd.sock and mapper.ipc are open to other users (allowed uids %s, gids %s); "
-            "control.ipc stays private",
-            sorted(self.config.allow_uids) or "-",
-            sorted(self.config.allow_gids) or "-",
-        )
-
-    def _bind_router(self, endpoint: str, path: os.PathLike[str]) -> zmq.Socket[bytes]:
-        sock = self._ctx.socket(zmq.ROUTER)
-        sock.setsockopt(zmq.SNDHWM, _HWM)
-        sock.setsockopt(zmq.RCVHWM, _HWM)
-        sock.setsockopt(zmq.LINGER, 500)
-        # a peer sending a larger frame is disconnected by libzmq before it is buffered; frames
-        # up to this size but over the protocol's limit get an Error that says so
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
-        sock.bind(endpoint)
-        os.chmod(path, 0o600)
-        return sock
 
     def stop(self, reason: str = "stopped") -> None:
         """Ask the loop to shut down (safe from signal handlers and other threads)."""
@@ -454,16 +369,13 @@ class Daemon(FdServer):
                 self._apply(self.state.mapper_gone(effect.mapper_id, "evicted"))
 
     def _kill_evicted(self, mapper_id: int, conn: FdConn | None) -> None:
-        """--evict-kill: SIGKILL an evicted mapper, by the pidfd taken when it connected (a pid
-        reused since cannot be hit)."""
+        """--evict-kill: SIGKILL an evicted mapper (FdConn.kill), counted and logged."""
         who = f"mapper {mapper_id}" + (f" (pid {conn.pid})" if conn is not None else "")
-        if conn is None or conn.pidfd is None:
-            log.error("%s: --evict-kill cannot kill it (no pidfd of it)", who)
-            return
         try:
-            signal.pidfd_send_signal(conn.pidfd, signal.SIGKILL)
-        except ProcessLookupError:
-            return  # it has exited already
+            if conn is None:
+                raise OSError("no connection of it")
+            if not conn.kill():
+                return  # it has exited already
         except OSError as exc:
             log.error("%s: --evict-kill cannot kill it: %s", who, exc.strerror or exc)
             return

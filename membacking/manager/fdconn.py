@@ -6,6 +6,7 @@ here, in order, holding its own duplicate of any fd, until the socket is writabl
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 from collections import deque
@@ -70,6 +71,17 @@ class FdConn:
             self.outbox.popleft()
             if fd is not None:
                 os.close(fd)
+        return True
+
+    def kill(self) -> bool:
+        """SIGKILL the peer process by the pidfd taken when it connected (a pid reused since
+        cannot be hit): True if killed, False if it had exited already; OSError if it cannot."""
+        if self.pidfd is None:
+            raise OSError("no pidfd of it")
+        try:
+            signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            return False
         return True
 
     def close(self) -> None:

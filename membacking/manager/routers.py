@@ -1,0 +1,53 @@
+"""The daemon's ZeroMQ ROUTERs (mapper.ipc, control.ipc): the socket options peers rely on
+(docs/PROTOCOL.md, "ZeroMQ socket options"), and opening fd.sock and mapper.ipc to the other
+users --allow-uid/--allow-gid name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+
+import zmq
+
+from ..protocol.codec import MAX_MESSAGE_BYTES
+from ..runtime import RuntimePaths
+
+log = logging.getLogger("membacking.manager")
+
+#: largest ZeroMQ frame the ROUTERs accept (a larger one disconnects its sender)
+MAX_FRAME_BYTES = 16 * MAX_MESSAGE_BYTES
+#: messages queued per peer each way; past it a ROUTER drops what it sends (no ROUTER_MANDATORY)
+HWM = 100_000
+
+
+def bind_router(
+    ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, path: os.PathLike[str]
+) -> zmq.Socket[bytes]:
+    """A ROUTER bound at `endpoint`, its socket file `path` the daemon user's alone."""
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.SNDHWM, HWM)
+    sock.setsockopt(zmq.RCVHWM, HWM)
+    sock.setsockopt(zmq.LINGER, 500)
+    # a peer sending a larger frame is disconnected by libzmq before it is buffered; frames
+    # up to this size but over the protocol's limit get an Error that says so
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+    sock.bind(endpoint)
+    os.chmod(path, 0o600)
+    return sock
+
+
+def open_to_other_users(paths: RuntimePaths, uids: Iterable[int], gids: Iterable[int]) -> None:
+    """--allow-uid/--allow-gid: other users must reach fd.sock and mapper.ipc. fd.sock checks
+    SO_PEERCRED; mapper.ipc accepts nothing but the token a Welcome on fd.sock gave; the
+    control socket (add, remove, ...) stays the daemon user's alone."""
+    os.chmod(paths.root, 0o711)  # others may reach a socket by name, not list the dir
+    for path in (paths.fd_socket, paths.mapper_socket):
+        os.chmod(path, 0o666)
+    log.info(
+        "fd.sock and mapper.ipc are open to other users (allowed uids %s, gids %s); "
+        "control.ipc stays private",
+        sorted(uids) or "-",
+        sorted(gids) or "-",
+    )
