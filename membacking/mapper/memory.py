@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import struct
-import sys
 import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
@@ -23,15 +22,9 @@ from ..errors import (
     OutOfRangeError,
     ReadOnlyError,
 )
-from ..ffi import (
-    MADV_DONTNEED,
-    MADV_HUGEPAGE,
-    MADV_POPULATE_WRITE,
-    atomics_unavailable,
-    hugepage_advice_supported,
-)
-from ..protocol.messages import PRIVATE_MAPPABLE
-from ..protocol.ranges import PAGE_SIZE, MemoryRange
+from ..ffi import atomics_unavailable
+from ..protocol.ranges import MemoryRange
+from . import privateram
 from .core import MAX_FAULTS, VaMapper
 from .plain import (
     FastPlain,
@@ -45,6 +38,7 @@ from .plain import (
     unpacked,
 )
 from .sharing import SharedRange, shared_ranges
+from .views import lent
 
 #: the lease check every access makes (mapper/lease.py): one call and one compare
 _monotonic = time.monotonic
@@ -442,19 +436,9 @@ class GuestMemory:
             # only a writable view needs a private copy if its range turns read-only (core.py)
             return mapper.pin(gpa, end, write), mapper.reservation.exporter(gpa, n)
 
-        view_id, exporter = self._access(gpa, n, write, pin)
-        raw = memoryview(exporter).cast("B")
-        view = raw if write else raw.toreadonly()
-        try:
+        # no name here for the exporter: lent() counts the references to it
+        with lent(mapper, *self._access(gpa, n, write, pin), write) as view:
             yield view
-        finally:
-            with contextlib.suppress(BufferError):  # the view itself is still exported: that
-                view.release()  # counts as escaping, below
-                raw.release()
-            # Nothing else refers to the exporter but this name (and getrefcount's argument)
-            # unless a slice of the view escaped the block: then the range stays pinned.
-            escaped = sys.getrefcount(exporter) > 2
-            mapper.unpin(view_id, exporter if escaped else None)
 
     def find(self, pattern: bytes, gpa: int, n: int) -> int | None:
         """The GPA of the first occurrence of `pattern` (bytes-like; TypeError for a str: encode
@@ -483,39 +467,22 @@ class GuestMemory:
         mapper maps every region (and so holds them all from then on, as an eager one would)."""
         return shared_ranges(self._mapper, self.ensure_mapped)
 
-    def _private(self, gpa: int, size: int) -> None:
+    def _private(self, gpa: int, size: int) -> VaMapper:
         self._check(gpa, size)
-        if (gpa | size) % PAGE_SIZE or size <= 0:
-            raise ValueError(f"{gpa:#x}+{size:#x} must be page-aligned and non-empty")
-        self.ensure_mapped(gpa, size)
-        with self._lock:
-            for _, chunk in self._mapper.chunks.overlapping(MemoryRange(gpa, gpa + size)):
-                if chunk.mappable_id != PRIVATE_MAPPABLE:
-                    raise GuestMemoryError(f"GPA {gpa:#x}+{size:#x} is not private RAM", gpa)
+        privateram.check(self._mapper, gpa, size, self.ensure_mapped)
+        return self._mapper
 
     def commit(self, gpa: int, size: int) -> None:
         """Back private RAM with memory now (idempotent)."""
-        self._private(gpa, size)
-        with self._lock, contextlib.suppress(OSError):  # older kernels: first touch commits
-            self._mapper.reservation.madvise(gpa, size, MADV_POPULATE_WRITE)
+        privateram.commit(self._private(gpa, size), gpa, size)
 
     def decommit(self, gpa: int, size: int) -> None:
         """Give private RAM's pages back to the host; they read back as zeros."""
-        self._private(gpa, size)
-        with self._lock:
-            self._mapper.reservation.madvise(gpa, size, MADV_DONTNEED)
+        privateram.decommit(self._private(gpa, size), gpa, size)
 
     def madvise_hugepage(self, gpa: int, size: int) -> bool:
         """Ask for transparent huge pages on private RAM; False where the kernel will not."""
-        self._private(gpa, size)
-        if not hugepage_advice_supported():
-            return False
-        with self._lock:
-            try:
-                self._mapper.reservation.madvise(gpa, size, MADV_HUGEPAGE)
-            except OSError:
-                return False
-        return True
+        return privateram.hugepage(self._private(gpa, size), gpa, size)
 
     # ---- lifetime ------------------------------------------------------------------------------
 

@@ -5,7 +5,10 @@ reach the old memory. Every method runs under the mapper's access lock.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from ..protocol.ranges import MemoryRange
@@ -76,3 +79,23 @@ def end_copy_on_write(mapper: VaMapper, part: MemoryRange, chunk: Chunk) -> None
     else:
         mapper.reservation.map_fd(crange.start, crange.len, fd, chunk.file_offset, False)
     chunk.cow = False
+
+
+@contextlib.contextmanager
+def lent(
+    mapper: VaMapper, view_id: int, exporter: ctypes.Array[ctypes.c_char], write: bool
+) -> Iterator[memoryview]:
+    """The memoryview of a pinned view (read-only unless `write`), for the length of a block;
+    then its pin ends, or stays while a slice of it outlived the block."""
+    raw = memoryview(exporter).cast("B")
+    view = raw if write else raw.toreadonly()
+    try:
+        yield view
+    finally:
+        with contextlib.suppress(BufferError):  # the view itself is still exported: that
+            view.release()  # counts as escaping, below
+            raw.release()
+        # Nothing else refers to the exporter but this name (and getrefcount's argument)
+        # unless a slice of the view escaped the block: then the range stays pinned.
+        escaped = sys.getrefcount(exporter) > 2
+        mapper.unpin(view_id, exporter if escaped else None)
