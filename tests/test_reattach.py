@@ -111,6 +111,11 @@ def test_a_clean_stop_ends_it_at_once_and_the_wait_is_bounded(
         waiting.ask("read 0x10000000 1")
     assert 1.0 < time.monotonic() - started < 10
     assert waiting.ask("read 0x0 1") == "00"  # still mapped
+    # and stays usable long after the wait ran out (past the mapper's lease): nobody is left
+    # who could take it away
+    time.sleep(1.5)
+    waiting.ask("write 0x0 " + b"late".hex())
+    assert waiting.ask("read 0x0 4") == b"late".hex()
 
 
 def test_holdings_are_checked_against_the_table(tmp_path: Path) -> None:

@@ -134,8 +134,9 @@ class VaMapper:
             self._serve()
             if self._stop or self.relinked.is_set():
                 break
-            if not reconnect.relink(self):
-                break
+            # False: no manager took the mapper back in time (it is gone for good, and serves
+            # on: mapped memory keeps its lease, new faults fail) or the mapper is closing
+            reconnect.relink(self)
         self.relinked.set()
 
     def _serve(self) -> None:
