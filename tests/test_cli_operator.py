@@ -68,6 +68,8 @@ def test_mapper_evict(manager: RunningManager, spawn_worker: Spawn) -> None:
     # the mapper is told, in words that say it was evicted (not that the manager shut down)
     with pytest.raises(Exception, match="the manager evicted this mapper: an operator ran"):
         worker.ask("read 0xfff00000 1")  # a region it has not mapped yet: a fault
+    with pytest.raises(Exception, match="MappingsDroppedError"):
+        worker.ask("read 0 1")  # and what it had mapped is gone too (--help and OPERATIONS.md)
     unknown = manager.cli("mapper", "evict", "999")
     assert unknown.returncode == 1 and unknown.stderr.strip() == (
         "Error: no mapper 999 is attached"
@@ -200,6 +202,23 @@ def test_remove_says_whom_it_waits_for(start_manager: Start, spawn_worker: Spawn
     assert waiting, result.stderr
     assert f"mapper {holder.mapper_id} (slow, pid {holder.pid}, " in waiting[0]
     assert "a mapper is evicted after 2.0 s" in waiting[0]
+
+
+def test_add_says_which_eager_mapper_it_waits_for(
+    start_manager: Start, spawn_worker: Spawn
+) -> None:
+    running = start_manager("--region", "ram0=0:1M", "--unmap-timeout", "2")
+    eager = spawn_worker(running, "stopped", "--eager")
+    eager.ask("read 0 1")
+    os.kill(eager.pid, signal.SIGSTOP)  # it cannot acknowledge the new region's Map
+    try:
+        result = running.cli("region", "add", "e1", "0x10000000", "1M")
+    finally:
+        os.kill(eager.pid, signal.SIGCONT)
+    assert result.returncode == 0, result.stderr
+    waiting = [line for line in result.stderr.splitlines() if line.startswith("adding e1 for ")]
+    assert waiting, result.stderr
+    assert "(stopped, pid " in waiting[0] and "to acknowledge the change" in waiting[0]
 
 
 def test_refusals_are_counted_apart(start_manager: Start, spawn_worker: Spawn) -> None:

@@ -104,8 +104,8 @@ def mapper_attach(
 @json_option
 def mapper_evict(runtime_dir: Path, timeout: float | None, mapper_id: int, as_json: bool) -> None:
     """Cut mapper ID off (see `membacking mappers`): it is told it was evicted, and what it
-    held is released (counted in `stats` as evictions_by_operator). Its mapped memory keeps
-    working; new faults fail."""
+    held is released (counted in `stats` as evictions_by_operator). It drops every mapping
+    before its next access, which fails (MappingsDroppedError), as do new faults."""
     evicted = control_client(runtime_dir, timeout).evict_mapper(mapper_id)
     if as_json:
         echo_json(evicted)

@@ -124,16 +124,21 @@ def region_add(
 ) -> None:
     """Add a region NAME of SIZE bytes at guest address GPA (both multiples of 4096; a
     hugetlb region's, of the huge page size)."""
-    r = control_client(runtime_dir, timeout).add_region(
-        name,
-        gpa,
-        size,
-        readonly,
-        priority=priority,
-        disabled=disabled,
-        file=path,
-        hugetlb=hugetlb,
-        private=private,
+    client = control_client(runtime_dir, timeout)
+    r = _wait_showing_holders(
+        client,
+        f"adding {name}",
+        lambda: client.add_region(
+            name,
+            gpa,
+            size,
+            readonly,
+            priority=priority,
+            disabled=disabled,
+            file=path,
+            hugetlb=hugetlb,
+            private=private,
+        ),
     )
     note = ""
     if private:
@@ -150,7 +155,9 @@ def region_remove(runtime_dir: Path, timeout: float | None, as_json: bool, name:
     """Remove region NAME; returns once every mapper holding it has unmapped it or been
     evicted (after --unmap-timeout), and says which."""
     client = control_client(runtime_dir, timeout)
-    result = _wait_showing_holders(client, name, lambda: client.remove_region(name))
+    result = _wait_showing_holders(
+        client, f"removing {name}", lambda: client.remove_region(name), "to unmap it"
+    )
     _done(result, f"removed region {result['name']} ({removal_summary(result)})", as_json)
 
 
@@ -164,7 +171,8 @@ def region_enable(
     runtime_dir: Path, timeout: float | None, as_json: bool, name: str, gpa: int | None
 ) -> None:
     """Make region NAME visible (at GPA, if given)."""
-    r = control_client(runtime_dir, timeout).enable_region(name, gpa)
+    client = control_client(runtime_dir, timeout)
+    r = _wait_showing_holders(client, f"enabling {name}", lambda: client.enable_region(name, gpa))
     _done(r, f"enabled region {_describe(r)}", as_json)
 
 
@@ -175,7 +183,8 @@ def region_enable(
 @click.argument("name", callback=_region_name, shell_complete=complete_region_name)
 def region_disable(runtime_dir: Path, timeout: float | None, as_json: bool, name: str) -> None:
     """Hide region NAME; the best region beneath it shows through again."""
-    r = control_client(runtime_dir, timeout).disable_region(name)
+    client = control_client(runtime_dir, timeout)
+    r = _wait_showing_holders(client, f"disabling {name}", lambda: client.disable_region(name))
     _done(r, f"disabled region {_describe(r)}", as_json)
 
 
@@ -189,7 +198,8 @@ def region_move(
     runtime_dir: Path, timeout: float | None, as_json: bool, name: str, gpa: int
 ) -> None:
     """Move region NAME to guest address GPA, keeping its contents (private RAM cannot move)."""
-    r = control_client(runtime_dir, timeout).move_region(name, gpa)
+    client = control_client(runtime_dir, timeout)
+    r = _wait_showing_holders(client, f"moving {name}", lambda: client.move_region(name, gpa))
     _done(r, f"moved region {_describe(r)}", as_json)
 
 
@@ -226,8 +236,13 @@ def region_map(
     readonly: bool,
 ) -> None:
     """Replace OFFSET..OFFSET+SIZE of region NAME with a new backing (atomic for readers)."""
-    r = control_client(runtime_dir, timeout).map_range(
-        name, offset, size, file=path, file_offset=file_offset, readonly=readonly
+    client = control_client(runtime_dir, timeout)
+    r = _wait_showing_holders(
+        client,
+        f"mapping into {name}",
+        lambda: client.map_range(
+            name, offset, size, file=path, file_offset=file_offset, readonly=readonly
+        ),
     )
     _done(
         r,
@@ -248,7 +263,10 @@ def region_unmap(
     runtime_dir: Path, timeout: float | None, as_json: bool, name: str, offset: int, size: int
 ) -> None:
     """Remove OFFSET..OFFSET+SIZE of region NAME's backing, leaving a hole."""
-    r = control_client(runtime_dir, timeout).unmap_range(name, offset, size)
+    client = control_client(runtime_dir, timeout)
+    r = _wait_showing_holders(
+        client, f"unmapping from {name}", lambda: client.unmap_range(name, offset, size)
+    )
     _done(
         r,
         f"unmapped {units.format_size(size)} at offset {units.format_address(offset)} "
@@ -257,14 +275,16 @@ def region_unmap(
     )
 
 
-#: Seconds a removal may take before the command says whom it waits for, and how often after.
+#: Seconds a change may take before the command says whom it waits for, and how often after.
 SHOW_AFTER = 1.0
 
 
-def _wait_showing_holders(client: ControlClient, name: str, call: Any) -> dict[str, Any]:
-    """Run `call` (which waits for every holder of region `name` to unmap it); while it takes
-    longer than SHOW_AFTER, say on stderr which mappers have not answered yet, for how long,
-    and after how long they are evicted."""
+def _wait_showing_holders(
+    client: ControlClient, doing: str, call: Any, what: str = "to acknowledge the change"
+) -> dict[str, Any]:
+    """Run `call` (a change that waits for mappers' acknowledgements: the holders' Unmaps, an
+    eager mapper's Maps); while it takes longer than SHOW_AFTER, say on stderr which mappers
+    have not answered yet, for how long, and after how long they are evicted."""
     outcome: dict[str, Any] = {}
 
     def run() -> None:
@@ -291,8 +311,8 @@ def _wait_showing_holders(client: ControlClient, name: str, call: Any) -> dict[s
             )
             waited = units.format_duration(time.monotonic() - started)
             click.echo(
-                f"removing {name} for {waited}: waiting for "
-                f"{holders or 'the last acknowledgement'} to unmap it "
+                f"{doing} for {waited}: waiting for "
+                f"{holders or 'the last acknowledgement'} {what} "
                 f"(a mapper is evicted after {limit})",
                 err=True,
             )
