@@ -25,6 +25,8 @@ log = logging.getLogger("membacking.manager")
 
 #: where state directories live unless --state-dir says otherwise (a tmpfs on Linux)
 DEFAULT_PARENT = Path("/dev/shm")
+#: file systems whose files live in memory: guest RAM there costs no disk writes
+MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
 
 
 class StateDirError(MembackingError):
@@ -66,6 +68,46 @@ def left_behind(paths: RuntimePaths) -> str | None:
     )
 
 
+def filesystem_of(path: Path) -> str | None:
+    """The type of the file system `path` is on (from /proc/self/mountinfo: the mount point
+    that is the longest prefix of it), None if it cannot be told."""
+    best, kind = -1, None
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    target = str(path.resolve())
+    for line in lines:
+        fields = line.split()
+        if " - " not in line or len(fields) < 5:
+            continue
+        # mount point: field 5, octal escapes for spaces and the like; type: after " - "
+        mount = fields[4].encode().decode("unicode_escape")
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) > best:
+            best, kind = len(mount), line.split(" - ", 1)[1].split()[0]
+    return kind
+
+
+def _check_own(path: Path, what: str, directory: bool) -> os.stat_result | None:
+    """lstat `path` (None if it does not exist) and refuse what this uid must not trust: a
+    symbolic link, the wrong kind of file, a file of another uid."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    kind_ok = stat.S_ISDIR(info.st_mode) if directory else stat.S_ISREG(info.st_mode)
+    if not kind_ok:
+        kind = "directory" if directory else "regular file"
+        raise StateDirError(f"{what} {path} is not a {kind}; choose another --state-dir")
+    if info.st_uid != os.getuid():
+        raise StateDirError(
+            f"{what} {path} belongs to uid {info.st_uid}, not to you (uid {os.getuid()}); "
+            "it is not adopted: remove it, or choose another --state-dir"
+        )
+    return info
+
+
 class StateDir:
     """A claimed state directory (flock'ed while the daemon runs)."""
 
@@ -94,16 +136,47 @@ class StateDir:
                 f"(uid {os.getuid()}); choose another --state-dir"
             )
         os.chmod(self.root, 0o700)
-        self.mem.mkdir(mode=0o700, exist_ok=True)
-        fd = os.open(self.root / "state.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        with contextlib.suppress(FileExistsError):
+            self.mem.mkdir(mode=0o700)
+        _check_own(self.mem, "memory directory", directory=True)
+        self._tighten(self.mem, 0o700)
+        lock = self.root / "state.lock"
+        _check_own(lock, "lock file", directory=False)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
             os.close(fd)
+            who = f" (pid {holder})" if holder.isdigit() else ""
             raise StateDirError(
-                f"state directory {self.root} is in use by another membacking manager"
+                f"state directory {self.root} is in use by another membacking manager{who}"
             ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
+        _check_own(self.journal, "journal", directory=False)
+        kind = filesystem_of(self.root)
+        if kind is not None and kind not in MEMORY_FILESYSTEMS:
+            log.warning(
+                "state directory %s is on a %s file system, not a tmpfs: guest RAM is kept in "
+                "files there, so the kernel writes it back to that storage (slower, and it "
+                'outlives a reboot); see OPERATIONS.md, "The state directory"',
+                self.root,
+                kind,
+            )
+
+    def _tighten(self, path: Path, mode: int) -> None:
+        """Take away what group and others may do with `path` (of this uid), and say so."""
+        info = os.stat(path, follow_symlinks=False)
+        if stat.S_IMODE(info.st_mode) & 0o077:
+            log.warning(
+                "%s had mode %o: set to %o (only the manager's uid may use its state)",
+                path,
+                stat.S_IMODE(info.st_mode),
+                mode,
+            )
+            os.chmod(path, mode, follow_symlinks=False)
 
     def read(self) -> Snapshot | None:
         """The journal's snapshot, None if there is none (JournalError if it is unusable)."""
@@ -145,7 +218,18 @@ class StateDir:
         return fd
 
     def open_file(self, name: str) -> int:
-        return os.open(self.mem / name, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        """Open `mem/<name>` read-write; one of this uid that group or others could use is
+        made 0600 (with a warning). Its owner, size and inode are checked by the caller."""
+        fd = os.open(self.mem / name, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        info = os.fstat(fd)
+        if info.st_uid == os.getuid() and stat.S_IMODE(info.st_mode) & 0o077:
+            log.warning(
+                "%s had mode %o: set to 600 (only the manager's uid may use guest memory)",
+                self.mem / name,
+                stat.S_IMODE(info.st_mode),
+            )
+            os.fchmod(fd, 0o600)
+        return fd
 
     def discard(self, name: str) -> None:
         """Unlink `mem/<name>` now (a file no journal has named)."""
