@@ -17,7 +17,7 @@ class ManagerUnavailableError(MembackingError):
 
 #: why no manager serves a runtime directory, in the same words for every command
 NO_SOCKET = "no socket to connect to"
-LEFT_OVER = "its sockets are left over from one that stopped"
+LEFT_OVER = "its sockets are left over from one that is no longer running: stopped or killed"
 
 
 class ControlError(MembackingError):

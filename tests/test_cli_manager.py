@@ -59,7 +59,7 @@ def test_restart_after_sigkill_handles_stale_files(
     for command in (("regions",), ("region", "remove", "ram0")):
         result = first.cli(*command, timeout=5)
         assert_clean_error(result, f"no membacking manager at {first.runtime_dir}")
-        assert "left over from one that stopped" in result.stderr
+        assert "left over from one that is no longer running" in result.stderr
     second = start_manager("--region", "ram0=0:1M", runtime_dir=first.runtime_dir)
     assert second.client().regions()[0]["name"] == "ram0"
 
