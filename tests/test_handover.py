@@ -25,10 +25,11 @@ from membacking.manager.daemon import Daemon
 from membacking.manager.persist import PersistConfig
 from membacking.manager.settings import ManagerConfig
 from membacking.manager.statedir import default_state_dir
-from membacking.mapper import reconnect
-from membacking.mapper.waitlist import RELINK
+from membacking.mapper import faulting, reconnect
+from membacking.mapper.waitlist import RELINK, WaiterSet
 from membacking.protocol import messages as m
 from membacking.protocol.codec import encode
+from membacking.protocol.ranges import MemoryRange
 from membacking.runtime import RuntimePaths
 
 from conftest import RunningManager, Worker, WorkerError, cli_env, run_cli, short_tmpdir
@@ -352,3 +353,32 @@ def test_a_waiting_mapper_tries_as_soon_as_a_new_daemon_binds(
         assert worker.ask("read 0x0 4") == b"kept".hex()
     finally:
         worker.close()
+
+
+def test_a_fault_that_registers_as_a_relink_starts_asks_the_successor() -> None:
+    """The mapper thread starts a relink (clears `relinked`, fails every waiter) between a
+    fault's look at `relinked` and its waiter's registration: the fault is asked again after the
+    relink, not sent to the manager that is gone to wait out fault_timeout."""
+    mapper = _mapper_state(3)
+    sent: list[m.Message] = []
+    waiters = WaiterSet()
+
+    class Racing:
+        def register(self, rng: MemoryRange, writable: bool, tagged: bool = False) -> Any:
+            mapper.relinked.clear()  # what start_relink does first...
+            waiters.fail_all(RELINK)  # ...then this, before the fault's waiter is in the set
+            return waiters.register(rng, writable, tagged)
+
+        def discard(self, waiter: Any) -> None:
+            waiters.discard(waiter)
+
+    mapper.waiters = Racing()
+    mapper.eager = False
+    mapper.address_space = 1 << 30
+    mapper.dropped = None
+    mapper.fault_timeout = 0.2
+    mapper.link.features = m.FEATURE_TAGS
+    mapper.link.send = sent.append
+    with pytest.raises(reconnect.Relink):
+        faulting._fault_once(mapper, 0x1000, 0x1001, False)
+    assert sent == [] and len(waiters) == 0
