@@ -382,3 +382,63 @@ def test_a_fault_that_registers_as_a_relink_starts_asks_the_successor() -> None:
     with pytest.raises(reconnect.Relink):
         faulting._fault_once(mapper, 0x1000, 0x1001, False)
     assert sent == [] and len(waiters) == 0
+
+
+def test_a_handover_during_an_eager_replay_waits_and_the_mapper_ends_eager(
+    start_manager: Start, spawn_worker: Spawn
+) -> None:
+    """An eager mapper is being sent a replay of many regions (its acks still owed, the mapper
+    stopped in the middle) when a handover is asked: the new daemon waits for the replay to end,
+    nothing is lost, and the mapper ends eager under the new daemon with every region mapped."""
+    count = 300
+    first = start_manager(*REGIONS)
+    client = first.client()
+    for i in range(count):
+        client.add_region(f"e{i}", 0x40000000 + i * 0x10000, 0x10000)
+    with membacking.attach(first.runtime_dir, name="writer") as memory:
+        for i in range(0, count, 37):
+            memory.write_at(0x40000000 + i * 0x10000, f"e{i}".encode())
+    worker = spawn_worker(first, "eager")
+    worker.send("eager")
+    deadline = time.monotonic() + 10
+    while not client.status()["waiting_on"] and time.monotonic() < deadline:
+        time.sleep(0.002)
+    os.kill(worker.pid, signal.SIGSTOP)  # in the middle of the replay
+    try:
+        assert client.status()["waiting_on"], "the replay was over before the mapper stopped"
+        outcome: dict[str, RunningManager] = {}
+
+        def take_over() -> None:
+            outcome["second"] = start_manager(*REGIONS, "--takeover", runtime_dir=first.runtime_dir)
+
+        taker = threading.Thread(target=take_over)
+        taker.start()
+        time.sleep(1.0)
+        # the replay still waits on the stopped mapper; the running daemon serves on
+        assert first.proc.poll() is None and taker.is_alive()
+        assert client.stats()["regions"] == count + 2
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+    assert worker.answer() == ""  # the replay ended: eager under the first daemon
+    taker.join(60)
+    second = outcome["second"]
+    assert f"took-over-from={first.pid}" in second.ready_line
+    assert first.proc.wait(10) == 0
+    new = second.client()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # it registers again, and asks for the replay again
+        mappers = new.mappers()
+        if mappers and mappers[0]["mode"] == "eager":
+            break
+        time.sleep(0.05)
+    assert [(p["name"], p["mode"]) for p in new.mappers()] == [("eager", "eager")]
+    assert len(new.regions()) == count + 2
+    mapped = worker.ask("mapped").split(",")
+    for i in range(count):
+        assert f"{0x40000000 + i * 0x10000:#x}-{0x40000000 + (i + 1) * 0x10000:#x}" in mapped, i
+    for i in range(0, count, 37):
+        assert bytes.fromhex(worker.ask(f"read {0x40000000 + i * 0x10000:#x} 4")).startswith(
+            f"e{i}".encode()
+        )
+    new.add_region("late", 0x30000000, MiB)  # pushed to it, as to any eager mapper
+    assert f"{0x30000000:#x}-{0x30100000:#x}" in worker.ask("mapped").split(",")
