@@ -223,3 +223,33 @@ def test_a_new_mapper_never_gets_the_id_of_one_that_has_not_come_back(
         time.sleep(0.05)
     ids = [p["id"] for p in second.client().mappers()]
     assert len(set(ids)) == 3 and not set(ids) & taken, ids
+
+
+def test_an_eager_upgrade_cut_by_a_crash_ends_eager_under_the_new_daemon(
+    start_manager: Start, spawn_worker: Spawn
+) -> None:
+    """The daemon is killed in the middle of an eager replay: the mapper asks the restarted one
+    for the replay again, and the upgrade that waited ends well, every region mapped (before, it
+    waited out its timeout and failed, and the mapper stayed lazy)."""
+    count = 200
+    first = start_manager(*REGIONS)
+    client = first.client()
+    for i in range(count):
+        client.add_region(f"e{i}", 0x40000000 + i * 0x10000, 0x10000)
+    worker = spawn_worker(first, "eager")
+    worker.send("eager")
+    deadline = time.monotonic() + 10
+    while not client.status()["waiting_on"] and time.monotonic() < deadline:
+        time.sleep(0.002)
+    os.kill(worker.pid, signal.SIGSTOP)  # in the middle of the replay
+    try:
+        assert client.status()["waiting_on"], "the replay was over before the mapper stopped"
+        first.stop(signal.SIGKILL)
+        second = start_manager(*REGIONS, runtime_dir=first.runtime_dir)
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+    assert worker.answer(timeout=20) == ""  # the upgrade ended well
+    assert [(p["name"], p["mode"]) for p in second.client().mappers()] == [("eager", "eager")]
+    mapped = worker.ask("mapped").split(",")
+    for i in range(count):
+        assert f"{0x40000000 + i * 0x10000:#x}-{0x40000000 + (i + 1) * 0x10000:#x}" in mapped, i
