@@ -21,6 +21,7 @@ MAPPERS = 8
 PATTERN = 4096  # each mapper's own pattern at i * PATTERN, rewritten and verified every round
 SLICE = 64 << 10  # each mapper's slice, followed by the model, at SLICES + i * SLICE
 SLICES = 1 * MiB
+RAM0 = 8 * MiB
 DATA = 0x8000000  # a region of random bytes nobody writes: its checksum must never change
 DATA_SIZE = 2 * MiB
 EXTRA = 0x10000000  # region x<cycle> lives at EXTRA + cycle MiB
@@ -62,12 +63,13 @@ class Soak:
             memory.write_at(EXTRA + cycle * MiB, f"x{cycle}".encode())
 
     def checksums(self, cycle: int, after: bool) -> dict[str, str]:
-        """sha256 of every region but the loops' patterns, read by a worker: before the
-        replacement without x<cycle> (the workers' faults on it are to fall in the gap)."""
+        """sha256 of every region (but the loops' patterns, which each loop verifies itself),
+        read by a worker; before the replacement without x<cycle> (the workers' faults on it
+        are to fall in the gap)."""
         reader = self.workers[cycle % MAPPERS]
         extra = (cycle - 1, cycle) if after else (cycle - 1,)
         return {
-            "ram0 slices": reader.ask(f"sha {SLICES:#x} {MAPPERS * SLICE:#x}"),
+            "ram0": reader.ask(f"sha {MAPPERS * PATTERN:#x} {RAM0 - MAPPERS * PATTERN:#x}"),
             "data": reader.ask(f"sha {DATA:#x} {DATA_SIZE:#x}"),
             **{f"x{c}": reader.ask(f"sha {EXTRA + c * MiB:#x} {MiB:#x}") for c in extra if c >= 0},
         }
@@ -75,7 +77,9 @@ class Soak:
     def expected(self, cycle: int, after: bool) -> dict[str, str]:
         """The checksums the model says `checksums` must find."""
         slices = b"".join(bytes(self.model[i]) for i in range(MAPPERS))
-        sums = {"ram0 slices": hashlib.sha256(slices).hexdigest(), "data": self.data_sha}
+        ram0 = bytes(SLICES - MAPPERS * PATTERN) + slices
+        ram0 += bytes(RAM0 - MAPPERS * PATTERN - len(ram0))
+        sums = {"ram0": hashlib.sha256(ram0).hexdigest(), "data": self.data_sha}
         for c in (cycle - 1, cycle) if after else (cycle - 1,):
             if c >= 0:
                 marker = f"x{c}".encode()
