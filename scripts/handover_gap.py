@@ -1,137 +1,37 @@
-"""The service gap of a planned handover: `python scripts/handover_gap.py [--regions N]
-[--mappers M]`.
+"""The service gaps of a handover and of a crash and restart, alone: `python
+scripts/handover_gap.py [--regions N] [--mappers M]` prints what `membacking.bench.gaps.measure`
+measured as JSON (milliseconds). `membacking bench` shows the same beside its other rows.
 
 Starts a manager with N regions (64 KiB each) and M mapper processes that map every region,
 then ask the manager without pause (a read of a hole is answered by the manager each time)
-while one reads its mapped memory. `manager run --takeover` then replaces the manager. Each
-mapper records when every answer came back; the gap is the longest pause between two answers
-during the handover (last served by the old daemon to first served by the new), beside the
-longest pause in a same-length window before it (the baseline of this run). Any failed access
-to mapped memory is counted.
+while they read mapped memory. `manager run --takeover` then replaces the manager: the gap is
+the longest pause between two answers during the handover (last served by the old daemon to
+first served by the new), beside the longest pause in a same-length window before it. Then the
+new daemon is SIGKILLed and a plain one started: the time from its start to every mapper's first
+answer after the kill, beside a new mapper's attach and first answer. Failed accesses are
+counted.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
+import dataclasses
 import json
-import os
-import select
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
-import time
-from pathlib import Path
 
-REGION = 64 << 10
-BASE = 1 << 32
-HOLE = 1 << 30  # no region there
-
-
-def mapper_main(runtime_dir: str, regions: int) -> None:
-    import membacking
-
-    done = threading.Event()
-    threading.Thread(target=lambda: (sys.stdin.read(), done.set()), daemon=True).start()
-    answers: list[float] = []
-    failures = 0
-    with membacking.attach(runtime_dir, reconnect_timeout=30.0) as memory:
-        for i in range(regions):
-            memory.write_at(BASE + i * REGION, b"x")
-        print("ready", flush=True)
-        while not done.is_set():
-            try:
-                memory.read_at(HOLE, 1)
-            except membacking.NoMappingError:
-                answers.append(time.monotonic())
-            if memory.read_at(BASE + (len(answers) % regions) * REGION, 1) != b"x":
-                failures += 1
-    pauses = [(b - a, a) for a, b in itertools.pairwise(answers)]
-    print(json.dumps({"answers": len(answers), "failures": failures, "pauses": pauses}))
-
-
-def longest(pauses: list[list[float]], start: float, end: float) -> float:
-    """The longest pause that overlaps [start, end)."""
-    return max((p for p, at in pauses if at < end and at + p > start), default=0.0)
+from membacking.bench.gaps import measure
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--regions", type=int, default=1000)
-    parser.add_argument("--mappers", type=int, default=4)
-    parser.add_argument("--mapper", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--mappers", type=int, default=16)
     args = parser.parse_args()
-    if args.mapper:
-        mapper_main(args.mapper[0], int(args.mapper[1]))
-        return
-    import membacking
-
-    runtime = Path(tempfile.mkdtemp(prefix="mbgap-", dir="/tmp"))
-    cli = [sys.executable, "-m", "membacking", "manager", "run", "--runtime-dir", str(runtime)]
-    env = dict(os.environ, MEMBACKING_RUNTIME_DIR=str(runtime))
-    procs: list[subprocess.Popen[str]] = []
-
-    def start(*extra: str) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            [*cli, *extra], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
-        )
-        procs.append(proc)
-        assert proc.stdout is not None and "ready" in proc.stdout.readline()
-        return proc
-
-    try:
-        old = start()
-        client = membacking.ControlClient(runtime)
-        for i in range(args.regions):
-            client.add_region(f"r{i}", BASE + i * REGION, REGION)
-        client.close()
-        mappers = []
-        for _ in range(args.mappers):
-            mapper = subprocess.Popen(
-                [sys.executable, __file__, "--mapper", str(runtime), str(args.regions)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-                env=env,
-            )
-            procs.append(mapper)
-            mappers.append(mapper)
-        for mapper in mappers:
-            assert mapper.stdout is not None
-            select.select([mapper.stdout], [], [], 120)
-            assert mapper.stdout.readline().strip() == "ready"
-        time.sleep(1.0)
-        asked = time.monotonic()
-        new = start("--takeover")
-        ready = time.monotonic()
-        old_status = old.wait(30)
-        time.sleep(1.0)
-        results = [json.loads(m.communicate("", timeout=60)[0]) for m in mappers]
-        window = ready - asked
-        gaps = [longest(r["pauses"], asked, ready + 0.5) for r in results]
-        base = [longest(r["pauses"], asked - 0.2 - window, asked - 0.2) for r in results]
-        report = {
-            "regions": args.regions,
-            "mappers": args.mappers,
-            "old_exit_status": old_status,
-            "takeover_start_to_ready_ms": round(window * 1e3, 1),
-            "gap_ms_max": round(max(gaps) * 1e3, 1),
-            "gap_ms_per_mapper": [round(g * 1e3, 1) for g in gaps],
-            "baseline_pause_ms_max": round(max(base) * 1e3, 1),
-            "ratio_gap_to_baseline": round(max(gaps) / max(max(base), 1e-6), 1),
-            "failed_accesses": sum(r["failures"] for r in results),
-        }
-        print(json.dumps(report, indent=2))
-        new.terminate()
-        new.wait(30)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        shutil.rmtree(runtime, ignore_errors=True)
+    gaps = measure(args.regions, args.mappers)
+    report = {
+        k: round(v * 1e3, 1) if isinstance(v, float) else v
+        for k, v in dataclasses.asdict(gaps).items()
+    }
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

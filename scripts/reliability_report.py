@@ -22,8 +22,13 @@ START, END = "<!-- measured:start -->", "<!-- measured:end -->"
 def main() -> int:
     with tempfile.NamedTemporaryFile("r", suffix=".jsonl", delete=False) as handle:
         log = Path(handle.name)
-    # the restart soak runs 20 kills here (2 in the ordinary suite, to keep it fast)
-    env = dict(os.environ, MEMBACKING_RELIABILITY_LOG=str(log), MEMBACKING_SOAK_KILLS="20")
+    # the soaks run 20 kills and 20 handovers here (fewer in the ordinary suite, to keep it fast)
+    env = dict(
+        os.environ,
+        MEMBACKING_RELIABILITY_LOG=str(log),
+        MEMBACKING_SOAK_KILLS="20",
+        MEMBACKING_SOAK_HANDOVERS="20",
+    )
     started = time.monotonic()
     result = subprocess.run(
         [

@@ -171,6 +171,7 @@ class Worker:
 
     def __init__(self, runtime_dir: Path, name: str, *extra: str) -> None:
         self.name = name
+        self._pending = b""  # read from stdout, not yet returned by _line
         self.proc = subprocess.Popen(
             [sys.executable, str(WORKER), str(runtime_dir), name, *extra],
             stdin=subprocess.PIPE,
@@ -189,11 +190,24 @@ class Worker:
         return self.proc.pid
 
     def _line(self, timeout: float) -> str:
+        """The next line the worker wrote. Read straight from the pipe into a buffer of its
+        own: a buffered reader would hold a second answer that arrived with the first where
+        `select` cannot see it."""
         assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
-            raise TimeoutError(f"worker {self.name} did not answer within {timeout}s")
-        return self.proc.stdout.readline().strip()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._pending:
+            ready, _, _ = select.select(
+                [self.proc.stdout], [], [], max(0.0, deadline - time.monotonic())
+            )
+            if not ready:
+                raise TimeoutError(f"worker {self.name} did not answer within {timeout}s")
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            if not chunk:  # it exited: what is left (readline's answer at the end of a file)
+                line, self._pending = self._pending, b""
+                return line.decode().strip()
+            self._pending += chunk
+        line, _, self._pending = self._pending.partition(b"\n")
+        return line.decode().strip()
 
     def stderr(self) -> str:
         if self.proc.poll() is None or self.proc.stderr is None:

@@ -53,13 +53,18 @@ def test_quick_benchmark_reports_everything(tmp_path: Path) -> None:
         "unmap_range with 1000 holes vs 10",
         "manager memory per region",
         "manager memory per mapper",
+        "handover gap, 200 regions, 4 mappers",
+        "crash: restart -> every mapper served, 200 regions, 4 mappers",
+        "crash: ready -> every mapper served",
     ]
     for prefix in expected:
         assert any(what.startswith(prefix) for what in rows), prefix
     for row in data["results"]:
         assert row["ours"] > 0 and row["baseline"] > 0, row
         assert abs(row["ratio"] - row["ours"] / row["baseline"]) < 1e-9
-        if row["target"] is not None:
+        if row["limit"] is not None:  # a bound on the time itself (service gaps)
+            assert row["target"] is None and row["met"] is (row["ours"] <= row["limit"])
+        elif row["target"] is not None:
             expected_met = (
                 row["ratio"] >= row["target"]
                 if row["better"] == "higher"
@@ -290,6 +295,34 @@ def test_table_explains_its_columns_and_keeps_memory_apart() -> None:
     words = " ".join(text.split())
     assert "baseline: the same operation done raw in the same run, without membacking" in words
     assert "the manager's RSS before them was 40,960.0 KiB" in words
+
+
+def test_a_service_gap_row_is_held_to_its_bound_in_ms() -> None:
+    """The handover and restart rows have a bound on the time itself (50 ms, 1 s plus the
+    backoff step), shown as such, beside the ratio to their baseline."""
+    import io
+
+    from membacking.bench import gaps
+    from membacking.bench.runner import _result, table
+    from membacking.mapper.reconnect import BACKOFF_MAX
+
+    assert gaps.HANDOVER_LIMIT == 0.050 and gaps.RESTART_LIMIT == 1.0 + BACKOFF_MAX
+    missed = _result("handover gap", 80.0, 10.0, "ms", "lower", None, 50.0)
+    kept = _result("crash: restart", 900.0, 9.0, "ms", "lower", None, 2000.0)
+    assert (missed.met, missed.ratio, kept.met) == (False, 8.0, True)
+    out = io.StringIO()
+    table([missed, kept], out)
+    lines = out.getvalue().splitlines()
+    assert lines[2].split()[2:] == ["80.0", "ms", "10.0", "ms", "8.00x", "<=", "50.0", "ms", "NO"]
+    assert lines[3].split()[-3:] == ["2000", "ms", "yes"]
+
+
+def test_gap_helpers_find_the_pause_and_the_first_answer() -> None:
+    from membacking.bench.gaps import first_after, longest
+
+    pauses = [[0.01, 1.0], [0.5, 1.01], [0.01, 1.51]]  # answers at 1.0, 1.01, 1.51, 1.52
+    assert longest(pauses, 1.2, 1.3) == 0.5 and longest(pauses, 2.0, 3.0) == 0.0
+    assert first_after(pauses, 1.2) == pytest.approx(1.51)
 
 
 def test_load_average_warning() -> None:

@@ -16,6 +16,9 @@ from collections.abc import Callable
 
 import pytest
 
+from membacking.manager.statedir import default_state_dir
+from membacking.runtime import RuntimePaths
+
 from conftest import RunningManager, Worker, cli_env
 
 Spawn = Callable[..., Worker]
@@ -40,6 +43,23 @@ def test_status_says_who_serves_and_how_well(manager: RunningManager) -> None:
         line.startswith("uptime") and line.endswith(" s") for line in stats.splitlines()
     )
     assert "version" in stats and "refused                0" in stats
+
+
+def test_status_names_the_state_directory_and_what_a_stop_does(start_manager: Start) -> None:
+    default = start_manager("--region", "ram0=0:1M")
+    status = json.loads(default.cli("status", "--json").stdout)
+    state_dir = str(default_state_dir(RuntimePaths.resolve(default.runtime_dir)))
+    assert (status["state_dir"], status["keep_state"], status["fd_store"]) == (
+        state_dir,
+        False,
+        False,
+    )
+    assert f"state         {state_dir}; ended at a clean stop\n" in default.cli("status").stdout
+    kept = start_manager("--region", "ram0=0:1M", "--keep-state")
+    assert "; kept at a clean stop\n" in kept.cli("status").stdout
+    none = start_manager("--region", "ram0=0:1M", "--no-state")
+    assert json.loads(none.cli("status", "--json").stdout)["state_dir"] is None
+    assert "state         none (--no-state)\n" in none.cli("status").stdout
 
 
 def test_manager_stop(start_manager: Start) -> None:

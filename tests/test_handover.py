@@ -25,10 +25,11 @@ from membacking.manager.daemon import Daemon
 from membacking.manager.persist import PersistConfig
 from membacking.manager.settings import ManagerConfig
 from membacking.manager.statedir import default_state_dir
-from membacking.mapper import reconnect
-from membacking.mapper.waitlist import RELINK
+from membacking.mapper import faulting, reconnect
+from membacking.mapper.waitlist import RELINK, WaiterSet
 from membacking.protocol import messages as m
 from membacking.protocol.codec import encode
+from membacking.protocol.ranges import MemoryRange
 from membacking.runtime import RuntimePaths
 
 from conftest import RunningManager, Worker, WorkerError, cli_env, run_cli, short_tmpdir
@@ -352,3 +353,92 @@ def test_a_waiting_mapper_tries_as_soon_as_a_new_daemon_binds(
         assert worker.ask("read 0x0 4") == b"kept".hex()
     finally:
         worker.close()
+
+
+def test_a_fault_that_registers_as_a_relink_starts_asks_the_successor() -> None:
+    """The mapper thread starts a relink (clears `relinked`, fails every waiter) between a
+    fault's look at `relinked` and its waiter's registration: the fault is asked again after the
+    relink, not sent to the manager that is gone to wait out fault_timeout."""
+    mapper = _mapper_state(3)
+    sent: list[m.Message] = []
+    waiters = WaiterSet()
+
+    class Racing:
+        def register(self, rng: MemoryRange, writable: bool, tagged: bool = False) -> Any:
+            mapper.relinked.clear()  # what start_relink does first...
+            waiters.fail_all(RELINK)  # ...then this, before the fault's waiter is in the set
+            return waiters.register(rng, writable, tagged)
+
+        def discard(self, waiter: Any) -> None:
+            waiters.discard(waiter)
+
+    mapper.waiters = Racing()
+    mapper.eager = False
+    mapper.address_space = 1 << 30
+    mapper.dropped = None
+    mapper.fault_timeout = 0.2
+    mapper.link.features = m.FEATURE_TAGS
+    mapper.link.send = sent.append
+    with pytest.raises(reconnect.Relink):
+        faulting._fault_once(mapper, 0x1000, 0x1001, False)
+    assert sent == [] and len(waiters) == 0
+
+
+def test_a_handover_during_an_eager_replay_waits_and_the_mapper_ends_eager(
+    start_manager: Start, spawn_worker: Spawn
+) -> None:
+    """An eager mapper is being sent a replay of many regions (its acks still owed, the mapper
+    stopped in the middle) when a handover is asked: the new daemon waits for the replay to end,
+    nothing is lost, and the mapper ends eager under the new daemon with every region mapped."""
+    count = 300
+    first = start_manager(*REGIONS)
+    client = first.client()
+    for i in range(count):
+        client.add_region(f"e{i}", 0x40000000 + i * 0x10000, 0x10000)
+    with membacking.attach(first.runtime_dir, name="writer") as memory:
+        for i in range(0, count, 37):
+            memory.write_at(0x40000000 + i * 0x10000, f"e{i}".encode())
+    worker = spawn_worker(first, "eager")
+    worker.send("eager")
+    deadline = time.monotonic() + 10
+    while not client.status()["waiting_on"] and time.monotonic() < deadline:
+        time.sleep(0.002)
+    os.kill(worker.pid, signal.SIGSTOP)  # in the middle of the replay
+    try:
+        assert client.status()["waiting_on"], "the replay was over before the mapper stopped"
+        outcome: dict[str, RunningManager] = {}
+
+        def take_over() -> None:
+            outcome["second"] = start_manager(*REGIONS, "--takeover", runtime_dir=first.runtime_dir)
+
+        taker = threading.Thread(target=take_over)
+        taker.start()
+        time.sleep(1.0)
+        # the replay still waits on the stopped mapper; the running daemon serves on
+        assert first.proc.poll() is None and taker.is_alive()
+        assert client.stats()["regions"] == count + 2
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+    assert worker.answer() == ""  # the replay ended: eager under the first daemon
+    taker.join(60)
+    second = outcome["second"]
+    assert f"took-over-from={first.pid}" in second.ready_line
+    assert first.proc.wait(10) == 0
+    new = second.client()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # it registers again, and asks for the replay again
+        mappers = new.mappers()
+        if mappers and mappers[0]["mode"] == "eager":
+            break
+        time.sleep(0.05)
+    assert [(p["name"], p["mode"]) for p in new.mappers()] == [("eager", "eager")]
+    assert len(new.regions()) == count + 2
+    mapped = worker.ask("mapped").split(",")
+    for i in range(count):
+        assert f"{0x40000000 + i * 0x10000:#x}-{0x40000000 + (i + 1) * 0x10000:#x}" in mapped, i
+    for i in range(0, count, 37):
+        assert bytes.fromhex(worker.ask(f"read {0x40000000 + i * 0x10000:#x} 4")).startswith(
+            f"e{i}".encode()
+        )
+    new.add_region("late", 0x30000000, MiB)  # pushed to it, as to any eager mapper
+    assert f"{0x30000000:#x}-{0x30100000:#x}" in worker.ask("mapped").split(",")

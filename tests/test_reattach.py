@@ -4,6 +4,7 @@ what the new daemon's table no longer holds unmapped."""
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -196,3 +197,64 @@ def test_an_eager_mapper_is_eager_again_after_the_restart(
     second.client().add_region("new", 0x20000000, MiB)  # pushed to it, as to any eager mapper
     assert worker.ask("read 0x20000000 1") == "00"
     assert worker.ask("read 0x10 1") == b"e".hex()
+
+
+def test_a_new_mapper_never_gets_the_id_of_one_that_has_not_come_back(
+    start_manager: Start, spawn_worker: Spawn
+) -> None:
+    """Registrations are not region changes: the journal still keeps every id handed out, so a
+    mapper attaching to the restarted daemon before an old one is back gets an id of its own
+    (before, ids started from the journal's last region change, here from 1 again)."""
+    first = start_manager(*REGIONS)
+    old = [spawn_worker(first, f"old{i}") for i in range(2)]
+    old[1].ask("write 0x0 " + b"kept".hex())
+    os.kill(old[1].pid, signal.SIGSTOP)  # it cannot register again for now
+    try:
+        first.stop(signal.SIGKILL)
+        second = start_manager(*REGIONS, runtime_dir=first.runtime_dir)
+        deadline = time.monotonic() + 10
+        while not second.client().mappers() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        new = spawn_worker(second, "new")
+        taken = {old[0].mapper_id, old[1].mapper_id}
+        assert new.mapper_id not in taken, (new.mapper_id, taken)
+        again = {p["id"] for p in second.client().mappers()}
+        assert not again & taken, (again, taken)
+    finally:
+        os.kill(old[1].pid, signal.SIGCONT)
+    assert old[1].ask("read 0x0 4") == b"kept".hex()
+    deadline = time.monotonic() + 10
+    while len(second.client().mappers()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    ids = [p["id"] for p in second.client().mappers()]
+    assert len(set(ids)) == 3 and not set(ids) & taken, ids
+
+
+def test_an_eager_upgrade_cut_by_a_crash_ends_eager_under_the_new_daemon(
+    start_manager: Start, spawn_worker: Spawn
+) -> None:
+    """The daemon is killed in the middle of an eager replay: the mapper asks the restarted one
+    for the replay again, and the upgrade that waited ends well, every region mapped (before, it
+    waited out its timeout and failed, and the mapper stayed lazy)."""
+    count = 200
+    first = start_manager(*REGIONS)
+    client = first.client()
+    for i in range(count):
+        client.add_region(f"e{i}", 0x40000000 + i * 0x10000, 0x10000)
+    worker = spawn_worker(first, "eager")
+    worker.send("eager")
+    deadline = time.monotonic() + 10
+    while not client.status()["waiting_on"] and time.monotonic() < deadline:
+        time.sleep(0.002)
+    os.kill(worker.pid, signal.SIGSTOP)  # in the middle of the replay
+    try:
+        assert client.status()["waiting_on"], "the replay was over before the mapper stopped"
+        first.stop(signal.SIGKILL)
+        second = start_manager(*REGIONS, runtime_dir=first.runtime_dir)
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+    assert worker.answer(timeout=20) == ""  # the upgrade ended well
+    assert [(p["name"], p["mode"]) for p in second.client().mappers()] == [("eager", "eager")]
+    mapped = worker.ask("mapped").split(",")
+    for i in range(count):
+        assert f"{0x40000000 + i * 0x10000:#x}-{0x40000000 + (i + 1) * 0x10000:#x}" in mapped, i

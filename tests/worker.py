@@ -3,13 +3,17 @@
     python tests/worker.py RUNTIME_DIR NAME [--eager] [--reconnect SECONDS]
 
 Commands (one per line): `write GPA HEX`, `read GPA N`, `fill GPA BYTE N`, `ensure GPA N`,
-`loop GPA N` (read until an error, in a thread), `loopstatus`, `mapped`, `eager`,
+`loop GPA N [OWN_GPA OWN_N]` (read until an error, in a thread; with OWN_*, each round
+first fills that range with the round's byte and reads it back, a mismatch being an error,
+and pauses a millisecond),
+`loopstatus`, `sha GPA N` (sha256 of the bytes, hex), `mapped`, `eager`,
 `nofile N` (allow N more open fds), `view GPA N` / `unview` (hold a view open), `quit`.
 Answers: `ok [value]` or `err ExceptionClass message`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import threading
 import time
@@ -27,9 +31,15 @@ def main() -> None:
     with attach(runtime_dir, name=name, eager=eager, reconnect_timeout=reconnect) as memory:
         print(f"ok {memory.mapper_id}", flush=True)
 
-        def loop(gpa: int, n: int) -> None:
+        def loop(gpa: int, n: int, own: int = 0, own_n: int = 0) -> None:
             try:
                 while True:
+                    if own_n:  # this mapper's own pattern: written, then verified
+                        value = int(loop_state["reads"]) % 255 + 1
+                        memory.fill_at(own, value, own_n)
+                        if memory.read_at(own, own_n) != bytes([value]) * own_n:
+                            raise AssertionError(f"{own:#x} does not hold {value:#x}")
+                        time.sleep(0.001)  # a round a millisecond: many workers share 2 cores
                     memory.read_at(gpa, n)
                     loop_state["reads"] += 1
             except Exception as exc:  # the test wants to see exactly what ended the loop
@@ -59,12 +69,15 @@ def main() -> None:
                     print("ok", flush=True)
                 elif cmd == "loop":
                     thread = threading.Thread(
-                        target=loop, args=(int(args[0], 0), int(args[1], 0)), daemon=True
+                        target=loop, args=tuple(int(a, 0) for a in args[:4]), daemon=True
                     )
                     thread.start()
                     while loop_state["reads"] == 0 and not loop_state["error"]:
                         time.sleep(0.001)
                     print("ok", flush=True)
+                elif cmd == "sha":
+                    data = memory.read_at(int(args[0], 0), int(args[1], 0))
+                    print(f"ok {hashlib.sha256(data).hexdigest()}", flush=True)
                 elif cmd == "loopstatus":
                     print(f"ok {loop_state['reads']} {loop_state['error']}", flush=True)
                 elif cmd == "view":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -15,8 +16,9 @@ from .common import control_client, echo_json, json_option, runtime_dir_option, 
 @timeout_option()
 @json_option
 def status_cmd(runtime_dir: Path, timeout: float | None, as_json: bool) -> None:
-    """Show the serving manager: pid, version, uptime, runtime directory, counts, resources
-    and health (exit 0 while it answers, even degraded; 1 if no manager answers)."""
+    """Show the serving manager: pid, version, uptime, runtime directory, state directory
+    (and whether a clean stop keeps it), counts, resources and health (exit 0 while it
+    answers, even degraded; 1 if no manager answers)."""
     client = control_client(runtime_dir, timeout)
     status = client.status()
     status["runtime_dir"] = str(client.paths.root)
@@ -29,6 +31,7 @@ def status_cmd(runtime_dir: Path, timeout: float | None, as_json: bool) -> None:
         ("version", status["version"]),
         ("uptime", units.format_duration(status["uptime"])),
         ("runtime dir", status["runtime_dir"]),
+        ("state", _state_text(status)),
         ("regions", str(status["regions"])),
         ("mappers", str(status["mappers"])),
         ("open fds", f"{status['open_fds']} of {limit if limit else 'unlimited'}"),
@@ -41,3 +44,15 @@ def status_cmd(runtime_dir: Path, timeout: float | None, as_json: bool) -> None:
         click.echo(f"  ! {problem}")
     for key, value in rows:
         click.echo(f"  {key:<14}{value}")
+
+
+def _state_text(status: dict[str, Any]) -> str:
+    """Where guest memory outlives the daemon, and what a clean stop does with it (a manager
+    of an earlier release does not say: `unknown`)."""
+    if "state_dir" not in status:
+        return "unknown (the manager does not say)"
+    where = status["state_dir"] or "none (--no-state)"
+    if status.get("fd_store"):
+        where += ", and systemd's fd store"
+    stop = "kept at a clean stop" if status.get("keep_state") else "ended at a clean stop"
+    return f"{where}; {stop}" if status["state_dir"] or status.get("fd_store") else where

@@ -186,6 +186,7 @@ def _status(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[
             "regions": stats["regions"],
             "mappers": stats["mappers"],
             "unmap_timeout": state.unmap_timeout,
+            **state.persistence,
             "waiting_on": waiting,
             "health": "degraded" if problems else "ok",
             "problems": problems,

@@ -35,7 +35,7 @@ from .fdconn import FdConn
 from .fdserver import MAX_STRIKES, FdServer
 from .fdstore import FdStore
 from .metrics import ManagerMetrics
-from .persist import READ_ONLY_OPS, Persistence, adopted_region
+from .persist import READ_ONLY_OPS, Persistence, adopted_region, describe
 from .routers import bind_router, open_to_other_users
 from .rundir import RuntimeDirError, RuntimeDirLock, raise_fd_limit
 from .settings import ManagerConfig, config_widens
@@ -122,13 +122,9 @@ class Daemon(FdServer):
                 self.fdstore.open(self.state, self.store, self.persist, self.config.persist.fresh)
             elif self.persist is not None:
                 self.persist.open(self.state, self.store)
-            self.state.state_id = (
-                self.persist.state_id
-                if self.persist is not None
-                else self.fdstore.state_id
-                if self.fdstore is not None
-                else secrets.token_bytes(16)
-            )
+            kept_by = self.persist or self.fdstore  # the state directory, else the fd store
+            self.state.state_id = kept_by.state_id if kept_by else secrets.token_bytes(16)
+            self.state.persistence = describe(self.persist, self.config.persist, bool(self.fdstore))
             adopted_from = (
                 f"the state in {self.persist.dir.root}"
                 if self.persist is not None

@@ -56,6 +56,9 @@ class FdServer:
     def _apply(self, effects: Iterable[Effect]) -> None:
         raise NotImplementedError
 
+    def _save_state(self) -> None:
+        raise NotImplementedError
+
     def _resume_accepting(self) -> None:
         if self._accept_paused and self._poller is not None:
             self._accept_paused = False
@@ -246,6 +249,8 @@ class FdServer:
             if conn.mapper_id is not None:
                 self._strike(conn, "unexpected", "Hello sent twice")
                 return
+            if self.state.reserve_mapper_id():
+                self._save_state()  # the block of ids is journaled before one is handed out
             try:
                 entry = self.state.register_mapper(msg.name, conn.pid)
             except Refused as exc:

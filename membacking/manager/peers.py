@@ -31,6 +31,9 @@ HOST_PAGE_SIZE = mmap.PAGESIZE
 #: ZeroMQ identities of mappers removed lately, whose last messages (a Detach that lost the race
 #: with the fd socket's close) are dropped without counting them as a stranger's
 MAX_DEPARTED = 1024
+#: mapper ids are handed out in blocks of this many, each journaled before its first id goes
+#: out: a manager that restarts from the journal starts past every id its predecessor issued
+MAPPER_ID_BLOCK = 1024
 
 
 class PeerState(TableState):
@@ -43,6 +46,16 @@ class PeerState(TableState):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._departed: OrderedDict[bytes, None] = OrderedDict()
+        #: ids below this may have been handed out; the journal keeps it as next_mapper_id
+        self.mapper_ids_reserved = self._next_mapper_id
+
+    def reserve_mapper_id(self) -> bool:
+        """Before a registration: whether the next id starts a new block (then the journal
+        must record the block before the id is handed out)."""
+        if self._next_mapper_id < self.mapper_ids_reserved:
+            return False
+        self.mapper_ids_reserved = self._next_mapper_id + MAPPER_ID_BLOCK
+        return True
 
     def has_private_regions(self) -> bool:
         return any(r.backing == "private" for r in self.regions.values())

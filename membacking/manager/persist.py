@@ -8,6 +8,7 @@ import logging
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..runtime import RuntimePaths
 from .backing import MemfdStore
@@ -58,6 +59,16 @@ def adopted_region(
             "state (its guest memory is lost)"
         )
     return True
+
+
+def describe(persist: Persistence | None, config: PersistConfig, fd_store: bool) -> dict[str, Any]:
+    """What `status` says of the state: the state directory in use (None with --no-state),
+    whether a clean stop keeps the state, whether systemd's fd store holds memory too."""
+    return {
+        "state_dir": str(persist.dir.root) if persist is not None else None,
+        "keep_state": config.keep and (persist is not None or fd_store),
+        "fd_store": fd_store,
+    }
 
 
 class Persistence:

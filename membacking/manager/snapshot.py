@@ -57,7 +57,7 @@ def snapshot_of(
         address_space=state.address_space,
         next_mappable_id=state._next_mappable_id,
         next_order=state._next_order,
-        next_mapper_id=state._next_mapper_id,
+        next_mapper_id=max(state._next_mapper_id, state.mapper_ids_reserved),
         regions=regions,
         backings=backings,
         counters={k: v for k, v in state.counters.items() if v},
@@ -161,6 +161,7 @@ def restore(snapshot: Snapshot, state: ManagerState, store: MemfdStore) -> list[
     state._next_mappable_id = max(snapshot.next_mappable_id, state._next_mappable_id)
     state._next_order = max(snapshot.next_order, state._next_order)
     state._next_mapper_id = max(snapshot.next_mapper_id, state._next_mapper_id)
+    state.mapper_ids_reserved = state._next_mapper_id  # the next registration journals a block
     state.counters.update(snapshot.counters)
     # pins of VMs that still run: they hold the regions until their launcher pins anew
     for pin in state.pins.adopt(

@@ -70,6 +70,8 @@ class ManagerState(PeerState):
         #: hugetlb fd fails at any other address in every mapper
         self.huge_page_size = huge_page_size or hugepage_size()
         self._hugetlb: set[int] = set()  # mappables backed by hugetlb memfds
+        #: where the state outlives the daemon, for `status` (persist.describe, set at start)
+        self.persistence: dict[str, Any] = {"state_dir": None, "keep_state": False}
 
     def _alignment(self, region: Region) -> int:
         """What a region's GPA must be a multiple of: the huge page size if any of it is

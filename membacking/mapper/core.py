@@ -99,6 +99,7 @@ class VaMapper:
         self.eager = False
         self.closed = False
         self._eager_done = threading.Event()
+        self._eager_done.set()  # cleared while an eager upgrade waits for its EagerResult
         #: set when the manager answered Detach (FEATURE_DETACH_ACK) or is gone
         self._detach_acked = threading.Event()
         self.fds.on_error = self._refused

@@ -59,6 +59,12 @@ def _fault_once(mapper: VaMapper, gpa: int, end: int, write: bool) -> None:
     rng = MemoryRange.bounding(gpa, min(end, mapper.address_space))
     sent_as = mapper.id
     waiter = mapper.waiters.register(rng, write, bool(mapper.link.features & m.FEATURE_TAGS))
+    if not mapper.relinked.is_set():
+        # a relink began after `fault` looked (it clears the event, then fails every waiter):
+        # this waiter may have missed that, and its request would go to the manager that is
+        # gone and wait out fault_timeout; ask the successor instead
+        mapper.waiters.discard(waiter)
+        raise reconnect.Relink()
     if not waiter.done:
         try:
             mapper.link.send(m.SendMappings(rng, waiter.tag))

@@ -170,7 +170,9 @@ def relink(mapper: VaMapper) -> bool:
         old_id,
         time.monotonic() - started,
     )
-    if mapper.eager:  # the new manager knows it as lazy: ask for the replay again
+    # the new manager knows it as lazy: ask for the replay again, also when the manager that
+    # is gone had not finished it (the upgrade that waits for its EagerResult gets this one's)
+    if mapper.eager or not mapper._eager_done.is_set():
         mapper.eager = False
         mapper.post(m.SetEager())
     mapper.relinked.set()  # faults waiting for it go on
