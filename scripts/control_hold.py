@@ -7,8 +7,12 @@ sockets: mappers are simulated by feeding their messages in) with 10,000 regions
 state machine plus the encoding of its messages took (what the loop does besides the socket
 writes), and for each changing operation the building of the journal's bytes the daemon writes
 before it answers (not the file's write and fsync). Each answer from a mapper (a MapAck, an
-UnmapAck) is a loop turn of its own and timed as one.
-Run: python scripts/control_hold.py [--regions N] [--holes N] [--repeat N]
+UnmapAck) is a loop turn of its own and timed as one. Every pause of Python's garbage collector
+during the whole run (set-up included) is recorded, by generation; with `--gc freeze` (the
+daemon's policy, membacking/manager/heap.py) the heap is frozen as the daemon does at start and on
+each one-second tick, and the longest tick is reported; `--gc auto` leaves the collector as
+Python sets it.
+Run: python scripts/control_hold.py [--regions N] [--holes N] [--repeat N] [--gc auto|freeze]
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import time
 from collections.abc import Callable
 
 from membacking.manager.backing import MemfdStore
+from membacking.manager.heap import Heap
 from membacking.manager.journalcache import JournalEncoder
 from membacking.manager.model import Limits
 from membacking.manager.state import Effect, ManagerState, Send
@@ -31,16 +36,34 @@ PAGE = 4096
 MiB = 1 << 20
 
 
+class Pauses:
+    """Every pause of the cyclic garbage collector, by generation (from gc.callbacks)."""
+
+    def __init__(self) -> None:
+        self.by_generation: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        self._started = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.by_generation[info["generation"]].append(time.perf_counter() - self._started)
+
+
 class Rig:
     """A ManagerState with simulated mappers that answer at once, each answer timed."""
 
-    def __init__(self, regions: int) -> None:
+    def __init__(self, regions: int, heap: Heap | None = None) -> None:
+        self.heap = heap
+        self.next_tick = time.monotonic() + 1.0
         limits = Limits(max_regions=regions + 100, max_mappers=2000)
         self.state = ManagerState(MemfdStore(), limits=limits)
         self.streams: dict[bytes, int] = {}
         self.worst_answer = 0.0
-        self.store = self.state.store
-        assert isinstance(self.store, MemfdStore)
+        store = self.state.store
+        assert isinstance(store, MemfdStore)
+        self.store = store
         self.journal = JournalEncoder()
 
     def journal_bytes(self) -> float:
@@ -108,6 +131,9 @@ class Rig:
                 encode(effect.msg)
         held = time.perf_counter() - started
         gc.enable()
+        if self.heap is not None and time.monotonic() >= self.next_tick:
+            self.heap.tick()  # the daemon's tick, once a second, between two requests
+            self.next_tick = time.monotonic() + 1.0
         replies = self.answer(effects)
         result = None
         for reply in replies:
@@ -125,9 +151,14 @@ def main() -> None:
     parser.add_argument("--eager", type=int, default=8)
     parser.add_argument("--holders", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=9)
+    parser.add_argument("--gc", choices=("auto", "freeze"), default="freeze")
     opts = parser.parse_args()
     logging.disable(logging.WARNING)  # fd-limit refusals of the eager mappers are expected
-    rig = Rig(opts.regions)
+    pauses = Pauses()
+    heap = Heap() if opts.gc == "freeze" else None
+    if heap is not None:
+        heap.settle()  # the daemon settles its heap once it has started
+    rig = Rig(opts.regions, heap)
     for i in range(opts.eager):
         rig.attach(f"eager{i}", eager=True)
     lazy = [rig.attach(f"lazy{i}", eager=False) for i in range(opts.holders)]
@@ -194,10 +225,24 @@ def main() -> None:
     label = f"remove_region ({len(rig.state.regions['holes'].submappings)} pieces)"
     held, _ = rig.control("remove_region", name="holes")
     print(f"{label:40} {held * 1e3:10.2f} ms {held * 1e3:10.2f} ms")
+    print(f"\ngarbage collector ({opts.gc}): pauses during the run, set-up included")
+    for generation, times in pauses.by_generation.items():
+        times.sort()
+        if times:
+            label = f"generation {generation} ({len(times)} collections)"
+            print(f"{label:40} {times[len(times) // 2] * 1e3:10.2f} ms {times[-1] * 1e3:10.2f} ms")
+    if heap is not None:
+        label = f"longest tick (collect, freeze; {heap.full_collections} full)"
+        print(f"{label:40} {'':13} {heap.longest_tick * 1e3:10.2f} ms")
     started = time.perf_counter()
     gc.collect()
     label = "a full pass of the garbage collector"
-    print(f"{label:40} {(time.perf_counter() - started) * 1e3:10.2f} ms")
+    print(f"{label:40} {'':13} {(time.perf_counter() - started) * 1e3:10.2f} ms")
+    if heap is not None:
+        started = time.perf_counter()
+        heap.settle()
+        label = "unfreeze, collect all, freeze (rare)"
+        print(f"{label:40} {'':13} {(time.perf_counter() - started) * 1e3:10.2f} ms")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from .errors import Refused
 from .fdconn import FdConn
 from .fdserver import MAX_STRIKES, FdServer
 from .fdstore import FdStore
+from .heap import Heap
 from .metrics import ManagerMetrics
 from .persist import READ_ONLY_OPS, Persistence, adopted_region
 from .routers import bind_router, open_to_other_users
@@ -90,6 +91,7 @@ class Daemon(FdServer):
         self._evict_kill = config.evict_kill
         self._fd_ceiling = 1 << 30  # set from the open-file limit at start
         self._poller: zmq.Poller | None = None
+        self.heap = Heap()  # what the garbage collector walks (heap.py)
         self.metrics = ManagerMetrics(self.state)
         #: the port metrics are served on, once started (None: not served)
         self.metrics_port: int | None = None
@@ -202,6 +204,7 @@ class Daemon(FdServer):
             for signum in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signum, self._on_signal)
         try:
+            self.heap.settle()  # the state is adopted and the initial regions exist: freeze them
             if on_ready is not None:
                 on_ready(self)
             sdnotify.notify("READY=1")
@@ -295,9 +298,9 @@ class Daemon(FdServer):
                     self._wake_r.recv(64)
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + 1.0
-                self._guard("tick", None, self._tick)
+                self._guard("tick", None, functools.partial(self._tick, not ready))
 
-    def _tick(self) -> None:
+    def _tick(self, idle: bool = False) -> None:
         self._resume_accepting()
         self._apply(self.state.tick())
         if self.persist is not None:  # rollbacks made on acks; files of completed removals
@@ -310,6 +313,7 @@ class Daemon(FdServer):
             # its fd socket still tells us when it goes away
             if entry.pid != 0 and not psutil.pid_exists(entry.pid):
                 self._apply([Disconnect(entry.id)])
+        self.heap.tick(idle)
 
     def _drain(self, sock: zmq.Socket[bytes], handler: Callable[[list[bytes]], None]) -> None:
         """Handle the messages waiting on a ROUTER the poller found readable."""
@@ -426,8 +430,7 @@ class Daemon(FdServer):
             self._stranger_strike(identity)
 
     def _stranger_strike(self, identity: bytes) -> None:
-        """Count an invalid message from a ZeroMQ peer that never attached; the table of such
-        peers is bounded (the oldest are forgotten first)."""
+        """Count an invalid message from a never attached ZeroMQ peer (the oldest forgotten)."""
         self._strangers[identity] = self._strangers.pop(identity, 0) + 1
         if self._strangers[identity] == MAX_STRIKES:
             log.warning("ignoring an unattached ZeroMQ peer after %d invalid messages", MAX_STRIKES)
@@ -439,9 +442,7 @@ class Daemon(FdServer):
         self._zmq_strikes[mapper_id] = strikes
         if strikes >= MAX_STRIKES:
             entry = self.state.mappers.get(mapper_id)
-            who = f"mapper {mapper_id}" + (
-                f" ({entry.name}, pid {entry.pid})" if entry is not None else ""
-            )
+            who = f"mapper {mapper_id}" + (f" ({entry.name})" if entry is not None else "")
             log.error("%s evicted: %d undecodable messages in a row on its stream", who, strikes)
             self._zmq_strikes.pop(mapper_id, None)
             self.count_strike_eviction()
@@ -483,9 +484,8 @@ class Daemon(FdServer):
             log.exception("control request failed")
             self.state.rejected["internal"] += 1
             effects = [Send(Channel.CONTROL, identity, m.Error("internal", str(exc)[:1000]))]
-        if (self.persist is None and self.fdstore is None) or getattr(
-            msg, "op", None
-        ) in READ_ONLY_OPS:
+        journaled = self.persist is not None or self.fdstore is not None
+        if not journaled or getattr(msg, "op", None) in READ_ONLY_OPS:
             self._apply(effects)
             return
         # what goes to mappers leaves first (they work on it while the journal is written);
