@@ -279,8 +279,11 @@ class Daemon(FdServer):
         for fileno in self._conns:
             poller.register(fileno, zmq.POLLIN)
         while self._stop_reason is None:
-            timeout = max(0.0, next_tick - time.monotonic())
-            ready = dict(zmq.zmq_poll(poller.sockets, int(timeout * 1000) + 1))
+            # work a change left for later (state.work) is done between messages, never waited
+            timeout = (
+                0 if self.state.has_work else int(max(0.0, next_tick - time.monotonic()) * 1000) + 1
+            )
+            ready = dict(zmq.zmq_poll(poller.sockets, timeout))
             if self._mapper in ready:
                 self._drain(self._mapper, self._on_mapper_frames)
             if self._control in ready:
@@ -296,6 +299,8 @@ class Daemon(FdServer):
             if self._wake_r.fileno() in ready:
                 with contextlib.suppress(BlockingIOError):
                     self._wake_r.recv(64)
+            if self.state.has_work:
+                self._guard("work", None, self.state.work)
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + 1.0
                 self._guard("tick", None, functools.partial(self._tick, not ready))
@@ -336,7 +341,7 @@ class Daemon(FdServer):
                     frames.append(frame)
             self._guard("zmq message", None, functools.partial(handler, frames))
 
-    def _guard(self, what: str, pid: int | None, action: Callable[[], None]) -> None:
+    def _guard(self, what: str, pid: int | None, action: Callable[[], object]) -> None:
         """Run one handler; an unexpected exception is logged and counted, never fatal."""
         try:
             action()
@@ -371,20 +376,6 @@ class Daemon(FdServer):
                 else:
                     self._apply(self.state.farewell(effect.mapper_id, effect.reason))
                 self._apply(self.state.mapper_gone(effect.mapper_id, "evicted"))
-
-    def _kill_evicted(self, mapper_id: int, conn: FdConn | None) -> None:
-        """--evict-kill: SIGKILL an evicted mapper (FdConn.kill), counted and logged."""
-        who = f"mapper {mapper_id}" + (f" (pid {conn.pid})" if conn is not None else "")
-        try:
-            if conn is None:
-                raise OSError("no connection of it")
-            if not conn.kill():
-                return  # it has exited already
-        except OSError as exc:
-            log.error("%s: --evict-kill cannot kill it: %s", who, exc.strerror or exc)
-            return
-        self.state.counters["evict_kills"] += 1
-        log.error("%s killed (SIGKILL, --evict-kill): evicted for not answering", who)
 
     # ---- ZeroMQ channels -----------------------------------------------------------------------
 
