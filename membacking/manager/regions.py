@@ -87,6 +87,13 @@ class Pieces:
     def slice(self, i: int, j: int) -> list[SubMapping]:
         return self._subs[i:j]
 
+    def clear(self) -> list[SubMapping]:
+        """Take every piece out (the region is gone); returns them, for the caller to free."""
+        subs = self._subs
+        self._subs, self._starts, self.bytes = [], [], 0
+        self.uses = Counter()
+        return subs
+
     def replace(self, i: int, j: int, subs: list[SubMapping]) -> None:
         """Put `subs` (sorted, fitting between the neighbours of [i, j)) in place of [i, j)."""
         for sub in self._subs[i:j]:

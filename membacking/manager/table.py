@@ -87,8 +87,9 @@ class TableState:
         self._next_order = 0
         #: mappers whose held ranges a cut took but did not delete yet (`work` deletes them)
         self._unsettled: dict[int, None] = {}
-        #: table entries cut out, freed a batch at a time by `work`
-        self._trash: list[list[tuple[MemoryRange, Mapping]]] = []
+        #: objects changes let go of (table entries cut out, a removed region's pieces and
+        #: journal records), freed a batch at a time by `work`
+        self._trash: list[list[Any]] = []
         self.counters: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
         #: requests turned down by a limit or a policy (not a peer's fault), by reason
@@ -278,7 +279,7 @@ class TableState:
         # The removed mappings leave the table: their holder sets are not emptied one by one
         # (the tally comes down by what each holder took, below), and they are freed on later
         # turns (`work`): 10,010 of them took 5 to 7 ms to free.
-        self._trash.append(removed)
+        self.free_later(removed)
         effects: list[Effect] = []
         for holder in holders:
             entry = self.mappers[holder]
@@ -319,6 +320,12 @@ class TableState:
             return region.submappings.bytes
         return sum(r.end - r.start for r, _ in removed)
 
+    def free_later(self, items: list[Any]) -> None:
+        """Let `work` free `items` (a list no one else refers to) a batch at a time: freeing
+        tens of thousands of objects at once holds the loop for milliseconds."""
+        if items:
+            self._trash.append(items)
+
     @property
     def has_work(self) -> bool:
         """Whether changes left work for later turns (`work`)."""
@@ -326,7 +333,7 @@ class TableState:
 
     def work(self, budget: int = WORK_BUDGET) -> int:
         """Do some of what changes left for later turns, about `budget` units: delete the held
-        ranges cuts took (a holder at a time), then free the table entries they removed. The
+        ranges cuts took (a holder at a time), then free what they let go of (`free_later`). The
         daemon's loop calls it between the messages it serves while `has_work`, so a removal
         of 10,010 pieces held by 72 mappers does not hold the loop for 20 to 50 ms in one turn.
         Nothing it does changes what any message is answered: a holder's ranges are settled
