@@ -154,7 +154,8 @@ class Rig:
         gc.enable()
         self.work()
         if self.heap is not None and time.monotonic() >= self.next_tick:
-            self.heap.tick()  # the daemon's tick, once a second, between two requests
+            state = self.state  # the daemon's tick, once a second, between two requests
+            self.heap.tick(True, len(state.regions) + len(state.table) + len(state.mappers))
             self.next_tick = time.monotonic() + 1.0
         replies = self.answer(effects)
         result = None
@@ -266,7 +267,9 @@ def main() -> None:
             label = f"generation {generation} ({len(times)} collections)"
             print(f"{label:40} {times[len(times) // 2] * 1e3:10.2f} ms {times[-1] * 1e3:10.2f} ms")
     if heap is not None:
-        label = f"longest tick (collect, freeze; {heap.full_collections} full)"
+        label = f"{gc.get_freeze_count()} objects frozen"
+        print(label)
+        label = f"longest tick ({heap.walks} counts, {heap.full_collections} full)"
         print(f"{label:40} {'':13} {heap.longest_tick * 1e3:10.2f} ms")
     started = clock()
     gc.collect()
@@ -276,7 +279,10 @@ def main() -> None:
         started = clock()
         heap.settle()
         label = "unfreeze, collect all, freeze (rare)"
-        print(f"{label:40} {'':13} {(clock() - started) * 1e3:10.2f} ms")
+        print(
+            f"{label:40} {'':13} {(clock() - started) * 1e3:10.2f} ms "
+            f"({heap.last_found} unreachable objects found)"
+        )
 
 
 if __name__ == "__main__":

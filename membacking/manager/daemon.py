@@ -204,7 +204,7 @@ class Daemon(FdServer):
             for signum in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signum, self._on_signal)
         try:
-            self.heap.settle()  # the state is adopted and the initial regions exist: freeze them
+            self.heap.settle(self._size())  # the state is adopted, initial regions exist
             if on_ready is not None:
                 on_ready(self)
             sdnotify.notify("READY=1")
@@ -244,6 +244,7 @@ class Daemon(FdServer):
         self._close_all()
 
     def _close_all(self) -> None:
+        self.heap.close()
         self.metrics.close()
         for conn in list(self._conns.values()):
             conn.close()  # and the fd copies waiting in its outbox
@@ -318,7 +319,11 @@ class Daemon(FdServer):
             # its fd socket still tells us when it goes away
             if entry.pid != 0 and not psutil.pid_exists(entry.pid):
                 self._apply([Disconnect(entry.id)])
-        self.heap.tick(idle)
+        self.heap.tick(idle, self._size())
+
+    def _size(self) -> int:
+        """What the state holds, as the heap's policy measures its growth (heap.py)."""
+        return len(self.state.regions) + len(self.state.table) + len(self.state.mappers)
 
     def _drain(self, sock: zmq.Socket[bytes], handler: Callable[[list[bytes]], None]) -> None:
         """Handle the messages waiting on a ROUTER the poller found readable."""
