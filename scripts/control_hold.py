@@ -11,8 +11,9 @@ UnmapAck) is a loop turn of its own and timed as one, and so is each step of the
 left for later turns (`ManagerState.work`, which the daemon runs between messages). Every pause
 of Python's garbage collector during the whole run (set-up included) is recorded, by
 generation; with `--gc freeze` (the daemon's policy, membacking/manager/heap.py) the heap is
-frozen as the daemon does at start and on each one-second tick, and the longest tick is
-reported; `--gc auto` leaves the collector as Python sets it.
+frozen as the daemon does (at start, after each collection of the middle generation, on each
+one-second tick), and the longest tick is reported; `--gc auto` leaves the collector as Python
+sets it.
 Times are the loop thread's CPU time (`--clock wall` for wall-clock time, which on a shared
 machine includes other users' load).
 Run: python scripts/control_hold.py [--regions N] [--holes N] [--repeat N] [--gc auto|freeze]

@@ -45,7 +45,7 @@ class Heap:
     alive after the last full collection per unit of it) number as many as the live heap, and
     more than `FLOOR`, a tick counts the frozen heap after all, since many of them may have
     died (that walk is the rare pause of 14 to 23 ms); if it did grow that much, the tick
-    unfreezes everything and collects it all: a full pause again (120 to 180 ms at 10,000
+    unfreezes everything and collects it all: a full pause again (90 to 180 ms at 10,000
     regions), but only once the frozen heap holds a heap's worth of objects more than the
     state explains, so what freezing can hold of garbage is bounded by the live heap. Both
     wait for an idle tick (nothing was ready to be served), unless three heaps' worth were

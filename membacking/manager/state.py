@@ -243,7 +243,7 @@ class ManagerState(PeerState):
                 del self.regions[region.name]
                 del self.names[bisect.bisect_left(self.names, region.name)]
             self.placed.discard(region)
-            # its pieces are freed on later turns (10,010 of them took 3 ms at once)
+            # its pieces are freed on later turns, a batch at a time, not all in this one
             self.free_later(region.submappings.clear())
             self.region_bytes -= region.size
             self.counters["removals"] += 1
