@@ -426,7 +426,8 @@ class Daemon(FdServer):
             self._stranger_strike(identity)
 
     def _stranger_strike(self, identity: bytes) -> None:
-        """Count an invalid message from a never attached ZeroMQ peer (the oldest forgotten)."""
+        """Count an invalid message from a ZeroMQ peer that never attached; the table of such
+        peers is bounded (the oldest are forgotten first)."""
         self._strangers[identity] = self._strangers.pop(identity, 0) + 1
         if self._strangers[identity] == MAX_STRIKES:
             log.warning("ignoring an unattached ZeroMQ peer after %d invalid messages", MAX_STRIKES)
@@ -438,7 +439,9 @@ class Daemon(FdServer):
         self._zmq_strikes[mapper_id] = strikes
         if strikes >= MAX_STRIKES:
             entry = self.state.mappers.get(mapper_id)
-            who = f"mapper {mapper_id}" + (f" ({entry.name})" if entry is not None else "")
+            who = f"mapper {mapper_id}" + (
+                f" ({entry.name}, pid {entry.pid})" if entry is not None else ""
+            )
             log.error("%s evicted: %d undecodable messages in a row on its stream", who, strikes)
             self._zmq_strikes.pop(mapper_id, None)
             self.count_strike_eviction()

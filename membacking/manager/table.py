@@ -410,9 +410,9 @@ class TableState:
                 continue  # eager mappers were sent MapEager already
             # one lookup over the span of each cut's pieces (in address order, without
             # overlaps, so sorted by end too): what the table holds there now is matched to the
-            # first piece ending after its start by bisection, never by a walk of the pieces
-            # what the table holds now in each run's span, and that run's pieces (read before
-            # the first Map below settles the mapper's held ranges)
+            # first piece ending after its start by bisection, never by a walk of the pieces;
+            # the pieces of every run are read before the first Map below settles the mapper's
+            # held ranges (a run nothing now overlaps is not read at all)
             found = [(taken, self.table.overlapping(taken.span)) for taken in runs]
             work = [(taken.ranges(), now) for taken, now in found if now]
             for lost, now in work:
