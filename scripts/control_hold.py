@@ -7,8 +7,17 @@ sockets: mappers are simulated by feeding their messages in) with 10,000 regions
 state machine plus the encoding of its messages took (what the loop does besides the socket
 writes), and for each changing operation the building of the journal's bytes the daemon writes
 before it answers (not the file's write and fsync). Each answer from a mapper (a MapAck, an
-UnmapAck) is a loop turn of its own and timed as one.
-Run: python scripts/control_hold.py [--regions N] [--holes N] [--repeat N]
+UnmapAck) is a loop turn of its own and timed as one, and so is each step of the work a change
+left for later turns (`ManagerState.work`, which the daemon runs between messages). Every pause
+of Python's garbage collector during the whole run (set-up included) is recorded, by
+generation; with `--gc freeze` (the daemon's policy, membacking/manager/heap.py) the heap is
+frozen as the daemon does (at start, after each collection of the middle generation, on each
+one-second tick), and the longest tick is reported; `--gc auto` leaves the collector as Python
+sets it.
+Times are the loop thread's CPU time (`--clock wall` for wall-clock time, which on a shared
+machine includes other users' load).
+Run: python scripts/control_hold.py [--regions N] [--holes N] [--repeat N] [--gc auto|freeze]
+[--clock cpu|wall]
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import time
 from collections.abc import Callable
 
 from membacking.manager.backing import MemfdStore
+from membacking.manager.heap import Heap
 from membacking.manager.journalcache import JournalEncoder
 from membacking.manager.model import Limits
 from membacking.manager.state import Effect, ManagerState, Send
@@ -29,27 +39,50 @@ from membacking.protocol.ranges import MemoryRange
 
 PAGE = 4096
 MiB = 1 << 20
+#: what holds are measured with: the thread's CPU time by default (the machine is shared: other
+#: users' load stretches wall-clock times, not the CPU time the loop's work takes); `--clock wall`
+clock = time.thread_time
+
+
+class Pauses:
+    """Every pause of the cyclic garbage collector, by generation (from gc.callbacks)."""
+
+    def __init__(self) -> None:
+        self.by_generation: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        self._started = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = clock()
+        else:
+            self.by_generation[info["generation"]].append(clock() - self._started)
 
 
 class Rig:
     """A ManagerState with simulated mappers that answer at once, each answer timed."""
 
-    def __init__(self, regions: int) -> None:
+    def __init__(self, regions: int, heap: Heap | None = None) -> None:
+        self.heap = heap
+        self.next_tick = time.monotonic() + 1.0
         limits = Limits(max_regions=regions + 100, max_mappers=2000)
         self.state = ManagerState(MemfdStore(), limits=limits)
         self.streams: dict[bytes, int] = {}
         self.worst_answer = 0.0
-        self.store = self.state.store
-        assert isinstance(self.store, MemfdStore)
+        self.worst_step = 0.0
+        self.steps = 0
+        store = self.state.store
+        assert isinstance(store, MemfdStore)
+        self.store = store
         self.journal = JournalEncoder()
 
     def journal_bytes(self) -> float:
         """Seconds to build the journal's bytes after a change, as the daemon does before it
         answers a changing request (the atomic write of the file is not included)."""
         gc.disable()
-        started = time.perf_counter()
+        started = clock()
         self.journal.encode(self.state, self.store, bytes(16), "/run/membacking")
-        held = time.perf_counter() - started
+        held = clock() - started
         gc.enable()
         return held
 
@@ -87,27 +120,44 @@ class Rig:
                 ack = m.UnmapAck(msg.seq)
             if ack is not None:
                 gc.disable()
-                started = time.perf_counter()
+                started = clock()
                 more = self.state.handle_mapper(effect.identity, ack)
                 for e in more:
                     if isinstance(e, Send):
                         encode(e.msg)
-                self.worst_answer = max(self.worst_answer, time.perf_counter() - started)
+                self.worst_answer = max(self.worst_answer, clock() - started)
                 gc.enable()
                 queue.extend(more)
+                self.work()
         return replies
+
+    def work(self) -> None:
+        """The work changes left for later, a step at a time as the daemon's loop does it
+        between messages, each step timed as a turn."""
+        while getattr(self.state, "has_work", False):  # (the code before it had none)
+            gc.disable()
+            started = clock()
+            self.state.work()
+            self.worst_step = max(self.worst_step, clock() - started)
+            self.steps += 1
+            gc.enable()
 
     def control(self, op: str, **args: object) -> tuple[float, object]:
         """Seconds the request held the loop (state machine + encoding), and its result. The
         cyclic garbage collector is kept out of the time (`main` measures a pass of its own)."""
         gc.disable()
-        started = time.perf_counter()
+        started = clock()
         effects = self.state.handle_control(b"client", m.ControlRequest(op, dict(args)))
         for effect in effects:
             if isinstance(effect, Send):
                 encode(effect.msg)
-        held = time.perf_counter() - started
+        held = clock() - started
         gc.enable()
+        self.work()
+        if self.heap is not None and time.monotonic() >= self.next_tick:
+            state = self.state  # the daemon's tick, once a second, between two requests
+            self.heap.tick(True, len(state.regions) + len(state.table) + len(state.mappers))
+            self.next_tick = time.monotonic() + 1.0
         replies = self.answer(effects)
         result = None
         for reply in replies:
@@ -125,9 +175,17 @@ def main() -> None:
     parser.add_argument("--eager", type=int, default=8)
     parser.add_argument("--holders", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=9)
+    parser.add_argument("--gc", choices=("auto", "freeze"), default="freeze")
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     opts = parser.parse_args()
+    global clock
+    clock = time.thread_time if opts.clock == "cpu" else time.perf_counter
     logging.disable(logging.WARNING)  # fd-limit refusals of the eager mappers are expected
-    rig = Rig(opts.regions)
+    pauses = Pauses()
+    heap = Heap(clock) if opts.gc == "freeze" else None
+    if heap is not None:
+        heap.settle()  # the daemon settles its heap once it has started
+    rig = Rig(opts.regions, heap)
     for i in range(opts.eager):
         rig.attach(f"eager{i}", eager=True)
     lazy = [rig.attach(f"lazy{i}", eager=False) for i in range(opts.holders)]
@@ -191,13 +249,41 @@ def main() -> None:
         print(line)
     label = "one mapper answer (MapAck, UnmapAck)"
     print(f"{label:40} {'':13} {rig.worst_answer * 1e3:10.2f} ms")
+    label = "one step of work left for later"
+    print(f"{label:40} {'':13} {rig.worst_step * 1e3:10.2f} ms")
     label = f"remove_region ({len(rig.state.regions['holes'].submappings)} pieces)"
+    rig.worst_answer = rig.worst_step = 0.0
+    rig.steps = 0
     held, _ = rig.control("remove_region", name="holes")
-    print(f"{label:40} {held * 1e3:10.2f} ms {held * 1e3:10.2f} ms")
-    started = time.perf_counter()
+    saved = rig.journal_bytes()
+    print(f"{label:40} {held * 1e3:10.2f} ms {held * 1e3:10.2f} ms {saved * 1e3:14.2f} ms")
+    label = "  its longest answer (UnmapAck)"
+    print(f"{label:40} {'':13} {rig.worst_answer * 1e3:10.2f} ms")
+    label = f"  its longest step of work ({rig.steps} steps)"
+    print(f"{label:40} {'':13} {rig.worst_step * 1e3:10.2f} ms")
+    print(f"\ngarbage collector ({opts.gc}): pauses during the run, set-up included")
+    for generation, times in pauses.by_generation.items():
+        times.sort()
+        if times:
+            label = f"generation {generation} ({len(times)} collections)"
+            print(f"{label:40} {times[len(times) // 2] * 1e3:10.2f} ms {times[-1] * 1e3:10.2f} ms")
+    if heap is not None:
+        label = f"{gc.get_freeze_count()} objects frozen"
+        print(label)
+        label = f"longest tick ({heap.walks} counts, {heap.full_collections} full)"
+        print(f"{label:40} {'':13} {heap.longest_tick * 1e3:10.2f} ms")
+    started = clock()
     gc.collect()
     label = "a full pass of the garbage collector"
-    print(f"{label:40} {(time.perf_counter() - started) * 1e3:10.2f} ms")
+    print(f"{label:40} {'':13} {(clock() - started) * 1e3:10.2f} ms")
+    if heap is not None:
+        started = clock()
+        heap.settle()
+        label = "unfreeze, collect all, freeze (rare)"
+        print(
+            f"{label:40} {'':13} {(clock() - started) * 1e3:10.2f} ms "
+            f"({heap.last_found} unreachable objects found)"
+        )
 
 
 if __name__ == "__main__":

@@ -163,3 +163,36 @@ def test_pieces_replaced_between_saves_are_packed_again(tmp_path: Path) -> None:
         assert encoder.encode(state, store, b"i" * 16, "/rt") == whole
     assert len(state.regions["ram"].submappings) > 20
     store.close_all()
+
+
+def test_what_a_removal_lets_go_of_is_freed_on_later_turns_not_in_the_save() -> None:
+    """The save after removing a region of 400 pieces neither frees its pieces nor their packed
+    records: both go to `work`, freed a batch at a time on later turns of the loop. Freeing
+    those of 10,010 pieces made that save the longest, 5 to 6 ms of CPU time."""
+    import weakref
+
+    store = MemfdStore()
+    state = ManagerState(store, address_space=1 << 36)
+    encoder = JournalEncoder()
+    state.add_region("ram", 0, 800 * PAGE, True)
+    state.add_region("other", 1 << 30, PAGE, True)
+    for i in range(399):
+        state.change_mappings("ram", (2 * i + 1) * PAGE, PAGE)
+    subs = list(state.regions["ram"].submappings)
+    assert len(subs) == 400
+    encoder.encode(state, store, b"i" * 16, "/rt")
+    while state.has_work:
+        state.work()
+    alive = [weakref.ref(s) for s in subs]
+    del subs
+    effects = state.remove_region("ram", reply_to=b"c")  # no mapper holds it: done at once
+    assert [type(msg) for msg in msgs(effects)] == [m.ControlReply]
+    encoder.encode(state, store, b"i" * 16, "/rt")
+    assert all(ref() is not None for ref in alive)  # nothing of it was freed by the save
+    steps = 0
+    while state.has_work:
+        state.work(budget=64 * 100)  # about 100 objects a step
+        steps += 1
+    assert all(ref() is None for ref in alive)
+    assert steps >= 8  # 400 pieces and 400 packed records, about 100 at a time
+    store.close_all()

@@ -34,6 +34,7 @@ from .errors import Refused
 from .fdconn import FdConn
 from .fdserver import MAX_STRIKES, FdServer
 from .fdstore import FdStore
+from .heap import Heap
 from .metrics import ManagerMetrics
 from .persist import READ_ONLY_OPS, Persistence, adopted_region, describe
 from .routers import bind_router, open_to_other_users
@@ -90,6 +91,7 @@ class Daemon(FdServer):
         self._evict_kill = config.evict_kill
         self._fd_ceiling = 1 << 30  # set from the open-file limit at start
         self._poller: zmq.Poller | None = None
+        self.heap = Heap()  # what the garbage collector walks (heap.py)
         self.metrics = ManagerMetrics(self.state)
         #: the port metrics are served on, once started (None: not served)
         self.metrics_port: int | None = None
@@ -198,6 +200,7 @@ class Daemon(FdServer):
             for signum in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signum, self._on_signal)
         try:
+            self.heap.settle(self._size())  # the state is adopted, initial regions exist
             if on_ready is not None:
                 on_ready(self)
             sdnotify.notify("READY=1")
@@ -237,6 +240,7 @@ class Daemon(FdServer):
         self._close_all()
 
     def _close_all(self) -> None:
+        self.heap.close()
         self.metrics.close()
         for conn in list(self._conns.values()):
             conn.close()  # and the fd copies waiting in its outbox
@@ -272,8 +276,11 @@ class Daemon(FdServer):
         for fileno in self._conns:
             poller.register(fileno, zmq.POLLIN)
         while self._stop_reason is None:
-            timeout = max(0.0, next_tick - time.monotonic())
-            ready = dict(zmq.zmq_poll(poller.sockets, int(timeout * 1000) + 1))
+            # work a change left for later (state.work) is done between messages, never waited
+            timeout = (
+                0 if self.state.has_work else int(max(0.0, next_tick - time.monotonic()) * 1000) + 1
+            )
+            ready = dict(zmq.zmq_poll(poller.sockets, timeout))
             if self._mapper in ready:
                 self._drain(self._mapper, self._on_mapper_frames)
             if self._control in ready:
@@ -289,11 +296,13 @@ class Daemon(FdServer):
             if self._wake_r.fileno() in ready:
                 with contextlib.suppress(BlockingIOError):
                     self._wake_r.recv(64)
+            if self.state.has_work:
+                self._guard("work", None, self.state.work)
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + 1.0
-                self._guard("tick", None, self._tick)
+                self._guard("tick", None, functools.partial(self._tick, not ready))
 
-    def _tick(self) -> None:
+    def _tick(self, idle: bool = False) -> None:
         self._resume_accepting()
         self._apply(self.state.tick())
         if self.persist is not None:  # rollbacks made on acks; files of completed removals
@@ -306,6 +315,11 @@ class Daemon(FdServer):
             # its fd socket still tells us when it goes away
             if entry.pid != 0 and not psutil.pid_exists(entry.pid):
                 self._apply([Disconnect(entry.id)])
+        self.heap.tick(idle, self._size())
+
+    def _size(self) -> int:
+        """What the state holds, as the heap's policy measures its growth (heap.py)."""
+        return len(self.state.regions) + len(self.state.table) + len(self.state.mappers)
 
     def _drain(self, sock: zmq.Socket[bytes], handler: Callable[[list[bytes]], None]) -> None:
         """Handle the messages waiting on a ROUTER the poller found readable."""
@@ -328,7 +342,7 @@ class Daemon(FdServer):
                     frames.append(frame)
             self._guard("zmq message", None, functools.partial(handler, frames))
 
-    def _guard(self, what: str, pid: int | None, action: Callable[[], None]) -> None:
+    def _guard(self, what: str, pid: int | None, action: Callable[[], object]) -> None:
         """Run one handler; an unexpected exception is logged and counted, never fatal."""
         try:
             action()
@@ -363,20 +377,6 @@ class Daemon(FdServer):
                 else:
                     self._apply(self.state.farewell(effect.mapper_id, effect.reason))
                 self._apply(self.state.mapper_gone(effect.mapper_id, "evicted"))
-
-    def _kill_evicted(self, mapper_id: int, conn: FdConn | None) -> None:
-        """--evict-kill: SIGKILL an evicted mapper (FdConn.kill), counted and logged."""
-        who = f"mapper {mapper_id}" + (f" (pid {conn.pid})" if conn is not None else "")
-        try:
-            if conn is None:
-                raise OSError("no connection of it")
-            if not conn.kill():
-                return  # it has exited already
-        except OSError as exc:
-            log.error("%s: --evict-kill cannot kill it: %s", who, exc.strerror or exc)
-            return
-        self.state.counters["evict_kills"] += 1
-        log.error("%s killed (SIGKILL, --evict-kill): evicted for not answering", who)
 
     # ---- ZeroMQ channels -----------------------------------------------------------------------
 
@@ -479,9 +479,8 @@ class Daemon(FdServer):
             log.exception("control request failed")
             self.state.rejected["internal"] += 1
             effects = [Send(Channel.CONTROL, identity, m.Error("internal", str(exc)[:1000]))]
-        if (self.persist is None and self.fdstore is None) or getattr(
-            msg, "op", None
-        ) in READ_ONLY_OPS:
+        journaled = self.persist is not None or self.fdstore is not None
+        if not journaled or getattr(msg, "op", None) in READ_ONLY_OPS:
             self._apply(effects)
             return
         # what goes to mappers leaves first (they work on it while the journal is written);

@@ -64,6 +64,7 @@ class JournalEncoder:
             kept = self._kept.get(name)
             if kept is not None and (not live or kept.region is not region):
                 self._drop(name)  # removed (or removed and added again)
+                state.free_later(kept.packed)  # on later turns, not in this save
                 kept = None
             if region is None or not live:
                 continue

@@ -143,24 +143,125 @@ class Mapping:
     holders: Holders = field(default_factory=Holders)
 
 
+class Taken:
+    """The ranges of a `Held` that `take_later` took: how many, the first and the last (cut to
+    the cut's range by `clip`), their span; the list itself only while they are not deleted."""
+
+    __slots__ = ("_epoch", "_held", "_i", "_j", "count", "first", "last")
+
+    def __init__(self, held: Held, i: int, j: int) -> None:
+        self._held, self._i, self._j, self._epoch = held, i, j, held._epoch
+        self.count = j - i
+        self.first, self.last = held._sorted[i], held._sorted[j - 1]
+
+    @property
+    def span(self) -> MemoryRange:
+        return MemoryRange.checked_already(self.first.start, self.last.end)
+
+    def nbytes(self) -> int:
+        """The bytes of the ranges as they were held (before `clip`)."""
+        return sum(r.end - r.start for r in self._window())
+
+    def clip(self, rng: MemoryRange) -> int:
+        """Cut the first and the last range to `rng`; returns the bytes that cut off."""
+        first, last = self.first.intersection(rng), self.last.intersection(rng)
+        cut = (self.first.end - self.first.start) - (first.end - first.start)
+        if self.count > 1:
+            cut += (self.last.end - self.last.start) - (last.end - last.start)
+        self.first, self.last = first, last
+        return cut
+
+    def ranges(self) -> list[MemoryRange]:
+        """The ranges, in address order, the first and the last clipped. Once the `Held` has
+        settled (any other use of it settles it) they are gone: then their whole span stands
+        for them (a refill then also maps what lay between them, which is harmless)."""
+        if self._held._epoch != self._epoch:
+            return [self.span]
+        out = self._window()
+        out[0], out[-1] = self.first, self.last
+        return out
+
+    def _window(self) -> list[MemoryRange]:
+        assert self._held._epoch == self._epoch, "the ranges taken were deleted already"
+        return self._held._sorted[self._i : self._j]
+
+
 class Held:
     """The mapping ranges a mapper holds (range -> mappable id): in address order (they never
     overlap), with the mappable id of each beside it, their byte total, and the ranges of each
     mappable counted. Whether it still maps a mappable is one count lookup; a listing
     pages through them without a sort; a cut takes every range in a span with one slice of
     each list (`take`), not one operation per range (an insertion costs a bisection and a
-    memmove: about 1.6 us at 10,000 ranges)."""
+    memmove: about 1.6 us at 10,000 ranges).
 
-    __slots__ = ("_bytes", "_count", "_ids", "_sorted")
+    `take_later` takes the ranges in a span at once but deletes them (a slice of each list,
+    and their counts) only when the holder settles: on a later turn of the daemon's loop
+    (`TableState.work`), or as soon as anything else reads or changes it. Until then the lists
+    still hold them, in windows that every method settles first (but `len` and `bytes`)."""
+
+    __slots__ = ("_bytes", "_count", "_epoch", "_ids", "_later", "_later_n", "_sorted")
 
     def __init__(self) -> None:
         self._sorted: list[MemoryRange] = []
         self._ids: list[int] = []  # the mappable id of each range
         self._count: Counter[int] = Counter()
         self._bytes = 0
+        #: windows [i, j) of the lists taken by `take_later` and not deleted yet (disjoint)
+        self._later: list[tuple[int, int]] = []
+        self._later_n = 0
+        self._epoch = 0  # counts the settles that deleted something
+
+    def settle(self) -> int:
+        """Delete what `take_later` took; returns how many ranges that was."""
+        for i, j in sorted(self._later, reverse=True):  # the last first: no index moves
+            self._drop(i, j)
+        n, self._later, self._later_n = self._later_n, [], 0
+        self._epoch += bool(n)
+        return n
+
+    def take_later(self, rng: MemoryRange) -> Taken | None:
+        """Take every range overlapping `rng` (None if there is none): from now on they are no
+        longer held, but their deletion waits for `settle`. The caller takes their bytes off
+        with `forget_bytes`."""
+        i, j = self._window(rng)
+        if any(i < b and a < j for a, b in self._later):  # never the case (see table._cut)
+            self.settle()
+            i, j = self._window(rng)
+        if i == j:
+            return None
+        self._later.append((i, j))
+        self._later_n += j - i
+        return Taken(self, i, j)
+
+    @property
+    def later(self) -> int:
+        """How many ranges wait for `settle`."""
+        return self._later_n
+
+    def _window(self, rng: MemoryRange) -> tuple[int, int]:
+        ranges = self._sorted
+        i = bisect.bisect_left(ranges, (rng.start,))
+        if i and ranges[i - 1].end > rng.start:
+            i -= 1
+        return i, bisect.bisect_left(ranges, (rng.end,), lo=i)
+
+    def _drop(self, i: int, j: int) -> None:
+        ids = self._ids[i:j]
+        del self._sorted[i:j], self._ids[i:j]
+        first = ids[0]
+        # one mappable in the span (the usual case) is counted by a scan in C
+        counts = {first: j - i} if ids.count(first) == j - i else Counter(ids)
+        for mappable_id, n in counts.items():
+            left = self._count[mappable_id] - n
+            if left:
+                self._count[mappable_id] = left
+            else:
+                del self._count[mappable_id]
 
     def _find(self, rng: MemoryRange) -> int:
         """The index of `rng`, or -1."""
+        if self._later:
+            self.settle()
         i = bisect.bisect_left(self._sorted, rng)
         return i if i < len(self._sorted) and self._sorted[i] == rng else -1
 
@@ -198,25 +299,13 @@ class Held:
         bisection at each end and one slice of each list: the work per range is done by list
         operations in C, not by a Python loop. The caller knows their bytes (often without a
         walk of them): it must take them off with `forget_bytes`."""
-        ranges = self._sorted
-        i = bisect.bisect_left(ranges, (rng.start,))
-        if i and ranges[i - 1].end > rng.start:
-            i -= 1
-        j = bisect.bisect_left(ranges, (rng.end,), lo=i)
+        if self._later:
+            self.settle()
+        i, j = self._window(rng)
         if i == j:
             return []
-        taken = ranges[i:j]
-        ids = self._ids[i:j]
-        del ranges[i:j], self._ids[i:j]
-        first = ids[0]
-        # one mappable in the span (the usual case) is counted by a scan in C
-        counts = {first: j - i} if ids.count(first) == j - i else Counter(ids)
-        for mappable_id, n in counts.items():
-            left = self._count[mappable_id] - n
-            if left:
-                self._count[mappable_id] = left
-            else:
-                del self._count[mappable_id]
+        taken = self._sorted[i:j]
+        self._drop(i, j)
         return taken
 
     def forget_bytes(self, nbytes: int) -> None:
@@ -228,14 +317,20 @@ class Held:
         return None if i < 0 else self._ids[i]
 
     def items(self) -> list[tuple[MemoryRange, int]]:
+        if self._later:
+            self.settle()
         return list(zip(self._sorted, self._ids, strict=True))
 
     def mappables(self) -> set[int]:
         """The mappables it holds ranges of (from the counts)."""
+        if self._later:
+            self.settle()
         return set(self._count)
 
     def maps(self, mappable_id: int) -> bool:
         """Whether any range it holds is backed by `mappable_id`."""
+        if self._later:
+            self.settle()
         return mappable_id in self._count
 
     @property
@@ -245,6 +340,8 @@ class Held:
 
     def page(self, gpa: int, limit: int) -> list[MemoryRange]:
         """Up to `limit` of its ranges in address order, from the first ending after `gpa`."""
+        if self._later:
+            self.settle()
         i = bisect.bisect_left(self._sorted, (gpa,))
         if i and self._sorted[i - 1].end > gpa:
             i -= 1
@@ -254,14 +351,20 @@ class Held:
         return isinstance(rng, MemoryRange) and self._find(rng) >= 0
 
     def __iter__(self) -> Iterator[MemoryRange]:
+        if self._later:
+            self.settle()
         return iter(self._sorted)
 
     def __len__(self) -> int:
-        return len(self._sorted)
+        return len(self._sorted) - self._later_n
 
     def __eq__(self, other: object) -> bool:
         # the counts and bytes follow from the ranges and their mappables
-        return isinstance(other, Held) and (self._sorted, self._ids) == (other._sorted, other._ids)
+        if not isinstance(other, Held):
+            return False
+        self.settle()
+        other.settle()
+        return (self._sorted, self._ids) == (other._sorted, other._ids)
 
     __hash__ = None  # type: ignore[assignment]
 

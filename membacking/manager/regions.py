@@ -41,11 +41,15 @@ class Pieces:
     it (about a microsecond for 10,000 pieces), instead of a walk and a sort of every piece.
     """
 
-    __slots__ = ("_starts", "_subs", "changed", "watched")
+    __slots__ = ("_starts", "_subs", "bytes", "changed", "uses", "watched")
 
     def __init__(self, subs: Iterable[SubMapping] = ()) -> None:
         self._subs = sorted(subs, key=lambda s: s.offset)
         self._starts = [s.offset for s in self._subs]
+        #: mappable id -> pieces it backs, and the pieces' bytes: kept as pieces are replaced,
+        #: so removing a region of 10,000 pieces counts neither piece by piece
+        self.uses: Counter[int] = Counter(s.mappable_id for s in self._subs)
+        self.bytes = sum(s.size for s in self._subs)
         #: set by an observer that keeps something per piece (the journal's packed records):
         #: `changed` is then the window [i, j) of the pieces replaced since it last looked, in
         #: today's indexes (None: none), so it redoes only those
@@ -83,8 +87,25 @@ class Pieces:
     def slice(self, i: int, j: int) -> list[SubMapping]:
         return self._subs[i:j]
 
+    def clear(self) -> list[SubMapping]:
+        """Take every piece out (the region is gone); returns them, for the caller to free."""
+        subs = self._subs
+        self._subs, self._starts, self.bytes = [], [], 0
+        self.uses = Counter()
+        return subs
+
     def replace(self, i: int, j: int, subs: list[SubMapping]) -> None:
         """Put `subs` (sorted, fitting between the neighbours of [i, j)) in place of [i, j)."""
+        for sub in self._subs[i:j]:
+            left = self.uses[sub.mappable_id] - 1
+            if left:
+                self.uses[sub.mappable_id] = left
+            else:
+                del self.uses[sub.mappable_id]
+            self.bytes -= sub.size
+        for sub in subs:
+            self.uses[sub.mappable_id] += 1
+            self.bytes += sub.size
         self._subs[i:j] = subs
         self._starts[i:j] = [s.offset for s in subs]
         if self.watched:  # widen the window by [i, i + len(subs)), shifting what lay after j

@@ -10,8 +10,6 @@ from __future__ import annotations
 import bisect
 import functools
 import logging
-import operator
-from collections import Counter
 from typing import Any
 
 from .. import units
@@ -42,7 +40,6 @@ from .table import Lost
 
 log = logging.getLogger("membacking.manager")
 
-_MAPPABLE = operator.attrgetter("mappable_id")
 
 __all__ = [
     "DEFAULT_ADDRESS_SPACE",
@@ -236,7 +233,7 @@ class ManagerState(PeerState):
         self.changed_regions.add(region.name)
         op = self.start_op(f"remove {region.name}", reply_to)
         op.timed = True
-        uses = Counter(map(_MAPPABLE, region.submappings))  # counted in C, not piece by piece
+        uses = region.submappings.uses  # kept as pieces change: no count piece by piece
         for mappable_id, n in uses.items():
             self._mappable_refs[mappable_id] -= n
         op.destroy.update(uses)
@@ -248,6 +245,8 @@ class ManagerState(PeerState):
                 del self.regions[region.name]
                 del self.names[bisect.bisect_left(self.names, region.name)]
             self.placed.discard(region)
+            # its pieces are freed on later turns, a batch at a time, not all in this one
+            self.free_later(region.submappings.clear())
             self.region_bytes -= region.size
             self.counters["removals"] += 1
             result = removal_result(region.name, op)

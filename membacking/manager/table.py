@@ -29,6 +29,7 @@ from .model import (
     Operation,
     Send,
     SendFd,
+    Taken,
 )
 from .regions import PlacementIndex, Region, SubMapping, desired_active
 
@@ -36,8 +37,12 @@ log = logging.getLogger("membacking.manager")
 
 _END = operator.attrgetter("end")
 
-#: mapper id -> the pieces it lost in each cut of one change (each list in address order)
-Lost = dict[int, list[list[MemoryRange]]]
+#: mapper id -> the pieces it lost in each cut of one change
+Lost = dict[int, list[Taken]]
+#: how much of what changes leave to later turns one `TableState.work` call does: held ranges
+#: deleted (a few ns each), or table entries freed (WORK_PER_ENTRY units each: about 0.5 us)
+WORK_BUDGET = 100_000
+WORK_PER_ENTRY = 64
 
 
 class TableState:
@@ -80,6 +85,11 @@ class TableState:
         self._next_mappable_id = PRIVATE_MAPPABLE + 1
         self._next_seq = 1
         self._next_order = 0
+        #: mappers whose held ranges a cut took but did not delete yet (`work` deletes them)
+        self._unsettled: dict[int, None] = {}
+        #: objects changes let go of (table entries cut out, a removed region's pieces and
+        #: journal records), freed a batch at a time by `work`
+        self._trash: list[list[Any]] = []
         self.counters: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
         #: requests turned down by a limit or a policy (not a peer's fault), by reason
@@ -266,47 +276,98 @@ class TableState:
                 self.table.insert(part, kept)
                 for holder in kept.holders:
                     self.mappers[holder].held[part] = kept.mappable_id
-        # The removed mappings leave the table and are dropped: their holder sets are not
-        # emptied one by one; the tally comes down by what each holder took, below.
+        # The removed mappings leave the table: their holder sets are not emptied one by one
+        # (the tally comes down by what each holder took, below), and they are freed on later
+        # turns (`work`): freeing 10,010 of them took about 8 ms of CPU time.
+        self.free_later(removed)
         effects: list[Effect] = []
         for holder in holders:
             entry = self.mappers[holder]
-            taken = entry.held.take(rng)
-            if not taken:
+            # the ranges leave its Held now, but their deletion (a memmove of its lists and a
+            # count of their mappables: 0.1 ms for 10,000 of 30,000) waits for `work`
+            taken = entry.held.take_later(rng)
+            if taken is None:
                 continue
-            left = tally[holder] - len(taken)
+            self._unsettled[holder] = None
+            left = tally[holder] - taken.count
             if left > 0:
                 tally[holder] = left
             else:
                 del tally[holder]
-            if len(taken) == len(removed):  # it held every piece: their bytes are counted once
-                whole = whole or sum(r.end - r.start for r, _ in removed)
+            if taken.count == len(removed):  # it held every piece: their bytes are counted once
+                whole = whole or self._bytes_of(region, rng, removed)
                 nbytes = whole
             else:
-                nbytes = sum(r.end - r.start for r in taken)
+                nbytes = taken.nbytes()
             entry.held.forget_bytes(nbytes)
             # the pieces it loses: its ranges, the first and the last cut to `rng`
-            first, last = taken[0], taken[-1]
-            if first.start < rng.start or last.end > rng.end:
-                taken[0] = first.intersection(rng)
-                taken[-1] = taken[-1].intersection(rng)
-                nbytes -= (first.end - first.start) - (taken[0].end - taken[0].start)
-                if len(taken) > 1:
-                    nbytes -= (last.end - last.start) - (taken[-1].end - taken[-1].start)
-            span = MemoryRange.checked_already(taken[0].start, taken[-1].end)
+            if taken.first.start < rng.start or taken.last.end > rng.end:
+                nbytes -= taken.clip(rng)
             release = self._releasable(entry, op.destroy)
             seq = self._seq(entry, op)
-            effects.append(self._to_mapper(entry, m.Unmap(seq, span, release)))
-            entry.unmapping[seq] = (len(taken), nbytes)
+            effects.append(self._to_mapper(entry, m.Unmap(seq, taken.span, release)))
+            entry.unmapping[seq] = (taken.count, nbytes)
             self.counters["unmaps_sent"] += 1
             op.unmapped_from.add(holder)
             cut.setdefault(holder, []).append(taken)
         return effects
 
+    @staticmethod
+    def _bytes_of(region: Region, rng: MemoryRange, removed: list[tuple[MemoryRange, Any]]) -> int:
+        """The bytes of the table entries a cut removed: the region's own total when the cut
+        took all of it (a deactivation), else their sum."""
+        if rng == region.range and len(removed) == len(region.submappings):
+            return region.submappings.bytes
+        return sum(r.end - r.start for r, _ in removed)
+
+    def free_later(self, items: list[Any]) -> None:
+        """Let `work` free `items` (a list no one else refers to) a batch at a time: freeing
+        tens of thousands of objects at once holds the loop for milliseconds."""
+        if items:
+            self._trash.append(items)
+
+    @property
+    def has_work(self) -> bool:
+        """Whether changes left work for later turns (`work`)."""
+        return bool(self._unsettled or self._trash)
+
+    def work(self, budget: int = WORK_BUDGET) -> int:
+        """Do some of what changes left for later turns, about `budget` units: delete the held
+        ranges cuts took (a holder at a time), then free what they let go of (`free_later`). The
+        daemon's loop calls it between the messages it serves while `has_work`, so a removal
+        of 10,010 pieces held by 72 mappers does not hold the loop for 20 to 50 ms in one turn.
+        Nothing it does changes what any message is answered: a holder's ranges are settled
+        anyway the moment anything else reads or changes them. Returns the units done."""
+        done = 0
+        while self._unsettled and done < budget:
+            mapper_id = next(iter(self._unsettled))
+            del self._unsettled[mapper_id]
+            entry = self.mappers.get(mapper_id)
+            if entry is not None:
+                done += entry.held.settle()
+        while self._trash and done < budget:
+            batch = self._trash[-1]
+            n = max(1, (budget - done) // WORK_PER_ENTRY)
+            del batch[-n:]
+            done += n * WORK_PER_ENTRY
+            if not batch:
+                self._trash.pop()
+        return done
+
     def _releasable(self, entry: MapperEntry, destroy: set[int]) -> tuple[int, ...]:
         if not destroy:
             return ()
-        out = tuple(sorted(i for i in destroy if i in entry.fds_sent and not entry.held.maps(i)))
+        held, refs = entry.held, self._mappable_refs
+        # A mappable no sub-mapping uses any more (refs 0) backs no table entry, so a mapper
+        # holds none of it once the cut's ranges are taken: no need to settle what a cut took
+        # (and delete 10,000 ranges in this turn) to know it.
+        out = tuple(
+            sorted(
+                i
+                for i in destroy
+                if i in entry.fds_sent and ((held.later and not refs[i]) or not held.maps(i))
+            )
+        )
         entry.fds_sent.difference_update(out)
         return out
 
@@ -349,11 +410,14 @@ class TableState:
                 continue  # eager mappers were sent MapEager already
             # one lookup over the span of each cut's pieces (in address order, without
             # overlaps, so sorted by end too): what the table holds there now is matched to the
-            # first piece ending after its start by bisection, never by a walk of the pieces
-            for lost in runs:
-                span = MemoryRange.checked_already(lost[0].start, lost[-1].end)
+            # first piece ending after its start by bisection, never by a walk of the pieces;
+            # the pieces of every run are read before the first Map below settles the mapper's
+            # held ranges (a run nothing now overlaps is not read at all)
+            found = [(taken, self.table.overlapping(taken.span)) for taken in runs]
+            work = [(taken.ranges(), now) for taken, now in found if now]
+            for lost, now in work:
                 i = 0
-                for mrange, mapping in self.table.overlapping(span):
+                for mrange, mapping in now:
                     i = bisect.bisect_right(lost, mrange.start, lo=i, key=_END)
                     if i == len(lost):
                         break

@@ -1,0 +1,59 @@
+"""The daemon's loop runs the work changes leave for later turns (`ManagerState.work`) between
+the messages it serves, with real mapper processes: a removal answered, its bookkeeping done
+soon after, and the mapper served meanwhile."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import pytest
+
+from membacking import ControlClient
+from membacking.manager.daemon import Daemon
+from membacking.manager.persist import PersistConfig
+from membacking.manager.settings import ManagerConfig, RegionSpec
+
+from conftest import Worker, WorkerError, short_tmpdir
+
+PAGE = 4096
+
+
+def test_the_loop_finishes_what_a_removal_left_for_later() -> None:
+    runtime = short_tmpdir()
+    config = ManagerConfig(
+        runtime_dir=runtime,
+        regions=[RegionSpec("ram", 0, 64 * PAGE), RegionSpec("other", 1 << 20, PAGE)],
+        persist=PersistConfig(enabled=False),
+    )
+    daemon = Daemon(config)
+    ready = threading.Event()
+    thread = threading.Thread(target=daemon.run, args=(lambda d: ready.set(), False))
+    thread.start()
+    worker = None
+    try:
+        assert ready.wait(30)
+        worker = Worker(runtime, "holder")
+        client = ControlClient(runtime)
+        worker.ask(f"read 0x0 {64 * PAGE:#x}")  # it holds the whole region
+        for i in range(20):  # 20 holes: it holds 21 pieces
+            reply = client.unmap_range("ram", (2 * i + 1) * PAGE, PAGE)
+        assert reply["pieces"] == 21
+        result = client.remove_region("ram")
+        assert result["unmapped_from"] == [worker.mapper_id]
+        with pytest.raises(WorkerError, match="NoMappingError"):
+            worker.ask("read 0x0 1")
+        assert worker.ask(f"read {1 << 20:#x} 1") == "00"  # served as ever
+        deadline = time.monotonic() + 10
+        while daemon.state.has_work and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not daemon.state.has_work  # the loop did it, between the messages it served
+        held = daemon.state.mappers[worker.mapper_id].held
+        assert held.later == 0 and len(held) == 1
+    finally:
+        if worker is not None:
+            worker.close()
+        daemon.stop()
+        thread.join(30)
+        shutil.rmtree(runtime, ignore_errors=True)
