@@ -79,10 +79,14 @@ def test_a_fresh_daemon_is_not_mixed_with_old_mappings(
     second = start_manager(*REGIONS, "--fresh", runtime_dir=first.runtime_dir)
     # the worker registers again, sees other memory, and drops what it had: it reads the new
     # daemon's (zeroed) RAM, never the old file
+    # (until it has registered again it still reads what it has mapped: the old memory)
     deadline = time.monotonic() + 10
-    while not second.client().mappers() and time.monotonic() < deadline:
+    seen = worker.ask("read 0x0 3")
+    while seen == b"old".hex() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert worker.ask("read 0x0 3") == "000000"
+        seen = worker.ask("read 0x0 3")
+    assert seen == "000000"
+    assert len(second.client().mappers()) == 1
     with membacking.attach(second.runtime_dir) as memory:
         memory.write_at(0, b"new")
     assert worker.ask("read 0x0 3") == b"new".hex()
