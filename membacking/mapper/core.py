@@ -373,7 +373,7 @@ class VaMapper:
     def _remove_chunks(self, rng: MemoryRange) -> None:
         """Drop `rng` from the table, keeping the parts of straddling chunks (lock held)."""
         self.chunks.cut(rng)
-        self.hot[0] = self.hot[1] = 0
+        self.hot[0:2] = 0, 0  # one step: the fast paths of words read it without the lock
 
     def _pinned(self, rng: MemoryRange, for_writing: bool = False) -> bool:
         return self.views.pinned(rng, for_writing)
@@ -480,7 +480,7 @@ class VaMapper:
             self.views.release_escaped()
             self.closed = True
             self.chunks.clear()
-            self.hot[0] = self.hot[1] = 0
+            self.hot[0:2] = 0, 0  # one step: the fast paths of words read it without the lock
             views_open = bool(self.views)
         self.waiters.shutdown("detached")
         self.link.close()
