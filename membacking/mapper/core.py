@@ -2,7 +2,8 @@
 in it, and the mapper thread that applies the manager's Map / NoMapping / Unmap in order.
 
 Safety scheme (Python cannot recover from SIGSEGV): every access checks the table and copies
-under one `lock`; the mapper thread takes the same lock before it maps or unmaps anything. Open
+under one `lock` (aligned plain words excepted: see memory.py and Reservation.words); the mapper
+thread takes the same lock before it maps or unmaps anything. Open
 views pin their range; an Unmap touching a pinned range is acknowledged only after the last
 view on it closes, so an UnmapAck always means no access can reach the old memory. Accesses
 also need a live lease (see lease.py): a mapper evicted while it was stopped drops every

@@ -1,8 +1,9 @@
 """`GuestMemory`: read and write guest memory by guest-physical address.
 
 Each access checks its arguments and a one-entry cache of the chunk last used, then copies, all
-under the mapper's access lock; a miss checks the mapped-range table for the whole range and
-faults what is missing (asks the manager, waits, retries) before copying anything.
+under the mapper's access lock (aligned plain words: without it, through views that any change of
+the mappings retires first); a miss checks the mapped-range table for the whole range and faults
+what is missing (asks the manager, waits, retries) before copying anything.
 """
 
 from __future__ import annotations
@@ -16,25 +17,22 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from ..errors import (
-    AtomicsUnavailableError,
     DetachedError,
     GuestMemoryError,
     OutOfRangeError,
     ReadOnlyError,
 )
-from ..ffi import LOCK_FREE_WORDS, atomics_unavailable
+from ..ffi import LOCK_FREE_WORDS
 from ..protocol.ranges import MemoryRange
 from . import privateram
 from .core import MAX_FAULTS, VaMapper
 from .plain import (
-    FastPlain,
     PlainFormat,
+    PlainFormats,
     add_delta,
-    atomic_format,
     byte_view,
     fetch_add_op,
     pack,
-    plain_format,
     unpacked,
 )
 from .sharing import SharedRange, shared_ranges
@@ -66,11 +64,10 @@ class GuestMemory:
         self._words_hot = mapper.hot if LOCK_FREE_WORDS else [0, 0, False, 0.0]
         self._mv = mapper.mv
         self._space = mapper.address_space
-        #: struct format -> PlainFormat's fields as a plain tuple (unpacking a NamedTuple goes
-        #: through its iterator: slow), then the PlainFormat
-        self._plain: dict[str, FastPlain] = {}
-        self._atomic_formats: dict[str, PlainFormat] = {}
         self._reservation = mapper.reservation
+        self._formats = PlainFormats(mapper.reservation)
+        #: the formats' cache (struct format -> FastPlain), looked up by the fast paths
+        self._plain = self._formats.cache
         self.name = name
 
     # ---- identity ------------------------------------------------------------------------------
@@ -256,29 +253,6 @@ class GuestMemory:
     # one fixed-size memcpy), so another process never sees part of it. Other accesses copy
     # bytes (a concurrent reader may see some old and some new bytes, never others).
 
-    def _format(self, fmt: str) -> FastPlain:
-        spec = plain_format(fmt)
-        view = None if spec.code is None else self._words(spec.code)
-        fast = self._plain[fmt] = (view, *spec[1:9], spec)
-        return fast
-
-    def _words(self, code: str) -> memoryview:
-        """Guest memory as native words of `code`: valid until the mappings next change (see
-        Reservation.words), so for as long as the access lock is held."""
-        try:
-            return self._reservation.words(code)
-        except ValueError:  # the reservation is released
-            raise DetachedError("this GuestMemory is detached") from None
-
-    def _current(self, fmt: str) -> memoryview:
-        """The view of words of `fmt` in use now (lock held), which its cached entry then holds
-        for the fast paths."""
-        fast = self._plain[fmt]
-        view = self._words(fast[-1].code)  # type: ignore[arg-type]
-        if view is not fast[0]:
-            self._plain[fmt] = (view, *fast[1:])
-        return view
-
     # The fast paths of aligned words take no lock: they check a snapshot of the hot chunk and
     # the lease (`start, end, writable, lease = hot` is one step: no other thread runs Python
     # in between), then make one load or store through a view of words that any change of the
@@ -293,7 +267,7 @@ class GuestMemory:
         try:
             view, shift, mask, single, word_bytes, values_of, _, _, st, _ = self._plain[fmt]
         except (KeyError, TypeError):
-            view, shift, mask, single, word_bytes, values_of, _, _, st, _ = self._format(fmt)
+            view, shift, mask, single, word_bytes, values_of, _, _, st, _ = self._formats.parse(fmt)
         if type(gpa) is int:
             if view is not None and not gpa & mask:
                 start, end, _, lease = self._words_hot
@@ -322,7 +296,7 @@ class GuestMemory:
         try:
             view, shift, mask, _, _, _, bytes_of, word_of, st, spec = self._plain[fmt]
         except (KeyError, TypeError):
-            view, shift, mask, _, _, _, bytes_of, word_of, st, spec = self._format(fmt)
+            view, shift, mask, _, _, _, bytes_of, word_of, st, spec = self._formats.parse(fmt)
         if type(gpa) is not int:
             self._check(gpa, st.size)
         if view is not None and not gpa & mask:
@@ -357,35 +331,22 @@ class GuestMemory:
 
     def _load(self, gpa: int, fmt: str) -> Any:
         """The word at the aligned `gpa`, by the general path."""
-        spec = self._plain[fmt][-1]
+        spec, current = self._plain[fmt][-1], self._formats.current
         self._check(gpa, spec.mask + 1)
-        shift = spec.shift
-        return self._access(gpa, spec.mask + 1, False, lambda: self._current(fmt)[gpa >> shift])
+        return self._access(gpa, spec.mask + 1, False, lambda: current(fmt)[gpa >> spec.shift])
 
     def _store(self, gpa: int, fmt: str, word: int) -> None:
         """Store the unsigned native `word` at the aligned `gpa`, by the general path."""
-        spec = self._plain[fmt][-1]
+        spec, current = self._plain[fmt][-1], self._formats.current
         self._check(gpa, spec.mask + 1)
-        shift = spec.shift
         self._access(
-            gpa, spec.mask + 1, True, lambda: self._current(fmt).__setitem__(gpa >> shift, word)
+            gpa, spec.mask + 1, True, lambda: current(fmt).__setitem__(gpa >> spec.shift, word)
         )
 
     def _atomic(self, gpa: Any, fmt: str) -> PlainFormat:
         """The format, checked for the atomic operations, and `gpa` checked for alignment (the
         rest of its checks are done by the hot-cache test or by the general path)."""
-        try:
-            spec = self._atomic_formats[fmt]
-        except (KeyError, TypeError):
-            try:
-                fast = self._plain[fmt]
-            except (KeyError, TypeError):
-                fast = self._format(fmt)
-            spec = atomic_format(fast[-1])
-            unavailable = atomics_unavailable()
-            if unavailable is not None:
-                raise AtomicsUnavailableError(unavailable) from None
-            self._atomic_formats[fmt] = spec
+        spec = self._formats.atomic(fmt)
         if type(gpa) is not int or gpa & spec.mask:
             self._check(gpa, spec.mask + 1)
             raise ValueError(f"GPA {gpa:#x} is not aligned to the {spec.mask + 1}-byte word")

@@ -1,6 +1,6 @@
 """Plain values in guest memory: how `GuestMemory` turns a struct format into one load or store
-of a whole 1-, 2-, 4- or 8-byte word (`PlainFormat`), its fetch-add, and the argument checks
-its accessors share.
+of a whole 1-, 2-, 4- or 8-byte word (`PlainFormat`, cached by `PlainFormats`), its fetch-add,
+and the argument checks its accessors share.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from ..ffi import Reservation
+from ..errors import AtomicsUnavailableError, DetachedError
+from ..ffi import Reservation, atomics_unavailable
 
 #: a single integer field, optionally after a byte-order prefix: stored straight from the value
 _INTEGER = re.compile(r"([@=<>!]?)([bBhHiIlLqQnN])")
@@ -162,6 +163,58 @@ def plain_format(fmt: Any) -> PlainFormat:
         integer,
         swapped,
     )
+
+
+class PlainFormats:
+    """The formats one GuestMemory has parsed, each with the view of words it last used."""
+
+    def __init__(self, reservation: Reservation) -> None:
+        self._reservation = reservation
+        #: struct format -> PlainFormat's fields as a plain tuple (unpacking a NamedTuple goes
+        #: through its iterator: slow), then the PlainFormat
+        self.cache: dict[str, FastPlain] = {}
+        self._atomic: dict[str, PlainFormat] = {}
+
+    def parse(self, fmt: Any) -> FastPlain:
+        """`fmt` parsed and cached; TypeError or ValueError as `plain_format`."""
+        spec = plain_format(fmt)
+        view = None if spec.code is None else self.words(spec.code)
+        fast = self.cache[fmt] = (view, *spec[1:9], spec)
+        return fast
+
+    def words(self, code: str) -> memoryview:
+        """Guest memory as native words of `code`: valid until the mappings next change (see
+        Reservation.words), so for as long as the access lock is held."""
+        try:
+            return self._reservation.words(code)
+        except ValueError:  # the reservation is released
+            raise DetachedError("this GuestMemory is detached") from None
+
+    def current(self, fmt: str) -> memoryview:
+        """The view of words of the parsed `fmt` in use now (access lock held), which its cached
+        entry then holds for the fast paths."""
+        fast = self.cache[fmt]
+        view = self.words(fast[-1].code)  # type: ignore[arg-type]
+        if view is not fast[0]:
+            self.cache[fmt] = (view, *fast[1:])
+        return view
+
+    def atomic(self, fmt: Any) -> PlainFormat:
+        """`fmt` checked for the atomic operations (`atomic_format`); AtomicsUnavailableError
+        where libatomic is missing."""
+        try:
+            return self._atomic[fmt]
+        except (KeyError, TypeError):
+            try:
+                fast = self.cache[fmt]
+            except (KeyError, TypeError):
+                fast = self.parse(fmt)
+            spec = atomic_format(fast[-1])
+            unavailable = atomics_unavailable()
+            if unavailable is not None:
+                raise AtomicsUnavailableError(unavailable) from None
+            self._atomic[fmt] = spec
+            return spec
 
 
 def _pack_fields(st: struct.Struct, values: Any) -> bytes:
