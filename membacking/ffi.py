@@ -183,7 +183,8 @@ class Reservation:
         private and writable, so a write through the view lands in a private copy instead of
         faulting, and never reaches the backing."""
         addr = self._check(offset, size)
-        self._retire_words()
+        if self._words:
+            self._retire_words()
         if copy_on_write:
             prot, flags = PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED
         else:
@@ -197,7 +198,8 @@ class Reservation:
     def map_anon(self, offset: int, size: int, writable: bool) -> None:
         """Map zero-filled private memory at `offset` (private RAM)."""
         addr = self._check(offset, size)
-        self._retire_words()
+        if self._words:
+            self._retire_words()
         prot = PROT_READ | (PROT_WRITE if writable else 0)
         flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE
         # Safe: as map_fd, inside our reservation, under the access lock.
@@ -209,7 +211,8 @@ class Reservation:
         """Put a PROT_NONE placeholder back over `offset`: the old memory is gone from this
         process, the reservation stays."""
         addr = self._check(offset, size)
-        self._retire_words()
+        if self._words:
+            self._retire_words()
         flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE
         # Safe: replaces only our own pages; callers ensured no access or view uses them.
         got = _libc.mmap(addr, size, PROT_NONE, flags, -1, 0)
