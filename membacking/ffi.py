@@ -133,6 +133,9 @@ class Reservation:
         self._closed = False
         self._lock = threading.Lock()
         self._words: dict[str, memoryview] = {}
+        #: a view is made and filed, or the views are taken for retiring, under this lock: a
+        #: view made while a change retires the others is filed where the next change finds it
+        self._words_lock = threading.Lock()
 
     def words(self, code: str) -> memoryview:
         """The reservation as native words of the memoryview cast `code` ('B', 'H', 'I', 'Q'
@@ -144,18 +147,20 @@ class Reservation:
         holds because one use of a memoryview item is one C call, during which no other thread
         runs Python (the GIL), and callers check `LOCK_FREE_WORDS` for that. A new view is
         made on the next call."""
-        view = self._words.get(code)
-        if view is None:
-            if self._closed:
-                raise ValueError("the reservation is released")
-            # Safe: as buffer(): the caller touches only the words its table shows mapped.
-            array = (ctypes.c_char * self.size).from_address(self.base)
-            view = self._words[code] = memoryview(array).cast("B").cast(code)  # type: ignore[call-overload]
+        with self._words_lock:
+            view = self._words.get(code)
+            if view is None:
+                if self._closed:
+                    raise ValueError("the reservation is released")
+                # Safe: as buffer(): the caller touches only the words its table shows mapped.
+                array = (ctypes.c_char * self.size).from_address(self.base)
+                view = self._words[code] = memoryview(array).cast("B").cast(code)  # type: ignore[call-overload]
         return view
 
     def _retire_words(self) -> None:
         """Release every view `words` gave out, before a change of the pages under them."""
-        views, self._words = self._words, {}
+        with self._words_lock:
+            views, self._words = self._words, {}
         for view in views.values():
             view.release()
 
