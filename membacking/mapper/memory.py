@@ -271,12 +271,12 @@ class GuestMemory:
         if type(gpa) is int:
             if view is not None and not gpa & mask:
                 start, end, _, lease = self._words_hot
-                try:
-                    if start <= gpa < end - mask and _monotonic() < lease:
+                if start <= gpa < end - mask and _monotonic() < lease:
+                    try:
                         word = view[gpa >> shift]
-                    else:
+                    except ValueError:  # the view was retired: the mappings changed since
                         word = self._load(gpa, fmt)
-                except ValueError:  # the view was retired: the mappings changed since
+                else:
                     word = self._load(gpa, fmt)
                 if word_bytes is None:
                     return word
