@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -49,6 +50,9 @@ PR_SET_VMA, PR_SET_VMA_ANON_NAME = 0x53564D41, 0
 _MAP_FAILED = ctypes.c_void_p(-1).value
 _SEQ_CST = 5  # __ATOMIC_SEQ_CST
 _WORD_TYPES = {4: ctypes.c_uint32, 8: ctypes.c_uint64}
+#: whether the views of `Reservation.words` may be used without the access lock: only while one
+#: thread at a time runs Python (a build without the GIL runs them in parallel)
+LOCK_FREE_WORDS: bool = getattr(sys, "_is_gil_enabled", lambda: True)()
 
 
 class _Atomics:
@@ -128,6 +132,37 @@ class Reservation:
         self.size = size
         self._closed = False
         self._lock = threading.Lock()
+        self._words: dict[str, memoryview] = {}
+        #: a view is made and filed, or the views are taken for retiring, under this lock: a
+        #: view made while a change retires the others is filed where the next change finds it
+        self._words_lock = threading.Lock()
+
+    def words(self, code: str) -> memoryview:
+        """The reservation as native words of the memoryview cast `code` ('B', 'H', 'I', 'Q'
+        or lower case): item i is the word at offset i * its size, read or written with one
+        fixed-size copy. The view is retired (released: any use of it raises ValueError) by
+        the next map_fd, map_anon, unmap or release, before that changes any page. So a thread
+        that found a range mapped and then uses a view it took before looking either reaches
+        memory that is still mapped as it found it, or gets ValueError: never a fault. That
+        holds because one use of a memoryview item is one C call, during which no other thread
+        runs Python (the GIL), and callers check `LOCK_FREE_WORDS` for that. A new view is
+        made on the next call."""
+        with self._words_lock:
+            view = self._words.get(code)
+            if view is None:
+                if self._closed:
+                    raise ValueError("the reservation is released")
+                # Safe: as buffer(): the caller touches only the words its table shows mapped.
+                array = (ctypes.c_char * self.size).from_address(self.base)
+                view = self._words[code] = memoryview(array).cast("B").cast(code)  # type: ignore[call-overload]
+        return view
+
+    def _retire_words(self) -> None:
+        """Release every view `words` gave out, before a change of the pages under them."""
+        with self._words_lock:
+            views, self._words = self._words, {}
+        for view in views.values():
+            view.release()
 
     def _check(self, offset: int, size: int) -> int:
         if self._closed:
@@ -153,6 +188,8 @@ class Reservation:
         private and writable, so a write through the view lands in a private copy instead of
         faulting, and never reaches the backing."""
         addr = self._check(offset, size)
+        if self._words:
+            self._retire_words()
         if copy_on_write:
             prot, flags = PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED
         else:
@@ -166,6 +203,8 @@ class Reservation:
     def map_anon(self, offset: int, size: int, writable: bool) -> None:
         """Map zero-filled private memory at `offset` (private RAM)."""
         addr = self._check(offset, size)
+        if self._words:
+            self._retire_words()
         prot = PROT_READ | (PROT_WRITE if writable else 0)
         flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE
         # Safe: as map_fd, inside our reservation, under the access lock.
@@ -177,6 +216,8 @@ class Reservation:
         """Put a PROT_NONE placeholder back over `offset`: the old memory is gone from this
         process, the reservation stays."""
         addr = self._check(offset, size)
+        if self._words:
+            self._retire_words()
         flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE
         # Safe: replaces only our own pages; callers ensured no access or view uses them.
         got = _libc.mmap(addr, size, PROT_NONE, flags, -1, 0)
@@ -265,6 +306,7 @@ class Reservation:
             if self._closed:
                 return
             self._closed = True
+            self._retire_words()
             # Safe: our own reservation; the owner guarantees no view or access remains.
             if _libc.munmap(self.base, self.size) != 0:
                 raise _oserror("munmap of the reservation")
@@ -295,6 +337,7 @@ def die_with_parent(sig: int, parent_pid: int) -> None:
 
 
 __all__ = [
+    "LOCK_FREE_WORDS",
     "MADV_DONTDUMP",
     "MADV_DONTNEED",
     "MADV_HUGEPAGE",

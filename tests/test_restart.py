@@ -9,16 +9,20 @@ import os
 import random
 import signal
 import subprocess
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import membacking
+from membacking.manager import journal
 from membacking.manager.statedir import default_state_dir
 from membacking.runtime import RuntimePaths
 
-from conftest import RunningManager, run_cli, short_tmpdir
+from conftest import RunningManager, Worker, run_cli, short_tmpdir
 
 MiB = 1 << 20
 Start = Callable[..., RunningManager]
@@ -233,3 +237,46 @@ def test_a_start_that_fails_leaves_no_state_behind() -> None:
     failed = run_manager(runtime_dir, "--region", "ram0=0:1M", "--region", "ram1=0x80000:1M")
     assert failed.returncode == 1 and "overlaps" in failed.stderr, failed.stderr
     assert not sdir.exists()
+
+
+def test_a_removal_is_journaled_after_its_acks_or_within_a_second_and_before_its_answer(
+    start_manager: Start, spawn_worker: Callable[..., Worker]
+) -> None:
+    """The daemon handles a removal's acks as they come and journals the change before it
+    answers (the journal is not written while the holders work); a holder that does not answer
+    delays the journal by at most the daemon's one-second tick."""
+    manager = start_manager("--region", "ram0=0:8M")
+    manager.client().add_region("dyn", 0x20000000, 1 << 20)
+    worker = spawn_worker(manager, "slow")
+    worker.ask("write 0x20000000 " + b"dyn".hex())
+    journaled = state_dir(manager) / "journal"
+
+    def names() -> set[str]:
+        snapshot = journal.read(journaled)
+        assert snapshot is not None
+        return {record.name for record in snapshot.regions}
+
+    assert names() == {"ram0", "dyn"}
+    os.kill(worker.pid, signal.SIGSTOP)  # it will not acknowledge the Unmap for a while
+    outcome: dict[str, Any] = {}
+    remover = threading.Thread(
+        target=lambda: outcome.update(
+            membacking.ControlClient(manager.runtime_dir).remove_region("dyn")
+        )
+    )
+    remover.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not manager.client().status()["waiting_on"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert manager.client().status()["waiting_on"]
+        assert "dyn" in names()  # the Unmap is out, the holder has not answered
+        deadline = time.monotonic() + 10
+        while "dyn" in names() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert names() == {"ram0"}  # journaled by the tick, still unanswered
+        assert remover.is_alive()
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+        remover.join(30)
+    assert outcome["unmapped_from"] == [worker.mapper_id]

@@ -31,7 +31,7 @@ from . import handover, sdnotify
 from .backing import MemfdStore
 from .control import STOPPING_OPS, addressed_elsewhere
 from .errors import Refused
-from .fdconn import FdConn
+from .fdconn import FdConn, kill_evicted
 from .fdserver import MAX_STRIKES, FdServer
 from .fdstore import FdStore
 from .heap import Heap
@@ -86,6 +86,7 @@ class Daemon(FdServer):
         self._allowed_uids = {os.getuid(), 0, *config.allow_uids}
         self._allowed_gids = set(config.allow_gids)
         self._zmq_strikes: dict[int, int] = {}  # mapper id -> invalid messages in a row
+        self._journal_due = False  # a change to journal before the next reply (or the tick)
         self._strangers: dict[bytes, int] = {}  # unattached ZeroMQ identity -> invalid messages
         self._accept_paused = False
         self._evict_kill = config.evict_kill
@@ -169,6 +170,7 @@ class Daemon(FdServer):
 
     def _save_state(self) -> None:
         """Journal the region table if it changed (before any reply says a change is done)."""
+        self._journal_due = False
         if self.persist is not None and not self.persist.save_logged(self.state, self.store):
             self.state.rejected["internal"] += 1
         if self.fdstore is not None:
@@ -230,6 +232,8 @@ class Daemon(FdServer):
                 conn.close()  # the end of the fd socket wakes each mapper at once
             if attached and code != m.SHUTDOWN_RESTARTING:
                 time.sleep(STOP_LINGER)
+        if self._journal_due:
+            self._save_state()
         if self.fdstore is not None:
             self.fdstore.stop(keep)
         if self.persist is not None:
@@ -303,6 +307,8 @@ class Daemon(FdServer):
                 self._guard("tick", None, functools.partial(self._tick, not ready))
 
     def _tick(self, idle: bool = False) -> None:
+        if self._journal_due:  # a change still waiting for acks is journaled within a second
+            self._save_state()
         self._resume_accepting()
         self._apply(self.state.tick())
         if self.persist is not None:  # rollbacks made on acks; files of completed removals
@@ -350,7 +356,9 @@ class Daemon(FdServer):
             self.state.rejected["internal"] += 1
             log.exception("internal error while handling %s from pid %s", what, pid)
 
-    def _apply(self, effects: Iterable[Effect]) -> None:
+    def _apply(self, effects: Iterable[Effect], journal_first: bool = True) -> None:
+        """Carry out the state machine's effects; a reply (but that of a read-only request,
+        `journal_first` false) is sent only once the changes made so far are journaled."""
         for effect in effects:
             if isinstance(effect, Send):
                 data = encode(effect.msg)
@@ -358,6 +366,8 @@ class Daemon(FdServer):
                     self._mapper.send(effect.identity, zmq.SNDMORE)  # cheaper than send_multipart
                     self._mapper.send(data)
                 else:
+                    if self._journal_due and journal_first:
+                        self._save_state()
                     self._control.send(effect.identity, zmq.SNDMORE)
                     self._control.send(b"", zmq.SNDMORE)
                     self._control.send(data)
@@ -371,7 +381,7 @@ class Daemon(FdServer):
             elif isinstance(effect, Disconnect):
                 conn = self._conn_of_mapper.pop(effect.mapper_id, None)
                 if effect.unresponsive and self._evict_kill:
-                    self._kill_evicted(effect.mapper_id, conn)
+                    kill_evicted(effect.mapper_id, conn, self.state.counters)
                 if conn is not None:
                     self._drop_conn(conn, "evicted", effect.reason)
                 else:
@@ -481,14 +491,14 @@ class Daemon(FdServer):
             effects = [Send(Channel.CONTROL, identity, m.Error("internal", str(exc)[:1000]))]
         journaled = self.persist is not None or self.fdstore is not None
         if not journaled or getattr(msg, "op", None) in READ_ONLY_OPS:
-            self._apply(effects)
+            self._apply(effects, journal_first=False)
             return
-        # what goes to mappers leaves first (they work on it while the journal is written);
-        # the client's answer only once the change is journaled
+        # What goes to mappers leaves first. The journal is written before the client's answer
+        # (_apply): a removal handles the holders' acks as they come, then journals and answers.
         self._apply(
             e for e in effects if not (isinstance(e, Send) and e.channel is Channel.CONTROL)
         )
-        self._save_state()
+        self._journal_due = True
         self._apply(e for e in effects if isinstance(e, Send) and e.channel is Channel.CONTROL)
 
     # ---- fd socket -----------------------------------------------------------------------------

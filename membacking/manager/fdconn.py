@@ -1,10 +1,12 @@
 """One connection to the manager's fd socket (SOCK_SEQPACKET): who is on the other end, and the
 messages its socket could not take yet. Sends never block the daemon: what does not fit waits
-here, in order, holding its own duplicate of any fd, until the socket is writable again.
+here, in order, holding its own duplicate of any fd, until the socket is writable again. Also
+the killing of an evicted mapper by the pidfd of its connection (--evict-kill).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -14,6 +16,8 @@ from dataclasses import dataclass, field
 
 from ..protocol import messages as m
 from ..protocol.fdpass import send_message
+
+log = logging.getLogger("membacking.manager")
 
 
 class OutboxFull(Exception):
@@ -93,3 +97,19 @@ class FdConn:
             _, fd = self.outbox.popleft()
             if fd is not None:
                 os.close(fd)
+
+
+def kill_evicted(mapper_id: int, conn: FdConn | None, counters: dict[str, int]) -> None:
+    """--evict-kill: SIGKILL an evicted mapper (FdConn.kill), counted in `evict_kills` and
+    logged."""
+    who = f"mapper {mapper_id}" + (f" (pid {conn.pid})" if conn is not None else "")
+    try:
+        if conn is None:
+            raise OSError("no connection of it")
+        if not conn.kill():
+            return  # it has exited already
+    except OSError as exc:
+        log.error("%s: --evict-kill cannot kill it: %s", who, exc.strerror or exc)
+        return
+    counters["evict_kills"] += 1
+    log.error("%s killed (SIGKILL, --evict-kill): evicted for not answering", who)

@@ -150,20 +150,6 @@ class FdServer:
             self._conn_of_mapper.pop(conn.mapper_id, None)
             self._apply(self.state.mapper_gone(conn.mapper_id, why))
 
-    def _kill_evicted(self, mapper_id: int, conn: FdConn | None) -> None:
-        """--evict-kill: SIGKILL an evicted mapper (FdConn.kill), counted and logged."""
-        who = f"mapper {mapper_id}" + (f" (pid {conn.pid})" if conn is not None else "")
-        try:
-            if conn is None:
-                raise OSError("no connection of it")
-            if not conn.kill():
-                return  # it has exited already
-        except OSError as exc:
-            log.error("%s: --evict-kill cannot kill it: %s", who, exc.strerror or exc)
-            return
-        self.state.counters["evict_kills"] += 1
-        log.error("%s killed (SIGKILL, --evict-kill): evicted for not answering", who)
-
     def _say_farewell(self, conn: FdConn, reason: str, code: str = m.SHUTDOWN_EVICTED) -> None:
         """Write a Shutdown on a mapper's fd socket behind what waits for it there, if it has
         room (a mapper evicted with a full socket reads the Shutdown on its stream); with its

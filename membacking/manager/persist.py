@@ -21,7 +21,7 @@ from .statedir import StateDir, StateDirError, default_state_dir, region_text
 log = logging.getLogger("membacking.manager")
 
 #: control operations that change nothing the journal keeps (no snapshot is taken for them)
-READ_ONLY_OPS = frozenset({"regions", "mappers", "stats"})
+READ_ONLY_OPS = frozenset({"regions", "mappings", "mappers", "mapper_held", "stats", "status"})
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 in it, and the mapper thread that applies the manager's Map / NoMapping / Unmap in order.
 
 Safety scheme (Python cannot recover from SIGSEGV): every access checks the table and copies
-under one `lock`; the mapper thread takes the same lock before it maps or unmaps anything. Open
+under one `lock` (aligned plain words excepted: see memory.py and Reservation.words); the mapper
+thread takes the same lock before it maps or unmaps anything. Open
 views pin their range; an Unmap touching a pinned range is acknowledged only after the last
 view on it closes, so an UnmapAck always means no access can reach the old memory. Accesses
 also need a live lease (see lease.py): a mapper evicted while it was stopped drops every
@@ -375,7 +376,7 @@ class VaMapper:
     def _remove_chunks(self, rng: MemoryRange) -> None:
         """Drop `rng` from the table, keeping the parts of straddling chunks (lock held)."""
         self.chunks.cut(rng)
-        self.hot[0] = self.hot[1] = 0
+        self.hot[0:2] = 0, 0  # one step: the fast paths of words read it without the lock
 
     def _pinned(self, rng: MemoryRange, for_writing: bool = False) -> bool:
         return self.views.pinned(rng, for_writing)
@@ -482,7 +483,7 @@ class VaMapper:
             self.views.release_escaped()
             self.closed = True
             self.chunks.clear()
-            self.hot[0] = self.hot[1] = 0
+            self.hot[0:2] = 0, 0  # one step: the fast paths of words read it without the lock
             views_open = bool(self.views)
         self.waiters.shutdown("detached")
         self.link.close()

@@ -81,7 +81,7 @@ def drop_every_mapping(mapper: VaMapper, reason: str) -> None:
             except OSError as exc:  # the table no longer has it: no access reaches it
                 log.error("mapper %d: cannot unmap %s: %s", mapper.id, rng, exc.strerror or exc)
         mapper.chunks.clear()
-        mapper.hot[0] = mapper.hot[1] = 0
+        mapper.hot[0:2] = 0, 0
         mapper._pending_unmaps.clear()  # nobody to acknowledge them to
         mapper.dropped = reason
     mapper.fds.close_all()

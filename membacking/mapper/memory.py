@@ -1,8 +1,9 @@
 """`GuestMemory`: read and write guest memory by guest-physical address.
 
 Each access checks its arguments and a one-entry cache of the chunk last used, then copies, all
-under the mapper's access lock; a miss checks the mapped-range table for the whole range and
-faults what is missing (asks the manager, waits, retries) before copying anything.
+under the mapper's access lock (aligned plain words: without it, through views that any change of
+the mappings retires first); a miss checks the mapped-range table for the whole range and faults
+what is missing (asks the manager, waits, retries) before copying anything.
 """
 
 from __future__ import annotations
@@ -16,25 +17,22 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from ..errors import (
-    AtomicsUnavailableError,
     DetachedError,
     GuestMemoryError,
     OutOfRangeError,
     ReadOnlyError,
 )
-from ..ffi import atomics_unavailable
+from ..ffi import LOCK_FREE_WORDS
 from ..protocol.ranges import MemoryRange
 from . import privateram
 from .core import MAX_FAULTS, VaMapper
 from .plain import (
-    FastPlain,
     PlainFormat,
+    PlainFormats,
     add_delta,
-    atomic_format,
     byte_view,
     fetch_add_op,
     pack,
-    plain_format,
     unpacked,
 )
 from .sharing import SharedRange, shared_ranges
@@ -61,14 +59,15 @@ class GuestMemory:
         self._mapper = mapper
         self._lock = mapper.lock
         self._hot = mapper.hot
+        #: what the lock-free fast paths of words check: the hot chunk, or (without the GIL) an
+        #: empty one that sends them to the general path
+        self._words_hot = mapper.hot if LOCK_FREE_WORDS else [0, 0, False, 0.0]
         self._mv = mapper.mv
         self._space = mapper.address_space
-        #: struct format -> PlainFormat's fields as a plain tuple (unpacking a NamedTuple goes
-        #: through its iterator: slow), then the PlainFormat
-        self._plain: dict[str, FastPlain] = {}
-        self._views: dict[str, memoryview] = {}
-        self._atomic_formats: dict[str, PlainFormat] = {}
         self._reservation = mapper.reservation
+        self._formats = PlainFormats(mapper.reservation)
+        #: the formats' cache (struct format -> FastPlain), looked up by the fast paths
+        self._plain = self._formats.cache
         self.name = name
 
     # ---- identity ------------------------------------------------------------------------------
@@ -142,8 +141,8 @@ class GuestMemory:
             rng, chunk = hit
             if write and not chunk.writable:
                 raise ReadOnlyError(f"GPA {pos:#x} is mapped read-only; cannot write", pos)
-            hot = self._hot
-            hot[0], hot[1], hot[2] = rng.start, rng.end, chunk.writable
+            # one step (a slice): the fast paths of words read the list without the lock
+            self._hot[0:3] = rng.start, rng.end, chunk.writable
             pos = rng.end
         return None
 
@@ -254,19 +253,13 @@ class GuestMemory:
     # one fixed-size memcpy), so another process never sees part of it. Other accesses copy
     # bytes (a concurrent reader may see some old and some new bytes, never others).
 
-    def _format(self, fmt: str) -> FastPlain:
-        spec = plain_format(fmt, self._words)
-        fast = self._plain[fmt] = (*spec[:9], spec)
-        return fast
-
-    def _words(self, code: str) -> memoryview:
-        view = self._views.get(code)
-        if view is None:
-            try:
-                view = self._views[code] = self._mv.cast(code)  # type: ignore[call-overload]
-            except ValueError:  # the reservation's view is released
-                raise DetachedError("this GuestMemory is detached") from None
-        return view
+    # The fast paths of aligned words take no lock: they check a snapshot of the hot chunk and
+    # the lease (`start, end, writable, lease = hot` is one step: no other thread runs Python
+    # in between), then make one load or store through a view of words that any change of the
+    # mappings retires first (Reservation.words). A change after the check makes that view
+    # raise ValueError instead of reaching the old pages, and the general path runs, under the
+    # lock. A store takes only an int: converting anything else could run Python code between
+    # the check and the copy.
 
     def read_plain(self, gpa: int, fmt: str) -> Any:
         """Read a value of struct format `fmt` (one field: the value, else a tuple). Atomic for
@@ -274,18 +267,17 @@ class GuestMemory:
         try:
             view, shift, mask, single, word_bytes, values_of, _, _, st, _ = self._plain[fmt]
         except (KeyError, TypeError):
-            view, shift, mask, single, word_bytes, values_of, _, _, st, _ = self._format(fmt)
+            view, shift, mask, single, word_bytes, values_of, _, _, st, _ = self._formats.parse(fmt)
         if type(gpa) is int:
             if view is not None and not gpa & mask:
-                with self._lock:
-                    hot = self._hot
-                    if hot[0] <= gpa < hot[1] - mask and _monotonic() < hot[3]:
+                start, end, _, lease = self._words_hot
+                if start <= gpa < end - mask and _monotonic() < lease:
+                    try:
                         word = view[gpa >> shift]
-                        if word_bytes is None:
-                            return word
-                        values = values_of(word_bytes(word))
-                        return values[0] if single else values
-                word = self._load(gpa, view, shift, mask)
+                    except ValueError:  # the view was retired: the mappings changed since
+                        word = self._load(gpa, fmt)
+                else:
+                    word = self._load(gpa, fmt)
                 if word_bytes is None:
                     return word
                 values = values_of(word_bytes(word))
@@ -304,7 +296,7 @@ class GuestMemory:
         try:
             view, shift, mask, _, _, _, bytes_of, word_of, st, spec = self._plain[fmt]
         except (KeyError, TypeError):
-            view, shift, mask, _, _, _, bytes_of, word_of, st, spec = self._format(fmt)
+            view, shift, mask, _, _, _, bytes_of, word_of, st, spec = self._formats.parse(fmt)
         if type(gpa) is not int:
             self._check(gpa, st.size)
         if view is not None and not gpa & mask:
@@ -312,14 +304,18 @@ class GuestMemory:
                 if value.__class__ is bool:  # plain.pack says whether the format takes it
                     raise TypeError
                 word = value if word_of is None else word_of(bytes_of(value))[0]
-                with self._lock:
-                    hot = self._hot
-                    if hot[2] and hot[0] <= gpa < hot[1] - mask and _monotonic() < hot[3]:
-                        view[gpa >> shift] = word
-                        return
-            except (struct.error, TypeError, ValueError):  # a value that does not fit: the
-                pass  # general path says why
-            self._store(gpa, view, shift, mask, spec.item(value))
+                start, end, writable, lease = self._words_hot
+                if (
+                    writable
+                    and start <= gpa < end - mask
+                    and word.__class__ is int
+                    and _monotonic() < lease
+                ):
+                    view[gpa >> shift] = word
+                    return
+            except (struct.error, TypeError, ValueError):  # a value that does not fit (the
+                pass  # general path says why), or a retired view
+            self._store(gpa, fmt, spec.item(value))
             return
         # not atomic: a copy of the packed bytes (not pack_into, which clears them first)
         try:
@@ -333,31 +329,24 @@ class GuestMemory:
                 return
         self.write_at(gpa, data)
 
-    def _load(self, gpa: int, view: memoryview, shift: int, mask: int) -> Any:
+    def _load(self, gpa: int, fmt: str) -> Any:
         """The word at the aligned `gpa`, by the general path."""
-        self._check(gpa, mask + 1)
-        return self._access(gpa, mask + 1, False, lambda: view[gpa >> shift])
+        spec, current = self._plain[fmt][-1], self._formats.current
+        self._check(gpa, spec.mask + 1)
+        return self._access(gpa, spec.mask + 1, False, lambda: current(fmt)[gpa >> spec.shift])
 
-    def _store(self, gpa: int, view: memoryview, shift: int, mask: int, word: Any) -> None:
-        """Store `word` at the aligned `gpa`, by the general path."""
-        self._check(gpa, mask + 1)
-        self._access(gpa, mask + 1, True, lambda: view.__setitem__(gpa >> shift, word))
+    def _store(self, gpa: int, fmt: str, word: int) -> None:
+        """Store the unsigned native `word` at the aligned `gpa`, by the general path."""
+        spec, current = self._plain[fmt][-1], self._formats.current
+        self._check(gpa, spec.mask + 1)
+        self._access(
+            gpa, spec.mask + 1, True, lambda: current(fmt).__setitem__(gpa >> spec.shift, word)
+        )
 
     def _atomic(self, gpa: Any, fmt: str) -> PlainFormat:
         """The format, checked for the atomic operations, and `gpa` checked for alignment (the
         rest of its checks are done by the hot-cache test or by the general path)."""
-        try:
-            spec = self._atomic_formats[fmt]
-        except (KeyError, TypeError):
-            try:
-                fast = self._plain[fmt]
-            except (KeyError, TypeError):
-                fast = self._format(fmt)
-            spec = atomic_format(fast[-1])
-            unavailable = atomics_unavailable()
-            if unavailable is not None:
-                raise AtomicsUnavailableError(unavailable) from None
-            self._atomic_formats[fmt] = spec
+        spec = self._formats.atomic(fmt)
         if type(gpa) is not int or gpa & spec.mask:
             self._check(gpa, spec.mask + 1)
             raise ValueError(f"GPA {gpa:#x} is not aligned to the {spec.mask + 1}-byte word")

@@ -1,6 +1,6 @@
 """Plain values in guest memory: how `GuestMemory` turns a struct format into one load or store
-of a whole 1-, 2-, 4- or 8-byte word (`PlainFormat`), its fetch-add, and the argument checks
-its accessors share.
+of a whole 1-, 2-, 4- or 8-byte word (`PlainFormat`, cached by `PlainFormats`), its fetch-add,
+and the argument checks its accessors share.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from ..ffi import Reservation
+from ..errors import AtomicsUnavailableError, DetachedError
+from ..ffi import Reservation, atomics_unavailable
 
 #: a single integer field, optionally after a byte-order prefix: stored straight from the value
 _INTEGER = re.compile(r"([@=<>!]?)([bBhHiIlLqQnN])")
@@ -25,14 +26,15 @@ _UNSIGNED = {1: "B", 2: "H", 4: "I", 8: "Q"}
 class PlainFormat(NamedTuple):
     """What read_plain / write_plain need to know about one struct format.
 
-    `view` is a cast of guest memory to native words of the format's size (None unless that is
-    1, 2, 4 or 8 bytes): item `gpa >> shift` is the word at an aligned `gpa`, loaded or stored
-    with one fixed-size copy. For an integer format in native byte order the item is the value
-    itself (`word_bytes` is None); for others the fast paths convert through bytes with the
-    bound struct methods below (no Python frame in between).
+    `code` is the memoryview cast of guest memory to native words of the format's size (None
+    unless that is 1, 2, 4 or 8 bytes; `Reservation.words` gives the view): item `gpa >> shift`
+    is the word at an aligned `gpa`, loaded or stored with one fixed-size copy. For an integer
+    format in native byte order the item is the value itself (`word_bytes` is None); for others
+    the fast paths convert through bytes with the bound struct methods below (no Python frame
+    in between).
     """
 
-    view: memoryview | None
+    code: str | None
     shift: int
     mask: int
     #: one field: the value is not a tuple
@@ -68,7 +70,8 @@ class PlainFormat(NamedTuple):
         return self.st.unpack(pack(self.st, self.fmt, value))[0]
 
 
-#: PlainFormat's first nine fields, then the PlainFormat
+#: PlainFormat's first nine fields, then the PlainFormat; first, in place of the code, the view
+#: of words taken when it was last looked up (retired by any change of the mappings)
 FastPlain = tuple[
     memoryview | None,
     int,
@@ -110,9 +113,8 @@ def unpacked(values: tuple[Any, ...]) -> Any:
     return values[0] if len(values) == 1 else values
 
 
-def plain_format(fmt: Any, words: Callable[[str], memoryview]) -> PlainFormat:
-    """Parse `fmt`; `words(code)` gives guest memory cast to that native word format.
-    TypeError if `fmt` is not a str, ValueError if struct does not take it."""
+def plain_format(fmt: Any) -> PlainFormat:
+    """Parse `fmt`. TypeError if `fmt` is not a str, ValueError if struct does not take it."""
     if type(fmt) is not str:
         raise TypeError(f"a plain-value format must be a struct format string, got {fmt!r}")
     try:
@@ -133,7 +135,7 @@ def plain_format(fmt: Any, words: Callable[[str], memoryview]) -> PlainFormat:
     if match is not None and not swapped:  # the item is the value
         code = _UNSIGNED[size].lower() if match.group(2).islower() else _UNSIGNED[size]
         return PlainFormat(
-            words(code),
+            code,
             shift,
             size - 1,
             single,
@@ -148,7 +150,7 @@ def plain_format(fmt: Any, words: Callable[[str], memoryview]) -> PlainFormat:
         )
     native = struct.Struct("=" + _UNSIGNED[size])
     return PlainFormat(
-        words(_UNSIGNED[size]),
+        _UNSIGNED[size],
         shift,
         size - 1,
         single,
@@ -161,6 +163,58 @@ def plain_format(fmt: Any, words: Callable[[str], memoryview]) -> PlainFormat:
         integer,
         swapped,
     )
+
+
+class PlainFormats:
+    """The formats one GuestMemory has parsed, each with the view of words it last used."""
+
+    def __init__(self, reservation: Reservation) -> None:
+        self._reservation = reservation
+        #: struct format -> PlainFormat's fields as a plain tuple (unpacking a NamedTuple goes
+        #: through its iterator: slow), then the PlainFormat
+        self.cache: dict[str, FastPlain] = {}
+        self._atomic: dict[str, PlainFormat] = {}
+
+    def parse(self, fmt: Any) -> FastPlain:
+        """`fmt` parsed and cached; TypeError or ValueError as `plain_format`."""
+        spec = plain_format(fmt)
+        view = None if spec.code is None else self.words(spec.code)
+        fast = self.cache[fmt] = (view, *spec[1:9], spec)
+        return fast
+
+    def words(self, code: str) -> memoryview:
+        """Guest memory as native words of `code`: valid until the mappings next change (see
+        Reservation.words), so for as long as the access lock is held."""
+        try:
+            return self._reservation.words(code)
+        except ValueError:  # the reservation is released
+            raise DetachedError("this GuestMemory is detached") from None
+
+    def current(self, fmt: str) -> memoryview:
+        """The view of words of the parsed `fmt` in use now (access lock held), which its cached
+        entry then holds for the fast paths."""
+        fast = self.cache[fmt]
+        view = self.words(fast[-1].code)  # type: ignore[arg-type]
+        if view is not fast[0]:
+            self.cache[fmt] = (view, *fast[1:])
+        return view
+
+    def atomic(self, fmt: Any) -> PlainFormat:
+        """`fmt` checked for the atomic operations (`atomic_format`); AtomicsUnavailableError
+        where libatomic is missing."""
+        try:
+            return self._atomic[fmt]
+        except (KeyError, TypeError):
+            try:
+                fast = self.cache[fmt]
+            except (KeyError, TypeError):
+                fast = self.parse(fmt)
+            spec = atomic_format(fast[-1])
+            unavailable = atomics_unavailable()
+            if unavailable is not None:
+                raise AtomicsUnavailableError(unavailable) from None
+            self._atomic[fmt] = spec
+            return spec
 
 
 def _pack_fields(st: struct.Struct, values: Any) -> bytes:
@@ -193,7 +247,7 @@ def add_delta(fmt: PlainFormat, delta: Any) -> int:
 
 def atomic_format(fmt: PlainFormat) -> PlainFormat:
     """`fmt` if atomic operations take it (one integer field of 4 or 8 bytes), else ValueError."""
-    if not fmt.integer or fmt.shift not in (2, 3) or fmt.view is None:
+    if not fmt.integer or fmt.shift not in (2, 3) or fmt.code is None:
         raise ValueError(
             f"atomic operations take one 4- or 8-byte integer (e.g. '<I', '>q'), not {fmt.fmt!r}"
         )
@@ -222,10 +276,11 @@ def fetch_add_op(
     size = spec.mask + 1
     if not spec.swapped:
         return lambda: reservation.fetch_add(gpa, size, addend)
-    view, shift, wrap = spec.view, spec.shift, (1 << (8 * size)) - 1
-    assert view is not None
+    code, shift, wrap = spec.code, spec.shift, (1 << (8 * size)) - 1
+    assert code is not None
 
     def add_swapped() -> int:  # no hardware add for the other byte order: a CAS loop
+        view = reservation.words(code)  # under the access lock: no change retires it meanwhile
         while True:
             found = view[gpa >> shift]
             total = swap_word((swap_word(found, size) + addend) & wrap, size)
