@@ -24,6 +24,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 REGION = 64 << 10
 BASE = 1 << 32
@@ -49,7 +50,11 @@ def mapper_main(runtime_dir: str, regions: int) -> None:
             if memory.read_at(BASE + (len(answers) % regions) * REGION, 1) != b"x":
                 failures += 1
     pauses = [(b - a, a) for a, b in itertools.pairwise(answers)]
-    print(json.dumps({"answers": len(answers), "failures": failures, "pauses": pauses}))
+    print(
+        json.dumps(
+            {"pid": os.getpid(), "answers": len(answers), "failures": failures, "pauses": pauses}
+        )
+    )
 
 
 def longest(pauses: list[list[float]], start: float, end: float) -> float:
@@ -57,10 +62,33 @@ def longest(pauses: list[list[float]], start: float, end: float) -> float:
     return max((p for p, at in pauses if at < end and at + p > start), default=0.0)
 
 
+def timeline(trace: Path, results: list[dict[str, Any]], start: float, end: float) -> list[str]:
+    """The phase marks of every process (membacking.trace) in time order, in ms from the old
+    daemon's agreement, with each mapper's gap (its longest pause in [start, end)) beside them."""
+    marks = []
+    for line in trace.read_text().splitlines():
+        at, pid, phase = line.split(" ", 2)
+        marks.append((float(at), int(pid), phase))
+    for i, result in enumerate(results):
+        overlapping = [(p, at) for p, at in result["pauses"] if at < end and at + p > start]
+        if overlapping:
+            pause, at = max(overlapping)
+            marks.append((at, result["pid"], f"gap.last-old-answer mapper#{i}"))
+            marks.append((at + pause, result["pid"], f"gap.first-new-answer mapper#{i}"))
+    t0 = next((at for at, _, phase in marks if phase == "handover.agreed"), start)
+    marks.sort()
+    return [f"{(at - t0) * 1e3:9.1f} ms  pid {pid:<7d} {phase}" for at, pid, phase in marks]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--regions", type=int, default=1000)
     parser.add_argument("--mappers", type=int, default=4)
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="print every process's phase marks (MEMBACKING_TRACE) in time order",
+    )
     parser.add_argument("--mapper", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mapper:
@@ -71,6 +99,9 @@ def main() -> None:
     runtime = Path(tempfile.mkdtemp(prefix="mbgap-", dir="/tmp"))
     cli = [sys.executable, "-m", "membacking", "manager", "run", "--runtime-dir", str(runtime)]
     env = dict(os.environ, MEMBACKING_RUNTIME_DIR=str(runtime))
+    trace = runtime / "trace"
+    if args.trace:
+        env["MEMBACKING_TRACE"] = str(trace)
     procs: list[subprocess.Popen[str]] = []
 
     def start(*extra: str) -> subprocess.Popen[str]:
@@ -124,6 +155,8 @@ def main() -> None:
             "failed_accesses": sum(r["failures"] for r in results),
         }
         print(json.dumps(report, indent=2))
+        if args.trace:
+            print("\n".join(timeline(trace, results, asked, ready + 0.5)))
         new.terminate()
         new.wait(30)
     finally:

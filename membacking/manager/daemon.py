@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 import zmq
 
+from .. import trace
 from ..protocol import messages as m
 from ..protocol.codec import decode, encode
 from ..protocol.errors import ProtocolError
@@ -68,14 +69,8 @@ class Daemon(FdServer):
         self.config = config
         self.paths = RuntimePaths.resolve(config.runtime_dir)
         self.persist = Persistence(config.persist, self.paths) if config.persist.enabled else None
-        self.store = MemfdStore(self.persist.dir if self.persist is not None else None)
         self.fdstore = FdStore.attach(config.persist, str(self.paths.root))  # under systemd
-        self.state = ManagerState(
-            self.store,
-            address_space=config.address_space,
-            unmap_timeout=config.unmap_timeout,
-            limits=config.limits,
-        )
+        self.store, self.state = self._empty_state()
         self._lock = RuntimeDirLock(self.paths)
         self.instance = self._lock.instance
         self._conns: dict[int, FdConn] = {}
@@ -96,6 +91,17 @@ class Daemon(FdServer):
         #: with `takeover`: the answer of the daemon that handed over
         self.handed_over: dict[str, Any] | None = None
 
+    def _empty_state(self) -> tuple[MemfdStore, ManagerState]:
+        store = MemfdStore(self.persist.dir if self.persist is not None else None)
+        config = self.config
+        state = ManagerState(
+            store,
+            address_space=config.address_space,
+            unmap_timeout=config.unmap_timeout,
+            limits=config.limits,
+        )
+        return store, state
+
     # ---- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -114,12 +120,25 @@ class Daemon(FdServer):
                 limit,
                 wanted,
             )
+        prepared = False
         if self.config.takeover:
-            self.handed_over = handover.take_over(self)
+            try:
+                prepared, self.handed_over = handover.take_over(self)
+            except BaseException:
+                self.store.close_all()  # what was prepared
+                raise
         self._lock.acquire()
+        trace.mark("daemon.locked")
         try:
             if self.fdstore is not None:  # adopts through the state directory if there is one
                 self.fdstore.open(self.state, self.store, self.persist, self.config.persist.fresh)
+            elif self.persist is not None and prepared:
+                if not self.persist.open_prepared(self.state, self.store):
+                    self.store.close_all()
+                    self.store, self.state = self._empty_state()
+                    self.store.fd_ceiling = self._fd_ceiling
+                    self.metrics = ManagerMetrics(self.state)
+                    self.persist.adopt(self.state, self.store)
             elif self.persist is not None:
                 self.persist.open(self.state, self.store)
             self.state.state_id = (
@@ -148,7 +167,9 @@ class Daemon(FdServer):
                     backing=spec.backing,
                     path=spec.file,
                 )
+            trace.mark("daemon.adopted")
             self._save_state()
+            trace.mark("daemon.saved")
             self._ctx = zmq.Context()
             self._mapper = bind_router(
                 self._ctx, self.paths.mapper_endpoint, self.paths.mapper_socket
@@ -165,6 +186,7 @@ class Daemon(FdServer):
             self._listen.setblocking(False)
             if config_widens(self.config):
                 open_to_other_users(self.paths, self.config.allow_uids, self.config.allow_gids)
+            trace.mark("daemon.bound")
         except BaseException:
             self._close_all()
             raise
@@ -205,6 +227,7 @@ class Daemon(FdServer):
             if on_ready is not None:
                 on_ready(self)
             sdnotify.notify("READY=1")
+            trace.mark("daemon.serving")
             self._loop()
         finally:
             self._shutdown()
@@ -215,6 +238,7 @@ class Daemon(FdServer):
     def _shutdown(self) -> None:
         reason = self._stop_reason or "stopped"
         log.info("shutting down: %s", reason)
+        trace.mark("daemon.shutdown")
         sdnotify.notify("STOPPING=1")
         # the state directory's own setting (a handover turns it on), else the configured one
         keep = (
@@ -223,6 +247,11 @@ class Daemon(FdServer):
             else self.config.persist.keep and self.fdstore is not None
         )
         code = m.SHUTDOWN_RESTARTING if keep else m.SHUTDOWN_STOPPING
+        # No new connection is taken from now on: a mapper told to register again then finds
+        # no listener (and waits for the next daemon's socket), rather than a backlog that
+        # is never answered
+        with contextlib.suppress(OSError):
+            self._listen.close()
         with contextlib.suppress(Exception):
             attached = bool(self.state.mappers)
             self._apply(self.state.shutdown(reason, code))
@@ -231,6 +260,7 @@ class Daemon(FdServer):
                 conn.close()  # the end of the fd socket wakes each mapper at once
             if attached and code != m.SHUTDOWN_RESTARTING:
                 time.sleep(STOP_LINGER)
+        trace.mark("daemon.told")
         if self.fdstore is not None:
             self.fdstore.stop(keep)
         if self.persist is not None:
@@ -238,7 +268,9 @@ class Daemon(FdServer):
                 self.persist.close(self.state, self.store, clean=True)
             except Exception:
                 log.exception("could not close the state directory")
+        trace.mark("daemon.journaled")
         self._close_all()
+        trace.mark("daemon.released")
 
     def _close_all(self) -> None:
         self.metrics.close()

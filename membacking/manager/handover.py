@@ -14,6 +14,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from .. import trace
 from ..control_client import ControlClient
 from ..errors import ControlError, ManagerUnavailableError, MembackingError
 from ..protocol import messages as m
@@ -57,6 +58,7 @@ def answer(daemon: Daemon, identity: bytes, msg: m.ControlRequest) -> list[Effec
     after the daemon agreed to stop (in the same batch) is refused (`shutting-down`), not half
     done."""
     args = msg.args
+    trace.mark("handover.asked")
     try:
         if daemon._stop_reason is not None:
             raise Refused(
@@ -68,6 +70,7 @@ def answer(daemon: Daemon, identity: bytes, msg: m.ControlRequest) -> list[Effec
     except Refused as exc:
         log.warning("handover refused: %s", exc)
         return [Send(Channel.CONTROL, identity, m.Error(exc.code, str(exc)))]
+    trace.mark("handover.agreed")
     daemon.stop(f"handing over to pid {args['pid']}")
     return [Send(Channel.CONTROL, identity, m.ControlReply(result))]
 
@@ -138,15 +141,17 @@ def _agree(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
 # ---- the new daemon's side -------------------------------------------------------------------
 
 
-def precheck(daemon: Daemon) -> None:
+def precheck(daemon: Daemon) -> bool:
     """Refuse, before the running daemon is asked, a state this one could not adopt (another
     address space, an initial region that differs): the running daemon would be gone and this
-    one refuse to start. HandoverError if so."""
+    one refuse to start. HandoverError if so. Without the service manager's fd store, the
+    state is adopted here already, as it stands (`Persistence.prepare`): returns True then."""
     persist = daemon.persist
     if persist is None:
         raise HandoverError("--takeover adopts the running manager's state: not with --no-state")
+    prepare = daemon.fdstore is None
     try:
-        snapshot = persist.dir.read()
+        snapshot = persist.prepare(daemon.state, daemon.store) if prepare else persist.dir.read()
         if snapshot is None:
             raise HandoverError(
                 f"nothing to take over: no state in {persist.dir.root} (the running manager "
@@ -164,17 +169,21 @@ def precheck(daemon: Daemon) -> None:
                 f"region {spec.name!r} of the running manager differs from --region/config; "
                 "nothing was changed"
             )
+    return prepare
 
 
-def take_over(daemon: Daemon, timeout: float = 10.0) -> dict[str, Any]:
+def take_over(daemon: Daemon, timeout: float = 10.0) -> tuple[bool, dict[str, Any]]:
     """Ask the daemon serving `daemon`'s runtime directory to hand over, and wait until it has
-    released it. Returns its answer. HandoverError if it cannot (it keeps serving then)."""
+    released it. Returns whether its state was prepared (`precheck`) and its answer.
+    HandoverError if it cannot (it keeps serving then)."""
     paths = daemon.paths
     client = ControlClient(paths.root, timeout=timeout)
     if paths.manager_running() is False:
         raise HandoverError(f"nothing to take over: no membacking manager at {paths.root}")
-    precheck(daemon)
+    trace.mark("takeover.prepare")
+    prepared = precheck(daemon)
     args = {"version": HANDOVER_VERSION, "journal": FORMAT_VERSION, "pid": os.getpid()}
+    trace.mark("takeover.ask")
     deadline = time.monotonic() + BUSY_WAIT
     try:
         while True:
@@ -197,8 +206,10 @@ def take_over(daemon: Daemon, timeout: float = 10.0) -> dict[str, Any]:
                 raise HandoverError(f"nothing to take over: {exc}") from None
     finally:
         client.close()
+    trace.mark("takeover.agreed")
     _await_release(paths, result["pid"])
-    return result
+    trace.mark("takeover.released")
+    return prepared, result
 
 
 def _await_release(paths: RuntimePaths, pid: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from .. import trace
 from ..protocol import messages as m
 from ..protocol.messages import PRIVATE_MAPPABLE
 from ..protocol.ranges import PAGE_MASK, MemoryRange
@@ -59,6 +60,7 @@ def take_holdings(state: PeerState, entry: MapperEntry, msg: m.Holdings) -> list
         else:
             stale.append(rng)
     state.counters["reattached_mappings"] += (len(msg.mappings) // 5) - len(stale)
+    trace.mark(f"daemon.holdings mapper={entry.id} maps={len(msg.mappings) // 5}")
     if not stale and not stale_fds:
         return []
     log.info(

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import zmq
 
+from .. import trace
 from ..errors import (
     GuestMemoryError,
 )
@@ -201,7 +202,7 @@ class VaMapper:
         farewell = self.fds.take_farewell()
         if farewell is not None:
             self._handle(farewell)
-        elif lost is not None:
+        elif lost is not None and self.relinked.is_set():  # (a Shutdown has not decided yet)
             self._await_farewell()
         if lost is not None:
             self.manager_gone(lost)
@@ -298,6 +299,7 @@ class VaMapper:
         elif isinstance(msg, m.Shutdown):
             # the manager's own reason says more than a closed connection noticed first
             # (a second Shutdown, on the other socket, says the same again)
+            trace.mark(f"mapper.shutdown id={self.id} code={msg.code}")
             self.gone = None
             reason = describe_shutdown(msg.reason)
             if drops_mappings(msg):

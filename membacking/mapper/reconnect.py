@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import zmq
 
+from .. import trace
 from ..errors import ManagerUnavailableError
 from ..protocol import messages as m
 from .waitlist import RELINK
@@ -130,10 +131,12 @@ def _socket_identity(mapper: VaMapper) -> tuple[int, int, int] | None:
 def relink(mapper: VaMapper) -> bool:
     """Register again and restore what is held; False (and the mapper gone) if no manager
     took it within the reconnect timeout or the mapper is closing."""
+    trace.mark(f"mapper.relink old={mapper.id}")
     deadline = time.monotonic() + mapper.reconnect_timeout
     old_state = mapper.link.state_id
     old_id = mapper.id
     _await_hangup(mapper)
+    trace.mark(f"mapper.hangup old={old_id}")
     delay = BACKOFF_START
     last = "no manager answered"
     started = time.monotonic()
@@ -141,10 +144,13 @@ def relink(mapper: VaMapper) -> bool:
         try:
             tried = _socket_identity(mapper)  # before the try: one bound during it counts
             mapper.link.reconnect()
+            trace.mark(f"mapper.welcome old={old_id} new={mapper.link.mapper_id}")
             _restore(mapper, old_state, old_id)
+            trace.mark(f"mapper.restored old={old_id}")
             break
         except (ManagerUnavailableError, OSError, TimeoutError) as exc:  # not yet: try again
             last = str(exc)
+            trace.mark(f"mapper.try-failed old={old_id}")
         # Mapped memory stays in use meanwhile: this thread vouches for the mapper's lease
         # while it is alive and trying (no manager can evict a mapper that is not registered).
         mapper.lease.end_turn(time.monotonic(), renew=mapper.dropped is None)

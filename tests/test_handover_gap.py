@@ -1,0 +1,155 @@
+"""What keeps a planned handover's service gap short, each part checked on its own: the new
+daemon adopts the state before it asks (and after the old one agreed reads again only what
+changed), the old daemon takes no new connection once it stops, and a mapper told `restarting`
+registers again at once (no wait for a farewell that was said already)."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import socket
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from membacking.manager.daemon import Daemon
+from membacking.manager.persist import PersistConfig
+from membacking.manager.settings import ManagerConfig
+from membacking.mapper.core import VaMapper
+
+from conftest import short_tmpdir
+
+MiB = 1 << 20
+
+
+def test_a_mapper_told_restarting_does_not_wait_for_a_farewell() -> None:
+    """The fd socket's end read after Shutdown `restarting` (in the same turn of the mapper
+    thread) starts no wait for a farewell: the Shutdown has decided already (it held the
+    relink for FAREWELL_WAIT)."""
+    relinked = threading.Event()  # cleared: the Shutdown started the relink
+    waited: list[bool] = []
+    gone: list[str] = []
+    mapper: Any = SimpleNamespace(
+        fds=SimpleNamespace(read_waiting=lambda: "connection closed", take_farewell=lambda: None),
+        relinked=relinked,
+        _await_farewell=lambda: waited.append(True),
+        manager_gone=gone.append,
+    )
+    assert VaMapper._read_fd_socket(mapper)
+    assert waited == [] and gone == ["connection closed"]
+    relinked.set()  # a hang-up with no Shutdown before it still waits for one
+    assert VaMapper._read_fd_socket(mapper)
+    assert waited == [True]
+
+
+def test_a_stopping_daemon_refuses_new_connections_at_once(tmp_path: Path) -> None:
+    """While a daemon tells its mappers it stops, a mapper trying to register finds no
+    listener (ECONNREFUSED) instead of a backlog that nobody answers any more."""
+    runtime = short_tmpdir()
+    config = ManagerConfig(runtime_dir=runtime, persist=PersistConfig(state_dir=tmp_path / "s"))
+    daemon = Daemon(config)
+    daemon.start()
+    outcome: list[int] = []
+    told = daemon.state.shutdown
+
+    def shutdown(reason: str, code: str) -> Any:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.connect(str(daemon.paths.fd_socket))
+            outcome.append(0)
+        except OSError as exc:
+            outcome.append(exc.errno or -1)
+        finally:
+            sock.close()
+        return told(reason, code)
+
+    daemon.state.shutdown = shutdown  # type: ignore[method-assign]
+    try:
+        daemon.stop("handing over to pid 1")
+        daemon._shutdown()
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+    assert outcome == [errno.ECONNREFUSED]
+
+
+def _take_over_in_thread(runtime: Path, before_ask: Any) -> tuple[Daemon, threading.Thread]:
+    """A new daemon (`--takeover`) in this process, serving in a thread once it took over;
+    `before_ask(daemon)` runs just before it asks the running daemon (its ask is recorded)."""
+    from membacking.control_client import ControlClient
+
+    daemon = Daemon(ManagerConfig(runtime_dir=runtime, takeover=True))
+    call = ControlClient.call
+    ready = threading.Event()
+
+    def asking(self: ControlClient, op: str, **args: Any) -> Any:
+        if op == "handover":
+            before_ask(daemon)
+        return call(self, op, **args)
+
+    ControlClient.call = asking  # type: ignore[method-assign]
+    thread = threading.Thread(
+        target=daemon.run, kwargs={"on_ready": lambda _: ready.set(), "install_signals": False}
+    )
+    thread.start()
+    try:
+        for _ in range(300):
+            if ready.wait(0.1) or not thread.is_alive():
+                break
+        assert ready.is_set(), "the new daemon did not take over"
+    finally:
+        ControlClient.call = call  # type: ignore[method-assign]
+    return daemon, thread
+
+
+def test_the_new_daemon_adopts_the_state_before_it_asks(start_manager: Any) -> None:
+    """Every memory file is open and the table built before the running daemon is asked (the
+    gap is spent on what changed since only); what the old daemon counted meanwhile (and
+    journaled last) is taken, and every byte is the old daemon's."""
+    import membacking
+
+    first = start_manager("--region", "ram0=0:8M", "--region", "dev=0x10000000:1M")
+    seen: dict[str, Any] = {}
+    with membacking.attach(first.runtime_dir, reconnect_timeout=30.0) as memory:
+        memory.write_at(0x1000, b"before")
+
+        def before_ask(daemon: Daemon) -> None:
+            seen["backings"] = len(daemon.store)
+            seen["regions"] = sorted(daemon.state.regions)
+            memory.write_at(0x2000, b"meanwhile")  # a fault the old daemon counts
+            seen["faults"] = first.client().stats()["faults"]
+
+        daemon, thread = _take_over_in_thread(first.runtime_dir, before_ask)
+        try:
+            assert seen["backings"] == 2 and seen["regions"] == ["dev", "ram0"]
+            assert first.proc.wait(10) == 0
+            assert daemon.state.counters["faults"] >= seen["faults"]
+            assert memory.read_at(0x1000, 6) == b"before"
+            assert memory.read_at(0x2000, 9) == b"meanwhile"
+            assert memory.read_at(0x10000000, 2) == b"\0\0"  # a fault the new daemon serves
+        finally:
+            daemon.stop()
+            thread.join(30)
+
+
+def test_a_change_after_the_preparation_is_adopted_too(start_manager: Any) -> None:
+    """A region added to the running daemon after the new one prepared its state (and before
+    it asked) is there after the handover, with its bytes; a removed one is gone."""
+    import membacking
+
+    first = start_manager("--region", "ram0=0:8M", "--region", "dev=0x10000000:1M")
+    with membacking.attach(first.runtime_dir, reconnect_timeout=30.0) as memory:
+
+        def before_ask(daemon: Daemon) -> None:
+            client = first.client()
+            client.add_region("late", 0x20000000, MiB)
+            client.remove_region("dev")
+            memory.write_at(0x20000000, b"late bytes")
+
+        daemon, thread = _take_over_in_thread(first.runtime_dir, before_ask)
+        try:
+            assert sorted(daemon.state.regions) == ["late", "ram0"]
+            assert memory.read_at(0x20000000, 10) == b"late bytes"
+        finally:
+            daemon.stop()
+            thread.join(30)
