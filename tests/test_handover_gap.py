@@ -13,10 +13,17 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import zmq
+
+from membacking.manager.backing import MemfdStore
 from membacking.manager.daemon import Daemon
+from membacking.manager.model import Held, Send
 from membacking.manager.persist import PersistConfig
 from membacking.manager.settings import ManagerConfig
+from membacking.manager.state import ManagerState, region_info
 from membacking.mapper.core import VaMapper
+from membacking.protocol import messages as m
+from membacking.protocol.ranges import MemoryRange
 
 from conftest import short_tmpdir
 
@@ -41,6 +48,35 @@ def test_a_mapper_told_restarting_does_not_wait_for_a_farewell() -> None:
     relinked.set()  # a hang-up with no Shutdown before it still waits for one
     assert VaMapper._read_fd_socket(mapper)
     assert waited == [True]
+
+
+def test_a_restarting_shutdown_read_while_awaiting_a_farewell_ends_the_wait() -> None:
+    """The fd socket's end read first, the mapper waits for a farewell on the stream; a
+    Shutdown `restarting` read there ends that wait at once (it held the relink for the whole
+    FAREWELL_WAIT): the stream is read once, not again until the wait runs out."""
+    ctx = zmq.Context()
+    pull, push = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    pull.bind("inproc://farewell")
+    push.connect("inproc://farewell")
+    push.send(b"Shutdown")  # left unread: the stream stays readable
+    relinked = threading.Event()
+    relinked.set()
+    drained: list[bool] = []
+
+    def drain() -> None:  # handles Shutdown `restarting`: the relink starts
+        drained.append(True)
+        relinked.clear()
+
+    mapper: Any = SimpleNamespace(
+        gone=None, relinked=relinked, _stream_ready=[(pull, zmq.POLLIN)], _drain_stream=drain
+    )
+    try:
+        VaMapper._await_farewell(mapper)
+    finally:
+        pull.close(0)
+        push.close(0)
+        ctx.term()
+    assert drained == [True]
 
 
 def test_a_stopping_daemon_refuses_new_connections_at_once(tmp_path: Path) -> None:
@@ -153,3 +189,65 @@ def test_a_change_after_the_preparation_is_adopted_too(start_manager: Any) -> No
         finally:
             daemon.stop()
             thread.join(30)
+
+
+def test_holdings_are_checked_against_the_table_as_it_is_now() -> None:
+    """The index Holdings are checked with (one lookup per mapping) follows the table: after
+    a region is removed and another added in its place, a mapper still holding the old
+    mapping has it unmapped, one holding the new one keeps it."""
+    store = MemfdStore()
+    state = ManagerState(store, address_space=1 << 32)
+    state.state_id = b"s" * 16
+    state.add_region("a", 0, MiB, True)
+
+    def registered(name: str) -> Any:
+        entry = state.register_mapper(name, 1)
+        state.welcome(entry, m.SUPPORTED_FEATURES)
+        state.handle_mapper(name.encode(), m.Attach(entry.id, entry.token, m.ROLE_STREAM_FD))
+        return entry
+
+    def holdings(entry: Any, mappable_id: int) -> list[Any]:
+        identity = store.identity(mappable_id) or (0, 0)
+        state.handle_fd_message(entry.id, m.Holdings((mappable_id, *identity), ()))
+        out = state.handle_fd_message(entry.id, m.Holdings((), (0, MiB, mappable_id, 0, 1)))
+        return [e.msg for e in out or [] if isinstance(e, Send)]
+
+    old_id = state.regions["a"].submappings[0].mappable_id
+    first = registered("first")
+    assert holdings(first, old_id) == []  # the index is built: `a` as it is
+    state.remove_region("a")
+    state.add_region("c", 0, MiB, True)
+    new_id = state.regions["c"].submappings[0].mappable_id
+    second, third = registered("second"), registered("third")
+    sent = holdings(second, old_id)
+    assert [type(x) for x in sent] == [m.Unmap] and sent[0].range == MemoryRange(0, MiB)
+    assert holdings(third, new_id) == []
+    assert region_info(state, state.regions["c"])["holders"] == [third.id]
+    assert list(third.held) == [MemoryRange(0, MiB)]
+    store.close_all()
+
+
+def test_held_ranges_added_at_once_or_one_by_one_are_the_same() -> None:
+    """`Held.extend` takes ranges past its last at once, and any others (before, between,
+    overlapping what it holds) one by one: the result is what one `held[rng] = id` per range
+    gives."""
+    page = 4096
+    ranges = [MemoryRange(i * page, (i + 1) * page) for i in range(8)]
+    cases = [
+        ([], ranges[2:5]),  # empty: at once
+        (ranges[:2], ranges[2:5]),  # past the last: at once
+        (ranges[4:6], ranges[1:4]),  # before: one by one
+        (ranges[3:4], ranges[2:5]),  # around one it holds: one by one
+        ([], [ranges[3], ranges[1]]),  # not in order: one by one
+    ]
+    for before, added in cases:
+        extended, one_by_one = Held(), Held()
+        for held in (extended, one_by_one):
+            for rng in before:
+                held[rng] = 7
+        extended.extend(added, [9] * len(added))
+        for rng in added:
+            one_by_one[rng] = 9
+        assert extended.items() == one_by_one.items()
+        assert extended.bytes == one_by_one.bytes
+        assert extended.mappables() == one_by_one.mappables()

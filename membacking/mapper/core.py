@@ -21,7 +21,6 @@ from collections.abc import Callable
 
 import zmq
 
-from .. import trace
 from ..errors import (
     GuestMemoryError,
 )
@@ -210,10 +209,12 @@ class VaMapper:
 
     def _await_farewell(self) -> None:
         """The fd socket ended without a Shutdown on it: a manager that evicted this mapper
-        while its fd socket was full says so on the stream only. Wait a little for that before
-        taking the manager for dead (which keeps every mapping)."""
+        while its fd socket was full says so on the stream only. Wait a little for that (or a
+        Shutdown `restarting`) before taking the manager for dead (which keeps every mapping)."""
         deadline = _monotonic() + FAREWELL_WAIT
-        while self.gone is None and (left := deadline - _monotonic()) > 0:
+        while (
+            self.gone is None and self.relinked.is_set() and (left := deadline - _monotonic()) > 0
+        ):
             if zmq.zmq_poll(self._stream_ready, int(left * 1000) + 1):
                 self._drain_stream()
 
@@ -299,7 +300,6 @@ class VaMapper:
         elif isinstance(msg, m.Shutdown):
             # the manager's own reason says more than a closed connection noticed first
             # (a second Shutdown, on the other socket, says the same again)
-            trace.mark(f"mapper.shutdown id={self.id} code={msg.code}")
             self.gone = None
             reason = describe_shutdown(msg.reason)
             if drops_mappings(msg):
