@@ -1,13 +1,15 @@
 """The service gap of a planned handover: `python scripts/handover_gap.py [--regions N]
-[--mappers M]`.
+[--mappers M] [--trace]`.
 
 Starts a manager with N regions (64 KiB each) and M mapper processes that map every region,
 then ask the manager without pause (a read of a hole is answered by the manager each time)
 while one reads its mapped memory. `manager run --takeover` then replaces the manager. Each
-mapper records when every answer came back; the gap is the longest pause between two answers
-during the handover (last served by the old daemon to first served by the new), beside the
-longest pause in a same-length window before it (the baseline of this run). Any failed access
-to mapped memory is counted.
+mapper records when every answer came back; its gap is the pause between two answers that
+spans the moment the old daemon stopped serving (it agreed to hand over: last answer of the
+old daemon to first of the new), beside the longest pause in a same-length window before it
+(the baseline of this run) and the longest pause anywhere in the handover's window. Every
+process marks its phases (membacking.trace); their times from the old daemon's agreement are
+reported, every mark with --trace. Any failed access to mapped memory is counted.
 """
 
 from __future__ import annotations
@@ -62,20 +64,52 @@ def longest(pauses: list[list[float]], start: float, end: float) -> float:
     return max((p for p, at in pauses if at < end and at + p > start), default=0.0)
 
 
-def timeline(trace: Path, results: list[dict[str, Any]], start: float, end: float) -> list[str]:
-    """The phase marks of every process (membacking.trace) in time order, in ms from the old
-    daemon's agreement, with each mapper's gap (its longest pause in [start, end)) beside them."""
+def spanning(pauses: list[list[float]], moment: float) -> float:
+    """The pause that spans `moment` (0 if none does)."""
+    return max((p for p, at in pauses if at <= moment < at + p), default=0.0)
+
+
+def read_marks(trace: Path) -> list[tuple[float, int, str]]:
     marks = []
     for line in trace.read_text().splitlines():
         at, pid, phase = line.split(" ", 2)
         marks.append((float(at), int(pid), phase))
+    return sorted(marks)
+
+
+def phases(marks: list[tuple[float, int, str]], old_pid: int, t0: float) -> dict[str, Any]:
+    """When each part of the handover ended, in ms from the old daemon's agreement."""
+
+    def at(phase: str, pid: int | None = None) -> list[float]:
+        return [
+            round((t - t0) * 1e3, 1)
+            for t, p, name in marks
+            if name.startswith(phase) and (pid is None or p == pid)
+        ]
+
+    new = [p for _, p, name in marks if name == "takeover.ask"]
+    new_pid = new[-1] if new else -1
+    prepared, asked = at("takeover.prepare", new_pid), at("takeover.ask", new_pid)
+    restored = at("mapper.restored")
+    return {
+        "new_daemon_prepared_ms_before": round(asked[0] - prepared[0], 1) if prepared else None,
+        "old_daemon_released": (at("daemon.released", old_pid) or [None])[0],
+        "new_daemon_adopted": (at("daemon.adopted", new_pid) or [None])[0],
+        "new_daemon_serving": (at("daemon.serving", new_pid) or [None])[0],
+        "mappers_registered_first_last": [min(restored), max(restored)] if restored else None,
+        "holdings_checked_last": max(at("daemon.holdings", new_pid), default=None),
+    }
+
+
+def timeline(trace: Path, results: list[dict[str, Any]], t0: float) -> list[str]:
+    """Every phase mark (membacking.trace) in time order, in ms from the old daemon's
+    agreement (`t0`), with each mapper's gap (the pause spanning `t0`) beside them."""
+    marks = read_marks(trace)
     for i, result in enumerate(results):
-        overlapping = [(p, at) for p, at in result["pauses"] if at < end and at + p > start]
-        if overlapping:
-            pause, at = max(overlapping)
-            marks.append((at, result["pid"], f"gap.last-old-answer mapper#{i}"))
-            marks.append((at + pause, result["pid"], f"gap.first-new-answer mapper#{i}"))
-    t0 = next((at for at, _, phase in marks if phase == "handover.agreed"), start)
+        for pause, at in result["pauses"]:
+            if at <= t0 < at + pause:
+                marks.append((at, result["pid"], f"gap.last-old-answer mapper#{i}"))
+                marks.append((at + pause, result["pid"], f"gap.first-new-answer mapper#{i}"))
     marks.sort()
     return [f"{(at - t0) * 1e3:9.1f} ms  pid {pid:<7d} {phase}" for at, pid, phase in marks]
 
@@ -84,11 +118,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--regions", type=int, default=1000)
     parser.add_argument("--mappers", type=int, default=4)
-    parser.add_argument(
-        "--trace",
-        action="store_true",
-        help="print every process's phase marks (MEMBACKING_TRACE) in time order",
-    )
+    parser.add_argument("--trace", action="store_true", help="print every phase mark in time order")
     parser.add_argument("--mapper", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.mapper:
@@ -100,8 +130,7 @@ def main() -> None:
     cli = [sys.executable, "-m", "membacking", "manager", "run", "--runtime-dir", str(runtime)]
     env = dict(os.environ, MEMBACKING_RUNTIME_DIR=str(runtime))
     trace = runtime / "trace"
-    if args.trace:
-        env["MEMBACKING_TRACE"] = str(trace)
+    env["MEMBACKING_TRACE"] = str(trace)
     procs: list[subprocess.Popen[str]] = []
 
     def start(*extra: str) -> subprocess.Popen[str]:
@@ -141,7 +170,11 @@ def main() -> None:
         time.sleep(1.0)
         results = [json.loads(m.communicate("", timeout=60)[0]) for m in mappers]
         window = ready - asked
-        gaps = [longest(r["pauses"], asked, ready + 0.5) for r in results]
+        marks = read_marks(trace)
+        agreed = [t for t, pid, name in marks if name == "handover.agreed" and pid == old.pid]
+        t0 = agreed[0] if agreed else asked
+        gaps = [spanning(r["pauses"], t0) for r in results]
+        anywhere = [longest(r["pauses"], asked, ready + 0.5) for r in results]
         base = [longest(r["pauses"], asked - 0.2 - window, asked - 0.2) for r in results]
         report = {
             "regions": args.regions,
@@ -150,13 +183,15 @@ def main() -> None:
             "takeover_start_to_ready_ms": round(window * 1e3, 1),
             "gap_ms_max": round(max(gaps) * 1e3, 1),
             "gap_ms_per_mapper": [round(g * 1e3, 1) for g in gaps],
+            "longest_pause_in_window_ms": round(max(anywhere) * 1e3, 1),
             "baseline_pause_ms_max": round(max(base) * 1e3, 1),
             "ratio_gap_to_baseline": round(max(gaps) / max(max(base), 1e-6), 1),
             "failed_accesses": sum(r["failures"] for r in results),
+            "phases_ms_after_agreement": phases(marks, old.pid, t0),
         }
         print(json.dumps(report, indent=2))
         if args.trace:
-            print("\n".join(timeline(trace, results, asked, ready + 0.5)))
+            print("\n".join(timeline(trace, results, t0)))
         new.terminate()
         new.wait(30)
     finally:
