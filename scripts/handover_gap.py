@@ -5,11 +5,12 @@ Starts a manager with N regions (64 KiB each) and M mapper processes that map ev
 then ask the manager without pause (a read of a hole is answered by the manager each time)
 while one reads its mapped memory. `manager run --takeover` then replaces the manager. Each
 mapper records when every answer came back; its gap is the pause between two answers that
-spans the moment the old daemon stopped serving (it agreed to hand over: last answer of the
-old daemon to first of the new), beside the longest pause in a same-length window before it
-(the baseline of this run) and the longest pause anywhere in the handover's window. Every
-process marks its phases (membacking.trace); their times from the old daemon's agreement are
-reported, every mark with --trace. Any failed access to mapped memory is counted.
+spans the moment the old daemon stopped serving (its loop ended, right after it agreed to hand
+over: last answer of the old daemon to first of the new), beside the longest pause in a
+same-length window before it (the baseline of this run) and the longest pause anywhere in the
+handover's window. Every process marks its phases (membacking.trace); their times from the
+old daemon's agreement are reported, every mark with --trace. Any failed access to mapped
+memory is counted.
 """
 
 from __future__ import annotations
@@ -101,13 +102,13 @@ def phases(marks: list[tuple[float, int, str]], old_pid: int, t0: float) -> dict
     }
 
 
-def timeline(trace: Path, results: list[dict[str, Any]], t0: float) -> list[str]:
+def timeline(trace: Path, results: list[dict[str, Any]], t0: float, stopped: float) -> list[str]:
     """Every phase mark (membacking.trace) in time order, in ms from the old daemon's
-    agreement (`t0`), with each mapper's gap (the pause spanning `t0`) beside them."""
+    agreement (`t0`), with each mapper's gap (the pause spanning `stopped`) beside them."""
     marks = read_marks(trace)
     for i, result in enumerate(results):
         for pause, at in result["pauses"]:
-            if at <= t0 < at + pause:
+            if at <= stopped < at + pause:
                 marks.append((at, result["pid"], f"gap.last-old-answer mapper#{i}"))
                 marks.append((at + pause, result["pid"], f"gap.first-new-answer mapper#{i}"))
     marks.sort()
@@ -173,7 +174,9 @@ def main() -> None:
         marks = read_marks(trace)
         agreed = [t for t, pid, name in marks if name == "handover.agreed" and pid == old.pid]
         t0 = agreed[0] if agreed else asked
-        gaps = [spanning(r["pauses"], t0) for r in results]
+        # the old daemon answers what it read with the handover until its loop ends
+        stopped = [t for t, pid, name in marks if name == "daemon.shutdown" and pid == old.pid]
+        gaps = [spanning(r["pauses"], stopped[0] if stopped else t0) for r in results]
         anywhere = [longest(r["pauses"], asked, ready + 0.5) for r in results]
         base = [longest(r["pauses"], asked - 0.2 - window, asked - 0.2) for r in results]
         report = {
@@ -191,7 +194,7 @@ def main() -> None:
         }
         print(json.dumps(report, indent=2))
         if args.trace:
-            print("\n".join(timeline(trace, results, t0)))
+            print("\n".join(timeline(trace, results, t0, stopped[0] if stopped else t0)))
         new.terminate()
         new.wait(30)
     finally:

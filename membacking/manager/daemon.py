@@ -11,7 +11,6 @@ import contextlib
 import functools
 import logging
 import os
-import secrets
 import signal
 import socket
 import time
@@ -28,7 +27,7 @@ from ..protocol.codec import decode, encode
 from ..protocol.errors import ProtocolError
 from ..protocol.messages import Channel
 from ..runtime import RuntimePaths
-from . import handover, sdnotify
+from . import handover, sdnotify, startup
 from .backing import MemfdStore
 from .control import STOPPING_OPS, addressed_elsewhere
 from .errors import Refused
@@ -36,7 +35,7 @@ from .fdconn import FdConn
 from .fdserver import MAX_STRIKES, FdServer
 from .fdstore import FdStore
 from .metrics import ManagerMetrics
-from .persist import READ_ONLY_OPS, Persistence, adopted_region
+from .persist import READ_ONLY_OPS, Persistence
 from .routers import bind_router, open_to_other_users
 from .rundir import RuntimeDirError, RuntimeDirLock, raise_fd_limit
 from .settings import ManagerConfig, config_widens
@@ -90,6 +89,8 @@ class Daemon(FdServer):
         self.metrics_port: int | None = None
         #: with `takeover`: the answer of the daemon that handed over
         self.handed_over: dict[str, Any] | None = None
+        #: once this daemon agreed to hand over: (send on the handover channel, with the state)
+        self.handing_over: tuple[bool, bool] | None = None
 
     def _empty_state(self) -> tuple[MemfdStore, ManagerState]:
         store = MemfdStore(self.persist.dir if self.persist is not None else None)
@@ -120,53 +121,15 @@ class Daemon(FdServer):
                 limit,
                 wanted,
             )
-        prepared = False
-        if self.config.takeover:
-            try:
-                prepared, self.handed_over = handover.take_over(self)
-            except BaseException:
-                self.store.close_all()  # what was prepared
-                raise
-        self._lock.acquire()
+        taken = startup.take_over(self)
+        try:
+            self._lock.acquire()
+        except BaseException:
+            startup.drop(self, taken)
+            raise
         trace.mark("daemon.locked")
         try:
-            if self.fdstore is not None:  # adopts through the state directory if there is one
-                self.fdstore.open(self.state, self.store, self.persist, self.config.persist.fresh)
-            elif self.persist is not None and prepared:
-                if not self.persist.open_prepared(self.state, self.store):
-                    self.store.close_all()
-                    self.store, self.state = self._empty_state()
-                    self.store.fd_ceiling = self._fd_ceiling
-                    self.metrics = ManagerMetrics(self.state)
-                    self.persist.adopt(self.state, self.store)
-            elif self.persist is not None:
-                self.persist.open(self.state, self.store)
-            self.state.state_id = (
-                self.persist.state_id
-                if self.persist is not None
-                else self.fdstore.state_id
-                if self.fdstore is not None
-                else secrets.token_bytes(16)
-            )
-            adopted_from = (
-                f"the state in {self.persist.dir.root}"
-                if self.persist is not None
-                else "the state in the service manager's fd store"
-            )
-            for spec in self.config.regions:
-                want = (spec.gpa, spec.size, spec.readonly, spec.backing, spec.file)
-                if adopted_region(self.state, spec.name, want, adopted_from):
-                    continue
-                self.state.add_region(
-                    spec.name,
-                    spec.gpa,
-                    spec.size,
-                    not spec.readonly,
-                    priority=spec.priority,
-                    enabled=not spec.disabled,
-                    backing=spec.backing,
-                    path=spec.file,
-                )
+            startup.adopt(self, taken)
             trace.mark("daemon.adopted")
             self._save_state()
             trace.mark("daemon.saved")
@@ -188,6 +151,7 @@ class Daemon(FdServer):
                 open_to_other_users(self.paths, self.config.allow_uids, self.config.allow_gids)
             trace.mark("daemon.bound")
         except BaseException:
+            startup.drop(self, taken)
             self._close_all()
             raise
 
@@ -241,7 +205,7 @@ class Daemon(FdServer):
         trace.mark("daemon.shutdown")
         sdnotify.notify("STOPPING=1")
         # the state directory's own setting (a handover turns it on), else the configured one
-        keep = (
+        keep = self.handing_over is not None or (
             self.persist.config.keep
             if self.persist is not None
             else self.config.persist.keep and self.fdstore is not None
@@ -269,6 +233,8 @@ class Daemon(FdServer):
             except Exception:
                 log.exception("could not close the state directory")
         trace.mark("daemon.journaled")
+        if self.handing_over is not None and self.handing_over[0]:
+            handover.send_over(self)
         self._close_all()
         trace.mark("daemon.released")
 

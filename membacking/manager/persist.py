@@ -91,11 +91,18 @@ class Persistence:
             return None
         snapshot = decode(data)
         check_fits(snapshot, str(self.paths.root), state.address_space)
+        if any(b.kind in ("memfd", "hugetlb") for b in snapshot.backings):
+            return snapshot  # its fds come from the old daemon once it stopped: not prepared
         warnings = restore(snapshot, state, store)
         _, tail = decode_head(data)
         self._prepared = (snapshot, tail, warnings)
         self._encoder.encode(state, store, snapshot.state_id, str(self.paths.root))
         return snapshot
+
+    @property
+    def prepared(self) -> bool:
+        """Whether `prepare` adopted a state that `open_prepared` can take."""
+        return self._prepared is not None
 
     def open_prepared(self, state: ManagerState, store: MemfdStore) -> bool:
         """`open` for a `state`/`store` that `prepare` filled: claim the directory and, if the
