@@ -4,9 +4,9 @@
 Starts a manager with N regions (64 KiB each) and M mapper processes that map every region,
 then ask the manager without pause (a read of a hole is answered by the manager each time)
 while one reads its mapped memory. `manager run --takeover` then replaces the manager. Each
-mapper records when every answer came back; its gap is the pause between two answers that
-spans the moment the old daemon stopped serving (its loop ended, right after it agreed to hand
-over: last answer of the old daemon to first of the new), beside the longest pause in a
+mapper records when every answer came back; its gap is the pause before its first answer
+after the new daemon started serving (no answer before that is the new daemon's: last answer
+of the old daemon to first of the new), beside the longest pause in a
 same-length window before it (the baseline of this run) and the longest pause anywhere in the
 handover's window. Every process marks its phases (membacking.trace); their times from the
 old daemon's agreement are reported, every mark with --trace. Any failed access to mapped
@@ -65,9 +65,11 @@ def longest(pauses: list[list[float]], start: float, end: float) -> float:
     return max((p for p, at in pauses if at < end and at + p > start), default=0.0)
 
 
-def spanning(pauses: list[list[float]], moment: float) -> float:
-    """The pause that spans `moment` (0 if none does)."""
-    return max((p for p, at in pauses if at <= moment < at + p), default=0.0)
+def ending_first_after(pauses: list[list[float]], moment: float) -> list[float]:
+    """The pause that ends with the first answer at or after `moment` ([0, moment] if none
+    does): with `moment` the new daemon's start of service, from the last answer of the old
+    daemon to the first of the new."""
+    return next(([p, at] for p, at in pauses if at + p >= moment), [0.0, moment])
 
 
 def read_marks(trace: Path) -> list[tuple[float, int, str]]:
@@ -102,15 +104,14 @@ def phases(marks: list[tuple[float, int, str]], old_pid: int, t0: float) -> dict
     }
 
 
-def timeline(trace: Path, results: list[dict[str, Any]], t0: float, stopped: float) -> list[str]:
+def timeline(trace: Path, results: list[dict[str, Any]], t0: float, served: float) -> list[str]:
     """Every phase mark (membacking.trace) in time order, in ms from the old daemon's
-    agreement (`t0`), with each mapper's gap (the pause spanning `stopped`) beside them."""
+    agreement (`t0`), with each mapper's gap (up to its first answer after `served`)."""
     marks = read_marks(trace)
     for i, result in enumerate(results):
-        for pause, at in result["pauses"]:
-            if at <= stopped < at + pause:
-                marks.append((at, result["pid"], f"gap.last-old-answer mapper#{i}"))
-                marks.append((at + pause, result["pid"], f"gap.first-new-answer mapper#{i}"))
+        pause, at = ending_first_after(result["pauses"], served)
+        marks.append((at, result["pid"], f"gap.last-old-answer mapper#{i}"))
+        marks.append((at + pause, result["pid"], f"gap.first-new-answer mapper#{i}"))
     marks.sort()
     return [f"{(at - t0) * 1e3:9.1f} ms  pid {pid:<7d} {phase}" for at, pid, phase in marks]
 
@@ -174,9 +175,10 @@ def main() -> None:
         marks = read_marks(trace)
         agreed = [t for t, pid, name in marks if name == "handover.agreed" and pid == old.pid]
         t0 = agreed[0] if agreed else asked
-        # the old daemon answers what it read with the handover until its loop ends
-        stopped = [t for t, pid, name in marks if name == "daemon.shutdown" and pid == old.pid]
-        gaps = [spanning(r["pauses"], stopped[0] if stopped else t0) for r in results]
+        # no answer before the new daemon serves is its own: the first one after is
+        serving = [t for t, pid, name in marks if name == "daemon.serving" and pid == new.pid]
+        served = serving[0] if serving else t0
+        gaps = [ending_first_after(r["pauses"], served)[0] for r in results]
         anywhere = [longest(r["pauses"], asked, ready + 0.5) for r in results]
         base = [longest(r["pauses"], asked - 0.2 - window, asked - 0.2) for r in results]
         report = {
@@ -194,7 +196,7 @@ def main() -> None:
         }
         print(json.dumps(report, indent=2))
         if args.trace:
-            print("\n".join(timeline(trace, results, t0, stopped[0] if stopped else t0)))
+            print("\n".join(timeline(trace, results, t0, served)))
         new.terminate()
         new.wait(30)
     finally:
