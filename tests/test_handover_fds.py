@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 
@@ -88,3 +90,61 @@ def test_a_daemon_of_handover_version_1_is_taken_over_as_one(start_manager: Star
         if older.poll() is None:
             older.kill()
             older.wait(10)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_the_handover_channel_refuses_bad_input_without_leaking_fds() -> None:
+    """What comes on handover.sock is checked: a malformed message, fds that do not match
+    their ids, or an end whose count is wrong make the receiver fail with a clear error and
+    close every fd it got; a whole exchange in several batches arrives complete."""
+    import socket as socketlib
+
+    import msgpack
+
+    from membacking.manager import handchannel
+    from membacking.protocol.fdpass import send_raw
+    from membacking.runtime import RuntimePaths
+
+    runtime = short_tmpdir()
+    paths = RuntimePaths.resolve(runtime)
+    bad = [
+        [(b"not msgpack \xc1", [])],
+        [(msgpack.packb(["fds", [1, 2]]), [0])],  # two ids, one fd
+        [(msgpack.packb(["fds", [1]]), [0]), (msgpack.packb(["end", 2]), [])],
+        [(msgpack.packb(["state", b"x"]), [0])],  # state with an fd
+    ]
+    try:
+        for messages in bad:
+            before = _open_fds()
+            receiver = handchannel.Receiver(paths)
+            with socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_SEQPACKET) as sender:
+                sender.connect(str(handchannel.channel_path(paths)))
+                for data, fds in messages:
+                    copies = [os.dup(2) for _ in fds]
+                    send_raw(sender, data, copies)
+                    for fd in copies:  # the sender's own: in flight, the receiver has its own
+                        os.close(fd)
+                try:
+                    receiver.receive(5.0)
+                    raise AssertionError(f"{messages!r} was taken")
+                except handchannel.ChannelError as exc:
+                    assert "malformed" in str(exc)
+            receiver.close()
+            assert _open_fds() == before  # every fd it got was closed
+        receiver = handchannel.Receiver(paths)
+        fds = {i: os.memfd_create(f"m{i}") for i in range(600)}  # three batches
+        sent = threading.Thread(target=handchannel.send, args=(paths, b"s" * 100_000, fds, 5.0))
+        sent.start()
+        state, got = receiver.receive(5.0)
+        sent.join()
+        receiver.close()
+        assert state == b"s" * 100_000 and sorted(got) == sorted(fds)
+        for i, fd in got.items():
+            assert os.fstat(fd).st_ino == os.fstat(fds[i]).st_ino
+            os.close(fd)
+            os.close(fds[i])
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
