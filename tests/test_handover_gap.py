@@ -6,6 +6,7 @@ registers again at once (no wait for a farewell that was said already)."""
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import socket
 import threading
@@ -251,3 +252,20 @@ def test_held_ranges_added_at_once_or_one_by_one_are_the_same() -> None:
         assert extended.items() == one_by_one.items()
         assert extended.bytes == one_by_one.bytes
         assert extended.mappables() == one_by_one.mappables()
+
+
+def test_a_mapper_knows_the_identity_of_its_fds_without_an_fstat_at_relink() -> None:
+    """What Holdings reports of each fd (st_dev, st_ino) is taken when the fd arrives and
+    forgotten when it is released: registering again costs no fstat per fd."""
+    from membacking.mapper.fds import MapperFds
+
+    fds = MapperFds(SimpleNamespace(), 1)  # type: ignore[arg-type]
+    one, two = os.memfd_create("one"), os.memfd_create("two")
+    fds._take(m.FdGrant(5, 4096, True), [one])
+    fds._take(m.FdGrant(6, 4096, True), [two])
+    info = {5: os.fstat(one), 6: os.fstat(two)}
+    assert fds.identities() == [x for i in (5, 6) for x in (i, info[i].st_dev, info[i].st_ino)]
+    fds.close((5,))
+    assert fds.identities() == [6, info[6].st_dev, info[6].st_ino]
+    fds.close_all()
+    assert fds.identities() == []

@@ -207,21 +207,24 @@ def _restore(mapper: VaMapper, old_state: bytes | None, old_id: int) -> None:
 
 
 def _send_holdings(mapper: VaMapper) -> None:
-    fds: list[int] = []
-    for mappable_id, fd in mapper.fds.held():
-        try:
-            info = os.fstat(fd)
-        except OSError:
-            continue
-        fds += [mappable_id, info.st_dev, info.st_ino]
-    mappings: list[int] = []
+    # the identity of each fd was taken when it arrived: no fstat per fd here
+    fds = mapper.fds.identities()
     with mapper.lock:
-        for rng, chunk in mapper.chunks.items():
-            mappings += [rng.start, rng.len, chunk.mappable_id, chunk.file_offset, chunk.writable]
+        mappings = [
+            x
+            for rng, chunk in mapper.chunks.items()
+            for x in (
+                rng.start,
+                rng.end - rng.start,
+                chunk.mappable_id,
+                chunk.file_offset,
+                int(chunk.writable),
+            )
+        ]
     fd_step = FDS_PER_MESSAGE * m.HOLDING_FD_LEN
     map_step = MAPPINGS_PER_MESSAGE * m.HOLDING_MAPPING_LEN
     # the fds first: the manager checks each mapping against the fds it was told of
     for i in range(0, len(fds), fd_step):
         mapper.link.send(m.Holdings(tuple(fds[i : i + fd_step]), ()))
     for i in range(0, max(len(mappings), 1), map_step):
-        mapper.link.send(m.Holdings((), tuple(int(x) for x in mappings[i : i + map_step])))
+        mapper.link.send(m.Holdings((), tuple(mappings[i : i + map_step])))
