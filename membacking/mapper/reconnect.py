@@ -166,6 +166,7 @@ def relink(mapper: VaMapper) -> bool:
             time.sleep(min(rest, SOCKET_WATCH))
             mapper.lease.end_turn(time.monotonic(), renew=mapper.dropped is None)
             if _socket_identity(mapper) not in (tried, None):
+                trace.mark(f"mapper.socket-seen old={old_id}")
                 break  # a manager has just bound a new fd socket: try it now
         delay = min(delay * 2, BACKOFF_MAX)
     else:
