@@ -1,37 +1,171 @@
-"""The service gaps of a handover and of a crash and restart, alone: `python
-scripts/handover_gap.py [--regions N] [--mappers M]` prints what `membacking.bench.gaps.measure`
-measured as JSON (milliseconds). `membacking bench` shows the same beside its other rows.
+"""The service gap of a planned handover: `python scripts/handover_gap.py [--regions N]
+[--mappers M] [--trace]`.
 
 Starts a manager with N regions (64 KiB each) and M mapper processes that map every region,
 then ask the manager without pause (a read of a hole is answered by the manager each time)
-while they read mapped memory. `manager run --takeover` then replaces the manager: the gap is
-the longest pause between two answers during the handover (last served by the old daemon to
-first served by the new), beside the longest pause in a same-length window before it. Then the
-new daemon is SIGKILLed and a plain one started: the time from its start to every mapper's first
-answer after the kill, beside a new mapper's attach and first answer. Failed accesses are
-counted.
+while one reads its mapped memory. `manager run --takeover` then replaces the manager. Each
+mapper records when every answer came back; its gap is the pause before its first answer
+after the new daemon started serving (no answer before that is the new daemon's: last answer
+of the old daemon to first of the new), beside the longest pause in a
+same-length window before it (the baseline of this run) and the longest pause anywhere in the
+handover's window. Every process marks its phases (membacking.trace); their times from the
+old daemon's agreement are reported, every mark with --trace. Any failed access to mapped
+memory is counted.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
 
-from membacking.bench.gaps import measure
+from membacking.bench.gaps import BASE, REGION, longest
+
+
+def ending_first_after(pauses: list[list[float]], moment: float) -> list[float]:
+    """The pause that ends with the first answer at or after `moment` ([0, moment] if none
+    does): with `moment` the new daemon's start of service, from the last answer of the old
+    daemon to the first of the new."""
+    return next(([p, at] for p, at in pauses if at + p >= moment), [0.0, moment])
+
+
+def read_marks(trace: Path) -> list[tuple[float, int, str]]:
+    marks = []
+    for line in trace.read_text().splitlines():
+        at, pid, phase = line.split(" ", 2)
+        marks.append((float(at), int(pid), phase))
+    return sorted(marks)
+
+
+def phases(marks: list[tuple[float, int, str]], old_pid: int, t0: float) -> dict[str, Any]:
+    """When each part of the handover ended, in ms from the old daemon's agreement."""
+
+    def at(phase: str, pid: int | None = None) -> list[float]:
+        return [
+            round((t - t0) * 1e3, 1)
+            for t, p, name in marks
+            if name.startswith(phase) and (pid is None or p == pid)
+        ]
+
+    new = [p for _, p, name in marks if name == "takeover.ask"]
+    new_pid = new[-1] if new else -1
+    prepared, asked = at("takeover.prepare", new_pid), at("takeover.ask", new_pid)
+    restored = at("mapper.restored")
+    return {
+        "new_daemon_prepared_ms_before": round(asked[0] - prepared[0], 1) if prepared else None,
+        "old_daemon_released": (at("daemon.released", old_pid) or [None])[0],
+        "new_daemon_adopted": (at("daemon.adopted", new_pid) or [None])[0],
+        "new_daemon_serving": (at("daemon.serving", new_pid) or [None])[0],
+        "mappers_registered_first_last": [min(restored), max(restored)] if restored else None,
+        "holdings_checked_last": max(at("daemon.holdings", new_pid), default=None),
+    }
+
+
+def timeline(trace: Path, results: list[dict[str, Any]], t0: float, served: float) -> list[str]:
+    """Every phase mark (membacking.trace) in time order, in ms from the old daemon's
+    agreement (`t0`), with each mapper's gap (up to its first answer after `served`)."""
+    marks = read_marks(trace)
+    for i, result in enumerate(results):
+        pause, at = ending_first_after(result["pauses"], served)
+        marks.append((at, result["pid"], f"gap.last-old-answer mapper#{i}"))
+        marks.append((at + pause, result["pid"], f"gap.first-new-answer mapper#{i}"))
+    marks.sort()
+    return [f"{(at - t0) * 1e3:9.1f} ms  pid {pid:<7d} {phase}" for at, pid, phase in marks]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--regions", type=int, default=1000)
-    parser.add_argument("--mappers", type=int, default=16)
+    parser.add_argument("--mappers", type=int, default=4)
+    parser.add_argument("--trace", action="store_true", help="print every phase mark in time order")
     args = parser.parse_args()
-    gaps = measure(args.regions, args.mappers)
-    report = {
-        k: round(v * 1e3, 1) if isinstance(v, float) else v
-        for k, v in dataclasses.asdict(gaps).items()
-    }
-    print(json.dumps(report, indent=2))
+    import membacking
+
+    runtime = Path(tempfile.mkdtemp(prefix="mbgap-", dir="/tmp"))
+    cli = [sys.executable, "-m", "membacking", "manager", "run", "--runtime-dir", str(runtime)]
+    env = dict(os.environ, MEMBACKING_RUNTIME_DIR=str(runtime))
+    trace = runtime / "trace"
+    env["MEMBACKING_TRACE"] = str(trace)
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(*extra: str) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [*cli, *extra], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
+        )
+        procs.append(proc)
+        assert proc.stdout is not None and "ready" in proc.stdout.readline()
+        return proc
+
+    try:
+        old = start()
+        client = membacking.ControlClient(runtime)
+        for i in range(args.regions):
+            client.add_region(f"r{i}", BASE + i * REGION, REGION)
+        client.close()
+        mappers = []
+        for _ in range(args.mappers):
+            mapper = subprocess.Popen(
+                [sys.executable, "-m", "membacking.bench.gaps", str(runtime), str(args.regions)],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            procs.append(mapper)
+            mappers.append(mapper)
+        for mapper in mappers:
+            assert mapper.stdout is not None
+            select.select([mapper.stdout], [], [], 120)
+            assert mapper.stdout.readline().strip() == "ready"
+        time.sleep(1.0)
+        asked = time.monotonic()
+        new = start("--takeover")
+        ready = time.monotonic()
+        old_status = old.wait(30)
+        time.sleep(1.0)
+        results = [json.loads(m.communicate("", timeout=60)[0]) for m in mappers]
+        window = ready - asked
+        marks = read_marks(trace)
+        agreed = [t for t, pid, name in marks if name == "handover.agreed" and pid == old.pid]
+        t0 = agreed[0] if agreed else asked
+        # no answer before the new daemon serves is its own: the first one after is
+        serving = [t for t, pid, name in marks if name == "daemon.serving" and pid == new.pid]
+        served = serving[0] if serving else t0
+        gaps = [ending_first_after(r["pauses"], served)[0] for r in results]
+        anywhere = [longest(r["pauses"], asked, ready + 0.5) for r in results]
+        base = [longest(r["pauses"], asked - 0.2 - window, asked - 0.2) for r in results]
+        report = {
+            "regions": args.regions,
+            "mappers": args.mappers,
+            "old_exit_status": old_status,
+            "takeover_start_to_ready_ms": round(window * 1e3, 1),
+            "gap_ms_max": round(max(gaps) * 1e3, 1),
+            "gap_ms_per_mapper": [round(g * 1e3, 1) for g in gaps],
+            "longest_pause_in_window_ms": round(max(anywhere) * 1e3, 1),
+            "baseline_pause_ms_max": round(max(base) * 1e3, 1),
+            "ratio_gap_to_baseline": round(max(gaps) / max(max(base), 1e-6), 1),
+            "failed_accesses": sum(r["failures"] for r in results),
+            "phases_ms_after_agreement": phases(marks, old.pid, t0),
+        }
+        print(json.dumps(report, indent=2))
+        if args.trace:
+            print("\n".join(timeline(trace, results, t0, served)))
+        new.terminate()
+        new.wait(30)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        shutil.rmtree(runtime, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,8 @@ def mapper_main(runtime_dir: str, regions: int) -> None:
             except membacking.MembackingError:
                 failures += 1
     pauses = [(b - a, a) for a, b in itertools.pairwise(answers)]
-    print(json.dumps({"answers": len(answers), "failures": failures, "pauses": pauses}))
+    report = {"pid": os.getpid(), "answers": len(answers), "failures": failures}
+    print(json.dumps({**report, "pauses": pauses}))
 
 
 def longest(pauses: list[list[float]], start: float, end: float) -> float:

@@ -187,8 +187,8 @@ def manager() -> None:
     "--takeover",
     is_flag=True,
     help="Take over from the manager running on this runtime directory: it journals its "
-    "state and exits 0, this one adopts the state; mappers stay attached (see "
-    "docs/OPERATIONS.md).",
+    "state and exits 0, this one adopts the state (with --no-state: the state and memory it "
+    "sends); mappers stay attached (see docs/OPERATIONS.md).",
 )
 @config_param("TOML file with any of these settings; options given here override it.")
 @click.pass_context
@@ -243,9 +243,9 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
         ),
         takeover=options["takeover"],
     )
-    if options["takeover"] and (options["no_state"] or options["fresh"]):
+    if options["takeover"] and options["fresh"]:
         raise click.UsageError(
-            "--takeover adopts the running manager's state: it cannot go with --no-state or --fresh"
+            "--takeover adopts the running manager's state: it cannot go with --fresh"
         )
     if options["no_state"] and options["state_dir"] is not None:
         raise click.UsageError("--no-state cannot go with --state-dir")

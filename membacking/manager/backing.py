@@ -335,6 +335,10 @@ class MemfdStore:
     def grant_fd(self, mappable_id: int) -> int:
         return self._backings[mappable_id].grant_fd
 
+    def volatile_fds(self) -> dict[int, int]:
+        """The descriptors of memory that lives in no file (memfd, hugetlb), by mappable id."""
+        return {i: b.fd for i, b in self._backings.items() if b.kind in ("memfd", "hugetlb")}
+
     def close_all(self) -> None:
         """Close every descriptor (the manager is exiting; a state directory keeps the files)."""
         for backing in self._backings.values():

@@ -11,7 +11,6 @@ import contextlib
 import functools
 import logging
 import os
-import secrets
 import signal
 import socket
 import time
@@ -22,25 +21,27 @@ from typing import Any
 import psutil
 import zmq
 
+from .. import trace
 from ..protocol import messages as m
 from ..protocol.codec import decode, encode
 from ..protocol.errors import ProtocolError
 from ..protocol.messages import Channel
 from ..runtime import RuntimePaths
-from . import handover, sdnotify
+from . import handover, sdnotify, startup
 from .backing import MemfdStore
 from .control import STOPPING_OPS, addressed_elsewhere
 from .errors import Refused
 from .fdconn import FdConn, kill_evicted
-from .fdserver import MAX_STRIKES, FdServer
+from .fdserver import FdServer
 from .fdstore import FdStore
 from .heap import Heap
 from .metrics import ManagerMetrics
-from .persist import READ_ONLY_OPS, Persistence, adopted_region, describe
+from .persist import READ_ONLY_OPS, Persistence
 from .routers import bind_router, open_to_other_users
 from .rundir import RuntimeDirError, RuntimeDirLock, raise_fd_limit
 from .settings import ManagerConfig, config_widens
 from .state import Disconnect, Effect, ManagerState, Send, SendFd
+from .strikes import StreamStrikes
 
 #: frames of one message kept beyond the identity; every valid message has 1 (mapper) or 2
 #: (control); more are received and dropped, and the message is refused as malformed
@@ -50,8 +51,6 @@ log = logging.getLogger("membacking.manager")
 
 #: the Error text answering a message of more than one frame on the mapper socket
 ONE_FRAME = "send exactly one frame per message"
-#: unattached ZeroMQ peers whose invalid messages are counted (the oldest are forgotten)
-MAX_STRANGERS = 1024
 #: descriptors kept free below the open-file limit, for ZeroMQ's own accepts and short needs
 FD_HEADROOM = 64
 #: Seconds a stopping daemon that had mappers waits after telling them (and closing their fd
@@ -69,14 +68,8 @@ class Daemon(FdServer):
         self.config = config
         self.paths = RuntimePaths.resolve(config.runtime_dir)
         self.persist = Persistence(config.persist, self.paths) if config.persist.enabled else None
-        self.store = MemfdStore(self.persist.dir if self.persist is not None else None)
         self.fdstore = FdStore.attach(config.persist, str(self.paths.root))  # under systemd
-        self.state = ManagerState(
-            self.store,
-            address_space=config.address_space,
-            unmap_timeout=config.unmap_timeout,
-            limits=config.limits,
-        )
+        self.store, self.state = self._empty_state()
         self._lock = RuntimeDirLock(self.paths)
         self.instance = self._lock.instance
         self._conns: dict[int, FdConn] = {}
@@ -85,9 +78,8 @@ class Daemon(FdServer):
         self._wake_r, self._wake_w = socket.socketpair()
         self._allowed_uids = {os.getuid(), 0, *config.allow_uids}
         self._allowed_gids = set(config.allow_gids)
-        self._zmq_strikes: dict[int, int] = {}  # mapper id -> invalid messages in a row
+        self._strikes = StreamStrikes()  # undecodable messages on the mapper socket
         self._journal_due = False  # a change to journal before the next reply (or the tick)
-        self._strangers: dict[bytes, int] = {}  # unattached ZeroMQ identity -> invalid messages
         self._accept_paused = False
         self._evict_kill = config.evict_kill
         self._fd_ceiling = 1 << 30  # set from the open-file limit at start
@@ -98,6 +90,19 @@ class Daemon(FdServer):
         self.metrics_port: int | None = None
         #: with `takeover`: the answer of the daemon that handed over
         self.handed_over: dict[str, Any] | None = None
+        #: once this daemon agreed to hand over: (send on the handover channel, with the state)
+        self.handing_over: tuple[bool, bool] | None = None
+
+    def _empty_state(self) -> tuple[MemfdStore, ManagerState]:
+        store = MemfdStore(self.persist.dir if self.persist is not None else None)
+        config = self.config
+        state = ManagerState(
+            store,
+            address_space=config.address_space,
+            unmap_timeout=config.unmap_timeout,
+            limits=config.limits,
+        )
+        return store, state
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -117,37 +122,18 @@ class Daemon(FdServer):
                 limit,
                 wanted,
             )
-        if self.config.takeover:
-            self.handed_over = handover.take_over(self)
-        self._lock.acquire()
+        taken = startup.take_over(self)
         try:
-            if self.fdstore is not None:  # adopts through the state directory if there is one
-                self.fdstore.open(self.state, self.store, self.persist, self.config.persist.fresh)
-            elif self.persist is not None:
-                self.persist.open(self.state, self.store)
-            kept_by = self.persist or self.fdstore  # the state directory, else the fd store
-            self.state.state_id = kept_by.state_id if kept_by else secrets.token_bytes(16)
-            self.state.persistence = describe(self.persist, self.config.persist, bool(self.fdstore))
-            adopted_from = (
-                f"the state in {self.persist.dir.root}"
-                if self.persist is not None
-                else "the state in the service manager's fd store"
-            )
-            for spec in self.config.regions:
-                want = (spec.gpa, spec.size, spec.readonly, spec.backing, spec.file)
-                if adopted_region(self.state, spec.name, want, adopted_from):
-                    continue
-                self.state.add_region(
-                    spec.name,
-                    spec.gpa,
-                    spec.size,
-                    not spec.readonly,
-                    priority=spec.priority,
-                    enabled=not spec.disabled,
-                    backing=spec.backing,
-                    path=spec.file,
-                )
+            self._lock.acquire()
+        except BaseException:
+            startup.drop(self, taken)
+            raise
+        trace.mark("daemon.locked")
+        try:
+            startup.adopt(self, taken)
+            trace.mark("daemon.adopted")
             self._save_state()
+            trace.mark("daemon.saved")
             self._ctx = zmq.Context()
             self._mapper = bind_router(
                 self._ctx, self.paths.mapper_endpoint, self.paths.mapper_socket
@@ -164,7 +150,9 @@ class Daemon(FdServer):
             self._listen.setblocking(False)
             if config_widens(self.config):
                 open_to_other_users(self.paths, self.config.allow_uids, self.config.allow_gids)
+            trace.mark("daemon.bound")
         except BaseException:
+            startup.drop(self, taken)
             self._close_all()
             raise
 
@@ -206,6 +194,7 @@ class Daemon(FdServer):
             if on_ready is not None:
                 on_ready(self)
             sdnotify.notify("READY=1")
+            trace.mark("daemon.serving")
             self._loop()
         finally:
             self._shutdown()
@@ -216,14 +205,20 @@ class Daemon(FdServer):
     def _shutdown(self) -> None:
         reason = self._stop_reason or "stopped"
         log.info("shutting down: %s", reason)
+        trace.mark("daemon.shutdown")
         sdnotify.notify("STOPPING=1")
         # the state directory's own setting (a handover turns it on), else the configured one
-        keep = (
+        keep = self.handing_over is not None or (
             self.persist.config.keep
             if self.persist is not None
             else self.config.persist.keep and self.fdstore is not None
         )
         code = m.SHUTDOWN_RESTARTING if keep else m.SHUTDOWN_STOPPING
+        # No new connection is taken from now on: a mapper told to register again then finds
+        # no listener (and waits for the next daemon's socket), rather than a backlog that
+        # is never answered
+        with contextlib.suppress(OSError):
+            self._listen.close()
         with contextlib.suppress(Exception):
             attached = bool(self.state.mappers)
             self._apply(self.state.shutdown(reason, code))
@@ -234,6 +229,7 @@ class Daemon(FdServer):
                 time.sleep(STOP_LINGER)
         if self._journal_due:
             self._save_state()
+        trace.mark("daemon.told")
         if self.fdstore is not None:
             self.fdstore.stop(keep)
         if self.persist is not None:
@@ -241,7 +237,11 @@ class Daemon(FdServer):
                 self.persist.close(self.state, self.store, clean=True)
             except Exception:
                 log.exception("could not close the state directory")
+        trace.mark("daemon.journaled")
+        if self.handing_over is not None and self.handing_over[0]:
+            handover.send_over(self)
         self._close_all()
+        trace.mark("daemon.released")
 
     def _close_all(self) -> None:
         self.heap.close()
@@ -393,7 +393,7 @@ class Daemon(FdServer):
     def _on_mapper_frames(self, frames: list[bytes]) -> None:
         identity = frames[0]
         mapper_id = self.state.mapper_of(identity)
-        if mapper_id is None and self._strangers.get(identity, 0) >= MAX_STRIKES:
+        if mapper_id is None and self._strikes.ignored(identity):
             self.state.rejected["ignored"] += 1  # a ROUTER cannot hang up on it: stop answering
             return
         if len(frames) != 2:
@@ -406,13 +406,13 @@ class Daemon(FdServer):
             self._undecodable(identity, mapper_id, exc.reason, str(exc), str(exc))
             return
         if mapper_id is not None:
-            self._zmq_strikes.pop(mapper_id, None)
+            self._strikes.valid(mapper_id)
         effects = self.state.handle_mapper(identity, msg)
         if mapper_id is None:
             if self.state.mapper_of(identity) is not None:
-                self._strangers.pop(identity, None)  # it attached
+                self._strikes.attached(identity)
             elif any(isinstance(e, Send) and isinstance(e.msg, m.Error) for e in effects):
-                self._stranger_strike(identity)
+                self._strikes.stranger(identity)
         self._apply(effects)
 
     def _undecodable(
@@ -426,30 +426,13 @@ class Daemon(FdServer):
             detail = f"mapper {entry.id} ({entry.name}): {detail}"
         self.state.reject(reason, detail, entry.pid if entry is not None else None)
         self._apply([Send(Channel.MAPPER, identity, m.Error(reason, answer[:1000]))])
-        if mapper_id is not None:
-            self._zmq_strike(mapper_id)
-        else:
-            self._stranger_strike(identity)
-
-    def _stranger_strike(self, identity: bytes) -> None:
-        """Count an invalid message from a ZeroMQ peer that never attached; the table of such
-        peers is bounded (the oldest are forgotten first)."""
-        self._strangers[identity] = self._strangers.pop(identity, 0) + 1
-        if self._strangers[identity] == MAX_STRIKES:
-            log.warning("ignoring an unattached ZeroMQ peer after %d invalid messages", MAX_STRIKES)
-        while len(self._strangers) > MAX_STRANGERS:
-            del self._strangers[next(iter(self._strangers))]
-
-    def _zmq_strike(self, mapper_id: int) -> None:
-        strikes = self._zmq_strikes.get(mapper_id, 0) + 1
-        self._zmq_strikes[mapper_id] = strikes
-        if strikes >= MAX_STRIKES:
-            entry = self.state.mappers.get(mapper_id)
+        if mapper_id is None:
+            self._strikes.stranger(identity)
+        elif (strikes := self._strikes.mapper(mapper_id)) is not None:
             who = f"mapper {mapper_id}" + (
                 f" ({entry.name}, pid {entry.pid})" if entry is not None else ""
             )
             log.error("%s evicted: %d undecodable messages in a row on its stream", who, strikes)
-            self._zmq_strikes.pop(mapper_id, None)
             self.count_strike_eviction()
             reason = f"{m.SHUTDOWN_EVICTED}: {strikes} undecodable messages in a row"
             self._apply([Disconnect(mapper_id, reason)])

@@ -24,11 +24,10 @@ from .backing import MemfdStore
 from .errors import Refused
 from .fdconn import FdConn, OutboxFull
 from .state import Effect, ManagerState
+from .strikes import MAX_STRIKES
 
 log = logging.getLogger("membacking.manager")
 
-#: A connection that sends this many invalid messages in a row is disconnected.
-MAX_STRIKES = 8
 #: A connection to fd.sock that has not registered within this many seconds is closed...
 HELLO_TIMEOUT = 5.0
 #: ...and at most this many may wait at once, so strangers cannot use up the daemon's fds.

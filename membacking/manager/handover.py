@@ -14,13 +14,16 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from .. import trace
 from ..control_client import ControlClient
 from ..errors import ControlError, ManagerUnavailableError, MembackingError
 from ..protocol import messages as m
+from ..protocol.fdpass import close_fds
 from ..protocol.messages import Channel
 from ..runtime import RuntimePaths
+from . import handchannel
 from .errors import Refused
-from .journal import FORMAT_VERSION, JournalError
+from .journal import FORMAT_VERSION, BackingRecord, JournalError, encode
 from .model import Effect, Send
 from .snapshot import capture, check_fits
 from .statedir import StateDirError
@@ -32,9 +35,16 @@ log = logging.getLogger("membacking.manager")
 
 #: the control operation a new daemon sends the running one
 OP = "handover"
-#: what the two daemons agree on in a handover: the operation's arguments and answer, and that
-#: the state moves through the state directory. Two versions hand over only if equal.
-HANDOVER_VERSION = 1
+#: what the two daemons agree on in a handover: the operation's arguments and answer, and how
+#: the state moves (the state directory; from version 2 also the handover channel, see
+#: handchannel.py). A daemon answers an asker of any version in HANDOVER_VERSIONS.
+HANDOVER_VERSION = 2
+HANDOVER_VERSIONS = (1, 2)
+#: `features` bits of a version-2 ask (and of the answer: those the old daemon will use):
+#: the asker listens on the handover channel for fds of memory in no file (memfd, hugetlb)
+FEATURE_CHANNEL = 1
+#: the asker has no state directory: the state itself comes over the channel
+FEATURE_STATE = 2
 #: how long a new daemon keeps asking while the running one has changes waiting on mappers
 #: (longer than the default --unmap-timeout, after which such a change ends by eviction)
 BUSY_WAIT = 35.0
@@ -57,6 +67,7 @@ def answer(daemon: Daemon, identity: bytes, msg: m.ControlRequest) -> list[Effec
     after the daemon agreed to stop (in the same batch) is refused (`shutting-down`), not half
     done."""
     args = msg.args
+    trace.mark("handover.asked")
     try:
         if daemon._stop_reason is not None:
             raise Refused(
@@ -68,36 +79,49 @@ def answer(daemon: Daemon, identity: bytes, msg: m.ControlRequest) -> list[Effec
     except Refused as exc:
         log.warning("handover refused: %s", exc)
         return [Send(Channel.CONTROL, identity, m.Error(exc.code, str(exc)))]
+    trace.mark("handover.agreed")
     daemon.stop(f"handing over to pid {args['pid']}")
     return [Send(Channel.CONTROL, identity, m.ControlReply(result))]
 
 
 def _agree(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     version, journal_version, pid = args.get("version"), args.get("journal"), args.get("pid")
-    if set(args) != {"version", "journal", "pid"} or not all(
-        type(v) is int for v in (version, journal_version, pid)
+    features = args.get("features", 0)
+    keys = {"version", "journal", "pid"} | ({"features"} if version != 1 else set())
+    if set(args) != keys or not all(
+        type(v) is int for v in (version, journal_version, pid, features)
     ):
-        raise Refused("bad-request", "handover takes integers version, journal and pid")
-    if version != HANDOVER_VERSION:
+        raise Refused(
+            "bad-request", "handover takes integers version, journal, pid (and features from 2)"
+        )
+    if version not in HANDOVER_VERSIONS:
         raise Refused(
             "version-mismatch",
             f"this manager speaks handover version {HANDOVER_VERSION}, the new one "
             f"{version}: stop this one (`manager run --keep-state` + SIGTERM) and start the "
             "new one instead",
         )
-    assert isinstance(journal_version, int)
+    assert isinstance(journal_version, int) and isinstance(features, int)
     if journal_version < FORMAT_VERSION:
         raise Refused(
             "version-mismatch",
             f"this manager writes journal version {FORMAT_VERSION}, the new one reads up "
             f"to version {journal_version} only",
         )
+    channel = bool(features & FEATURE_CHANNEL)
     persist = daemon.persist
-    if persist is None:
+    if persist is None and not (channel and features & FEATURE_STATE):
         raise Refused(
             "no-state",
-            "this manager runs without a state directory (--no-state): its memory ends with "
-            "it and cannot be handed over",
+            "this manager runs without a state directory (--no-state): its memory lives in no "
+            "file; start the new one with --no-state too (it takes the memory over the "
+            "handover channel), from a release that speaks handover version 2",
+        )
+    if persist is not None and features & FEATURE_STATE:
+        raise Refused(
+            "state-dir",
+            f"this manager keeps its state in {persist.dir.root}: start the new one without "
+            "--no-state, on the same --state-dir",
         )
     state = daemon.state
     pending = sorted({op.what for op in state._pending.values()})
@@ -107,46 +131,73 @@ def _agree(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
             f"changes wait for mappers' acknowledgements ({', '.join(pending)}); "
             "hand over once they are done",
         )
-    snapshot = capture(state, daemon.store, persist.state_id, str(daemon.paths.root))
-    volatile = sorted({b.kind for b in snapshot.backings if b.kind in ("memfd", "hugetlb")})
-    if volatile:
+    volatile = daemon.store.volatile_fds()
+    if volatile and not channel:
         names = sorted(
             r.name
-            for r in snapshot.regions
-            if any(
-                b.kind in volatile
-                for b in snapshot.backings
-                if b.mappable_id in {s.mappable_id for s in r.submappings}
-            )
+            for r in state.regions.values()
+            if any(s.mappable_id in volatile for s in r.submappings)
         )
         raise Refused(
             "volatile-memory",
-            f"region(s) {', '.join(names[:10])} hold {' and '.join(volatile)} memory, which "
-            "lives in no file and would be lost: remove them first",
+            f"region(s) {', '.join(names[:10])} hold memory in no file (memfd or hugetlb), "
+            "which would be lost: remove them first, or hand over to a release that speaks "
+            "handover version 2",
         )
-    persist.config = dataclasses.replace(persist.config, keep=True)
+    if persist is not None:
+        persist.config = dataclasses.replace(persist.config, keep=True)
+    daemon.handing_over = (channel, bool(features & FEATURE_STATE))
     log.warning("handing over to pid %d (a new manager on %s)", pid, daemon.paths.root)
-    return {
+    answer = {
         "pid": os.getpid(),
         "instance": daemon.instance,
-        "version": HANDOVER_VERSION,
+        "version": min(version, HANDOVER_VERSION),
         "journal": FORMAT_VERSION,
-        "regions": len(snapshot.regions),
+        "regions": sum(not r.removing for r in state.regions.values()),
     }
+    if version >= 2:
+        answer["features"] = features & (FEATURE_CHANNEL | FEATURE_STATE)
+    return answer
+
+
+def send_over(daemon: Daemon) -> None:
+    """At the end of a shutdown that hands over on the channel: send the new daemon the state
+    (if it has no state directory) and every fd of memory in no file. Logged if it fails (the
+    mappers keep that memory mapped; the new daemon cannot serve it)."""
+    assert daemon.handing_over is not None
+    _, with_state = daemon.handing_over
+    state = b""
+    if with_state:
+        state_id = daemon.state.state_id
+        snapshot = capture(daemon.state, daemon.store, state_id, str(daemon.paths.root))
+        state = encode(snapshot)
+    fds = daemon.store.volatile_fds()
+    try:
+        handchannel.send(daemon.paths, state, fds, RELEASE_WAIT)
+    except OSError as exc:
+        log.error(
+            "cannot send %d fds%s to the new manager: %s",
+            len(fds),
+            " and the state" if with_state else "",
+            exc.strerror or exc,
+        )
 
 
 # ---- the new daemon's side -------------------------------------------------------------------
 
 
-def precheck(daemon: Daemon) -> None:
+def precheck(daemon: Daemon) -> bool:
     """Refuse, before the running daemon is asked, a state this one could not adopt (another
     address space, an initial region that differs): the running daemon would be gone and this
-    one refuse to start. HandoverError if so."""
+    one refuse to start. HandoverError if so. Without the service manager's fd store, the
+    state is adopted here already, as it stands (`Persistence.prepare`): returns True then.
+    Without a state directory there is nothing to read: the state comes over the channel."""
     persist = daemon.persist
     if persist is None:
-        raise HandoverError("--takeover adopts the running manager's state: not with --no-state")
+        return False
+    prepare = daemon.fdstore is None
     try:
-        snapshot = persist.dir.read()
+        snapshot = persist.prepare(daemon.state, daemon.store) if prepare else persist.dir.read()
         if snapshot is None:
             raise HandoverError(
                 f"nothing to take over: no state in {persist.dir.root} (the running manager "
@@ -164,26 +215,95 @@ def precheck(daemon: Daemon) -> None:
                 f"region {spec.name!r} of the running manager differs from --region/config; "
                 "nothing was changed"
             )
+    return prepare and persist.prepared
 
 
-def take_over(daemon: Daemon, timeout: float = 10.0) -> dict[str, Any]:
-    """Ask the daemon serving `daemon`'s runtime directory to hand over, and wait until it has
-    released it. Returns its answer. HandoverError if it cannot (it keeps serving then)."""
+@dataclasses.dataclass
+class Takeover:
+    """What a new daemon got from the one that handed over."""
+
+    #: the state was adopted before the ask (`Persistence.prepare`)
+    prepared: bool
+    #: the old daemon's answer
+    answer: dict[str, Any]
+    #: the state's journal encoding, sent over the channel (empty: in the state directory)
+    state: bytes = b""
+    #: fds of memory in no file, by mappable id (each taken by `inherit`, the rest closed)
+    fds: dict[int, int] = dataclasses.field(default_factory=dict)
+
+    def inherit(self, record: BackingRecord) -> int | None:
+        """The fd the old daemon sent for a journaled memfd/hugetlb backing, if it is that
+        very memory (same inode, large enough); None (it comes back zeroed, logged) if not."""
+        fd = self.fds.pop(record.mappable_id, None)
+        if fd is None:
+            return None
+        info = os.fstat(fd)
+        if (info.st_dev, info.st_ino) != (record.dev, record.ino) or info.st_size < record.size:
+            os.close(fd)
+            return None
+        return fd
+
+    def close(self) -> None:
+        """Close the fds no backing took."""
+        close_fds(list(self.fds.values()))
+        self.fds.clear()
+
+
+def take_over(daemon: Daemon, timeout: float = 10.0) -> Takeover:
+    """Ask the daemon serving `daemon`'s runtime directory to hand over, take what it sends
+    on the channel, and wait until it has released the directory. HandoverError if it cannot
+    (it keeps serving then, unless it failed after it agreed)."""
     paths = daemon.paths
-    client = ControlClient(paths.root, timeout=timeout)
     if paths.manager_running() is False:
         raise HandoverError(f"nothing to take over: no membacking manager at {paths.root}")
-    precheck(daemon)
+    trace.mark("takeover.prepare")
+    prepared = precheck(daemon)
+    features = FEATURE_CHANNEL | (FEATURE_STATE if daemon.persist is None else 0)
     args = {"version": HANDOVER_VERSION, "journal": FORMAT_VERSION, "pid": os.getpid()}
+    try:
+        receiver = handchannel.Receiver(paths)
+    except handchannel.ChannelError as exc:
+        raise HandoverError(str(exc)) from None
+    try:
+        trace.mark("takeover.ask")
+        result = _ask(paths, timeout, {**args, "features": features}, daemon.persist is None)
+        trace.mark("takeover.agreed")
+        taken = Takeover(prepared, result)
+        if result.get("features", 0) & FEATURE_CHANNEL:
+            taken.state, taken.fds = receiver.receive(RELEASE_WAIT)
+            trace.mark("takeover.received")
+    except handchannel.ChannelError as exc:
+        raise HandoverError(f"the manager agreed to hand over, but {exc}") from None
+    finally:
+        receiver.close()
+    try:
+        _await_release(paths, result["pid"])
+    except BaseException:
+        taken.close()
+        raise
+    trace.mark("takeover.released")
+    return taken
+
+
+def _ask(paths: RuntimePaths, timeout: float, args: dict[str, Any], needs_2: bool) -> Any:
+    """Ask until the running daemon agrees (or refuses for good: HandoverError). A daemon of
+    an earlier release (handover version 1) is asked again as one, unless `needs_2`."""
+    client = ControlClient(paths.root, timeout=timeout)
     deadline = time.monotonic() + BUSY_WAIT
     try:
         while True:
             try:
-                result: dict[str, Any] = client.call(OP, **args)
-                break
+                return client.call(OP, **args)
             except ControlError as exc:
                 if exc.code == "busy" and time.monotonic() < deadline:
                     time.sleep(BUSY_POLL)
+                    continue
+                # handover version 1 refuses a version-2 ask in one of these two ways
+                older = (exc.code == "version-mismatch" and "handover version 1," in str(exc)) or (
+                    exc.code == "bad-request" and "version, journal and pid" in str(exc)
+                )
+                if older and args["version"] == 2 and not needs_2:
+                    args = {k: v for k, v in args.items() if k != "features"} | {"version": 1}
                     continue
                 if exc.code == "bad-request" and repr(OP) in str(exc):
                     raise HandoverError(
@@ -197,8 +317,6 @@ def take_over(daemon: Daemon, timeout: float = 10.0) -> dict[str, Any]:
                 raise HandoverError(f"nothing to take over: {exc}") from None
     finally:
         client.close()
-    _await_release(paths, result["pid"])
-    return result
 
 
 def _await_release(paths: RuntimePaths, pid: int) -> None:

@@ -169,6 +169,41 @@ def encode_packed(fields: dict[str, Any], regions: list[bytes], backings: list[b
 
 def decode(data: bytes) -> Snapshot:
     """Read journal bytes of any supported version; JournalError says what is wrong."""
+    body = _checked_body(data)
+    try:
+        doc = msgpack.unpackb(body, raw=False, strict_map_key=True)
+        return _from_v1(doc)
+    except JournalError:
+        raise
+    except Exception as exc:  # a well-checksummed body of the wrong shape: refuse it all
+        raise JournalError(f"the journal is malformed: {exc}") from None
+
+
+def decode_head(data: bytes) -> tuple[Snapshot, bytes]:
+    """Read only the fields before the regions (counters, ids, pins) of journal bytes, and
+    return them as a Snapshot without regions and backings, with the bytes of the regions and
+    backings as they stand: a reader that decoded the same bytes before need not decode them
+    again. JournalError as `decode`."""
+    body = _checked_body(data)
+    try:
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=True)
+        unpacker.feed(body)
+        doc: dict[str, Any] = {}
+        for _ in range(unpacker.read_map_header()):
+            key = unpacker.unpack()
+            if key == "regions":
+                doc |= {"regions": [], "backings": []}
+                return _from_v1(doc), body[unpacker.tell() :]
+            doc[key] = unpacker.unpack()
+    except JournalError:
+        raise
+    except Exception as exc:
+        raise JournalError(f"the journal is malformed: {exc}") from None
+    raise JournalError("the journal is malformed: no regions")
+
+
+def _checked_body(data: bytes) -> bytes:
+    """The body of journal bytes whose header (magic, version, length, checksum) holds."""
     if len(data) < _HEADER.size:
         raise JournalError(f"the journal is truncated ({len(data)} bytes, no complete header)")
     magic, version, length, crc = _HEADER.unpack_from(data)
@@ -184,13 +219,7 @@ def decode(data: bytes) -> Snapshot:
         raise JournalError(f"the journal is truncated or padded ({len(body)} of {length} bytes)")
     if zlib.crc32(body) != crc:
         raise JournalError("the journal is corrupt (checksum mismatch)")
-    try:
-        doc = msgpack.unpackb(body, raw=False, strict_map_key=True)
-        return _from_v1(doc)
-    except JournalError:
-        raise
-    except Exception as exc:  # a well-checksummed body of the wrong shape: refuse it all
-        raise JournalError(f"the journal is malformed: {exc}") from None
+    return body
 
 
 def _check(ok: bool, what: str) -> None:
@@ -318,6 +347,12 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 def read(path: Path) -> Snapshot | None:
     """The snapshot stored at `path`; None if there is none. JournalError if it is unusable."""
+    data = read_bytes(path)
+    return None if data is None else decode(data)
+
+
+def read_bytes(path: Path) -> bytes | None:
+    """The journal file's bytes (None if there is none), refused if over the size limit."""
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -325,5 +360,5 @@ def read(path: Path) -> Snapshot | None:
     if size > MAX_JOURNAL_BYTES:
         raise JournalError(f"the journal {path} is {size} bytes, over the limit")
     with contextlib.suppress(FileNotFoundError):
-        return decode(path.read_bytes())
+        return path.read_bytes()
     return None

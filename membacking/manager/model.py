@@ -6,6 +6,7 @@ Plain data types shared by the layers of the state machine (`table`, `peers`, `s
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -276,6 +277,23 @@ class Held:
             self._uncount(self._ids[i])
             self._ids[i] = mappable_id
         self._count[mappable_id] += 1
+
+    def extend(self, ranges: list[MemoryRange], ids: list[int]) -> None:
+        """Add ranges (with their mappable ids) it does not hold yet, in address order: all at
+        once if they lie past the last it holds, apart from each other (the usual case: what
+        a mapper registering again still holds), else one by one."""
+        if not ranges:
+            return
+        if (not self._sorted or self._sorted[-1].end <= ranges[0].start) and all(
+            a.end <= b.start for a, b in itertools.pairwise(ranges)
+        ):
+            self._sorted += ranges
+            self._ids += ids
+            self._count.update(ids)
+            self._bytes += sum(r.end - r.start for r in ranges)
+            return
+        for rng, mappable_id in zip(ranges, ids, strict=True):
+            self[rng] = mappable_id
 
     def _uncount(self, mappable_id: int) -> None:
         left = self._count[mappable_id] - 1

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..runtime import RuntimePaths
 from .backing import MemfdStore
-from .journal import JournalError
+from .journal import JournalError, Snapshot, decode, decode_head
 from .journalcache import JournalEncoder
 from .snapshot import check_fits, restore
 from .state import ManagerState
@@ -87,6 +87,81 @@ class Persistence:
         self._adopted_note: str | None = None
         #: the journal's records packed so far: a save packs only the regions changed since
         self._encoder = JournalEncoder()
+        #: what `prepare` adopted: the journal's snapshot and the bytes of its regions and
+        #: backings (None: nothing prepared)
+        self._prepared: tuple[Snapshot, bytes, list[str]] | None = None
+
+    def prepare(self, state: ManagerState, store: MemfdStore) -> Snapshot | None:
+        """Before a handover, while the running daemon still holds the directory: adopt its
+        journal as it stands into the empty `state`/`store` (open and check every memory file,
+        build the table, pack the journal's records), so that `open` has only to read what
+        changed since. Returns the snapshot (None if there is none); JournalError or
+        StateDirError if it does not fit (`state`/`store` are left empty then)."""
+        data = self.dir.read_bytes()
+        if data is None:
+            return None
+        snapshot = decode(data)
+        check_fits(snapshot, str(self.paths.root), state.address_space)
+        if any(b.kind in ("memfd", "hugetlb") for b in snapshot.backings):
+            return snapshot  # its fds come from the old daemon once it stopped: not prepared
+        warnings = restore(snapshot, state, store)
+        _, tail = decode_head(data)
+        self._prepared = (snapshot, tail, warnings)
+        self._encoder.encode(state, store, snapshot.state_id, str(self.paths.root))
+        return snapshot
+
+    @property
+    def prepared(self) -> bool:
+        """Whether `prepare` adopted a state that `open_prepared` can take."""
+        return self._prepared is not None
+
+    def open_prepared(self, state: ManagerState, store: MemfdStore) -> bool:
+        """`open` for a `state`/`store` that `prepare` filled: claim the directory and, if the
+        journal's regions and backings are still the very bytes prepared, take only its other
+        fields (counters, id counters). False (the directory claimed, nothing adopted) if they
+        changed since: the caller adopts again into an empty state with `adopt`."""
+        assert self._prepared is not None
+        prepared, tail, warnings = self._prepared
+        self._prepared = None
+        self.dir.acquire()
+        try:
+            data = self.dir.read_bytes()
+            head, now = decode_head(data) if data is not None else (None, b"")
+        except JournalError:
+            head, now = None, b""  # `adopt` says what is wrong
+        except BaseException:
+            self.dir.release(remove=False)
+            raise
+        if (
+            head is None
+            or now != tail
+            or (head.state_id, head.uid, head.runtime_dir, head.address_space, head.pins)
+            != (
+                prepared.state_id,
+                prepared.uid,
+                prepared.runtime_dir,
+                prepared.address_space,
+                prepared.pins,
+            )
+        ):
+            log.info("the state changed while it was prepared: adopting it again")
+            self._encoder = JournalEncoder()
+            return False
+        state.counters.subtract(prepared.counters)
+        state.counters.update(head.counters)
+        state._next_mappable_id = max(head.next_mappable_id, state._next_mappable_id)
+        state._next_order = max(head.next_order, state._next_order)
+        state._next_mapper_id = max(head.next_mapper_id, state._next_mapper_id)
+        self._adopted(prepared, warnings)
+        return True
+
+    def adopt(self, state: ManagerState, store: MemfdStore) -> None:
+        """`open` after `open_prepared` returned False (the directory is claimed already)."""
+        try:
+            self._adopt(state, store)
+        except BaseException:
+            self.dir.release(remove=False)
+            raise
 
     def open(self, state: ManagerState, store: MemfdStore) -> None:
         """Claim the directory and adopt its state into the empty `state`/`store`, or start
@@ -119,6 +194,9 @@ class Persistence:
             warnings = restore(snapshot, state, store)
         except StateDirError as exc:
             raise StateDirError(hint.format(exc)) from None
+        self._adopted(snapshot, warnings)
+
+    def _adopted(self, snapshot: Snapshot, warnings: list[str]) -> None:
         self.state_id = snapshot.state_id
         self.adopted = len(snapshot.regions)
         for warning in warnings:

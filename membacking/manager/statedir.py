@@ -182,6 +182,10 @@ class StateDir:
         """The journal's snapshot, None if there is none (JournalError if it is unusable)."""
         return journal.read(self.journal)
 
+    def read_bytes(self) -> bytes | None:
+        """The journal's bytes, None if there is none (JournalError if over the limit)."""
+        return journal.read_bytes(self.journal)
+
     def write(self, snapshot: Snapshot) -> bool:
         """Store `snapshot` atomically unless it is what was stored last; then unlink the files
         of mappables destroyed before it (the journal no longer names them). True if written."""

@@ -204,7 +204,7 @@ class VaMapper:
         farewell = self.fds.take_farewell()
         if farewell is not None:
             self._handle(farewell)
-        elif lost is not None:
+        elif lost is not None and self.relinked.is_set():  # (a Shutdown has not decided yet)
             self._await_farewell()
         if lost is not None:
             self.manager_gone(lost)
@@ -212,10 +212,12 @@ class VaMapper:
 
     def _await_farewell(self) -> None:
         """The fd socket ended without a Shutdown on it: a manager that evicted this mapper
-        while its fd socket was full says so on the stream only. Wait a little for that before
-        taking the manager for dead (which keeps every mapping)."""
+        while its fd socket was full says so on the stream only. Wait a little for that (or a
+        Shutdown `restarting`) before taking the manager for dead (which keeps every mapping)."""
         deadline = _monotonic() + FAREWELL_WAIT
-        while self.gone is None and (left := deadline - _monotonic()) > 0:
+        while (
+            self.gone is None and self.relinked.is_set() and (left := deadline - _monotonic()) > 0
+        ):
             if zmq.zmq_poll(self._stream_ready, int(left * 1000) + 1):
                 self._drain_stream()
 

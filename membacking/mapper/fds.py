@@ -35,6 +35,9 @@ class MapperFds:
         self.link = link
         self.id = mapper_id
         self._held: dict[int, int] = {}
+        #: (st_dev, st_ino) of each fd held, taken when it arrived: what Holdings reports
+        #: after a manager restart, without an fstat per fd then
+        self._identity: dict[int, tuple[int, int]] = {}
         #: held while an fd is closed or replaced, and while another thread duplicates one, so
         #: that thread never duplicates a number closed (and perhaps reused) meanwhile
         self._closing = threading.Lock()
@@ -64,6 +67,10 @@ class MapperFds:
     def held(self) -> list[tuple[int, int]]:
         """(mappable id, fd) of every fd held (mapper thread)."""
         return list(self._held.items())
+
+    def identities(self) -> list[int]:
+        """mappable id, st_dev, st_ino of every fd held, one after the other (mapper thread)."""
+        return [x for i, (dev, ino) in self._identity.items() for x in (i, dev, ino)]
 
     def dup(self, mappable_id: int) -> int | None:
         """A duplicate of the fd held for `mappable_id`, owned by the caller (any thread)."""
@@ -140,11 +147,14 @@ class MapperFds:
         self._dropped.difference_update(ids)
         with self._closing:
             close_fds([fd for fd in (self._held.pop(i, None) for i in ids) if fd is not None])
+            for i in ids:
+                self._identity.pop(i, None)
 
     def close_all(self) -> None:
         with self._closing:
             close_fds(list(self._held.values()))
             self._held.clear()
+            self._identity.clear()
 
     def _note_dropped(self, exc: FdsDropped) -> None:
         """A grant whose fd the kernel dropped: the Map it came behind will fail."""
@@ -179,6 +189,8 @@ class MapperFds:
                 if replaced is not None:  # sent twice (a manager bug): keep one
                     close_fds([replaced])
                 self._held[msg.mappable_id] = fds[0]
+                info = os.fstat(fds[0])
+                self._identity[msg.mappable_id] = (info.st_dev, info.st_ino)
             self._unclaimed.discard(msg.mappable_id)
             self._dropped.discard(msg.mappable_id)
             self._late_answer(msg.mappable_id)  # kept either way: the manager counts it sent

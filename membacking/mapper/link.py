@@ -16,7 +16,7 @@ import time
 
 import zmq
 
-from .. import units
+from .. import trace, units
 from ..errors import LEFT_OVER, NO_SOCKET, ManagerUnavailableError
 from ..protocol import messages as m
 from ..protocol.codec import decode, encode
@@ -84,6 +84,7 @@ class ManagerLink:
         with contextlib.suppress(OSError):
             self.fd_sock.close()
         self.fd_sock, welcome = self._register(self.name)
+        trace.mark(f"mapper.registered id={welcome.mapper_id}")
         if welcome.address_space != self.address_space:
             self.fd_sock.close()
             raise AttachError(

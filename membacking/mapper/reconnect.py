@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 import zmq
 
+from .. import trace
 from ..errors import ManagerUnavailableError
 from ..protocol import messages as m
 from .waitlist import RELINK
@@ -130,10 +131,12 @@ def _socket_identity(mapper: VaMapper) -> tuple[int, int, int] | None:
 def relink(mapper: VaMapper) -> bool:
     """Register again and restore what is held; False (and the mapper gone) if no manager
     took it within the reconnect timeout or the mapper is closing."""
+    trace.mark(f"mapper.relink old={mapper.id}")
     deadline = time.monotonic() + mapper.reconnect_timeout
     old_state = mapper.link.state_id
     old_id = mapper.id
     _await_hangup(mapper)
+    trace.mark(f"mapper.hangup old={old_id}")
     delay = BACKOFF_START
     last = "no manager answered"
     started = time.monotonic()
@@ -141,10 +144,13 @@ def relink(mapper: VaMapper) -> bool:
         try:
             tried = _socket_identity(mapper)  # before the try: one bound during it counts
             mapper.link.reconnect()
+            trace.mark(f"mapper.welcome old={old_id} new={mapper.link.mapper_id}")
             _restore(mapper, old_state, old_id)
+            trace.mark(f"mapper.restored old={old_id}")
             break
         except (ManagerUnavailableError, OSError, TimeoutError) as exc:  # not yet: try again
             last = str(exc)
+            trace.mark(f"mapper.try-failed old={old_id}")
         # Mapped memory stays in use meanwhile: this thread vouches for the mapper's lease
         # while it is alive and trying (no manager can evict a mapper that is not registered).
         mapper.lease.end_turn(time.monotonic(), renew=mapper.dropped is None)
@@ -160,6 +166,7 @@ def relink(mapper: VaMapper) -> bool:
             time.sleep(min(rest, SOCKET_WATCH))
             mapper.lease.end_turn(time.monotonic(), renew=mapper.dropped is None)
             if _socket_identity(mapper) not in (tried, None):
+                trace.mark(f"mapper.socket-seen old={old_id}")
                 break  # a manager has just bound a new fd socket: try it now
         delay = min(delay * 2, BACKOFF_MAX)
     else:
@@ -203,21 +210,24 @@ def _restore(mapper: VaMapper, old_state: bytes | None, old_id: int) -> None:
 
 
 def _send_holdings(mapper: VaMapper) -> None:
-    fds: list[int] = []
-    for mappable_id, fd in mapper.fds.held():
-        try:
-            info = os.fstat(fd)
-        except OSError:
-            continue
-        fds += [mappable_id, info.st_dev, info.st_ino]
-    mappings: list[int] = []
+    # the identity of each fd was taken when it arrived: no fstat per fd here
+    fds = mapper.fds.identities()
     with mapper.lock:
-        for rng, chunk in mapper.chunks.items():
-            mappings += [rng.start, rng.len, chunk.mappable_id, chunk.file_offset, chunk.writable]
+        mappings = [
+            x
+            for rng, chunk in mapper.chunks.items()
+            for x in (
+                rng.start,
+                rng.end - rng.start,
+                chunk.mappable_id,
+                chunk.file_offset,
+                int(chunk.writable),
+            )
+        ]
     fd_step = FDS_PER_MESSAGE * m.HOLDING_FD_LEN
     map_step = MAPPINGS_PER_MESSAGE * m.HOLDING_MAPPING_LEN
     # the fds first: the manager checks each mapping against the fds it was told of
     for i in range(0, len(fds), fd_step):
         mapper.link.send(m.Holdings(tuple(fds[i : i + fd_step]), ()))
     for i in range(0, max(len(mappings), 1), map_step):
-        mapper.link.send(m.Holdings((), tuple(int(x) for x in mappings[i : i + map_step])))
+        mapper.link.send(m.Holdings((), tuple(mappings[i : i + map_step])))

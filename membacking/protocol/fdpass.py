@@ -58,6 +58,17 @@ def send_message(sock: socket.socket, msg: Message, fds: Sequence[int] = ()) -> 
         sock.send(data, _MSG_NOSIGNAL)
 
 
+def send_raw(sock: socket.socket, data: bytes, fds: Sequence[int] = ()) -> None:
+    """Send one datagram of `data` with `fds` (at most MAX_FDS_PER_MESSAGE): the other end
+    reads it with `recv_raw`."""
+    if len(fds) > MAX_FDS_PER_MESSAGE:
+        raise ValueError(f"at most {MAX_FDS_PER_MESSAGE} fds per message, not {len(fds)}")
+    if fds:
+        socket.send_fds(sock, [data], list(fds), _MSG_NOSIGNAL)
+    else:
+        sock.send(data, _MSG_NOSIGNAL)
+
+
 def close_fds(fds: Sequence[int]) -> None:
     for fd in fds:
         try:  # noqa: SIM105 (contextlib.suppress costs three Python calls per fd)

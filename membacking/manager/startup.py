@@ -1,0 +1,112 @@
+"""How a starting daemon comes by its state: taken over from the daemon it replaces (adopted
+before the ask, or sent on the handover channel), else adopted from the service manager's fd
+store or the state directory, else fresh; then its initial regions (--region, config).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import TYPE_CHECKING
+
+from . import handover
+from .journal import JournalError, decode
+from .metrics import ManagerMetrics
+from .persist import adopted_region, describe
+from .snapshot import check_fits, restore
+from .statedir import StateDirError
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+log = logging.getLogger("membacking.manager")
+
+
+def take_over(daemon: Daemon) -> handover.Takeover | None:
+    """With --takeover: what the daemon serving the runtime directory handed over (its fds
+    are given to the store when it adopts); None without. HandoverError if it did not."""
+    if not daemon.config.takeover:
+        return None
+    try:
+        taken = handover.take_over(daemon)
+    except BaseException:
+        daemon.store.close_all()  # what was prepared
+        raise
+    daemon.handed_over = taken.answer
+    daemon.store.inherited = taken.inherit
+    return taken
+
+
+def drop(daemon: Daemon, taken: handover.Takeover | None) -> None:
+    """Close the fds handed over that no backing took."""
+    if taken is not None:
+        taken.close()
+        daemon.store.inherited = None
+
+
+def adopt(daemon: Daemon, taken: handover.Takeover | None) -> None:
+    """Fill the daemon's empty state (the runtime directory is claimed), then add the
+    initial regions the state does not have (one it has must be as configured)."""
+    persist, fdstore = daemon.persist, daemon.fdstore
+    if fdstore is not None:  # adopts through the state directory if there is one
+        fdstore.open(daemon.state, daemon.store, persist, daemon.config.persist.fresh)
+    elif taken is not None and persist is None:
+        _adopt_sent(daemon, taken.state)
+    elif persist is not None and taken is not None and taken.prepared:
+        if not persist.open_prepared(daemon.state, daemon.store):
+            daemon.store.close_all()
+            daemon.store, daemon.state = daemon._empty_state()
+            daemon.store.fd_ceiling = daemon._fd_ceiling
+            daemon.store.inherited = taken.inherit
+            daemon.metrics = ManagerMetrics(daemon.state)
+            persist.adopt(daemon.state, daemon.store)
+    elif persist is not None:
+        persist.open(daemon.state, daemon.store)
+    drop(daemon, taken)
+    daemon.state.state_id = (
+        persist.state_id
+        if persist is not None
+        else fdstore.state_id
+        if fdstore is not None
+        else daemon.state.state_id or secrets.token_bytes(16)
+    )
+    daemon.state.persistence = describe(persist, daemon.config.persist, fdstore is not None)
+    adopted_from = (
+        f"the state in {persist.dir.root}"
+        if persist is not None
+        else "the state in the service manager's fd store"
+        if fdstore is not None
+        else "the state handed over"
+    )
+    for spec in daemon.config.regions:
+        want = (spec.gpa, spec.size, spec.readonly, spec.backing, spec.file)
+        if adopted_region(daemon.state, spec.name, want, adopted_from):
+            continue
+        daemon.state.add_region(
+            spec.name,
+            spec.gpa,
+            spec.size,
+            not spec.readonly,
+            priority=spec.priority,
+            enabled=not spec.disabled,
+            backing=spec.backing,
+            path=spec.file,
+        )
+
+
+def _adopt_sent(daemon: Daemon, data: bytes) -> None:
+    """Adopt the state the old daemon sent on the handover channel (a daemon without a state
+    directory), its memory from the fds that came with it. StateDirError if it does not fit."""
+    try:
+        snapshot = decode(data)
+        check_fits(snapshot, str(daemon.paths.root), daemon.state.address_space)
+    except (JournalError, StateDirError) as exc:
+        raise StateDirError(f"the state handed over cannot be used: {exc}") from None
+    for warning in restore(snapshot, daemon.state, daemon.store):
+        log.error("state handed over: %s", warning)
+    daemon.state.state_id = snapshot.state_id
+    log.info(
+        "adopted the state handed over: %d regions, %d backings",
+        len(snapshot.regions),
+        len(snapshot.backings),
+    )
