@@ -52,14 +52,16 @@ def test_mappers_keep_working_across_sigkill_and_restart(
     assert workers[0].ask(f"read {MiB:#x} 4") == b"gap1".hex()
     assert workers[1].ask("read 0x0 4") == b"gap0".hex()
     assert workers[1].ask(f"read {MiB + 4:#x} 2") == "4242"
+    # the new daemon takes their holdings (each reports them after it attached): removing
+    # `dev` then unmaps it from both
     deadline = time.monotonic() + 10
-    while len(second.client().mappers()) < 2 and time.monotonic() < deadline:
+    holders = {r["name"]: r["holders"] for r in second.client().regions()}
+    while len(holders["dev"]) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
+        holders = {r["name"]: r["holders"] for r in second.client().regions()}
+    assert len(holders["dev"]) == 2, holders
     mappers = second.client().mappers()
     assert len(mappers) == 2
-    # the new daemon took their holdings: removing `dev` unmaps it from both
-    holders = {r["name"]: r["holders"] for r in second.client().regions()}
-    assert len(holders["dev"]) == 2, holders
     result = second.client().remove_region("dev")
     assert sorted(result["unmapped_from"]) == sorted(m["id"] for m in mappers)
     for worker in workers:
