@@ -241,6 +241,10 @@ def test_a_handover_during_a_pending_removal_waits_and_loses_nothing(
     assert outcome["removed"]["unmapped_from"] == [worker.mapper_id]  # done, by the old one
     second = outcome["second"]
     assert f"took-over-from={first.pid}" in second.ready_line
+    # the new process said what it waited for while it waited
+    assert "the running manager is busy (changes wait for mappers' acknowledgements (remove" in (
+        second.log()
+    )
     assert first.proc.wait(10) == 0
     assert sorted(r["name"] for r in second.client().regions()) == ["dev", "ram0"]
     files = os.listdir(default_state_dir(RuntimePaths.resolve(second.runtime_dir)) / "mem")
@@ -423,6 +427,10 @@ def test_a_handover_during_an_eager_replay_waits_and_the_mapper_ends_eager(
     taker.join(60)
     second = outcome["second"]
     assert f"took-over-from={first.pid}" in second.ready_line
+    # the new process said what it waited for while it waited
+    assert "the running manager is busy (changes wait for mappers' acknowledgements (remove" in (
+        second.log()
+    )
     assert first.proc.wait(10) == 0
     new = second.client()
     deadline = time.monotonic() + 30

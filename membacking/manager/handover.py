@@ -50,6 +50,8 @@ FEATURE_STATE = 2
 BUSY_WAIT = 35.0
 #: pause between two asks while the running daemon is busy
 BUSY_POLL = 0.05
+#: how often the new process says that it still waits for a busy daemon
+BUSY_SAY_EVERY = 5.0
 #: how long a new daemon waits for the one that agreed to hand over to release the directory
 RELEASE_WAIT = 30.0
 
@@ -289,13 +291,24 @@ def _ask(paths: RuntimePaths, timeout: float, args: dict[str, Any], needs_2: boo
     """Ask until the running daemon agrees (or refuses for good: HandoverError). A daemon of
     an earlier release (handover version 1) is asked again as one, unless `needs_2`."""
     client = ControlClient(paths.root, timeout=timeout)
-    deadline = time.monotonic() + BUSY_WAIT
+    started = time.monotonic()
+    deadline, said = started + BUSY_WAIT, -BUSY_SAY_EVERY
     try:
         while True:
             try:
                 return client.call(OP, **args)
             except ControlError as exc:
-                if exc.code == "busy" and time.monotonic() < deadline:
+                now = time.monotonic()
+                if exc.code == "busy" and now < deadline:
+                    if now - said >= BUSY_SAY_EVERY:  # a wait the operator can see, and why
+                        said = now
+                        log.warning(
+                            "the running manager is busy (%s); asking again until it is done "
+                            "(%.0f of at most %.0f s waited)",
+                            exc,
+                            now - started,
+                            BUSY_WAIT,
+                        )
                     time.sleep(BUSY_POLL)
                     continue
                 # handover version 1 refuses a version-2 ask in one of these two ways
