@@ -26,7 +26,7 @@ from .errors import Refused
 from .journal import FORMAT_VERSION, BackingRecord, JournalError, encode
 from .model import Effect, Send
 from .snapshot import capture, check_fits
-from .statedir import StateDirError
+from .statedir import StateDirError, region_text
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -212,10 +212,12 @@ def precheck(daemon: Daemon) -> bool:
     for spec in daemon.config.regions:
         rec = have.get(spec.name)
         want = (spec.gpa, spec.size, spec.readonly, spec.backing, spec.file)
-        if rec is not None and (rec.gpa, rec.size, not rec.writable, rec.backing, rec.path) != want:
+        have_it = (rec.gpa, rec.size, not rec.writable, rec.backing, rec.path) if rec else None
+        if have_it is not None and have_it != want:
             raise HandoverError(
-                f"region {spec.name!r} of the running manager differs from --region/config; "
-                "nothing was changed"
+                f"region {spec.name!r} of the running manager is {region_text(*have_it)}, but "
+                f"--region/config asks for {region_text(*want)}; nothing was changed (start "
+                "the new manager without that region in --region/config to take it as it is)"
             )
     return prepare and persist.prepared
 
