@@ -418,8 +418,12 @@ def test_a_handover_during_an_eager_replay_waits_and_the_mapper_ends_eager(
 
         taker = threading.Thread(target=take_over)
         taker.start()
-        time.sleep(1.0)
-        # the replay still waits on the stopped mapper; the running daemon serves on
+        # the new process asks while the replay still waits on the stopped mapper: refused
+        # (it asks again), and the running daemon serves on
+        deadline = time.monotonic() + 30
+        while "handover refused: changes wait" not in first.log():
+            assert time.monotonic() < deadline, first.log()[-2000:]
+            time.sleep(0.05)
         assert first.proc.poll() is None and taker.is_alive()
         assert client.stats()["regions"] == count + 2
     finally:
