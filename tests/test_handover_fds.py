@@ -17,7 +17,7 @@ from test_handover import python_cli
 
 import membacking
 
-from conftest import RunningManager, cli_env, short_tmpdir
+from conftest import RunningManager, cli_env, run_cli, short_tmpdir
 
 Start = Callable[..., RunningManager]
 KiB, MiB = 1 << 10, 1 << 20
@@ -58,6 +58,32 @@ def test_a_no_state_daemon_hands_over_its_memfds(start_manager: Start) -> None:
         assert second.client().stats()["regions"] == COUNT + 1
     with membacking.attach(second.runtime_dir) as fresh:
         assert _digest(fresh) == before  # a new mapper, from the new daemon's memfds
+
+
+def test_a_no_state_takeover_that_does_not_fit_is_refused_before_the_ask(
+    start_manager: Start,
+) -> None:
+    """Without a state directory the new daemon cannot read the state before it asks: it
+    checks its --region against the running daemon's listing, so a mismatch is refused while
+    the running daemon still serves (once that one has handed over, nobody else would)."""
+    first = start_manager("--no-state", "--region", "ram0=0:8M")
+    with membacking.attach(first.runtime_dir) as memory:
+        memory.write_at(0x1000, b"kept")
+    done = run_cli(
+        "manager",
+        "run",
+        "--no-state",
+        "--region",
+        "ram0=0:4M",
+        "--takeover",
+        runtime_dir=first.runtime_dir,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "region 'ram0' of the running manager is 8 MiB" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert first.proc.poll() is None and "handing over" not in first.log()
+    with membacking.attach(first.runtime_dir) as memory:
+        assert memory.read_at(0x1000, 4) == b"kept"
 
 
 def test_a_daemon_of_handover_version_1_is_taken_over_as_one(start_manager: Start) -> None:

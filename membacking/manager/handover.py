@@ -196,6 +196,7 @@ def precheck(daemon: Daemon) -> bool:
     Without a state directory there is nothing to read: the state comes over the channel."""
     persist = daemon.persist
     if persist is None:
+        _check_regions(daemon, _running_regions(daemon.paths))
         return False
     prepare = daemon.fdstore is None
     try:
@@ -208,18 +209,42 @@ def precheck(daemon: Daemon) -> bool:
         check_fits(snapshot, str(daemon.paths.root), daemon.config.address_space)
     except (JournalError, StateDirError) as exc:
         raise HandoverError(f"cannot take over the state in {persist.dir.root}: {exc}") from None
-    have = {r.name: r for r in snapshot.regions}
+    _check_regions(
+        daemon,
+        {r.name: (r.gpa, r.size, not r.writable, r.backing, r.path) for r in snapshot.regions},
+    )
+    return prepare and persist.prepared
+
+
+Described = tuple[int | None, int, bool, str, str | None]
+
+
+def _running_regions(paths: RuntimePaths) -> dict[str, Described]:
+    """The running daemon's regions, as its `regions` listing gives them (a daemon without a
+    state directory: its state comes over the channel only once it agreed)."""
+    client = ControlClient(paths.root, timeout=10.0)
+    try:
+        listed = client.regions()
+    except MembackingError as exc:
+        raise HandoverError(f"nothing to take over: {exc}") from None
+    finally:
+        client.close()
+    return {
+        r["name"]: (r["gpa"], r["size"], not r["writable"], r["backing"], r["path"]) for r in listed
+    }
+
+
+def _check_regions(daemon: Daemon, have: dict[str, Described]) -> None:
+    """HandoverError if an initial region (--region, config) differs from the running one's."""
     for spec in daemon.config.regions:
-        rec = have.get(spec.name)
+        have_it = have.get(spec.name)
         want = (spec.gpa, spec.size, spec.readonly, spec.backing, spec.file)
-        have_it = (rec.gpa, rec.size, not rec.writable, rec.backing, rec.path) if rec else None
         if have_it is not None and have_it != want:
             raise HandoverError(
                 f"region {spec.name!r} of the running manager is {region_text(*have_it)}, but "
                 f"--region/config asks for {region_text(*want)}; nothing was changed (start "
                 "the new manager without that region in --region/config to take it as it is)"
             )
-    return prepare and persist.prepared
 
 
 @dataclasses.dataclass

@@ -9,7 +9,9 @@ import logging
 import secrets
 from typing import TYPE_CHECKING
 
+from ..errors import MembackingError
 from . import handover
+from .errors import Refused
 from .journal import JournalError, decode
 from .metrics import ManagerMetrics
 from .persist import adopted_region, describe
@@ -80,18 +82,25 @@ def adopt(daemon: Daemon, taken: handover.Takeover | None) -> None:
     )
     for spec in daemon.config.regions:
         want = (spec.gpa, spec.size, spec.readonly, spec.backing, spec.file)
-        if adopted_region(daemon.state, spec.name, want, adopted_from):
-            continue
-        daemon.state.add_region(
-            spec.name,
-            spec.gpa,
-            spec.size,
-            not spec.readonly,
-            priority=spec.priority,
-            enabled=not spec.disabled,
-            backing=spec.backing,
-            path=spec.file,
-        )
+        try:
+            if adopted_region(daemon.state, spec.name, want, adopted_from):
+                continue
+            daemon.state.add_region(
+                spec.name,
+                spec.gpa,
+                spec.size,
+                not spec.readonly,
+                priority=spec.priority,
+                enabled=not spec.disabled,
+                backing=spec.backing,
+                path=spec.file,
+            )
+        except (MembackingError, Refused) as exc:
+            if taken is None:
+                raise
+            # The daemon that handed over is gone: refusing to start now would leave no one
+            # serving its memory (precheck refused what it could see before the ask).
+            log.error("--region/config %s not applied after the handover: %s", spec.name, exc)
 
 
 def _adopt_sent(daemon: Daemon, data: bytes) -> None:
