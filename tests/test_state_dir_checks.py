@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import stat
 import uuid
 from collections.abc import Iterator
@@ -12,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from membacking.manager.statedir import StateDir, StateDirError, filesystem_of
+from membacking.manager.statedir import (
+    StateDir,
+    StateDirError,
+    default_state_dir,
+    filesystem_of,
+    left_behind,
+)
+from membacking.runtime import RuntimePaths
 
 OTHER_UID = 65534  # nobody
 
@@ -50,6 +58,7 @@ def test_modes_that_let_others_in_are_tightened_and_said(
     root: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     (root / "mem").mkdir(parents=True)
+    os.chmod(root, 0o755)
     os.chmod(root / "mem", 0o755)
     (root / "mem" / "7").write_bytes(b"\0" * 4096)
     os.chmod(root / "mem" / "7", 0o644)
@@ -60,6 +69,8 @@ def test_modes_that_let_others_in_are_tightened_and_said(
     os.close(fd)
     state.release(remove=False)
     assert stat.S_IMODE(os.stat(root / "mem").st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(root).st_mode) == 0o700
+    assert f"{root} had mode 755: set to 700" in caplog.text
     assert stat.S_IMODE(os.stat(root / "mem" / "7").st_mode) == 0o600
     assert "had mode 755: set to 700" in caplog.text
     assert "had mode 644: set to 600" in caplog.text
@@ -91,3 +102,21 @@ def test_a_state_directory_off_tmpfs_is_warned_of(
         on_disk.acquire()
         on_disk.release(remove=True)
     assert f"is on a {kind} file system, not a tmpfs" in caplog.text
+
+
+def test_the_state_of_a_running_manager_is_not_called_left_behind(tmp_path: Path) -> None:
+    """--no-state warns of a state an earlier manager left in the default state directory;
+    not of one a running manager holds (removing that would take its guest memory)."""
+    paths = RuntimePaths.resolve(tmp_path / "run")
+    state = StateDir(default_state_dir(paths))
+    state.acquire()
+    try:
+        os.close(state.create_file("1", 4096))
+        assert left_behind(paths) is None
+    finally:
+        state.release(remove=False)
+    try:
+        warning = left_behind(paths)
+        assert warning is not None and "left in" in warning and "rm -r" in warning
+    finally:
+        shutil.rmtree(default_state_dir(paths), ignore_errors=True)

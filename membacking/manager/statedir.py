@@ -51,6 +51,8 @@ def left_behind(paths: RuntimePaths) -> str | None:
     runtime directory if a manager left a state there (killed, or stopped with --keep-state):
     it ignores it, and the guest memory in it stays allocated until adopted or removed."""
     root = default_state_dir(paths)
+    if _in_use(root):
+        return None  # the running manager's, not left behind (a takeover is refused anyway)
     try:
         files = [e.stat() for e in os.scandir(root / "mem") if e.is_file(follow_symlinks=False)]
     except OSError:
@@ -87,6 +89,21 @@ def filesystem_of(path: Path) -> str | None:
         if inside and len(mount) > best:
             best, kind = len(mount), line.split(" - ", 1)[1].split()[0]
     return kind
+
+
+def _in_use(root: Path) -> bool:
+    """Whether a running manager holds the state directory `root` (its state.lock)."""
+    try:
+        fd = os.open(root / "state.lock", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # drops the lock if it was taken
+    return False
 
 
 def _check_own(path: Path, what: str, directory: bool) -> os.stat_result | None:
@@ -135,7 +152,7 @@ class StateDir:
                 f"state directory {self.root} belongs to uid {info.st_uid}, not to you "
                 f"(uid {os.getuid()}); choose another --state-dir"
             )
-        os.chmod(self.root, 0o700)
+        self._tighten(self.root, 0o700)
         with contextlib.suppress(FileExistsError):
             self.mem.mkdir(mode=0o700)
         _check_own(self.mem, "memory directory", directory=True)
@@ -161,7 +178,7 @@ class StateDir:
             log.warning(
                 "state directory %s is on a %s file system, not a tmpfs: guest RAM is kept in "
                 "files there, so the kernel writes it back to that storage (slower, and it "
-                'outlives a reboot); see OPERATIONS.md, "The state directory"',
+                'outlives a reboot); see OPERATIONS.md, "Guest memory across restarts and crashes"',
                 self.root,
                 kind,
             )
