@@ -246,6 +246,7 @@ def test_a_handover_during_a_pending_removal_waits_and_loses_nothing(
     assert "the running manager is busy (changes wait for mappers' acknowledgements (remove" in (
         second.log()
     )
+    assert first.log().count("handover refused") == 1  # asked every 50 ms, said once
     assert first.proc.wait(10) == 0
     assert sorted(r["name"] for r in second.client().regions()) == ["dev", "ram0"]
     files = os.listdir(default_state_dir(RuntimePaths.resolve(second.runtime_dir)) / "mem")

@@ -92,6 +92,8 @@ class Daemon(FdServer):
         self.handed_over: dict[str, Any] | None = None
         #: once this daemon agreed to hand over: (send on the handover channel, with the state)
         self.handing_over: tuple[bool, bool] | None = None
+        #: the last refused handover's (asking pid, code): a new daemon asks again while busy
+        self.handover_refused: tuple[Any, str] | None = None
 
     def _empty_state(self) -> tuple[MemfdStore, ManagerState]:
         store = MemfdStore(self.persist.dir if self.persist is not None else None)

@@ -79,7 +79,11 @@ def answer(daemon: Daemon, identity: bytes, msg: m.ControlRequest) -> list[Effec
             )
         result = _agree(daemon, args)
     except Refused as exc:
-        log.warning("handover refused: %s", exc)
+        # a new daemon asks again every BUSY_POLL while busy: say so once per asking process
+        asker = (args.get("pid"), exc.code)
+        if exc.code != "busy" or daemon.handover_refused != asker:
+            log.warning("handover refused: %s", exc)
+        daemon.handover_refused = asker
         return [Send(Channel.CONTROL, identity, m.Error(exc.code, str(exc)))]
     trace.mark("handover.agreed")
     daemon.stop(f"handing over to pid {args['pid']}")
