@@ -239,6 +239,8 @@ def test_add_says_which_eager_mapper_it_waits_for(
     waiting = [line for line in result.stderr.splitlines() if line.startswith("adding e1 for ")]
     assert waiting, result.stderr
     assert "(stopped, pid " in waiting[0] and "to acknowledge the change" in waiting[0]
+    # it ends by evicting the mapper, and says so as a removal does
+    assert f"(mapper {eager.mapper_id} evicted after not answering for " in result.stdout
 
 
 def test_refusals_are_counted_apart(start_manager: Start, spawn_worker: Spawn) -> None:

@@ -15,7 +15,7 @@ from click.shell_completion import CompletionItem
 from .. import units
 from ..control_client import ControlClient
 from ..errors import MembackingError
-from ..manager.model import removal_summary
+from ..manager.model import evictions, removal_summary
 from .common import (
     FILE_OFFSET,
     PAGE_ADDRESS,
@@ -69,8 +69,11 @@ def _done(result: dict[str, Any], text: str, as_json: bool) -> None:
     """Print what a command did: a sentence, or with --json the daemon's answer."""
     if as_json:
         echo_json(result)
-    else:
-        click.echo(text)
+        return
+    evicted = evictions(result)
+    if evicted and " evicted " not in text:  # a removal's sentence says so already
+        text += f" ({'; '.join(evicted)})"
+    click.echo(text)
 
 
 def _region_name(ctx: click.Context, param: click.Parameter, name: str) -> str:

@@ -455,8 +455,12 @@ def removal_summary(result: dict[str, Any]) -> str:
     if ids:
         mappers = "mapper " if len(ids) == 1 else "mappers "
         parts.append("unmapped from " + mappers + ", ".join(map(str, ids)))
-    why = result.get("evicted_why", {})
-    parts += [
-        f"mapper {i} evicted {why.get(str(i), '')}".rstrip() for i in result.get("evicted", [])
-    ]
+    parts += evictions(result)
     return "; ".join(parts) or "no mapper held it"
+
+
+def evictions(result: dict[str, Any]) -> list[str]:
+    """The mappers a change's reply says were evicted while it waited on them, each as
+    `mapper 2 evicted after not answering for 5.0 s`."""
+    why = result.get("evicted_why", {})
+    return [f"mapper {i} evicted {why.get(str(i), '')}".rstrip() for i in result.get("evicted", [])]

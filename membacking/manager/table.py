@@ -464,8 +464,16 @@ class TableState:
         return Operation(what, self._monotonic(), reply_to)
 
     def _reply(self, op: Operation, result: Any) -> list[Effect]:
+        """The answer to the change `op`; with the mappers evicted while it waited on them
+        (`evicted`, `evicted_why`, as a removal's answer has them) when there were any."""
         if op.reply_to is None:
             return []
+        if op.evicted and isinstance(result, dict) and "evicted" not in result:
+            result = {
+                **result,
+                "evicted": sorted(op.evicted),
+                "evicted_why": {str(i): why for i, why in sorted(op.evicted.items())},
+            }
         return [Send(Channel.CONTROL, op.reply_to, m.ControlReply(result))]
 
     def _reply_error(self, op: Operation, code: str, text: str) -> list[Effect]:
