@@ -8,7 +8,7 @@ import click
 
 
 @click.command("bench")
-@click.option("--quick", is_flag=True, help="Smaller sizes and fewer rounds (about 30 s).")
+@click.option("--quick", is_flag=True, help="Smaller sizes and fewer rounds (a minute or two).")
 @click.option(
     "--json",
     "json_path",
