@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -320,3 +321,43 @@ class HandMapper:
                 sock.close(0)
         self.ctx.term()
         self.fd_sock.close()
+
+
+@contextlib.contextmanager
+def region_toggled(runtime_dir: Path, name: str, gpa: int, size: int) -> Iterator[list[int]]:
+    """While the block runs, a thread removes region `name` and adds it again (at `gpa`, of
+    `size` bytes) over and over; yields a list whose only item counts the rounds."""
+    stop = threading.Event()
+    rounds = [0]
+
+    def toggle() -> None:
+        client = ControlClient(runtime_dir)
+        try:
+            while not stop.is_set():
+                client.remove_region(name)
+                client.add_region(name, gpa, size)
+                rounds[0] += 1
+        finally:
+            client.close()
+
+    toggler = threading.Thread(target=toggle)
+    toggler.start()
+    try:
+        yield rounds
+    finally:
+        stop.set()
+        toggler.join(30)
+
+
+def stop_in_eager_replay(manager: RunningManager, worker: Worker) -> None:
+    """Make `worker` eager and SIGSTOP it in the middle of its replay (its acks owed: the
+    manager's status shows it waited on); the caller sends SIGCONT."""
+    client = manager.client()
+    worker.send("eager")
+    deadline = time.monotonic() + 10
+    while not client.status()["waiting_on"] and time.monotonic() < deadline:
+        time.sleep(0.002)
+    os.kill(worker.pid, signal.SIGSTOP)
+    if not client.status()["waiting_on"]:
+        os.kill(worker.pid, signal.SIGCONT)
+        raise AssertionError("the replay was over before the mapper stopped")

@@ -4,7 +4,6 @@ allocates; a write that cannot be done completely (a hole, read-only memory) wri
 
 from __future__ import annotations
 
-import threading
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -16,7 +15,7 @@ import membacking
 from membacking import GuestMemory
 from membacking.errors import NoMappingError, OutOfRangeError, ReadOnlyError
 
-from conftest import RunningManager
+from conftest import RunningManager, region_toggled
 
 GiB = 1 << 30
 #: a 64 KiB region with a hole after it, and a read-only one right after that hole
@@ -192,23 +191,10 @@ def test_a_write_racing_a_removal_is_all_or_nothing(manager: RunningManager) -> 
     first, second = 0x20000000, 0x20010000
     client.add_region("first", first, 0x10000)
     client.add_region("second", second, 0x10000)
-    stop = threading.Event()
-    toggles = 0
-
-    def toggle() -> None:
-        nonlocal toggles
-        other = membacking.ControlClient(manager.runtime_dir)
-        while not stop.is_set():
-            other.remove_region("second")
-            other.add_region("second", second, 0x10000)
-            toggles += 1
-
     with membacking.attach(manager.runtime_dir) as memory:
         memory.write_at(second - 16, bytes(16))
-        toggler = threading.Thread(target=toggle)
-        toggler.start()
         landed = failed = 0
-        try:
+        with region_toggled(manager.runtime_dir, "second", second, 0x10000) as toggles:
             expected = bytes(16)
             deadline = time.monotonic() + 1.0
             k = 0
@@ -223,10 +209,7 @@ def test_a_write_racing_a_removal_is_all_or_nothing(manager: RunningManager) -> 
                 assert memory.read_at(second - 16, 16) == expected, (landed, failed)
                 if time.monotonic() > deadline + 10:
                     break
-        finally:
-            stop.set()
-            toggler.join(30)
-    assert landed and failed and toggles, (landed, failed, toggles)
+    assert landed and failed and toggles[0], (landed, failed, toggles)
 
 
 def test_a_read_into_across_a_hole_leaves_the_buffer_alone(memory: GuestMemory) -> None:

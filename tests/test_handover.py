@@ -32,7 +32,15 @@ from membacking.protocol.codec import encode
 from membacking.protocol.ranges import MemoryRange
 from membacking.runtime import RuntimePaths
 
-from conftest import RunningManager, Worker, WorkerError, cli_env, run_cli, short_tmpdir
+from conftest import (
+    RunningManager,
+    Worker,
+    WorkerError,
+    cli_env,
+    run_cli,
+    short_tmpdir,
+    stop_in_eager_replay,
+)
 
 MiB = 1 << 20
 Start = Callable[..., RunningManager]
@@ -405,13 +413,8 @@ def test_a_handover_during_an_eager_replay_waits_and_the_mapper_ends_eager(
         for i in range(0, count, 37):
             memory.write_at(0x40000000 + i * 0x10000, f"e{i}".encode())
     worker = spawn_worker(first, "eager")
-    worker.send("eager")
-    deadline = time.monotonic() + 10
-    while not client.status()["waiting_on"] and time.monotonic() < deadline:
-        time.sleep(0.002)
-    os.kill(worker.pid, signal.SIGSTOP)  # in the middle of the replay
+    stop_in_eager_replay(first, worker)
     try:
-        assert client.status()["waiting_on"], "the replay was over before the mapper stopped"
         outcome: dict[str, RunningManager] = {}
 
         def take_over() -> None:

@@ -15,7 +15,7 @@ import membacking
 from membacking.errors import NoMappingError
 from membacking.ffi import PAGE_SIZE, Reservation
 
-from conftest import RunningManager
+from conftest import RunningManager, region_toggled
 
 REGION, OTHER = 0x10000000, 0x10100000
 
@@ -109,25 +109,11 @@ def test_plain_accesses_racing_a_removal_read_only_what_was_written(
     """Aligned words read and written while their region is removed and added again, over and
     over: each access works or raises NoMappingError, and a read finds what this thread last
     wrote since the region came back (or zero)."""
-    client = manager.client()
-    client.add_region("words", REGION, 0x10000)
-    stop = threading.Event()
-    toggles = 0
-
-    def toggle() -> None:
-        nonlocal toggles
-        other = membacking.ControlClient(manager.runtime_dir)
-        while not stop.is_set():
-            other.remove_region("words")
-            other.add_region("words", REGION, 0x10000)
-            toggles += 1
-
+    manager.client().add_region("words", REGION, 0x10000)
     with membacking.attach(manager.runtime_dir) as memory:
         memory.write_plain(REGION, "<Q", 1)
-        toggler = threading.Thread(target=toggle)
-        toggler.start()
         done = failed = 0
-        try:
+        with region_toggled(manager.runtime_dir, "words", REGION, 0x10000) as toggles:
             deadline = time.monotonic() + 1.0
             k = 0
             while time.monotonic() < deadline or not (done and failed):
@@ -142,7 +128,4 @@ def test_plain_accesses_racing_a_removal_read_only_what_was_written(
                     failed += 1
                 if time.monotonic() > deadline + 10:
                     break
-        finally:
-            stop.set()
-            toggler.join(30)
-    assert done and failed and toggles, (done, failed, toggles)
+    assert done and failed and toggles[0], (done, failed, toggles)
