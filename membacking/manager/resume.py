@@ -10,7 +10,6 @@ import logging
 import secrets
 from array import array
 from dataclasses import dataclass
-from itertools import chain
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -20,15 +19,13 @@ from ..protocol import messages as m
 from ..protocol.messages import PRIVATE_MAPPABLE
 from ..protocol.ranges import MemoryRange
 from ..protocol.resume import holdings_digest
-from .model import Effect, MapperEntry, Mapping, SendFd
+from .model import Effect, MapperEntry, SendFd
 
 if TYPE_CHECKING:
     from .peers import PeerState
 
 log = logging.getLogger("membacking.manager")
 
-#: a mapping as Holdings lists it: start, size, mappable id, file offset, writable (0/1)
-HeldRow = tuple[int, int, int, int, int]
 #: the version of the encoded table; a reader refuses (and ignores) any other
 TABLE_VERSION = 1
 
@@ -140,24 +137,6 @@ def take_resume(state: PeerState, entry: MapperEntry, msg: m.Resume) -> list[Eff
     return _answer(entry, True)
 
 
-def start_index(state: PeerState) -> dict[int, tuple[MemoryRange, Mapping, HeldRow]]:
-    """Each mapping of the table by its start, with its range and its entry as Holdings lists
-    it: built once per change of the table (every mapper resuming is looked up in it)."""
-    cached = state._start_index
-    if cached is not None and cached[0] == state.table_generation:
-        return cached[1]
-    index = {
-        rng.start: (
-            rng,
-            mp,
-            (rng.start, rng.end - rng.start, mp.mappable_id, mp.file_offset, int(mp.writable)),
-        )
-        for rng, mp in state.table.items()
-    }
-    state._start_index = (state.table_generation, index)
-    return index
-
-
 def _look_up(state: PeerState, handed: HandedMapper) -> Any:
     """(fds, mappings) as Holdings would list them, the ranges and the table's Mapping of
     each: from the handed-over entry and this daemon's table and store. None if a range is
@@ -172,20 +151,19 @@ def _look_up(state: PeerState, handed: HandedMapper) -> Any:
             return None
         fds += (mappable_id, ident[0], ident[1])
     held_fds = set(handed.fds)
-    held_fds.add(PRIVATE_MAPPABLE)
-    index = start_index(state)
-    rows: list[HeldRow] = []
+    flat: list[int] = []
     ranges: list[MemoryRange] = []
-    mappings: list[Mapping] = []
+    mappings = []
     it = iter(handed.held)
     for start, end in zip(it, it, strict=True):
-        hit = index.get(start)
-        if hit is None:
+        rng = MemoryRange(start, end)
+        mapping = state._mapping_at(rng)
+        if mapping is None:
             return None
-        rng, mapping, row = hit
-        if rng.end != end or row[2] not in held_fds:
+        mid = mapping.mappable_id
+        if mid not in held_fds and mid != PRIVATE_MAPPABLE:
             return None
-        rows.append(row)
+        flat += (start, end - start, mid, mapping.file_offset, int(mapping.writable))
         ranges.append(rng)
         mappings.append(mapping)
-    return fds, list(chain.from_iterable(rows)), ranges, mappings
+    return fds, flat, ranges, mappings

@@ -81,7 +81,6 @@ class TableState:
         #: is the same: reattach.py's index of the mappings)
         self.table_generation = 0
         self._held_index: tuple[int, dict[Any, Any]] | None = None
-        self._start_index: tuple[int, dict[Any, Any]] | None = None  # resume.start_index
         self.mappers: dict[int, MapperEntry] = {}
         self._by_identity: dict[bytes, tuple[int, int]] = {}  # identity -> (mapper id, role)
         self._pending: dict[tuple[int, int], Operation] = {}  # (mapper id, seq) -> operation
