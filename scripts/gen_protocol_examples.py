@@ -43,8 +43,6 @@ EXAMPLES: list[tuple[str, m.Message]] = [
     ("ResendFd(7, tag=4)", m.ResendFd(7, 4)),
     ("DetachAck()", m.DetachAck()),
     ("Holdings(fds=[7, 64768, 12], mappings=[])", m.Holdings((7, 64768, 12), ())),
-    ('Resume(5, token=b"t" * 16, digest=b"d" * 16)', m.Resume(5, b"t" * 16, b"d" * 16)),
-    ("Resumed(true)", m.Resumed(True)),
     ('ControlRequest("regions", {})', m.ControlRequest("regions", {})),
     ("ControlReply([])", m.ControlReply([])),
 ]

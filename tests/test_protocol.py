@@ -134,8 +134,6 @@ EXAMPLES: list[m.Message] = [
     m.Welcome(1, TOKEN, 1 << 40, P, 0),
     m.Welcome(1, TOKEN, 1 << 40, P, m.SUPPORTED_FEATURES, TOKEN),
     m.Holdings((7, 64769, 12), (0, P, 7, 0, 1)),
-    m.Resume(7, b"t" * 16, b"d" * 16),
-    m.Resumed(True),
     m.FdGrant(7, 2 * P, False),
     m.FdDenied(7, "gone"),
     m.Error("bad-request", "why"),

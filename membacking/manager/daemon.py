@@ -27,7 +27,7 @@ from ..protocol.codec import decode, encode
 from ..protocol.errors import ProtocolError
 from ..protocol.messages import Channel
 from ..runtime import RuntimePaths
-from . import handover, resume, sdnotify, startup
+from . import handover, sdnotify, startup
 from .backing import MemfdStore
 from .control import STOPPING_OPS, addressed_elsewhere
 from .errors import Refused
@@ -93,10 +93,7 @@ class Daemon(FdServer):
         #: with `takeover`: the answer of the daemon that handed over
         self.handed_over: dict[str, Any] | None = None
         #: once this daemon agreed to hand over: (send on the handover channel, with the state)
-        #: (on the channel, with the state, with the mapper table) once it agreed to hand over
-        self.handing_over: tuple[bool, bool, bool] | None = None
-        #: the mapper table handed over (resume.encode), taken as the last messages are read
-        self.mapper_table = b""
+        self.handing_over: tuple[bool, bool] | None = None
 
     def _empty_state(self) -> tuple[MemfdStore, ManagerState]:
         store = MemfdStore(self.persist.dir if self.persist is not None else None)
@@ -227,9 +224,6 @@ class Daemon(FdServer):
         # is never answered
         with contextlib.suppress(OSError):
             self._listen.close()
-        if self.handing_over is not None and self.handing_over[2]:
-            # what each mapper holds once nothing more is read from it
-            self.mapper_table = resume.encode(resume.export(self.state))
         with contextlib.suppress(Exception):
             attached = bool(self.state.mappers)
             self._apply(self.state.shutdown(reason, code))

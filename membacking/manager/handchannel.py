@@ -1,8 +1,7 @@
 """The handover channel: a Unix socket (`handover.sock` in the runtime directory) the new daemon
 listens on while it takes over. Once the old daemon has stopped serving, it connects and sends
-its state (the journal's encoding, for a new daemon without a state directory), its mapper
-table (for a new daemon that asked for it: resume.py) and the descriptors of memory that lives
-in no file (memfd, hugetlb), at most 253 per message.
+its state (the journal's encoding, for a new daemon without a state directory) and the
+descriptors of memory that lives in no file (memfd, hugetlb), at most 253 per message.
 """
 
 from __future__ import annotations
@@ -59,10 +58,9 @@ class Receiver:
             self.close()
             raise ChannelError(f"cannot listen on {self.path}: {exc.strerror or exc}") from None
 
-    def receive(self, timeout: float) -> tuple[bytes, dict[int, int], bytes]:
-        """The old daemon's state (empty if it sent none), fds by mappable id and mapper table
-        (empty if it sent none). The caller owns the fds. ChannelError if the old daemon does
-        not send them whole in `timeout`."""
+    def receive(self, timeout: float) -> tuple[bytes, dict[int, int]]:
+        """The old daemon's state (empty if it sent none) and fds by mappable id. The caller
+        owns the fds. ChannelError if the old daemon does not send them whole in `timeout`."""
         fds: dict[int, int] = {}
         try:
             return self._receive(timeout, fds)
@@ -70,7 +68,7 @@ class Receiver:
             close_fds(list(fds.values()))
             raise
 
-    def _receive(self, timeout: float, fds: dict[int, int]) -> tuple[bytes, dict[int, int], bytes]:
+    def _receive(self, timeout: float, fds: dict[int, int]) -> tuple[bytes, dict[int, int]]:
         deadline = time.monotonic() + timeout
         self._sock.settimeout(timeout)
         try:
@@ -81,7 +79,7 @@ class Receiver:
             uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
             if uid not in (os.getuid(), 0):
                 raise ChannelError(f"a process of uid {uid} connected to {self.path}")
-            state, mappers = bytearray(), bytearray()
+            state = bytearray()
             while True:
                 conn.settimeout(max(0.001, deadline - time.monotonic()))
                 try:
@@ -91,8 +89,7 @@ class Receiver:
                 try:
                     kind, value = msgpack.unpackb(data, raw=False)
                     ids = value if kind == "fds" else []
-                    blob = kind in ("state", "mappers")
-                    ok = (blob and type(value) is bytes and not got) or (
+                    ok = (kind == "state" and type(value) is bytes and not got) or (
                         kind == "fds"
                         and type(ids) is list
                         and len(ids) == len(got)
@@ -105,13 +102,11 @@ class Receiver:
                     close_fds(got)
                     raise ChannelError("the old daemon sent a malformed handover message")
                 if kind == "end":
-                    return bytes(state), fds, bytes(mappers)
-                if blob:
-                    into = state if kind == "state" else mappers
-                    into += value
-                    if len(into) > MAX_JOURNAL_BYTES:
-                        raise ChannelError(f"the old daemon's {kind} is over the journal's limit")
-                    continue
+                    return bytes(state), fds
+                if kind == "state":
+                    state += value
+                    if len(state) > MAX_JOURNAL_BYTES:
+                        raise ChannelError("the old daemon's state is over the journal's limit")
                 fds.update(zip(ids, got, strict=True))
 
     def close(self) -> None:
@@ -120,18 +115,14 @@ class Receiver:
             self.path.unlink()
 
 
-def send(
-    paths: RuntimePaths, state: bytes, fds: dict[int, int], timeout: float, mappers: bytes = b""
-) -> None:
-    """The old daemon's end: send `state`, `mappers` (only to a new daemon that asked for it)
-    and `fds` (by mappable id; they stay open here) to the new daemon. OSError if it cannot."""
+def send(paths: RuntimePaths, state: bytes, fds: dict[int, int], timeout: float) -> None:
+    """The old daemon's end: send `state` and `fds` (by mappable id; they stay open here) to
+    the new daemon. OSError if it cannot."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as sock:
         sock.settimeout(timeout)
         sock.connect(os.fspath(channel_path(paths)))
         for i in range(0, len(state), CHUNK):
             send_raw(sock, msgpack.packb(["state", state[i : i + CHUNK]], use_bin_type=True))
-        for i in range(0, len(mappers), CHUNK):
-            send_raw(sock, msgpack.packb(["mappers", mappers[i : i + CHUNK]], use_bin_type=True))
         items = sorted(fds.items())
         for i in range(0, len(items), MAX_FDS_PER_MESSAGE):
             batch = items[i : i + MAX_FDS_PER_MESSAGE]

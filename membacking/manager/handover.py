@@ -45,10 +45,6 @@ HANDOVER_VERSIONS = (1, 2)
 FEATURE_CHANNEL = 1
 #: the asker has no state directory: the state itself comes over the channel
 FEATURE_STATE = 2
-#: the asker takes the mapper table over the channel: mappers may resume by digest (resume.py)
-FEATURE_MAPPERS = 4
-#: the bits this release knows
-FEATURES = FEATURE_CHANNEL | FEATURE_STATE | FEATURE_MAPPERS
 #: how long a new daemon keeps asking while the running one has changes waiting on mappers
 #: (longer than the default --unmap-timeout, after which such a change ends by eviction)
 BUSY_WAIT = 35.0
@@ -150,11 +146,7 @@ def _agree(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
         )
     if persist is not None:
         persist.config = dataclasses.replace(persist.config, keep=True)
-    daemon.handing_over = (
-        channel,
-        bool(features & FEATURE_STATE),
-        channel and bool(features & FEATURE_MAPPERS),
-    )
+    daemon.handing_over = (channel, bool(features & FEATURE_STATE))
     log.warning("handing over to pid %d (a new manager on %s)", pid, daemon.paths.root)
     answer = {
         "pid": os.getpid(),
@@ -164,7 +156,7 @@ def _agree(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
         "regions": sum(not r.removing for r in state.regions.values()),
     }
     if version >= 2:
-        answer["features"] = features & FEATURES
+        answer["features"] = features & (FEATURE_CHANNEL | FEATURE_STATE)
     return answer
 
 
@@ -173,7 +165,7 @@ def send_over(daemon: Daemon) -> None:
     (if it has no state directory) and every fd of memory in no file. Logged if it fails (the
     mappers keep that memory mapped; the new daemon cannot serve it)."""
     assert daemon.handing_over is not None
-    _, with_state, _ = daemon.handing_over
+    _, with_state = daemon.handing_over
     state = b""
     if with_state:
         state_id = daemon.state.state_id
@@ -181,7 +173,7 @@ def send_over(daemon: Daemon) -> None:
         state = encode(snapshot)
     fds = daemon.store.volatile_fds()
     try:
-        handchannel.send(daemon.paths, state, fds, RELEASE_WAIT, daemon.mapper_table)
+        handchannel.send(daemon.paths, state, fds, RELEASE_WAIT)
     except OSError as exc:
         log.error(
             "cannot send %d fds%s to the new manager: %s",
@@ -238,8 +230,6 @@ class Takeover:
     state: bytes = b""
     #: fds of memory in no file, by mappable id (each taken by `inherit`, the rest closed)
     fds: dict[int, int] = dataclasses.field(default_factory=dict)
-    #: the old daemon's mapper table (resume.encode; empty: none was sent)
-    mappers: bytes = b""
 
     def inherit(self, record: BackingRecord) -> int | None:
         """The fd the old daemon sent for a journaled memfd/hugetlb backing, if it is that
@@ -273,7 +263,7 @@ def take_over(daemon: Daemon, timeout: float = 10.0) -> Takeover:
         daemon.heap.settle(daemon._size())
         daemon.settled_early = daemon.state
         trace.mark("takeover.settled")
-    features = FEATURE_CHANNEL | FEATURE_MAPPERS | (FEATURE_STATE if daemon.persist is None else 0)
+    features = FEATURE_CHANNEL | (FEATURE_STATE if daemon.persist is None else 0)
     args = {"version": HANDOVER_VERSION, "journal": FORMAT_VERSION, "pid": os.getpid()}
     try:
         receiver = handchannel.Receiver(paths)
@@ -285,7 +275,7 @@ def take_over(daemon: Daemon, timeout: float = 10.0) -> Takeover:
         trace.mark("takeover.agreed")
         taken = Takeover(prepared, result)
         if result.get("features", 0) & FEATURE_CHANNEL:
-            taken.state, taken.fds, taken.mappers = receiver.receive(RELEASE_WAIT)
+            taken.state, taken.fds = receiver.receive(RELEASE_WAIT)
             trace.mark("takeover.received")
     except handchannel.ChannelError as exc:
         raise HandoverError(f"the manager agreed to hand over, but {exc}") from None

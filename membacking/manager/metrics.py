@@ -77,8 +77,6 @@ _COUNTERS = {
     "invalidations": "Changes that waited for their holders' Unmap acknowledgements",
     "evict_kills": "Evicted mappers killed (SIGKILL) under --evict-kill",
     "evictions_invalid": "Mappers evicted for 8 invalid messages in a row (also in evictions)",
-    "resumed_mappers": "Mappers that resumed after a handover by digest, without Holdings",
-    "resumes_refused": "Resume requests answered false (the mapper sent Holdings then)",
 }
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..protocol.messages import Channel, Error, FdDenied, FdGrant, Message, Resumed
+from ..protocol.messages import Channel, Error, FdDenied, FdGrant, Message
 from ..protocol.ranges import MemoryRange
 
 DEFAULT_ADDRESS_SPACE = 1 << 40  # 1 TiB of guest-physical address space
@@ -51,11 +51,11 @@ class Disconnect:
 @dataclass(frozen=True)
 class SendFd:
     """Effect: on the mapper's fd socket, right behind a Map, send `msg`: an FdGrant (with the
-    mappable's fd attached) or an FdDenied saying why the mapper cannot have it; an Error
-    refusing a tagged request that has no stream to be answered on; or Resumed."""
+    mappable's fd attached) or an FdDenied saying why the mapper cannot have it; or an Error
+    refusing a tagged request that has no stream to be answered on."""
 
     mapper_id: int
-    msg: FdGrant | FdDenied | Error | Resumed
+    msg: FdGrant | FdDenied | Error
 
 
 Effect = Send | SendFd | Disconnect

@@ -22,7 +22,6 @@ from .model import (
     Send,
     SendFd,
 )
-from .resume import HandedMapper, take_resume
 from .table import TableState
 
 log = logging.getLogger("membacking.manager")
@@ -47,9 +46,6 @@ class PeerState(TableState):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._departed: OrderedDict[bytes, None] = OrderedDict()
-        #: the mappers of the daemon that handed over to this one, by their id there: each
-        #: may resume once (resume.py)
-        self.handed_mappers: dict[int, HandedMapper] = {}
         #: ids below this may have been handed out; the journal keeps it as next_mapper_id
         self.mapper_ids_reserved = self._next_mapper_id
 
@@ -207,8 +203,6 @@ class PeerState(TableState):
             from .reattach import take_holdings
 
             return take_holdings(self, entry, msg)
-        if isinstance(msg, m.Resume):
-            return take_resume(self, entry, msg)
         return None
 
     def _acknowledgement(self, entry: MapperEntry, msg: Message) -> list[Effect] | None:

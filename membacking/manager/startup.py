@@ -9,7 +9,7 @@ import logging
 import secrets
 from typing import TYPE_CHECKING
 
-from . import handover, resume
+from . import handover
 from .journal import JournalError, decode
 from .metrics import ManagerMetrics
 from .persist import adopted_region, describe
@@ -70,11 +70,6 @@ def adopt(daemon: Daemon, taken: handover.Takeover | None) -> None:
         if fdstore is not None
         else daemon.state.state_id or secrets.token_bytes(16)
     )
-    if taken is not None and taken.mappers:
-        try:
-            daemon.state.handed_mappers = resume.decode(taken.mappers)
-        except ValueError as exc:  # they register with Holdings
-            log.error("the mapper table handed over cannot be used: %s", exc)
     daemon.state.persistence = describe(persist, daemon.config.persist, fdstore is not None)
     adopted_from = (
         f"the state in {persist.dir.root}"

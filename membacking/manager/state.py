@@ -448,8 +448,6 @@ class ManagerState(PeerState):
             "invalidations",
             "invalidation_us_total",
             "evictions_invalid",
-            "resumed_mappers",
-            "resumes_refused",
         )
         out: dict[str, Any] = {k: self.counters[k] for k in keys}
         out.update(

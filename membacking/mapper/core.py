@@ -70,8 +70,6 @@ class VaMapper:
         self.relinked = threading.Event()
         self.relinked.set()
         self.relink_reason = ""
-        #: times it registered again and resumed by digest (no Holdings sent)
-        self.resumed = 0
         #: called on the mapper thread each time it registered again: (kept, old mapper id)
         self.relink_hooks: list[Callable[[bool, int], None]] = []
         self.link = link

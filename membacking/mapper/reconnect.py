@@ -19,9 +19,6 @@ import zmq
 from .. import trace
 from ..errors import ManagerUnavailableError
 from ..protocol import messages as m
-from ..protocol.fdpass import close_fds
-from ..protocol.resume import holdings_digest
-from .link import AttachError
 from .waitlist import RELINK
 
 if TYPE_CHECKING:
@@ -137,7 +134,7 @@ def relink(mapper: VaMapper) -> bool:
     trace.mark(f"mapper.relink old={mapper.id}")
     deadline = time.monotonic() + mapper.reconnect_timeout
     old_state = mapper.link.state_id
-    old_id, old_token = mapper.id, mapper.link.token
+    old_id = mapper.id
     _await_hangup(mapper)
     trace.mark(f"mapper.hangup old={old_id}")
     delay = BACKOFF_START
@@ -148,7 +145,7 @@ def relink(mapper: VaMapper) -> bool:
             tried = _socket_identity(mapper)  # before the try: one bound during it counts
             mapper.link.reconnect()
             trace.mark(f"mapper.welcome old={old_id} new={mapper.link.mapper_id}")
-            _restore(mapper, old_state, old_id, old_token)
+            _restore(mapper, old_state, old_id)
             trace.mark(f"mapper.restored old={old_id}")
             break
         except (ManagerUnavailableError, OSError, TimeoutError) as exc:  # not yet: try again
@@ -195,7 +192,7 @@ def relink(mapper: VaMapper) -> bool:
     return True
 
 
-def _restore(mapper: VaMapper, old_state: bytes | None, old_id: int, old_token: bytes) -> None:
+def _restore(mapper: VaMapper, old_state: bytes | None, old_id: int) -> None:
     """Registered with a new manager: keep what it still serves, drop the rest."""
     mapper.id = mapper.fds.id = mapper.acks.id = mapper.link.mapper_id
     _forget_acks(mapper)
@@ -209,32 +206,10 @@ def _restore(mapper: VaMapper, old_state: bytes | None, old_id: int, old_token: 
             dropped,
         )
     else:
-        fds, mappings = _holdings(mapper)
-        if mapper.link.features & m.FEATURE_RESUME and _resumed(
-            mapper, old_id, old_token, holdings_digest(fds, mappings)
-        ):
-            mapper.resumed += 1
-            trace.mark(f"mapper.resumed old={old_id}")
-            log.info("mapper %d (was %d): resumed by digest, no Holdings", mapper.id, old_id)
-            return
-        _send_holdings(mapper, fds, mappings)
+        _send_holdings(mapper)
 
 
-def _resumed(mapper: VaMapper, old_id: int, old_token: bytes, digest: bytes) -> bool:
-    """Ask the manager to resume this mapper as `old_id` of the manager that handed over, by
-    the digest of what it holds: True if it did (no Holdings to send)."""
-    mapper.link.send(m.Resume(old_id, old_token, digest))
-    got = mapper.link.recv_fd_message(wait=True)
-    assert got is not None
-    reply, fds = got
-    close_fds(fds)
-    if not isinstance(reply, m.Resumed):
-        raise AttachError(f"unexpected {type(reply).__name__} in answer to Resume")
-    return reply.resumed
-
-
-def _holdings(mapper: VaMapper) -> tuple[list[int], list[int]]:
-    """What this mapper holds, as Holdings lists it: fds and mappings, flattened."""
+def _send_holdings(mapper: VaMapper) -> None:
     # the identity of each fd was taken when it arrived: no fstat per fd here
     fds = mapper.fds.identities()
     with mapper.lock:
@@ -249,10 +224,6 @@ def _holdings(mapper: VaMapper) -> tuple[list[int], list[int]]:
                 int(chunk.writable),
             )
         ]
-    return fds, mappings
-
-
-def _send_holdings(mapper: VaMapper, fds: list[int], mappings: list[int]) -> None:
     fd_step = FDS_PER_MESSAGE * m.HOLDING_FD_LEN
     map_step = MAPPINGS_PER_MESSAGE * m.HOLDING_MAPPING_LEN
     # the fds first: the manager checks each mapping against the fds it was told of

@@ -35,14 +35,8 @@ FEATURE_TAGS = 1 << 2
 #: re-registration after a manager restart: Welcome carries `state_id`, and a mapper may send
 #: Holdings (what it still maps) right after attaching
 FEATURE_REATTACH = 1 << 3
-#: with FEATURE_REATTACH, after a planned handover: a mapper may send Resume (its id and token
-#: of the manager that handed over, and a digest of what it holds) instead of Holdings; the
-#: manager answers Resumed
-FEATURE_RESUME = 1 << 4
 #: every feature bit this release knows
-SUPPORTED_FEATURES = (
-    FEATURE_SHUTDOWN_CODE | FEATURE_DETACH_ACK | FEATURE_TAGS | FEATURE_REATTACH | FEATURE_RESUME
-)
+SUPPORTED_FEATURES = FEATURE_SHUTDOWN_CODE | FEATURE_DETACH_ACK | FEATURE_TAGS | FEATURE_REATTACH
 
 #: Shutdown codes: the mapper was cut off for not answering (it should drop its mappings)
 SHUTDOWN_EVICTED = "evicted"
@@ -263,36 +257,6 @@ class Holdings(Message):
 
 
 @dataclass(frozen=True, slots=True)
-class Resume(Message):
-    """mapper -> manager (fd socket, FEATURE_RESUME): after registering again with a manager
-    whose Welcome has the state_id it had before, instead of Holdings: `mapper_id` and `token`
-    are those it had with the manager that handed over, `digest` the `holdings_digest` of what
-    it holds (protocol/resume.py). Answered with Resumed; sent at most once per registration."""
-
-    TYPE = 27
-    FROM = frozenset({"mapper"})
-    FIELDS = (("mapper_id", Kind.U64), ("token", Kind.TOKEN), ("digest", Kind.TOKEN))
-    CHANNELS = frozenset({Channel.FD})
-    mapper_id: int
-    token: bytes
-    digest: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class Resumed(Message):
-    """manager -> mapper (fd socket, FEATURE_RESUME): the answer to Resume. `resumed` true:
-    the manager that handed over had this mapper with exactly these holdings, and the table
-    still has every one of them; the mapper keeps them all and sends no Holdings. False: it
-    sends Holdings, as without FEATURE_RESUME."""
-
-    TYPE = 28
-    FROM = frozenset({"manager"})
-    FIELDS = (("resumed", Kind.BOOL),)
-    CHANNELS = frozenset({Channel.FD})
-    resumed: bool
-
-
-@dataclass(frozen=True, slots=True)
 class Map(Message):
     """manager -> mapper (stream): `range` is backed by mappable at file_offset."""
 
@@ -495,8 +459,6 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     SendMappings,
     ResendFd,
     Holdings,
-    Resume,
-    Resumed,
     Map,
     NoMapping,
     Unmap,
