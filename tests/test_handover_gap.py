@@ -192,6 +192,46 @@ def test_a_change_after_the_preparation_is_adopted_too(start_manager: Any) -> No
             thread.join(30)
 
 
+def test_the_prepared_state_is_collected_and_frozen_before_the_ask(
+    start_manager: Any, monkeypatch: Any
+) -> None:
+    """The full garbage collection of the state the new daemon prepared is made before it
+    asks, while the old daemon serves; its start of service collects only what came since
+    (the frozen state is not walked again inside the gap)."""
+    import gc
+
+    from membacking.manager.heap import Heap
+
+    regions = [f"--region=r{i}={i * 2 * MiB:#x}:1M" for i in range(50)]
+    first = start_manager(*regions)
+    seen: dict[str, Any] = {"settles": []}
+    settle = Heap.settle
+
+    def recording(self: Heap, size: int = 0, full: bool = True) -> None:
+        seen["settles"].append(full)
+        if full:
+            settle(self, size)
+        else:
+            settle(self, size, full)
+
+    monkeypatch.setattr(Heap, "settle", recording)
+
+    def before_ask(daemon: Daemon) -> None:
+        seen["frozen"] = gc.get_freeze_count()
+        seen["settles_before_ask"] = list(seen["settles"])
+
+    daemon, thread = _take_over_in_thread(first.runtime_dir, before_ask)
+    try:
+        assert len(daemon.state.regions) == 50
+        assert seen["settles_before_ask"] == [True]  # the full one, before the ask
+        assert seen["frozen"] > 0
+        assert seen["settles"] == [True, False]  # at the start of service: only what is new
+        assert daemon.heap.frozen_after_full >= seen["frozen"]
+    finally:
+        daemon.stop()
+        thread.join(30)
+
+
 def test_holdings_are_checked_against_the_table_as_it_is_now() -> None:
     """The index Holdings are checked with (one lookup per mapping) follows the table: after
     a region is removed and another added in its place, a mapper still holding the old

@@ -179,3 +179,24 @@ def test_objects_frozen_and_freed_since_make_a_count_not_a_full_collection(
     heap.tick()
     assert heap.walks == 1 and heap.full_collections == 0
     assert heap.frozen_since < heap.frozen_after_full
+
+
+def test_a_settle_that_is_not_full_leaves_the_frozen_heap_frozen() -> None:
+    """After the state was settled before a handover's ask, the start of service collects
+    only what came since: what was frozen stays so (it is not walked again), the new objects
+    are frozen too, and a garbage cycle among them is collected first."""
+    heap = Heap()
+    try:
+        heap.settle()
+        frozen = gc.get_freeze_count()
+        kept = [_Node() for _ in range(1000)]
+        dead = _Node()
+        dead.other = dead
+        gone = weakref.ref(dead)
+        del dead
+        heap.settle(full=False)
+        assert gone() is None
+        assert gc.get_freeze_count() >= frozen + len(kept)
+        assert heap.frozen_after_full >= frozen + len(kept)
+    finally:
+        heap.close()

@@ -85,6 +85,8 @@ class Daemon(FdServer):
         self._fd_ceiling = 1 << 30  # set from the open-file limit at start
         self._poller: zmq.Poller | None = None
         self.heap = Heap()  # what the garbage collector walks (heap.py)
+        #: the state the heap was settled with before a handover was asked for, if any
+        self.settled_early: ManagerState | None = None
         self.metrics = ManagerMetrics(self.state)
         #: the port metrics are served on, once started (None: not served)
         self.metrics_port: int | None = None
@@ -192,7 +194,10 @@ class Daemon(FdServer):
             for signum in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signum, self._on_signal)
         try:
-            self.heap.settle(self._size())  # the state is adopted, initial regions exist
+            # the state is adopted, initial regions exist; a state prepared before a handover
+            # was asked for was settled then (handover.take_over): only what came since now
+            self.heap.settle(self._size(), full=self.settled_early is not self.state)
+            trace.mark("daemon.settled")
             if on_ready is not None:
                 on_ready(self)
             sdnotify.notify("READY=1")

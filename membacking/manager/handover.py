@@ -291,6 +291,11 @@ def take_over(daemon: Daemon, timeout: float = 10.0) -> Takeover:
         raise HandoverError(f"nothing to take over: no membacking manager at {paths.root}")
     trace.mark("takeover.prepare")
     prepared = precheck(daemon)
+    if prepared:
+        # the full collection of the state prepared, while the running daemon still serves
+        daemon.heap.settle(daemon._size())
+        daemon.settled_early = daemon.state
+        trace.mark("takeover.settled")
     features = FEATURE_CHANNEL | (FEATURE_STATE if daemon.persist is None else 0)
     args = {"version": HANDOVER_VERSION, "journal": FORMAT_VERSION, "pid": os.getpid()}
     try:

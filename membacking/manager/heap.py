@@ -68,16 +68,23 @@ class Heap:
         #: unreachable objects the last full collection found (garbage cycles)
         self.last_found = 0
 
-    def settle(self, size: int = 0) -> None:
+    def settle(self, size: int = 0, full: bool = True) -> None:
         """Collect everything and freeze what is alive (at start, after adopting the state);
-        `size` measures the state then (see `tick`)."""
+        `size` measures the state then (see `tick`). Not `full`: what is frozen already stays
+        so and is not walked (a daemon taking over settles the state it prepared before it
+        asks, then only what came since, in the handover's gap)."""
         started = self._clock()
         if self._on_collection not in gc.callbacks:
             gc.callbacks.append(self._on_collection)
-        gc.unfreeze()
-        self.last_found = gc.collect()
-        gc.freeze()
-        self.frozen_after_full = gc.get_freeze_count()
+        if full:
+            gc.unfreeze()
+            self.last_found = gc.collect()
+            gc.freeze()
+            self.frozen_after_full = gc.get_freeze_count()
+        else:
+            self.last_found += gc.collect()
+            self.frozen_after_full += len(gc.get_objects(generation=2))
+            gc.freeze()
         self.size_after_full = size
         self.frozen_since = 0
         log.debug(
