@@ -270,7 +270,8 @@ def test_a_removal_is_journaled_after_its_acks_or_within_a_second_and_before_its
         while not manager.client().status()["waiting_on"] and time.monotonic() < deadline:
             time.sleep(0.01)
         assert manager.client().status()["waiting_on"]
-        assert "dyn" in names()  # the Unmap is out, the holder has not answered
+        # (whether the journal still names it at this moment depends on where the daemon's
+        # one-second tick fell: not asserted)
         deadline = time.monotonic() + 10
         while "dyn" in names() and time.monotonic() < deadline:
             time.sleep(0.05)
