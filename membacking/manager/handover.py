@@ -124,7 +124,7 @@ def _agree(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
             "--no-state, on the same --state-dir",
         )
     state = daemon.state
-    pending = sorted({op.what for op in state._pending.values()})
+    pending = sorted({op.what for op in state.unfinished()})
     if pending:
         raise Refused(
             "busy",

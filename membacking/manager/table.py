@@ -32,6 +32,7 @@ from .model import (
     Taken,
 )
 from .regions import PlacementIndex, Region, SubMapping, desired_active
+from .steps import Push, StepQueue
 
 log = logging.getLogger("membacking.manager")
 
@@ -94,6 +95,8 @@ class TableState:
         #: objects changes let go of (table entries cut out, a removed region's pieces and
         #: journal records), freed a batch at a time by `work`
         self._trash: list[list[Any]] = []
+        #: changes sending many messages, a batch per `step` (steps.py), in the order begun
+        self.steps = StepQueue(self)
         self.counters: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
         #: requests turned down by a limit or a policy (not a peer's fault), by reason
@@ -359,6 +362,22 @@ class TableState:
                 self._trash.pop()
         return done
 
+    @property
+    def has_steps(self) -> bool:
+        """Whether a change still has messages to send in later steps (`step`)."""
+        return bool(self.steps)
+
+    def step(self) -> list[Effect]:
+        """One batch of the messages changes left for later (steps.py); the daemon's loop
+        calls it between the messages it serves while `has_steps`."""
+        return self.steps.run_one()
+
+    def unfinished(self) -> list[Operation]:
+        """The changes waiting for mappers' answers or for their own later steps."""
+        ops = {id(op): op for op in self._pending.values()}
+        ops.update((id(op), op) for op in self.steps.ops())
+        return list(ops.values())
+
     def _releasable(self, entry: MapperEntry, destroy: set[int]) -> tuple[int, ...]:
         if not destroy:
             return ()
@@ -386,25 +405,29 @@ class TableState:
                 effects.append(self._to_mapper(entry, m.Release(self._seq(entry, op), release)))
         return effects
 
-    def _activate(self, region: Region, op: Operation) -> list[Effect]:
-        effects: list[Effect] = []
+    def _activate(self, region: Region, new: list[Mapping]) -> None:
+        """Put the region's pieces in the table (`new` gets them, to push to eager mappers)."""
         region.active = True
-        for sub in region.submappings:
-            effects.extend(self._insert(region, sub, op))
-        return effects
+        new.extend(self._entry(region, sub) for sub in region.submappings)
 
     def _insert(self, region: Region, sub: SubMapping, op: Operation) -> list[Effect]:
+        return self._push([self._entry(region, sub)], op)
+
+    def _entry(self, region: Region, sub: SubMapping) -> Mapping:
         rng = region.absolute(sub)
         writable = sub.writable and region.writable
         holders = Holders(region.holder_tally)
         mapping = Mapping(region.name, rng, sub.mappable_id, sub.file_offset, writable, holders)
         self.table.insert(rng, mapping)
         self.table_generation += 1
-        effects: list[Effect] = []
-        for e in self.mappers.values():
-            if (e.eager or e.upgrading) and e.stream is not None:
-                effects.extend(self._map_eager(e, mapping, op))
-        return effects
+        return mapping
+
+    def _push(self, mappings: list[Mapping], op: Operation) -> list[Effect]:
+        """MapEager of new table entries to every eager (or upgrading) mapper: a batch now,
+        the rest on later steps when there are many (steps.Push)."""
+        if not mappings or not any(e.eager or e.upgrading for e in self.mappers.values()):
+            return []
+        return self.steps.begin(Push(mappings, op))
 
     def _refill(self, cut: Lost) -> list[Effect]:
         """Lazy holders of replaced memory get the new mapping right behind their Unmap, so a
@@ -447,11 +470,12 @@ class TableState:
             region = self.regions[name]
             if region.active and not want:
                 effects.extend(self._deactivate(region, op, cut))
+        new: list[Mapping] = []
         for name, want in sorted(desired.items(), key=lambda kv: self.regions[kv[0]].gpa or 0):
             region = self.regions[name]
             if want and not region.active:
-                effects.extend(self._activate(region, op))
-        return effects + self._refill(cut)
+                self._activate(region, new)
+        return effects + self._push(new, op) + self._refill(cut)
 
     def _deactivate(self, region: Region, op: Operation, cut: Lost) -> list[Effect]:
         region.active = False

@@ -98,6 +98,11 @@ class RangeMap(Generic[T]):
             i += 1
         return out
 
+    def page(self, start: int, limit: int) -> list[tuple[MemoryRange, T]]:
+        """Up to `limit` entries starting at or after `start`, in address order."""
+        i = bisect.bisect_left(self._starts, start)
+        return self._entries[i : i + limit]
+
     def first_overlap(self, rng: MemoryRange) -> tuple[MemoryRange, T] | None:
         i = self._first_overlapping_index(rng)
         if i < len(self._entries) and self._entries[i][0].start < rng.end:

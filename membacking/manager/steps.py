@@ -1,0 +1,131 @@
+"""Changes that send many messages, sent a bounded batch per turn of the daemon's loop.
+
+An eager mapper's replay of every mapping (SetEager) and the MapEager of many new mappings to
+the eager mappers (an activation of thousands of pieces or regions) are continuations: each
+`TableState.step` sends one batch, and the change they belong to is answered only once the
+last batch was sent and acknowledged. Each batch reads the table as it is then.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .model import Effect, Mapping, Operation
+
+if TYPE_CHECKING:
+    from .table import TableState
+
+#: messages (MapEager, not counting the FdGrant behind one) one step sends at most: about
+#: 10 us each with their encoding, so a step holds the loop for about a millisecond
+STEP_MESSAGES = 96
+#: table entries a replay step looks at, per message it may send (entries the mapper holds
+#: already cost a lookup each, not a message)
+LOOK_FACTOR = 16
+
+
+@dataclass
+class Replay:
+    """The mappings a mapper upgrading to eager (`SetEager`) has not been sent yet: those of
+    the table starting at or after `cursor`. A mapping added behind the cursor meanwhile was
+    pushed to it (it is `upgrading`); one removed before the cursor reached it is never sent."""
+
+    mapper_id: int
+    op: Operation
+    cursor: int = 0
+    #: what the change waits for until the replay is complete (set by `TableState.begin_step`)
+    key: tuple[int, int] = (0, 0)
+
+    def run(self, state: TableState, budget: int) -> tuple[list[Effect], bool]:
+        """One batch: (its messages, whether the replay is complete)."""
+        entry = state.mappers.get(self.mapper_id)
+        if entry is None or not entry.upgrading or entry.stream is None:
+            return [], True  # gone (or cut off): its upgrade ends with nothing more to send
+        effects: list[Effect] = []
+        sent = looked = 0
+        while sent < budget and looked < LOOK_FACTOR * budget:
+            page = state.table.page(self.cursor, budget - sent)
+            if not page:
+                return effects, True
+            looked += len(page)
+            for _, mapping in page:
+                if entry.id not in mapping.holders:  # what it faulted in is not sent again
+                    effects.extend(state._map_eager(entry, mapping, self.op))
+                    sent += 1
+            self.cursor = page[-1][0].end
+        return effects, False
+
+
+@dataclass
+class Push:
+    """New mappings the eager mappers have not been sent yet (from `index` on). Each batch
+    pushes those still in the table to every eager (or upgrading) mapper not holding them:
+    one cut meanwhile is not sent, and one a mapper faulted in meanwhile not again."""
+
+    mappings: list[Mapping]
+    op: Operation
+    index: int = 0
+    key: tuple[int, int] = (0, 0)
+
+    def run(self, state: TableState, budget: int) -> tuple[list[Effect], bool]:
+        effects: list[Effect] = []
+        sent = 0
+        eager = [e for e in state.mappers.values() if (e.eager or e.upgrading) and e.stream]
+        while self.index < len(self.mappings) and sent < budget:
+            mapping = self.mappings[self.index]
+            self.index += 1
+            if state._mapping_at(mapping.range) is not mapping:
+                continue  # cut (or replaced) before its turn came
+            for entry in eager:
+                if entry.id not in mapping.holders:
+                    effects.extend(state._map_eager(entry, mapping, self.op))
+                    sent += 1
+        return effects, self.index >= len(self.mappings)
+
+
+Step = Replay | Push
+
+
+class StepQueue:
+    """The changes with messages left to send, in the order they began: `run_one` sends a
+    batch of the first; each change waits (a key in its `waiting`) until its last batch."""
+
+    def __init__(self, state: TableState) -> None:
+        self._state = state
+        self._queue: collections.deque[Step] = collections.deque()
+
+    def __bool__(self) -> bool:
+        return bool(self._queue)
+
+    def begin(self, step: Step) -> list[Effect]:
+        """Send the first batch of `step` now and queue the rest for later turns; its change
+        then waits until the last batch was sent (and, as ever, acknowledged)."""
+        state = self._state
+        step.key = (-1, state._next_seq)  # never a real (mapper id, seq)
+        state._next_seq += 1
+        effects, done = step.run(state, STEP_MESSAGES)
+        if not done:
+            step.op.waiting.add(step.key)
+            self._queue.append(step)
+        return effects
+
+    def run_one(self) -> list[Effect]:
+        """One batch (about STEP_MESSAGES messages) of the first change queued; the change's
+        answer follows its last batch once nothing else is pending."""
+        if not self._queue:
+            return []
+        step = self._queue[0]
+        effects, done = step.run(self._state, STEP_MESSAGES)
+        if done:
+            self._queue.popleft()
+            step.op.waiting.discard(step.key)
+            effects += self._state._maybe_finish(step.op)
+        return effects
+
+    def ops(self) -> list[Operation]:
+        return [step.op for step in self._queue]
+
+    def clear(self) -> None:
+        """The manager stops: nothing more is sent."""
+        self._queue.clear()

@@ -1,0 +1,190 @@
+"""Changes that send many messages do it a bounded batch per step (steps.py): an eager mapper's
+replay of every mapping, and the MapEager of many new mappings. Faults are served between the
+steps, answers wait for the last batch, and a change arriving mid-replay never leaves a mapper
+with memory of a removed region."""
+
+from __future__ import annotations
+
+import pytest
+from test_manager_state import RecordingStore, attach, msgs
+
+from membacking.manager.state import Effect, ManagerState, Send
+from membacking.manager.steps import STEP_MESSAGES
+from membacking.protocol import messages as m
+from membacking.protocol.ranges import MemoryRange
+
+PAGE = 4096
+BASE = 1 << 20
+REGIONS = 5 * STEP_MESSAGES  # five batches' worth
+
+
+class Mappers:
+    """Simulated mappers: what each maps (MapEager and Map in, Unmap out), acknowledging
+    every MapEager, Unmap and Release it gets; control replies are kept."""
+
+    def __init__(self, state: ManagerState) -> None:
+        self.state = state
+        self.mapped: dict[bytes, set[MemoryRange]] = {}
+        self.replies: list[m.Message] = []
+        self.eager_results: dict[bytes, list[m.EagerResult]] = {}
+
+    def take(self, effects: list[Effect]) -> None:
+        """Carry out `effects`, and the acknowledgements they call for, until none is left."""
+        queue = list(effects)
+        while queue:
+            effect = queue.pop(0)
+            if not isinstance(effect, Send):
+                continue
+            msg, who = effect.msg, effect.identity
+            mapped = self.mapped.setdefault(who, set())
+            if isinstance(msg, m.ControlReply | m.Error):
+                self.replies.append(msg)
+            elif isinstance(msg, m.EagerResult):
+                self.eager_results.setdefault(who, []).append(msg)
+            elif isinstance(msg, m.Map | m.MapEager):
+                assert msg.range not in mapped, f"{msg.range} sent twice"
+                mapped.add(msg.range)
+                if isinstance(msg, m.MapEager):
+                    queue += self.state.handle_mapper(who, m.MapAck(msg.seq, True, ""))
+            elif isinstance(msg, m.Unmap):
+                mapped -= {r for r in mapped if msg.range.contains(r)}
+                queue += self.state.handle_mapper(who, m.UnmapAck(msg.seq))
+            elif isinstance(msg, m.Release):
+                queue += self.state.handle_mapper(who, m.UnmapAck(msg.seq))
+
+    def finish(self) -> int:
+        """Run the steps left until none is; returns how many there were."""
+        steps = 0
+        while self.state.has_steps:
+            self.take(self.state.step())
+            steps += 1
+        return steps
+
+
+@pytest.fixture
+def state() -> ManagerState:
+    state = ManagerState(RecordingStore(), address_space=1 << 36)
+    for i in range(REGIONS):
+        state.add_region(f"r{i:05d}", BASE + 2 * i * PAGE, PAGE, True)
+    return state
+
+
+def region_range(i: int) -> MemoryRange:
+    return MemoryRange.from_size(BASE + 2 * i * PAGE, PAGE)
+
+
+def table_ranges(state: ManagerState) -> set[MemoryRange]:
+    return {r for r, _ in state.table.items()}
+
+
+def count(effects: list[Effect], kind: type) -> int:
+    return sum(isinstance(msg, kind) for msg in msgs(effects))
+
+
+def test_an_eager_replay_is_sent_in_batches_with_faults_served_between(
+    state: ManagerState,
+) -> None:
+    mappers = Mappers(state)
+    _, stream, _ = attach(state, "late")
+    other_id, other, _ = attach(state, "other")
+    first = state.handle_mapper(stream, m.SetEager())
+    assert 0 < count(first, m.MapEager) <= STEP_MESSAGES  # not all of them in one turn
+    assert state.has_steps
+    mappers.take(first)
+    assert stream not in mappers.eager_results  # not before the replay is complete
+    assert not state.mappers[state.mapper_of(stream) or 0].eager
+    steps = 0
+    while state.has_steps:
+        batch = state.step()
+        assert count(batch, m.MapEager) <= STEP_MESSAGES
+        mappers.take(batch)
+        steps += 1
+        # a fault between two steps is answered at once
+        served = state.handle_fd_message(other_id, m.SendMappings(region_range(steps)))
+        assert [type(msg) for msg in msgs(served or [], other)] == [m.Map]
+    assert steps >= REGIONS // STEP_MESSAGES - 1
+    assert mappers.eager_results[stream] == [m.EagerResult(True, "")]
+    assert mappers.mapped[stream] == table_ranges(state)  # each exactly once (checked in take)
+
+
+def test_changes_mid_replay_leave_no_memory_of_a_removed_region(state: ManagerState) -> None:
+    mappers = Mappers(state)
+    _, stream, _ = attach(state, "late")
+    mappers.take(state.handle_mapper(stream, m.SetEager()))
+    assert state.has_steps
+    sent = set(mappers.mapped[stream])
+    early = next(i for i in range(REGIONS) if region_range(i) in sent)
+    late = REGIONS - 1  # not reached yet
+    assert region_range(late) not in sent
+    # removals of a region sent already and of one not reached yet; a region re-mapped
+    # ahead of the replay; a region added ahead of it and one behind it
+    mappers.take(state.remove_region(f"r{early:05d}", reply_to=b"c1"))
+    mappers.take(state.remove_region(f"r{late:05d}", reply_to=b"c2"))
+    mappers.take(
+        state.change_mappings(f"r{late - 1:05d}", 0, PAGE, b"c3", replace=("memfd", None, 0, True))
+    )
+    mappers.take(state.add_region("ahead", BASE + 2 * REGIONS * PAGE, PAGE, True, reply_to=b"c4"))
+    mappers.take(state.add_region("behind", BASE - PAGE, PAGE, True, reply_to=b"c5"))
+    # every change waits for the upgrading mapper's acks only, not for the whole replay
+    assert [type(r) for r in mappers.replies] == [m.ControlReply] * 5
+    assert region_range(early) not in mappers.mapped[stream]
+    mappers.finish()
+    assert mappers.eager_results[stream] == [m.EagerResult(True, "")]
+    assert region_range(late) not in mappers.mapped[stream]
+    assert mappers.mapped[stream] == table_ranges(state)
+    entry = state.mappers[state.mapper_of(stream) or 0]
+    assert set(entry.held) == table_ranges(state)
+
+
+def test_a_mapper_gone_mid_replay_ends_it(state: ManagerState) -> None:
+    mappers = Mappers(state)
+    mapper_id, stream, _ = attach(state, "late")
+    mappers.take(state.handle_mapper(stream, m.SetEager()))
+    assert [op.what for op in state.unfinished()] == [f"upgrade mapper {mapper_id}"]
+    state.handle_mapper(stream, m.Detach())
+    assert state.step() == []
+    assert not state.has_steps and state.unfinished() == []
+    for _, mapping in state.table.items():
+        assert mapper_id not in mapping.holders
+
+
+def test_activating_many_regions_pushes_to_eager_mappers_in_batches(
+    state: ManagerState,
+) -> None:
+    mappers = Mappers(state)
+    _, stream, _ = attach(state, "eager")
+    mappers.take(state.handle_mapper(stream, m.SetEager()))
+    mappers.finish()
+    assert mappers.eager_results[stream] == [m.EagerResult(True, "")]
+    cover = MemoryRange(BASE, BASE + 2 * REGIONS * PAGE)
+    mappers.take(state.add_region("cover", cover.start, cover.end - cover.start, True, priority=1))
+    assert mappers.mapped[stream] == {cover}
+    mappers.replies.clear()
+    effects = state.set_enabled("cover", False, reply_to=b"c")
+    assert count(effects, m.MapEager) <= STEP_MESSAGES
+    assert state.has_steps
+    mappers.take(effects)
+    assert mappers.replies == []  # not before every region was pushed and acknowledged
+    # a region removed before its turn came is never pushed
+    mappers.take(state.remove_region(f"r{REGIONS - 1:05d}", reply_to=b"c2"))
+    assert [type(r) for r in mappers.replies] == [m.ControlReply]
+    mappers.finish()
+    assert [type(r) for r in mappers.replies] == [m.ControlReply] * 2
+    assert mappers.mapped[stream] == table_ranges(state)
+    assert len(mappers.mapped[stream]) == REGIONS - 1
+
+
+def test_shutdown_answers_a_change_still_sending(state: ManagerState) -> None:
+    mappers = Mappers(state)
+    _, stream, _ = attach(state, "eager")
+    mappers.take(state.handle_mapper(stream, m.SetEager()))
+    mappers.finish()
+    cover = MemoryRange(BASE, BASE + 2 * REGIONS * PAGE)
+    mappers.take(state.add_region("cover", cover.start, cover.end - cover.start, True, priority=1))
+    mappers.take(state.set_enabled("cover", False, reply_to=b"waiting"))
+    assert state.has_steps
+    out = state.shutdown("stopping")
+    assert any(
+        isinstance(e, Send) and e.identity == b"waiting" and isinstance(e.msg, m.Error) for e in out
+    )
+    assert not state.has_steps
