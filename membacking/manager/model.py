@@ -212,13 +212,23 @@ class Held:
         self._later_n = 0
         self._epoch = 0  # counts the settles that deleted something
 
-    def settle(self) -> int:
-        """Delete what `take_later` took; returns how many ranges that was."""
-        for i, j in sorted(self._later, reverse=True):  # the last first: no index moves
+    def settle(self, windows: int | None = None) -> int:
+        """Delete what `take_later` took (at most `windows` of the windows it took, the last
+        first: the indexes of those before them do not move); returns how many ranges."""
+        later = sorted(self._later, reverse=True)  # the last first: no index moves
+        now, self._later = (later, []) if windows is None else (later[:windows], later[windows:])
+        n = 0
+        for i, j in now:
             self._drop(i, j)
-        n, self._later, self._later_n = self._later_n, [], 0
+            n += j - i
+        self._later_n -= n
         self._epoch += bool(n)
         return n
+
+    @property
+    def windows(self) -> int:
+        """How many windows of ranges wait for `settle` (a cut each)."""
+        return len(self._later)
 
     def take_later(self, rng: MemoryRange) -> Taken | None:
         """Take every range overlapping `rng` (None if there is none): from now on they are no

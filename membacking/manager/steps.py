@@ -8,10 +8,13 @@ last batch was sent and acknowledged. Each batch reads the table as it is then.
 
 from __future__ import annotations
 
+import bisect
 import collections
+import operator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..protocol.ranges import MemoryRange
 from .model import Effect, Mapping, Operation
 
 if TYPE_CHECKING:
@@ -23,6 +26,7 @@ STEP_MESSAGES = 96
 #: table entries a replay step looks at, per message it may send (entries the mapper holds
 #: already cost a lookup each, not a message)
 LOOK_FACTOR = 16
+_END = operator.attrgetter("end")
 
 
 @dataclass
@@ -84,7 +88,53 @@ class Push:
         return effects, self.index >= len(self.mappings)
 
 
-Step = Replay | Push
+@dataclass
+class Refill:
+    """Mappings that replaced memory lazy holders lost (`runs`: mapper id, the ranges it lost
+    in address order): each holder is sent a Map of what the table holds now over what it
+    lost and it does not hold (a fault may have brought it meanwhile), holder after holder,
+    from `cursor` on in the current run."""
+
+    runs: list[tuple[int, list[MemoryRange]]]
+    op: Operation
+    index: int = 0
+    cursor: int = 0
+    key: tuple[int, int] = (0, 0)
+
+    def run(self, state: TableState, budget: int) -> tuple[list[Effect], bool]:
+        effects: list[Effect] = []
+        sent = looked = 0
+        while self.index < len(self.runs) and sent < budget and looked < LOOK_FACTOR * budget:
+            mapper_id, lost = self.runs[self.index]
+            entry = state.mappers.get(mapper_id)
+            if entry is None or entry.eager or entry.upgrading or entry.stream is None:
+                self._next()  # gone, or eager now (then sent MapEager): nothing to refill
+                continue
+            end, limit = lost[-1].end, budget - sent
+            page = state.table.page(max(self.cursor, lost[0].start), limit)
+            looked += len(page)
+            finished = len(page) < limit
+            for mrange, mapping in page:
+                if mrange.start >= end:
+                    finished = True
+                    break
+                self.cursor = mrange.end
+                # the first lost piece ending after its start (sorted by end too: no overlaps)
+                i = bisect.bisect_right(lost, mrange.start, key=_END)
+                missing = i < len(lost) and lost[i].start < mrange.end
+                if missing and mapper_id not in mapping.holders:
+                    effects.extend(state._map_to(entry, mapping))
+                    sent += 1
+            if finished:
+                self._next()
+        return effects, self.index >= len(self.runs)
+
+    def _next(self) -> None:
+        self.index += 1
+        self.cursor = 0
+
+
+Step = Replay | Push | Refill
 
 
 class StepQueue:

@@ -99,8 +99,10 @@ class RangeMap(Generic[T]):
         return out
 
     def page(self, start: int, limit: int) -> list[tuple[MemoryRange, T]]:
-        """Up to `limit` entries starting at or after `start`, in address order."""
-        i = bisect.bisect_left(self._starts, start)
+        """Up to `limit` entries ending after `start`, in address order."""
+        i = bisect.bisect_right(self._starts, start) - 1
+        if i < 0 or self._entries[i][0].end <= start:
+            i += 1
         return self._entries[i : i + limit]
 
     def first_overlap(self, rng: MemoryRange) -> tuple[MemoryRange, T] | None:
