@@ -13,7 +13,7 @@ from types import FrameType
 import pytest
 from test_manager_state import MiB, RecordingStore
 
-from membacking.manager import regions
+from membacking.manager import later, regions
 from membacking.manager import state as state_module
 from membacking.manager import table as table_module
 from membacking.manager.errors import Refused
@@ -545,7 +545,7 @@ def test_a_big_removal_leaves_its_bookkeeping_to_later_turns_and_serves_faults_m
     steps = 0
     while state.has_work:
         done = state.work(pieces)  # a step: about one holder's ranges
-        assert 0 < done <= 2 * pieces + table_module.WORK_PER_WINDOW  # its ranges, a window
+        assert 0 < done <= 2 * pieces + later.WORK_PER_WINDOW  # its ranges, a window
         steps += 1
         if steps == 1:  # served between two steps, as the daemon's loop does
             gone = state.handle_mapper(first_requests, m.SendMappings(MemoryRange(0, page)))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from test_manager_state import RecordingStore, attach, msgs
 
-from membacking.manager.state import Effect, ManagerState, Send
+from membacking.manager.state import Effect, ManagerState, Send, region_info
 from membacking.manager.steps import STEP_MESSAGES
 from membacking.protocol import messages as m
 from membacking.protocol.ranges import MemoryRange
@@ -144,8 +144,12 @@ def test_a_mapper_gone_mid_replay_ends_it(state: ManagerState) -> None:
     state.handle_mapper(stream, m.Detach())
     assert state.step() == []
     assert not state.has_steps and state.unfinished() == []
+    assert all(mapper_id not in region_info(state, r)["holders"] for r in state.regions.values())
+    while state.has_work:  # its marks among the table's holders go on later turns
+        state.work()
     for _, mapping in state.table.items():
         assert mapper_id not in mapping.holders
+    assert all(mapper_id not in r.holder_tally for r in state.regions.values())
 
 
 def test_activating_many_regions_pushes_to_eager_mappers_in_batches(
@@ -194,7 +198,7 @@ def test_many_cuts_of_one_holder_are_settled_a_few_at_a_time(state: ManagerState
     """Each cut leaves a holder a window of held ranges to delete later (`work`): a step
     deletes a bounded number of windows, not all of them (200 windows of each of 72 holders
     took 20 to 35 ms of CPU time in one step)."""
-    from membacking.manager.table import WORK_PER_WINDOW
+    from membacking.manager.later import WORK_PER_WINDOW
 
     mappers = Mappers(state)
     mapper_id, _, requests = attach(state, "lazy")
@@ -214,3 +218,26 @@ def test_many_cuts_of_one_holder_are_settled_a_few_at_a_time(state: ManagerState
     # what it holds is read right between two steps too
     mappers.take(state.remove_region("r00000", reply_to=b"c"))
     assert len(held) == 0 and held.items() == []
+
+
+def test_windows_taken_wait_in_order_and_a_cut_across_them_settles_first() -> None:
+    """A `Held` keeps the windows cuts took in address order (a cut finds its neighbours by
+    bisection, not by a scan of every window); a cut over ranges an earlier cut took and that
+    are not deleted yet settles them first; a partial settle deletes the last windows."""
+    from membacking.manager.model import Held
+
+    held = Held()
+    pages = [MemoryRange.from_size(i * PAGE, PAGE) for i in range(8)]
+    for i, r in enumerate(pages):
+        held[r] = i
+    for i in (5, 1, 3):  # out of address order
+        taken = held.take_later(pages[i])
+        assert taken is not None and taken.count == 1
+    assert held.windows == 3 and len(held) == 5
+    assert held.settle(1) == 1  # the last window: pages[5]
+    assert held.windows == 2 and held.later == 2
+    taken = held.take_later(MemoryRange(PAGE, 4 * PAGE))  # across pages 1 and 3, taken before
+    assert taken is not None and taken.count == 1  # page 2 only: 1 and 3 were settled first
+    assert held.settle() == 1
+    assert [r for r, _ in held.items()] == [pages[0], pages[4], pages[6], pages[7]]
+    assert held.bytes == 8 * PAGE  # the caller takes the bytes off (forget_bytes)

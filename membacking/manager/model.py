@@ -207,7 +207,8 @@ class Held:
         self._ids: list[int] = []  # the mappable id of each range
         self._count: Counter[int] = Counter()
         self._bytes = 0
-        #: windows [i, j) of the lists taken by `take_later` and not deleted yet (disjoint)
+        #: windows [i, j) of the lists taken by `take_later` and not deleted yet (disjoint,
+        #: sorted)
         self._later: list[tuple[int, int]] = []
         self._later_n = 0
         self._epoch = 0  # counts the settles that deleted something
@@ -215,10 +216,11 @@ class Held:
     def settle(self, windows: int | None = None) -> int:
         """Delete what `take_later` took (at most `windows` of the windows it took, the last
         first: the indexes of those before them do not move); returns how many ranges."""
-        later = sorted(self._later, reverse=True)  # the last first: no index moves
-        now, self._later = (later, []) if windows is None else (later[:windows], later[windows:])
+        later = self._later  # the last first: the indexes before them do not move
+        k = len(later) if windows is None else min(windows, len(later))
+        now, self._later = later[len(later) - k :], later[: len(later) - k]
         n = 0
-        for i, j in now:
+        for i, j in reversed(now):
             self._drop(i, j)
             n += j - i
         self._later_n -= n
@@ -235,12 +237,16 @@ class Held:
         longer held, but their deletion waits for `settle`. The caller takes their bytes off
         with `forget_bytes`."""
         i, j = self._window(rng)
-        if any(i < b and a < j for a, b in self._later):  # never the case (see table._cut)
+        later = self._later
+        p = bisect.bisect_left(later, (i, j))  # disjoint windows: only the neighbours can overlap
+        if i < j and ((p and later[p - 1][1] > i) or (p < len(later) and later[p][0] < j)):
+            # ranges an earlier cut took lie inside `rng` (a cut across a hole cut before)
             self.settle()
             i, j = self._window(rng)
+            later, p = self._later, 0
         if i == j:
             return None
-        self._later.append((i, j))
+        later.insert(p, (i, j))
         self._later_n += j - i
         return Taken(self, i, j)
 

@@ -18,9 +18,11 @@ from ..protocol.messages import PRIVATE_MAPPABLE, Channel, Message
 from ..protocol.rangemap import RangeMap
 from ..protocol.ranges import MemoryRange
 from .backing import BackingStore
+from .later import WORK_BUDGET, do_work
 from .model import (
     DEFAULT_ADDRESS_SPACE,
     Effect,
+    Held,
     Holders,
     Limits,
     MapperEntry,
@@ -39,12 +41,6 @@ _END = operator.attrgetter("end")
 
 #: mapper id -> the pieces it lost in each cut of one change
 Lost = dict[int, list[Taken]]
-#: how much of what changes leave to later turns one `TableState.work` call does: held ranges
-#: deleted (a few ns each), or table entries freed (WORK_PER_ENTRY units each: about 0.5 us)
-WORK_BUDGET = 100_000
-WORK_PER_ENTRY = 64
-#: units of `work` per window of held ranges a cut took (about 3 us each)
-WORK_PER_WINDOW = 384
 
 
 class TableState:
@@ -96,6 +92,9 @@ class TableState:
         #: objects changes let go of (table entries cut out, a removed region's pieces and
         #: journal records), freed a batch at a time by `work`
         self._trash: list[list[Any]] = []
+        #: mapper id -> what a departed mapper held, while the table's entries still name it
+        #: among their holders (`work` takes those marks off a batch at a time: later.py)
+        self.departed: dict[int, Held] = {}
         #: changes sending many messages, a batch per `step` (steps.py), in the order begun
         self.steps = StepQueue(self)
         self.counters: Counter[str] = Counter()
@@ -284,25 +283,27 @@ class TableState:
                 )
                 self.table.insert(part, kept)
                 for holder in kept.holders:
-                    self.mappers[holder].held[part] = kept.mappable_id
+                    self._held_of(holder)[part] = kept.mappable_id
         # The removed mappings leave the table: their holder sets are not emptied one by one
         # (the tally comes down by what each holder took, below), and they are freed on later
         # turns (`work`): freeing 10,010 of them took about 8 ms of CPU time.
         self.free_later(removed)
         effects: list[Effect] = []
         for holder in holders:
-            entry = self.mappers[holder]
+            entry = self.mappers.get(holder)
             # the ranges leave its Held now, but their deletion (a memmove of its lists and a
             # count of their mappables: 0.1 ms for 10,000 of 30,000) waits for `work`
-            taken = entry.held.take_later(rng)
+            taken = self._held_of(holder).take_later(rng)
             if taken is None:
                 continue
-            self._unsettled[holder] = None
             left = tally[holder] - taken.count
             if left > 0:
                 tally[holder] = left
             else:
                 del tally[holder]
+            if entry is None:
+                continue  # departed (its marks are still being taken off): nothing to send
+            self._unsettled[holder] = None
             if taken.count == len(removed):  # it held every piece: their bytes are counted once
                 whole = whole or self._bytes_of(region, rng, removed)
                 nbytes = whole
@@ -321,6 +322,11 @@ class TableState:
             cut.setdefault(holder, []).append(taken)
         return effects
 
+    def _held_of(self, mapper_id: int) -> Held:
+        """What a mapper holds; of a departed one, what still marks the table (later.py)."""
+        entry = self.mappers.get(mapper_id)
+        return entry.held if entry is not None else self.departed[mapper_id]
+
     @staticmethod
     def _bytes_of(region: Region, rng: MemoryRange, removed: list[tuple[MemoryRange, Any]]) -> int:
         """The bytes of the table entries a cut removed: the region's own total when the cut
@@ -338,7 +344,7 @@ class TableState:
     @property
     def has_work(self) -> bool:
         """Whether changes left work for later turns (`work`)."""
-        return bool(self._unsettled or self._trash)
+        return bool(self._unsettled or self._trash or self.departed)
 
     def work(self, budget: int = WORK_BUDGET) -> int:
         """Do some of what changes left for later turns, about `budget` units: delete the held
@@ -347,28 +353,7 @@ class TableState:
         of 10,010 pieces held by 72 mappers does not hold the loop for 20 to 50 ms in one turn.
         Nothing it does changes what any message is answered: a holder's ranges are settled
         anyway the moment anything else reads or changes them. Returns the units done."""
-        done = 0
-        while self._unsettled and done < budget:
-            mapper_id = next(iter(self._unsettled))
-            entry = self.mappers.get(mapper_id)
-            if entry is None:
-                del self._unsettled[mapper_id]
-                continue
-            held = entry.held
-            # each window (a cut) costs a deletion from its lists and a count: 200 windows
-            # of each of 72 holders (a region hiding 200 others) took 20 to 35 ms in one call
-            windows = min(held.windows, max(1, (budget - done) // WORK_PER_WINDOW))
-            done += held.settle(windows) + windows * WORK_PER_WINDOW
-            if not held.later:
-                del self._unsettled[mapper_id]
-        while self._trash and done < budget:
-            batch = self._trash[-1]
-            n = max(1, (budget - done) // WORK_PER_ENTRY)
-            del batch[-n:]
-            done += n * WORK_PER_ENTRY
-            if not batch:
-                self._trash.pop()
-        return done
+        return do_work(self, budget)
 
     @property
     def has_steps(self) -> bool:
