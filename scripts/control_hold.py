@@ -280,6 +280,18 @@ def heavy(rig: Rig, opts: argparse.Namespace, lazy: list[int], big: int) -> None
         )
     if upgrades:
         print(f"  (the Detach let go of {upgrades[-1][2]} mappings)")
+    from membacking.manager.handover import what_is_handed_over
+
+    holds = []
+    for _ in range(opts.repeat):  # what the handover's answer reads of the state
+        gc.disable()
+        started = clock()
+        what_is_handed_over(rig.state)
+        holds.append((clock() - started) * 1e3)
+        gc.enable()
+    holds.sort()
+    label = "handover answer (its reading of the state)"
+    print(f"{label:40} {holds[len(holds) // 2]:10.2f} ms {holds[-1]:10.2f} ms")
 
 
 def main() -> None:
