@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ..protocol.ranges import MemoryRange
-from .model import Effect, Mapping, Operation
+from .model import Effect, Held, Mapping, Operation
 
 if TYPE_CHECKING:
     from .table import TableState
@@ -27,6 +27,20 @@ STEP_MESSAGES = 96
 #: already cost a lookup each, not a message)
 LOOK_FACTOR = 16
 _END = operator.attrgetter("end")
+#: windows of held ranges (one per cut not yet deleted: `Held.take_later`) a step deletes per
+#: message of its budget: a mapper's first Map after 2,000 cuts would delete all of them at
+#: once (about 3 us each), so a step deletes them a few at a time before it sends
+WINDOWS_PER_MESSAGE = 4
+
+
+def settled(held: Held, budget: int) -> tuple[bool, int]:
+    """Delete some of the windows `held` waits to delete, within `budget` messages' worth:
+    (whether none is left, the budget used)."""
+    if not held.windows:
+        return True, 0
+    n = min(held.windows, max(1, budget) * WINDOWS_PER_MESSAGE)
+    held.settle(n)
+    return not held.windows, max(1, n // WINDOWS_PER_MESSAGE)
 
 
 @dataclass
@@ -47,8 +61,9 @@ class Replay:
         if entry is None or not entry.upgrading or entry.stream is None:
             return [], True  # gone (or cut off): its upgrade ends with nothing more to send
         effects: list[Effect] = []
-        sent = looked = 0
-        while sent < budget and looked < LOOK_FACTOR * budget:
+        ready, sent = settled(entry.held, budget)
+        looked = 0
+        while ready and sent < budget and looked < LOOK_FACTOR * budget:
             page = state.table.page(self.cursor, budget - sent)
             if not page:
                 return effects, True
@@ -76,6 +91,11 @@ class Push:
         effects: list[Effect] = []
         sent = 0
         eager = [e for e in state.mappers.values() if (e.eager or e.upgrading) and e.stream]
+        for entry in eager:
+            ready, used = settled(entry.held, budget - sent)
+            sent += used
+            if not ready:
+                return effects, False
         while self.index < len(self.mappings) and sent < budget:
             mapping = self.mappings[self.index]
             self.index += 1
@@ -110,7 +130,13 @@ class Refill:
             if entry is None or entry.eager or entry.upgrading or entry.stream is None:
                 self._next()  # gone, or eager now (then sent MapEager): nothing to refill
                 continue
+            ready, used = settled(entry.held, budget - sent)
+            sent += used
+            if not ready:
+                continue  # the budget is spent, or more windows are deleted first
             end, limit = lost[-1].end, budget - sent
+            if limit <= 0:
+                break
             page = state.table.page(max(self.cursor, lost[0].start), limit)
             looked += len(page)
             finished = len(page) < limit
