@@ -261,7 +261,7 @@ def test_a_push_deletes_a_mappers_many_cuts_a_few_per_step_before_it_sends(
     cover = MemoryRange(BASE, BASE + 2 * REGIONS * PAGE)
     first = state.add_region("cover", cover.start, cover.end - cover.start, True, priority=1)
     # the request's own turn deleted at most a step's worth of the 480 windows, sent nothing
-    assert 0 < held.windows and REGIONS - held.windows <= STEP_MESSAGES * WINDOWS_PER_MESSAGE
+    assert held.windows > 0 and REGIONS - held.windows <= STEP_MESSAGES * WINDOWS_PER_MESSAGE
     assert count(first, m.MapEager) == 0 and state.has_steps
     mappers.take(first)
     windows = held.windows
