@@ -217,6 +217,7 @@ def test_many_cuts_of_one_holder_are_settled_a_few_at_a_time(state: ManagerState
     while state.has_work:
         state.work(budget=10 * WORK_PER_WINDOW)
     assert held.windows == 0 and [r for r, _ in held.items()] == [region_range(0)]
+    assert held.mappables() == {state.regions["r00000"].submappings[0].mappable_id}
     # what it holds is read right between two steps too
     mappers.take(state.remove_region("r00000", reply_to=b"c"))
     assert len(held) == 0 and held.items() == []
@@ -270,3 +271,29 @@ def test_a_push_deletes_a_mappers_many_cuts_a_few_per_step_before_it_sends(
         assert windows - held.windows <= STEP_MESSAGES * WINDOWS_PER_MESSAGE
         windows = held.windows
     assert mappers.mapped[stream] == {cover}
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_held_ranges_taken_and_settled_in_batches_match_a_model(seed: int) -> None:
+    """Windows taken in any order, deleted a few at a time (one copy of the lists for many):
+    what is held, and the mappables counted, match a plain dict."""
+    import random
+
+    from membacking.manager.model import Held
+
+    rnd = random.Random(seed)
+    held, model = Held(), {}
+    for i in range(60):
+        rng, mappable_id = MemoryRange.from_size(i * PAGE, PAGE), rnd.randrange(5)
+        held[rng] = model[rng] = mappable_id
+    for _ in range(rnd.randrange(1, 15)):
+        a = rnd.randrange(60)
+        cut = MemoryRange(a * PAGE, min(60, a + rnd.randrange(1, 4)) * PAGE)
+        held.take_later(cut)
+        model = {r: i for r, i in model.items() if not r.overlaps(cut)}
+        if rnd.random() < 0.2:
+            held.settle(rnd.randrange(1, 4))
+    while held.windows:
+        held.settle(rnd.randrange(1, 5))
+    assert dict(held.items()) == model
+    assert held.mappables() == set(model.values())

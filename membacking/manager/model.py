@@ -219,10 +219,12 @@ class Held:
         later = self._later  # the last first: the indexes before them do not move
         k = len(later) if windows is None else min(windows, len(later))
         now, self._later = later[len(later) - k :], later[: len(later) - k]
-        n = 0
-        for i, j in reversed(now):
-            self._drop(i, j)
-            n += j - i
+        n = sum(j - i for i, j in now)
+        if len(now) > 2:
+            self._drop_many(now)
+        else:
+            for i, j in reversed(now):
+                self._drop(i, j)
         self._later_n -= n
         self._epoch += bool(n)
         return n
@@ -262,12 +264,26 @@ class Held:
             i -= 1
         return i, bisect.bisect_left(ranges, (rng.end,), lo=i)
 
+    def _drop_many(self, windows: list[tuple[int, int]]) -> None:
+        """Delete the windows (sorted, disjoint) in one copy of the lists: deleting them one
+        by one moved the rest of the lists once per window (about 30 us each at 20,000)."""
+        kept_sorted, kept_ids = self._sorted[: windows[0][0]], self._ids[: windows[0][0]]
+        for k, (i, j) in enumerate(windows):
+            self._uncount_ids(self._ids[i:j])
+            nxt = windows[k + 1][0] if k + 1 < len(windows) else len(self._sorted)
+            kept_sorted += self._sorted[j:nxt]
+            kept_ids += self._ids[j:nxt]
+        self._sorted, self._ids = kept_sorted, kept_ids
+
     def _drop(self, i: int, j: int) -> None:
         ids = self._ids[i:j]
         del self._sorted[i:j], self._ids[i:j]
-        first = ids[0]
+        self._uncount_ids(ids)
+
+    def _uncount_ids(self, ids: list[int]) -> None:
+        first, n = ids[0], len(ids)
         # one mappable in the span (the usual case) is counted by a scan in C
-        counts = {first: j - i} if ids.count(first) == j - i else Counter(ids)
+        counts = {first: n} if ids.count(first) == n else Counter(ids)
         for mappable_id, n in counts.items():
             left = self._count[mappable_id] - n
             if left:
