@@ -8,7 +8,11 @@ state machine plus the encoding of its messages took (what the loop does besides
 writes), and for each changing operation the building of the journal's bytes the daemon writes
 before it answers (not the file's write and fsync). Each answer from a mapper (a MapAck, an
 UnmapAck) is a loop turn of its own and timed as one, and so is each step of the work a change
-left for later turns (`ManagerState.work`, which the daemon runs between messages). Every pause
+left for later turns (`ManagerState.work`, which the daemon runs between messages), and each
+batch a change sends on later turns (`ManagerState.step`). Then the operations whose messages
+grow with what they touch: a mapper's SetEager (every mapping replayed) and its Detach holding
+them all, enabling and disabling a region over `--covered` others, moving and enabling the
+region of many pieces, each turn timed (`--heavy-repeat` runs each). Every pause
 of Python's garbage collector during the whole run (set-up included) is recorded, by
 generation; with `--gc freeze` (the daemon's policy, membacking/manager/heap.py) the heap is
 frozen as the daemon does (at start, after each collection of the middle generation, on each
@@ -16,8 +20,8 @@ one-second tick), and the longest tick is reported; `--gc auto` leaves the colle
 sets it.
 Times are the loop thread's CPU time (`--clock wall` for wall-clock time, which on a shared
 machine includes other users' load).
-Run: python scripts/control_hold.py [--regions N] [--holes N] [--repeat N] [--gc auto|freeze]
-[--clock cpu|wall]
+Run: python scripts/control_hold.py [--regions N] [--holes N] [--repeat N] [--covered N]
+[--heavy-repeat N] [--gc auto|freeze] [--clock cpu|wall]
 """
 
 from __future__ import annotations
