@@ -297,3 +297,30 @@ def test_held_ranges_taken_and_settled_in_batches_match_a_model(seed: int) -> No
         held.settle(rnd.randrange(1, 5))
     assert dict(held.items()) == model
     assert held.mappables() == set(model.values())
+
+
+def test_a_refill_of_many_runs_looks_at_a_bounded_number_per_step(state: ManagerState) -> None:
+    """A lazy holder of 480 regions a new region hides has 480 runs to refill (each finds the
+    new region, which it holds after the first): a step looks at a bounded number of them."""
+    from membacking.manager.steps import LOOK_FACTOR, RUN_LOOKS, Refill
+
+    mappers = Mappers(state)
+    _, stream, requests = attach(state, "lazy")
+    cover = MemoryRange(BASE, BASE + 2 * REGIONS * PAGE)
+    mappers.take(state.handle_mapper(requests, m.SendMappings(cover)))
+    mappers.take(
+        state.add_region(
+            "cover", cover.start, cover.end - cover.start, True, priority=1, reply_to=b"c"
+        )
+    )
+    assert mappers.replies == []  # not before the refill is complete
+    most = LOOK_FACTOR * STEP_MESSAGES // (RUN_LOOKS + 1) + 1
+    refill = state.steps._queue[0]
+    assert isinstance(refill, Refill) and len(refill.runs) == REGIONS
+    assert refill.index <= most
+    while state.has_steps:
+        before = refill.index
+        mappers.take(state.step())
+        assert refill.index - before <= most
+    assert mappers.mapped[stream] == {cover}
+    assert [type(r) for r in mappers.replies] == [m.ControlReply]
