@@ -322,5 +322,7 @@ def test_a_refill_of_many_runs_looks_at_a_bounded_number_per_step(state: Manager
         before = refill.index
         mappers.take(state.step())
         assert refill.index - before <= most
+    # its runs are freed a batch at a time by `work`, not all at once as the step returns
+    assert refill.runs == [] and any(len(batch) == REGIONS for batch in state._trash)
     assert mappers.mapped[stream] == {cover}
     assert [type(r) for r in mappers.replies] == [m.ControlReply]

@@ -12,7 +12,7 @@ import bisect
 import collections
 import operator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..protocol.ranges import MemoryRange
 from .model import Effect, Held, Mapping, Operation
@@ -78,6 +78,9 @@ class Replay:
             self.cursor = page[-1][0].end
         return effects, False
 
+    def release(self) -> list[Any]:
+        return []
+
 
 @dataclass
 class Push:
@@ -109,6 +112,11 @@ class Push:
                     effects.extend(state._map_eager(entry, mapping, self.op))
                     sent += 1
         return effects, self.index >= len(self.mappings)
+
+    def release(self) -> list[Any]:
+        """Its list, for the caller to free a batch at a time (`free_later`)."""
+        mappings, self.mappings = self.mappings, []
+        return mappings
 
 
 @dataclass
@@ -158,6 +166,12 @@ class Refill:
                 self._next()
         return effects, self.index >= len(self.runs)
 
+    def release(self) -> list[Any]:
+        """Its runs, for the caller to free a batch at a time (`free_later`): 128,000 of them
+        took 7 ms to free at once."""
+        runs, self.runs = self.runs, []
+        return runs
+
     def _next(self) -> None:
         self.index += 1
         self.cursor = 0
@@ -187,6 +201,8 @@ class StepQueue:
         if not done:
             step.op.waiting.add(step.key)
             self._queue.append(step)
+        else:
+            state.free_later(step.release())
         return effects
 
     def run_one(self) -> list[Effect]:
@@ -198,6 +214,7 @@ class StepQueue:
         effects, done = step.run(self._state, STEP_MESSAGES)
         if done:
             self._queue.popleft()
+            self._state.free_later(step.release())
             step.op.waiting.discard(step.key)
             effects += self._state._maybe_finish(step.op)
         return effects
