@@ -8,7 +8,11 @@ state machine plus the encoding of its messages took (what the loop does besides
 writes), and for each changing operation the building of the journal's bytes the daemon writes
 before it answers (not the file's write and fsync). Each answer from a mapper (a MapAck, an
 UnmapAck) is a loop turn of its own and timed as one, and so is each step of the work a change
-left for later turns (`ManagerState.work`, which the daemon runs between messages). Every pause
+left for later turns (`ManagerState.work`, which the daemon runs between messages), and each
+batch a change sends on later turns (`ManagerState.step`). Then the operations whose messages
+grow with what they touch: a mapper's SetEager (every mapping replayed) and its Detach holding
+them all, enabling and disabling a region over `--covered` others, moving and enabling the
+region of many pieces, each turn timed (`--heavy-repeat` runs each). Every pause
 of Python's garbage collector during the whole run (set-up included) is recorded, by
 generation; with `--gc freeze` (the daemon's policy, membacking/manager/heap.py) the heap is
 frozen as the daemon does (at start, after each collection of the middle generation, on each
@@ -16,8 +20,8 @@ one-second tick), and the longest tick is reported; `--gc auto` leaves the colle
 sets it.
 Times are the loop thread's CPU time (`--clock wall` for wall-clock time, which on a shared
 machine includes other users' load).
-Run: python scripts/control_hold.py [--regions N] [--holes N] [--repeat N] [--gc auto|freeze]
-[--clock cpu|wall]
+Run: python scripts/control_hold.py [--regions N] [--holes N] [--repeat N] [--covered N]
+[--heavy-repeat N] [--gc auto|freeze] [--clock cpu|wall]
 """
 
 from __future__ import annotations
@@ -93,7 +97,22 @@ class Rig:
         self.state.handle_mapper(stream, m.Attach(entry.id, entry.token, m.ROLE_STREAM))
         if eager:
             self.answer(self.state.handle_mapper(stream, m.SetEager()))
+            self.work()
         return entry.id
+
+    def upgrade(self, name: str) -> tuple[float, float, int]:
+        """A lazy mapper attaches and asks to become eager (SetEager: every mapping is
+        replayed to it), then detaches holding them all: the seconds SetEager's own turn and
+        the Detach's turn held the loop, and how many mappings the Detach let go of."""
+        mapper_id = self.attach(name, eager=False)
+        stream = f"{name}-s".encode()
+        entry = self.state.mappers[mapper_id]
+        upgrade, _ = self.timed(lambda: self.state.handle_mapper(stream, m.SetEager()))
+        assert entry.eager, "the replay did not complete"
+        held = len(entry.held)
+        detach, _ = self.timed(lambda: self.state.handle_mapper(stream, m.Detach()))
+        del self.streams[stream]
+        return upgrade, detach, held
 
     def fault(self, mapper_id: int, rng: MemoryRange) -> None:
         """A fault of `rng` on the mapper's fd socket (answered with Maps, not timed)."""
@@ -128,19 +147,45 @@ class Rig:
                 self.worst_answer = max(self.worst_answer, clock() - started)
                 gc.enable()
                 queue.extend(more)
-                self.work()
+                self.work(steps=False)
         return replies
 
-    def work(self) -> None:
+    def work(self, steps: bool = True) -> list[Effect]:
         """The work changes left for later, a step at a time as the daemon's loop does it
-        between messages, each step timed as a turn."""
-        while getattr(self.state, "has_work", False):  # (the code before it had none)
+        between messages, each step timed as a turn (its messages encoded and answered);
+        returns the control replies those steps gave. `steps=False`: only the bookkeeping
+        (`work`), not the steps that send messages (`step`)."""
+        replies: list[Effect] = []
+        while True:
+            stepping = steps and getattr(self.state, "has_steps", False)
+            if not stepping and not getattr(self.state, "has_work", False):
+                return replies  # (the code before them had neither)
             gc.disable()
             started = clock()
-            self.state.work()
+            effects = self.state.step() if stepping else []
+            if not stepping:
+                self.state.work()
+            for e in effects:
+                if isinstance(e, Send):
+                    encode(e.msg)
             self.worst_step = max(self.worst_step, clock() - started)
             self.steps += 1
             gc.enable()
+            replies += self.answer(effects)
+
+    def timed(self, run: Callable[[], list[Effect]]) -> tuple[float, list[Effect]]:
+        """Seconds one turn took (`run` and the encoding of what it returns), and what it
+        returned, answered (acks fed back, later steps run): the control replies."""
+        gc.disable()
+        started = clock()
+        effects = run()
+        for effect in effects:
+            if isinstance(effect, Send):
+                encode(effect.msg)
+        held = clock() - started
+        gc.enable()
+        replies = self.answer(effects)
+        return held, replies + self.work()
 
     def control(self, op: str, **args: object) -> tuple[float, object]:
         """Seconds the request held the loop (state machine + encoding), and its result. The
@@ -153,12 +198,13 @@ class Rig:
                 encode(effect.msg)
         held = clock() - started
         gc.enable()
-        self.work()
+        self.work(steps=False)
         if self.heap is not None and time.monotonic() >= self.next_tick:
             state = self.state  # the daemon's tick, once a second, between two requests
             self.heap.tick(True, len(state.regions) + len(state.table) + len(state.mappers))
             self.next_tick = time.monotonic() + 1.0
         replies = self.answer(effects)
+        replies += self.work()
         result = None
         for reply in replies:
             assert isinstance(reply, Send)
@@ -168,6 +214,90 @@ class Rig:
         return held, result
 
 
+def heavy(rig: Rig, opts: argparse.Namespace, lazy: list[int], big: int) -> None:
+    """The operations whose work grows with the number of regions or pieces they touch: each
+    turn (the operation's own, then every step it left and every mapper answer) timed."""
+    pieces = len(rig.state.regions["holes"].submappings)
+    first = opts.regions // 5  # the covered regions: r[first] .. r[first + covered - 1]
+    cover = MemoryRange.from_size(MiB + first * 2 * PAGE, opts.covered * 2 * PAGE)
+    rig.control(
+        "add_region",
+        name="cover",
+        gpa=cover.start,
+        size=cover.end - cover.start,
+        priority=1,
+        disabled=True,
+    )
+
+    def enable_cover(i: int) -> float:
+        rig.control("disable_region", name="cover")
+        for mapper_id in lazy:  # every lazy mapper holds the regions it hides
+            rig.fault(mapper_id, cover)
+        return rig.control("enable_region", name="cover")[0]
+
+    def disable_cover(i: int) -> float:
+        rig.control("enable_region", name="cover")
+        for mapper_id in lazy:  # every lazy mapper holds the cover: it is refilled on disable
+            rig.fault(mapper_id, cover)
+        return rig.control("disable_region", name="cover")[0]
+
+    def move(i: int) -> float:
+        gpa = big * 3 if i % 2 == 0 else big
+        return rig.control("move_region", name="holes", gpa=gpa)[0]
+
+    def enable_big(i: int) -> float:
+        rig.control("disable_region", name="holes")
+        return rig.control("enable_region", name="holes")[0]
+
+    upgrades: list[tuple[float, float, int]] = []
+
+    def set_eager(i: int) -> float:
+        upgrades.append(rig.upgrade(f"late{i}"))
+        return upgrades[-1][0]
+
+    def detach(i: int) -> float:
+        return upgrades[i][1]
+
+    heavy_ops: list[tuple[str, Callable[[int], float]]] = [
+        (f"enable_region (hides {opts.covered} regions)", enable_cover),
+        (f"disable_region (uncovers {opts.covered})", disable_cover),
+        (f"move_region ({pieces} pieces)", move),
+        (f"enable_region ({pieces} pieces)", enable_big),
+        ("SetEager (replays every mapping)", set_eager),
+        ("Detach (holding every mapping)", detach),
+    ]
+    print(
+        f"\n{'operation':40} {'median':>13} {'longest':>13} {'longest step':>17} "
+        f"{'longest answer':>15}"
+    )
+    for label, run in heavy_ops:
+        holds = []
+        rig.worst_answer = rig.worst_step = 0.0
+        rig.steps = 0
+        for i in range(opts.heavy_repeat):
+            holds.append(run(i) * 1e3)
+        holds.sort()
+        step = f"{rig.worst_step * 1e3:11.2f} ms" if rig.steps else f"{'-':>14}"
+        print(
+            f"{label:40} {holds[len(holds) // 2]:10.2f} ms {holds[-1]:10.2f} ms {step:>17} "
+            f"{rig.worst_answer * 1e3:12.2f} ms"
+        )
+    if upgrades:
+        print(f"  (the Detach let go of {upgrades[-1][2]} mappings)")
+    from membacking.manager.handover import what_is_handed_over
+
+    holds = []
+    for _ in range(opts.repeat):  # what the handover's answer reads of the state
+        gc.disable()
+        started = clock()
+        what_is_handed_over(rig.state)
+        holds.append((clock() - started) * 1e3)
+        gc.enable()
+    holds.sort()
+    label = "handover answer (its reading of the state)"
+    print(f"{label:40} {holds[len(holds) // 2]:10.2f} ms {holds[-1]:10.2f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--regions", type=int, default=10_000)
@@ -175,6 +305,8 @@ def main() -> None:
     parser.add_argument("--eager", type=int, default=8)
     parser.add_argument("--holders", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=9)
+    parser.add_argument("--covered", type=int, default=2000)
+    parser.add_argument("--heavy-repeat", type=int, default=3)
     parser.add_argument("--gc", choices=("auto", "freeze"), default="freeze")
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     opts = parser.parse_args()
@@ -251,6 +383,7 @@ def main() -> None:
     print(f"{label:40} {'':13} {rig.worst_answer * 1e3:10.2f} ms")
     label = "one step of work left for later"
     print(f"{label:40} {'':13} {rig.worst_step * 1e3:10.2f} ms")
+    heavy(rig, opts, lazy, big)
     label = f"remove_region ({len(rig.state.regions['holes'].submappings)} pieces)"
     rig.worst_answer = rig.worst_step = 0.0
     rig.steps = 0

@@ -57,3 +57,49 @@ def test_the_loop_finishes_what_a_removal_left_for_later() -> None:
         daemon.stop()
         thread.join(30)
         shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_the_loop_sends_an_eager_replay_a_batch_at_a_time() -> None:
+    """A mapper becoming eager over many regions: the replay goes out in batches the loop
+    sends between the messages it serves (state.step), and ends with every region mapped."""
+    from membacking.manager.steps import STEP_MESSAGES
+
+    count = 3 * STEP_MESSAGES
+    runtime = short_tmpdir()
+    regions = [RegionSpec(f"r{i}", i * 2 * PAGE, PAGE) for i in range(count)]
+    config = ManagerConfig(
+        runtime_dir=runtime, regions=regions, persist=PersistConfig(enabled=False)
+    )
+    daemon = Daemon(config)
+    ready = threading.Event()
+    thread = threading.Thread(target=daemon.run, args=(lambda d: ready.set(), False))
+    thread.start()
+    worker = other = None
+    steps = 0
+    real_step = daemon.state.step
+
+    def counted_step() -> list[object]:
+        nonlocal steps
+        steps += 1
+        return real_step()  # type: ignore[return-value]
+
+    daemon.state.step = counted_step  # type: ignore[method-assign]
+    try:
+        assert ready.wait(30)
+        worker = Worker(runtime, "eager")
+        other = Worker(runtime, "other")
+        worker.send("eager")
+        assert other.ask(f"read {2 * PAGE:#x} 1") == "00"  # served meanwhile
+        assert worker.answer(timeout=30) == ""
+        mapped = worker.ask("mapped").split(",")
+        assert len(mapped) == count
+        assert steps >= 2  # the rest of the replay, after the first batch
+        modes = {e.name: e.mode for e in daemon.state.mappers.values()}
+        assert modes == {"eager": "eager", "other": "lazy"}
+    finally:
+        for w in (worker, other):
+            if w is not None:
+                w.close()
+        daemon.stop()
+        thread.join(30)
+        shutil.rmtree(runtime, ignore_errors=True)

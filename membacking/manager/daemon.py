@@ -287,10 +287,10 @@ class Daemon(FdServer):
         for fileno in self._conns:
             poller.register(fileno, zmq.POLLIN)
         while self._stop_reason is None:
-            # work a change left for later (state.work) is done between messages, never waited
-            timeout = (
-                0 if self.state.has_work else int(max(0.0, next_tick - time.monotonic()) * 1000) + 1
-            )
+            # work a change left for later (state.work, state.step) is done between messages,
+            # never waited for
+            busy = self.state.has_steps or self.state.has_work
+            timeout = 0 if busy else int(max(0.0, next_tick - time.monotonic()) * 1000) + 1
             ready = dict(zmq.zmq_poll(poller.sockets, timeout))
             if self._mapper in ready:
                 self._drain(self._mapper, self._on_mapper_frames)
@@ -307,7 +307,9 @@ class Daemon(FdServer):
             if self._wake_r.fileno() in ready:
                 with contextlib.suppress(BlockingIOError):
                     self._wake_r.recv(64)
-            if self.state.has_work:
+            if self.state.has_steps:  # a batch of a change's messages (steps.py)
+                self._guard("step", None, lambda: self._apply(self.state.step()))
+            elif self.state.has_work:
                 self._guard("work", None, self.state.work)
             if time.monotonic() >= next_tick:
                 next_tick = time.monotonic() + 1.0

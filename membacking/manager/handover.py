@@ -30,6 +30,7 @@ from .statedir import StateDirError, region_text
 
 if TYPE_CHECKING:
     from .daemon import Daemon
+    from .state import ManagerState
 
 log = logging.getLogger("membacking.manager")
 
@@ -90,6 +91,13 @@ def answer(daemon: Daemon, identity: bytes, msg: m.ControlRequest) -> list[Effec
     return [Send(Channel.CONTROL, identity, m.ControlReply(result))]
 
 
+def what_is_handed_over(state: ManagerState) -> tuple[list[str], int]:
+    """What the handover's answer reads of the state: the changes not finished (waiting for
+    acknowledgements or for their later steps), and how many regions it hands over."""
+    pending = sorted({op.what for op in state.unfinished()})
+    return pending, sum(not r.removing for r in state.regions.values())
+
+
 def _agree(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     version, journal_version, pid = args.get("version"), args.get("journal"), args.get("pid")
     features = args.get("features", 0)
@@ -130,7 +138,7 @@ def _agree(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
             "--no-state, on the same --state-dir",
         )
     state = daemon.state
-    pending = sorted({op.what for op in state._pending.values()})
+    pending, regions = what_is_handed_over(state)
     if pending:
         raise Refused(
             "busy",
@@ -159,7 +167,7 @@ def _agree(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
         "instance": daemon.instance,
         "version": min(version, HANDOVER_VERSION),
         "journal": FORMAT_VERSION,
-        "regions": sum(not r.removing for r in state.regions.values()),
+        "regions": regions,
     }
     if version >= 2:
         answer["features"] = features & (FEATURE_CHANNEL | FEATURE_STATE)

@@ -67,6 +67,7 @@ def region_info(
         "pieces": len(pieces),
         "mappings": [piece_info(s) for s in listed],
         # the region's mappings in the table (none unless active) count who holds them
-        "holders": sorted(region.holder_tally),
+        # (a departed mapper counts until `work` took its marks off: it is no holder)
+        "holders": sorted(h for h in region.holder_tally if h in state.mappers),
         "state": _region_state(region),
     }

@@ -369,7 +369,7 @@ class ManagerState(PeerState):
             )
             if new_sub is not None:
                 effects += self._insert(region, new_sub, op)
-            effects += self._refill(cut)
+            effects += self._refill(cut, op)
         effects += self._release_leftovers(op)
 
         def done(op: Operation) -> list[Effect]:

@@ -6,7 +6,6 @@ mappers and an `Operation` that completes when each of them has answered.
 
 from __future__ import annotations
 
-import bisect
 import logging
 import operator
 import time
@@ -19,9 +18,11 @@ from ..protocol.messages import PRIVATE_MAPPABLE, Channel, Message
 from ..protocol.rangemap import RangeMap
 from ..protocol.ranges import MemoryRange
 from .backing import BackingStore
+from .later import WORK_BUDGET, do_work
 from .model import (
     DEFAULT_ADDRESS_SPACE,
     Effect,
+    Held,
     Holders,
     Limits,
     MapperEntry,
@@ -32,6 +33,7 @@ from .model import (
     Taken,
 )
 from .regions import PlacementIndex, Region, SubMapping, desired_active
+from .steps import Push, Refill, StepQueue
 
 log = logging.getLogger("membacking.manager")
 
@@ -39,10 +41,6 @@ _END = operator.attrgetter("end")
 
 #: mapper id -> the pieces it lost in each cut of one change
 Lost = dict[int, list[Taken]]
-#: how much of what changes leave to later turns one `TableState.work` call does: held ranges
-#: deleted (a few ns each), or table entries freed (WORK_PER_ENTRY units each: about 0.5 us)
-WORK_BUDGET = 100_000
-WORK_PER_ENTRY = 64
 
 
 class TableState:
@@ -94,6 +92,11 @@ class TableState:
         #: objects changes let go of (table entries cut out, a removed region's pieces and
         #: journal records), freed a batch at a time by `work`
         self._trash: list[list[Any]] = []
+        #: mapper id -> what a departed mapper held, while the table's entries still name it
+        #: among their holders (`work` takes those marks off a batch at a time: later.py)
+        self.departed: dict[int, Held] = {}
+        #: changes sending many messages, a batch per `step` (steps.py), in the order begun
+        self.steps = StepQueue(self)
         self.counters: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
         #: requests turned down by a limit or a policy (not a peer's fault), by reason
@@ -280,25 +283,27 @@ class TableState:
                 )
                 self.table.insert(part, kept)
                 for holder in kept.holders:
-                    self.mappers[holder].held[part] = kept.mappable_id
+                    self._held_of(holder)[part] = kept.mappable_id
         # The removed mappings leave the table: their holder sets are not emptied one by one
         # (the tally comes down by what each holder took, below), and they are freed on later
         # turns (`work`): freeing 10,010 of them took about 8 ms of CPU time.
         self.free_later(removed)
         effects: list[Effect] = []
         for holder in holders:
-            entry = self.mappers[holder]
+            entry = self.mappers.get(holder)
             # the ranges leave its Held now, but their deletion (a memmove of its lists and a
             # count of their mappables: 0.1 ms for 10,000 of 30,000) waits for `work`
-            taken = entry.held.take_later(rng)
+            taken = self._held_of(holder).take_later(rng)
             if taken is None:
                 continue
-            self._unsettled[holder] = None
             left = tally[holder] - taken.count
             if left > 0:
                 tally[holder] = left
             else:
                 del tally[holder]
+            if entry is None:
+                continue  # departed (its marks are still being taken off): nothing to send
+            self._unsettled[holder] = None
             if taken.count == len(removed):  # it held every piece: their bytes are counted once
                 whole = whole or self._bytes_of(region, rng, removed)
                 nbytes = whole
@@ -317,6 +322,11 @@ class TableState:
             cut.setdefault(holder, []).append(taken)
         return effects
 
+    def _held_of(self, mapper_id: int) -> Held:
+        """What a mapper holds; of a departed one, what still marks the table (later.py)."""
+        entry = self.mappers.get(mapper_id)
+        return entry.held if entry is not None else self.departed[mapper_id]
+
     @staticmethod
     def _bytes_of(region: Region, rng: MemoryRange, removed: list[tuple[MemoryRange, Any]]) -> int:
         """The bytes of the table entries a cut removed: the region's own total when the cut
@@ -334,7 +344,7 @@ class TableState:
     @property
     def has_work(self) -> bool:
         """Whether changes left work for later turns (`work`)."""
-        return bool(self._unsettled or self._trash)
+        return bool(self._unsettled or self._trash or self.departed)
 
     def work(self, budget: int = WORK_BUDGET) -> int:
         """Do some of what changes left for later turns, about `budget` units: delete the held
@@ -343,21 +353,23 @@ class TableState:
         of 10,010 pieces held by 72 mappers does not hold the loop for 20 to 50 ms in one turn.
         Nothing it does changes what any message is answered: a holder's ranges are settled
         anyway the moment anything else reads or changes them. Returns the units done."""
-        done = 0
-        while self._unsettled and done < budget:
-            mapper_id = next(iter(self._unsettled))
-            del self._unsettled[mapper_id]
-            entry = self.mappers.get(mapper_id)
-            if entry is not None:
-                done += entry.held.settle()
-        while self._trash and done < budget:
-            batch = self._trash[-1]
-            n = max(1, (budget - done) // WORK_PER_ENTRY)
-            del batch[-n:]
-            done += n * WORK_PER_ENTRY
-            if not batch:
-                self._trash.pop()
-        return done
+        return do_work(self, budget)
+
+    @property
+    def has_steps(self) -> bool:
+        """Whether a change still has messages to send in later steps (`step`)."""
+        return bool(self.steps)
+
+    def step(self) -> list[Effect]:
+        """One batch of the messages changes left for later (steps.py); the daemon's loop
+        calls it between the messages it serves while `has_steps`."""
+        return self.steps.run_one()
+
+    def unfinished(self) -> list[Operation]:
+        """The changes waiting for mappers' answers or for their own later steps."""
+        ops = {id(op): op for op in self._pending.values()}
+        ops.update((id(op), op) for op in self.steps.ops())
+        return list(ops.values())
 
     def _releasable(self, entry: MapperEntry, destroy: set[int]) -> tuple[int, ...]:
         if not destroy:
@@ -386,50 +398,47 @@ class TableState:
                 effects.append(self._to_mapper(entry, m.Release(self._seq(entry, op), release)))
         return effects
 
-    def _activate(self, region: Region, op: Operation) -> list[Effect]:
-        effects: list[Effect] = []
+    def _activate(self, region: Region, new: list[Mapping]) -> None:
+        """Put the region's pieces in the table (`new` gets them, to push to eager mappers)."""
         region.active = True
-        for sub in region.submappings:
-            effects.extend(self._insert(region, sub, op))
-        return effects
+        new.extend(self._entry(region, sub) for sub in region.submappings)
 
     def _insert(self, region: Region, sub: SubMapping, op: Operation) -> list[Effect]:
+        return self._push([self._entry(region, sub)], op)
+
+    def _entry(self, region: Region, sub: SubMapping) -> Mapping:
         rng = region.absolute(sub)
         writable = sub.writable and region.writable
         holders = Holders(region.holder_tally)
         mapping = Mapping(region.name, rng, sub.mappable_id, sub.file_offset, writable, holders)
         self.table.insert(rng, mapping)
         self.table_generation += 1
-        effects: list[Effect] = []
-        for e in self.mappers.values():
-            if (e.eager or e.upgrading) and e.stream is not None:
-                effects.extend(self._map_eager(e, mapping, op))
-        return effects
+        return mapping
 
-    def _refill(self, cut: Lost) -> list[Effect]:
+    def _push(self, mappings: list[Mapping], op: Operation) -> list[Effect]:
+        """MapEager of new table entries to every eager (or upgrading) mapper: a batch now,
+        the rest on later steps when there are many (steps.Push)."""
+        if not mappings or not any(e.eager or e.upgrading for e in self.mappers.values()):
+            return []
+        return self.steps.begin(Push(mappings, op))
+
+    def _refill(self, cut: Lost, op: Operation) -> list[Effect]:
         """Lazy holders of replaced memory get the new mapping right behind their Unmap, so a
-        reader sees the old or the new backing, never a hole it was not told about."""
-        effects: list[Effect] = []
-        for mapper_id, runs in cut.items():
+        reader sees the old or the new backing, never a hole it was not told about: a batch
+        now, the rest on later steps when there are many (steps.Refill)."""
+        runs: list[tuple[int, list[MemoryRange]]] = []
+        for mapper_id, taken_runs in cut.items():
             entry = self.mappers[mapper_id]
             if entry.eager or entry.upgrading:
-                continue  # eager mappers were sent MapEager already
-            # one lookup over the span of each cut's pieces (in address order, without
-            # overlaps, so sorted by end too): what the table holds there now is matched to the
-            # first piece ending after its start by bisection, never by a walk of the pieces;
-            # the pieces of every run are read before the first Map below settles the mapper's
-            # held ranges (a run nothing now overlaps is not read at all)
-            found = [(taken, self.table.overlapping(taken.span)) for taken in runs]
-            work = [(taken.ranges(), now) for taken, now in found if now]
-            for lost, now in work:
-                i = 0
-                for mrange, mapping in now:
-                    i = bisect.bisect_right(lost, mrange.start, lo=i, key=_END)
-                    if i == len(lost):
-                        break
-                    if lost[i].start < mrange.end and mapper_id not in mapping.holders:
-                        effects.extend(self._map_to(entry, mapping))
-        return effects
+                continue  # eager mappers are sent MapEager
+            # the pieces of every run are read before the first Map settles the mapper's held
+            # ranges; a run nothing now overlaps is not read at all
+            runs += [
+                (mapper_id, taken.ranges())
+                for taken in taken_runs
+                if self.table.first_overlap(taken.span) is not None
+            ]
+        return self.steps.begin(Refill(runs, op)) if runs else []
 
     def _reconcile(
         self,
@@ -447,11 +456,12 @@ class TableState:
             region = self.regions[name]
             if region.active and not want:
                 effects.extend(self._deactivate(region, op, cut))
+        new: list[Mapping] = []
         for name, want in sorted(desired.items(), key=lambda kv: self.regions[kv[0]].gpa or 0):
             region = self.regions[name]
             if want and not region.active:
-                effects.extend(self._activate(region, op))
-        return effects + self._refill(cut)
+                self._activate(region, new)
+        return effects + self._push(new, op) + self._refill(cut, op)
 
     def _deactivate(self, region: Region, op: Operation, cut: Lost) -> list[Effect]:
         region.active = False

@@ -98,6 +98,13 @@ class RangeMap(Generic[T]):
             i += 1
         return out
 
+    def page(self, start: int, limit: int) -> list[tuple[MemoryRange, T]]:
+        """Up to `limit` entries ending after `start`, in address order."""
+        i = bisect.bisect_right(self._starts, start) - 1
+        if i < 0 or self._entries[i][0].end <= start:
+            i += 1
+        return self._entries[i : i + limit]
+
     def first_overlap(self, rng: MemoryRange) -> tuple[MemoryRange, T] | None:
         i = self._first_overlapping_index(rng)
         if i < len(self._entries) and self._entries[i][0].start < rng.end:
