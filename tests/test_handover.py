@@ -404,7 +404,7 @@ def test_a_handover_during_an_eager_replay_waits_and_the_mapper_ends_eager(
     """An eager mapper is being sent a replay of many regions (its acks still owed, the mapper
     stopped in the middle) when a handover is asked: the new daemon waits for the replay to end,
     nothing is lost, and the mapper ends eager under the new daemon with every region mapped."""
-    count = 300
+    count = 600  # a replay long enough to be caught in the middle (stop_in_eager_replay)
     first = start_manager(*REGIONS)
     client = first.client()
     for i in range(count):

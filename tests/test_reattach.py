@@ -242,7 +242,7 @@ def test_an_eager_upgrade_cut_by_a_crash_ends_eager_under_the_new_daemon(
     """The daemon is killed in the middle of an eager replay: the mapper asks the restarted one
     for the replay again, and the upgrade that waited ends well, every region mapped (before, it
     waited out its timeout and failed, and the mapper stayed lazy)."""
-    count = 200
+    count = 600  # a replay long enough to be caught in the middle (stop_in_eager_replay)
     first = start_manager(*REGIONS)
     client = first.client()
     for i in range(count):
