@@ -59,6 +59,8 @@ def test_quick_benchmark_reports_everything(tmp_path: Path) -> None:
     ]
     for prefix in expected:
         assert any(what.startswith(prefix) for what in rows), prefix
+    # the handover row says what it lost, in the table itself: nothing
+    assert any(w.startswith("handover gap, ") and w.endswith(", 0 failed accesses") for w in rows)
     for row in data["results"]:
         assert row["ours"] > 0 and row["baseline"] > 0, row
         assert abs(row["ratio"] - row["ours"] / row["baseline"]) < 1e-9
