@@ -9,7 +9,7 @@ from __future__ import annotations
 import bisect
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from .. import units
@@ -67,15 +67,37 @@ def _regions(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list
     if not 1 <= limit <= PAGE_REGIONS:
         raise Refused("bad-request", f"limit must be 1 to {PAGE_REGIONS}")
     names = state.names
-    i = bisect.bisect_right(names, args["after"]) if args.get("after") else 0
-    page: list[dict[str, Any]] = []
-    items = 0
-    while i < len(names) and len(page) < limit and items < PAGE_ITEMS:
-        info = region_info(state, state.regions[names[i]])
-        items += len(info["mappings"]) + len(info["holders"])
-        page.append(info)
-        i += 1
+    page = _page(
+        _from(names, bisect.bisect_right(names, args["after"]) if args.get("after") else 0),
+        limit,
+        lambda name: region_info(state, state.regions[name]),
+        lambda info: len(info["mappings"]) + len(info["holders"]),
+    )
     return _reply(identity, page)
+
+
+def _from(keys: list[Any], first: int) -> Iterator[Any]:
+    """`keys` from index `first` on, without copying them (a page reads only a few)."""
+    return (keys[i] for i in range(first, len(keys)))
+
+
+def _page(
+    keys: Iterable[Any],
+    limit: int,
+    describe: Callable[[Any], dict[str, Any]],
+    items: Callable[[dict[str, Any]], int],
+) -> list[dict[str, Any]]:
+    """The descriptions of `keys` from the first: at most `limit`, and no more once they list
+    PAGE_ITEMS items (pieces, holders, held ranges) in all."""
+    page: list[dict[str, Any]] = []
+    listed = 0
+    for key in keys:
+        if len(page) >= limit or listed >= PAGE_ITEMS:
+            break
+        info = describe(key)
+        listed += items(info)
+        page.append(info)
+    return page
 
 
 def _mappings(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[Effect]:
@@ -128,14 +150,12 @@ def _mappers(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list
     expect_args(args, _NOTHING, {"after_id": int})
     after = args.get("after_id") or 0
     ids = list(state.mappers)  # ids only grow: insertion order is id order
-    i = bisect.bisect_right(ids, after)
-    page: list[dict[str, Any]] = []
-    listed = 0
-    while i < len(ids) and len(page) < PAGE_MAPPERS and listed < PAGE_ITEMS:
-        info = _mapper_info(state.mappers[ids[i]], state.pins)
-        listed += len(info["held"])
-        page.append(info)
-        i += 1
+    page = _page(
+        _from(ids, bisect.bisect_right(ids, after)),
+        PAGE_MAPPERS,
+        lambda mapper_id: _mapper_info(state.mappers[mapper_id], state.pins),
+        lambda info: len(info["held"]),
+    )
     return _reply(identity, page)
 
 
