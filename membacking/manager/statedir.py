@@ -139,19 +139,12 @@ class StateDir:
     def acquire(self) -> None:
         try:
             self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            info = os.lstat(self.root)
         except OSError as exc:
             raise StateDirError(
                 f"cannot create the state directory {self.root}: {exc.strerror or exc} "
                 "(choose another with --state-dir, or run without one: --no-state)"
             ) from None
-        if not stat.S_ISDIR(info.st_mode):
-            raise StateDirError(f"state directory {self.root} is not a directory")
-        if info.st_uid != os.getuid():
-            raise StateDirError(
-                f"state directory {self.root} belongs to uid {info.st_uid}, not to you "
-                f"(uid {os.getuid()}); choose another --state-dir"
-            )
+        _check_own(self.root, "state directory", directory=True)
         self._tighten(self.root, 0o700)
         with contextlib.suppress(FileExistsError):
             self.mem.mkdir(mode=0o700)
