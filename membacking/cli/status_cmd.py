@@ -39,6 +39,12 @@ def status_cmd(runtime_dir: Path, timeout: float | None, as_json: bool) -> None:
         ("mappings", f"{status['vmas']} VMAs"),
         ("unmap timeout", units.format_duration(status["unmap_timeout"])),
     ]
+    awaited = status.get("awaited") or []  # mappers of the manager before, not back yet
+    if awaited:
+        pids = ", ".join(str(a["pid"]) for a in awaited)
+        left = units.format_duration(awaited[0]["seconds_left"])
+        deferred = status.get("deferred", 0)
+        rows.append(("awaited back", f"pids {pids} (at most {left} more; {deferred} changes wait)"))
     click.echo(f"membacking manager: {status['health']}")
     for problem in status["problems"]:
         click.echo(f"  ! {problem}")

@@ -15,6 +15,7 @@ from typing import Any
 from .. import units
 from ..protocol import messages as m
 from ..protocol.messages import PRIVATE_MAPPABLE, Channel
+from .awaited import cuts
 from .errors import Refused
 from .metrics import FD_WARN_SHARE, VERSION, process_info
 from .model import Disconnect, MapperEntry
@@ -208,6 +209,9 @@ def _status(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[
             "unmap_timeout": state.unmap_timeout,
             **state.persistence,
             "waiting_on": waiting,
+            # mappers of the previous manager not back yet, and the changes waiting for them
+            "awaited": state.awaited.describe(now),
+            "deferred": state.awaited.deferred,
             "health": "degraded" if problems else "ok",
             "problems": problems,
         },
@@ -398,4 +402,9 @@ def run_control(
     if handler is None:
         raise Refused("bad-request", f"unknown operation {op!r}")
     log.debug("control request %s %s", op, args)
+    if state.awaited.open and cuts(op, args):
+        # mappers of the previous manager may map what it cuts: it runs once they are back
+        state.awaited.defer(identity, op, args)
+        log.info("%s waits for mapper(s) to come back (pids %s)", op, state.awaited.pids())
+        return []
     return handler(state, identity, args)

@@ -18,7 +18,6 @@ from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import Any
 
-import psutil
 import zmq
 
 from .. import trace
@@ -135,6 +134,8 @@ class Daemon(FdServer):
         trace.mark("daemon.locked")
         try:
             startup.adopt(self, taken)
+            # the mappers of the manager before, still running, are awaited back (awaited.py)
+            self.state.awaited.begin(self.state._monotonic(), self.state.unmap_timeout)
             trace.mark("daemon.adopted")
             self._save_state()
             trace.mark("daemon.saved")
@@ -163,6 +164,7 @@ class Daemon(FdServer):
     def _save_state(self) -> None:
         """Journal the region table if it changed (before any reply says a change is done)."""
         self._journal_due = False
+        self.state.awaited.dirty = False
         if self.persist is not None and not self.persist.save_logged(self.state, self.store):
             self.state.rejected["internal"] += 1
         if self.fdstore is not None:
@@ -316,20 +318,17 @@ class Daemon(FdServer):
                 self._guard("tick", None, functools.partial(self._tick, not ready))
 
     def _tick(self, idle: bool = False) -> None:
-        if self._journal_due:  # a change still waiting for acks is journaled within a second
+        self._tick_awaited()  # mappers awaited back after a restart
+        if self._journal_due or self.state.awaited.dirty:  # changes, mappers: within a second
             self._save_state()
+        self._replay_deferred()
         self._resume_accepting()
         self._apply(self.state.tick())
         if self.persist is not None:  # rollbacks made on acks; files of completed removals
             self.persist.tick(self.state, self.store)
         if self.fdstore is not None:  # completed removals, rollbacks
             self.fdstore.tick(self.state, self.store)
-        self._sweep_unregistered()
-        for entry in list(self.state.mappers.values()):
-            # pid 0: the mapper is in a pid namespace we cannot see into (another container);
-            # its fd socket still tells us when it goes away
-            if entry.pid != 0 and not psutil.pid_exists(entry.pid):
-                self._apply([Disconnect(entry.id)])
+        self._sweep()  # connections that never registered, mappers whose process is gone
         self.heap.tick(idle, self._size())
 
     def _size(self) -> int:
@@ -462,6 +461,10 @@ class Daemon(FdServer):
             self.state.reject("wrong-instance", refusal.message)
             self._apply([Send(Channel.CONTROL, identity, refusal)])
             return
+        self._control_request(identity, msg)
+
+    def _control_request(self, identity: bytes, msg: m.Message) -> None:
+        """A control request addressed to this daemon (also one that waited: awaited.py)."""
         if isinstance(msg, m.ControlRequest) and (
             msg.op == handover.OP or self._stop_reason is not None
         ):

@@ -1,7 +1,8 @@
 """One connection to the manager's fd socket (SOCK_SEQPACKET): who is on the other end, and the
 messages its socket could not take yet. Sends never block the daemon: what does not fit waits
 here, in order, holding its own duplicate of any fd, until the socket is writable again. Also
-the killing of an evicted mapper by the pidfd of its connection (--evict-kill).
+the killing of an evicted mapper by the pidfd of its connection (--evict-kill), or of one that
+did not come back after a restart.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import os
 import signal
 import socket
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from ..protocol import messages as m
 from ..protocol.fdpass import send_message
+from .journal import MapperRecord
+from .pins import process_start
 
 log = logging.getLogger("membacking.manager")
 
@@ -113,3 +116,37 @@ def kill_evicted(mapper_id: int, conn: FdConn | None, counters: dict[str, int]) 
         return
     counters["evict_kills"] += 1
     log.error("%s killed (SIGKILL, --evict-kill): evicted for not answering", who)
+
+
+def not_back(record: MapperRecord, waited: float, evict_kill: bool, counters: Counter[str]) -> None:
+    """A mapper of the previous manager whose process still runs did not come back within
+    `waited` seconds (awaited.py): counted in `reattach_timeouts` and logged, as an eviction
+    is; under --evict-kill SIGKILLed (by a pidfd, once its start time is checked again, so a
+    pid reused meanwhile is never hit), counted in `evict_kills`."""
+    counters["reattach_timeouts"] += 1
+    who = f"mapper {record.mapper_id} of the previous manager (pid {record.pid})"
+    if not evict_kill:
+        log.error(
+            "%s did not come back within %gs: changes go on without it; it may still map "
+            "memory they remove (--evict-kill would kill it)",
+            who,
+            waited,
+        )
+        return
+    try:
+        pidfd = os.pidfd_open(record.pid)
+    except OSError:
+        return  # it has exited already
+    try:
+        if process_start(record.pid) != record.started:
+            return  # another process has that pid now
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    except OSError as exc:
+        log.error("%s: --evict-kill cannot kill it: %s", who, exc.strerror or exc)
+        return
+    finally:
+        os.close(pidfd)
+    counters["evict_kills"] += 1
+    log.error("%s killed (SIGKILL, --evict-kill): it did not come back within %gs", who, waited)

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import socket
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
+import psutil
 import zmq
 
 from ..protocol import messages as m
@@ -22,8 +24,8 @@ from ..protocol.errors import ProtocolError
 from ..protocol.fdpass import PeerClosed, recv_message, send_message
 from .backing import MemfdStore
 from .errors import Refused
-from .fdconn import FdConn, OutboxFull
-from .state import Effect, ManagerState
+from .fdconn import FdConn, OutboxFull, not_back
+from .state import Disconnect, Effect, ManagerState
 from .strikes import MAX_STRIKES
 
 log = logging.getLogger("membacking.manager")
@@ -58,18 +60,43 @@ class FdServer:
     def _save_state(self) -> None:
         raise NotImplementedError
 
+    def _control_request(self, identity: bytes, msg: m.Message) -> None:
+        raise NotImplementedError
+
+    def _guard(self, what: str, pid: int | None, action: Callable[[], object]) -> None:
+        raise NotImplementedError
+
+    def _replay_deferred(self) -> None:
+        """Run the control changes that waited for mappers to come back (awaited.py), in the
+        order they came, once none is awaited."""
+        for identity, msg in self.state.awaited.release():
+            action = functools.partial(self._control_request, identity, msg)
+            self._guard("deferred control request", None, action)
+
+    def _tick_awaited(self) -> None:
+        """Each second: stop awaiting the mappers whose process ended, or all once the wait
+        ran out (those still running are killed under --evict-kill)."""
+        for record in self.state.awaited.tick(self.state._monotonic()):
+            not_back(record, self.state.unmap_timeout, self._evict_kill, self.state.counters)
+
     def _resume_accepting(self) -> None:
         if self._accept_paused and self._poller is not None:
             self._accept_paused = False
             self._poller.register(self._listen.fileno(), zmq.POLLIN)
 
-    def _sweep_unregistered(self) -> None:
-        """Close connections that never registered in time (strangers after a second)."""
+    def _sweep(self) -> None:
+        """Close connections that never registered in time (strangers after a second); forget
+        the mappers whose process is gone."""
         now = time.monotonic()
         for conn in [c for c in self._conns.values() if c.mapper_id is None]:
             if conn.accepted < now - (HELLO_TIMEOUT if conn.forbidden is None else 1.0):
                 self.state.reject("timeout", "connected but never said Hello", conn.pid)
                 self._drop_conn(conn, "no Hello")
+        for entry in list(self.state.mappers.values()):
+            # pid 0: the mapper is in a pid namespace we cannot see into (another container);
+            # its fd socket still tells us when it goes away
+            if entry.pid != 0 and not psutil.pid_exists(entry.pid):
+                self._apply([Disconnect(entry.id)])
 
     def _pause_accepting(self, exc: OSError) -> None:
         """New connections wait in the backlog for a second; the listening socket would
@@ -270,3 +297,5 @@ class FdServer:
             return
         conn.strikes = 0
         self._apply(effects)
+        if isinstance(msg, m.Holdings) and self.state.awaited.deferred:
+            self._replay_deferred()  # the last mapper awaited may be back

@@ -80,6 +80,16 @@ class PinRecord(NamedTuple):
     regions: tuple[str, ...]
 
 
+class MapperRecord(NamedTuple):
+    """A mapper that may come back holding memory after a restart: its id under the manager
+    that wrote the journal, its process `pid` and when that process started (clock ticks after
+    boot, as for pins), so a pid reused since is not taken for it."""
+
+    mapper_id: int
+    pid: int
+    started: int
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """Everything a restarted manager needs to serve the same memory again."""
@@ -97,6 +107,9 @@ class Snapshot:
     counters: dict[str, int] = field(default_factory=dict)
     #: pins of running VMs (an optional key: a journal without it has none)
     pins: tuple[PinRecord, ...] = ()
+    #: mappers that may come back holding memory (an optional key: a journal without it has
+    #: none)
+    mappers: tuple[MapperRecord, ...] = ()
 
 
 def encode(snapshot: Snapshot) -> bytes:
@@ -121,6 +134,7 @@ def head(snapshot: Snapshot) -> dict[str, Any]:
         "counters": dict(snapshot.counters),
         # VM pins: named tuples pack as arrays in field order
         "pins": [tuple(p) for p in snapshot.pins],
+        "mappers": [tuple(r) for r in snapshot.mappers],
     }
 
 
@@ -285,6 +299,8 @@ def _from_v1(doc: Any) -> Snapshot:
     _check(type(counters) is dict, "counters")
     pins = doc.get("pins", [])
     _check(type(pins) is list, "pins")
+    mappers = doc.get("mappers", [])
+    _check(type(mappers) is list, "mappers")
     return Snapshot(
         state_id,
         _int(doc["uid"], "uid"),
@@ -297,6 +313,15 @@ def _from_v1(doc: Any) -> Snapshot:
         tuple(backings),
         {_str(k, "counter"): _int(v, "counter") for k, v in counters.items()},
         tuple(_pin(p) for p in pins),
+        tuple(_mapper(r) for r in mappers),
+    )
+
+
+def _mapper(item: Any) -> MapperRecord:
+    _check(type(item) is list and len(item) == 3, "mapper")
+    mapper_id, pid, started = item
+    return MapperRecord(
+        _int(mapper_id, "mapper id"), _int(pid, "mapper pid"), _int(started, "mapper start time")
     )
 
 

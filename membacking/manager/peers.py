@@ -13,6 +13,7 @@ from typing import Any
 from ..protocol import messages as m
 from ..protocol.messages import Channel, Message
 from ..units import format_duration
+from .awaited import AwaitedMappers
 from .errors import Refused
 from .model import (
     Disconnect,
@@ -49,6 +50,8 @@ class PeerState(TableState):
         self._departed: OrderedDict[bytes, None] = OrderedDict()
         #: ids below this may have been handed out; the journal keeps it as next_mapper_id
         self.mapper_ids_reserved = self._next_mapper_id
+        #: mappers that may come back holding memory after a restart, and those awaited now
+        self.awaited = AwaitedMappers()
 
     def reserve_mapper_id(self) -> bool:
         """Before a registration: whether the next id starts a new block (then the journal
@@ -85,6 +88,7 @@ class PeerState(TableState):
         so Welcome carries none either) and gets the subset this manager will use."""
         entry.features = None if offered is None else offered & m.SUPPORTED_FEATURES
         if entry.features is not None and entry.features & m.FEATURE_REATTACH and self.state_id:
+            self.awaited.register(entry.id, entry.pid)  # it keeps what it maps if we restart
             return m.Welcome(
                 entry.id,
                 entry.token,
@@ -116,6 +120,7 @@ class PeerState(TableState):
         if entry is None:
             return []
         log.info("mapper %d (%s, pid %d) removed: %s", entry.id, entry.name, entry.pid, why)
+        self.awaited.depart(mapper_id)
         for identity in (entry.stream, entry.requests):
             if identity is not None:
                 self._by_identity.pop(identity, None)
@@ -203,7 +208,10 @@ class PeerState(TableState):
         if isinstance(msg, m.Holdings):
             from .reattach import take_holdings
 
-            return take_holdings(self, entry, msg)
+            effects = take_holdings(self, entry, msg)
+            if not msg.fds and not msg.mappings and self.awaited.open and entry.stream:
+                self.awaited.arrived(entry.pid)  # an empty Holdings ends what it holds
+            return effects
         return None
 
     def _acknowledgement(self, entry: MapperEntry, msg: Message) -> list[Effect] | None:
@@ -309,6 +317,14 @@ class PeerState(TableState):
                         m.Error("shutting-down", f"the manager is stopping: {reason}"),
                     )
                 )
+        for identity in self.awaited.drop():  # changes that waited for mappers to come back
+            effects.append(
+                Send(
+                    Channel.CONTROL,
+                    identity,
+                    m.Error("shutting-down", f"the manager is stopping: {reason}"),
+                )
+            )
         self._pending.clear()
         self.steps.clear()
         return effects

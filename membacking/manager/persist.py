@@ -152,6 +152,7 @@ class Persistence:
         state._next_mappable_id = max(head.next_mappable_id, state._next_mappable_id)
         state._next_order = max(head.next_order, state._next_order)
         state._next_mapper_id = max(head.next_mapper_id, state._next_mapper_id)
+        state.awaited.adopt(head.mappers)  # those of now, not of when it was prepared
         self._adopted(prepared, warnings)
         return True
 

@@ -1,6 +1,7 @@
 """Between the live state machine and its journal: `capture` builds a `journal.Snapshot` from the
-parts (regions with their sub-mappings, backings, id counters, stats counters, pins); `restore`
-builds them again in a fresh `ManagerState` and re-adopts the backings, then recomputes the table.
+parts (regions with their sub-mappings, backings, id counters, stats counters, pins, mappers);
+`restore` builds them again in a fresh `ManagerState` and re-adopts the backings, then
+recomputes the table.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def snapshot_of(
         backings=backings,
         counters={k: v for k, v in state.counters.items() if v},
         pins=pin_records(state),
+        mappers=state.awaited.records(),
     )
 
 
@@ -170,6 +172,8 @@ def restore(snapshot: Snapshot, state: ManagerState, store: MemfdStore) -> list[
         log.info(
             "kept the pin of %s (pid %d) on %s", pin.label, pin.pid, ", ".join(sorted(pin.regions))
         )
+    # mappers that may come back holding memory: awaited once the daemon starts (awaited.py)
+    state.awaited.adopt(snapshot.mappers)
     # no mapper is attached: this only recomputes which regions are active and the table
     op = state.start_op("restore", None)
     effects = state._reconcile([MemoryRange(0, state.address_space)], op)

@@ -231,3 +231,5 @@ def _send_holdings(mapper: VaMapper) -> None:
         mapper.link.send(m.Holdings(tuple(fds[i : i + fd_step]), ()))
     for i in range(0, max(len(mappings), 1), map_step):
         mapper.link.send(m.Holdings((), tuple(mappings[i : i + map_step])))
+    if mappings:  # an empty one ends them: the manager knows it has heard all it holds
+        mapper.link.send(m.Holdings((), ()))

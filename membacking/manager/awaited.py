@@ -1,0 +1,181 @@
+"""Mappers a restarted manager expects back. The journal lists the mappers that may hold memory
+across a restart (id, pid, process start time); after a start that adopted a state, those whose
+process still runs are awaited until they told what they hold (their Holdings, ended by an empty
+one), their process ended, or the wait ran out. Meanwhile a control change that could cut
+mappings waits (it is deferred, then run in order): the manager does not yet know what they map.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from ..protocol import messages as m
+from .errors import Refused
+from .journal import MapperRecord
+from .pins import process_start
+
+log = logging.getLogger("membacking.manager")
+
+#: control operations that may cut mappings (add_region only when it places an enabled region)
+CUTTING_OPS = frozenset(
+    {
+        "add_region",
+        "remove_region",
+        "enable_region",
+        "disable_region",
+        "move_region",
+        "map_range",
+        "unmap_range",
+    }
+)
+#: most control requests deferred at once; more are refused with the code `reattaching`
+MAX_DEFERRED = 256
+
+
+def cuts(op: str, args: dict[str, Any]) -> bool:
+    """Whether control operation `op` with `args` may cut a mapping some mapper holds."""
+    if op not in CUTTING_OPS:
+        return False
+    if op == "add_region":  # only an enabled region placed now can cover another
+        return args.get("gpa") is not None and not args.get("disabled")
+    return True
+
+
+class AwaitedMappers:
+    """The mappers of this manager that may come back holding memory after its restart
+    (journaled), and those of the previous manager awaited back now."""
+
+    def __init__(self, started: Callable[[int], int | None] = process_start) -> None:
+        self._started = started
+        #: mapper id -> its record, for the live mappers that were told the state id
+        self._live: dict[int, MapperRecord] = {}
+        #: the journal's records, until `begin` keeps those whose process runs
+        self._adopted: list[MapperRecord] = []
+        #: records of the previous manager's mappers not back yet
+        self.waiting: list[MapperRecord] = []
+        #: when the wait ends for those not back (monotonic seconds)
+        self.deadline = 0.0
+        #: the journal no longer lists exactly `records()`: write it within a second
+        self.dirty = False
+        #: control requests waiting for the mappers, in the order they came
+        self._deferred: deque[tuple[bytes, m.ControlRequest]] = deque()
+
+    # ---- this manager's mappers ----------------------------------------------------------------
+
+    def register(self, mapper_id: int, pid: int) -> None:
+        """A mapper that can keep what it maps across a restart was welcomed. Pid 0 (another
+        pid namespace) cannot be told apart from others: it is not recorded."""
+        started = self._started(pid) if pid > 0 else None
+        if started is not None:
+            self._live[mapper_id] = MapperRecord(mapper_id, pid, started)
+            self.dirty = True
+
+    def depart(self, mapper_id: int) -> None:
+        if self._live.pop(mapper_id, None) is not None:
+            self.dirty = True
+
+    def records(self) -> tuple[MapperRecord, ...]:
+        """What the journal keeps: live mappers, and those still awaited (a crash now must
+        not forget them)."""
+        return (*self._live.values(), *self.waiting)
+
+    # ---- after a restart -----------------------------------------------------------------------
+
+    def adopt(self, records: tuple[MapperRecord, ...]) -> None:
+        """The journal's records (adopted state): awaited once `begin` found them running."""
+        self._adopted = list(records)
+
+    def begin(self, now: float, timeout: float) -> list[MapperRecord]:
+        """Await the adopted mappers whose process runs (same start time), for at most
+        `timeout` seconds from `now`. Returns them."""
+        self.waiting = [r for r in self._adopted if self._runs(r)]
+        self._adopted = []
+        self.deadline = now + timeout
+        self.dirty = True
+        if self.waiting:
+            log.info(
+                "awaiting %d mapper(s) back (pids %s) for at most %gs: changes that could cut "
+                "mappings wait until then",
+                len(self.waiting),
+                self.pids(),
+                timeout,
+            )
+        return list(self.waiting)
+
+    def _runs(self, record: MapperRecord) -> bool:
+        return self._started(record.pid) == record.started
+
+    def pids(self) -> str:
+        return ", ".join(str(r.pid) for r in self.waiting)
+
+    @property
+    def open(self) -> bool:
+        """Whether some mapper is still awaited."""
+        return bool(self.waiting)
+
+    def arrived(self, pid: int) -> bool:
+        """A mapper of process `pid` told all it holds: one record of that pid is done."""
+        for i, record in enumerate(self.waiting):
+            if record.pid == pid:
+                del self.waiting[i]
+                self.dirty = True
+                log.info("mapper %d (pid %d) is back", record.mapper_id, pid)
+                return True
+        return False
+
+    def tick(self, now: float) -> list[MapperRecord]:
+        """Each second: forget the awaited mappers whose process ended; once the wait ran
+        out, forget the rest too and return them (they may still map memory)."""
+        if not self.waiting:
+            return []
+        alive = [r for r in self.waiting if self._runs(r)]
+        if len(alive) != len(self.waiting):
+            self.dirty = True
+            for record in self.waiting:
+                if record not in alive:
+                    log.info("mapper %d (pid %d) ended: not awaited", record.mapper_id, record.pid)
+        self.waiting = alive
+        if not alive or now < self.deadline:
+            return []
+        self.waiting = []
+        self.dirty = True
+        return alive
+
+    def describe(self, now: float) -> list[dict[str, Any]]:
+        """For `status`: the mappers awaited and the seconds left."""
+        left = round(max(0.0, self.deadline - now), 3)
+        return [{"mapper": r.mapper_id, "pid": r.pid, "seconds_left": left} for r in self.waiting]
+
+    # ---- deferred control requests -------------------------------------------------------------
+
+    def defer(self, identity: bytes, op: str, args: dict[str, Any]) -> None:
+        """Keep a request that could cut mappings until no mapper is awaited; refused with
+        `reattaching` if too many wait already."""
+        if len(self._deferred) >= MAX_DEFERRED:
+            raise Refused(
+                "reattaching",
+                f"mappers of the previous manager (pids {self.pids()}) are not back yet and "
+                f"{len(self._deferred)} changes wait for them already: retry later",
+            )
+        self._deferred.append((identity, m.ControlRequest(op, args)))
+
+    @property
+    def deferred(self) -> int:
+        return len(self._deferred)
+
+    def release(self) -> list[tuple[bytes, m.ControlRequest]]:
+        """The deferred requests, in order, once no mapper is awaited (else none)."""
+        if self.waiting or not self._deferred:
+            return []
+        out = list(self._deferred)
+        self._deferred.clear()
+        return out
+
+    def drop(self) -> list[bytes]:
+        """At shutdown: the clients whose requests were deferred (they are told it stops)."""
+        out = [identity for identity, _ in self._deferred]
+        self._deferred.clear()
+        return out

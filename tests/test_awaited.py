@@ -1,0 +1,252 @@
+"""Mappers awaited back after a restart: the journal keeps the mappers that may hold memory
+(id, pid, start time); a restarted manager defers a change that could cut mappings until each
+of them still running told what it holds, its process ended, or the wait ran out. The state
+machine alone first, then real daemons SIGKILLed under a mapper that rides through."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from membacking.control_client import ControlClient
+from membacking.errors import MembackingError
+from membacking.manager import journal
+from membacking.manager.awaited import MAX_DEFERRED, AwaitedMappers
+from membacking.manager.backing import MemfdStore
+from membacking.manager.journal import MapperRecord
+from membacking.manager.model import Send
+from membacking.manager.snapshot import capture, restore
+from membacking.manager.state import ManagerState
+from membacking.manager.statedir import StateDir, default_state_dir
+from membacking.protocol import messages as m
+from membacking.protocol.messages import Channel
+from membacking.protocol.ranges import MemoryRange
+from membacking.runtime import RuntimePaths
+
+from conftest import RunningManager, Worker, WorkerError
+
+MiB = 1 << 20
+#: the processes the state machine tests pretend run: pid -> start time
+RUNNING = {4242: 77, 5151: 9}
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Iterator[ManagerState]:
+    sdir = StateDir(tmp_path / "state")
+    sdir.acquire()
+    store = MemfdStore(sdir)
+    state = ManagerState(store, address_space=1 << 32)
+    state.state_id = b"s" * 16
+    state.awaited = AwaitedMappers(started=RUNNING.get)
+    yield state
+    store.close_all()
+    sdir.release(remove=True)
+
+
+def _remove(state: ManagerState, name: str, client: bytes = b"client") -> list[object]:
+    out = state.handle_control(client, m.ControlRequest("remove_region", {"name": name}))
+    return [e.msg for e in out if isinstance(e, Send)]
+
+
+def _back(state: ManagerState, pid: int, holds: tuple[int, ...]) -> tuple[int, list[object]]:
+    """A mapper of process `pid` registers again and tells what it holds, then the end."""
+    entry = state.register_mapper(f"back{pid}", pid)
+    state.welcome(entry, m.SUPPORTED_FEATURES)
+    state.handle_mapper(b"st%d" % pid, m.Attach(entry.id, entry.token, m.ROLE_STREAM_FD))
+    fds = []
+    for mappable_id in sorted(set(holds[2::5])):
+        identity = state.store.identity(mappable_id)
+        assert identity is not None
+        fds += [mappable_id, *identity]
+    sent: list[object] = []
+    for msg in (m.Holdings(tuple(fds), ()), m.Holdings((), holds), m.Holdings((), ())):
+        out = state.handle_fd_message(entry.id, msg) or []
+        sent += [e.msg for e in out if isinstance(e, Send)]
+    return entry.id, sent
+
+
+def test_a_removal_waits_for_the_mappers_awaited_back(state: ManagerState) -> None:
+    state.add_region("a", 0, MiB, True)
+    a_id = state.regions["a"].submappings[0].mappable_id
+    state.awaited.adopt((MapperRecord(3, 4242, 77), MapperRecord(4, 4343, 1)))
+    assert [r.pid for r in state.awaited.begin(0.0, 30.0)] == [4242]  # 4343 does not run
+    # before: the removal completed at once (no holder known) while the mapper still mapped it
+    assert _remove(state, "a") == []
+    assert "a" in state.regions and not state.regions["a"].removing
+    assert state.awaited.release() == []  # not while it is awaited
+    # a read-only request is answered meanwhile
+    out = state.handle_control(b"other", m.ControlRequest("regions", {}))
+    assert [type(e.msg) for e in out if isinstance(e, Send)] == [m.ControlReply]
+    mapper_id, sent = _back(state, 4242, (0, MiB, a_id, 0, 1))
+    assert sent == []  # what it holds is what the table has
+    assert not state.awaited.open
+    [(client, request)] = state.awaited.release()
+    out = state.handle_control(client, request)
+    unmaps = [e for e in out if isinstance(e, Send) and isinstance(e.msg, m.Unmap)]
+    assert [(u.identity, u.msg.range) for u in unmaps] == [(b"st4242", MemoryRange(0, MiB))]
+    assert not any(e.channel is Channel.CONTROL for e in out if isinstance(e, Send))
+    out = state.handle_mapper(b"st4242", m.UnmapAck(unmaps[0].msg.seq))
+    [reply] = [e.msg for e in out if isinstance(e, Send) and e.channel is Channel.CONTROL]
+    assert isinstance(reply, m.ControlReply)
+    assert reply.result["unmapped_from"] == [mapper_id]
+
+
+def test_the_wait_ends_when_the_process_ends_or_the_time_runs_out(state: ManagerState) -> None:
+    state.add_region("a", 0, MiB, True)
+    state.awaited.adopt((MapperRecord(3, 4242, 77), MapperRecord(4, 5151, 9)))
+    state.awaited.begin(0.0, 30.0)
+    assert _remove(state, "a") == []
+    # not a change that can cut anything: not deferred
+    add = {"name": "b", "size": MiB, "disabled": True}
+    out = state.handle_control(b"c2", m.ControlRequest("add_region", add))
+    assert [type(e.msg) for e in out if isinstance(e, Send)] == [m.ControlReply]
+    del RUNNING[4242]
+    try:
+        assert state.awaited.tick(1.0) == []  # ended: no longer awaited, nothing to report
+    finally:
+        RUNNING[4242] = 77
+    assert [r.pid for r in state.awaited.waiting] == [5151]
+    assert state.awaited.tick(29.0) == []
+    assert [r.pid for r in state.awaited.tick(30.0)] == [5151]  # did not come back in time
+    [(client, request)] = state.awaited.release()
+    sent = [e.msg for e in state.handle_control(client, request) if isinstance(e, Send)]
+    assert [type(x) for x in sent] == [m.ControlReply]
+    assert "a" not in state.regions
+
+
+def test_deferred_changes_are_bounded_and_told_at_shutdown(state: ManagerState) -> None:
+    state.add_region("a", 0, MiB, True)
+    state.awaited.adopt((MapperRecord(3, 4242, 77),))
+    state.awaited.begin(0.0, 30.0)
+    for i in range(MAX_DEFERRED):
+        assert _remove(state, "a", b"c%d" % i) == []
+    [error] = _remove(state, "a", b"late")
+    assert isinstance(error, m.Error) and error.code == "reattaching"
+    assert "4242" in error.message and "retry" in error.message
+    told = [e for e in state.shutdown("test") if isinstance(e, Send)]
+    assert len(told) == MAX_DEFERRED
+    assert all(isinstance(e.msg, m.Error) and e.msg.code == "shutting-down" for e in told)
+
+
+def test_the_journal_keeps_registered_and_awaited_mappers(state: ManagerState) -> None:
+    state.add_region("a", 0, MiB, True)
+    state.awaited.adopt((MapperRecord(3, 5151, 9),))
+    state.awaited.begin(0.0, 30.0)
+    state.awaited.dirty = False
+    entry = state.register_mapper("live", 4242)
+    state.welcome(entry, m.SUPPORTED_FEATURES)
+    assert state.awaited.dirty  # registration: journaled within a second, not at once
+    old = state.register_mapper("old", 4242)
+    state.welcome(old, None)  # no REATTACH: it cannot come back holding memory
+    ns = state.register_mapper("elsewhere", 0)
+    state.welcome(ns, m.SUPPORTED_FEATURES)  # pid 0 (another pid namespace): not tracked
+    assert isinstance(state.store, MemfdStore)
+    snapshot = capture(state, state.store, state.state_id, "/run/x")
+    assert snapshot.mappers == (MapperRecord(entry.id, 4242, 77), MapperRecord(3, 5151, 9))
+    assert journal.decode(journal.encode(snapshot)).mappers == snapshot.mappers
+    state.awaited.dirty = False
+    state.mapper_gone(entry.id)
+    assert state.awaited.dirty
+    assert capture(state, state.store, state.state_id, "/run/x").mappers == (
+        MapperRecord(3, 5151, 9),
+    )
+    # a new state restored from it awaits them once it begins
+    fresh = ManagerState(MemfdStore(None), address_space=1 << 32)
+    fresh.awaited = AwaitedMappers(started=RUNNING.get)
+    restore(dataclasses.replace(snapshot, regions=(), backings=()), fresh, fresh.store)
+    assert fresh.awaited.waiting == []
+    assert [r.pid for r in fresh.awaited.begin(0.0, 5.0)] == [4242, 5151]
+
+
+# ---- real daemons --------------------------------------------------------------------------
+
+Start = Callable[..., RunningManager]
+Spawn = Callable[..., Worker]
+REGIONS = ("--region", "ram0=0:8M", "--region", "dev=0x10000000:1M")
+
+
+def _journaled(manager: RunningManager, pid: int) -> None:
+    """Wait until the journal lists a mapper of process `pid` (within the daemon's tick)."""
+    path = default_state_dir(RuntimePaths.resolve(manager.runtime_dir)) / "journal"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        data = journal.read_bytes(path)
+        if data is not None and pid in {r.pid for r in journal.decode(data).mappers}:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"pid {pid} not journaled in {path}")
+
+
+def _remove_async(manager: RunningManager, name: str) -> tuple[threading.Thread, list[object]]:
+    result: list[object] = []
+
+    def run() -> None:
+        try:
+            result.append(ControlClient(manager.runtime_dir, timeout=60).remove_region(name))
+        except MembackingError as exc:
+            result.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def test_a_removal_after_a_crash_reaches_a_mapper_not_back_yet(
+    start_manager: Start, spawn_worker: Spawn
+) -> None:
+    """A mapper stopped while its daemon is killed and restarted: the removal asked of the new
+    daemon waits until the mapper is back and unmaps it from it (before, it returned at once
+    and the mapper went on reading the removed region)."""
+    first = start_manager(*REGIONS)
+    worker = spawn_worker(first, "late")
+    worker.ask("write 0x10000000 " + b"dev".hex())
+    _journaled(first, worker.pid)
+    os.kill(worker.pid, signal.SIGSTOP)
+    try:
+        first.stop(signal.SIGKILL)
+        second = start_manager(*REGIONS, runtime_dir=first.runtime_dir)
+        status = second.client().status()
+        assert [a["pid"] for a in status["awaited"]] == [worker.pid]
+        assert "awaited back" in second.cli("status").stdout
+        thread, result = _remove_async(second, "dev")
+        thread.join(1.5)
+        assert result == [], result  # it waits for the stopped mapper
+        assert second.client().status()["deferred"] == 1
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+    thread.join(30)
+    [done] = result
+    assert isinstance(done, dict), done
+    [back] = second.client().mappers()
+    assert done["unmapped_from"] == [back["id"]]
+    with pytest.raises(WorkerError, match="NoMappingError"):
+        worker.ask("read 0x10000000 1")
+    assert second.client().status()["awaited"] == []
+
+
+def test_a_mapper_that_does_not_come_back_is_killed_under_evict_kill(
+    start_manager: Start, spawn_worker: Spawn
+) -> None:
+    first = start_manager(*REGIONS)
+    worker = spawn_worker(first, "stuck")
+    worker.ask("read 0x10000000 1")
+    _journaled(first, worker.pid)
+    os.kill(worker.pid, signal.SIGSTOP)
+    first.stop(signal.SIGKILL)
+    second = start_manager(
+        *REGIONS, "--unmap-timeout", "1", "--evict-kill", runtime_dir=first.runtime_dir
+    )
+    thread, result = _remove_async(second, "dev")
+    thread.join(30)
+    assert isinstance(result[0], dict), result
+    assert worker.proc.wait(10) == -signal.SIGKILL
+    stats = second.client().stats()
+    assert stats["evict_kills"] == 1
+    assert "did not come back" in second.log()
