@@ -4,6 +4,7 @@ machine restored into a new one with its tmpfs-file backings re-adopted (or refu
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import zlib
 from pathlib import Path
@@ -16,6 +17,7 @@ from membacking.manager.backing import MemfdStore
 from membacking.manager.journal import (
     BackingRecord,
     JournalError,
+    MapperRecord,
     RegionRecord,
     Snapshot,
     SubMappingRecord,
@@ -69,6 +71,21 @@ def test_round_trip() -> None:
 
 def test_the_first_version_is_read() -> None:
     assert journal.decode(SAMPLE_V1) == SAMPLE
+
+
+def test_mappers_are_an_optional_key() -> None:
+    """The mappers that may come back after a restart: kept in a round trip; a journal of an
+    earlier release (without the key) has none; a malformed record is refused."""
+    kept = dataclasses.replace(SAMPLE, mappers=(MapperRecord(5, 1234, 987654),))
+    data = journal.encode(kept)
+    assert journal.decode(data) == kept
+    assert journal.decode_head(data)[0].mappers == kept.mappers
+    assert journal.decode(SAMPLE_V1).mappers == ()
+    for bad in ([[5, 1234]], [[5, -1, 3]], [[5, 1234, "x"]], [5], "x"):
+        doc = msgpack.unpackb(data[journal._HEADER.size :], raw=False)
+        doc["mappers"] = bad
+        with pytest.raises(JournalError, match="mapper"):
+            journal.decode(reheader(msgpack.packb(doc, use_bin_type=True)))
 
 
 def reheader(body: bytes, version: int = journal.FORMAT_VERSION) -> bytes:

@@ -173,7 +173,9 @@ def _mapper_held(state: ManagerState, identity: bytes, args: dict[str, Any]) -> 
 
 def _stats(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[Effect]:
     expect_args(args, _NOTHING)
-    return _reply(identity, {**state.stats(), "version": VERSION})
+    # mappers of the manager before a restart that did not come back in time (awaited.py)
+    timeouts = state.counters["reattach_timeouts"]
+    return _reply(identity, {**state.stats(), "reattach_timeouts": timeouts, "version": VERSION})
 
 
 def _status(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[Effect]:

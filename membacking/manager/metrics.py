@@ -76,6 +76,7 @@ _COUNTERS = {
     "demotions": "Eager mappers made lazy because they could not map a change",
     "invalidations": "Changes that waited for their holders' Unmap acknowledgements",
     "evict_kills": "Evicted mappers killed (SIGKILL) under --evict-kill",
+    "reattach_timeouts": "Mappers awaited back after a restart that did not come back in time",
     "evictions_invalid": "Mappers evicted for 8 invalid messages in a row (also in evictions)",
 }
 
