@@ -198,20 +198,26 @@ def _remove_async(manager: RunningManager, name: str) -> tuple[threading.Thread,
     return thread, result
 
 
-def test_a_removal_after_a_crash_reaches_a_mapper_not_back_yet(
-    start_manager: Start, spawn_worker: Spawn
+@pytest.mark.parametrize("how", ["sigkill", "takeover"])
+def test_a_removal_after_a_restart_reaches_a_mapper_not_back_yet(
+    start_manager: Start, spawn_worker: Spawn, how: str
 ) -> None:
-    """A mapper stopped while its daemon is killed and restarted: the removal asked of the new
-    daemon waits until the mapper is back and unmaps it from it (before, it returned at once
-    and the mapper went on reading the removed region)."""
+    """A mapper stopped while its daemon is killed and restarted (or handed over): the removal
+    asked of the new daemon waits until the mapper is back and unmaps it from it (before, it
+    returned at once and the mapper went on reading the removed region)."""
     first = start_manager(*REGIONS)
     worker = spawn_worker(first, "late")
     worker.ask("write 0x10000000 " + b"dev".hex())
-    _journaled(first, worker.pid)
+    if how == "sigkill":
+        _journaled(first, worker.pid)  # within the daemon's tick
     os.kill(worker.pid, signal.SIGSTOP)
     try:
-        first.stop(signal.SIGKILL)
-        second = start_manager(*REGIONS, runtime_dir=first.runtime_dir)
+        if how == "sigkill":
+            first.stop(signal.SIGKILL)
+            second = start_manager(*REGIONS, runtime_dir=first.runtime_dir)
+        else:  # the old daemon journals its mappers as it hands over
+            second = start_manager(*REGIONS, "--takeover", runtime_dir=first.runtime_dir)
+            assert first.proc.wait(15) == 0
         status = second.client().status()
         assert [a["pid"] for a in status["awaited"]] == [worker.pid]
         assert "awaited back" in second.cli("status").stdout
