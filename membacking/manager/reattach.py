@@ -62,6 +62,8 @@ def take_holdings(state: PeerState, entry: MapperEntry, msg: m.Holdings) -> list
             entry.fds_sent.add(mappable_id)
         else:
             stale_fds.append(mappable_id)
+    if state.unplaced:  # an activation's pieces not in the table yet: checked against it all
+        state.unplaced.finish(state)
     index = table_index(state)
     fds_sent = entry.fds_sent
     kept_ranges: list[MemoryRange] = []

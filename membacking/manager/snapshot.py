@@ -172,6 +172,6 @@ def restore(snapshot: Snapshot, state: ManagerState, store: MemfdStore) -> list[
         )
     # no mapper is attached: this only recomputes which regions are active and the table
     op = state.start_op("restore", None)
-    effects = state._reconcile([MemoryRange(0, state.address_space)], op)
+    effects = state._reconcile([MemoryRange(0, state.address_space)], op, at_once=True)
     assert not effects and not op.waiting
     return warnings

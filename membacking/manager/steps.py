@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..protocol.ranges import MemoryRange
 from .model import Effect, Held, Mapping, Operation
+from .placing import Place
 
 if TYPE_CHECKING:
     from .table import TableState
@@ -177,7 +178,7 @@ class Refill:
         self.cursor = 0
 
 
-Step = Replay | Push | Refill
+Step = Replay | Push | Refill | Place
 
 
 class StepQueue:

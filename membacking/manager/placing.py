@@ -1,0 +1,146 @@
+"""Activated pieces put in the mapping table a batch per turn of the daemon's loop.
+
+Activating thousands of pieces (a region of many pieces enabled or moved, thousands of regions
+shown again) put every table entry in place in the request's turn, about 3 us each. A `Place`
+step puts a bounded number in place per turn; `Unplaced` knows what is still missing, and
+whatever reads the table there (a fault, a cut) has those pieces put in place first, so no
+answer ever finds a hole where a region is active.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..protocol.rangemap import RangeMap
+from ..protocol.ranges import MemoryRange
+from .model import Effect, Mapping, Operation
+from .regions import Region
+
+if TYPE_CHECKING:
+    from .table import Lost, TableState
+
+#: pieces a step puts in the table per message of its budget (about 3 us each, a message 10)
+PIECES_PER_MESSAGE = 3
+
+
+class Unplaced:
+    """Active regions some of whose pieces are not in the table yet: for each, the offset
+    intervals still to place (their bounds never cut a piece) and the `Place` that owns it."""
+
+    def __init__(self) -> None:
+        self._index: RangeMap[Region] = RangeMap()
+        self._todo: dict[str, tuple[Region, Place, list[tuple[int, int]]]] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._todo)
+
+    def __len__(self) -> int:
+        return len(self._todo)
+
+    def add(self, region: Region, place: Place) -> None:
+        """`region` became active; none of its pieces is in the table yet."""
+        rng = region.range
+        assert rng is not None and region.name not in self._todo
+        self._index.insert(rng, region)
+        self._todo[region.name] = (region, place, [(0, region.size)])
+
+    def owner(self, region: Region) -> Place | None:
+        """The `Place` still putting pieces of `region` in the table, if any."""
+        todo = self._todo.get(region.name)
+        return todo[1] if todo is not None and todo[0] is region else None
+
+    def discard(self, region: Region) -> None:
+        """`region` is no longer active: what was not placed never will be."""
+        todo = self._todo.get(region.name)
+        if todo is not None and todo[0] is region:
+            del self._todo[region.name]
+            assert region.range is not None
+            self._index.remove(region.range)
+
+    def place_range(self, state: TableState, rng: MemoryRange) -> None:
+        """Put every piece overlapping `rng` that is not in the table yet there now."""
+        for region_range, region in self._index.overlapping(rng):
+            lo = max(rng.start, region_range.start) - region_range.start
+            hi = min(rng.end, region_range.end) - region_range.start
+            self._place(state, region, lo, hi)
+
+    def place_some(self, state: TableState, region: Region, limit: int) -> int:
+        """Put up to `limit` pieces of `region` in the table, in address order; returns how
+        many (at least 1, counting an interval of no piece, so a caller always advances)."""
+        _, _, todo = self._todo[region.name]
+        lo, hi = todo[0]
+        pieces = region.submappings
+        i, j = pieces.span(lo, hi)
+        k = min(j, i + max(1, limit))
+        end = pieces[k - 1].end if k < j else hi
+        self._place(state, region, lo, end)
+        return max(1, k - i)
+
+    def finish(self, state: TableState) -> None:
+        """Put every piece in place now (a restart's table; a mapper's Holdings checked)."""
+        for region, _, _ in list(self._todo.values()):
+            assert region.range is not None
+            self.place_range(state, region.range)
+
+    def _place(self, state: TableState, region: Region, lo: int, hi: int) -> None:
+        """Put the pieces of `region` overlapping offsets [lo, hi) that are not in the table
+        yet there; from now on nothing in [lo, hi) waits (a piece put there later by a
+        change of the region goes in the table with that change)."""
+        pieces = region.submappings
+        i, j = pieces.span(lo, hi)
+        if i < j:  # widened to whole pieces: the intervals' bounds never cut one
+            lo, hi = min(lo, pieces[i].offset), max(hi, pieces[j - 1].end)
+        _, place, todo = self._todo[region.name]
+        kept: list[tuple[int, int]] = []
+        for a, b in todo:
+            if b <= lo or a >= hi:
+                kept.append((a, b))
+                continue
+            for sub in pieces.slice(*pieces.span(max(a, lo), min(b, hi))):
+                place.new.append(state._entry(region, sub))
+            if a < lo:
+                kept.append((a, lo))
+            if hi < b:
+                kept.append((hi, b))
+        if kept:
+            self._todo[region.name] = (region, place, kept)
+        else:
+            self.discard(region)
+
+
+@dataclass
+class Place:
+    """Regions a change activated whose pieces go in the table a batch per step (`regions`,
+    in address order, from `index` on). Once all are there, the new mappings are pushed to
+    the eager mappers and the lazy holders of what was replaced are refilled (`lost`), as an
+    activation of a few pieces does at once; the change waits for that too."""
+
+    regions: list[Region]
+    op: Operation
+    lost: Lost
+    #: the table entries put in place so far (by this step or by what read the table first)
+    new: list[Mapping] = field(default_factory=list)
+    index: int = 0
+    key: tuple[int, int] = (0, 0)
+
+    def run(self, state: TableState, budget: int) -> tuple[list[Effect], bool]:
+        limit = budget * PIECES_PER_MESSAGE
+        unplaced = state.unplaced
+        placed = 0
+        while self.index < len(self.regions) and placed < limit:
+            region = self.regions[self.index]
+            if unplaced.owner(region) is not self:
+                self.index += 1  # all in place (faults brought them), or no longer active
+                continue
+            placed += unplaced.place_some(state, region, limit - placed)
+        if self.index < len(self.regions) or placed:
+            return [], False  # the push and the refill begin on a step of their own
+        new, self.new = self.new, []
+        effects = state._push(new, self.op) + state._refill(self.lost, self.op)
+        return effects, True
+
+    def release(self) -> list[Any]:
+        """Its list, for the caller to free a batch at a time (`free_later`)."""
+        new, self.new = self.new, []
+        return new
