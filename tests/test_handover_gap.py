@@ -18,7 +18,8 @@ import zmq
 
 from membacking.manager.backing import MemfdStore
 from membacking.manager.daemon import Daemon
-from membacking.manager.model import Held, Send
+from membacking.manager.held import Held
+from membacking.manager.model import Send
 from membacking.manager.persist import PersistConfig
 from membacking.manager.settings import ManagerConfig
 from membacking.manager.state import ManagerState, region_info

@@ -187,7 +187,7 @@ def test_a_removal_does_not_walk_what_each_holder_holds(
     4,096. It is a count lookup now: nothing walks the held ranges."""
     from test_manager_state import attach
 
-    from membacking.manager.model import Held
+    from membacking.manager.held import Held
     from membacking.protocol import messages as m
 
     mapper_id, stream, requests = attach(state, "m1")

@@ -227,7 +227,7 @@ def test_windows_taken_wait_in_order_and_a_cut_across_them_settles_first() -> No
     """A `Held` keeps the windows cuts took in address order (a cut finds its neighbours by
     bisection, not by a scan of every window); a cut over ranges an earlier cut took and that
     are not deleted yet settles them first; a partial settle deletes the last windows."""
-    from membacking.manager.model import Held
+    from membacking.manager.held import Held
 
     held = Held()
     pages = [MemoryRange.from_size(i * PAGE, PAGE) for i in range(8)]
@@ -283,7 +283,7 @@ def test_held_ranges_taken_and_settled_in_batches_match_a_model(seed: int) -> No
     what is held, and the mappables counted, match a plain dict."""
     import random
 
-    from membacking.manager.model import Held
+    from membacking.manager.held import Held
 
     rnd = random.Random(seed)
     held, model = Held(), {}

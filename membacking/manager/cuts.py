@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..protocol import messages as m
 from ..protocol.ranges import MemoryRange
-from .model import Effect, MapperEntry, Mapping, Operation, Send, Taken
+from .held import Taken
+from .model import Effect, MapperEntry, Mapping, Operation, Send
 from .regions import Region
 
 if TYPE_CHECKING:
@@ -92,18 +93,23 @@ def cut_regions(
     first, last = regions[0].range, regions[-1].range
     assert first is not None and last is not None
     span = MemoryRange.checked_already(first.start, last.end)
+    unplaced = state.unplaced
+    pieces = whole = 0  # the pieces of the regions and their bytes
     for region in regions:
         region.active = False
-        state.unplaced.discard(region)
+        if unplaced:
+            unplaced.discard(region)
+        # every mapping of the region leaves the table: none of its holders counts for it
+        region.holder_tally.clear()
+        pieces += len(region.submappings)
+        whole += region.submappings.bytes
     removed = state.table.remove_overlapping(span)
     state.table_generation += 1
-    for region in regions:
-        # every mapping of each region left the table: none of its holders counts for it
-        region.holder_tally.clear()
     if not removed:
         return []
     state.free_later(removed)
-    whole = sum(r.end - r.start for r, _ in removed)
+    if len(removed) != pieces:  # some were not in the table yet (placing.py)
+        whole = sum(r.end - r.start for r, _ in removed)
     effects: list[Effect] = []
     # the holders are the mappers holding anything in the span: a bisection of each one's held
     # ranges, not a union of the regions' tallies (one entry per region and holder)
@@ -145,6 +151,14 @@ def deactivation_runs(state: TableState, regions: list[Region]) -> list[list[Reg
     """Active `regions` to deactivate, in address order, in runs with nothing in the table
     between two neighbours (one lookup per neighbour): each run can be cut as one span."""
     regions = sorted(regions, key=lambda r: r.gpa or 0)
+    if len(regions) > 1 and not state.unplaced:
+        # every active region has all its pieces in the table: when the table has no more
+        # entries in their span than they have pieces, nothing else lies between them
+        first, last = regions[0], regions[-1]
+        assert first.gpa is not None and last.gpa is not None
+        span = MemoryRange.checked_already(first.gpa, last.gpa + last.size)
+        if state.table.count_overlapping(span) == sum(len(r.submappings) for r in regions):
+            return [regions]
     runs: list[list[Region]] = []
     end = -1
     for region in regions:

@@ -20,6 +20,9 @@ WORK_BUDGET = 100_000
 WORK_PER_ENTRY = 64
 #: units per window of held ranges a cut took (about 3 us each)
 WORK_PER_WINDOW = 384
+#: units per range of a window of held ranges of several mappables (their counts are updated
+#: one by one: about 0.2 us each; a window of one mappable's ranges costs a unit per range)
+WORK_PER_MAPPABLE = 24
 #: units of `TableState.work` per holding taken off (a lookup and a set removal: about 1.5 us)
 WORK_PER_HOLDING = 192
 
@@ -58,9 +61,9 @@ def do_work(state: TableState, budget: int) -> int:
             continue
         held = entry.held
         # each window (a cut) costs a deletion from its lists and a count: 200 windows
-        # of each of 72 holders (a region hiding 200 others) took 20 to 35 ms in one call
-        windows = min(held.windows, max(1, (budget - done) // WORK_PER_WINDOW))
-        done += held.settle(windows) + windows * WORK_PER_WINDOW
+        # of each of 72 holders (a region hiding 200 others) took 20 to 35 ms in one call,
+        # and so would 70 windows of 2,000 regions hidden at once
+        done += held.settle_within(budget - done, WORK_PER_WINDOW, WORK_PER_MAPPABLE)
         if not held.later:
             del state._unsettled[mapper_id]
     done += forget_departed(state, budget - done) if state.departed else 0

@@ -9,10 +9,10 @@ answer ever finds a hole where a region is active.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..protocol.rangemap import RangeMap
 from ..protocol.ranges import MemoryRange
 from .model import Effect, Mapping, Operation
 from .regions import Region
@@ -25,11 +25,13 @@ PIECES_PER_MESSAGE = 3
 
 
 class Unplaced:
-    """Active regions some of whose pieces are not in the table yet: for each, the offset
-    intervals still to place (their bounds never cut a piece) and the `Place` that owns it."""
+    """Active regions some of whose pieces are not in the table yet, in address order (they
+    are active, so they never overlap): for each, the offset intervals still to place (their
+    bounds never cut a piece) and the `Place` that owns it."""
 
     def __init__(self) -> None:
-        self._index: RangeMap[Region] = RangeMap()
+        self._starts: list[int] = []
+        self._regions: list[Region] = []
         self._todo: dict[str, tuple[Region, Place, list[tuple[int, int]]]] = {}
 
     def __bool__(self) -> bool:
@@ -38,12 +40,22 @@ class Unplaced:
     def __len__(self) -> int:
         return len(self._todo)
 
-    def add(self, region: Region, place: Place) -> None:
-        """`region` became active; none of its pieces is in the table yet."""
-        rng = region.range
-        assert rng is not None and region.name not in self._todo
-        self._index.insert(rng, region)
-        self._todo[region.name] = (region, place, [(0, region.size)])
+    def add(self, regions: list[Region], place: Place) -> None:
+        """`regions` (in address order) became active; none of their pieces is in the table
+        yet. In one extension of the index when they lie past what it has (the usual case)."""
+        for region in regions:
+            assert region.gpa is not None and region.name not in self._todo
+            region.active = True
+            self._todo[region.name] = (region, place, [(0, region.size)])
+        starts = [r.gpa or 0 for r in regions]
+        if not self._starts or (starts and self._starts[-1] < starts[0]):
+            self._starts += starts
+            self._regions += regions
+            return
+        for start, region in zip(starts, regions, strict=True):
+            i = bisect.bisect_left(self._starts, start)
+            self._starts.insert(i, start)
+            self._regions.insert(i, region)
 
     def owner(self, region: Region) -> Place | None:
         """The `Place` still putting pieces of `region` in the table, if any."""
@@ -55,14 +67,22 @@ class Unplaced:
         todo = self._todo.get(region.name)
         if todo is not None and todo[0] is region:
             del self._todo[region.name]
-            assert region.range is not None
-            self._index.remove(region.range)
+            i = bisect.bisect_left(self._starts, region.gpa or 0)
+            assert self._regions[i] is region, "a region moved while its pieces were placed"
+            del self._starts[i], self._regions[i]
+
+    def _overlapping(self, rng: MemoryRange) -> list[Region]:
+        i = bisect.bisect_right(self._starts, rng.start) - 1
+        if i < 0 or self._starts[i] + self._regions[i].size <= rng.start:
+            i += 1
+        j = bisect.bisect_left(self._starts, rng.end, lo=i)
+        return self._regions[i:j]
 
     def place_range(self, state: TableState, rng: MemoryRange) -> None:
         """Put every piece overlapping `rng` that is not in the table yet there now."""
-        for region_range, region in self._index.overlapping(rng):
-            lo = max(rng.start, region_range.start) - region_range.start
-            hi = min(rng.end, region_range.end) - region_range.start
+        for region in self._overlapping(rng):
+            gpa = region.gpa or 0
+            lo, hi = max(rng.start, gpa) - gpa, min(rng.end, gpa + region.size) - gpa
             self._place(state, region, lo, hi)
 
     def place_some(self, state: TableState, region: Region, limit: int) -> int:
@@ -133,7 +153,8 @@ class Place:
             if unplaced.owner(region) is not self:
                 self.index += 1  # all in place (faults brought them), or no longer active
                 continue
-            placed += unplaced.place_some(state, region, limit - placed)
+            # a region costs about a piece of its own (regions of one piece: half a piece each)
+            placed += 1 + unplaced.place_some(state, region, limit - placed)
         if self.index < len(self.regions) or placed:
             return [], False  # the push and the refill begin on a step of their own
         new, self.new = self.new, []

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..protocol.ranges import MemoryRange
-from .model import Effect, Held, Mapping, Operation
+from .held import Held
+from .later import WORK_PER_MAPPABLE, WORK_PER_WINDOW
+from .model import Effect, Mapping, Operation
 from .placing import Place
 
 if TYPE_CHECKING:
@@ -37,14 +39,20 @@ _END = operator.attrgetter("end")
 WINDOWS_PER_MESSAGE = 4
 
 
+#: `TableState.work`'s units of work (later.py) a message of a step's budget stands for
+UNITS_PER_MESSAGE = WINDOWS_PER_MESSAGE * WORK_PER_WINDOW
+
+
 def settled(held: Held, budget: int) -> tuple[bool, int]:
-    """Delete some of the windows `held` waits to delete, within `budget` messages' worth:
+    """Delete some of the windows `held` waits to delete, within `budget` messages' worth
+    (a window of 2,000 regions' ranges, hidden at once, costs as much as 30 messages):
     (whether none is left, the budget used)."""
     if not held.windows:
         return True, 0
-    n = min(held.windows, max(1, budget) * WINDOWS_PER_MESSAGE)
-    held.settle(n)
-    return not held.windows, max(1, n // WINDOWS_PER_MESSAGE)
+    spent = held.settle_within(
+        max(1, budget) * UNITS_PER_MESSAGE, WORK_PER_WINDOW, WORK_PER_MAPPABLE
+    )
+    return not held.windows, max(1, spent // UNITS_PER_MESSAGE)
 
 
 @dataclass
@@ -99,6 +107,8 @@ class Push:
         sent = 0
         eager = [e for e in state.mappers.values() if (e.eager or e.upgrading) and e.stream]
         for entry in eager:
+            if entry.held.windows and sent >= budget:
+                return effects, False  # the rest settle on the next steps
             ready, used = settled(entry.held, budget - sent)
             sent += used
             if not ready:
@@ -192,13 +202,14 @@ class StepQueue:
     def __bool__(self) -> bool:
         return bool(self._queue)
 
-    def begin(self, step: Step) -> list[Effect]:
-        """Send the first batch of `step` now and queue the rest for later turns; its change
-        then waits until the last batch was sent (and, as ever, acknowledged)."""
+    def begin(self, step: Step, now: bool = True) -> list[Effect]:
+        """Send the first batch of `step` now (unless not `now`: the change's own turn did
+        much already) and queue the rest for later turns; its change then waits until the
+        last batch was sent (and, as ever, acknowledged)."""
         state = self._state
         step.key = (-1, state._next_seq)  # never a real (mapper id, seq)
         state._next_seq += 1
-        effects, done = step.run(state, STEP_MESSAGES)
+        effects, done = step.run(state, STEP_MESSAGES) if now else ([], False)
         if not done:
             step.op.waiting.add(step.key)
             self._queue.append(step)

@@ -18,11 +18,11 @@ from ..protocol.rangemap import RangeMap
 from ..protocol.ranges import MemoryRange
 from . import cuts
 from .backing import BackingStore
+from .held import Held, Taken
 from .later import WORK_BUDGET, do_work
 from .model import (
     DEFAULT_ADDRESS_SPACE,
     Effect,
-    Held,
     Holders,
     Limits,
     MapperEntry,
@@ -30,7 +30,6 @@ from .model import (
     Operation,
     Send,
     SendFd,
-    Taken,
 )
 from .placing import PIECES_PER_MESSAGE, Place, Unplaced
 from .regions import PlacementIndex, Region, SubMapping, desired_active
@@ -347,14 +346,14 @@ class TableState:
         self.table_generation += 1
         return mapping
 
-    def _push(self, mappings: list[Mapping], op: Operation) -> list[Effect]:
-        """MapEager of new table entries to every eager (or upgrading) mapper: a batch now,
-        the rest on later steps when there are many (steps.Push)."""
+    def _push(self, mappings: list[Mapping], op: Operation, now: bool = True) -> list[Effect]:
+        """MapEager of new table entries to every eager (or upgrading) mapper: a batch now
+        (unless not `now`), the rest on later steps when there are many (steps.Push)."""
         if not mappings or not any(e.eager or e.upgrading for e in self.mappers.values()):
             return []
-        return self.steps.begin(Push(mappings, op))
+        return self.steps.begin(Push(mappings, op), now)
 
-    def _refill(self, cut: Lost, op: Operation) -> list[Effect]:
+    def _refill(self, cut: Lost, op: Operation, now: bool = True) -> list[Effect]:
         """Lazy holders of replaced memory get the new mapping right behind their Unmap, so a
         reader sees the old or the new backing, never a hole it was not told about: a batch
         now, the rest on later steps when there are many (steps.Refill)."""
@@ -370,7 +369,7 @@ class TableState:
                 for taken in taken_runs
                 if self.table.first_overlap(taken.span) is not None
             ]
-        return self.steps.begin(Refill(runs, op)) if runs else []
+        return self.steps.begin(Refill(runs, op), now) if runs else []
 
     def _reconcile(
         self,
@@ -399,17 +398,17 @@ class TableState:
                 effects += self._deactivate(run[0], op, cut)
             else:
                 effects += cuts.cut_regions(self, run, op, cut)
+        # a change of many regions sends its first batches on the next turns, not in its own
+        now = len(down) + len(up) <= STEP_MESSAGES
         up.sort(key=lambda r: r.gpa or 0)
         if at_once or sum(len(r.submappings) for r in up) <= STEP_MESSAGES * PIECES_PER_MESSAGE:
             new: list[Mapping] = []
             for region in up:
                 self._activate(region, new)
-            return effects + self._push(new, op) + self._refill(cut, op)
+            return effects + self._push(new, op, now) + self._refill(cut, op, now)
         place = Place(up, op, cut)
-        for region in up:
-            region.active = True
-            self.unplaced.add(region, place)
-        return effects + self.steps.begin(place)
+        self.unplaced.add(up, place)
+        return effects + self.steps.begin(place, now=False)
 
     def _deactivate(self, region: Region, op: Operation, cut: Lost) -> list[Effect]:
         region.active = False

@@ -80,6 +80,11 @@ class RangeMap(Generic[T]):
         del self._entries[i:j]
         return out
 
+    def count_overlapping(self, rng: MemoryRange) -> int:
+        """How many entries overlap `rng` (two bisections)."""
+        i = self._first_overlapping_index(rng)
+        return bisect.bisect_left(self._starts, rng.end, lo=i) - i
+
     def lookup(self, addr: int) -> tuple[MemoryRange, T] | None:
         """The entry whose range contains `addr`, if any."""
         i = bisect.bisect_right(self._starts, addr) - 1
