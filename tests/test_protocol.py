@@ -91,6 +91,29 @@ def test_range_map_basics() -> None:
         rm.insert(MemoryRange(0, 0), "empty")
 
 
+def test_range_map_inserts_a_sorted_run_at_once_or_one_by_one() -> None:
+    """`insert_sorted` puts a run in one gap with one slice; a run across an entry goes one
+    by one, and one overlapping an entry is refused as `insert` refuses it."""
+    rm: RangeMap[str] = RangeMap()
+    rm.insert(MemoryRange(10 * P, 11 * P), "x")
+    rm.insert_sorted([(MemoryRange(2 * P, 3 * P), "a"), (MemoryRange(4 * P, 6 * P), "b")])
+    rm.insert_sorted([(MemoryRange(8 * P, 9 * P), "c"), (MemoryRange(12 * P, 13 * P), "d")])
+    assert [(r.start // P, v) for r, v in rm.items()] == [
+        (2, "a"),
+        (4, "b"),
+        (8, "c"),
+        (10, "x"),
+        (12, "d"),
+    ]
+    assert rm.lookup(12 * P) == (MemoryRange(12 * P, 13 * P), "d")
+    with pytest.raises(OverlapError):
+        rm.insert_sorted([(MemoryRange(0, P), "e"), (MemoryRange(5 * P, 7 * P), "f")])
+    with pytest.raises(OverlapError):
+        rm.insert_sorted([(MemoryRange(9 * P, 10 * P), "g"), (MemoryRange(10 * P, 11 * P), "h")])
+    rm.insert_sorted([])
+    assert len(rm) == 7  # (each refused run's ranges before its overlap went in)
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     st.lists(st.tuples(st.booleans(), st.integers(0, 30), st.integers(1, 6)), max_size=40),

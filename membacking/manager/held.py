@@ -197,15 +197,23 @@ class Held:
 
     def extend(self, ranges: list[MemoryRange], ids: list[int]) -> None:
         """Add ranges (with their mappable ids) it does not hold yet, in address order: all at
-        once if they lie past the last it holds, apart from each other (the usual case: what
-        a mapper registering again still holds), else one by one."""
+        once if they lie apart from each other between two it holds or past the last (the
+        usual case: what a mapper registering again still holds, a refill's or a push's
+        batch: inserting them one by one moved the rest of the lists once each), else one
+        by one."""
         if not ranges:
             return
-        if (not self._sorted or self._sorted[-1].end <= ranges[0].start) and all(
-            a.end <= b.start for a, b in itertools.pairwise(ranges)
+        held = self._sorted
+        if self._later and held[-1].end > ranges[0].start:
+            self.settle()  # (an insertion before the windows taken would move them)
+        i = bisect.bisect_left(held, (ranges[0].start,))
+        if (
+            (not i or held[i - 1].end <= ranges[0].start)
+            and (i == len(held) or ranges[-1].end <= held[i].start)
+            and all(a.end <= b.start for a, b in itertools.pairwise(ranges))
         ):
-            self._sorted += ranges
-            self._ids += ids
+            held[i:i] = ranges
+            self._ids[i:i] = ids
             self._count.update(ids)
             self._bytes += sum(r.end - r.start for r in ranges)
             return

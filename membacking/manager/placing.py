@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..protocol.ranges import MemoryRange
-from .model import Effect, Mapping, Operation
-from .regions import Region
+from .model import Effect, Holders, Mapping, Operation
+from .regions import Region, SubMapping
 
 if TYPE_CHECKING:
     from .table import Lost, TableState
@@ -83,18 +83,29 @@ class Unplaced:
         for region in self._overlapping(rng):
             gpa = region.gpa or 0
             lo, hi = max(rng.start, gpa) - gpa, min(rng.end, gpa + region.size) - gpa
-            self._place(state, region, lo, hi)
+            batch: list[tuple[MemoryRange, Mapping]] = []
+            self._place(region, lo, hi, batch)
+            insert(state, batch)
 
-    def place_some(self, state: TableState, region: Region, limit: int) -> int:
-        """Put up to `limit` pieces of `region` in the table, in address order; returns how
-        many (at least 1, counting an interval of no piece, so a caller always advances)."""
-        _, _, todo = self._todo[region.name]
+    def place_some(
+        self, region: Region, limit: int, batch: list[tuple[MemoryRange, Mapping]]
+    ) -> int:
+        """Add up to `limit` pieces of `region` to `batch` (for `insert`), in address order,
+        as placed; returns how many (at least 1, counting an interval of no piece, so a
+        caller always advances)."""
+        _, place, todo = self._todo[region.name]
         lo, hi = todo[0]
         pieces = region.submappings
+        if len(todo) == 1 and lo == 0 and hi == region.size and len(pieces) <= limit:
+            n = len(batch)  # all of it at once (a region of a piece or a few: the usual case)
+            entries(region, pieces.slice(0, len(pieces)), batch)
+            place.new += [mapping for _, mapping in batch[n:]]
+            self.discard(region)
+            return max(1, len(pieces))
         i, j = pieces.span(lo, hi)
         k = min(j, i + max(1, limit))
         end = pieces[k - 1].end if k < j else hi
-        self._place(state, region, lo, end)
+        self._place(region, lo, end, batch)
         return max(1, k - i)
 
     def finish(self, state: TableState) -> None:
@@ -103,10 +114,13 @@ class Unplaced:
             assert region.range is not None
             self.place_range(state, region.range)
 
-    def _place(self, state: TableState, region: Region, lo: int, hi: int) -> None:
-        """Put the pieces of `region` overlapping offsets [lo, hi) that are not in the table
-        yet there; from now on nothing in [lo, hi) waits (a piece put there later by a
-        change of the region goes in the table with that change)."""
+    def _place(
+        self, region: Region, lo: int, hi: int, batch: list[tuple[MemoryRange, Mapping]]
+    ) -> None:
+        """Add the pieces of `region` overlapping offsets [lo, hi) that are not in the table
+        yet to `batch`, which the caller puts in the table at once; from now on nothing in
+        [lo, hi) waits (a piece put there later by a change of the region goes in the table
+        with that change)."""
         pieces = region.submappings
         i, j = pieces.span(lo, hi)
         if i < j:  # widened to whole pieces: the intervals' bounds never cut one
@@ -117,8 +131,9 @@ class Unplaced:
             if b <= lo or a >= hi:
                 kept.append((a, b))
                 continue
-            for sub in pieces.slice(*pieces.span(max(a, lo), min(b, hi))):
-                place.new.append(state._entry(region, sub))
+            n = len(batch)
+            entries(region, pieces.slice(*pieces.span(max(a, lo), min(b, hi))), batch)
+            place.new += [mapping for _, mapping in batch[n:]]
             if a < lo:
                 kept.append((a, lo))
             if hi < b:
@@ -127,6 +142,27 @@ class Unplaced:
             self._todo[region.name] = (region, place, kept)
         else:
             self.discard(region)
+
+
+def entries(region: Region, subs: list[SubMapping], out: list[tuple[MemoryRange, Mapping]]) -> None:
+    """Add to `out` the table entries of `region`'s pieces `subs` (in address order)."""
+    gpa = region.gpa
+    assert gpa is not None
+    tally, name, writable = region.holder_tally, region.name, region.writable
+    for sub in subs:
+        start = gpa + sub.offset  # the bounds of a placed region's piece: checked already
+        rng = MemoryRange.checked_already(start, start + sub.size)
+        mapping = Mapping(
+            name, rng, sub.mappable_id, sub.file_offset, sub.writable and writable, Holders(tally)
+        )
+        out.append((rng, mapping))
+
+
+def insert(state: TableState, batch: list[tuple[MemoryRange, Mapping]]) -> None:
+    """Put `batch` (in address order) in the table: one slice when nothing lies between."""
+    if batch:
+        state.table.insert_sorted(batch)
+        state.table_generation += 1
 
 
 @dataclass
@@ -148,13 +184,15 @@ class Place:
         limit = budget * PIECES_PER_MESSAGE
         unplaced = state.unplaced
         placed = 0
+        batch: list[tuple[MemoryRange, Mapping]] = []
         while self.index < len(self.regions) and placed < limit:
             region = self.regions[self.index]
             if unplaced.owner(region) is not self:
                 self.index += 1  # all in place (faults brought them), or no longer active
                 continue
             # a region costs about a piece of its own (regions of one piece: half a piece each)
-            placed += 1 + unplaced.place_some(state, region, limit - placed)
+            placed += 1 + unplaced.place_some(region, limit - placed, batch)
+        insert(state, batch)  # consecutive pieces: usually one slice of the table's lists
         if self.index < len(self.regions) or placed:
             return [], False  # the push and the refill begin on a step of their own
         new, self.new = self.new, []

@@ -55,6 +55,14 @@ def settled(held: Held, budget: int) -> tuple[bool, int]:
     return not held.windows, max(1, spent // UNITS_PER_MESSAGE)
 
 
+def hold(held: Held, mappings: list[Mapping]) -> None:
+    """Record `mappings` (sent to the mapper in this batch) as held: in one slice of its
+    lists when they lie in address order in one gap of them (a batch of a refill, a push or
+    a replay), where one insertion each moved the rest of the lists (about 10 us each at
+    10,000 ranges)."""
+    held.extend([mp.range for mp in mappings], [mp.mappable_id for mp in mappings])
+
+
 @dataclass
 class Replay:
     """The mappings a mapper upgrading to eager (`SetEager`) has not been sent yet: those of
@@ -80,10 +88,12 @@ class Replay:
             if not page:
                 return effects, True
             looked += len(page)
-            for _, mapping in page:
-                if entry.id not in mapping.holders:  # what it faulted in is not sent again
-                    effects.extend(state._map_eager(entry, mapping, self.op))
-                    sent += 1
+            # what it faulted in is not sent again
+            new = [mapping for _, mapping in page if entry.id not in mapping.holders]
+            for mapping in new:
+                effects.extend(state._map_eager(entry, mapping, self.op, hold=False))
+            hold(entry.held, new)
+            sent += len(new)
             self.cursor = page[-1][0].end
         return effects, False
 
@@ -113,15 +123,19 @@ class Push:
             sent += used
             if not ready:
                 return effects, False
+        sent_to: list[list[Mapping]] = [[] for _ in eager]
         while self.index < len(self.mappings) and sent < budget:
             mapping = self.mappings[self.index]
             self.index += 1
             if state._mapping_at(mapping.range) is not mapping:
                 continue  # cut (or replaced) before its turn came
-            for entry in eager:
+            for entry, new in zip(eager, sent_to, strict=True):
                 if entry.id not in mapping.holders:
-                    effects.extend(state._map_eager(entry, mapping, self.op))
+                    effects.extend(state._map_eager(entry, mapping, self.op, hold=False))
+                    new.append(mapping)
                     sent += 1
+        for entry, new in zip(eager, sent_to, strict=True):
+            hold(entry.held, new)
         return effects, self.index >= len(self.mappings)
 
     def release(self) -> list[Any]:
@@ -162,6 +176,7 @@ class Refill:
             page = state.table.page(max(self.cursor, lost[0].start), limit)
             looked += len(page) + RUN_LOOKS  # a run costs more than an entry
             finished = len(page) < limit
+            new: list[Mapping] = []
             for mrange, mapping in page:
                 if mrange.start >= end:
                     finished = True
@@ -171,8 +186,10 @@ class Refill:
                 i = bisect.bisect_right(lost, mrange.start, key=_END)
                 missing = i < len(lost) and lost[i].start < mrange.end
                 if missing and mapper_id not in mapping.holders:
-                    effects.extend(state._map_to(entry, mapping))
-                    sent += 1
+                    effects.extend(state._map_to(entry, mapping, hold=False))
+                    new.append(mapping)
+            hold(entry.held, new)
+            sent += len(new)
             if finished:
                 self._next()
         return effects, self.index >= len(self.runs)

@@ -175,16 +175,22 @@ class TableState:
             out.extend(self._map_to(entry, mapping))
         return out
 
-    def _map_to(self, entry: MapperEntry, mapping: Mapping) -> list[Effect]:
+    def _map_to(self, entry: MapperEntry, mapping: Mapping, hold: bool = True) -> list[Effect]:
+        """A Map of `mapping` to `entry`, recorded as held (unless not `hold`: the caller
+        records a batch of them at once, `Held.extend`)."""
         mapping.holders.add(entry.id)
-        entry.held[mapping.range] = mapping.mappable_id
+        if hold:
+            entry.held[mapping.range] = mapping.mappable_id
         self.counters["maps_sent"] += 1
         msg = m.Map(mapping.range, mapping.mappable_id, mapping.file_offset, mapping.writable)
         return [self._to_mapper(entry, msg), *self._fd_behind_map(entry, mapping.mappable_id)]
 
-    def _map_eager(self, entry: MapperEntry, mapping: Mapping, op: Operation) -> list[Effect]:
+    def _map_eager(
+        self, entry: MapperEntry, mapping: Mapping, op: Operation, hold: bool = True
+    ) -> list[Effect]:
         mapping.holders.add(entry.id)
-        entry.held[mapping.range] = mapping.mappable_id
+        if hold:
+            entry.held[mapping.range] = mapping.mappable_id
         self.counters["maps_sent"] += 1
         seq = self._seq(entry, op)
         op.eager[(entry.id, seq)] = mapping.range
