@@ -350,3 +350,31 @@ def test_random_interleavings_leave_every_mapper_as_the_table_says(
     pages.settle()
     assert len(pages.replies) == asked
     check(state, pages)
+
+
+def test_holdings_reported_mid_activation_are_checked_against_every_piece() -> None:
+    """A mapper registering again reports what it maps while an activation is still putting
+    pieces in place: those pieces go in place first, so what it holds of them is kept, not
+    unmapped as if the table did not have it."""
+
+    class Store(RecordingStore):
+        def identity(self, mappable_id: int) -> tuple[int, int]:
+            return (1, mappable_id)
+
+    state = ManagerState(Store(), address_space=1 << 36)
+    state.state_id = b"s" * 16
+    state.add_region("big", BIG, BIG_SIZE, True, enabled=False)
+    for i in range(BIG_PIECES - 1):
+        state.change_mappings("big", (2 * i + 1) * PAGE, PAGE)
+    state.set_enabled("big", True)
+    assert state.unplaced and len(state.table) < BIG_PIECES
+    sub = state.regions["big"].submappings[BIG_PIECES - 2]
+    last = state.regions["big"].absolute(sub)
+    entry = state.register_mapper("back", 1)
+    state.welcome(entry, m.SUPPORTED_FEATURES)
+    state.handle_mapper(b"st", m.Attach(entry.id, entry.token, m.ROLE_STREAM_FD))
+    held = (last.start, last.end - last.start, sub.mappable_id, sub.file_offset, 1)
+    out = state.handle_fd_message(entry.id, m.Holdings((sub.mappable_id, 1, sub.mappable_id), held))
+    assert [e.msg for e in out or [] if isinstance(e, Send)] == []
+    assert state.mappers[entry.id].held.items() == [(last, sub.mappable_id)]
+    assert not state.unplaced and len(state.table) == BIG_PIECES
