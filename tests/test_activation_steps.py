@@ -378,3 +378,24 @@ def test_holdings_reported_mid_activation_are_checked_against_every_piece() -> N
     assert [e.msg for e in out or [] if isinstance(e, Send)] == []
     assert state.mappers[entry.id].held.items() == [(last, sub.mappable_id)]
     assert not state.unplaced and len(state.table) == BIG_PIECES
+
+
+def test_a_mapper_departed_before_a_hide_is_passed_by(state: ManagerState) -> None:
+    """A mapper gone with its marks among the table's holders not taken off yet (later.py):
+    hiding the regions it held sends it nothing, takes its ranges like a live holder's, and
+    leaves no mark of it anywhere once the work is done."""
+    pages = Pages(state)
+    (gone_id, gone), (_, stay) = lazy_holding_everything(state, pages, 2)
+    pages.take(state.handle_mapper(gone, m.Detach()))
+    assert gone_id in state.departed
+    cover = MemoryRange(BASE, BASE + 2 * SMALL * PAGE)
+    effects = state.add_region("cover", cover.start, cover.end - cover.start, True, priority=1)
+    assert [e.identity for e in effects if isinstance(e, Send) and isinstance(e.msg, m.Unmap)] == [
+        stay
+    ]
+    pages.mapped.pop(gone)
+    pages.take(effects)
+    pages.settle()
+    assert not state.departed
+    assert all(gone_id not in mp.holders for _, mp in state.table.items())
+    check(state, pages)
