@@ -108,7 +108,8 @@ def test_the_loop_sends_an_eager_replay_a_batch_at_a_time() -> None:
 def test_the_loop_puts_a_large_activation_in_place_a_batch_at_a_time() -> None:
     """Disabling a region that hid hundreds of others: the loop puts them back in the table a
     batch per turn (placing.py) between the messages it serves, then pushes them to the eager
-    mapper and refills the lazy holder of the region that hid them; the answer comes after."""
+    mapper and refills the lazy holder of the region that hid them; the answer comes after.
+    Hiding them again sends each mapper one Unmap spanning them all."""
     from membacking.manager.placing import PIECES_PER_MESSAGE, Place
     from membacking.manager.steps import STEP_MESSAGES
 
@@ -151,6 +152,12 @@ def test_the_loop_puts_a_large_activation_in_place_a_batch_at_a_time() -> None:
         assert len(eager.ask("mapped").split(",")) == count
         lazy = daemon.state.mappers[worker.mapper_id]
         assert len(lazy.held) == count  # refilled with every region it lost the cover over
+        # hidden again: each of the two mappers gets one Unmap spanning every region
+        unmaps = client.stats()["unmaps_sent"]
+        client.enable_region("cover")
+        assert client.stats()["unmaps_sent"] - unmaps == 2
+        assert worker.ask(f"read {last:#x} 1") == "00"
+        assert eager.ask("mapped").split(",") == [f"{0:#x}-{count * 2 * PAGE:#x}"]
     finally:
         for w in (worker, eager):
             if w is not None:
