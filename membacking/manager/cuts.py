@@ -94,15 +94,17 @@ def cut_regions(
     assert first is not None and last is not None
     span = MemoryRange.checked_already(first.start, last.end)
     unplaced = state.unplaced
+    pending = bool(unplaced)
     pieces = whole = 0  # the pieces of the regions and their bytes
     for region in regions:
         region.active = False
-        if unplaced:
+        if pending:
             unplaced.discard(region)
         # every mapping of the region leaves the table: none of its holders counts for it
         region.holder_tally.clear()
-        pieces += len(region.submappings)
-        whole += region.submappings.bytes
+        subs = region.submappings
+        pieces += len(subs)
+        whole += subs.bytes
     removed = state.table.remove_overlapping(span)
     state.table_generation += 1
     if not removed:
