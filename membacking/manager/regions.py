@@ -186,16 +186,12 @@ class PlacementIndex:
     def overlapping(self, window: MemoryRange) -> list[Region]:
         """Placed regions overlapping `window` (for an empty window: those that start before it
         and end after it, as `MemoryRange.overlaps` has it)."""
-        out = []
+        out: list[Region] = []
+        ws, regions = window.start, self._regions
         for bits, entries in self._classes.items():
-            i = bisect.bisect_left(entries, (window.start - (1 << bits),))
-            while i < len(entries):
-                start, end, name = entries[i]
-                if start >= window.end:
-                    break
-                if window.start < end:
-                    out.append(self._regions[name])
-                i += 1
+            i = bisect.bisect_left(entries, (ws - (1 << bits),))
+            j = bisect.bisect_left(entries, (window.end,), lo=i)
+            out += [regions[name] for _, end, name in entries[i:j] if ws < end]
         return out
 
 
@@ -229,7 +225,7 @@ def shadows(upper: Region, lower: Region) -> bool:
     return upper.order < lower.order
 
 
-def desired_active(regions: Iterable[Region], window: MemoryRange) -> dict[str, bool]:
+def desired(regions: Iterable[Region], window: MemoryRange) -> list[tuple[Region, bool]]:
     """For each placed region overlapping `window`: should it be active?
 
     A region is active when it is enabled, not being removed, and no other such region shadows
@@ -242,13 +238,13 @@ def desired_active(regions: Iterable[Region], window: MemoryRange) -> dict[str, 
     comparing every pair cost O(k^2) (4.5 s for 2,000 regions inside one that was disabled).
     """
     ws, we = window.start, window.end
-    near = []
-    for region in regions:  # (bounds from gpa and size: a MemoryRange each cost 1 us)
-        gpa = region.gpa
-        if gpa is not None and gpa < we and ws < gpa + region.size:
-            near.append((gpa, -(gpa + region.size), region))
+    near = [  # (bounds from gpa and size: a MemoryRange each cost 1 us)
+        (r.gpa, -(r.gpa + r.size), r)
+        for r in regions
+        if r.gpa is not None and r.gpa < we and ws < r.gpa + r.size
+    ]
     near.sort(key=_START_END)
-    out: dict[str, bool] = {}
+    out: list[tuple[Region, bool]] = []
     reach = -1  # the furthest end of an eligible region in the groups swept so far
     i, n = 0, len(near)
     while i < n:
@@ -258,7 +254,7 @@ def desired_active(regions: Iterable[Region], window: MemoryRange) -> dict[str, 
         contained = reach >= -neg_end
         if j == n or near[j][0] != start or near[j][1] != neg_end:  # alone in its range
             eligible = region.enabled and not region.removing
-            out[region.name] = eligible and not contained
+            out.append((region, eligible and not contained))
             if eligible and -neg_end > reach:
                 reach = -neg_end
             i = j
@@ -273,12 +269,16 @@ def desired_active(regions: Iterable[Region], window: MemoryRange) -> dict[str, 
             for other in eligible_ones[1:]:
                 if shadows(other, winner):
                     winner = other
-        for member in group:
-            out[member.name] = member is winner
+        out += [(member, member is winner) for member in group]
         if eligible_ones:
             reach = max(reach, -neg_end)
         i = j
     return out
+
+
+def desired_active(regions: Iterable[Region], window: MemoryRange) -> dict[str, bool]:
+    """`desired` by region name."""
+    return {region.name: want for region, want in desired(regions, window)}
 
 
 def split_submappings(

@@ -32,7 +32,7 @@ from .model import (
     SendFd,
 )
 from .placing import PIECES_PER_MESSAGE, Place, Unplaced
-from .regions import PlacementIndex, Region, SubMapping, desired_active
+from .regions import PlacementIndex, Region, SubMapping, desired
 from .steps import STEP_MESSAGES, Push, Refill, StepQueue
 
 log = logging.getLogger("membacking.manager")
@@ -388,14 +388,16 @@ class TableState:
         """Make the table match the region rules inside `windows`: deactivate (regions with
         nothing between them in one cut: cuts.py), then activate. The pieces of a large
         activation go in the table a batch per step (placing.py) unless `at_once`."""
-        desired: dict[str, bool] = {}
+        windows = list(windows)
+        verdicts: list[tuple[Region, bool]] = []
         for window in windows:
-            desired.update(desired_active(self.placed.overlapping(window), window))
+            verdicts += desired(self.placed.overlapping(window), window)
+        if len(windows) > 1:  # a region in two windows (has the same verdict in both) once
+            verdicts = list({id(r): (r, want) for r, want in verdicts}.values())
         cut = {} if cut is None else cut
         down: list[Region] = []
         up: list[Region] = []
-        for name, want in desired.items():
-            region = self.regions[name]
+        for region, want in verdicts:
             if region.active != want:
                 (up if want else down).append(region)
         effects: list[Effect] = []
