@@ -151,7 +151,7 @@ def test_regions_with_a_held_region_between_them_are_cut_apart(state: ManagerSta
     are two cuts (two Unmaps): one Unmap spanning both would take what it keeps."""
     pages = Pages(state)
     lazy = lazy_holding_everything(state, pages, 2)
-    runs = deactivation_runs(state, [state.regions[n] for n in ("r00007", "r00003", "r00004")])
+    runs = deactivation_runs(state, [state.regions[n] for n in ("r00003", "r00004", "r00007")])
     assert [[r.name for r in run] for run in runs] == [["r00003", "r00004"], ["r00007"]]
     for name in ("r00003", "r00004", "r00007"):
         state.regions[name].enabled = False

@@ -150,9 +150,8 @@ def _unmap(
 
 
 def deactivation_runs(state: TableState, regions: list[Region]) -> list[list[Region]]:
-    """Active `regions` to deactivate, in address order, in runs with nothing in the table
+    """Active `regions` to deactivate (in address order), in runs with nothing in the table
     between two neighbours (one lookup per neighbour): each run can be cut as one span."""
-    regions = sorted(regions, key=lambda r: r.gpa or 0)
     if len(regions) > 1 and not state.unplaced:
         # every active region has all its pieces in the table: when the table has no more
         # entries in their span than they have pieces, nothing else lies between them

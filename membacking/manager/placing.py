@@ -43,10 +43,10 @@ class Unplaced:
     def add(self, regions: list[Region], place: Place) -> None:
         """`regions` (in address order) became active; none of their pieces is in the table
         yet. In one extension of the index when they lie past what it has (the usual case)."""
+        todo = self._todo
         for region in regions:
-            assert region.gpa is not None and region.name not in self._todo
             region.active = True
-            self._todo[region.name] = (region, place, [(0, region.size)])
+            todo[region.name] = (region, place, [(0, region.size)])
         starts = [r.gpa or 0 for r in regions]
         if not self._starts or (starts and self._starts[-1] < starts[0]):
             self._starts += starts

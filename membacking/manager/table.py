@@ -7,6 +7,7 @@ mappers and an `Operation` that completes when each of them has answered.
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -36,6 +37,8 @@ from .regions import PlacementIndex, Region, SubMapping, desired
 from .steps import STEP_MESSAGES, Push, Refill, StepQueue
 
 log = logging.getLogger("membacking.manager")
+
+_GPA = operator.attrgetter("gpa")
 
 #: mapper id -> the pieces it lost in each cut of one change
 Lost = dict[int, list[Taken]]
@@ -400,6 +403,9 @@ class TableState:
         for region, want in verdicts:
             if region.active != want:
                 (up if want else down).append(region)
+        if len(windows) > 1:  # (one window's sweep gives them in address order already)
+            down.sort(key=_GPA)
+            up.sort(key=_GPA)
         effects: list[Effect] = []
         for run in cuts.deactivation_runs(self, down):
             if len(run) == 1:
@@ -408,7 +414,6 @@ class TableState:
                 effects += cuts.cut_regions(self, run, op, cut)
         # a change of many regions sends its first batches on the next turns, not in its own
         now = len(down) + len(up) <= STEP_MESSAGES
-        up.sort(key=lambda r: r.gpa or 0)
         if at_once or sum(len(r.submappings) for r in up) <= STEP_MESSAGES * PIECES_PER_MESSAGE:
             new: list[Mapping] = []
             for region in up:
