@@ -67,6 +67,15 @@ def do_work(state: TableState, budget: int) -> int:
         if not held.later:
             del state._unsettled[mapper_id]
     done += forget_departed(state, budget - done) if state.departed else 0
+    while state.stale_tallies and done < budget:
+        batch = state.stale_tallies[-1]
+        n = max(1, (budget - done) // WORK_PER_ENTRY)
+        for region in batch[-n:]:
+            region.tally()  # (one activated since emptied it already)
+        del batch[-n:]
+        done += n * WORK_PER_ENTRY
+        if not batch:
+            state.stale_tallies.pop()
     while state._trash and done < budget:
         batch = state._trash[-1]
         n = max(1, (budget - done) // WORK_PER_ENTRY)

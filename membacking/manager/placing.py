@@ -148,7 +148,7 @@ def entries(region: Region, subs: list[SubMapping], out: list[tuple[MemoryRange,
     """Add to `out` the table entries of `region`'s pieces `subs` (in address order)."""
     gpa = region.gpa
     assert gpa is not None
-    tally, name, writable = region.holder_tally, region.name, region.writable
+    tally, name, writable = region.tally(), region.name, region.writable
     for sub in subs:
         start = gpa + sub.offset  # the bounds of a placed region's piece: checked already
         rng = MemoryRange.checked_already(start, start + sub.size)

@@ -137,6 +137,16 @@ class Region:
     #: mapper id -> how many of the region's mappings in the table it holds (kept by the
     #: table's `Holders`), so the region's holders are known without a walk of its pieces
     holder_tally: Counter[int] = field(default_factory=Counter)
+    #: the region was deactivated with others in one cut (cuts.py): its tally still has the
+    #: counts of the mappings that left the table, emptied on a later turn or when read
+    stale_tally: bool = False
+
+    def tally(self) -> Counter[int]:
+        """`holder_tally`, emptied first if a cut left it stale."""
+        if self.stale_tally:
+            self.holder_tally.clear()
+            self.stale_tally = False
+        return self.holder_tally
 
     @property
     def range(self) -> MemoryRange | None:

@@ -93,6 +93,8 @@ class TableState:
         #: objects changes let go of (table entries cut out, a removed region's pieces and
         #: journal records), freed a batch at a time by `work`
         self._trash: list[list[Any]] = []
+        #: regions deactivated together whose tallies `work` empties (cuts.py)
+        self.stale_tallies: list[list[Region]] = []
         #: mapper id -> what a departed mapper held, while the table's entries still name it
         #: among their holders (`work` takes those marks off a batch at a time: later.py)
         self.departed: dict[int, Held] = {}
@@ -284,7 +286,7 @@ class TableState:
     @property
     def has_work(self) -> bool:
         """Whether changes left work for later turns (`work`)."""
-        return bool(self._unsettled or self._trash or self.departed)
+        return bool(self._unsettled or self._trash or self.departed or self.stale_tallies)
 
     def work(self, budget: int = WORK_BUDGET) -> int:
         """Do some of what changes left for later turns, about `budget` units: delete the held
@@ -349,7 +351,7 @@ class TableState:
     def _entry(self, region: Region, sub: SubMapping) -> Mapping:
         rng = region.absolute(sub)
         writable = sub.writable and region.writable
-        holders = Holders(region.holder_tally)
+        holders = Holders(region.tally())
         mapping = Mapping(region.name, rng, sub.mappable_id, sub.file_offset, writable, holders)
         self.table.insert(rng, mapping)
         self.table_generation += 1
