@@ -399,3 +399,27 @@ def test_a_mapper_departed_before_a_hide_is_passed_by(state: ManagerState) -> No
     assert not state.departed
     assert all(gone_id not in mp.holders for _, mp in state.table.items())
     check(state, pages)
+
+
+def test_regions_shown_again_before_their_tallies_were_emptied_count_afresh(
+    state: ManagerState,
+) -> None:
+    """Regions hidden together keep their holders' counts until a later turn empties them:
+    a listing meanwhile names no holder, and showing them again before that counts afresh."""
+    from membacking.manager.state import region_info
+
+    pages = Pages(state)
+    lazy_holding_everything(state, pages, 2)
+    cover = MemoryRange(BASE, BASE + 2 * SMALL * PAGE)
+    pages.take(state.add_region("cover", cover.start, cover.end - cover.start, True, priority=1))
+    while state.has_steps:  # the cover's refill (no work: that would empty the tallies)
+        pages.take(state.step())
+    assert state.stale_tallies
+    assert region_info(state, state.regions["r00005"])["holders"] == []
+    assert region_info(state, state.regions["cover"])["holders"] == [1, 2]
+    pages.take(state.set_enabled("cover", False, reply_to=b"c"))
+    while state.has_steps:  # no work in between: the tallies are emptied as they are read
+        pages.take(state.step())
+    assert [type(msg) for _, msg in pages.replies] == [m.ControlReply]
+    check(state, pages)
+    assert region_info(state, state.regions["r00005"])["holders"] == [1, 2]
