@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Iterator
 
 import pytest
 from test_manager_state import RecordingStore, attach
@@ -15,6 +16,7 @@ from test_manager_state import RecordingStore, attach
 from membacking.manager.cuts import deactivation_runs
 from membacking.manager.errors import Refused
 from membacking.manager.placing import PIECES_PER_MESSAGE
+from membacking.manager.regions import SubMapping
 from membacking.manager.state import Effect, ManagerState, Send
 from membacking.manager.steps import STEP_MESSAGES
 from membacking.protocol import messages as m
@@ -423,3 +425,30 @@ def test_regions_shown_again_before_their_tallies_were_emptied_count_afresh(
     assert [type(msg) for _, msg in pages.replies] == [m.ControlReply]
     check(state, pages)
     assert region_info(state, state.regions["r00005"])["holders"] == [1, 2]
+
+
+def test_a_move_does_not_walk_the_regions_pieces(
+    state: ManagerState, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Moving a region of many pieces looks at none of them in the request's turn (which
+    GPA it may go to follows from its mappables: looking at each of 10,010 took 3 ms)."""
+    from membacking.manager.regions import Pieces
+
+    pages = Pages(state)
+    pages.take(state.set_enabled("big", True))
+    pages.settle()
+    walked: list[int] = []
+    real = Pieces.__iter__
+
+    def counted(self: Pieces) -> Iterator[SubMapping]:
+        walked.append(len(self))
+        return real(self)
+
+    monkeypatch.setattr(Pieces, "__iter__", counted)
+    effects = state.move_region("big", 2 * BIG, reply_to=b"c")
+    assert walked == []
+    monkeypatch.undo()
+    pages.take(effects)
+    pages.settle()
+    assert [type(msg) for _, msg in pages.replies] == [m.ControlReply]
+    check(state, pages)
