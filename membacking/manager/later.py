@@ -50,8 +50,9 @@ def forget_departed(state: TableState, budget: int) -> int:
 
 def do_work(state: TableState, budget: int) -> int:
     """`TableState.work`: delete the held ranges cuts took (a holder at a time, a bounded
-    number of its windows), take departed mappers' marks off, then free what changes let go
-    of (`free_later`); about `budget` units. Returns the units done."""
+    number of its windows), take departed mappers' marks off, empty the tallies of regions
+    hidden together (cuts.py), then free what changes let go of (`free_later`); about
+    `budget` units. Returns the units done."""
     done = 0
     while state._unsettled and done < budget:
         mapper_id = next(iter(state._unsettled))

@@ -193,10 +193,11 @@ class Place:
             # a region costs about a piece of its own (regions of one piece: half a piece each)
             placed += 1 + unplaced.place_some(region, limit - placed, batch)
         insert(state, batch)  # consecutive pieces: usually one slice of the table's lists
-        if self.index < len(self.regions) or placed:
-            return [], False  # the push and the refill begin on a step of their own
+        if self.index < len(self.regions):
+            return [], False
         new, self.new = self.new, []
-        effects = state._push(new, self.op) + state._refill(self.lost, self.op)
+        # the push and the refill send their first batches on the next steps, not in this one
+        effects = state._push(new, self.op, False) + state._refill(self.lost, self.op, False)
         return effects, True
 
     def release(self) -> list[Any]:
