@@ -7,6 +7,8 @@ again exactly what the table says.
 from __future__ import annotations
 
 import logging
+import struct
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from .. import trace
@@ -20,6 +22,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("membacking.manager")
 
+
+_FD_BYTES = struct.calcsize(m.PACKED_FD_FORMAT)
+_MAPPING_BYTES = struct.calcsize(m.PACKED_MAPPING_FORMAT)
 
 #: a mapping as Holdings lists it: start, size, mappable id, file offset, writable (0/1)
 HeldItem = tuple[int, int, int, int, int]
@@ -43,40 +48,65 @@ def table_index(state: PeerState) -> dict[HeldItem, tuple[MemoryRange, Mapping]]
     return index
 
 
-def take_holdings(state: PeerState, entry: MapperEntry, msg: m.Holdings) -> list[Effect]:
-    """Check a mapper's Holdings against the table; effects unmap what no longer holds."""
+def take_holdings(
+    state: PeerState, entry: MapperEntry, msg: m.Holdings | m.PackedHoldings
+) -> list[Effect]:
+    """Check a mapper's Holdings (or PackedHoldings) against the table; effects unmap what no
+    longer holds."""
     if entry.stream is None:
         state.reject("not-attached", "Holdings before the stream socket", entry.pid)
         return []
     if entry.features is None or not entry.features & m.FEATURE_REATTACH:
         state.reject("unexpected", "Holdings without FEATURE_REATTACH", entry.pid)
         return []
-    if len(msg.fds) % m.HOLDING_FD_LEN or len(msg.mappings) % m.HOLDING_MAPPING_LEN:
-        state.reject("bad-field", "Holdings arrays of the wrong length", entry.pid)
-        return []
-    identity = getattr(state.store, "identity", None)
-    stale_fds: list[int] = []
-    fds = iter(msg.fds)
-    for mappable_id, dev, ino in zip(fds, fds, fds, strict=True):
-        if identity is not None and identity(mappable_id) == (dev, ino):
-            entry.fds_sent.add(mappable_id)
-        else:
-            stale_fds.append(mappable_id)
+    fds: Iterable[tuple[int, ...]]
+    maps: Iterable[tuple[int, ...]]
+    if isinstance(msg, m.PackedHoldings):
+        if not entry.features & m.FEATURE_PACKED_HOLDINGS:
+            state.reject("unexpected", "PackedHoldings without FEATURE_PACKED_HOLDINGS", entry.pid)
+            return []
+        if len(msg.fds) % _FD_BYTES or len(msg.mappings) % _MAPPING_BYTES:
+            state.reject("bad-field", "PackedHoldings fields of the wrong length", entry.pid)
+            return []
+        fds = struct.iter_unpack(m.PACKED_FD_FORMAT, msg.fds)
+        maps = struct.iter_unpack(m.PACKED_MAPPING_FORMAT, msg.mappings)
+        count = len(msg.mappings) // _MAPPING_BYTES
+    else:
+        if len(msg.fds) % m.HOLDING_FD_LEN or len(msg.mappings) % m.HOLDING_MAPPING_LEN:
+            state.reject("bad-field", "Holdings arrays of the wrong length", entry.pid)
+            return []
+        fd_items, map_items = iter(msg.fds), iter(msg.mappings)
+        fds = zip(fd_items, fd_items, fd_items, strict=True)
+        maps = zip(map_items, map_items, map_items, map_items, map_items, strict=True)
+        count = len(msg.mappings) // m.HOLDING_MAPPING_LEN
+    return _check(state, entry, fds, maps, count)
+
+
+def _check(
+    state: PeerState,
+    entry: MapperEntry,
+    fds: Iterable[tuple[int, ...]],
+    maps: Iterable[tuple[int, ...]],
+    count: int,
+) -> list[Effect]:
+    identities = getattr(state.store, "identities", None)
+    told = set(fds)
+    # the fds whose file is the backing the manager has under that id: a set intersection
+    known = told & identities() if identities is not None else set()
+    entry.fds_sent.update(mappable_id for mappable_id, _, _ in known)
+    stale_fds = sorted(mappable_id for mappable_id, _, _ in told - known)
     index = table_index(state)
     fds_sent = entry.fds_sent
+    mapper_id = entry.id
     kept_ranges: list[MemoryRange] = []
     kept_ids: list[int] = []
     stale: list[MemoryRange] = []
-    maps = iter(msg.mappings)
-    for item in zip(maps, maps, maps, maps, maps, strict=True):
-        hit = index.get(item)
-        mappable_id = item[2]
-        if hit is not None and (mappable_id in fds_sent or mappable_id == PRIVATE_MAPPABLE):
-            rng, mapping = hit
-            if entry.id not in mapping.holders:
-                mapping.holders.add(entry.id)
-                kept_ranges.append(rng)
-                kept_ids.append(mappable_id)
+    for item in maps:
+        hit = index.get(item)  # type: ignore[arg-type]  # five ints, as HeldItem
+        if hit is not None and (item[2] in fds_sent or item[2] == PRIVATE_MAPPABLE):
+            if hit[1].holders.add(mapper_id):
+                kept_ranges.append(hit[0])
+                kept_ids.append(item[2])
             continue
         start, size = item[0], item[1]
         if size == 0 or (start | size) & PAGE_MASK or start + size > state.address_space:
@@ -84,8 +114,8 @@ def take_holdings(state: PeerState, entry: MapperEntry, msg: m.Holdings) -> list
             continue
         stale.append(MemoryRange(start, start + size))
     entry.held.extend(kept_ranges, kept_ids)
-    state.counters["reattached_mappings"] += (len(msg.mappings) // 5) - len(stale)
-    trace.mark(f"daemon.holdings mapper={entry.id} maps={len(msg.mappings) // 5}")
+    state.counters["reattached_mappings"] += count - len(stale)
+    trace.mark(f"daemon.holdings mapper={entry.id} maps={count}")
     if not stale and not stale_fds:
         return []
     log.info(

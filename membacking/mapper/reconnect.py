@@ -19,6 +19,7 @@ import zmq
 from .. import trace
 from ..errors import ManagerUnavailableError
 from ..protocol import messages as m
+from ..protocol.holdings import holdings_messages
 from .waitlist import RELINK
 
 if TYPE_CHECKING:
@@ -34,9 +35,6 @@ SOCKET_WATCH = 0.005
 SHUTDOWN_GRACE = 0.25
 #: how long a manager that said Shutdown "restarting" has to close the old connection
 OLD_CONNECTION_GRACE = 2.0
-#: entries per Holdings message (each array stays within the codec's 1024 elements)
-FDS_PER_MESSAGE = 1024 // m.HOLDING_FD_LEN
-MAPPINGS_PER_MESSAGE = 1024 // m.HOLDING_MAPPING_LEN
 
 
 class Relink(Exception):
@@ -224,10 +222,6 @@ def _send_holdings(mapper: VaMapper) -> None:
                 int(chunk.writable),
             )
         ]
-    fd_step = FDS_PER_MESSAGE * m.HOLDING_FD_LEN
-    map_step = MAPPINGS_PER_MESSAGE * m.HOLDING_MAPPING_LEN
-    # the fds first: the manager checks each mapping against the fds it was told of
-    for i in range(0, len(fds), fd_step):
-        mapper.link.send(m.Holdings(tuple(fds[i : i + fd_step]), ()))
-    for i in range(0, max(len(mappings), 1), map_step):
-        mapper.link.send(m.Holdings((), tuple(mappings[i : i + map_step])))
+    packed = bool(mapper.link.features & m.FEATURE_PACKED_HOLDINGS)
+    for msg in holdings_messages(fds, mappings, packed):
+        mapper.link.send(msg)
