@@ -14,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 import zmq
 
 from membacking.manager.backing import MemfdStore
@@ -309,3 +310,36 @@ def test_a_mapper_knows_the_identity_of_its_fds_without_an_fstat_at_relink() -> 
     assert fds.identities() == [6, info[6].st_dev, info[6].st_ino]
     fds.close_all()
     assert fds.identities() == []
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_mappers_are_told_last_when_the_state_is_kept(tmp_path: Path, keep: bool) -> None:
+    """Restarting (the state kept for the next daemon), the state is closed before the mappers
+    are told: their waking does not slow the daemon's last work. Stopping for good, they are
+    told first (they drop their memory while the daemon closes)."""
+    runtime = short_tmpdir()
+    persist = PersistConfig(state_dir=tmp_path / "s", keep=keep)
+    daemon = Daemon(ManagerConfig(runtime_dir=runtime, persist=persist))
+    daemon.start()
+    order: list[str] = []
+    told, closed = daemon.state.shutdown, daemon.persist.close  # type: ignore[union-attr]
+
+    def shutdown(reason: str, code: str) -> Any:
+        order.append(f"told {code}")
+        return told(reason, code)
+
+    def close(*args: Any, **kwargs: Any) -> None:
+        order.append("state closed")
+        closed(*args, **kwargs)
+
+    daemon.state.shutdown = shutdown  # type: ignore[method-assign]
+    daemon.persist.close = close  # type: ignore[method-assign, union-attr]
+    try:
+        daemon.stop("stopped")
+        daemon._shutdown()
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+    if keep:
+        assert order[:2] == ["state closed", f"told {m.SHUTDOWN_RESTARTING}"]
+    else:
+        assert order[:2] == [f"told {m.SHUTDOWN_STOPPING}", "state closed"]
