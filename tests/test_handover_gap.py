@@ -154,12 +154,16 @@ def test_the_new_daemon_adopts_the_state_before_it_asks(start_manager: Any) -> N
         def before_ask(daemon: Daemon) -> None:
             seen["backings"] = len(daemon.store)
             seen["regions"] = sorted(daemon.state.regions)
+            # what checking the mappers' Holdings reads is built already too
+            seen["index"] = daemon.state._held_index is not None
+            seen["identities"] = daemon.store._identities is not None
             memory.write_at(0x2000, b"meanwhile")  # a fault the old daemon counts
             seen["faults"] = first.client().stats()["faults"]
 
         daemon, thread = _take_over_in_thread(first.runtime_dir, before_ask)
         try:
             assert seen["backings"] == 2 and seen["regions"] == ["dev", "ram0"]
+            assert seen["index"] and seen["identities"]
             assert first.proc.wait(10) == 0
             assert daemon.state.counters["faults"] >= seen["faults"]
             assert memory.read_at(0x1000, 6) == b"before"

@@ -27,7 +27,7 @@ from ..protocol.codec import decode, encode
 from ..protocol.errors import ProtocolError
 from ..protocol.messages import Channel
 from ..runtime import RuntimePaths
-from . import handover, sdnotify, shutdown, startup
+from . import handover, reattach, sdnotify, shutdown, startup
 from .backing import MemfdStore
 from .control import STOPPING_OPS, addressed_elsewhere
 from .errors import Refused
@@ -192,6 +192,7 @@ class Daemon(FdServer):
         try:
             # the state is adopted, initial regions exist; a state prepared before a handover
             # was asked for was settled then (handover.take_over): only what came since now
+            reattach.warm(self.state)  # done already if prepared before a handover's ask
             self.heap.settle(self._size(), full=self.settled_early is not self.state)
             trace.mark("daemon.settled")
             if on_ready is not None:

@@ -48,6 +48,16 @@ def table_index(state: PeerState) -> dict[HeldItem, tuple[MemoryRange, Mapping]]
     return index
 
 
+def warm(state: PeerState) -> None:
+    """Build what checking Holdings reads (the table's index, the backings' identities) now,
+    before mappers register again: a new daemon of a handover does it before it asks, not in
+    the gap (1,000 regions: about 2 ms)."""
+    table_index(state)
+    identities = getattr(state.store, "identities", None)
+    if identities is not None:
+        identities()
+
+
 def take_holdings(
     state: PeerState, entry: MapperEntry, msg: m.Holdings | m.PackedHoldings
 ) -> list[Effect]:
