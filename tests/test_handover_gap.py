@@ -347,3 +347,49 @@ def test_mappers_are_told_last_when_the_state_is_kept(tmp_path: Path, keep: bool
         assert order[:2] == ["state closed", f"told {m.SHUTDOWN_RESTARTING}"]
     else:
         assert order[:2] == [f"told {m.SHUTDOWN_STOPPING}", "state closed"]
+
+
+def test_the_stream_socket_connects_while_the_hello_is_answered() -> None:
+    """A mapper connects its ZeroMQ stream socket as soon as fd.sock took its connection, not
+    after the Welcome: the handshake overlaps the Hello's round trip (one hop less for every
+    mapper registering again after a handover). Here the manager's side holds the Welcome back
+    until the stream's connection has been accepted."""
+    from membacking.mapper.link import ManagerLink
+    from membacking.protocol.codec import encode
+    from membacking.protocol.fdpass import recv_message, send_message
+    from membacking.runtime import RuntimePaths
+
+    runtime = short_tmpdir()
+    paths = RuntimePaths.resolve(runtime)
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    monitor = router.get_monitor_socket(zmq.EVENT_ACCEPTED)
+    router.bind(paths.mapper_endpoint)
+    listen = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listen.bind(str(paths.fd_socket))
+    listen.listen(1)
+    accepted_before_welcome: list[bool] = []
+
+    def manager() -> None:
+        conn, _ = listen.accept()
+        with conn:
+            recv_message(conn)  # the Hello
+            accepted_before_welcome.append(bool(monitor.poll(5000)))
+            send_message(conn, m.Welcome(1, b"t" * 16, 1 << 32, 4096, m.SUPPORTED_FEATURES))
+            identity, _ = router.recv_multipart()  # the Attach
+            router.send_multipart([identity, encode(m.Attached(m.ROLE_STREAM_FD))])
+            conn.recv(1)  # until the mapper closes
+
+    thread = threading.Thread(target=manager, daemon=True)
+    thread.start()
+    try:
+        link = ManagerLink(paths, "early", timeout=10.0)
+        link.close()
+        thread.join(10)
+        assert accepted_before_welcome == [True]
+    finally:
+        listen.close()
+        monitor.close()
+        router.close(0)
+        ctx.term()
+        shutil.rmtree(runtime, ignore_errors=True)

@@ -48,16 +48,20 @@ class ManagerLink:
         self.name = name
         self.timeout = timeout
         self._send_lock = threading.Lock()
-        self.fd_sock, welcome = self._register(name)
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         try:
-            self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-            self._take(welcome)
+            self.fd_sock, welcome, stream = self._register(name)
+        except BaseException:
+            self.ctx.term()
+            raise
+        try:
+            self._take(welcome, stream)
             self.address_space = welcome.address_space
         except BaseException:
             self.close()
             raise
 
-    def _take(self, welcome: m.Welcome) -> None:
+    def _take(self, welcome: m.Welcome, stream: zmq.Socket[bytes]) -> None:
         """Use a new registration: the fd socket is `self.fd_sock`; attach the stream."""
         # from now on only the mapper thread reads it, and never blocks on it
         self.fd_sock.setblocking(False)
@@ -72,7 +76,7 @@ class ManagerLink:
         #: the memory the manager serves (None: it cannot tell, so nothing is kept across a
         #: restart)
         self.state_id = welcome.state_id if self.features & m.FEATURE_REATTACH else None
-        self.stream = self._attach(m.ROLE_STREAM_FD)
+        self.stream = self._attach(m.ROLE_STREAM_FD, stream)
 
     def reconnect(self) -> None:
         """Register again with the manager now serving the runtime directory (after its
@@ -83,15 +87,16 @@ class ManagerLink:
             self.stream.close(0)
         with contextlib.suppress(OSError):
             self.fd_sock.close()
-        self.fd_sock, welcome = self._register(self.name)
+        self.fd_sock, welcome, stream = self._register(self.name)
         trace.mark(f"mapper.registered id={welcome.mapper_id}")
         if welcome.address_space != self.address_space:
             self.fd_sock.close()
+            stream.close(0)
             raise AttachError(
                 f"the manager now serves an address space of {welcome.address_space:#x} bytes, "
                 f"not {self.address_space:#x}"
             )
-        self._take(welcome)
+        self._take(welcome, stream)
 
     def _unavailable(self, detail: str) -> ManagerUnavailableError:
         return ManagerUnavailableError(
@@ -119,16 +124,21 @@ class ManagerLink:
             ) from None
         return sock
 
-    def _register(self, name: str) -> tuple[socket.socket, m.Welcome]:
-        """Connect to fd.sock and say Hello. A manager too busy to take the connection (too many
-        waiting, or near its open-file limit) closes it unanswered: try again until `timeout`."""
+    def _register(self, name: str) -> tuple[socket.socket, m.Welcome, zmq.Socket[bytes]]:
+        """Connect to fd.sock and say Hello; the stream socket too, once fd.sock took the
+        connection (so its ZeroMQ handshake overlaps the Hello; it is the same manager's: a
+        manager binds its mapper socket before fd.sock). A manager too busy to take the
+        connection (too many waiting, or near its open-file limit) closes it unanswered: try
+        again until `timeout`."""
         deadline = time.monotonic() + self.timeout
         while True:
             sock = self._connect_fd_socket()
+            stream = self._stream_socket()
             sock.settimeout(max(0.1, deadline - time.monotonic()))  # all tries share `timeout`
             try:
-                return sock, self._hello(sock, name)
+                return sock, self._hello(sock, name), stream
             except _Busy as exc:
+                stream.close(0)
                 sock.close()
                 if time.monotonic() + 0.1 > deadline:
                     raise self._unavailable(
@@ -136,6 +146,7 @@ class ManagerLink:
                     ) from None
                 time.sleep(0.1)
             except BaseException:
+                stream.close(0)
                 sock.close()
                 raise
 
@@ -174,12 +185,15 @@ class ManagerLink:
             raise AttachError(f"the manager sent an invalid registration reply: {exc}") from None
         return reply
 
-    def _attach(self, role: int) -> zmq.Socket[bytes]:
+    def _stream_socket(self) -> zmq.Socket[bytes]:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.connect(self.paths.mapper_endpoint)
+        return sock
+
+    def _attach(self, role: int, sock: zmq.Socket[bytes]) -> zmq.Socket[bytes]:
         sock.send(encode(m.Attach(self.mapper_id, self.token, role)))
         if not sock.poll(int(self.timeout * 1000)):
             sock.close(0)
