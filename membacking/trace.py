@@ -1,6 +1,7 @@
 """Phase marks for measuring a planned handover across processes: with MEMBACKING_TRACE=<file>
-in the environment, `mark(phase)` appends `<CLOCK_MONOTONIC seconds> <pid> <phase>` to that
-file (one write per line, O_APPEND); without it, a mark costs one test of a module constant.
+in the environment, `mark(phase)` appends `<CLOCK_MONOTONIC seconds> <pid> <process CPU ms>
+<phase>` to that file (one write per line, O_APPEND); without it, a mark costs one test of a
+module constant. The CPU time (every thread of the process) tells work from waiting for a core.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ def mark(phase: str) -> None:
     global _open
     if _PATH is None:
         return
-    line = f"{time.monotonic():.6f} {os.getpid()} {phase}\n".encode()
+    cpu = time.process_time() * 1e3
+    line = f"{time.monotonic():.6f} {os.getpid()} {cpu:.3f} {phase}\n".encode()
     if _open is None or _open[0] != os.getpid():  # (a child of a fork opens its own)
         try:
             fd = os.open(_PATH, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)

@@ -33,13 +33,15 @@ def test_marks_are_appended_per_process_and_the_file_opened_once(tmp_path: Path)
         [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, check=True
     )
     assert run.stdout.strip() == "1"  # the parent opened the file once for its four marks
-    lines = [line.split(" ", 2) for line in out.read_text().splitlines()]
-    phases = [phase for _, _, phase in lines]
+    lines = [line.split(" ", 3) for line in out.read_text().splitlines()]
+    phases = [phase for _, _, _, phase in lines]
     assert phases == ["parent.0", "parent.1", "parent.2", "child.0", "parent.3"]
-    pids = {phase: int(pid) for _, pid, phase in lines}
+    pids = {phase: int(pid) for _, pid, _, phase in lines}
     assert pids["child.0"] != pids["parent.0"] == pids["parent.3"]
-    times = [float(at) for at, _, _ in lines]
+    times = [float(at) for at, _, _, _ in lines]
     assert times == sorted(times)
+    cpu = {phase: float(ms) for _, _, ms, phase in lines}  # the process's CPU time, growing
+    assert 0 < cpu["parent.0"] <= cpu["parent.2"] <= cpu["parent.3"]
 
 
 def test_without_the_variable_nothing_is_written(tmp_path: Path) -> None:
