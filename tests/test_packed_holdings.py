@@ -5,7 +5,6 @@ Decoded strictly, split by the size limit, checked by the manager exactly as Hol
 from __future__ import annotations
 
 import struct
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -165,46 +164,3 @@ def test_packed_holdings_need_the_feature_and_whole_entries(tmp_path: Path) -> N
     assert list(entry.held) == [MemoryRange(0, MiB)]
     store.close_all()
     sdir.release(remove=True)
-
-
-def test_a_mapper_takes_what_it_holds_before_it_tries_to_register_again(
-    start_manager: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """What a mapper holds is taken (and packed) once, as its relink begins, while no manager
-    could answer anyway: not after the Welcome, when every mapper and the new manager want the
-    CPU at once. What it tells the new manager is what it held."""
-    import signal
-
-    import membacking
-    from membacking.mapper import reconnect
-    from membacking.mapper.link import ManagerLink
-
-    events: list[str] = []
-    taken = reconnect.HeldSnapshot.of
-    tried = ManagerLink.reconnect
-
-    def snapshot(mapper: Any) -> Any:
-        events.append("held")
-        return taken(mapper)
-
-    def try_again(link: ManagerLink) -> None:
-        events.append("try")
-        tried(link)
-
-    monkeypatch.setattr(reconnect.HeldSnapshot, "of", snapshot)
-    monkeypatch.setattr(ManagerLink, "reconnect", try_again)
-    regions = ("--region", "ram0=0:8M", "--region", "dev=0x10000000:1M")
-    first = start_manager(*regions)
-    with membacking.attach(first.runtime_dir, reconnect_timeout=30.0) as memory:
-        memory.write_at(0x1000, b"kept")
-        memory.write_at(0x10000000, b"dev")
-        again = threading.Event()
-        memory.on_registered_again(lambda kept, old_id: again.set())
-        first.stop(signal.SIGKILL)
-        second = start_manager(*regions, runtime_dir=first.runtime_dir)
-        assert again.wait(15)
-        assert memory.read_at(0x1000, 4) == b"kept"
-        assert events[0] == "held" and events.count("held") == 1 and "try" in events
-        # it told the new manager what it held: it is their holder again
-        held = {r["name"]: r["holders"] for r in second.client().regions()}
-        assert held["ram0"] and held["ram0"] == held["dev"]

@@ -135,10 +135,6 @@ def relink(mapper: VaMapper) -> bool:
     old_id = mapper.id
     _await_hangup(mapper)
     trace.mark(f"mapper.hangup old={old_id}")
-    # What it holds does not change while it registers again (this thread alone maps, unmaps
-    # and takes fds): told now, while no manager could answer anyway, rather than in the busy
-    # moment after the Welcome, when every mapper and the new manager want the CPU at once.
-    held = HeldSnapshot.of(mapper) if old_state is not None else None
     delay = BACKOFF_START
     last = "no manager answered"
     started = time.monotonic()
@@ -147,7 +143,7 @@ def relink(mapper: VaMapper) -> bool:
             tried = _socket_identity(mapper)  # before the try: one bound during it counts
             mapper.link.reconnect()
             trace.mark(f"mapper.welcome old={old_id} new={mapper.link.mapper_id}")
-            _restore(mapper, old_state, old_id, held)
+            _restore(mapper, old_state, old_id)
             trace.mark(f"mapper.restored old={old_id}")
             break
         except (ManagerUnavailableError, OSError, TimeoutError) as exc:  # not yet: try again
@@ -194,43 +190,8 @@ def relink(mapper: VaMapper) -> bool:
     return True
 
 
-class HeldSnapshot:
-    """What a mapper registering again holds, as Holdings tells it: its fds (mappable id,
-    st_dev, st_ino) and mappings (start, size, mappable id, file offset, writable), flattened,
-    with the PackedHoldings messages made of them."""
-
-    def __init__(self, fds: list[int], mappings: list[int]) -> None:
-        self.fds = fds
-        self.mappings = mappings
-        self.packed = holdings_messages(fds, mappings, packed=True)
-
-    @classmethod
-    def of(cls, mapper: VaMapper) -> HeldSnapshot:
-        # the identity of each fd was taken when it arrived: no fstat per fd here
-        fds = mapper.fds.identities()
-        with mapper.lock:
-            mappings = [
-                x
-                for rng, chunk in mapper.chunks.items()
-                for x in (
-                    rng.start,
-                    rng.end - rng.start,
-                    chunk.mappable_id,
-                    chunk.file_offset,
-                    int(chunk.writable),
-                )
-            ]
-        return cls(fds, mappings)
-
-    def messages(self, packed: bool) -> list[m.Holdings | m.PackedHoldings]:
-        return self.packed if packed else holdings_messages(self.fds, self.mappings, False)
-
-
-def _restore(
-    mapper: VaMapper, old_state: bytes | None, old_id: int, held: HeldSnapshot | None
-) -> None:
-    """Registered with a new manager: keep what it still serves (telling it `held`, taken when
-    the relink began), drop the rest."""
+def _restore(mapper: VaMapper, old_state: bytes | None, old_id: int) -> None:
+    """Registered with a new manager: keep what it still serves, drop the rest."""
     mapper.id = mapper.fds.id = mapper.acks.id = mapper.link.mapper_id
     _forget_acks(mapper)
     if old_state is None or mapper.link.state_id != old_state:
@@ -243,7 +204,24 @@ def _restore(
             dropped,
         )
     else:
-        if held is None or mapper.dropped is not None:  # (dropped meanwhile: nothing held)
-            held = HeldSnapshot.of(mapper)
-        for msg in held.messages(bool(mapper.link.features & m.FEATURE_PACKED_HOLDINGS)):
-            mapper.link.send(msg)
+        _send_holdings(mapper)
+
+
+def _send_holdings(mapper: VaMapper) -> None:
+    # the identity of each fd was taken when it arrived: no fstat per fd here
+    fds = mapper.fds.identities()
+    with mapper.lock:
+        mappings = [
+            x
+            for rng, chunk in mapper.chunks.items()
+            for x in (
+                rng.start,
+                rng.end - rng.start,
+                chunk.mappable_id,
+                chunk.file_offset,
+                int(chunk.writable),
+            )
+        ]
+    packed = bool(mapper.link.features & m.FEATURE_PACKED_HOLDINGS)
+    for msg in holdings_messages(fds, mappings, packed):
+        mapper.link.send(msg)
