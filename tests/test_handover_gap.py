@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -393,3 +394,60 @@ def test_the_stream_socket_connects_while_the_hello_is_answered() -> None:
         router.close(0)
         ctx.term()
         shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_a_mapper_told_restarting_tries_no_registration_before_a_successor_binds(
+    start_manager: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A manager that said `restarting` is going: until its successor binds a new fd.sock a
+    try can only fail, and its CPU is spent just when the old manager finishes and the new one
+    starts. The mapper waits for the new socket first, then registers at once."""
+    import signal
+
+    import membacking
+    from membacking.mapper.link import ManagerLink
+
+    tries: list[float] = []
+    reconnect = ManagerLink.reconnect
+
+    def counted(link: ManagerLink) -> None:
+        tries.append(time.monotonic())
+        reconnect(link)
+
+    monkeypatch.setattr(ManagerLink, "reconnect", counted)
+    regions = ("--region", "ram0=0:8M")
+    first = start_manager(*regions, "--keep-state")
+    with membacking.attach(first.runtime_dir, reconnect_timeout=30.0) as memory:
+        memory.write_at(0x1000, b"kept")
+        again = threading.Event()
+        memory.on_registered_again(lambda kept, old_id: again.set())
+        first.stop(signal.SIGTERM)  # Shutdown `restarting`
+        time.sleep(0.3)
+        assert tries == []  # no successor yet: nothing tried
+        bound = time.monotonic()
+        start_manager(*regions, runtime_dir=first.runtime_dir)
+        assert again.wait(15)
+        assert len(tries) == 1 and tries[0] >= bound
+        assert memory.read_at(0x1000, 4) == b"kept"
+
+
+def test_a_fault_woken_when_the_wait_for_a_manager_runs_out_reads_why() -> None:
+    """The end of the reconnect wait wakes the faults waiting for a relink: `gone` is set
+    before they wake, or one of them finds it unset, sends on the closed fd socket and fails
+    with 'Bad file descriptor' instead of the reason."""
+    seen: list[str | None] = []
+    mapper: Any = SimpleNamespace(
+        id=1,
+        gone=None,
+        waiters=SimpleNamespace(shutdown=lambda reason: None),
+        _detach_acked=threading.Event(),
+    )
+
+    class Waking(threading.Event):
+        def set(self) -> None:
+            seen.append(mapper.gone)  # what a fault woken now reads
+            super().set()
+
+    mapper.relinked = Waking()
+    VaMapper.gone_for_good(mapper, "no manager took this mapper back within 1.5s")
+    assert seen == ["no manager took this mapper back within 1.5s"]

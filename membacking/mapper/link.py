@@ -136,7 +136,10 @@ class ManagerLink:
             stream = self._stream_socket()
             sock.settimeout(max(0.1, deadline - time.monotonic()))  # all tries share `timeout`
             try:
-                return sock, self._hello(sock, name), stream
+                welcome = self._hello(sock, name)
+                #: the fd socket file it registered through (a successor binds a new one)
+                self.registered_socket = self.socket_identity()
+                return sock, welcome, stream
             except _Busy as exc:
                 stream.close(0)
                 sock.close()
@@ -149,6 +152,16 @@ class ManagerLink:
                 stream.close(0)
                 sock.close()
                 raise
+
+    def socket_identity(self) -> tuple[int, int, int] | None:
+        """(device, inode, change time) of the fd socket file on the runtime directory, None
+        if there is none. The time tells a new socket from an old one whose inode number it
+        reused."""
+        try:
+            info = os.stat(self.paths.fd_socket)
+        except OSError:
+            return None
+        return info.st_dev, info.st_ino, info.st_ctime_ns
 
     def _hello(self, sock: socket.socket, name: str) -> m.Welcome:
         reply = self._say_hello(sock, m.Hello(name, m.SUPPORTED_FEATURES))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import select
 import time
 from typing import TYPE_CHECKING
@@ -60,6 +59,7 @@ def start_relink(mapper: VaMapper, reason: str, announced: bool = False) -> bool
     if mapper.relinked.is_set():
         log.warning("mapper %d: %s; waiting for the manager to come back", mapper.id, reason)
         mapper.relink_reason = reason
+        mapper.relink_announced = announced
         mapper.relinked.clear()
         mapper.waiters.fail_all(RELINK)  # their requests went to the manager that is gone
     return True
@@ -117,13 +117,7 @@ def _await_hangup(mapper: VaMapper) -> None:
 
 
 def _socket_identity(mapper: VaMapper) -> tuple[int, int, int] | None:
-    """(device, inode, change time) of the fd socket file on the runtime directory, None if
-    there is none. The time tells a new socket from an old one whose inode number it reused."""
-    try:
-        info = os.stat(mapper.link.paths.fd_socket)
-    except OSError:
-        return None
-    return info.st_dev, info.st_ino, info.st_ctime_ns
+    return mapper.link.socket_identity()
 
 
 def relink(mapper: VaMapper) -> bool:
@@ -138,17 +132,23 @@ def relink(mapper: VaMapper) -> bool:
     delay = BACKOFF_START
     last = "no manager answered"
     started = time.monotonic()
+    # A manager that said `restarting` is going: until its successor binds a new fd.sock, a
+    # try can only fail (and costs CPU just when the old manager finishes and the new starts).
+    # Only the socket is watched then, for BACKOFF_MAX at most (then tries go on as usual).
+    watch_only = started + BACKOFF_MAX if mapper.relink_announced else started
     while not mapper._stop:
-        try:
-            tried = _socket_identity(mapper)  # before the try: one bound during it counts
-            mapper.link.reconnect()
-            trace.mark(f"mapper.welcome old={old_id} new={mapper.link.mapper_id}")
-            _restore(mapper, old_state, old_id)
-            trace.mark(f"mapper.restored old={old_id}")
-            break
-        except (ManagerUnavailableError, OSError, TimeoutError) as exc:  # not yet: try again
-            last = str(exc)
-            trace.mark(f"mapper.try-failed old={old_id}")
+        tried = _socket_identity(mapper)  # before the try: one bound during it counts
+        watching = tried in (mapper.link.registered_socket, None) and time.monotonic() < watch_only
+        if not watching:
+            try:
+                mapper.link.reconnect()
+                trace.mark(f"mapper.welcome old={old_id} new={mapper.link.mapper_id}")
+                _restore(mapper, old_state, old_id)
+                trace.mark(f"mapper.restored old={old_id}")
+                break
+            except (ManagerUnavailableError, OSError, TimeoutError) as exc:  # not yet: try again
+                last = str(exc)
+                trace.mark(f"mapper.try-failed old={old_id}")
         # Mapped memory stays in use meanwhile: this thread vouches for the mapper's lease
         # while it is alive and trying (no manager can evict a mapper that is not registered).
         mapper.lease.end_turn(time.monotonic(), renew=mapper.dropped is None)
@@ -166,7 +166,8 @@ def relink(mapper: VaMapper) -> bool:
             if _socket_identity(mapper) not in (tried, None):
                 trace.mark(f"mapper.socket-seen old={old_id}")
                 break  # a manager has just bound a new fd socket: try it now
-        delay = min(delay * 2, BACKOFF_MAX)
+        if not watching:
+            delay = min(delay * 2, BACKOFF_MAX)
     else:
         return False
     log.warning(
