@@ -164,3 +164,48 @@ def test_packed_holdings_need_the_feature_and_whole_entries(tmp_path: Path) -> N
     assert list(entry.held) == [MemoryRange(0, MiB)]
     store.close_all()
     sdir.release(remove=True)
+
+
+def test_the_same_holdings_of_fresh_mappers_are_checked_once_per_state_of_the_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mappers that map the same memory tell the same bytes: the second fresh one reuses the
+    first's check (each is still recorded as a holder), and any change of the table (or of the
+    backings) checks again: a mapping removed meanwhile is unmapped from the next one."""
+    from membacking.manager import reattach
+
+    state, store, sdir = _state(tmp_path)
+    a_id = state.regions["a"].submappings[0].mappable_id
+    b_id = state.regions["b"].submappings[0].mappable_id
+    fds = [x for i in (a_id, b_id) for x in (i, *(store.identity(i) or (0, 0)))]
+    maps = [0, MiB, a_id, 0, 1, 2 * MiB, MiB, b_id, 0, 1]
+    (msg,) = holdings_messages(fds, maps, packed=True)
+    checks: list[int] = []
+    check = reattach._check
+
+    def counted(*args: Any) -> Any:
+        checks.append(1)
+        return check(*args)
+
+    monkeypatch.setattr(reattach, "_check", counted)
+    first, second = _registered(state), _registered(state)
+    assert state.handle_fd_message(first.id, msg) == []
+    assert state.handle_fd_message(second.id, msg) == []
+    assert len(checks) == 1
+    for entry in (first, second):
+        assert list(entry.held) == [MemoryRange(0, MiB), MemoryRange(2 * MiB, 3 * MiB)]
+        assert entry.fds_sent == {a_id, b_id}
+    assert region_info(state, state.regions["b"])["holders"] == [first.id, second.id]
+    # the same claim again from one that holds them already: checked, nothing new recorded
+    assert state.handle_fd_message(second.id, msg) == [] and len(checks) == 2
+    assert len(second.held) == 2
+    state.remove_region("b")  # the table changed: b's mapping is stale now
+    third = _registered(state)
+    out = state.handle_fd_message(third.id, msg) or []
+    assert len(checks) == 3
+    assert [x.range for x in (e.msg for e in out) if isinstance(x, m.Unmap)] == [
+        MemoryRange(2 * MiB, 3 * MiB)
+    ]
+    assert list(third.held) == [MemoryRange(0, MiB)]
+    store.close_all()
+    sdir.release(remove=True)

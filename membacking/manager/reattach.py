@@ -53,9 +53,20 @@ def warm(state: PeerState) -> None:
     before mappers register again: a new daemon of a handover does it before it asks, not in
     the gap (1,000 regions: about 2 ms)."""
     table_index(state)
-    identities = getattr(state.store, "identities", None)
-    if identities is not None:
-        identities()
+    _identities(state)
+
+
+class _Verdict:
+    """What checking one Holdings message found, before it is applied to the mapper: the fds
+    kept and stale, the mappings kept (range, table entry, mappable id) and stale."""
+
+    __slots__ = ("fds", "hits", "stale", "stale_fds")
+
+    def __init__(self) -> None:
+        self.fds: list[int] = []
+        self.stale_fds: list[int] = []
+        self.hits: list[tuple[MemoryRange, Mapping, int]] = []
+        self.stale: list[MemoryRange] = []
 
 
 def take_holdings(
@@ -78,18 +89,34 @@ def take_holdings(
         if len(msg.fds) % _FD_BYTES or len(msg.mappings) % _MAPPING_BYTES:
             state.reject("bad-field", "PackedHoldings fields of the wrong length", entry.pid)
             return []
+        # Mappers that map the same memory (every device model maps all of guest RAM) tell
+        # the same bytes: a fresh mapper's are checked once per state of the table
+        fresh = not entry.fds_sent and not len(entry.held)
+        key = (msg.fds, msg.mappings, state.table_generation, _identities(state))
+        cached = state._holdings_verdict
+        if fresh and cached is not None and cached[0] == key:
+            return _apply(state, entry, cached[1], len(msg.mappings) // _MAPPING_BYTES)
         fds = struct.iter_unpack(m.PACKED_FD_FORMAT, msg.fds)
         maps = struct.iter_unpack(m.PACKED_MAPPING_FORMAT, msg.mappings)
         count = len(msg.mappings) // _MAPPING_BYTES
-    else:
-        if len(msg.fds) % m.HOLDING_FD_LEN or len(msg.mappings) % m.HOLDING_MAPPING_LEN:
-            state.reject("bad-field", "Holdings arrays of the wrong length", entry.pid)
-            return []
-        fd_items, map_items = iter(msg.fds), iter(msg.mappings)
-        fds = zip(fd_items, fd_items, fd_items, strict=True)
-        maps = zip(map_items, map_items, map_items, map_items, map_items, strict=True)
-        count = len(msg.mappings) // m.HOLDING_MAPPING_LEN
-    return _check(state, entry, fds, maps, count)
+        rejected = sum(state.rejected.values())
+        verdict = _check(state, entry, fds, maps)
+        if fresh and sum(state.rejected.values()) == rejected:
+            state._holdings_verdict = (key, verdict)
+        return _apply(state, entry, verdict, count)
+    if len(msg.fds) % m.HOLDING_FD_LEN or len(msg.mappings) % m.HOLDING_MAPPING_LEN:
+        state.reject("bad-field", "Holdings arrays of the wrong length", entry.pid)
+        return []
+    fd_items, map_items = iter(msg.fds), iter(msg.mappings)
+    fds = zip(fd_items, fd_items, fd_items, strict=True)
+    maps = zip(map_items, map_items, map_items, map_items, map_items, strict=True)
+    count = len(msg.mappings) // m.HOLDING_MAPPING_LEN
+    return _apply(state, entry, _check(state, entry, fds, maps), count)
+
+
+def _identities(state: PeerState) -> frozenset[tuple[int, int, int]]:
+    identities = getattr(state.store, "identities", None)
+    return identities() if identities is not None else frozenset()
 
 
 def _check(
@@ -97,33 +124,41 @@ def _check(
     entry: MapperEntry,
     fds: Iterable[tuple[int, ...]],
     maps: Iterable[tuple[int, ...]],
-    count: int,
-) -> list[Effect]:
-    identities = getattr(state.store, "identities", None)
+) -> _Verdict:
+    verdict = _Verdict()
     told = set(fds)
     # the fds whose file is the backing the manager has under that id: a set intersection
-    known = told & identities() if identities is not None else set()
-    entry.fds_sent.update(mappable_id for mappable_id, _, _ in known)
-    stale_fds = sorted(mappable_id for mappable_id, _, _ in told - known)
+    known = told & _identities(state)
+    verdict.fds = [mappable_id for mappable_id, _, _ in known]
+    verdict.stale_fds = sorted(mappable_id for mappable_id, _, _ in told - known)
     index = table_index(state)
-    fds_sent = entry.fds_sent
-    mapper_id = entry.id
-    kept_ranges: list[MemoryRange] = []
-    kept_ids: list[int] = []
-    stale: list[MemoryRange] = []
+    fds_sent = entry.fds_sent.union(verdict.fds)
+    hits, stale = verdict.hits, verdict.stale
     for item in maps:
         hit = index.get(item)  # type: ignore[arg-type]  # five ints, as HeldItem
         if hit is not None and (item[2] in fds_sent or item[2] == PRIVATE_MAPPABLE):
-            if hit[1].holders.add(mapper_id):
-                kept_ranges.append(hit[0])
-                kept_ids.append(item[2])
+            hits.append((hit[0], hit[1], item[2]))
             continue
         start, size = item[0], item[1]
         if size == 0 or (start | size) & PAGE_MASK or start + size > state.address_space:
             state.reject("bad-range", f"Holdings range {start:#x}+{size:#x}", entry.pid)
             continue
         stale.append(MemoryRange(start, start + size))
+    return verdict
+
+
+def _apply(state: PeerState, entry: MapperEntry, verdict: _Verdict, count: int) -> list[Effect]:
+    """Record what is kept (the mapper holds it), unmap and release the rest."""
+    entry.fds_sent.update(verdict.fds)
+    mapper_id = entry.id
+    kept_ranges: list[MemoryRange] = []
+    kept_ids: list[int] = []
+    for rng, mapping, mappable_id in verdict.hits:
+        if mapping.holders.add(mapper_id):
+            kept_ranges.append(rng)
+            kept_ids.append(mappable_id)
     entry.held.extend(kept_ranges, kept_ids)
+    stale, stale_fds = verdict.stale, verdict.stale_fds
     state.counters["reattached_mappings"] += count - len(stale)
     trace.mark(f"daemon.holdings mapper={entry.id} maps={count}")
     if not stale and not stale_fds:
