@@ -451,3 +451,34 @@ def test_a_fault_woken_when_the_wait_for_a_manager_runs_out_reads_why() -> None:
     mapper.relinked = Waking()
     VaMapper.gone_for_good(mapper, "no manager took this mapper back within 1.5s")
     assert seen == ["no manager took this mapper back within 1.5s"]
+
+
+def test_fd_sock_appears_only_once_it_listens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mapper waiting for a new manager is woken the moment fd.sock appears (inotify): the
+    socket must already listen then, or its connect is refused and it backs off. The daemon
+    binds and listens under another name and renames it into place."""
+    runtime = short_tmpdir()
+    paths_seen: list[bool] = []
+    listen = socket.socket.listen
+
+    def listening(sock: socket.socket, *args: Any) -> None:
+        if sock.family == socket.AF_UNIX:
+            paths_seen.append((runtime / "fd.sock").exists())
+        listen(sock, *args)
+
+    monkeypatch.setattr(socket.socket, "listen", listening)
+    config = ManagerConfig(runtime_dir=runtime, persist=PersistConfig(state_dir=tmp_path / "s"))
+    daemon = Daemon(config)
+    daemon.start()
+    try:
+        assert paths_seen == [False]  # not there yet when it began to listen
+        assert (runtime / "fd.sock").exists() and not (runtime / "fd.sock.new").exists()
+        assert (runtime / "fd.sock").stat().st_mode & 0o777 == 0o600
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        client.connect(str(runtime / "fd.sock"))
+        client.close()
+    finally:
+        daemon._shutdown()
+        shutil.rmtree(runtime, ignore_errors=True)

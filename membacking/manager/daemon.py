@@ -144,9 +144,13 @@ class Daemon(FdServer):
             self._listen = socket.socket(
                 socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
             )
-            self._listen.bind(os.fspath(self.paths.fd_socket))
-            os.chmod(self.paths.fd_socket, 0o600)
+            # listening before it is in place: a mapper that sees fd.sock appear (sockwatch.py
+            # wakes it at once) never finds a socket that refuses connections
+            staging = self.paths.fd_socket_staging
+            self._listen.bind(os.fspath(staging))
+            os.chmod(staging, 0o666 if config_widens(self.config) else 0o600)
             self._listen.listen(128)
+            os.rename(staging, self.paths.fd_socket)
             self._listen.setblocking(False)
             if config_widens(self.config):
                 open_to_other_users(self.paths, self.config.allow_uids, self.config.allow_gids)

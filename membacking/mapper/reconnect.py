@@ -19,6 +19,7 @@ from .. import trace
 from ..errors import ManagerUnavailableError
 from ..protocol import messages as m
 from ..protocol.holdings import holdings_messages
+from .sockwatch import SocketWatch
 from .waitlist import RELINK
 
 if TYPE_CHECKING:
@@ -28,8 +29,9 @@ log = logging.getLogger("membacking.mapper")
 
 #: first and largest pause between two tries to register again
 BACKOFF_START, BACKOFF_MAX = 0.05, 1.0
-#: how often a pause between two tries looks for a new fd socket (a successor bound it)
-SOCKET_WATCH = 0.005
+#: the longest a pause between two tries waits at a time for a new fd socket (sockwatch.py
+#: wakes it as soon as a successor binds one): it renews the lease and notices a close between
+SOCKET_WATCH = 0.05
 #: how long a Shutdown may lag behind the hang-up of the fd socket
 SHUTDOWN_GRACE = 0.25
 #: how long a manager that said Shutdown "restarting" has to close the old connection
@@ -129,13 +131,27 @@ def relink(mapper: VaMapper) -> bool:
     old_id = mapper.id
     _await_hangup(mapper)
     trace.mark(f"mapper.hangup old={old_id}")
-    delay = BACKOFF_START
-    last = "no manager answered"
     started = time.monotonic()
     # A manager that said `restarting` is going: until its successor binds a new fd.sock, a
     # try can only fail (and costs CPU just when the old manager finishes and the new starts).
     # Only the socket is watched then, for BACKOFF_MAX at most (then tries go on as usual).
     watch_only = started + BACKOFF_MAX if mapper.relink_announced else started
+    with SocketWatch(mapper.link.paths.root) as watch:
+        return _register_again(mapper, watch, (started, deadline, watch_only), old_state, old_id)
+
+
+def _register_again(
+    mapper: VaMapper,
+    watch: SocketWatch,
+    times: tuple[float, float, float],
+    old_state: bytes | None,
+    old_id: int,
+) -> bool:
+    """relink's tries: (when it began, its deadline, until when a new fd.sock alone is waited
+    for)."""
+    started, deadline, watch_only = times
+    delay = BACKOFF_START
+    last = "no manager answered"
     while not mapper._stop:
         tried = _socket_identity(mapper)  # before the try: one bound during it counts
         watching = tried in (mapper.link.registered_socket, None) and time.monotonic() < watch_only
@@ -161,7 +177,7 @@ def relink(mapper: VaMapper) -> bool:
             return False
         pause_end = time.monotonic() + min(delay, left)
         while (rest := pause_end - time.monotonic()) > 0 and not mapper._stop:
-            time.sleep(min(rest, SOCKET_WATCH))
+            watch.wait(min(rest, SOCKET_WATCH))
             mapper.lease.end_turn(time.monotonic(), renew=mapper.dropped is None)
             if _socket_identity(mapper) not in (tried, None):
                 trace.mark(f"mapper.socket-seen old={old_id}")
