@@ -78,15 +78,20 @@ class ManagerLink:
         self.state_id = welcome.state_id if self.features & m.FEATURE_REATTACH else None
         self.stream = self._attach(m.ROLE_STREAM_FD, stream)
 
+    def drop_connection(self) -> None:
+        """Close both sockets of a manager that is gone (mapper thread only): its stream socket
+        would otherwise connect to the next manager's endpoint by itself, for nothing."""
+        with contextlib.suppress(zmq.ZMQError):
+            self.stream.close(0)
+        with contextlib.suppress(OSError):
+            self.fd_sock.close()
+
     def reconnect(self) -> None:
         """Register again with the manager now serving the runtime directory (after its
         predecessor died): new fd socket, id, token and stream socket. Raises
         ManagerUnavailableError (or AttachError) if that cannot be done now. Mapper thread
         only, with no access waiting on the fd socket."""
-        with contextlib.suppress(zmq.ZMQError):
-            self.stream.close(0)
-        with contextlib.suppress(OSError):
-            self.fd_sock.close()
+        self.drop_connection()
         self.fd_sock, welcome, stream = self._register(self.name)
         trace.mark(f"mapper.registered id={welcome.mapper_id}")
         if welcome.address_space != self.address_space:

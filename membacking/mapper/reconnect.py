@@ -130,6 +130,7 @@ def relink(mapper: VaMapper) -> bool:
     old_state = mapper.link.state_id
     old_id = mapper.id
     _await_hangup(mapper)
+    mapper.link.drop_connection()
     trace.mark(f"mapper.hangup old={old_id}")
     started = time.monotonic()
     # A manager that said `restarting` is going: until its successor binds a new fd.sock, a
