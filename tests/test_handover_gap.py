@@ -486,3 +486,34 @@ def test_fd_sock_appears_only_once_it_listens(
     finally:
         daemon._shutdown()
         shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_the_runtime_directory_is_released_before_the_daemon_tidies_up_after_itself(
+    tmp_path: Path,
+) -> None:
+    """What concerns the stopping process alone (closing its backings' fds, unfreezing its
+    heap) comes after it released the runtime directory, which a successor waits for."""
+    runtime = short_tmpdir()
+    config = ManagerConfig(runtime_dir=runtime, persist=PersistConfig(state_dir=tmp_path / "s"))
+    daemon = Daemon(config)
+    daemon.start()
+    held_at: dict[str, bool] = {}
+    lock = daemon.paths.lock
+    close_all, unfreeze = daemon.store.close_all, daemon.heap.close
+
+    def closing() -> None:
+        held_at["backings closed"] = lock.exists()
+        close_all()
+
+    def unfreezing() -> None:
+        held_at["heap unfrozen"] = lock.exists()
+        unfreeze()
+
+    daemon.store.close_all = closing  # type: ignore[method-assign]
+    daemon.heap.close = unfreezing  # type: ignore[method-assign]
+    try:
+        daemon.stop("handing over to pid 1")
+        daemon._shutdown()
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+    assert held_at == {"backings closed": False, "heap unfrozen": False}

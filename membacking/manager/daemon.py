@@ -214,7 +214,6 @@ class Daemon(FdServer):
         shutdown.shut_down(self)
 
     def _close_all(self) -> None:
-        self.heap.close()
         self.metrics.close()
         for conn in list(self._conns.values()):
             conn.close()  # and the fd copies waiting in its outbox
@@ -231,10 +230,13 @@ class Daemon(FdServer):
             self.persist.close(self.state, self.store, clean=False)  # if not closed already
         if self.fdstore is not None:
             self.fdstore.close()
+        # the runtime directory is free for a successor now (in a handover it is waiting for
+        # it); what follows concerns this process alone
+        self._lock.release()
         self.store.close_all()
         self._wake_r.close()
         self._wake_w.close()
-        self._lock.release()
+        self.heap.close()
 
     # ---- loop ----------------------------------------------------------------------------------
 
