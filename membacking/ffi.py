@@ -343,17 +343,17 @@ def die_with_parent(sig: int, parent_pid: int) -> None:
 IN_MOVED_TO, IN_CREATE = 0x80, 0x100
 
 
-def watch_directory(path: str) -> int:
+def watch_directory(path: str, mask: int = IN_CREATE | IN_MOVED_TO) -> int:
     """An inotify descriptor (non-blocking, close-on-exec) that becomes readable when a file
-    is created in, or moved into, directory `path`; the caller reads and closes it. OSError
-    where inotify is unavailable (or out of watches)."""
+    is created in (IN_CREATE), or moved into (IN_MOVED_TO), directory `path`, as `mask` says;
+    the caller reads and closes it. OSError where inotify is unavailable (or out of watches)."""
     # Safe: inotify_init1 takes flags by value and returns a descriptor or -1; touches no memory.
     fd: int = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
     if fd < 0:
         raise _oserror("inotify_init1")
     # Safe: ctypes passes a NUL-terminated copy of the path (read only during the call) and the
     # descriptor and mask by value; the kernel writes nothing into our memory.
-    if _libc.inotify_add_watch(fd, os.fsencode(path), IN_CREATE | IN_MOVED_TO) < 0:
+    if _libc.inotify_add_watch(fd, os.fsencode(path), mask) < 0:
         error = _oserror(f"inotify_add_watch of {path}")
         os.close(fd)
         raise error

@@ -1,7 +1,10 @@
 """Waiting for a new manager's fd.sock: an inotify watch of the runtime directory wakes a mapper
-as soon as a file appears there, so it neither polls (CPU every few ms, in every mapper, just
-when the old and new managers want it) nor lags behind the bind. Where inotify is unavailable
-it sleeps in short steps instead."""
+when a file is moved into it, as a manager puts its listening fd.sock in place (a rename), so
+it neither polls (CPU every few ms, in every mapper, just when the old and new managers want
+it) nor lags behind. Files created there (the lock, the ZeroMQ sockets) wake no one: every
+mapper woken at once takes the CPU from the starting manager. Where inotify is unavailable
+it sleeps in short steps instead; a manager that binds fd.sock in place (an earlier release)
+is seen when a wait runs out."""
 
 from __future__ import annotations
 
@@ -17,12 +20,12 @@ POLL_STEP = 0.005
 
 
 class SocketWatch:
-    """Wakes `wait` when a file is created in (or moved into) `directory`."""
+    """Wakes `wait` when a file is moved into `directory`."""
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self._fd: int | None
         try:
-            self._fd = ffi.watch_directory(os.fspath(directory))
+            self._fd = ffi.watch_directory(os.fspath(directory), ffi.IN_MOVED_TO)
         except OSError:
             self._fd = None  # the fallback: short sleeps
         self._poll = select.poll()
@@ -35,7 +38,7 @@ class SocketWatch:
         return self._fd is not None
 
     def wait(self, timeout: float) -> None:
-        """Return when a file appeared in the directory since the last call, or after
+        """Return when a file was moved into the directory since the last call, or after
         `timeout` seconds (POLL_STEP at most without inotify)."""
         if self._fd is None:
             time.sleep(min(timeout, POLL_STEP))
