@@ -62,6 +62,19 @@ def test_packed_holdings_fit_the_size_limit_and_say_everything_fds_first(n: int)
         assert len(holdings_messages(fds, maps, packed=False)) == 8
 
 
+def test_entries_packed_one_by_one_make_the_same_messages() -> None:
+    """What a mapper packs entry by entry (its fds and chunks) is what the flat arrays give."""
+    from membacking.protocol.holdings import pack_fds, pack_mappings, packed_messages
+
+    fds, maps = _entries(1500)
+    fd_entries = [tuple(fds[i : i + 3]) for i in range(0, len(fds), 3)]
+    map_entries = [tuple(maps[i : i + 5]) for i in range(0, len(maps), 5)]
+    packed = packed_messages(pack_fds(fd_entries), pack_mappings(map_entries))  # type: ignore[arg-type]
+    assert packed == holdings_messages(fds, maps, packed=True)
+    with pytest.raises(ValueError):
+        packed_messages(bytes(23), b"")
+
+
 def test_arrays_stay_within_1024_elements_for_a_manager_without_the_feature() -> None:
     fds, maps = _entries(1000)
     msgs = holdings_messages(fds, maps, packed=False)

@@ -18,7 +18,7 @@ import zmq
 from .. import trace
 from ..errors import ManagerUnavailableError
 from ..protocol import messages as m
-from ..protocol.holdings import holdings_messages
+from ..protocol.holdings import holdings_messages, pack_fds, pack_mappings, packed_messages
 from .sockwatch import SocketWatch
 from .waitlist import RELINK
 
@@ -227,19 +227,27 @@ def _restore(mapper: VaMapper, old_state: bytes | None, old_id: int) -> None:
 
 def _send_holdings(mapper: VaMapper) -> None:
     # the identity of each fd was taken when it arrived: no fstat per fd here
-    fds = mapper.fds.identities()
-    with mapper.lock:
-        mappings = [
-            x
-            for rng, chunk in mapper.chunks.items()
-            for x in (
-                rng.start,
-                rng.end - rng.start,
-                chunk.mappable_id,
-                chunk.file_offset,
-                int(chunk.writable),
+    if mapper.link.features & m.FEATURE_PACKED_HOLDINGS:  # packed entry by entry
+        fds = pack_fds(mapper.fds.identity_entries())
+        with mapper.lock:
+            maps = pack_mappings(
+                (r[0], r[1] - r[0], c.mappable_id, c.file_offset, c.writable)
+                for r, c in mapper.chunks.items()
             )
-        ]
-    packed = bool(mapper.link.features & m.FEATURE_PACKED_HOLDINGS)
-    for msg in holdings_messages(fds, mappings, packed):
+        msgs: list[m.Holdings | m.PackedHoldings] = list(packed_messages(fds, maps))
+    else:
+        with mapper.lock:
+            mappings = [
+                x
+                for rng, chunk in mapper.chunks.items()
+                for x in (
+                    rng.start,
+                    rng.end - rng.start,
+                    chunk.mappable_id,
+                    chunk.file_offset,
+                    int(chunk.writable),
+                )
+            ]
+        msgs = holdings_messages(mapper.fds.identities(), mappings, packed=False)
+    for msg in msgs:
         mapper.link.send(msg)
