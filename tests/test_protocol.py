@@ -157,6 +157,7 @@ EXAMPLES: list[m.Message] = [
     m.Welcome(1, TOKEN, 1 << 40, P, 0),
     m.Welcome(1, TOKEN, 1 << 40, P, m.SUPPORTED_FEATURES, TOKEN),
     m.Holdings((7, 64769, 12), (0, P, 7, 0, 1)),
+    m.PackedHoldings(bytes(24), bytes(40)),
     m.FdGrant(7, 2 * P, False),
     m.FdDenied(7, "gone"),
     m.Error("bad-request", "why"),
@@ -328,6 +329,7 @@ _WIRE_VALUE = {
     m.Kind.TEXT: st.sampled_from(["", "why", "x" * 1025, 7, None, b"x"]),
     m.Kind.TOKEN: st.sampled_from([b"t" * 16, b"t" * 15, "t" * 16, None]),
     m.Kind.ARGS: st.sampled_from([{}, {"name": "a"}, {"bad key": 1}, [], {"n": 2**64}]),
+    m.Kind.PACKED: st.sampled_from([b"", bytes(8), bytes(40), bytes(7), "x" * 8, [0], None]),
     m.Kind.ANY: st.sampled_from([None, 1, "x", [1, {"a": b"b"}]]),
 }
 _RANGE_PART = st.sampled_from([*_EDGE_INTS, 3 * P, True, None, 1.5])

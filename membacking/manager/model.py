@@ -1,7 +1,5 @@
 """The manager's data model: limits, effects, mapping-table entries, mappers, operations.
-
-Plain data types shared by the layers of the state machine (`table`, `peers`, `state`).
-"""
+Plain data types shared by the layers of the state machine (`table`, `peers`, `state`)."""
 
 from __future__ import annotations
 
@@ -72,10 +70,13 @@ class Holders:
         for mapper_id in ids:
             self.add(mapper_id)
 
-    def add(self, mapper_id: int) -> None:
-        if mapper_id not in self._ids:
-            self._ids.add(mapper_id)
-            self._tally[mapper_id] += 1
+    def add(self, mapper_id: int) -> bool:
+        """False if it held this mapping already. (get: Counter's __missing__ costs a call)"""
+        if mapper_id in self._ids:
+            return False
+        self._ids.add(mapper_id)
+        self._tally[mapper_id] = self._tally.get(mapper_id, 0) + 1
+        return True
 
     def discard(self, mapper_id: int) -> None:
         if mapper_id in self._ids:

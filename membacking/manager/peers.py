@@ -200,7 +200,7 @@ class PeerState(TableState):
             return self.send_mappings(entry.id, msg.range)
         if isinstance(msg, m.ResendFd):
             return self.resend_fd(entry, msg.mappable_id)
-        if isinstance(msg, m.Holdings):
+        if isinstance(msg, (m.Holdings, m.PackedHoldings)):
             from .reattach import take_holdings
 
             return take_holdings(self, entry, msg)

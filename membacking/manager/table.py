@@ -80,6 +80,7 @@ class TableState:
         #: is the same: reattach.py's index of the mappings)
         self.table_generation = 0
         self._held_index: tuple[int, dict[Any, Any]] | None = None
+        self._holdings_verdict: tuple[Any, Any] | None = None  # reattach.py's last check
         self.mappers: dict[int, MapperEntry] = {}
         self._by_identity: dict[bytes, tuple[int, int]] = {}  # identity -> (mapper id, role)
         self._pending: dict[tuple[int, int], Operation] = {}  # (mapper id, seq) -> operation
