@@ -1,5 +1,5 @@
-"""Every libc call membacking makes (mmap, munmap, madvise, prctl, and libatomic's word
-operations), behind one `Reservation`.
+"""Every libc call membacking makes (mmap, munmap, madvise, prctl, inotify, and libatomic's
+word operations); those on memory behind one `Reservation`.
 
 Nothing else in the project touches raw addresses: callers speak in offsets into a reservation,
 and each method checks that the range lies inside it before the call.
@@ -30,6 +30,10 @@ _libc.munmap.restype = ctypes.c_int
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.madvise.restype = ctypes.c_int
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.inotify_init1.restype = ctypes.c_int
+_libc.inotify_init1.argtypes = [ctypes.c_int]
+_libc.inotify_add_watch.restype = ctypes.c_int
+_libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
 _libc.prctl.restype = ctypes.c_int
 _libc.prctl.argtypes = [
     ctypes.c_int,
@@ -336,6 +340,26 @@ def die_with_parent(sig: int, parent_pid: int) -> None:
         os._exit(127)
 
 
+IN_MOVED_TO, IN_CREATE = 0x80, 0x100
+
+
+def watch_directory(path: str, mask: int = IN_CREATE | IN_MOVED_TO) -> int:
+    """An inotify descriptor (non-blocking, close-on-exec) that becomes readable when a file
+    is created in (IN_CREATE), or moved into (IN_MOVED_TO), directory `path`, as `mask` says;
+    the caller reads and closes it. OSError where inotify is unavailable (or out of watches)."""
+    # Safe: inotify_init1 takes flags by value and returns a descriptor or -1; touches no memory.
+    fd: int = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+    if fd < 0:
+        raise _oserror("inotify_init1")
+    # Safe: ctypes passes a NUL-terminated copy of the path (read only during the call) and the
+    # descriptor and mask by value; the kernel writes nothing into our memory.
+    if _libc.inotify_add_watch(fd, os.fsencode(path), mask) < 0:
+        error = _oserror(f"inotify_add_watch of {path}")
+        os.close(fd)
+        raise error
+    return fd
+
+
 __all__ = [
     "LOCK_FREE_WORDS",
     "MADV_DONTDUMP",
@@ -347,4 +371,5 @@ __all__ = [
     "atomics_unavailable",
     "die_with_parent",
     "hugepage_advice_supported",
+    "watch_directory",
 ]

@@ -66,6 +66,12 @@ class RuntimePaths:
         return self.root / "fd.sock"
 
     @property
+    def fd_socket_staging(self) -> Path:
+        """Where a manager binds fd.sock and makes it listen before it renames it into place
+        (no longer than control.ipc: check_lengths covers it)."""
+        return self.root / "fd.sock.new"
+
+    @property
     def mapper_socket(self) -> Path:
         return self.root / "mapper.ipc"
 

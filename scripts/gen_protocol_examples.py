@@ -8,6 +8,7 @@ tests/test_protocol_doc.py runs the check, so the document's examples cannot dri
 
 from __future__ import annotations
 
+import struct
 import sys
 from pathlib import Path
 
@@ -43,6 +44,10 @@ EXAMPLES: list[tuple[str, m.Message]] = [
     ("ResendFd(7, tag=4)", m.ResendFd(7, 4)),
     ("DetachAck()", m.DetachAck()),
     ("Holdings(fds=[7, 64768, 12], mappings=[])", m.Holdings((7, 64768, 12), ())),
+    (
+        "PackedHoldings(fds=pack('<3Q', 7, 64768, 12), mappings=b'')",
+        m.PackedHoldings(struct.pack(m.PACKED_FD_FORMAT, 7, 64768, 12), b""),
+    ),
     ('ControlRequest("regions", {})', m.ControlRequest("regions", {})),
     ("ControlReply([])", m.ControlReply([])),
 ]

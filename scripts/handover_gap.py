@@ -9,7 +9,8 @@ after the new daemon started serving (no answer before that is the new daemon's:
 of the old daemon to first of the new), beside the longest pause in a
 same-length window before it (the baseline of this run) and the longest pause anywhere in the
 handover's window. Every process marks its phases (membacking.trace); their times from the
-old daemon's agreement are reported, every mark with --trace. Any failed access to mapped
+old daemon's agreement are reported, every mark with --trace, and the CPU time each side spent
+(on a loaded machine, what tells work from waiting for a core). Any failed access to mapped
 memory is counted.
 """
 
@@ -38,11 +39,45 @@ def ending_first_after(pauses: list[list[float]], moment: float) -> list[float]:
 
 
 def read_marks(trace: Path) -> list[tuple[float, int, str]]:
+    return sorted((at, pid, phase) for at, pid, _, phase in read_marks_cpu(trace))
+
+
+def read_marks_cpu(trace: Path) -> list[tuple[float, int, float, str]]:
+    """Each mark with the CPU time (ms) its process had used by then."""
     marks = []
     for line in trace.read_text().splitlines():
-        at, pid, phase = line.split(" ", 2)
-        marks.append((float(at), int(pid), phase))
+        at, pid, cpu, phase = line.split(" ", 3)
+        marks.append((float(at), int(pid), float(cpu), phase))
     return sorted(marks)
+
+
+def cpu_spent(trace: Path, old_pid: int, new_pid: int) -> dict[str, Any]:
+    """CPU ms each side spent in the handover (load on the machine stretches wall-clock times,
+    much less these): the old daemon from its agreement to its release, the new one from the
+    start of its service to the last Holdings it checked, each mapper from the start of its
+    relink to its Holdings sent (median and most)."""
+    marks = read_marks_cpu(trace)
+
+    def first(pid: int, phase: str, last: bool = False) -> float | None:
+        found = [cpu for _, p, cpu, name in marks if p == pid and name.startswith(phase)]
+        return (found[-1] if last else found[0]) if found else None
+
+    def between(pid: int, start: str, end: str, last: bool = False) -> float | None:
+        a, b = first(pid, start), first(pid, end, last)
+        return None if a is None or b is None else round(b - a, 2)
+
+    relinked = sorted({p for _, p, _, name in marks if name.startswith("mapper.relink")})
+    spent = [between(p, "mapper.relink", "mapper.restored") for p in relinked]
+    mappers = sorted(x for x in spent if x is not None)
+    return {
+        "old_daemon_agreed_to_released": between(old_pid, "handover.agreed", "daemon.released"),
+        "new_daemon_serving_to_last_holdings": between(
+            new_pid, "daemon.serving", "daemon.holdings", last=True
+        ),
+        "mapper_relink_to_restored_median_max": (
+            [mappers[len(mappers) // 2], mappers[-1]] if mappers else None
+        ),
+    }
 
 
 def phases(marks: list[tuple[float, int, str]], old_pid: int, t0: float) -> dict[str, Any]:
@@ -71,14 +106,19 @@ def phases(marks: list[tuple[float, int, str]], old_pid: int, t0: float) -> dict
 
 def timeline(trace: Path, results: list[dict[str, Any]], t0: float, served: float) -> list[str]:
     """Every phase mark (membacking.trace) in time order, in ms from the old daemon's
-    agreement (`t0`), with each mapper's gap (up to its first answer after `served`)."""
-    marks = read_marks(trace)
+    agreement (`t0`), with its process's CPU ms, and each mapper's gap (up to its first answer
+    after `served`)."""
+    marks: list[tuple[float, int, float | None, str]] = list(read_marks_cpu(trace))
     for i, result in enumerate(results):
         pause, at = ending_first_after(result["pauses"], served)
-        marks.append((at, result["pid"], f"gap.last-old-answer mapper#{i}"))
-        marks.append((at + pause, result["pid"], f"gap.first-new-answer mapper#{i}"))
-    marks.sort()
-    return [f"{(at - t0) * 1e3:9.1f} ms  pid {pid:<7d} {phase}" for at, pid, phase in marks]
+        marks.append((at, result["pid"], None, f"gap.last-old-answer mapper#{i}"))
+        marks.append((at + pause, result["pid"], None, f"gap.first-new-answer mapper#{i}"))
+    marks.sort(key=lambda x: x[0])
+    return [
+        f"{(at - t0) * 1e3:9.1f} ms  pid {pid:<7d} "
+        f"{'' if cpu is None else f'cpu {cpu:9.2f}':14s} {phase}"
+        for at, pid, cpu, phase in marks
+    ]
 
 
 def main() -> None:
@@ -154,6 +194,7 @@ def main() -> None:
             "ratio_gap_to_baseline": round(max(gaps) / max(max(base), 1e-6), 1),
             "failed_accesses": sum(r["failures"] for r in results),
             "phases_ms_after_agreement": phases(marks, old.pid, t0),
+            "cpu_ms": cpu_spent(trace, old.pid, new.pid),
         }
         print(json.dumps(report, indent=2))
         if args.trace:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -96,6 +97,28 @@ def test_a_removal_waits_for_the_mappers_awaited_back(state: ManagerState) -> No
     [reply] = [e.msg for e in out if isinstance(e, Send) and e.channel is Channel.CONTROL]
     assert isinstance(reply, m.ControlReply)
     assert reply.result["unmapped_from"] == [mapper_id]
+
+
+def test_only_the_empty_message_ends_the_wait(state: ManagerState) -> None:
+    """Holdings may take several messages: the wait ends with the empty one that follows them
+    (PackedHoldings as Holdings), from a mapper of the awaited process."""
+    state.add_region("a", 0, MiB, True)
+    a_id = state.regions["a"].submappings[0].mappable_id
+    state.awaited.adopt((MapperRecord(3, 4242, 77),))
+    state.awaited.begin(0.0, 30.0)
+    other = state.register_mapper("other", 5151)
+    state.welcome(other, m.SUPPORTED_FEATURES)
+    state.handle_mapper(b"o", m.Attach(other.id, other.token, m.ROLE_STREAM_FD))
+    state.handle_fd_message(other.id, m.PackedHoldings(b"", b""))
+    assert state.awaited.open  # not the awaited process
+    entry = state.register_mapper("p", 4242)
+    state.welcome(entry, m.SUPPORTED_FEATURES)
+    state.handle_mapper(b"p", m.Attach(entry.id, entry.token, m.ROLE_STREAM_FD))
+    held = struct.pack("<5Q", 0, MiB, a_id, 0, 1)
+    state.handle_fd_message(entry.id, m.PackedHoldings(b"", held))
+    assert state.awaited.open  # more may follow
+    state.handle_fd_message(entry.id, m.PackedHoldings(b"", b""))
+    assert not state.awaited.open
 
 
 def test_the_wait_ends_when_the_process_ends_or_the_time_runs_out(state: ManagerState) -> None:

@@ -17,7 +17,7 @@ from test_mapper_thread import ScriptedManager, requests_seen
 
 import membacking
 from membacking.manager.config import MIN_UNMAP_TIMEOUT
-from membacking.manager.daemon import STOP_LINGER
+from membacking.manager.shutdown import STOP_LINGER
 from membacking.mapper.lease import LEASE
 from membacking.protocol import messages as m
 from membacking.protocol.codec import encode

@@ -10,15 +10,18 @@ import os
 import shutil
 import socket
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
 import zmq
 
 from membacking.manager.backing import MemfdStore
 from membacking.manager.daemon import Daemon
-from membacking.manager.model import Held, Send
+from membacking.manager.held import Held
+from membacking.manager.model import Send
 from membacking.manager.persist import PersistConfig
 from membacking.manager.settings import ManagerConfig
 from membacking.manager.state import ManagerState, region_info
@@ -153,12 +156,16 @@ def test_the_new_daemon_adopts_the_state_before_it_asks(start_manager: Any) -> N
         def before_ask(daemon: Daemon) -> None:
             seen["backings"] = len(daemon.store)
             seen["regions"] = sorted(daemon.state.regions)
+            # what checking the mappers' Holdings reads is built already too
+            seen["index"] = daemon.state._held_index is not None
+            seen["identities"] = daemon.store._identities is not None
             memory.write_at(0x2000, b"meanwhile")  # a fault the old daemon counts
             seen["faults"] = first.client().stats()["faults"]
 
         daemon, thread = _take_over_in_thread(first.runtime_dir, before_ask)
         try:
             assert seen["backings"] == 2 and seen["regions"] == ["dev", "ram0"]
+            assert seen["index"] and seen["identities"]
             assert first.proc.wait(10) == 0
             assert daemon.state.counters["faults"] >= seen["faults"]
             assert memory.read_at(0x1000, 6) == b"before"
@@ -309,3 +316,205 @@ def test_a_mapper_knows_the_identity_of_its_fds_without_an_fstat_at_relink() -> 
     assert fds.identities() == [6, info[6].st_dev, info[6].st_ino]
     fds.close_all()
     assert fds.identities() == []
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_mappers_are_told_last_when_the_state_is_kept(tmp_path: Path, keep: bool) -> None:
+    """Restarting (the state kept for the next daemon), the state is closed before the mappers
+    are told: their waking does not slow the daemon's last work. Stopping for good, they are
+    told first (they drop their memory while the daemon closes)."""
+    runtime = short_tmpdir()
+    persist = PersistConfig(state_dir=tmp_path / "s", keep=keep)
+    daemon = Daemon(ManagerConfig(runtime_dir=runtime, persist=persist))
+    daemon.start()
+    order: list[str] = []
+    told, closed = daemon.state.shutdown, daemon.persist.close  # type: ignore[union-attr]
+
+    def shutdown(reason: str, code: str) -> Any:
+        order.append(f"told {code}")
+        return told(reason, code)
+
+    def close(*args: Any, **kwargs: Any) -> None:
+        order.append("state closed")
+        closed(*args, **kwargs)
+
+    daemon.state.shutdown = shutdown  # type: ignore[method-assign]
+    daemon.persist.close = close  # type: ignore[method-assign, union-attr]
+    try:
+        daemon.stop("stopped")
+        daemon._shutdown()
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+    if keep:
+        assert order[:2] == ["state closed", f"told {m.SHUTDOWN_RESTARTING}"]
+    else:
+        assert order[:2] == [f"told {m.SHUTDOWN_STOPPING}", "state closed"]
+
+
+def test_the_stream_socket_connects_while_the_hello_is_answered() -> None:
+    """A mapper connects its ZeroMQ stream socket as soon as fd.sock took its connection, not
+    after the Welcome: the handshake overlaps the Hello's round trip (one hop less for every
+    mapper registering again after a handover). Here the manager's side holds the Welcome back
+    until the stream's connection has been accepted."""
+    from membacking.mapper.link import ManagerLink
+    from membacking.protocol.codec import encode
+    from membacking.protocol.fdpass import recv_message, send_message
+    from membacking.runtime import RuntimePaths
+
+    runtime = short_tmpdir()
+    paths = RuntimePaths.resolve(runtime)
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    monitor = router.get_monitor_socket(zmq.EVENT_ACCEPTED)
+    router.bind(paths.mapper_endpoint)
+    listen = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listen.bind(str(paths.fd_socket))
+    listen.listen(1)
+    accepted_before_welcome: list[bool] = []
+
+    def manager() -> None:
+        conn, _ = listen.accept()
+        with conn:
+            recv_message(conn)  # the Hello
+            accepted_before_welcome.append(bool(monitor.poll(5000)))
+            send_message(conn, m.Welcome(1, b"t" * 16, 1 << 32, 4096, m.SUPPORTED_FEATURES))
+            identity, _ = router.recv_multipart()  # the Attach
+            router.send_multipart([identity, encode(m.Attached(m.ROLE_STREAM_FD))])
+            conn.recv(1)  # until the mapper closes
+
+    thread = threading.Thread(target=manager, daemon=True)
+    thread.start()
+    try:
+        link = ManagerLink(paths, "early", timeout=10.0)
+        link.close()
+        thread.join(10)
+        assert accepted_before_welcome == [True]
+    finally:
+        listen.close()
+        monitor.close()
+        router.close(0)
+        ctx.term()
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_a_mapper_told_restarting_tries_no_registration_before_a_successor_binds(
+    start_manager: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A manager that said `restarting` is going: until its successor binds a new fd.sock a
+    try can only fail, and its CPU is spent just when the old manager finishes and the new one
+    starts. The mapper waits for the new socket first, then registers at once."""
+    import signal
+
+    import membacking
+    from membacking.mapper.link import ManagerLink
+
+    tries: list[float] = []
+    reconnect = ManagerLink.reconnect
+
+    def counted(link: ManagerLink) -> None:
+        tries.append(time.monotonic())
+        reconnect(link)
+
+    monkeypatch.setattr(ManagerLink, "reconnect", counted)
+    regions = ("--region", "ram0=0:8M")
+    first = start_manager(*regions, "--keep-state")
+    with membacking.attach(first.runtime_dir, reconnect_timeout=30.0) as memory:
+        memory.write_at(0x1000, b"kept")
+        again = threading.Event()
+        memory.on_registered_again(lambda kept, old_id: again.set())
+        old_stream = memory._mapper.link.stream
+        first.stop(signal.SIGTERM)  # Shutdown `restarting`
+        time.sleep(0.3)
+        assert tries == []  # no successor yet: nothing tried
+        # its sockets are closed already: the stream socket would connect to the successor's
+        # endpoint by itself
+        assert old_stream.closed
+        bound = time.monotonic()
+        start_manager(*regions, runtime_dir=first.runtime_dir)
+        assert again.wait(15)
+        assert len(tries) == 1 and tries[0] >= bound
+        assert memory.read_at(0x1000, 4) == b"kept"
+
+
+def test_a_fault_woken_when_the_wait_for_a_manager_runs_out_reads_why() -> None:
+    """The end of the reconnect wait wakes the faults waiting for a relink: `gone` is set
+    before they wake, or one of them finds it unset, sends on the closed fd socket and fails
+    with 'Bad file descriptor' instead of the reason."""
+    seen: list[str | None] = []
+    mapper: Any = SimpleNamespace(
+        id=1,
+        gone=None,
+        waiters=SimpleNamespace(shutdown=lambda reason: None),
+        _detach_acked=threading.Event(),
+    )
+
+    class Waking(threading.Event):
+        def set(self) -> None:
+            seen.append(mapper.gone)  # what a fault woken now reads
+            super().set()
+
+    mapper.relinked = Waking()
+    VaMapper.gone_for_good(mapper, "no manager took this mapper back within 1.5s")
+    assert seen == ["no manager took this mapper back within 1.5s"]
+
+
+def test_fd_sock_appears_only_once_it_listens(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mapper waiting for a new manager is woken the moment fd.sock appears (inotify): the
+    socket must already listen then, or its connect is refused and it backs off. The daemon
+    binds and listens under another name and renames it into place."""
+    runtime = short_tmpdir()
+    paths_seen: list[bool] = []
+    listen = socket.socket.listen
+
+    def listening(sock: socket.socket, *args: Any) -> None:
+        if sock.family == socket.AF_UNIX:
+            paths_seen.append((runtime / "fd.sock").exists())
+        listen(sock, *args)
+
+    monkeypatch.setattr(socket.socket, "listen", listening)
+    config = ManagerConfig(runtime_dir=runtime, persist=PersistConfig(state_dir=tmp_path / "s"))
+    daemon = Daemon(config)
+    daemon.start()
+    try:
+        assert paths_seen == [False]  # not there yet when it began to listen
+        assert (runtime / "fd.sock").exists() and not (runtime / "fd.sock.new").exists()
+        assert (runtime / "fd.sock").stat().st_mode & 0o777 == 0o600
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        client.connect(str(runtime / "fd.sock"))
+        client.close()
+    finally:
+        daemon._shutdown()
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_the_runtime_directory_is_released_before_the_daemon_tidies_up_after_itself(
+    tmp_path: Path,
+) -> None:
+    """What concerns the stopping process alone (closing its backings' fds, unfreezing its
+    heap) comes after it released the runtime directory, which a successor waits for."""
+    runtime = short_tmpdir()
+    config = ManagerConfig(runtime_dir=runtime, persist=PersistConfig(state_dir=tmp_path / "s"))
+    daemon = Daemon(config)
+    daemon.start()
+    held_at: dict[str, bool] = {}
+    lock = daemon.paths.lock
+    close_all, unfreeze = daemon.store.close_all, daemon.heap.close
+
+    def closing() -> None:
+        held_at["backings closed"] = lock.exists()
+        close_all()
+
+    def unfreezing() -> None:
+        held_at["heap unfrozen"] = lock.exists()
+        unfreeze()
+
+    daemon.store.close_all = closing  # type: ignore[method-assign]
+    daemon.heap.close = unfreezing  # type: ignore[method-assign]
+    try:
+        daemon.stop("handing over to pid 1")
+        daemon._shutdown()
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
+    assert held_at == {"backings closed": False, "heap unfrozen": False}

@@ -146,6 +146,28 @@ def live(state_root: Path) -> tuple[ManagerState, MemfdStore, StateDir]:
     return ManagerState(store, address_space=1 << 32), store, sdir
 
 
+def test_a_restored_region_of_many_pieces_is_all_in_the_table_at_once(tmp_path: Path) -> None:
+    """A restart puts every piece in the table before any mapper registers again (their
+    Holdings are checked against it), not a batch per turn as a large activation does."""
+    from membacking.manager.placing import PIECES_PER_MESSAGE
+    from membacking.manager.steps import STEP_MESSAGES
+
+    pieces = 2 * STEP_MESSAGES * PIECES_PER_MESSAGE
+    state, store, sdir = live(tmp_path / "s")
+    state.add_region("ram", 0, 2 * pieces * 4096, True)
+    for i in range(pieces - 1):
+        state.change_mappings("ram", (2 * i + 1) * 4096, 4096)
+    snap = capture(state, store, b"i" * 16, "/rt")
+    store.close_all()
+    sdir.release(remove=False)
+    state2, store2, sdir2 = live(tmp_path / "s")
+    assert restore(snap, state2, store2) == []
+    assert not state2.unplaced and not state2.has_steps
+    assert list(state2.table.items()) == list(state.table.items())
+    store2.close_all()
+    sdir2.release(remove=True)
+
+
 def test_capture_and_restore_keep_regions_bytes_and_counters(tmp_path: Path) -> None:
     state, store, sdir = live(tmp_path / "s")
     state.add_region("ram", 0, 4 * MiB, True, priority=1)

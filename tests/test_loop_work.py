@@ -103,3 +103,65 @@ def test_the_loop_sends_an_eager_replay_a_batch_at_a_time() -> None:
         daemon.stop()
         thread.join(30)
         shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_the_loop_puts_a_large_activation_in_place_a_batch_at_a_time() -> None:
+    """Disabling a region that hid hundreds of others: the loop puts them back in the table a
+    batch per turn (placing.py) between the messages it serves, then pushes them to the eager
+    mapper and refills the lazy holder of the region that hid them; the answer comes after.
+    Hiding them again sends each mapper one Unmap spanning them all."""
+    from membacking.manager.placing import PIECES_PER_MESSAGE, Place
+    from membacking.manager.steps import STEP_MESSAGES
+
+    count = 2 * STEP_MESSAGES * PIECES_PER_MESSAGE  # more than one turn places
+    last = (count - 1) * 2 * PAGE
+    runtime = short_tmpdir()
+    regions = [RegionSpec(f"r{i}", i * 2 * PAGE, PAGE) for i in range(count)]
+    config = ManagerConfig(
+        runtime_dir=runtime, regions=regions, persist=PersistConfig(enabled=False)
+    )
+    daemon = Daemon(config)
+    ready = threading.Event()
+    thread = threading.Thread(target=daemon.run, args=(lambda d: ready.set(), False))
+    thread.start()
+    worker = eager = None
+    places = 0
+    real_step = daemon.state.step
+
+    def counted_step() -> list[object]:
+        nonlocal places
+        queue = daemon.state.steps._queue
+        places += bool(queue) and isinstance(queue[0], Place)
+        return real_step()  # type: ignore[return-value]
+
+    daemon.state.step = counted_step  # type: ignore[method-assign]
+    try:
+        assert ready.wait(30)
+        worker = Worker(runtime, "lazy")
+        worker.ask(f"write {last:#x} ab")
+        client = ControlClient(runtime)
+        client.add_region("cover", 0, count * 2 * PAGE, priority=1)
+        assert worker.ask(f"read {last:#x} 1") == "00"  # the cover's memory, held now
+        eager = Worker(runtime, "eager")
+        eager.send("eager")
+        assert eager.answer(timeout=30) == ""
+        reply = client.disable_region("cover")
+        assert reply["state"] == "disabled"
+        assert places >= 2  # the pieces went in place over several turns
+        assert worker.ask(f"read {last:#x} 1") == "ab"
+        assert len(eager.ask("mapped").split(",")) == count
+        lazy = daemon.state.mappers[worker.mapper_id]
+        assert len(lazy.held) == count  # refilled with every region it lost the cover over
+        # hidden again: each of the two mappers gets one Unmap spanning every region
+        unmaps = client.stats()["unmaps_sent"]
+        client.enable_region("cover")
+        assert client.stats()["unmaps_sent"] - unmaps == 2
+        assert worker.ask(f"read {last:#x} 1") == "00"
+        assert eager.ask("mapped").split(",") == [f"{0:#x}-{count * 2 * PAGE:#x}"]
+    finally:
+        for w in (worker, eager):
+            if w is not None:
+                w.close()
+        daemon.stop()
+        thread.join(30)
+        shutil.rmtree(runtime, ignore_errors=True)

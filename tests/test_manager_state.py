@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from membacking.manager.backing import BackingError
-from membacking.manager.model import Held
+from membacking.manager.held import Held
 from membacking.manager.state import Disconnect, Effect, ManagerState, Send, SendFd, region_info
 from membacking.protocol import messages as m
 from membacking.protocol.messages import Channel

@@ -91,6 +91,29 @@ def test_range_map_basics() -> None:
         rm.insert(MemoryRange(0, 0), "empty")
 
 
+def test_range_map_inserts_a_sorted_run_at_once_or_one_by_one() -> None:
+    """`insert_sorted` puts a run in one gap with one slice; a run across an entry goes one
+    by one, and one overlapping an entry is refused as `insert` refuses it."""
+    rm: RangeMap[str] = RangeMap()
+    rm.insert(MemoryRange(10 * P, 11 * P), "x")
+    rm.insert_sorted([(MemoryRange(2 * P, 3 * P), "a"), (MemoryRange(4 * P, 6 * P), "b")])
+    rm.insert_sorted([(MemoryRange(8 * P, 9 * P), "c"), (MemoryRange(12 * P, 13 * P), "d")])
+    assert [(r.start // P, v) for r, v in rm.items()] == [
+        (2, "a"),
+        (4, "b"),
+        (8, "c"),
+        (10, "x"),
+        (12, "d"),
+    ]
+    assert rm.lookup(12 * P) == (MemoryRange(12 * P, 13 * P), "d")
+    with pytest.raises(OverlapError):
+        rm.insert_sorted([(MemoryRange(0, P), "e"), (MemoryRange(5 * P, 7 * P), "f")])
+    with pytest.raises(OverlapError):
+        rm.insert_sorted([(MemoryRange(9 * P, 10 * P), "g"), (MemoryRange(10 * P, 11 * P), "h")])
+    rm.insert_sorted([])
+    assert len(rm) == 7  # (each refused run's ranges before its overlap went in)
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     st.lists(st.tuples(st.booleans(), st.integers(0, 30), st.integers(1, 6)), max_size=40),
@@ -134,6 +157,7 @@ EXAMPLES: list[m.Message] = [
     m.Welcome(1, TOKEN, 1 << 40, P, 0),
     m.Welcome(1, TOKEN, 1 << 40, P, m.SUPPORTED_FEATURES, TOKEN),
     m.Holdings((7, 64769, 12), (0, P, 7, 0, 1)),
+    m.PackedHoldings(bytes(24), bytes(40)),
     m.FdGrant(7, 2 * P, False),
     m.FdDenied(7, "gone"),
     m.Error("bad-request", "why"),
@@ -305,6 +329,7 @@ _WIRE_VALUE = {
     m.Kind.TEXT: st.sampled_from(["", "why", "x" * 1025, 7, None, b"x"]),
     m.Kind.TOKEN: st.sampled_from([b"t" * 16, b"t" * 15, "t" * 16, None]),
     m.Kind.ARGS: st.sampled_from([{}, {"name": "a"}, {"bad key": 1}, [], {"n": 2**64}]),
+    m.Kind.PACKED: st.sampled_from([b"", bytes(8), bytes(40), bytes(7), "x" * 8, [0], None]),
     m.Kind.ANY: st.sampled_from([None, 1, "x", [1, {"a": b"b"}]]),
 }
 _RANGE_PART = st.sampled_from([*_EDGE_INTS, 3 * P, True, None, 1.5])

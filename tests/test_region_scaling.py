@@ -165,13 +165,13 @@ def test_many_regions_are_added_without_walking_them_all(
         given.append(len(seen))
         regions.check_nesting(name, rng, priority, seen)
 
-    def desired(near: Iterable[Region], window: MemoryRange) -> dict[str, bool]:
+    def desired(near: Iterable[Region], window: MemoryRange) -> list[tuple[Region, bool]]:
         seen = list(near)
         given.append(len(seen))
-        return regions.desired_active(seen, window)
+        return regions.desired(seen, window)
 
     monkeypatch.setattr(state_module, "check_nesting", nesting)
-    monkeypatch.setattr(table_module, "desired_active", desired)
+    monkeypatch.setattr(table_module, "desired", desired)
     state.add_region("last", 4 * MiB + 2000 * 8192, 4096, True)
     assert given == [0, 1]  # nothing near it; then itself
     with pytest.raises(Refused):
@@ -187,7 +187,7 @@ def test_a_removal_does_not_walk_what_each_holder_holds(
     4,096. It is a count lookup now: nothing walks the held ranges."""
     from test_manager_state import attach
 
-    from membacking.manager.model import Held
+    from membacking.manager.held import Held
     from membacking.protocol import messages as m
 
     mapper_id, stream, requests = attach(state, "m1")

@@ -227,7 +227,7 @@ def test_windows_taken_wait_in_order_and_a_cut_across_them_settles_first() -> No
     """A `Held` keeps the windows cuts took in address order (a cut finds its neighbours by
     bisection, not by a scan of every window); a cut over ranges an earlier cut took and that
     are not deleted yet settles them first; a partial settle deletes the last windows."""
-    from membacking.manager.model import Held
+    from membacking.manager.held import Held
 
     held = Held()
     pages = [MemoryRange.from_size(i * PAGE, PAGE) for i in range(8)]
@@ -259,10 +259,14 @@ def test_a_push_deletes_a_mappers_many_cuts_a_few_per_step_before_it_sends(
     mappers.take(state.handle_mapper(stream, m.SetEager()))
     mappers.finish()
     held = state.mappers[mapper_id].held
-    cover = MemoryRange(BASE, BASE + 2 * REGIONS * PAGE)
-    first = state.add_region("cover", cover.start, cover.end - cover.start, True, priority=1)
-    # the request's own turn deleted at most a step's worth of the 480 windows, sent nothing
-    assert held.windows > 0 and REGIONS - held.windows <= STEP_MESSAGES * WINDOWS_PER_MESSAGE
+    for i in range(1, REGIONS):  # a removal each: a cut (a window of held ranges) each
+        mappers.take(state.remove_region(f"r{i:05d}", reply_to=b"c"))
+    assert held.windows == REGIONS - 1
+    new = MemoryRange.from_size(BASE + 2 * REGIONS * PAGE, PAGE)
+    first = state.add_region("new", new.start, PAGE, True)
+    # the request's own turn deleted at most a step's worth of the 479 windows, sent nothing
+    assert held.windows > 0
+    assert REGIONS - 1 - held.windows <= STEP_MESSAGES * WINDOWS_PER_MESSAGE
     assert count(first, m.MapEager) == 0 and state.has_steps
     mappers.take(first)
     windows = held.windows
@@ -270,7 +274,7 @@ def test_a_push_deletes_a_mappers_many_cuts_a_few_per_step_before_it_sends(
         mappers.take(state.step())
         assert windows - held.windows <= STEP_MESSAGES * WINDOWS_PER_MESSAGE
         windows = held.windows
-    assert mappers.mapped[stream] == {cover}
+    assert mappers.mapped[stream] == {region_range(0), new}
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -279,7 +283,7 @@ def test_held_ranges_taken_and_settled_in_batches_match_a_model(seed: int) -> No
     what is held, and the mappables counted, match a plain dict."""
     import random
 
-    from membacking.manager.model import Held
+    from membacking.manager.held import Held
 
     rnd = random.Random(seed)
     held, model = Held(), {}
@@ -300,19 +304,17 @@ def test_held_ranges_taken_and_settled_in_batches_match_a_model(seed: int) -> No
 
 
 def test_a_refill_of_many_runs_looks_at_a_bounded_number_per_step(state: ManagerState) -> None:
-    """A lazy holder of 480 regions a new region hides has 480 runs to refill (each finds the
-    new region, which it holds after the first): a step looks at a bounded number of them."""
+    """A refill of 480 runs (each one region the lazy holder lost, each finding that region in
+    the table again): a step looks at a bounded number of them, and the change answers after
+    the last one."""
     from membacking.manager.steps import LOOK_FACTOR, RUN_LOOKS, Refill
 
     mappers = Mappers(state)
-    _, stream, requests = attach(state, "lazy")
-    cover = MemoryRange(BASE, BASE + 2 * REGIONS * PAGE)
-    mappers.take(state.handle_mapper(requests, m.SendMappings(cover)))
-    mappers.take(
-        state.add_region(
-            "cover", cover.start, cover.end - cover.start, True, priority=1, reply_to=b"c"
-        )
-    )
+    mapper_id, stream, _ = attach(state, "lazy")
+    op = state.start_op("refill", b"c")
+    op.on_done = lambda op: state._reply(op, "done")
+    runs = [(mapper_id, [region_range(i)]) for i in range(REGIONS)]
+    mappers.take(state.steps.begin(Refill(runs, op)))
     assert mappers.replies == []  # not before the refill is complete
     most = LOOK_FACTOR * STEP_MESSAGES // (RUN_LOOKS + 1) + 1
     refill = state.steps._queue[0]
@@ -324,5 +326,5 @@ def test_a_refill_of_many_runs_looks_at_a_bounded_number_per_step(state: Manager
         assert refill.index - before <= most
     # its runs are freed a batch at a time by `work`, not all at once as the step returns
     assert refill.runs == [] and any(len(batch) == REGIONS for batch in state._trash)
-    assert mappers.mapped[stream] == {cover}
-    assert [type(r) for r in mappers.replies] == [m.ControlReply]
+    assert mappers.mapped[stream] == table_ranges(state)
+    assert mappers.replies == [m.ControlReply("done")]

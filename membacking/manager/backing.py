@@ -95,6 +95,7 @@ class MemfdStore:
         self.state_dir = state_dir
         self.ram_kind = "shm" if state_dir is not None else "memfd"
         self._backings: dict[int, _Backing] = {}
+        self._identities: frozenset[tuple[int, int, int]] | None = None
         #: descriptors at or above this number are refused (the daemon keeps headroom below its
         #: open-file limit for the sockets ZeroMQ accepts on its own); None: no ceiling
         self.fd_ceiling: int | None = None
@@ -156,6 +157,7 @@ class MemfdStore:
         dev, ino = info.st_dev, info.st_ino
         record = BackingRecord(mappable_id, kind, label, size, writable, dev, ino)
         self._backings[mappable_id] = _Backing(fd, grant, size, writable, kind, label, record)
+        self._identities = None
 
     def _shm_file(self, state_dir: StateDir, label: str, name: str, size: int) -> int:
         # No seals on a tmpfs file that memfd_create did not make: the file is the daemon's
@@ -314,6 +316,18 @@ class MemfdStore:
             return None
         return backing.record.dev, backing.record.ino
 
+    def identities(self) -> frozenset[tuple[int, int, int]]:
+        """(mappable id, st_dev, st_ino) of every backing, as Holdings lists the fds a mapper
+        holds: built once per change of the backings (each mapper registering again after a
+        restart is checked against the same set)."""
+        if self._identities is None:
+            self._identities = frozenset(
+                (i, b.record.dev, b.record.ino)
+                for i, b in self._backings.items()
+                if b.record is not None
+            )
+        return self._identities
+
     def describe(self, mappable_id: int) -> tuple[int, bool]:
         backing = self._backings[mappable_id]
         return backing.size, backing.writable
@@ -322,6 +336,7 @@ class MemfdStore:
         backing = self._backings.pop(mappable_id, None)
         if backing is None:
             return
+        self._identities = None
         if backing.grant_fd != backing.fd:
             os.close(backing.grant_fd)
         os.close(backing.fd)
@@ -346,3 +361,4 @@ class MemfdStore:
                 os.close(backing.grant_fd)
             os.close(backing.fd)
         self._backings.clear()
+        self._identities = None

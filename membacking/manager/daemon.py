@@ -26,7 +26,7 @@ from ..protocol.codec import decode, encode
 from ..protocol.errors import ProtocolError
 from ..protocol.messages import Channel
 from ..runtime import RuntimePaths
-from . import handover, sdnotify, startup
+from . import handover, reattach, sdnotify, shutdown, startup
 from .backing import MemfdStore
 from .control import STOPPING_OPS, addressed_elsewhere
 from .errors import Refused
@@ -52,10 +52,6 @@ log = logging.getLogger("membacking.manager")
 ONE_FRAME = "send exactly one frame per message"
 #: descriptors kept free below the open-file limit, for ZeroMQ's own accepts and short needs
 FD_HEADROOM = 64
-#: Seconds a stopping daemon that had mappers waits after telling them (and closing their fd
-#: sockets) before it exits: longer than a mapper's lease (membacking.mapper.lease.LEASE), so
-#: once the daemon is gone no mapper can access its old mappings before it has dropped them.
-STOP_LINGER = 0.6
 # plain ints: pyzmq's flag enums make every `&` a call into the enum module
 _POLLIN, _POLLOUT, _RCVMORE = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.RCVMORE)
 
@@ -149,9 +145,13 @@ class Daemon(FdServer):
             self._listen = socket.socket(
                 socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC
             )
-            self._listen.bind(os.fspath(self.paths.fd_socket))
-            os.chmod(self.paths.fd_socket, 0o600)
+            # listening before it is in place: a mapper that sees fd.sock appear (sockwatch.py
+            # wakes it at once) never finds a socket that refuses connections
+            staging = self.paths.fd_socket_staging
+            self._listen.bind(os.fspath(staging))
+            os.chmod(staging, 0o666 if config_widens(self.config) else 0o600)
             self._listen.listen(128)
+            os.rename(staging, self.paths.fd_socket)
             self._listen.setblocking(False)
             if config_widens(self.config):
                 open_to_other_users(self.paths, self.config.allow_uids, self.config.allow_gids)
@@ -198,6 +198,7 @@ class Daemon(FdServer):
         try:
             # the state is adopted, initial regions exist; a state prepared before a handover
             # was asked for was settled then (handover.take_over): only what came since now
+            reattach.warm(self.state)  # done already if prepared before a handover's ask
             self.heap.settle(self._size(), full=self.settled_early is not self.state)
             trace.mark("daemon.settled")
             if on_ready is not None:
@@ -212,48 +213,9 @@ class Daemon(FdServer):
         self.stop(f"received {signal.Signals(signum).name}")
 
     def _shutdown(self) -> None:
-        reason = self._stop_reason or "stopped"
-        log.info("shutting down: %s", reason)
-        trace.mark("daemon.shutdown")
-        sdnotify.notify("STOPPING=1")
-        # the state directory's own setting (a handover turns it on), else the configured one
-        keep = self.handing_over is not None or (
-            self.persist.config.keep
-            if self.persist is not None
-            else self.config.persist.keep and self.fdstore is not None
-        )
-        code = m.SHUTDOWN_RESTARTING if keep else m.SHUTDOWN_STOPPING
-        # No new connection is taken from now on: a mapper told to register again then finds
-        # no listener (and waits for the next daemon's socket), rather than a backlog that
-        # is never answered
-        with contextlib.suppress(OSError):
-            self._listen.close()
-        with contextlib.suppress(Exception):
-            attached = bool(self.state.mappers)
-            self._apply(self.state.shutdown(reason, code))
-            for conn in list(self._conns.values()):
-                self._say_farewell(conn, reason, code)
-                conn.close()  # the end of the fd socket wakes each mapper at once
-            if attached and code != m.SHUTDOWN_RESTARTING:
-                time.sleep(STOP_LINGER)
-        if self._journal_due:
-            self._save_state()
-        trace.mark("daemon.told")
-        if self.fdstore is not None:
-            self.fdstore.stop(keep)
-        if self.persist is not None:
-            try:
-                self.persist.close(self.state, self.store, clean=True)
-            except Exception:
-                log.exception("could not close the state directory")
-        trace.mark("daemon.journaled")
-        if self.handing_over is not None and self.handing_over[0]:
-            handover.send_over(self)
-        self._close_all()
-        trace.mark("daemon.released")
+        shutdown.shut_down(self)
 
     def _close_all(self) -> None:
-        self.heap.close()
         self.metrics.close()
         for conn in list(self._conns.values()):
             conn.close()  # and the fd copies waiting in its outbox
@@ -270,10 +232,13 @@ class Daemon(FdServer):
             self.persist.close(self.state, self.store, clean=False)  # if not closed already
         if self.fdstore is not None:
             self.fdstore.close()
+        # the runtime directory is free for a successor now (in a handover it is waiting for
+        # it); what follows concerns this process alone
+        self._lock.release()
         self.store.close_all()
         self._wake_r.close()
         self._wake_w.close()
-        self._lock.release()
+        self.heap.close()
 
     # ---- loop ----------------------------------------------------------------------------------
 

@@ -297,5 +297,5 @@ class FdServer:
             return
         conn.strikes = 0
         self._apply(effects)
-        if isinstance(msg, m.Holdings) and self.state.awaited.deferred:
+        if isinstance(msg, (m.Holdings, m.PackedHoldings)) and self.state.awaited.deferred:
             self._replay_deferred()  # the last mapper awaited may be back

@@ -21,7 +21,7 @@ from ..protocol import messages as m
 from ..protocol.fdpass import close_fds
 from ..protocol.messages import Channel
 from ..runtime import RuntimePaths
-from . import handchannel
+from . import handchannel, reattach
 from .errors import Refused
 from .journal import FORMAT_VERSION, BackingRecord, JournalError, encode
 from .model import Effect, Send
@@ -301,6 +301,7 @@ def take_over(daemon: Daemon, timeout: float = 10.0) -> Takeover:
     prepared = precheck(daemon)
     if prepared:
         # the full collection of the state prepared, while the running daemon still serves
+        reattach.warm(daemon.state)
         daemon.heap.settle(daemon._size())
         daemon.settled_early = daemon.state
         trace.mark("takeover.settled")

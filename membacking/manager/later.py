@@ -20,6 +20,9 @@ WORK_BUDGET = 100_000
 WORK_PER_ENTRY = 64
 #: units per window of held ranges a cut took (about 3 us each)
 WORK_PER_WINDOW = 384
+#: units per range of a window of held ranges of several mappables (their counts are updated
+#: one by one: about 0.2 us each; a window of one mappable's ranges costs a unit per range)
+WORK_PER_MAPPABLE = 24
 #: units of `TableState.work` per holding taken off (a lookup and a set removal: about 1.5 us)
 WORK_PER_HOLDING = 192
 
@@ -47,8 +50,9 @@ def forget_departed(state: TableState, budget: int) -> int:
 
 def do_work(state: TableState, budget: int) -> int:
     """`TableState.work`: delete the held ranges cuts took (a holder at a time, a bounded
-    number of its windows), take departed mappers' marks off, then free what changes let go
-    of (`free_later`); about `budget` units. Returns the units done."""
+    number of its windows), take departed mappers' marks off, empty the tallies of regions
+    hidden together (cuts.py), then free what changes let go of (`free_later`); about
+    `budget` units. Returns the units done."""
     done = 0
     while state._unsettled and done < budget:
         mapper_id = next(iter(state._unsettled))
@@ -58,12 +62,21 @@ def do_work(state: TableState, budget: int) -> int:
             continue
         held = entry.held
         # each window (a cut) costs a deletion from its lists and a count: 200 windows
-        # of each of 72 holders (a region hiding 200 others) took 20 to 35 ms in one call
-        windows = min(held.windows, max(1, (budget - done) // WORK_PER_WINDOW))
-        done += held.settle(windows) + windows * WORK_PER_WINDOW
+        # of each of 72 holders (a region hiding 200 others) took 20 to 35 ms in one call,
+        # and so would 70 windows of 2,000 regions hidden at once
+        done += held.settle_within(budget - done, WORK_PER_WINDOW, WORK_PER_MAPPABLE)
         if not held.later:
             del state._unsettled[mapper_id]
     done += forget_departed(state, budget - done) if state.departed else 0
+    while state.stale_tallies and done < budget:
+        batch = state.stale_tallies[-1]
+        n = max(1, (budget - done) // WORK_PER_ENTRY)
+        for region in batch[-n:]:
+            region.tally()  # (one activated since emptied it already)
+        del batch[-n:]
+        done += n * WORK_PER_ENTRY
+        if not batch:
+            state.stale_tallies.pop()
     while state._trash and done < budget:
         batch = state._trash[-1]
         n = max(1, (budget - done) // WORK_PER_ENTRY)

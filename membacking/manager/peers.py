@@ -205,12 +205,12 @@ class PeerState(TableState):
             return self.send_mappings(entry.id, msg.range)
         if isinstance(msg, m.ResendFd):
             return self.resend_fd(entry, msg.mappable_id)
-        if isinstance(msg, m.Holdings):
+        if isinstance(msg, (m.Holdings, m.PackedHoldings)):
             from .reattach import take_holdings
 
             effects = take_holdings(self, entry, msg)
             if not msg.fds and not msg.mappings and self.awaited.open and entry.stream:
-                self.awaited.arrived(entry.pid)  # an empty Holdings ends what it holds
+                self.awaited.arrived(entry.pid)  # an empty one ends what it holds
             return effects
         return None
 

@@ -88,14 +88,21 @@ class Pins:
     def _runs(self, pin: Pin) -> bool:
         return pin.started is not None and self._started(pin.pid) == pin.started
 
-    def holders(self, region: str, live: Container[int]) -> list[Pin]:
-        """The live pins on `region` (pins of mappers not in `live`, and adopted pins whose
-        process has ended, are forgotten)."""
+    def _live(self, live: Container[int]) -> list[Pin]:
+        """The live pins (pins of mappers not in `live`, and adopted pins whose process has
+        ended, are forgotten)."""
         for gone in [i for i in self._by_mapper if i not in live]:
             del self._by_mapper[gone]
         self._adopted = [p for p in self._adopted if self._runs(p)]
-        pins = [*self._by_mapper.values(), *self._adopted]
-        return [p for p in pins if region in p.regions]
+        return [*self._by_mapper.values(), *self._adopted]
+
+    def holders(self, region: str, live: Container[int]) -> list[Pin]:
+        """The live pins on `region`."""
+        return [p for p in self._live(live) if region in p.regions]
+
+    def pinned(self, live: Container[int]) -> frozenset[str]:
+        """The regions live pins hold."""
+        return frozenset(r for p in self._live(live) for r in p.regions)
 
     def check(self, region: str, action: str, live: Container[int]) -> None:
         """Refuse `action` ("removed", "disabled", ...) on `region` while it is pinned."""
@@ -123,8 +130,11 @@ def guard(
     """Refuse `action` on region `name` if it is pinned, or if placing it over `cover` with
     `rank` (priority, creation order) would hide an active pinned region."""
     state.pins.check(name, action, state.mappers)
+    pinned = state.pins.pinned(state.mappers) if cover is not None else frozenset()
+    if not pinned:
+        return  # (no walk of the 2,000 regions a region enabled over them would hide)
     priority, order = rank
     for other in state.placed.overlapping(cover) if cover is not None else ():
         hides = (priority, -order) > (other.priority, -other.order)
-        if other.name != name and other.active and hides:
+        if other.name in pinned and other.name != name and other.active and hides:
             state.pins.check(other.name, f"covered by region {name!r}", state.mappers)

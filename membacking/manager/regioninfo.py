@@ -68,6 +68,6 @@ def region_info(
         "mappings": [piece_info(s) for s in listed],
         # the region's mappings in the table (none unless active) count who holds them
         # (a departed mapper counts until `work` took its marks off: it is no holder)
-        "holders": sorted(h for h in region.holder_tally if h in state.mappers),
+        "holders": sorted(h for h in region.tally() if h in state.mappers),
         "state": _region_state(region),
     }

@@ -8,6 +8,7 @@ at each address the enabled region of highest priority is the active one.
 from __future__ import annotations
 
 import bisect
+import operator
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from ..protocol.ranges import MemoryRange
 from .errors import Refused
 
 MAX_PRIORITY = 255
+_START_END = operator.itemgetter(0, 1)
 
 
 @dataclass
@@ -135,6 +137,16 @@ class Region:
     #: mapper id -> how many of the region's mappings in the table it holds (kept by the
     #: table's `Holders`), so the region's holders are known without a walk of its pieces
     holder_tally: Counter[int] = field(default_factory=Counter)
+    #: the region was deactivated with others in one cut (cuts.py): its tally still has the
+    #: counts of the mappings that left the table, emptied on a later turn or when read
+    stale_tally: bool = False
+
+    def tally(self) -> Counter[int]:
+        """`holder_tally`, emptied first if a cut left it stale."""
+        if self.stale_tally:
+            self.holder_tally.clear()
+            self.stale_tally = False
+        return self.holder_tally
 
     @property
     def range(self) -> MemoryRange | None:
@@ -184,16 +196,12 @@ class PlacementIndex:
     def overlapping(self, window: MemoryRange) -> list[Region]:
         """Placed regions overlapping `window` (for an empty window: those that start before it
         and end after it, as `MemoryRange.overlaps` has it)."""
-        out = []
+        out: list[Region] = []
+        ws, regions = window.start, self._regions
         for bits, entries in self._classes.items():
-            i = bisect.bisect_left(entries, (window.start - (1 << bits),))
-            while i < len(entries):
-                start, end, name = entries[i]
-                if start >= window.end:
-                    break
-                if window.start < end:
-                    out.append(self._regions[name])
-                i += 1
+            i = bisect.bisect_left(entries, (ws - (1 << bits),))
+            j = bisect.bisect_left(entries, (window.end,), lo=i)
+            out += [regions[name] for _, end, name in entries[i:j] if ws < end]
         return out
 
 
@@ -227,7 +235,7 @@ def shadows(upper: Region, lower: Region) -> bool:
     return upper.order < lower.order
 
 
-def desired_active(regions: Iterable[Region], window: MemoryRange) -> dict[str, bool]:
+def desired(regions: Iterable[Region], window: MemoryRange) -> list[tuple[Region, bool]]:
     """For each placed region overlapping `window`: should it be active?
 
     A region is active when it is enabled, not being removed, and no other such region shadows
@@ -239,36 +247,48 @@ def desired_active(regions: Iterable[Region], window: MemoryRange) -> dict[str, 
     One sweep in (start, longest first) order finds both: O(k log k) for k regions, where
     comparing every pair cost O(k^2) (4.5 s for 2,000 regions inside one that was disabled).
     """
-    near = []
-    for region in regions:
-        rng = region.range
-        if rng is not None and rng.start < window.end and window.start < rng.end:
-            near.append((rng.start, -rng.end, region))
-    near.sort(key=lambda item: (item[0], item[1]))
-    out: dict[str, bool] = {}
+    ws, we = window.start, window.end
+    near = [  # (bounds from gpa and size: a MemoryRange each cost 1 us)
+        (r.gpa, -(r.gpa + r.size), r)
+        for r in regions
+        if r.gpa is not None and r.gpa < we and ws < r.gpa + r.size
+    ]
+    near.sort(key=_START_END)
+    out: list[tuple[Region, bool]] = []
     reach = -1  # the furthest end of an eligible region in the groups swept so far
-    i = 0
-    while i < len(near):
-        start, neg_end, _ = near[i]
-        j = i
-        while j < len(near) and near[j][0] == start and near[j][1] == neg_end:
-            j += 1
-        group = [item[2] for item in near[i:j]]  # identical ranges
-        eligible = [r for r in group if r.enabled and not r.removing]
+    i, n = 0, len(near)
+    while i < n:
+        start, neg_end, region = near[i]
+        j = i + 1
         # an earlier group starts no later and is not identical: reaching our end, it contains us
         contained = reach >= -neg_end
+        if j == n or near[j][0] != start or near[j][1] != neg_end:  # alone in its range
+            eligible = region.enabled and not region.removing
+            out.append((region, eligible and not contained))
+            if eligible and -neg_end > reach:
+                reach = -neg_end
+            i = j
+            continue
+        while j < n and near[j][0] == start and near[j][1] == neg_end:
+            j += 1
+        group = [item[2] for item in near[i:j]]  # identical ranges
+        eligible_ones = [r for r in group if r.enabled and not r.removing]
         winner = None
-        if eligible and not contained:
-            winner = eligible[0]
-            for other in eligible[1:]:
+        if eligible_ones and not contained:
+            winner = eligible_ones[0]
+            for other in eligible_ones[1:]:
                 if shadows(other, winner):
                     winner = other
-        for region in group:
-            out[region.name] = region is winner
-        if eligible:
+        out += [(member, member is winner) for member in group]
+        if eligible_ones:
             reach = max(reach, -neg_end)
         i = j
     return out
+
+
+def desired_active(regions: Iterable[Region], window: MemoryRange) -> dict[str, bool]:
+    """`desired` by region name."""
+    return {region.name: want for region, want in desired(regions, window)}
 
 
 def split_submappings(

@@ -85,7 +85,12 @@ class RuntimeDirLock:
         os.write(fd, f"{os.getpid()} {self.instance}\n".encode())
         self._fd = fd
         # The lock is ours, so any socket file left here belongs to a daemon that died.
-        for path in (paths.fd_socket, paths.mapper_socket, paths.control_socket):
+        for path in (
+            paths.fd_socket,
+            paths.fd_socket_staging,
+            paths.mapper_socket,
+            paths.control_socket,
+        ):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
 

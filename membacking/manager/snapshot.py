@@ -176,6 +176,6 @@ def restore(snapshot: Snapshot, state: ManagerState, store: MemfdStore) -> list[
     state.awaited.adopt(snapshot.mappers)
     # no mapper is attached: this only recomputes which regions are active and the table
     op = state.start_op("restore", None)
-    effects = state._reconcile([MemoryRange(0, state.address_space)], op)
+    effects = state._reconcile([MemoryRange(0, state.address_space)], op, at_once=True)
     assert not effects and not op.waiting
     return warnings

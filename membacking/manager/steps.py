@@ -15,7 +15,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..protocol.ranges import MemoryRange
-from .model import Effect, Held, Mapping, Operation
+from .held import Held
+from .later import WORK_PER_MAPPABLE, WORK_PER_WINDOW
+from .model import Effect, Mapping, Operation
+from .placing import Place
 
 if TYPE_CHECKING:
     from .table import TableState
@@ -36,14 +39,28 @@ _END = operator.attrgetter("end")
 WINDOWS_PER_MESSAGE = 4
 
 
+#: `TableState.work`'s units of work (later.py) a message of a step's budget stands for
+UNITS_PER_MESSAGE = WINDOWS_PER_MESSAGE * WORK_PER_WINDOW
+
+
 def settled(held: Held, budget: int) -> tuple[bool, int]:
-    """Delete some of the windows `held` waits to delete, within `budget` messages' worth:
+    """Delete some of the windows `held` waits to delete, within `budget` messages' worth
+    (a window of 2,000 regions' ranges, hidden at once, costs as much as 30 messages):
     (whether none is left, the budget used)."""
     if not held.windows:
         return True, 0
-    n = min(held.windows, max(1, budget) * WINDOWS_PER_MESSAGE)
-    held.settle(n)
-    return not held.windows, max(1, n // WINDOWS_PER_MESSAGE)
+    spent = held.settle_within(
+        max(1, budget) * UNITS_PER_MESSAGE, WORK_PER_WINDOW, WORK_PER_MAPPABLE
+    )
+    return not held.windows, max(1, spent // UNITS_PER_MESSAGE)
+
+
+def hold(held: Held, mappings: list[Mapping]) -> None:
+    """Record `mappings` (sent to the mapper in this batch) as held: in one slice of its
+    lists when they lie in address order in one gap of them (a batch of a refill, a push or
+    a replay), where one insertion each moved the rest of the lists (about 10 us each at
+    10,000 ranges)."""
+    held.extend([mp.range for mp in mappings], [mp.mappable_id for mp in mappings])
 
 
 @dataclass
@@ -71,10 +88,12 @@ class Replay:
             if not page:
                 return effects, True
             looked += len(page)
-            for _, mapping in page:
-                if entry.id not in mapping.holders:  # what it faulted in is not sent again
-                    effects.extend(state._map_eager(entry, mapping, self.op))
-                    sent += 1
+            # what it faulted in is not sent again
+            new = [mapping for _, mapping in page if entry.id not in mapping.holders]
+            for mapping in new:
+                effects.extend(state._map_eager(entry, mapping, self.op, hold=False))
+            hold(entry.held, new)
+            sent += len(new)
             self.cursor = page[-1][0].end
         return effects, False
 
@@ -98,19 +117,25 @@ class Push:
         sent = 0
         eager = [e for e in state.mappers.values() if (e.eager or e.upgrading) and e.stream]
         for entry in eager:
+            if entry.held.windows and sent >= budget:
+                return effects, False  # the rest settle on the next steps
             ready, used = settled(entry.held, budget - sent)
             sent += used
             if not ready:
                 return effects, False
+        sent_to: list[list[Mapping]] = [[] for _ in eager]
         while self.index < len(self.mappings) and sent < budget:
             mapping = self.mappings[self.index]
             self.index += 1
             if state._mapping_at(mapping.range) is not mapping:
                 continue  # cut (or replaced) before its turn came
-            for entry in eager:
+            for entry, new in zip(eager, sent_to, strict=True):
                 if entry.id not in mapping.holders:
-                    effects.extend(state._map_eager(entry, mapping, self.op))
+                    effects.extend(state._map_eager(entry, mapping, self.op, hold=False))
+                    new.append(mapping)
                     sent += 1
+        for entry, new in zip(eager, sent_to, strict=True):
+            hold(entry.held, new)
         return effects, self.index >= len(self.mappings)
 
     def release(self) -> list[Any]:
@@ -151,6 +176,7 @@ class Refill:
             page = state.table.page(max(self.cursor, lost[0].start), limit)
             looked += len(page) + RUN_LOOKS  # a run costs more than an entry
             finished = len(page) < limit
+            new: list[Mapping] = []
             for mrange, mapping in page:
                 if mrange.start >= end:
                     finished = True
@@ -160,8 +186,10 @@ class Refill:
                 i = bisect.bisect_right(lost, mrange.start, key=_END)
                 missing = i < len(lost) and lost[i].start < mrange.end
                 if missing and mapper_id not in mapping.holders:
-                    effects.extend(state._map_to(entry, mapping))
-                    sent += 1
+                    effects.extend(state._map_to(entry, mapping, hold=False))
+                    new.append(mapping)
+            hold(entry.held, new)
+            sent += len(new)
             if finished:
                 self._next()
         return effects, self.index >= len(self.runs)
@@ -177,7 +205,7 @@ class Refill:
         self.cursor = 0
 
 
-Step = Replay | Push | Refill
+Step = Replay | Push | Refill | Place
 
 
 class StepQueue:
@@ -191,13 +219,14 @@ class StepQueue:
     def __bool__(self) -> bool:
         return bool(self._queue)
 
-    def begin(self, step: Step) -> list[Effect]:
-        """Send the first batch of `step` now and queue the rest for later turns; its change
-        then waits until the last batch was sent (and, as ever, acknowledged)."""
+    def begin(self, step: Step, now: bool = True) -> list[Effect]:
+        """Send the first batch of `step` now (unless not `now`: the change's own turn did
+        much already) and queue the rest for later turns; its change then waits until the
+        last batch was sent (and, as ever, acknowledged)."""
         state = self._state
         step.key = (-1, state._next_seq)  # never a real (mapper id, seq)
         state._next_seq += 1
-        effects, done = step.run(state, STEP_MESSAGES)
+        effects, done = step.run(state, STEP_MESSAGES) if now else ([], False)
         if not done:
             step.op.waiting.add(step.key)
             self._queue.append(step)

@@ -17,12 +17,13 @@ from ..protocol import messages as m
 from ..protocol.messages import PRIVATE_MAPPABLE, Channel, Message
 from ..protocol.rangemap import RangeMap
 from ..protocol.ranges import MemoryRange
+from . import cuts
 from .backing import BackingStore
+from .held import Held, Taken
 from .later import WORK_BUDGET, do_work
 from .model import (
     DEFAULT_ADDRESS_SPACE,
     Effect,
-    Held,
     Holders,
     Limits,
     MapperEntry,
@@ -30,14 +31,14 @@ from .model import (
     Operation,
     Send,
     SendFd,
-    Taken,
 )
-from .regions import PlacementIndex, Region, SubMapping, desired_active
-from .steps import Push, Refill, StepQueue
+from .placing import PIECES_PER_MESSAGE, Place, Unplaced
+from .regions import PlacementIndex, Region, SubMapping, desired
+from .steps import STEP_MESSAGES, Push, Refill, StepQueue
 
 log = logging.getLogger("membacking.manager")
 
-_END = operator.attrgetter("end")
+_GPA = operator.attrgetter("gpa")
 
 #: mapper id -> the pieces it lost in each cut of one change
 Lost = dict[int, list[Taken]]
@@ -79,6 +80,7 @@ class TableState:
         #: is the same: reattach.py's index of the mappings)
         self.table_generation = 0
         self._held_index: tuple[int, dict[Any, Any]] | None = None
+        self._holdings_verdict: tuple[Any, Any] | None = None  # reattach.py's last check
         self.mappers: dict[int, MapperEntry] = {}
         self._by_identity: dict[bytes, tuple[int, int]] = {}  # identity -> (mapper id, role)
         self._pending: dict[tuple[int, int], Operation] = {}  # (mapper id, seq) -> operation
@@ -92,11 +94,15 @@ class TableState:
         #: objects changes let go of (table entries cut out, a removed region's pieces and
         #: journal records), freed a batch at a time by `work`
         self._trash: list[list[Any]] = []
+        #: regions deactivated together whose tallies `work` empties (cuts.py)
+        self.stale_tallies: list[list[Region]] = []
         #: mapper id -> what a departed mapper held, while the table's entries still name it
         #: among their holders (`work` takes those marks off a batch at a time: later.py)
         self.departed: dict[int, Held] = {}
         #: changes sending many messages, a batch per `step` (steps.py), in the order begun
         self.steps = StepQueue(self)
+        #: active regions whose pieces are not all in the table yet (placing.py)
+        self.unplaced = Unplaced()
         self.counters: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
         #: requests turned down by a limit or a policy (not a peer's fault), by reason
@@ -155,6 +161,8 @@ class TableState:
             hit = self.table.lookup(rng.start)
             if hit is not None and hit[0].end >= rng.end:  # one mapping covers it: most faults
                 return self._map_to(entry, hit[1])
+        if self.unplaced:  # pieces of an activation not in the table yet go there first
+            self.unplaced.place_range(self, rng)
         out: list[Effect] = []
         inside = rng.intersection(MemoryRange(0, self.address_space))
         if inside.is_empty():
@@ -173,16 +181,22 @@ class TableState:
             out.extend(self._map_to(entry, mapping))
         return out
 
-    def _map_to(self, entry: MapperEntry, mapping: Mapping) -> list[Effect]:
+    def _map_to(self, entry: MapperEntry, mapping: Mapping, hold: bool = True) -> list[Effect]:
+        """A Map of `mapping` to `entry`, recorded as held (unless not `hold`: the caller
+        records a batch of them at once, `Held.extend`)."""
         mapping.holders.add(entry.id)
-        entry.held[mapping.range] = mapping.mappable_id
+        if hold:
+            entry.held[mapping.range] = mapping.mappable_id
         self.counters["maps_sent"] += 1
         msg = m.Map(mapping.range, mapping.mappable_id, mapping.file_offset, mapping.writable)
         return [self._to_mapper(entry, msg), *self._fd_behind_map(entry, mapping.mappable_id)]
 
-    def _map_eager(self, entry: MapperEntry, mapping: Mapping, op: Operation) -> list[Effect]:
+    def _map_eager(
+        self, entry: MapperEntry, mapping: Mapping, op: Operation, hold: bool = True
+    ) -> list[Effect]:
         mapping.holders.add(entry.id)
-        entry.held[mapping.range] = mapping.mappable_id
+        if hold:
+            entry.held[mapping.range] = mapping.mappable_id
         self.counters["maps_sent"] += 1
         seq = self._seq(entry, op)
         op.eager[(entry.id, seq)] = mapping.range
@@ -225,10 +239,12 @@ class TableState:
         entry.unacked.pop(seq, None)
         entry.unmapping.pop(seq, None)
         op.waiting.discard((mapper_id, seq))
+        # each answer takes its MapEager's record: a change that pushed 80,000 would free them
+        # all in its last answer's turn
+        rng = op.eager.pop((mapper_id, seq), None) if op.eager else None
         if failure is not None:
             op.failures.append(f"mapper {mapper_id} ({entry.name}): {failure}")
             op.failed_mappers.add(mapper_id)
-            rng = op.eager.get((mapper_id, seq))
             if rng is not None:  # the mapper does not hold what it failed to map
                 entry.held.pop(rng, None)
                 mapping = self._mapping_at(rng)
@@ -254,86 +270,13 @@ class TableState:
         return effects
 
     def _cut(self, region: Region, rng: MemoryRange, op: Operation, cut: Lost) -> list[Effect]:
-        """Take `rng`, inside active `region`, out of the table: Unmap the cut pieces to their
-        holders (only to them), one Unmap per holder spanning the pieces it held (everything in
-        `rng` leaves the table, so the span covers nothing it keeps): a region of 1,000 pieces
-        held by 24 mappers sent 24,000 Unmaps and held the loop for 316 ms. The holders come
-        from the region's tally, and each takes its pieces out of its held ranges with one
-        slice (`Held.take`): no Python runs per piece and holder (2.3 us each did: 1.66 s for
-        10,010 pieces held by 72 mappers)."""
-        removed = self.table.remove_overlapping(rng)
-        self.table_generation += 1
-        if not removed:
-            return []
-        tally = region.holder_tally  # active regions never overlap: all of `removed` is its own
-        assert removed[0][1].holders.tally is tally and removed[-1][1].holders.tally is tally
-        holders = sorted(tally)
-        whole = 0  # the bytes of every piece cut, for a holder that held them all
-        for mrange, mapping in removed[:: max(len(removed) - 1, 1)]:  # the first and the last
-            if mrange.start >= rng.start and mrange.end <= rng.end:
-                continue
-            for part in mrange.subtract(rng):  # a piece straddling the cut keeps its outside
-                kept = Mapping(
-                    mapping.region,
-                    part,
-                    mapping.mappable_id,
-                    mapping.file_offset + (part.start - mrange.start),
-                    mapping.writable,
-                    mapping.holders.copy(),
-                )
-                self.table.insert(part, kept)
-                for holder in kept.holders:
-                    self._held_of(holder)[part] = kept.mappable_id
-        # The removed mappings leave the table: their holder sets are not emptied one by one
-        # (the tally comes down by what each holder took, below), and they are freed on later
-        # turns (`work`): freeing 10,010 of them took about 8 ms of CPU time.
-        self.free_later(removed)
-        effects: list[Effect] = []
-        for holder in holders:
-            entry = self.mappers.get(holder)
-            # the ranges leave its Held now, but their deletion (a memmove of its lists and a
-            # count of their mappables: 0.1 ms for 10,000 of 30,000) waits for `work`
-            taken = self._held_of(holder).take_later(rng)
-            if taken is None:
-                continue
-            left = tally[holder] - taken.count
-            if left > 0:
-                tally[holder] = left
-            else:
-                del tally[holder]
-            if entry is None:
-                continue  # departed (its marks are still being taken off): nothing to send
-            self._unsettled[holder] = None
-            if taken.count == len(removed):  # it held every piece: their bytes are counted once
-                whole = whole or self._bytes_of(region, rng, removed)
-                nbytes = whole
-            else:
-                nbytes = taken.nbytes()
-            entry.held.forget_bytes(nbytes)
-            # the pieces it loses: its ranges, the first and the last cut to `rng`
-            if taken.first.start < rng.start or taken.last.end > rng.end:
-                nbytes -= taken.clip(rng)
-            release = self._releasable(entry, op.destroy)
-            seq = self._seq(entry, op)
-            effects.append(self._to_mapper(entry, m.Unmap(seq, taken.span, release)))
-            entry.unmapping[seq] = (taken.count, nbytes)
-            self.counters["unmaps_sent"] += 1
-            op.unmapped_from.add(holder)
-            cut.setdefault(holder, []).append(taken)
-        return effects
+        """Take `rng`, inside active `region`, out of the table (cuts.py)."""
+        return cuts.cut(self, region, rng, op, cut)
 
     def _held_of(self, mapper_id: int) -> Held:
         """What a mapper holds; of a departed one, what still marks the table (later.py)."""
         entry = self.mappers.get(mapper_id)
         return entry.held if entry is not None else self.departed[mapper_id]
-
-    @staticmethod
-    def _bytes_of(region: Region, rng: MemoryRange, removed: list[tuple[MemoryRange, Any]]) -> int:
-        """The bytes of the table entries a cut removed: the region's own total when the cut
-        took all of it (a deactivation), else their sum."""
-        if rng == region.range and len(removed) == len(region.submappings):
-            return region.submappings.bytes
-        return sum(r.end - r.start for r, _ in removed)
 
     def free_later(self, items: list[Any]) -> None:
         """Let `work` free `items` (a list no one else refers to) a batch at a time: freeing
@@ -344,7 +287,7 @@ class TableState:
     @property
     def has_work(self) -> bool:
         """Whether changes left work for later turns (`work`)."""
-        return bool(self._unsettled or self._trash or self.departed)
+        return bool(self._unsettled or self._trash or self.departed or self.stale_tallies)
 
     def work(self, budget: int = WORK_BUDGET) -> int:
         """Do some of what changes left for later turns, about `budget` units: delete the held
@@ -409,27 +352,27 @@ class TableState:
     def _entry(self, region: Region, sub: SubMapping) -> Mapping:
         rng = region.absolute(sub)
         writable = sub.writable and region.writable
-        holders = Holders(region.holder_tally)
+        holders = Holders(region.tally())
         mapping = Mapping(region.name, rng, sub.mappable_id, sub.file_offset, writable, holders)
         self.table.insert(rng, mapping)
         self.table_generation += 1
         return mapping
 
-    def _push(self, mappings: list[Mapping], op: Operation) -> list[Effect]:
-        """MapEager of new table entries to every eager (or upgrading) mapper: a batch now,
-        the rest on later steps when there are many (steps.Push)."""
+    def _push(self, mappings: list[Mapping], op: Operation, now: bool = True) -> list[Effect]:
+        """MapEager of new table entries to every eager (or upgrading) mapper: a batch now
+        (unless not `now`), the rest on later steps when there are many (steps.Push)."""
         if not mappings or not any(e.eager or e.upgrading for e in self.mappers.values()):
             return []
-        return self.steps.begin(Push(mappings, op))
+        return self.steps.begin(Push(mappings, op), now)
 
-    def _refill(self, cut: Lost, op: Operation) -> list[Effect]:
+    def _refill(self, cut: Lost, op: Operation, now: bool = True) -> list[Effect]:
         """Lazy holders of replaced memory get the new mapping right behind their Unmap, so a
         reader sees the old or the new backing, never a hole it was not told about: a batch
         now, the rest on later steps when there are many (steps.Refill)."""
         runs: list[tuple[int, list[MemoryRange]]] = []
         for mapper_id, taken_runs in cut.items():
-            entry = self.mappers[mapper_id]
-            if entry.eager or entry.upgrading:
+            entry = self.mappers.get(mapper_id)  # (gone since the cut, if it was steps ago)
+            if entry is None or entry.eager or entry.upgrading:
                 continue  # eager mappers are sent MapEager
             # the pieces of every run are read before the first Map settles the mapper's held
             # ranges; a run nothing now overlaps is not read at all
@@ -438,33 +381,54 @@ class TableState:
                 for taken in taken_runs
                 if self.table.first_overlap(taken.span) is not None
             ]
-        return self.steps.begin(Refill(runs, op)) if runs else []
+        return self.steps.begin(Refill(runs, op), now) if runs else []
 
     def _reconcile(
         self,
         windows: Iterable[MemoryRange],
         op: Operation,
         cut: Lost | None = None,
+        *,
+        at_once: bool = False,
     ) -> list[Effect]:
-        """Make the table match the region rules inside `windows` (deactivate, then activate)."""
-        desired: dict[str, bool] = {}
+        """Make the table match the region rules inside `windows`: deactivate (regions with
+        nothing between them in one cut: cuts.py), then activate. The pieces of a large
+        activation go in the table a batch per step (placing.py) unless `at_once`."""
+        windows = list(windows)
+        verdicts: list[tuple[Region, bool]] = []
         for window in windows:
-            desired.update(desired_active(self.placed.overlapping(window), window))
+            verdicts += desired(self.placed.overlapping(window), window)
+        if len(windows) > 1:  # a region in two windows (has the same verdict in both) once
+            verdicts = list({id(r): (r, want) for r, want in verdicts}.values())
         cut = {} if cut is None else cut
+        down: list[Region] = []
+        up: list[Region] = []
+        for region, want in verdicts:
+            if region.active != want:
+                (up if want else down).append(region)
+        if len(windows) > 1:  # (one window's sweep gives them in address order already)
+            down.sort(key=_GPA)
+            up.sort(key=_GPA)
         effects: list[Effect] = []
-        for name, want in sorted(desired.items()):
-            region = self.regions[name]
-            if region.active and not want:
-                effects.extend(self._deactivate(region, op, cut))
-        new: list[Mapping] = []
-        for name, want in sorted(desired.items(), key=lambda kv: self.regions[kv[0]].gpa or 0):
-            region = self.regions[name]
-            if want and not region.active:
+        for run in cuts.deactivation_runs(self, down):
+            if len(run) == 1:
+                effects += self._deactivate(run[0], op, cut)
+            else:
+                effects += cuts.cut_regions(self, run, op, cut)
+        # a change of many regions sends its first batches on the next turns, not in its own
+        now = len(down) + len(up) <= STEP_MESSAGES
+        if at_once or sum(len(r.submappings) for r in up) <= STEP_MESSAGES * PIECES_PER_MESSAGE:
+            new: list[Mapping] = []
+            for region in up:
                 self._activate(region, new)
-        return effects + self._push(new, op) + self._refill(cut, op)
+            return effects + self._push(new, op, now) + self._refill(cut, op, now)
+        place = Place(up, op, cut)
+        self.unplaced.add(up, place)
+        return effects + self.steps.begin(place, now=False)
 
     def _deactivate(self, region: Region, op: Operation, cut: Lost) -> list[Effect]:
         region.active = False
+        self.unplaced.discard(region)  # what was not put in the table yet never will be
         # Active regions never overlap, so what the table holds in its range is its own: one
         # cut (and one Unmap per holder) for all of its pieces.
         assert region.range is not None

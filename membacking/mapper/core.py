@@ -3,11 +3,10 @@ in it, and the mapper thread that applies the manager's Map / NoMapping / Unmap 
 
 Safety scheme (Python cannot recover from SIGSEGV): every access checks the table and copies
 under one `lock` (aligned plain words excepted: see memory.py and Reservation.words); the mapper
-thread takes the same lock before it maps or unmaps anything. Open
-views pin their range; an Unmap touching a pinned range is acknowledged only after the last
-view on it closes, so an UnmapAck always means no access can reach the old memory. Accesses
-also need a live lease (see lease.py): a mapper evicted while it was stopped drops every
-mapping before any access of its own can touch one again.
+thread takes the same lock before it maps or unmaps anything. Open views pin their range; an
+Unmap touching a pinned range is acknowledged only after the last view on it closes, so an
+UnmapAck always means no access can reach the old memory. Accesses also need a live lease
+(lease.py): a mapper evicted while stopped drops every mapping before any access touches one.
 """
 
 from __future__ import annotations
@@ -70,6 +69,7 @@ class VaMapper:
         self.relinked = threading.Event()
         self.relinked.set()
         self.relink_reason = ""
+        self.relink_announced = False  # begun by a Shutdown `restarting` (reconnect.py)
         #: called on the mapper thread each time it registered again: (kept, old mapper id)
         self.relink_hooks: list[Callable[[bool, int], None]] = []
         self.link = link
@@ -248,10 +248,10 @@ class VaMapper:
 
     def gone_for_good(self, reason: str) -> None:
         """New faults fail with ManagerGoneError from now on."""
-        self.relinked.set()
-        if self.gone is None:
+        if self.gone is None:  # before the faults waiting for a relink wake: they read it
             log.warning("mapper %d: %s", self.id, reason)
             self.gone = reason
+        self.relinked.set()
         self.waiters.shutdown(reason)
         self._detach_acked.set()  # nobody left to answer a Detach
 

@@ -72,6 +72,10 @@ class MapperFds:
         """mappable id, st_dev, st_ino of every fd held, one after the other (mapper thread)."""
         return [x for i, (dev, ino) in self._identity.items() for x in (i, dev, ino)]
 
+    def identity_entries(self) -> list[tuple[int, int, int]]:
+        """(mappable id, st_dev, st_ino) of every fd held (mapper thread)."""
+        return [(i, dev, ino) for i, (dev, ino) in self._identity.items()]
+
     def dup(self, mappable_id: int) -> int | None:
         """A duplicate of the fd held for `mappable_id`, owned by the caller (any thread)."""
         with self._closing:

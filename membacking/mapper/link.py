@@ -48,16 +48,20 @@ class ManagerLink:
         self.name = name
         self.timeout = timeout
         self._send_lock = threading.Lock()
-        self.fd_sock, welcome = self._register(name)
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         try:
-            self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-            self._take(welcome)
+            self.fd_sock, welcome, stream = self._register(name)
+        except BaseException:
+            self.ctx.term()
+            raise
+        try:
+            self._take(welcome, stream)
             self.address_space = welcome.address_space
         except BaseException:
             self.close()
             raise
 
-    def _take(self, welcome: m.Welcome) -> None:
+    def _take(self, welcome: m.Welcome, stream: zmq.Socket[bytes]) -> None:
         """Use a new registration: the fd socket is `self.fd_sock`; attach the stream."""
         # from now on only the mapper thread reads it, and never blocks on it
         self.fd_sock.setblocking(False)
@@ -72,26 +76,32 @@ class ManagerLink:
         #: the memory the manager serves (None: it cannot tell, so nothing is kept across a
         #: restart)
         self.state_id = welcome.state_id if self.features & m.FEATURE_REATTACH else None
-        self.stream = self._attach(m.ROLE_STREAM_FD)
+        self.stream = self._attach(m.ROLE_STREAM_FD, stream)
+
+    def drop_connection(self) -> None:
+        """Close both sockets of a manager that is gone (mapper thread only): its stream socket
+        would otherwise connect to the next manager's endpoint by itself, for nothing."""
+        with contextlib.suppress(zmq.ZMQError):
+            self.stream.close(0)
+        with contextlib.suppress(OSError):
+            self.fd_sock.close()
 
     def reconnect(self) -> None:
         """Register again with the manager now serving the runtime directory (after its
         predecessor died): new fd socket, id, token and stream socket. Raises
         ManagerUnavailableError (or AttachError) if that cannot be done now. Mapper thread
         only, with no access waiting on the fd socket."""
-        with contextlib.suppress(zmq.ZMQError):
-            self.stream.close(0)
-        with contextlib.suppress(OSError):
-            self.fd_sock.close()
-        self.fd_sock, welcome = self._register(self.name)
+        self.drop_connection()
+        self.fd_sock, welcome, stream = self._register(self.name)
         trace.mark(f"mapper.registered id={welcome.mapper_id}")
         if welcome.address_space != self.address_space:
             self.fd_sock.close()
+            stream.close(0)
             raise AttachError(
                 f"the manager now serves an address space of {welcome.address_space:#x} bytes, "
                 f"not {self.address_space:#x}"
             )
-        self._take(welcome)
+        self._take(welcome, stream)
 
     def _unavailable(self, detail: str) -> ManagerUnavailableError:
         return ManagerUnavailableError(
@@ -119,16 +129,24 @@ class ManagerLink:
             ) from None
         return sock
 
-    def _register(self, name: str) -> tuple[socket.socket, m.Welcome]:
-        """Connect to fd.sock and say Hello. A manager too busy to take the connection (too many
-        waiting, or near its open-file limit) closes it unanswered: try again until `timeout`."""
+    def _register(self, name: str) -> tuple[socket.socket, m.Welcome, zmq.Socket[bytes]]:
+        """Connect to fd.sock and say Hello; the stream socket too, once fd.sock took the
+        connection (so its ZeroMQ handshake overlaps the Hello; it is the same manager's: a
+        manager binds its mapper socket before fd.sock). A manager too busy to take the
+        connection (too many waiting, or near its open-file limit) closes it unanswered: try
+        again until `timeout`."""
         deadline = time.monotonic() + self.timeout
         while True:
             sock = self._connect_fd_socket()
+            stream = self._stream_socket()
             sock.settimeout(max(0.1, deadline - time.monotonic()))  # all tries share `timeout`
             try:
-                return sock, self._hello(sock, name)
+                welcome = self._hello(sock, name)
+                #: the fd socket file it registered through (a successor binds a new one)
+                self.registered_socket = self.socket_identity()
+                return sock, welcome, stream
             except _Busy as exc:
+                stream.close(0)
                 sock.close()
                 if time.monotonic() + 0.1 > deadline:
                     raise self._unavailable(
@@ -136,8 +154,19 @@ class ManagerLink:
                     ) from None
                 time.sleep(0.1)
             except BaseException:
+                stream.close(0)
                 sock.close()
                 raise
+
+    def socket_identity(self) -> tuple[int, int, int] | None:
+        """(device, inode, change time) of the fd socket file on the runtime directory, None
+        if there is none. The time tells a new socket from an old one whose inode number it
+        reused."""
+        try:
+            info = os.stat(self.paths.fd_socket)
+        except OSError:
+            return None
+        return info.st_dev, info.st_ino, info.st_ctime_ns
 
     def _hello(self, sock: socket.socket, name: str) -> m.Welcome:
         reply = self._say_hello(sock, m.Hello(name, m.SUPPORTED_FEATURES))
@@ -174,12 +203,15 @@ class ManagerLink:
             raise AttachError(f"the manager sent an invalid registration reply: {exc}") from None
         return reply
 
-    def _attach(self, role: int) -> zmq.Socket[bytes]:
+    def _stream_socket(self) -> zmq.Socket[bytes]:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.connect(self.paths.mapper_endpoint)
+        return sock
+
+    def _attach(self, role: int, sock: zmq.Socket[bytes]) -> zmq.Socket[bytes]:
         sock.send(encode(m.Attach(self.mapper_id, self.token, role)))
         if not sock.poll(int(self.timeout * 1000)):
             sock.close(0)

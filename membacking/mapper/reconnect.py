@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import select
 import time
 from typing import TYPE_CHECKING
@@ -19,6 +18,8 @@ import zmq
 from .. import trace
 from ..errors import ManagerUnavailableError
 from ..protocol import messages as m
+from ..protocol.holdings import holdings_messages, pack_fds, pack_mappings, packed_messages
+from .sockwatch import SocketWatch
 from .waitlist import RELINK
 
 if TYPE_CHECKING:
@@ -28,15 +29,13 @@ log = logging.getLogger("membacking.mapper")
 
 #: first and largest pause between two tries to register again
 BACKOFF_START, BACKOFF_MAX = 0.05, 1.0
-#: how often a pause between two tries looks for a new fd socket (a successor bound it)
-SOCKET_WATCH = 0.005
+#: the longest a pause between two tries waits at a time for a new fd socket (sockwatch.py
+#: wakes it as soon as a successor binds one): it renews the lease and notices a close between
+SOCKET_WATCH = 0.05
 #: how long a Shutdown may lag behind the hang-up of the fd socket
 SHUTDOWN_GRACE = 0.25
 #: how long a manager that said Shutdown "restarting" has to close the old connection
 OLD_CONNECTION_GRACE = 2.0
-#: entries per Holdings message (each array stays within the codec's 1024 elements)
-FDS_PER_MESSAGE = 1024 // m.HOLDING_FD_LEN
-MAPPINGS_PER_MESSAGE = 1024 // m.HOLDING_MAPPING_LEN
 
 
 class Relink(Exception):
@@ -62,6 +61,7 @@ def start_relink(mapper: VaMapper, reason: str, announced: bool = False) -> bool
     if mapper.relinked.is_set():
         log.warning("mapper %d: %s; waiting for the manager to come back", mapper.id, reason)
         mapper.relink_reason = reason
+        mapper.relink_announced = announced
         mapper.relinked.clear()
         mapper.waiters.fail_all(RELINK)  # their requests went to the manager that is gone
     return True
@@ -119,13 +119,7 @@ def _await_hangup(mapper: VaMapper) -> None:
 
 
 def _socket_identity(mapper: VaMapper) -> tuple[int, int, int] | None:
-    """(device, inode, change time) of the fd socket file on the runtime directory, None if
-    there is none. The time tells a new socket from an old one whose inode number it reused."""
-    try:
-        info = os.stat(mapper.link.paths.fd_socket)
-    except OSError:
-        return None
-    return info.st_dev, info.st_ino, info.st_ctime_ns
+    return mapper.link.socket_identity()
 
 
 def relink(mapper: VaMapper) -> bool:
@@ -136,21 +130,42 @@ def relink(mapper: VaMapper) -> bool:
     old_state = mapper.link.state_id
     old_id = mapper.id
     _await_hangup(mapper)
+    mapper.link.drop_connection()
     trace.mark(f"mapper.hangup old={old_id}")
+    started = time.monotonic()
+    # A manager that said `restarting` is going: until its successor binds a new fd.sock, a
+    # try can only fail (and costs CPU just when the old manager finishes and the new starts).
+    # Only the socket is watched then, for BACKOFF_MAX at most (then tries go on as usual).
+    watch_only = started + BACKOFF_MAX if mapper.relink_announced else started
+    with SocketWatch(mapper.link.paths.root) as watch:
+        return _register_again(mapper, watch, (started, deadline, watch_only), old_state, old_id)
+
+
+def _register_again(
+    mapper: VaMapper,
+    watch: SocketWatch,
+    times: tuple[float, float, float],
+    old_state: bytes | None,
+    old_id: int,
+) -> bool:
+    """relink's tries: (when it began, its deadline, until when a new fd.sock alone is waited
+    for)."""
+    started, deadline, watch_only = times
     delay = BACKOFF_START
     last = "no manager answered"
-    started = time.monotonic()
     while not mapper._stop:
-        try:
-            tried = _socket_identity(mapper)  # before the try: one bound during it counts
-            mapper.link.reconnect()
-            trace.mark(f"mapper.welcome old={old_id} new={mapper.link.mapper_id}")
-            _restore(mapper, old_state, old_id)
-            trace.mark(f"mapper.restored old={old_id}")
-            break
-        except (ManagerUnavailableError, OSError, TimeoutError) as exc:  # not yet: try again
-            last = str(exc)
-            trace.mark(f"mapper.try-failed old={old_id}")
+        tried = _socket_identity(mapper)  # before the try: one bound during it counts
+        watching = tried in (mapper.link.registered_socket, None) and time.monotonic() < watch_only
+        if not watching:
+            try:
+                mapper.link.reconnect()
+                trace.mark(f"mapper.welcome old={old_id} new={mapper.link.mapper_id}")
+                _restore(mapper, old_state, old_id)
+                trace.mark(f"mapper.restored old={old_id}")
+                break
+            except (ManagerUnavailableError, OSError, TimeoutError) as exc:  # not yet: try again
+                last = str(exc)
+                trace.mark(f"mapper.try-failed old={old_id}")
         # Mapped memory stays in use meanwhile: this thread vouches for the mapper's lease
         # while it is alive and trying (no manager can evict a mapper that is not registered).
         mapper.lease.end_turn(time.monotonic(), renew=mapper.dropped is None)
@@ -163,12 +178,13 @@ def relink(mapper: VaMapper) -> bool:
             return False
         pause_end = time.monotonic() + min(delay, left)
         while (rest := pause_end - time.monotonic()) > 0 and not mapper._stop:
-            time.sleep(min(rest, SOCKET_WATCH))
+            watch.wait(min(rest, SOCKET_WATCH))
             mapper.lease.end_turn(time.monotonic(), renew=mapper.dropped is None)
             if _socket_identity(mapper) not in (tried, None):
                 trace.mark(f"mapper.socket-seen old={old_id}")
                 break  # a manager has just bound a new fd socket: try it now
-        delay = min(delay * 2, BACKOFF_MAX)
+        if not watching:
+            delay = min(delay * 2, BACKOFF_MAX)
     else:
         return False
     log.warning(
@@ -211,25 +227,30 @@ def _restore(mapper: VaMapper, old_state: bytes | None, old_id: int) -> None:
 
 def _send_holdings(mapper: VaMapper) -> None:
     # the identity of each fd was taken when it arrived: no fstat per fd here
-    fds = mapper.fds.identities()
-    with mapper.lock:
-        mappings = [
-            x
-            for rng, chunk in mapper.chunks.items()
-            for x in (
-                rng.start,
-                rng.end - rng.start,
-                chunk.mappable_id,
-                chunk.file_offset,
-                int(chunk.writable),
+    if mapper.link.features & m.FEATURE_PACKED_HOLDINGS:  # packed entry by entry
+        fds = pack_fds(mapper.fds.identity_entries())
+        with mapper.lock:
+            maps = pack_mappings(
+                (r[0], r[1] - r[0], c.mappable_id, c.file_offset, c.writable)
+                for r, c in mapper.chunks.items()
             )
-        ]
-    fd_step = FDS_PER_MESSAGE * m.HOLDING_FD_LEN
-    map_step = MAPPINGS_PER_MESSAGE * m.HOLDING_MAPPING_LEN
-    # the fds first: the manager checks each mapping against the fds it was told of
-    for i in range(0, len(fds), fd_step):
-        mapper.link.send(m.Holdings(tuple(fds[i : i + fd_step]), ()))
-    for i in range(0, max(len(mappings), 1), map_step):
-        mapper.link.send(m.Holdings((), tuple(mappings[i : i + map_step])))
-    if mappings:  # an empty one ends them: the manager knows it has heard all it holds
-        mapper.link.send(m.Holdings((), ()))
+        msgs: list[m.Holdings | m.PackedHoldings] = list(packed_messages(fds, maps))
+    else:
+        with mapper.lock:
+            mappings = [
+                x
+                for rng, chunk in mapper.chunks.items()
+                for x in (
+                    rng.start,
+                    rng.end - rng.start,
+                    chunk.mappable_id,
+                    chunk.file_offset,
+                    int(chunk.writable),
+                )
+            ]
+        msgs = holdings_messages(mapper.fds.identities(), mappings, packed=False)
+    if msgs[-1].fds or msgs[-1].mappings:  # an empty one ends them: the manager knows
+        packed = isinstance(msgs[-1], m.PackedHoldings)  # it has heard all the mapper holds
+        msgs.append(m.PackedHoldings(b"", b"") if packed else m.Holdings((), ()))
+    for msg in msgs:
+        mapper.link.send(msg)

@@ -283,6 +283,15 @@ def _ids(value: Any, field: str) -> tuple[int, ...]:
     return tuple(_u64(v, field) for v in value)
 
 
+def _packed(value: Any, field: str) -> bytes:
+    if type(value) is not bytes or len(value) % 8:
+        raise ProtocolError(
+            f"field {field!r} must be binary of little-endian u64s (a multiple of 8 bytes)",
+            reason="bad-field",
+        )
+    return value
+
+
 def _any(value: Any, field: str) -> Any:
     return value
 
@@ -300,6 +309,7 @@ _CHECKS: dict[Kind, Callable[[Any, str], Any]] = {
     Kind.RANGE: _no_check,
     Kind.IDS: _ids,
     Kind.ARGS: _args,
+    Kind.PACKED: _packed,
     Kind.ANY: _any,
 }
 _PLANS: dict[type[Message], _Plan] = {cls: _Plan(cls) for cls in BY_TYPE.values()}

@@ -10,6 +10,12 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, ClassVar
 
+from .features import FEATURE_DETACH_ACK as FEATURE_DETACH_ACK
+from .features import FEATURE_PACKED_HOLDINGS as FEATURE_PACKED_HOLDINGS
+from .features import FEATURE_REATTACH as FEATURE_REATTACH
+from .features import FEATURE_SHUTDOWN_CODE as FEATURE_SHUTDOWN_CODE
+from .features import FEATURE_TAGS as FEATURE_TAGS
+from .features import SUPPORTED_FEATURES as SUPPORTED_FEATURES
 from .ranges import MemoryRange
 
 PROTOCOL_VERSION = 1
@@ -17,26 +23,6 @@ TOKEN_BYTES = 16
 MAX_NAME_LEN = 64
 MAX_REASON_LEN = 1024
 MAX_RELEASE_IDS = 1024
-
-# ---- feature negotiation -----------------------------------------------------------------------
-# A mapper offers a mask of feature bits in Hello; the manager answers in Welcome with the subset
-# it will use (offered & what it supports). A peer that sends a mask also accepts (and ignores)
-# unknown trailing fields on every message; optional trailing fields a feature adds are sent only
-# to a peer that negotiated that feature.
-
-#: Shutdown carries `code` (one of SHUTDOWN_CODES) after its text
-FEATURE_SHUTDOWN_CODE = 1 << 0
-#: the manager answers Detach with DetachAck; a mapper that negotiated it keeps its fd socket
-#: open until then (closing it first races the Detach, which then reaches no mapper)
-FEATURE_DETACH_ACK = 1 << 1
-#: SendMappings and ResendFd carry a `tag`, and an Error refusing one carries the same tag, so
-#: the mapper can fail the access waiting for it instead of letting it time out
-FEATURE_TAGS = 1 << 2
-#: re-registration after a manager restart: Welcome carries `state_id`, and a mapper may send
-#: Holdings (what it still maps) right after attaching
-FEATURE_REATTACH = 1 << 3
-#: every feature bit this release knows
-SUPPORTED_FEATURES = FEATURE_SHUTDOWN_CODE | FEATURE_DETACH_ACK | FEATURE_TAGS | FEATURE_REATTACH
 
 #: Shutdown codes: the mapper was cut off for not answering (it should drop its mappings)
 SHUTDOWN_EVICTED = "evicted"
@@ -58,6 +44,7 @@ class Kind(Enum):
     RANGE = "range"  # two u64 on the wire: start, size (page-aligned, size > 0, no overflow)
     IDS = "ids"  # array of u64, at most MAX_RELEASE_IDS
     ARGS = "args"  # map str -> (nil | bool | int | str), at most 16 entries
+    PACKED = "packed"  # bin of little-endian u64s (its length a multiple of 8)
     ANY = "any"  # any msgpack value (control replies only; produced by the trusted manager)
 
 
@@ -254,6 +241,27 @@ class Holdings(Message):
     CHANNELS = frozenset({Channel.FD})
     fds: tuple[int, ...]
     mappings: tuple[int, ...]
+
+
+#: one entry of PackedHoldings.fds and of PackedHoldings.mappings: the u64s of a Holdings
+#: entry, little-endian (struct formats)
+PACKED_FD_FORMAT = "<3Q"
+PACKED_MAPPING_FORMAT = "<5Q"
+
+
+@dataclass(frozen=True, slots=True)
+class PackedHoldings(Message):
+    """mapper -> manager (fd socket, FEATURE_PACKED_HOLDINGS): Holdings packed: `fds` holds
+    (mappable_id, st_dev, st_ino) and `mappings` (start, size, mappable_id, file_offset,
+    writable 0/1) entries, each u64 little-endian, one after the other. Checked and answered
+    as Holdings; several may be sent, each within the message size limit."""
+
+    TYPE = 32
+    FROM = frozenset({"mapper"})
+    FIELDS = (("fds", Kind.PACKED), ("mappings", Kind.PACKED))
+    CHANNELS = frozenset({Channel.FD})
+    fds: bytes
+    mappings: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -459,6 +467,7 @@ ALL_MESSAGES: tuple[type[Message], ...] = (
     SendMappings,
     ResendFd,
     Holdings,
+    PackedHoldings,
     Map,
     NoMapping,
     Unmap,

@@ -62,6 +62,22 @@ class RangeMap(Generic[T]):
         self._starts.insert(i, rng.start)
         self._entries.insert(i, (rng, value))
 
+    def insert_sorted(self, items: list[tuple[MemoryRange, T]]) -> None:
+        """Add `items` (in address order, not overlapping each other, none empty): in one
+        slice of each list when they all fall in one gap of the map (one memmove of the rest,
+        where inserting them one by one moved it once each), else one by one."""
+        if not items:
+            return
+        first, last = items[0][0], items[-1][0]
+        i = self._first_overlapping_index(first)
+        entries = self._entries
+        if (i == len(entries) or entries[i][0].start >= last.end) and first.start < last.end:
+            self._starts[i:i] = [rng.start for rng, _ in items]
+            entries[i:i] = items
+            return
+        for rng, value in items:
+            self.insert(rng, value)
+
     def remove(self, rng: MemoryRange) -> T:
         """Remove exactly `rng` (which must be present) and return its value."""
         i = bisect.bisect_left(self._starts, rng.start)
@@ -79,6 +95,11 @@ class RangeMap(Generic[T]):
         del self._starts[i:j]
         del self._entries[i:j]
         return out
+
+    def count_overlapping(self, rng: MemoryRange) -> int:
+        """How many entries overlap `rng` (two bisections)."""
+        i = self._first_overlapping_index(rng)
+        return bisect.bisect_left(self._starts, rng.end, lo=i) - i
 
     def lookup(self, addr: int) -> tuple[MemoryRange, T] | None:
         """The entry whose range contains `addr`, if any."""
