@@ -35,7 +35,7 @@ CUTTING_OPS = frozenset(
 MAX_DEFERRED = 256
 
 
-def cuts(op: str, args: dict[str, Any]) -> bool:
+def may_cut(op: str, args: dict[str, Any]) -> bool:
     """Whether control operation `op` with `args` may cut a mapping some mapper holds."""
     if op not in CUTTING_OPS:
         return False

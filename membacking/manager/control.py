@@ -15,7 +15,7 @@ from typing import Any
 from .. import units
 from ..protocol import messages as m
 from ..protocol.messages import PRIVATE_MAPPABLE, Channel
-from .awaited import cuts
+from .awaited import may_cut
 from .errors import Refused
 from .metrics import FD_WARN_SHARE, VERSION, process_info
 from .model import Disconnect, MapperEntry
@@ -404,7 +404,7 @@ def run_control(
     if handler is None:
         raise Refused("bad-request", f"unknown operation {op!r}")
     log.debug("control request %s %s", op, args)
-    if state.awaited.open and cuts(op, args):
+    if state.awaited.open and may_cut(op, args):
         # mappers of the previous manager may map what it cuts: it runs once they are back
         state.awaited.defer(identity, op, args)
         log.info("%s waits for mapper(s) to come back (pids %s)", op, state.awaited.pids())
