@@ -180,6 +180,12 @@ def test_the_journal_keeps_registered_and_awaited_mappers(state: ManagerState) -
     assert capture(state, state.store, state.state_id, "/run/x").mappers == (
         MapperRecord(3, 5151, 9),
     )
+    # a mapper of an awaited process registered again, not yet back: one record, not two
+    again = state.register_mapper("again", 5151)
+    state.welcome(again, m.SUPPORTED_FEATURES)
+    assert capture(state, state.store, state.state_id, "/run/x").mappers == (
+        MapperRecord(again.id, 5151, 9),
+    )
     # a new state restored from it awaits them once it begins
     fresh = ManagerState(MemfdStore(None), address_space=1 << 32)
     fresh.awaited = AwaitedMappers(started=RUNNING.get)

@@ -8,7 +8,7 @@ mappings waits (it is deferred, then run in order): the manager does not yet kno
 from __future__ import annotations
 
 import logging
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -79,8 +79,16 @@ class AwaitedMappers:
 
     def records(self) -> tuple[MapperRecord, ...]:
         """What the journal keeps: live mappers, and those still awaited (a crash now must
-        not forget them)."""
-        return (*self._live.values(), *self.waiting)
+        not forget them), but one record per mapper: an awaited one whose process has
+        registered again (and not yet told all it holds) is that live one, not a second."""
+        live = Counter(r.pid for r in self._live.values())
+        awaited = []
+        for record in self.waiting:
+            if live[record.pid]:
+                live[record.pid] -= 1
+            else:
+                awaited.append(record)
+        return (*self._live.values(), *awaited)
 
     # ---- after a restart -----------------------------------------------------------------------
 
