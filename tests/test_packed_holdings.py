@@ -222,3 +222,38 @@ def test_the_same_holdings_of_fresh_mappers_are_checked_once_per_state_of_the_ta
     assert list(third.held) == [MemoryRange(0, MiB)]
     store.close_all()
     sdir.release(remove=True)
+
+
+def test_packed_holdings_before_the_attach_are_checked_once_it_is_bound(tmp_path: Path) -> None:
+    """PackedHoldings sent right behind the Attach (which travels through ZeroMQ's I/O
+    threads) may arrive first: they are kept and checked once the stream is bound, the stale
+    ones unmapped after the Attached. Holdings arrays (a mapper of an earlier release sends
+    them only once attached) still need the stream."""
+    state, store, sdir = _state(tmp_path)
+    a_id = state.regions["a"].submappings[0].mappable_id
+    identity = store.identity(a_id)
+    assert identity is not None
+    fds = [a_id, *identity]
+    maps = [0, MiB, a_id, 0, 1, 8 * MiB, MiB, a_id, 0, 1]  # the second: nothing there
+    entry = state.register_mapper("early", 1)
+    state.welcome(entry, m.SUPPORTED_FEATURES)
+    for msg in [*holdings_messages(fds, maps, packed=True), m.PackedHoldings(b"", b"")]:
+        assert state.handle_fd_message(entry.id, msg) == []
+    assert len(entry.held) == 0 and state.rejected["not-attached"] == 0
+    out = state.handle_mapper(b"st", m.Attach(entry.id, entry.token, m.ROLE_STREAM_FD))
+    sent = [e.msg for e in out if isinstance(e, Send)]
+    assert sent[0] == m.Attached(m.ROLE_STREAM_FD)
+    assert [x.range for x in sent[1:] if isinstance(x, m.Unmap)] == [MemoryRange(8 * MiB, 9 * MiB)]
+    assert list(entry.held) == [MemoryRange(0, MiB)] and not entry.early_holdings
+    # arrays before the Attach: refused as before
+    other = state.register_mapper("arrays", 2)
+    state.welcome(other, m.SUPPORTED_FEATURES)
+    assert state.handle_fd_message(other.id, m.Holdings(tuple(fds), ())) == []
+    assert state.rejected["not-attached"] == 1
+    # and a mapper without the feature gets no such credit either
+    old = state.register_mapper("old", 3)
+    state.welcome(old, m.SUPPORTED_FEATURES & ~m.FEATURE_PACKED_HOLDINGS)
+    assert state.handle_fd_message(old.id, holdings_messages(fds, maps, True)[0]) == []
+    assert not old.early_holdings
+    store.close_all()
+    sdir.release(remove=True)

@@ -387,6 +387,8 @@ class Daemon(FdServer):
             elif any(isinstance(e, Send) and isinstance(e.msg, m.Error) for e in effects):
                 self._strikes.stranger(identity)
         self._apply(effects)
+        if isinstance(msg, m.Attach) and self.state.awaited.deferred:
+            self._replay_deferred()  # it may have brought Holdings sent before it (peers.py)
 
     def _undecodable(
         self, identity: bytes, mapper_id: int | None, reason: str, detail: str, answer: str

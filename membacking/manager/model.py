@@ -164,6 +164,8 @@ class MapperEntry:
     upgrading: bool = False
     #: feature bits negotiated at Hello (None: a mapper of an earlier release offered none)
     features: int | None = None
+    #: PackedHoldings that came before the stream's Attach: checked once it is bound
+    early_holdings: list[Message] = field(default_factory=list)
 
     @property
     def mode(self) -> str:

@@ -38,6 +38,11 @@ MAX_DEPARTED = 1024
 MAPPER_ID_BLOCK = 1024
 
 
+#: PackedHoldings a mapper may send before its stream's Attach arrives (more are checked as
+#: Holdings before Attach: refused)
+MAX_EARLY_HOLDINGS = 64
+
+
 class PeerState(TableState):
     """Adds the mapper registry (ids never reused) and mapper messages to the table."""
 
@@ -206,13 +211,27 @@ class PeerState(TableState):
         if isinstance(msg, m.ResendFd):
             return self.resend_fd(entry, msg.mappable_id)
         if isinstance(msg, (m.Holdings, m.PackedHoldings)):
-            from .reattach import take_holdings
-
-            effects = take_holdings(self, entry, msg)
-            if not msg.fds and not msg.mappings and self.awaited.open and entry.stream:
-                self.awaited.arrived(entry.pid)  # an empty one ends what it holds
-            return effects
+            if (
+                entry.stream is None
+                and isinstance(msg, m.PackedHoldings)
+                and entry.features is not None
+                and entry.features & m.FEATURE_PACKED_HOLDINGS
+                and len(entry.early_holdings) < MAX_EARLY_HOLDINGS
+            ):
+                # sent right behind the Attach, which travels through ZeroMQ's I/O threads
+                # and may come later: checked once the stream is bound (_attach)
+                entry.early_holdings.append(msg)
+                return []
+            return self._holdings(entry, msg)
         return None
+
+    def _holdings(self, entry: MapperEntry, msg: m.Holdings | m.PackedHoldings) -> list[Effect]:
+        from .reattach import take_holdings
+
+        effects = take_holdings(self, entry, msg)
+        if not msg.fds and not msg.mappings and self.awaited.open and entry.stream:
+            self.awaited.arrived(entry.pid)  # an empty one ends what it holds
+        return effects
 
     def _acknowledgement(self, entry: MapperEntry, msg: Message) -> list[Effect] | None:
         if isinstance(msg, m.UnmapAck):
@@ -245,7 +264,13 @@ class PeerState(TableState):
         else:
             entry.requests = identity
         self._by_identity[identity] = (entry.id, msg.role)  # as attached: logs name it so
-        return [Send(Channel.MAPPER, identity, m.Attached(msg.role))]
+        effects: list[Effect] = [Send(Channel.MAPPER, identity, m.Attached(msg.role))]
+        if role == m.ROLE_STREAM and entry.early_holdings:
+            early, entry.early_holdings = entry.early_holdings, []
+            for holdings in early:
+                assert isinstance(holdings, m.PackedHoldings)
+                effects += self._holdings(entry, holdings)
+        return effects
 
     def farewell(self, mapper_id: int, reason: str, code: str = m.SHUTDOWN_EVICTED) -> list[Effect]:
         """A Shutdown for a mapper about to be cut off, so it knows why (if still known)."""

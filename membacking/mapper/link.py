@@ -13,6 +13,7 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import zmq
 
@@ -61,7 +62,12 @@ class ManagerLink:
             self.close()
             raise
 
-    def _take(self, welcome: m.Welcome, stream: zmq.Socket[bytes]) -> None:
+    def _take(
+        self,
+        welcome: m.Welcome,
+        stream: zmq.Socket[bytes],
+        early: Callable[[], None] | None = None,
+    ) -> bool:
         """Use a new registration: the fd socket is `self.fd_sock`; attach the stream."""
         # from now on only the mapper thread reads it, and never blocks on it
         self.fd_sock.setblocking(False)
@@ -76,7 +82,10 @@ class ManagerLink:
         #: the memory the manager serves (None: it cannot tell, so nothing is kept across a
         #: restart)
         self.state_id = welcome.state_id if self.features & m.FEATURE_REATTACH else None
-        self.stream = self._attach(m.ROLE_STREAM_FD, stream)
+        if not self.features & m.FEATURE_PACKED_HOLDINGS:
+            early = None  # a manager of an earlier release takes Holdings only once attached
+        self.stream = self._attach(m.ROLE_STREAM_FD, stream, early)
+        return early is not None
 
     def drop_connection(self) -> None:
         """Close both sockets of a manager that is gone (mapper thread only): its stream socket
@@ -86,11 +95,13 @@ class ManagerLink:
         with contextlib.suppress(OSError):
             self.fd_sock.close()
 
-    def reconnect(self) -> None:
+    def reconnect(self, early: Callable[[], None] | None = None) -> bool:
         """Register again with the manager now serving the runtime directory (after its
         predecessor died): new fd socket, id, token and stream socket. Raises
         ManagerUnavailableError (or AttachError) if that cannot be done now. Mapper thread
-        only, with no access waiting on the fd socket."""
+        only, with no access waiting on the fd socket. `early` is called between the Attach
+        and its answer when the manager takes PackedHoldings then (FEATURE_PACKED_HOLDINGS):
+        True if it was."""
         self.drop_connection()
         self.fd_sock, welcome, stream = self._register(self.name)
         trace.mark(f"mapper.registered id={welcome.mapper_id}")
@@ -101,7 +112,7 @@ class ManagerLink:
                 f"the manager now serves an address space of {welcome.address_space:#x} bytes, "
                 f"not {self.address_space:#x}"
             )
-        self._take(welcome, stream)
+        return self._take(welcome, stream, early)
 
     def _unavailable(self, detail: str) -> ManagerUnavailableError:
         return ManagerUnavailableError(
@@ -211,8 +222,12 @@ class ManagerLink:
         sock.connect(self.paths.mapper_endpoint)
         return sock
 
-    def _attach(self, role: int, sock: zmq.Socket[bytes]) -> zmq.Socket[bytes]:
+    def _attach(
+        self, role: int, sock: zmq.Socket[bytes], meanwhile: Callable[[], None] | None = None
+    ) -> zmq.Socket[bytes]:
         sock.send(encode(m.Attach(self.mapper_id, self.token, role)))
+        if meanwhile is not None:  # while the Attach travels and is answered
+            meanwhile()
         if not sock.poll(int(self.timeout * 1000)):
             sock.close(0)
             raise AttachError(f"the manager did not answer Attach within {self.timeout:g}s")

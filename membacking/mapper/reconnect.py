@@ -158,9 +158,12 @@ def _register_again(
         watching = tried in (mapper.link.registered_socket, None) and time.monotonic() < watch_only
         if not watching:
             try:
-                mapper.link.reconnect()
+                # with PackedHoldings, what it holds goes right behind the Attach, not after
+                # its answer: one round trip less for each mapper (peers.py takes it)
+                restored = mapper.link.reconnect(lambda: _restore(mapper, old_state, old_id))
                 trace.mark(f"mapper.welcome old={old_id} new={mapper.link.mapper_id}")
-                _restore(mapper, old_state, old_id)
+                if not restored:
+                    _restore(mapper, old_state, old_id)
                 trace.mark(f"mapper.restored old={old_id}")
                 break
             except (ManagerUnavailableError, OSError, TimeoutError) as exc:  # not yet: try again
