@@ -411,9 +411,9 @@ def test_a_mapper_told_restarting_tries_no_registration_before_a_successor_binds
     tries: list[float] = []
     reconnect = ManagerLink.reconnect
 
-    def counted(link: ManagerLink) -> None:
+    def counted(link: ManagerLink, early: Any = None) -> bool:
         tries.append(time.monotonic())
-        reconnect(link)
+        return reconnect(link, early)
 
     monkeypatch.setattr(ManagerLink, "reconnect", counted)
     regions = ("--region", "ram0=0:8M")
@@ -562,4 +562,30 @@ def test_a_mapper_sends_what_it_holds_before_its_attach_is_answered(start_manage
         assert order[:2] == ["attach", "holdings"] and order.index("attached") > 1
         held = {r["name"]: r["holders"] for r in second.client().regions()}
         assert held["ram0"] and held["ram0"] == held["dev"]
+        assert memory.read_at(0x1000, 4) == b"kept"
+
+
+def test_a_bug_while_registering_again_fails_faults_instead_of_hanging_them(
+    start_manager: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected exception in the mapper thread's relink (a bug of ours) ends it as gone
+    for good: faults fail with ManagerGoneError naming it, mapped memory stays usable."""
+    import signal
+
+    import membacking
+    from membacking.mapper import reconnect
+
+    def broken(mapper: Any) -> bool:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(reconnect, "relink", broken)
+    regions = ("--region", "ram0=0:8M", "--region", "dev=0x10000000:1M")
+    first = start_manager(*regions)
+    with membacking.attach(first.runtime_dir, reconnect_timeout=30.0) as memory:
+        memory.write_at(0x1000, b"kept")
+        first.stop(signal.SIGKILL)
+        started = time.monotonic()
+        with pytest.raises(membacking.ManagerGoneError, match="registering again failed: a bug"):
+            memory.read_at(0x10000000, 1)
+        assert time.monotonic() - started < 10
         assert memory.read_at(0x1000, 4) == b"kept"

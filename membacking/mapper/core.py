@@ -138,7 +138,11 @@ class VaMapper:
                 break
             # False: no manager took the mapper back in time (it is gone for good, and serves
             # on: mapped memory keeps its lease, new faults fail) or the mapper is closing
-            reconnect.relink(self)
+            try:
+                reconnect.relink(self)
+            except Exception as exc:  # a bug of ours: faults fail rather than wait forever
+                log.exception("mapper %d: registering again failed", self.id)
+                self.gone_for_good(f"registering again failed: {exc}")
         self.relinked.set()
 
     def _serve(self) -> None:
@@ -255,10 +259,6 @@ class VaMapper:
         self.waiters.shutdown(reason)
         self._detach_acked.set()  # nobody left to answer a Detach
 
-    def drop_mappings(self, reason: str) -> None:
-        """The manager no longer backs anything here: see lease.drop_every_mapping."""
-        drop_every_mapping(self, reason)
-
     def _drain_stream(self) -> None:
         """Apply the messages waiting on the stream, which the poller found readable."""
         ready = self._stream_ready
@@ -306,7 +306,7 @@ class VaMapper:
             self.gone = None
             reason = describe_shutdown(msg.reason)
             if drops_mappings(msg):
-                self.drop_mappings(reason)
+                drop_every_mapping(self, reason)  # the manager backs nothing here now
             self.manager_gone(reason, final=msg.code != m.SHUTDOWN_RESTARTING, announced=True)
         elif isinstance(msg, m.DetachAck):
             self._detach_acked.set()

@@ -76,7 +76,10 @@ def _fault_once(mapper: VaMapper, gpa: int, end: int, write: bool) -> None:
             if reconnect.relink_coming(mapper, sent_as):
                 raise reconnect.Relink() from None
             why = exc.strerror or str(exc)
-            raise ManagerGoneError(f"cannot reach the manager: {why}", gpa) from None
+            # the reason the mapper gave up on its manager, if it did, says more
+            raise unserved(mapper, gpa) or ManagerGoneError(
+                f"cannot reach the manager: {why}", gpa
+            ) from None
     if not waiter.wait(mapper.fault_timeout):
         mapper.waiters.discard(waiter)
         raise GuestMemoryError(
