@@ -285,3 +285,18 @@ def test_a_mapper_that_does_not_come_back_is_killed_under_evict_kill(
     stats = second.client().stats()
     assert stats["evict_kills"] == 1
     assert "did not come back" in second.log()
+
+
+def test_a_handover_waits_for_the_changes_that_wait_for_mappers(state: ManagerState) -> None:
+    """A change deferred until the mappers of the manager before are back is a change not
+    done: the running daemon refuses to hand over meanwhile (`busy`: the new process asks
+    again), rather than end it with `shutting-down`."""
+    from membacking.manager.handover import what_is_handed_over
+
+    state.add_region("a", 0, MiB, True)
+    state.awaited.adopt((MapperRecord(3, 4242, 77),))
+    state.awaited.begin(0.0, 30.0)
+    assert what_is_handed_over(state)[0] == []
+    assert _remove(state, "a") == []  # deferred
+    pending, _ = what_is_handed_over(state)
+    assert pending == ["1 waiting for mappers to come back"]

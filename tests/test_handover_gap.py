@@ -589,3 +589,22 @@ def test_a_bug_while_registering_again_fails_faults_instead_of_hanging_them(
             memory.read_at(0x10000000, 1)
         assert time.monotonic() - started < 10
         assert memory.read_at(0x1000, 4) == b"kept"
+
+
+def test_closing_a_link_never_waits_for_a_socket_an_error_left_open() -> None:
+    """A socket of the link's ZeroMQ context left open by an error (an Attach that failed
+    half-way) with a message queued would make the context's term() wait for it forever: a
+    `mapper attach` or `mem read` hung so. Closing the link closes such sockets at once."""
+    from membacking.mapper.link import ManagerLink
+
+    link = ManagerLink.__new__(ManagerLink)
+    link.ctx = zmq.Context()
+    stray = link.ctx.socket(zmq.DEALER)
+    stray.setsockopt(zmq.LINGER, -1)  # wait forever to deliver
+    stray.connect("ipc:///nonexistent-membacking-test/stray.ipc")
+    stray.send(b"never delivered")
+    link.fd_sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    closing = threading.Thread(target=link.close, daemon=True)
+    closing.start()
+    closing.join(5)
+    assert not closing.is_alive()

@@ -95,6 +95,8 @@ def what_is_handed_over(state: ManagerState) -> tuple[list[str], int]:
     """What the handover's answer reads of the state: the changes not finished (waiting for
     acknowledgements or for their later steps), and how many regions it hands over."""
     pending = sorted({op.what for op in state.unfinished()})
+    if state.awaited.deferred:  # changes that wait for mappers of the manager before to be back
+        pending.append(f"{state.awaited.deferred} waiting for mappers to come back")
     return pending, sum(not r.removing for r in state.regions.values())
 
 

@@ -53,7 +53,7 @@ class ManagerLink:
         try:
             self.fd_sock, welcome, stream = self._register(name)
         except BaseException:
-            self.ctx.term()
+            self.ctx.destroy(linger=0)
             raise
         try:
             self._take(welcome, stream)
@@ -314,6 +314,8 @@ class ManagerLink:
             sock.close()
         ctx = getattr(self, "ctx", None)
         if ctx is not None:
-            ctx.term()
+            # a socket an error left open (an Attach that failed half-way) would make term()
+            # wait for it forever: destroy closes those at once, and waits for the rest
+            ctx.destroy(linger=0)
         with contextlib.suppress(OSError):
             self.fd_sock.close()
