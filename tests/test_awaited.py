@@ -9,6 +9,8 @@ import dataclasses
 import os
 import signal
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +33,7 @@ from membacking.protocol.messages import Channel
 from membacking.protocol.ranges import MemoryRange
 from membacking.runtime import RuntimePaths
 
-from conftest import RunningManager, Worker, WorkerError
+from conftest import RunningManager, Worker, WorkerError, cli_env
 
 MiB = 1 << 20
 #: the processes the state machine tests pretend run: pid -> start time
@@ -253,7 +255,23 @@ def test_a_removal_after_a_restart_reaches_a_mapper_not_back_yet(
         thread, result = _remove_async(second, "dev")
         thread.join(1.5)
         assert result == [], result  # it waits for the stopped mapper
-        assert second.client().status()["deferred"] == 1
+        status = second.client().status()
+        assert status["deferred"] == 1
+        assert status["health"] == "degraded"
+        assert status["problems"] == [f"1 change(s) wait for pid(s) {worker.pid} to come back"]
+        # the command line says what it waits for (not an acknowledgement, nor an eviction)
+        cli = subprocess.Popen(
+            [sys.executable, "-m", "membacking", "region", "disable", "ram0"],
+            env=cli_env(second.runtime_dir),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(3.0)
+        cli.kill()
+        _, err = cli.communicate(10)
+        said = f"waiting for the mapper(s) of the manager before the restart (pid {worker.pid})"
+        assert said in err
+        assert "evicted" not in err
     finally:
         os.kill(worker.pid, signal.SIGCONT)
     thread.join(30)

@@ -313,12 +313,21 @@ def _wait_showing_holders(
                 for w in status["waiting_on"]
             )
             waited = units.format_duration(time.monotonic() - started)
-            click.echo(
-                f"{doing} for {waited}: waiting for "
-                f"{holders or 'the last acknowledgement'} {what} "
-                f"(a mapper is evicted after {limit})",
-                err=True,
-            )
+            awaited = status.get("awaited") or []
+            if awaited and not holders:  # held until the mappers of the manager before are back
+                pids = ", ".join(str(a["pid"]) for a in awaited)
+                left = units.format_duration(awaited[0]["seconds_left"])
+                line = (
+                    f"{doing} for {waited}: waiting for the mapper(s) of the manager before "
+                    f"the restart (pid {pids}) to come back, at most {left} more"
+                )
+            else:
+                line = (
+                    f"{doing} for {waited}: waiting for "
+                    f"{holders or 'the last acknowledgement'} {what} "
+                    f"(a mapper is evicted after {limit})"
+                )
+            click.echo(line, err=True)
             sys.stderr.flush()
         except MembackingError:
             pass  # the answer, or its error, comes from `call`

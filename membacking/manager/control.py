@@ -200,6 +200,9 @@ def _status(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[
     ]
     if waiting:
         problems.append("waiting on mapper(s) " + ", ".join(str(w["id"]) for w in waiting))
+    if state.awaited.deferred:  # changes held until the mappers of the manager before are back
+        pids = ", ".join(str(r.pid) for r in state.awaited.waiting)
+        problems.append(f"{state.awaited.deferred} change(s) wait for pid(s) {pids} to come back")
     return _reply(
         identity,
         {
