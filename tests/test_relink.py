@@ -1,0 +1,218 @@
+"""A mapper registering again after its manager restarted or was handed over: it connects its
+stream socket while the Hello is answered, waits for a successor without failing tries, tells
+what it holds right behind its Attach, and never hangs: a bug or a socket left open by an
+error ends in a clear failure."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import zmq
+
+from membacking.mapper.core import VaMapper
+from membacking.protocol import messages as m
+
+from conftest import short_tmpdir
+
+
+def test_the_stream_socket_connects_while_the_hello_is_answered() -> None:
+    """A mapper connects its ZeroMQ stream socket as soon as fd.sock took its connection, not
+    after the Welcome: the handshake overlaps the Hello's round trip (one hop less for every
+    mapper registering again after a handover). Here the manager's side holds the Welcome back
+    until the stream's connection has been accepted."""
+    from membacking.mapper.link import ManagerLink
+    from membacking.protocol.codec import encode
+    from membacking.protocol.fdpass import recv_message, send_message
+    from membacking.runtime import RuntimePaths
+
+    runtime = short_tmpdir()
+    paths = RuntimePaths.resolve(runtime)
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    monitor = router.get_monitor_socket(zmq.EVENT_ACCEPTED)
+    router.bind(paths.mapper_endpoint)
+    listen = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listen.bind(str(paths.fd_socket))
+    listen.listen(1)
+    accepted_before_welcome: list[bool] = []
+
+    def manager() -> None:
+        conn, _ = listen.accept()
+        with conn:
+            recv_message(conn)  # the Hello
+            accepted_before_welcome.append(bool(monitor.poll(5000)))
+            send_message(conn, m.Welcome(1, b"t" * 16, 1 << 32, 4096, m.SUPPORTED_FEATURES))
+            identity, _ = router.recv_multipart()  # the Attach
+            router.send_multipart([identity, encode(m.Attached(m.ROLE_STREAM_FD))])
+            conn.recv(1)  # until the mapper closes
+
+    thread = threading.Thread(target=manager, daemon=True)
+    thread.start()
+    try:
+        link = ManagerLink(paths, "early", timeout=10.0)
+        link.close()
+        thread.join(10)
+        assert accepted_before_welcome == [True]
+    finally:
+        listen.close()
+        monitor.close()
+        router.close(0)
+        ctx.term()
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_a_mapper_told_restarting_tries_no_registration_before_a_successor_binds(
+    start_manager: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A manager that said `restarting` is going: until its successor binds a new fd.sock a
+    try can only fail, and its CPU is spent just when the old manager finishes and the new one
+    starts. The mapper waits for the new socket first, then registers at once."""
+    import signal
+
+    import membacking
+    from membacking.mapper.link import ManagerLink
+
+    tries: list[float] = []
+    reconnect = ManagerLink.reconnect
+
+    def counted(link: ManagerLink, early: Any = None) -> bool:
+        tries.append(time.monotonic())
+        return reconnect(link, early)
+
+    monkeypatch.setattr(ManagerLink, "reconnect", counted)
+    regions = ("--region", "ram0=0:8M")
+    first = start_manager(*regions, "--keep-state")
+    with membacking.attach(first.runtime_dir, reconnect_timeout=30.0) as memory:
+        memory.write_at(0x1000, b"kept")
+        again = threading.Event()
+        memory.on_registered_again(lambda kept, old_id: again.set())
+        old_stream = memory._mapper.link.stream
+        first.stop(signal.SIGTERM)  # Shutdown `restarting`
+        time.sleep(0.3)
+        assert tries == []  # no successor yet: nothing tried
+        # its sockets are closed already: the stream socket would connect to the successor's
+        # endpoint by itself
+        assert old_stream.closed
+        bound = time.monotonic()
+        start_manager(*regions, runtime_dir=first.runtime_dir)
+        assert again.wait(15)
+        assert len(tries) == 1 and tries[0] >= bound
+        assert memory.read_at(0x1000, 4) == b"kept"
+
+
+def test_a_fault_woken_when_the_wait_for_a_manager_runs_out_reads_why() -> None:
+    """The end of the reconnect wait wakes the faults waiting for a relink: `gone` is set
+    before they wake, or one of them finds it unset, sends on the closed fd socket and fails
+    with 'Bad file descriptor' instead of the reason."""
+    seen: list[str | None] = []
+    mapper: Any = SimpleNamespace(
+        id=1,
+        gone=None,
+        waiters=SimpleNamespace(shutdown=lambda reason: None),
+        _detach_acked=threading.Event(),
+    )
+
+    class Waking(threading.Event):
+        def set(self) -> None:
+            seen.append(mapper.gone)  # what a fault woken now reads
+            super().set()
+
+    mapper.relinked = Waking()
+    VaMapper.gone_for_good(mapper, "no manager took this mapper back within 1.5s")
+    assert seen == ["no manager took this mapper back within 1.5s"]
+
+
+def test_a_mapper_sends_what_it_holds_before_its_attach_is_answered(start_manager: Any) -> None:
+    """Registering again with a manager that takes PackedHoldings, a mapper tells what it
+    holds right behind its Attach, without waiting for the Attached (one round trip less per
+    mapper in a handover's gap); what it told is checked once the stream is bound."""
+    import signal
+
+    import membacking
+    from membacking.mapper.link import ManagerLink
+
+    order: list[str] = []
+    attach, send = ManagerLink._attach, ManagerLink.send
+
+    def attaching(link: ManagerLink, role: int, sock: Any, meanwhile: Any = None) -> Any:
+        order.append("attach")
+        result = attach(link, role, sock, meanwhile)
+        order.append("attached")
+        return result
+
+    def sending(link: ManagerLink, msg: m.Message) -> None:
+        if isinstance(msg, m.PackedHoldings):
+            order.append("holdings")
+        send(link, msg)
+
+    regions = ("--region", "ram0=0:8M", "--region", "dev=0x10000000:1M")
+    first = start_manager(*regions)
+    with membacking.attach(first.runtime_dir, reconnect_timeout=30.0) as memory:
+        memory.write_at(0x1000, b"kept")
+        memory.write_at(0x10000000, b"dev")
+        again = threading.Event()
+        memory.on_registered_again(lambda kept, old_id: again.set())
+        ManagerLink._attach = attaching  # type: ignore[method-assign]
+        ManagerLink.send = sending  # type: ignore[method-assign]
+        try:
+            first.stop(signal.SIGKILL)
+            second = start_manager(*regions, runtime_dir=first.runtime_dir)
+            assert again.wait(15)
+        finally:
+            ManagerLink._attach = attach  # type: ignore[method-assign]
+            ManagerLink.send = send  # type: ignore[method-assign]
+        assert order[:2] == ["attach", "holdings"] and order.index("attached") > 1
+        held = {r["name"]: r["holders"] for r in second.client().regions()}
+        assert held["ram0"] and held["ram0"] == held["dev"]
+        assert memory.read_at(0x1000, 4) == b"kept"
+
+
+def test_a_bug_while_registering_again_fails_faults_instead_of_hanging_them(
+    start_manager: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unexpected exception in the mapper thread's relink (a bug of ours) ends it as gone
+    for good: faults fail with ManagerGoneError naming it, mapped memory stays usable."""
+    import signal
+
+    import membacking
+    from membacking.mapper import reconnect
+
+    def broken(mapper: Any) -> bool:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(reconnect, "relink", broken)
+    regions = ("--region", "ram0=0:8M", "--region", "dev=0x10000000:1M")
+    first = start_manager(*regions)
+    with membacking.attach(first.runtime_dir, reconnect_timeout=30.0) as memory:
+        memory.write_at(0x1000, b"kept")
+        first.stop(signal.SIGKILL)
+        started = time.monotonic()
+        with pytest.raises(membacking.ManagerGoneError, match="registering again failed: a bug"):
+            memory.read_at(0x10000000, 1)
+        assert time.monotonic() - started < 10
+        assert memory.read_at(0x1000, 4) == b"kept"
+
+
+def test_closing_a_link_never_waits_for_a_socket_an_error_left_open() -> None:
+    """A socket of the link's ZeroMQ context left open by an error (an Attach that failed
+    half-way) with a message queued would make the context's term() wait for it forever: a
+    `mapper attach` or `mem read` hung so. Closing the link closes such sockets at once."""
+    from membacking.mapper.link import ManagerLink
+
+    link = ManagerLink.__new__(ManagerLink)
+    link.ctx = zmq.Context()
+    stray = link.ctx.socket(zmq.DEALER)
+    stray.setsockopt(zmq.LINGER, -1)  # wait forever to deliver
+    stray.connect("ipc:///nonexistent-membacking-test/stray.ipc")
+    stray.send(b"never delivered")
+    link.fd_sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    closing = threading.Thread(target=link.close, daemon=True)
+    closing.start()
+    closing.join(5)
+    assert not closing.is_alive()
