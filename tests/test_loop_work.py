@@ -4,9 +4,12 @@ soon after, and the mapper served meanwhile."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import threading
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -59,12 +62,10 @@ def test_the_loop_finishes_what_a_removal_left_for_later() -> None:
         shutil.rmtree(runtime, ignore_errors=True)
 
 
-def test_the_loop_sends_an_eager_replay_a_batch_at_a_time() -> None:
-    """A mapper becoming eager over many regions: the replay goes out in batches the loop
-    sends between the messages it serves (state.step), and ends with every region mapped."""
-    from membacking.manager.steps import STEP_MESSAGES
-
-    count = 3 * STEP_MESSAGES
+@contextlib.contextmanager
+def _daemon_of(count: int, on_step: Callable[[Daemon], None]) -> Iterator[tuple[Daemon, Path]]:
+    """A daemon in this process serving `count` regions of a page each (a page apart), every
+    call of its state's `step` reported to `on_step` first; stopped and cleaned up after."""
     runtime = short_tmpdir()
     regions = [RegionSpec(f"r{i}", i * 2 * PAGE, PAGE) for i in range(count)]
     config = ManagerConfig(
@@ -74,35 +75,46 @@ def test_the_loop_sends_an_eager_replay_a_batch_at_a_time() -> None:
     ready = threading.Event()
     thread = threading.Thread(target=daemon.run, args=(lambda d: ready.set(), False))
     thread.start()
-    worker = other = None
-    steps = 0
     real_step = daemon.state.step
 
     def counted_step() -> list[object]:
-        nonlocal steps
-        steps += 1
+        on_step(daemon)
         return real_step()  # type: ignore[return-value]
 
     daemon.state.step = counted_step  # type: ignore[method-assign]
     try:
         assert ready.wait(30)
-        worker = Worker(runtime, "eager")
-        other = Worker(runtime, "other")
-        worker.send("eager")
-        assert other.ask(f"read {2 * PAGE:#x} 1") == "00"  # served meanwhile
-        assert worker.answer(timeout=30) == ""
-        mapped = worker.ask("mapped").split(",")
-        assert len(mapped) == count
-        assert steps >= 2  # the rest of the replay, after the first batch
-        modes = {e.name: e.mode for e in daemon.state.mappers.values()}
-        assert modes == {"eager": "eager", "other": "lazy"}
+        yield daemon, runtime
     finally:
-        for w in (worker, other):
-            if w is not None:
-                w.close()
         daemon.stop()
         thread.join(30)
         shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_the_loop_sends_an_eager_replay_a_batch_at_a_time() -> None:
+    """A mapper becoming eager over many regions: the replay goes out in batches the loop
+    sends between the messages it serves (state.step), and ends with every region mapped."""
+    from membacking.manager.steps import STEP_MESSAGES
+
+    count = 3 * STEP_MESSAGES
+    steps: list[int] = []
+    worker = other = None
+    with _daemon_of(count, lambda d: steps.append(1)) as (daemon, runtime):
+        try:
+            worker = Worker(runtime, "eager")
+            other = Worker(runtime, "other")
+            worker.send("eager")
+            assert other.ask(f"read {2 * PAGE:#x} 1") == "00"  # served meanwhile
+            assert worker.answer(timeout=30) == ""
+            mapped = worker.ask("mapped").split(",")
+            assert len(mapped) == count
+            assert len(steps) >= 2  # the rest of the replay, after the first batch
+            modes = {e.name: e.mode for e in daemon.state.mappers.values()}
+            assert modes == {"eager": "eager", "other": "lazy"}
+        finally:
+            for w in (worker, other):
+                if w is not None:
+                    w.close()
 
 
 def test_the_loop_puts_a_large_activation_in_place_a_batch_at_a_time() -> None:
@@ -115,53 +127,38 @@ def test_the_loop_puts_a_large_activation_in_place_a_batch_at_a_time() -> None:
 
     count = 2 * STEP_MESSAGES * PIECES_PER_MESSAGE  # more than one turn places
     last = (count - 1) * 2 * PAGE
-    runtime = short_tmpdir()
-    regions = [RegionSpec(f"r{i}", i * 2 * PAGE, PAGE) for i in range(count)]
-    config = ManagerConfig(
-        runtime_dir=runtime, regions=regions, persist=PersistConfig(enabled=False)
-    )
-    daemon = Daemon(config)
-    ready = threading.Event()
-    thread = threading.Thread(target=daemon.run, args=(lambda d: ready.set(), False))
-    thread.start()
-    worker = eager = None
-    places = 0
-    real_step = daemon.state.step
+    places: list[int] = []
 
-    def counted_step() -> list[object]:
-        nonlocal places
+    def placing(daemon: Daemon) -> None:
         queue = daemon.state.steps._queue
-        places += bool(queue) and isinstance(queue[0], Place)
-        return real_step()  # type: ignore[return-value]
+        if queue and isinstance(queue[0], Place):
+            places.append(1)
 
-    daemon.state.step = counted_step  # type: ignore[method-assign]
-    try:
-        assert ready.wait(30)
-        worker = Worker(runtime, "lazy")
-        worker.ask(f"write {last:#x} ab")
-        client = ControlClient(runtime)
-        client.add_region("cover", 0, count * 2 * PAGE, priority=1)
-        assert worker.ask(f"read {last:#x} 1") == "00"  # the cover's memory, held now
-        eager = Worker(runtime, "eager")
-        eager.send("eager")
-        assert eager.answer(timeout=30) == ""
-        reply = client.disable_region("cover")
-        assert reply["state"] == "disabled"
-        assert places >= 2  # the pieces went in place over several turns
-        assert worker.ask(f"read {last:#x} 1") == "ab"
-        assert len(eager.ask("mapped").split(",")) == count
-        lazy = daemon.state.mappers[worker.mapper_id]
-        assert len(lazy.held) == count  # refilled with every region it lost the cover over
-        # hidden again: each of the two mappers gets one Unmap spanning every region
-        unmaps = client.stats()["unmaps_sent"]
-        client.enable_region("cover")
-        assert client.stats()["unmaps_sent"] - unmaps == 2
-        assert worker.ask(f"read {last:#x} 1") == "00"
-        assert eager.ask("mapped").split(",") == [f"{0:#x}-{count * 2 * PAGE:#x}"]
-    finally:
-        for w in (worker, eager):
-            if w is not None:
-                w.close()
-        daemon.stop()
-        thread.join(30)
-        shutil.rmtree(runtime, ignore_errors=True)
+    worker = eager = None
+    with _daemon_of(count, placing) as (daemon, runtime):
+        try:
+            worker = Worker(runtime, "lazy")
+            worker.ask(f"write {last:#x} ab")
+            client = ControlClient(runtime)
+            client.add_region("cover", 0, count * 2 * PAGE, priority=1)
+            assert worker.ask(f"read {last:#x} 1") == "00"  # the cover's memory, held now
+            eager = Worker(runtime, "eager")
+            eager.send("eager")
+            assert eager.answer(timeout=30) == ""
+            reply = client.disable_region("cover")
+            assert reply["state"] == "disabled"
+            assert len(places) >= 2  # the pieces went in place over several turns
+            assert worker.ask(f"read {last:#x} 1") == "ab"
+            assert len(eager.ask("mapped").split(",")) == count
+            lazy = daemon.state.mappers[worker.mapper_id]
+            assert len(lazy.held) == count  # refilled with every region it lost the cover over
+            # hidden again: each of the two mappers gets one Unmap spanning every region
+            unmaps = client.stats()["unmaps_sent"]
+            client.enable_region("cover")
+            assert client.stats()["unmaps_sent"] - unmaps == 2
+            assert worker.ask(f"read {last:#x} 1") == "00"
+            assert eager.ask("mapped").split(",") == [f"{0:#x}-{count * 2 * PAGE:#x}"]
+        finally:
+            for w in (worker, eager):
+                if w is not None:
+                    w.close()
