@@ -318,3 +318,37 @@ def test_a_handover_waits_for_the_changes_that_wait_for_mappers(state: ManagerSt
     assert _remove(state, "a") == []  # deferred
     pending, _ = what_is_handed_over(state)
     assert pending == ["1 waiting for mappers to come back"]
+
+
+def test_a_mapper_whose_wait_ran_out_is_named_until_it_is_back_or_ends(
+    state: ManagerState,
+) -> None:
+    """Past its wait a mapper of the manager before still runs and may still map what changes
+    remove: their answers name it (`not_back`), the journal keeps it (a crash now must not
+    forget it), until it comes back (its stale mappings are then unmapped) or ends."""
+    from membacking.manager.model import removal_summary
+
+    state.add_region("a", 0, MiB, True)
+    state.add_region("b", 2 * MiB, MiB, True)
+    a_id = state.regions["a"].submappings[0].mappable_id
+    state.awaited.adopt((MapperRecord(3, 4242, 77),))
+    state.awaited.begin(0.0, 30.0)
+    assert [r.pid for r in state.awaited.tick(30.0)] == [4242]  # its wait ran out
+    assert not state.awaited.open and state.awaited.not_back() == [4242]
+    assert [r.pid for r in state.awaited.records()] == [4242]  # still journaled
+    [reply] = _remove(state, "b")
+    assert isinstance(reply, m.ControlReply)
+    assert reply.result["unmapped_from"] == [] and reply.result["not_back"] == [4242]
+    assert "pid 4242 did not come back" in removal_summary(reply.result)
+    # it comes back late: what it held of a is kept, and it is no longer named
+    mapper_id, _ = _back(state, 4242, (0, MiB, a_id, 0, 1))
+    assert state.awaited.not_back() == []
+    assert [r.mapper_id for r in state.awaited.records()] == [mapper_id]  # as it is now
+    # one that ends instead is forgotten at the next tick
+    state.awaited.adopt((MapperRecord(5, 5151, 9),))
+    state.awaited.begin(40.0, 30.0)
+    state.awaited.tick(70.0)
+    assert state.awaited.not_back() == [5151]
+    del RUNNING[5151]
+    state.awaited.tick(71.0)
+    assert state.awaited.not_back() == []

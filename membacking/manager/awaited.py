@@ -56,6 +56,10 @@ class AwaitedMappers:
         self._adopted: list[MapperRecord] = []
         #: records of the previous manager's mappers not back yet
         self.waiting: list[MapperRecord] = []
+        #: those whose wait ran out while their process still runs: they may still map memory
+        #: that changes since removed (named in their answers: `not_back`); kept in the journal
+        #: until they come back or end, so a crash does not forget them
+        self.gave_up: list[MapperRecord] = []
         #: when the wait ends for those not back (monotonic seconds)
         self.deadline = 0.0
         #: the journal no longer lists exactly `records()`: write it within a second
@@ -83,7 +87,7 @@ class AwaitedMappers:
         registered again (and not yet told all it holds) is that live one, not a second."""
         live = Counter(r.pid for r in self._live.values())
         awaited = []
-        for record in self.waiting:
+        for record in (*self.waiting, *self.gave_up):
             if live[record.pid]:
                 live[record.pid] -= 1
             else:
@@ -126,17 +130,27 @@ class AwaitedMappers:
 
     def arrived(self, pid: int) -> bool:
         """A mapper of process `pid` told all it holds: one record of that pid is done."""
-        for i, record in enumerate(self.waiting):
-            if record.pid == pid:
-                del self.waiting[i]
-                self.dirty = True
-                log.info("mapper %d (pid %d) is back", record.mapper_id, pid)
-                return True
+        for records in (self.waiting, self.gave_up):
+            for i, record in enumerate(records):
+                if record.pid == pid:
+                    del records[i]
+                    self.dirty = True
+                    late = " (after its wait ran out)" if records is self.gave_up else ""
+                    log.info("mapper %d (pid %d) is back%s", record.mapper_id, pid, late)
+                    return True
         return False
+
+    def not_back(self) -> list[int]:
+        """Pids of the mappers whose wait ran out and whose process still runs."""
+        return sorted(r.pid for r in self.gave_up)
 
     def tick(self, now: float) -> list[MapperRecord]:
         """Each second: forget the awaited mappers whose process ended; once the wait ran
-        out, forget the rest too and return them (they may still map memory)."""
+        out, stop awaiting the rest and return them (they may still map memory: `gave_up`)."""
+        if self.gave_up:
+            running = [r for r in self.gave_up if self._runs(r)]
+            if len(running) != len(self.gave_up):
+                self.gave_up, self.dirty = running, True
         if not self.waiting:
             return []
         alive = [r for r in self.waiting if self._runs(r)]
@@ -149,6 +163,7 @@ class AwaitedMappers:
         if not alive or now < self.deadline:
             return []
         self.waiting = []
+        self.gave_up += alive
         self.dirty = True
         return alive
 

@@ -212,6 +212,12 @@ def removal_summary(result: dict[str, Any]) -> str:
         mappers = "mapper " if len(ids) == 1 else "mappers "
         parts.append("unmapped from " + mappers + ", ".join(map(str, ids)))
     parts += evictions(result)
+    if result.get("not_back"):
+        pids = ", ".join(map(str, result["not_back"]))
+        parts.append(
+            f"the mapper(s) of pid {pids} did not come back after the restart and may still map "
+            "it (--evict-kill ends them)"
+        )
     return "; ".join(parts) or "no mapper held it"
 
 

@@ -229,8 +229,9 @@ class PeerState(TableState):
         from .reattach import take_holdings
 
         effects = take_holdings(self, entry, msg)
-        if not msg.fds and not msg.mappings and self.awaited.open and entry.stream:
-            self.awaited.arrived(entry.pid)  # an empty one ends what it holds
+        awaited = self.awaited
+        if not msg.fds and not msg.mappings and (awaited.open or awaited.gave_up) and entry.stream:
+            awaited.arrived(entry.pid)  # an empty one ends what it holds
         return effects
 
     def _acknowledgement(self, entry: MapperEntry, msg: Message) -> list[Effect] | None:

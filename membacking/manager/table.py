@@ -448,6 +448,9 @@ class TableState:
                 "evicted": sorted(op.evicted),
                 "evicted_why": {str(i): why for i, why in sorted(op.evicted.items())},
             }
+        awaited = getattr(self, "awaited", None)  # (peers.py: mappers gone past their wait)
+        if awaited is not None and awaited.gave_up and isinstance(result, dict):
+            result = {**result, "not_back": awaited.not_back()}
         return [Send(Channel.CONTROL, op.reply_to, m.ControlReply(result))]
 
     def _reply_error(self, op: Operation, code: str, text: str) -> list[Effect]:
