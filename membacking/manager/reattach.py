@@ -93,8 +93,9 @@ def take_holdings(
             return []
         # Mappers that map the same memory (every device model maps all of guest RAM) tell
         # the same bytes: a fresh mapper's are checked once per state of the table
-        fresh = not entry.fds_sent and not len(entry.held) and _identities(state) is not None
-        key = (msg.fds, msg.mappings, state.table_generation, _identities(state))
+        identities = _identities(state)
+        fresh = not entry.fds_sent and not len(entry.held) and identities is not None
+        key = (msg.fds, msg.mappings, state.table_generation, identities)
         cached = state._holdings_verdict
         if fresh and cached is not None and cached[0] == key:
             return _apply(state, entry, cached[1], len(msg.mappings) // _MAPPING_BYTES)

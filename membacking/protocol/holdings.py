@@ -55,11 +55,11 @@ def holdings_messages(
     if len(fds) % m.HOLDING_FD_LEN or len(mappings) % m.HOLDING_MAPPING_LEN:
         raise ValueError("holdings of the wrong length")
     if packed:
-        return list(
-            packed_messages(
-                struct.pack(f"<{len(fds)}Q", *fds), struct.pack(f"<{len(mappings)}Q", *mappings)
-            )
+        fd_bytes, map_bytes = (
+            struct.pack(f"<{len(fds)}Q", *fds),
+            struct.pack(f"<{len(mappings)}Q", *mappings),
         )
+        return [*packed_messages(fd_bytes, map_bytes)]
     fd_step = m.MAX_RELEASE_IDS // m.HOLDING_FD_LEN * m.HOLDING_FD_LEN
     map_step = m.MAX_RELEASE_IDS // m.HOLDING_MAPPING_LEN * m.HOLDING_MAPPING_LEN
     out: list[m.Holdings | m.PackedHoldings] = [
