@@ -10,7 +10,9 @@ answer ever finds a hole where a region is active.
 from __future__ import annotations
 
 import bisect
+import operator
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 from ..protocol.ranges import MemoryRange
@@ -20,6 +22,7 @@ from .regions import Region, SubMapping
 if TYPE_CHECKING:
     from .table import Lost, TableState
 
+_GPA = operator.attrgetter("gpa")
 #: pieces a step puts in the table per message of its budget (about 3 us each, a message 10)
 PIECES_PER_MESSAGE = 3
 
@@ -32,22 +35,26 @@ class Unplaced:
     def __init__(self) -> None:
         self._starts: list[int] = []
         self._regions: list[Region] = []
-        self._todo: dict[str, tuple[Region, Place, list[tuple[int, int]]]] = {}
+        #: id of a region -> the Place that owns it (the region is in `_regions`: its id is
+        #: not reused meanwhile); one shared value per `add`, no record built per region
+        self._owners: dict[int, Place] = {}
+        #: id -> offset intervals still to place, for regions placed in part (absent: all)
+        self._left: dict[int, list[tuple[int, int]]] = {}
 
     def __bool__(self) -> bool:
-        return bool(self._todo)
+        return bool(self._owners)
 
     def __len__(self) -> int:
-        return len(self._todo)
+        return len(self._owners)
 
     def add(self, regions: list[Region], place: Place) -> None:
         """`regions` (in address order) became active; none of their pieces is in the table
         yet. In one extension of the index when they lie past what it has (the usual case)."""
-        todo = self._todo
         for region in regions:
             region.active = True
-            todo[region.name] = (region, place, [(0, region.size)])
-        starts = [r.gpa or 0 for r in regions]
+        owners = zip(map(id, regions), repeat(place), strict=False)  # (repeat is endless)
+        self._owners.update(owners)
+        starts: list[int] = list(map(_GPA, regions))
         if not self._starts or (starts and self._starts[-1] < starts[0]):
             self._starts += starts
             self._regions += regions
@@ -59,17 +66,19 @@ class Unplaced:
 
     def owner(self, region: Region) -> Place | None:
         """The `Place` still putting pieces of `region` in the table, if any."""
-        todo = self._todo.get(region.name)
-        return todo[1] if todo is not None and todo[0] is region else None
+        return self._owners.get(id(region))
 
     def discard(self, region: Region) -> None:
         """`region` is no longer active: what was not placed never will be."""
-        todo = self._todo.get(region.name)
-        if todo is not None and todo[0] is region:
-            del self._todo[region.name]
+        if self._owners.pop(id(region), None) is not None:
+            self._left.pop(id(region), None)
             i = bisect.bisect_left(self._starts, region.gpa or 0)
             assert self._regions[i] is region, "a region moved while its pieces were placed"
             del self._starts[i], self._regions[i]
+
+    def _todo(self, region: Region) -> list[tuple[int, int]]:
+        """The offset intervals of `region` still to place."""
+        return self._left.get(id(region)) or [(0, region.size)]
 
     def _overlapping(self, rng: MemoryRange) -> list[Region]:
         i = bisect.bisect_right(self._starts, rng.start) - 1
@@ -93,7 +102,8 @@ class Unplaced:
         """Add up to `limit` pieces of `region` to `batch` (for `insert`), in address order,
         as placed; returns how many (at least 1, counting an interval of no piece, so a
         caller always advances)."""
-        _, place, todo = self._todo[region.name]
+        place = self._owners[id(region)]
+        todo = self._todo(region)
         lo, hi = todo[0]
         pieces = region.submappings
         if len(todo) == 1 and lo == 0 and hi == region.size and len(pieces) <= limit:
@@ -110,7 +120,7 @@ class Unplaced:
 
     def finish(self, state: TableState) -> None:
         """Put every piece in place now (a restart's table; a mapper's Holdings checked)."""
-        for region, _, _ in list(self._todo.values()):
+        for region in list(self._regions):  # (each one is owned: `discard` takes both)
             assert region.range is not None
             self.place_range(state, region.range)
 
@@ -125,9 +135,9 @@ class Unplaced:
         i, j = pieces.span(lo, hi)
         if i < j:  # widened to whole pieces: the intervals' bounds never cut one
             lo, hi = min(lo, pieces[i].offset), max(hi, pieces[j - 1].end)
-        _, place, todo = self._todo[region.name]
+        place = self._owners[id(region)]
         kept: list[tuple[int, int]] = []
-        for a, b in todo:
+        for a, b in self._todo(region):
             if b <= lo or a >= hi:
                 kept.append((a, b))
                 continue
@@ -139,7 +149,7 @@ class Unplaced:
             if hi < b:
                 kept.append((hi, b))
         if kept:
-            self._todo[region.name] = (region, place, kept)
+            self._left[id(region)] = kept
         else:
             self.discard(region)
 
