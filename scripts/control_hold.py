@@ -403,7 +403,7 @@ def main() -> None:
     if heap is not None:
         label = f"{gc.get_freeze_count()} objects frozen"
         print(label)
-        label = f"longest tick ({heap.walks} counts, {heap.full_collections} full)"
+        label = f"longest tick ({heap.checks} checks, {heap.full_collections} full)"
         print(f"{label:40} {'':13} {heap.longest_tick * 1e3:10.2f} ms")
     started = clock()
     gc.collect()

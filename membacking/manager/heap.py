@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import sys
 import time
 from collections.abc import Callable
 
@@ -39,30 +40,39 @@ class Heap:
     Frozen objects still die by reference counting (a removed region's pieces are freed at
     once); only a garbage *cycle* among frozen objects would stay. So the objects frozen since
     the last full collection are counted as they are frozen (the oldest generation holds only
-    them then: counting it costs what collecting it did; `gc.get_freeze_count()` walks every
-    frozen object, 14 to 23 ms at 10,000 regions). Once those beyond what the state's growth
-    explains (its `size`: regions, table entries and mappers, at least SIZE_FLOOR; the objects
-    alive after the last full collection per unit of it) number as many as the live heap, and
-    more than `FLOOR`, a tick counts the frozen heap after all, since many of them may have
-    died (that walk is the rare pause of 14 to 23 ms); if it did grow that much, the tick
-    unfreezes everything and collects it all: a full pause again (90 to 180 ms at 10,000
-    regions), but only once the frozen heap holds a heap's worth of objects more than the
-    state explains, so what freezing can hold of garbage is bounded by the live heap. Both
-    wait for an idle tick (nothing was ready to be served), unless three heaps' worth were
-    frozen.
+    them then: counting it costs what collecting it did). Once those beyond what the state's
+    growth explains (its `size`: regions, table entries and mappers, at least SIZE_FLOOR; the
+    objects alive after the last full collection per unit of it) number as many as the live
+    heap, and more than `FLOOR`, a tick asks whether the heap did grow: the allocator's blocks
+    in use (`sys.getallocatedblocks`, a walk of its arenas: about 1 ms for 6 million blocks,
+    where counting the frozen objects walked every one of them, 14 to 23 ms at 10,000 regions),
+    against those after the last full collection per unit of state. Objects that were frozen
+    alive and died since (the usual case) freed their blocks: the count starts again. Only if
+    the blocks did grow by a heap's worth beyond the state's growth does the tick unfreeze
+    everything and collect it all: a full pause again (90 to 180 ms at 10,000 regions), made
+    only when the heap holds that much the state does not explain, so what freezing can hold
+    of garbage is bounded by the live heap. It waits for an idle tick (nothing was ready to be
+    served), unless three heaps' worth grew.
     """
 
-    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.perf_counter,
+        blocks: Callable[[], int] = sys.getallocatedblocks,
+    ) -> None:
         self._clock = clock
+        self._blocks = blocks
         #: the frozen count, and the state's size, after the last full collection
         self.frozen_after_full = 0
         self.size_after_full = 0
         #: objects frozen since the last full collection (some may have died since)
         self.frozen_since = 0
-        #: full collections made because a heap's worth of objects was frozen, and counts of
-        #: the frozen heap made to see whether it was
+        #: the allocator's blocks in use after the last full collection
+        self.blocks_after_full = 0
+        #: full collections made because the heap grew by a heap's worth, and the looks at
+        #: the allocator's blocks made to see whether it did
         self.full_collections = 0
-        self.walks = 0
+        self.checks = 0
         #: seconds the longest tick took (its collection and freeze)
         self.longest_tick = 0.0
         #: unreachable objects the last full collection found (garbage cycles)
@@ -81,10 +91,12 @@ class Heap:
             self.last_found = gc.collect()
             gc.freeze()
             self.frozen_after_full = gc.get_freeze_count()
+            self.blocks_after_full = self._blocks()
         else:
             self.last_found += gc.collect()
             self.frozen_after_full += len(gc.get_objects(generation=2))
             gc.freeze()
+            self.blocks_after_full = self._blocks()
         self.size_after_full = size
         self.frozen_since = 0
         log.debug(
@@ -113,19 +125,23 @@ class Heap:
     def tick(self, idle: bool = True, size: int = 0) -> None:
         """Collect what is not frozen and freeze what survives; a full collection once a
         heap's worth of objects per unit of `size` (a measure that grows with what the state
-        holds) was frozen since the last one (on an `idle` tick: three heaps' worth
-        otherwise)."""
+        holds) was frozen since the last one and the heap's blocks grew that much too (on an
+        `idle` tick: three heaps' worth otherwise)."""
         started = self._clock()
         grown = max(size, SIZE_FLOOR) / max(self.size_after_full, SIZE_FLOOR)
         expected = self.frozen_after_full * max(grown - 1.0, 0.0)  # what the growth explains
-        limit = max(FLOOR, (1 if idle else 3) * grown * self.frozen_after_full)
+        limit = max(FLOOR, grown * self.frozen_after_full)
+        full = False
         if self.frozen_since - expected > limit:
-            # Many of them may have died since (objects that were alive when a collection
-            # froze them): count the frozen heap (a walk of it, a sixth of a collection's
-            # cost), and collect it whole only if it did grow that much.
-            self.frozen_since = gc.get_freeze_count() - self.frozen_after_full
-            self.walks += 1
-        if self.frozen_since - expected > limit:
+            # Many of them may have died since (objects that were alive when a collection froze
+            # them): did the heap grow by a heap's worth beyond the state's growth?
+            self.checks += 1
+            heap = max(self.blocks_after_full * grown, 1.0)  # what the state explains
+            over = self._blocks() - heap
+            full = over > (1 if idle else 3) * heap
+            if over <= heap:
+                self.frozen_since = 0  # they died: count again from here
+        if full:
             self.full_collections += 1
             self.settle(size)
         else:
