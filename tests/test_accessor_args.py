@@ -143,6 +143,22 @@ def test_a_huge_read_of_unmapped_memory_fails_before_allocating(memory: GuestMem
     assert peak < 16 << 20, f"{peak} bytes allocated for a read that failed"
 
 
+def test_a_huge_access_across_a_hole_maps_nothing_past_it(memory: GuestMemory) -> None:
+    """An access fails at the first hole it reaches: the regions past the hole (and their
+    VMAs) are not mapped for it. A read of 1 TiB from mapped memory across a hole mapped every
+    region in the terabyte, 61,000 VMAs, and the mapper's later faults ran out of them."""
+    for name, call in {
+        "read_at": lambda: memory.read_at(REGION, 1 << 39),
+        "ensure_mapped": lambda: memory.ensure_mapped(REGION, 1 << 39),
+        "write_at": lambda: memory.write_at(REGION, bytes(4 * REGION_SIZE)),
+    }.items():
+        with pytest.raises(NoMappingError, match=f"{REGION + REGION_SIZE:#x}"):
+            call()
+        mapped = [rng for rng, _ in memory.mapped_ranges()]
+        assert all(r.end <= REGION + REGION_SIZE for r in mapped), (name, mapped)
+    assert memory.read_at(HOLE_END, 4) == bytes(4)  # past the hole: mapped when asked for
+
+
 @pytest.mark.parametrize(
     "write",
     [

@@ -4,6 +4,7 @@ budget failing cleanly in a live mapper that stays healthy."""
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from collections.abc import Callable
@@ -11,9 +12,11 @@ from collections.abc import Callable
 import pytest
 
 from membacking.ffi import Reservation
+from membacking.mapper import chunks as chunks_module
 from membacking.mapper.chunks import (
     ENV_MAP_HEADROOM,
     ENV_MAX_MAP_COUNT,
+    REPORT_EVERY,
     Chunk,
     ChunkTable,
     MapCountBudget,
@@ -93,6 +96,32 @@ def test_the_budget_refuses_only_what_would_go_past_it() -> None:
     table.insert(MemoryRange(60 * PAGE_SIZE, 64 * PAGE_SIZE), Chunk(1, 0, True))  # 9 chunks
     assert budget.refuses(table, MemoryRange(40 * PAGE_SIZE, 41 * PAGE_SIZE)) is None  # 10
     assert budget.refuses(table, MemoryRange(61 * PAGE_SIZE, 62 * PAGE_SIZE)) is not None  # 11
+
+
+def test_refused_maps_are_logged_a_line_a_second(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A huge access past the budget is refused a Map at a time: the first refusal is logged,
+    then a line a second at most, counting the refusals it did not log (one line each made
+    26,000 lines of one access)."""
+    budget = MapCountBudget(limit=100, headroom=79)
+    log = logging.getLogger("membacking.test.budget")
+    now = [1000.0]
+    monkeypatch.setattr(chunks_module.time, "monotonic", lambda: now[0])
+    rng = MemoryRange(0, PAGE_SIZE)
+    with caplog.at_level(logging.ERROR, logger=log.name):
+        for _ in range(500):
+            budget.report(log, 7, rng, "past the budget")
+        now[0] += REPORT_EVERY
+        budget.report(log, 7, rng, "past the budget")
+        now[0] += REPORT_EVERY / 2
+        budget.report(log, 7, rng, "past the budget")
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        f"mapper 7: cannot map {rng}: past the budget",
+        f"mapper 7: cannot map {rng}: past the budget (499 more Maps refused since the last "
+        "report)",
+    ]
 
 
 def test_environment_overrides_and_defaults(monkeypatch: pytest.MonkeyPatch) -> None:

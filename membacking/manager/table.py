@@ -153,7 +153,9 @@ class TableState:
         return seq
 
     def send_mappings(self, mapper_id: int, rng: MemoryRange) -> list[Effect]:
-        """Answer a fault: Map for each mapping covering `rng`, NoMapping for each gap."""
+        """Answer a fault: Map for each mapping covering `rng` up to its first gap, then
+        NoMapping of that gap, and nothing past it: the access fails there, and a huge access
+        reaching across a hole mapped every region past it (61,000 VMAs for a read of 1 TiB)."""
         entry = self.mappers[mapper_id]
         if entry.stream is None:
             self.reject("not-attached", "SendMappings before the stream socket", entry.pid)
@@ -178,7 +180,7 @@ class TableState:
             if mapping is None:
                 out.append(Send(Channel.MAPPER, entry.stream, m.NoMapping(sub)))
                 self.counters["nomappings_sent"] += 1
-                continue
+                break
             # The holder is recorded before the Map leaves, so a removal decided after this
             # point always sends this mapper an Unmap (queued behind the Map).
             out.extend(self._map_to(entry, mapping))

@@ -6,7 +6,10 @@ of chunks that the mapper thread edits under the access lock and accesses look u
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import os
+import time
 
 from ..protocol.rangemap import RangeMap
 from ..protocol.ranges import MemoryRange
@@ -21,6 +24,8 @@ DEFAULT_MAP_HEADROOM = 4096
 #: environment variables that override the limit read from the kernel and the whole headroom
 ENV_MAX_MAP_COUNT = "MEMBACKING_MAX_MAP_COUNT"
 ENV_MAP_HEADROOM = "MEMBACKING_MAP_HEADROOM"
+#: seconds between two log lines of refused Maps (the first is logged at once)
+REPORT_EVERY = 1.0
 
 
 class Chunk:
@@ -71,12 +76,14 @@ class MapCountBudget:
     less `headroom` for everything else in the process. Past it the kernel refuses mappings
     and then the process's own allocations (MemoryError); this refuses the Map first."""
 
-    __slots__ = ("allowed", "headroom", "limit")
+    __slots__ = ("_logged_at", "_unlogged", "allowed", "headroom", "limit")
 
     def __init__(self, limit: int, headroom: int) -> None:
         self.limit = limit
         self.headroom = headroom
         self.allowed = limit - headroom
+        self._logged_at = -math.inf
+        self._unlogged = 0
 
     @classmethod
     def from_environment(cls) -> MapCountBudget:
@@ -108,6 +115,19 @@ class MapCountBudget:
             f"rest of the process; {now} ranges are mapped (unmap some, map fewer and larger "
             f"regions, or raise vm.max_map_count)"
         )
+
+    def report(self, log: logging.Logger, mapper_id: int, rng: MemoryRange, why: str) -> None:
+        """Log a refused Map: the first at once, then at most a line every REPORT_EVERY
+        seconds, saying how many were refused in between (a huge access past the budget was
+        refused a Map at a time, a line each: 26,000 lines)."""
+        self._unlogged += 1
+        now = time.monotonic()
+        if now - self._logged_at < REPORT_EVERY:
+            return
+        more = self._unlogged - 1
+        also = f" ({more} more Maps refused since the last report)" if more else ""
+        log.error("mapper %d: cannot map %s: %s%s", mapper_id, rng, why, also)
+        self._logged_at, self._unlogged = now, 0
 
 
 def _env_int(name: str) -> int | None:

@@ -350,7 +350,7 @@ class VaMapper:
                     return None  # already mapped exactly so (two faults raced)
             over = self.map_budget.refuses(self.chunks, rng)
             if over is not None:
-                log.error("mapper %d: cannot map %s: %s", self.id, rng, over)
+                self.map_budget.report(log, self.id, rng, over)  # (not a line each)
                 return over
             self._remove_chunks(rng)
             # A writable view still open here (its Unmap is deferred) must not fault on a write
