@@ -307,16 +307,19 @@ def test_garbage_on_the_control_socket(manager: RunningManager) -> None:
         req.setsockopt(zmq.LINGER, 0)
         req.setsockopt(zmq.RCVTIMEO, 5000)
         req.connect(f"ipc://{manager.runtime_dir / 'control.ipc'}")
-        for data in (
-            b"\x00\x01",
-            msgpack.packb([1, 30, "explode", {}]),
-            msgpack.packb([1, 30, "add_region", {"name": "x"}]),
-            msgpack.packb([1, 30, "regions", {"x": [1, 2]}]),
-            encode(m.Detach()),
+        # each answered with the code of its refusal, as on the mapper channels (§2, §11)
+        for data, code in (
+            (b"\x00\x01", "malformed"),
+            (msgpack.packb([1, 30, "explode", {}]), "bad-request"),  # decodes: an unknown op
+            (msgpack.packb([1, 30, "add_region", {"name": "x"}]), "bad-request"),
+            (msgpack.packb([1, 30, "regions", {"x": [1, 2]}]), "bad-field"),
+            (msgpack.packb([1, 30, "add region", {}]), "bad-field"),  # op breaks the name rule
+            (msgpack.packb([1, 30]), "bad-arity"),
+            (encode(m.Detach()), "wrong-channel"),
         ):
             req.send(data)
             reply = membacking.protocol.decode(req.recv(), m.Channel.CONTROL, max_bytes=1 << 20)
-            assert isinstance(reply, m.Error), reply
+            assert isinstance(reply, m.Error) and reply.code == code, (data, reply)
         req.close()
         raw = ctx.socket(zmq.DEALER)  # no REQ envelope at all: dropped and counted
         raw.setsockopt(zmq.LINGER, 2000)

@@ -464,3 +464,4 @@ def test_refusals_show_sizes_and_addresses_as_typed(state: ManagerState) -> None
     assert refusal("add_region", name="a", gpa=0x30001, size=4096) == (
         "gpa 0x30001 (196609) must be a multiple of 4096 (a page)"
     )
+    assert refusal("add_region", name="a", gpa=-4096, size=4096).endswith("must not be negative")

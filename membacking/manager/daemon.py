@@ -101,6 +101,7 @@ class Daemon(FdServer):
             unmap_timeout=config.unmap_timeout,
             limits=config.limits,
         )
+        state.evict_kill = config.evict_kill
         return store, state
 
     # ---- lifecycle -----------------------------------------------------------------------------
@@ -421,7 +422,7 @@ class Daemon(FdServer):
             msg = decode(frames[2], Channel.CONTROL, sender="client")
         except ProtocolError as exc:
             self.state.reject(exc.reason, str(exc))
-            self._apply([Send(Channel.CONTROL, identity, m.Error("bad-request", str(exc)[:1000]))])
+            self._apply([Send(Channel.CONTROL, identity, m.Error(exc.reason, str(exc)[:1000]))])
             return
         refusal = isinstance(msg, m.ControlRequest) and addressed_elsewhere(msg.args, self.instance)
         if refusal:

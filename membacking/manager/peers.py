@@ -49,6 +49,9 @@ class PeerState(TableState):
     #: names the memory this manager serves (Welcome.state_id): kept across restarts that adopt
     #: a state directory; empty: mappers cannot keep what they hold across a restart
     state_id: bytes = b""
+    #: the daemon SIGKILLs a mapper it evicts for not answering (--evict-kill): said in the
+    #: answers of the changes that waited on it
+    evict_kill: bool = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -299,6 +302,8 @@ class PeerState(TableState):
                 effects.extend(self.farewell(entry.id, reason))
                 effects.append(Disconnect(entry.id, reason, unresponsive=True))
                 silent = f"after not answering for {format_duration(waited)}"
+                if self.evict_kill:
+                    silent += " and killed (--evict-kill)"
                 effects.extend(self.mapper_gone(entry.id, "unresponsive", evicted=silent))
         return effects
 

@@ -93,7 +93,9 @@ class ManagerState(PeerState):
     def _check_placement(
         self, name: str, gpa: int, size: int, priority: int, align: int = PAGE_SIZE
     ) -> MemoryRange:
-        if gpa < 0 or gpa % align:
+        if gpa < 0:
+            raise Refused("bad-request", f"gpa {units.format_address(gpa)} must not be negative")
+        if gpa % align:
             what = f"{align} (a page)" if align == PAGE_SIZE else f"{align:#x} (the huge page size)"
             raise Refused(
                 "bad-request", f"gpa {units.format_address(gpa)} must be a multiple of {what}"

@@ -107,7 +107,9 @@ def test_evict_kill_kills_a_stopped_holder(
     holder.ask(f"read {GPA:#x} 1")
     bystander.ask(f"write {GPA:#x} {OLD}")
     stop(holder)
-    client.remove_region("old")
+    result = client.remove_region("old")
+    assert result["evicted"] == [holder.mapper_id]
+    assert result["evicted_why"][str(holder.mapper_id)].endswith("and killed (--evict-kill)")
     assert holder.proc.wait(10) == -signal.SIGKILL
     assert client.stats()["evict_kills"] == 1
     assert f"(pid {holder.pid}) killed (SIGKILL, --evict-kill)" in running.log()
