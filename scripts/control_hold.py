@@ -115,9 +115,20 @@ class Rig:
         return upgrade, detach, held
 
     def fault(self, mapper_id: int, rng: MemoryRange) -> None:
-        """A fault of `rng` on the mapper's fd socket (answered with Maps, not timed)."""
-        effects = self.state.handle_fd_message(mapper_id, m.SendMappings(rng))
-        assert effects and not any(isinstance(getattr(e, "msg", None), m.Error) for e in effects)
+        """Faults of all of `rng` on the mapper's fd socket (answered with Maps, not timed): a
+        fault is answered up to its first gap, so one per stretch between gaps."""
+        start = rng.start
+        while start < rng.end:
+            msg = m.SendMappings(MemoryRange(start, rng.end))
+            effects = self.state.handle_fd_message(mapper_id, msg) or []
+            assert not any(isinstance(getattr(e, "msg", None), m.Error) for e in effects)
+            sent = [e.msg for e in effects if isinstance(e, Send)]
+            gaps = [msg for msg in sent if isinstance(msg, m.NoMapping)]
+            if not gaps:
+                return
+            gap = gaps[-1]
+            assert isinstance(gap, m.NoMapping)
+            start = gap.range.end
 
     def answer(self, effects: list[Effect]) -> list[Effect]:
         """Carry out `effects`: encode each message; every MapEager, Unmap and Release is

@@ -11,7 +11,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pytest
-from test_manager_state import RecordingStore, attach
+from test_manager_state import RecordingStore, attach, fault_everything
 
 from membacking.manager.cuts import deactivation_runs
 from membacking.manager.errors import Refused
@@ -128,7 +128,7 @@ def lazy_holding_everything(state: ManagerState, pages: Pages, n: int) -> list[t
     out = []
     for k in range(n):
         mapper_id, stream, requests = attach(state, f"lazy{k}")
-        pages.take(state.handle_mapper(requests, m.SendMappings(MemoryRange(BASE, BIG))))
+        pages.take(fault_everything(state, requests, MemoryRange(BASE, BIG)))
         out.append((mapper_id, stream))
     return out
 
@@ -240,7 +240,7 @@ def test_changes_mid_activation(state: ManagerState) -> None:
     check_holders(state, pages)
     pages.take(state.move_region("big", 2 * BIG, reply_to=b"c4"))
     pages.take(state.step())
-    pages.take(state.handle_mapper(b"lazy0-r", m.SendMappings(MemoryRange(2 * BIG, 3 * BIG))))
+    pages.take(fault_everything(state, b"lazy0-r", MemoryRange(2 * BIG, 3 * BIG)))
     # the fault over the whole region put every piece in place and mapped each
     assert len(state.mappers[lazy_id].held) == SMALL + BIG_PIECES - 1
     check_holders(state, pages)

@@ -81,14 +81,12 @@ def test_the_mappers_listing_pages_through_held_ranges(state: ManagerState) -> N
     """`mappers` lists at most 256 held ranges a mapper (with their count and bytes, kept as
     they change) and `mapper_held` pages through the rest in address order; the listing of 16
     mappers holding 2,000 ranges each held the loop for 79 ms."""
-    from test_manager_state import attach
-
-    from membacking.protocol import messages as m
+    from test_manager_state import attach, fault_everything
 
     ids = [attach(state, f"m{i}")[0] for i in range(3)]
     for i in range(600):
         state.add_region(f"r{i:04d}", i * 2 * 4096, 4096, True)
-    state.handle_fd_message(ids[1], m.SendMappings(MemoryRange(0, 1200 * 4096)))
+    fault_everything(state, ids[1], MemoryRange(0, 1200 * 4096))
     state.remove_region("r0007")  # its Unmap is not acknowledged yet: no longer held
     page = _control(state, "mappers")
     assert isinstance(page, list) and [p["id"] for p in page] == ids

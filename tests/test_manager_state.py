@@ -85,6 +85,26 @@ def attach(state: ManagerState, name: str) -> tuple[int, bytes, bytes]:
     return entry.id, stream, requests
 
 
+def fault_everything(state: ManagerState, asker: bytes | int, rng: MemoryRange) -> list[Effect]:
+    """Every mapping in `rng`, across its gaps: a fault is answered up to its first gap
+    (PROTOCOL.md §6.1), so one SendMappings per stretch, from the end of each gap on. `asker`:
+    the mapper's requests identity, or its id (fd.sock)."""
+    effects: list[Effect] = []
+    start = rng.start
+    while start < rng.end:
+        msg = m.SendMappings(MemoryRange(start, rng.end))
+        if isinstance(asker, int):
+            out = state.handle_fd_message(asker, msg) or []
+        else:
+            out = state.handle_mapper(asker, msg)
+        effects += out
+        gaps = [e.msg.range for e in out if isinstance(e, Send) and isinstance(e.msg, m.NoMapping)]
+        if not gaps:
+            break
+        start = gaps[-1].end
+    return effects
+
+
 def msgs(effects: list[Effect], identity: bytes | None = None) -> list[m.Message]:
     return [
         e.msg

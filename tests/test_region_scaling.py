@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from types import FrameType
 
 import pytest
-from test_manager_state import MiB, RecordingStore
+from test_manager_state import MiB, RecordingStore, fault_everything
 
 from membacking.manager import later, regions
 from membacking.manager import state as state_module
@@ -90,11 +90,9 @@ def _brute_desired_active(near: list[Region], window: MemoryRange) -> dict[str, 
     return out
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_desired_active_agrees_with_the_pairwise_rule(state: ManagerState, seed: int) -> None:
-    """The sweep that decides which regions are active answers what comparing every pair
-    answers, for nested stacks of priorities, identical ranges, disabled and moved regions."""
-    rnd = random.Random(seed)
+def _nested_regions(state: ManagerState, rnd: random.Random) -> list[str]:
+    """150 tries at random regions (nested stacks of priorities, a fifth on the range of an
+    existing one): the names of those the nesting rule let in."""
     names = []
     for i in range(150):
         size = 4096 << rnd.randrange(0, 10)
@@ -107,6 +105,15 @@ def test_desired_active_agrees_with_the_pairwise_rule(state: ManagerState, seed:
             names.append(f"r{i}")
         except Refused:
             pass  # broke the nesting rule
+    return names
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_desired_active_agrees_with_the_pairwise_rule(state: ManagerState, seed: int) -> None:
+    """The sweep that decides which regions are active answers what comparing every pair
+    answers, for nested stacks of priorities, identical ranges, disabled and moved regions."""
+    rnd = random.Random(seed)
+    names = _nested_regions(state, rnd)
     for name in rnd.sample(names, len(names) // 3):
         state.set_enabled(name, False)
     for name in rnd.sample(names, 10):
@@ -154,18 +161,7 @@ def test_changes_agree_with_the_pairwise_rule(state: ManagerState, seed: int) ->
     region contains in one slice) answers what comparing every pair answers, with the
     enabled flags changed behind the table's back so that there is something to change."""
     rnd = random.Random(100 + seed)
-    names = []
-    for i in range(150):
-        size = 4096 << rnd.randrange(0, 10)
-        gpa = rnd.randrange(0, 8 * MiB) & ~(size - 1)
-        if names and rnd.random() < 0.2:  # the same range as an existing region
-            other = state.regions[rnd.choice(names)]
-            gpa, size = other.gpa or 0, other.size
-        try:
-            state.add_region(f"r{i}", gpa, size, True, priority=rnd.randrange(0, 4))
-            names.append(f"r{i}")
-        except Refused:
-            pass  # broke the nesting rule
+    names = _nested_regions(state, rnd)
     assert len(names) >= 40
     for _ in range(20):
         flipped = rnd.sample(names, len(names) // 4)
@@ -244,7 +240,7 @@ def test_a_removal_does_not_walk_what_each_holder_holds(
     mapper_id, stream, requests = attach(state, "m1")
     for i in range(1000):
         state.add_region(f"r{i}", i * 8192, 4096, True)
-    state.handle_mapper(requests, m.SendMappings(MemoryRange(0, 1000 * 8192)))
+    fault_everything(state, requests, MemoryRange(0, 1000 * 8192))
     assert len(state.mappers[mapper_id].held) == 1000
 
     def walked(self: Held) -> None:
@@ -375,7 +371,7 @@ def test_removing_a_region_of_many_pieces_sends_one_unmap_per_holder(
     state.add_region("holes", 0, 1002 * page, True)
     state.add_region("other", 2000 * page, page, True)
     for mapper_id, _, _ in mappers:
-        state.handle_fd_message(mapper_id, m.SendMappings(MemoryRange(0, 2001 * page)))
+        fault_everything(state, mapper_id, MemoryRange(0, 2001 * page))
     for i in range(500):
         effects = state.change_mappings("holes", (2 * i + 1) * page, page)
         for effect in effects:

@@ -6,7 +6,7 @@ with memory of a removed region."""
 from __future__ import annotations
 
 import pytest
-from test_manager_state import RecordingStore, attach, msgs
+from test_manager_state import RecordingStore, attach, fault_everything, msgs
 
 from membacking.manager.state import Effect, ManagerState, Send, region_info
 from membacking.manager.steps import STEP_MESSAGES
@@ -205,7 +205,7 @@ def test_many_cuts_of_one_holder_are_settled_a_few_at_a_time(state: ManagerState
     mappers = Mappers(state)
     mapper_id, _, requests = attach(state, "lazy")
     everything = MemoryRange(BASE, BASE + 2 * REGIONS * PAGE)
-    mappers.take(state.handle_mapper(requests, m.SendMappings(everything)))
+    mappers.take(fault_everything(state, requests, everything))
     held = state.mappers[mapper_id].held
     assert len(held) == REGIONS
     for i in range(1, REGIONS):  # a removal each: a cut each
