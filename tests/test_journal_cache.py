@@ -7,12 +7,13 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import pytest
 from test_manager_state import attach, msgs
 from test_region_scaling import _lines_run
 
-from membacking.manager import journal
+from membacking.manager import journal, journalcache
 from membacking.manager.backing import MemfdStore
-from membacking.manager.journalcache import JournalEncoder
+from membacking.manager.journalcache import JournalEncoder, PackedPieces
 from membacking.manager.persist import PersistConfig, Persistence
 from membacking.manager.snapshot import capture, restore
 from membacking.manager.state import Effect, ManagerState
@@ -137,6 +138,40 @@ def test_a_save_after_one_change_does_not_grow_with_the_regions(tmp_path: Path) 
     assert persist.dir.read() == capture(state, store, persist.state_id, str(tmp_path / "rt"))
     persist.close(state, store, clean=True)
     store.close_all()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_packed_pieces_in_runs_follow_a_plain_list(
+    monkeypatch: pytest.MonkeyPatch, seed: int
+) -> None:
+    """The packed sub-mappings kept in runs (each run's bytes joined once) give the bytes of
+    a plain list through random replacements of windows: inside a run, across runs, empty
+    ones (insertions), at the end, and of everything."""
+    monkeypatch.setattr(journalcache, "RUN", 4)
+    rnd = random.Random(seed)
+    plain = [bytes([i % 251]) * rnd.randint(1, 3) for i in range(30)]
+    runs = PackedPieces(list(plain))
+    for step in range(400):
+        lo = rnd.randint(0, len(plain))
+        hi = min(len(plain), lo + rnd.choice((0, 1, 2, 5, 13)))
+        if step % 97 == 96:
+            lo, hi = 0, len(plain)  # everything
+        new = [bytes([rnd.randrange(256)]) * rnd.randint(1, 3) for _ in range(rnd.randint(0, 9))]
+        plain[lo:hi] = new
+        runs.replace(lo, hi, new)
+        assert len(runs) == len(plain)
+        if step % 3 == 0:
+            assert runs.joined() == b"".join(plain), step
+    assert runs.joined() == b"".join(plain)
+    assert sum(map(len, runs.release())) == len(plain)
+
+
+def test_pieces_replaced_between_saves_in_small_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same journal with runs of 4 pieces: a region's changes cross runs."""
+    monkeypatch.setattr(journalcache, "RUN", 4)
+    test_pieces_replaced_between_saves_are_packed_again(tmp_path)
 
 
 def test_pieces_replaced_between_saves_are_packed_again(tmp_path: Path) -> None:

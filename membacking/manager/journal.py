@@ -154,6 +154,14 @@ def pack_region(fields: tuple[Any, ...], submappings: list[bytes]) -> bytes:
     return b"".join((header, packed[1:], _array_header(len(submappings)), *submappings))
 
 
+def pack_region_joined(fields: tuple[Any, ...], count: int, joined: bytes) -> bytes:
+    """`pack_region` from the `count` sub-mappings' packed bytes already joined."""
+    assert len(fields) == len(RegionRecord._fields) - 1
+    packed: bytes = msgpack.packb(fields, use_bin_type=True)  # a fixarray: one byte of header
+    header = bytes((0x90 | len(RegionRecord._fields),))
+    return b"".join((header, packed[1:], _array_header(count), joined))
+
+
 def _array_header(count: int) -> bytes:
     if count < 16:
         return bytes((0x90 | count,))

@@ -7,18 +7,77 @@ as changed (`TableState.changed_regions`) and joins the kept bytes: the same byt
 from __future__ import annotations
 
 import bisect
+import itertools
 import operator
 from collections import Counter
 from dataclasses import dataclass
 
 from ..protocol.messages import PRIVATE_MAPPABLE
 from .backing import MemfdStore
-from .journal import encode_packed, head, pack, pack_region
+from .journal import encode_packed, head, pack, pack_region_joined
 from .regions import Pieces, Region
 from .snapshot import region_fields, snapshot_of, sub_record
 from .state import ManagerState
 
 _MAPPABLE = operator.attrgetter("mappable_id")
+#: packed sub-mappings per run of `PackedPieces` (a run is split past twice as many)
+RUN = 256
+
+
+class PackedPieces:
+    """A region's sub-mappings packed one by one, in runs of about RUN whose joined bytes are
+    kept: a change replaces a window of them and joins again only the runs it touched, then
+    the region's bytes are a join of the runs. Joining 31,000 pieces' bytes at each save took
+    0.8 ms of the 1.3 ms a save of one region of 31,000 pieces cost."""
+
+    __slots__ = ("_joined", "_runs", "_starts")
+
+    def __init__(self, packed: list[bytes]) -> None:
+        self._runs = [packed[i : i + RUN] for i in range(0, len(packed), RUN)]
+        self._joined: list[bytes | None] = [None] * len(self._runs)
+        self._starts: list[int] = []
+        self._index()
+
+    def _index(self) -> None:
+        self._starts = list(itertools.accumulate((len(r) for r in self._runs), initial=0))
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def replace(self, lo: int, hi: int, new: list[bytes]) -> None:
+        """Put `new` in place of the pieces [lo, hi)."""
+        starts, runs = self._starts, self._runs
+        if not runs:
+            self._runs, self._joined = [new[i : i + RUN] for i in range(0, len(new), RUN)], []
+            self._joined = [None] * len(self._runs)
+            self._index()
+            return
+        # the runs holding lo and hi - 1 (the last run takes what is appended at the end)
+        i = max(0, min(bisect.bisect_right(starts, lo) - 1, len(runs) - 1))
+        j = max(i, min(bisect.bisect_right(starts, max(hi - 1, lo)) - 1, len(runs) - 1))
+        merged = list(itertools.chain.from_iterable(runs[i : j + 1]))  # (in C)
+        base = starts[i]
+        merged[lo - base : hi - base] = new
+        if len(merged) > 2 * RUN:
+            parts = [merged[k : k + RUN] for k in range(0, len(merged), RUN)]
+        else:
+            parts = [merged] if merged else []
+        runs[i : j + 1] = parts
+        self._joined[i : j + 1] = [None] * len(parts)
+        self._index()
+
+    def joined(self) -> bytes:
+        """Every piece's bytes, in order."""
+        joined = self._joined
+        for k, part in enumerate(joined):
+            if part is None:
+                joined[k] = b"".join(self._runs[k])
+        return b"".join(joined)  # type: ignore[arg-type]
+
+    def release(self) -> list[list[bytes]]:
+        """Its runs, for the caller to free a batch at a time (`free_later`)."""
+        runs, self._runs, self._joined, self._starts = self._runs, [], [], [0]
+        return runs
 
 
 @dataclass
@@ -28,7 +87,7 @@ class _Kept:
 
     region: Region
     pieces: Pieces
-    packed: list[bytes]
+    packed: PackedPieces
     ids: list[int]
     uses: Counter[int]
 
@@ -64,7 +123,7 @@ class JournalEncoder:
             kept = self._kept.get(name)
             if kept is not None and (not live or kept.region is not region):
                 self._drop(name)  # removed (or removed and added again)
-                state.free_later(kept.packed)  # on later turns, not in this save
+                state.free_later(kept.packed.release())  # on later turns, not in this save
                 kept = None
             if region is None or not live:
                 continue
@@ -85,12 +144,13 @@ class JournalEncoder:
     def _add(self, region: Region, store: MemfdStore) -> None:
         pieces = region.submappings
         ids = list(map(_MAPPABLE, pieces))  # in C, not piece by piece
-        kept = _Kept(region, pieces, [pack(sub_record(s)) for s in pieces], ids, Counter(ids))
+        packed = PackedPieces([pack(sub_record(s)) for s in pieces])
+        kept = _Kept(region, pieces, packed, ids, Counter(ids))
         pieces.watched, pieces.changed = True, None
         self._kept[region.name] = kept
         i = bisect.bisect_left(self._orders, region.order)
         self._orders.insert(i, region.order)
-        self._regions.insert(i, pack_region(region_fields(region), kept.packed))
+        self._regions.insert(i, self._region_bytes(kept))
         self._ref(kept.uses, store)
 
     def _update(self, kept: _Kept, store: MemfdStore) -> None:
@@ -101,7 +161,7 @@ class JournalEncoder:
             lo, hi = pieces.changed
             old = hi - (len(pieces) - len(kept.packed))  # where the window ended before
             subs = pieces.slice(lo, hi)
-            kept.packed[lo:old] = [pack(sub_record(s)) for s in subs]
+            kept.packed.replace(lo, old, [pack(sub_record(s)) for s in subs])
             gone = kept.ids[lo:old]
             kept.ids[lo:old] = new = [s.mappable_id for s in subs]
             pieces.changed = None
@@ -117,7 +177,12 @@ class JournalEncoder:
             self._unref(stopped)
             self._ref(started, store)
         i = bisect.bisect_left(self._orders, region.order)
-        self._regions[i] = pack_region(region_fields(region), kept.packed)
+        self._regions[i] = self._region_bytes(kept)
+
+    @staticmethod
+    def _region_bytes(kept: _Kept) -> bytes:
+        packed = kept.packed
+        return pack_region_joined(region_fields(kept.region), len(packed), packed.joined())
 
     def _ref(self, uses: Counter[int], store: MemfdStore) -> None:
         """Mappables a region started to use: their backings join the journal's."""
