@@ -272,3 +272,42 @@ def test_a_mapper_packs_what_it_holds_as_it_maps_it() -> None:
     assert fds.identities() == [*expect[0], *expect[2]]
     fds.close_all()
     assert fds.packed_identities() == b""
+
+
+def test_a_link_works_out_its_socket_paths_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registering again stats and connects by the paths taken when the link was made (no
+    Path built per try); a directory too long is refused as before."""
+    import os
+
+    from membacking.errors import ManagerUnavailableError
+    from membacking.mapper.link import ManagerLink
+    from membacking.runtime import RuntimePaths
+
+    root = short_tmpdir()
+    try:
+        link = ManagerLink.__new__(ManagerLink)
+        link.timeout = 1.0
+        link._take_paths(RuntimePaths.resolve(root))
+
+        def no_path(self: RuntimePaths) -> None:
+            raise AssertionError("a path built again")
+
+        monkeypatch.setattr(RuntimePaths, "fd_socket", property(no_path))
+        monkeypatch.setattr(RuntimePaths, "check_lengths", no_path)
+        assert link.socket_identity() is None
+        with pytest.raises(ManagerUnavailableError, match="no membacking manager"):
+            link._connect_fd_socket()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        listener.bind(str(root / "fd.sock"))
+        listener.listen(1)
+        info = os.stat(root / "fd.sock")
+        assert link.socket_identity() == (info.st_dev, info.st_ino, info.st_ctime_ns)
+        link._connect_fd_socket().close()
+        listener.close()
+        monkeypatch.undo()
+        long = ManagerLink.__new__(ManagerLink)
+        long._take_paths(RuntimePaths.resolve(root / ("x" * 120)))
+        with pytest.raises(ManagerUnavailableError, match="too long"):
+            long._connect_fd_socket()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
