@@ -60,3 +60,43 @@ def test_a_daemon_that_handed_over_skips_its_teardown(
         shutil.rmtree(runtime, ignore_errors=True)
         shutil.rmtree(logs, ignore_errors=True)
         shutil.rmtree(default_state_dir(RuntimePaths.resolve(runtime)), ignore_errors=True)
+
+
+def test_memory_descriptors_are_left_to_the_exit_of_a_process_that_handed_over(
+    tmp_path: Path,
+) -> None:
+    """A daemon whose process ends right after a handover (`manager run`) leaves closing its
+    memory descriptors to the kernel; any other closes them as it stops."""
+    import os
+
+    from membacking.manager.daemon import Daemon
+    from membacking.manager.persist import PersistConfig
+    from membacking.manager.settings import ManagerConfig
+
+    for exiting, handing_over in ((True, True), (False, True), (True, False)):
+        runtime = short_tmpdir()
+        state_dir = tmp_path / f"s{exiting}{handing_over}"
+        config = ManagerConfig(runtime_dir=runtime, persist=PersistConfig(state_dir=state_dir))
+        daemon = Daemon(config)
+        daemon.exit_after_handover = exiting
+        daemon.start()
+        daemon.state.add_region("r", 0, 1 << 20, True)
+        fds = [fd for fd, _ in daemon.store.fd_table().values()]
+        if handing_over:
+            daemon.handing_over = (False, False)
+        daemon._close_all()
+        left = [fd for fd in fds if _is_open(fd)]
+        assert left == (fds if exiting and handing_over else []), (exiting, handing_over)
+        for fd in left:
+            os.close(fd)
+        shutil.rmtree(runtime, ignore_errors=True)
+
+
+def _is_open(fd: int) -> bool:
+    import os
+
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True

@@ -263,6 +263,7 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
         if warning is not None:
             logging.getLogger("membacking.manager").warning(warning)
     daemon = Daemon(config)
+    daemon.exit_after_handover = True  # (_exit_now)
 
     def ready(d: Daemon) -> None:
         fields: dict[str, Any] = {
