@@ -309,7 +309,7 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
 def _exit_now() -> None:
     """Exit 0 at once, after what it wrote is flushed: a daemon that handed over has released
     everything its successor needs, and its interpreter's teardown (a collection and the
-    freeing of the whole state: 43 to 105 ms of CPU with 1,000 regions and 16 mappers) would
+    freeing of the whole state: 40 to 105 ms of CPU with 1,000 regions and 16 mappers) would
     run on the cores that successor and the mappers registering with it need, in the
     handover's gap."""
     logging.shutdown()
