@@ -55,7 +55,8 @@ def cpu_spent(trace: Path, old_pid: int, new_pid: int) -> dict[str, Any]:
     """CPU ms each side spent in the handover (load on the machine stretches wall-clock times,
     much less these): the old daemon from its agreement to its release, the new one from the
     start of its service to the last Holdings it checked, each mapper from the start of its
-    relink to its Holdings sent (median and most)."""
+    relink to its Holdings sent (median and most). The old daemon's CPU from its release to its
+    end is added by `main` (from its rusage)."""
     marks = read_marks_cpu(trace)
 
     def first(pid: int, phase: str, last: bool = False) -> float | None:
@@ -78,6 +79,26 @@ def cpu_spent(trace: Path, old_pid: int, new_pid: int) -> dict[str, Any]:
             [mappers[len(mappers) // 2], mappers[-1]] if mappers else None
         ),
     }
+
+
+def _wait_with_cpu(proc: subprocess.Popen[str], timeout: float) -> tuple[int, float]:
+    """Wait for `proc` to end: its exit status and the CPU ms it used in all."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return proc.returncode, (usage.ru_utime + usage.ru_stime) * 1e3
+        if time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+        time.sleep(0.005)
+
+
+def _after_mark(trace: Path, pid: int, phase: str, total: float) -> float | None:
+    """The CPU ms process `pid` used from its mark `phase` to its end (`total` in all): the
+    old daemon's last work, done on the cores the new one and the mappers need."""
+    found = [cpu for _, p, cpu, name in read_marks_cpu(trace) if p == pid and name == phase]
+    return round(total - found[0], 2) if found else None
 
 
 def phases(marks: list[tuple[float, int, str]], old_pid: int, t0: float) -> dict[str, Any]:
@@ -169,7 +190,7 @@ def main() -> None:
         asked = time.monotonic()
         new = start("--takeover")
         ready = time.monotonic()
-        old_status = old.wait(30)
+        old_status, old_cpu = _wait_with_cpu(old, 30)
         time.sleep(1.0)
         results = [json.loads(m.communicate("", timeout=60)[0]) for m in mappers]
         window = ready - asked
@@ -194,7 +215,12 @@ def main() -> None:
             "ratio_gap_to_baseline": round(max(gaps) / max(max(base), 1e-6), 1),
             "failed_accesses": sum(r["failures"] for r in results),
             "phases_ms_after_agreement": phases(marks, old.pid, t0),
-            "cpu_ms": cpu_spent(trace, old.pid, new.pid),
+            "cpu_ms": {
+                **cpu_spent(trace, old.pid, new.pid),
+                "old_daemon_released_to_exit": _after_mark(
+                    trace, old.pid, "daemon.released", old_cpu
+                ),
+            },
         }
         print(json.dumps(report, indent=2))
         if args.trace:

@@ -158,6 +158,9 @@ def test_the_new_daemon_adopts_the_state_before_it_asks(start_manager: Any) -> N
             # what checking the mappers' Holdings reads is built already too
             seen["index"] = daemon.state._held_index is not None
             seen["identities"] = daemon.store._identities is not None
+            # its ROUTERs are made (the context's threads started), bound only later
+            routers = (daemon._mapper, daemon._control)
+            seen["routers"] = [r.getsockopt(zmq.LAST_ENDPOINT) for r in routers]
             memory.write_at(0x2000, b"meanwhile")  # a fault the old daemon counts
             seen["faults"] = first.client().stats()["faults"]
 
@@ -165,6 +168,9 @@ def test_the_new_daemon_adopts_the_state_before_it_asks(start_manager: Any) -> N
         try:
             assert seen["backings"] == 2 and seen["regions"] == ["dev", "ram0"]
             assert seen["index"] and seen["identities"]
+            assert seen["routers"] == [b"", b""]
+            bound = daemon._mapper.getsockopt(zmq.LAST_ENDPOINT)
+            assert bound == daemon.paths.mapper_endpoint.encode()
             assert first.proc.wait(10) == 0
             assert daemon.state.counters["faults"] >= seen["faults"]
             assert memory.read_at(0x1000, 6) == b"before"
@@ -410,3 +416,17 @@ def test_the_runtime_directory_is_released_before_the_daemon_tidies_up_after_its
     finally:
         shutil.rmtree(runtime, ignore_errors=True)
     assert held_at == {"backings closed": False, "heap unfrozen": False}
+
+
+def test_a_start_refused_before_the_directory_is_claimed_closes_its_routers(
+    start_manager: Any,
+) -> None:
+    """The ROUTERs made before the runtime directory is claimed are closed, with their
+    context, when the start fails there (another daemon holds it)."""
+    from membacking.manager.rundir import RuntimeDirError
+
+    first = start_manager()
+    daemon = Daemon(ManagerConfig(runtime_dir=first.runtime_dir))
+    with pytest.raises(RuntimeDirError):
+        daemon.start()
+    assert daemon._mapper.closed and daemon._control.closed and daemon._ctx.closed

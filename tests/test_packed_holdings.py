@@ -257,3 +257,37 @@ def test_packed_holdings_before_the_attach_are_checked_once_it_is_bound(tmp_path
     assert not old.early_holdings
     store.close_all()
     sdir.release(remove=True)
+
+
+def test_the_empty_message_that_ends_holdings_is_not_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The empty message a mapper ends its Holdings with (and all that one holding nothing
+    sends) is not checked against the table: nothing is unmapped or recorded, and the check
+    kept for the next fresh mapper with the same bytes is not replaced by it."""
+    from membacking.manager import reattach
+
+    state, store, sdir = _state(tmp_path)
+    a_id = state.regions["a"].submappings[0].mappable_id
+    fds = [a_id, *(store.identity(a_id) or (0, 0))]
+    (msg,) = holdings_messages(fds, [0, MiB, a_id, 0, 1], packed=True)
+    checks: list[int] = []
+    check = reattach._check
+
+    def counted(*args: Any) -> Any:
+        checks.append(1)
+        return check(*args)
+
+    monkeypatch.setattr(reattach, "_check", counted)
+    first, empty, arrays, second = (_registered(state) for _ in range(4))
+    assert state.handle_fd_message(first.id, msg) == [] and len(checks) == 1
+    for entry in (first, empty):
+        assert state.handle_fd_message(entry.id, m.PackedHoldings(b"", b"")) == []
+    assert state.handle_fd_message(arrays.id, m.Holdings((), ())) == []
+    assert len(checks) == 1
+    assert len(empty.held) == 0 and not empty.fds_sent and not arrays.fds_sent
+    assert state.handle_fd_message(second.id, msg) == [] and len(checks) == 1  # reused
+    assert list(first.held) == list(second.held) == [MemoryRange(0, MiB)]
+    assert region_info(state, state.regions["a"])["holders"] == [first.id, second.id]
+    store.close_all()
+    sdir.release(remove=True)

@@ -216,3 +216,98 @@ def test_closing_a_link_never_waits_for_a_socket_an_error_left_open() -> None:
     closing.start()
     closing.join(5)
     assert not closing.is_alive()
+
+
+def test_a_mapper_packs_what_it_holds_as_it_maps_it() -> None:
+    """Each chunk is packed as PackedHoldings lists it when it is mapped, each fd's identity
+    when it arrives: registering again sends them without a walk; they are always exactly
+    what packing the chunks and fds held at that moment gives, in the same order, whatever
+    maps, cuts and removals came before."""
+    import os
+    import random
+
+    from membacking.mapper.chunks import Chunk, ChunkTable
+    from membacking.mapper.fds import MapperFds
+    from membacking.protocol.holdings import pack_fds, pack_mappings
+    from membacking.protocol.ranges import MemoryRange
+
+    page = 4096
+    table = ChunkTable()
+    rnd = random.Random(7)
+
+    def check() -> None:
+        assert table.packed() == pack_mappings(
+            (r.start, r.end - r.start, c.mappable_id, c.file_offset, c.writable)
+            for r, c in table.items()
+        )
+
+    for step in range(400):
+        start = rnd.randrange(256) * page
+        rng = MemoryRange(start, start + rnd.randrange(1, 16) * page)
+        kind = rnd.randrange(10)
+        if kind < 5 and table.first_overlap(rng) is None:
+            table.insert(rng, Chunk(rnd.randrange(1, 50), rnd.randrange(8) * page, kind % 2 == 0))
+        elif kind < 8:
+            table.cut(rng)  # the pieces straddling its ends are kept, packed anew
+        elif kind == 8 and len(table):
+            table.remove(table.items()[rnd.randrange(len(table))][0])
+        elif step % 3 == 0:
+            table.remove_overlapping(rng)
+        check()
+    table.clear()
+    check()
+    table.insert_sorted([(MemoryRange(0, page), Chunk(1, 0, True))])
+    check()
+    assert len(table.packed()) == 40
+
+    fds = MapperFds(SimpleNamespace(), 1)  # type: ignore[arg-type]
+    memfds = {i: os.memfd_create(f"f{i}") for i in (9, 5, 6)}
+    for i, fd in memfds.items():
+        fds._take(m.FdGrant(i, 4096, True), [fd])
+    info = {i: os.fstat(fd) for i, fd in memfds.items()}
+    expect = [(i, info[i].st_dev, info[i].st_ino) for i in (9, 5, 6)]  # in arrival order
+    assert fds.packed_identities() == pack_fds(expect)
+    fds.close((5,))
+    assert fds.packed_identities() == pack_fds([expect[0], expect[2]])
+    assert fds.identities() == [*expect[0], *expect[2]]
+    fds.close_all()
+    assert fds.packed_identities() == b""
+
+
+def test_a_link_works_out_its_socket_paths_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registering again stats and connects by the paths taken when the link was made (no
+    Path built per try); a directory too long is refused as before."""
+    import os
+
+    from membacking.errors import ManagerUnavailableError
+    from membacking.mapper.link import ManagerLink
+    from membacking.runtime import RuntimePaths
+
+    root = short_tmpdir()
+    try:
+        link = ManagerLink.__new__(ManagerLink)
+        link.timeout = 1.0
+        link._take_paths(RuntimePaths.resolve(root))
+
+        def no_path(self: RuntimePaths) -> None:
+            raise AssertionError("a path built again")
+
+        monkeypatch.setattr(RuntimePaths, "fd_socket", property(no_path))
+        monkeypatch.setattr(RuntimePaths, "check_lengths", no_path)
+        assert link.socket_identity() is None
+        with pytest.raises(ManagerUnavailableError, match="no membacking manager"):
+            link._connect_fd_socket()
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        listener.bind(str(root / "fd.sock"))
+        listener.listen(1)
+        info = os.stat(root / "fd.sock")
+        assert link.socket_identity() == (info.st_dev, info.st_ino, info.st_ctime_ns)
+        link._connect_fd_socket().close()
+        listener.close()
+        monkeypatch.undo()
+        long = ManagerLink.__new__(ManagerLink)
+        long._take_paths(RuntimePaths.resolve(root / ("x" * 120)))
+        with pytest.raises(ManagerUnavailableError, match="too long"):
+            long._connect_fd_socket()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

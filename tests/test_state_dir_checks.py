@@ -120,3 +120,28 @@ def test_the_state_of_a_running_manager_is_not_called_left_behind(tmp_path: Path
         assert warning is not None and "left in" in warning and "rm -r" in warning
     finally:
         shutil.rmtree(default_state_dir(paths), ignore_errors=True)
+
+
+def test_the_file_system_is_read_once_by_a_daemon_preparing_a_takeover(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A daemon taking over reads the state directory's file system type when it prepares,
+    before it asks: claiming the directory after the release (while every mapper waits) does
+    not read /proc/self/mountinfo again, and still warns of a file system not in memory."""
+    from membacking.manager import statedir
+    from membacking.manager.persist import PersistConfig, Persistence
+
+    read: list[Path] = []
+
+    def counted(path: Path) -> str:
+        read.append(path)
+        return "ext4"
+
+    monkeypatch.setattr(statedir, "filesystem_of", counted)
+    persist = Persistence(PersistConfig(state_dir=root), RuntimePaths.resolve(tmp_path))
+    assert persist.prepare(None, None) is None  # type: ignore[arg-type]  # no journal there
+    assert read == [root]
+    with caplog.at_level(logging.WARNING, logger="membacking.manager"):
+        persist.dir.acquire()
+    assert read == [root] and "not a tmpfs" in caplog.text
+    persist.dir.release(remove=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -262,6 +263,7 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
         if warning is not None:
             logging.getLogger("membacking.manager").warning(warning)
     daemon = Daemon(config)
+    daemon.exit_after_handover = True  # (_exit_now)
 
     def ready(d: Daemon) -> None:
         fields: dict[str, Any] = {
@@ -300,6 +302,22 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
         )
         raise _AlreadyLogged(exc.format_message()) from None
     logging.getLogger("membacking.manager").info("membacking manager stopped")
+    if daemon.handing_over is not None:
+        _exit_now()
+
+
+def _exit_now() -> None:
+    """Exit 0 at once, after what it wrote is flushed: a daemon that handed over has released
+    everything its successor needs, and its interpreter's teardown (a collection and the
+    freeing of the whole state: 40 to 105 ms of CPU with 1,000 regions and 16 mappers) would
+    run on the cores that successor and the mappers registering with it need, in the
+    handover's gap."""
+    logging.shutdown()
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    os._exit(0)
 
 
 class _AlreadyLogged(click.ClickException):

@@ -227,6 +227,22 @@ class Held:
         for rng, mappable_id in zip(ranges, ids, strict=True):
             self[rng] = mappable_id
 
+    def fill(
+        self, ranges: list[MemoryRange], ids: list[int], nbytes: int, counts: Counter[int]
+    ) -> bool:
+        """Hold `ranges` (sorted, apart from each other; with their mappable ids, their byte
+        total and the ranges of each mappable counted, all worked out once by the caller for
+        many holders) if it holds nothing yet: copies of the lists in C, no walk of them.
+        False, and nothing done, if it holds anything."""
+        if self._later:
+            self.settle()
+        if self._sorted:
+            return False
+        self._sorted, self._ids = ranges.copy(), ids.copy()
+        self._count = counts.copy()
+        self._bytes += nbytes  # (the bytes of ranges taken are the taker's to take off)
+        return True
+
     def _uncount(self, mappable_id: int) -> None:
         left = self._count[mappable_id] - 1
         if left:

@@ -3,9 +3,11 @@ Plain data types shared by the layers of the state machine (`table`, `peers`, `s
 
 from __future__ import annotations
 
-from collections import Counter
+import operator
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any
 
 from ..protocol.messages import Channel, Error, FdDenied, FdGrant, Message
@@ -130,6 +132,41 @@ class Holders:
 
     def __repr__(self) -> str:
         return f"Holders({sorted(self._ids)!r})"
+
+
+class HolderBatch:
+    """The holders of many mappings (each `Holders` once), to record one mapper as a holder of
+    all of them in a few passes in C instead of a call per mapping: what a mapper registering
+    again still holds (1,000 mappings: about 0.5 ms one by one)."""
+
+    __slots__ = ("_counts", "_sets", "_tallies")
+
+    def __init__(self, holders: Iterable[Holders]) -> None:
+        unique = list({id(h): h for h in holders}.values())
+        self._sets = [h._ids for h in unique]
+        per_tally: dict[int, tuple[Counter[int], list[int]]] = {}
+        for h in unique:
+            per_tally.setdefault(id(h._tally), (h._tally, [0]))[1][0] += 1
+        #: each region's tally once, with how many of the mappings count into it
+        self._tallies = [tally for tally, _ in per_tally.values()]
+        self._counts = [n[0] for _, n in per_tally.values()]
+
+    def add_new(self, mapper_id: int) -> bool:
+        """Record `mapper_id` as a holder of every mapping of the batch, as `Holders.add` of
+        each would; only for a mapper that holds none of them and is counted in none of their
+        tallies (one registering again, whose id is new): False, and nothing recorded, if it
+        is anywhere already (the caller then adds it mapping by mapping)."""
+        sets, tallies = self._sets, self._tallies
+        if any(map(operator.contains, sets, repeat(mapper_id))) or any(
+            map(operator.contains, tallies, repeat(mapper_id))
+        ):
+            return False
+        deque(map(set.add, sets, repeat(mapper_id)), maxlen=0)
+        deque(map(dict.__setitem__, tallies, repeat(mapper_id), self._counts), maxlen=0)
+        return True
+
+    def __len__(self) -> int:
+        return len(self._sets)
 
 
 @dataclass

@@ -97,6 +97,7 @@ class Persistence:
         build the table, pack the journal's records), so that `open` has only to read what
         changed since. Returns the snapshot (None if there is none); JournalError or
         StateDirError if it does not fit (`state`/`store` are left empty then)."""
+        self.dir.filesystem()  # what `open_prepared` checks, read now
         data = self.dir.read_bytes()
         if data is None:
             return None

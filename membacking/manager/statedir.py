@@ -135,6 +135,16 @@ class StateDir:
         self._lock_fd: int | None = None
         self._unlink_later: list[str] = []
         self._last_written: bytes | None = None
+        #: the type of its file system, once read (`filesystem`)
+        self._filesystem: tuple[str | None] | None = None
+
+    def filesystem(self) -> str | None:
+        """The type of the file system the directory is on (/proc/self/mountinfo is read
+        once: a daemon taking over reads it before it asks, not after the release, when
+        every mapper waits for it)."""
+        if self._filesystem is None:
+            self._filesystem = (filesystem_of(self.root),)
+        return self._filesystem[0]
 
     def acquire(self) -> None:
         try:
@@ -166,7 +176,7 @@ class StateDir:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
         _check_own(self.journal, "journal", directory=False)
-        kind = filesystem_of(self.root)
+        kind = self.filesystem()
         if kind is not None and kind not in MEMORY_FILESYSTEMS:
             log.warning(
                 "state directory %s is on a %s file system, not a tmpfs: guest RAM is kept in "

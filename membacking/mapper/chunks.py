@@ -5,12 +5,15 @@ of chunks that the mapper thread edits under the access lock and accesses look u
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import logging
 import math
 import os
+import struct
 import time
 
+from ..protocol.messages import PACKED_MAPPING_FORMAT
 from ..protocol.rangemap import RangeMap
 from ..protocol.ranges import MemoryRange
 
@@ -21,6 +24,8 @@ DEFAULT_MAX_MAP_COUNT = 65530
 #: VMAs left, beyond those the process has when it attaches, for the rest of the process (its
 #: heap, thread stacks, libraries loaded later)
 DEFAULT_MAP_HEADROOM = 4096
+#: one entry of PackedHoldings.mappings: start, size, mappable id, file offset, writable
+_MAPPING = struct.Struct(PACKED_MAPPING_FORMAT)
 #: environment variables that override the limit read from the kernel and the whole headroom
 ENV_MAX_MAP_COUNT = "MEMBACKING_MAX_MAP_COUNT"
 ENV_MAP_HEADROOM = "MEMBACKING_MAP_HEADROOM"
@@ -44,9 +49,48 @@ class Chunk:
 
 
 class ChunkTable(RangeMap[Chunk]):
-    """The mapped ranges of one reservation."""
+    """The mapped ranges of one reservation, each also as the entry PackedHoldings lists it
+    (`packed`): packed as it is mapped (about 0.3 us), so a mapper registering again after a
+    manager restart sends what it holds without a walk of its chunks (1,000 chunks: about
+    0.2 ms hot, twice that on busy cores, in the gap)."""
 
-    __slots__ = ()
+    __slots__ = ("_packed",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: each entry packed (PACKED_MAPPING_FORMAT), in the same order as the entries
+        self._packed: list[bytes] = []
+
+    def packed(self) -> bytes:
+        """Every entry as PackedHoldings lists it, in address order."""
+        return b"".join(self._packed)
+
+    def clear(self) -> None:
+        super().clear()
+        self._packed.clear()
+
+    def insert(self, rng: MemoryRange, value: Chunk) -> None:
+        super().insert(rng, value)  # (raises before it changes anything)
+        entry = _MAPPING.pack(
+            rng.start, rng.end - rng.start, value.mappable_id, value.file_offset, value.writable
+        )
+        self._packed.insert(bisect.bisect_left(self._starts, rng.start), entry)
+
+    def insert_sorted(self, items: list[tuple[MemoryRange, Chunk]]) -> None:
+        for rng, value in items:
+            self.insert(rng, value)
+
+    def remove(self, rng: MemoryRange) -> Chunk:
+        i = bisect.bisect_left(self._starts, rng.start)
+        value = super().remove(rng)  # (raises if `rng` is not there)
+        del self._packed[i]
+        return value
+
+    def remove_overlapping(self, rng: MemoryRange) -> list[tuple[MemoryRange, Chunk]]:
+        i = self._first_overlapping_index(rng)
+        removed = super().remove_overlapping(rng)
+        del self._packed[i : i + len(removed)]
+        return removed
 
     def cut(self, rng: MemoryRange) -> None:
         """Drop `rng`, keeping the parts of chunks that straddle its ends."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+import struct
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -22,6 +23,9 @@ from ..protocol.messages import Message
 from .link import ManagerLink
 
 log = logging.getLogger("membacking.mapper")
+
+#: one entry of PackedHoldings.fds: mappable id, st_dev, st_ino
+_FD = struct.Struct(m.PACKED_FD_FORMAT)
 
 
 def _open_file_limit() -> int:
@@ -35,9 +39,10 @@ class MapperFds:
         self.link = link
         self.id = mapper_id
         self._held: dict[int, int] = {}
-        #: (st_dev, st_ino) of each fd held, taken when it arrived: what Holdings reports
-        #: after a manager restart, without an fstat per fd then
-        self._identity: dict[int, tuple[int, int]] = {}
+        #: (mappable id, st_dev, st_ino) of each fd held, taken when it arrived and packed as
+        #: PackedHoldings lists it: what Holdings report after a manager restart, without an
+        #: fstat or a pack per fd then
+        self._identity: dict[int, bytes] = {}
         #: held while an fd is closed or replaced, and while another thread duplicates one, so
         #: that thread never duplicates a number closed (and perhaps reused) meanwhile
         self._closing = threading.Lock()
@@ -70,11 +75,12 @@ class MapperFds:
 
     def identities(self) -> list[int]:
         """mappable id, st_dev, st_ino of every fd held, one after the other (mapper thread)."""
-        return [x for i, (dev, ino) in self._identity.items() for x in (i, dev, ino)]
+        return [x for entry in self._identity.values() for x in _FD.unpack(entry)]
 
-    def identity_entries(self) -> list[tuple[int, int, int]]:
-        """(mappable id, st_dev, st_ino) of every fd held (mapper thread)."""
-        return [(i, dev, ino) for i, (dev, ino) in self._identity.items()]
+    def packed_identities(self) -> bytes:
+        """(mappable id, st_dev, st_ino) of every fd held, as PackedHoldings lists them, in the
+        order they arrived (mapper thread)."""
+        return b"".join(self._identity.values())
 
     def dup(self, mappable_id: int) -> int | None:
         """A duplicate of the fd held for `mappable_id`, owned by the caller (any thread)."""
@@ -194,7 +200,9 @@ class MapperFds:
                     close_fds([replaced])
                 self._held[msg.mappable_id] = fds[0]
                 info = os.fstat(fds[0])
-                self._identity[msg.mappable_id] = (info.st_dev, info.st_ino)
+                self._identity[msg.mappable_id] = _FD.pack(
+                    msg.mappable_id, info.st_dev, info.st_ino
+                )
             self._unclaimed.discard(msg.mappable_id)
             self._dropped.discard(msg.mappable_id)
             self._late_answer(msg.mappable_id)  # kept either way: the manager counts it sent

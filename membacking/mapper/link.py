@@ -45,7 +45,7 @@ class ManagerLink:
     """Registers with the manager serving `paths` and owns the sockets."""
 
     def __init__(self, paths: RuntimePaths, name: str, timeout: float) -> None:
-        self.paths = paths
+        self._take_paths(paths)
         self.name = name
         self.timeout = timeout
         self._send_lock = threading.Lock()
@@ -61,6 +61,18 @@ class ManagerLink:
         except BaseException:
             self.close()
             raise
+
+    def _take_paths(self, paths: RuntimePaths) -> None:
+        """The socket paths as strings, and whether they fit, worked out once: registering
+        again (in a handover's gap) stats and connects without building a Path each time."""
+        self.paths = paths
+        self._fd_socket = os.fspath(paths.fd_socket)
+        self._endpoint = paths.mapper_endpoint
+        try:
+            paths.check_lengths()
+            self._too_long: str | None = None
+        except ValueError as exc:
+            self._too_long = str(exc)
 
     def _take(
         self,
@@ -121,14 +133,12 @@ class ManagerLink:
         )
 
     def _connect_fd_socket(self) -> socket.socket:
-        try:
-            self.paths.check_lengths()
-        except ValueError as exc:
-            raise ManagerUnavailableError(str(exc)) from None
+        if self._too_long is not None:
+            raise ManagerUnavailableError(self._too_long)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         sock.settimeout(self.timeout)
         try:
-            sock.connect(os.fspath(self.paths.fd_socket))
+            sock.connect(self._fd_socket)
         except OSError as exc:
             sock.close()
             if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):  # as the control client says
@@ -174,7 +184,7 @@ class ManagerLink:
         if there is none. The time tells a new socket from an old one whose inode number it
         reused."""
         try:
-            info = os.stat(self.paths.fd_socket)
+            info = os.stat(self._fd_socket)
         except OSError:
             return None
         return info.st_dev, info.st_ino, info.st_ctime_ns
@@ -219,7 +229,7 @@ class ManagerLink:
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.SNDHWM, 0)
-        sock.connect(self.paths.mapper_endpoint)
+        sock.connect(self._endpoint)
         return sock
 
     def _attach(

@@ -18,7 +18,7 @@ import zmq
 from .. import trace
 from ..errors import ManagerUnavailableError
 from ..protocol import messages as m
-from ..protocol.holdings import holdings_messages, pack_fds, pack_mappings, packed_messages
+from ..protocol.holdings import holdings_messages, packed_messages
 from .sockwatch import SocketWatch
 from .waitlist import RELINK
 
@@ -229,14 +229,11 @@ def _restore(mapper: VaMapper, old_state: bytes | None, old_id: int) -> None:
 
 
 def _send_holdings(mapper: VaMapper) -> None:
-    # the identity of each fd was taken when it arrived: no fstat per fd here
-    if mapper.link.features & m.FEATURE_PACKED_HOLDINGS:  # packed entry by entry
-        fds = pack_fds(mapper.fds.identity_entries())
+    # each fd and chunk was packed when it arrived: no fstat and no pack per entry here
+    if mapper.link.features & m.FEATURE_PACKED_HOLDINGS:
+        fds = mapper.fds.packed_identities()
         with mapper.lock:
-            maps = pack_mappings(
-                (r[0], r[1] - r[0], c.mappable_id, c.file_offset, c.writable)
-                for r, c in mapper.chunks.items()
-            )
+            maps = mapper.chunks.packed()
         msgs: list[m.Holdings | m.PackedHoldings] = list(packed_messages(fds, maps))
     else:
         with mapper.lock:
