@@ -340,6 +340,11 @@ def test_a_mapper_whose_wait_ran_out_is_named_until_it_is_back_or_ends(
     assert isinstance(reply, m.ControlReply)
     assert reply.result["unmapped_from"] == [] and reply.result["not_back"] == [4242]
     assert "pid 4242 did not come back" in removal_summary(reply.result)
+    [status] = state.handle_control(b"c", m.ControlRequest("status", {}))
+    assert isinstance(status, Send) and isinstance(status.msg, m.ControlReply)
+    assert status.msg.result["health"] == "degraded"  # not `ok` while it may map removed memory
+    assert status.msg.result["not_back"] == [4242]
+    assert any("pid 4242 did not come back" in p for p in status.msg.result["problems"])
     # it comes back late: what it held of a is kept, and it is no longer named
     mapper_id, _ = _back(state, 4242, (0, MiB, a_id, 0, 1))
     assert state.awaited.not_back() == []

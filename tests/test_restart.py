@@ -167,6 +167,57 @@ def test_a_state_that_does_not_fit_is_refused_until_fresh(start_manager: Start) 
         assert memory.read_at(0, 3) == bytes(3)
 
 
+def test_memory_without_its_journal_is_refused_until_fresh(start_manager: Start) -> None:
+    """A state directory whose journal is gone but whose memory files are there is refused,
+    not started over silently (that discarded the guest's memory)."""
+    first = start_manager(*REGIONS)
+    with membacking.attach(first.runtime_dir) as memory:
+        memory.write_at(0, b"old")
+    first.stop(signal.SIGKILL)
+    sdir = state_dir(first)
+    kept = sorted(os.listdir(sdir / "mem"))
+    (sdir / "journal").unlink()
+    refused = run_manager(first.runtime_dir, *REGIONS)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    said = " ".join(refused.stderr.split())
+    assert f"holds {len(kept)} memory files" in said and "but no journal" in said, said
+    assert "--fresh" in said, said
+    assert sorted(os.listdir(sdir / "mem")) == kept  # nothing changed by the refusal
+    fresh = start_manager(*REGIONS, "--fresh", runtime_dir=first.runtime_dir)
+    assert "adopted=0" in fresh.ready_line
+
+
+def test_the_runtime_directory_by_another_name_adopts_the_same_state(
+    start_manager: Start, tmp_path: Path
+) -> None:
+    """Restarted through a symlink to its runtime directory, a manager finds the state the
+    first one kept: the default state directory follows the directory, not the name (it
+    started fresh on zeroed memory)."""
+    first = start_manager(*REGIONS)
+    with membacking.attach(first.runtime_dir) as memory:
+        memory.write_at(0, b"old")
+    first.stop(signal.SIGKILL)
+    link = tmp_path / "rt-link"
+    link.symlink_to(first.runtime_dir)
+    second = start_manager(*REGIONS, runtime_dir=link)
+    assert "adopted=2" in second.ready_line, second.ready_line
+    with membacking.attach(first.runtime_dir) as memory:
+        assert memory.read_at(0, 3) == b"old"
+
+
+def test_a_state_dir_that_is_a_typo_or_the_runtime_dir_is_refused(tmp_path: Path) -> None:
+    runtime = tmp_path / "rt"
+    runtime.mkdir()
+    missing = tmp_path / "no" / "such" / "state"
+    refused = run_manager(runtime, *REGIONS, "--state-dir", str(missing))
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert f"{tmp_path / 'no' / 'such'} does not exist" in " ".join(refused.stderr.split())
+    assert not (tmp_path / "no").exists()  # nothing created
+    for state in (runtime, tmp_path):  # the runtime directory, or one holding it
+        same = run_manager(runtime, *REGIONS, "--state-dir", str(state))
+        assert same.returncode == 2 and "is (or holds) the runtime directory" in same.stderr
+
+
 def test_a_missing_memory_file_or_a_foreign_directory_is_refused(start_manager: Start) -> None:
     first = start_manager(*REGIONS)
     first.stop(signal.SIGKILL)

@@ -50,7 +50,7 @@ def test_a_journal_of_another_uid_is_not_adopted(root: Path) -> None:
 def test_a_memory_directory_that_is_a_link_is_refused(root: Path, tmp_path: Path) -> None:
     root.mkdir(mode=0o700)
     (root / "mem").symlink_to(tmp_path)
-    with pytest.raises(StateDirError, match=r"memory directory .* is not a directory"):
+    with pytest.raises(StateDirError, match=r"memory directory .* is a symbolic link"):
         StateDir(root).acquire()
 
 

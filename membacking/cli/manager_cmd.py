@@ -250,6 +250,16 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
         )
     if options["no_state"] and options["state_dir"] is not None:
         raise click.UsageError("--no-state cannot go with --state-dir")
+    if options["state_dir"] is not None:
+        from ..runtime import RuntimePaths
+
+        state = os.path.realpath(options["state_dir"])
+        runtime = os.path.realpath(RuntimePaths.resolve(options["runtime_dir"]).root)
+        if runtime == state or runtime.startswith(state.rstrip("/") + "/"):
+            raise click.UsageError(
+                f"--state-dir {options['state_dir']} is (or holds) the runtime directory "
+                f"{runtime}: a clean stop removes the state directory; choose another one"
+            )
     if options["no_state"] and options["keep_state"] and not use_fd_store(options["fd_store"]):
         raise click.UsageError(
             "--keep-state with --no-state keeps memory in systemd's fd store only, and there "

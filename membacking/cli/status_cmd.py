@@ -45,6 +45,8 @@ def status_cmd(runtime_dir: Path, timeout: float | None, as_json: bool) -> None:
         left = units.format_duration(awaited[0]["seconds_left"])
         deferred = status.get("deferred", 0)
         rows.append(("awaited back", f"pids {pids} (at most {left} more; {deferred} changes wait)"))
+    if status.get("not_back"):  # their wait ran out; they may still map removed memory
+        rows.append(("not back", "pids " + ", ".join(map(str, status["not_back"]))))
     click.echo(f"membacking manager: {status['health']}")
     for problem in status["problems"]:
         click.echo(f"  ! {problem}")

@@ -203,6 +203,13 @@ def _status(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[
     if state.awaited.deferred:  # changes held until the mappers of the manager before are back
         pids = ", ".join(str(r.pid) for r in state.awaited.waiting)
         problems.append(f"{state.awaited.deferred} change(s) wait for pid(s) {pids} to come back")
+    not_back = state.awaited.not_back()  # their wait ran out: they may map removed memory
+    if not_back:
+        pids = ", ".join(map(str, not_back))
+        problems.append(
+            f"mapper process(es) of pid {pids} did not come back after the restart and may "
+            "still map memory removed since (--evict-kill ends them)"
+        )
     return _reply(
         identity,
         {
@@ -217,6 +224,7 @@ def _status(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[
             # mappers of the previous manager not back yet, and the changes waiting for them
             "awaited": state.awaited.describe(now),
             "deferred": state.awaited.deferred,
+            "not_back": not_back,
             "health": "degraded" if problems else "ok",
             "problems": problems,
         },

@@ -187,6 +187,16 @@ class Persistence:
         if snapshot is None:
             if self.config.fresh:
                 log.warning("starting fresh: discarding any state in %s", self.dir.root)
+            else:
+                kept = self.dir.memory_files()
+                if kept:  # guest memory whose journal is gone: never discarded unasked
+                    raise StateDirError(
+                        hint.format(
+                            f"it holds {len(kept)} memory files ({', '.join(kept[:4])}"
+                            f"{', ...' if len(kept) > 4 else ''}) but no journal, so what "
+                            "they held cannot be adopted"
+                        )
+                    )
             self.dir.reset()
             self.state_id = secrets.token_bytes(16)
             self.fresh = True

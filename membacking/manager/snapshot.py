@@ -104,7 +104,8 @@ def check_fits(snapshot: Snapshot, runtime_dir: str, address_space: int) -> None
     """Refuse a snapshot that belongs to another manager (StateDirError says which part)."""
     if snapshot.uid != os.getuid():
         raise StateDirError(f"it was written by uid {snapshot.uid}, not by uid {os.getuid()}")
-    if snapshot.runtime_dir != runtime_dir:
+    if os.path.realpath(snapshot.runtime_dir) != os.path.realpath(runtime_dir):
+        # (the same directory by another name, a symlink to it, is the same manager's)
         raise StateDirError(f"it belongs to the manager of {snapshot.runtime_dir}")
     if snapshot.address_space != address_space:
         raise StateDirError(

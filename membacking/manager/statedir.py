@@ -34,8 +34,19 @@ class StateDirError(MembackingError):
 
 
 def default_state_dir(paths: RuntimePaths) -> Path:
-    """/dev/shm/membacking-<uid>-<hash of the runtime directory>: one per runtime directory."""
-    digest = hashlib.sha256(os.fsencode(paths.root)).hexdigest()[:16]
+    """/dev/shm/membacking-<uid>-<hash of the runtime directory's real path>: one per runtime
+    directory, whatever path names it (a symlink to it, /var/run for /run: a path as given
+    made a restart through another name start fresh). A state kept under the hash of the
+    path as given (earlier releases) is still found there."""
+    real = _state_dir_for(os.path.realpath(paths.root))
+    given = _state_dir_for(str(paths.root))
+    if given != real and given.exists() and not real.exists():
+        return given
+    return real
+
+
+def _state_dir_for(path: str) -> Path:
+    digest = hashlib.sha256(os.fsencode(path)).hexdigest()[:16]
     return DEFAULT_PARENT / f"membacking-{os.getuid()}-{digest}"
 
 
@@ -114,6 +125,11 @@ def _check_own(path: Path, what: str, directory: bool) -> os.stat_result | None:
     except FileNotFoundError:
         return None
     kind_ok = stat.S_ISDIR(info.st_mode) if directory else stat.S_ISREG(info.st_mode)
+    if stat.S_ISLNK(info.st_mode):
+        raise StateDirError(
+            f"{what} {path} is a symbolic link, which a state directory may not hold or be; "
+            "give the path it points to, or choose another --state-dir"
+        )
     if not kind_ok:
         kind = "directory" if directory else "regular file"
         raise StateDirError(f"{what} {path} is not a {kind}; choose another --state-dir")
@@ -146,9 +162,21 @@ class StateDir:
             self._filesystem = (filesystem_of(self.root),)
         return self._filesystem[0]
 
-    def acquire(self) -> None:
+    def memory_files(self) -> list[str]:
+        """The names of the files in `mem/` (guest memory kept for a journal), sorted."""
         try:
-            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            return sorted(e.name for e in os.scandir(self.mem) if e.is_file(follow_symlinks=False))
+        except OSError:
+            return []
+
+    def acquire(self) -> None:
+        if not self.root.parent.is_dir():  # a typo must not create directories anywhere
+            raise StateDirError(
+                f"cannot create the state directory {self.root}: {self.root.parent} does not "
+                "exist (create it first, or choose another --state-dir)"
+            )
+        try:
+            self.root.mkdir(mode=0o700, exist_ok=True)
         except OSError as exc:
             raise StateDirError(
                 f"cannot create the state directory {self.root}: {exc.strerror or exc} "
