@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import shutil
 import signal
 import subprocess
 import threading
@@ -203,6 +204,31 @@ def test_the_runtime_directory_by_another_name_adopts_the_same_state(
     assert "adopted=2" in second.ready_line, second.ready_line
     with membacking.attach(first.runtime_dir) as memory:
         assert memory.read_at(0, 3) == b"old"
+
+
+def test_a_restart_without_the_state_dir_given_before_is_refused(start_manager: Start) -> None:
+    """Started again without the --state-dir of the manager before, a daemon would start fresh
+    in the default one while the guest's memory waits in the other: it is refused, naming it;
+    with that --state-dir the state is adopted, and --fresh starts without it."""
+    state = Path("/dev/shm") / f"mb-test-pointer-{os.getpid()}"
+    try:
+        first = start_manager(*REGIONS, "--state-dir", str(state))
+        with membacking.attach(first.runtime_dir) as memory:
+            memory.write_at(0, b"old")
+        first.stop(signal.SIGKILL)
+        refused = run_manager(first.runtime_dir, *REGIONS)
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr
+        said = " ".join(refused.stderr.split())
+        assert f"kept its state in {state}" in said and f"--state-dir {state}" in said, said
+        second = start_manager(*REGIONS, "--state-dir", str(state), runtime_dir=first.runtime_dir)
+        assert "adopted=2" in second.ready_line
+        with membacking.attach(second.runtime_dir) as memory:
+            assert memory.read_at(0, 3) == b"old"
+        second.stop(signal.SIGKILL)
+        fresh = start_manager(*REGIONS, "--fresh", runtime_dir=first.runtime_dir)
+        assert "adopted=0" in fresh.ready_line
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
 
 
 def test_a_state_dir_that_is_a_typo_or_the_runtime_dir_is_refused(tmp_path: Path) -> None:

@@ -71,6 +71,10 @@ def describe(persist: Persistence | None, config: PersistConfig, fd_store: bool)
     }
 
 
+#: the file in the runtime directory that names the state directory of the daemon serving it
+STATE_POINTER = "state-dir"
+
+
 class Persistence:
     """Owns the state directory for one daemon run."""
 
@@ -167,13 +171,46 @@ class Persistence:
 
     def open(self, state: ManagerState, store: MemfdStore) -> None:
         """Claim the directory and adopt its state into the empty `state`/`store`, or start
-        fresh when there is none (or --fresh). StateDirError when it does not fit."""
+        fresh when there is none (or --fresh). StateDirError when it does not fit, or when
+        the manager before on this runtime directory kept a state elsewhere."""
+        self._check_pointer()
         self.dir.acquire()
         try:
             self._adopt(state, store)
         except BaseException:
             self.dir.release(remove=False)
             raise
+        self._remember()
+
+    def _check_pointer(self) -> None:
+        """Refuse to start over while the state the manager before on this runtime directory
+        kept (named in its STATE_POINTER file) is elsewhere and still there: started again
+        without its --state-dir, a daemon started fresh in the default one, and the guest's
+        memory waited unnoticed in the other."""
+        if self.config.fresh:
+            return
+        try:
+            named = Path((self.paths.root / STATE_POINTER).read_text().strip())
+        except (OSError, UnicodeDecodeError):
+            return
+        if not named.is_absolute() or named == self.dir.root or self.dir.holds_state():
+            return
+        if StateDir(named).holds_state():
+            raise StateDirError(
+                f"the manager before on {self.paths.root} kept its state in {named}, not in "
+                f"{self.dir.root}: start with --state-dir {named} to adopt it, or with --fresh "
+                f"to start without it (its memory stays in {named} until that is removed)"
+            )
+
+    def _remember(self) -> None:
+        """Name the state directory in use in the runtime directory, for the next start."""
+        pointer = self.paths.root / STATE_POINTER
+        try:
+            tmp = pointer.with_name(pointer.name + ".tmp")
+            tmp.write_text(f"{self.dir.root}\n")
+            tmp.replace(pointer)
+        except OSError as exc:
+            log.warning("cannot note the state directory in %s: %s", pointer, exc)
 
     def _adopt(self, state: ManagerState, store: MemfdStore) -> None:
         hint = (

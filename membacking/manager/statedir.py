@@ -162,6 +162,10 @@ class StateDir:
             self._filesystem = (filesystem_of(self.root),)
         return self._filesystem[0]
 
+    def holds_state(self) -> bool:
+        """Whether a journal or guest memory files are there (without claiming anything)."""
+        return (self.root / "journal").exists() or bool(self.memory_files())
+
     def memory_files(self) -> list[str]:
         """The names of the files in `mem/` (guest memory kept for a journal), sorted."""
         try:
