@@ -179,20 +179,10 @@ def test_packed_holdings_need_the_feature_and_whole_entries(tmp_path: Path) -> N
     sdir.release(remove=True)
 
 
-def test_the_same_holdings_of_fresh_mappers_are_checked_once_per_state_of_the_table(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Mappers that map the same memory tell the same bytes: the second fresh one reuses the
-    first's check (each is still recorded as a holder), and any change of the table (or of the
-    backings) checks again: a mapping removed meanwhile is unmapped from the next one."""
+def _count_checks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that gains an item each time Holdings are checked against the table."""
     from membacking.manager import reattach
 
-    state, store, sdir = _state(tmp_path)
-    a_id = state.regions["a"].submappings[0].mappable_id
-    b_id = state.regions["b"].submappings[0].mappable_id
-    fds = [x for i in (a_id, b_id) for x in (i, *(store.identity(i) or (0, 0)))]
-    maps = [0, MiB, a_id, 0, 1, 2 * MiB, MiB, b_id, 0, 1]
-    (msg,) = holdings_messages(fds, maps, packed=True)
     checks: list[int] = []
     check = reattach._check
 
@@ -201,6 +191,23 @@ def test_the_same_holdings_of_fresh_mappers_are_checked_once_per_state_of_the_ta
         return check(*args)
 
     monkeypatch.setattr(reattach, "_check", counted)
+    return checks
+
+
+def test_the_same_holdings_of_fresh_mappers_are_checked_once_per_state_of_the_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mappers that map the same memory tell the same bytes: the second fresh one reuses the
+    first's check (each is still recorded as a holder), and any change of the table (or of the
+    backings) checks again: a mapping removed meanwhile is unmapped from the next one."""
+
+    state, store, sdir = _state(tmp_path)
+    a_id = state.regions["a"].submappings[0].mappable_id
+    b_id = state.regions["b"].submappings[0].mappable_id
+    fds = [x for i in (a_id, b_id) for x in (i, *(store.identity(i) or (0, 0)))]
+    maps = [0, MiB, a_id, 0, 1, 2 * MiB, MiB, b_id, 0, 1]
+    (msg,) = holdings_messages(fds, maps, packed=True)
+    checks = _count_checks(monkeypatch)
     first, second = _registered(state), _registered(state)
     assert state.handle_fd_message(first.id, msg) == []
     assert state.handle_fd_message(second.id, msg) == []
@@ -265,20 +272,12 @@ def test_the_empty_message_that_ends_holdings_is_not_checked(
     """The empty message a mapper ends its Holdings with (and all that one holding nothing
     sends) is not checked against the table: nothing is unmapped or recorded, and the check
     kept for the next fresh mapper with the same bytes is not replaced by it."""
-    from membacking.manager import reattach
 
     state, store, sdir = _state(tmp_path)
     a_id = state.regions["a"].submappings[0].mappable_id
     fds = [a_id, *(store.identity(a_id) or (0, 0))]
     (msg,) = holdings_messages(fds, [0, MiB, a_id, 0, 1], packed=True)
-    checks: list[int] = []
-    check = reattach._check
-
-    def counted(*args: Any) -> Any:
-        checks.append(1)
-        return check(*args)
-
-    monkeypatch.setattr(reattach, "_check", counted)
+    checks = _count_checks(monkeypatch)
     first, empty, arrays, second = (_registered(state) for _ in range(4))
     assert state.handle_fd_message(first.id, msg) == [] and len(checks) == 1
     for entry in (first, empty):

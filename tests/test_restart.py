@@ -128,11 +128,17 @@ def run_manager(runtime_dir: Path, *args: str) -> subprocess.CompletedProcess[st
     return run_cli("manager", "run", *args, runtime_dir=runtime_dir, timeout=30)
 
 
-def test_a_state_that_does_not_fit_is_refused_until_fresh(start_manager: Start) -> None:
-    first = start_manager(*REGIONS)
+def killed_after_writing(start_manager: Start, *extra: str) -> RunningManager:
+    """A manager that served `old` at GPA 0, then was SIGKILLed (its state left behind)."""
+    first = start_manager(*REGIONS, *extra)
     with membacking.attach(first.runtime_dir) as memory:
         memory.write_at(0, b"old")
     first.stop(signal.SIGKILL)
+    return first
+
+
+def test_a_state_that_does_not_fit_is_refused_until_fresh(start_manager: Start) -> None:
+    first = killed_after_writing(start_manager)
     sdir = state_dir(first)
     kept = sorted(os.listdir(sdir / "mem"))
 
@@ -171,10 +177,7 @@ def test_a_state_that_does_not_fit_is_refused_until_fresh(start_manager: Start) 
 def test_memory_without_its_journal_is_refused_until_fresh(start_manager: Start) -> None:
     """A state directory whose journal is gone but whose memory files are there is refused,
     not started over silently (that discarded the guest's memory)."""
-    first = start_manager(*REGIONS)
-    with membacking.attach(first.runtime_dir) as memory:
-        memory.write_at(0, b"old")
-    first.stop(signal.SIGKILL)
+    first = killed_after_writing(start_manager)
     sdir = state_dir(first)
     kept = sorted(os.listdir(sdir / "mem"))
     (sdir / "journal").unlink()
@@ -194,10 +197,7 @@ def test_the_runtime_directory_by_another_name_adopts_the_same_state(
     """Restarted through a symlink to its runtime directory, a manager finds the state the
     first one kept: the default state directory follows the directory, not the name (it
     started fresh on zeroed memory)."""
-    first = start_manager(*REGIONS)
-    with membacking.attach(first.runtime_dir) as memory:
-        memory.write_at(0, b"old")
-    first.stop(signal.SIGKILL)
+    first = killed_after_writing(start_manager)
     link = tmp_path / "rt-link"
     link.symlink_to(first.runtime_dir)
     second = start_manager(*REGIONS, runtime_dir=link)
@@ -212,10 +212,7 @@ def test_a_restart_without_the_state_dir_given_before_is_refused(start_manager: 
     with that --state-dir the state is adopted, and --fresh starts without it."""
     state = Path("/dev/shm") / f"mb-test-pointer-{os.getpid()}"
     try:
-        first = start_manager(*REGIONS, "--state-dir", str(state))
-        with membacking.attach(first.runtime_dir) as memory:
-            memory.write_at(0, b"old")
-        first.stop(signal.SIGKILL)
+        first = killed_after_writing(start_manager, "--state-dir", str(state))
         refused = run_manager(first.runtime_dir, *REGIONS)
         assert refused.returncode == 1 and "Traceback" not in refused.stderr
         said = " ".join(refused.stderr.split())
