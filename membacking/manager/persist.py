@@ -4,6 +4,7 @@ journal the region table after each change, and end or keep the state at a clean
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 from dataclasses import dataclass
@@ -297,4 +298,8 @@ class Persistence:
         if clean and self.config.keep:
             self.save(state, store)
             log.info("kept the state in %s for the next start", self.dir.root)
-        self.dir.release(remove=(not self.config.keep) if clean else self.fresh)
+        remove = (not self.config.keep) if clean else self.fresh
+        self.dir.release(remove=remove)
+        if remove:  # nothing kept: the next start on this runtime directory may use any
+            with contextlib.suppress(OSError):
+                (self.paths.root / STATE_POINTER).unlink()
