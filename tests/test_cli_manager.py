@@ -33,7 +33,7 @@ def test_ready_line_and_clean_shutdown(manager: RunningManager) -> None:
     assert f"runtime-dir={manager.runtime_dir}" in manager.ready_line
     assert "regions=2" in manager.ready_line
     files = {p.name for p in manager.runtime_dir.iterdir()}
-    assert files == {"manager.lock", "fd.sock", "mapper.ipc", "control.ipc"}
+    assert files == {"manager.lock", "fd.sock", "mapper.ipc", "control.ipc", "state-dir"}
     assert manager.runtime_dir.stat().st_mode & 0o777 == 0o700
     for name in ("fd.sock", "mapper.ipc", "control.ipc"):
         assert (manager.runtime_dir / name).stat().st_mode & 0o777 == 0o600

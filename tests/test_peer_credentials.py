@@ -97,6 +97,7 @@ def test_allowed_uid_attaches_as_shipped(start_manager: Callable[..., RunningMan
         "mapper.ipc": 0o666,
         "control.ipc": 0o600,
         "manager.lock": 0o600,
+        "state-dir": 0o600,
     }
     import membacking.mapper
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -206,9 +207,12 @@ class Persistence:
     def _remember(self) -> None:
         """Name the state directory in use in the runtime directory, for the next start."""
         pointer = self.paths.root / STATE_POINTER
-        try:
+        try:  # (0600, as the lock: it names where the guest's memory is kept)
             tmp = pointer.with_name(pointer.name + ".tmp")
-            tmp.write_text(f"{self.dir.root}\n")
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+            fd = os.open(tmp, flags, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{self.dir.root}\n")
             tmp.replace(pointer)
         except OSError as exc:
             log.warning("cannot note the state directory in %s: %s", pointer, exc)
