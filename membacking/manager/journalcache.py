@@ -33,9 +33,14 @@ class PackedPieces:
     __slots__ = ("_joined", "_runs", "_starts")
 
     def __init__(self, packed: list[bytes]) -> None:
-        self._runs = [packed[i : i + RUN] for i in range(0, len(packed), RUN)]
-        self._joined: list[bytes | None] = [None] * len(self._runs)
+        self._runs: list[list[bytes]] = []
+        self._joined: list[bytes | None] = []
         self._starts: list[int] = []
+        self._fill(packed)
+
+    def _fill(self, packed: list[bytes]) -> None:
+        self._runs = [packed[i : i + RUN] for i in range(0, len(packed), RUN)]
+        self._joined = [None] * len(self._runs)
         self._index()
 
     def _index(self) -> None:
@@ -47,10 +52,8 @@ class PackedPieces:
     def replace(self, lo: int, hi: int, new: list[bytes]) -> None:
         """Put `new` in place of the pieces [lo, hi)."""
         starts, runs = self._starts, self._runs
-        if not runs:
-            self._runs, self._joined = [new[i : i + RUN] for i in range(0, len(new), RUN)], []
-            self._joined = [None] * len(self._runs)
-            self._index()
+        if not runs:  # (all removed earlier): start over from `new`
+            self._fill(new)
             return
         # the runs holding lo and hi - 1 (the last run takes what is appended at the end)
         i = max(0, min(bisect.bisect_right(starts, lo) - 1, len(runs) - 1))

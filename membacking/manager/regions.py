@@ -17,7 +17,6 @@ from ..protocol.ranges import MemoryRange
 from .errors import Refused
 
 MAX_PRIORITY = 255
-_START_END = operator.itemgetter(0, 1)
 _SUBS = operator.attrgetter("submappings._subs")
 #: entries of the other size classes a window's sweep inserts into the largest one's (more
 #: are concatenated and sorted)
@@ -269,63 +268,18 @@ def shadows(upper: Region, lower: Region) -> bool:
     return upper.order < lower.order
 
 
-def desired(regions: Iterable[Region], window: MemoryRange) -> list[tuple[Region, bool]]:
-    """For each placed region overlapping `window`: should it be active?
+def changes(near: list[Near]) -> tuple[list[Region], list[Region]]:
+    """Which regions of `near` (the index's entries overlapping a window, in its order) must
+    be deactivated and which activated, each in address order.
 
     A region is active when it is enabled, not being removed, and no other such region shadows
     it. The placement rules make overlapping regions nest, and a region strictly containing
     another always has the higher priority, so a region is shadowed exactly when an eligible
     region strictly contains it, or when one with an identical range beats it (`shadows`). The
     rules do not hold against regions being removed (new ones may be placed across them while
-    their Unmaps are pending), but those are never eligible, so the sweep ignores them.
-    One sweep in (start, longest first) order finds both: O(k log k) for k regions, where
-    comparing every pair cost O(k^2) (4.5 s for 2,000 regions inside one that was disabled).
-    """
-    ws, we = window.start, window.end
-    near = [  # (bounds from gpa and size: a MemoryRange each cost 1 us)
-        (r.gpa, -(r.gpa + r.size), r)
-        for r in regions
-        if r.gpa is not None and r.gpa < we and ws < r.gpa + r.size
-    ]
-    near.sort(key=_START_END)
-    out: list[tuple[Region, bool]] = []
-    reach = -1  # the furthest end of an eligible region in the groups swept so far
-    i, n = 0, len(near)
-    while i < n:
-        start, neg_end, region = near[i]
-        j = i + 1
-        # an earlier group starts no later and is not identical: reaching our end, it contains us
-        contained = reach >= -neg_end
-        if j == n or near[j][0] != start or near[j][1] != neg_end:  # alone in its range
-            eligible = region.enabled and not region.removing
-            out.append((region, eligible and not contained))
-            if eligible and -neg_end > reach:
-                reach = -neg_end
-            i = j
-            continue
-        while j < n and near[j][0] == start and near[j][1] == neg_end:
-            j += 1
-        group = [item[2] for item in near[i:j]]  # identical ranges
-        eligible_ones = [r for r in group if r.enabled and not r.removing]
-        winner = None
-        if eligible_ones and not contained:
-            winner = eligible_ones[0]
-            for other in eligible_ones[1:]:
-                if shadows(other, winner):
-                    winner = other
-        out += [(member, member is winner) for member in group]
-        if eligible_ones:
-            reach = max(reach, -neg_end)
-        i = j
-    return out
-
-
-def changes(near: list[Near]) -> tuple[list[Region], list[Region]]:
-    """What `desired` decides for the regions of `near` (the index's entries overlapping a
-    window, in its order), as the regions it deactivates and those it activates, each in
-    address order.
-
-    The same sweep, and one more use of the nesting rule: what starts inside an eligible
+    their Unmaps are pending), but those are never eligible. One sweep in (start, longest
+    first) order finds both: O(k log k) for k regions, where comparing every pair cost O(k^2)
+    (4.5 s for 2,000 regions inside one that was disabled). What starts inside an eligible
     region's range (past its identical-range group) is contained in it, or is being removed,
     so it must be inactive. That run of the sweep is one slice found by a bisection, whose
     active regions all go down, with no verdict taken region by region: hiding 10,000
@@ -370,11 +324,6 @@ def changes(near: list[Near]) -> tuple[list[Region], list[Region]]:
 def piece_count(regions: Iterable[Region]) -> int:
     """The pieces of `regions`, counted without a Python call per region."""
     return sum(map(len, map(_SUBS, regions)))
-
-
-def desired_active(regions: Iterable[Region], window: MemoryRange) -> dict[str, bool]:
-    """`desired` by region name."""
-    return {region.name: want for region, want in desired(regions, window)}
 
 
 def split_submappings(
