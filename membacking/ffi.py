@@ -340,13 +340,14 @@ def die_with_parent(sig: int, parent_pid: int) -> None:
         os._exit(127)
 
 
-IN_MOVED_TO, IN_CREATE = 0x80, 0x100
+IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x80, 0x100, 0x200
 
 
 def watch_directory(path: str, mask: int = IN_CREATE | IN_MOVED_TO) -> int:
     """An inotify descriptor (non-blocking, close-on-exec) that becomes readable when a file
-    is created in (IN_CREATE), or moved into (IN_MOVED_TO), directory `path`, as `mask` says;
-    the caller reads and closes it. OSError where inotify is unavailable (or out of watches)."""
+    is created in (IN_CREATE), moved into (IN_MOVED_TO) or deleted from (IN_DELETE) directory
+    `path`, as `mask` says; the caller reads and closes it. OSError where inotify is
+    unavailable (or out of watches)."""
     # Safe: inotify_init1 takes flags by value and returns a descriptor or -1; touches no memory.
     fd: int = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
     if fd < 0:

@@ -8,13 +8,15 @@ Both sides live here: `answer` (the running daemon's side of the `handover` oper
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import select
 import time
 from typing import TYPE_CHECKING, Any
 
-from .. import trace
+from .. import ffi, trace
 from ..control_client import ControlClient
 from ..errors import ControlError, ManagerUnavailableError, MembackingError
 from ..protocol import messages as m
@@ -55,6 +57,11 @@ BUSY_POLL = 0.05
 BUSY_SAY_EVERY = 5.0
 #: how long a new daemon waits for the one that agreed to hand over to release the directory
 RELEASE_WAIT = 30.0
+#: where inotify is unavailable, how often that wait looks at the lock
+RELEASE_POLL = 0.002
+#: with inotify, the longest the wait goes without a look (a lock released without the
+#: unlink, as by a daemon of an earlier release, is seen then)
+RELEASE_LOOK = 0.05
 
 
 class HandoverError(MembackingError):
@@ -380,12 +387,32 @@ def _ask(paths: RuntimePaths, timeout: float, args: dict[str, Any], needs_2: boo
 
 
 def _await_release(paths: RuntimePaths, pid: int) -> None:
-    """Wait until the daemon that agreed has released the runtime directory's lock."""
+    """Wait until the daemon that agreed has released the runtime directory's lock. It unlinks
+    the lock as it releases it: an inotify watch of the directory's deletions wakes this wait
+    then, instead of a look at the lock every few milliseconds (short sleeps where inotify is
+    unavailable)."""
     deadline = time.monotonic() + RELEASE_WAIT
-    while paths.manager_running() is not False:
-        if time.monotonic() >= deadline:
-            raise HandoverError(
-                f"the manager (pid {pid}) agreed to hand over but still holds {paths.root} "
-                f"after {RELEASE_WAIT:g}s"
-            )
-        time.sleep(0.002)
+    try:
+        watch: int | None = ffi.watch_directory(os.fspath(paths.root), ffi.IN_DELETE)
+    except OSError:
+        watch = None
+    try:
+        poll = select.poll()
+        if watch is not None:
+            poll.register(watch, select.POLLIN)
+        while paths.manager_running() is not False:  # looked at after the watch is set
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise HandoverError(
+                    f"the manager (pid {pid}) agreed to hand over but still holds {paths.root} "
+                    f"after {RELEASE_WAIT:g}s"
+                )
+            if watch is None:
+                time.sleep(min(left, RELEASE_POLL))
+            elif poll.poll(min(left, RELEASE_LOOK) * 1000):
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(watch, 4096):  # which file went tells nothing more
+                        pass
+    finally:
+        if watch is not None:
+            os.close(watch)
