@@ -36,7 +36,7 @@ from .fdstore import FdStore
 from .heap import Heap
 from .metrics import ManagerMetrics
 from .persist import READ_ONLY_OPS, Persistence
-from .routers import bind_router, new_router, open_to_other_users
+from .routers import IPC_FILE_OUTLIVES_CLOSE, bind_router, new_router, open_to_other_users
 from .rundir import RuntimeDirError, RuntimeDirLock, raise_fd_limit
 from .settings import ManagerConfig, config_widens
 from .state import Disconnect, Effect, ManagerState, Send, SendFd
@@ -242,15 +242,20 @@ class Daemon(FdServer):
                 sock.close()
         if getattr(self, "_listen", None) is not None:
             self._listen.close()
-        if getattr(self, "_ctx", None) is not None:
-            self._ctx.term()
         if self.persist is not None:
             self.persist.close(self.state, self.store, clean=False)  # if not closed already
         if self.fdstore is not None:
             self.fdstore.close()
+        ctx = getattr(self, "_ctx", None)
+        if ctx is not None and not IPC_FILE_OUTLIVES_CLOSE:
+            ctx.term()  # its listeners would unlink a successor's socket files as they close
+            ctx = None
         # the runtime directory is free for a successor now (in a handover it is waiting for
-        # it); what follows concerns this process alone
+        # it); what follows concerns this process alone: the context's end waits for what is
+        # still queued (the mappers' Shutdown) to be delivered, up to the ROUTERs' linger
         self._lock.release()
+        if ctx is not None:
+            ctx.term()
         if self.handing_over is None or not self.exit_after_handover:
             self.store.close_all()
         self._wake_r.close()

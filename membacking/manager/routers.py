@@ -20,6 +20,10 @@ log = logging.getLogger("membacking.manager")
 MAX_FRAME_BYTES = 16 * MAX_MESSAGE_BYTES
 #: messages queued per peer each way; past it a ROUTER drops what it sends (no ROUTER_MANDATORY)
 HWM = 100_000
+#: whether an ipc listener leaves its socket file when it closes (libzmq 4.2.3 and later): a
+#: daemon handing over may then release the runtime directory before its context has ended,
+#: as a successor's socket files bound at the same paths are safe from its listeners
+IPC_FILE_OUTLIVES_CLOSE = zmq.zmq_version_info() >= (4, 2, 3)
 
 
 def new_router(ctx: zmq.Context[zmq.Socket[bytes]]) -> zmq.Socket[bytes]:
