@@ -14,13 +14,12 @@ from typing import Any
 import pytest
 import zmq
 
-from membacking.manager import handover, shutdown
+from membacking.manager import handover
 from membacking.manager.daemon import Daemon
 from membacking.manager.persist import PersistConfig
 from membacking.manager.routers import IPC_FILE_OUTLIVES_CLOSE
 from membacking.manager.rundir import RuntimeDirLock
 from membacking.manager.settings import ManagerConfig
-from membacking.protocol import messages as m
 from membacking.runtime import RuntimePaths
 
 from conftest import short_tmpdir
@@ -128,30 +127,3 @@ def test_a_successor_s_socket_files_outlive_the_listeners_of_the_daemon_before()
         new.close(0)
         new_ctx.term()
         shutil.rmtree(root, ignore_errors=True)
-
-
-def test_a_daemon_keeping_its_state_frees_the_directory_before_it_tells_its_mappers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Restarting (a handover, a state kept), the state is journaled first and the runtime
-    directory released next: the successor starts while the mappers wake to the Shutdown.
-    Stopping for good, the mappers are told while the directory is still held."""
-    told: list[tuple[str, bool]] = []
-    tell = shutdown._tell_mappers
-
-    def recording(daemon: Daemon, reason: str, code: str) -> None:
-        told.append((code, daemon.paths.manager_running() is False))
-        tell(daemon, reason, code)
-
-    monkeypatch.setattr(shutdown, "_tell_mappers", recording)
-    for keep in (True, False):
-        runtime = short_tmpdir()
-        persist = PersistConfig(state_dir=tmp_path / f"s{keep}", keep=keep)
-        daemon = Daemon(ManagerConfig(runtime_dir=runtime, persist=persist))
-        daemon.start()
-        daemon.state.add_region("r", 0, 1 << 20, True)
-        daemon._save_state()
-        daemon._shutdown()
-        assert daemon.paths.manager_running() is False
-        shutil.rmtree(runtime, ignore_errors=True)
-    assert told == [(m.SHUTDOWN_RESTARTING, True), (m.SHUTDOWN_STOPPING, False)]

@@ -30,8 +30,7 @@ def shut_down(daemon: Daemon) -> None:
     daemon), the mappers are told last: they keep their memory meanwhile, and the daemon's own
     remaining work is not slowed by every mapper waking at once on a machine of few cores
     (it took 10 ms of the handover's gap, for 1 ms of CPU). Stopping for good, they are told
-    first and given STOP_LINGER to drop their mappings. Restarting, the runtime directory is
-    released before the mappers are told: the successor starts while they wake."""
+    first and given STOP_LINGER to drop their mappings."""
     reason = daemon._stop_reason or "stopped"
     log.info("shutting down: %s", reason)
     trace.mark("daemon.shutdown")
@@ -49,10 +48,6 @@ def shut_down(daemon: Daemon) -> None:
         daemon._listen.close()
     if keep:
         _close_state(daemon, keep)
-        # the state is journaled (and sent over): a successor may claim the runtime directory
-        # while the mappers are told, rather than after
-        daemon._lock.release()
-        trace.mark("daemon.released-dir")
         _tell_mappers(daemon, reason, m.SHUTDOWN_RESTARTING)
     else:
         _tell_mappers(daemon, reason, m.SHUTDOWN_STOPPING)
