@@ -16,7 +16,8 @@ import pytest
 from test_manager_state import MiB, RecordingStore, attach
 
 from membacking.manager import journal
-from membacking.manager.journal import PinRecord, Snapshot
+from membacking.manager.awaited import AwaitedMappers
+from membacking.manager.journal import MapperRecord, PinRecord, Snapshot
 from membacking.manager.pins import Pin, Pins, process_start
 from membacking.manager.state import ManagerState
 from membacking.protocol import messages as m
@@ -199,3 +200,32 @@ def test_pins_round_trip_through_the_journal() -> None:
     broken = dataclasses.replace(snapshot, pins=(PinRecord(3, "x", -1, 5000, ()),))
     with pytest.raises(journal.JournalError, match="pin pid"):
         journal.decode(journal.encode(broken))
+
+
+def test_a_change_refused_anyway_is_refused_at_once_while_mappers_are_awaited(
+    state: ManagerState,
+) -> None:
+    """After a restart, a change that could cut mappings waits until the mappers of the
+    manager before are back (up to 30 s); one whose region is pinned, or missing, would be
+    refused then as now, so it is refused now."""
+    procs = Processes(p777=5000, p4242=77)
+    state.pins = Pins(procs)
+    state.awaited = AwaitedMappers(started=procs)
+    control(state, "add_region", name="ram", gpa=0, size=64 * MiB)
+    control(state, "add_region", name="spare", gpa=128 * MiB, size=MiB)
+    state.pins.adopt([journaled_pin()])
+    state.awaited.adopt((MapperRecord(3, 4242, 77),))
+    state.awaited.begin(0.0, 30.0)
+    for op, args in (
+        ("remove_region", {}),
+        ("disable_region", {}),
+        ("move_region", {"gpa": 256 * MiB}),
+        ("unmap_range", {"offset": 0, "size": MiB}),
+    ):
+        reply = control(state, op, name="ram", **args)
+        assert isinstance(reply, m.Error) and reply.code == "pinned", (op, reply)
+    reply = control(state, "remove_region", name="nothing")
+    assert isinstance(reply, m.Error) and reply.code == "not-found", reply
+    # a change that may go through waits as before
+    out = state.handle_control(b"client", m.ControlRequest("remove_region", {"name": "spare"}))
+    assert out == [] and state.awaited.deferred == 1

@@ -19,7 +19,7 @@ from .awaited import may_cut
 from .errors import Refused
 from .metrics import FD_WARN_SHARE, VERSION, process_info
 from .model import Disconnect, MapperEntry
-from .pins import Pins
+from .pins import Pins, guard
 from .state import MAX_LISTED_PIECES, Effect, ManagerState, Send, piece_info, region_info
 
 log = logging.getLogger("membacking.manager")
@@ -408,6 +408,30 @@ def addressed_elsewhere(args: dict[str, Any], instance: str) -> m.Error | None:
     )
 
 
+#: what a change to a named region that waits for mappers to come back would be refused as
+#: at once: the region does not exist (or is being removed), or it is pinned
+_EARLY_ACTIONS = {
+    "remove_region": "removed",
+    "disable_region": "disabled",
+    "move_region": "moved",
+    "map_range": "re-mapped",
+    "unmap_range": "re-mapped",
+}
+
+
+def _refuse_early(state: ManagerState, op: str, args: dict[str, Any]) -> None:
+    """Refused (not-found, pinned) if the change `op` would be, whatever the mappers awaited
+    do: a pinned region stays pinned and a missing one missing while they are awaited."""
+    action, name = _EARLY_ACTIONS.get(op), args.get("name")
+    if action is None or not isinstance(name, str):
+        return  # its handler says what is wrong with its arguments once it runs
+    region = state.regions.get(name)
+    if region is None or region.removing:
+        what = "does not exist" if region is None else "is being removed"
+        raise Refused("not-found", f"region {name!r} {what}")
+    guard(state, name, action)
+
+
 def run_control(
     state: ManagerState, identity: bytes, op: str, args: dict[str, Any]
 ) -> list[Effect]:
@@ -416,6 +440,8 @@ def run_control(
         raise Refused("bad-request", f"unknown operation {op!r}")
     log.debug("control request %s %s", op, args)
     if state.awaited.open and may_cut(op, args):
+        # what is refused now would be refused then: said at once, not after the wait
+        _refuse_early(state, op, args)
         # mappers of the previous manager may map what it cuts: it runs once they are back
         state.awaited.defer(identity, op, args)
         log.info("%s waits for mapper(s) to come back (pids %s)", op, state.awaited.pids())
