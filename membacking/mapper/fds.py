@@ -8,6 +8,7 @@ the mappable asks for it again (ResendFd). Used by the mapper thread, except `du
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import resource
@@ -41,8 +42,12 @@ class MapperFds:
         self._held: dict[int, int] = {}
         #: (mappable id, st_dev, st_ino) of each fd held, taken when it arrived and packed as
         #: PackedHoldings lists it: what Holdings report after a manager restart, without an
-        #: fstat or a pack per fd then
-        self._identity: dict[int, bytes] = {}
+        #: fstat or a pack per fd then. One buffer in mappable-id order (`_ids` beside it), so
+        #: that reporting copies it at once instead of gathering a thousand objects on cold
+        #: caches, and mappers holding the same fds tell the same bytes whatever order they
+        #: came in (the manager checks the same bytes once)
+        self._ids: list[int] = []
+        self._identities = bytearray()
         #: held while an fd is closed or replaced, and while another thread duplicates one, so
         #: that thread never duplicates a number closed (and perhaps reused) meanwhile
         self._closing = threading.Lock()
@@ -75,12 +80,29 @@ class MapperFds:
 
     def identities(self) -> list[int]:
         """mappable id, st_dev, st_ino of every fd held, one after the other (mapper thread)."""
-        return [x for entry in self._identity.values() for x in _FD.unpack(entry)]
+        return [x for entry in _FD.iter_unpack(self._identities) for x in entry]
 
     def packed_identities(self) -> bytes:
-        """(mappable id, st_dev, st_ino) of every fd held, as PackedHoldings lists them, in the
-        order they arrived (mapper thread)."""
-        return b"".join(self._identity.values())
+        """(mappable id, st_dev, st_ino) of every fd held, as PackedHoldings lists them, by
+        mappable id (mapper thread)."""
+        return bytes(self._identities)
+
+    def _note_identity(self, mappable_id: int, fd: int) -> None:
+        info = os.fstat(fd)
+        entry = _FD.pack(mappable_id, info.st_dev, info.st_ino)
+        i = bisect.bisect_left(self._ids, mappable_id)
+        at = i * _FD.size
+        if i < len(self._ids) and self._ids[i] == mappable_id:  # replaced
+            self._identities[at : at + _FD.size] = entry
+        else:
+            self._ids.insert(i, mappable_id)
+            self._identities[at:at] = entry
+
+    def _forget_identity(self, mappable_id: int) -> None:
+        i = bisect.bisect_left(self._ids, mappable_id)
+        if i < len(self._ids) and self._ids[i] == mappable_id:
+            del self._ids[i]
+            del self._identities[i * _FD.size : (i + 1) * _FD.size]
 
     def dup(self, mappable_id: int) -> int | None:
         """A duplicate of the fd held for `mappable_id`, owned by the caller (any thread)."""
@@ -158,13 +180,14 @@ class MapperFds:
         with self._closing:
             close_fds([fd for fd in (self._held.pop(i, None) for i in ids) if fd is not None])
             for i in ids:
-                self._identity.pop(i, None)
+                self._forget_identity(i)
 
     def close_all(self) -> None:
         with self._closing:
             close_fds(list(self._held.values()))
             self._held.clear()
-            self._identity.clear()
+            self._ids.clear()
+            self._identities.clear()
 
     def _note_dropped(self, exc: FdsDropped) -> None:
         """A grant whose fd the kernel dropped: the Map it came behind will fail."""
@@ -199,10 +222,7 @@ class MapperFds:
                 if replaced is not None:  # sent twice (a manager bug): keep one
                     close_fds([replaced])
                 self._held[msg.mappable_id] = fds[0]
-                info = os.fstat(fds[0])
-                self._identity[msg.mappable_id] = _FD.pack(
-                    msg.mappable_id, info.st_dev, info.st_ino
-                )
+                self._note_identity(msg.mappable_id, fds[0])
             self._unclaimed.discard(msg.mappable_id)
             self._dropped.discard(msg.mappable_id)
             self._late_answer(msg.mappable_id)  # kept either way: the manager counts it sent
