@@ -70,7 +70,7 @@ class PeerState(TableState):
         return True
 
     def has_private_regions(self) -> bool:
-        return any(r.backing == "private" for r in self.regions.values())
+        return self.regions.private > 0
 
     def register_mapper(self, name: str, pid: int) -> MapperEntry:
         """A mapper said Hello on the fd socket: give it an id (never reused) and a token."""

@@ -12,6 +12,7 @@ import operator
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..protocol.ranges import MemoryRange
 from .errors import Refused
@@ -163,6 +164,60 @@ class Region:
     def absolute(self, sub: SubMapping) -> MemoryRange:
         assert self.gpa is not None
         return MemoryRange(self.gpa + sub.offset, self.gpa + sub.end)
+
+
+class RegionsByName(dict[str, Region]):
+    """The region table by name, with the count of its private-RAM regions kept as regions
+    come and go (a region's backing is fixed when it is made): every mapper's Hello asks
+    whether there is one, and walking 1,000 regions for it took about 40 us a Hello."""
+
+    __slots__ = ("private",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: how many of the regions are private RAM (backing "private")
+        self.private = 0
+
+    def __setitem__(self, name: str, region: Region) -> None:
+        old = self.get(name)
+        if old is not None and old.backing == "private":
+            self.private -= 1
+        super().__setitem__(name, region)
+        if region.backing == "private":
+            self.private += 1
+
+    def __delitem__(self, name: str) -> None:
+        region = self[name]
+        super().__delitem__(name)
+        if region.backing == "private":
+            self.private -= 1
+
+    def pop(self, name: str, *default: Any) -> Any:
+        if name not in self:
+            return super().pop(name, *default)
+        region = self[name]
+        del self[name]
+        return region
+
+    def clear(self) -> None:
+        super().clear()
+        self.private = 0
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # (a copy rebuilt region by region counts them again, from nothing)
+        return (_regions_by_name, (list(self.items()),))
+
+    def _unsupported(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("the region table is changed one region at a time")
+
+    update = setdefault = popitem = __ior__ = _unsupported
+
+
+def _regions_by_name(items: list[tuple[str, Region]]) -> RegionsByName:
+    regions = RegionsByName()
+    for name, region in items:
+        regions[name] = region
+    return regions
 
 
 class PlacementIndex:

@@ -33,7 +33,7 @@ from .model import (
     SendFd,
 )
 from .placing import PIECES_PER_MESSAGE, Place, Unplaced
-from .regions import PlacementIndex, Region, SubMapping, changes, piece_count
+from .regions import PlacementIndex, Region, RegionsByName, SubMapping, changes, piece_count
 from .steps import STEP_MESSAGES, Push, Refill, StepQueue
 
 log = logging.getLogger("membacking.manager")
@@ -67,7 +67,7 @@ class TableState:
         self._clock = clock
         self._monotonic = monotonic
         self.started_at = clock()
-        self.regions: dict[str, Region] = {}
+        self.regions = RegionsByName()
         #: the regions' names, sorted: the `regions` listing pages through them by name
         self.names: list[str] = []
         #: the regions that have a GPA, by where they lie (kept in step with `regions`)
