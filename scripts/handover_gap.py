@@ -208,6 +208,8 @@ def main() -> None:
             "mappers": args.mappers,
             "old_exit_status": old_status,
             "takeover_start_to_ready_ms": round(window * 1e3, 1),
+            # CLOCK_MONOTONIC of the agreement, which the times below count from
+            "agreed_monotonic_s": round(t0, 6),
             "gap_ms_max": round(max(gaps) * 1e3, 1),
             "gap_ms_per_mapper": [round(g * 1e3, 1) for g in gaps],
             "longest_pause_in_window_ms": round(max(anywhere) * 1e3, 1),

@@ -145,7 +145,11 @@ class Daemon(FdServer):
         try:
             startup.adopt(self, taken)
             # the mappers of the manager before, still running, are awaited back (awaited.py)
-            self.state.awaited.begin(self.state._monotonic(), self.state.unmap_timeout)
+            if self.state.awaited.begin(self.state._monotonic(), self.state.unmap_timeout):
+                # they register again at once: the block of ids they get is journaled by the
+                # save below, not by a save of its own at the first Hello (about 0.3 ms of CPU
+                # in a handover's gap)
+                self.state.reserve_mapper_id()
             trace.mark("daemon.adopted")
             self._save_state()
             trace.mark("daemon.saved")
