@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from reliability.test_faults import record
-from test_qemu import MISSING, Vm, alive, find_rsdp, start_vm, xp
+from test_qemu import MISSING, QUIET_GPA, Vm, alive, find_rsdp, start_vm, xp
 
 from membacking.control_client import ControlError
 from membacking.mapper import attach
@@ -63,8 +63,8 @@ def test_guest_runs_on_across_a_manager_restart(start_manager: Start, start_vm: 
     before = wait_for_pin(first, "survivor")
     marker = os.urandom(16)
     with attach(first.runtime_dir, name="writer") as memory:
-        memory.write_at(0x7000, marker)
-    assert xp(vm.qmp, 0x7000, 16) == marker
+        memory.write_at(QUIET_GPA, marker)
+    assert xp(vm.qmp, QUIET_GPA, 16) == marker
 
     first.stop(signal.SIGKILL)
     # no manager: the guest runs on its mapped memory, and its monitor answers
@@ -84,16 +84,17 @@ def test_guest_runs_on_across_a_manager_restart(start_manager: Start, start_vm: 
     assert vm.qmp.execute("query-status")["status"] == "running"
 
     # the restarted manager serves the same memory QEMU runs on, both ways
-    read = run_cli("mem", "read", "0x7000", "16", runtime_dir=second.runtime_dir)
+    read = run_cli("mem", "read", hex(QUIET_GPA), "16", runtime_dir=second.runtime_dir)
     assert read.returncode == 0, read.stderr
-    assert read.stdout.strip() == marker.hex() == xp(vm.qmp, 0x7000, 16).hex()
+    assert read.stdout.strip() == marker.hex() == xp(vm.qmp, QUIET_GPA, 16).hex()
     again = os.urandom(16)
     with attach(second.runtime_dir, name="writer-after") as memory:
-        memory.write_at(0x8000, again)
+        memory.write_at(QUIET_GPA + 0x1000, again)
         assert memory.find(b"RSD PTR ", 0xE0000, 0x20000) is not None  # the firmware's tables
-    assert xp(vm.qmp, 0x8000, 16) == again
+    assert xp(vm.qmp, QUIET_GPA + 0x1000, 16) == again
     saved = second.runtime_dir / "saved"
-    vm.qmp.execute("pmemsave", val=0x8000, size=16, filename=str(saved))  # QEMU's own copy
+    # QEMU's own copy
+    vm.qmp.execute("pmemsave", val=QUIET_GPA + 0x1000, size=16, filename=str(saved))
     assert saved.read_bytes() == again
 
     # the pin came back with the launcher: the VM's region cannot be removed under it
