@@ -6,10 +6,14 @@ directory it created."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -196,3 +200,71 @@ def test_a_refused_start_leaves_no_runtime_dir_it_created(
         assert sorted(os.listdir(base / "old")) == ["keep"]
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+INNER = """
+import os
+import signal
+
+from conftest import launch_manager, short_tmpdir
+
+
+def test_kills_its_manager():
+    running = launch_manager(short_tmpdir(), "--region", "ram=0:1M")
+    running.stop(signal.SIGKILL)
+    with open(os.environ["MB_INNER_OUT"], "a") as out:
+        out.write(f"killed {running.runtime_dir} {running.pid}\\n")
+
+
+def test_leaves_its_manager_running():
+    if os.environ.get("MB_INNER_LEAK") != "1":
+        return
+    running = launch_manager(short_tmpdir(), "--region", "ram=0:1M")
+    with open(os.environ["MB_INNER_OUT"], "a") as out:
+        out.write(f"running {running.runtime_dir} {running.pid}\\n")
+"""
+
+
+def test_a_test_run_leaves_no_state_dir_and_fails_when_one_is_held(tmp_path: Path) -> None:
+    """The cleanup in conftest.py: the state a killed manager kept for a test's runtime
+    directory is removed after that test; one a manager left running still holds at the end
+    of the session fails it, naming the runtime directory."""
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    shutil.copy(Path(__file__).with_name("conftest.py"), suite / "conftest.py")
+    (suite / "test_inner.py").write_text(INNER)
+    out = tmp_path / "out"
+    results = {}
+    for leak in ("0", "1"):
+        env = {**os.environ, "MB_INNER_OUT": str(out), "MB_INNER_LEAK": leak}
+        results[leak] = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(suite)],
+            cwd=suite,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    lines = [line.split() for line in out.read_text().splitlines()]
+    running = [(Path(r), int(pid)) for what, r, pid in lines if what == "running"]
+    try:
+        clean = results["0"]
+        assert clean.returncode == 0, clean.stdout + clean.stderr
+        assert "state directories left by 1 tests, removed after them" in clean.stdout
+        for what, runtime, _ in lines:
+            if what == "killed":
+                assert not default_state_dir(RuntimePaths.resolve(runtime)).exists()
+        leaky = results["1"]
+        assert leaky.returncode == 1, leaky.stdout + leaky.stderr
+        [(runtime, _)] = running
+        assert f"a state directory of {runtime} is left on /dev/shm" in leaky.stdout
+    finally:
+        for runtime, pid in running:  # the manager the inner run left running
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while statelist.remove_state_of(runtime) == [] and time.monotonic() < deadline:
+                if not default_state_dir(RuntimePaths.resolve(runtime)).exists():
+                    break
+                time.sleep(0.05)
+            shutil.rmtree(runtime, ignore_errors=True)

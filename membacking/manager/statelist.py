@@ -230,6 +230,16 @@ def describe(path: Path, holders: dict[tuple[int, int], int] | None = None) -> S
     )
 
 
+def runtime_dir_of(path: Path) -> str | None:
+    """The runtime directory the journal in `path` names, read cheaply (only the journal's
+    head); None if there is no readable journal."""
+    try:
+        data = journal.read_bytes(path / "journal")
+        return None if data is None else journal.decode_head(data)[0].runtime_dir
+    except (OSError, journal.JournalError):
+        return None
+
+
 def survey(extra: list[Path], defaults: bool = True) -> tuple[list[StateInfo], list[str]]:
     """The state directories in the default place (unless not `defaults`) and those in
     `extra`, and what could not be read (one message each)."""
