@@ -81,7 +81,7 @@ def state_list(state_dirs: tuple[Path, ...], as_json: bool) -> None:
 
 
 @state.command("remove")
-@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, metavar="[DIR]...", type=click.Path(path_type=Path))
 @click.option("--stale", is_flag=True, help="Remove every stale state directory.")
 @click.option(
     "--state-dir",
