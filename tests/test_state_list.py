@@ -135,18 +135,24 @@ def test_what_is_not_a_state_dir_is_never_removed(tmp_path: Path) -> None:
     (crowded / "notes.txt").write_text("mine")
     a_file = tmp_path / "file"
     a_file.write_text("x")
+    early = tmp_path / "early"  # a state directory, given through a symbolic link
+    (early / "mem").mkdir(parents=True)
+    (early / "state.lock").touch()
+    link = tmp_path / "link"
+    link.symlink_to(early)
     for target, why in (
         (lookalike, "its journal is not a membacking journal"),
         (crowded, "it holds notes.txt"),
         (a_file, "not a directory"),
         (tmp_path / "missing", "does not exist"),
+        (link, "is a symbolic link"),
     ):
         done = run_cli("manager", "state", "remove", "--force", str(target))
         said = " ".join(done.stderr.split())
         assert done.returncode == 1 and why in said and "Traceback" not in said, said
         assert len(done.stderr.strip().splitlines()) == 1
     assert (lookalike / "journal").exists() and (crowded / "notes.txt").exists()
-    assert a_file.exists()
+    assert a_file.exists() and (early / "state.lock").exists()
     listing = run_cli("manager", "state", "list", "--state-dir", str(lookalike))
     assert listing.returncode == 1 and "not a membacking journal" in listing.stderr
     usage = run_cli("manager", "state", "remove")
@@ -163,6 +169,23 @@ def test_a_state_dir_whose_manager_died_before_its_journal_is_stale(tmp_path: Pa
     assert info.status == "stale" and info.runtime_dir is None and info.holder is None
     statelist.remove(early)
     assert not early.exists()
+
+
+def test_a_state_dir_with_an_unreadable_journal_is_kept_unless_forced(tmp_path: Path) -> None:
+    """A journal with the right magic that does not decode (corrupt, or written by a later
+    release that a manager of that release may adopt) is not taken for stale."""
+    odd = tmp_path / "odd"
+    (odd / "mem").mkdir(parents=True)
+    (odd / "mem" / "1.membacking:ram").write_bytes(b"x" * 4096)
+    (odd / "journal").write_bytes(journal.MAGIC + b"\xff" * 40)
+    info = statelist.describe(odd)
+    assert info.status == "unreadable" and info.problem and info.memory_files == 1
+    refused = run_cli("manager", "state", "remove", str(odd))
+    said = " ".join(refused.stderr.split())
+    assert refused.returncode == 1 and "cannot be read" in said and "--force" in said, said
+    assert odd.exists()
+    assert run_cli("manager", "state", "remove", "--force", str(odd)).returncode == 0
+    assert not odd.exists()
 
 
 def test_remove_state_of_frees_a_killed_managers_default_state(start_manager: Start) -> None:

@@ -24,7 +24,7 @@ from .statedir import DEFAULT_PARENT, STATE_POINTER, default_state_dir
 #: what a state directory may hold (the journal's temporary file while it is written)
 _ENTRIES = frozenset({"journal", "journal.tmp", "mem", "state.lock"})
 
-HELD, KEPT, STALE, UNKNOWN = "held", "kept", "stale", "unknown"
+HELD, KEPT, STALE, UNKNOWN, UNREADABLE = "held", "kept", "stale", "unknown", "unreadable"
 
 
 class NotStateDir(MembackingError):
@@ -64,11 +64,15 @@ class StateInfo:
     @property
     def status(self) -> str:
         """held: a manager runs on it; kept: a manager restarted on its runtime directory
-        adopts it; stale: nothing will use it again; unknown: whether one holds it is unknown."""
+        adopts it; stale: nothing will use it again; unknown: whether one holds it is unknown;
+        unreadable: its journal cannot be read here (corrupt, or of a later release, which a
+        manager of that release may adopt)."""
         if self.holder is not None:
             return HELD
         if not self.lock_known:
             return UNKNOWN
+        if self.problem is not None:
+            return UNREADABLE
         if self.runtime_dir is None or not self.runtime_exists:
             return STALE
         if self.pointer is not None and not _same(self.pointer, self.path):
@@ -144,6 +148,8 @@ def check_state_dir(path: Path) -> None:
         raise NotStateDir(f"{path} does not exist") from None
     except OSError as exc:
         raise NotStateDir(f"cannot read {path}: {exc.strerror or exc}") from None
+    if stat.S_ISLNK(info.st_mode):
+        raise NotStateDir(f"{path} is a symbolic link, not a state directory: give its target")
     if not stat.S_ISDIR(info.st_mode):
         raise NotStateDir(f"{path} is not a membacking state directory (not a directory)")
     try:
@@ -242,19 +248,24 @@ def runtime_dir_of(path: Path) -> str | None:
 
 def survey(extra: list[Path], defaults: bool = True) -> tuple[list[StateInfo], list[str]]:
     """The state directories in the default place (unless not `defaults`) and those in
-    `extra`, and what could not be read (one message each)."""
+    `extra`, and why one in `extra` is none (one message each). One in the default place
+    that is none is left out: it was removed since it was seen (a clean stop), or a manager
+    is creating it."""
     holders = flock_holders()
     seen: set[str] = set()
     found, errors = [], []
+    asked_for = {os.path.realpath(p) for p in extra}
     for path in [*(default_locations() if defaults else []), *extra]:
         key = os.path.realpath(path)
         if key in seen:
             continue
         seen.add(key)
+        asked = key in asked_for
         try:
             found.append(describe(path, holders))
         except NotStateDir as exc:
-            errors.append(str(exc))
+            if asked:
+                errors.append(str(exc))
     return found, errors
 
 
@@ -275,6 +286,11 @@ def refusal(info: StateInfo) -> str | None:
             f"{info.path} keeps the state of {info.runtime_dir}, where a manager was killed or "
             f"stopped with --keep-state: a manager started there adopts it ({info.loss()}). "
             "Removing it loses that memory; start a manager there to use it, or give --force"
+        )
+    if status == UNREADABLE:
+        return (
+            f"{info.path} has a journal that cannot be read ({info.problem}); a manager of "
+            f"another release may still adopt it ({info.loss()}): give --force to remove it"
         )
     if status == UNKNOWN:
         return (
