@@ -166,7 +166,12 @@ def test_a_state_dir_whose_manager_died_before_its_journal_is_stale(tmp_path: Pa
     (early / "mem").mkdir(parents=True)
     (early / "state.lock").write_text("123\n")
     info = statelist.describe(early)
-    assert info.status == "stale" and info.runtime_dir is None and info.holder is None
+    assert info.status == "new" and info.runtime_dir is None and info.holder is None
+    with pytest.raises(statelist.RemovalRefused, match="a manager may be creating it"):
+        statelist.remove(early)  # made a moment ago: a manager may be starting on it
+    past = time.time() - statelist.NEW_FOR - 1
+    os.utime(early, (past, past))
+    assert statelist.describe(early).status == "stale"
     statelist.remove(early)
     assert not early.exists()
 

@@ -38,7 +38,8 @@ def state() -> None:
 def state_list(state_dirs: tuple[Path, ...], as_json: bool) -> None:
     """List state directories: the runtime directory each keeps memory for, its status (held:
     a manager runs on it; kept: a manager started on its runtime directory adopts it; stale:
-    no manager will use it again; unreadable: a journal this release cannot read), its
+    no manager will use it again; new: no journal yet; unreadable: a journal this release
+    cannot read), its
     regions, its guest memory in RAM and its age. Exit 1 if a --state-dir given is not a state
     directory."""
     from ..manager.statelist import survey

@@ -24,7 +24,17 @@ from .statedir import DEFAULT_PARENT, STATE_POINTER, default_state_dir
 #: what a state directory may hold (the journal's temporary file while it is written)
 _ENTRIES = frozenset({"journal", "journal.tmp", "mem", "state.lock"})
 
-HELD, KEPT, STALE, UNKNOWN, UNREADABLE = "held", "kept", "stale", "unknown", "unreadable"
+HELD, KEPT, STALE, UNKNOWN, UNREADABLE, NEW = (
+    "held",
+    "kept",
+    "stale",
+    "unknown",
+    "unreadable",
+    "new",
+)
+#: a directory without a journal younger than this may be one a manager is creating (it
+#: journals as it starts): it is not taken for stale
+NEW_FOR = 60.0
 
 
 class NotStateDir(MembackingError):
@@ -66,13 +76,16 @@ class StateInfo:
         """held: a manager runs on it; kept: a manager restarted on its runtime directory
         adopts it; stale: nothing will use it again; unknown: whether one holds it is unknown;
         unreadable: its journal cannot be read here (corrupt, or of a later release, which a
-        manager of that release may adopt)."""
+        manager of that release may adopt); new: no journal yet, made within NEW_FOR seconds
+        (a manager may be creating it)."""
         if self.holder is not None:
             return HELD
         if not self.lock_known:
             return UNKNOWN
         if self.problem is not None:
             return UNREADABLE
+        if self.runtime_dir is None and self.age < NEW_FOR:
+            return NEW
         if self.runtime_dir is None or not self.runtime_exists:
             return STALE
         if self.pointer is not None and not _same(self.pointer, self.path):
@@ -97,7 +110,8 @@ class StateInfo:
 
     def loss(self) -> str:
         """What removing it would lose, for a refusal."""
-        regions = "" if self.regions is None else f"{self.regions} regions, "
+        count = self.regions
+        regions = "" if count is None else f"{count} region{'' if count == 1 else 's'}, "
         return f"{regions}{format_size(self.memory_size)} of guest memory"
 
 
@@ -291,6 +305,11 @@ def refusal(info: StateInfo) -> str | None:
         return (
             f"{info.path} has a journal that cannot be read ({info.problem}); a manager of "
             f"another release may still adopt it ({info.loss()}): give --force to remove it"
+        )
+    if status == NEW:
+        return (
+            f"{info.path} has no journal yet and changed {int(info.age)} s ago: a manager may "
+            "be creating it; try again in a minute, or give --force"
         )
     if status == UNKNOWN:
         return (
