@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from membacking.control_client import ControlClient
+from membacking.manager.statelist import remove_state_of
 
 GPA = 1 << 32
 #: valgrind cannot reserve the default 1 TiB of address space for a mapper
@@ -190,6 +191,7 @@ def count(
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        remove_state_of(runtime)  # what a manager killed above kept on /dev/shm
         if keep is not None:
             keep.mkdir(parents=True, exist_ok=True)
             for out in (manager_out, mapper_out):

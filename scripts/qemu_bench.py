@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from membacking.manager.statelist import remove_state_of
 from membacking.mapper import attach
 from membacking.qemu.binary import find_qemu
 from membacking.qemu.launcher import kvm_usable
@@ -172,7 +173,12 @@ def main() -> None:
         memory.detach()
     finally:
         manager.send_signal(signal.SIGTERM)
-        manager.wait(15)
+        try:
+            manager.wait(15)
+        except subprocess.TimeoutExpired:
+            manager.kill()
+            manager.wait()
+        remove_state_of(runtime)  # what a manager killed above kept on /dev/shm
         shutil.rmtree(work, ignore_errors=True)
 
 

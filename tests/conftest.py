@@ -15,19 +15,82 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from membacking.control_client import ControlClient
 from membacking.manager.statedir import default_state_dir
+from membacking.manager.statelist import default_locations, remove_state_of, runtime_dir_of
 from membacking.runtime import RuntimePaths
 
 READY_TIMEOUT = 20.0
 
 
+#: every directory `short_tmpdir` made in this session (runtime directories among them)
+_MADE: list[Path] = []
+#: test -> state directories it left (a manager killed, or stopped with --keep-state) that
+#: the cleanup after it removed
+_CLEANED: dict[str, list[str]] = {}
+
+
 def short_tmpdir(prefix: str = "mb-") -> Path:
-    """A directory short enough for Unix socket paths (107 bytes)."""
-    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    """A directory short enough for Unix socket paths (107 bytes). A manager's state left on
+    /dev/shm for it as a runtime directory is removed after the test (`_no_state_left`)."""
+    made = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    _MADE.append(made)
+    return made
+
+
+def _ours(runtime_dir: str, roots: Sequence[Path]) -> bool:
+    real = os.path.realpath(runtime_dir)
+    return any(real == str(r) or real.startswith(f"{r}/") for r in roots)
+
+
+def _kept_for(roots: Sequence[Path]) -> list[str]:
+    """The runtime directories under `roots` that state directories in the default place
+    keep memory for."""
+    named = (runtime_dir_of(p) for p in default_locations())
+    return sorted({r for r in named if r is not None and _ours(r, roots)})
+
+
+@pytest.fixture(autouse=True)
+def _no_state_left(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test (failed or not): remove the state a manager killed in it kept for a
+    runtime directory it made (`short_tmpdir`, or under pytest's tmp_path), unless a manager
+    still holds it: guest memory on /dev/shm that nothing would ever use again."""
+    first = len(_MADE)
+    yield
+    made = list(_MADE[first:])
+    if {"tmp_path", "tmp_path_factory"} & set(request.fixturenames):
+        factory = request.getfixturevalue("tmp_path_factory")
+        made += [Path(r) for r in _kept_for([Path(os.path.realpath(factory.getbasetemp()))])]
+    removed = [p for d in made for p in remove_state_of(d)]
+    if removed:
+        _CLEANED[request.node.nodeid] = [str(p) for p in removed]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if a state directory of a runtime directory this session made is still
+    on /dev/shm at its end: only a manager process still running holds one past the cleanup
+    after each test (a test left it running)."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    roots = [Path(os.path.realpath(d)) for d in _MADE]
+    if factory is not None:
+        roots.append(Path(os.path.realpath(factory.getbasetemp())))
+    left = [Path(r) for r in _kept_for(roots)]
+    if left:
+        for runtime in left:
+            print(f"\na state directory of {runtime} is left on /dev/shm by this test run")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if _CLEANED:
+        terminalreporter.write_line(
+            f"state directories left by {len(_CLEANED)} tests, removed after them: "
+            + "; ".join(f"{k}: {len(v)}" for k, v in sorted(_CLEANED.items()))
+        )
 
 
 def cli_env(runtime_dir: Path | None = None) -> dict[str, str]:

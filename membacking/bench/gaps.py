@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..manager.statelist import remove_state_of
 from ..mapper.reconnect import BACKOFF_MAX
 
 REGION = 64 << 10
@@ -134,6 +135,8 @@ class _Service:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        # a manager killed here (or in a case) left its state on /dev/shm: nothing needs it
+        remove_state_of(self.runtime)
         shutil.rmtree(self.runtime, ignore_errors=True)
 
 

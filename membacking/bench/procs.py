@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..control_client import ControlClient
+from ..manager.statelist import remove_state_of
 
 _SPAWN = multiprocessing.get_context("spawn")
 
@@ -102,6 +103,7 @@ class Manager:
                 self.proc.wait()
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+        remove_state_of(self.dir)  # what a manager killed above kept on /dev/shm
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

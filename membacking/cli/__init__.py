@@ -23,6 +23,7 @@ from .mapper_cmd import mapper
 from .mem_cmd import mem
 from .qemu_cmd import qemu
 from .region_cmd import region
+from .state_cmd import state
 from .status_cmd import status_cmd
 from .watch_cmd import watch_cmd
 
@@ -49,6 +50,7 @@ for command in (
     qemu,
 ):
     cli.add_command(command)
+manager.add_command(state)
 
 
 def main() -> None:

@@ -53,7 +53,7 @@ def _check_ids(ctx: click.Context, param: click.Parameter, values: Any) -> Any:
 
 @click.group(cls=Group)
 def manager() -> None:
-    """Run the manager daemon."""
+    """Run the manager daemon, stop it, and list or remove the state it keeps."""
 
 
 @manager.command("run")

@@ -18,7 +18,7 @@ from .journal import JournalError, Snapshot, decode, decode_head
 from .journalcache import JournalEncoder
 from .snapshot import check_fits, restore
 from .state import ManagerState
-from .statedir import StateDir, StateDirError, default_state_dir, region_text
+from .statedir import STATE_POINTER, StateDir, StateDirError, default_state_dir, region_text
 
 log = logging.getLogger("membacking.manager")
 
@@ -71,10 +71,6 @@ def describe(persist: Persistence | None, config: PersistConfig, fd_store: bool)
         "keep_state": config.keep and (persist is not None or fd_store),
         "fd_store": fd_store,
     }
-
-
-#: the file in the runtime directory that names the state directory of the daemon serving it
-STATE_POINTER = "state-dir"
 
 
 class Persistence:

@@ -12,6 +12,7 @@ import resource
 import secrets
 import stat
 import time
+from pathlib import Path
 
 from ..errors import MembackingError
 from ..runtime import RuntimePaths
@@ -54,6 +55,11 @@ class RuntimeDirLock:
         self._fd: int | None = None
         #: this daemon process's id, different at every start (written in the lock file)
         self.instance = secrets.token_hex(8)
+        #: the directories `acquire` created (the runtime directory, then parents it lacked)
+        self.created: list[Path] = []
+        #: set when the start was refused: `release` then removes what `created` holds if
+        #: nothing else was put there (a refused start leaves nothing it made)
+        self.discard_created = False
 
     def acquire(self) -> None:
         paths = self.paths
@@ -61,6 +67,10 @@ class RuntimeDirLock:
             paths.check_lengths()
         except ValueError as exc:
             raise RuntimeDirError(str(exc)) from None
+        missing = paths.root
+        while not missing.exists() and missing != missing.parent:
+            self.created.append(missing)
+            missing = missing.parent
         try:
             paths.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             info = paths.root.stat()
@@ -107,3 +117,9 @@ class RuntimeDirLock:
                 path.unlink()
         os.close(self._fd)
         self._fd = None
+        if self.discard_created:
+            for made in self.created:  # deepest first; one that holds anything stays
+                try:
+                    os.rmdir(made)
+                except OSError:
+                    break

@@ -48,7 +48,16 @@ def drop(daemon: Daemon, taken: handover.Takeover | None) -> None:
 
 def adopt(daemon: Daemon, taken: handover.Takeover | None) -> None:
     """Fill the daemon's empty state (the runtime directory is claimed), then add the
-    initial regions the state does not have (one it has must be as configured)."""
+    initial regions the state does not have (one it has must be as configured). A start
+    refused here leaves no runtime directory it created (the daemon releases it)."""
+    try:
+        _adopt(daemon, taken)
+    except BaseException:
+        daemon._lock.discard_created = True
+        raise
+
+
+def _adopt(daemon: Daemon, taken: handover.Takeover | None) -> None:
     persist, fdstore = daemon.persist, daemon.fdstore
     if fdstore is not None:  # adopts through the state directory if there is one
         fdstore.open(daemon.state, daemon.store, persist, daemon.config.persist.fresh)

@@ -25,6 +25,8 @@ log = logging.getLogger("membacking.manager")
 
 #: where state directories live unless --state-dir says otherwise (a tmpfs on Linux)
 DEFAULT_PARENT = Path("/dev/shm")
+#: the file in the runtime directory that names the state directory of the daemon serving it
+STATE_POINTER = "state-dir"
 #: file systems whose files live in memory: guest RAM there costs no disk writes
 MEMORY_FILESYSTEMS = frozenset({"tmpfs", "ramfs"})
 
