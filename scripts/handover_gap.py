@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from membacking.bench.gaps import BASE, REGION, longest
+from membacking.manager.statelist import remove_state_of
 
 
 def ending_first_after(pauses: list[list[float]], moment: float) -> list[float]:
@@ -234,6 +235,7 @@ def main() -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        remove_state_of(runtime)  # what the killed or stopped managers kept on /dev/shm
         shutil.rmtree(runtime, ignore_errors=True)
 
 
