@@ -265,13 +265,49 @@ def test_a_mapper_packs_what_it_holds_as_it_maps_it() -> None:
     for i, fd in memfds.items():
         fds._take(m.FdGrant(i, 4096, True), [fd])
     info = {i: os.fstat(fd) for i, fd in memfds.items()}
-    expect = [(i, info[i].st_dev, info[i].st_ino) for i in (9, 5, 6)]  # in arrival order
+    expect = [(i, info[i].st_dev, info[i].st_ino) for i in (5, 6, 9)]  # by mappable id
     assert fds.packed_identities() == pack_fds(expect)
-    fds.close((5,))
+    fds.close((6,))
     assert fds.packed_identities() == pack_fds([expect[0], expect[2]])
     assert fds.identities() == [*expect[0], *expect[2]]
     fds.close_all()
     assert fds.packed_identities() == b""
+
+
+def test_mappers_holding_the_same_fds_report_the_same_bytes() -> None:
+    """What a mapper reports of its fds (PackedHoldings) does not depend on the order they
+    came in: two mappers holding the same fds tell the same bytes (the manager checks the same
+    bytes once), also after some were closed, replaced (sent twice) or taken again."""
+    import os
+    import random
+    from types import SimpleNamespace
+
+    from membacking.mapper.fds import MapperFds
+    from membacking.protocol import messages as m
+    from membacking.protocol.holdings import pack_fds
+
+    memfds = {i: os.memfd_create(f"f{i}") for i in range(1, 41)}
+    info = {i: os.fstat(fd) for i, fd in memfds.items()}
+    rnd = random.Random(3)
+    held: list[MapperFds] = []
+    for _ in range(3):
+        fds = MapperFds(SimpleNamespace(), 1)  # type: ignore[arg-type]
+        order = list(memfds)
+        rnd.shuffle(order)
+        for i in order:
+            fds._take(m.FdGrant(i, 4096, True), [os.dup(memfds[i])])
+        fds.close(tuple(range(1, 41, 3)))
+        for i in (1, 7, 8):  # taken again after a Release, and one sent twice
+            fds._take(m.FdGrant(i, 4096, True), [os.dup(memfds[i])])
+        held.append(fds)
+    kept = sorted({*range(1, 41)} - {*range(1, 41, 3)} | {1, 7})
+    expect = pack_fds([(i, info[i].st_dev, info[i].st_ino) for i in kept])
+    assert [fds.packed_identities() for fds in held] == [expect] * 3
+    for fds in held:
+        assert sorted(i for i, _ in fds.held()) == kept
+        fds.close_all()
+    for fd in memfds.values():
+        os.close(fd)
 
 
 def test_a_link_works_out_its_socket_paths_once(monkeypatch: pytest.MonkeyPatch) -> None:
