@@ -228,6 +228,68 @@ def test_a_restart_without_the_state_dir_given_before_is_refused(start_manager: 
         shutil.rmtree(state, ignore_errors=True)
 
 
+def test_a_restart_without_the_state_dir_is_refused_also_over_an_older_default_state(
+    start_manager: Start,
+) -> None:
+    """The default state directory holds an older state (a manager killed there) and the next
+    manager, started --fresh with another --state-dir, was killed too: started again without
+    that --state-dir, a daemon adopted the older state (the memory --fresh had discarded). It
+    is refused, naming both; the default one is adopted only when named."""
+    state = Path("/dev/shm") / f"mb-test-newer-{os.getpid()}"
+    try:
+        first = killed_after_writing(start_manager)
+        newer = start_manager(
+            *REGIONS, "--fresh", "--state-dir", str(state), runtime_dir=first.runtime_dir
+        )
+        with membacking.attach(newer.runtime_dir) as memory:
+            memory.write_at(0, b"new")
+        newer.stop(signal.SIGKILL)
+        refused = run_manager(first.runtime_dir, *REGIONS)
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr
+        said = " ".join(refused.stderr.split())
+        assert f"kept its state in {state}" in said and "holds an older state" in said, said
+        default = state_dir(first)
+        older = start_manager(*REGIONS, "--state-dir", str(default), runtime_dir=first.runtime_dir)
+        with membacking.attach(older.runtime_dir) as memory:
+            assert memory.read_at(0, 3) == b"old"  # named on purpose: adopted
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def test_a_state_kept_at_a_clean_stop_stays_noted_in_the_runtime_directory(
+    start_manager: Start,
+) -> None:
+    """A --keep-state stop keeps the runtime directory's note of the state directory (a second
+    close of the state at exit took it): the next start without that --state-dir is refused
+    rather than started fresh beside it, and one with it adopts the state."""
+    state = Path("/dev/shm") / f"mb-test-keep-note-{os.getpid()}"
+    try:
+        first = start_manager(*REGIONS, "--keep-state")
+        assert first.stop() == 0
+        note = first.runtime_dir / "state-dir"
+        assert note.read_text().strip() == str(state_dir(first))  # the default one
+        second = start_manager(  # (without --fresh: refused, the default one is kept)
+            *REGIONS,
+            "--fresh",
+            "--keep-state",
+            "--state-dir",
+            str(state),
+            runtime_dir=first.runtime_dir,
+        )
+        with membacking.attach(second.runtime_dir) as memory:
+            memory.write_at(0, b"old")
+        assert second.stop() == 0
+        assert note.read_text().strip() == str(state)
+        refused = run_manager(first.runtime_dir, *REGIONS)
+        assert refused.returncode == 1 and "Traceback" not in refused.stderr
+        assert f"kept its state in {state}" in " ".join(refused.stderr.split())
+        third = start_manager(*REGIONS, "--state-dir", str(state), runtime_dir=first.runtime_dir)
+        with membacking.attach(third.runtime_dir) as memory:
+            assert memory.read_at(0, 3) == b"old"
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
+
+
 def test_a_state_dir_that_is_a_typo_or_the_runtime_dir_is_refused(tmp_path: Path) -> None:
     runtime = tmp_path / "rt"
     runtime.mkdir()

@@ -191,13 +191,22 @@ class Persistence:
             named = Path((self.paths.root / STATE_POINTER).read_text().strip())
         except (OSError, UnicodeDecodeError):
             return
-        if not named.is_absolute() or named == self.dir.root or self.dir.holds_state():
+        if not named.is_absolute() or named == self.dir.root:
             return
+        here = self.dir.holds_state()
+        if here and self.config.state_dir is not None:
+            return  # a state directory named on purpose, with a state of its own
         if StateDir(named).holds_state():
+            other = (
+                f" (which holds an older state: --state-dir {self.dir.root} adopts that one)"
+                if here
+                else ""
+            )
             raise StateDirError(
                 f"the manager before on {self.paths.root} kept its state in {named}, not in "
-                f"{self.dir.root}: start with --state-dir {named} to adopt it, or with --fresh "
-                f"to start without it (its memory stays in {named} until that is removed)"
+                f"{self.dir.root}{other}: start with --state-dir {named} to adopt it, or with "
+                f"--fresh to start without it (its memory stays in {named} until that is "
+                "removed)"
             )
 
     def _remember(self) -> None:
@@ -294,7 +303,11 @@ class Persistence:
     def close(self, state: ManagerState, store: MemfdStore, clean: bool) -> None:
         """At exit: a clean stop ends the state unless it is to be kept (then it is journaled
         one last time); otherwise (start failed) the directory is only unlocked, or removed if
-        this start created it (it holds nothing anyone served)."""
+        this start created it (it holds nothing anyone served). Once closed, nothing more:
+        a later call (the daemon's last one, for a start that failed) must not take the
+        runtime directory's note of a state kept by the first."""
+        if not self.dir.held:
+            return
         if clean and self.config.keep:
             self.save(state, store)
             log.info("kept the state in %s for the next start", self.dir.root)

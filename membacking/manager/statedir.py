@@ -323,6 +323,11 @@ class StateDir:
         self.remove_orphans(set())
         self._last_written = None
 
+    @property
+    def held(self) -> bool:
+        """Whether this process holds the directory's lock (acquired, not released yet)."""
+        return self._lock_fd is not None
+
     def release(self, remove: bool) -> None:
         """Unlock; with `remove`, delete the whole state (guest memory ends when the last
         mapper unmaps it)."""
