@@ -140,7 +140,12 @@ def test_what_is_not_a_state_dir_is_never_removed(tmp_path: Path) -> None:
     (early / "state.lock").touch()
     link = tmp_path / "link"
     link.symlink_to(early)
+    thesis = tmp_path / "thesis"  # the shape of a state directory, a user's file in mem/
+    (thesis / "mem").mkdir(parents=True)
+    (thesis / "state.lock").touch()
+    (thesis / "mem" / "thesis.doc").write_text("years of work")
     for target, why in (
+        (thesis, "is not named as a manager names guest memory"),
         (lookalike, "its journal is not a membacking journal"),
         (crowded, "it holds notes.txt"),
         (a_file, "not a directory"),
@@ -153,10 +158,14 @@ def test_what_is_not_a_state_dir_is_never_removed(tmp_path: Path) -> None:
         assert len(done.stderr.strip().splitlines()) == 1
     assert (lookalike / "journal").exists() and (crowded / "notes.txt").exists()
     assert a_file.exists() and (early / "state.lock").exists()
+    assert (thesis / "mem" / "thesis.doc").exists()
     listing = run_cli("manager", "state", "list", "--state-dir", str(lookalike))
     assert listing.returncode == 1 and "not a membacking journal" in listing.stderr
     usage = run_cli("manager", "state", "remove")
     assert usage.returncode == 2 and "--stale" in usage.stderr
+    for empty in ("", "."):  # not the current directory
+        usage = run_cli("manager", "state", "remove", "--force", empty)
+        assert usage.returncode == 2 and "names no state directory" in usage.stderr
 
 
 def test_a_state_dir_whose_manager_died_before_its_journal_is_stale(tmp_path: Path) -> None:

@@ -112,6 +112,8 @@ def state_remove(
         raise click.UsageError("give state directories to remove, or --stale (not both)")
     if state_dirs and not stale:
         raise click.UsageError("--state-dir goes with --stale (give the directory itself)")
+    if any(not str(p) or str(p) == "." for p in paths):
+        raise click.UsageError("an empty path (or '.') names no state directory: give its path")
     targets = list(paths)
     if stale:
         found, _ = survey(list(state_dirs))
@@ -131,7 +133,7 @@ def state_remove(
             click.echo(
                 f"removed {info.path} ({info.status}, "
                 f"{info.runtime_dir or 'runtime directory unknown'}): "
-                f"{format_size(info.memory_used)} of RAM freed"
+                f"{format_size(info.memory_used)} of RAM, freed once no process maps it"
             )
     if as_json:
         echo_json(
@@ -144,7 +146,10 @@ def state_remove(
         click.echo("no stale state directories")
     elif len(removed) > 1:
         total = format_size(sum(i.memory_used for i in removed))
-        click.echo(f"{len(removed)} state directories removed, {total} of RAM freed")
+        click.echo(
+            f"{len(removed)} state directories removed: {total} of RAM, freed once no process "
+            "maps it"
+        )
     for _, reason in failed:
         click.echo(f"Error: {reason}", err=True)
     if failed:

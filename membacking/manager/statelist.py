@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import shutil
 import stat
 import time
@@ -20,6 +21,9 @@ from ..runtime import RuntimePaths
 from ..units import format_size
 from . import journal
 from .statedir import DEFAULT_PARENT, STATE_POINTER, default_state_dir
+
+#: how a manager names a region's memory file in `mem/` (backing.py): "<id>.membacking:<region>"
+_MEMORY_FILE = re.compile(r"[0-9]+\.membacking:.+")
 
 #: what a state directory may hold (the journal's temporary file while it is written)
 _ENTRIES = frozenset({"journal", "journal.tmp", "mem", "state.lock"})
@@ -200,6 +204,11 @@ def check_state_dir(path: Path) -> None:
                     raise NotStateDir(
                         f"{path} is not a membacking state directory: {entry.path} is not a "
                         "regular file"
+                    )
+                if not _MEMORY_FILE.fullmatch(entry.name):
+                    raise NotStateDir(
+                        f"{path} is not a membacking state directory: {entry.path} is not "
+                        "named as a manager names guest memory (<id>.membacking:<region>)"
                     )
 
 
