@@ -122,7 +122,17 @@ def test_remove_refuses_held_and_kept_and_removes_stale(
     assert forced.returncode == 0 and "removed" in forced.stdout, forced.stderr
     assert not kept_dir.exists()
     # the running manager still serves (its held directory was never touched)
-    assert held.client().status()["pid"] == held.pid
+    status = held.client().status()
+    assert status["pid"] == held.pid and status["health"] == "ok", status
+
+    # removed under it with --force: it serves on, and its status says nothing is journaled
+    forced = run_cli("manager", "state", "remove", str(held_dir), "--force")
+    assert forced.returncode == 0, forced.stderr
+    deadline = time.monotonic() + 10
+    while (status := held.client().status())["health"] == "ok" and time.monotonic() < deadline:
+        time.sleep(0.1)  # noticed within a second
+    assert status["health"] == "degraded", status
+    assert any(f"{held_dir} was removed" in p for p in status["problems"]), status
 
 
 def test_what_is_not_a_state_dir_is_never_removed(tmp_path: Path) -> None:

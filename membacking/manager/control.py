@@ -203,6 +203,9 @@ def _status(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[
     if state.awaited.deferred:  # changes held until the mappers of the manager before are back
         pids = ", ".join(str(r.pid) for r in state.awaited.waiting)
         problems.append(f"{state.awaited.deferred} change(s) wait for pid(s) {pids} to come back")
+    journal_error = state.persistence.get("journal_error")
+    if journal_error:  # the state directory cannot be written (or is gone)
+        problems.append(journal_error)
     not_back = state.awaited.not_back()  # their wait ran out: they may map removed memory
     if not_back:
         pids = ", ".join(map(str, not_back))

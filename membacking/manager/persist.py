@@ -282,12 +282,15 @@ class Persistence:
             self._adopted_note = None
 
     def save_logged(self, state: ManagerState, store: MemfdStore) -> bool:
-        """`save`, logging a failure (the change stands; a crash now would lose it)."""
+        """`save`, logging a failure (the change stands; a crash now would lose it), which
+        `status` then names (state.persistence["journal_error"]) until a save succeeds."""
         try:
             self.save(state, store)
         except OSError as exc:
             log.error("cannot journal the region table in %s: %s", self.dir.root, exc)
+            state.persistence["journal_error"] = f"cannot journal in {self.dir.root}: {exc}"
             return False
+        state.persistence.pop("journal_error", None)
         return True
 
     def tick(self, state: ManagerState, store: MemfdStore) -> None:
@@ -295,6 +298,11 @@ class Persistence:
         enable or a move change what the journal keeps), and unlink the files of mappables
         destroyed since (removals that completed; the journal stopped naming them when the
         removal was asked for)."""
+        if not os.path.isdir(self.dir.root):  # removed under the daemon (`state remove --force`)
+            state.persistence["journal_error"] = (
+                f"the state directory {self.dir.root} was removed: nothing is journaled, and a "
+                "crash or a restart now loses the guest memory kept there"
+            )
         if state.counters["rollbacks"] != self._rollbacks:
             self._rollbacks = state.counters["rollbacks"]
             self.save(state, store)
