@@ -340,7 +340,7 @@ def test_no_state_warns_of_a_state_left_by_a_crash(start_manager: Start) -> None
     log = " ".join(second.log().split())
     assert f"--no-state ignores the state left in {sdir}" in log, log
     assert "2 memory files, 2 MiB in use (9 MiB of guest memory)" in log, log
-    assert "start without --no-state" in log and f"rm -r {sdir}" in log, log
+    assert "start without --no-state" in log and f"state remove --force {sdir}" in log, log
     assert second.stop() == 0
     assert (sdir / "journal").exists()  # left alone
     third = start_manager(*REGIONS, runtime_dir=first.runtime_dir)  # adopts it

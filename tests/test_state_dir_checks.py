@@ -117,7 +117,7 @@ def test_the_state_of_a_running_manager_is_not_called_left_behind(tmp_path: Path
         state.release(remove=False)
     try:
         warning = left_behind(paths)
-        assert warning is not None and "left in" in warning and "rm -r" in warning
+        assert warning is not None and "left in" in warning and "state remove --force" in warning
     finally:
         shutil.rmtree(default_state_dir(paths), ignore_errors=True)
 

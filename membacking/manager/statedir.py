@@ -79,7 +79,7 @@ def left_behind(paths: RuntimePaths) -> str | None:
         f"{len(files)} memory files, {format_size(used)} in use ({format_size(size)} of guest "
         "memory), which stay allocated until that directory is removed. To keep that memory, "
         "start without --no-state (the state is adopted); if nothing needs it, remove it: "
-        f"rm -r {root}"
+        f"membacking manager state remove --force {root}"
     )
 
 

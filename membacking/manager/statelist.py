@@ -312,8 +312,9 @@ def refusal(info: StateInfo) -> str | None:
         )
     if status == UNREADABLE:
         return (
-            f"{info.path} has a journal that cannot be read ({info.problem}); a manager of "
-            f"another release may still adopt it ({info.loss()}): give --force to remove it"
+            f"{info.path} has a journal that cannot be read ({info.problem}): if it is damaged "
+            f"nothing will adopt it, but one written by a later release may still be adopted "
+            f"by that release ({info.loss()}): give --force to remove it"
         )
     if status == NEW:
         return (
