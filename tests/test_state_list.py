@@ -51,16 +51,29 @@ def listed(*paths: Path) -> dict[str, dict[str, object]]:
     return {e["path"]: e for e in json.loads(done.stdout)}
 
 
+def held_kept_stale(
+    start_manager: Start, state_dirs: Callable[[], Path]
+) -> list[tuple[RunningManager, Path]]:
+    """Three managers of a region each, with their state directories: one running (held),
+    one SIGKILLed (kept for a restart), one SIGKILLed whose runtime directory is gone
+    (stale)."""
+    made = []
+    for kill, drop in ((False, False), (True, False), (True, True)):
+        path = state_dirs()
+        manager = start_manager(*REGION, "--state-dir", str(path))
+        if kill:
+            manager.stop(signal.SIGKILL)
+        if drop:
+            shutil.rmtree(manager.runtime_dir)
+        made.append((manager, path))
+    return made
+
+
 def test_list_tells_held_kept_and_stale_apart(
     start_manager: Start, state_dirs: Callable[[], Path]
 ) -> None:
-    held_dir, kept_dir, gone_dir, moved_dir, new_dir = (state_dirs() for _ in range(5))
-    held = start_manager(*REGION, "--state-dir", str(held_dir))
-    kept = start_manager(*REGION, "--state-dir", str(kept_dir))
-    kept.stop(signal.SIGKILL)
-    gone = start_manager(*REGION, "--state-dir", str(gone_dir))
-    gone.stop(signal.SIGKILL)
-    shutil.rmtree(gone.runtime_dir)
+    (held, held_dir), (_, kept_dir), (gone, gone_dir) = held_kept_stale(start_manager, state_dirs)
+    moved_dir, new_dir = state_dirs(), state_dirs()
     moved = start_manager(*REGION, "--state-dir", str(moved_dir))
     moved.stop(signal.SIGKILL)  # then a manager there starts afresh with another one
     start_manager(*REGION, "--state-dir", str(new_dir), "--fresh", runtime_dir=moved.runtime_dir)
@@ -92,13 +105,7 @@ def test_list_tells_held_kept_and_stale_apart(
 def test_remove_refuses_held_and_kept_and_removes_stale(
     start_manager: Start, state_dirs: Callable[[], Path]
 ) -> None:
-    held_dir, kept_dir, stale_dir = state_dirs(), state_dirs(), state_dirs()
-    held = start_manager(*REGION, "--state-dir", str(held_dir))
-    kept = start_manager(*REGION, "--state-dir", str(kept_dir))
-    kept.stop(signal.SIGKILL)
-    stale = start_manager(*REGION, "--state-dir", str(stale_dir))
-    stale.stop(signal.SIGKILL)
-    shutil.rmtree(stale.runtime_dir)
+    (held, held_dir), (kept, kept_dir), (_, stale_dir) = held_kept_stale(start_manager, state_dirs)
 
     refused = run_cli("manager", "state", "remove", str(held_dir))
     said = " ".join(refused.stderr.split())

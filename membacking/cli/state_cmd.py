@@ -66,7 +66,8 @@ def state_list(state_dirs: tuple[Path, ...], as_json: bool) -> None:
                     _age(info.age),
                 ]
             )
-        table(["STATE DIR", "STATUS", "RUNTIME DIR", "REGIONS", "MEMORY", "AGE"], rows)
+        # the RAM its memory files use (written pages), not the guest memory's size
+        table(["STATE DIR", "STATUS", "RUNTIME DIR", "REGIONS", "RAM USED", "AGE"], rows)
         stale = [i for i in found if i.status == "stale"]
         if stale:
             freed = format_size(sum(i.memory_used for i in stale))
