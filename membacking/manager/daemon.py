@@ -26,12 +26,12 @@ from ..protocol.codec import decode, encode
 from ..protocol.errors import ProtocolError
 from ..protocol.messages import Channel
 from ..runtime import RuntimePaths
-from . import handover, reattach, sdnotify, shutdown, startup
+from . import fdroom, handover, reattach, sdnotify, shutdown, startup
 from .backing import MemfdStore
 from .control import STOPPING_OPS, addressed_elsewhere
 from .errors import Refused
 from .fdconn import FdConn, kill_evicted
-from .fdserver import FdServer
+from .fdserver import MAX_UNREGISTERED, FdServer
 from .fdstore import FdStore
 from .heap import Heap
 from .metrics import ManagerMetrics
@@ -145,11 +145,19 @@ class Daemon(FdServer):
         try:
             startup.adopt(self, taken)
             # the mappers of the manager before, still running, are awaited back (awaited.py)
-            if self.state.awaited.begin(self.state._monotonic(), self.state.unmap_timeout):
+            back = self.state.awaited.begin(self.state._monotonic(), self.state.unmap_timeout)
+            if back:
                 # they register again at once: the block of ids they get is journaled by the
                 # save below, not by a save of its own at the first Hello (about 0.3 ms of CPU
                 # in a handover's gap)
                 self.state.reserve_mapper_id()
+            if taken is None:  # (a takeover made room before it asked: not in its gap)
+                # their connections and the first others' fit in the descriptor table now,
+                # not by growing it as they are accepted
+                fdroom.make_room(
+                    fdroom.PER_MAPPER * (len(back) + MAX_UNREGISTERED) + fdroom.SPARE,
+                    self._fd_ceiling,
+                )
             trace.mark("daemon.adopted")
             self._save_state()
             trace.mark("daemon.saved")

@@ -23,8 +23,9 @@ from ..protocol import messages as m
 from ..protocol.fdpass import close_fds
 from ..protocol.messages import Channel
 from ..runtime import RuntimePaths
-from . import handchannel, reattach
+from . import fdroom, handchannel, reattach
 from .errors import Refused
+from .fdserver import MAX_UNREGISTERED
 from .journal import FORMAT_VERSION, BackingRecord, JournalError, encode
 from .model import Effect, Send
 from .snapshot import capture, check_fits
@@ -62,6 +63,8 @@ RELEASE_POLL = 0.002
 #: with inotify, the longest the wait goes without a look (a lock released without the
 #: unlink, as by a daemon of an earlier release, is seen then)
 RELEASE_LOOK = 0.05
+#: descriptors a running daemon is taken to hold where /proc does not tell
+HELD_UNKNOWN = 1024
 
 
 class HandoverError(MembackingError):
@@ -314,6 +317,10 @@ def take_over(daemon: Daemon, timeout: float = 10.0) -> Takeover:
         daemon.heap.settle(daemon._size())
         daemon.settled_early = daemon.state
         trace.mark("takeover.settled")
+    # the fds it sends, and its mappers' connections, come in the gap: room for as many as the
+    # running daemon holds is made now, not by growing the table as they come
+    held = fdroom.open_count(_holder(paths)) or HELD_UNKNOWN
+    fdroom.make_room(held + fdroom.PER_MAPPER * MAX_UNREGISTERED, daemon._fd_ceiling)
     features = FEATURE_CHANNEL | (FEATURE_STATE if daemon.persist is None else 0)
     args = {"version": HANDOVER_VERSION, "journal": FORMAT_VERSION, "pid": os.getpid()}
     try:
@@ -384,6 +391,14 @@ def _ask(paths: RuntimePaths, timeout: float, args: dict[str, Any], needs_2: boo
                 raise HandoverError(f"nothing to take over: {exc}") from None
     finally:
         client.close()
+
+
+def _holder(paths: RuntimePaths) -> int:
+    """The pid the runtime directory's lock names (0 if it names none)."""
+    try:
+        return int(paths.lock.read_bytes().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def _await_release(paths: RuntimePaths, pid: int) -> None:
