@@ -137,8 +137,8 @@ def relink(mapper: VaMapper) -> bool:
     # try can only fail (and costs CPU just when the old manager finishes and the new starts).
     # Only the socket is watched then, for BACKOFF_MAX at most (then tries go on as usual).
     watch_only = started + BACKOFF_MAX if mapper.relink_announced else started
-    with SocketWatch(mapper.link.paths.root) as watch:
-        return _register_again(mapper, watch, (started, deadline, watch_only), old_state, old_id)
+    watch = mapper.link.socket_watch()
+    return _register_again(mapper, watch, (started, deadline, watch_only), old_state, old_id)
 
 
 def _register_again(

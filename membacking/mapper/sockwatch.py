@@ -44,8 +44,13 @@ class SocketWatch:
             time.sleep(min(timeout, POLL_STEP))
             return
         if self._poll.poll(max(0.0, timeout) * 1000):
+            self.drain()
+
+    def drain(self) -> None:
+        """Forget the events seen so far (the events themselves tell nothing more)."""
+        if self._fd is not None:
             with contextlib.suppress(BlockingIOError):
-                while os.read(self._fd, 4096):  # the events themselves tell nothing more
+                while os.read(self._fd, 4096):
                     pass
 
     def close(self) -> None:
