@@ -33,6 +33,11 @@ def status_cmd(runtime_dir: Path, timeout: float | None, as_json: bool) -> None:
         ("runtime dir", status["runtime_dir"]),
         ("state", _state_text(status)),
         ("regions", str(status["regions"])),
+        *(
+            [("address space", units.format_size(space))]
+            if (space := status.get("address_space"))
+            else []
+        ),
         ("mappers", str(status["mappers"])),
         ("open fds", f"{status['open_fds']} of {limit if limit else 'unlimited'}"),
         ("memory", f"{units.format_size(status['rss_bytes'])} resident"),

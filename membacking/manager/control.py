@@ -222,6 +222,7 @@ def _status(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[
             "regions": stats["regions"],
             "mappers": stats["mappers"],
             "unmap_timeout": state.unmap_timeout,
+            "address_space": state.address_space,
             **state.persistence,
             "waiting_on": waiting,
             # mappers of the previous manager not back yet, and the changes waiting for them

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import select
+import socket
 import time
 from typing import TYPE_CHECKING, Any
+
+import psutil
 
 from .. import ffi, trace
 from ..control_client import ControlClient
@@ -220,7 +224,7 @@ def precheck(daemon: Daemon) -> bool:
     Without a state directory there is nothing to read: the state comes over the channel."""
     persist = daemon.persist
     if persist is None:
-        _check_regions(daemon, _running_regions(daemon.paths))
+        _check_running(daemon)
         return False
     prepare = daemon.fdstore is None
     try:
@@ -243,19 +247,31 @@ def precheck(daemon: Daemon) -> bool:
 Described = tuple[int | None, int, bool, str, str | None]
 
 
-def _running_regions(paths: RuntimePaths) -> dict[str, Described]:
-    """The running daemon's regions, as its `regions` listing gives them (a daemon without a
-    state directory: its state comes over the channel only once it agreed)."""
-    client = ControlClient(paths.root, timeout=10.0)
+def _check_running(daemon: Daemon) -> None:
+    """A running daemon without a state directory sends its state over the channel only once
+    it agreed, and is gone then: its address space (`status`, from this release on) and its
+    regions (their listing) are checked before it is asked."""
+    client = ControlClient(daemon.paths.root, timeout=10.0)
     try:
+        space = client.status().get("address_space")
         listed = client.regions()
     except MembackingError as exc:
         raise HandoverError(f"nothing to take over: {exc}") from None
     finally:
         client.close()
-    return {
-        r["name"]: (r["gpa"], r["size"], not r["writable"], r["backing"], r["path"]) for r in listed
-    }
+    if isinstance(space, int) and space != daemon.config.address_space:
+        raise HandoverError(
+            f"the running manager serves an address space of {space:#x} bytes, this one "
+            f"{daemon.config.address_space:#x}; nothing was changed (start the new manager "
+            "with the same --address-space)"
+        )
+    _check_regions(
+        daemon,
+        {
+            r["name"]: (r["gpa"], r["size"], not r["writable"], r["backing"], r["path"])
+            for r in listed
+        },
+    )
 
 
 def _check_regions(daemon: Daemon, have: dict[str, Described]) -> None:
@@ -310,6 +326,7 @@ def take_over(daemon: Daemon, timeout: float = 10.0) -> Takeover:
     if paths.manager_running() is False:
         raise HandoverError(f"nothing to take over: no membacking manager at {paths.root}")
     trace.mark("takeover.prepare")
+    _check_metrics_port(daemon, _holder(paths))
     prepared = precheck(daemon)
     if prepared:
         # the full collection of the state prepared, while the running daemon still serves
@@ -391,6 +408,29 @@ def _ask(paths: RuntimePaths, timeout: float, args: dict[str, Any], needs_2: boo
                 raise HandoverError(f"nothing to take over: {exc}") from None
     finally:
         client.close()
+
+
+def _check_metrics_port(daemon: Daemon, running: int) -> None:
+    """HandoverError, before the running daemon is asked, if --metrics-port is taken by
+    another process than that daemon (which closes it before it releases the directory): the
+    new daemon would fail once the running one is gone."""
+    port, addr = daemon.config.metrics_port, daemon.config.metrics_addr
+    if not port:
+        return
+    try:
+        with socket.create_server((addr, port)):
+            return
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise HandoverError(f"cannot serve metrics on {addr}:{port}: {exc.strerror}") from None
+    with contextlib.suppress(psutil.Error):
+        listening = psutil.Process(running).net_connections("inet")
+        if any(c.laddr and c.laddr.port == port for c in listening):
+            return  # the running daemon's own: free once it has handed over
+    raise HandoverError(
+        f"cannot serve metrics on {addr}:{port}: another process than the running manager "
+        "uses that port; nothing was changed"
+    )
 
 
 def _holder(paths: RuntimePaths) -> int:
