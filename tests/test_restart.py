@@ -417,3 +417,27 @@ def test_a_removal_is_journaled_after_its_acks_or_within_a_second_and_before_its
         os.kill(worker.pid, signal.SIGCONT)
         remover.join(30)
     assert outcome["unmapped_from"] == [worker.mapper_id]
+
+
+def test_a_region_moved_while_running_comes_back_where_it_was_moved(start_manager: Start) -> None:
+    """A `region move` (as the example configuration suggests for device memory) survives a
+    crash and a handover with the same --region/config: where a region is placed is the
+    state's, as whether it is enabled; a different size, backing or file is still refused."""
+    regions = ("--region", "ram0=0:8M", "--region", "bar0=0xe0000000:1M")
+    first = start_manager(*regions)
+    with membacking.attach(first.runtime_dir) as memory:
+        memory.write_at(0xE0000000, b"bar")
+    moved = run_cli("region", "move", "bar0", "0xd0000000", runtime_dir=first.runtime_dir)
+    assert moved.returncode == 0, moved.stderr
+    first.stop(signal.SIGKILL)
+    second = start_manager(*regions, runtime_dir=first.runtime_dir)
+    assert "stays where it was placed while running (0xd0000000" in second.log()
+    third = start_manager(*regions, "--takeover", runtime_dir=first.runtime_dir)
+    assert second.proc.wait(10) == 0
+    placed = {r["name"]: r["gpa"] for r in third.client().regions()}
+    assert placed == {"ram0": 0, "bar0": 0xD0000000}
+    with membacking.attach(first.runtime_dir) as memory:
+        assert memory.read_at(0xD0000000, 3) == b"bar"
+    other = ("--region", "ram0=0:8M", "--region", "bar0=0xe0000000:2M")
+    done = run_cli("manager", "run", "--takeover", *other, runtime_dir=first.runtime_dir)
+    assert done.returncode == 1 and "region 'bar0'" in done.stderr, done.stderr

@@ -47,13 +47,22 @@ def adopted_region(
     where: str = "the adopted state",
 ) -> bool:
     """Whether an initial region (gpa, size, read-only, backing, file) came back from an
-    adopted state (state directory or fd store): it must be as configured (a different one is
-    refused, not silently kept or replaced)."""
+    adopted state (state directory or fd store): it must be the configured memory (another
+    one is refused, not silently kept or replaced). Where it is placed is the state's, as
+    whether it is enabled: a `region move` made while running survives a restart (logged)."""
     region = state.regions.get(name)
     if region is None:
         return False
     have = (region.gpa, region.size, not region.writable, region.backing, region.path)
-    if have != want:
+    if have[0] != want[0] and have[1:] == want[1:]:
+        log.warning(
+            "region %r stays where it was placed while running (%s; --region/config says %s): "
+            "`membacking region move` places it",
+            name,
+            "unplaced" if have[0] is None else f"{have[0]:#x}",
+            "unplaced" if want[0] is None else f"{want[0]:#x}",
+        )
+    elif have != want:
         raise StateDirError(
             f"region {name!r} in {where} is {region_text(*have)}, but --region/config "
             f"asks for {region_text(*want)}. Start without that region in --region/config to "
