@@ -327,7 +327,8 @@ def take_over(daemon: Daemon, timeout: float = 10.0) -> Takeover:
     if paths.manager_running() is False:
         raise HandoverError(f"nothing to take over: no membacking manager at {paths.root}")
     trace.mark("takeover.prepare")
-    _check_metrics_port(daemon, _holder(paths))
+    running = _holder(paths)
+    _check_metrics_port(daemon, running)
     prepared = precheck(daemon)
     if prepared:
         # the full collection of the state prepared, while the running daemon still serves
@@ -337,7 +338,7 @@ def take_over(daemon: Daemon, timeout: float = 10.0) -> Takeover:
         trace.mark("takeover.settled")
     # the fds it sends, and its mappers' connections, come in the gap: room for as many as the
     # running daemon holds is made now, not by growing the table as they come
-    held = fdroom.open_count(_holder(paths)) or HELD_UNKNOWN
+    held = fdroom.open_count(running) or HELD_UNKNOWN
     fdroom.make_room(held + fdroom.PER_MAPPER * MAX_UNREGISTERED, daemon._fd_ceiling)
     features = FEATURE_CHANNEL | (FEATURE_STATE if daemon.persist is None else 0)
     args = {"version": HANDOVER_VERSION, "journal": FORMAT_VERSION, "pid": os.getpid()}
