@@ -190,12 +190,13 @@ def unmap_ranges(holes: int, count: int) -> Iterator[Callable[[], float]]:
             holder.close()
 
 
-def parallel_faults(mappers: int, per_mapper: int) -> tuple[float, float]:
-    """Faults served per second with `mappers` processes each faulting distinct regions, and
-    the CPU seconds each fault cost (the mapper processes' and the manager's)."""
+def parallel_faults(mappers: int, per_mapper: int, thin: bool = False) -> tuple[float, float]:
+    """Faults served per second with `mappers` processes (membacking's mappers, or thin ones
+    with `thin`) each faulting distinct regions, and the CPU seconds each fault cost (the
+    mapper processes' and the manager's)."""
     with manager("--region", "ram0=0:1M") as mgr:
         gpas = _add_probes(mgr, mappers * per_mapper)
-        procs = [Mapper(mgr.dir, f"m{i}") for i in range(mappers)]
+        procs = [Mapper(mgr.dir, f"m{i}", thin) for i in range(mappers)]
         pids = [mgr.pid, *(proc.pid for proc in procs)]
         try:
             cpu_before = cpu_seconds(pids)

@@ -242,3 +242,136 @@ def removal(holders: int) -> Iterator[Callable[[], Removal]]:
             listener.close()
             router.close()
             ctx.term()
+
+
+# ---- faults in parallel --------------------------------------------------------------------
+
+
+def _parallel_client(path: str, endpoint: str, index: int, pipe: Connection) -> None:
+    """One floor mapper process: on "go", a first fault of each of `count` pages in turn, each
+    made of the hops of `fault(with_fd=True)` (request on the SEQPACKET socket, answer on the
+    DEALER, fd behind it, mapped by the mapper thread, gate opened); the fds are kept, as
+    membacking's mapper keeps them."""
+    conn = connect_seqpacket(path)
+    conn.send(bytes([index]))  # which DEALER is this connection's
+    ctx = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.connect(endpoint)
+    dealer.send(bytes([index]))
+    count = pipe.recv()
+    reservation = Reservation(count * PAGE_SIZE)
+    view = reservation.buffer()
+    waiting: collections.deque[tuple[threading.Lock, int]] = collections.deque()
+    kept: list[int] = []
+
+    def mapper_thread() -> None:
+        items = [(dealer, zmq.POLLIN)]
+        while True:
+            zmq.zmq_poll(items, -1)
+            if dealer.recv(zmq.NOBLOCK) == b"stop":
+                return
+            fd = socket.recv_fds(conn, 64, 1)[1][0]
+            kept.append(fd)
+            gate, offset = waiting.popleft()
+            reservation.map_fd(offset, PAGE_SIZE, fd, 0, True)
+            gate.release()
+
+    thread = threading.Thread(target=mapper_thread, daemon=True)
+    thread.start()
+    pipe.send("ready")
+    pipe.recv()  # go
+    started = time.perf_counter()
+    for i in range(count):
+        gate = threading.Lock()
+        gate.acquire()
+        waiting.append((gate, i * PAGE_SIZE))
+        conn.send(_REQUEST)
+        if not gate.acquire(timeout=_TIMEOUT):
+            raise RuntimeError("the floor's fault server did not answer")
+        view[i * PAGE_SIZE]
+    pipe.send(time.perf_counter() - started)
+    thread.join(_TIMEOUT)
+    view.release()
+    reservation.release()
+    for fd in kept:
+        os.close(fd)
+    dealer.close(linger=1000)
+    ctx.term()
+    conn.close()
+
+
+def parallel(clients: int, per_client: int) -> tuple[float, float]:
+    """Faults per second with `clients` floor mapper processes each making `per_client` first
+    faults at once against one server (this process: it polls every SEQPACKET connection and
+    answers on a ROUTER with an fd behind, as the manager does), and the CPU seconds each fault
+    cost (the clients' and the server's), as `cases.parallel_faults` measures membacking."""
+    with endpoints() as (path, endpoint), contextlib.ExitStack() as stack:
+        memfd = os.memfd_create("bench-floor-parallel")
+        stack.callback(os.close, memfd)
+        os.ftruncate(memfd, PAGE_SIZE)
+        ctx = zmq.Context()
+        stack.callback(ctx.term)
+        router = ctx.socket(zmq.ROUTER)
+        stack.callback(router.close, 0)
+        router.setsockopt(zmq.RCVTIMEO, int(_TIMEOUT * 1000))  # for the clients' hellos
+        router.bind(endpoint)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        stack.callback(listener.close)
+        listener.settimeout(_TIMEOUT)
+        listener.bind(path)
+        listener.listen(clients)
+        procs, pipes = [], []
+        conns: dict[int, socket.socket] = {}
+        for index in range(clients):
+            parent, child = _SPAWN.Pipe()
+            proc = _SPAWN.Process(
+                target=_parallel_client, args=(path, endpoint, index, child), daemon=True
+            )
+            proc.start()
+            stack.callback(stop, proc)
+            procs.append(proc)
+            pipes.append(parent)
+            parent.send(per_client)
+            conn = listener.accept()[0]
+            stack.callback(conn.close)
+            conn.settimeout(_TIMEOUT)
+            conns[conn.recv(8)[0]] = conn
+        identities: dict[int, bytes] = {}
+        for _ in range(clients):
+            identity, hello = router.recv_multipart()
+            identities[hello[0]] = identity
+        for pipe in pipes:
+            if not pipe.poll(_TIMEOUT) or pipe.recv() != "ready":
+                raise RuntimeError("a floor mapper did not start")
+        for conn in conns.values():
+            conn.setblocking(True)
+        by_fileno = {conn.fileno(): (conn, identities[i]) for i, conn in conns.items()}
+        items = [(fileno, zmq.POLLIN) for fileno in by_fileno]
+        pids = [os.getpid(), *(p.pid for p in procs if p.pid is not None)]
+        cpu_before = cpu_seconds(pids)
+        started = time.perf_counter()
+        for pipe in pipes:
+            pipe.send("go")
+        remaining = clients * per_client
+        while remaining:
+            ready = zmq.zmq_poll(items, int(_TIMEOUT * 1000))
+            if not ready:
+                raise RuntimeError("the floor mappers stopped asking")
+            for fileno, _ in ready:
+                conn, identity = by_fileno[fileno]
+                if not conn.recv(64):
+                    raise RuntimeError("a floor mapper went away")
+                router.send(identity, zmq.SNDMORE)
+                router.send(_MAP)
+                socket.send_fds(conn, [_GRANT], [memfd])
+                remaining -= 1
+        for pipe in pipes:
+            if not pipe.poll(_TIMEOUT):
+                raise RuntimeError("a floor mapper did not finish")
+            pipe.recv()
+        elapsed = time.perf_counter() - started
+        cpu = cpu_seconds(pids) - cpu_before
+        for identity in identities.values():
+            router.send_multipart([identity, b"stop"])
+    faults = clients * per_client
+    return faults / elapsed, cpu / faults
