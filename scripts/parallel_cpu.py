@@ -4,7 +4,8 @@ Runs the benchmark's parallel case (N mapper processes faulting distinct regions
 reads each thread's run time (/proc/PID/task/TID/schedstat) before and after: the manager's
 loop, its ZeroMQ I/O thread, and in the mappers the faulting threads, the mapper threads and
 their ZeroMQ I/O threads. The manager's loop busy share (its CPU over the wall time) says
-whether it is what serialises the faults: at 100% it would be.
+whether it is what serialises the faults: at 100% it would be. `--thin` runs the benchmark's
+thin mappers instead, to tell the mapper's code from the rest thread by thread.
 """
 
 from __future__ import annotations
@@ -51,10 +52,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mappers", type=int, default=8)
     parser.add_argument("--faults", type=int, default=200, help="faults per mapper")
+    parser.add_argument(
+        "--thin", action="store_true", help="the benchmark's thin mappers (bench/thin.py) instead"
+    )
     args = parser.parse_args()
     with manager("--region", "ram0=0:1M") as mgr:
         gpas = _add_probes(mgr, args.mappers * args.faults)
-        procs = [Mapper(mgr.dir, f"m{i}") for i in range(args.mappers)]
+        procs = [Mapper(mgr.dir, f"m{i}", args.thin) for i in range(args.mappers)]
         try:
             before = {pid: _threads(pid) for pid in (mgr.pid, *(p.pid for p in procs))}
             started = time.perf_counter()
