@@ -322,3 +322,51 @@ def test_a_test_run_leaves_no_state_dir_and_fails_when_one_is_held(tmp_path: Pat
                     break
                 time.sleep(0.05)
             shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_remove_stale_says_when_a_state_dir_given_is_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`remove --stale --state-dir X` with X no state directory (a typo, a symbolic link)
+    exits 1 and says why, as `state list` does; the stale ones found are removed all the
+    same. (The default place is an empty directory here: this machine's own state directories
+    are not touched.)"""
+    from click.testing import CliRunner
+
+    from membacking.cli import cli
+
+    monkeypatch.setattr(statelist, "DEFAULT_PARENT", tmp_path / "default")
+    (tmp_path / "default").mkdir()
+    early = tmp_path / "early"  # a manager killed before its first journal, long ago: stale
+    (early / "mem").mkdir(parents=True)
+    (early / "state.lock").write_text("123\n")
+    past = time.time() - statelist.NEW_FOR - 1
+    os.utime(early, (past, past))
+    link = tmp_path / "link"
+    link.symlink_to(early)
+    runner = CliRunner()
+    for junk, why in ((tmp_path / "typo", "does not exist"), (link, "is a symbolic link")):
+        done = runner.invoke(
+            cli, ["manager", "state", "remove", "--stale", "--state-dir", str(junk)]
+        )
+        assert done.exit_code == 1 and why in done.output and "not looked at" in done.output
+        assert early.exists()
+    done = runner.invoke(
+        cli,
+        [
+            "manager",
+            "state",
+            "remove",
+            "--stale",
+            "--state-dir",
+            str(tmp_path / "typo"),
+            "--state-dir",
+            str(early),
+            "--json",
+        ],
+    )
+    assert done.exit_code == 1, done.output
+    answer = json.loads(done.stdout)
+    assert [e["path"] for e in answer["removed"]] == [str(early)]
+    assert [e["path"] for e in answer["refused"]] == [str(tmp_path / "typo")]
+    assert not early.exists()

@@ -77,7 +77,7 @@ def state_list(state_dirs: tuple[Path, ...], as_json: bool) -> None:
             )
     else:
         click.echo("no state directories")
-    for error in errors:
+    for _, error in errors:
         click.echo(f"Error: {error}", err=True)
     if errors:
         raise SystemExit(1)
@@ -106,7 +106,8 @@ def state_remove(
     given, or with --stale every stale one. One a manager holds, or one whose runtime
     directory still names it (a killed manager's memory that a restart adopts), is kept
     unless --force; a directory that is not a membacking state directory never is removed.
-    Exit 1 if any given was not removed."""
+    Exit 1 if any given was not removed (with --stale: if a --state-dir given is not a state
+    directory)."""
     from ..manager.statelist import STALE, NotStateDir, RemovalRefused, remove, survey
 
     if stale == bool(paths):
@@ -116,10 +117,14 @@ def state_remove(
     if any(not str(p) or str(p) == "." for p in paths):
         raise click.UsageError("an empty path (or '.') names no state directory: give its path")
     targets = list(paths)
+    failed: list[tuple[Path, str]] = []
     if stale:
-        found, _ = survey(list(state_dirs))
+        # a --state-dir that is no state directory is an error, as with `state list`: the
+        # stale ones found are removed all the same
+        found, failed = survey(list(state_dirs))
+        failed = [(path, f"{why}: not looked at") for path, why in failed]
         targets = [i.path for i in found if i.status == STALE]
-    removed, failed = [], []
+    removed = []
     for target in targets:
         try:
             info = remove(target, force=force)

@@ -269,14 +269,17 @@ def runtime_dir_of(path: Path) -> str | None:
         return None
 
 
-def survey(extra: list[Path], defaults: bool = True) -> tuple[list[StateInfo], list[str]]:
+def survey(
+    extra: list[Path], defaults: bool = True
+) -> tuple[list[StateInfo], list[tuple[Path, str]]]:
     """The state directories in the default place (unless not `defaults`) and those in
-    `extra`, and why one in `extra` is none (one message each). One in the default place
+    `extra`, and why one in `extra` is none ((path, message) each). One in the default place
     that is none is left out: it was removed since it was seen (a clean stop), or a manager
     is creating it."""
     holders = flock_holders()
     seen: set[str] = set()
-    found, errors = [], []
+    found: list[StateInfo] = []
+    errors: list[tuple[Path, str]] = []
     asked_for = {os.path.realpath(p) for p in extra}
     for path in [*(default_locations() if defaults else []), *extra]:
         key = os.path.realpath(path)
@@ -288,7 +291,7 @@ def survey(extra: list[Path], defaults: bool = True) -> tuple[list[StateInfo], l
             found.append(describe(path, holders))
         except NotStateDir as exc:
             if asked:
-                errors.append(str(exc))
+                errors.append((path, str(exc)))
     return found, errors
 
 
