@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -252,6 +253,19 @@ def test_a_refused_start_leaves_no_runtime_dir_it_created(
         )
         assert refused.returncode == 1
         assert sorted(os.listdir(base / "old")) == ["keep"]
+        # refused at its last step, the metrics port (taken by another process), with its
+        # state adopted and its sockets bound: nothing it created stays either
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = str(taken.getsockname()[1])
+            refused = run_cli(
+                "manager", "run", "--runtime-dir", str(runtime), *REGION, "--metrics-port", port
+            )
+        said = " ".join(refused.stderr.split())
+        assert refused.returncode == 1 and "cannot serve metrics" in said, said
+        assert "Traceback" not in said
+        assert not (base / "new").exists(), os.listdir(base / "new")
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

@@ -37,7 +37,7 @@ from .heap import Heap
 from .metrics import ManagerMetrics
 from .persist import READ_ONLY_OPS, Persistence
 from .routers import IPC_FILE_OUTLIVES_CLOSE, bind_router, new_router, open_to_other_users
-from .rundir import RuntimeDirError, RuntimeDirLock, raise_fd_limit
+from .rundir import RuntimeDirLock, raise_fd_limit
 from .settings import ManagerConfig, config_widens
 from .state import Disconnect, Effect, ManagerState, Send, SendFd
 from .strikes import StreamStrikes
@@ -111,7 +111,8 @@ class Daemon(FdServer):
     # ---- lifecycle -----------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Claim the runtime directory, create the initial regions and bind every socket."""
+        """Claim the runtime directory, create the initial regions, bind every socket and
+        serve the metrics; a start that fails leaves no directory it created."""
         limit = raise_fd_limit()
         # libzmq aborts the process when it cannot accept a connection for want of descriptors,
         # so the daemon never lets its own descriptors come within FD_HEADROOM of the limit.
@@ -177,6 +178,7 @@ class Daemon(FdServer):
             if config_widens(self.config):
                 open_to_other_users(self.paths, self.config.allow_uids, self.config.allow_gids)
             trace.mark("daemon.bound")
+            startup.serve_metrics(self)
         except BaseException:
             startup.drop(self, taken)
             self._close_all()
@@ -209,17 +211,6 @@ class Daemon(FdServer):
     ) -> None:
         """Start, serve until stopped, then shut down cleanly."""
         self.start()
-        if self.config.metrics_port is not None:
-            try:
-                self.metrics_port = self.metrics.serve(
-                    self.config.metrics_port, self.config.metrics_addr
-                )
-            except OSError as exc:
-                self._close_all()
-                raise RuntimeDirError(
-                    f"cannot serve metrics on {self.config.metrics_addr}:"
-                    f"{self.config.metrics_port}: {exc.strerror or exc}"
-                ) from None
         if install_signals:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(signum, self._on_signal)

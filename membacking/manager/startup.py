@@ -15,6 +15,7 @@ from .errors import Refused
 from .journal import JournalError, decode
 from .metrics import ManagerMetrics
 from .persist import adopted_region, describe
+from .rundir import RuntimeDirError
 from .snapshot import check_fits, restore
 from .statedir import StateDirError
 
@@ -40,24 +41,31 @@ def take_over(daemon: Daemon) -> handover.Takeover | None:
 
 
 def drop(daemon: Daemon, taken: handover.Takeover | None) -> None:
-    """Close the fds handed over that no backing took."""
+    """A start that failed: close the fds handed over that no backing took, and have the
+    runtime directory's release remove the directories the start created (if still empty)."""
+    daemon._lock.discard_created = True
     if taken is not None:
         taken.close()
         daemon.store.inherited = None
 
 
+def serve_metrics(daemon: Daemon) -> None:
+    """Serve the metrics (--metrics-port), the start's last step; RuntimeDirError if the
+    port cannot be had (the start then fails like any other, `drop`)."""
+    config = daemon.config
+    if config.metrics_port is None:
+        return
+    try:
+        daemon.metrics_port = daemon.metrics.serve(config.metrics_port, config.metrics_addr)
+    except OSError as exc:
+        where = f"{config.metrics_addr}:{config.metrics_port}"
+        raise RuntimeDirError(f"cannot serve metrics on {where}: {exc.strerror or exc}") from None
+
+
 def adopt(daemon: Daemon, taken: handover.Takeover | None) -> None:
     """Fill the daemon's empty state (the runtime directory is claimed), then add the
     initial regions the state does not have (one it has must be as configured). A start
-    refused here leaves no runtime directory it created (the daemon releases it)."""
-    try:
-        _adopt(daemon, taken)
-    except BaseException:
-        daemon._lock.discard_created = True
-        raise
-
-
-def _adopt(daemon: Daemon, taken: handover.Takeover | None) -> None:
+    refused here leaves no runtime directory it created (`drop`)."""
     persist, fdstore = daemon.persist, daemon.fdstore
     if fdstore is not None:  # adopts through the state directory if there is one
         fdstore.open(daemon.state, daemon.store, persist, daemon.config.persist.fresh)
