@@ -441,3 +441,22 @@ def test_a_region_moved_while_running_comes_back_where_it_was_moved(start_manage
     other = ("--region", "ram0=0:8M", "--region", "bar0=0xe0000000:2M")
     done = run_cli("manager", "run", "--takeover", *other, runtime_dir=first.runtime_dir)
     assert done.returncode == 1 and "region 'bar0'" in done.stderr, done.stderr
+
+
+def test_a_restart_with_a_lower_max_regions_keeps_every_region_and_says_so(
+    start_manager: Start,
+) -> None:
+    """--max-regions below what the state holds: the regions are kept (the limit bounds
+    growth; refusing would strand the memory), the log says so and what to do, and an add is
+    refused with the limit's error."""
+    first = killed_after_writing(start_manager)
+    second = start_manager("--max-regions", "1", runtime_dir=first.runtime_dir)
+    said = " ".join(second.log().split())
+    assert "holds 2 regions, more than --max-regions 1" in said, said
+    assert "no region can be added until 2 are removed" in said
+    assert {r["name"] for r in second.client().regions()} == {"ram0", "rom"}
+    with membacking.attach(second.runtime_dir) as memory:
+        assert memory.read_at(0, 3) == b"old"
+    added = run_cli("region", "add", "more", "0x40000000", "1M", runtime_dir=second.runtime_dir)
+    assert added.returncode == 1 and "Traceback" not in added.stderr
+    assert "limit" in added.stderr or "max-regions" in added.stderr, added.stderr

@@ -139,7 +139,7 @@ class Daemon(FdServer):
         try:
             self._lock.acquire()
         except BaseException:
-            startup.drop(self, taken)
+            startup.failed(self, taken)
             self._drop_zmq()
             raise
         trace.mark("daemon.locked")
@@ -180,7 +180,7 @@ class Daemon(FdServer):
             trace.mark("daemon.bound")
             startup.serve_metrics(self)
         except BaseException:
-            startup.drop(self, taken)
+            startup.failed(self, taken)
             self._close_all()
             raise
 

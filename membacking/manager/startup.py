@@ -41,17 +41,22 @@ def take_over(daemon: Daemon) -> handover.Takeover | None:
 
 
 def drop(daemon: Daemon, taken: handover.Takeover | None) -> None:
-    """A start that failed: close the fds handed over that no backing took, and have the
-    runtime directory's release remove the directories the start created (if still empty)."""
-    daemon._lock.discard_created = True
+    """Close the fds handed over that no backing took."""
     if taken is not None:
         taken.close()
         daemon.store.inherited = None
 
 
+def failed(daemon: Daemon, taken: handover.Takeover | None) -> None:
+    """A start that failed: `drop`, and have the runtime directory's release remove the
+    directories the start created (those still empty)."""
+    daemon._lock.discard_created = True
+    drop(daemon, taken)
+
+
 def serve_metrics(daemon: Daemon) -> None:
     """Serve the metrics (--metrics-port), the start's last step; RuntimeDirError if the
-    port cannot be had (the start then fails like any other, `drop`)."""
+    port cannot be had (the start then fails like any other, `failed`)."""
     config = daemon.config
     if config.metrics_port is None:
         return
@@ -65,7 +70,7 @@ def serve_metrics(daemon: Daemon) -> None:
 def adopt(daemon: Daemon, taken: handover.Takeover | None) -> None:
     """Fill the daemon's empty state (the runtime directory is claimed), then add the
     initial regions the state does not have (one it has must be as configured). A start
-    refused here leaves no runtime directory it created (`drop`)."""
+    refused here leaves no runtime directory it created (`failed`)."""
     persist, fdstore = daemon.persist, daemon.fdstore
     if fdstore is not None:  # adopts through the state directory if there is one
         fdstore.open(daemon.state, daemon.store, persist, daemon.config.persist.fresh)
@@ -118,6 +123,17 @@ def adopt(daemon: Daemon, taken: handover.Takeover | None) -> None:
             # The daemon that handed over is gone: refusing to start now would leave no one
             # serving its memory (precheck refused what it could see before the ask).
             log.error("--region/config %s not applied after the handover: %s", spec.name, exc)
+    limit, held = daemon.config.limits.max_regions, len(daemon.state.regions)
+    if held > limit:  # kept: the limit bounds growth, and refusing would strand the memory
+        log.warning(
+            "%s holds %d regions, more than --max-regions %d: every one is kept, and no "
+            "region can be added until %d are removed (or start with --max-regions %d)",
+            adopted_from,
+            held,
+            limit,
+            held - limit + 1,
+            held,
+        )
 
 
 def _adopt_sent(daemon: Daemon, data: bytes) -> None:
