@@ -437,7 +437,18 @@ def test_limits_refuse_mappers_regions_and_fds(clock: Clock) -> None:
     state.add_region("b", MiB, MiB, True)
     with pytest.raises(Refused) as refused:
         state.add_region("c", 2 * MiB, MiB, True)
-    assert refused.value.code == "limit" and "limit of 2 regions" in str(refused.value)
+    assert refused.value.code == "limit"
+    assert "holds 2 regions, its limit (--max-regions) is 2" in str(refused.value)
+    # asked by a control client: the same answer, counted and logged as a limit's refusal
+    asked = m.ControlRequest("add_region", {"name": "c", "gpa": 2 * MiB, "size": MiB})
+    out = state.handle_control(b"client", asked)
+    assert [e.msg.code for e in out if isinstance(e, Send) and isinstance(e.msg, m.Error)] == [
+        "limit"
+    ]
+    assert state.refused["limit"] == 1
+    bad = m.ControlRequest("add_region", {"name": "c", "gpa": 3, "size": MiB})
+    state.handle_control(b"client", bad)  # the request's own fault: not a limit's refusal
+    assert state.refused["limit"] == 1 and sum(state.refused.values()) == 1
     _mid, _, requests = attach(state, "m1")
     with pytest.raises(Refused, match="limit of 1 mappers"):
         state.register_mapper("m2", 2)
@@ -446,7 +457,7 @@ def test_limits_refuse_mappers_regions_and_fds(clock: Clock) -> None:
     assert pushed[0] == m.FdGrant(1, MiB, True)
     denied = pushed[1]
     assert isinstance(denied, m.FdDenied) and "limit of 1 fds" in denied.reason
-    assert state.refused["limit"] == 2 and not state.rejected
+    assert state.refused["limit"] == 3 and not state.rejected
 
 
 def test_held_counts_the_ranges_of_each_mappable() -> None:

@@ -127,12 +127,13 @@ def adopt(daemon: Daemon, taken: handover.Takeover | None) -> None:
     if held > limit:  # kept: the limit bounds growth, and refusing would strand the memory
         log.warning(
             "%s holds %d regions, more than --max-regions %d: every one is kept, and no "
-            "region can be added until %d are removed (or start with --max-regions %d)",
+            "region can be added until %d are removed (or start with --max-regions %d or more "
+            "to add one)",
             adopted_from,
             held,
             limit,
             held - limit + 1,
-            held,
+            held + 1,
         )
 
 

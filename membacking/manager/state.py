@@ -17,7 +17,7 @@ from ..protocol import messages as m
 from ..protocol.messages import PRIVATE_MAPPABLE, Channel, Message
 from ..protocol.ranges import PAGE_SIZE, MemoryRange
 from .backing import hugepage_size
-from .errors import Refused
+from .errors import POLICY_CODES, Refused
 from .model import (
     BACKINGS,
     DEFAULT_ADDRESS_SPACE,
@@ -163,8 +163,11 @@ class ManagerState(PeerState):
             rank = (priority, self._next_order)
             guard(self, name, "added", rng if enabled else None, rank)
         if len(self.regions) >= self.limits.max_regions:
+            held, limit = len(self.regions), self.limits.max_regions
             raise Refused(
-                "limit", f"the manager holds its limit of {self.limits.max_regions} regions"
+                "limit",
+                f"the manager holds {units.plural(held, 'region')}, its limit (--max-regions) is "
+                f"{limit}" + (f": remove {held - limit + 1} first" if held > limit else ""),
             )
         if backing == "private" and len(self.mappers) > 1:
             raise Refused("private", "private RAM needs a single mapper; more are attached")
@@ -431,6 +434,8 @@ class ManagerState(PeerState):
         try:
             return run_control(self, identity, msg.op, msg.args)
         except Refused as exc:
+            if exc.code in POLICY_CODES:  # a limit or policy, counted and logged as a mapper's
+                self.refuse(exc.code, f"{msg.op}: {exc}")
             return [Send(Channel.CONTROL, identity, m.Error(exc.code, str(exc)))]
 
     def stats(self) -> dict[str, Any]:
