@@ -9,6 +9,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -157,6 +158,12 @@ def test_a_state_that_does_not_fit_is_refused_until_fresh(start_manager: Start) 
     assert "or with --fresh to discard the state" in said, said
     assert "adopted" not in other.stderr, other.stderr
     assert sorted(os.listdir(sdir / "mem")) == kept  # nothing changed by a refusal
+    with socket.socket() as taken:  # refused at its last step: a metrics port in use
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        late = run_manager(first.runtime_dir, "--metrics-port", str(taken.getsockname()[1]))
+    assert late.returncode == 1 and "cannot serve metrics" in late.stderr, late.stderr
+    assert "adopted" not in late.stderr, late.stderr
     adopting = start_manager(runtime_dir=first.runtime_dir)  # no --region: the state as it is
     assert "adopted=2" in adopting.ready_line and "adopted the state in" in adopting.log()
     adopting.stop(signal.SIGKILL)

@@ -179,6 +179,8 @@ class Daemon(FdServer):
                 open_to_other_users(self.paths, self.config.allow_uids, self.config.allow_gids)
             trace.mark("daemon.bound")
             startup.serve_metrics(self)
+            if self.persist is not None:
+                self.persist.announce()
         except BaseException:
             startup.failed(self, taken)
             self._close_all()

@@ -273,7 +273,7 @@ class Persistence:
         orphans = self.dir.remove_orphans(keep)
         if orphans:
             log.info("removed %d memory files no journal named: %s", len(orphans), orphans)
-        # logged by the first save, once the initial regions were found to fit (has_region)
+        # logged by `announce` once the whole start was accepted
         self._adopted_note = f"{len(snapshot.regions)} regions, {len(snapshot.backings)} backings"
 
     def has_region(
@@ -286,6 +286,10 @@ class Persistence:
         not change are not packed again)."""
         data = self._encoder.encode(state, store, self.state_id, str(self.paths.root))
         self.dir.write_encoded(data)
+
+    def announce(self) -> None:
+        """Log what the start adopted, once the whole start was accepted (its last step: a
+        socket it cannot bind or a metrics port in use refuses it after the first save)."""
         if self._adopted_note is not None:
             log.info("adopted the state in %s: %s", self.dir.root, self._adopted_note)
             self._adopted_note = None
