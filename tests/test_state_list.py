@@ -350,7 +350,11 @@ def test_remove_stale_says_when_a_state_dir_given_is_none(
     from membacking.cli import cli
 
     monkeypatch.setattr(statelist, "DEFAULT_PARENT", tmp_path / "default")
-    (tmp_path / "default").mkdir()
+    listed_anyway = tmp_path / "default" / f"membacking-{os.getuid()}-0123456789abcdef"
+    (listed_anyway / "mem").mkdir(parents=True)
+    (listed_anyway / "state.lock").touch()
+    to_default = tmp_path / "to-default"  # a link to a state directory listed anyway
+    to_default.symlink_to(listed_anyway)
     early = tmp_path / "early"  # a manager killed before its first journal, long ago: stale
     (early / "mem").mkdir(parents=True)
     (early / "state.lock").write_text("123\n")
@@ -358,13 +362,23 @@ def test_remove_stale_says_when_a_state_dir_given_is_none(
     os.utime(early, (past, past))
     link = tmp_path / "link"
     link.symlink_to(early)
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
     runner = CliRunner()
-    for junk, why in ((tmp_path / "typo", "does not exist"), (link, "is a symbolic link")):
+    for junk, why in (
+        (tmp_path / "typo", "does not exist"),
+        (link, "is a symbolic link"),
+        (to_default, "is a symbolic link"),
+        (a_file, "not a directory"),
+    ):
         done = runner.invoke(
             cli, ["manager", "state", "remove", "--stale", "--state-dir", str(junk)]
         )
         assert done.exit_code == 1 and why in done.output and "not looked at" in done.output
         assert early.exists()
+        listed = runner.invoke(cli, ["manager", "state", "list", "--state-dir", str(junk)])
+        assert listed.exit_code == 1 and why in listed.output, listed.output
+    assert a_file.read_text() == "mine"
     done = runner.invoke(
         cli,
         [

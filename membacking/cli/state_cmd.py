@@ -30,7 +30,7 @@ def state() -> None:
     "--state-dir",
     "state_dirs",
     multiple=True,
-    type=click.Path(file_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),
     help="Also look at this state directory (repeatable; those in the default place, "
     "/dev/shm/membacking-<uid>-*, are always listed).",
 )
@@ -90,7 +90,7 @@ def state_list(state_dirs: tuple[Path, ...], as_json: bool) -> None:
     "--state-dir",
     "state_dirs",
     multiple=True,
-    type=click.Path(file_okay=False, path_type=Path),
+    type=click.Path(path_type=Path),
     help="With --stale: also look at this state directory (repeatable).",
 )
 @click.option(

@@ -156,6 +156,10 @@ def flock_holders() -> dict[tuple[int, int], int] | None:
     return holders
 
 
+def _a_link(path: Path) -> str:
+    return f"{path} is a symbolic link, not a state directory: give its target"
+
+
 def check_state_dir(path: Path) -> None:
     """NotStateDir unless `path` is a directory (not a symbolic link) holding only what a
     manager puts in a state directory, with a journal of the right magic or, without one,
@@ -167,7 +171,7 @@ def check_state_dir(path: Path) -> None:
     except OSError as exc:
         raise NotStateDir(f"cannot read {path}: {exc.strerror or exc}") from None
     if stat.S_ISLNK(info.st_mode):
-        raise NotStateDir(f"{path} is a symbolic link, not a state directory: give its target")
+        raise NotStateDir(_a_link(path))
     if not stat.S_ISDIR(info.st_mode):
         raise NotStateDir(f"{path} is not a membacking state directory (not a directory)")
     try:
@@ -281,7 +285,12 @@ def survey(
     found: list[StateInfo] = []
     errors: list[tuple[Path, str]] = []
     asked_for = {os.path.realpath(p) for p in extra}
+    links = [p for p in extra if os.path.islink(p)]
+    # refused as `remove` refuses it, even where its target is listed anyway
+    errors += [(link, _a_link(link)) for link in links]
     for path in [*(default_locations() if defaults else []), *extra]:
+        if path in links:
+            continue
         key = os.path.realpath(path)
         if key in seen:
             continue
