@@ -33,7 +33,8 @@ missing, unreadable, not TOML or has a bad key or value (the same mistake typed 
 2 too). 1 for what the daemon or the system refuses: no daemon, an unknown region, overlapping
 regions, a size only the daemon can judge (beyond the address space, not a multiple of the huge
 page), a timeout, initial regions that cannot be created. 0 otherwise. Either way the error is one
-line on stderr.
+line on stderr (`Error: ...`); for a usage mistake (an unknown option, a missing argument, options
+that do not go together) click's usage line and a pointer to `--help` come before it.
 
 Shell completion is click's: `eval "$(_MEMBACKING_COMPLETE=bash_source membacking)"` in `~/.bashrc`
 (`zsh_source` in `~/.zshrc`, `fish_source` for fish); region names complete from the running daemon.

@@ -180,7 +180,9 @@ def test_what_is_not_a_state_dir_is_never_removed(tmp_path: Path) -> None:
     listing = run_cli("manager", "state", "list", "--state-dir", str(lookalike))
     assert listing.returncode == 1 and "not a membacking journal" in listing.stderr
     usage = run_cli("manager", "state", "remove")
-    assert usage.returncode == 2 and "--stale" in usage.stderr
+    assert usage.returncode == 2 and "--stale for every stale one" in usage.stderr
+    usage = run_cli("manager", "state", "remove", "--stale", str(a_file))
+    assert usage.returncode == 2 and "not both" in usage.stderr
     for empty in ("", "."):  # not the current directory
         usage = run_cli("manager", "state", "remove", "--force", empty)
         assert usage.returncode == 2 and "names no state directory" in usage.stderr

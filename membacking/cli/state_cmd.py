@@ -110,8 +110,10 @@ def state_remove(
     directory)."""
     from ..manager.statelist import STALE, NotStateDir, RemovalRefused, remove, survey
 
-    if stale == bool(paths):
-        raise click.UsageError("give state directories to remove, or --stale (not both)")
+    if stale and paths:
+        raise click.UsageError("give state directories to remove or --stale, not both")
+    if not stale and not paths:
+        raise click.UsageError("give state directories to remove, or --stale for every stale one")
     if state_dirs and not stale:
         raise click.UsageError("--state-dir goes with --stale (give the directory itself)")
     if any(not str(p) or str(p) == "." for p in paths):
