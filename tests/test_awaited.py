@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import select
 import signal
 import struct
 import subprocess
@@ -229,6 +230,21 @@ def _remove_async(manager: RunningManager, name: str) -> tuple[threading.Thread,
     return thread, result
 
 
+def _stderr_until(proc: subprocess.Popen[str], text: str, timeout: float) -> str:
+    """What `proc` wrote on stderr until `text` appeared in it (or `timeout` seconds passed,
+    or it ended); then it is killed."""
+    assert proc.stderr is not None
+    err, deadline = "", time.monotonic() + timeout
+    while text not in err and time.monotonic() < deadline:
+        if select.select([proc.stderr], [], [], 0.2)[0]:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            err += line
+    proc.kill()
+    return err + proc.communicate(10)[1]
+
+
 @pytest.mark.parametrize("how", ["sigkill", "takeover"])
 def test_a_removal_after_a_restart_reaches_a_mapper_not_back_yet(
     start_manager: Start, spawn_worker: Spawn, how: str
@@ -266,10 +282,8 @@ def test_a_removal_after_a_restart_reaches_a_mapper_not_back_yet(
             stderr=subprocess.PIPE,
             text=True,
         )
-        time.sleep(3.0)
-        cli.kill()
-        _, err = cli.communicate(10)
         said = f"waiting for the mapper(s) of the manager before the restart (pid {worker.pid})"
+        err = _stderr_until(cli, said, 20.0)  # (a loaded machine may take seconds to start it)
         assert said in err
         assert "evicted" not in err
     finally:

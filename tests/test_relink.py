@@ -96,11 +96,14 @@ def test_a_mapper_told_restarting_tries_no_registration_before_a_successor_binds
         memory.on_registered_again(lambda kept, old_id: again.set())
         old_stream = memory._mapper.link.stream
         first.stop(signal.SIGTERM)  # Shutdown `restarting`
+        # its sockets are closed once it took the Shutdown in: the stream socket would connect
+        # to the successor's endpoint by itself (waited for: a loaded machine may take a while)
+        deadline = time.monotonic() + 10
+        while not old_stream.closed and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert old_stream.closed
         time.sleep(0.3)
         assert tries == []  # no successor yet: nothing tried
-        # its sockets are closed already: the stream socket would connect to the successor's
-        # endpoint by itself
-        assert old_stream.closed
         bound = time.monotonic()
         start_manager(*regions, runtime_dir=first.runtime_dir)
         assert again.wait(15)
