@@ -54,6 +54,29 @@ def state(tmp_path: Path) -> Iterator[ManagerState]:
     sdir.release(remove=True)
 
 
+def test_a_mapper_is_unjournaled_until_a_save_lists_its_process() -> None:
+    """Which live mappers no journal lists yet (the daemon saves before it sends one of them a
+    Map): a new one until the next save; one whose process the adopted journal lists (back
+    after a restart, under a new id) never; one gone, no more."""
+    awaited = AwaitedMappers(started=RUNNING.get)
+    awaited.adopt((MapperRecord(3, 5151, 9),))
+    awaited.register(7, 4242)
+    awaited.register(8, 5151)  # back after the restart: the journal lists its process
+    assert awaited.unjournaled == {7}
+    awaited.saved()
+    assert awaited.unjournaled == set() and not awaited.dirty
+    awaited.depart(7)
+    awaited.register(9, 4242)  # the same process again: listed by the last save
+    assert awaited.unjournaled == set()
+    awaited.saved()  # (mapper 9 and 8 now)
+    awaited.depart(9)
+    awaited.saved()  # the journal no longer lists process 4242
+    awaited.register(10, 4242)
+    assert awaited.unjournaled == {10}
+    awaited.depart(10)
+    assert awaited.unjournaled == set()
+
+
 def _remove(state: ManagerState, name: str, client: bytes = b"client") -> list[object]:
     out = state.handle_control(client, m.ControlRequest("remove_region", {"name": name}))
     return [e.msg for e in out if isinstance(e, Send)]
@@ -371,3 +394,33 @@ def test_a_mapper_whose_wait_ran_out_is_named_until_it_is_back_or_ends(
     del RUNNING[5151]
     state.awaited.tick(71.0)
     assert state.awaited.not_back() == []
+
+
+def test_a_mapper_is_journaled_before_it_is_sent_its_first_map(
+    start_manager: Start, spawn_worker: Spawn
+) -> None:
+    """A mapper gets no Map before the journal lists it: a daemon killed a moment after the
+    first fault (before its one-second tick wrote the mapper down) still awaits it back after
+    a restart, and a removal waits for it, instead of answering at once while the mapper still
+    maps the memory removed."""
+    first = start_manager(*REGIONS)
+    worker = spawn_worker(first, "quick")
+    worker.ask("write 0x10000000 " + b"dev".hex())  # its first Map, just after its Hello
+    path = default_state_dir(RuntimePaths.resolve(first.runtime_dir)) / "journal"
+    data = journal.read_bytes(path)  # read at once: not waited for
+    assert data is not None and worker.pid in {r.pid for r in journal.decode(data).mappers}
+    os.kill(worker.pid, signal.SIGSTOP)
+    try:
+        first.stop(signal.SIGKILL)
+        second = start_manager(*REGIONS, runtime_dir=first.runtime_dir)
+        assert [a["pid"] for a in second.client().status()["awaited"]] == [worker.pid]
+        thread, result = _remove_async(second, "dev")
+        thread.join(1.0)
+        assert result == [], result  # it waits for the stopped mapper
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+    thread.join(30)
+    [done] = result
+    assert isinstance(done, dict) and done["unmapped_from"], done
+    with pytest.raises(WorkerError, match="NoMappingError"):
+        worker.ask("read 0x10000000 1")

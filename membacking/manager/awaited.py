@@ -64,6 +64,12 @@ class AwaitedMappers:
         self.deadline = 0.0
         #: the journal no longer lists exactly `records()`: write it within a second
         self.dirty = False
+        #: (pid, process start) of every record the last journal lists
+        self._journaled: set[tuple[int, int]] = set()
+        #: live mappers whose process no journal lists yet: none of them is sent a Map before
+        #: the journal does (`saved`), or a crash meanwhile would forget a holder of memory,
+        #: and a removal after the restart would not wait for it
+        self.unjournaled: set[int] = set()
         #: control requests waiting for the mappers, in the order they came
         self._deferred: deque[tuple[bytes, m.ControlRequest]] = deque()
 
@@ -76,10 +82,19 @@ class AwaitedMappers:
         if started is not None:
             self._live[mapper_id] = MapperRecord(mapper_id, pid, started)
             self.dirty = True
+            if (pid, started) not in self._journaled:  # (one back after a restart is listed)
+                self.unjournaled.add(mapper_id)
 
     def depart(self, mapper_id: int) -> None:
+        self.unjournaled.discard(mapper_id)
         if self._live.pop(mapper_id, None) is not None:
             self.dirty = True
+
+    def saved(self) -> None:
+        """The journal is written now, listing `records()`."""
+        self.dirty = False
+        self._journaled = {(r.pid, r.started) for r in self.records()}
+        self.unjournaled.clear()
 
     def records(self) -> tuple[MapperRecord, ...]:
         """What the journal keeps: live mappers, and those still awaited (a crash now must
@@ -99,6 +114,7 @@ class AwaitedMappers:
     def adopt(self, records: tuple[MapperRecord, ...]) -> None:
         """The journal's records (adopted state): awaited once `begin` found them running."""
         self._adopted = list(records)
+        self._journaled = {(r.pid, r.started) for r in records}
 
     def begin(self, now: float, timeout: float) -> list[MapperRecord]:
         """Await the adopted mappers whose process runs (same start time), for at most

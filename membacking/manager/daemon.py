@@ -54,6 +54,7 @@ ONE_FRAME = "send exactly one frame per message"
 FD_HEADROOM = 64
 # plain ints: pyzmq's flag enums make every `&` a call into the enum module
 _POLLIN, _POLLOUT, _RCVMORE = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.RCVMORE)
+_MAPS = (m.Map, m.MapEager)  # what makes a mapper hold memory
 
 
 class Daemon(FdServer):
@@ -196,7 +197,7 @@ class Daemon(FdServer):
     def _save_state(self) -> None:
         """Journal the region table if it changed (before any reply says a change is done)."""
         self._journal_due = False
-        self.state.awaited.dirty = False
+        self.state.awaited.saved()
         if self.persist is not None and not self.persist.save_logged(self.state, self.store):
             self.state.rejected["internal"] += 1
         if self.fdstore is not None:
@@ -363,6 +364,8 @@ class Daemon(FdServer):
             if isinstance(effect, Send):
                 data = encode(effect.msg)
                 if effect.channel is Channel.MAPPER:
+                    if self.state.awaited.unjournaled and isinstance(effect.msg, _MAPS):
+                        self._save_state()  # its mapper's record first (awaited.unjournaled)
                     self._mapper.send(effect.identity, zmq.SNDMORE)  # cheaper than send_multipart
                     self._mapper.send(data)
                 else:
