@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 
 import msgpack
+import zmq
 from test_manager_state import Clock, RecordingStore
 
 from membacking.manager.model import Send
@@ -84,3 +85,36 @@ def test_the_daemon_negotiates_and_keeps_the_old_layout_for_old_mappers(
     reply, wire = hello(manager, m.Hello("older"))
     assert isinstance(reply, m.Welcome) and reply.features is None
     assert len(wire) == 2 + 4  # exactly what a decoder of the earlier release accepts
+
+
+def test_an_evicted_mappers_fd_socket_shutdown_carries_its_code(manager: RunningManager) -> None:
+    """The copy of the Shutdown written on fd.sock of a mapper evicted by the operator carries
+    the code it negotiated, as the stream's does (it was written once the mapper was out of
+    the table, without its code)."""
+    from membacking.protocol.codec import decode, encode
+    from membacking.protocol.messages import Channel
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.settimeout(5)
+        sock.connect(str(manager.runtime_dir / "fd.sock"))
+        send_message(sock, m.Hello("coded", m.FEATURE_SHUTDOWN_CODE))
+        welcome, _ = recv_message(sock)
+        assert isinstance(welcome, m.Welcome), welcome
+        ctx = zmq.Context()
+        stream = ctx.socket(zmq.DEALER)
+        try:
+            stream.connect(f"ipc://{manager.runtime_dir / 'mapper.ipc'}")
+            stream.send(encode(m.Attach(welcome.mapper_id, welcome.token, m.ROLE_STREAM_FD)))
+            assert stream.poll(5000)
+            assert isinstance(decode(stream.recv(), Channel.MAPPER), m.Attached)
+            manager.client().evict_mapper(welcome.mapper_id)
+            assert stream.poll(5000)
+            on_stream = decode(stream.recv(), Channel.MAPPER)
+            got = []
+            while data := sock.recv(65536):
+                got.append(decode(data, Channel.FD))
+        finally:
+            stream.close(0)
+            ctx.term()
+    assert isinstance(on_stream, m.Shutdown) and on_stream.code == m.SHUTDOWN_EVICTED
+    assert isinstance(got[-1], m.Shutdown) and got[-1].code == m.SHUTDOWN_EVICTED, got

@@ -33,6 +33,9 @@ class FdConn:
     pid: int
     uid: int
     mapper_id: int | None = None
+    #: the features negotiated at its Hello: the Shutdown written here once the mapper is out
+    #: of the table (evicted) still carries its code
+    features: int = 0
     strikes: int = 0
     forbidden: str | None = None  # set for a peer whose credentials were refused
     #: a pidfd of the peer process, opened at accept under --evict-kill (it cannot name another

@@ -182,13 +182,8 @@ class FdServer:
         `code` where the mapper negotiated codes."""
         with contextlib.suppress(OSError):
             if conn.mapper_id is not None and conn.flush():
-                entry = self.state.mappers.get(conn.mapper_id)
-                msg = (
-                    m.Shutdown(reason)
-                    if entry is None
-                    else self.state.shutdown_message(entry, reason, code)
-                )
-                send_message(conn.sock, msg)
+                coded = conn.features & m.FEATURE_SHUTDOWN_CODE
+                send_message(conn.sock, m.Shutdown(reason, code) if coded else m.Shutdown(reason))
 
     def _fd_send(self, conn: FdConn, msg: m.Message, fd: int | None = None) -> None:
         """Send on a mapper's fd socket; what it cannot take now waits in the connection."""
@@ -287,6 +282,7 @@ class FdServer:
             self._conn_of_mapper[entry.id] = conn
             conn.strikes = 0
             self._fd_send(conn, self.state.welcome(entry, msg.features))
+            conn.features = entry.features or 0
             return
         if conn.mapper_id is None:
             self._strike(conn, "not-registered", f"{type(msg).__name__} before Hello")
