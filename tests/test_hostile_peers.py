@@ -393,3 +393,22 @@ def test_invalid_messages_on_fd_sock_evict_a_registered_mapper(manager: RunningM
         )
     finally:
         hand.close()
+
+
+def test_a_request_on_fd_sock_after_detach_ends_the_socket(manager: RunningManager) -> None:
+    """After Detach nothing is answered on the fd socket: a request sent there anyway (which
+    would wait for an answer that never comes) ends the connection, and the daemon serves on."""
+    hand = HandMapper(manager.runtime_dir, "detacher")
+    try:
+        hand.stream.send(encode(m.Detach()))
+        deadline = time.monotonic() + 5
+        while manager.client().stats()["mappers"] and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert manager.client().stats()["mappers"] == 0
+        send_message(hand.fd_sock, m.SendMappings(MemoryRange(0, 4096), 5))
+        hand.fd_sock.settimeout(5)
+        assert hand.fd_sock.recv(65536) == b""  # the end of the socket, not a wait
+    finally:
+        hand.close()
+    assert not manager.client().stats()["rejected"]
+    still_serving(manager)
