@@ -28,7 +28,10 @@ def parse_size(text: str, what: str = "size") -> int:
         raise ValueError(
             f"invalid {what} {text!r}: use a decimal or 0x-hex number, optionally with K, M, G or T"
         ) from None
-    return value * _SUFFIXES[suffix.upper()]
+    value *= _SUFFIXES[suffix.upper()]
+    if value >= 1 << 64:  # nothing on the wire is wider (PROTOCOL.md)
+        raise ValueError(f"{what} {text!r} does not fit in 64 bits")
+    return value
 
 
 #: every mapper reserves the whole guest address space in its own: keep it well inside the

@@ -160,3 +160,34 @@ def test_map_groups_regions_that_are_all_unbacked() -> None:
     assert len(body) <= 4
     assert any("2 regions c .. d, 2 holes" in x for x in body)
     assert "6 MiB backed" in lines[0]  # c and d back nothing
+
+
+def test_mistakes_the_command_line_can_tell_alone_exit_2(manager: RunningManager) -> None:
+    """Found before the daemon is asked: backings that do not go together, a value past 64
+    bits, --file-offset without --file; each one line on stderr (after click's usage line for
+    a usage mistake), exit 2, and the daemon never asked (nothing added or mapped)."""
+    cases = (
+        (
+            ("region", "add", "d1", "0x10000000", "2M", "--hugetlb", "--private"),
+            "do not go together",
+        ),
+        (
+            ("region", "add", "d1", "0x10000000", "1M", "--file", "/tmp/x", "--private"),
+            "do not go together",
+        ),
+        (
+            ("region", "add", "d1", "0x10000000", "99999999999999999999999T"),
+            "does not fit in 64 bits",
+        ),
+        (("region", "move", "ram", str(1 << 64)), "does not fit in 64 bits"),
+        (
+            ("region", "map", "ram", "0", "4096", "--file-offset", "4096"),
+            "--file-offset goes with --file",
+        ),
+    )
+    for args, why in cases:
+        done = manager.cli(*args)
+        said = " ".join(done.stderr.split())
+        assert done.returncode == 2 and why in said and "Traceback" not in said, (args, said)
+    names = [r["name"] for r in manager.client().regions()]
+    assert "d1" not in names

@@ -127,6 +127,13 @@ def region_add(
 ) -> None:
     """Add a region NAME of SIZE bytes at guest address GPA (both multiples of 4096; a
     hugetlb region's, of the huge page size)."""
+    chosen = [
+        flag
+        for flag, on in (("--file", path), ("--hugetlb", hugetlb), ("--private", private))
+        if on
+    ]
+    if len(chosen) > 1:
+        raise click.UsageError(f"choose one backing: {' and '.join(chosen)} do not go together")
     client = control_client(runtime_dir, timeout)
     r = _wait_showing_holders(
         client,
@@ -239,6 +246,8 @@ def region_map(
     readonly: bool,
 ) -> None:
     """Replace OFFSET..OFFSET+SIZE of region NAME with a new backing (atomic for readers)."""
+    if file_offset and path is None:
+        raise click.UsageError("--file-offset goes with --file (new memory has no offset)")
     client = control_client(runtime_dir, timeout)
     r = _wait_showing_holders(
         client,
