@@ -288,6 +288,12 @@ def test_bad_region_spec_at_startup(tmp_path: Path) -> None:
         "region 'a' (0x0-0x200000, priority 0): regions of equal priority may only overlap "
         "with identical ranges"
     )
+    for twice in (("a=0:64M", "a=0x10000000:4K"), ("a=0:64M", "a=0:64M")):
+        runtime = short_tmpdir() / "rt"
+        args = [x for spec in twice for x in ("--region", spec)]
+        doubled = run_cli("manager", "run", "--runtime-dir", str(runtime), "--fresh", *args)
+        assert_clean_error(doubled, "region 'a' is given twice", 2)
+        assert not runtime.exists()  # nothing was created: no state to speak of
 
 
 def test_runtime_dir_from_environment(manager: RunningManager) -> None:

@@ -219,6 +219,10 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
     )[0]
     logs.configure(options["log_level"], options["log_format"])
     address_space = options["address_space"]
+    names = [spec["name"] if isinstance(spec, dict) else spec[0] for spec in options["regions"]]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:  # (a config file's are checked as it is read)
+        raise click.BadParameter(f"region {twice[0]!r} is given twice", param_hint="'--region'")
     config = ManagerConfig(
         runtime_dir=options["runtime_dir"],
         address_space=address_space,
