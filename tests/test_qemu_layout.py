@@ -62,7 +62,8 @@ def test_only_the_named_regions_are_lent() -> None:
 @pytest.mark.parametrize(
     ("regions", "selected", "message"),
     [
-        ([region("ram", 0, 0xE0000000)], [], "too large for boot RAM"),
+        ([region("ram", 0, 0xE0000000)], [], "smaller than 0xe0000000 bytes"),
+        ([region("ram", 0, 2 * MiB + 4096)], [], "multiples of 8192 bytes"),
         ([region("ram", 0, MiB, writable=False)], [], "read-only"),
         ([region("ram", 0, MiB, backing="private")], [], "private RAM"),
         (

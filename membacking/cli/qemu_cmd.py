@@ -11,7 +11,7 @@ import click
 from .. import units
 from ..qemu.launcher import VmOptions, qmp_path, run_vm
 from ..qemu.qmp import Qmp
-from .common import Group, runtime_dir_option
+from .common import SECONDS, Group, runtime_dir_option
 
 
 def _vm_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -84,7 +84,7 @@ def qemu_run(
 @runtime_dir_option
 @click.argument("name")
 @click.argument("uri")
-@click.option("--timeout", type=float, default=300.0, show_default=True, help="Seconds to wait.")
+@click.option("--timeout", type=SECONDS, default=300.0, show_default=True, help="Seconds to wait.")
 @click.option("--quit", "quit_after", is_flag=True, help="Stop the source VM once migrated.")
 def qemu_migrate(
     runtime_dir: Path | None, name: str, uri: str, timeout: float, quit_after: bool

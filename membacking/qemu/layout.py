@@ -14,8 +14,12 @@ from typing import Any
 from ..mapper import SharedRange
 from .binary import QemuError
 
-#: the pc machine keeps boot RAM below this contiguous at GPA 0; more is split around 4 GiB
+#: the pc machine keeps boot RAM smaller than this contiguous at GPA 0; from this size on it
+#: keeps only the first 3 GiB there and moves the rest above 4 GiB
 LOW_RAM_LIMIT = 0xE0000000
+#: QEMU rounds the machine's RAM size up to this: a boot region of another size is refused by
+#: QEMU itself ("Machine memory size does not match the size of the memory backend")
+RAM_SIZE_ALIGN = 8192
 #: where the pc machine's memory-device area starts when all boot RAM lies below 4 GiB
 DEVICE_MEMORY_BASE = 1 << 32
 
@@ -117,8 +121,14 @@ def plan(
             if size >= LOW_RAM_LIMIT:
                 raise QemuError(
                     f"region {name!r} ({size:#x} bytes at GPA 0) is too large for boot RAM: "
-                    f"the pc machine keeps only {LOW_RAM_LIMIT:#x} bytes at GPA 0 and moves the "
-                    "rest above 4 GiB; use a smaller boot region plus regions at or above 4 GiB"
+                    f"from {LOW_RAM_LIMIT:#x} bytes on, the pc machine keeps only the first 3 "
+                    "GiB at GPA 0 and moves the rest above 4 GiB; use a boot region smaller "
+                    f"than {LOW_RAM_LIMIT:#x} bytes plus regions at or above 4 GiB"
+                )
+            if size % RAM_SIZE_ALIGN:
+                raise QemuError(
+                    f"region {name!r} ({size:#x} bytes) cannot be boot RAM: QEMU takes RAM "
+                    f"sizes in multiples of {RAM_SIZE_ALIGN} bytes; resize it (or add a page)"
                 )
             ram = lent
         elif gpa >= DEVICE_MEMORY_BASE:
