@@ -231,7 +231,8 @@ def run(quick: bool, log: Callable[[str], None]) -> tuple[list[Result], list[Bre
     log("parallel faults")
     per = 25 if quick else 100
     # each variant is a batch (its own manager or server and 8 processes): run in turn, the
-    # order rotated, and the median of each taken
+    # order rotated, and the median of each taken (one turn in the quick run: each batch
+    # starts 8 processes)
     parallel = in_turn(
         {
             "membacking": lambda: cases.parallel_faults(8, per),
@@ -239,7 +240,7 @@ def run(quick: bool, log: Callable[[str], None]) -> tuple[list[Result], list[Bre
             "floor": lambda: floors.parallel(8, per),
             "baseline": lambda: baselines.zmq_parallel_rate(8, per),
         },
-        3,
+        1 if quick else 3,
     )
     rates = medians({name: [r for r, _ in runs] for name, runs in parallel.items()})
     cpus = medians({name: [c for _, c in runs] for name, runs in parallel.items()})
