@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+import membacking
 from membacking.control_client import ControlClient
 from membacking.errors import MembackingError
 from membacking.manager import journal
@@ -424,3 +425,20 @@ def test_a_mapper_is_journaled_before_it_is_sent_its_first_map(
     assert isinstance(done, dict) and done["unmapped_from"], done
     with pytest.raises(WorkerError, match="NoMappingError"):
         worker.ask("read 0x10000000 1")
+
+
+def test_a_clean_detach_is_journaled_before_its_acknowledgement(start_manager: Start) -> None:
+    """A mapper that detached is out of the journal once its DetachAck arrives: a daemon killed
+    right after does not await this (still running) process after its restart, which held
+    every change up to the unmap timeout."""
+    first = start_manager(*REGIONS)
+    path = default_state_dir(RuntimePaths.resolve(first.runtime_dir)) / "journal"
+    with membacking.attach(first.runtime_dir) as memory:
+        memory.write_at(0x10000000, b"dev")
+        data = journal.read_bytes(path)
+        assert data is not None and os.getpid() in {r.pid for r in journal.decode(data).mappers}
+    data = journal.read_bytes(path)  # read at once: not waited for
+    assert data is not None and not journal.decode(data).mappers
+    first.stop(signal.SIGKILL)
+    second = start_manager(*REGIONS, runtime_dir=first.runtime_dir)
+    assert second.client().status()["awaited"] == []

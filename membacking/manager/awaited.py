@@ -90,6 +90,15 @@ class AwaitedMappers:
         if self._live.pop(mapper_id, None) is not None:
             self.dirty = True
 
+    def due_before(self, msg: m.Message) -> bool:
+        """Whether the journal must be written before `msg` goes to a mapper: a `Map` or
+        `MapEager` while a mapper no journal lists may receive it (a crash must not forget a
+        holder of memory), a `DetachAck` once a mapper left (a crash must not have the next
+        manager await a process that detached, holding changes up to its unmap timeout)."""
+        if isinstance(msg, (m.Map, m.MapEager)):
+            return bool(self.unjournaled)
+        return self.dirty and isinstance(msg, m.DetachAck)
+
     def saved(self) -> None:
         """The journal is written now, listing `records()`."""
         self.dirty = False

@@ -54,7 +54,6 @@ ONE_FRAME = "send exactly one frame per message"
 FD_HEADROOM = 64
 # plain ints: pyzmq's flag enums make every `&` a call into the enum module
 _POLLIN, _POLLOUT, _RCVMORE = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.RCVMORE)
-_MAPS = (m.Map, m.MapEager)  # what makes a mapper hold memory
 
 
 class Daemon(FdServer):
@@ -364,8 +363,9 @@ class Daemon(FdServer):
             if isinstance(effect, Send):
                 data = encode(effect.msg)
                 if effect.channel is Channel.MAPPER:
-                    if self.state.awaited.unjournaled and isinstance(effect.msg, _MAPS):
-                        self._save_state()  # its mapper's record first (awaited.unjournaled)
+                    awaited = self.state.awaited
+                    if (awaited.unjournaled or awaited.dirty) and awaited.due_before(effect.msg):
+                        self._save_state()  # the mappers' records first (awaited.due_before)
                     self._mapper.send(effect.identity, zmq.SNDMORE)  # cheaper than send_multipart
                     self._mapper.send(data)
                 else:
