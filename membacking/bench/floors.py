@@ -331,6 +331,7 @@ def parallel(clients: int, per_client: int) -> tuple[float, float]:
             stack.callback(stop, proc)
             procs.append(proc)
             pipes.append(parent)
+            stack.callback(parent.close)
             parent.send(per_client)
             conn = listener.accept()[0]
             stack.callback(conn.close)

@@ -287,12 +287,12 @@ class FdServer:
         if conn.mapper_id is None:
             self._strike(conn, "not-registered", f"{type(msg).__name__} before Hello")
             return
-        if conn.mapper_id not in self.state.mappers:
+        effects = self.state.handle_fd_message(conn.mapper_id, msg)
+        if not effects and conn.mapper_id not in self.state.mappers:  # (asked only then)
             # it detached (an ack it sent just before may come after: not a rejection); a
             # request would wait for an answer that never comes: the end of the socket says so
             self._drop_conn(conn, f"{type(msg).__name__} after Detach")
             return
-        effects = self.state.handle_fd_message(conn.mapper_id, msg)
         if effects is None:  # after Hello a mapper sends only requests and acks here
             self._strike(conn, "unexpected", f"{type(msg).__name__} is not accepted on fd.sock")
             return
