@@ -6,6 +6,9 @@ percent, so a change to the Python on a fault's path is judged here first. Each 
 and the mapper each run under `valgrind --tool=callgrind`, counted only over the measured
 rounds. With `--thin` the mapper is the benchmark's thin one (membacking/bench/thin.py): the
 same rounds with the least mapper code the protocol allows, to tell membacking's share.
+`--no-state` runs the manager with `--no-state`, so that no round pays for a journal save.
+`--by-step` adds every region first, then faults each, then removes each, and counts the three
+steps apart (one callgrind dump after each).
 `--by-object` adds how the instructions split between the interpreter, libzmq, msgpack, libc
 and the rest; `--keep DIR` keeps callgrind's files there, for `callgrind_annotate`.
 """
@@ -33,25 +36,25 @@ ADDRESS_SPACE = "8G"
 
 
 def _mapper_child(runtime_dir: str, thin: bool) -> None:
-    """Attach, then fault GPA in on each `read` line from stdin, answering `ok`."""
+    """Attach, then fault in the GPA of each `read GPA` line from stdin, answering `ok`."""
     from membacking import attach
 
     if thin:
         from membacking.bench.thin import ThinMapper
 
         with ThinMapper(runtime_dir, "counted") as mapper:
-            _serve(lambda: mapper.read_at(GPA))
+            _serve(mapper.read_at)
     else:
         with attach(runtime_dir, name="counted", timeout=120, fault_timeout=120) as memory:
-            _serve(lambda: memory.read_at(GPA, 1))
+            _serve(lambda gpa: memory.read_at(gpa, 1))
 
 
-def _serve(read: Callable[[], object]) -> None:
+def _serve(read: Callable[[int], object]) -> None:
     print("ok", flush=True)
     for line in sys.stdin:
         if line.strip() == "quit":
             break
-        read()
+        read(int(line.split()[1]))
         print("ok", flush=True)
 
 
@@ -61,12 +64,17 @@ def _callgrind(out: Path, *command: str) -> list[str]:
 
 
 def _switch(pid: int, on: bool) -> None:
+    _control("-i", "on" if on else "off", pid)
+
+
+def _control(*args: str | int) -> None:
     subprocess.run(
-        ["callgrind_control", "-i", "on" if on else "off", str(pid)],
-        capture_output=True,
-        check=True,
-        timeout=120,
+        ["callgrind_control", *map(str, args)], capture_output=True, check=True, timeout=120
     )
+
+
+#: the steps `--by-step` counts apart, in the order it makes them
+STEPS = ("add", "fault", "remove")
 
 
 def _by_object(out: Path) -> dict[str, int]:
@@ -109,6 +117,8 @@ def count(
     warmup: int = 10,
     keep: Path | None = None,
     by_object: bool = False,
+    no_state: bool = False,
+    steps_apart: bool = False,
 ) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="mb-instr-", dir="/tmp"))
     runtime = work / "run"
@@ -120,6 +130,7 @@ def count(
         ADDRESS_SPACE,
         "--log-level",
         "error",
+        *(["--no-state"] if no_state else []),
     ]
     manager = subprocess.Popen(
         _callgrind(manager_out, sys.executable, "-m", "membacking", "manager", "run", *options),
@@ -150,22 +161,42 @@ def count(
         if mapper.stdout.readline().strip() != "ok":
             raise RuntimeError("the mapper did not attach under valgrind")
 
-        def one_round() -> None:
+        def fault(gpa: int) -> None:
             assert mapper is not None and mapper.stdin is not None and mapper.stdout is not None
-            client.add_region("counted", GPA, 4096)
-            mapper.stdin.write("read\n")
+            mapper.stdin.write(f"read {gpa}\n")
             mapper.stdin.flush()
             if mapper.stdout.readline().strip() != "ok":
                 raise RuntimeError("the mapper failed a fault")
+
+        def one_round() -> None:
+            client.add_region("counted", GPA, 4096)
+            fault(GPA)
             client.remove_region("counted")
+
+        def by_step() -> None:
+            """Each step for every region, then the next: counts dumped after each step."""
+            names = [f"counted{i}" for i in range(rounds)]
+            steps: tuple[Callable[[int, str], object], ...] = (
+                lambda i, name: client.add_region(name, GPA + i * 8192, 4096),
+                lambda i, name: fault(GPA + i * 8192),
+                lambda i, name: client.remove_region(name),
+            )
+            for step in steps:
+                for i, name in enumerate(names):
+                    step(i, name)
+                for pid in (manager.pid, mapper.pid):
+                    _control("--dump", pid)
 
         for _ in range(warmup):
             one_round()
         for pid in (manager.pid, mapper.pid):
             _switch(pid, True)
         started = time.perf_counter()
-        for _ in range(rounds):
-            one_round()
+        if steps_apart:
+            by_step()
+        else:
+            for _ in range(rounds):
+                one_round()
         elapsed = time.perf_counter() - started
         for pid in (manager.pid, mapper.pid):
             _switch(pid, False)
@@ -180,6 +211,12 @@ def count(
             "mapper_per_round": _total(mapper_out) / rounds,
             "seconds_under_valgrind": elapsed,
         }
+        if steps_apart:  # callgrind wrote one file per dump: OUT.1, OUT.2, ... in step order
+            for side, out in (("manager", manager_out), ("mapper", mapper_out)):
+                for n, step in enumerate(STEPS, 1):
+                    dump = out.with_name(f"{out.name}.{n}")
+                    result[f"{side}_per_{step}"] = _total(dump) / rounds
+                result[f"{side}_per_round"] = sum(result[f"{side}_per_{s}"] for s in STEPS)
         if by_object:
             for side, out in (("manager", manager_out), ("mapper", mapper_out)):
                 result[f"{side}_by_object"] = {
@@ -216,16 +253,38 @@ def main() -> int:
     parser.add_argument(
         "--by-object", action="store_true", help="also split each count by shared object"
     )
+    parser.add_argument(
+        "--no-state",
+        action="store_true",
+        help="run the manager with --no-state (no journal save per change)",
+    )
+    parser.add_argument(
+        "--by-step",
+        action="store_true",
+        help="add every region, then fault each, then remove each, and count each step apart",
+    )
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("instructions.py needs valgrind (with callgrind_control) on PATH", file=sys.stderr)
         return 2
-    result = count(args.rounds, args.thin, keep=args.keep, by_object=args.by_object)
+    result = count(
+        args.rounds,
+        args.thin,
+        keep=args.keep,
+        by_object=args.by_object,
+        no_state=args.no_state,
+        steps_apart=args.by_step,
+    )
     print(f"instructions per round of add region, fault, remove ({args.rounds} rounds counted)")
     print(f"  manager   {result['manager_per_round']:>12,.0f}")
     print(f"  mapper    {result['mapper_per_round']:>12,.0f}{'  (thin)' if args.thin else ''}")
+    if args.by_step:
+        print("each step apart (every region added, then each faulted, then each removed):")
+        for step in STEPS:
+            manager, mapper = result[f"manager_per_{step}"], result[f"mapper_per_{step}"]
+            print(f"  {step:<8} manager {manager:>12,.0f}   mapper {mapper:>10,.0f}")
     for side in ("manager", "mapper") if args.by_object else ():
         costs = result[f"{side}_by_object"]
         total = sum(costs.values())
