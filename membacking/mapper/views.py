@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import sys
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -17,14 +17,20 @@ from .chunks import Chunk
 if TYPE_CHECKING:
     from .core import VaMapper
 
+#: a weak reference to the exporter of a view whose slices outlived its block
+Escaped = weakref.ref[ctypes.Array[ctypes.c_char]]
+
 
 class ViewPins:
     """The open views of one mapper, by view id: (start, end, writable)."""
 
     def __init__(self) -> None:
         self.open: dict[int, tuple[int, int, bool]] = {}
-        #: view id -> exporter of a view whose slices outlived its block (still pinned)
-        self._escaped: dict[int, object] = {}
+        #: view id -> a weak reference to the exporter of a view whose slices outlived its
+        #: block (still pinned): the slices alone keep the exporter alive, so it dies with the
+        #: last of them (no reference count is read: their values differ between Pythons and
+        #: between compiled and interpreted code)
+        self._escaped: dict[int, Escaped] = {}
         self._next = 0
 
     def __bool__(self) -> bool:
@@ -36,10 +42,10 @@ class ViewPins:
         self.open[self._next] = (start, end, writable)
         return self._next
 
-    def end(self, view_id: int, escaped: object = None) -> tuple[int, int] | None:
-        """A view's block ended. With `escaped` (its exporter, still referenced by slices that
-        outlived the block) the pin stays until those slices are gone, and the pinned range is
-        returned; else the pin ends and None is returned."""
+    def end(self, view_id: int, escaped: Escaped | None = None) -> tuple[int, int] | None:
+        """A view's block ended. With `escaped` (a weak reference to its exporter, which slices
+        that outlived the block keep alive) the pin stays until those slices are gone, and the
+        pinned range is returned; else the pin ends and None is returned."""
         if escaped is not None:
             self._escaped[view_id] = escaped
             start, end, _ = self.open[view_id]
@@ -50,8 +56,7 @@ class ViewPins:
     def release_escaped(self) -> None:
         """Unpin views whose escaped slices have all been released."""
         for view_id in list(self._escaped):
-            # references: the dict's and getrefcount's argument; a live slice adds its own
-            if sys.getrefcount(self._escaped[view_id]) <= 2:
+            if self._escaped[view_id]() is None:  # the last slice is gone, and its exporter
                 del self._escaped[view_id]
                 self.open.pop(view_id, None)
 
@@ -95,7 +100,8 @@ def lent(
         with contextlib.suppress(BufferError):  # the view itself is still exported: that
             view.release()  # counts as escaping, below
             raw.release()
-        # Nothing else refers to the exporter but this name (and getrefcount's argument)
-        # unless a slice of the view escaped the block: then the range stays pinned.
-        escaped = sys.getrefcount(exporter) > 2
-        mapper.unpin(view_id, exporter if escaped else None)
+        # Nothing else refers to the exporter but this name unless a slice of the view escaped
+        # the block (each keeps it alive): then the range stays pinned until it is gone.
+        ref = weakref.ref(exporter)
+        del exporter
+        mapper.unpin(view_id, None if ref() is None else ref)
