@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 import tracemalloc
 from collections.abc import Callable
+from enum import IntEnum
 from typing import Any
 
 import pytest
@@ -297,3 +298,98 @@ def test_bools_are_not_values_of_integer_formats(memory: GuestMemory) -> None:
     memory.write_plain(0x2002, "<?H", (False, 5))
     assert memory.read_plain(0x2000, "?") is True
     assert memory.read_plain(0x2002, "<?H") == (False, 5)
+
+
+class At(IntEnum):
+    """Guest addresses of an int subclass: every accessor takes them as the ints they are."""
+
+    WORD = 0x3000  # aligned to every word size: the one-load / one-store paths
+    ODD = 0x3001  # aligned to none: the byte-copy paths
+    PRIVATE = 0x30000000  # private RAM (`private_memory`)
+
+
+class Num(IntEnum):
+    """Lengths, fill bytes and deltas of an int subclass."""
+
+    FOUR = 4
+    FILL = 0x5A
+    PAGE = 0x1000
+
+
+def _read_into(m: GuestMemory, gpa: Any, n: Any) -> bytes:
+    buf = bytearray(n)
+    m.read_into(gpa, buf)
+    return bytes(buf)
+
+
+def _view(m: GuestMemory, gpa: Any, n: Any, write: bool = False) -> bytes:
+    with m.view(gpa, n, write=write) as view:
+        if write:
+            view[:] = b"wxyz"
+        return bytes(view)
+
+
+#: accessor -> a call of it at `gpa` with length `n` (4) and, where it takes one, the fill
+#: byte or delta `k`, returning what it gave back
+BY_ADDRESS: dict[str, Callable[[GuestMemory, Any, Any, Any], object]] = {
+    "read_at": lambda m, gpa, n, k: m.read_at(gpa, n),
+    "read_into": lambda m, gpa, n, k: _read_into(m, gpa, n),
+    "write_at": lambda m, gpa, n, k: m.write_at(gpa, b"abcd"),
+    "fill_at": lambda m, gpa, n, k: m.fill_at(gpa, k, n),
+    "read_plain": lambda m, gpa, n, k: m.read_plain(gpa, "<I"),
+    "read_plain (bytes)": lambda m, gpa, n, k: m.read_plain(gpa, "<3B"),
+    "write_plain": lambda m, gpa, n, k: m.write_plain(gpa, "<I", 0x11223344),
+    "write_plain (bytes)": lambda m, gpa, n, k: m.write_plain(gpa, "<3B", (7, 8, 9)),
+    "compare_exchange": lambda m, gpa, n, k: m.compare_exchange(gpa, "<I", 0x04030201, 9),
+    "fetch_add": lambda m, gpa, n, k: m.fetch_add(gpa, "<I", k),
+    "ensure_mapped": lambda m, gpa, n, k: m.ensure_mapped(gpa, n),
+    "view": lambda m, gpa, n, k: _view(m, gpa, n),
+    "view (write)": lambda m, gpa, n, k: _view(m, gpa, n, write=True),
+    "find": lambda m, gpa, n, k: m.find(b"\x03\x04", gpa, n),
+    "find_all": lambda m, gpa, n, k: list(m.find_all(b"\x03\x04", gpa, n)),
+}
+
+
+@pytest.mark.parametrize(
+    ("accessor", "where"),
+    [pytest.param(name, At.WORD, id=f"{name}-aligned") for name in BY_ADDRESS]
+    + [
+        pytest.param(name, At.ODD, id=f"{name}-unaligned")
+        for name in BY_ADDRESS
+        if name not in ("compare_exchange", "fetch_add")
+    ],
+)
+def test_an_int_subclass_is_an_address(memory: GuestMemory, accessor: str, where: At) -> None:
+    """An IntEnum address (and length, fill byte, delta) reads and writes the same bytes as
+    the plain int; a bool is still no address."""
+    call = BY_ADDRESS[accessor]
+    seen = []
+    for gpa, n, k in ((int(where), 4, 0x5A), (where, Num.FOUR, Num.FILL)):
+        memory.write_at(At.WORD.value, bytes(range(1, 17)))
+        seen.append((call(memory, gpa, n, k), memory.read_at(At.WORD.value, 16)))
+    assert seen[0] == seen[1]
+    for refused in (False, True):
+        with pytest.raises(TypeError, match="guest address and length must be integers"):
+            call(memory, refused, 4, 0x5A)
+
+
+@pytest.fixture
+def private_memory(start_manager: Callable[..., RunningManager]) -> Any:
+    running = start_manager()
+    running.client().add_region("pram", At.PRIVATE.value, 1 << 20, private=True)
+    with membacking.attach(running.runtime_dir) as mem:
+        yield mem
+
+
+@pytest.mark.parametrize("accessor", ["commit", "decommit", "madvise_hugepage"])
+def test_an_int_subclass_is_an_address_of_private_ram(
+    private_memory: GuestMemory, accessor: str
+) -> None:
+    call = getattr(private_memory, accessor)
+    seen = []
+    for gpa, n in ((int(At.PRIVATE), 0x1000), (At.PRIVATE, Num.PAGE)):
+        private_memory.write_at(At.PRIVATE.value, b"abcd")
+        seen.append((call(gpa, n), private_memory.read_at(At.PRIVATE.value, 4)))
+    assert seen[0] == seen[1]
+    with pytest.raises(TypeError, match="guest address and length must be integers"):
+        call(True, 0x1000)

@@ -4,6 +4,7 @@ step boundaries, overlapping matches, ranges beyond what is backed, and the comm
 from __future__ import annotations
 
 import json
+from enum import IntEnum
 
 import pytest
 
@@ -74,3 +75,19 @@ def test_mem_find_errors(manager: RunningManager, args: list[str], message: str)
     result = manager.cli("mem", "find", *args)
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_find_all_in_steps_takes_int_subclasses(manager: RunningManager) -> None:
+    """search.find_all takes an address and length of an int subclass (IntEnum) as the ints
+    they are; a bool is still refused."""
+
+    class At(IntEnum):
+        START = 0x4000
+        LENGTH = 0x2000
+
+    with attach(manager.runtime_dir, name="finder") as memory:
+        memory.write_at(0x5000, b"needle")
+        found = list(find_all(memory, b"needle", At.START, At.LENGTH, step=4096))
+        assert found == list(find_all(memory, b"needle", 0x4000, 0x2000, step=4096)) == [0x5000]
+        with pytest.raises(ValueError, match="non-negative integers"):
+            list(find_all(memory, b"needle", True, 0x2000))

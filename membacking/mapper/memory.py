@@ -30,8 +30,10 @@ from .plain import (
     PlainFormat,
     PlainFormats,
     add_delta,
+    address_and_length,
     byte_view,
     fetch_add_op,
+    fill_byte,
     pack,
     unpacked,
 )
@@ -47,12 +49,13 @@ T = TypeVar("T")
 class GuestMemory:
     """Guest memory as seen by one mapper process. Use as a context manager, or `detach()`.
 
-    Every accessor raises TypeError for an argument of the wrong type (bools are not addresses
-    or lengths), ValueError for a bad value, OutOfRangeError past the address space, and
-    NoMappingError, ReadOnlyError, ManagerGoneError, DetachedError or GuestMemoryError when the
-    memory cannot be reached; a failed access has read or written nothing. Aligned plain values
-    of 1, 2, 4 and 8 bytes and the atomic operations are single-copy atomic; the rest copies
-    bytes (docs/ARCHITECTURE.md, "Accesses").
+    Every accessor raises TypeError for an argument of the wrong type (an address or length is
+    an int, of a subclass such as IntEnum too, but not a bool), ValueError for a bad value,
+    OutOfRangeError past the address space, and NoMappingError, ReadOnlyError,
+    ManagerGoneError, DetachedError or GuestMemoryError when the memory cannot be reached; a
+    failed access has read or written nothing. Aligned plain values of 1, 2, 4 and 8 bytes and
+    the atomic operations are single-copy atomic; the rest copies bytes (docs/ARCHITECTURE.md,
+    "Accesses").
     """
 
     def __init__(self, mapper: VaMapper, name: str) -> None:
@@ -110,14 +113,12 @@ class GuestMemory:
 
     # ---- the general path ----------------------------------------------------------------------
 
-    def _check(self, gpa: Any, n: Any) -> None:
-        """TypeError, ValueError or OutOfRangeError unless [gpa, gpa+n) is a range of the guest
-        address space (bools are not addresses)."""
+    def _check(self, gpa: Any, n: Any) -> tuple[int, int]:
+        """`gpa, n` as plain ints (of an int subclass such as IntEnum: converted); TypeError,
+        ValueError or OutOfRangeError unless [gpa, gpa+n) is a range of the guest address space
+        (bools are not addresses)."""
         if type(gpa) is not int or type(n) is not int:
-            raise TypeError(
-                f"guest address and length must be integers, got {type(gpa).__name__} "
-                f"{gpa!r} and {type(n).__name__} {n!r}"
-            )
+            gpa, n = address_and_length(gpa, n)
         if gpa < 0 or n < 0:
             raise ValueError(f"guest address and length must not be negative ({gpa}, {n})")
         if gpa + n > self._space:
@@ -125,6 +126,7 @@ class GuestMemory:
                 f"GPA {gpa:#x}+{n:#x} lies outside the {self._space:#x}-byte guest address space",
                 gpa,
             )
+        return gpa, n
 
     def _missing(self, gpa: int, end: int, write: bool) -> int | None:
         """The first byte of [gpa, end) that is not mapped, or None (lock held). ReadOnlyError
@@ -187,7 +189,7 @@ class GuestMemory:
         return self._read(gpa, n)
 
     def _read(self, gpa: Any, n: Any) -> bytes:
-        self._check(gpa, n)
+        gpa, n = self._check(gpa, n)
         mv = self._mv
         return self._access(gpa, n, False, lambda: mv[gpa : gpa + n].tobytes())
 
@@ -210,7 +212,7 @@ class GuestMemory:
 
     def _read_into(self, gpa: Any, dst: memoryview) -> None:
         n = dst.nbytes
-        self._check(gpa, n)
+        gpa, n = self._check(gpa, n)
         self._access(gpa, n, False, lambda: dst.__setitem__(slice(None), self._mv[gpa : gpa + n]))
 
     def write_at(self, gpa: int, data: Any) -> None:
@@ -230,7 +232,7 @@ class GuestMemory:
 
     def _write(self, gpa: Any, src: memoryview) -> None:
         n = src.nbytes
-        self._check(gpa, n)
+        gpa, n = self._check(gpa, n)
         self._access(gpa, n, True, lambda: self._mv.__setitem__(slice(gpa, gpa + n), src))
 
     def fill_at(self, gpa: int, byte: int, n: int) -> None:
@@ -238,11 +240,8 @@ class GuestMemory:
         byte comes BEFORE the length (the CLI's `mem fill GPA LENGTH BYTE` has them the other
         way round)."""
         if type(byte) is not int or not 0 <= byte <= 255:
-            raise (TypeError if type(byte) is not int else ValueError)(
-                f"fill byte must be {'an integer' if type(byte) is not int else '0..255'}, got "
-                f"{byte!r}: fill_at(gpa, byte, n) takes the fill byte 2nd, the length n 3rd"
-            )
-        self._check(gpa, n)
+            byte = fill_byte(byte)
+        gpa, n = self._check(gpa, n)
         reservation = self._mapper.reservation
         self._access(gpa, n, True, lambda: reservation.fill(gpa, n, byte))
 
@@ -287,6 +286,8 @@ class GuestMemory:
                 if hot[0] <= gpa and gpa + st.size <= hot[1] and _monotonic() < hot[3]:
                     values = st.unpack_from(self._mv, gpa)
                     return values[0] if single else values
+        else:  # an int subclass (IntEnum) as its int: TypeError, ValueError for anything else
+            return self.read_plain(self._check(gpa, st.size)[0], fmt)
         return unpacked(values_of(self.read_at(gpa, st.size)))
 
     def write_plain(self, gpa: int, fmt: str, value: Any) -> None:
@@ -298,7 +299,7 @@ class GuestMemory:
         except (KeyError, TypeError):
             view, shift, mask, _, _, _, bytes_of, word_of, st, spec = self._formats.parse(fmt)
         if type(gpa) is not int:
-            self._check(gpa, st.size)
+            gpa = self._check(gpa, st.size)[0]
         if view is not None and not gpa & mask:
             try:
                 if value.__class__ is bool:  # plain.pack says whether the format takes it
@@ -343,11 +344,11 @@ class GuestMemory:
             gpa, spec.mask + 1, True, lambda: current(fmt).__setitem__(gpa >> spec.shift, word)
         )
 
-    def _atomic(self, gpa: Any, fmt: str) -> PlainFormat:
-        """The format, checked for the atomic operations, and `gpa` checked for alignment (the
-        rest of its checks are done by the hot-cache test or by the general path)."""
+    def _atomic(self, gpa: int, fmt: str) -> PlainFormat:
+        """The format, checked for the atomic operations, and the int `gpa` checked for alignment
+        (the rest of its checks are done by the hot-cache test or by the general path)."""
         spec = self._formats.atomic(fmt)
-        if type(gpa) is not int or gpa & spec.mask:
+        if gpa & spec.mask:
             self._check(gpa, spec.mask + 1)
             raise ValueError(f"GPA {gpa:#x} is not aligned to the {spec.mask + 1}-byte word")
         return spec
@@ -357,6 +358,8 @@ class GuestMemory:
         the aligned `gpa` by `new` if it equals `expected`. Returns (replaced, value found).
         Raises as write_plain does; also ValueError for another format or an unaligned `gpa`,
         and AtomicsUnavailableError where libatomic is missing."""
+        if type(gpa) is not int:  # an int subclass (IntEnum) as its int; errors: format first
+            gpa = self._check(gpa, self._formats.atomic(fmt).mask + 1)[0]
         spec = self._atomic(gpa, fmt)
         old, word = spec.encode(expected), spec.encode(new)
         size = spec.mask + 1
@@ -377,6 +380,8 @@ class GuestMemory:
         order) at the aligned `gpa`, wrapping around like the hardware; returns the old value.
         `delta` may be -2**(bits-1) to 2**bits-1 (a negative one subtracts, for unsigned
         formats too); ValueError outside that, otherwise raises as compare_exchange does."""
+        if type(gpa) is not int:  # an int subclass (IntEnum) as its int; errors: format first
+            gpa = self._check(gpa, self._formats.atomic(fmt).mask + 1)[0]
         spec = self._atomic(gpa, fmt)
         addend = add_delta(spec, delta)
         size = spec.mask + 1
@@ -406,7 +411,7 @@ class GuestMemory:
             if size is None:
                 raise TypeError("ensure_mapped(gpa, size) needs a size")
             gpa, n = rng, size
-        self._check(gpa, n)
+        gpa, n = self._check(gpa, n)
         self._access(gpa, n, write, lambda: None)
 
     @contextlib.contextmanager
@@ -417,7 +422,7 @@ class GuestMemory:
         does (with `write`, as write_at does) before the block is entered."""
         if type(write) is not bool:
             raise TypeError(f"write must be True or False, got {write!r}")
-        self._check(gpa, n)
+        gpa, n = self._check(gpa, n)
         mapper = self._mapper
         end = gpa + n
 
@@ -445,7 +450,7 @@ class GuestMemory:
         from .search import find_all, pattern_bytes
 
         pattern = pattern_bytes(pattern)
-        self._check(gpa, n)
+        gpa, n = self._check(gpa, n)
         return find_all(self, pattern, gpa, n, progress=progress)
 
     # ---- sharing and private RAM ---------------------------------------------------------------
@@ -456,22 +461,22 @@ class GuestMemory:
         mapper maps every region (and so holds them all from then on, as an eager one would)."""
         return shared_ranges(self._mapper, self.ensure_mapped)
 
-    def _private(self, gpa: int, size: int) -> VaMapper:
-        self._check(gpa, size)
+    def _private(self, gpa: int, size: int) -> tuple[VaMapper, int, int]:
+        gpa, size = self._check(gpa, size)
         privateram.check(self._mapper, gpa, size, self.ensure_mapped)
-        return self._mapper
+        return self._mapper, gpa, size
 
     def commit(self, gpa: int, size: int) -> None:
         """Back private RAM with memory now (idempotent)."""
-        privateram.commit(self._private(gpa, size), gpa, size)
+        privateram.commit(*self._private(gpa, size))
 
     def decommit(self, gpa: int, size: int) -> None:
         """Give private RAM's pages back to the host; they read back as zeros."""
-        privateram.decommit(self._private(gpa, size), gpa, size)
+        privateram.decommit(*self._private(gpa, size))
 
     def madvise_hugepage(self, gpa: int, size: int) -> bool:
         """Ask for transparent huge pages on private RAM; False where the kernel will not."""
-        return privateram.hugepage(self._private(gpa, size), gpa, size)
+        return privateram.hugepage(*self._private(gpa, size))
 
     # ---- lifetime ------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ and the argument checks its accessors share.
 from __future__ import annotations
 
 import functools
+import operator
 import re
 import struct
 import sys
@@ -225,6 +226,39 @@ def _pack_fields(st: struct.Struct, values: Any) -> bytes:
     return st.pack(*values)
 
 
+def as_int(value: Any) -> Any:
+    """An int of a subclass of int (an IntEnum, ...) as the plain int of its value; anything else
+    as it is, for the caller's check to refuse (a bool too: it is no address, length or number
+    here). The accessors call it only for what is not a plain int, off their fast paths."""
+    if isinstance(value, int) and type(value) is not bool:
+        return operator.index(value)
+    return value
+
+
+def address_and_length(gpa: Any, n: Any) -> tuple[int, int]:
+    """A guest address and length as plain ints (an int subclass such as IntEnum is converted);
+    TypeError for anything else, bools included."""
+    gpa, n = as_int(gpa), as_int(n)
+    if type(gpa) is not int or type(n) is not int:
+        raise TypeError(
+            f"guest address and length must be integers, got {type(gpa).__name__} "
+            f"{gpa!r} and {type(n).__name__} {n!r}"
+        )
+    return gpa, n
+
+
+def fill_byte(byte: Any) -> int:
+    """`fill_at`'s byte as a plain int (an int subclass such as IntEnum is converted):
+    TypeError if it is no int (bools included), ValueError outside 0..255."""
+    byte = as_int(byte)
+    if type(byte) is not int or not 0 <= byte <= 255:
+        raise (TypeError if type(byte) is not int else ValueError)(
+            f"fill byte must be {'an integer' if type(byte) is not int else '0..255'}, got "
+            f"{byte!r}: fill_at(gpa, byte, n) takes the fill byte 2nd, the length n 3rd"
+        )
+    return byte
+
+
 def swap_word(word: int, size: int) -> int:
     """`word` with its `size` bytes in the other order."""
     return int.from_bytes(word.to_bytes(size, "little"), "big")
@@ -232,8 +266,11 @@ def swap_word(word: int, size: int) -> int:
 
 def add_delta(fmt: PlainFormat, delta: Any) -> int:
     """`delta` as an unsigned addend of the format's width (adding wraps like the hardware);
-    TypeError if it is no integer (bools included), ValueError unless -2**(bits-1) <= delta <
-    2**bits: a delta in the signed range of the width subtracts, whatever the format's sign."""
+    TypeError if it is no int (bools included; an int subclass such as IntEnum is taken),
+    ValueError unless -2**(bits-1) <= delta < 2**bits: a delta in the signed range of the width
+    subtracts, whatever the format's sign."""
+    if type(delta) is not int:
+        delta = as_int(delta)
     if type(delta) is not int:
         raise TypeError(f"fetch_add needs an integer to add, got {delta!r}")
     bits = 8 << fmt.shift

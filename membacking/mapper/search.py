@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+from .plain import as_int
+
 if TYPE_CHECKING:
     from .memory import GuestMemory
 
@@ -46,6 +48,8 @@ def find_all(
     pattern = pattern_bytes(pattern)
     if step < len(pattern):
         step = len(pattern)
+    if type(gpa) is not int or type(n) is not int:
+        gpa, n = as_int(gpa), as_int(n)  # an int subclass (IntEnum) as its int
     if type(gpa) is not int or type(n) is not int or gpa < 0 or n < 0:
         raise ValueError(f"guest address and length must be non-negative integers ({gpa}, {n})")
     keep = len(pattern) - 1
