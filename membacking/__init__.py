@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from .control_client import ControlClient
 from .errors import (
+    ArgumentTypeError,
+    ArgumentValueError,
     AtomicsUnavailableError,
     ControlError,
     DetachedError,
@@ -28,6 +30,8 @@ if TYPE_CHECKING:
     from .mapper import GuestMemory, attach
 
 __all__ = [
+    "ArgumentTypeError",
+    "ArgumentValueError",
     "AtomicsUnavailableError",
     "ControlClient",
     "ControlError",

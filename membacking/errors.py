@@ -11,6 +11,16 @@ class MembackingError(Exception):
     """An error an operator or API user can act on (no traceback needed)."""
 
 
+class ArgumentTypeError(MembackingError, TypeError):
+    """An argument of the wrong type given to the API (`attach()`): a TypeError, and a
+    MembackingError for callers that catch those."""
+
+
+class ArgumentValueError(MembackingError, ValueError):
+    """An argument of the right type but a bad value given to the API (`attach()`): a
+    ValueError, and a MembackingError for callers that catch those."""
+
+
 class ManagerUnavailableError(MembackingError):
     """No manager is serving the runtime directory (not started, or gone)."""
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from .. import units
-from ..errors import MembackingError
+from ..errors import ArgumentTypeError, ArgumentValueError
 from ..runtime import RuntimePaths
 from .core import VaMapper
 from .link import ManagerLink
@@ -26,22 +26,13 @@ def attach(
     If the connection to the manager is lost (it crashed, or announced a restart), the mapper
     keeps every mapping and registers again with the manager that comes back on `runtime_dir`
     within `reconnect_timeout` seconds (0: never; faults fail with ManagerGoneError at once);
-    faults in the meantime wait for it."""
+    faults in the meantime wait for it.
+
+    An argument of the wrong type raises ArgumentTypeError (a TypeError), a bad value
+    ArgumentValueError (a ValueError); both are MembackingErrors."""
     if name is None:
         name = f"mapper-{os.getpid()}"
-    for what, value in (("timeout", timeout), ("fault_timeout", fault_timeout)):
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-            raise MembackingError(f"{what} must be a positive number of seconds, got {value!r}")
-    if (
-        isinstance(reconnect_timeout, bool)
-        or not isinstance(reconnect_timeout, int | float)
-        or not reconnect_timeout >= 0
-    ):
-        raise MembackingError(f"reconnect_timeout must be >= 0 seconds, got {reconnect_timeout!r}")
-    try:
-        units.check_name(name)
-    except ValueError as exc:
-        raise MembackingError(str(exc)) from None
+    _check_arguments(runtime_dir, name, eager, timeout, fault_timeout, reconnect_timeout)
     link = ManagerLink(RuntimePaths.resolve(runtime_dir), name, timeout)
     try:
         mapper = VaMapper(link, fault_timeout=fault_timeout, reconnect_timeout=reconnect_timeout)
@@ -56,3 +47,37 @@ def attach(
             memory.detach()
             raise
     return memory
+
+
+def _check_arguments(
+    runtime_dir: object,
+    name: object,
+    eager: object,
+    timeout: object,
+    fault_timeout: object,
+    reconnect_timeout: object,
+) -> None:
+    """ArgumentTypeError for an argument of `attach()` of the wrong type (a bool is no number
+    of seconds), ArgumentValueError for a bad value."""
+    if runtime_dir is not None and not isinstance(runtime_dir, str | os.PathLike):
+        raise ArgumentTypeError(
+            f"runtime_dir must be a path (str or os.PathLike) or None, got {runtime_dir!r}"
+        )
+    if type(name) is not str:
+        raise ArgumentTypeError(f"name must be a str, got {type(name).__name__} {name!r}")
+    try:
+        units.check_name(name)
+    except ValueError as exc:
+        raise ArgumentValueError(str(exc)) from None
+    if type(eager) is not bool:
+        raise ArgumentTypeError(f"eager must be True or False, got {eager!r}")
+    for what, value, zero_ok in (
+        ("timeout", timeout, False),
+        ("fault_timeout", fault_timeout, False),
+        ("reconnect_timeout", reconnect_timeout, True),
+    ):
+        wanted = "a number of seconds >= 0" if zero_ok else "a positive number of seconds"
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ArgumentTypeError(f"{what} must be {wanted}, got {value!r}")
+        if not (value >= 0 if zero_ok else value > 0):  # NaN is neither
+            raise ArgumentValueError(f"{what} must be {wanted}, got {value!r}")
