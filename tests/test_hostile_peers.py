@@ -412,3 +412,29 @@ def test_a_request_on_fd_sock_after_detach_ends_the_socket(manager: RunningManag
         hand.close()
     assert not manager.client().stats()["rejected"]
     still_serving(manager)
+
+
+def test_holdings_without_reattach_are_answered_with_an_error(manager: RunningManager) -> None:
+    """A mapper that did not negotiate REATTACH (this one offered no features) sending
+    Holdings or PackedHoldings gets Error(unexpected) saying so, each a strike: the 8th such
+    message evicts it."""
+    from membacking.manager.fdserver import MAX_STRIKES
+
+    hand = HandMapper(manager.runtime_dir, "holder")
+    try:
+        for i in range(MAX_STRIKES):
+            holdings = m.Holdings((), ()) if i % 2 else m.PackedHoldings(b"", b"")
+            send_message(hand.fd_sock, holdings)
+            reply, fds = recv_message(hand.fd_sock)
+            assert isinstance(reply, m.Error) and reply.code == "unexpected", reply
+            assert "REATTACH" in reply.message and not fds, reply
+        shutdown, _ = recv_message(hand.fd_sock)
+        assert isinstance(shutdown, m.Shutdown) and shutdown.reason.startswith("evicted")
+        assert hand.fd_sock.recv(65536) == b""
+        stats = manager.client().stats()
+        assert stats["rejected"]["unexpected"] == MAX_STRIKES, stats
+        assert stats["evictions_invalid"] == 1 and stats["mappers"] == 0, stats
+        assert "needs the REATTACH feature" in manager.log()
+    finally:
+        hand.close()
+    still_serving(manager)

@@ -12,6 +12,7 @@ import msgpack
 import pytest
 
 from membacking.manager.backing import MemfdStore
+from membacking.manager.errors import Refused
 from membacking.manager.model import Send
 from membacking.manager.state import ManagerState, region_info
 from membacking.manager.statedir import StateDir
@@ -114,7 +115,7 @@ def _state(tmp_path: Path) -> tuple[ManagerState, MemfdStore, StateDir]:
     return state, store, sdir
 
 
-def _registered(state: ManagerState, features: int = m.SUPPORTED_FEATURES) -> Any:
+def _registered(state: ManagerState, features: int | None = m.SUPPORTED_FEATURES) -> Any:
     entry = state.register_mapper(f"m{len(state.mappers)}", 1)
     state.welcome(entry, features)
     state.handle_mapper(f"s{entry.id}".encode(), m.Attach(entry.id, entry.token, m.ROLE_STREAM_FD))
@@ -167,12 +168,21 @@ def test_packed_holdings_need_the_feature_and_whole_entries(tmp_path: Path) -> N
     packed_fd = struct.pack(m.PACKED_FD_FORMAT, a_id, *identity)
     packed_map = struct.pack(m.PACKED_MAPPING_FORMAT, 0, MiB, a_id, 0, 1)
     without = _registered(state, m.SUPPORTED_FEATURES & ~m.FEATURE_PACKED_HOLDINGS)
-    assert not state.handle_fd_message(without.id, m.PackedHoldings(packed_fd, packed_map))
-    assert state.rejected["unexpected"] == 1 and len(without.held) == 0
+    # refused: the daemon answers Error(code) on fd.sock and counts a strike (fdserver.py)
+    with pytest.raises(Refused, match="PACKED_HOLDINGS feature") as refused:
+        state.handle_fd_message(without.id, m.PackedHoldings(packed_fd, packed_map))
+    assert refused.value.code == "unexpected" and len(without.held) == 0
     entry = _registered(state)
-    assert not state.handle_fd_message(entry.id, m.PackedHoldings(packed_fd[:16], b""))
-    assert not state.handle_fd_message(entry.id, m.PackedHoldings(b"", packed_map + bytes(8)))
-    assert state.rejected["bad-field"] == 2 and len(entry.held) == 0
+    for msg in (
+        m.PackedHoldings(packed_fd[:16], b""),
+        m.PackedHoldings(b"", packed_map + bytes(8)),
+        m.Holdings((a_id, *identity, 7), ()),
+        m.Holdings((), (0, MiB, a_id, 0)),
+    ):
+        with pytest.raises(Refused, match="whole entries") as refused:
+            state.handle_fd_message(entry.id, msg)
+        assert refused.value.code == "bad-field"
+    assert len(entry.held) == 0
     assert not state.handle_fd_message(entry.id, m.PackedHoldings(packed_fd, packed_map))
     assert list(entry.held) == [MemoryRange(0, MiB)]
     store.close_all()
@@ -257,10 +267,11 @@ def test_packed_holdings_before_the_attach_are_checked_once_it_is_bound(tmp_path
     state.welcome(other, m.SUPPORTED_FEATURES)
     assert state.handle_fd_message(other.id, m.Holdings(tuple(fds), ())) == []
     assert state.rejected["not-attached"] == 1
-    # and a mapper without the feature gets no such credit either
+    # and a mapper without the feature gets no such credit either: refused
     old = state.register_mapper("old", 3)
     state.welcome(old, m.SUPPORTED_FEATURES & ~m.FEATURE_PACKED_HOLDINGS)
-    assert state.handle_fd_message(old.id, holdings_messages(fds, maps, True)[0]) == []
+    with pytest.raises(Refused, match="PACKED_HOLDINGS"):
+        state.handle_fd_message(old.id, holdings_messages(fds, maps, True)[0])
     assert not old.early_holdings
     store.close_all()
     sdir.release(remove=True)
@@ -288,5 +299,35 @@ def test_the_empty_message_that_ends_holdings_is_not_checked(
     assert state.handle_fd_message(second.id, msg) == [] and len(checks) == 1  # reused
     assert list(first.held) == list(second.held) == [MemoryRange(0, MiB)]
     assert region_info(state, state.regions["a"])["holders"] == [first.id, second.id]
+    store.close_all()
+    sdir.release(remove=True)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["Holdings", "PackedHoldings"])
+@pytest.mark.parametrize("offered", [None, 0, m.SUPPORTED_FEATURES & ~m.FEATURE_REATTACH])
+def test_holdings_without_reattach_are_refused(
+    tmp_path: Path, packed: bool, offered: int | None
+) -> None:
+    """A mapper that did not negotiate REATTACH (no feature mask at all, or one without it)
+    may send neither Holdings nor PackedHoldings: refused as `unexpected` (answered with an
+    Error and a strike on fd.sock), before or after its Attach, with nothing recorded or
+    unmapped; empty ones too."""
+    state, store, sdir = _state(tmp_path)
+    a_id = state.regions["a"].submappings[0].mappable_id
+    fds = [a_id, *(store.identity(a_id) or (0, 0))]
+    maps = [0, MiB, a_id, 0, 1]
+    early = state.register_mapper("early", 1)
+    state.welcome(early, offered)
+    attached = _registered(state, offered)
+    for entry in (early, attached):
+        for msg in (
+            *holdings_messages(fds, maps, packed=packed),
+            m.PackedHoldings(b"", b"") if packed else m.Holdings((), ()),
+        ):
+            with pytest.raises(Refused, match="REATTACH feature") as refused:
+                state.handle_fd_message(entry.id, msg)
+            assert refused.value.code == "unexpected"
+        assert len(entry.held) == 0 and not entry.fds_sent and not entry.early_holdings
+    assert state.handle_fd_message(attached.id, m.SendMappings(MemoryRange(0, P)))  # served
     store.close_all()
     sdir.release(remove=True)

@@ -287,7 +287,11 @@ class FdServer:
         if conn.mapper_id is None:
             self._strike(conn, "not-registered", f"{type(msg).__name__} before Hello")
             return
-        effects = self.state.handle_fd_message(conn.mapper_id, msg)
+        try:
+            effects = self.state.handle_fd_message(conn.mapper_id, msg)
+        except Refused as exc:  # a message it may not send (Holdings without REATTACH, ...)
+            self._strike(conn, exc.code, str(exc))
+            return
         if not effects and conn.mapper_id not in self.state.mappers:  # (asked only then)
             # it detached (an ack it sent just before may come after: not a rejection); a
             # request would wait for an answer that never comes: the end of the socket says so

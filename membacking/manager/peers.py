@@ -23,6 +23,7 @@ from .model import (
     Send,
     SendFd,
 )
+from .reattach import check_holdings, take_holdings
 from .steps import Replay
 from .table import TableState
 
@@ -186,8 +187,9 @@ class PeerState(TableState):
 
     def handle_fd_message(self, mapper_id: int, msg: Message) -> list[Effect] | None:
         """A message a registered mapper sent on its fd socket after Hello: a request
-        (SendMappings, ResendFd) or an acknowledgement (UnmapAck, MapAck). None if `msg` is
-        neither (the caller refuses it)."""
+        (SendMappings, ResendFd, Holdings) or an acknowledgement (UnmapAck, MapAck). None if
+        `msg` is neither (the caller refuses it as `unexpected`); Refused if it is one that the
+        mapper may not send (the caller answers Error(code) and counts a strike)."""
         entry = self.mappers.get(mapper_id)
         if entry is None:  # removed while this message waited
             return []
@@ -214,11 +216,10 @@ class PeerState(TableState):
         if isinstance(msg, m.ResendFd):
             return self.resend_fd(entry, msg.mappable_id)
         if isinstance(msg, (m.Holdings, m.PackedHoldings)):
+            check_holdings(entry, msg)  # Refused without REATTACH (PACKED_HOLDINGS), ...
             if (
                 entry.stream is None
                 and isinstance(msg, m.PackedHoldings)
-                and entry.features is not None
-                and entry.features & m.FEATURE_PACKED_HOLDINGS
                 and len(entry.early_holdings) < MAX_EARLY_HOLDINGS
             ):
                 # sent right behind the Attach, which travels through ZeroMQ's I/O threads
@@ -229,8 +230,6 @@ class PeerState(TableState):
         return None
 
     def _holdings(self, entry: MapperEntry, msg: m.Holdings | m.PackedHoldings) -> list[Effect]:
-        from .reattach import take_holdings
-
         effects = take_holdings(self, entry, msg)
         awaited = self.awaited
         if not msg.fds and not msg.mappings and (awaited.open or awaited.gave_up) and entry.stream:

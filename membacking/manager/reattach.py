@@ -17,6 +17,7 @@ from .. import trace
 from ..protocol import messages as m
 from ..protocol.messages import PRIVATE_MAPPABLE
 from ..protocol.ranges import PAGE_MASK, MemoryRange
+from .errors import Refused
 from .model import Effect, HolderBatch, MapperEntry, Mapping
 
 if TYPE_CHECKING:
@@ -96,28 +97,46 @@ class _Verdict:
         return self._batch
 
 
+def check_holdings(entry: MapperEntry, msg: m.Holdings | m.PackedHoldings) -> None:
+    """Refused (answered with an Error, a strike: docs/PROTOCOL.md §11) for Holdings or
+    PackedHoldings that the mapper may not send at all: without the features it negotiated, or
+    with fields that are not whole entries."""
+    name = type(msg).__name__
+    features = entry.features or 0
+    if not features & m.FEATURE_REATTACH:
+        raise Refused("unexpected", f"{name} needs the REATTACH feature, not negotiated in Hello")
+    if isinstance(msg, m.PackedHoldings):
+        if not features & m.FEATURE_PACKED_HOLDINGS:
+            raise Refused(
+                "unexpected", "PackedHoldings needs the PACKED_HOLDINGS feature, not negotiated"
+            )
+        if len(msg.fds) % _FD_BYTES or len(msg.mappings) % _MAPPING_BYTES:
+            raise Refused(
+                "bad-field",
+                f"PackedHoldings fields must be whole entries ({_FD_BYTES} bytes an fd, "
+                f"{_MAPPING_BYTES} a mapping)",
+            )
+    elif len(msg.fds) % m.HOLDING_FD_LEN or len(msg.mappings) % m.HOLDING_MAPPING_LEN:
+        raise Refused(
+            "bad-field",
+            f"Holdings arrays must be whole entries ({m.HOLDING_FD_LEN} ids an fd, "
+            f"{m.HOLDING_MAPPING_LEN} a mapping)",
+        )
+
+
 def take_holdings(
     state: PeerState, entry: MapperEntry, msg: m.Holdings | m.PackedHoldings
 ) -> list[Effect]:
-    """Check a mapper's Holdings (or PackedHoldings) against the table; effects unmap what no
-    longer holds."""
+    """Check a mapper's Holdings (or PackedHoldings), which passed `check_holdings`, against
+    the table; effects unmap what no longer holds."""
     if entry.stream is None:
         state.reject("not-attached", "Holdings before the stream socket", entry.pid)
-        return []
-    if entry.features is None or not entry.features & m.FEATURE_REATTACH:
-        state.reject("unexpected", "Holdings without FEATURE_REATTACH", entry.pid)
         return []
     if state.unplaced:  # an activation's pieces not in the table yet: checked against it all
         state.unplaced.finish(state)
     fds: Iterable[tuple[int, ...]]
     maps: Iterable[tuple[int, ...]]
     if isinstance(msg, m.PackedHoldings):
-        if not entry.features & m.FEATURE_PACKED_HOLDINGS:
-            state.reject("unexpected", "PackedHoldings without FEATURE_PACKED_HOLDINGS", entry.pid)
-            return []
-        if len(msg.fds) % _FD_BYTES or len(msg.mappings) % _MAPPING_BYTES:
-            state.reject("bad-field", "PackedHoldings fields of the wrong length", entry.pid)
-            return []
         if not msg.fds and not msg.mappings:
             return _ended(entry)
         # Mappers that map the same memory (every device model maps all of guest RAM) tell
@@ -136,9 +155,6 @@ def take_holdings(
         if fresh and sum(state.rejected.values()) == rejected:
             state._holdings_verdict = (key, verdict)
         return _apply(state, entry, verdict, count)
-    if len(msg.fds) % m.HOLDING_FD_LEN or len(msg.mappings) % m.HOLDING_MAPPING_LEN:
-        state.reject("bad-field", "Holdings arrays of the wrong length", entry.pid)
-        return []
     if not msg.fds and not msg.mappings:
         return _ended(entry)
     fd_items, map_items = iter(msg.fds), iter(msg.mappings)
