@@ -408,9 +408,10 @@ class Daemon(FdServer):
         except ProtocolError as exc:
             self._undecodable(identity, mapper_id, exc.reason, str(exc), str(exc))
             return
-        if mapper_id is not None:
-            self._strikes.valid(mapper_id)
+        rejections = self.state.rejections
         effects = self.state.handle_mapper(identity, msg)
+        if mapper_id is not None and self.state.rejections == rejections:  # acted on: §11.2
+            self._strikes.valid(mapper_id)
         if mapper_id is None:
             if self.state.mapper_of(identity) is not None:
                 self._strikes.attached(identity)

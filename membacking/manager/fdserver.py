@@ -287,6 +287,7 @@ class FdServer:
         if conn.mapper_id is None:
             self._strike(conn, "not-registered", f"{type(msg).__name__} before Hello")
             return
+        rejections = self.state.rejections
         try:
             effects = self.state.handle_fd_message(conn.mapper_id, msg)
         except Refused as exc:  # a message it may not send (Holdings without REATTACH, ...)
@@ -300,7 +301,8 @@ class FdServer:
         if effects is None:  # after Hello a mapper sends only requests and acks here
             self._strike(conn, "unexpected", f"{type(msg).__name__} is not accepted on fd.sock")
             return
-        conn.strikes = 0
+        if self.state.rejections == rejections:  # acted on, not refused (an unknown seq, ...)
+            conn.strikes = 0
         self._apply(effects)
         if isinstance(msg, (m.Holdings, m.PackedHoldings)) and self.state.awaited.deferred:
             self._replay_deferred()  # the last mapper awaited may be back

@@ -29,7 +29,8 @@ class StreamStrikes:
         return self._strangers.get(identity, 0) >= MAX_STRIKES
 
     def valid(self, mapper_id: int) -> None:
-        """An attached mapper sent a valid message: its row of strikes ends."""
+        """An attached mapper sent a message the manager acted on (not one it refused, such
+        as an ack of an unknown seq): its row of strikes ends."""
         self._mappers.pop(mapper_id, None)
 
     def attached(self, identity: bytes) -> None:

@@ -108,12 +108,16 @@ class TableState:
         self.unplaced = Unplaced()
         self.counters: Counter[str] = Counter()
         self.rejected: Counter[str] = Counter()
+        #: messages `reject` refused, in all: unchanged while a message is handled, it was
+        #: acted on (only that ends a peer's row of strikes, docs/PROTOCOL.md §11.2)
+        self.rejections = 0
         #: requests turned down by a limit or a policy (not a peer's fault), by reason
         self.refused: Counter[str] = Counter()
 
     def reject(self, reason: str, detail: str, pid: int | None = None) -> None:
         """Count and log a rejected peer message."""
         self.rejected[reason] += 1
+        self.rejections += 1
         log.warning(
             "rejected message (%s) from %s: %s",
             reason,
