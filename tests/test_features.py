@@ -4,6 +4,7 @@ reason code: in the state machine and against a real daemon, for peers with and 
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 
 import msgpack
 import zmq
@@ -13,6 +14,7 @@ from membacking.manager.model import Send
 from membacking.manager.state import ManagerState
 from membacking.protocol import messages as m
 from membacking.protocol.fdpass import recv_message, send_message
+from membacking.protocol.shutdowns import drops_mappings
 
 from conftest import RunningManager
 
@@ -47,7 +49,11 @@ def test_shutdown_carries_its_code_only_to_mappers_that_negotiated_it() -> None:
     bind_stream(state, new.id, new.token, b"new")
     bind_stream(state, old.id, old.token, b"old")
     sent = {e.identity: e.msg for e in state.shutdown("bye") if isinstance(e, Send)}
-    assert sent == {b"new": m.Shutdown("bye", m.SHUTDOWN_STOPPING), b"old": m.Shutdown("bye")}
+    # without the code, the reason says it by how it begins (shutdowns.py)
+    assert sent == {
+        b"new": m.Shutdown("bye", m.SHUTDOWN_STOPPING),
+        b"old": m.Shutdown("manager shutting down: bye"),
+    }
     sent = {
         e.identity: e.msg
         for e in state.shutdown("back soon", m.SHUTDOWN_RESTARTING)
@@ -58,7 +64,7 @@ def test_shutdown_carries_its_code_only_to_mappers_that_negotiated_it() -> None:
         m.Shutdown("late", m.SHUTDOWN_EVICTED)
     ]
     assert [e.msg for e in state.farewell(old.id, "late") if isinstance(e, Send)] == [
-        m.Shutdown("late")
+        m.Shutdown("evicted: late")
     ]
 
 
@@ -118,3 +124,71 @@ def test_an_evicted_mappers_fd_socket_shutdown_carries_its_code(manager: Running
             ctx.term()
     assert isinstance(on_stream, m.Shutdown) and on_stream.code == m.SHUTDOWN_EVICTED
     assert isinstance(got[-1], m.Shutdown) and got[-1].code == m.SHUTDOWN_EVICTED, got
+
+
+def _raw_mapper(
+    manager: RunningManager, hello_msg: m.Hello
+) -> tuple[socket.socket, zmq.Socket[bytes]]:
+    """A mapper of its own (fd.sock and an attached stream), as a foreign one would be."""
+    from membacking.protocol.codec import decode, encode
+    from membacking.protocol.messages import Channel
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.settimeout(10)
+    sock.connect(str(manager.runtime_dir / "fd.sock"))
+    send_message(sock, hello_msg)
+    welcome, _ = recv_message(sock)
+    assert isinstance(welcome, m.Welcome), welcome
+    stream = zmq.Context.instance().socket(zmq.DEALER)
+    stream.connect(f"ipc://{manager.runtime_dir / 'mapper.ipc'}")
+    stream.send(encode(m.Attach(welcome.mapper_id, welcome.token, m.ROLE_STREAM_FD)))
+    assert stream.poll(10000)
+    assert isinstance(decode(stream.recv(), Channel.MAPPER), m.Attached)
+    return sock, stream
+
+
+def _shutdowns(sock: socket.socket, stream: zmq.Socket[bytes]) -> list[m.Shutdown]:
+    """The Shutdown of the stream, then the one written on fd.sock before its end."""
+    from membacking.protocol.codec import decode
+    from membacking.protocol.messages import Channel
+
+    try:
+        assert stream.poll(15000)
+        got = [decode(stream.recv(), Channel.MAPPER)]
+        while data := sock.recv(65536):
+            got.append(decode(data, Channel.FD))
+    finally:
+        stream.close(0)
+        sock.close()
+    shutdowns = [msg for msg in got if isinstance(msg, m.Shutdown)]
+    assert len(shutdowns) == 2, got
+    return shutdowns
+
+
+def test_a_stop_tells_a_mapper_without_codes_to_drop_its_mappings(
+    manager: RunningManager,
+) -> None:
+    """PROTOCOL.md §9: without SHUTDOWN_CODE, a reason beginning `manager shutting down` means
+    `stopping`. The stop's own reason ("received SIGTERM") does not begin so, and such a
+    mapper kept memory the stop ended."""
+    sock, stream = _raw_mapper(manager, m.Hello("older"))
+    assert manager.stop() == 0
+    for shutdown in _shutdowns(sock, stream):
+        assert shutdown.code is None and drops_mappings(shutdown), shutdown
+        assert "SIGTERM" in shutdown.reason
+
+
+def test_a_restart_keeps_the_mappings_of_a_reattach_mapper_without_codes(
+    start_manager: Callable[..., RunningManager],
+) -> None:
+    """A stop that keeps the state (`restarting`) says so to a mapper that can come back
+    (REATTACH) but reads no codes: its reason does not begin with a dropping text. One without
+    REATTACH cannot prove what it holds to the next manager: it is told to drop everything."""
+    manager = start_manager("--keep-state")
+    sock, stream = _raw_mapper(manager, m.Hello("reattach", m.FEATURE_REATTACH))
+    other = _raw_mapper(manager, m.Hello("plain", 0))
+    assert manager.stop() == 0
+    kept = _shutdowns(sock, stream)
+    assert not any(drops_mappings(s) for s in kept), kept
+    dropped = _shutdowns(*other)
+    assert all(drops_mappings(s) for s in dropped), dropped

@@ -22,6 +22,7 @@ import zmq
 from ..protocol import messages as m
 from ..protocol.errors import ProtocolError
 from ..protocol.fdpass import PeerClosed, recv_message, send_message
+from ..protocol.shutdowns import shutdown_for
 from .backing import MemfdStore
 from .errors import Refused
 from .fdconn import FdConn, OutboxFull, not_back
@@ -182,8 +183,7 @@ class FdServer:
         `code` where the mapper negotiated codes."""
         with contextlib.suppress(OSError):
             if conn.mapper_id is not None and conn.flush():
-                coded = conn.features & m.FEATURE_SHUTDOWN_CODE
-                send_message(conn.sock, m.Shutdown(reason, code) if coded else m.Shutdown(reason))
+                send_message(conn.sock, shutdown_for(reason, code, conn.features))
 
     def _fd_send(self, conn: FdConn, msg: m.Message, fd: int | None = None) -> None:
         """Send on a mapper's fd socket; what it cannot take now waits in the connection."""

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..protocol import messages as m
 from ..protocol.messages import Channel, Message
+from ..protocol.shutdowns import shutdown_for
 from ..units import format_duration
 from .awaited import AwaitedMappers
 from .errors import Refused
@@ -109,10 +110,8 @@ class PeerState(TableState):
         return m.Welcome(entry.id, entry.token, self.address_space, HOST_PAGE_SIZE, entry.features)
 
     def shutdown_message(self, entry: MapperEntry, reason: str, code: str) -> m.Shutdown:
-        """Shutdown with its machine-readable code for a mapper that negotiated it."""
-        if entry.features is not None and entry.features & m.FEATURE_SHUTDOWN_CODE:
-            return m.Shutdown(reason, code)
-        return m.Shutdown(reason)
+        """Shutdown with its code, or a reason that says it, for this mapper (shutdowns.py)."""
+        return shutdown_for(reason, code, entry.features)
 
     def mapper_of(self, identity: bytes) -> int | None:
         """The mapper a ZeroMQ socket identity is bound to, if any."""

@@ -29,6 +29,7 @@ from ..protocol import messages as m
 from ..protocol.errors import ProtocolError
 from ..protocol.messages import PRIVATE_MAPPABLE, Message
 from ..protocol.ranges import MemoryRange
+from ..protocol.shutdowns import drops_mappings
 from . import reconnect
 from .acks import AckQueue
 from .chunks import Chunk, ChunkTable, MapCountBudget
@@ -40,7 +41,6 @@ from .lease import (
     Lease,
     describe_shutdown,
     drop_every_mapping,
-    drops_mappings,
 )
 from .link import ManagerLink
 from .views import Escaped, ViewPins, end_copy_on_write

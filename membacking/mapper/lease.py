@@ -11,8 +11,6 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..protocol import messages as m
-
 if TYPE_CHECKING:
     from .core import VaMapper
 
@@ -34,21 +32,6 @@ POLL_MS = int(LEASE * 1000) // 2
 FAREWELL_WAIT = LEASE
 
 _monotonic = time.monotonic
-
-
-#: how the Shutdown texts of managers that send no code (earlier releases, or a mapper that did
-#: not negotiate FEATURE_SHUTDOWN_CODE) begin when the mapper must drop its mappings
-_DROPPING_TEXTS = ("evicted", "manager shutting down")
-
-
-def drops_mappings(shutdown: m.Shutdown) -> bool:
-    """Whether this Shutdown means the manager no longer backs what the mapper holds (evicted,
-    or the manager stopped for good), so the mapper must drop every mapping. A manager that is
-    restarting on the same state (code `restarting`) and a connection lost without a Shutdown
-    (the manager died) keep them. An unknown code reads as `stopping` (docs/PROTOCOL.md)."""
-    if shutdown.code is not None:
-        return shutdown.code != m.SHUTDOWN_RESTARTING
-    return shutdown.reason.startswith(_DROPPING_TEXTS)
 
 
 def describe_shutdown(reason: str) -> str:
