@@ -96,6 +96,8 @@ class Persistence:
         self.fresh = False
         self._rollbacks = 0
         self._adopted_note: str | None = None
+        #: the last save failure logged (a failure logged once, not at every change)
+        self._save_error: str | None = None
         #: the journal's records packed so far: a save packs only the regions changed since
         self._encoder = JournalEncoder()
         #: what `prepare` adopted: the journal's snapshot and the bytes of its regions and
@@ -300,11 +302,22 @@ class Persistence:
         try:
             self.save(state, store)
         except OSError as exc:
-            log.error("cannot journal the region table in %s: %s", self.dir.root, exc)
-            state.persistence["journal_error"] = f"cannot journal in {self.dir.root}: {exc}"
+            error = f"cannot journal in {self.dir.root}: {exc}"
+            if error != self._save_error:  # the same failure again: `status` names it
+                log.error("cannot journal the region table in %s: %s", self.dir.root, exc)
+            self._save_error = error
+            state.persistence["journal_error"] = error
             return False
+        if self._save_error is not None:
+            log.info("the region table is journaled again in %s", self.dir.root)
+            self._save_error = None
         state.persistence.pop("journal_error", None)
         return True
+
+    def lost(self) -> bool:
+        """Whether the state directory was removed under the daemon (`state remove --force`):
+        nothing can be journaled or kept in it any more."""
+        return self.dir.held and not os.path.isdir(self.dir.root)
 
     def tick(self, state: ManagerState, store: MemfdStore) -> None:
         """Each second: journal what acknowledgements changed (only rollbacks of an add, an
@@ -330,8 +343,19 @@ class Persistence:
         if not self.dir.held:
             return
         if clean and self.config.keep:
-            self.save(state, store)
-            log.info("kept the state in %s for the next start", self.dir.root)
+            if self.lost():
+                log.error("the state directory %s was removed: nothing was kept", self.dir.root)
+            else:
+                try:
+                    self.save(state, store)
+                    log.info("kept the state in %s for the next start", self.dir.root)
+                except OSError as exc:
+                    log.error(
+                        "cannot journal the region table in %s at the stop: %s; the "
+                        "next start adopts the journal saved before",
+                        self.dir.root,
+                        exc,
+                    )
         remove = (not self.config.keep) if clean else self.fresh
         self.dir.release(remove=remove)
         if remove:  # nothing kept: the next start on this runtime directory may use any

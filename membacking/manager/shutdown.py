@@ -41,6 +41,15 @@ def shut_down(daemon: Daemon) -> None:
         if daemon.persist is not None
         else daemon.config.persist.keep and daemon.fdstore is not None
     )
+    if (
+        keep
+        and daemon.handing_over is None
+        and daemon.persist is not None
+        and daemon.persist.lost()
+    ):
+        # removed under the daemon: no next daemon can adopt it, so this stop is for good
+        log.warning("the state directory was removed: mappers are told the manager stops")
+        keep = False
     # No new connection is taken from now on: a mapper told to register again then finds no
     # listener (and waits for the next daemon's socket), rather than a backlog that is never
     # answered
