@@ -160,6 +160,15 @@ def test_refusals_leave_the_running_manager_serving(start_manager: Start) -> Non
     )
     done = subprocess.run(journal, capture_output=True, text=True, env=cli_env(), timeout=60)
     assert done.returncode == 1 and "reads up to version 0 only" in done.stderr, done.stderr
+    # asked by hand: a handover version it does not speak is that, whatever else comes with it
+    with pytest.raises(membacking.ControlError) as refused:
+        first.client().call("handover", version=99, journal=9, pid=os.getpid(), more=1)
+    assert refused.value.code == "version-mismatch", refused.value
+    # an asker that says it listens on the channel but does not: agreed, the daemon would stop
+    # and find nobody to take its memory over
+    with pytest.raises(membacking.ControlError) as refused:
+        first.client().call("handover", version=2, journal=9, pid=os.getpid(), features=1)
+    assert refused.value.code == "bad-request" and "handover channel" in str(refused.value)
     assert first.proc.poll() is None
     assert first.client().stats()["regions"] == 2
     with membacking.attach(first.runtime_dir) as memory:

@@ -117,6 +117,13 @@ def what_is_handed_over(state: ManagerState) -> tuple[list[str], int]:
 def _agree(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
     version, journal_version, pid = args.get("version"), args.get("journal"), args.get("pid")
     features = args.get("features", 0)
+    if type(version) is int and version not in HANDOVER_VERSIONS:  # (whatever else it sends)
+        raise Refused(
+            "version-mismatch",
+            f"this manager speaks handover version {HANDOVER_VERSION}, the new one "
+            f"{version}: stop this one (`manager run --keep-state` + SIGTERM) and start the "
+            "new one instead",
+        )
     keys = {"version", "journal", "pid"} | ({"features"} if version != 1 else set())
     if set(args) != keys or not all(
         type(v) is int for v in (version, journal_version, pid, features)
@@ -124,13 +131,7 @@ def _agree(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
         raise Refused(
             "bad-request", "handover takes integers version, journal, pid (and features from 2)"
         )
-    if version not in HANDOVER_VERSIONS:
-        raise Refused(
-            "version-mismatch",
-            f"this manager speaks handover version {HANDOVER_VERSION}, the new one "
-            f"{version}: stop this one (`manager run --keep-state` + SIGTERM) and start the "
-            "new one instead",
-        )
+    assert isinstance(version, int) and isinstance(pid, int)
     assert isinstance(journal_version, int) and isinstance(features, int)
     if journal_version < FORMAT_VERSION:
         raise Refused(
@@ -139,6 +140,14 @@ def _agree(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
             f"to version {journal_version} only",
         )
     channel = bool(features & FEATURE_CHANNEL)
+    listening = daemon.paths.root / handchannel.SOCKET_NAME
+    if channel and not (listening.is_socket() and psutil.pid_exists(pid)):
+        # agreed, this daemon would stop and then find nobody to take what it holds
+        raise Refused(
+            "bad-request",
+            f"the asker (pid {pid}) does not run or listens on no handover channel "
+            f"({listening}): nothing done",
+        )
     persist = daemon.persist
     if persist is None and not (channel and features & FEATURE_STATE):
         raise Refused(
