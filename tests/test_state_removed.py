@@ -30,6 +30,10 @@ def test_a_keep_state_stop_after_the_state_was_removed_is_a_stop(
         forced = run_cli("manager", "state", "remove", "--force", str(state_dir))
         assert forced.returncode == 0, forced.stderr
         client = manager.client()
+        deadline = time.monotonic() + 10  # noticed within a second
+        while client.status()["keep_state"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not client.status()["keep_state"]  # `status` no longer says it is kept
         # changes cannot be journaled now: each fails, the failure is logged once
         for i in range(3):
             client.add_region(f"late{i}", 0x100000 * (i + 2), 4096, private=True)

@@ -241,7 +241,8 @@ def precheck(daemon: Daemon) -> bool:
         if snapshot is None:
             raise HandoverError(
                 f"nothing to take over: no state in {persist.dir.root} (the running manager "
-                "keeps none there: it runs with --no-state, or another --state-dir)"
+                "keeps none there: it runs with --no-state or another --state-dir, or its "
+                "state directory was removed under it)"
             )
         check_fits(snapshot, str(daemon.paths.root), daemon.config.address_space)
     except (JournalError, StateDirError) as exc:

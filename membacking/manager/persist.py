@@ -325,6 +325,7 @@ class Persistence:
         destroyed since (removals that completed; the journal stopped naming them when the
         removal was asked for)."""
         if not os.path.isdir(self.dir.root):  # removed under the daemon (`state remove --force`)
+            state.persistence["keep_state"] = False  # (shutdown.py: its stop is for good)
             state.persistence["journal_error"] = (
                 f"the state directory {self.dir.root} was removed: nothing is journaled, and a "
                 "crash or a restart now loses the guest memory kept there"
