@@ -420,3 +420,19 @@ def test_specs_and_names() -> None:
     assert units.parse_range_spec("0x1000:4K") == (4096, 4096)
     assert units.format_size(4096) == "4 KiB" and units.format_size(1536) == "1.5 KiB"
     assert units.format_size(100) == "100 B" and units.format_size(3 << 40) == "3 TiB"
+
+
+@pytest.mark.parametrize(
+    ("version", "said"),
+    [
+        (2, "unsupported protocol version 2 (this side speaks 1)"),
+        (True, "the protocol version is a msgpack boolean, not an integer"),
+        ("1", "the protocol version is a msgpack string, not an integer"),
+        (None, "the protocol version is a msgpack nil, not an integer"),
+    ],
+)
+def test_a_bad_version_is_told_in_msgpacks_words(version: object, said: str) -> None:
+    """The reply goes to a peer in any language: no Python repr (`True`, `'1'`) in it."""
+    with pytest.raises(ProtocolError) as refused:
+        decode(raw(version, 1, "probe"), Channel.FD)
+    assert refused.value.reason == "version" and said in str(refused.value), refused.value

@@ -253,6 +253,13 @@ def _args(value: Any, field: str) -> dict[str, Any]:
     return value
 
 
+def _msgpack_kind(value: object) -> str:
+    """What a decoded value was on the wire, in msgpack's words (for a peer in any language)."""
+    kinds = {bool: "boolean", int: "integer", float: "float", str: "string", bytes: "binary"}
+    kinds.update({list: "array", dict: "map", type(None): "nil"})
+    return kinds.get(type(value), "extension")
+
+
 def _bool(value: Any, field: str) -> bool:
     if type(value) is not bool:
         raise ProtocolError(f"field {field!r} must be a boolean, got {value!r}", reason="bad-field")
@@ -346,10 +353,12 @@ def decode(
             "a message must be an array [version, type, fields...]", reason="malformed"
         )
     if items[0] != PROTOCOL_VERSION or type(items[0]) is not int:
-        raise ProtocolError(
-            f"unsupported protocol version {items[0]!r} (this side speaks {PROTOCOL_VERSION})",
-            reason="version",
+        what = (
+            f"unsupported protocol version {items[0]}"
+            if type(items[0]) is int
+            else f"the protocol version is a msgpack {_msgpack_kind(items[0])}, not an integer"
         )
+        raise ProtocolError(f"{what} (this side speaks {PROTOCOL_VERSION})", reason="version")
     cls = BY_TYPE.get(items[1]) if type(items[1]) is int else None
     if cls is None:
         raise ProtocolError(f"unknown message type {items[1]!r}", reason="unknown-type")
