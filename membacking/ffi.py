@@ -296,9 +296,8 @@ class Reservation:
 
     def exporter(self, offset: int, size: int) -> ctypes.Array[ctypes.c_char]:
         """A buffer exporter of its own over [offset, offset+size): every memoryview taken from
-        it, and every slice of those, keeps it alive, so it lives exactly as long as any of them
-        (GuestMemory.view watches it with a weak reference to know when a view's memory is let
-        go)."""
+        it, and every slice of those, keeps it alive, so its reference count tells whether any
+        is left (GuestMemory.view relies on that to know when a view's memory is let go)."""
         if self._closed or offset < 0 or size < 0 or offset + size > self.size:
             raise ValueError(f"{offset:#x}+{size:#x} is outside the reservation")
         # Safe: the array aliases pages of our own reservation, within bounds (checked above);

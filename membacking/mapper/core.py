@@ -43,7 +43,7 @@ from .lease import (
     drop_every_mapping,
 )
 from .link import ManagerLink
-from .views import Escaped, ViewPins, end_copy_on_write
+from .views import ViewPins, end_copy_on_write
 from .waitlist import MAP_FAILED, WaiterSet
 
 log = logging.getLogger("membacking.mapper")
@@ -435,10 +435,10 @@ class VaMapper:
         """Pin [start, end) for an open view (lock held); returns the view id."""
         return self.views.pin(start, end, writable)
 
-    def unpin(self, view_id: int, escaped: Escaped | None = None) -> None:
-        """End a view's pin. With `escaped` (a weak reference to the view's exporter, which slices
-        that outlived the block keep alive) the pin stays until those slices are gone: until then
-        no Unmap of the range is acknowledged, so they can never reach unmapped memory."""
+    def unpin(self, view_id: int, escaped: object = None) -> None:
+        """End a view's pin. With `escaped` (the view's exporter, still referenced by slices
+        that outlived the block) the pin stays until those slices are gone: until then no Unmap
+        of the range is acknowledged, so they can never reach unmapped memory."""
         with self.lock:
             kept = self.views.end(view_id, escaped)
             if kept is not None:

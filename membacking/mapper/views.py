@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import weakref
+import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from ..protocol.ranges import MemoryRange
 from .chunks import Chunk
@@ -17,8 +17,16 @@ from .chunks import Chunk
 if TYPE_CHECKING:
     from .core import VaMapper
 
-#: a weak reference to the exporter of a view whose slices outlived its block
-Escaped = weakref.ref[ctypes.Array[ctypes.c_char]]
+
+def _refs_in(table: dict[int, object], key: int) -> int:
+    """References to `table[key]`, counted the same way for every table: a count is compared
+    only with another made by this same code, since what `sys.getrefcount` counts differs
+    between Python versions and between interpreted and compiled code."""
+    return sys.getrefcount(table[key])
+
+
+#: what `_refs_in` counts of an object referred to by its table alone
+_ALONE = _refs_in({0: object()}, 0)
 
 
 class ViewPins:
@@ -26,11 +34,11 @@ class ViewPins:
 
     def __init__(self) -> None:
         self.open: dict[int, tuple[int, int, bool]] = {}
-        #: view id -> a weak reference to the exporter of a view whose slices outlived its
-        #: block (still pinned): the slices alone keep the exporter alive, so it dies with the
-        #: last of them (no reference count is read: their values differ between Pythons and
-        #: between compiled and interpreted code)
-        self._escaped: dict[int, Escaped] = {}
+        #: view id -> exporter of a view whose slices outlived its block (still pinned until
+        #: this table is the only one left referring to it). A reference count, not a weak
+        #: reference: the cyclic collector clears weak references before it runs finalizers,
+        #: which may still read (or keep) a slice of a cycle it collects.
+        self._escaped: dict[int, object] = {}
         self._next = 0
 
     def __bool__(self) -> bool:
@@ -42,10 +50,10 @@ class ViewPins:
         self.open[self._next] = (start, end, writable)
         return self._next
 
-    def end(self, view_id: int, escaped: Escaped | None = None) -> tuple[int, int] | None:
-        """A view's block ended. With `escaped` (a weak reference to its exporter, which slices
-        that outlived the block keep alive) the pin stays until those slices are gone, and the
-        pinned range is returned; else the pin ends and None is returned."""
+    def end(self, view_id: int, escaped: object = None) -> tuple[int, int] | None:
+        """A view's block ended. With `escaped` (its exporter, still referenced by slices that
+        outlived the block) the pin stays until those slices are gone, and the pinned range is
+        returned; else the pin ends and None is returned."""
         if escaped is not None:
             self._escaped[view_id] = escaped
             start, end, _ = self.open[view_id]
@@ -56,7 +64,7 @@ class ViewPins:
     def release_escaped(self) -> None:
         """Unpin views whose escaped slices have all been released."""
         for view_id in list(self._escaped):
-            if self._escaped[view_id]() is None:  # the last slice is gone, and its exporter
+            if _refs_in(self._escaped, view_id) <= _ALONE:  # the last slice is gone
                 del self._escaped[view_id]
                 self.open.pop(view_id, None)
 
@@ -92,7 +100,10 @@ def lent(
 ) -> Iterator[memoryview]:
     """The memoryview of a pinned view (read-only unless `write`), for the length of a block;
     then its pin ends, or stays while a slice of it outlived the block."""
-    raw = memoryview(exporter).cast("B")
+    own: dict[int, object] = {0: exporter}
+    del exporter  # referred to by `own` alone: counted as in ViewPins
+    alone = _refs_in(own, 0)
+    raw = memoryview(cast("ctypes.Array[ctypes.c_char]", own[0])).cast("B")
     view = raw if write else raw.toreadonly()
     try:
         yield view
@@ -100,8 +111,7 @@ def lent(
         with contextlib.suppress(BufferError):  # the view itself is still exported: that
             view.release()  # counts as escaping, below
             raw.release()
-        # Nothing else refers to the exporter but this name unless a slice of the view escaped
-        # the block (each keeps it alive): then the range stays pinned until it is gone.
-        ref = weakref.ref(exporter)
-        del exporter
-        mapper.unpin(view_id, None if ref() is None else ref)
+        # Nothing else refers to the exporter but `own` unless a slice of the view escaped the
+        # block (each keeps it alive): then the range stays pinned until it is gone.
+        escaped = _refs_in(own, 0) > alone
+        mapper.unpin(view_id, own.pop(0) if escaped else None)
