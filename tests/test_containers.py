@@ -121,6 +121,25 @@ def test_mapper_in_another_pid_namespace_stays_attached(
         running.stop(signal.SIGKILL)  # unshare does not pass SIGTERM on; --kill-child does
 
 
+@pytest.mark.skipif(not _can_unshare(), reason="cannot create a pid namespace here (needs root)")
+def test_a_takeover_from_another_pid_namespace_is_agreed(
+    start_manager: Callable[..., RunningManager],
+) -> None:
+    """The new daemon's pid, as it tells it, means nothing in the running daemon's namespace
+    (there it is pid 1, and the asker's pid may not exist): the handover goes on all the same."""
+    running = start_manager("--region", "ram=0:1M", prefix=UNSHARE)
+    try:
+        with membacking.attach(running.runtime_dir, name="writer") as memory:
+            memory.write_at(0, b"across")
+        new = start_manager("--takeover", "--region", "ram=0:1M", runtime_dir=running.runtime_dir)
+        assert "took-over-from" in new.ready_line, new.ready_line
+        with membacking.attach(new.runtime_dir, name="reader") as memory:
+            assert memory.read_at(0, 6) == b"across"
+        assert new.stop() == 0
+    finally:
+        running.stop(signal.SIGKILL)
+
+
 def _instructions() -> list[tuple[str, str]]:
     """The Dockerfile's instructions as (KEYWORD, arguments), continuation lines joined."""
     text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
