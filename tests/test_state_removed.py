@@ -34,6 +34,12 @@ def test_a_keep_state_stop_after_the_state_was_removed_is_a_stop(
         while client.status()["keep_state"] and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not client.status()["keep_state"]  # `status` no longer says it is kept
+        # nor does it hand over a state it no longer has (it would stop, keeping nothing)
+        with pytest.raises(membacking.ControlError) as refused:
+            client.call("handover", version=2, journal=9, pid=1, features=0)
+        assert refused.value.code == "state-dir" and "was removed" in str(refused.value)
+        taken = run_cli("manager", "run", "--takeover", runtime_dir=manager.runtime_dir)
+        assert taken.returncode == 1 and "was removed under it" in taken.stderr, taken.stderr
         # changes cannot be journaled now: each fails, the failure is logged once
         for i in range(3):
             client.add_region(f"late{i}", 0x100000 * (i + 2), 4096, private=True)

@@ -156,6 +156,12 @@ def _agree(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
             "file; start the new one with --no-state too (it takes the memory over the "
             "handover channel), from a release that speaks handover version 2",
         )
+    if persist is not None and persist.lost():
+        raise Refused(
+            "state-dir",
+            f"this manager's state directory {persist.dir.root} was removed under it: there is "
+            "nothing to hand over (stop it; the memory ends with it and its mappers)",
+        )
     if persist is not None and features & FEATURE_STATE:
         raise Refused(
             "state-dir",

@@ -332,7 +332,7 @@ class Persistence:
             )
         if state.counters["rollbacks"] != self._rollbacks:
             self._rollbacks = state.counters["rollbacks"]
-            self.save(state, store)
+            self.save_logged(state, store)  # (a failure is logged once and shown by `status`)
         self.dir.flush_unlinks()
 
     def close(self, state: ManagerState, store: MemfdStore, clean: bool) -> None:
