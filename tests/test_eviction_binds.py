@@ -124,13 +124,13 @@ def test_a_manager_that_dies_leaves_the_mappings_in_place(
     """No Shutdown, just the end of the connection: the manager may come back (and the
     mapper re-attach), so nothing is dropped."""
     running = start_manager("--region", "ram=0:1M")
-    holder = spawn_worker(running, "holder")
+    holder = spawn_worker(running, "holder", "--reconnect", "3")  # (then new faults fail)
     holder.ask(f"write 0x0 {OLD}")
     running.stop(signal.SIGKILL)
     time.sleep(2 * LEASE)
     assert holder.ask("read 0x0 16") == OLD
     with pytest.raises(WorkerError, match="ManagerGoneError"):
-        holder.ask("read 0x200000 1")  # a new fault cannot be served
+        holder.ask("read 0x200000 1")  # a new fault cannot be served (no manager came back)
     assert holds_region(holder, "ram")
 
 

@@ -153,7 +153,13 @@ def test_a_restarted_manager_keeps_the_pin_before_the_launcher_is_back(
     try:
         first.stop(signal.SIGKILL)
         second = start_manager(
-            "--region", "ram=0:32M", "--region", "spare=1G:4M", runtime_dir=first.runtime_dir
+            "--region",
+            "ram=0:32M",
+            "--region",
+            "spare=1G:4M",
+            "--unmap-timeout",
+            "3",  # the wait for the stopped launcher, which holds the change to spare below
+            runtime_dir=first.runtime_dir,
         )
         assert launcher_entry(second, "held") is None  # not registered again yet
         with pytest.raises(ControlError) as refused:
