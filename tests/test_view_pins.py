@@ -16,19 +16,35 @@ def _exporter() -> ctypes.Array[ctypes.c_char]:
     return (ctypes.c_char * 8192)()
 
 
+class _Holder:
+    """Holds a slice in a cycle only the collector frees; its finalizer keeps the slice."""
+
+    def __init__(self, piece: memoryview, saved: list[memoryview]) -> None:
+        self.piece, self.me, self.saved = piece, self, saved
+
+    def __del__(self) -> None:
+        self.saved.append(self.piece)
+
+
+def _released_only_with(pins: ViewPins, slices: list[memoryview]) -> None:
+    """The pin of 0x1000-0x3000 holds while `slices` do, and ends with the last of them."""
+    pins.release_escaped()
+    assert pins.pinned(MemoryRange(0x2000, 0x3000)), "a kept slice lost its pin"
+    for piece in slices:
+        piece.release()
+    slices.clear()
+    pins.release_escaped()
+    assert not pins
+
+
 def test_an_escaped_slice_keeps_the_pin_until_it_is_released() -> None:
     pins = ViewPins()
     view_id = pins.pin(0x1000, 0x3000, False)
     exporter = _exporter()
-    kept = memoryview(exporter).cast("B")[16:32]  # a slice that outlives the block
+    kept = [memoryview(exporter).cast("B")[16:32]]  # a slice that outlives the block
     assert pins.end(view_id, exporter) == (0x1000, 0x3000)
     del exporter
-    pins.release_escaped()
-    assert pins.pinned(MemoryRange(0x2000, 0x3000))  # the slice still reaches the memory
-    kept.release()
-    pins.release_escaped()
-    assert not pins.pinned(MemoryRange(0x2000, 0x3000))
-    assert not pins
+    _released_only_with(pins, kept)
 
 
 def test_a_view_without_escaped_slices_ends_its_pin_at_once() -> None:
@@ -58,25 +74,13 @@ def test_a_slice_a_collected_cycle_still_holds_keeps_the_pin() -> None:
     pins = ViewPins()
     view_id = pins.pin(0x1000, 0x3000, False)
     saved: list[memoryview] = []
-
-    class Holder:
-        def __init__(self, piece: memoryview) -> None:
-            self.piece, self.me = piece, self  # a cycle only the collector frees
-
-        def __del__(self) -> None:
-            saved.append(self.piece)  # a finalizer that keeps the slice
-
     exporter = _exporter()
-    Holder(memoryview(exporter).cast("B")[16:32])
+    _Holder(memoryview(exporter).cast("B")[16:32], saved)
     assert pins.end(view_id, exporter) == (0x1000, 0x3000)
     del exporter
     gc.collect()
     assert saved
-    pins.release_escaped()
-    assert pins.pinned(MemoryRange(0x2000, 0x3000))  # the kept slice still reaches it
-    saved.clear()
-    pins.release_escaped()
-    assert not pins.pinned(MemoryRange(0x2000, 0x3000))
+    _released_only_with(pins, saved)
 
 
 class _Unpinner:
@@ -94,25 +98,14 @@ def test_lent_keeps_the_pin_of_a_slice_held_by_a_collected_cycle() -> None:
     view_id = pins.pin(0x1000, 0x3000, False)
     saved: list[memoryview] = []
 
-    class Holder:
-        def __init__(self, piece: memoryview) -> None:
-            self.piece, self.me = piece, self
-
-        def __del__(self) -> None:
-            saved.append(self.piece)
-
     def block() -> None:  # (so that no name of the test refers to the view after it)
         with lent(cast(Any, _Unpinner(pins)), view_id, _exporter(), False) as view:
-            Holder(view[0:16])
+            _Holder(view[0:16], saved)
 
     block()
     gc.collect()
     assert saved and bytes(saved[0][:4]) == b"\0\0\0\0"
-    pins.release_escaped()
-    assert pins.pinned(MemoryRange(0x1000, 0x2000)), "a kept slice lost its pin"
-    saved.clear()
-    pins.release_escaped()
-    assert not pins
+    _released_only_with(pins, saved)
 
 
 def test_lent_ends_the_pin_of_a_view_nothing_kept() -> None:
