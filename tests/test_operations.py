@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,8 +23,8 @@ from membacking.manager.config import ConfigError, load_config, parse_config
 from conftest import RunningManager, cli_env, launch_manager, run_cli, short_tmpdir
 
 
-def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "membacking.toml"
+def write(tmp_path: Path, text: str, name: str = "membacking.toml") -> Path:
+    path = tmp_path / name
     path.write_text(text)
     return path
 
@@ -165,6 +167,37 @@ size = "1M"
     )
     assert overridden.client().stats()["address_space"] == 2 << 30
     assert [r["name"] for r in overridden.client().regions()] == ["flag"]
+
+
+def test_flags_override_settings_of_the_file_they_cannot_go_with(
+    tmp_path: Path, start_manager: Callable[..., RunningManager]
+) -> None:
+    """A typed option sets aside the file's rival setting (--state-dir over no_state, ...),
+    and every flag the file can set on has its off form: the command line always wins."""
+    state_dir = Path("/dev/shm") / f"mb-test-state-{uuid.uuid4().hex[:12]}"
+    try:
+        no_state = write(tmp_path, "no_state = true\nkeep_state = true\nmetrics_port = 0\n")
+        typed = start_manager(
+            "--config",
+            str(no_state),
+            "--state-dir",
+            str(state_dir),
+            "--no-keep-state",
+            "--no-metrics",
+        )
+        status = typed.client().status()
+        assert status["state_dir"] == str(state_dir) and not status["keep_state"], status
+        assert "metrics=" not in typed.ready_line, typed.ready_line
+        typed.stop()
+        with_dir = write(tmp_path, f'state_dir = "{state_dir}"\n', name="dir.toml")
+        without = start_manager("--config", str(with_dir), "--no-state")
+        assert without.client().status()["state_dir"] is None
+        both = write(tmp_path, f'state_dir = "{state_dir}"\nno_state = true\n', name="both.toml")
+        refused = run_cli("manager", "run", "--config", str(both), "--runtime-dir", str(tmp_path))
+        assert refused.returncode == 2, refused.stderr
+        assert "no_state and state_dir cannot go together" in refused.stderr  # (the file's)
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def scrape(url: str) -> dict[str, float]:

@@ -56,6 +56,24 @@ def manager() -> None:
     """Run the manager daemon, stop it, and list or remove the state it keeps."""
 
 
+#: options whose value, typed on the command line, also sets aside the config file's value of
+#: these others (the two cannot go together)
+_RIVALS = {
+    "no_state": ("state_dir",),
+    "state_dir": ("no_state",),
+    "no_metrics": ("metrics_port",),
+}
+
+
+def _typed(ctx: click.Context, key: str) -> bool:
+    """Whether option `key` was given on the command line (not a default, nor the environment)."""
+    return ctx.get_parameter_source(key) not in (
+        None,
+        ParameterSource.DEFAULT,
+        ParameterSource.ENVIRONMENT,
+    )
+
+
 @manager.command("run")
 @runtime_dir_param
 @click.option(
@@ -145,6 +163,11 @@ def manager() -> None:
     help="Serve Prometheus metrics on this port (0 picks a free one).",
 )
 @click.option(
+    "--no-metrics",
+    is_flag=True,
+    help="Serve no metrics (over a metrics_port set in the config file).",
+)
+@click.option(
     "--metrics-addr",
     default="127.0.0.1",
     show_default=True,
@@ -170,8 +193,8 @@ def manager() -> None:
     "of adopting it.",
 )
 @click.option(
-    "--keep-state",
-    is_flag=True,
+    "--keep-state/--no-keep-state",
+    default=False,
     help="A clean stop (SIGTERM/SIGINT) keeps the state for the next start instead of "
     "ending guest memory (with --no-state: in systemd's fd store).",
 )
@@ -205,15 +228,16 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
     from ..runtime import choose_runtime_dir
 
     from_file = load_config(config_path) if config_path is not None else {}
+    typed = {key for key in options if _typed(ctx, key)}
+    # the command line overrides the file, also where the file sets a rival of an option typed
+    # (--state-dir over no_state, ...); the runtime directory follows the one rule every
+    # command follows (runtime.choose_runtime_dir)
+    overridden = typed | {rival for key in typed for rival in _RIVALS.get(key, ())}
     for key, value in from_file.items():
-        # the command line overrides the file; the runtime directory follows the one rule
-        # every command follows (runtime.choose_runtime_dir)
-        if key != "runtime_dir" and ctx.get_parameter_source(key) in (
-            None,
-            ParameterSource.DEFAULT,
-            ParameterSource.ENVIRONMENT,
-        ):
+        if key != "runtime_dir" and key not in overridden:
             options[key] = value
+    if options.pop("no_metrics"):
+        options["metrics_port"] = None
     options["runtime_dir"] = choose_runtime_dir(
         options["runtime_dir"], from_file.get("runtime_dir")
     )[0]
@@ -253,7 +277,8 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
             "--takeover adopts the running manager's state: it cannot go with --fresh"
         )
     if options["no_state"] and options["state_dir"] is not None:
-        raise click.UsageError("--no-state cannot go with --state-dir")
+        where = "--no-state and --state-dir" if "no_state" in typed else "no_state and state_dir"
+        raise click.UsageError(f"{where} cannot go together")
     if options["state_dir"] is not None:
         from ..runtime import RuntimePaths
 
