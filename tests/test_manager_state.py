@@ -423,7 +423,9 @@ def test_shutdown_tells_mappers_and_waiting_clients(state: ManagerState) -> None
     assert isinstance(reply, m.Error) and reply.code == "shutting-down"
 
 
-def test_limits_refuse_mappers_regions_and_fds(clock: Clock) -> None:
+def test_limits_refuse_mappers_regions_and_fds(
+    clock: Clock, caplog: pytest.LogCaptureFixture
+) -> None:
     from membacking.manager.errors import Refused
     from membacking.manager.state import Limits
 
@@ -446,6 +448,7 @@ def test_limits_refuse_mappers_regions_and_fds(clock: Clock) -> None:
         "limit"
     ]
     assert state.refused["limit"] == 1
+    assert "refused (limit) for a control client: add_region" in caplog.text  # (no "pid None")
     bad = m.ControlRequest("add_region", {"name": "c", "gpa": 3, "size": MiB})
     state.handle_control(b"client", bad)  # the request's own fault: not a limit's refusal
     assert state.refused["limit"] == 1 and sum(state.refused.values()) == 1

@@ -196,6 +196,11 @@ def test_flags_override_settings_of_the_file_they_cannot_go_with(
         refused = run_cli("manager", "run", "--config", str(both), "--runtime-dir", str(tmp_path))
         assert refused.returncode == 2, refused.stderr
         assert "no_state and state_dir cannot go together" in refused.stderr  # (the file's)
+        alone = run_cli("manager", "run", "--metrics-addr", "::1", "--runtime-dir", str(tmp_path))
+        assert alone.returncode == 2 and "--metrics-addr needs --metrics-port" in alone.stderr
+        flag = write(tmp_path, "unmap_timeout = true\n", name="flag.toml")
+        shown = run_cli("manager", "run", "--config", str(flag), "--runtime-dir", str(tmp_path))
+        assert "got true" in shown.stderr, shown.stderr  # as TOML spells it, not Python's True
     finally:
         shutil.rmtree(state_dir, ignore_errors=True)
 
@@ -312,7 +317,7 @@ def test_example_rom_needs_an_existing_file_only_when_it_names_one(
     zeroed memory; only a `file` naming a missing file stops the daemon."""
     example = Path(__file__).resolve().parent.parent / "docs" / "membacking.example.toml"
     comment = " ".join(example.read_text().replace("#", " ").split())
-    assert "A `file` that does not exist stops the daemon at startup" in comment
+    assert "A read-only `file` that does not exist stops the daemon at startup" in comment
     rom = "[[regions]]\nname = 'rom'\ngpa = '0xfff00000'\nsize = '1M'\nreadonly = true\n"
     running = start_manager("--config", str(write(tmp_path, rom)))
     (region,) = running.client().regions()

@@ -238,6 +238,8 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
             options[key] = value
     if options.pop("no_metrics"):
         options["metrics_port"] = None
+    elif options["metrics_port"] is None and _typed(ctx, "metrics_addr"):
+        raise click.UsageError("--metrics-addr needs --metrics-port (or metrics_port in --config)")
     options["runtime_dir"] = choose_runtime_dir(
         options["runtime_dir"], from_file.get("runtime_dir")
     )[0]

@@ -28,9 +28,14 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 _LOG_FORMATS = ("text", "json")
 
 
+def _shown(value: Any) -> str:
+    """A value as the file spells it (TOML's `true`, not Python's `True`)."""
+    return ("true" if value else "false") if type(value) is bool else repr(value)
+
+
 def _positive_int(key: str, value: Any, minimum: int = 1) -> int:
     if type(value) is not int or value < minimum:
-        raise ValueError(f"must be a whole number of at least {minimum}, got {value!r}")
+        raise ValueError(f"must be a whole number of at least {minimum}, got {_shown(value)}")
     return value
 
 
@@ -39,13 +44,13 @@ def _size(key: str, value: Any) -> int:
         return value
     if isinstance(value, str):
         return units.parse_size(value)
-    raise ValueError(f"must be a size (integer or string like '64M'), got {value!r}")
+    raise ValueError(f"must be a size (integer or string like '64M'), got {_shown(value)}")
 
 
 def _choice(options: tuple[str, ...]) -> Any:
     def check(key: str, value: Any) -> str:
         if value not in options:
-            raise ValueError(f"must be one of {', '.join(options)}, got {value!r}")
+            raise ValueError(f"must be one of {', '.join(options)}, got {_shown(value)}")
         return str(value)
 
     return check
@@ -57,7 +62,7 @@ def _at_least(low: float) -> Any:
 
     def check(key: str, value: Any) -> float:
         if type(value) not in (int, float) or not math.isfinite(value) or value < low:
-            raise ValueError(f"must be a number of at least {low:g}, got {value!r}")
+            raise ValueError(f"must be a number of at least {low:g}, got {_shown(value)}")
         return float(value)
 
     return check
@@ -71,7 +76,7 @@ def _flag(key: str, value: Any) -> bool:
 
 def _string(key: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
-        raise ValueError(f"must be a non-empty string, got {value!r}")
+        raise ValueError(f"must be a non-empty string, got {_shown(value)}")
     return value
 
 
@@ -89,13 +94,13 @@ def check_id(value: Any) -> int:
 
 def _ids(key: str, value: Any) -> tuple[int, ...]:
     if not isinstance(value, list):
-        raise ValueError(f"must be a list of uids/gids, got {value!r}")
+        raise ValueError(f"must be a list of uids/gids, got {_shown(value)}")
     return tuple(check_id(v) for v in value)
 
 
 def _port(key: str, value: Any) -> int:
     if type(value) is not int or not 0 <= value <= 65535:
-        raise ValueError(f"must be a TCP port number (0-65535), got {value!r}")
+        raise ValueError(f"must be a TCP port number (0-65535), got {_shown(value)}")
     return value
 
 

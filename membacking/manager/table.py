@@ -131,9 +131,9 @@ class TableState:
         `rejected`, which counts peers that broke the protocol)."""
         self.refused[reason] += 1
         log.warning(
-            "refused (%s) for pid %s: %s",
+            "refused (%s) for %s: %s",
             reason,
-            pid,
+            f"pid {pid}" if pid is not None else "a control client",
             detail,
             extra={"reason": reason, "peer_pid": pid},
         )
