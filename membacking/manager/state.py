@@ -334,10 +334,11 @@ class ManagerState(PeerState):
         region = self._region(name)
         guard(self, name, "re-mapped")
         if offset < 0 or size <= 0 or (offset | size) % PAGE_SIZE or offset + size > region.size:
+            unaligned = offset < 0 or size <= 0 or (offset | size) % PAGE_SIZE
             raise Refused(
                 "bad-request",
                 f"offset {units.format_address(offset)} + size {units.format_address(size)} "
-                f"must be page-aligned and lie inside region {name!r} "
+                f"must {'be page-aligned and ' if unaligned else ''}lie inside region {name!r} "
                 f"({units.format_size(region.size)})",
             )
         if replace is not None and (replace[2] < 0 or replace[2] % PAGE_SIZE):
