@@ -423,9 +423,7 @@ def test_shutdown_tells_mappers_and_waiting_clients(state: ManagerState) -> None
     assert isinstance(reply, m.Error) and reply.code == "shutting-down"
 
 
-def test_limits_refuse_mappers_regions_and_fds(
-    clock: Clock, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_limits_refuse_mappers_regions_and_fds(clock: Clock) -> None:
     from membacking.manager.errors import Refused
     from membacking.manager.state import Limits
 
@@ -448,7 +446,6 @@ def test_limits_refuse_mappers_regions_and_fds(
         "limit"
     ]
     assert state.refused["limit"] == 1
-    assert "refused (limit) for a control client: add_region" in caplog.text  # (no "pid None")
     bad = m.ControlRequest("add_region", {"name": "c", "gpa": 3, "size": MiB})
     state.handle_control(b"client", bad)  # the request's own fault: not a limit's refusal
     assert state.refused["limit"] == 1 and sum(state.refused.values()) == 1
@@ -499,17 +496,3 @@ def test_refusals_show_sizes_and_addresses_as_typed(state: ManagerState) -> None
         "gpa 0x30001 (196609) must be a multiple of 4096 (a page)"
     )
     assert refusal("add_region", name="a", gpa=-4096, size=4096).endswith("must not be negative")
-
-
-def test_a_change_outside_its_region_says_so_without_speaking_of_alignment(
-    state: ManagerState,
-) -> None:
-    from membacking.manager.errors import Refused
-
-    state.add_region("a", 0, 64 * MiB, True)
-    with pytest.raises(Refused) as outside:
-        state.change_mappings("a", 63 * MiB, 2 * MiB)
-    assert "must lie inside region 'a' (64 MiB)" in str(outside.value), outside.value
-    with pytest.raises(Refused) as unaligned:
-        state.change_mappings("a", 4097, 4096)
-    assert "must be page-aligned and lie inside region 'a'" in str(unaligned.value)

@@ -176,3 +176,26 @@ def test_fd_denied_behind_every_map_until_a_release_frees_a_slot() -> None:
     assert not [e for e in out if isinstance(e, SendFd)]  # the freed slot pushes nothing
     out = state.handle_mapper(requests, m.SendMappings(MemoryRange(MiB, MiB + 4096)))
     assert [e.msg for e in out if isinstance(e, SendFd)] == [m.FdGrant(2, MiB, True)]
+
+
+def test_a_change_outside_its_region_says_so_without_speaking_of_alignment(
+    state: ManagerState,
+) -> None:
+    state.add_region("a", 0, 64 << 20, True)
+    with pytest.raises(Refused) as outside:
+        state.change_mappings("a", 63 << 20, 2 << 20)
+    assert "must lie inside region 'a' (64 MiB)" in str(outside.value), outside.value
+    with pytest.raises(Refused) as unaligned:
+        state.change_mappings("a", 4097, 4096)
+    assert "must be page-aligned and lie inside region 'a'" in str(unaligned.value)
+
+
+def test_a_control_clients_refusal_is_logged_as_such(caplog: pytest.LogCaptureFixture) -> None:
+    from membacking.manager.model import Limits
+
+    state = ManagerState(RecordingStore(), limits=Limits(max_regions=1))
+    state.add_region("a", 0, MiB, True)
+    asked = m.ControlRequest("add_region", {"name": "b", "gpa": MiB, "size": MiB})
+    out = state.handle_control(b"client", asked)
+    assert [e.code for e in msgs(out) if isinstance(e, m.Error)] == ["limit"]
+    assert "refused (limit) for a control client: add_region" in caplog.text  # not "pid None"
