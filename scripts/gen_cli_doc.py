@@ -35,8 +35,9 @@ regions, a size only the daemon can judge (beyond the address space, not a multi
 page), a timeout, initial regions that cannot be created, a VM layout `qemu run` refuses (its QEMU
 arguments included: QEMU.md). 0 otherwise. Either way the error is one
 line on stderr (`Error: ...`; `manager run` with `--log-format json` writes it as one more JSON
-record instead, with `"fatal": true` and its `exit_code`); for a usage mistake (an unknown option, a missing argument, options
-that do not go together) click's usage line and a pointer to `--help` come before it.
+record instead, with `"fatal": true` and its `exit_code`); for a usage mistake (an unknown
+option, a missing argument, options that do not go together) click's usage line and a pointer
+to `--help` come before it.
 
 Shell completion is click's: `eval "$(_MEMBACKING_COMPLETE=bash_source membacking)"` in `~/.bashrc`
 (`zsh_source` in `~/.zshrc`, `fish_source` for fish); region names complete from the running daemon.
