@@ -324,7 +324,7 @@ class Persistence:
         enable or a move change what the journal keeps), and unlink the files of mappables
         destroyed since (removals that completed; the journal stopped naming them when the
         removal was asked for)."""
-        if not os.path.isdir(self.dir.root):  # removed under the daemon (`state remove --force`)
+        if self.lost():  # removed under the daemon (`state remove --force`)
             state.persistence["keep_state"] = False  # (shutdown.py: its stop is for good)
             state.persistence["journal_error"] = (
                 f"the state directory {self.dir.root} was removed: nothing is journaled, and a "
