@@ -30,10 +30,18 @@ class ScriptedManager:
     """Registers one mapper (Welcome, then Attached for its stream socket) and then does only
     what the test says. With `older`, it refuses the stream's role as a manager of an earlier
     release does; with `strict_arity`, it refuses a Hello with a feature mask as that release's
-    decoder does (bad-arity, connection kept open)."""
+    decoder does (bad-arity, connection kept open). Its Welcome grants `features` (None: no
+    mask, as a manager of an earlier release), with a state_id when they hold REATTACH."""
 
-    def __init__(self, root: Path, older: bool = False, strict_arity: bool = False) -> None:
+    def __init__(
+        self,
+        root: Path,
+        older: bool = False,
+        strict_arity: bool = False,
+        features: int | None = None,
+    ) -> None:
         self.older = older
+        self.features = features
         self.strict_arity = strict_arity
         self.hellos: list[m.Hello] = []
         paths = RuntimePaths.resolve(root)
@@ -58,7 +66,9 @@ class ScriptedManager:
             hello, _ = recv_message(self.conn)
             assert isinstance(hello, m.Hello)
             self.hellos.append(hello)
-        send_message(self.conn, m.Welcome(1, TOKEN, 1 << 30, 4096))
+        reattach = (self.features or 0) & m.FEATURE_REATTACH
+        state_id = TOKEN if reattach else None
+        send_message(self.conn, m.Welcome(1, TOKEN, 1 << 30, 4096, self.features, state_id))
         identity, data = self.router.recv_multipart()
         attach = decode(data, Channel.MAPPER)
         assert isinstance(attach, m.Attach) and attach.role == m.ROLE_STREAM_FD

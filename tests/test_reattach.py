@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -259,3 +260,35 @@ def test_an_eager_upgrade_cut_by_a_crash_ends_eager_under_the_new_daemon(
     mapped = worker.ask("mapped").split(",")
     for i in range(count):
         assert f"{0x40000000 + i * 0x10000:#x}-{0x40000000 + (i + 1) * 0x10000:#x}" in mapped, i
+
+
+@pytest.mark.parametrize("reconnect", [30.0, 0.0])
+def test_a_mapper_without_reattach_drops_its_mappings_when_the_manager_dies(
+    start_manager: Start, monkeypatch: pytest.MonkeyPatch, reconnect: float
+) -> None:
+    """A mapper that did not negotiate REATTACH (as against a manager of an earlier release)
+    cannot prove to the next manager what it holds, so no removal could reach it: when fd.sock
+    ends without a Shutdown it drops every mapping at once (§9), not when it registers again.
+    With a reconnect timeout its next fault asks the successor, and the memory is still there."""
+    monkeypatch.setattr(m, "SUPPORTED_FEATURES", m.SUPPORTED_FEATURES & ~m.FEATURE_REATTACH)
+    first = start_manager(*REGIONS)
+    with membacking.attach(first.runtime_dir, reconnect_timeout=reconnect) as memory:
+        mapper = memory._mapper
+        assert not mapper.link.features & m.FEATURE_REATTACH
+        memory.write_at(0x1000, b"kept")
+        assert len(mapper.chunks) == 1
+        first.stop(signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while len(mapper.chunks) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(mapper.chunks) == 0  # before any successor runs
+        assert mapper.dropped is None  # not for good: later faults may ask again
+        if not reconnect:
+            with pytest.raises(membacking.ManagerGoneError):
+                memory.read_at(0x1000, 4)
+            return
+        again = threading.Event()
+        memory.on_registered_again(lambda kept, old_id: again.set())
+        start_manager(*REGIONS, runtime_dir=first.runtime_dir)
+        assert again.wait(15)
+        assert memory.read_at(0x1000, 4) == b"kept"  # mapped again from the successor

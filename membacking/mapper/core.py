@@ -29,19 +29,12 @@ from ..protocol import messages as m
 from ..protocol.errors import ProtocolError
 from ..protocol.messages import PRIVATE_MAPPABLE, Message
 from ..protocol.ranges import MemoryRange
-from ..protocol.shutdowns import drops_mappings
 from . import reconnect
 from .acks import AckQueue
 from .chunks import Chunk, ChunkTable, MapCountBudget
 from .faulting import fault
 from .fds import MapperFds
-from .lease import (
-    FAREWELL_WAIT,
-    POLL_MS,
-    Lease,
-    describe_shutdown,
-    drop_every_mapping,
-)
+from .lease import FAREWELL_WAIT, POLL_MS, Lease, on_hangup, on_shutdown
 from .link import ManagerLink
 from .views import ViewPins, end_copy_on_write
 from .waitlist import MAP_FAILED, WaiterSet
@@ -211,7 +204,7 @@ class VaMapper:
         elif lost is not None and self.relinked.is_set():  # (a Shutdown has not decided yet)
             self._await_farewell()
         if lost is not None:
-            self.manager_gone(lost)
+            on_hangup(self, lost)
         return lost is not None
 
     def _await_farewell(self) -> None:
@@ -301,13 +294,7 @@ class VaMapper:
             self._eager_message = msg.message
             self._eager_done.set()
         elif isinstance(msg, m.Shutdown):
-            # the manager's own reason says more than a closed connection noticed first
-            # (a second Shutdown, on the other socket, says the same again)
-            self.gone = None
-            reason = describe_shutdown(msg.reason)
-            if drops_mappings(msg):
-                drop_every_mapping(self, reason)  # the manager backs nothing here now
-            self.manager_gone(reason, final=msg.code != m.SHUTDOWN_RESTARTING, announced=True)
+            on_shutdown(self, msg)
         elif isinstance(msg, m.DetachAck):
             self._detach_acked.set()
         elif isinstance(msg, m.Error):

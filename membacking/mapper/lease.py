@@ -11,6 +11,9 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ..protocol import messages as m
+from ..protocol.shutdowns import drops_on_hangup, mapper_drops
+
 if TYPE_CHECKING:
     from .core import VaMapper
 
@@ -42,11 +45,13 @@ def describe_shutdown(reason: str) -> str:
     return f"the manager shut down ({reason})"
 
 
-def drop_every_mapping(mapper: VaMapper, reason: str) -> None:
+def drop_every_mapping(mapper: VaMapper, reason: str, for_good: bool = True) -> None:
     """The manager no longer backs anything the mapper holds (evicted, or it stopped): unmap
     every chunk and close every fd, before any access can touch them again. A range an open
     view still pins gets private anonymous memory in place of the old backing (the view reads
-    zeros from then on, and never the removed memory), so the view cannot fault."""
+    zeros from then on, and never the removed memory), so the view cannot fault. Not
+    `for_good` (a mapper without REATTACH whose manager died or restarts): later faults ask the
+    next manager again."""
     if mapper.dropped is not None:
         return
     with mapper.lock:
@@ -66,9 +71,32 @@ def drop_every_mapping(mapper: VaMapper, reason: str) -> None:
         mapper.chunks.clear()
         mapper.hot[0:2] = 0, 0
         mapper._pending_unmaps.clear()  # nobody to acknowledge them to
-        mapper.dropped = reason
+        if for_good:
+            mapper.dropped = reason
     mapper.fds.close_all()
     log.warning("mapper %d: every mapping dropped: %s", mapper.id, reason)
+
+
+def on_shutdown(mapper: VaMapper, msg: m.Shutdown) -> None:
+    """The manager let the mapper go: drop what it no longer backs, then stop or wait for its
+    successor. Its own reason says more than a closed connection noticed first (a second
+    Shutdown, on the other socket, says the same again)."""
+    mapper.gone = None
+    reason = describe_shutdown(msg.reason)
+    final = msg.code != m.SHUTDOWN_RESTARTING
+    if mapper_drops(msg, mapper.link.features):  # the manager backs nothing here now
+        drop_every_mapping(mapper, reason, for_good=final)
+    mapper.manager_gone(reason, final=final, announced=True)
+
+
+def on_hangup(mapper: VaMapper, lost: str) -> None:
+    """fd.sock ended and no Shutdown decided (the manager died): a mapper without REATTACH
+    drops every mapping, since no successor could learn what it holds and bind it (§9); later
+    faults ask that successor again. Then it stops or waits for the successor."""
+    if mapper.gone is None and mapper.relinked.is_set() and drops_on_hangup(mapper.link.features):
+        why = f"{lost}; without REATTACH the next manager could not learn what it holds"
+        drop_every_mapping(mapper, why, for_good=False)
+    mapper.manager_gone(lost)
 
 
 class Lease:

@@ -51,3 +51,16 @@ def drops_mappings(shutdown: Shutdown) -> bool:
     if shutdown.code is not None:
         return shutdown.code != SHUTDOWN_RESTARTING
     return shutdown.reason.startswith(DROPPING_TEXTS)
+
+
+def mapper_drops(shutdown: Shutdown, features: int) -> bool:
+    """Whether a mapper that negotiated `features` drops every mapping on this Shutdown: as
+    `drops_mappings` says, and on a restart too without REATTACH (it cannot prove what it holds
+    to the next manager, whatever a manager of an earlier release wrote)."""
+    return drops_mappings(shutdown) or not features & FEATURE_REATTACH
+
+
+def drops_on_hangup(features: int) -> bool:
+    """Whether a mapper that negotiated `features` drops every mapping when fd.sock ends
+    without a Shutdown (the manager died): only a REATTACH mapper keeps them (§9)."""
+    return not features & FEATURE_REATTACH
