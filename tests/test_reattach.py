@@ -264,7 +264,10 @@ def test_an_eager_upgrade_cut_by_a_crash_ends_eager_under_the_new_daemon(
 
 @pytest.mark.parametrize("reconnect", [30.0, 0.0])
 def test_a_mapper_without_reattach_drops_its_mappings_when_the_manager_dies(
-    start_manager: Start, monkeypatch: pytest.MonkeyPatch, reconnect: float
+    start_manager: Start,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    reconnect: float,
 ) -> None:
     """A mapper that did not negotiate REATTACH (as against a manager of an earlier release)
     cannot prove to the next manager what it holds, so no removal could reach it: when fd.sock
@@ -292,3 +295,4 @@ def test_a_mapper_without_reattach_drops_its_mappings_when_the_manager_dies(
         start_manager(*REGIONS, runtime_dir=first.runtime_dir)
         assert again.wait(15)
         assert memory.read_at(0x1000, 4) == b"kept"  # mapped again from the successor
+        assert "without REATTACH" in caplog.text and "fresh start" not in caplog.text

@@ -215,8 +215,11 @@ def _restore(mapper: VaMapper, old_state: bytes | None, old_id: int) -> None:
     """Registered with a new manager: keep what it still serves, drop the rest."""
     mapper.id = mapper.fds.id = mapper.acks.id = mapper.link.mapper_id
     _forget_acks(mapper)
-    if old_state is None or mapper.link.state_id != old_state:
-        dropped = _drop_everything(mapper)
+    if old_state is not None and mapper.link.state_id == old_state:
+        _send_holdings(mapper)
+        return
+    dropped = _drop_everything(mapper)
+    if dropped or old_state is not None:  # (without REATTACH it dropped them at the hang-up)
         log.warning(
             "mapper %d (was %d): the manager serves other memory now (a fresh start): dropped "
             "%d mappings and every fd",
@@ -224,8 +227,6 @@ def _restore(mapper: VaMapper, old_state: bytes | None, old_id: int) -> None:
             old_id,
             dropped,
         )
-    else:
-        _send_holdings(mapper)
 
 
 def _send_holdings(mapper: VaMapper) -> None:
