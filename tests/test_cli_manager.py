@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -362,3 +363,24 @@ def test_a_region_flag_is_checked_as_the_configuration_file_is(tmp_path: Path) -
     for args in (("--region", "a=0:5000"), ("--config", str(config))):
         result = run_cli("manager", "run", "--runtime-dir", str(tmp_path / "r"), *args)
         assert_clean_error(result, "size 0x1388 (5000) must be a non-zero multiple of 4096", 2)
+
+
+def test_a_refused_start_claims_no_region_added(
+    start_manager: Callable[..., RunningManager],
+) -> None:
+    """A start refused after some initial regions were made leaves none of them behind: its
+    log says nothing was added (the lines come once a start succeeds)."""
+    overlap = ("--region", "a=0:1M", "--region", "b=0x100000:1M", "--region", "c=0x80000:1M")
+    with socket.socket() as busy:  # a metrics port in use refuses the start after the regions
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        for args in (overlap, ("--region", "a=0:1M", "--metrics-port", port)):
+            runtime = short_tmpdir() / "rt"
+            result = run_cli("manager", "run", "--runtime-dir", str(runtime), "--no-state", *args)
+            assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+            assert " added (" not in result.stderr, result.stderr
+            assert not runtime.exists()
+    started = start_manager("--region", "a=0:1M", "--region", "b=0x100000:1M")
+    log = started.log()
+    assert "region a added (0x0-0x100000" in log and "region b added (0x100000-0x200000" in log

@@ -181,6 +181,7 @@ class Daemon(FdServer):
             startup.serve_metrics(self)
             if self.persist is not None:
                 self.persist.announce()
+            startup.log_held(self)
         except BaseException:
             startup.failed(self, taken)
             self._close_all()

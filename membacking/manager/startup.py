@@ -102,6 +102,7 @@ def adopt(daemon: Daemon, taken: handover.Takeover | None) -> None:
         if fdstore is not None
         else "the state handed over"
     )
+    daemon.state.held_lines = []  # logged once the whole start succeeded (log_held)
     for spec in daemon.config.regions:
         want = (spec.gpa, spec.size, spec.readonly, spec.backing, spec.file)
         try:
@@ -135,6 +136,14 @@ def adopt(daemon: Daemon, taken: handover.Takeover | None) -> None:
             held - limit + 1,
             held + 1,
         )
+
+
+def log_held(daemon: Daemon) -> None:
+    """The start succeeded: log the initial regions it added (held until now, so that a
+    start refused after some were made does not claim them: it made nothing)."""
+    lines, daemon.state.held_lines = daemon.state.held_lines or [], None
+    for line in lines:
+        log.info(*line)
 
 
 def _adopt_sent(daemon: Daemon, data: bytes) -> None:

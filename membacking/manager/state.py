@@ -69,6 +69,9 @@ class ManagerState(PeerState):
         self._hugetlb: set[int] = set()  # mappables backed by hugetlb memfds
         #: where the state outlives the daemon, for `status` (persist.describe, set at start)
         self.persistence: dict[str, Any] = {"state_dir": None, "keep_state": False}
+        #: while a start may still be undone: the "region added" lines, logged once it is not
+        #: (startup.log_held); a refused start made nothing, so it claims no addition
+        self.held_lines: list[tuple[Any, ...]] | None = None
 
     def _alignment(self, region: Region) -> int:
         """What a region's GPA must be a multiple of: the huge page size if any of it is
@@ -192,7 +195,7 @@ class ManagerState(PeerState):
         if gpa is not None:
             self.placed.add(region)
         self.region_bytes += size
-        log.info(
+        line = (
             "region %s added (%s, %d bytes, priority %d%s)",
             name,
             region.range or "not placed",
@@ -200,6 +203,10 @@ class ManagerState(PeerState):
             priority,
             "" if enabled else ", disabled",
         )
+        if self.held_lines is None:
+            log.info(*line)
+        else:
+            self.held_lines.append(line)
         op = self.start_op(f"add {name}", reply_to)
         effects = self._reconcile([region.range], op) if region.range is not None else []
 
