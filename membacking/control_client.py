@@ -371,7 +371,9 @@ class ControlClient:
         return result
 
     def unmap_range(self, name: str, offset: int, size: int) -> dict[str, Any]:
-        """Remove [offset, offset+size) of a region's backing (splitting what straddles it)."""
+        """Remove [offset, offset+size) of a region's backing (splitting what straddles it).
+        The region map answered has `unmapped_bytes`: how much of the range had a backing (0:
+        it was a hole already, and nothing changed)."""
         result: dict[str, Any] = self.call(
             "unmap_range", timeout=self.long_timeout, name=name, offset=offset, size=size
         )

@@ -32,8 +32,9 @@ multiple of 4096, an address or offset that is not a multiple of 4096); a `--con
 missing, unreadable, not TOML or has a bad key or value (the same mistake typed as an option exits
 2 too). 1 for what the daemon or the system refuses: no daemon, an unknown region, overlapping
 regions, a size only the daemon can judge (beyond the address space, not a multiple of the huge
-page), a timeout, initial regions that cannot be created, a VM layout `qemu run` refuses (its QEMU
-arguments included: QEMU.md). 0 otherwise. Either way the error is one
+page), a timeout, initial regions that cannot be created, a `region unmap` of a range that is a
+hole already (nothing changes), a VM layout `qemu run` refuses (its QEMU arguments included:
+QEMU.md). 0 otherwise. Either way the error is one
 line on stderr (`Error: ...`; `manager run` with `--log-format json` writes it as one more JSON
 record instead, with `"fatal": true` and its `exit_code`); for a usage mistake (an unknown
 option, a missing argument, options that do not go together) click's usage line and a pointer

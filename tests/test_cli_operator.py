@@ -349,3 +349,22 @@ def test_debug_logging_says_what_the_daemon_does(start_manager: Start) -> None:
     quiet = start_manager("--region", "ram0=0:1M")
     assert quiet.cli("mem", "read", "0", "1").returncode == 0
     assert "DEBUG" not in quiet.log()
+
+
+def test_unmap_of_a_hole_says_nothing_changed(manager: RunningManager) -> None:
+    """`region unmap` of a range with no backing is refused in one line (exit 1): nothing was
+    mapped there; a range partly a hole says how much it unmapped."""
+    done = manager.cli("region", "unmap", "ram0", "0", "8K")
+    assert done.returncode == 0 and done.stdout.startswith("unmapped 8 KiB at offset 0x0 ")
+    again = manager.cli("region", "unmap", "ram0", "0", "8K")
+    assert (again.returncode, again.stdout, again.stderr.strip()) == (
+        1,
+        "",
+        "Error: nothing is mapped in the 8 KiB at offset 0x0 of region ram0 (it is a hole "
+        "already): nothing changed",
+    )
+    assert manager.cli("region", "unmap", "ram0", "0", "8K", "--json").returncode == 1
+    part = manager.cli("region", "unmap", "ram0", "0", "16K")
+    assert part.returncode == 0, part.stderr
+    assert part.stdout.startswith("unmapped 8 KiB of the 16 KiB at offset 0x0 (the rest was")
+    assert manager.client().unmap_range("ram0", 0, 16 << 10)["unmapped_bytes"] == 0

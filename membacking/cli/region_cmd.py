@@ -274,17 +274,22 @@ def region_map(
 def region_unmap(
     runtime_dir: Path, timeout: float | None, as_json: bool, name: str, offset: int, size: int
 ) -> None:
-    """Remove OFFSET..OFFSET+SIZE of region NAME's backing, leaving a hole."""
+    """Remove OFFSET..OFFSET+SIZE of region NAME's backing, leaving a hole (exit 1 if it is
+    a hole already: nothing changes)."""
     client = control_client(runtime_dir, timeout)
     r = _wait_showing_holders(
         client, f"unmapping from {name}", lambda: client.unmap_range(name, offset, size)
     )
-    _done(
-        r,
-        f"unmapped {units.format_size(size)} at offset {units.format_address(offset)} "
-        f"of region {_describe(r)}",
-        as_json,
-    )
+    where = f"{units.format_size(size)} at offset {units.format_address(offset)}"
+    unmapped = r.get("unmapped_bytes")  # (None from a manager of an earlier release)
+    if unmapped == 0:
+        raise click.ClickException(
+            f"nothing is mapped in the {where} of region {name} (it is a hole already): "
+            "nothing changed"
+        )
+    if unmapped is not None and unmapped < size:
+        where = f"{units.format_size(unmapped)} of the {where} (the rest was a hole already)"
+    _done(r, f"unmapped {where} of region {_describe(r)}", as_json)
 
 
 #: Seconds a change may take before the command says whom it waits for, and how often after.

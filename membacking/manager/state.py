@@ -400,7 +400,10 @@ class ManagerState(PeerState):
                 self.counters["demotions"] += 1
                 told.append(self._to_mapper(entry, m.EagerResult(False, why[:1000])))
             around = (offset, offset + size)
-            return told + self._reply(op, region_info(self, region, around=around))
+            info = region_info(self, region, around=around)
+            if replace is None:  # an unmap says how much had a backing (0: a hole already)
+                info["unmapped_bytes"] = sum(s.size for s in removed)
+            return told + self._reply(op, info)
 
         op.on_done = done
         return effects + self._maybe_finish(op)
