@@ -13,9 +13,12 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
+import membacking
+from membacking.manager.model import Limits
 from membacking.manager.statedir import default_state_dir
 from membacking.runtime import RuntimePaths
 
@@ -368,3 +371,31 @@ def test_unmap_of_a_hole_says_nothing_changed(manager: RunningManager) -> None:
     assert part.returncode == 0, part.stderr
     assert part.stdout.startswith("unmapped 8 KiB of the 16 KiB at offset 0x0 (the rest was")
     assert manager.client().unmap_range("ram0", 0, 16 << 10)["unmapped_bytes"] == 0
+
+
+def test_limit_refusals_name_where_the_limit_was_set(start_manager: Start, tmp_path: Path) -> None:
+    """A limit's refusal names the config file's key when the limit came from the file, the
+    option when it was typed (which overrides the file), the default when neither set it."""
+    config = tmp_path / "limits.toml"
+    config.write_text("[limits]\nmax_regions = 1\nmax_mappers = 1\nmax_fds_per_mapper = 1\n")
+    spans = ("--region", "ram0=0:1M", "--no-state", "--config", str(config))
+    from_file = start_manager(*spans)
+    added = from_file.cli("region", "add", "b", "1M", "1M")
+    assert added.returncode == 1 and added.stderr.strip() == (
+        f"Error: the manager holds 1 region, its limit (limits.max_regions in {config}) is 1"
+    )
+    with membacking.attach(from_file.runtime_dir):
+        second = from_file.cli("mem", "read", "0", "1")
+    assert second.returncode == 1
+    assert f"limit of 1 mappers (limits.max_mappers in {config})" in second.stderr
+    typed = start_manager(*spans, "--max-regions", "2", "--max-mappers", "1")
+    assert typed.cli("region", "add", "b", "1M", "1M").returncode == 0
+    refused = typed.cli("region", "add", "c", "2M", "1M")
+    assert "its limit (--max-regions) is 2" in refused.stderr, refused.stderr
+    fds = typed.cli("mem", "read", "0xff000", "0x2000")  # two regions: two fds
+    assert fds.returncode == 1
+    assert f"its limit of 1 fds (limits.max_fds_per_mapper in {config})" in fds.stderr
+    with membacking.attach(typed.runtime_dir):
+        second = typed.cli("mem", "read", "0", "1")
+    assert "its limit of 1 mappers (--max-mappers)" in second.stderr, second.stderr
+    assert Limits().origin("max_regions") == "the default of --max-regions"

@@ -459,9 +459,9 @@ def test_a_restart_with_a_lower_max_regions_keeps_every_region_and_says_so(
     first = killed_after_writing(start_manager)
     second = start_manager("--max-regions", "1", runtime_dir=first.runtime_dir)
     said = " ".join(second.log().split())
-    assert "holds 2 regions, more than --max-regions 1" in said, said
+    assert "holds 2 regions, more than its limit of 1 (--max-regions)" in said, said
     assert "no region can be added until 2 are removed" in said
-    assert "(or start with --max-regions 3 or more to add one)" in said
+    assert "(or start with that limit at 3 or more to add one)" in said
     assert {r["name"] for r in second.client().regions()} == {"ram0", "rom"}
     with membacking.attach(second.runtime_dir) as memory:
         assert memory.read_at(0, 3) == b"old"

@@ -16,6 +16,7 @@ from click.core import ParameterSource
 from .. import units
 from ..errors import MembackingError
 from ..manager.config import MIN_UNMAP_TIMEOUT
+from ..manager.model import LIMIT_FLAGS
 from ..manager.state import Limits
 from .common import (
     SIZE,
@@ -72,6 +73,18 @@ def _typed(ctx: click.Context, key: str) -> bool:
         ParameterSource.DEFAULT,
         ParameterSource.ENVIRONMENT,
     )
+
+
+def _limit_origins(
+    typed: set[str], from_file: dict[str, Any], config_path: Path | None
+) -> dict[str, str]:
+    """Where each limit set comes from, for the messages that name it: its option typed, or
+    its key in the configuration file (a limit in neither is its default)."""
+    origins = {key: flag for key, flag in LIMIT_FLAGS.items() if key in typed}
+    for key in LIMIT_FLAGS:
+        if key not in origins and key in from_file:
+            origins[key] = f"limits.{key} in {config_path}"
+    return origins
 
 
 @manager.command("run")
@@ -261,7 +274,10 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
         allow_uids=frozenset(options["allow_uids"]),
         allow_gids=frozenset(options["allow_gids"]),
         limits=Limits(
-            options["max_mappers"], options["max_regions"], options["max_fds_per_mapper"]
+            options["max_mappers"],
+            options["max_regions"],
+            options["max_fds_per_mapper"],
+            origins=_limit_origins(typed, from_file, config_path),
         ),
         metrics_port=options["metrics_port"],
         metrics_addr=options["metrics_addr"],

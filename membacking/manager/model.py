@@ -18,6 +18,16 @@ DEFAULT_ADDRESS_SPACE = 1 << 40  # 1 TiB of guest-physical address space
 BACKINGS = ("memfd", "file", "hugetlb", "private")
 
 
+#: the `manager run` option of each limit
+LIMIT_FLAGS = {
+    "max_mappers": "--max-mappers",
+    "max_regions": "--max-regions",
+    "max_fds_per_mapper": "--max-fds-per-mapper",
+}
+#: the longest origin a message shows (a refusal's text must fit MAX_REASON_LEN on the wire)
+_ORIGIN_LEN = 240
+
+
 @dataclass(frozen=True)
 class Limits:
     """Resource limits; a request beyond one is refused with code "limit"."""
@@ -25,6 +35,17 @@ class Limits:
     max_mappers: int = 1024
     max_regions: int = 16384  # a mapper can hold ~32k separate mappings (vm.max_map_count)
     max_fds_per_mapper: int = 4096
+    #: where `manager run` took each limit from: "--max-regions", or "limits.max_regions in
+    #: FILE"; one not named here is its default (or was set through the Python API)
+    origins: dict[str, str] = field(default_factory=dict, compare=False, hash=False)
+
+    def origin(self, key: str) -> str:
+        """Where limit `key` came from, for the messages that name it."""
+        given = self.origins.get(key)
+        if given is not None:
+            return given if len(given) <= _ORIGIN_LEN else "..." + given[3 - _ORIGIN_LEN :]
+        flag = LIMIT_FLAGS[key]
+        return f"the default of {flag}" if getattr(self, key) == getattr(Limits, key) else flag
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,8 @@ class PeerState(TableState):
             self.refuse("limit", f"mapper {name!r} refused: {len(self.mappers)} attached", pid)
             raise Refused(
                 "limit",
-                f"the manager already serves its limit of {self.limits.max_mappers} mappers",
+                f"the manager already serves its limit of {self.limits.max_mappers} mappers "
+                f"({self.limits.origin('max_mappers')})",
             )
         if self.mappers and self.has_private_regions():
             self.refuse("private", f"mapper {name!r} refused: private RAM is in use", pid)

@@ -127,12 +127,13 @@ def adopt(daemon: Daemon, taken: handover.Takeover | None) -> None:
     limit, held = daemon.config.limits.max_regions, len(daemon.state.regions)
     if held > limit:  # kept: the limit bounds growth, and refusing would strand the memory
         log.warning(
-            "%s holds %d regions, more than --max-regions %d: every one is kept, and no "
-            "region can be added until %d are removed (or start with --max-regions %d or more "
+            "%s holds %d regions, more than its limit of %d (%s): every one is kept, and no "
+            "region can be added until %d are removed (or start with that limit at %d or more "
             "to add one)",
             adopted_from,
             held,
             limit,
+            daemon.config.limits.origin("max_regions"),
             held - limit + 1,
             held + 1,
         )

@@ -169,8 +169,9 @@ class ManagerState(PeerState):
             held, limit = len(self.regions), self.limits.max_regions
             raise Refused(
                 "limit",
-                f"the manager holds {units.plural(held, 'region')}, its limit (--max-regions) is "
-                f"{limit}" + (f": remove {held - limit + 1} first" if held > limit else ""),
+                f"the manager holds {units.plural(held, 'region')}, its limit "
+                f"({self.limits.origin('max_regions')}) is {limit}"
+                + (f": remove {held - limit + 1} first" if held > limit else ""),
             )
         if backing == "private" and len(self.mappers) > 1:
             raise Refused("private", "private RAM needs a single mapper; more are attached")

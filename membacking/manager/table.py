@@ -222,7 +222,8 @@ class TableState:
         if len(entry.fds_sent) >= self.limits.max_fds_per_mapper:
             limit = self.limits.max_fds_per_mapper
             self.refuse("limit", f"fd limit of {limit} reached", entry.pid)
-            reason = f"this mapper holds its limit of {limit} fds"
+            origin = self.limits.origin("max_fds_per_mapper")
+            reason = f"this mapper holds its limit of {limit} fds ({origin})"
             return [SendFd(entry.id, m.FdDenied(mappable_id, reason))]
         size, writable = self.store.describe(mappable_id)
         entry.fds_sent.add(mappable_id)
