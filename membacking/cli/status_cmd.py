@@ -17,8 +17,9 @@ from .common import control_client, echo_json, json_option, runtime_dir_option, 
 @json_option
 def status_cmd(runtime_dir: Path, timeout: float | None, as_json: bool) -> None:
     """Show the serving manager: pid, version, uptime, runtime directory, state directory
-    (and whether a clean stop keeps it), counts, resources and health (exit 0 while it
-    answers, even degraded; 1 if no manager answers)."""
+    (and whether a clean stop keeps it), counts, resources, limits (and where each was set),
+    --evict-kill, the metrics URL and health (exit 0 while it answers, even degraded; 1 if no
+    manager answers)."""
     client = control_client(runtime_dir, timeout)
     status = client.status()
     status["runtime_dir"] = str(client.paths.root)
@@ -43,6 +44,7 @@ def status_cmd(runtime_dir: Path, timeout: float | None, as_json: bool) -> None:
         ("memory", f"{units.format_size(status['rss_bytes'])} resident"),
         ("mappings", f"{status['vmas']} VMAs"),
         ("unmap timeout", units.format_duration(status["unmap_timeout"])),
+        *_settings_rows(status),
     ]
     awaited = status.get("awaited") or []  # mappers of the manager before, not back yet
     if awaited:
@@ -69,3 +71,28 @@ def _state_text(status: dict[str, Any]) -> str:
         where += ", and systemd's fd store"
     stop = "kept at a clean stop" if status.get("keep_state") else "ended at a clean stop"
     return f"{where}; {stop}" if status["state_dir"] or status.get("fd_store") else where
+
+
+#: the status rows of the limits: (label, key, what is counted)
+_LIMIT_ROWS = (
+    ("max mappers", "max_mappers", ""),
+    ("max regions", "max_regions", ""),
+    ("max fds", "max_fds_per_mapper", " per mapper"),
+)
+
+
+def _settings_rows(status: dict[str, Any]) -> list[tuple[str, str]]:
+    """The limits (and where each was set), --evict-kill and the metrics URL (a manager of an
+    earlier release does not say: no rows)."""
+    rows = []
+    limits, origins = status.get("limits") or {}, status.get("limit_origins") or {}
+    for label, key, unit in _LIMIT_ROWS:
+        if key in limits:
+            origin = f" ({origins[key]})" if key in origins else ""
+            rows.append((label, f"{limits[key]}{unit}{origin}"))
+    if "evict_kill" in status:
+        kill = "on: a mapper evicted for not answering is also killed"
+        rows.append(("evict kill", kill if status["evict_kill"] else "off"))
+    if "metrics" in status:
+        rows.append(("metrics", status["metrics"] or "not served"))
+    return rows

@@ -18,7 +18,7 @@ from ..protocol.messages import PRIVATE_MAPPABLE, Channel
 from .awaited import may_cut
 from .errors import Refused
 from .metrics import FD_WARN_SHARE, VERSION, process_info
-from .model import Disconnect, MapperEntry
+from .model import LIMIT_FLAGS, Disconnect, MapperEntry
 from .pins import Pins, guard
 from .state import MAX_LISTED_PIECES, Effect, ManagerState, Send, piece_info, region_info
 
@@ -223,6 +223,11 @@ def _status(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[
             "mappers": stats["mappers"],
             "unmap_timeout": state.unmap_timeout,
             "address_space": state.address_space,
+            # the limits and where each was set (the option, the config file, the default)
+            "limits": {key: getattr(state.limits, key) for key in LIMIT_FLAGS},
+            "limit_origins": {key: state.limits.origin(key) for key in LIMIT_FLAGS},
+            "evict_kill": state.evict_kill,
+            "metrics": state.metrics_url,
             **state.persistence,
             "waiting_on": waiting,
             # mappers of the previous manager not back yet, and the changes waiting for them

@@ -13,7 +13,7 @@ from ..errors import MembackingError
 from . import handover
 from .errors import Refused
 from .journal import JournalError, decode
-from .metrics import ManagerMetrics
+from .metrics import ManagerMetrics, metrics_url
 from .persist import adopted_region, describe
 from .rundir import RuntimeDirError
 from .snapshot import check_fits, restore
@@ -65,6 +65,7 @@ def serve_metrics(daemon: Daemon) -> None:
     except OSError as exc:
         where = f"{config.metrics_addr}:{config.metrics_port}"
         raise RuntimeDirError(f"cannot serve metrics on {where}: {exc.strerror or exc}") from None
+    daemon.state.metrics_url = metrics_url(config.metrics_addr, daemon.metrics_port)
 
 
 def adopt(daemon: Daemon, taken: handover.Takeover | None) -> None:

@@ -72,6 +72,8 @@ class ManagerState(PeerState):
         #: while a start may still be undone: the "region added" lines, logged once it is not
         #: (startup.log_held); a refused start made nothing, so it claims no addition
         self.held_lines: list[tuple[Any, ...]] | None = None
+        #: the URL metrics are served on, for `status` (None: not served; startup.py)
+        self.metrics_url: str | None = None
 
     def _alignment(self, region: Region) -> int:
         """What a region's GPA must be a multiple of: the huge page size if any of it is
