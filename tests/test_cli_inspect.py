@@ -19,9 +19,10 @@ def region(name: str, gpa: int, size: int, writable: bool = True) -> dict[str, o
 
 
 def test_map_of_one_region() -> None:
-    lines = render_map([region("ram0", 0, 64 * MiB)], [])
-    assert (
-        lines[0] == "guest address space 0x0-0x4000000: 1 visible region, 64 MiB backed, 0 mappers"
+    lines = render_map([region("ram0", 0, 64 * MiB)], [], address_space=1 << 30)
+    assert lines[0] == (
+        "guest address space 0x0-0x40000000 (1 GiB): 1 visible region in 0x0-0x4000000, "
+        "64 MiB backed, 0 mappers"
     )
     assert set(lines[1].split()[1]) == {"█"}
     assert lines[-1].split() == ["0x0-0x4000000", "64", "MiB", "ram0"]
@@ -64,9 +65,16 @@ def test_map_command(manager: RunningManager, spawn_worker: Callable[..., Worker
     result = manager.cli("map")
     assert result.returncode == 0, result.stderr
     assert f"m{worker.mapper_id}" in result.stdout and "ram0" in result.stdout
+    # the header states the address space the manager serves (1 TiB by default), not the span
+    # up to the highest region; the span is said apart, in the text and in --json alike
+    assert result.stdout.splitlines()[0].startswith(
+        "guest address space 0x0-0x10000000000 (1 TiB): 2 visible regions in 0x0-0x100000000, "
+    )
     data = json.loads(manager.cli("map", "--json").stdout)
     assert {r["name"] for r in data["regions"]} == {"ram0", "rom"}
     assert data["mappers"][0]["held"] == [[0, 64 * MiB]]
+    assert data["address_space"] == manager.client().status()["address_space"] == 1 << 40
+    assert data["regions_span"] == [0, 0x100000000]
 
 
 def test_hexdump_format() -> None:

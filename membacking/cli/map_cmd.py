@@ -127,24 +127,48 @@ def _axis(pieces: list[tuple[int, int, bool]], lo: int, hi: int, width: int) -> 
     return "".join(cells)
 
 
+def _visible(regions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The placed, active regions, by guest address."""
+    return sorted(
+        (r for r in regions if r["gpa"] is not None and r["active"]), key=lambda r: r["gpa"]
+    )
+
+
+def regions_span(regions: list[dict[str, Any]]) -> tuple[int, int] | None:
+    """[start, end) from the lowest visible region to the end of the highest (None: none)."""
+    placed = _visible(regions)
+    if not placed:
+        return None
+    return placed[0]["gpa"], max(r["gpa"] + r["size"] for r in placed)
+
+
+def _space_text(address_space: int | None) -> str:
+    """`guest address space 0x0-0x10000000000 (1 TiB)`: what the manager serves."""
+    if address_space is None:  # a manager that does not say
+        return "guest address space"
+    return f"guest address space 0x0-{address_space:#x} ({units.format_size(address_space)})"
+
+
 def render_map(
     regions: list[dict[str, Any]],
     mappers: list[dict[str, Any]],
     width: int = 64,
     max_rows: int = 40,
+    address_space: int | None = None,
 ) -> list[str]:
-    """The picture as lines of text (pure: tests call it directly)."""
-    placed = sorted(
-        (r for r in regions if r["gpa"] is not None and r["active"]), key=lambda r: r["gpa"]
-    )
-    if not placed:
-        return ["no visible regions"]
-    lo, hi = placed[0]["gpa"], max(r["gpa"] + r["size"] for r in placed)
+    """The picture as lines of text (pure: tests call it directly). The header states the
+    address space the manager serves; the bar and the table span the visible regions."""
+    placed = _visible(regions)
+    space = _space_text(address_space)
+    extent = regions_span(regions)
+    if extent is None:
+        return [f"{space}: no visible regions"]
+    lo, hi = extent
     pieces = [piece for r in placed for piece in _pieces(r)]
     backed = sum(end - start for start, end, _ in pieces)
     lines = [
-        f"guest address space {lo:#x}-{hi:#x}: {len(placed)} visible region"
-        f"{'s' if len(placed) != 1 else ''}, {units.format_size(backed)} backed, "
+        f"{space}: {len(placed)} visible region{'s' if len(placed) != 1 else ''} in "
+        f"{lo:#x}-{hi:#x}, {units.format_size(backed)} backed, "
         f"{len(mappers)} mapper{'s' if len(mappers) != 1 else ''}",
         f"  {lo:#x} {_axis(pieces, lo, hi, width)} {hi:#x}",
         f"  {FULL} read-write  {PART} read-only  {NONE} hole",
@@ -201,11 +225,25 @@ def render_map(
     help="Width of the address-space bar.",
 )
 def map_cmd(runtime_dir: Path, timeout: float | None, as_json: bool, rows: int, width: int) -> None:
-    """Draw the guest address space: regions, holes, and what each mapper has mapped."""
+    """Draw the guest address space: regions, holes, and what each mapper has mapped.
+
+    The first line states the address space the manager serves and the span its visible regions
+    cover; the bar and the table show that span. With --json: address_space (bytes),
+    regions_span ([start, end], null without visible regions), regions and mappers."""
     client = control_client(runtime_dir, timeout)
+    address_space = client.stats().get("address_space")
     regions, mappers = client.regions(), client.mappers()
     if as_json:
-        echo_json({"regions": regions, "mappers": mappers})
+        span = regions_span(regions)
+        echo_json(
+            {
+                "address_space": address_space,
+                "regions_span": None if span is None else list(span),
+                "regions": regions,
+                "mappers": mappers,
+            }
+        )
         return
-    for line in render_map(regions, mappers, width=width, max_rows=rows):
+    lines = render_map(regions, mappers, width=width, max_rows=rows, address_space=address_space)
+    for line in lines:
         click.echo(line)
