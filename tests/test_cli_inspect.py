@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
+import psutil
+
 from membacking.cli.map_cmd import render_map
 from membacking.cli.mem_cmd import hexdump
 from membacking.cli.watch_cmd import render_watch
@@ -75,6 +77,12 @@ def test_map_command(manager: RunningManager, spawn_worker: Callable[..., Worker
     assert data["mappers"][0]["held"] == [[0, 64 * MiB]]
     assert data["address_space"] == manager.client().status()["address_space"] == 1 << 40
     assert data["regions_span"] == [0, 0x100000000]
+    # each mapper with its process name and RSS, as `membacking mappers --json` gives them
+    listed = json.loads(manager.cli("mappers", "--json").stdout)
+    (entry,) = data["mappers"]
+    assert entry["pid"] == worker.pid and entry["process"] == psutil.Process(worker.pid).name()
+    assert entry["process"] == listed[0]["process"]
+    assert isinstance(entry["rss"], int) and entry["rss"] > 0 and isinstance(listed[0]["rss"], int)
 
 
 def test_hexdump_format() -> None:

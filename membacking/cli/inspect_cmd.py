@@ -65,6 +65,15 @@ def _process(pid: int) -> tuple[str | None, int | None]:
         return None, None
 
 
+def add_process(mappers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Give each mapper of a listing `process` (its process name) and `rss` (its resident
+    bytes), as this host sees its pid (None where it cannot: gone, or another pid namespace);
+    `mappers` and `map` show the same."""
+    for p in mappers:
+        p["process"], p["rss"] = _process(p["pid"])
+    return mappers
+
+
 def _ago(now: float, then: float) -> str:
     seconds = max(0.0, now - then)
     if seconds < 120:
@@ -86,9 +95,7 @@ def _unmapping(p: dict[str, Any], shown: str) -> str:
 def mappers_cmd(runtime_dir: Path, timeout: float | None, as_json: bool) -> None:
     """List the attached mappers (`+N unmapping`: ranges it was told to unmap and has not
     yet acknowledged; a change such as `region remove` waits on them)."""
-    mappers = control_client(runtime_dir, timeout).mappers()
-    for p in mappers:
-        p["process"], p["rss"] = _process(p["pid"])
+    mappers = add_process(control_client(runtime_dir, timeout).mappers())
     if as_json:
         echo_json(mappers)
         return

@@ -21,6 +21,7 @@ from .common import (
     runtime_dir_option,
     timeout_option,
 )
+from .inspect_cmd import add_process
 
 FULL, PART, NONE = "█", "▒", "·"
 MAX_MAPPER_COLUMNS = 8
@@ -229,7 +230,8 @@ def map_cmd(runtime_dir: Path, timeout: float | None, as_json: bool, rows: int, 
 
     The first line states the address space the manager serves and the span its visible regions
     cover; the bar and the table show that span. With --json: address_space (bytes),
-    regions_span ([start, end], null without visible regions), regions and mappers."""
+    regions_span ([start, end], null without visible regions), regions, and mappers as
+    `membacking mappers --json` lists them (with process and rss)."""
     client = control_client(runtime_dir, timeout)
     address_space = client.stats().get("address_space")
     regions, mappers = client.regions(), client.mappers()
@@ -240,7 +242,7 @@ def map_cmd(runtime_dir: Path, timeout: float | None, as_json: bool, rows: int, 
                 "address_space": address_space,
                 "regions_span": None if span is None else list(span),
                 "regions": regions,
-                "mappers": mappers,
+                "mappers": add_process(mappers),
             }
         )
         return
