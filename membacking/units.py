@@ -18,6 +18,8 @@ def parse_size(text: str, what: str = "size") -> int:
     """Parse a byte count or address: decimal or 0x-hex, optional K/M/G/T (powers of 1024)."""
     match = _NUMBER.match(text.strip())
     if match is None:
+        if text.strip().startswith("-") and _NUMBER.match(text.strip()[1:].lstrip()):
+            raise ValueError(f"{what} {text!r} must not be negative")
         raise ValueError(
             f"invalid {what} {text!r}: use a decimal or 0x-hex number, optionally with K, M, G or T"
         )

@@ -400,10 +400,16 @@ def test_parse_size(text: str, value: int) -> None:
     assert units.parse_size(text) == value
 
 
-@pytest.mark.parametrize("text", ["", "-1", "lots", "1.5G", "0x", "64Q", "1 G B", "0x_", "1__0"])
+@pytest.mark.parametrize("text", ["", "lots", "1.5G", "0x", "64Q", "1 G B", "0x_", "1__0", "-x"])
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="invalid size"):
         units.parse_size(text)
+
+
+@pytest.mark.parametrize("text", ["-1", "-0x10", "-4K"])
+def test_parse_size_says_a_negative_number_is_negative(text: str) -> None:
+    with pytest.raises(ValueError, match=f"^address '{text}' must not be negative$"):
+        units.parse_size(text, "address")
 
 
 def test_specs_and_names() -> None:

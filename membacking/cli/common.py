@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +37,32 @@ class Group(click.Group):
             raise UsageMistake(str(exc)) from None
         except MembackingError as exc:
             raise click.ClickException(str(exc)) from None
+
+
+#: what a negative number typed for an argument looks like to click: an option (`-1`, `-0x10`)
+_NEGATIVE = re.compile(r"-[0-9]")
+
+
+class NumericArgs(click.Command):
+    """A command with numeric arguments (addresses, sizes, ids). Click reads `-1` or `-0x10`
+    typed for one as an unknown option ("No such option: -1"); here it is that argument's value,
+    which its type refuses as negative (status 2). Any other unknown option keeps click's
+    error."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, list(args))
+        except click.NoSuchOption as exc:
+            if not _NEGATIVE.match(exc.option_name):
+                raise
+        # the first unknown "option" is a negative number: parse again with unknown options
+        # kept as arguments, in their places (click's parser stopped before taking any value)
+        ignoring = ctx.ignore_unknown_options
+        ctx.ignore_unknown_options = True
+        try:
+            return super().parse_args(ctx, list(args))
+        finally:
+            ctx.ignore_unknown_options = ignoring
 
 
 class UsageMistake(click.ClickException):
@@ -70,6 +97,8 @@ PAGE_SIZE = _Size("size", page=True, nonzero=True)
 PAGE_ADDRESS = _Size("address", page=True)
 PAGE_OFFSET = _Size("offset", page=True)
 FILE_OFFSET = _Size("file offset", page=True)
+#: `mem fill`'s BYTE (the command checks that it is 0-255)
+BYTE = _Size("byte")
 
 
 def _expected(noun: str, low: float | None, high: float | None) -> str:

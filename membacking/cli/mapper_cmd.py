@@ -17,6 +17,7 @@ from ..protocol.ranges import MemoryRange
 from .common import (
     PROGRESS_STEP,
     Group,
+    NumericArgs,
     Whole,
     control_client,
     echo_json,
@@ -97,7 +98,7 @@ def mapper_attach(
     click.echo("mapper detached", err=True)
 
 
-@mapper.command("evict")
+@mapper.command("evict", cls=NumericArgs)
 @runtime_dir_option
 @timeout_option()
 @click.argument("mapper_id", metavar="ID", type=Whole("mapper id", "ID", min=1))

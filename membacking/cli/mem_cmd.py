@@ -15,9 +15,11 @@ from .. import units
 from ..mapper import GuestMemory, attach
 from .common import (
     ADDRESS,
+    BYTE,
     PROGRESS_STEP,
     SIZE,
     Group,
+    NumericArgs,
     control_client,
     echo_json,
     json_option,
@@ -35,7 +37,7 @@ def mem() -> None:
     logging.getLogger("membacking.mapper").setLevel(logging.CRITICAL)
 
 
-@mem.command("read")
+@mem.command("read", cls=NumericArgs)
 @runtime_dir_option
 @timeout_option("10")
 @click.argument("gpa", type=ADDRESS)
@@ -77,7 +79,7 @@ def _read_chunks(memory: GuestMemory, gpa: int, length: int, verb: str) -> Itera
             yield chunk
 
 
-@mem.command("write")
+@mem.command("write", cls=NumericArgs)
 @runtime_dir_option
 @timeout_option("10")
 @click.argument("gpa", type=ADDRESS)
@@ -155,7 +157,7 @@ def hexdump(gpa: int, chunks: Iterable[bytes]) -> Iterator[str]:
     yield f"{gpa + offset:016x}"
 
 
-@mem.command("dump")
+@mem.command("dump", cls=NumericArgs)
 @runtime_dir_option
 @timeout_option("10")
 @click.argument("gpa", type=ADDRESS)
@@ -174,12 +176,12 @@ def mem_dump(
             click.echo(line)
 
 
-@mem.command("fill")
+@mem.command("fill", cls=NumericArgs)
 @runtime_dir_option
 @timeout_option("10")
 @click.argument("gpa", type=ADDRESS)
 @click.argument("length", type=SIZE)
-@click.argument("byte", type=ADDRESS)
+@click.argument("byte", type=BYTE)
 @json_option
 def mem_fill(
     runtime_dir: Path, timeout: float | None, gpa: int, length: int, byte: int, as_json: bool

@@ -22,6 +22,7 @@ from .common import (
     PAGE_OFFSET,
     PAGE_SIZE,
     Group,
+    NumericArgs,
     Whole,
     client_runtime_dir,
     control_client,
@@ -84,7 +85,7 @@ def _region_name(ctx: click.Context, param: click.Parameter, name: str) -> str:
         raise click.BadParameter(str(exc), ctx, param) from None
 
 
-@region.command("add")
+@region.command("add", cls=NumericArgs)
 @runtime_dir_option
 @timeout_option("120")
 @json_option
@@ -171,7 +172,7 @@ def region_remove(runtime_dir: Path, timeout: float | None, as_json: bool, name:
     _done(result, f"removed region {result['name']} ({removal_summary(result)})", as_json)
 
 
-@region.command("enable")
+@region.command("enable", cls=NumericArgs)
 @runtime_dir_option
 @timeout_option("120")
 @json_option
@@ -198,7 +199,7 @@ def region_disable(runtime_dir: Path, timeout: float | None, as_json: bool, name
     _done(r, f"disabled region {_describe(r)}", as_json)
 
 
-@region.command("move")
+@region.command("move", cls=NumericArgs)
 @runtime_dir_option
 @timeout_option("120")
 @json_option
@@ -213,7 +214,7 @@ def region_move(
     _done(r, f"moved region {_describe(r)}", as_json)
 
 
-@region.command("map")
+@region.command("map", cls=NumericArgs)
 @runtime_dir_option
 @timeout_option("120")
 @json_option
@@ -264,7 +265,7 @@ def region_map(
     )
 
 
-@region.command("unmap")
+@region.command("unmap", cls=NumericArgs)
 @runtime_dir_option
 @timeout_option("120")
 @json_option

@@ -1,0 +1,85 @@
+"""Operator mistakes in command-line arguments, against a real daemon: a negative number typed
+for a numeric argument is refused as negative (not taken for an unknown option), and unknown
+options still get click's error; all exit 2 before the daemon is asked anything."""
+
+from __future__ import annotations
+
+import subprocess
+
+import click
+
+from membacking.cli import cli
+from membacking.cli.common import NumericArgs, Whole, _Size
+
+from conftest import RunningManager
+
+
+def usage_error(result: subprocess.CompletedProcess[str], fragment: str) -> None:
+    """Status 2, the fragment in stderr, no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    assert fragment in result.stderr, result.stderr
+
+
+def test_negative_numbers_as_arguments_are_refused_as_negative(manager: RunningManager) -> None:
+    before = manager.client().regions()
+    for args, message in (
+        (("mem", "read", "-1", "4"), "'GPA': address '-1' must not be negative"),
+        (("mem", "read", "0", "-0x10"), "'LENGTH': size '-0x10' must not be negative"),
+        (("mem", "dump", "-0x10", "4"), "'GPA': address '-0x10' must not be negative"),
+        (("mem", "fill", "0", "16", "-1"), "'BYTE': byte '-1' must not be negative"),
+        (("mem", "write", "-1", "--hex", "00"), "'GPA': address '-1' must not be negative"),
+        (("region", "add", "x", "-4096", "4K"), "'GPA': address '-4096' must not be negative"),
+        (("region", "add", "x", "0", "-4K"), "'SIZE': size '-4K' must not be negative"),
+        (("region", "move", "ram0", "-4096"), "'GPA': address '-4096' must not be negative"),
+        (("region", "enable", "ram0", "-4096"), "'[GPA]': address '-4096' must not be negative"),
+        (("region", "map", "ram0", "-4096", "4K"), "'OFFSET': offset '-4096' must not be"),
+        (("region", "unmap", "ram0", "0", "-4K"), "'SIZE': size '-4K' must not be negative"),
+        (("mapper", "evict", "-1"), "'ID': mapper id must be a whole number of at least 1"),
+        # an option's value was taken as given already: it says the same
+        (("mem", "find", "--start", "-1", "abc"), "'--start': address '-1' must not be"),
+    ):
+        result = manager.cli(*args)
+        usage_error(result, f"Error: Invalid value for {message}")
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert manager.client().regions() == before  # nothing reached the daemon
+
+
+def test_unknown_options_keep_clicks_error(manager: RunningManager) -> None:
+    for args in (
+        ("mem", "read", "0", "4", "--bogus"),
+        ("mem", "read", "--bogus", "-1", "4"),  # the first mistake is the unknown option
+        ("region", "add", "-x", "0", "4K"),
+    ):
+        result = manager.cli(*args)
+        usage_error(result, "No such option")
+        assert "Usage: membacking" in result.stderr  # click's usage line, as for any such
+    # a negative number where no argument is left is an extra argument, as click says
+    usage_error(manager.cli("mem", "read", "0", "4", "-1"), "unexpected extra argument (-1)")
+    # options still go anywhere among the arguments
+    read = manager.cli("mem", "read", "0", "--format", "hex", "4")
+    assert (read.returncode, read.stdout.strip()) == (0, "00000000"), read.stderr
+
+
+def _commands(group: click.Group, path: str = "") -> list[tuple[str, click.Command]]:
+    found: list[tuple[str, click.Command]] = []
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            found += _commands(command, f"{path}{name} ")
+        else:
+            found.append((f"{path}{name}", command))
+    return found
+
+
+def test_every_command_with_a_numeric_argument_takes_negative_numbers_as_values() -> None:
+    numeric = [
+        name
+        for name, command in _commands(cli)
+        if any(
+            isinstance(p, click.Argument) and isinstance(p.type, (_Size, Whole))
+            for p in command.params
+        )
+    ]
+    assert {"mem read", "mem fill", "region add", "region enable", "mapper evict"} <= set(numeric)
+    commands = dict(_commands(cli))
+    assert [name for name in numeric if not isinstance(commands[name], NumericArgs)] == []
