@@ -29,16 +29,18 @@ Exit status: 2 for a mistake in what was given, found before the daemon is asked
 unknown option; a missing or malformed value (size, address, name, choice, a number out of its
 range, a negative number: `mem read -1 4` says the address must not be negative, as an argument is
 not taken for an option); a value the command line can check alone (a region's or a change's size
-that is 0 or not a multiple of 4096, an address or offset that is not a multiple of 4096); a
-`--config` file that is missing, unreadable, not TOML or has a bad key or value (the same mistake
-typed as an option exits 2 too). 1 for what the daemon or the system refuses: no daemon, an unknown
-region, overlapping regions, a size only the daemon can judge (beyond the address space, not a
-multiple of the huge page), a timeout, initial regions that cannot be created, a `region unmap` of
-a range that is a hole already (nothing changes), a VM layout `qemu run` refuses (its QEMU
-arguments included: QEMU.md). 0 otherwise. Either way the error is one line on stderr (`Error:
-...`; `manager run` with `--log-format json` writes it as one more JSON record instead, with
-`"fatal": true` and its `exit_code`); for a usage mistake (an unknown option, a missing argument,
-options that do not go together) click's usage line and a pointer to `--help` come before it.
+that is 0 or not a multiple of 4096, an address or offset that is not a multiple of 4096, a runtime
+directory too long for its sockets' paths: 107 bytes, whether from `--runtime-dir`,
+`$MEMBACKING_RUNTIME_DIR` or the configuration file); a `--config` file that is missing,
+unreadable, not TOML or has a bad key or value (the same mistake typed as an option exits 2 too). 1
+for what the daemon or the system refuses: no daemon, an unknown region, overlapping regions, a
+size only the daemon can judge (beyond the address space, not a multiple of the huge page), a
+timeout, initial regions that cannot be created, a `region unmap` of a range that is a hole already
+(nothing changes), a VM layout `qemu run` refuses (its QEMU arguments included: QEMU.md). 0
+otherwise. Either way the error is one line on stderr (`Error: ...`; `manager run` with
+`--log-format json` writes it as one more JSON record instead, with `"fatal": true` and its
+`exit_code`); for a usage mistake (an unknown option, a missing argument, options that do not go
+together) click's usage line and a pointer to `--help` come before it.
 
 Shell completion is click's: `eval "$(_MEMBACKING_COMPLETE=bash_source membacking)"` in `~/.bashrc`
 (`zsh_source` in `~/.zshrc`, `fish_source` for fish); region names complete from the running daemon.

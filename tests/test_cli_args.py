@@ -1,17 +1,18 @@
-"""Operator mistakes in command-line arguments, against a real daemon: a negative number typed
-for a numeric argument is refused as negative (not taken for an unknown option), and unknown
-options still get click's error; all exit 2 before the daemon is asked anything."""
+"""Operator mistakes in command-line arguments: a negative number typed for a numeric argument
+is refused as negative (not taken for an unknown option) while unknown options keep click's
+error, and a runtime directory too long for a socket path is named with the limit; status 2."""
 
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import click
 
 from membacking.cli import cli
 from membacking.cli.common import NumericArgs, Whole, _Size
 
-from conftest import RunningManager
+from conftest import RunningManager, run_cli
 
 
 def usage_error(result: subprocess.CompletedProcess[str], fragment: str) -> None:
@@ -83,3 +84,22 @@ def test_every_command_with_a_numeric_argument_takes_negative_numbers_as_values(
     assert {"mem read", "mem fill", "region add", "region enable", "mapper evict"} <= set(numeric)
     commands = dict(_commands(cli))
     assert [name for name in numeric if not isinstance(commands[name], NumericArgs)] == []
+
+
+def test_a_runtime_directory_too_long_for_a_socket_is_a_usage_mistake(tmp_path: Path) -> None:
+    too_long = tmp_path / ("x" * 120)  # its sockets' paths are over 107 bytes
+    config = tmp_path / "c.toml"
+    config.write_text(f"runtime_dir = {str(too_long)!r}\n")
+    limit = "over the limit of 107 bytes for a Unix socket path; choose a shorter directory"
+    commands = (("regions",), ("mem", "read", "0", "4"), ("mapper", "attach"), ("manager", "run"))
+    for command in commands:
+        for given, named in (
+            (("--runtime-dir", str(too_long)), f"--runtime-dir {too_long} is too long"),
+            (("--config", str(config)), f"runtime_dir {too_long} in {config} is too long"),
+        ):
+            result = run_cli(*command, *given)
+            usage_error(result, f"Error: {named}: its socket control.ipc would have a path of ")
+            assert limit in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        result = run_cli(*command, runtime_dir=too_long)  # $MEMBACKING_RUNTIME_DIR
+        usage_error(result, f"Error: $MEMBACKING_RUNTIME_DIR {too_long} is too long")
+    assert not too_long.exists()  # manager run made nothing

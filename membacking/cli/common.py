@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from .. import units
 from ..control_client import ControlClient
 from ..errors import MembackingError
 from ..manager.config import ConfigError
-from ..runtime import CONFIG_ENV_VAR, choose_runtime_dir
+from ..runtime import CONFIG_ENV_VAR, MAX_SOCKET_PATH, RuntimePaths, choose_runtime_dir
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -203,20 +204,56 @@ def config_param(help: str) -> Callable[[F], F]:
     )
 
 
-def client_runtime_dir(option: Path | None, config_path: Path | None) -> Path:
-    """The runtime directory a client command talks to: the same rule as the daemon's."""
+def _choose(option: Path | None, config_path: Path | None) -> tuple[Path, str]:
+    """The runtime directory and where it came from (`runtime.choose_runtime_dir`)."""
     from ..manager.config import load_config
 
     from_config = load_config(config_path).get("runtime_dir") if config_path else None
-    return choose_runtime_dir(option, from_config)[0]
+    return choose_runtime_dir(option, from_config)
+
+
+def client_runtime_dir(option: Path | None, config_path: Path | None) -> Path:
+    """The runtime directory a client command talks to: the same rule as the daemon's."""
+    return _choose(option, config_path)[0]
+
+
+#: where `choose_runtime_dir` found a runtime directory, as an error names it
+_FOUND_IN = {
+    "$XDG_RUNTIME_DIR": "$XDG_RUNTIME_DIR/membacking",
+    "default": "the default runtime directory",
+}
+
+
+def checked_runtime_dir(chosen: tuple[Path, str], config_path: Path | None) -> Path:
+    """The runtime directory `runtime.choose_runtime_dir` chose (directory, where from), if its
+    sockets' paths fit in a Unix socket path; else a usage mistake (status 2) that names where
+    the directory came from (--runtime-dir, $MEMBACKING_RUNTIME_DIR, the config file) and the
+    limit, before anything is tried on it."""
+    path, source = chosen
+    paths = RuntimePaths.resolve(path)  # (absolute: the length the kernel sees)
+    sockets = (paths.fd_socket, paths.mapper_socket, paths.control_socket)
+    longest = max(sockets, key=lambda socket: len(os.fsencode(socket)))
+    size = len(os.fsencode(longest))
+    if size <= MAX_SOCKET_PATH:
+        return path
+    where = f"{_FOUND_IN.get(source, source)} {path}"
+    if source == "configuration file":
+        where = f"runtime_dir {path} in {config_path}"
+    raise UsageMistake(
+        f"{where} is too long: its socket {longest.name} would have a path of {size} "
+        f"bytes, over the limit of {MAX_SOCKET_PATH} bytes for a Unix socket path; choose a "
+        "shorter directory"
+    )
 
 
 def runtime_dir_option(fn: F) -> F:
-    """--runtime-dir and --config, passed on to the command as one `runtime_dir` Path."""
+    """--runtime-dir and --config, passed on to the command as one `runtime_dir` Path (one
+    too long for its sockets is a usage mistake: `checked_runtime_dir`)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, config_path: Path | None, **kwargs: Any) -> Any:
-        kwargs["runtime_dir"] = client_runtime_dir(kwargs.get("runtime_dir"), config_path)
+        chosen = _choose(kwargs.get("runtime_dir"), config_path)
+        kwargs["runtime_dir"] = checked_runtime_dir(chosen, config_path)
         return fn(*args, **kwargs)
 
     decorated = config_param(

@@ -23,6 +23,7 @@ from .common import (
     Decimal,
     Group,
     Whole,
+    checked_runtime_dir,
     config_param,
     control_client,
     echo_json,
@@ -253,9 +254,9 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
         options["metrics_port"] = None
     elif options["metrics_port"] is None and _typed(ctx, "metrics_addr"):
         raise click.UsageError("--metrics-addr needs --metrics-port (or metrics_port in --config)")
-    options["runtime_dir"] = choose_runtime_dir(
-        options["runtime_dir"], from_file.get("runtime_dir")
-    )[0]
+    options["runtime_dir"] = checked_runtime_dir(
+        choose_runtime_dir(options["runtime_dir"], from_file.get("runtime_dir")), config_path
+    )
     logs.configure(options["log_level"], options["log_format"])
     address_space = options["address_space"]
     names = [spec["name"] if isinstance(spec, dict) else spec[0] for spec in options["regions"]]
