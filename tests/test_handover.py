@@ -182,7 +182,7 @@ def test_refusals_leave_the_running_manager_serving(start_manager: Start) -> Non
     other = ("--region", "ram0=0:4M", "--region", "dev=0x10000000:1M")
     done = run_cli("manager", "run", "--takeover", *other, runtime_dir=first.runtime_dir)
     assert done.returncode == 1 and "region 'ram0'" in done.stderr, done.stderr
-    assert "but --region/config asks for 4 MiB (0x400000 bytes) at 0x0" in done.stderr
+    assert "but --region/config asks for 4 MiB (0x400000 bytes) at 0x0, shm;" in done.stderr
     assert first.proc.poll() is None and "handing over" not in first.log()
     done = run_cli("manager", "run", "--takeover", "--fresh", runtime_dir=first.runtime_dir)
     assert done.returncode == 2 and "cannot go with --fresh" in done.stderr

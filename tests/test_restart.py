@@ -149,10 +149,11 @@ def test_a_state_that_does_not_fit_is_refused_until_fresh(start_manager: Start) 
     other = run_manager(first.runtime_dir, "--region", "ram0=0:16M")
     assert other.returncode == 1 and "Traceback" not in other.stderr
     said = " ".join(other.stderr.split())
-    # what the state holds, what was asked, the ways out; and no "adopted" before the refusal
+    # what the state holds, what was asked, the ways out; and no "adopted" before the refusal.
+    # RAM in a state directory is named as `membacking regions` names it (shm), not memfd
     assert (
-        f"region 'ram0' in the state in {sdir} is 8 MiB (0x800000 bytes) at 0x0, memfd, but "
-        "--region/config asks for 16 MiB (0x1000000 bytes) at 0x0, memfd." in said
+        f"region 'ram0' in the state in {sdir} is 8 MiB (0x800000 bytes) at 0x0, shm, but "
+        "--region/config asks for 16 MiB (0x1000000 bytes) at 0x0, shm." in said
     ), said
     assert "Start without that region in --region/config to keep the state" in said, said
     assert "or with --fresh to discard the state" in said, said
@@ -166,6 +167,8 @@ def test_a_state_that_does_not_fit_is_refused_until_fresh(start_manager: Start) 
     assert "adopted" not in late.stderr, late.stderr
     adopting = start_manager(runtime_dir=first.runtime_dir)  # no --region: the state as it is
     assert "adopted=2" in adopting.ready_line and "adopted the state in" in adopting.log()
+    listed = {row.split()[0]: row.split() for row in adopting.cli("regions").stdout.splitlines()}
+    assert "shm" in listed["ram0"] and "memfd" not in listed["ram0"]  # as the refusal said
     adopting.stop(signal.SIGKILL)
 
     journal = sdir / "journal"

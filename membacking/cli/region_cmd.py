@@ -60,7 +60,9 @@ def complete_region_name(
     except (MembackingError, OSError):
         return []
     return [
-        CompletionItem(r["name"], help=f"{units.format_size(r['size'])} {r['backing']}")
+        CompletionItem(
+            r["name"], help=f"{units.format_size(r['size'])} {r.get('memory', r['backing'])}"
+        )
         for r in regions
         if r["name"].startswith(incomplete)
     ]

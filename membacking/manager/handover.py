@@ -297,9 +297,11 @@ def _check_regions(daemon: Daemon, have: dict[str, Described]) -> None:
         want = (spec.gpa, spec.size, spec.readonly, spec.backing, spec.file)
         # (where it is placed is the running daemon's, as in adopted_region)
         if have_it is not None and have_it[1:] != want[1:]:
+            ram = daemon.store.ram_kind  # (the running manager's too: --no-state goes alike)
+            have_text, want_text = region_text(*have_it, ram=ram), region_text(*want, ram=ram)
             raise HandoverError(
-                f"region {spec.name!r} of the running manager is {region_text(*have_it)}, but "
-                f"--region/config asks for {region_text(*want)}; nothing was changed (start "
+                f"region {spec.name!r} of the running manager is {have_text}, but "
+                f"--region/config asks for {want_text}; nothing was changed (start "
                 "the new manager without that region in --region/config to take it as it is)"
             )
 

@@ -63,9 +63,11 @@ def adopted_region(
             "unplaced" if want[0] is None else f"{want[0]:#x}",
         )
     elif have != want:
+        ram = state.store.ram_kind  # RAM named as `membacking regions` names it
+        have_text, want_text = region_text(*have, ram=ram), region_text(*want, ram=ram)
         raise StateDirError(
-            f"region {name!r} in {where} is {region_text(*have)}, but --region/config "
-            f"asks for {region_text(*want)}. Start without that region in --region/config to "
+            f"region {name!r} in {where} is {have_text}, but --region/config "
+            f"asks for {want_text}. Start without that region in --region/config to "
             "keep the state (the region comes back as it was), or with --fresh to discard the "
             "state (its guest memory is lost)"
         )

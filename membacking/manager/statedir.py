@@ -52,11 +52,21 @@ def _state_dir_for(path: str) -> Path:
     return DEFAULT_PARENT / f"membacking-{os.getuid()}-{digest}"
 
 
-def region_text(gpa: int | None, size: int, readonly: bool, backing: str, path: str | None) -> str:
-    """A region as a --region spec gives it: size, place, backing, file, read-only."""
+def region_text(
+    gpa: int | None,
+    size: int,
+    readonly: bool,
+    backing: str,
+    path: str | None,
+    ram: str = "memfd",
+) -> str:
+    """A region as a --region spec gives it: size, place, backing, file, read-only. The
+    backing is named as `membacking regions` names it: RAM (backing "memfd") is `ram`, where
+    this manager keeps it (BackingStore.ram_kind: "shm" in a state directory, else "memfd")."""
     where = "not placed" if gpa is None else f"at {gpa:#x}"
     extra = (f" {path}" if path else "") + (", read-only" if readonly else "")
-    return f"{format_size(size)} ({size:#x} bytes) {where}, {backing}{extra}"
+    memory = ram if backing == "memfd" else backing
+    return f"{format_size(size)} ({size:#x} bytes) {where}, {memory}{extra}"
 
 
 def left_behind(paths: RuntimePaths) -> str | None:
