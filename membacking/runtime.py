@@ -108,11 +108,18 @@ class RuntimePaths:
         finally:
             os.close(fd)
 
+    def too_long(self) -> tuple[Path, int] | None:
+        """The longest socket path and its length in bytes, if it is too long for the kernel."""
+        sockets = (self.fd_socket, self.mapper_socket, self.control_socket)
+        longest = max(sockets, key=lambda path: len(os.fsencode(path)))
+        size = len(os.fsencode(longest))
+        return (longest, size) if size > MAX_SOCKET_PATH else None
+
     def check_lengths(self) -> None:
         """Raise ValueError if a socket path is too long for the kernel."""
-        for path in (self.fd_socket, self.mapper_socket, self.control_socket):
-            if len(os.fsencode(path)) > MAX_SOCKET_PATH:
-                raise ValueError(
-                    f"runtime directory {self.root} is too long: socket path {path} exceeds "
-                    f"{MAX_SOCKET_PATH} bytes; choose a shorter --runtime-dir"
-                )
+        over = self.too_long()
+        if over is not None:
+            raise ValueError(
+                f"runtime directory {self.root} is too long: socket path {over[0]} exceeds "
+                f"{MAX_SOCKET_PATH} bytes; choose a shorter --runtime-dir"
+            )

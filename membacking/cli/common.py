@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import re
 import sys
 from collections.abc import Callable
@@ -230,12 +229,10 @@ def checked_runtime_dir(chosen: tuple[Path, str], config_path: Path | None) -> P
     the directory came from (--runtime-dir, $MEMBACKING_RUNTIME_DIR, the config file) and the
     limit, before anything is tried on it."""
     path, source = chosen
-    paths = RuntimePaths.resolve(path)  # (absolute: the length the kernel sees)
-    sockets = (paths.fd_socket, paths.mapper_socket, paths.control_socket)
-    longest = max(sockets, key=lambda socket: len(os.fsencode(socket)))
-    size = len(os.fsencode(longest))
-    if size <= MAX_SOCKET_PATH:
+    over = RuntimePaths.resolve(path).too_long()  # (absolute: the length the kernel sees)
+    if over is None:
         return path
+    longest, size = over
     where = f"{_FOUND_IN.get(source, source)} {path}"
     if source == "configuration file":
         where = f"runtime_dir {path} in {config_path}"
