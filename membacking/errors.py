@@ -65,8 +65,9 @@ class ManagerGoneError(GuestMemoryError, ManagerUnavailableError):
 class MappingsDroppedError(ManagerGoneError):
     """The manager evicted this mapper or stopped, and the mapper dropped every mapping (and
     closed every fd) before any access could touch them again: nothing can be read or written
-    any more. A mapper whose manager merely died (no word from it) keeps its mappings and
-    raises plain ManagerGoneError on new faults only."""
+    any more. A mapper whose manager merely died (no word from it) keeps its mappings while it
+    waits for a successor, raising plain ManagerGoneError on new faults only; once none took it
+    back in time, it drops them too."""
 
 
 class DetachedError(GuestMemoryError):

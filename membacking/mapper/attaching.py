@@ -25,8 +25,9 @@ def attach(
 
     If the connection to the manager is lost (it crashed, or announced a restart), the mapper
     keeps every mapping and registers again with the manager that comes back on `runtime_dir`
-    within `reconnect_timeout` seconds (0: never; faults fail with ManagerGoneError at once);
-    faults in the meantime wait for it.
+    within `reconnect_timeout` seconds; faults in the meantime wait for it. If none does (or at
+    once with 0), it drops every mapping (accesses raise MappingsDroppedError): a manager
+    started later could remove or move that memory without reaching this mapper.
 
     An argument of the wrong type raises ArgumentTypeError (a TypeError), a bad value
     ArgumentValueError (a ValueError); both are MembackingErrors."""

@@ -34,7 +34,15 @@ from .acks import AckQueue
 from .chunks import Chunk, ChunkTable, MapCountBudget
 from .faulting import fault
 from .fds import MapperFds
-from .lease import FAREWELL_WAIT, POLL_MS, Lease, on_hangup, on_shutdown
+from .lease import (
+    FAREWELL_WAIT,
+    POLL_MS,
+    Lease,
+    drop_every_mapping,
+    on_hangup,
+    on_shutdown,
+    unmap_all,
+)
 from .link import ManagerLink
 from .views import ViewPins, end_copy_on_write
 from .waitlist import MAP_FAILED, WaiterSet
@@ -129,8 +137,8 @@ class VaMapper:
             self._serve()
             if self._stop or self.relinked.is_set():
                 break
-            # False: no manager took the mapper back in time (it is gone for good, and serves
-            # on: mapped memory keeps its lease, new faults fail) or the mapper is closing
+            # False: no manager took the mapper back in time (it is gone for good: it dropped
+            # every mapping, and new faults fail) or the mapper is closing
             try:
                 reconnect.relink(self)
             except Exception as exc:  # a bug of ours: faults fail rather than wait forever
@@ -237,14 +245,17 @@ class VaMapper:
             self._poller.modify(fileno, _POLLERR | _POLLOUT if on else _POLLERR)
 
     def manager_gone(self, reason: str, final: bool = False, announced: bool = False) -> None:
-        """Mapped memory keeps working. Unless `final` (stopped for good, or evicted), faults
-        wait for the manager's successor (reconnect.py); else they fail with ManagerGoneError.
+        """Unless `final` (stopped for good, or evicted), mapped memory keeps working while
+        faults wait for the manager's successor (reconnect.py); else every mapping is dropped.
         `announced`: the manager's Shutdown said so (no other word of it is awaited)."""
         if final or not reconnect.start_relink(self, reason, announced):
             self.gone_for_good(reason)
 
     def gone_for_good(self, reason: str) -> None:
-        """New faults fail with ManagerGoneError from now on."""
+        """No manager will take this mapper back: no removal could reach what it maps, so it
+        drops every mapping (accesses raise MappingsDroppedError), unless it is detaching."""
+        if not self._stop:
+            drop_every_mapping(self, reason)
         if self.gone is None:  # before the faults waiting for a relink wake: they read it
             log.warning("mapper %d: %s", self.id, reason)
             self.gone = reason
@@ -470,6 +481,8 @@ class VaMapper:
         self._thread.join(10)
         with self.lock:
             self.views.release_escaped()
+            if self.views:  # kept open past the detach: they read zeros, not guest memory
+                unmap_all(self)
             self.closed = True
             self.chunks.clear()
             self.hot[0:2] = 0, 0  # one step: the fast paths of words read it without the lock
@@ -481,7 +494,7 @@ class VaMapper:
             with contextlib.suppress(OSError):
                 os.close(fd)
         if views_open:
-            log.warning("mapper %d detached with views still open: address space kept", self.id)
+            log.warning("mapper %d detached with views open: they read zeros now", self.id)
         else:
             self.mv.release()
             self.reservation.release()

@@ -46,10 +46,11 @@ def describe_shutdown(reason: str) -> str:
 
 
 def drop_every_mapping(mapper: VaMapper, reason: str, for_good: bool = True) -> None:
-    """The manager no longer backs anything the mapper holds (evicted, or it stopped): unmap
-    every chunk and close every fd, before any access can touch them again. A range an open
-    view still pins gets private anonymous memory in place of the old backing (the view reads
-    zeros from then on, and never the removed memory), so the view cannot fault. Not
+    """The manager no longer backs anything the mapper holds (evicted, it stopped, or no
+    manager will take the mapper back): unmap every chunk and close every fd, before any access
+    can touch them again. A range an open view still pins gets private anonymous memory in
+    place of the old backing (the view reads zeros from then on, and never the removed memory),
+    so the view cannot fault. Not
     `for_good` (a mapper without REATTACH whose manager died or restarts): later faults ask the
     next manager again."""
     if mapper.dropped is not None:
@@ -58,16 +59,7 @@ def drop_every_mapping(mapper: VaMapper, reason: str, for_good: bool = True) -> 
         if mapper.closed:
             return
         mapper.views.release_escaped()
-        # the chunks, and the ranges whose Unmap waits for a view (out of the table already)
-        pending = [r for _, r, _ in mapper._pending_unmaps]
-        for rng in [r for r, _ in mapper.chunks.items()] + pending:
-            try:
-                if mapper.views.pinned(rng):
-                    mapper.reservation.map_anon(rng.start, rng.len, True)
-                else:
-                    mapper.reservation.unmap(rng.start, rng.len)
-            except OSError as exc:  # the table no longer has it: no access reaches it
-                log.error("mapper %d: cannot unmap %s: %s", mapper.id, rng, exc.strerror or exc)
+        unmap_all(mapper)
         mapper.chunks.clear()
         mapper.hot[0:2] = 0, 0
         mapper._pending_unmaps.clear()  # nobody to acknowledge them to
@@ -97,6 +89,21 @@ def on_hangup(mapper: VaMapper, lost: str) -> None:
         why = f"{lost}; without REATTACH the next manager could not learn what it holds"
         drop_every_mapping(mapper, why, for_good=False)
     mapper.manager_gone(lost)
+
+
+def unmap_all(mapper: VaMapper) -> None:
+    """With the access lock held: take every chunk out of the address space (and the ranges
+    whose Unmap waits for a view), a range an open view pins replaced by private anonymous
+    memory, so that no access or view reaches guest memory and none faults."""
+    pending = [r for _, r, _ in mapper._pending_unmaps]
+    for rng in [r for r, _ in mapper.chunks.items()] + pending:
+        try:
+            if mapper.views.pinned(rng):
+                mapper.reservation.map_anon(rng.start, rng.len, True)
+            else:
+                mapper.reservation.unmap(rng.start, rng.len)
+        except OSError as exc:  # the table no longer has it: no access reaches it
+            log.error("mapper %d: cannot unmap %s: %s", mapper.id, rng, exc.strerror or exc)
 
 
 class Lease:

@@ -90,9 +90,8 @@ class GuestMemory:
     @property
     def manager_gone(self) -> str | None:
         """Why this mapper lost its manager (stopped, evicted, connection lost), or None while it
-        is served. New faults fail; mapped memory keeps working only if the connection was just
-        lost (evicted or stopped: every mapping was dropped, accesses raise
-        MappingsDroppedError)."""
+        is served. New faults fail; every mapping was dropped (accesses raise
+        MappingsDroppedError): no manager could reach what it still mapped."""
         return self._mapper.gone
 
     def on_registered_again(self, hook: Callable[[bool, int], None]) -> None:
