@@ -16,10 +16,17 @@ from ..runtime import RuntimePaths
 
 log = logging.getLogger("membacking.manager")
 
-#: largest ZeroMQ frame the ROUTERs accept (a larger one disconnects its sender)
-MAX_FRAME_BYTES = 16 * MAX_MESSAGE_BYTES
-#: messages queued per peer each way; past it a ROUTER drops what it sends (no ROUTER_MANDATORY)
-HWM = 100_000
+#: largest ZeroMQ frame the ROUTERs accept (a larger one disconnects its sender). Nothing a
+#: ROUTER receives may exceed MAX_MESSAGE_BYTES (control requests included: only replies are
+#: larger), so twice that leaves a message just over the limit its "too-large" reply
+MAX_FRAME_BYTES = 2 * MAX_MESSAGE_BYTES
+#: messages queued per peer for sending; past it a ROUTER drops what it sends (no
+#: ROUTER_MANDATORY)
+SNDHWM = 100_000
+#: complete messages libzmq holds per peer before the daemon reads them; past it libzmq stops
+#: reading that peer's connection (the peer waits: nothing is lost). libzmq counts messages,
+#: not frames, and keeps a message's frames until its last one has come (docs/RELIABILITY.md)
+RCVHWM = 16
 #: whether an ipc listener leaves its socket file when it closes (libzmq 4.2.3 and later): a
 #: daemon handing over may then release the runtime directory before its context has ended,
 #: as a successor's socket files bound at the same paths are safe from its listeners
@@ -32,8 +39,8 @@ def new_router(ctx: zmq.Context[zmq.Socket[bytes]]) -> zmq.Socket[bytes]:
     I/O threads with its first socket: about 0.4 ms of CPU), and binds them once the runtime
     directory is its own (`bind_router`)."""
     sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.SNDHWM, HWM)
-    sock.setsockopt(zmq.RCVHWM, HWM)
+    sock.setsockopt(zmq.SNDHWM, SNDHWM)
+    sock.setsockopt(zmq.RCVHWM, RCVHWM)
     sock.setsockopt(zmq.LINGER, 500)
     # a peer sending a larger frame is disconnected by libzmq before it is buffered; frames
     # up to this size but over the protocol's limit get an Error that says so
