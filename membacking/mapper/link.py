@@ -34,6 +34,10 @@ log = logging.getLogger("membacking.mapper")
 _MSG_NOSIGNAL = int(socket.MSG_NOSIGNAL)
 
 
+#: pauses between registration tries a busy manager turned away
+_FIRST_PAUSE, _LAST_PAUSE = 0.05, 0.5
+
+
 class _Busy(Exception):
     """The manager closed a new connection without a word (it is too busy to take it)."""
 
@@ -147,6 +151,8 @@ class ManagerLink:
                 raise self._unavailable(
                     NO_SOCKET if exc.errno == errno.ENOENT else LEFT_OVER
                 ) from None
+            if exc.errno == errno.EAGAIN:  # its listen queue is full: it has paused accepting
+                raise _Busy("it is not accepting connections") from None
             raise ManagerUnavailableError(
                 f"cannot connect to {self.paths.fd_socket}: {exc.strerror or exc}"
             ) from None
@@ -156,11 +162,18 @@ class ManagerLink:
         """Connect to fd.sock and say Hello; the stream socket too, once fd.sock took the
         connection (so its ZeroMQ handshake overlaps the Hello; it is the same manager's: a
         manager binds its mapper socket before fd.sock). A manager too busy to take the
-        connection (too many waiting, or near its open-file limit) closes it unanswered: try
-        again until `timeout`."""
+        connection (too many waiting, or near its open-file limit) closes it unanswered, or
+        does not accept it: try again, after a pause growing from 50 ms to 0.5 s, until
+        `timeout`."""
         deadline = time.monotonic() + self.timeout
+        pause, tries = _FIRST_PAUSE, 0
         while True:
-            sock = self._connect_fd_socket()
+            tries += 1
+            try:
+                sock = self._connect_fd_socket()
+            except _Busy as exc:
+                pause = self._pause_or_give_up(exc, tries, deadline, pause)
+                continue
             stream = self._stream_socket()
             sock.settimeout(max(0.1, deadline - time.monotonic()))  # all tries share `timeout`
             try:
@@ -171,15 +184,26 @@ class ManagerLink:
             except _Busy as exc:
                 stream.close(0)
                 sock.close()
-                if time.monotonic() + 0.1 > deadline:
-                    raise self._unavailable(
-                        f"registration failed: {exc}; the manager may be busy"
-                    ) from None
-                time.sleep(0.1)
+                pause = self._pause_or_give_up(exc, tries, deadline, pause)
             except BaseException:
                 stream.close(0)
                 sock.close()
                 raise
+
+    def _pause_or_give_up(self, exc: _Busy, tries: int, deadline: float, pause: float) -> float:
+        """After a try the busy manager turned away: sleep `pause` (what is left of the
+        timeout at most) and return the next pause, or raise if the timeout is over."""
+        left = deadline - time.monotonic()
+        if left < _FIRST_PAUSE:
+            raise ManagerUnavailableError(
+                f"the manager at {self.paths.root} is busy: it turned away all {tries} "
+                f"registration tries in {self.timeout:g}s (the last: {exc}). It takes a "
+                "limited number of connections that have not registered yet, each for a few "
+                "seconds, and stops accepting near its open-file limit; try again, or with a "
+                "longer timeout"
+            ) from None
+        time.sleep(min(pause, left))
+        return min(2 * pause, _LAST_PAUSE)
 
     def socket_identity(self) -> tuple[int, int, int] | None:
         """(device, inode, change time) of the fd socket file on the runtime directory, None
