@@ -144,6 +144,25 @@ def test_a_huge_read_of_unmapped_memory_fails_before_allocating(memory: GuestMem
     assert peak < 16 << 20, f"{peak} bytes allocated for a read that failed"
 
 
+def test_a_huge_read_plain_checks_its_range_before_allocating(memory: GuestMemory) -> None:
+    """A struct format of hundreds of MB: the read fails on its range (unmapped, or outside
+    the address space) before anything its size is allocated. Parsing it unpacked zeros of
+    its size first: a "4000000000s" took 17 s and 3.8 GiB before NoMappingError."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(NoMappingError):
+            memory.read_plain(REGION + REGION_SIZE, "300000000s")  # the hole
+        with pytest.raises(NoMappingError):
+            memory.read_plain(REGION, "30000000Q")  # mapped at first, then not
+        with pytest.raises(OutOfRangeError):
+            memory.read_plain(memory.address_space - 4096, "200000000s")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"{peak} bytes allocated for a read that failed"
+    assert memory.read_plain(REGION, "2s3x") == memory.read_at(REGION, 2)  # small formats
+
+
 def test_a_huge_access_across_a_hole_maps_nothing_past_it(memory: GuestMemory) -> None:
     """An access fails at the first hole it reaches: the regions past the hole (and their
     VMAs) are not mapped for it. A read of 1 TiB from mapped memory across a hole mapped every

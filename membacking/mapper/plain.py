@@ -114,6 +114,20 @@ def unpacked(values: tuple[Any, ...]) -> Any:
     return values[0] if len(values) == 1 else values
 
 
+#: largest format whose fields plain_format counts by unpacking zeros
+_UNPACK_TO_COUNT = 1 << 16
+_FIELD = re.compile(r"\s*(\d*)([^\s\d])")
+
+
+def _items(fmt: str) -> int:
+    """How many values struct unpacks for the valid format `fmt`: a count repeats a field but
+    for "s" and "p" (one bytes) and "x" (padding: none)."""
+    items = 0
+    for count, code in _FIELD.findall(fmt.lstrip("@=<>!")):
+        items += 0 if code == "x" else 1 if code in "sp" else int(count or 1)
+    return items
+
+
 def plain_format(fmt: Any) -> PlainFormat:
     """Parse `fmt`. TypeError if `fmt` is not a str, ValueError if struct does not take it."""
     if type(fmt) is not str:
@@ -127,7 +141,9 @@ def plain_format(fmt: Any) -> PlainFormat:
     match = _INTEGER.fullmatch(fmt)
     integer = match is not None
     swapped = match is not None and match.group(1) not in _NATIVE_ORDER
-    single = len(st.unpack(bytes(size))) == 1
+    # counted without unpacking a format too large to unpack cheaply: a huge read must reach
+    # its range check before anything the size of the format is allocated
+    single = (len(st.unpack(bytes(size))) if size <= _UNPACK_TO_COUNT else _items(fmt)) == 1
     bytes_of = st.pack if single else functools.partial(_pack_fields, st)
     if shift < 0:
         return PlainFormat(
