@@ -304,6 +304,35 @@ class Reservation:
         # the caller pins the range while anything made from the array is alive.
         return (ctypes.c_char * size).from_address(self.base + offset)
 
+    def after_fork(self, keep: list[tuple[int, int]]) -> None:
+        """In a child forked from the process that made this reservation (mapper/forking.py,
+        no other thread alive): reset the locks a thread of the parent may have held at the
+        fork, retire the word views, and put a PROT_NONE placeholder over the whole reservation,
+        so the child maps no guest memory and no file of it any more; then zero-filled private
+        memory, readable and writable, at each page-aligned (offset, size) of `keep`, where a
+        view made before the fork may still point: it reads zeros there and never faults."""
+        for lock in (self._lock, self._words_lock):
+            reinit = getattr(lock, "_at_fork_reinit", None)  # CPython's, as logging uses it
+            if reinit is not None:
+                reinit()
+        if self._closed:
+            return
+        with contextlib.suppress(BufferError):  # a word view still exported: left as it is
+            self._retire_words()
+        flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE
+        # Safe: replaces only our own reservation (base and size as made), in a process where
+        # no other thread runs; what the parent's views point at is put back below.
+        got = _libc.mmap(self.base, self.size, PROT_NONE, flags, -1, 0)
+        if got in (None, _MAP_FAILED):
+            raise _oserror("cannot put the placeholder back over the reservation")
+        for offset, size in keep:
+            addr = self._check(offset, size)
+            # Safe: inside our reservation (checked above), single-threaded; fresh private
+            # zero pages, so a stale view reads zeros and its writes stay in this process.
+            got = _libc.mmap(addr, size, PROT_READ | PROT_WRITE, flags, -1, 0)
+            if got in (None, _MAP_FAILED):
+                raise _oserror(f"cannot put private memory at offset {offset:#x}")
+
     def release(self) -> None:
         """munmap the whole reservation (idempotent)."""
         with self._lock:

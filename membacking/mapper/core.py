@@ -29,7 +29,7 @@ from ..protocol import messages as m
 from ..protocol.errors import ProtocolError
 from ..protocol.messages import PRIVATE_MAPPABLE, Message
 from ..protocol.ranges import MemoryRange
-from . import reconnect
+from . import forking, reconnect
 from .acks import AckQueue
 from .chunks import Chunk, ChunkTable, MapCountBudget
 from .faulting import fault
@@ -98,6 +98,8 @@ class VaMapper:
         self.gone: str | None = None
         #: why every mapping was dropped (evicted, or the manager stopped), once it was
         self.dropped: str | None = None
+        #: why this process cannot use the mapper: it was forked from the one that attached it
+        self.forked: str | None = None
         self.eager = False
         self.closed = False
         self._eager_done = threading.Event()
@@ -119,6 +121,7 @@ class VaMapper:
         self._thread = threading.Thread(
             target=self._run, name=f"membacking-mapper-{self.id}", daemon=True
         )
+        forking.track(self)  # a child forked from this process disowns it (forking.py)
         self._thread.start()
 
     # ---- the mapper thread ---------------------------------------------------------------------
@@ -459,6 +462,7 @@ class VaMapper:
 
     def set_eager(self, timeout: float) -> None:
         """Become eager: the manager replays every mapping; raises if that failed."""
+        forking.check(self)
         self._eager_done.clear()
         self.post(m.SetEager())
         if not self._eager_done.wait(timeout):
@@ -468,7 +472,7 @@ class VaMapper:
 
     def close(self) -> None:
         """Detach: say goodbye, stop the thread, close sockets and fds, release the memory."""
-        if self.closed:
+        if self.closed or self.forked is not None:  # a forked child has nothing to close
             return
         if self.gone is None:
             self.post(m.Detach())

@@ -25,7 +25,10 @@ if TYPE_CHECKING:
 
 
 def unserved(mapper: VaMapper, gpa: int) -> GuestMemoryError | None:
-    """Why `mapper` can map nothing more (detached, mappings dropped, manager gone), or None."""
+    """Why `mapper` can map nothing more (forked, detached, mappings dropped, manager gone), or
+    None."""
+    if mapper.forked is not None:  # forking.py
+        return DetachedError(f"cannot access GPA {gpa:#x}: {mapper.forked}", gpa)
     if mapper.closed:
         return DetachedError("this GuestMemory is detached", gpa)
     if mapper.dropped is not None:

@@ -189,6 +189,16 @@ class MapperFds:
             self._ids.clear()
             self._identities.clear()
 
+    def close_after_fork(self) -> None:
+        """In a child forked from the mapper's process (forking.py, no other thread alive):
+        close every fd held, after resetting the lock a thread of the parent may have held."""
+        reinit = getattr(self._closing, "_at_fork_reinit", None)  # CPython's
+        if reinit is not None:
+            reinit()
+        self._unclaimed.clear()
+        self._dropped.clear()
+        self.close_all()
+
     def _note_dropped(self, exc: FdsDropped) -> None:
         """A grant whose fd the kernel dropped: the Map it came behind will fail."""
         if not isinstance(exc.msg, m.FdGrant):

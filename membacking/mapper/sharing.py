@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple
 
+from . import forking
 from .core import VaMapper
 
 
@@ -27,6 +28,7 @@ def shared_ranges(
     mapping each with `ensure_mapped` to get that fd; None in private RAM mode."""
     from ..control_client import ControlClient
 
+    forking.check(mapper)  # a forked child: not a mapper, and no round trip to say so
     regions = ControlClient(mapper.link.paths.root).regions()
     if any(r["backing"] == "private" for r in regions):
         return None
