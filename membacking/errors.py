@@ -71,7 +71,9 @@ class MappingsDroppedError(ManagerGoneError):
 
 
 class DetachedError(GuestMemoryError):
-    """The GuestMemory was detached; no more accesses are possible."""
+    """The GuestMemory was detached, or this process was forked from the one that attached it
+    (the message says which; a forked child maps none of its memory and must attach again); no
+    more accesses are possible."""
 
 
 class AtomicsUnavailableError(MembackingError):

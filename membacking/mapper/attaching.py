@@ -29,6 +29,9 @@ def attach(
     once with 0), it drops every mapping (accesses raise MappingsDroppedError): a manager
     started later could remove or move that memory without reaching this mapper.
 
+    The GuestMemory belongs to this process: in a child forked from it every access raises
+    DetachedError at once (the child maps none of its memory); the child attaches again.
+
     An argument of the wrong type raises ArgumentTypeError (a TypeError), a bad value
     ArgumentValueError (a ValueError); both are MembackingErrors."""
     if name is None:
