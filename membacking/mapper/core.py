@@ -21,9 +21,7 @@ from collections.abc import Callable
 
 import zmq
 
-from ..errors import (
-    GuestMemoryError,
-)
+from ..errors import GuestMemoryError
 from ..ffi import MADV_DONTDUMP, Reservation
 from ..protocol import messages as m
 from ..protocol.errors import ProtocolError
@@ -442,14 +440,12 @@ class VaMapper:
         of the range is acknowledged, so they can never reach unmapped memory."""
         with self.lock:
             kept = self.views.end(view_id, escaped)
-            if kept is not None:
-                start, end = kept
+            if kept is not None:  # (start, end)
                 log.warning(
                     "mapper %d: a slice of the view of GPA %#x-%#x outlived its block; the range "
                     "stays pinned (Unmaps of it wait) until the slice is released",
                     self.id,
-                    start,
-                    end,
+                    *kept,
                 )
                 return
             wake = bool(self._pending_unmaps)
