@@ -280,3 +280,30 @@ def test_a_view_kept_open_past_detach_no_longer_reaches_guest_memory(
         view[0:8] = b"STALE!!!"
         with membacking.attach(manager.runtime_dir, name="observer") as observer:
             assert observer.read_at(0x2000, 8) == b"before\0\0"
+
+
+def test_a_manager_that_takes_the_connection_but_never_answers_keeps_no_mapper_past_its_wait(
+    scripted: ScriptedManager,
+) -> None:
+    """Registering again, a try whose Hello is taken but never answered (a hung manager: its
+    listener still queues connections) is cut to what is left of the reconnect timeout, not
+    the attach's own timeout (60 s here): the mapper is gone, and has dropped its mappings,
+    long before that."""
+    root = Path(scripted.listener.getsockname()).parent
+    memfd = os.memfd_create("scripted")
+    os.ftruncate(memfd, 1 << 20)
+    os.pwrite(memfd, b"mapped", 0)
+    memory = membacking.attach(root, name="hung", timeout=60.0, reconnect_timeout=1.0)
+    try:
+        scripted.registered()
+        map_first_mib(scripted, memory, memfd)
+        assert scripted.conn is not None
+        scripted.conn.close()  # the listener stays: the next Hello is queued, never answered
+        scripted.conn = None
+        mapper = memory._mapper
+        assert wait_until(lambda: mapper.dropped is not None, timeout=30.0)
+        with pytest.raises(membacking.MappingsDroppedError, match="within 1s"):
+            memory.read_at(0, 6)
+    finally:
+        memory.detach()
+        os.close(memfd)

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import select
 import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import zmq
@@ -24,6 +25,7 @@ from .waitlist import RELINK
 
 if TYPE_CHECKING:
     from .core import VaMapper
+    from .link import ManagerLink
 
 log = logging.getLogger("membacking.mapper")
 
@@ -141,6 +143,19 @@ def relink(mapper: VaMapper) -> bool:
     return _register_again(mapper, watch, (started, deadline, watch_only), old_state, old_id)
 
 
+@contextlib.contextmanager
+def _capped(link: ManagerLink, left: float) -> Iterator[None]:
+    """One try to register again, its waits (Hello, Attach) cut to what is `left` of the
+    reconnect timeout: a manager that takes the connection but never answers must not keep the
+    mapper past it."""
+    timeout = link.timeout
+    link.timeout = max(0.1, min(timeout, left))
+    try:
+        yield
+    finally:
+        link.timeout = timeout
+
+
 def _register_again(
     mapper: VaMapper,
     watch: SocketWatch,
@@ -160,7 +175,8 @@ def _register_again(
             try:
                 # with PackedHoldings, what it holds goes right behind the Attach, not after
                 # its answer: one round trip less for each mapper (peers.py takes it)
-                restored = mapper.link.reconnect(lambda: _restore(mapper, old_state, old_id))
+                with _capped(mapper.link, deadline - time.monotonic()):
+                    restored = mapper.link.reconnect(lambda: _restore(mapper, old_state, old_id))
                 trace.mark(f"mapper.welcome old={old_id} new={mapper.link.mapper_id}")
                 if not restored:
                     _restore(mapper, old_state, old_id)
