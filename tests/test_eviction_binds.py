@@ -175,6 +175,8 @@ WAIT = 2.5
         ("stopping on the fd socket", True, True),
         ("old-release stopping text on the fd socket", False, True),
         ("restarting on the fd socket", True, False),
+        # a manager of an earlier release: no code, and a reason beginning neither way
+        ("old-release-restart text on the fd socket", True, False),
         ("connection lost", True, False),
         # a mapper without REATTACH cannot prove what it holds to the next manager (§9)
         ("restarting on the fd socket", False, True),
@@ -200,6 +202,7 @@ def test_which_endings_drop_the_mappings(ending: str, reattach: bool, drops: boo
             # a manager of an earlier release: no code, the text says it
             "old-release": m.Shutdown("manager shutting down (scripted)"),
             "restarting": m.Shutdown("scripted restart", m.SHUTDOWN_RESTARTING),
+            "old-release-restart": m.Shutdown("restarting (scripted)"),
         }.get(ending.split()[0])
         if shutdown is not None and not ending.endswith("stream only"):
             send_message(scripted.conn, shutdown)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from ..protocol import messages as m
 from ..protocol.ranges import MemoryRange
+from ..protocol.shutdowns import shutdown_for
 from .harness import Harness, Violation
 
 MIB = 1 << 20
@@ -289,10 +290,12 @@ def _unmap_and_release(h: Harness, mem: Memfds) -> None:
 
 def _shutdown(h: Harness, mem: Memfds) -> None:
     barrier(h)
-    h.send_stream(m.Shutdown("conformance: the checker is done"))  # (no code: keep mappings)
+    # a manager stopping for good, in the words the mapper negotiated (§9)
+    stop = shutdown_for("conformance: the checker is done", m.SHUTDOWN_STOPPING, h.features)
+    h.send_stream(stop)
     h.pump(0.2)  # (nothing acknowledges a Shutdown)
-    h.command(f"read {2 * MIB + 0x10:#x} 4")  # still mapped: SHOULD keep working
-    h.answer("SHUTDOWN", "read of mapped memory after Shutdown")
+    h.command(f"read {2 * MIB + 0x10:#x} 4")  # mapped before: dropped at the stop
+    answer_err(h, "SHUTDOWN", "read of memory mapped before a Shutdown `stopping`")
     h.command(f"read {20 * MIB:#x} 4")
     h.wait_for(lambda: h.lines or h.fd_msgs)
     if h.fd_msgs and isinstance(h.fd_msgs[0], m.SendMappings):

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..protocol import messages as m
-from ..protocol.shutdowns import drops_on_hangup, mapper_drops
+from ..protocol.shutdowns import drops_mappings, drops_on_hangup, mapper_drops
 
 if TYPE_CHECKING:
     from .core import VaMapper
@@ -75,7 +75,7 @@ def on_shutdown(mapper: VaMapper, msg: m.Shutdown) -> None:
     Shutdown, on the other socket, says the same again)."""
     mapper.gone = None
     reason = describe_shutdown(msg.reason)
-    final = msg.code != m.SHUTDOWN_RESTARTING
+    final = drops_mappings(msg)  # (without a code, a reason beginning neither way restarts)
     if mapper_drops(msg, mapper.link.features):  # the manager backs nothing here now
         drop_every_mapping(mapper, reason, for_good=final)
     mapper.manager_gone(reason, final=final, announced=True)

@@ -182,6 +182,9 @@ class MiniMapper:
             self.gone = True
             if self.waiting is not None:
                 self.waiting[3] = "manager gone"
+            # without REATTACH no Shutdown leaves anything this mapper could keep (§9)
+            self.cut(0, self.address_space)
+            self.close_fds(list(self.fds))
 
     def close_fds(self, ids: list[int]) -> None:
         for mappable_id in ids:
