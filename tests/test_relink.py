@@ -390,3 +390,56 @@ def test_a_mapper_keeps_its_socket_watch_after_registering_again(start_manager: 
             assert _inotify_descriptors() == before + 1
         assert memory.read_at(0x1000, 4) == b"kept"
     assert _inotify_descriptors() == before  # closed with the mapper
+
+
+def test_a_busy_successor_does_not_hold_up_mapped_memory(start_manager: Any) -> None:
+    """A successor whose listen queue is full (it has paused accepting) refuses the connection
+    with EAGAIN. Registering again, that is one failed try: the relink's own loop tries again,
+    renewing the lease between tries, so accesses to mapped memory go on; the attach's own
+    timeout (60 s here) of busy retries inside one try would have held them all that time."""
+    import signal
+
+    import membacking
+
+    first = start_manager("--region", "ram0=0:8M")
+    with membacking.attach(first.runtime_dir, timeout=60.0, reconnect_timeout=30.0) as memory:
+        mapper = memory._mapper
+        memory.write_at(0x1000, b"kept")
+        first.stop(signal.SIGKILL)
+        path = str(first.runtime_dir / "fd.sock")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        listener.bind(path + ".busy")
+        listener.listen(0)
+        queued: list[socket.socket] = []
+        try:
+            while True:  # fill its queue: the next connect gets EAGAIN
+                peer = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                peer.setblocking(False)
+                queued.append(peer)
+                try:
+                    peer.connect(path + ".busy")
+                except BlockingIOError:
+                    break
+            os.rename(path + ".busy", path)
+            time.sleep(0.5)  # the mapper finds it and tries
+            done = threading.Event()
+            reads: list[bytes] = []
+
+            def read_for_a_while() -> None:
+                for _ in range(20):
+                    reads.append(memory.read_at(0x1000, 4))
+                    time.sleep(0.05)
+                done.set()
+
+            threading.Thread(target=read_for_a_while, daemon=True).start()
+            assert done.wait(20), f"only {len(reads)} of 20 reads of mapped memory returned"
+            assert reads == [b"kept"] * 20
+        finally:
+            for peer in queued:
+                peer.close()
+            listener.close()
+    # detaching while it registers again waits for no DetachAck: no manager could send one
+    # (it used to wait until the relink gave up, 30 s here, and left the mapper gone)
+    assert mapper.gone is None and not mapper._thread.is_alive()

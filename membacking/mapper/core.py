@@ -470,7 +470,7 @@ class VaMapper:
         """Detach: say goodbye, stop the thread, close sockets and fds, release the memory."""
         if self.closed or self.forked is not None:  # a forked child has nothing to close
             return
-        if self.gone is None:
+        if self.gone is None and self.relinked.is_set():  # (relinking: nobody to answer)
             self.post(m.Detach())
             if self.link.features & m.FEATURE_DETACH_ACK:
                 # the fd socket stays open until the manager has taken the Detach: closed

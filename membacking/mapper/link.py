@@ -121,7 +121,9 @@ class ManagerLink:
         and its answer when the manager takes PackedHoldings then (FEATURE_PACKED_HOLDINGS):
         True if it was."""
         self.drop_connection()
-        self.fd_sock, welcome, stream = self._register(self.name)
+        # one try: a busy manager is tried again by the relink's own loop, which renews the
+        # lease between tries (accesses to mapped memory wait for it) and keeps its deadline
+        self.fd_sock, welcome, stream = self._register(self.name, busy_retries=False)
         trace.mark(f"mapper.registered id={welcome.mapper_id}")
         if welcome.address_space != self.address_space:
             self.fd_sock.close()
@@ -158,21 +160,24 @@ class ManagerLink:
             ) from None
         return sock
 
-    def _register(self, name: str) -> tuple[socket.socket, m.Welcome, zmq.Socket[bytes]]:
+    def _register(
+        self, name: str, busy_retries: bool = True
+    ) -> tuple[socket.socket, m.Welcome, zmq.Socket[bytes]]:
         """Connect to fd.sock and say Hello; the stream socket too, once fd.sock took the
         connection (so its ZeroMQ handshake overlaps the Hello; it is the same manager's: a
         manager binds its mapper socket before fd.sock). A manager too busy to take the
         connection (too many waiting, or near its open-file limit) closes it unanswered, or
         does not accept it: try again, after a pause growing from 50 ms to 0.5 s, until
-        `timeout`."""
+        `timeout` (unless not `busy_retries`: then it is ManagerUnavailableError at once)."""
         deadline = time.monotonic() + self.timeout
+        busy_until = deadline if busy_retries else 0.0
         pause, tries = _FIRST_PAUSE, 0
         while True:
             tries += 1
             try:
                 sock = self._connect_fd_socket()
             except _Busy as exc:
-                pause = self._pause_or_give_up(exc, tries, deadline, pause)
+                pause = self._pause_or_give_up(exc, tries, busy_until, pause)
                 continue
             stream = self._stream_socket()
             sock.settimeout(max(0.1, deadline - time.monotonic()))  # all tries share `timeout`
@@ -184,7 +189,7 @@ class ManagerLink:
             except _Busy as exc:
                 stream.close(0)
                 sock.close()
-                pause = self._pause_or_give_up(exc, tries, deadline, pause)
+                pause = self._pause_or_give_up(exc, tries, busy_until, pause)
             except BaseException:
                 stream.close(0)
                 sock.close()
