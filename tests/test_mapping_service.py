@@ -338,3 +338,40 @@ def test_timeouts_must_be_positive_numbers(bad: object) -> None:
     for keyword in ("fault_timeout", "timeout"):
         with pytest.raises(membacking.MembackingError, match=f"{keyword} must be a positive"):
             membacking.attach("/nonexistent-runtime-dir", **{keyword: bad})  # type: ignore[arg-type]
+
+
+def test_a_view_ending_after_detach_writes_to_no_reused_fd(
+    manager: RunningManager, tmp_path: Path
+) -> None:
+    """A view whose range has an Unmap waiting when the mapper detaches: ending it afterwards
+    must not wake the closed mapper thread through a pipe number another file has taken since."""
+    from membacking.control_client import ControlClient
+
+    memory = membacking.attach(manager.runtime_dir, name="late-view")
+    mapper = memory._mapper
+    memory.write_at(0x3000, b"abc")
+    block = memory.view(0x3000, 4096)
+    block.__enter__()
+    client = ControlClient(manager.runtime_dir)
+    unmapping = threading.Thread(target=lambda: client.unmap_range("ram0", 0x3000, 4096))
+    unmapping.start()
+    deadline = time.monotonic() + 10
+    while not mapper._pending_unmaps and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert mapper._pending_unmaps  # the Unmap waits for the view
+    old_wake = mapper._wake_w
+    memory.detach()
+    unmapping.join(10)
+    files = []
+    try:
+        for i in range(64):  # until a new file has the pipe's old number
+            files.append(open(tmp_path / f"victim{i}", "wb"))  # noqa: SIM115
+            if files[-1].fileno() == old_wake:
+                break
+        block.__exit__(None, None, None)
+        for f in files:
+            f.close()
+        assert all(not (tmp_path / f"victim{i}").read_bytes() for i in range(len(files)))
+    finally:
+        for f in files:
+            f.close()

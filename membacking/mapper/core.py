@@ -473,24 +473,24 @@ class VaMapper:
         if self.gone is None and self.relinked.is_set():  # (relinking: nobody to answer)
             self.post(m.Detach())
             if self.link.features & m.FEATURE_DETACH_ACK:
-                # the fd socket stays open until the manager has taken the Detach: closed
-                # first, it would remove this mapper as lost and the Detach would find nobody
+                # fd.sock stays open until the Detach is taken (closed first: lost, not detached)
                 self._detach_acked.wait(self.link.timeout)
         self._stop = True
         self._wake()
         self._thread.join(10)
         with self.lock:
             self.views.release_escaped()
-            if self.views:  # kept open past the detach: they read zeros, not guest memory
+            views_open = bool(self.views)
+            if views_open:  # kept open past the detach: they read zeros, not guest memory
                 unmap_all(self)
             self.closed = True
             self.chunks.clear()
             self.hot[0:2] = 0, 0  # one step: the fast paths of words read it without the lock
-            views_open = bool(self.views)
         self.waiters.shutdown("detached")
         self.link.close()
         self.fds.close_all()
-        for fd in (self._wake_r, self._wake_w):
+        wake, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), -1, -1
+        for fd in wake:  # (-1 from now: a late _wake() must not write into a reused number)
             with contextlib.suppress(OSError):
                 os.close(fd)
         if views_open:

@@ -184,10 +184,13 @@ class MapperFds:
 
     def close_all(self) -> None:
         with self._closing:
-            close_fds(list(self._held.values()))
+            # forgotten before closed: a child forked meanwhile (forking.py) closes only
+            # numbers still ours, never one another thread reused
+            held = list(self._held.values())
             self._held.clear()
             self._ids.clear()
             self._identities.clear()
+            close_fds(held)
 
     def close_after_fork(self) -> None:
         """In a child forked from the mapper's process (forking.py, no other thread alive):
@@ -229,9 +232,9 @@ class MapperFds:
         if isinstance(msg, m.FdGrant):
             with self._closing:
                 replaced = self._held.get(msg.mappable_id)
+                self._held[msg.mappable_id] = fds[0]
                 if replaced is not None:  # sent twice (a manager bug): keep one
                     close_fds([replaced])
-                self._held[msg.mappable_id] = fds[0]
                 self._note_identity(msg.mappable_id, fds[0])
             self._unclaimed.discard(msg.mappable_id)
             self._dropped.discard(msg.mappable_id)

@@ -75,15 +75,19 @@ def disown(mapper: VaMapper, owner: int) -> None:
         mapper.gone = mapper.forked
     # where a view made before the fork may point: mapped chunks, ranges whose Unmap waits for
     # a view, and the views' own ranges (a view kept open past detach())
-    spans = [(r.start, r.end) for r, _ in mapper.chunks.items()]
-    spans += [(r.start, r.end) for _, r, _ in mapper._pending_unmaps]
-    spans += [(start, end) for start, end, _ in mapper.views.open.values()]
+    try:
+        spans = [(r.start, r.end) for r, _ in mapper.chunks.items()]
+        spans += [(r.start, r.end) for _, r, _ in mapper._pending_unmaps]
+        spans += [(start, end) for start, end, _ in mapper.views.open.values()]
+    except Exception:  # a table caught in the middle of a change: guest memory goes anyway
+        log.exception("mapper %d: no view made before the fork is kept readable", mapper.id)
+        spans = []
     mapper.chunks.clear()
     mapper._pending_unmaps.clear()
     mapper.reservation.after_fork(_pages(spans))
+    mapper.fds.close_after_fork()  # (a fork in the middle of close() finds some still held)
     if mapper.closed:
-        return  # its fds, sockets and pipe were closed before the fork
-    mapper.fds.close_after_fork()
+        return  # its sockets and pipe were closed before the fork
     wake = (mapper._wake_r, mapper._wake_w)
     mapper._wake_r = mapper._wake_w = -1  # a write to -1 fails (a reused number would not)
     for fd in wake:
