@@ -287,6 +287,7 @@ def test_a_mapper_without_reattach_drops_its_mappings_when_the_manager_dies(
         if not reconnect:  # it will not wait for one: gone, and its mappings with it
             with pytest.raises(membacking.MappingsDroppedError):
                 memory.read_at(0x1000, 4)
+            assert caplog.text.count("every mapping dropped") == 1  # said once
             return
         assert mapper.dropped is None  # not for good: later faults may ask again
         again = threading.Event()

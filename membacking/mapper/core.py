@@ -255,10 +255,10 @@ class VaMapper:
     def gone_for_good(self, reason: str) -> None:
         """No manager will take this mapper back: no removal could reach what it maps, so it
         drops every mapping (accesses raise MappingsDroppedError), unless it is detaching."""
-        if not self._stop:
-            drop_every_mapping(self, reason)
+        said = not self._stop and drop_every_mapping(self, reason)  # (it logs the reason)
         if self.gone is None:  # before the faults waiting for a relink wake: they read it
-            log.warning("mapper %d: %s", self.id, reason)
+            if not said:
+                log.warning("mapper %d: %s", self.id, reason)
             self.gone = reason
         self.relinked.set()
         self.waiters.shutdown(reason)

@@ -45,19 +45,20 @@ def describe_shutdown(reason: str) -> str:
     return f"the manager shut down ({reason})"
 
 
-def drop_every_mapping(mapper: VaMapper, reason: str, for_good: bool = True) -> None:
+def drop_every_mapping(mapper: VaMapper, reason: str, for_good: bool = True) -> bool:
     """The manager no longer backs anything the mapper holds (evicted, it stopped, or no
     manager will take the mapper back): unmap every chunk and close every fd, before any access
     can touch them again. A range an open view still pins gets private anonymous memory in
     place of the old backing (the view reads zeros from then on, and never the removed memory),
     so the view cannot fault. Not
     `for_good` (a mapper without REATTACH whose manager died or restarts): later faults ask the
-    next manager again."""
+    next manager again. True if it logged the reason (something was dropped)."""
     if mapper.dropped is not None:
-        return
+        return False
     with mapper.lock:
         if mapper.closed:
-            return
+            return False
+        held = bool(len(mapper.chunks) or mapper._pending_unmaps or mapper.fds.held())
         mapper.views.release_escaped()
         unmap_all(mapper)
         mapper.chunks.clear()
@@ -66,7 +67,9 @@ def drop_every_mapping(mapper: VaMapper, reason: str, for_good: bool = True) -> 
         if for_good:
             mapper.dropped = reason
     mapper.fds.close_all()
-    log.warning("mapper %d: every mapping dropped: %s", mapper.id, reason)
+    if held:
+        log.warning("mapper %d: every mapping dropped: %s", mapper.id, reason)
+    return held
 
 
 def on_shutdown(mapper: VaMapper, msg: m.Shutdown) -> None:
