@@ -297,6 +297,7 @@ def _mapper_state(mapper_id: int) -> Any:
     return SimpleNamespace(
         id=mapper_id,
         gone=None,
+        forked=None,
         closed=False,
         _stop=False,
         reconnect_timeout=30.0,

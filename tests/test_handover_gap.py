@@ -45,6 +45,8 @@ def test_a_mapper_told_restarting_does_not_wait_for_a_farewell() -> None:
         relinked=relinked,
         _await_farewell=lambda: waited.append(True),
         manager_gone=gone.append,
+        gone=None,
+        link=SimpleNamespace(features=m.SUPPORTED_FEATURES),  # (REATTACH: keeps its mappings)
     )
     assert VaMapper._read_fd_socket(mapper)
     assert waited == [] and gone == ["connection closed"]

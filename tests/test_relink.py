@@ -79,6 +79,7 @@ def test_a_mapper_told_restarting_tries_no_registration_before_a_successor_binds
 
     import membacking
     from membacking.mapper.link import ManagerLink
+    from membacking.mapper.reconnect import BACKOFF_MAX
 
     tries: list[float] = []
     reconnect = ManagerLink.reconnect
@@ -102,12 +103,33 @@ def test_a_mapper_told_restarting_tries_no_registration_before_a_successor_binds
         while not old_stream.closed and time.monotonic() < deadline:
             time.sleep(0.01)
         assert old_stream.closed
+        closed = time.monotonic()
         time.sleep(0.3)
         assert tries == []  # no successor yet: nothing tried
-        bound = time.monotonic()
+        appeared: list[float] = []
+        sock_path = first.runtime_dir / "fd.sock"
+        before = sock_path.stat().st_ino if sock_path.exists() else None
+
+        def watch() -> None:  # when the successor's fd.sock appears
+            end = time.monotonic() + 30
+            while time.monotonic() < end:
+                with contextlib.suppress(OSError):
+                    if sock_path.stat().st_ino != before:
+                        appeared.append(time.monotonic())
+                        return
+                time.sleep(0.001)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
         start_manager(*regions, runtime_dir=first.runtime_dir)
         assert again.wait(15)
-        assert len(tries) == 1 and tries[0] >= bound
+        watcher.join(15)
+        assert appeared
+        # once it appeared, one try, which worked; before, only once the watch of at most
+        # BACKOFF_MAX had run out (a successor slow to start on a loaded machine)
+        early = [t for t in tries if t < appeared[0] - 0.005]
+        assert len(tries) - len(early) == 1, (tries, appeared)
+        assert all(t >= closed + BACKOFF_MAX - 0.3 for t in early), (tries, closed)
         assert memory.read_at(0x1000, 4) == b"kept"
 
 
