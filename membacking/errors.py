@@ -59,7 +59,8 @@ class OutOfRangeError(GuestMemoryError):
 
 
 class ManagerGoneError(GuestMemoryError, ManagerUnavailableError):
-    """The manager is gone: what is mapped keeps working, new faults cannot be served."""
+    """The manager is gone: new faults cannot be served. What is mapped keeps working only while
+    the mapper waits for a successor; after that, accesses raise MappingsDroppedError."""
 
 
 class MappingsDroppedError(ManagerGoneError):

@@ -46,8 +46,8 @@ _NEGATIVE = re.compile(r"-[0-9]")
 class NumericArgs(click.Command):
     """A command with numeric arguments (addresses, sizes, ids). Click reads `-1` or `-0x10`
     typed for one as an unknown option ("No such option: -1"); here it is that argument's value,
-    which its type refuses as negative (status 2). Any other unknown option keeps click's
-    error."""
+    which its type refuses as negative (status 2). An unknown option typed before any such
+    number keeps click's error (one after it is taken as an argument: still status 2)."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         try:
@@ -229,10 +229,12 @@ def checked_runtime_dir(chosen: tuple[Path, str], config_path: Path | None) -> P
     the directory came from (--runtime-dir, $MEMBACKING_RUNTIME_DIR, the config file) and the
     limit, before anything is tried on it."""
     path, source = chosen
-    over = RuntimePaths.resolve(path).too_long()  # (absolute: the length the kernel sees)
+    paths = RuntimePaths.resolve(path)  # (absolute: the length the kernel sees)
+    over = paths.too_long()
     if over is None:
         return path
     longest, size = over
+    path = paths.root  # named as measured
     where = f"{_FOUND_IN.get(source, source)} {path}"
     if source == "configuration file":
         where = f"runtime_dir {path} in {config_path}"

@@ -286,6 +286,8 @@ def region_unmap(
     where = f"{units.format_size(size)} at offset {units.format_address(offset)}"
     unmapped = r.get("unmapped_bytes")  # (None from a manager of an earlier release)
     if unmapped == 0:
+        if as_json:  # the daemon's answer all the same (unmapped_bytes 0), then the refusal
+            echo_json(r)
         raise click.ClickException(
             f"nothing is mapped in the {where} of region {name} (it is a hole already): "
             "nothing changed"

@@ -89,9 +89,10 @@ class GuestMemory:
 
     @property
     def manager_gone(self) -> str | None:
-        """Why this mapper lost its manager (stopped, evicted, connection lost), or None while it
-        is served. New faults fail; every mapping was dropped (accesses raise
-        MappingsDroppedError): no manager could reach what it still mapped."""
+        """Why this mapper lost its manager (stopped, evicted, connection lost, or this process
+        was forked from the one that attached it), or None while it is served or waits for a
+        successor. New faults fail; every mapping was dropped (accesses raise
+        MappingsDroppedError, DetachedError in a forked child)."""
         return self._mapper.gone
 
     def on_registered_again(self, hook: Callable[[bool, int], None]) -> None:
