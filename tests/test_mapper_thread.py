@@ -144,7 +144,9 @@ def test_shutdown_read_before_the_fd_socket_closes(scripted: ScriptedManager) ->
     memory = membacking.attach(root, name="quiet")
     try:
         scripted.registered()
-        scripted.router.send_multipart([scripted.stream, encode(m.Shutdown("scripted"))])
+        # (without SHUTDOWN_CODE, a stop for good: a reason beginning neither way restarts)
+        stop = m.Shutdown("manager shutting down: scripted")
+        scripted.router.send_multipart([scripted.stream, encode(stop)])
         thread = memory._mapper._thread
         deadline = time.monotonic() + 5
         while memory._mapper.gone is None and time.monotonic() < deadline:
