@@ -50,9 +50,9 @@ def drop_every_mapping(mapper: VaMapper, reason: str, for_good: bool = True) -> 
     manager will take the mapper back): unmap every chunk and close every fd, before any access
     can touch them again. A range an open view still pins gets private anonymous memory in
     place of the old backing (the view reads zeros from then on, and never the removed memory),
-    so the view cannot fault. Not
-    `for_good` (a mapper without REATTACH whose manager died or restarts): later faults ask the
-    next manager again. True if it logged the reason (something was dropped)."""
+    so the view cannot fault. Not `for_good` (a mapper without REATTACH whose manager died or
+    restarts): later faults ask the next manager again. True if it logged the reason
+    (something was dropped)."""
     if mapper.dropped is not None:
         return False
     with mapper.lock:
