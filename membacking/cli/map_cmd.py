@@ -137,7 +137,11 @@ def _visible(regions: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def regions_span(regions: list[dict[str, Any]]) -> tuple[int, int] | None:
     """[start, end) from the lowest visible region to the end of the highest (None: none)."""
-    placed = _visible(regions)
+    return _span(_visible(regions))
+
+
+def _span(placed: list[dict[str, Any]]) -> tuple[int, int] | None:
+    """[start, end) of the visible regions `placed` (by guest address; None: none)."""
     if not placed:
         return None
     return placed[0]["gpa"], max(r["gpa"] + r["size"] for r in placed)
@@ -161,7 +165,7 @@ def render_map(
     address space the manager serves; the bar and the table span the visible regions."""
     placed = _visible(regions)
     space = _space_text(address_space)
-    extent = regions_span(regions)
+    extent = _span(placed)
     if extent is None:
         return [f"{space}: no visible regions"]
     lo, hi = extent
