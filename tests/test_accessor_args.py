@@ -163,6 +163,33 @@ def test_a_huge_read_plain_checks_its_range_before_allocating(memory: GuestMemor
     assert memory.read_plain(REGION, "2s3x") == memory.read_at(REGION, 2)  # small formats
 
 
+def test_a_huge_write_plain_checks_its_range_before_packing(
+    manager: RunningManager, memory: GuestMemory
+) -> None:
+    """A struct format of hundreds of MB: the write fails on its range (unmapped, read-only
+    beyond, or outside the address space) before its value is packed to the format's size,
+    and nothing is written. It packed first: 300 MB allocated for a write that failed."""
+    before = memory.read_at(REGION, 8)
+    tracemalloc.start()
+    try:
+        with pytest.raises(NoMappingError):
+            memory.write_plain(REGION + REGION_SIZE, "300000000s", b"x")  # the hole
+        with pytest.raises(NoMappingError):
+            memory.write_plain(REGION, "300000000s", b"xyz")  # mapped at first, then not
+        with pytest.raises(OutOfRangeError):
+            memory.write_plain(memory.address_space - 4096, "200000000s", b"x")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"{peak} bytes allocated for a write that failed"
+    assert memory.read_at(REGION, 8) == before
+    with pytest.raises(ReadOnlyError):  # past the hole: read-only
+        memory.write_plain(HOLE_END, "200000s", b"x")
+    manager.client().add_region("large", 0x20000000, 0x40000)
+    memory.write_plain(0x20000000, "200000s", b"ab")  # a large value that fits: written
+    assert memory.read_at(0x20000000, 3) == b"ab\0"
+
+
 def test_a_huge_access_across_a_hole_maps_nothing_past_it(memory: GuestMemory) -> None:
     """An access fails at the first hole it reaches: the regions past the hole (and their
     VMAs) are not mapped for it. A read of 1 TiB from mapped memory across a hole mapped every

@@ -16,17 +16,13 @@ from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
 
-from ..errors import (
-    DetachedError,
-    GuestMemoryError,
-    OutOfRangeError,
-    ReadOnlyError,
-)
+from ..errors import DetachedError, GuestMemoryError, OutOfRangeError, ReadOnlyError
 from ..ffi import LOCK_FREE_WORDS
 from ..protocol.ranges import MemoryRange
 from . import privateram
 from .core import MAX_FAULTS, VaMapper
 from .plain import (
+    LARGE_FORMAT,
     PlainFormat,
     PlainFormats,
     add_delta,
@@ -298,8 +294,10 @@ class GuestMemory:
             view, shift, mask, _, _, _, bytes_of, word_of, st, spec = self._plain[fmt]
         except (KeyError, TypeError):
             view, shift, mask, _, _, _, bytes_of, word_of, st, spec = self._formats.parse(fmt)
-        if type(gpa) is not int:
+        if type(gpa) is not int or st.size > LARGE_FORMAT:
             gpa = self._check(gpa, st.size)[0]
+            if st.size > LARGE_FORMAT:  # packed only once the range is mapped and writable
+                self._access(gpa, st.size, True, tuple)
         if view is not None and not gpa & mask:
             try:
                 if value.__class__ is bool:  # plain.pack says whether the format takes it

@@ -114,8 +114,9 @@ def unpacked(values: tuple[Any, ...]) -> Any:
     return values[0] if len(values) == 1 else values
 
 
-#: largest format whose fields plain_format counts by unpacking zeros
-_UNPACK_TO_COUNT = 1 << 16
+#: largest format whose fields plain_format counts by unpacking zeros, and whose value
+#: write_plain packs before it checks the range
+LARGE_FORMAT = 1 << 16
 _FIELD = re.compile(r"\s*(\d*)([^\s\d])")
 
 
@@ -143,7 +144,7 @@ def plain_format(fmt: Any) -> PlainFormat:
     swapped = match is not None and match.group(1) not in _NATIVE_ORDER
     # counted without unpacking a format too large to unpack cheaply: a huge read must reach
     # its range check before anything the size of the format is allocated
-    single = (len(st.unpack(bytes(size))) if size <= _UNPACK_TO_COUNT else _items(fmt)) == 1
+    single = (len(st.unpack(bytes(size))) if size <= LARGE_FORMAT else _items(fmt)) == 1
     bytes_of = st.pack if single else functools.partial(_pack_fields, st)
     if shift < 0:
         return PlainFormat(
