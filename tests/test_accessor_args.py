@@ -93,9 +93,11 @@ def test_plain_values_that_do_not_fit_their_format(memory: GuestMemory) -> None:
             with pytest.raises(TypeError, match="cannot be stored as"):
                 memory.write_plain(gpa, fmt, value)
         assert memory.read_at(0x100, 8) == b"\x07" * 8
-    for fmt in ("<Z", "<Q<Q", "Q!"):
+    for fmt in ("<Z", "<Q<Q", "Q!", "0p", "", "<0s", "0Q"):
         with pytest.raises(ValueError, match="invalid struct format"):
             memory.read_plain(0x100, fmt)
+        with pytest.raises(ValueError, match="invalid struct format"):
+            memory.write_plain(0x100, fmt, 0)
     for fmt_arg in (b"<Q", 8, None, ["<Q"]):
         with pytest.raises(TypeError, match="struct format string"):
             memory.read_plain(0x100, fmt_arg)  # type: ignore[arg-type]

@@ -138,6 +138,8 @@ def plain_format(fmt: Any) -> PlainFormat:
     except struct.error as exc:
         raise ValueError(f"invalid struct format {fmt!r}: {exc}") from None
     size = st.size
+    if not size:  # nothing to access ("0p" also made struct raise SystemError)
+        raise ValueError(f"invalid struct format {fmt!r}: it describes no bytes")
     shift = _SHIFTS.get(size, -1)
     match = _INTEGER.fullmatch(fmt)
     integer = match is not None
