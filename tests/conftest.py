@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import compileall
 import contextlib
 import os
 import select
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 
+import membacking
 from membacking.control_client import ControlClient
 from membacking.manager.statedir import default_state_dir
 from membacking.manager.statelist import default_locations, remove_state_of, runtime_dir_of
@@ -68,6 +70,14 @@ def _no_state_left(request: pytest.FixtureRequest) -> Iterator[None]:
     removed = [p for d in made for p in remove_state_of(d)]
     if removed:
         _CLEANED[request.node.nodeid] = [str(p) for p in removed]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Write the package's bytecode once, before any test starts a process. Python writes it at
+    first import, except where PYTHONDONTWRITEBYTECODE is set: there every process the tests
+    start (managers, mappers, command lines: hundreds in a run) compiled every module from
+    source, about 200 ms of each start (a manager ready in 430 ms instead of 200)."""
+    compileall.compile_dir(Path(membacking.__file__).parent, quiet=1)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
