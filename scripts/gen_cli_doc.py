@@ -50,8 +50,11 @@ Shell completion is click's: `eval "$(_MEMBACKING_COMPLETE=bash_source membackin
 def _walk(command: click.Command, path: list[str]) -> list[tuple[list[str], click.Command]]:
     out = [(path, command)]
     if isinstance(command, click.Group):
-        for name in sorted(command.commands):
-            out.extend(_walk(command.commands[name], [*path, name]))
+        ctx = click.Context(command)  # the group's listing: its commands load when asked for
+        for name in sorted(command.list_commands(ctx)):
+            sub = command.get_command(ctx, name)
+            assert sub is not None, name
+            out.extend(_walk(sub, [*path, name]))
     return out
 
 

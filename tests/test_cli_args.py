@@ -64,7 +64,10 @@ def test_unknown_options_keep_clicks_error(manager: RunningManager) -> None:
 
 def _commands(group: click.Group, path: str = "") -> list[tuple[str, click.Command]]:
     found: list[tuple[str, click.Command]] = []
-    for name, command in group.commands.items():
+    ctx = click.Context(group)  # the group's listing: its commands load when asked for
+    for name in group.list_commands(ctx):
+        command = group.get_command(ctx, name)
+        assert command is not None, name
         if isinstance(command, click.Group):
             found += _commands(command, f"{path}{name} ")
         else:

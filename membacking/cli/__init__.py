@@ -9,48 +9,63 @@ Each group of commands lives in its own module.
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
 
-from .bench_cmd import bench_cmd
 from .common import Group
-from .conformance_cmd import conformance_cmd
-from .inspect_cmd import mappers_cmd, regions_cmd, stats_cmd
-from .manager_cmd import manager
-from .map_cmd import map_cmd
-from .mapper_cmd import mapper
-from .mem_cmd import mem
-from .qemu_cmd import qemu
-from .region_cmd import region
-from .state_cmd import state
-from .status_cmd import status_cmd
-from .watch_cmd import watch_cmd
+
+#: each command: the module that defines it and its name there, imported when the command is
+#: run or listed, so that a command does not load what only the others need (the daemon, the
+#: conformance checker, QEMU's launcher)
+_COMMANDS = {
+    "manager": ("manager_cmd", "manager"),
+    "mapper": ("mapper_cmd", "mapper"),
+    "regions": ("inspect_cmd", "regions_cmd"),
+    "mappers": ("inspect_cmd", "mappers_cmd"),
+    "stats": ("inspect_cmd", "stats_cmd"),
+    "status": ("status_cmd", "status_cmd"),
+    "region": ("region_cmd", "region"),
+    "mem": ("mem_cmd", "mem"),
+    "map": ("map_cmd", "map_cmd"),
+    "watch": ("watch_cmd", "watch_cmd"),
+    "bench": ("bench_cmd", "bench_cmd"),
+    "conformance": ("conformance_cmd", "conformance_cmd"),
+    "qemu": ("qemu_cmd", "qemu"),
+}
 
 
-@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(Group):
+    """The top-level group: its commands are loaded when first asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(_COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in _COMMANDS:
+            module, name = _COMMANDS[cmd_name]
+            command = getattr(importlib.import_module(f".{module}", __name__), name)
+            if cmd_name == "manager":
+                from .state_cmd import state
+
+                command.add_command(state)
+            self.add_command(command, cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        try:
+            return super().resolve_command(ctx, args)
+        except click.exceptions.NoSuchCommand as exc:  # suggest from every command, not the loaded
+            raise click.exceptions.NoSuchCommand(exc.command_name, None, _COMMANDS, ctx) from None
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="membacking")
 def cli() -> None:
     """One shared guest-physical address space for many processes."""
-
-
-for command in (
-    manager,
-    mapper,
-    regions_cmd,
-    mappers_cmd,
-    stats_cmd,
-    status_cmd,
-    region,
-    mem,
-    map_cmd,
-    watch_cmd,
-    bench_cmd,
-    conformance_cmd,
-    qemu,
-):
-    cli.add_command(command)
-manager.add_command(state)
 
 
 def main() -> None:
