@@ -69,3 +69,16 @@ def test_every_command_is_listed_and_runs_its_help() -> None:
         [sys.executable, "-m", "membacking", "statu"], capture_output=True, text=True
     )
     assert typo.returncode == 2 and "Did you mean" in typo.stderr and "status" in typo.stderr
+
+
+def test_the_daemon_loads_prometheus_client_only_to_serve_metrics() -> None:
+    """`manager run` without --metrics-port: nothing of prometheus-client (nor its HTTP
+    server) is imported, about a fifth of a daemon's start."""
+    code = (
+        "import sys, membacking.cli.manager_cmd, membacking.manager.daemon\n"
+        "from membacking.manager import Daemon, startup, control\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('prometheus', 'wsgiref'))))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

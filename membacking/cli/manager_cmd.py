@@ -237,8 +237,8 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
     from ..manager.config import load_config
     from ..manager.errors import Refused
     from ..manager.fdstore import use_fd_store
-    from ..manager.metrics import metrics_url
     from ..manager.persist import PersistConfig
+    from ..manager.procinfo import metrics_url
     from ..runtime import choose_runtime_dir
 
     from_file = load_config(config_path) if config_path is not None else {}

@@ -17,9 +17,9 @@ from ..protocol import messages as m
 from ..protocol.messages import PRIVATE_MAPPABLE, Channel
 from .awaited import may_cut
 from .errors import Refused
-from .metrics import FD_WARN_SHARE, VERSION, process_info
 from .model import LIMIT_FLAGS, Disconnect, MapperEntry
 from .pins import Pins, guard
+from .procinfo import FD_WARN_SHARE, VERSION, process_info
 from .state import MAX_LISTED_PIECES, Effect, ManagerState, Send, piece_info, region_info
 
 log = logging.getLogger("membacking.manager")

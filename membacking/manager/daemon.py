@@ -16,7 +16,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -34,13 +34,15 @@ from .fdconn import FdConn, kill_evicted
 from .fdserver import MAX_UNREGISTERED, FdServer
 from .fdstore import FdStore
 from .heap import Heap
-from .metrics import ManagerMetrics
 from .persist import READ_ONLY_OPS, Persistence
 from .routers import IPC_FILE_OUTLIVES_CLOSE, bind_router, new_router, open_to_other_users
 from .rundir import RuntimeDirLock, raise_fd_limit
 from .settings import ManagerConfig, config_widens
 from .state import Disconnect, Effect, ManagerState, Send, SendFd
 from .strikes import StreamStrikes
+
+if TYPE_CHECKING:
+    from .metrics import ManagerMetrics
 
 #: frames of one message kept beyond the identity; every valid message has 1 (mapper) or 2
 #: (control); more are received and dropped, and the message is refused as malformed
@@ -82,7 +84,7 @@ class Daemon(FdServer):
         self.heap = Heap()  # what the garbage collector walks (heap.py)
         #: the state the heap was settled with before a handover was asked for, if any
         self.settled_early: ManagerState | None = None
-        self.metrics = ManagerMetrics(self.state)
+        self.metrics: ManagerMetrics | None = None  # made to serve them (startup.serve_metrics)
         #: the port metrics are served on, once started (None: not served)
         self.metrics_port: int | None = None
         #: with `takeover`: the answer of the daemon that handed over
@@ -148,9 +150,8 @@ class Daemon(FdServer):
             # the mappers of the manager before, still running, are awaited back (awaited.py)
             back = self.state.awaited.begin(self.state._monotonic(), self.state.unmap_timeout)
             if back:
-                # they register again at once: the block of ids they get is journaled by the
-                # save below, not by a save of its own at the first Hello (about 0.3 ms of CPU
-                # in a handover's gap)
+                # they register again at once: the block of ids they get is journaled by the save
+                # below, not by a save of its own at the first Hello (0.3 ms in a handover's gap)
                 self.state.reserve_mapper_id()
             if taken is None:  # (a takeover made room before it asked: not in its gap)
                 # their connections and the first others' fit in the descriptor table now,
@@ -238,7 +239,8 @@ class Daemon(FdServer):
         shutdown.shut_down(self)
 
     def _close_all(self) -> None:
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
         for conn in list(self._conns.values()):
             conn.close()  # and the fd copies waiting in its outbox
         self._conns.clear()
@@ -282,8 +284,7 @@ class Daemon(FdServer):
         for fileno in self._conns:
             poller.register(fileno, zmq.POLLIN)
         while self._stop_reason is None:
-            # work a change left for later (state.work, state.step) is done between messages,
-            # never waited for
+            # work a change left for later (state.work, state.step): between messages, unwaited
             busy = self.state.has_steps or self.state.has_work
             timeout = 0 if busy else int(max(0.0, next_tick - time.monotonic()) * 1000) + 1
             ready = dict(zmq.zmq_poll(poller.sockets, timeout))

@@ -13,8 +13,8 @@ from ..errors import MembackingError
 from . import handover
 from .errors import Refused
 from .journal import JournalError, decode
-from .metrics import ManagerMetrics, metrics_url
 from .persist import adopted_region, describe
+from .procinfo import metrics_url
 from .rundir import RuntimeDirError
 from .snapshot import check_fits, restore
 from .statedir import StateDirError
@@ -60,6 +60,9 @@ def serve_metrics(daemon: Daemon) -> None:
     config = daemon.config
     if config.metrics_port is None:
         return
+    from .metrics import ManagerMetrics  # prometheus-client: loaded only to serve them
+
+    daemon.metrics = ManagerMetrics(daemon.state)
     try:
         daemon.metrics_port = daemon.metrics.serve(config.metrics_port, config.metrics_addr)
     except OSError as exc:
@@ -83,7 +86,6 @@ def adopt(daemon: Daemon, taken: handover.Takeover | None) -> None:
             daemon.store, daemon.state = daemon._empty_state()
             daemon.store.fd_ceiling = daemon._fd_ceiling
             daemon.store.inherited = taken.inherit
-            daemon.metrics = ManagerMetrics(daemon.state)
             persist.adopt(daemon.state, daemon.store)
     elif persist is not None:
         persist.open(daemon.state, daemon.store)
