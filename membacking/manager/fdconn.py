@@ -44,6 +44,9 @@ class FdConn:
     accepted: float = field(default_factory=time.monotonic)
     #: what the socket could not take yet, in order; each fd here is our own dup
     outbox: deque[tuple[m.Message, int | None]] = field(default_factory=deque)
+    #: how many of the outbox's entries hold an fd (counted as they come and go: a count by
+    #: walking the outbox at each send made a peer that never reads cost O(n) per message)
+    outbox_fds: int = 0
 
     def send(
         self, msg: m.Message, fd: int | None, max_waiting: int, fd_ceiling: int = 1 << 30
@@ -59,14 +62,16 @@ class FdConn:
                 pass
         # fds are what is scarce: `max_waiting` bounds those; small messages (FdDenied, Error)
         # may wait in larger numbers
-        holding = sum(1 for _, waiting_fd in self.outbox if waiting_fd is not None)
-        if (fd is not None and holding >= max_waiting) or len(self.outbox) >= 16 * max_waiting:
-            raise OutboxFull(f"{len(self.outbox)} messages wait for it to read its fd socket")
+        waiting = len(self.outbox)
+        if (fd is not None and self.outbox_fds >= max_waiting) or waiting >= 16 * max_waiting:
+            raise OutboxFull(f"{waiting} messages wait for it to read its fd socket")
         copy = None if fd is None else os.dup(fd)
         if copy is not None and copy >= fd_ceiling:
             os.close(copy)
             raise OutboxFull("the manager is close to its open-file limit")
         self.outbox.append((msg, copy))
+        if copy is not None:
+            self.outbox_fds += 1
         return True
 
     def flush(self) -> bool:
@@ -80,6 +85,7 @@ class FdConn:
                 return False
             self.outbox.popleft()
             if fd is not None:
+                self.outbox_fds -= 1
                 os.close(fd)
         return True
 
@@ -103,6 +109,7 @@ class FdConn:
             _, fd = self.outbox.popleft()
             if fd is not None:
                 os.close(fd)
+        self.outbox_fds = 0
 
 
 def kill_evicted(mapper_id: int, conn: FdConn | None, counters: dict[str, int]) -> None:
