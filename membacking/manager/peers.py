@@ -283,8 +283,18 @@ class PeerState(TableState):
         return [self._to_mapper(entry, self.shutdown_message(entry, reason, code))]
 
     def tick(self) -> list[Effect]:
-        """Evict mappers that left a request unanswered for longer than `unmap_timeout`."""
+        """Evict mappers that left a request unanswered for longer than `unmap_timeout`; sum
+        up the log lines `log_budget` left out."""
         now = self._monotonic()
+        for (kind, reason, pid), left_out, seconds in self.log_budget.ended(now):
+            log.warning(
+                "%d more %s (%s) from %s in %.0fs were not logged (stats counts each)",
+                left_out,
+                "rejected messages" if kind == "rejected" else "refused requests",
+                reason,
+                f"pid {pid}" if pid is not None else "peers of unknown pid",
+                seconds,
+            )
         effects: list[Effect] = []
         for entry in list(self.mappers.values()):
             waited = now - min(entry.unacked.values()) if entry.unacked else 0.0

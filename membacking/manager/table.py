@@ -21,6 +21,7 @@ from . import cuts
 from .backing import BackingStore
 from .held import Held, Taken
 from .later import WORK_BUDGET, do_work
+from .logbudget import LogBudget
 from .model import (
     DEFAULT_ADDRESS_SPACE,
     Effect,
@@ -113,11 +114,15 @@ class TableState:
         self.rejections = 0
         #: requests turned down by a limit or a policy (not a peer's fault), by reason
         self.refused: Counter[str] = Counter()
+        #: how many of those, and of the rejections, one peer may log (logbudget.py)
+        self.log_budget = LogBudget()
 
     def reject(self, reason: str, detail: str, pid: int | None = None) -> None:
-        """Count and log a rejected peer message."""
+        """Count and log a rejected peer message (the log within `log_budget`)."""
         self.rejected[reason] += 1
         self.rejections += 1
+        if not self.log_budget.allow(("rejected", reason, pid), self._monotonic()):
+            return
         log.warning(
             "rejected message (%s) from %s: %s",
             reason,
@@ -128,8 +133,10 @@ class TableState:
 
     def refuse(self, reason: str, detail: str, pid: int | None = None) -> None:
         """Count and log a request turned down by a limit or policy (kept apart from
-        `rejected`, which counts peers that broke the protocol)."""
+        `rejected`, which counts peers that broke the protocol; the log within `log_budget`)."""
         self.refused[reason] += 1
+        if not self.log_budget.allow(("refused", reason, pid), self._monotonic()):
+            return
         log.warning(
             "refused (%s) for %s: %s",
             reason,
