@@ -41,6 +41,9 @@ class RecordingStore:
     def describe(self, mappable_id: int) -> tuple[int, bool]:
         return self.live[mappable_id][1], self.live[mappable_id][2]
 
+    def ram_room(self, adding: int = 0) -> tuple[int, int] | None:
+        return None  # memfds: no file system to fill
+
     def destroy(self, mappable_id: int) -> None:
         del self.live[mappable_id]
         self.destroyed.append(mappable_id)

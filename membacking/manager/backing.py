@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from ..units import format_size
 from .errors import Refused
 from .journal import BackingRecord
 from .statedir import StateDir, StateDirError
@@ -53,6 +54,8 @@ class BackingStore(Protocol):
     def grant_fd(self, mappable_id: int) -> int: ...
 
     def close_all(self) -> None: ...
+
+    def ram_room(self, adding: int = 0) -> tuple[int, int] | None: ...
 
 
 @dataclass
@@ -102,6 +105,8 @@ class MemfdStore:
         #: where a restarted manager finds memfd/hugetlb memory again (the service manager's fd
         #: store, `fdstore`): the journaled record's descriptor, or None (it comes back zeroed)
         self.inherited: Callable[[BackingRecord], int | None] | None = None
+        #: the sizes of the RAM files in the state directory, summed (`ram_room`)
+        self._shm_bytes = 0
 
     def __len__(self) -> int:
         return len(self._backings)
@@ -158,10 +163,24 @@ class MemfdStore:
         record = BackingRecord(mappable_id, kind, label, size, writable, dev, ino)
         self._backings[mappable_id] = _Backing(fd, grant, size, writable, kind, label, record)
         self._identities = None
+        if kind == "shm":
+            self._shm_bytes += size
 
     def _shm_file(self, state_dir: StateDir, label: str, name: str, size: int) -> int:
         # No seals on a tmpfs file that memfd_create did not make: the file is the daemon's
         # (0600 in a 0700 directory), and a restart checks its size against the journal.
+        room = self.ram_room(size)
+        if room is not None and room[1] > room[0]:
+            free, promised = room
+            raise BackingError(
+                "no-memory",
+                f"cannot back {name}: the file system of {state_dir.mem} has {format_size(free)} "
+                f"free, and the RAM regions there could take {format_size(promised)} with it "
+                "(their pages are allocated as they are first touched; a touch with no room left "
+                "would kill the process making it with SIGBUS): free space there (df), make the "
+                "region smaller, or start the manager with --no-state (RAM in memfds, which "
+                "only memory bounds)",
+            )
         try:
             return state_dir.create_file(label, size)
         except OSError as exc:
@@ -341,7 +360,25 @@ class MemfdStore:
             os.close(backing.grant_fd)
         os.close(backing.fd)
         if backing.kind == "shm" and self.state_dir is not None:
+            self._shm_bytes -= backing.size
             self.state_dir.unlink_later(backing.name)
+
+    def ram_room(self, adding: int = 0) -> tuple[int, int] | None:
+        """(free bytes of the state directory's file system, bytes its RAM files may still
+        take, with `adding` more), or None without a state directory. A RAM file's pages are
+        allocated as they are first touched, read or written; a touch the file system has no
+        room for kills the process that makes it with SIGBUS. Each file's allocated blocks are
+        read only when the files' sizes together exceed what is free."""
+        if self.state_dir is None:
+            return None
+        fs = os.statvfs(self.state_dir.mem)
+        free = fs.f_bavail * fs.f_frsize
+        promised = self._shm_bytes + adding
+        if promised > free:  # less what the files have allocated already
+            for backing in self._backings.values():
+                if backing.kind == "shm":
+                    promised -= min(backing.size, os.fstat(backing.fd).st_blocks * 512)
+        return free, promised
 
     def fd_table(self) -> dict[int, tuple[int, str]]:
         """mappable id -> (the manager's descriptor, backing kind), for the fd store."""
@@ -362,3 +399,4 @@ class MemfdStore:
             os.close(backing.fd)
         self._backings.clear()
         self._identities = None
+        self._shm_bytes = 0

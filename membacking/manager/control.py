@@ -203,6 +203,13 @@ def _status(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[
     if state.awaited.deferred:  # changes held until the mappers of the manager before are back
         pids = ", ".join(str(r.pid) for r in state.awaited.waiting)
         problems.append(f"{state.awaited.deferred} change(s) wait for pid(s) {pids} to come back")
+    room = state.store.ram_room()
+    if room is not None and room[1] > room[0]:  # a first touch past the free space: SIGBUS
+        free, promised = map(units.format_size, room)
+        problems.append(
+            f"the state directory's file system has {free} free, less than the {promised} RAM "
+            "regions may still take: a first touch past it kills the process making it (SIGBUS)"
+        )
     journal_error = state.persistence.get("journal_error")
     if journal_error:  # the state directory cannot be written (or is gone)
         problems.append(journal_error)

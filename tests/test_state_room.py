@@ -1,0 +1,78 @@
+"""RAM regions in a state directory and the room its file system has: a region the file system
+could not hold once touched is refused, and `status` says when other files took the room. A
+RAM file's pages are allocated as they are first touched; a touch with no room left killed the
+process making it with SIGBUS, a read as much as a write (64 MiB regions on a 16 MiB tmpfs were
+accepted, and the first read past the full tmpfs killed `membacking mem read`)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import RunningManager, run_cli, short_tmpdir
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def small_tmpfs() -> Iterator[Path]:
+    """A 16 MiB tmpfs of its own (mounting one needs root)."""
+    where = short_tmpdir("mbfs-")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(where)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or 'not root'}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def test_a_region_the_file_system_could_not_hold_is_refused(
+    start_manager: Callable[..., RunningManager], small_tmpfs: Path
+) -> None:
+    state = small_tmpfs / "state"
+    refused = run_cli(
+        "manager",
+        "run",
+        "--runtime-dir",
+        str(short_tmpdir() / "rt"),
+        "--state-dir",
+        str(state),
+        "--region",
+        "ram0=0:64M",
+    )
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "MiB free" in refused.stderr and "could take 64 MiB" in refused.stderr, refused.stderr
+    assert "SIGBUS" in refused.stderr and "--no-state" in refused.stderr
+
+    manager = start_manager("--state-dir", str(state), "--region", "ram0=0:8M")
+    added = manager.cli("region", "add", "more", "0x10000000", "12M")
+    assert added.returncode == 1 and "could take 20 MiB" in added.stderr, added.stderr
+    assert manager.cli("region", "add", "more", "0x10000000", "4M").returncode == 0
+    # what is allocated already is not counted again: 8 MiB written, then 6 more fit
+    assert manager.cli("mem", "fill", "0", "8M", "0xab").returncode == 0
+    assert manager.cli("region", "remove", "more").returncode == 0
+    assert manager.cli("region", "add", "more", "0x10000000", "6M").returncode == 0
+    assert "SIGBUS" not in manager.cli("status").stdout
+
+
+def test_status_says_when_other_files_took_the_room(
+    start_manager: Callable[..., RunningManager], small_tmpfs: Path
+) -> None:
+    manager = start_manager("--state-dir", str(small_tmpfs / "state"), "--region", "ram0=0:12M")
+    assert "SIGBUS" not in manager.cli("status").stdout
+    with open(small_tmpfs / "other", "wb") as other, contextlib.suppress(OSError):
+        other.write(b"x" * (10 * MiB))  # another process of the uid fills the tmpfs
+    status = manager.cli("status")
+    assert "degraded" in status.stdout and "SIGBUS" in status.stdout, status.stdout
+    os.unlink(small_tmpfs / "other")
+    assert "SIGBUS" not in manager.cli("status").stdout
