@@ -4,6 +4,7 @@ seq) does not, so alternating the two gets a mapper evicted all the same."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import membacking
@@ -87,6 +88,29 @@ def test_acks_of_unknown_seqs_do_not_end_a_row_of_strikes_on_a_stream(
         stats = manager.client().stats()
         assert stats["evictions_invalid"] == 1 and stats["mappers"] == 0, stats
         assert stats["rejected"]["unknown-seq"] == MAX_STRIKES - 1, stats  # the 8th: too late
+    finally:
+        hand.close()
+    still_serving(manager)
+
+
+def test_a_mapper_evicted_with_messages_still_unread_reads_its_shutdown(
+    manager: RunningManager,
+) -> None:
+    """A mapper evicted for strikes while more of its messages waited unread in the manager's
+    end: it reads every answer and the Shutdown, then the end of the connection. The manager
+    closed with them unread, and the kernel reset the connection instead: the mapper's next
+    read failed with ECONNRESET and the Errors and the Shutdown were lost."""
+    hand = HandMapper(manager.runtime_dir, "burst")
+    try:
+        with contextlib.suppress(BrokenPipeError):  # (the manager may have closed already)
+            for _ in range(MAX_STRIKES + 6):  # a burst, none of the answers read yet
+                hand.fd_sock.send(b"\xc1")
+        got = []
+        hand.fd_sock.settimeout(10)
+        while data := hand.fd_sock.recv(65536):
+            got.append(decode(data, Channel.FD))
+        assert isinstance(got[-1], m.Shutdown) and got[-1].reason.startswith("evicted"), got
+        assert [type(x) for x in got[:-1]] == [m.Error] * MAX_STRIKES, got
     finally:
         hand.close()
     still_serving(manager)

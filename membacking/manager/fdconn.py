@@ -7,6 +7,7 @@ did not come back after a restart.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -21,6 +22,10 @@ from .journal import MapperRecord
 from .pins import process_start
 
 log = logging.getLogger("membacking.manager")
+
+
+#: unread datagrams `FdConn.close` reads away before it closes
+_DRAIN_AT_CLOSE = 1024
 
 
 class OutboxFull(Exception):
@@ -101,6 +106,15 @@ class FdConn:
         return True
 
     def close(self) -> None:
+        # What the peer sent and no one read would have the kernel reset its end: its next
+        # read fails (ECONNRESET), and what it had not read of ours yet (the Errors, the
+        # Shutdown of an eviction) is lost. Read that away first (fds in it are closed by the
+        # kernel), so the peer reads ours to the end and then the close. Bounded: a peer that
+        # keeps sending is reset all the same.
+        with contextlib.suppress(OSError):
+            for _ in range(_DRAIN_AT_CLOSE):
+                if not self.sock.recv(1):
+                    break
         self.sock.close()
         if self.pidfd is not None:
             os.close(self.pidfd)
