@@ -10,6 +10,7 @@ import click
 
 from .. import units
 from ..qemu.launcher import VmOptions, qmp_path, run_vm
+from ..qemu.migration import migrate
 from ..qemu.qmp import Qmp
 from .common import SECONDS, Group, runtime_dir_option
 
@@ -85,35 +86,34 @@ def qemu_run(
 @click.argument("name")
 @click.argument("uri")
 @click.option("--timeout", type=SECONDS, default=300.0, show_default=True, help="Seconds to wait.")
-@click.option("--quit", "quit_after", is_flag=True, help="Stop the source VM once migrated.")
+@click.option(
+    "--quit",
+    "quit_after",
+    is_flag=True,
+    help="Stop the source VM once the destination has loaded it.",
+)
 def qemu_migrate(
     runtime_dir: Path | None, name: str, uri: str, timeout: float, quit_after: bool
 ) -> None:
     """Migrate VM NAME to URI (e.g. tcp:HOST:PORT, where a `qemu run --incoming` waits)."""
+    deadline = time.monotonic() + timeout
     path = qmp_path(runtime_dir, name)
     if not path.exists():
         raise click.ClickException(f"no VM named {name!r} here ({path} does not exist)")
-    with Qmp(path) as qmp:
-        qmp.execute("migrate", uri=uri)
-        deadline = time.monotonic() + timeout
-        while True:
-            info = qmp.execute("query-migrate")
-            status = info.get("status", "none")
-            if status == "completed":
-                break
-            if status in ("failed", "cancelled"):
-                raise click.ClickException(
-                    f"migration {status}: {info.get('error-desc', 'no reason given')}"
-                )
-            if time.monotonic() > deadline:
-                qmp.execute("migrate_cancel")
-                raise click.ClickException(f"migration did not finish in {timeout:g}s: cancelled")
-            time.sleep(0.05)
+    with Qmp(path, timeout=timeout) as qmp:
+        outcome = migrate(qmp, uri, deadline, timeout)
+        info = outcome.info
         ram = info.get("ram", {})
         click.echo(
             f"migrated {name} to {uri}: {ram.get('transferred', 0)} bytes in "
             f"{info.get('total-time', 0)} ms (downtime {info.get('downtime', 0)} ms)"
         )
+        if quit_after and not outcome.confirmed:
+            raise click.ClickException(
+                f"not stopping the source VM {name}: whether the destination loaded the "
+                f"migration cannot be known ({outcome.unconfirmed}); the source stays paused: "
+                "check the destination, then `quit` or `cont` on the source's monitor"
+            )
         if quit_after:
             qmp.execute("quit")
-            click.echo(f"stopped the source VM {name}")
+            click.echo(f"stopped the source VM {name} (the destination loaded it)")
