@@ -274,6 +274,10 @@ def test_vm_outlives_its_manager_and_says_so(
         (["ram=0:32M"], ["--region", "nope"], "no region named 'nope'"),
         (["ram=0:32M"], ["--qemu", "/nonexistent/qemu"], "QEMU not found"),
         (["ram=0:32M"], ["--", "-m", "1G"], "-m is set by membacking"),
+        (["ram=0:32M"], ["--", "--m", "1G"], "--m is set by membacking"),
+        (["ram=0:32M"], ["--", "-S", "-daemonize"], "-daemonize is refused: QEMU would fork"),
+        (["ram=0:32M"], ["--", "--daemonize"], "--daemonize is refused: QEMU would fork"),
+        (["ram=0:32M"], ["--", "-runas", "nobody"], "-runas is refused: changing QEMU's user"),
     ],
 )
 def test_refusals_are_one_clear_line(

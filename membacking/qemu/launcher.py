@@ -35,7 +35,15 @@ from .binary import QemuError, find_qemu
 log = logging.getLogger("membacking.qemu")
 
 #: options membacking sets itself from the regions
-OWN_OPTIONS = ("-m", "-machine", "-M", "--machine")
+OWN_OPTIONS = ("-m", "-machine", "-M")
+#: options that take QEMU out of the launcher's hands, and why
+DETACHING = {
+    "-daemonize": "QEMU would fork away from the launcher, which would see it exit, unpin the "
+    "regions it lent and remove its monitor socket while the guest runs on; run the launcher "
+    "itself in the background instead",
+    "-runas": "changing QEMU's user clears its parent-death signal, so QEMU could outlive the "
+    "launcher and run on unpinned memory; run the launcher as that user instead",
+}
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 KVM_GET_API_VERSION = 0xAE00
 
@@ -101,12 +109,17 @@ def _claim_socket(path: Path, name: str) -> None:
 
 
 def _check_args(qemu_args: Sequence[str]) -> None:
-    for arg in qemu_args:
-        if arg in OWN_OPTIONS or arg.startswith(("-m=", "-machine=")):
+    for i, arg in enumerate(qemu_args):
+        option = arg[1:] if arg.startswith("--") else arg  # QEMU takes -opt and --opt alike
+        if option in OWN_OPTIONS or arg.startswith(("-m=", "-machine=")):
             raise QemuError(
                 f"{arg} is set by membacking from the regions (pc machine, boot RAM size); "
                 "give machine properties with --machine-opt KEY=VALUE"
             )
+        if option in DETACHING:
+            raise QemuError(f"{arg} is refused: {DETACHING[option]}")
+        if option == "-run-with" and "user=" in "".join(qemu_args[i + 1 : i + 2]):
+            raise QemuError(f"{arg} user= is refused: {DETACHING['-runas']}")
 
 
 def _same_layout(
