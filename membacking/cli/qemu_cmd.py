@@ -30,8 +30,43 @@ def qemu() -> None:
     """Run QEMU with its guest RAM backed by the manager's regions."""
 
 
+class _AfterDashes(click.Command):
+    """`qemu run`: QEMU's arguments come only after `--`. Before it, anything that is not one
+    of the command's own options is a usage mistake (status 2): click would read `-nographic`
+    as a cluster holding `-h` and print the help, or pass `-S`, `-kernel` on to QEMU unseen."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not ctx.resilient_parsing:  # shell completion parses half-typed lines
+            _refuse_before_dashes(self, ctx, args)
+        return super().parse_args(ctx, args)
+
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        return [self.options_metavar or "[OPTIONS]", "--", "[QEMU_ARGS]..."]
+
+
+def _refuse_before_dashes(command: click.Command, ctx: click.Context, args: list[str]) -> None:
+    takes_value = {
+        name: not (param.is_flag or param.count)
+        for param in command.get_params(ctx)
+        if isinstance(param, click.Option)
+        for name in (*param.opts, *param.secondary_opts)
+    }
+    i = 0
+    while i < len(args) and args[i] != "--":
+        name, equals, _ = args[i].partition("=") if args[i].startswith("--") else (args[i], "", "")
+        if name not in takes_value:
+            raise click.UsageError(
+                f"{args[i]!r} is not an option of qemu run: QEMU's arguments go after -- "
+                f"(membacking qemu run [OPTIONS] -- {args[i]} ...)",
+                ctx,
+            )
+        i += 2 if takes_value[name] and not equals else 1
+
+
 @qemu.command(
-    "run", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False}
+    "run",
+    cls=_AfterDashes,
+    context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
 )
 @runtime_dir_option
 @click.option("--name", default="vm", show_default=True, callback=_vm_name, help="The VM's name.")
@@ -66,7 +101,7 @@ def qemu_run(
 ) -> None:
     """Start QEMU on the regions: the region at GPA 0 is its boot RAM, regions at or above
     4 GiB are pc-dimm devices. Regions lent stay pinned until QEMU exits. The QMP monitor
-    listens on RUNTIME-DIR/qemu-NAME.qmp. Usage: membacking qemu run [OPTIONS] -- QEMU-ARGS..."""
+    listens on RUNTIME-DIR/qemu-NAME.qmp. QEMU's own arguments go after --."""
     options = VmOptions(
         name,
         runtime_dir,

@@ -1,0 +1,59 @@
+"""`membacking qemu run`'s command line: QEMU's arguments go after `--`; given without it they
+are a usage mistake (status 2, one `Error:` line), never the help or arguments passed on unseen.
+
+No QEMU and no manager needed: the mistake is found before either is looked for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--accel", "tcg", "-nographic", "-S"], "-nographic"),  # click read it as -n -o ... -h
+        (["-hda", "disk.img"], "-hda"),
+        (["--name", "web", "-chardev", "stdio,id=c0"], "-chardev"),
+        (["-S"], "-S"),
+        (["--accel=tcg", "-kernel", "bzImage"], "-kernel"),
+        (["-smp", "2"], "-smp"),
+        (["disk.img"], "disk.img"),
+        (["-nographic", "--", "-S"], "-nographic"),
+    ],
+)
+def test_qemu_arguments_without_dashes_are_a_usage_mistake(
+    args: list[str], named: str, tmp_path: Path
+) -> None:
+    result = run_cli("qemu", "run", *args, runtime_dir=tmp_path, timeout=30)
+    assert result.returncode == 2, result
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "QEMU's arguments go after --" in errors[0], result.stderr
+    assert repr(
+        next(a for a in args if a not in ("--accel", "tcg", "--name", "web", "--accel=tcg"))
+    )
+    assert "Options:" not in result.stdout + result.stderr  # not the help
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_still_works(flag: str) -> None:
+    result = run_cli("qemu", "run", flag, timeout=30)
+    assert result.returncode == 0 and "Options:" in result.stdout, result
+    assert "Usage: membacking qemu run [OPTIONS] -- [QEMU_ARGS]..." in result.stdout
+
+
+def test_options_then_dashes_reach_the_launcher(tmp_path: Path) -> None:
+    """Every option of the command, in each spelling, then `--` and QEMU's arguments: parsed
+    (the launcher then finds no manager: status 1, not a usage mistake)."""
+    result = run_cli(
+        *("qemu", "run", "--name=web", "--accel", "tcg", "--machine-opt", "usb=off"),
+        *("--region", "ram", "--incoming=tcp:127.0.0.1:1", "--", "-nographic", "-S", "--"),
+        runtime_dir=tmp_path,
+        timeout=30,
+    )
+    assert result.returncode == 1, result
+    assert "go after --" not in result.stderr and "Usage:" not in result.stderr
