@@ -1,7 +1,8 @@
 """`membacking qemu run`'s command line: QEMU's arguments go after `--`; given without it they
 are a usage mistake (status 2, one `Error:` line), never the help or arguments passed on unseen.
 
-No QEMU and no manager needed: the mistake is found before either is looked for.
+Also the refusal of a binary that is not QEMU. No QEMU and no manager needed: these mistakes
+are found before either is looked for.
 """
 
 from __future__ import annotations
@@ -57,3 +58,13 @@ def test_options_then_dashes_reach_the_launcher(tmp_path: Path) -> None:
     )
     assert result.returncode == 1, result
     assert "go after --" not in result.stderr and "Usage:" not in result.stderr
+
+
+def test_not_qemu_names_the_first_line_of_its_version(tmp_path: Path) -> None:
+    fake = tmp_path / "qemu-system-x86_64"
+    fake.write_text("#!/bin/sh\necho 'Bochs x86 Emulator 2.7'\necho 'Built from SVN snapshot'\n")
+    fake.chmod(0o755)
+    result = run_cli("qemu", "run", "--qemu", str(fake), runtime_dir=tmp_path, timeout=30)
+    assert result.returncode == 1, result
+    (line,) = result.stderr.splitlines()
+    assert line.endswith("does not look like QEMU (its --version says 'Bochs x86 Emulator 2.7')")

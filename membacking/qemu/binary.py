@@ -35,7 +35,8 @@ def find_qemu(binary: str | None = None) -> tuple[str, tuple[int, int, int]]:
         raise QemuError(f"cannot run {path} --version: {exc}") from None
     found = re.search(r"QEMU emulator version (\d+)\.(\d+)(?:\.(\d+))?", out)
     if found is None:
-        raise QemuError(f"{path} does not look like QEMU (its --version says {out[:80]!r})")
+        first = out.strip().splitlines()[0][:80] if out.strip() else ""
+        raise QemuError(f"{path} does not look like QEMU (its --version says {first!r})")
     version = (int(found[1]), int(found[2]), int(found[3] or 0))
     if version[:2] < MIN_VERSION:
         raise QemuError(
