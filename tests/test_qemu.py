@@ -491,3 +491,19 @@ def test_quit_keeps_the_source_when_no_destination_can_answer(
     assert saved.stat().st_size > 0
     vm.qmp = Qmp(qmp_path(manager.runtime_dir, "tofile"))
     assert vm.qmp.execute("query-status")["status"] == "postmigrate"  # kept, paused
+
+
+def test_migrate_while_another_client_holds_the_monitor(
+    start_manager: Callable[..., RunningManager], start_vm: Callable[..., Vm]
+) -> None:
+    """QEMU greets one monitor client at a time: `qemu migrate` waits no longer than its
+    --timeout for the greeting, and says who may be in the way."""
+    manager = start_manager("--region", "ram=0:32M")
+    vm = start_vm(manager, "held")  # vm.qmp stays connected
+    result = run_cli(
+        *("qemu", "migrate", "held", f"tcp:127.0.0.1:{free_port()}", "--timeout", "1"),
+        runtime_dir=manager.runtime_dir,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result
+    assert "did not answer in 1s: another client may hold it" in result.stderr
+    assert vm.qmp.execute("query-migrate") == {}  # nothing was started

@@ -31,6 +31,12 @@ class Qmp:
             if "QMP" not in greeting:
                 raise QmpError(f"{self.path} is not a QMP monitor")
             self.execute("qmp_capabilities")
+        except TimeoutError:  # connected, but no greeting: QEMU greets one client at a time
+            self._sock.close()
+            raise QmpError(
+                f"the QEMU monitor at {self.path} did not answer in {timeout:g}s: another "
+                "client may hold it (QEMU's monitor serves one client at a time)"
+            ) from None
         except OSError as exc:
             self._sock.close()
             raise QmpError(f"cannot reach the QEMU monitor at {self.path}: {exc}") from None
