@@ -32,7 +32,8 @@ not taken for an option); a value the command line can check alone (a region's o
 that is 0 or not a multiple of 4096, an address or offset that is not a multiple of 4096, a runtime
 directory too long for its sockets' paths: 107 bytes, whether from `--runtime-dir`,
 `$MEMBACKING_RUNTIME_DIR` or the configuration file); a `--config` file that is missing,
-unreadable, not TOML or has a bad key or value (the same mistake typed as an option exits 2 too). 1
+unreadable, not TOML or has a bad key or value (the same mistake typed as an option exits 2 too);
+QEMU's arguments given to `qemu run` before its `--`. 1
 for what the daemon or the system refuses: no daemon, an unknown region, overlapping regions, a
 size only the daemon can judge (beyond the address space, not a multiple of the huge page), a
 timeout, initial regions that cannot be created, a `region unmap` of a range that is a hole already
