@@ -124,7 +124,7 @@ def mappers_cmd(runtime_dir: Path, timeout: float | None, as_json: bool) -> None
                 str(p["pid"]),
                 p["process"] or "?",
                 "?" if p["rss"] is None else units.format_size(p["rss"]),
-                p["mode"],
+                p["mode"] if p.get("attached", True) else "registering",
                 str(p["ranges"]) + _unmapping(p, str(p.get("unmapping_ranges", 0))),
                 units.format_size(p["bytes"])
                 + _unmapping(p, units.format_size(p.get("unmapping_bytes", 0))),

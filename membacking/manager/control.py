@@ -127,6 +127,7 @@ def _mapper_info(entry: MapperEntry, pins: Pins) -> dict[str, Any]:
         "name": entry.name,
         "pid": entry.pid,
         "mode": "private" if entry.held.maps(PRIVATE_MAPPABLE) else entry.mode,
+        "attached": entry.stream is not None,
         "ranges": len(entry.held),
         "bytes": entry.held.bytes,
         "held": [[r.start, r.end - r.start] for r in listed],

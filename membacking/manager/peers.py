@@ -296,7 +296,16 @@ class PeerState(TableState):
                 seconds,
             )
         effects: list[Effect] = []
+        wall = self._clock()
         for entry in list(self.mappers.values()):
+            if entry.stream is None and wall - entry.connected_at > self.unmap_timeout:
+                # a Hello and no Attach: it held a slot of --max-mappers for nothing
+                self.reject("timeout", "said Hello but never attached its stream", entry.pid)
+                timeout = f"{self.unmap_timeout:g}s"
+                reason = f"{m.SHUTDOWN_EVICTED}: it did not attach its stream in {timeout}"
+                effects.append(Disconnect(entry.id, reason))
+                effects.extend(self.mapper_gone(entry.id, "never attached its stream"))
+                continue
             waited = now - min(entry.unacked.values()) if entry.unacked else 0.0
             if entry.unacked and waited > self.unmap_timeout:
                 log.error(
