@@ -112,3 +112,12 @@ def mapper_evict(runtime_dir: Path, timeout: float | None, mapper_id: int, as_js
         echo_json(evicted)
         return
     click.echo(f"evicted mapper {evicted['id']} ({evicted['name']}, pid {evicted['pid']})")
+    pin = evicted.get("pin")
+    if pin:  # what a VM runs on is no longer guarded: a change to it reaches the running guest
+        regions = ", ".join(pin["regions"])
+        click.echo(
+            f"warning: it lent {regions} to {pin['label']} (pid {pin['pid']}), which runs "
+            "on: they are no longer pinned, and removing, moving or unmapping them now changes "
+            "a running guest's RAM under it",
+            err=True,
+        )

@@ -263,7 +263,9 @@ def _evict_mapper(state: ManagerState, identity: bytes, args: dict[str, Any]) ->
     entry = state.mappers.get(args["id"])
     if entry is None:
         raise Refused("unknown-mapper", f"no mapper {args['id']} is attached")
+    pin = state.pins.of(entry.id)  # a VM's RAM it lent: unpinned with it (the VM runs on)
     info = {"id": entry.id, "name": entry.name, "pid": entry.pid}
+    info["pin"] = pin.describe() if pin is not None else None
     reason = f"{m.SHUTDOWN_EVICTED}: an operator ran `membacking mapper evict`"
     effects = state.farewell(entry.id, reason)
     effects.append(Disconnect(entry.id, reason))
