@@ -86,6 +86,7 @@ def test_mapper_evict(manager: RunningManager, spawn_worker: Spawn) -> None:
         "id": worker.mapper_id,
         "name": "idle",
         "pid": worker.pid,
+        "pin": None,  # it lent nothing to a VM
     }
     assert manager.client().mappers() == []
     # the mapper is told, in words that say it was evicted (not that the manager shut down)
