@@ -68,3 +68,18 @@ def test_not_qemu_names_the_first_line_of_its_version(tmp_path: Path) -> None:
     assert result.returncode == 1, result
     (line,) = result.stderr.splitlines()
     assert line.endswith("does not look like QEMU (its --version says 'Bochs x86 Emulator 2.7')")
+
+
+def test_an_accelerator_chosen_twice_is_refused_and_one_given_once_is_kept() -> None:
+    """`--accel tcg` with `-accel kvm` among QEMU's arguments: QEMU took the latter and the
+    launcher said `(as given)`, the explicit choice dropped unsaid."""
+    from membacking.qemu.binary import QemuError
+    from membacking.qemu.launcher import accel_args
+
+    for accel in ("tcg", "kvm"):
+        for qemu_args in (["-accel", "kvm"], ["-enable-kvm"], ["--accel", "tcg"]):
+            with pytest.raises(QemuError, match="both choose the accelerator"):
+                accel_args(accel, qemu_args)
+    assert accel_args("auto", ["-accel", "kvm"]) == ([], "as given")
+    assert accel_args("none", ["-enable-kvm"]) == ([], "as given")
+    assert accel_args("tcg", ["-display", "none"]) == (["-accel", "tcg"], "tcg")

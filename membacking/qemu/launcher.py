@@ -80,8 +80,16 @@ def kvm_usable() -> bool:
 
 
 def accel_args(accel: str, qemu_args: Sequence[str]) -> tuple[list[str], str]:
-    """QEMU's accelerator options and what was chosen ("auto": KVM where usable, else TCG)."""
-    if accel == "none" or any(a in ("-accel", "--accel", "-enable-kvm") for a in qemu_args):
+    """QEMU's accelerator options and what was chosen ("auto": KVM where usable, else TCG).
+    QemuError for --accel kvm or tcg beside an accelerator in QEMU's own arguments (QEMU would
+    have taken the latter, unsaid)."""
+    given = [a for a in qemu_args if a in ("-accel", "--accel", "-enable-kvm", "--enable-kvm")]
+    if given and accel not in ("auto", "none"):
+        raise QemuError(
+            f"--accel {accel} and {given[0]} among QEMU's arguments both choose the accelerator: "
+            "give one of them"
+        )
+    if accel == "none" or given:
         return [], "as given"
     if accel == "auto":
         accel = "kvm" if kvm_usable() else "tcg"
