@@ -45,6 +45,8 @@ DETACHING = {
     "launcher and run on unpinned memory; run the launcher as that user instead",
 }
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: seconds QEMU may take to open its monitor before the launcher says it has not
+MONITOR_WAIT = 60.0
 KVM_GET_API_VERSION = 0xAE00
 
 
@@ -206,10 +208,16 @@ def run_vm(opts: VmOptions, announce: Callable[[str], None]) -> int:
         )
 
         def ready() -> None:  # once the monitor answers, so tools can reach the VM at once
-            if _monitor_up(monitor, proc):
+            if _monitor_up(monitor, proc, MONITOR_WAIT):
                 announce(
                     f"VM {opts.name!r}: QEMU {'.'.join(map(str, version))} pid {proc.pid} "
                     f"({chosen}) on {lent}; monitor {monitor}"
+                )
+            elif proc.poll() is None:  # it runs, but nothing can reach it: said, not waited on
+                announce(
+                    f"VM {opts.name!r}: QEMU pid {proc.pid} has not opened its monitor "
+                    f"{monitor} within {MONITOR_WAIT:g}s: it runs on, but `qemu migrate` and "
+                    "QMP tools cannot reach it"
                 )
 
         warned: list[str] = []
