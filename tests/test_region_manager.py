@@ -405,7 +405,8 @@ def test_status_names_the_mappers_a_change_waits_on(state: ManagerState) -> None
         "evicted_why": {str(mid): "by an operator"},
     }
     assert (b"remover", m.ControlReply(done)) in sent
-    assert sent[-1] == (b"ctl", m.ControlReply({"id": mid, "name": "slow", "pid": 4000}))
+    reply = {"id": mid, "name": "slow", "pid": 4000, "pin": None}  # it lent nothing to a VM
+    assert sent[-1] == (b"ctl", m.ControlReply(reply))
     assert sent[0][1] == m.Shutdown("evicted: an operator ran `membacking mapper evict`")
     assert Disconnect(mid, "evicted: an operator ran `membacking mapper evict`") in out
     assert mid not in state.mappers and "a" not in state.regions
