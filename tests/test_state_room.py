@@ -19,12 +19,12 @@ from conftest import RunningManager, run_cli, short_tmpdir
 MiB = 1 << 20
 
 
-@pytest.fixture
-def small_tmpfs() -> Iterator[Path]:
-    """A 16 MiB tmpfs of its own (mounting one needs root)."""
+@contextlib.contextmanager
+def _tmpfs(size: str) -> Iterator[Path]:
+    """A tmpfs of its own (mounting one needs root)."""
     where = short_tmpdir("mbfs-")
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(where)],
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
         capture_output=True,
         text=True,
     )
@@ -34,6 +34,12 @@ def small_tmpfs() -> Iterator[Path]:
         yield where
     finally:
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+@pytest.fixture
+def small_tmpfs() -> Iterator[Path]:
+    with _tmpfs("16m") as where:
+        yield where
 
 
 def test_a_region_the_file_system_could_not_hold_is_refused(
@@ -76,3 +82,31 @@ def test_status_says_when_other_files_took_the_room(
     assert "degraded" in status.stdout and "SIGBUS" in status.stdout, status.stdout
     os.unlink(small_tmpfs / "other")
     assert "SIGBUS" not in manager.cli("status").stdout
+
+
+def test_a_file_system_without_a_size_limit_is_not_checked(
+    start_manager: Callable[..., RunningManager],
+) -> None:
+    """A tmpfs of size=0 (unlimited) counts no blocks: statvfs says 0 free. Every RAM region
+    was refused there, so the manager could not start."""
+    with _tmpfs("0") as unlimited:
+        manager = start_manager("--state-dir", str(unlimited / "s"), "--region", "ram0=0:64M")
+        assert manager.cli("region", "add", "more", "0x10000000", "64M").returncode == 0
+        assert "SIGBUS" not in manager.cli("status").stdout
+        manager.stop()
+
+
+def test_status_and_region_add_after_the_state_directory_was_removed(
+    start_manager: Callable[..., RunningManager], small_tmpfs: Path
+) -> None:
+    """`state remove --force` under a running manager: `status` answers, and a RAM region
+    cannot be added, in one clean line. Both failed with the raw errno of the
+    room check (and a traceback in the daemon's log)."""
+    state = small_tmpfs / "state"
+    manager = start_manager("--state-dir", str(state), "--region", "ram0=0:4M")
+    assert run_cli("manager", "state", "remove", "--force", str(state)).returncode == 0
+    status = manager.cli("status")
+    assert status.returncode == 0 and "Errno" not in status.stdout + status.stderr, status
+    added = manager.cli("region", "add", "more", "0x10000000", "4M")
+    assert added.returncode == 1 and "cannot create the memory of more" in added.stderr, added
+    assert "Errno" not in added.stderr and "Traceback" not in manager.log()

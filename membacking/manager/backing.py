@@ -7,10 +7,13 @@ backing hands mappers a descriptor opened O_RDONLY, so the kernel refuses a writ
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import math
 import os
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,8 +108,10 @@ class MemfdStore:
         #: where a restarted manager finds memfd/hugetlb memory again (the service manager's fd
         #: store, `fdstore`): the journaled record's descriptor, or None (it comes back zeroed)
         self.inherited: Callable[[BackingRecord], int | None] | None = None
-        #: the sizes of the RAM files in the state directory, summed (`ram_room`)
+        #: the sizes of the RAM files in the state directory, summed, and the blocks they have
+        #: allocated with when that was counted (`ram_room`)
         self._shm_bytes = 0
+        self._allocated = (0, -math.inf)
 
     def __len__(self) -> int:
         return len(self._backings)
@@ -361,24 +366,43 @@ class MemfdStore:
         os.close(backing.fd)
         if backing.kind == "shm" and self.state_dir is not None:
             self._shm_bytes -= backing.size
+            self._allocated = (0, -math.inf)  # its blocks were counted: count again
             self.state_dir.unlink_later(backing.name)
 
     def ram_room(self, adding: int = 0) -> tuple[int, int] | None:
         """(free bytes of the state directory's file system, bytes its RAM files may still
-        take, with `adding` more), or None without a state directory. A RAM file's pages are
-        allocated as they are first touched, read or written; a touch the file system has no
-        room for kills the process that makes it with SIGBUS. Each file's allocated blocks are
-        read only when the files' sizes together exceed what is free."""
+        take, with `adding` more). A RAM file's pages are allocated as they are first touched,
+        read or written; a touch the file system has no room for kills the process that makes
+        it with SIGBUS. None without a state directory, on a file system that counts no blocks
+        (a tmpfs of size=0, ramfs: bounded by memory alone), or one that cannot be asked (the
+        directory removed: creating a file there then fails on its own)."""
         if self.state_dir is None:
             return None
-        fs = os.statvfs(self.state_dir.mem)
+        try:
+            fs = os.statvfs(self.state_dir.mem)
+        except OSError:
+            return None
+        if fs.f_blocks == 0:
+            return None
         free = fs.f_bavail * fs.f_frsize
         promised = self._shm_bytes + adding
-        if promised > free:  # less what the files have allocated already
-            for backing in self._backings.values():
-                if backing.kind == "shm":
-                    promised -= min(backing.size, os.fstat(backing.fd).st_blocks * 512)
-        return free, promised
+        if promised <= free:
+            return free, promised
+        # less what the files have allocated already: counted at most once a second (one fstat
+        # a file), and again before saying there is no room (a count older than the files'
+        # latest pages only makes the room look smaller)
+        now = time.monotonic()
+        if now - self._allocated[1] > 1.0 or promised - self._allocated[0] > free:
+            self._allocated = (self._count_allocated(), now)
+        return free, promised - self._allocated[0]
+
+    def _count_allocated(self) -> int:
+        total = 0
+        for backing in self._backings.values():
+            if backing.kind == "shm":
+                with contextlib.suppress(OSError):
+                    total += min(backing.size, os.fstat(backing.fd).st_blocks * 512)
+        return total
 
     def fd_table(self) -> dict[int, tuple[int, str]]:
         """mappable id -> (the manager's descriptor, backing kind), for the fd store."""
@@ -400,3 +424,4 @@ class MemfdStore:
         self._backings.clear()
         self._identities = None
         self._shm_bytes = 0
+        self._allocated = (0, -math.inf)
