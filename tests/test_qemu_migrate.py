@@ -114,3 +114,32 @@ def test_migrate_while_another_client_holds_the_monitor(
     assert result.returncode == 1 and "Traceback" not in result.stderr, result
     assert "did not answer in 1s: another client may hold it" in result.stderr
     assert vm.qmp.execute("query-migrate") == {}  # nothing was started
+
+
+def test_the_return_path_is_set_back_after_a_migration(
+    start_manager: Callable[..., RunningManager], start_vm: Callable[..., Vm], tmp_path: Path
+) -> None:
+    """QEMU keeps capabilities between migrations. A `--quit` to a `tcp:` URI that failed
+    (nobody listening) left the return path on, and a later `exec:` migration of the same VM
+    then waited for an answer no command can give: the guest stayed paused until the
+    timeout, and the migration could not even be cancelled. Without `--quit` the return path
+    is not asked for at all (a `tcp:` peer saving the stream never answers)."""
+    manager = start_manager("--region", "ram=0:32M")
+    vm = start_vm(manager, "twice", "--accel", "tcg")
+    vm.qmp.close()  # the monitor serves one client at a time
+    refused = run_cli(
+        *("qemu", "migrate", "twice", f"tcp:127.0.0.1:{free_port()}", "--quit"),
+        runtime_dir=manager.runtime_dir,
+    )
+    assert refused.returncode == 1 and "migration failed" in refused.stderr, refused
+    with Qmp(qmp_path(manager.runtime_dir, "twice")) as qmp:
+        capabilities = qmp.execute("query-migrate-capabilities")
+        assert not any(c["capability"] == "return-path" and c["state"] for c in capabilities)
+    saved = tmp_path / "stream"
+    started = time.monotonic()
+    result = run_cli(
+        *("qemu", "migrate", "twice", f"exec:cat > {saved}", "--timeout", "20"),
+        runtime_dir=manager.runtime_dir,
+    )
+    assert result.returncode == 0 and "migrated twice" in result.stdout, result
+    assert saved.stat().st_size > 0 and time.monotonic() - started < 20

@@ -136,7 +136,7 @@ def qemu_migrate(
     if not path.exists():
         raise click.ClickException(f"no VM named {name!r} here ({path} does not exist)")
     with Qmp(path, timeout=timeout) as qmp:
-        outcome = migrate(qmp, uri, deadline, timeout)
+        outcome = migrate(qmp, uri, deadline, timeout, confirm=quit_after)
         info = outcome.info
         ram = info.get("ram", {})
         click.echo(

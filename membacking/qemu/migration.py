@@ -9,6 +9,7 @@ before it may stop the source.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -35,29 +36,53 @@ class Outcome:
     unconfirmed: str = ""
 
 
+def _return_path(qmp: Qmp) -> bool:
+    """Whether the source's `return-path` capability is on."""
+    capabilities = qmp.execute("query-migrate-capabilities")
+    return any(c.get("capability") == "return-path" and c.get("state") for c in capabilities)
+
+
+def _set_return_path(qmp: Qmp, on: bool) -> None:
+    qmp.execute(
+        "migrate-set-capabilities", capabilities=[{"capability": "return-path", "state": on}]
+    )
+
+
 def _ask_for_answer(qmp: Qmp, uri: str) -> str:
     """Turn on the return path; '' if it is on, else why the destination's verdict cannot be
     known."""
     if not uri.startswith(ANSWERING_SCHEMES):
         return f"a {uri.split(':', 1)[0]}: URI has no destination that answers"
     try:
-        qmp.execute(
-            "migrate-set-capabilities",
-            capabilities=[{"capability": "return-path", "state": True}],
-        )
-        on = qmp.execute("query-migrate-capabilities")
+        _set_return_path(qmp, True)
     except QmpError as exc:
         if "refused" not in str(exc):
             raise
         return f"QEMU would not turn on its return path ({exc})"
-    if not any(c.get("capability") == "return-path" and c.get("state") for c in on):
-        return "QEMU did not turn on its return path"
-    return ""
+    return "" if _return_path(qmp) else "QEMU did not turn on its return path"
 
 
-def migrate(qmp: Qmp, uri: str, deadline: float, timeout: float) -> Outcome:
-    """Send the VM behind `qmp` to `uri` and wait for the end (cancelled at `deadline`)."""
-    unconfirmed = _ask_for_answer(qmp, uri)
+def migrate(qmp: Qmp, uri: str, deadline: float, timeout: float, confirm: bool) -> Outcome:
+    """Send the VM behind `qmp` to `uri` and wait for the end (cancelled at `deadline`). With
+    `confirm` (what `--quit` needs), the return path is on where the URI's peer can answer,
+    so the source waits for the destination's verdict; without, it is off (a `tcp:` peer that
+    is not a QEMU, such as a process saving the stream, never answers: the source would wait
+    for the whole timeout with its guest paused). QEMU keeps capabilities: the return path is
+    set back as it was afterwards, so a later migration is not made to wait for an answer
+    from a peer that cannot give one."""
+    before = _return_path(qmp)
+    unconfirmed = _ask_for_answer(qmp, uri) if confirm else "not asked for"
+    if before and (not confirm or not uri.startswith(ANSWERING_SCHEMES)):
+        _set_return_path(qmp, False)
+    try:
+        return _wait(qmp, uri, deadline, timeout, unconfirmed)
+    finally:
+        with contextlib.suppress(QmpError, OSError):  # a migration still being cancelled
+            if _return_path(qmp) != before:
+                _set_return_path(qmp, before)
+
+
+def _wait(qmp: Qmp, uri: str, deadline: float, timeout: float, unconfirmed: str) -> Outcome:
     qmp.execute("migrate", uri=uri)
     while True:
         info: dict[str, Any] = qmp.execute("query-migrate")
