@@ -34,9 +34,7 @@ def test_qemu_arguments_without_dashes_are_a_usage_mistake(
     assert result.returncode == 2, result
     errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "QEMU's arguments go after --" in errors[0], result.stderr
-    assert repr(
-        next(a for a in args if a not in ("--accel", "tcg", "--name", "web", "--accel=tcg"))
-    )
+    assert repr(named) in errors[0], errors[0]  # the argument found before --
     assert "Options:" not in result.stdout + result.stderr  # not the help
 
 
