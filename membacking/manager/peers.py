@@ -286,15 +286,8 @@ class PeerState(TableState):
         """Evict mappers that left a request unanswered for longer than `unmap_timeout`; sum
         up the log lines `log_budget` left out."""
         now = self._monotonic()
-        for (kind, reason, pid), left_out, seconds in self.log_budget.ended(now):
-            log.warning(
-                "%d more %s (%s) from %s in %.0fs were not logged (stats counts each)",
-                left_out,
-                "rejected messages" if kind == "rejected" else "refused requests",
-                reason,
-                f"pid {pid}" if pid is not None else "peers of unknown pid",
-                seconds,
-            )
+        for text, extra in self.log_budget.summaries(now):
+            log.warning("%s", text, extra=extra)
         effects: list[Effect] = []
         wall = self._clock()
         for entry in list(self.mappers.values()):

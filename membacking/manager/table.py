@@ -121,7 +121,7 @@ class TableState:
         """Count and log a rejected peer message (the log within `log_budget`)."""
         self.rejected[reason] += 1
         self.rejections += 1
-        if not self.log_budget.allow(("rejected", reason, pid), self._monotonic()):
+        if not self.log_budget.allow("rejected", reason, pid, self._monotonic()):
             return
         log.warning(
             "rejected message (%s) from %s: %s",
@@ -135,7 +135,7 @@ class TableState:
         """Count and log a request turned down by a limit or policy (kept apart from
         `rejected`, which counts peers that broke the protocol; the log within `log_budget`)."""
         self.refused[reason] += 1
-        if not self.log_budget.allow(("refused", reason, pid), self._monotonic()):
+        if not self.log_budget.allow("refused", reason, pid, self._monotonic()):
             return
         log.warning(
             "refused (%s) for %s: %s",
