@@ -56,10 +56,10 @@ class _Commands(Group):
     def resolve_command(
         self, ctx: click.Context, args: list[str]
     ) -> tuple[str | None, click.Command | None, list[str]]:
-        try:
-            return super().resolve_command(ctx, args)
-        except click.exceptions.NoSuchCommand as exc:  # suggest from every command, not the loaded
-            raise click.exceptions.NoSuchCommand(exc.command_name, None, _COMMANDS, ctx) from None
+        if args and args[0] not in _COMMANDS:  # a mistake: click suggests from those loaded
+            for name in _COMMANDS:
+                self.get_command(ctx, name)
+        return super().resolve_command(ctx, args)
 
 
 @click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
