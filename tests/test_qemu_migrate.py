@@ -8,6 +8,7 @@ Real QEMU under TCG and real daemons; skipped only without QEMU.
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,20 +25,35 @@ pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"no usable QEMU: {MISSING
 __all__ = ["start_vm"]  # the fixture, shared with test_qemu
 
 
+def _migrate_with_quit(
+    start_manager: Callable[..., RunningManager],
+    start_vm: Callable[..., Vm],
+    name: str,
+    more: tuple[str, ...] = (),
+) -> tuple[RunningManager, Vm, Vm, subprocess.CompletedProcess[str]]:
+    """VM `name` on a manager with 32 MiB of RAM, migrated with `--quit` into one waiting on
+    a manager with that RAM and `more` regions: (source manager, source VM, destination VM,
+    what `qemu migrate` did)."""
+    source = start_manager("--region", "ram=0:32M")
+    target = start_manager("--region", "ram=0:32M", *more)
+    port = free_port()
+    vm_b = start_vm(target, name, "--accel", "tcg", "--incoming", f"tcp:127.0.0.1:{port}")
+    vm_a = start_vm(source, name, "--accel", "tcg")
+    vm_a.qmp.close()  # the monitor serves one client at a time
+    result = run_cli(
+        "qemu", "migrate", name, f"tcp:127.0.0.1:{port}", "--quit", runtime_dir=source.runtime_dir
+    )
+    return source, vm_a, vm_b, result
+
+
 def test_quit_keeps_the_source_when_the_destination_rejects_the_stream(
     start_manager: Callable[..., RunningManager], start_vm: Callable[..., Vm]
 ) -> None:
     """The destination has a pc-dimm the source lacks: it fails to load the stream. `--quit`
     must not stop the source then (the source's QEMU reports `completed` once everything is
     sent unless the destination's verdict comes back on the return path)."""
-    source = start_manager("--region", "ram=0:32M")
-    target = start_manager("--region", "ram=0:32M", "--region", "more=4G:16M")
-    port = free_port()
-    vm_b = start_vm(target, "rej", "--accel", "tcg", "--incoming", f"tcp:127.0.0.1:{port}")
-    vm_a = start_vm(source, "rej", "--accel", "tcg")
-    vm_a.qmp.close()  # the monitor serves one client at a time
-    result = run_cli(
-        "qemu", "migrate", "rej", f"tcp:127.0.0.1:{port}", "--quit", runtime_dir=source.runtime_dir
+    source, vm_a, vm_b, result = _migrate_with_quit(
+        start_manager, start_vm, "rej", ("--region", "more=4G:16M")
     )
     code, err = vm_b.wait(60)
     assert code != 0 and "load of migration failed" in err  # QEMU's own word on the destination
@@ -54,15 +70,7 @@ def test_quit_stops_the_source_once_the_destination_runs(
 ) -> None:
     """With the return path on, a good migration still completes: the destination runs the
     guest and `--quit` stops the source."""
-    source = start_manager("--region", "ram=0:32M")
-    target = start_manager("--region", "ram=0:32M")
-    port = free_port()
-    vm_b = start_vm(target, "good", "--accel", "tcg", "--incoming", f"tcp:127.0.0.1:{port}")
-    vm_a = start_vm(source, "good", "--accel", "tcg")
-    vm_a.qmp.close()  # the monitor serves one client at a time
-    result = run_cli(
-        "qemu", "migrate", "good", f"tcp:127.0.0.1:{port}", "--quit", runtime_dir=source.runtime_dir
-    )
+    source, vm_a, vm_b, result = _migrate_with_quit(start_manager, start_vm, "good")
     assert result.returncode == 0, result.stderr
     assert "stopped the source VM good (the destination loaded it)" in result.stdout
     assert vm_a.wait(30)[0] == 0
