@@ -20,6 +20,7 @@ from ..errors import MembackingError
 from ..runtime import RuntimePaths
 from ..units import format_size
 from . import journal
+from .pins import process_start
 from .statedir import DEFAULT_PARENT, STATE_POINTER, default_state_dir
 
 #: how a manager names a region's memory file in `mem/` (backing.py): "<id>.membacking:<region>"
@@ -74,6 +75,8 @@ class StateInfo:
     age: float
     #: why the journal cannot be read (None: it can, or there is none)
     problem: str | None
+    #: the VMs its journal pinned regions for whose processes still run: (label, pid)
+    running_vms: tuple[tuple[str, int], ...] = ()
 
     @property
     def status(self) -> str:
@@ -110,13 +113,17 @@ class StateInfo:
             "memory_used": self.memory_used,
             "age_seconds": round(self.age, 1),
             "problem": self.problem,
+            "running_vms": [{"label": label, "pid": pid} for label, pid in self.running_vms],
         }
 
     def loss(self) -> str:
         """What removing it would lose, for a refusal."""
         count = self.regions
         regions = "" if count is None else f"{count} region{'' if count == 1 else 's'}, "
-        return f"{regions}{format_size(self.memory_size)} of guest memory"
+        lost = f"{regions}{format_size(self.memory_size)} of guest memory"
+        for label, pid in self.running_vms:  # its RAM lent, still in use
+            lost += f"; {label} (pid {pid}) still runs on some of it"
+        return lost
 
 
 def _same(a: str | Path, b: str | Path) -> bool:
@@ -229,11 +236,17 @@ def describe(path: Path, holders: dict[tuple[int, int], int] | None = None) -> S
         if holders is not None and (info.st_dev, info.st_ino) in holders:
             holder = holders[(info.st_dev, info.st_ino)] or 0
     runtime_dir, regions, problem = None, None, None
+    running_vms: tuple[tuple[str, int], ...] = ()
     try:
         data = journal.read_bytes(path / "journal")
         if data is not None:
             snapshot = journal.decode(data)
             runtime_dir, regions = snapshot.runtime_dir, len(snapshot.regions)
+            running_vms = tuple(
+                (pin.label, pin.pid)
+                for pin in snapshot.pins
+                if process_start(pin.pid) == pin.started  # that process, not a later one
+            )
     except (OSError, journal.JournalError) as exc:
         problem = str(exc)
     files = []
@@ -260,6 +273,7 @@ def describe(path: Path, holders: dict[tuple[int, int], int] | None = None) -> S
         memory_used=sum(f.st_blocks * 512 for f in files),
         age=max(0.0, time.time() - changed),
         problem=problem,
+        running_vms=running_vms,
     )
 
 
