@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -110,3 +112,38 @@ def test_status_and_region_add_after_the_state_directory_was_removed(
     added = manager.cli("region", "add", "more", "0x10000000", "4M")
     assert added.returncode == 1 and "cannot create the memory of more" in added.stderr, added
     assert "Errno" not in added.stderr and "Traceback" not in manager.log()
+
+
+def test_a_change_the_full_file_system_kept_from_the_journal_is_journaled_once_there_is_room(
+    start_manager: Callable[..., RunningManager],
+) -> None:
+    """A removal answered while the state directory's tmpfs was full could not be journaled.
+    The save was not tried again once there was room (only a later change wrote the journal),
+    and the removed region's memory file was unlinked at the next tick while the journal on
+    disk still named it: a restart after a crash then refused the whole state (all guest
+    memory kept behind --fresh). Now the save is tried each second until it works, and the
+    file goes only once a journal without it is written."""
+    with _tmpfs("64m") as where:
+        state = where / "state"
+        manager = start_manager("--state-dir", str(state), "--region", "ram0=0:32M")
+        assert manager.cli("region", "add", "big", "0x10000000", "16M").returncode == 0
+        assert manager.cli("mem", "fill", "0", "32M", "0x5a").returncode == 0
+        with open(where / "filler", "wb") as filler, contextlib.suppress(OSError):
+            filler.write(b"x" * (64 * MiB))  # another process takes the rest of the tmpfs
+        assert manager.cli("region", "remove", "big").returncode == 0
+        time.sleep(1.5)  # a tick or more
+        assert list((state / "mem").glob("*big")), "unlinked while the journal names it"
+        assert "cannot journal" in manager.cli("status").stdout
+        os.unlink(where / "filler")
+        deadline = time.monotonic() + 10
+        while "cannot journal" in manager.cli("status").stdout:  # journaled again by a tick
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        time.sleep(1.2)
+        assert not list((state / "mem").glob("*big"))
+        assert not (state / "journal.tmp").exists()
+        manager.stop(signal.SIGKILL)
+        again = start_manager("--state-dir", str(state), runtime_dir=manager.runtime_dir)
+        assert [r["name"] for r in again.client().regions()] == ["ram0"]
+        assert again.cli("mem", "read", "0x1fff000", "4").stdout.split()[-1] == "5a5a5a5a"
+        again.stop()

@@ -368,6 +368,10 @@ def write_atomically(path: Path, data: bytes) -> None:
         while view:
             view = view[os.write(fd, view) :]
         os.fsync(fd)
+    except OSError:  # (a full file system): no half-written file left beside the journal
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     finally:
         os.close(fd)
     os.rename(tmp, path)

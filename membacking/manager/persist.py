@@ -323,19 +323,21 @@ class Persistence:
 
     def tick(self, state: ManagerState, store: MemfdStore) -> None:
         """Each second: journal what acknowledgements changed (only rollbacks of an add, an
-        enable or a move change what the journal keeps), and unlink the files of mappables
-        destroyed since (removals that completed; the journal stopped naming them when the
-        removal was asked for)."""
+        enable or a move change what the journal keeps), or, after a save that failed (a
+        full file system), try it again; then unlink the files of mappables destroyed since
+        (removals that completed), once a journal that no longer names them is written: a
+        file unlinked while the journal still named it made a restart refuse the state."""
         if self.lost():  # removed under the daemon (`state remove --force`)
             state.persistence["keep_state"] = False  # (shutdown.py: its stop is for good)
             state.persistence["journal_error"] = (
                 f"the state directory {self.dir.root} was removed: nothing is journaled, and a "
                 "crash or a restart now loses the guest memory kept there"
             )
-        if state.counters["rollbacks"] != self._rollbacks:
+        if state.counters["rollbacks"] != self._rollbacks or self._save_error is not None:
             self._rollbacks = state.counters["rollbacks"]
             self.save_logged(state, store)  # (a failure is logged once and shown by `status`)
-        self.dir.flush_unlinks()
+        if self._save_error is None:
+            self.dir.flush_unlinks()
 
     def close(self, state: ManagerState, store: MemfdStore, clean: bool) -> None:
         """At exit: a clean stop ends the state unless it is to be kept (then it is journaled
