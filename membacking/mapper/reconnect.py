@@ -232,6 +232,11 @@ def _restore(mapper: VaMapper, old_state: bytes | None, old_id: int) -> None:
     mapper.id = mapper.fds.id = mapper.acks.id = mapper.link.mapper_id
     _forget_acks(mapper)
     if old_state is not None and mapper.link.state_id == old_state:
+        # Unmaps of the dead manager that open views deferred are not applied: the Holdings
+        # tell the new manager of those mappings, and it decides (an Unmap of its own if they
+        # are gone). Applied once the views closed, they dropped a mapping and an fd the new
+        # manager counted as held: every later fault of it failed for want of the fd.
+        mapper._pending_unmaps.clear()
         _send_holdings(mapper)
         return
     dropped = _drop_everything(mapper)
