@@ -39,3 +39,26 @@ def test_removing_a_state_a_running_vm_uses_names_the_vm(
     (entry,) = [e for e in json.loads(listed.stdout) if e["path"] == str(state)]
     assert entry["running_vms"] == [{"label": "VM 'web'", "pid": os.getpid()}]
     assert run_cli("manager", "state", "remove", "--force", str(state)).returncode == 0
+
+
+def test_memory_files_without_a_journal_are_never_stale(
+    start_manager: Callable[..., RunningManager],
+) -> None:
+    """A state directory with memory files and no journal (the journal removed, or a manager
+    killed between creating a region's file and its first journal): a manager refuses to start
+    on it, its guest memory "never discarded unasked", yet a minute later `state remove
+    --stale` would have removed it as stale."""
+    manager = start_manager("--region", "ram0=0:8M")
+    state = default_state_dir(RuntimePaths.resolve(manager.runtime_dir))
+    manager.stop(signal.SIGKILL)
+    (state / "journal").unlink()
+    old = time.time() - 3600
+    os.utime(state, (old, old))  # long past the minute a new one is given
+    listed = run_cli("manager", "state", "list", "--json", "--state-dir", str(state))
+    (entry,) = [e for e in json.loads(listed.stdout) if e["path"] == str(state)]
+    assert entry["status"] == "unreadable" and "no journal beside 1 memory file" in entry["problem"]
+    stale = run_cli("manager", "state", "remove", "--stale", "--state-dir", str(state))
+    assert state.exists(), stale
+    refused = run_cli("manager", "state", "remove", str(state))
+    assert refused.returncode == 1 and "no journal beside" in refused.stderr, refused
+    assert run_cli("manager", "state", "remove", "--force", str(state)).returncode == 0

@@ -252,6 +252,12 @@ def describe(path: Path, holders: dict[tuple[int, int], int] | None = None) -> S
     files = []
     with contextlib.suppress(OSError):
         files = [e.stat(follow_symlinks=False) for e in os.scandir(path / "mem") if e.is_file()]
+    if runtime_dir is None and problem is None and files:  # no journal, memory: never stale
+        problem = (
+            f"no journal beside {len(files)} memory file{'s' if len(files) > 1 else ''} (a "
+            "manager killed before its first journal, or a journal removed): a manager refuses "
+            "to start on it, as their contents cannot be adopted without it"
+        )
     try:
         changed = os.stat(path / "journal").st_mtime
     except OSError:
