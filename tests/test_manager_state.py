@@ -1,5 +1,4 @@
-"""The manager's state machine, driven message by message with no sockets (as OpenVMM's manager
-tests do): feed messages in, check the messages that come out."""
+"""The manager's state machine, message by message, no sockets (as OpenVMM's manager tests)."""
 
 from __future__ import annotations
 
