@@ -116,6 +116,19 @@ def test_corrupt_or_foreign_input_is_refused(data: bytes, message: str) -> None:
         journal.decode(data)
 
 
+def test_a_truncated_journal_is_told_in_the_file_s_own_size() -> None:
+    """The sizes an operator can check with `ls -l`: the file's and what its header asks for.
+    A 100-byte cut of a 286-byte journal said "80 of 286 bytes" (the body's against the
+    header's length field)."""
+    cut = SAMPLE_V1[:-5]
+    with pytest.raises(
+        JournalError,
+        match=rf"\({len(cut)} bytes, where its header says "
+        rf"{len(SAMPLE_V1)}\)",
+    ):
+        journal.decode(cut)
+
+
 def test_a_field_of_the_wrong_type_is_refused() -> None:
     doc = msgpack.unpackb(SAMPLE_V1[journal._HEADER.size :], raw=False)
     doc["regions"][0][1] = -4096

@@ -238,7 +238,10 @@ def _checked_body(data: bytes) -> bytes:
         )
     body = data[_HEADER.size :]
     if len(body) != length:
-        raise JournalError(f"the journal is truncated or padded ({len(body)} of {length} bytes)")
+        raise JournalError(
+            f"the journal is truncated or padded ({len(data)} bytes, where its header says "
+            f"{_HEADER.size + length})"
+        )
     if zlib.crc32(body) != crc:
         raise JournalError("the journal is corrupt (checksum mismatch)")
     return body
