@@ -77,6 +77,9 @@ class ControlClient:
         self.long_timeout = long_timeout
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._local = threading.local()
+        #: called with (op, reason) when a change was made but could not be journaled (its
+        #: answer's `not_journaled`): a crash of the manager before it can would lose it
+        self.on_unjournaled: Callable[[str, str], None] | None = None
 
     def _socket(self, wait: float) -> zmq.Socket[bytes]:
         """This thread's REQ socket to the manager (kept between calls: connecting costs more
@@ -132,11 +135,15 @@ class ControlClient:
         wait = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + wait
         try:
-            return self._call(op, wait, args)
+            result = self._call(op, wait, args)
         except _Died as exc:
             if op not in READ_ONLY_OPS:
                 raise ManagerUnavailableError(str(exc)) from None
             died = str(exc)
+        else:
+            if isinstance(result, dict) and "not_journaled" in result and self.on_unjournaled:
+                self.on_unjournaled(op, result["not_journaled"])
+            return result
         # read-only: ask its successor, once, if one takes the directory within the timeout
         while not (self.paths.control_socket.exists() and self.paths.manager_running()):
             if time.monotonic() >= deadline:

@@ -130,7 +130,8 @@ def test_a_change_the_full_file_system_kept_from_the_journal_is_journaled_once_t
         assert manager.cli("mem", "fill", "0", "32M", "0x5a").returncode == 0
         with open(where / "filler", "wb") as filler, contextlib.suppress(OSError):
             filler.write(b"x" * (64 * MiB))  # another process takes the rest of the tmpfs
-        assert manager.cli("region", "remove", "big").returncode == 0
+        removed = manager.cli("region", "remove", "big")  # done, and said not to be journaled
+        assert removed.returncode == 0 and "warning: done, but not journaled" in removed.stderr
         time.sleep(1.5)  # a tick or more
         assert list((state / "mem").glob("*big")), "unlinked while the journal names it"
         assert "cannot journal" in manager.cli("status").stdout
@@ -142,8 +143,10 @@ def test_a_change_the_full_file_system_kept_from_the_journal_is_journaled_once_t
         time.sleep(1.2)
         assert not list((state / "mem").glob("*big"))
         assert not (state / "journal.tmp").exists()
+        added = manager.cli("region", "add", "--json", "small", "0x20000000", "1M")
+        assert added.returncode == 0 and not added.stderr and "not_journaled" not in added.stdout
         manager.stop(signal.SIGKILL)
         again = start_manager("--state-dir", str(state), runtime_dir=manager.runtime_dir)
-        assert [r["name"] for r in again.client().regions()] == ["ram0"]
+        assert [r["name"] for r in again.client().regions()] == ["ram0", "small"]
         assert again.cli("mem", "read", "0x1fff000", "4").stdout.split()[-1] == "5a5a5a5a"
         again.stop()

@@ -277,8 +277,19 @@ def control_client(runtime_dir: Path, timeout: float | None) -> ControlClient:
     """A control client that waits `timeout` seconds for any answer (default: 10 s for
     questions, longer for changes that wait on every mapper)."""
     if timeout is None:
-        return ControlClient(runtime_dir)
-    return ControlClient(runtime_dir, timeout=timeout, long_timeout=timeout)
+        client = ControlClient(runtime_dir)
+    else:
+        client = ControlClient(runtime_dir, timeout=timeout, long_timeout=timeout)
+    client.on_unjournaled = _warn_unjournaled
+    return client
+
+
+def _warn_unjournaled(op: str, reason: str) -> None:
+    click.echo(
+        f"warning: done, but not journaled ({reason}): a crash of the manager before it can "
+        "journal again would lose this change",
+        err=True,
+    )
 
 
 def json_option(fn: F) -> F:

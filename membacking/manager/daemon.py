@@ -34,7 +34,7 @@ from .fdconn import FdConn, kill_evicted
 from .fdserver import MAX_UNREGISTERED, FdServer
 from .fdstore import FdStore
 from .heap import Heap
-from .persist import READ_ONLY_OPS, Persistence
+from .persist import READ_ONLY_OPS, Persistence, unjournaled
 from .routers import IPC_FILE_OUTLIVES_CLOSE, bind_router, new_router, open_to_other_users
 from .rundir import RuntimeDirLock, raise_fd_limit
 from .settings import ManagerConfig, config_widens
@@ -373,6 +373,7 @@ class Daemon(FdServer):
                 else:
                     if self._journal_due and journal_first:
                         self._save_state()
+                        data = unjournaled(self.state, effect.msg, data)  # said, if so
                     self._control.send(effect.identity, zmq.SNDMORE)
                     self._control.send(b"", zmq.SNDMORE)
                     self._control.send(data)
@@ -488,8 +489,7 @@ class Daemon(FdServer):
         if not journaled or getattr(msg, "op", None) in READ_ONLY_OPS:
             self._apply(effects, journal_first=False)
             return
-        # What goes to mappers leaves first. The journal is written before the client's answer
-        # (_apply): a removal handles the holders' acks as they come, then journals and answers.
+        # Mappers' messages first, the journal before the answer (a removal's: after the acks).
         self._apply(
             e for e in effects if not (isinstance(e, Send) and e.channel is Channel.CONTROL)
         )

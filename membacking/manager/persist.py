@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..protocol import messages as m
+from ..protocol.codec import encode
 from ..runtime import RuntimePaths
 from .backing import MemfdStore
 from .journal import JournalError, Snapshot, decode, decode_head
@@ -72,6 +74,16 @@ def adopted_region(
             "state (its guest memory is lost)"
         )
     return True
+
+
+def unjournaled(state: ManagerState, msg: m.Message, data: bytes) -> bytes:
+    """The answer to a change (`data`, `msg` encoded), marked `not_journaled` with the reason
+    where the journal could not be written (a full file system): a crash before a later save
+    works would lose that change, which the client is told."""
+    error = state.persistence.get("journal_error")
+    if error is None or not isinstance(msg, m.ControlReply) or not isinstance(msg.result, dict):
+        return data
+    return encode(m.ControlReply({**msg.result, "not_journaled": error}))
 
 
 def describe(persist: Persistence | None, config: PersistConfig, fd_store: bool) -> dict[str, Any]:
