@@ -150,3 +150,30 @@ def test_a_change_the_full_file_system_kept_from_the_journal_is_journaled_once_t
         assert [r["name"] for r in again.client().regions()] == ["ram0", "small"]
         assert again.cli("mem", "read", "0x1fff000", "4").stdout.split()[-1] == "5a5a5a5a"
         again.stop()
+
+
+def test_prealloc_allocates_ram_at_creation_so_no_touch_finds_the_tmpfs_full(
+    start_manager: Callable[..., RunningManager], small_tmpfs: Path
+) -> None:
+    """`--prealloc`: a RAM region's memory is allocated when it is made, so another process
+    filling the tmpfs later cannot make a first touch of it die with SIGBUS (without it, a read
+    of a page never touched did: `membacking mem read` exited 135)."""
+    manager = start_manager(
+        "--state-dir", str(small_tmpfs / "state"), "--prealloc", "--region", "ram0=0:8M"
+    )
+    fs = os.statvfs(small_tmpfs)
+    assert (fs.f_blocks - fs.f_bfree) * fs.f_frsize >= 8 * MiB  # allocated at once
+    with open(small_tmpfs / "filler", "wb") as filler, contextlib.suppress(OSError):
+        filler.write(b"x" * (16 * MiB))  # another process takes the rest of the tmpfs
+    read = manager.cli("mem", "read", "0x7ff000", "4")  # never touched before
+    assert read.returncode == 0 and read.stdout.split()[-1] == "00000000", read
+    added = manager.cli("region", "add", "more", "0x10000000", "1M")
+    assert added.returncode == 1 and "Traceback" not in manager.log(), added
+    os.unlink(small_tmpfs / "filler")
+
+
+def test_prealloc_with_memfd_ram(start_manager: Callable[..., RunningManager]) -> None:
+    manager = start_manager("--no-state", "--prealloc", "--region", "ram0=0:8M")
+    assert manager.cli("mem", "read", "0x7ff000", "4").stdout.split()[-1] == "00000000"
+    assert manager.cli("region", "add", "--readonly", "rom", "0x10000000", "1M").returncode == 0
+    assert manager.cli("mem", "read", "0x10000000", "4").stdout.split()[-1] == "00000000"

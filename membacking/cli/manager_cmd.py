@@ -121,6 +121,14 @@ def _limit_origins(
     "stopped or hung holder at once; without it, it drops its mappings when it runs again).",
 )
 @click.option(
+    "--prealloc/--no-prealloc",
+    default=False,
+    show_default=True,
+    help="Allocate each RAM region's memory when it is created (fallocate): a region there is "
+    "no room for is refused then, and no first touch can find the state directory's file "
+    "system full (which kills the process making it with SIGBUS). The memory is used at once.",
+)
+@click.option(
     "--max-mappers",
     type=Whole("limit", min=1),
     default=Limits.max_mappers,
@@ -272,6 +280,7 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
         ],
         unmap_timeout=options["unmap_timeout"],
         evict_kill=options["evict_kill"],
+        prealloc=options["prealloc"],
         allow_uids=frozenset(options["allow_uids"]),
         allow_gids=frozenset(options["allow_gids"]),
         limits=Limits(

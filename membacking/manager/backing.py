@@ -87,6 +87,20 @@ def _meminfo(key: str, default: int) -> int:
     return default
 
 
+def _preallocate(fd: int, size: int, name: str) -> None:
+    """Allocate all of a RAM backing's memory now (--prealloc): BackingError if there is no
+    room, instead of a SIGBUS in whichever process first touches a page there is none for."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        nomem = exc.errno in (errno.ENOMEM, errno.ENOSPC, errno.EFBIG)
+        raise BackingError(
+            "no-memory" if nomem else "internal",
+            f"cannot allocate the {format_size(size)} of {name} (--prealloc): "
+            f"{exc.strerror or exc}",
+        ) from None
+
+
 def _reopen_readonly(fd: int) -> int:
     # A fresh O_RDONLY open file description: mmap(PROT_WRITE, MAP_SHARED) of it fails with
     # EACCES, whatever the mapper asks for.
@@ -97,8 +111,10 @@ class MemfdStore:
     """Creates and owns every backing's descriptor. With a state directory, RAM backings are
     files there (they outlive the manager); without one, sealed memfds (they die with it)."""
 
-    def __init__(self, state_dir: StateDir | None = None) -> None:
+    def __init__(self, state_dir: StateDir | None = None, prealloc: bool = False) -> None:
         self.state_dir = state_dir
+        #: allocate each RAM backing's memory at creation (`manager run --prealloc`)
+        self.prealloc = prealloc
         self.ram_kind = "shm" if state_dir is not None else "memfd"
         self._backings: dict[int, _Backing] = {}
         self._identities: frozenset[tuple[int, int, int]] | None = None
@@ -187,13 +203,21 @@ class MemfdStore:
                 "only memory bounds)",
             )
         try:
-            return state_dir.create_file(label, size)
+            fd = state_dir.create_file(label, size)
         except OSError as exc:
             nomem = exc.errno in (errno.ENOMEM, errno.ENOSPC, errno.EFBIG)
             raise BackingError(
                 "no-memory" if nomem else "internal",
                 f"cannot create the memory of {name} in {state_dir.mem}: {exc.strerror or exc}",
             ) from None
+        if self.prealloc:
+            try:
+                _preallocate(fd, size, name)
+            except BackingError:
+                os.close(fd)
+                state_dir.discard(label)
+                raise
+        return fd
 
     def records(self, mappable_ids: set[int]) -> list[BackingRecord]:
         """What the journal keeps of these mappables (identity from fstat)."""
@@ -259,10 +283,15 @@ class MemfdStore:
             raise BackingError("no-memory", f"cannot create a memfd for {name}: {exc}") from None
         try:
             os.ftruncate(fd, size)
+            if self.prealloc:
+                _preallocate(fd, size, name)  # (BackingError: closed below)
             seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
             if not writable:
                 seals |= F_SEAL_FUTURE_WRITE  # its content (zeros) can never change
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+        except BackingError:
+            os.close(fd)
+            raise
         except OSError as exc:
             os.close(fd)
             nomem = exc.errno in (errno.ENOMEM, errno.ENOSPC, errno.EFBIG)

@@ -109,6 +109,7 @@ _TOP: dict[str, Any] = {
     "address_space": lambda k, v: units.check_address_space(_size(k, v)),
     "unmap_timeout": _at_least(MIN_UNMAP_TIMEOUT),
     "evict_kill": _flag,
+    "prealloc": _flag,
     "log_level": _choice(_LOG_LEVELS),
     "log_format": _choice(_LOG_FORMATS),
     "metrics_port": _port,

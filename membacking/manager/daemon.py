@@ -99,8 +99,8 @@ class Daemon(FdServer):
         self.handover_refused: tuple[Any, str] | None = None
 
     def _empty_state(self) -> tuple[MemfdStore, ManagerState]:
-        store = MemfdStore(self.persist.dir if self.persist is not None else None)
         config = self.config
+        store = MemfdStore(self.persist.dir if self.persist else None, prealloc=config.prealloc)
         state = ManagerState(
             store,
             address_space=config.address_space,

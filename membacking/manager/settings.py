@@ -40,6 +40,8 @@ class ManagerConfig:
     unmap_timeout: float = 30.0
     #: SIGKILL a mapper evicted for not answering (see docs/OPERATIONS.md for the default)
     evict_kill: bool = False
+    #: allocate each RAM region's memory when it is created (backing.py)
+    prealloc: bool = False
     allow_uids: frozenset[int] = frozenset()
     allow_gids: frozenset[int] = frozenset()
     limits: Limits = field(default_factory=Limits)
