@@ -87,15 +87,19 @@ def _meminfo(key: str, default: int) -> int:
     return default
 
 
+def _code(exc: OSError) -> str:
+    """A backing's refusal code for `exc`: out of memory or room, or anything else."""
+    return "no-memory" if exc.errno in (errno.ENOMEM, errno.ENOSPC, errno.EFBIG) else "internal"
+
+
 def _preallocate(fd: int, size: int, name: str) -> None:
     """Allocate all of a RAM backing's memory now (--prealloc): BackingError if there is no
     room, instead of a SIGBUS in whichever process first touches a page there is none for."""
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as exc:
-        nomem = exc.errno in (errno.ENOMEM, errno.ENOSPC, errno.EFBIG)
         raise BackingError(
-            "no-memory" if nomem else "internal",
+            _code(exc),
             f"cannot allocate the {format_size(size)} of {name} (--prealloc): "
             f"{exc.strerror or exc}",
         ) from None
@@ -205,9 +209,8 @@ class MemfdStore:
         try:
             fd = state_dir.create_file(label, size)
         except OSError as exc:
-            nomem = exc.errno in (errno.ENOMEM, errno.ENOSPC, errno.EFBIG)
             raise BackingError(
-                "no-memory" if nomem else "internal",
+                _code(exc),
                 f"cannot create the memory of {name} in {state_dir.mem}: {exc.strerror or exc}",
             ) from None
         if self.prealloc:
@@ -294,9 +297,7 @@ class MemfdStore:
             raise
         except OSError as exc:
             os.close(fd)
-            nomem = exc.errno in (errno.ENOMEM, errno.ENOSPC, errno.EFBIG)
-            code = "no-memory" if nomem else "internal"
-            raise BackingError(code, f"cannot size the memfd for {name}: {exc}") from None
+            raise BackingError(_code(exc), f"cannot size the memfd for {name}: {exc}") from None
         return fd
 
     def _hugetlb(self, name: str, size: int) -> int:
