@@ -226,3 +226,34 @@ def test_a_multiprocessing_fork_child_is_outside_every_removal(manager: RunningM
         assert got["error"].startswith("DetachedError: ") and "forked" in got["error"], got
         assert got["files"] == []
         assert mem.read_plain(0x1000, "<Q") == 0  # the parent goes on
+
+
+def test_a_fork_while_an_fd_arrives_leaves_the_child_nothing(manager: RunningManager) -> None:
+    """The fd of a first fault, received and not yet in the mapper's table, when another thread
+    forks: the fork waits for the table, so the child closes that fd with the others."""
+    client = manager.client()
+    client.add_region("late", 0x60000000, 1 << 20)
+    with membacking.attach(str(manager.runtime_dir), fault_timeout=FAULT_TIMEOUT) as mem:
+        mem.write_plain(0x1000, "<Q", 1)
+        link = mem._mapper.link
+        receive = link.recv_fd_message
+        arrived = threading.Event()
+
+        def slow_receive(*args: Any, **kwargs: Any) -> Any:
+            got = receive(*args, **kwargs)
+            if got is not None and not arrived.is_set():
+                arrived.set()
+                time.sleep(0.5)  # the fd is here, the table does not name it yet
+            return got
+
+        link.recv_fd_message = slow_receive  # type: ignore[method-assign]
+        fault = threading.Thread(target=mem.write_plain, args=(0x60000000, "<Q", 2))
+        fault.start()
+        try:
+            assert arrived.wait(FAULT_TIMEOUT)
+            got = _fork(lambda: {"files": _memory_files()})()
+        finally:
+            fault.join()
+            link.recv_fd_message = receive  # type: ignore[method-assign]
+        assert got == {"files": []}
+        assert mem.read_plain(0x60000000, "<Q") == 2  # the parent's fault completed

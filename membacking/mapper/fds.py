@@ -48,8 +48,9 @@ class MapperFds:
         #: came in (the manager checks the same bytes once)
         self._ids: list[int] = []
         self._identities = bytearray()
-        #: held while an fd is closed or replaced, and while another thread duplicates one, so
-        #: that thread never duplicates a number closed (and perhaps reused) meanwhile
+        #: held while an fd is received and held, closed or replaced, while another thread
+        #: duplicates one (so that it never duplicates a number closed, and perhaps reused,
+        #: meanwhile), and by a thread forking (forking.py: no fd is in flight then)
         self._closing = threading.Lock()
         self._denied: dict[int, list[str]] = {}  # one reason per denied Map, in order
         #: mappables whose FdGrant came without its fd, read before the Map it came behind:
@@ -69,6 +70,12 @@ class MapperFds:
         """The Shutdown that arrived on the fd socket, once (None if none did)."""
         farewell, self._farewell = self._farewell, None
         return farewell
+
+    @property
+    def fork_lock(self) -> threading.Lock:
+        """The lock a fork takes first (forking.py): no fd is then between its receipt and the
+        table, nor half closed."""
+        return self._closing
 
     def get(self, mappable_id: int) -> int | None:
         """The fd held for `mappable_id` (mapper thread: others use `dup`)."""
@@ -114,7 +121,7 @@ class MapperFds:
         """Take every fd message waiting; the reason if the connection to the manager is lost."""
         while True:
             try:
-                got = self.link.recv_fd_message(wait=False)
+                got = self._receive(wait=False)
             except (PeerClosed, OSError) as exc:
                 reason = getattr(exc, "strerror", None) or str(exc)
                 return f"lost the connection to the manager: {reason}"
@@ -158,7 +165,7 @@ class MapperFds:
                     return f"cannot ask for the fd of mappable {mappable_id} again: {why}"
                 self._dropped.discard(mappable_id)
             try:
-                got = self.link.recv_fd_message(wait=True)
+                got = self._receive(wait=True)
             except TimeoutError:
                 self._abandoned[mappable_id] += 1
                 return f"the manager did not send the fd of mappable {mappable_id}"
@@ -228,14 +235,30 @@ class MapperFds:
             del self._abandoned[mappable_id]
         return left > 0
 
-    def _take(self, msg: Message, fds: list[int]) -> None:
-        if isinstance(msg, m.FdGrant):
+    def _receive(self, wait: bool) -> tuple[Message, list[int]] | None:
+        """The next message on the fd socket, None if `wait` is false and none is waiting; an
+        FdGrant's fd is in the table already. The receive and the hold happen under the lock a
+        fork takes first (forking.py), so no child is forked with an fd that arrived and that
+        the table does not name yet: the child closes every fd the table names."""
+        while True:
             with self._closing:
-                replaced = self._held.get(msg.mappable_id)
-                self._held[msg.mappable_id] = fds[0]
-                if replaced is not None:  # sent twice (a manager bug): keep one
-                    close_fds([replaced])
-                self._note_identity(msg.mappable_id, fds[0])
+                got = self.link.recv_fd_message()
+                if got is not None and isinstance(got[0], m.FdGrant):
+                    self._hold(got[0].mappable_id, got[1][0])
+            if got is not None or not wait:
+                return got
+            self.link.wait_fd_message()
+
+    def _hold(self, mappable_id: int, fd: int) -> None:
+        """Keep `fd` for `mappable_id` (lock held)."""
+        replaced = self._held.get(mappable_id)
+        self._held[mappable_id] = fd
+        if replaced is not None:  # sent twice (a manager bug): keep one
+            close_fds([replaced])
+        self._note_identity(mappable_id, fd)
+
+    def _take(self, msg: Message, fds: list[int]) -> None:
+        if isinstance(msg, m.FdGrant):  # its fd is held already (_receive)
             self._unclaimed.discard(msg.mappable_id)
             self._dropped.discard(msg.mappable_id)
             self._late_answer(msg.mappable_id)  # kept either way: the manager counts it sent

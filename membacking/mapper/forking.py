@@ -30,9 +30,32 @@ def track(mapper: VaMapper) -> None:
     """Note a new mapper of this process, so that a child forked from it disowns the mapper."""
     global _registered
     if not _registered:  # once per process: a forked child inherits the registration
-        os.register_at_fork(after_in_child=_after_fork_in_child)
+        os.register_at_fork(
+            before=_before_fork,
+            after_in_parent=_after_fork_in_parent,
+            after_in_child=_after_fork_in_child,
+        )
         _registered = True
     _attached[mapper] = os.getpid()
+
+
+#: the locks `_before_fork` took, released in the parent once the fork is done
+_taken: list[threading.Lock] = []
+
+
+def _before_fork() -> None:
+    """os.register_at_fork's hook, in the forking thread: waits for each mapper's fd receive in
+    progress, so that every fd a child inherits is one its table names and closes
+    (`MapperFds.fork_lock`)."""
+    for mapper in list(_attached):
+        lock = mapper.fds.fork_lock
+        lock.acquire()
+        _taken.append(lock)
+
+
+def _after_fork_in_parent() -> None:
+    while _taken:
+        _taken.pop().release()
 
 
 def check(mapper: VaMapper, gpa: int | None = None) -> None:
@@ -44,6 +67,7 @@ def check(mapper: VaMapper, gpa: int | None = None) -> None:
 def _after_fork_in_child() -> None:
     """os.register_at_fork's hook: runs in the child before fork() returns there, with one
     thread alive (the one that forked); the parent is not affected."""
+    _taken.clear()  # each reset with its table (MapperFds.close_after_fork)
     inherited = list(_attached.items())
     _attached.clear()  # none of them is this process's (a later attach here is)
     for mapper, owner in inherited:

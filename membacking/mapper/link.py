@@ -336,18 +336,18 @@ class ManagerLink:
             return None
         return decode(data, Channel.MAPPER, sender="manager")
 
-    def recv_fd_message(self, wait: bool) -> tuple[Message, list[int]] | None:
-        """The next message on the fd socket (mapper thread only): None if `wait` is false and
-        nothing is waiting; with `wait`, raises TimeoutError after the link's timeout."""
-        while True:
-            try:
-                # tried before waiting: the fd a Map needs has usually overtaken it
-                return recv_message(self.fd_sock, sender="manager")
-            except BlockingIOError:
-                if not wait:
-                    return None
-            if not self._fd_poll.poll(self.timeout * 1000):
-                raise TimeoutError(f"nothing arrived within {self.timeout:g}s")
+    def recv_fd_message(self) -> tuple[Message, list[int]] | None:
+        """The next message on the fd socket (mapper thread only), None if nothing is waiting
+        (tried before waiting: the fd a Map needs has usually overtaken it)."""
+        try:
+            return recv_message(self.fd_sock, sender="manager")
+        except BlockingIOError:
+            return None
+
+    def wait_fd_message(self) -> None:
+        """Wait until the fd socket is readable; TimeoutError after the link's timeout."""
+        if not self._fd_poll.poll(self.timeout * 1000):
+            raise TimeoutError(f"nothing arrived within {self.timeout:g}s")
 
     def socket_watch(self) -> SocketWatch:
         """The watch for a new fd.sock in the runtime directory (sockwatch.py), made at the

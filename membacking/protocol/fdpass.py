@@ -23,6 +23,11 @@ _CMSG_SPACE = socket.CMSG_SPACE(MAX_FDS_PER_MESSAGE * array.array("i").itemsize)
 # Python-level __rand__
 _MSG_CTRUNC, _MSG_TRUNC = int(socket.MSG_CTRUNC), int(socket.MSG_TRUNC)
 _MSG_NOSIGNAL = int(socket.MSG_NOSIGNAL)
+#: every fd received is close-on-exec from the moment it arrives (the kernel sets it in the
+#: same call): fds from SCM_RIGHTS are inheritable otherwise, Python's default notwithstanding,
+#: and a program a mapper runs (os.system, a subprocess without close_fds) would hold guest
+#: memory that no Unmap reaches
+_MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 
 
 class PeerClosed(ConnectionError):
@@ -78,12 +83,13 @@ def close_fds(fds: Sequence[int]) -> None:
 
 
 def recv_raw(sock: socket.socket, max_bytes: int = MAX_MESSAGE_BYTES) -> tuple[bytes, list[int]]:
-    """Receive one datagram and every fd that came with it (the caller owns the fds).
+    """Receive one datagram and every fd that came with it (the caller owns the fds, each
+    close-on-exec).
 
     Raises PeerClosed at end of stream, FdsDropped when the ancillary data was truncated and
     ProtocolError when the data was (closing the fds that did arrive, in both cases).
     """
-    data, ancdata, flags, _ = sock.recvmsg(max_bytes + 1, _CMSG_SPACE)
+    data, ancdata, flags, _ = sock.recvmsg(max_bytes + 1, _CMSG_SPACE, _MSG_CMSG_CLOEXEC)
     fds: list[int] = []
     for level, kind, payload in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
