@@ -43,6 +43,8 @@ DETACHING = {
     "itself in the background instead",
     "-runas": "changing QEMU's user clears its parent-death signal, so QEMU could outlive the "
     "launcher and run on unpinned memory; run the launcher as that user instead",
+    "-async-teardown": "QEMU's teardown process would keep the guest's memory mapped after QEMU "
+    "exits, when the launcher has unpinned it: a removal would not reach that process",
 }
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 #: seconds QEMU may take to open its monitor before the launcher says it has not
@@ -128,8 +130,13 @@ def _check_args(qemu_args: Sequence[str]) -> None:
             )
         if option in DETACHING:
             raise QemuError(f"{arg} is refused: {DETACHING[option]}")
-        if option == "-run-with" and "user=" in "".join(qemu_args[i + 1 : i + 2]):
-            raise QemuError(f"{arg} user= is refused: {DETACHING['-runas']}")
+        if option == "-run-with":
+            value = "".join(qemu_args[i + 1 : i + 2])
+            if "user=" in value:
+                raise QemuError(f"{arg} user= is refused: {DETACHING['-runas']}")
+            if "async-teardown=on" in value:
+                refused = DETACHING["-async-teardown"]
+                raise QemuError(f"{arg} async-teardown=on is refused: {refused}")
 
 
 def _same_layout(
