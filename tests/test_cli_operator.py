@@ -404,11 +404,11 @@ def test_limit_refusals_name_where_the_limit_was_set(start_manager: Start, tmp_p
     assert Limits().origin("max_regions") == "the default of --max-regions"
 
 
-def test_status_shows_the_limits_evict_kill_and_metrics(
+def test_status_shows_the_limits_evict_kill_prealloc_and_metrics(
     manager: RunningManager, start_manager: Start, tmp_path: Path
 ) -> None:
-    """`status` (and its --json) shows the limits with where each was set, --evict-kill and
-    the metrics URL, besides its other fields."""
+    """`status` (and its --json) shows the limits with where each was set, --evict-kill,
+    --prealloc and the metrics URL, besides its other fields."""
     plain = json.loads(manager.cli("status", "--json").stdout)
     assert plain["limits"] == {
         "max_mappers": 1024,
@@ -417,10 +417,12 @@ def test_status_shows_the_limits_evict_kill_and_metrics(
     }
     assert plain["limit_origins"]["max_regions"] == "the default of --max-regions"
     assert (plain["evict_kill"], plain["metrics"], plain["regions"]) == (False, None, 2)
+    assert plain["prealloc"] is False
     text = manager.cli("status").stdout
     assert "  evict kill    off\n" in text and "  metrics       not served\n" in text
+    assert "  prealloc      off: RAM is allocated as it is first touched\n" in text
     config = tmp_path / "c.toml"
-    config.write_text("evict_kill = true\n[limits]\nmax_mappers = 3\n")
+    config.write_text("evict_kill = true\nprealloc = true\n[limits]\nmax_mappers = 3\n")
     running = start_manager(
         "--config", str(config), "--max-regions", "9", "--metrics-port", "0", "--no-state"
     )
@@ -431,7 +433,7 @@ def test_status_shows_the_limits_evict_kill_and_metrics(
         "max_regions": "--max-regions",
         "max_fds_per_mapper": "the default of --max-fds-per-mapper",
     }
-    assert status["evict_kill"] is True
+    assert status["evict_kill"] is True and status["prealloc"] is True
     assert status["metrics"].startswith("http://127.0.0.1:") and "metrics=" in running.ready_line
     assert status["metrics"] in running.ready_line
     with urllib.request.urlopen(status["metrics"], timeout=10) as page:
@@ -441,3 +443,4 @@ def test_status_shows_the_limits_evict_kill_and_metrics(
     assert "  max regions   9 (--max-regions)\n" in text
     assert "  max fds       4096 per mapper (the default of --max-fds-per-mapper)\n" in text
     assert "  evict kill    on: " in text and f"  metrics       {status['metrics']}\n" in text
+    assert "  prealloc      on: each RAM region's memory is allocated when it is made\n" in text

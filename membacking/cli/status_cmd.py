@@ -73,6 +73,12 @@ def _state_text(status: dict[str, Any]) -> str:
     return f"{where}; {stop}" if status["state_dir"] or status.get("fd_store") else where
 
 
+#: the prealloc row, off and on (`manager run --prealloc`)
+_PREALLOC = (
+    "off: RAM is allocated as it is first touched",
+    "on: each RAM region's memory is allocated when it is made",
+)
+
 #: the status rows of the limits: (label, key, what is counted)
 _LIMIT_ROWS = (
     ("max mappers", "max_mappers", ""),
@@ -82,8 +88,8 @@ _LIMIT_ROWS = (
 
 
 def _settings_rows(status: dict[str, Any]) -> list[tuple[str, str]]:
-    """The limits (and where each was set), --evict-kill and the metrics URL (a manager of an
-    earlier release does not say: no rows)."""
+    """The limits (and where each was set), --evict-kill, --prealloc and the metrics URL (a
+    manager of an earlier release does not say: no rows)."""
     rows = []
     limits, origins = status.get("limits") or {}, status.get("limit_origins") or {}
     for label, key, unit in _LIMIT_ROWS:
@@ -93,6 +99,8 @@ def _settings_rows(status: dict[str, Any]) -> list[tuple[str, str]]:
     if "evict_kill" in status:
         kill = "on: a mapper evicted for not answering is also killed"
         rows.append(("evict kill", kill if status["evict_kill"] else "off"))
+    if "prealloc" in status:
+        rows.append(("prealloc", _PREALLOC[bool(status["prealloc"])]))
     if "metrics" in status:
         rows.append(("metrics", status["metrics"] or "not served"))
     return rows

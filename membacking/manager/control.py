@@ -235,6 +235,7 @@ def _status(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[
             "limits": {key: getattr(state.limits, key) for key in LIMIT_FLAGS},
             "limit_origins": {key: state.limits.origin(key) for key in LIMIT_FLAGS},
             "evict_kill": state.evict_kill,
+            "prealloc": state.store.prealloc,
             "metrics": state.metrics_url,
             **state.persistence,
             "waiting_on": waiting,
