@@ -17,7 +17,7 @@ MiB = 1 << 20
 class RecordingStore:
     """Backings as bookkeeping only: which mappable ids exist."""
 
-    ram_kind = "memfd"
+    ram_kind, prealloc = "memfd", False
 
     def __init__(self) -> None:
         self.live: dict[int, tuple[str, int, bool]] = {}

@@ -36,6 +36,8 @@ class BackingStore(Protocol):
     #: what the default backing ("memfd") really is in this store: "shm" (a file in the state
     #: directory) or "memfd"
     ram_kind: str
+    #: whether each RAM backing's memory is allocated at creation (`manager run --prealloc`)
+    prealloc: bool
 
     def create(
         self,
