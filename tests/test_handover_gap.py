@@ -315,8 +315,8 @@ def test_a_mapper_knows_the_identity_of_its_fds_without_an_fstat_at_relink() -> 
 
     fds = MapperFds(SimpleNamespace(), 1)  # type: ignore[arg-type]
     one, two = os.memfd_create("one"), os.memfd_create("two")
-    fds._take(m.FdGrant(5, 4096, True), [one])
-    fds._take(m.FdGrant(6, 4096, True), [two])
+    fds._hold(5, one)  # as each FdGrant's fd is received
+    fds._hold(6, two)
     info = {5: os.fstat(one), 6: os.fstat(two)}
     assert fds.identities() == [x for i in (5, 6) for x in (i, info[i].st_dev, info[i].st_ino)]
     fds.close((5,))
