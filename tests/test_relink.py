@@ -294,7 +294,7 @@ def test_a_mapper_packs_what_it_holds_as_it_maps_it() -> None:
     fds = MapperFds(SimpleNamespace(), 1)  # type: ignore[arg-type]
     memfds = {i: os.memfd_create(f"f{i}") for i in (9, 5, 6)}
     for i, fd in memfds.items():
-        fds._take(m.FdGrant(i, 4096, True), [fd])
+        fds._hold(i, fd)
     info = {i: os.fstat(fd) for i, fd in memfds.items()}
     expect = [(i, info[i].st_dev, info[i].st_ino) for i in (5, 6, 9)]  # by mappable id
     assert fds.packed_identities() == pack_fds(expect)
@@ -314,7 +314,6 @@ def test_mappers_holding_the_same_fds_report_the_same_bytes() -> None:
     from types import SimpleNamespace
 
     from membacking.mapper.fds import MapperFds
-    from membacking.protocol import messages as m
     from membacking.protocol.holdings import pack_fds
 
     memfds = {i: os.memfd_create(f"f{i}") for i in range(1, 41)}
@@ -326,10 +325,10 @@ def test_mappers_holding_the_same_fds_report_the_same_bytes() -> None:
         order = list(memfds)
         rnd.shuffle(order)
         for i in order:
-            fds._take(m.FdGrant(i, 4096, True), [os.dup(memfds[i])])
+            fds._hold(i, os.dup(memfds[i]))
         fds.close(tuple(range(1, 41, 3)))
         for i in (1, 7, 8):  # taken again after a Release, and one sent twice
-            fds._take(m.FdGrant(i, 4096, True), [os.dup(memfds[i])])
+            fds._hold(i, os.dup(memfds[i]))
         held.append(fds)
     kept = sorted({*range(1, 41)} - {*range(1, 41, 3)} | {1, 7})
     expect = pack_fds([(i, info[i].st_dev, info[i].st_ino) for i in kept])
