@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import pytest
 from test_handover import python_cli
 
 import membacking
@@ -86,7 +87,31 @@ def test_a_no_state_takeover_that_does_not_fit_is_refused_before_the_ask(
         assert memory.read_at(0x1000, 4) == b"kept"
 
 
-def test_a_daemon_of_handover_version_1_is_taken_over_as_one(start_manager: Start) -> None:
+#: a daemon of handover version 1 that words its refusal of a version-2 ask otherwise than
+#: this release's: the asker goes by the refusal's code (PROTOCOL.md §14.1), not its words
+_REWORDED = (
+    "import membacking.manager.handover as h; from membacking.manager.errors import Refused; "
+    "agree = h._agree\n"
+    "def _agree(daemon, args):\n"
+    "    if args.get('version') == 2: raise Refused({code!r}, {message!r})\n"
+    "    return agree(daemon, args)\n"
+    "h._agree = _agree"
+)
+
+
+@pytest.mark.parametrize(
+    "patch",
+    [
+        "import membacking.manager.handover as h; h.HANDOVER_VERSION = 1; "
+        "h.HANDOVER_VERSIONS = (1,)",
+        _REWORDED.format(code="version-mismatch", message="handover version 1 only"),
+        _REWORDED.format(code="bad-request", message="unknown argument features"),
+    ],
+    ids=["this-release", "reworded-version-mismatch", "reworded-bad-request"],
+)
+def test_a_daemon_of_handover_version_1_is_taken_over_as_one(
+    start_manager: Start, patch: str
+) -> None:
     runtime = short_tmpdir()
     older = subprocess.Popen(
         python_cli(
@@ -96,8 +121,7 @@ def test_a_daemon_of_handover_version_1_is_taken_over_as_one(start_manager: Star
             str(runtime),
             "--region",
             "ram0=0:8M",
-            patch="import membacking.manager.handover as h; h.HANDOVER_VERSION = 1; "
-            "h.HANDOVER_VERSIONS = (1,)",
+            patch=patch,
         ),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

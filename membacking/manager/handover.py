@@ -409,10 +409,10 @@ def _ask(paths: RuntimePaths, timeout: float, args: dict[str, Any], needs_2: boo
                         )
                     time.sleep(BUSY_POLL)
                     continue
-                # handover version 1 refuses a version-2 ask in one of these two ways
-                older = (exc.code == "version-mismatch" and "handover version 1," in str(exc)) or (
-                    exc.code == "bad-request" and "version, journal and pid" in str(exc)
-                )
+                # a daemon of handover version 1 refuses a version-2 ask with one of these
+                # codes (PROTOCOL.md §14.1), whatever its words; a daemon of version 2 that
+                # refuses for another reason refuses the version-1 ask too, and says why then
+                older = exc.code in ("version-mismatch", "bad-request")
                 if older and args["version"] == 2 and not needs_2:
                     args = {k: v for k, v in args.items() if k != "features"} | {"version": 1}
                     continue
