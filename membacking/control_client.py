@@ -290,9 +290,11 @@ class ControlClient:
         result: dict[str, Any] = self.call("status")
         return result
 
-    def stop(self) -> dict[str, Any]:
-        """Ask the manager to shut down as on SIGTERM; returns once it has agreed to."""
-        result: dict[str, Any] = self.call("stop")
+    def stop(self, keep_state: bool | None = None) -> dict[str, Any]:
+        """Ask the manager to shut down as on SIGTERM; returns once it has agreed to.
+        `keep_state` keeps (True) or ends (False) its state whatever `--keep-state` said."""
+        args = {} if keep_state is None else {"keep_state": keep_state}
+        result: dict[str, Any] = self.call("stop", **args)
         return result
 
     def evict_mapper(self, mapper_id: int) -> dict[str, Any]:

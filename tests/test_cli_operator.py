@@ -69,7 +69,9 @@ def test_manager_stop(start_manager: Start) -> None:
     running = start_manager("--region", "ram0=0:1M")
     result = running.cli("manager", "stop")
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"manager (pid {running.pid}) at {running.runtime_dir} stopped"
+    assert result.stdout.strip() == (
+        f"manager (pid {running.pid}) at {running.runtime_dir} stopped; its state ends"
+    )
     assert running.proc.wait(10) == 0
     assert list(running.runtime_dir.iterdir()) == []  # sockets and lock removed, as on SIGTERM
     assert "shutting down: stop requested on the control socket" in running.log()

@@ -185,6 +185,37 @@ def test_a_planned_restart_with_keep_state_is_ridden_through(
         assert memory.read_at(0, 4) == b"kept"
 
 
+def test_manager_stop_keep_state_keeps_it_for_a_daemon_run_without_it(
+    start_manager: Start, spawn_worker: Spawn
+) -> None:
+    """`manager stop --keep-state` keeps the state (and tells mappers "restarting") although
+    the daemon was started without --keep-state: an upgrade needs no restart to plan it;
+    `--no-keep-state` ends a state --keep-state would have kept; a --no-state daemon refuses."""
+    first = start_manager(*REGIONS)
+    worker = spawn_worker(first, "upgraded")
+    worker.ask("write 0x0 " + b"kept".hex())
+    done = first.cli("manager", "stop", "--keep-state")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("stopped; its state is kept for the next start")
+    assert first.proc.wait(10) == 0
+    assert worker.ask("read 0x0 4") == b"kept".hex()  # mappings kept through the gap
+    second = start_manager(*REGIONS, "--keep-state", runtime_dir=first.runtime_dir)
+    assert worker.ask("read 0x0 4") == b"kept".hex()
+    assert [e["name"] for e in second.client().mappers()] == ["upgraded"]  # it came back
+    ended = second.cli("manager", "stop", "--no-keep-state", "--json")
+    assert ended.returncode == 0 and '"keep_state": false' in ended.stdout, ended.stdout
+    assert second.proc.wait(10) == 0
+    with pytest.raises(WorkerError, match="MappingsDroppedError"):
+        worker.ask("read 0x0 4")  # told the manager stops for good: it dropped its memory
+    third = start_manager(*REGIONS, runtime_dir=first.runtime_dir)
+    with membacking.attach(third.runtime_dir) as memory:
+        assert memory.read_at(0, 4) == bytes(4)  # the state ended with the stop
+    none = start_manager(*REGIONS, "--no-state")
+    refused = none.cli("manager", "stop", "--keep-state")
+    assert refused.returncode == 1 and "keeps no state (--no-state)" in refused.stderr
+    assert none.proc.poll() is None and "Traceback" not in refused.stderr
+
+
 def test_an_eager_mapper_is_eager_again_after_the_restart(
     start_manager: Start, spawn_worker: Spawn
 ) -> None:

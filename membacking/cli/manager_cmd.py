@@ -398,12 +398,22 @@ class _AlreadyLogged(click.ClickException):
 @runtime_dir_option
 @timeout_option("10 to answer, 30 more to stop")
 @click.option("--no-wait", is_flag=True, help="Return once the manager agreed to stop.")
+@click.option(
+    "--keep-state/--no-keep-state",
+    default=None,
+    help="Keep the state (guest memory and the region table) for the next start, or end it, "
+    "whatever `manager run --keep-state` said; mappers then stay attached to the next "
+    "manager. Default: as the manager was started.",
+)
 @json_option
-def manager_stop(runtime_dir: Path, timeout: float | None, no_wait: bool, as_json: bool) -> None:
+def manager_stop(
+    runtime_dir: Path, timeout: float | None, no_wait: bool, keep_state: bool | None, as_json: bool
+) -> None:
     """Stop the manager as SIGTERM does (mappers are told, sockets removed), and wait until it
     has released its runtime directory."""
     client = control_client(runtime_dir, timeout)
-    pid = client.stop()["pid"]
+    agreed = client.stop(keep_state)
+    pid = agreed["pid"]
     stopped = no_wait
     deadline = time.monotonic() + (timeout if timeout is not None else 30.0)
     while not stopped and time.monotonic() < deadline:
@@ -417,8 +427,12 @@ def manager_stop(runtime_dir: Path, timeout: float | None, no_wait: bool, as_jso
         raise click.ClickException(
             f"the manager (pid {pid}) agreed to stop but still holds {client.paths.root}"
         )
+    kept = agreed.get("keep_state")  # (None: a manager of an earlier release does not say)
     if as_json:
-        echo_json({"pid": pid, "runtime_dir": str(client.paths.root), "stopped": not no_wait})
+        out = {"pid": pid, "runtime_dir": str(client.paths.root), "stopped": not no_wait}
+        echo_json(out | {"keep_state": kept})
         return
     verb = "is stopping" if no_wait else "stopped"
-    click.echo(f"manager (pid {pid}) at {client.paths.root} {verb}")
+    said = {True: "; its state is kept for the next start", False: "; its state ends"}
+    tail = said[kept] if isinstance(kept, bool) else ""
+    click.echo(f"manager (pid {pid}) at {client.paths.root} {verb}{tail}")

@@ -254,8 +254,19 @@ STOPPING_OPS = frozenset({"stop"})
 
 
 def _stop(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[Effect]:
-    expect_args(args, _NOTHING)
-    return _reply(identity, {"pid": os.getpid(), "stopping": True})
+    """Agree to stop; `keep_state` (optional) keeps or ends the state at this stop whatever
+    `manager run --keep-state` said (the daemon applies it: `stop_keeping`)."""
+    expect_args(args, _NOTHING, {"keep_state": bool})
+    keep = args.get("keep_state")
+    kept = state.persistence.get("state_dir") or state.persistence.get("fd_store")
+    if keep and not kept:
+        raise Refused(
+            "no-state",
+            "this manager keeps no state (--no-state): its memory cannot outlive it; hand it "
+            "over instead (`manager run --no-state --takeover`)",
+        )
+    keeps = bool(kept) and (bool(keep) if keep is not None else state.persistence["keep_state"])
+    return _reply(identity, {"pid": os.getpid(), "stopping": True, "keep_state": keeps})
 
 
 def _evict_mapper(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[Effect]:

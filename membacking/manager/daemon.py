@@ -478,6 +478,7 @@ class Daemon(FdServer):
                 and msg.op in STOPPING_OPS
                 and any(isinstance(e, Send) and isinstance(e.msg, m.ControlReply) for e in effects)
             ):
+                shutdown.stop_keeping(self, msg.args)  # (`manager stop --keep-state`)
                 self.stop("stop requested on the control socket")
         except Refused as exc:
             effects = [Send(Channel.CONTROL, identity, m.Error(exc.code, str(exc)))]

@@ -121,8 +121,8 @@ def _agree(daemon: Daemon, args: dict[str, Any]) -> dict[str, Any]:
         raise Refused(
             "version-mismatch",
             f"this manager speaks handover version {HANDOVER_VERSION}, the new one "
-            f"{version}: stop this one (`manager run --keep-state` + SIGTERM) and start the "
-            "new one instead",
+            f"{version}: stop this one keeping its state (`membacking manager stop "
+            "--keep-state`) and start the new one instead",
         )
     keys = {"version", "journal", "pid"} | ({"features"} if version != 1 else set())
     if set(args) != keys or not all(
@@ -419,7 +419,8 @@ def _ask(paths: RuntimePaths, timeout: float, args: dict[str, Any], needs_2: boo
                 if exc.code == "bad-request" and repr(OP) in str(exc):
                     raise HandoverError(
                         f"the manager at {paths.root} does not know how to hand over (an older "
-                        "release): stop it with --keep-state and start this one instead"
+                        "release): stop it keeping its state (SIGTERM, if it runs with "
+                        "--keep-state) and start this one instead"
                     ) from None
                 raise HandoverError(
                     f"the manager at {paths.root} refuses to hand over: {exc}"

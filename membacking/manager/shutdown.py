@@ -6,6 +6,7 @@ handover, sends its successor what the state directory does not hold; then it cl
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from typing import TYPE_CHECKING
@@ -25,6 +26,17 @@ log = logging.getLogger("membacking.manager")
 STOP_LINGER = 0.6
 
 
+def stop_keeping(daemon: Daemon, args: object) -> None:
+    """The `stop` agreed with `args` (control.py): one asked to keep (`keep_state` true) or
+    end (false) the state does so whatever `--keep-state` said (`manager stop --keep-state`)."""
+    keep = args.get("keep_state") if isinstance(args, dict) else None
+    if type(keep) is not bool:
+        return
+    if daemon.persist is not None:
+        daemon.persist.config = dataclasses.replace(daemon.persist.config, keep=keep)
+    daemon.state.persistence["keep_state"] = keep
+
+
 def shut_down(daemon: Daemon) -> None:
     """Stop `daemon` (its loop has ended). Restarting (a handover, or a state kept for the next
     daemon), the mappers are told last: they keep their memory meanwhile, and the daemon's own
@@ -39,7 +51,7 @@ def shut_down(daemon: Daemon) -> None:
     keep = daemon.handing_over is not None or (
         daemon.persist.config.keep
         if daemon.persist is not None
-        else daemon.config.persist.keep and daemon.fdstore is not None
+        else bool(daemon.state.persistence["keep_state"]) and daemon.fdstore is not None
     )
     if (
         keep
