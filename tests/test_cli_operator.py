@@ -420,9 +420,12 @@ def test_status_shows_the_limits_evict_kill_prealloc_and_metrics(
     assert plain["limit_origins"]["max_regions"] == "the default of --max-regions"
     assert (plain["evict_kill"], plain["metrics"], plain["regions"]) == (False, None, 2)
     assert plain["prealloc"] is False
+    # what tells two releases apart where the package version may not
+    assert plain["versions"] == {"protocol": 1, "features": 0x1F, "handover": 2, "journal": 1}
     text = manager.cli("status").stdout
     assert "  evict kill    off\n" in text and "  metrics       not served\n" in text
     assert "  prealloc      off: RAM is allocated as it is first touched\n" in text
+    assert f"  version       {plain['version']} (protocol 1, features 0x1f, handover 2, " in text
     config = tmp_path / "c.toml"
     config.write_text("evict_kill = true\nprealloc = true\n[limits]\nmax_mappers = 3\n")
     running = start_manager(

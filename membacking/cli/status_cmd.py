@@ -29,7 +29,7 @@ def status_cmd(runtime_dir: Path, timeout: float | None, as_json: bool) -> None:
     limit = status["max_fds"]
     rows = [
         ("pid", str(status["pid"])),
-        ("version", status["version"]),
+        ("version", _version_text(status)),
         ("uptime", units.format_duration(status["uptime"])),
         ("runtime dir", status["runtime_dir"]),
         ("state", _state_text(status)),
@@ -59,6 +59,19 @@ def status_cmd(runtime_dir: Path, timeout: float | None, as_json: bool) -> None:
         click.echo(f"  ! {problem}")
     for key, value in rows:
         click.echo(f"  {key:<14}{value}")
+
+
+def _version_text(status: dict[str, Any]) -> str:
+    """The package version, and the versions of what the daemon speaks and writes (a manager
+    of an earlier release does not say them)."""
+    versions = status.get("versions")
+    if not isinstance(versions, dict):
+        return str(status["version"])
+    return (
+        f"{status['version']} (protocol {versions.get('protocol')}, features "
+        f"{versions.get('features', 0):#x}, handover {versions.get('handover')}, journal "
+        f"{versions.get('journal')})"
+    )
 
 
 def _state_text(status: dict[str, Any]) -> str:

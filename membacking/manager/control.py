@@ -19,7 +19,7 @@ from .awaited import may_cut
 from .errors import Refused
 from .model import LIMIT_FLAGS, Disconnect, MapperEntry
 from .pins import Pins, guard
-from .procinfo import FD_WARN_SHARE, VERSION, process_info
+from .procinfo import FD_WARN_SHARE, VERSION, process_info, wire_versions
 from .state import MAX_LISTED_PIECES, Effect, ManagerState, Send, piece_info, region_info
 
 log = logging.getLogger("membacking.manager")
@@ -226,6 +226,7 @@ def _status(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[
         {
             **proc,
             "version": VERSION,
+            "versions": wire_versions(),
             "uptime": stats["uptime"],
             "regions": stats["regions"],
             "mappers": stats["mappers"],

@@ -21,6 +21,24 @@ def _version() -> str:
 #: The version of the running code (the installed distribution's).
 VERSION = _version()
 
+
+def wire_versions() -> dict[str, int]:
+    """The versions this daemon speaks and writes, which tell two releases apart where the
+    package version does not: the mapper protocol (and its feature bits), the handover, the
+    journal."""
+    from ..protocol.features import SUPPORTED_FEATURES
+    from ..protocol.messages import PROTOCOL_VERSION
+    from .handover import HANDOVER_VERSION
+    from .journal import FORMAT_VERSION
+
+    return {
+        "protocol": PROTOCOL_VERSION,
+        "features": SUPPORTED_FEATURES,
+        "handover": HANDOVER_VERSION,
+        "journal": FORMAT_VERSION,
+    }
+
+
 #: Share of the open-file limit beyond which `status` reports the daemon as degraded.
 FD_WARN_SHARE = 0.9
 
