@@ -224,6 +224,36 @@ def test_an_older_manager_or_one_without_state_is_refused_clearly(start_manager:
         shutil.rmtree(runtime, ignore_errors=True)
 
 
+def test_a_takeover_that_cannot_ask_says_why(start_manager: Start) -> None:
+    """Started without the --state-dir the running daemon uses, the takeover names that
+    directory (the runtime directory's note of it); a running daemon that does not answer
+    (stopped) is said to be there and not answering, not "nothing to take over"."""
+    import uuid
+
+    from membacking.manager import handover
+    from membacking.runtime import RuntimePaths
+
+    state_dir = f"/dev/shm/mb-test-elsewhere-{uuid.uuid4().hex[:8]}"
+    elsewhere = start_manager(*REGIONS, "--state-dir", state_dir)
+    done = run_cli("manager", "run", *REGIONS, "--takeover", runtime_dir=elsewhere.runtime_dir)
+    assert done.returncode == 1, done.stderr
+    assert f"keeps its state in {state_dir}; take over with --state-dir {state_dir}" in (
+        done.stderr
+    ), done.stderr
+    assert elsewhere.proc.poll() is None
+    os.kill(elsewhere.pid, signal.SIGSTOP)
+    try:
+        paths = RuntimePaths.resolve(elsewhere.runtime_dir)
+        args = {"version": 2, "journal": 1, "pid": os.getpid(), "features": 0}
+        with pytest.raises(handover.HandoverError, match="does not answer") as refused:
+            handover._ask(paths, 0.5, args, needs_2=False)
+        assert "stopped (SIGSTOP)" in str(refused.value)
+        assert "nothing to take over" not in str(refused.value)
+    finally:
+        os.kill(elsewhere.pid, signal.SIGCONT)
+    assert elsewhere.client().status()["health"] == "ok"
+
+
 def test_a_handover_during_a_pending_removal_waits_and_loses_nothing(
     start_manager: Start, spawn_worker: Spawn
 ) -> None:

@@ -245,6 +245,12 @@ def precheck(daemon: Daemon) -> bool:
     try:
         snapshot = persist.prepare(daemon.state, daemon.store) if prepare else persist.dir.read()
         if snapshot is None:
+            named = persist.noted_state_dir()
+            if named is not None and named != persist.dir.root:
+                raise HandoverError(
+                    f"nothing to take over in {persist.dir.root}: the running manager keeps "
+                    f"its state in {named}; take over with --state-dir {named}"
+                )
             raise HandoverError(
                 f"nothing to take over: no state in {persist.dir.root} (the running manager "
                 "keeps none there: it runs with --no-state or another --state-dir, or its "
@@ -272,7 +278,7 @@ def _check_running(daemon: Daemon) -> None:
         space = client.status().get("address_space")
         listed = client.regions()
     except MembackingError as exc:
-        raise HandoverError(f"nothing to take over: {exc}") from None
+        raise _unavailable(daemon.paths, exc) from None
     finally:
         client.close()
     if isinstance(space, int) and space != daemon.config.address_space:
@@ -426,9 +432,20 @@ def _ask(paths: RuntimePaths, timeout: float, args: dict[str, Any], needs_2: boo
                     f"the manager at {paths.root} refuses to hand over: {exc}"
                 ) from None
             except ManagerUnavailableError as exc:
-                raise HandoverError(f"nothing to take over: {exc}") from None
+                raise _unavailable(paths, exc) from None
     finally:
         client.close()
+
+
+def _unavailable(paths: RuntimePaths, exc: MembackingError) -> HandoverError:
+    """Why the running daemon could not be asked: none runs, or one holds the directory and
+    does not answer (stopped, hung), which is not "nothing to take over"."""
+    if isinstance(exc, ControlError) or paths.manager_running() is False:
+        return HandoverError(f"nothing to take over: {exc}")
+    return HandoverError(
+        f"the manager running at {paths.root} does not answer ({exc}): it is stopped (SIGSTOP) "
+        "or busy past the timeout; nothing was taken over: try again once it answers"
+    )
 
 
 def _check_metrics_port(daemon: Daemon, running: int) -> None:

@@ -212,11 +212,8 @@ class Persistence:
         memory waited unnoticed in the other."""
         if self.config.fresh:
             return
-        try:
-            named = Path((self.paths.root / STATE_POINTER).read_text().strip())
-        except (OSError, UnicodeDecodeError):
-            return
-        if not named.is_absolute() or named == self.dir.root:
+        named = self.noted_state_dir()
+        if named is None or named == self.dir.root:
             return
         here = self.dir.holds_state()
         if here and self.config.state_dir is not None:
@@ -233,6 +230,15 @@ class Persistence:
                 f"--fresh to start without it (its memory stays in {named} until that is "
                 "removed)"
             )
+
+    def noted_state_dir(self) -> Path | None:
+        """The state directory the runtime directory's note names (that of the manager that
+        runs or ran there last), if it names one."""
+        try:
+            named = Path((self.paths.root / STATE_POINTER).read_text().strip())
+        except (OSError, UnicodeDecodeError):
+            return None
+        return named if named.is_absolute() else None
 
     def _remember(self) -> None:
         """Name the state directory in use in the runtime directory, for the next start."""
