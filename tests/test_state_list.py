@@ -95,6 +95,8 @@ def test_list_tells_held_kept_and_stale_apart(
     text = run_cli("manager", "state", "list", "--state-dir", str(gone_dir)).stdout
     line = next(x for x in text.splitlines() if x.startswith(str(gone_dir)))
     assert "stale" in line and f"{gone.runtime_dir} (gone)" in line, text
+    # the hint names the directory given, which --stale alone would not look at
+    assert f"`membacking manager state remove --stale --state-dir {gone_dir}`" in text, text
     # what the survey finds among these alone: the two stale ones
     found, errors = statelist.survey([held_dir, kept_dir, gone_dir, moved_dir], defaults=False)
     assert not errors
@@ -214,6 +216,8 @@ def test_a_state_dir_with_an_unreadable_journal_is_kept_unless_forced(tmp_path: 
     (odd / "journal").write_bytes(journal.MAGIC + b"\xff" * 40)
     info = statelist.describe(odd)
     assert info.status == "unreadable" and info.problem and info.memory_files == 1
+    text = run_cli("manager", "state", "list", "--state-dir", str(odd)).stdout
+    assert f"{odd}: unreadable: {info.problem}" in text, text  # why, not only in --json
     refused = run_cli("manager", "state", "remove", str(odd))
     said = " ".join(refused.stderr.split())
     assert refused.returncode == 1 and "cannot be read" in said and "--force" in said, said

@@ -68,12 +68,18 @@ def state_list(state_dirs: tuple[Path, ...], as_json: bool) -> None:
             )
         # the RAM its memory files use (written pages), not the guest memory's size
         table(["STATE DIR", "STATUS", "RUNTIME DIR", "REGIONS", "RAM USED", "AGE"], rows)
+        for info in found:  # why a state cannot be read: in the text too, not only --json
+            if info.problem is not None:
+                click.echo(f"{info.path}: {info.status}: {info.problem}")
         stale = [i for i in found if i.status == "stale"]
         if stale:
             freed = format_size(sum(i.memory_used for i in stale))
+            # a stale one found only because it was named is found again only so
+            named = {p.resolve() for p in state_dirs}
+            more = "".join(f" --state-dir {i.path}" for i in stale if i.path.resolve() in named)
             click.echo(
-                f"{len(stale)} stale, {freed} of RAM: `membacking manager state remove --stale` "
-                "frees them"
+                f"{len(stale)} stale, {freed} of RAM: `membacking manager state remove --stale"
+                f"{more}` frees them"
             )
     else:
         click.echo("no state directories")
