@@ -26,7 +26,7 @@ from membacking.manager import journal
 from membacking.manager.awaited import MAX_DEFERRED, AwaitedMappers
 from membacking.manager.backing import MemfdStore
 from membacking.manager.journal import MapperRecord
-from membacking.manager.model import Send
+from membacking.manager.model import Send, SendFd
 from membacking.manager.snapshot import capture, restore
 from membacking.manager.state import ManagerState
 from membacking.manager.statedir import StateDir, default_state_dir
@@ -124,6 +124,24 @@ def test_a_removal_waits_for_the_mappers_awaited_back(state: ManagerState) -> No
     [reply] = [e.msg for e in out if isinstance(e, Send) and e.channel is Channel.CONTROL]
     assert isinstance(reply, m.ControlReply)
     assert reply.result["unmapped_from"] == [mapper_id]
+
+
+def test_holdings_before_attached_are_refused_aloud(state: ManagerState) -> None:
+    """Holdings on fd.sock before the stream is attached (and PackedHoldings past the ones kept
+    for it) are not taken: the mapper is told so (Error not-attached on fd.sock), where they
+    were only counted, and the wait goes on until it sends them again once attached."""
+    state.awaited.adopt((MapperRecord(3, 4242, 77),))
+    state.awaited.begin(0.0, 30.0)
+    entry = state.register_mapper("early", 4242)
+    state.welcome(entry, m.SUPPORTED_FEATURES)
+    out = state.handle_fd_message(entry.id, m.Holdings((), ()))
+    [error] = [e.msg for e in out if isinstance(e, SendFd)]
+    assert isinstance(error, m.Error) and error.code == "not-attached", out
+    assert "send them again once Attached" in error.message
+    assert state.awaited.open  # the empty Holdings was not taken
+    state.handle_mapper(b"e", m.Attach(entry.id, entry.token, m.ROLE_STREAM_FD))
+    state.handle_fd_message(entry.id, m.Holdings((), ()))
+    assert not state.awaited.open
 
 
 def test_only_the_empty_message_ends_the_wait(state: ManagerState) -> None:

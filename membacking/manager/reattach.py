@@ -18,7 +18,7 @@ from ..protocol import messages as m
 from ..protocol.messages import PRIVATE_MAPPABLE
 from ..protocol.ranges import PAGE_MASK, MemoryRange
 from .errors import Refused
-from .model import Effect, HolderBatch, MapperEntry, Mapping
+from .model import Effect, HolderBatch, MapperEntry, Mapping, SendFd
 
 if TYPE_CHECKING:
     from .peers import PeerState
@@ -129,9 +129,12 @@ def take_holdings(
 ) -> list[Effect]:
     """Check a mapper's Holdings (or PackedHoldings), which passed `check_holdings`, against
     the table; effects unmap what no longer holds."""
-    if entry.stream is None:
+    if entry.stream is None:  # (PackedHoldings past the MAX_EARLY_HOLDINGS kept, too)
         state.reject("not-attached", "Holdings before the stream socket", entry.pid)
-        return []
+        # said, not only counted: the holdings are not taken, so the mapper must send them
+        # again once Attached, or drop what it holds
+        why = f"{type(msg).__name__} before Attached: not taken; send them again once Attached"
+        return [SendFd(entry.id, m.Error("not-attached", why))]
     if state.unplaced:  # an activation's pieces not in the table yet: checked against it all
         state.unplaced.finish(state)
     fds: Iterable[tuple[int, ...]]
