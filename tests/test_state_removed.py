@@ -40,6 +40,10 @@ def test_a_keep_state_stop_after_the_state_was_removed_is_a_stop(
         assert refused.value.code == "state-dir" and "was removed" in str(refused.value)
         taken = run_cli("manager", "run", "--takeover", runtime_dir=manager.runtime_dir)
         assert taken.returncode == 1 and "was removed under it" in taken.stderr, taken.stderr
+        # a stop asked to keep the state is refused, not said to have kept it
+        kept = manager.cli("manager", "stop", "--keep-state")
+        assert kept.returncode == 1 and "was removed under this manager" in kept.stderr, kept
+        assert manager.proc.poll() is None and client.status()["state_dir_removed"] is True
         # changes cannot be journaled now: each fails, the failure is logged once
         for i in range(3):
             client.add_region(f"late{i}", 0x100000 * (i + 2), 4096, private=True)

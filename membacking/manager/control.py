@@ -260,6 +260,12 @@ def _stop(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[Ef
     expect_args(args, _NOTHING, {"keep_state": bool})
     keep = args.get("keep_state")
     kept = state.persistence.get("state_dir") or state.persistence.get("fd_store")
+    if keep and state.persistence.get("state_dir_removed"):
+        raise Refused(
+            "no-state",
+            f"the state directory {state.persistence['state_dir']} was removed under this "
+            "manager: nothing can be kept (`manager stop` without --keep-state ends it)",
+        )
     if keep and not kept:
         raise Refused(
             "no-state",

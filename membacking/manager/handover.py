@@ -246,7 +246,7 @@ def precheck(daemon: Daemon) -> bool:
         snapshot = persist.prepare(daemon.state, daemon.store) if prepare else persist.dir.read()
         if snapshot is None:
             named = persist.noted_state_dir()
-            if named is not None and named != persist.dir.root:
+            if named is not None and named != persist.dir.root and named.is_dir():
                 raise HandoverError(
                     f"nothing to take over in {persist.dir.root}: the running manager keeps "
                     f"its state in {named}; take over with --state-dir {named}"

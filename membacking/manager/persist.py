@@ -347,6 +347,7 @@ class Persistence:
         file unlinked while the journal still named it made a restart refuse the state."""
         if self.lost():  # removed under the daemon (`state remove --force`)
             state.persistence["keep_state"] = False  # (shutdown.py: its stop is for good)
+            state.persistence["state_dir_removed"] = True  # (`stop --keep-state` refused)
             state.persistence["journal_error"] = (
                 f"the state directory {self.dir.root} was removed: nothing is journaled, and a "
                 "crash or a restart now loses the guest memory kept there"
