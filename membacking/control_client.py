@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -145,7 +146,7 @@ class ControlClient:
                 self.on_unjournaled(op, result["not_journaled"])
             return result
         # read-only: ask its successor, once, if one takes the directory within the timeout
-        while not (self.paths.control_socket.exists() and self.paths.manager_running()):
+        while not (self._socket_there() and self.paths.manager_running()):
             if time.monotonic() >= deadline:
                 raise ManagerUnavailableError(f"{died}; no manager took its place in {wait:g}s")
             time.sleep(0.1)
@@ -154,8 +155,33 @@ class ControlClient:
         except _Died as exc:
             raise ManagerUnavailableError(str(exc)) from None
 
+    def _denied(self, path: Path) -> ManagerUnavailableError:
+        """The control socket (or its directory) is not this user's to use."""
+        try:
+            owner = f"uid {path.stat().st_uid}"
+        except OSError:
+            owner = "its owner"
+        return ManagerUnavailableError(
+            f"permission denied: {path} (uid {os.getuid()}): control commands are for the user "
+            f"the manager runs as ({owner}) and root; --allow-uid lets other users map guest "
+            "memory (fd.sock, mapper.ipc), not control the manager"
+        )
+
+    def _socket_there(self) -> bool:
+        """Whether the control socket exists; ManagerUnavailableError if this user may not
+        reach it (a private runtime directory, or a control socket of another user: a connect
+        would then wait for the whole timeout)."""
+        sock = self.paths.control_socket
+        try:
+            there = sock.exists()
+        except PermissionError:
+            raise self._denied(self.paths.root) from None
+        if there and not os.access(sock, os.R_OK | os.W_OK):
+            raise self._denied(sock)
+        return there
+
     def _call(self, op: str, timeout: float | None, args: dict[str, Any]) -> Any:
-        if not self.paths.control_socket.exists():
+        if not self._socket_there():
             raise self._no_manager(NO_SOCKET)
         if getattr(self._local, "sock", None) is None and self.paths.manager_running() is False:
             raise self._no_manager(LEFT_OVER)

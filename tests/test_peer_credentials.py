@@ -189,3 +189,47 @@ def test_strangers_cannot_crowd_out_allowed_mappers(
         os.waitpid(pid, 0)
         for fd in (ready_r, ready_w, done_r, done_w):
             os.close(fd)
+
+
+def _control_as(uid: int, runtime_dir: Path) -> tuple[str, float]:
+    """Fork, become `uid`, ask the manager's status; return what was raised and how long it
+    took."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(read_end)
+        answer = "no error"
+        start = time.monotonic()
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            membacking.ControlClient(runtime_dir, timeout=5).status()
+        except Exception as exc:  # report whatever happened to the parent
+            answer = f"{type(exc).__name__}: {exc}"
+        finally:
+            os.write(write_end, f"{time.monotonic() - start:.3f} {answer}".encode())
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    with os.fdopen(read_end, "rb") as pipe:
+        took, _, said = pipe.read().decode().partition(" ")
+    return said, float(took)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as another uid")
+def test_control_by_another_user_is_refused_at_once_saying_why(
+    start_manager: Callable[..., RunningManager],
+) -> None:
+    """A user other than the manager's asks it something: the private runtime directory, or
+    (with --allow-uid) the private control socket, is named at once, where a traceback was
+    printed, or the client waited its whole timeout and blamed a stuck manager."""
+    private = start_manager("--region", "ram=0:1M")
+    said, took = _control_as(65534, private.runtime_dir)
+    assert said.startswith("ManagerUnavailableError: permission denied: "), said
+    assert str(private.runtime_dir) in said and "control commands are for the user" in said
+    allowed = start_manager("--region", "ram=0:1M", "--allow-uid", "65534")
+    said, took = _control_as(65534, allowed.runtime_dir)
+    assert said.startswith("ManagerUnavailableError: permission denied: "), said
+    assert f"{allowed.runtime_dir / 'control.ipc'} (uid 65534)" in said and "uid 0" in said
+    assert "--allow-uid lets other users map guest memory" in said
+    assert took < 2  # not the 5 s timeout
