@@ -103,6 +103,8 @@ readonly = true
         ),
         ("unmap_timeout = 0.001", "key 'unmap_timeout': must be a number of at least 1, got"),
         ("evict_kill = 1", "key 'evict_kill': must be true or false"),
+        # a client reading the file from another directory would look elsewhere
+        ("runtime_dir = 'run/mb'", "key 'runtime_dir': must be an absolute path, got 'run/mb'"),
     ],
 )
 def test_config_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:

@@ -104,8 +104,17 @@ def _port(key: str, value: Any) -> int:
     return value
 
 
+def _absolute(key: str, value: Any) -> Path:
+    path = Path(_string(key, value))
+    if not path.is_absolute():
+        # the daemon would take it from its working directory, and each client command that
+        # reads this file from its own: they would not meet
+        raise ValueError(f"must be an absolute path, got {_shown(value)}")
+    return path
+
+
 _TOP: dict[str, Any] = {
-    "runtime_dir": lambda k, v: Path(_string(k, v)),
+    "runtime_dir": _absolute,
     "address_space": lambda k, v: units.check_address_space(_size(k, v)),
     "unmap_timeout": _at_least(MIN_UNMAP_TIMEOUT),
     "evict_kill": _flag,
