@@ -8,7 +8,9 @@ from __future__ import annotations
 import re
 
 _SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_NUMBER = re.compile(r"^(0[xX][0-9a-fA-F_]+|[0-9][0-9_]*)\s*([kKmMgGtT]?)(?:i?[bB])?$")
+#: a number and an optional suffix: K, KB, KiB and Ki all mean 1024 (a B alone: bytes; after a
+#: hex number a B is one more hex digit)
+_NUMBER = re.compile(r"^(0[xX][0-9a-fA-F_]+|[0-9][0-9_]*)\s*(?:([kKmMgGtT])i?[bB]?|[bB])?$")
 #: longest region or mapper name
 MAX_NAME_LEN = 64
 _NAME = re.compile(rf"[A-Za-z0-9_.:][A-Za-z0-9_.:\-]{{0,{MAX_NAME_LEN - 1}}}")
@@ -23,7 +25,7 @@ def parse_size(text: str, what: str = "size") -> int:
         raise ValueError(
             f"invalid {what} {text!r}: use a decimal or 0x-hex number, optionally with K, M, G or T"
         )
-    digits, suffix = match.groups()
+    digits, suffix = match.group(1), match.group(2) or ""
     try:
         value = int(digits, 0) if digits[:2].lower() == "0x" else int(digits, 10)
     except ValueError:  # underscores in the wrong places: "0x_", "1__0"

@@ -23,7 +23,8 @@ first match wins: `--runtime-dir`, `$MEMBACKING_RUNTIME_DIR`, the `runtime_dir` 
 configuration file given by `--config` (or `$MEMBACKING_CONFIG`), `$XDG_RUNTIME_DIR/membacking`,
 `/tmp/membacking-<uid>`; `manager run` follows the same rule. Client commands take `--timeout`
 (seconds to wait for the manager). Sizes and addresses accept decimal, `0x` hex and K/M/G/T
-suffixes (powers of 1024). `-h` is short for `--help` everywhere.
+suffixes, powers of 1024 however spelled (`64M`, `64MiB`, `64MB` and `64Mi` alike; after a hex
+number a `B` is a hex digit). `-h` is short for `--help` everywhere.
 
 Exit status: 2 for a mistake in what was given, found before the daemon is asked anything: an
 unknown option; a missing or malformed value (size, address, name, choice, a number out of its

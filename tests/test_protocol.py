@@ -394,13 +394,19 @@ def test_oversize_and_end_of_stream() -> None:
         ("1_000", 1000),
         ("0x10M", 16 << 20),
         (" 8K ", 8192),
+        ("64Mi", 64 << 20),  # as QEMU and Kubernetes spell it
+        ("2MB", 2 << 20),  # powers of 1024 all the same
+        ("4096B", 4096),
+        ("0x1000B", 0x1000B),  # a hex digit, not bytes
     ],
 )
 def test_parse_size(text: str, value: int) -> None:
     assert units.parse_size(text) == value
 
 
-@pytest.mark.parametrize("text", ["", "lots", "1.5G", "0x", "64Q", "1 G B", "0x_", "1__0", "-x"])
+@pytest.mark.parametrize(
+    "text", ["", "lots", "1.5G", "0x", "64Q", "1 G B", "0x_", "1__0", "-x", "2i", "B", "4Mx"]
+)
 def test_parse_size_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="invalid size"):
         units.parse_size(text)
