@@ -197,7 +197,17 @@ def test_flags_override_settings_of_the_file_they_cannot_go_with(
         both = write(tmp_path, f'state_dir = "{state_dir}"\nno_state = true\n', name="both.toml")
         refused = run_cli("manager", "run", "--config", str(both), "--runtime-dir", str(tmp_path))
         assert refused.returncode == 2, refused.stderr
-        assert "no_state and state_dir cannot go together" in refused.stderr  # (the file's)
+        # the file's keys, named with the file
+        assert f"no_state in {both} and state_dir in {both} cannot go" in refused.stderr
+        kept = write(tmp_path, "no_state = true\nkeep_state = true\n", name="kept.toml")
+        refused = run_cli("manager", "run", "--config", str(kept), "--runtime-dir", str(tmp_path))
+        assert refused.returncode == 2, refused.stderr
+        assert f"keep_state in {kept} with no_state in {kept} keeps" in refused.stderr
+        rivals = run_cli(
+            "manager", "run", "--no-metrics", "--metrics-port", "0", "--runtime-dir", str(tmp_path)
+        )
+        assert rivals.returncode == 2, rivals.stderr  # (it was accepted and served nothing)
+        assert "--no-metrics and --metrics-port cannot go together" in rivals.stderr
         alone = run_cli("manager", "run", "--metrics-addr", "::1", "--runtime-dir", str(tmp_path))
         assert alone.returncode == 2 and "--metrics-addr needs --metrics-port" in alone.stderr
         flag = write(tmp_path, "unmap_timeout = true\n", name="flag.toml")

@@ -258,6 +258,13 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
     for key, value in from_file.items():
         if key != "runtime_dir" and key not in overridden:
             options[key] = value
+
+    def spelled(key: str) -> str:  # an option as it was given: on the command line, or in the file
+        flag = "--" + key.replace("_", "-")
+        return flag if key in typed or config_path is None else f"{key} in {config_path}"
+
+    if options["no_metrics"] and "metrics_port" in typed:
+        raise click.UsageError("--no-metrics and --metrics-port cannot go together")
     if options.pop("no_metrics"):
         options["metrics_port"] = None
     elif options["metrics_port"] is None and _typed(ctx, "metrics_addr"):
@@ -305,8 +312,9 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
             "--takeover adopts the running manager's state: it cannot go with --fresh"
         )
     if options["no_state"] and options["state_dir"] is not None:
-        where = "--no-state and --state-dir" if "no_state" in typed else "no_state and state_dir"
-        raise click.UsageError(f"{where} cannot go together")
+        raise click.UsageError(
+            f"{spelled('no_state')} and {spelled('state_dir')} cannot go together"
+        )
     if options["state_dir"] is not None:
         from ..runtime import RuntimePaths
 
@@ -319,8 +327,8 @@ def manager_run(ctx: click.Context, /, config_path: Path | None, **options: Any)
             )
     if options["no_state"] and options["keep_state"] and not use_fd_store(options["fd_store"]):
         raise click.UsageError(
-            "--keep-state with --no-state keeps memory in systemd's fd store only, and there "
-            "is none here (NOTIFY_SOCKET unset, or --fd-store off)"
+            f"{spelled('keep_state')} with {spelled('no_state')} keeps memory in systemd's fd "
+            "store only, and there is none here (NOTIFY_SOCKET unset, or --fd-store off)"
         )
     if options["no_state"]:
         from ..manager.statedir import left_behind
