@@ -14,6 +14,8 @@ import pytest
 from membacking.conformance import CLAUSES, run
 from membacking.conformance.harness import Violation
 
+from conftest import run_cli
+
 TESTS = Path(__file__).parent
 MINI = [sys.executable, str(TESTS / "foreign" / "mini_mapper.py")]
 PYTHON_MAPPER = [sys.executable, str(TESTS / "worker.py"), "{runtime_dir}", "conformance"]
@@ -113,3 +115,15 @@ def test_the_cli_runs_it(tmp_path: Path) -> None:
         timeout=60,
     )
     assert listed.returncode == 0 and "RELEASE-CLOSE" in listed.stdout
+
+
+def test_a_command_that_cannot_start_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
+    """A mistyped command is an error of one line (it was a traceback), and the private
+    runtime directory made for the run is removed."""
+    before = set(Path("/tmp").glob("mbconf-*"))
+    done = run_cli("conformance", "--", str(tmp_path / "no-such-mapper"))
+    assert done.returncode == 1, done
+    assert done.stderr.strip() == (
+        f"Error: cannot start {tmp_path / 'no-such-mapper'}: No such file or directory"
+    ), done.stderr
+    assert set(Path("/tmp").glob("mbconf-*")) <= before

@@ -34,7 +34,10 @@ def conformance_cmd(timeout: float, list_clauses: bool, command: tuple[str, ...]
         return
     if not command:
         raise click.UsageError("give the command that starts the mapper, after --")
-    report = run(command, timeout)
+    try:
+        report = run(command, timeout)
+    except OSError as exc:  # the command cannot be started: a mistake in what was given
+        raise click.ClickException(f"cannot start {command[0]}: {exc.strerror or exc}") from None
     for case in report.passed:
         click.echo(f"pass  {case}")
     for violation in report.violations:

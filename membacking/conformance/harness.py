@@ -67,14 +67,21 @@ class Harness:
         self._out = b""
         args = [a.replace("{runtime_dir}", str(self.root)) for a in command]
         self.stderr_path = self.root / "mapper.stderr"
-        with open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                args,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=err,
-                env={**os.environ, ENV_VAR: str(self.root)},
-            )
+        try:
+            with open(self.stderr_path, "wb") as err:
+                self.proc = subprocess.Popen(
+                    args,
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=err,
+                    env={**os.environ, ENV_VAR: str(self.root)},
+                )
+        except OSError:  # no such command, not executable: nothing of this run stays behind
+            self.listen.close()
+            self.router.close(0)
+            self.ctx.term()
+            shutil.rmtree(self.root, ignore_errors=True)
+            raise
         assert self.proc.stdout is not None
         os.set_blocking(self.proc.stdout.fileno(), False)
 
