@@ -66,6 +66,10 @@ def _check_args(args: dict[str, Any]) -> None:
 class ControlClient:
     """Talks to the manager serving `runtime_dir` (default: see `membacking.runtime`)."""
 
+    #: the operation of the last request sent whose answer was not read (an interrupted
+    #: command says that the manager goes on with it)
+    unanswered: str | None = None
+
     def __init__(
         self,
         runtime_dir: str | os.PathLike[str] | None = None,
@@ -191,7 +195,9 @@ class ControlClient:
         request = dict(args, instance=instance) if instance is not None else args
         try:
             sock.send(encode(m.ControlRequest(op, request)))
+            ControlClient.unanswered = op
             data = self._receive(sock, wait, instance)
+            ControlClient.unanswered = None
         except zmq.Again:
             if self.paths.manager_running() is False:
                 raise self._no_manager("it stopped while this request waited") from None

@@ -4,7 +4,12 @@ error, and a runtime directory too long for a socket path is named with the limi
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -12,7 +17,7 @@ import click
 from membacking.cli import cli
 from membacking.cli.common import NumericArgs, Whole, _Size
 
-from conftest import RunningManager, run_cli
+from conftest import RunningManager, Worker, cli_env, run_cli
 
 
 def usage_error(result: subprocess.CompletedProcess[str], fragment: str) -> None:
@@ -106,3 +111,32 @@ def test_a_runtime_directory_too_long_for_a_socket_is_a_usage_mistake(tmp_path: 
         result = run_cli(*command, runtime_dir=too_long)  # $MEMBACKING_RUNTIME_DIR
         usage_error(result, f"Error: $MEMBACKING_RUNTIME_DIR {too_long} is too long")
     assert not too_long.exists()  # manager run made nothing
+
+
+def test_an_interrupted_change_says_the_manager_goes_on_with_it(
+    manager: RunningManager, spawn_worker: Callable[..., Worker]
+) -> None:
+    """Ctrl-C on a `region remove` that waits for a stopped holder: the command says the
+    removal goes on in the manager (it printed only "Aborted.")."""
+    manager.client().add_region("held", 0x40000000, 1 << 20)
+    worker = spawn_worker(manager, "stopped")
+    worker.ask("read 0x40000000 1")
+    os.kill(worker.pid, signal.SIGSTOP)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "membacking", "region", "remove", "held"],
+            env=cli_env(manager.runtime_dir),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 30
+        while {r["name"]: r["state"] for r in manager.client().regions()}["held"] != "removing":
+            assert time.monotonic() < deadline, "the removal never started"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+    assert proc.returncode == 130, err
+    assert "the manager goes on with the remove_region already sent" in err, err
+    assert "Traceback" not in err

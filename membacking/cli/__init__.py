@@ -82,5 +82,19 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except click.Abort:
         click.echo("Aborted.", err=True)
+        _interrupted_change()
         sys.exit(130)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _interrupted_change() -> None:
+    """Say that a change sent to the manager goes on there, when its wait was interrupted."""
+    from ..control_client import READ_ONLY_OPS, ControlClient
+
+    op = ControlClient.unanswered
+    if op is not None and op not in READ_ONLY_OPS:
+        click.echo(
+            f"the manager goes on with the {op} already sent: `membacking regions` shows where "
+            "it stands",
+            err=True,
+        )
