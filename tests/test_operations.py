@@ -80,6 +80,7 @@ readonly = true
         ("unmap_timeout = 0", "key 'unmap_timeout': must be a number of at least 1, got 0"),
         ("log_level = 'loud'", "key 'log_level': must be one of debug, info, warning, error"),
         ("metrics_port = 70000", "key 'metrics_port': must be a TCP port number"),
+        ("metrics_port = '9464'", "key 'metrics_port': must be a number, not a string: write"),
         ("allow_uids = ['root']", "key 'allow_uids': 'root' is not a uid/gid"),
         ("limits = 3", "key 'limits': must be a table"),
         ("[limits]\nmax_mappers = 0", "key 'limits.max_mappers': must be a whole number of at"),

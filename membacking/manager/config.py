@@ -99,6 +99,8 @@ def _ids(key: str, value: Any) -> tuple[int, ...]:
 
 
 def _port(key: str, value: Any) -> int:
+    if isinstance(value, str) and value.strip().isdigit():
+        raise ValueError(f"must be a number, not a string: write {value.strip()} without quotes")
     if type(value) is not int or not 0 <= value <= 65535:
         raise ValueError(f"must be a TCP port number (0-65535), got {_shown(value)}")
     return value
