@@ -10,7 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,7 @@ import pytest
 from membacking.manager import ManagerConfig
 from membacking.runtime import choose_runtime_dir
 
-from conftest import cli_env, run_cli, short_tmpdir
+from conftest import RunningManager, cli_env, run_cli, short_tmpdir
 
 
 def test_choose_runtime_dir_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -132,3 +132,31 @@ def test_bad_access_ids_are_refused_in_the_file_and_the_api(tmp_path: Path) -> N
     assert result.returncode == 2 and "-7 is not a uid/gid" in result.stderr
     with pytest.raises(ValueError, match="99999999999 is not a uid/gid"):
         ManagerConfig(allow_uids=frozenset({99999999999}))
+
+
+def test_the_runtime_directory_made_private_is_said_and_a_file_there_is_named(
+    start_manager: Callable[..., RunningManager], tmp_path: Path
+) -> None:
+    """An existing runtime directory an operator opened (0777) is made 0700 with a warning
+    (it was silent), and a file where the directory must be is named as such from the
+    environment too (it was Python's errno text)."""
+    opened = short_tmpdir()
+    os.chmod(opened, 0o777)
+    running = start_manager("--no-state", runtime_dir=opened)
+    assert opened.stat().st_mode & 0o777 == 0o700
+    assert f"runtime directory {opened} had mode 777: made 0700" in running.log()
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    env = {**cli_env(), "MEMBACKING_RUNTIME_DIR": str(blocked)}
+    done = subprocess.run(
+        [sys.executable, "-m", "membacking", "manager", "run", "--no-state"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stderr
+    assert f"cannot create runtime directory {blocked}: it, or a directory above it, is a" in (
+        done.stderr
+    ), done.stderr
+    assert "Errno" not in done.stderr

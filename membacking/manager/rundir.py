@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import resource
 import secrets
@@ -16,6 +17,8 @@ from pathlib import Path
 
 from ..errors import MembackingError
 from ..runtime import RuntimePaths
+
+log = logging.getLogger("membacking.manager")
 
 
 def raise_fd_limit() -> int:
@@ -74,14 +77,27 @@ class RuntimeDirLock:
         try:
             paths.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             info = paths.root.stat()
+        except (FileExistsError, NotADirectoryError):  # a file where a directory must be
+            raise RuntimeDirError(
+                f"cannot create runtime directory {paths.root}: it, or a directory above it, "
+                "is a file"
+            ) from None
         except OSError as exc:
-            raise RuntimeDirError(f"cannot create runtime directory {paths.root}: {exc}") from None
+            why = exc.strerror or str(exc)
+            raise RuntimeDirError(f"cannot create runtime directory {paths.root}: {why}") from None
         if not stat.S_ISDIR(info.st_mode):
             raise RuntimeDirError(f"runtime directory {paths.root} is not a directory")
         if info.st_uid != os.getuid():
             raise RuntimeDirError(
                 f"runtime directory {paths.root} belongs to uid {info.st_uid}, not to you "
                 f"(uid {os.getuid()}); choose another --runtime-dir"
+            )
+        if paths.root not in self.created and info.st_mode & 0o777 not in (0o700, 0o711):
+            log.warning(
+                "runtime directory %s had mode %o: made 0700 (only this user reaches the "
+                "manager's sockets; --allow-uid opens them to others)",
+                paths.root,
+                info.st_mode & 0o777,
             )
         os.chmod(paths.root, 0o700)
         fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
