@@ -102,6 +102,56 @@ def test_enabling_a_region_that_would_hide_a_pinned_one_is_refused(state: Manage
     assert "covered by region 'old'" in reply.message
 
 
+@pytest.mark.parametrize(
+    ("setup", "op", "args"),
+    [
+        # enabled at another GPA, over the lent region (which it would hide: higher priority)
+        (
+            {"name": "high", "gpa": 512 * MiB, "size": 64 * MiB, "priority": 5, "disabled": True},
+            "enable_region",
+            {"name": "high", "gpa": 0},
+        ),
+        # moved over it
+        (
+            {"name": "high", "gpa": 512 * MiB, "size": 64 * MiB, "priority": 5},
+            "move_region",
+            {"name": "high", "gpa": 0},
+        ),
+    ],
+)
+def test_a_region_placed_over_a_pinned_one_is_refused(
+    state: ManagerState, setup: dict[str, Any], op: str, args: dict[str, Any]
+) -> None:
+    """Enabling a region at a new GPA, or moving one, so that it would hide a lent region is
+    refused as adding one there is: the VM would run on memory mappers no longer see there."""
+    control(state, "add_region", **setup)
+    pinned_vm(state)
+    reply = control(state, op, **args)
+    assert isinstance(reply, m.Error) and reply.code == "pinned", reply
+    assert "covered by region 'high'" in reply.message and "VM 'vm1'" in reply.message
+    assert state.regions["ram"].active and state.regions["high"].gpa == 512 * MiB
+    # a newer region of the lent one's priority hides nothing there: allowed
+    added = control(state, "add_region", name="low", gpa=768 * MiB, size=64 * MiB)
+    assert isinstance(added, m.ControlReply), added
+    assert isinstance(control(state, "move_region", name="low", gpa=0), m.ControlReply)
+    assert state.regions["ram"].active
+
+
+def test_a_second_lender_of_a_pinned_region_is_refused(state: ManagerState) -> None:
+    """A second VM on regions another VM runs on would overwrite its RAM: refused, naming the
+    first; the first lender pinning again (after a restart, or its QEMU's pid) is not."""
+    first = pinned_vm(state)
+    second, _, _ = attach(state, "qemu-vm2")
+    reply = control(state, "pin_regions", mapper=second, label="VM 'vm2'", pid=778, regions="ram")
+    assert isinstance(reply, m.Error) and reply.code == "pinned", reply
+    assert "region 'ram' is lent to VM 'vm1' (pid 777) already" in reply.message
+    assert state.pins.of(second) is None
+    other = control(state, "pin_regions", mapper=second, label="VM 'vm2'", pid=778, regions="other")
+    assert isinstance(other, m.ControlReply), other  # regions of its own: fine
+    again = control(state, "pin_regions", mapper=first, label="VM 'vm1'", pid=779, regions="ram")
+    assert isinstance(again, m.ControlReply), again
+
+
 def test_an_empty_pin_unpins(state: ManagerState) -> None:
     mid = pinned_vm(state)
     control(state, "pin_regions", mapper=mid, label="VM 'vm1'", pid=777, regions="")

@@ -399,7 +399,7 @@ def _pin_regions(state: ManagerState, identity: bytes, args: dict[str, Any]) -> 
     for name in names:
         if name not in state.regions or state.regions[name].removing:
             raise Refused("not-found", f"region {name!r} does not exist")
-    pin = state.pins.set(args["mapper"], args["label"], args["pid"], names)
+    pin = state.pins.set(args["mapper"], args["label"], args["pid"], names, state.mappers)
     return _reply(identity, pin.describe())
 
 

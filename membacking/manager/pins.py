@@ -59,11 +59,26 @@ class Pins:
         self._adopted: list[Pin] = []
         self._started = started
 
-    def set(self, mapper_id: int, label: str, pid: int, regions: Iterable[str]) -> Pin:
-        """Pin `regions` for `mapper_id` (replacing its earlier pin; no regions unpins)."""
+    def set(
+        self, mapper_id: int, label: str, pid: int, regions: Iterable[str], live: Container[int]
+    ) -> Pin:
+        """Pin `regions` for `mapper_id` (replacing its earlier pin; no regions unpins).
+        Refused ("pinned") for a region another lender's live pin holds: two VMs on one
+        region would each overwrite the other's RAM."""
         if not label or len(label) > MAX_LABEL or not label.isprintable():
             raise Refused("bad-request", f"a pin label must be 1 to {MAX_LABEL} printable chars")
         pin = Pin(mapper_id, label, pid, frozenset(regions), self._started(pid))
+        for other in self._live(live):
+            # (the same lender pinning again: itself, or its pin from before a restart)
+            same = other.mapper_id == mapper_id or other.pid == pid or other.label == label
+            taken = sorted(other.regions & pin.regions)
+            if taken and not same:
+                raise Refused(
+                    "pinned",
+                    f"region {taken[0]!r} is lent to {other.label} (pid {other.pid}) already: "
+                    "two VMs on one region would overwrite each other's RAM; give this one "
+                    "regions of its own",
+                )
         if pin.regions:
             self._by_mapper[mapper_id] = pin
         else:

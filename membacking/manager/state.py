@@ -298,6 +298,8 @@ class ManagerState(PeerState):
             new = self._check_placement(
                 name, gpa, region.size, region.priority, self._alignment(region)
             )
+            if enabled:  # nor may it land over a lent region it would hide
+                guard(self, name, "moved", new, (region.priority, region.order))
             if region.active:
                 effects += self._deactivate(region, op, cut)
             self.placed.discard(region)
