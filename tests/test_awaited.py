@@ -361,6 +361,38 @@ def test_a_mapper_that_does_not_come_back_is_killed_under_evict_kill(
     assert "did not come back" in second.log()
 
 
+def test_a_vms_launcher_that_does_not_come_back_is_not_killed_under_evict_kill(
+    start_manager: Start, spawn_worker: Spawn
+) -> None:
+    """A mapper of the previous manager that lent regions to a VM (its journaled pin still
+    holds) is not killed when its wait runs out, --evict-kill or not: the pin keeps those
+    regions from change, and a launcher's end would end its VM (QEMU dies with it)."""
+    first = start_manager(*REGIONS)
+    worker = spawn_worker(first, "launcher")
+    worker.ask("read 0x0 1")
+    first.client().call(
+        "pin_regions", mapper=worker.mapper_id, label="VM 'kept'", pid=worker.pid, regions="ram0"
+    )
+    _journaled(first, worker.pid)
+    os.kill(worker.pid, signal.SIGSTOP)
+    first.stop(signal.SIGKILL)
+    try:
+        second = start_manager(
+            *REGIONS, "--unmap-timeout", "1", "--evict-kill", runtime_dir=first.runtime_dir
+        )
+        deadline = time.monotonic() + 30
+        while second.client().stats()["reattach_timeouts"] < 1:
+            assert time.monotonic() < deadline, second.log()
+            time.sleep(0.1)
+        assert worker.proc.poll() is None  # alive (stopped), not killed
+        assert second.client().stats()["evict_kills"] == 0
+        assert "not killed (--evict-kill): it lent regions ram0 to VM 'kept'" in second.log()
+        with pytest.raises(membacking.ControlError, match="pinned before a restart"):
+            second.client().remove_region("ram0")
+    finally:
+        os.kill(worker.pid, signal.SIGCONT)
+
+
 def test_a_handover_waits_for_the_changes_that_wait_for_mappers(state: ManagerState) -> None:
     """A change deferred until the mappers of the manager before are back is a change not
     done: the running daemon refuses to hand over meanwhile (`busy`: the new process asks

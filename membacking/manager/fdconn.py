@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from ..protocol import messages as m
 from ..protocol.fdpass import send_message
 from .journal import MapperRecord
-from .pins import process_start
+from .pins import Pin, process_start
 
 log = logging.getLogger("membacking.manager")
 
@@ -142,13 +142,32 @@ def kill_evicted(mapper_id: int, conn: FdConn | None, counters: dict[str, int]) 
     log.error("%s killed (SIGKILL, --evict-kill): evicted for not answering", who)
 
 
-def not_back(record: MapperRecord, waited: float, evict_kill: bool, counters: Counter[str]) -> None:
+def not_back(
+    record: MapperRecord,
+    waited: float,
+    evict_kill: bool,
+    counters: Counter[str],
+    lent: Pin | None = None,
+) -> None:
     """A mapper of the previous manager whose process still runs did not come back within
     `waited` seconds (awaited.py): counted in `reattach_timeouts` and logged, as an eviction
     is; under --evict-kill SIGKILLed (by a pidfd, once its start time is checked again, so a
-    pid reused meanwhile is never hit), counted in `evict_kills`."""
+    pid reused meanwhile is never hit), counted in `evict_kills`, unless it lent regions to a
+    VM (`lent`, its journaled pin): the pin keeps them from change, and the kill would end the
+    VM (a launcher's QEMU dies with it)."""
     counters["reattach_timeouts"] += 1
     who = f"mapper {record.mapper_id} of the previous manager (pid {record.pid})"
+    if evict_kill and lent is not None:
+        log.error(
+            "%s did not come back within %gs; not killed (--evict-kill): it lent regions %s to "
+            "%s (pid %d), which stay pinned while that runs, and its end would end that VM",
+            who,
+            waited,
+            ", ".join(sorted(lent.regions)),
+            lent.label,
+            lent.pid,
+        )
+        return
     if not evict_kill:
         log.error(
             "%s did not come back within %gs: changes go on without it; it may still map "

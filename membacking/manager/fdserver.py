@@ -78,7 +78,8 @@ class FdServer:
         """Each second: stop awaiting the mappers whose process ended, or all once the wait
         ran out (those still running are killed under --evict-kill)."""
         for record in self.state.awaited.tick(self.state._monotonic()):
-            not_back(record, self.state.unmap_timeout, self._evict_kill, self.state.counters)
+            lent = self.state.pins.adopted_of(record.mapper_id)  # a VM's launcher
+            not_back(record, self.state.unmap_timeout, self._evict_kill, self.state.counters, lent)
 
     def _resume_accepting(self) -> None:
         if self._accept_paused and self._poller is not None:

@@ -90,6 +90,12 @@ class Pins:
     def of(self, mapper_id: int) -> Pin | None:
         return self._by_mapper.get(mapper_id)
 
+    def adopted_of(self, mapper_id: int) -> Pin | None:
+        """The pin taken up from a journal that mapper `mapper_id` of the previous manager
+        made, if its process still runs."""
+        self._adopted = [p for p in self._adopted if self._runs(p)]
+        return next((p for p in self._adopted if p.mapper_id == mapper_id), None)
+
     def adopt(self, pins: Iterable[Pin]) -> list[Pin]:
         """Take up the journaled pins whose process still runs; returns them."""
         self._adopted += [p for p in pins if self._runs(p)]
