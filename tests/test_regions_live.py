@@ -300,6 +300,23 @@ def test_read_only_is_enforced_by_the_kernel(manager: RunningManager) -> None:
                 os.close(s.fd)
 
 
+def test_sharing_named_regions_maps_and_holds_only_those(manager: RunningManager) -> None:
+    """`sharing(["ram0"])` lends (and so maps and holds) ram0 alone: a launcher that lends one
+    region holds no other, so a removal of another never waits for it (nor evicts it)."""
+    with membacking.attach(manager.runtime_dir, name="lender") as memory:
+        shared = memory.sharing(["ram0"])
+        assert shared is not None
+        try:
+            assert [(s.gpa, s.size) for s in shared] == [(0, 64 * MiB)]
+            assert [r.start for r, _ in memory.mapped_ranges()] == [0]
+            [me] = manager.client().mappers()
+            assert me["held"] == [[0, 64 * MiB]]
+            assert manager.client().remove_region("rom")["unmapped_from"] == []
+        finally:
+            for s in shared:
+                os.close(s.fd)
+
+
 def test_private_ram_single_mapper(start_manager: Start) -> None:
     running = start_manager()
     with membacking.attach(running.runtime_dir, name="vm") as memory:

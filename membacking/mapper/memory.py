@@ -12,7 +12,7 @@ import contextlib
 import ctypes
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -453,11 +453,12 @@ class GuestMemory:
 
     # ---- sharing and private RAM ---------------------------------------------------------------
 
-    def sharing(self) -> list[SharedRange] | None:
-        """The guest RAM as (gpa, size, fd, file offset, writable) for a third party to map
-        (the fds are duplicates the caller owns); None in private RAM mode. To get the fds this
-        mapper maps every region (and so holds them all from then on, as an eager one would)."""
-        return shared_ranges(self._mapper, self.ensure_mapped)
+    def sharing(self, regions: Collection[str] | None = None) -> list[SharedRange] | None:
+        """The guest RAM (of the named `regions`, or every active one) as (gpa, size, fd, file
+        offset, writable) for a third party to map (the fds are duplicates the caller owns);
+        None in private RAM mode. To get the fds this mapper maps those regions (and so holds
+        them from then on, as an eager one would)."""
+        return shared_ranges(self._mapper, self.ensure_mapped, regions)
 
     def _private(self, gpa: int, size: int) -> tuple[VaMapper, int, int]:
         gpa, size = self._check(gpa, size)

@@ -4,7 +4,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import NamedTuple
 
 from . import forking
@@ -22,10 +22,13 @@ class SharedRange(NamedTuple):
 
 
 def shared_ranges(
-    mapper: VaMapper, ensure_mapped: Callable[[int, int], None]
+    mapper: VaMapper,
+    ensure_mapped: Callable[[int, int], None],
+    names: Collection[str] | None = None,
 ) -> list[SharedRange] | None:
-    """Every active region's sub-mappings with a duplicate of its fd (the caller owns them),
-    mapping each with `ensure_mapped` to get that fd; None in private RAM mode."""
+    """The sub-mappings of every active region (of those `names`, if given) with a duplicate
+    of its fd (the caller owns them), mapping each with `ensure_mapped` to get that fd; None in
+    private RAM mode. A region not named is neither mapped nor held."""
     from ..control_client import ControlClient
 
     forking.check(mapper)  # a forked child: not a mapper, and no round trip to say so
@@ -34,7 +37,7 @@ def shared_ranges(
         return None
     out = []
     for region in regions:
-        if not region["active"]:
+        if not region["active"] or (names is not None and region["name"] not in names):
             continue
         for sub in region["mappings"]:
             gpa = region["gpa"] + sub["offset"]

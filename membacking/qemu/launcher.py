@@ -159,7 +159,7 @@ def run_vm(opts: VmOptions, announce: Callable[[str], None]) -> int:
     client = ControlClient(opts.runtime_dir)
     memory = attach(opts.runtime_dir, name=f"qemu-{opts.name}")
     try:
-        shares = memory.sharing()
+        shares = memory.sharing(opts.regions or None)  # (only what it lends: held, pinned)
         if shares is None:
             raise QemuError("the manager runs private RAM: it has no fds to lend to QEMU")
         try:
