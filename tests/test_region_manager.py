@@ -3,9 +3,12 @@ partial unmap and atomic replacement, eager replay, push and rollback. No socket
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from test_manager_state import MiB, RecordingStore, attach, msgs, rng
 
+from membacking.manager.dropping import EVICT_GRACE
 from membacking.manager.errors import Refused
 from membacking.manager.state import Disconnect, ManagerState, Send, region_info
 from membacking.protocol import messages as m
@@ -404,11 +407,14 @@ def test_status_names_the_mappers_a_change_waits_on(state: ManagerState) -> None
         "evicted": [mid],
         "evicted_why": {str(mid): "by an operator"},
     }
-    assert (b"remover", m.ControlReply(done)) in sent
     reply = {"id": mid, "name": "slow", "pid": 4000, "pin": None}  # it lent nothing to a VM
     assert sent[-1] == (b"ctl", m.ControlReply(reply))
     assert sent[0][1] == m.Shutdown("evicted: an operator ran `membacking mapper evict`")
     assert Disconnect(mid, "evicted: an operator ran `membacking mapper evict`") in out
+    assert (b"remover", m.ControlReply(done)) not in sent  # its lease has not run out yet
+    time.sleep(EVICT_GRACE)
+    ended = [(e.identity, e.msg) for e in state.tick() if isinstance(e, Send)]
+    assert (b"remover", m.ControlReply(done)) in ended
     assert mid not in state.mappers and "a" not in state.regions
     assert error(state, "evict_mapper", id=mid).code == "unknown-mapper"
     assert error(state, "evict_mapper", id="1").code == "bad-request"

@@ -15,6 +15,7 @@ from ..protocol.messages import Channel, Message
 from ..protocol.shutdowns import shutdown_for
 from ..units import format_duration
 from .awaited import AwaitedMappers
+from .dropping import Dropping
 from .errors import Refused
 from .model import (
     Disconnect,
@@ -62,6 +63,19 @@ class PeerState(TableState):
         self.mapper_ids_reserved = self._next_mapper_id
         #: mappers that may come back holding memory after a restart, and those awaited now
         self.awaited = AwaitedMappers()
+        #: evicted mappers within the grace their lease needs to drop what they held
+        self.dropping = Dropping()
+
+    def start_op(self, what: str, reply_to: bytes | None) -> Operation:
+        op = super().start_op(what, reply_to)
+        if self.dropping:  # a change right after an eviction waits for the evicted to drop
+            self.dropping.hold(op)
+        return op
+
+    def unfinished(self) -> list[Operation]:
+        ops = {id(op): op for op in super().unfinished()}
+        ops.update((id(op), op) for op in self.dropping.ops())
+        return list(ops.values())
 
     def reserve_mapper_id(self) -> bool:
         """Before a registration: whether the next id starts a new block (then the journal
@@ -141,6 +155,8 @@ class PeerState(TableState):
             # holdings took 16 ms; meanwhile a cut passes it by (ids are never reused)
             self.departed[mapper_id] = entry.held
         effects: list[Effect] = []
+        if evicted is not None:  # it may run on until its lease ends (dropping.py)
+            self.dropping.evicted(mapper_id, self._monotonic())
         for seq in list(entry.unacked):
             op = self._pending.pop((mapper_id, seq), None)
             if op is not None:
@@ -148,6 +164,7 @@ class PeerState(TableState):
                 if evicted is not None:
                     op.unmapped_from.discard(mapper_id)
                     op.evicted[mapper_id] = evicted
+                    self.dropping.hold(op, mapper_id)
                 effects.extend(self._maybe_finish(op))
         return effects
 
@@ -289,6 +306,8 @@ class PeerState(TableState):
         for text, extra in self.log_budget.summaries(now):
             log.warning("%s", text, extra=extra)
         effects: list[Effect] = []
+        for op in self.dropping.due(now):  # evicted mappers' graces over
+            effects.extend(self._maybe_finish(op))
         wall = self._clock()
         for entry in list(self.mappers.values()):
             if entry.stream is None and wall - entry.connected_at > self.unmap_timeout:
