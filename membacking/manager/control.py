@@ -25,6 +25,8 @@ from .state import MAX_LISTED_PIECES, Effect, ManagerState, Send, piece_info, re
 log = logging.getLogger("membacking.manager")
 
 _NOTHING: dict[str, type] = {}
+#: seconds `status` says mappers are turned away after the last connection it could not accept
+ACCEPT_REFUSED_SHOWN = 10.0
 
 
 def expect_args(
@@ -201,6 +203,12 @@ def _status(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[
     ]
     if waiting:
         problems.append("waiting on mapper(s) " + ", ".join(str(w["id"]) for w in waiting))
+    refused_at = state.accept_refused_at
+    if refused_at is not None and now - refused_at < ACCEPT_REFUSED_SHOWN:
+        problems.append(
+            "new mappers are turned away: no descriptor is left to accept their connection "
+            "(raise the open-file limit, LimitNOFILE=, or remove regions)"
+        )
     if state.awaited.deferred:  # changes held until the mappers of the manager before are back
         pids = ", ".join(str(r.pid) for r in state.awaited.waiting)
         problems.append(f"{state.awaited.deferred} change(s) wait for pid(s) {pids} to come back")

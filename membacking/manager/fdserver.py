@@ -7,7 +7,6 @@ before they have an identity.
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import logging
 import os
@@ -37,6 +36,13 @@ HELLO_TIMEOUT = 5.0
 MAX_UNREGISTERED = 64
 #: ...and refused strangers (answered on their first message) at most this many, for a second
 MAX_REFUSED_WAITING = 16
+
+
+#: why a connection is turned away near the daemon's open-file limit (the mapper says it)
+_NO_ROOM = (
+    "the manager is at its open-file limit: no room for another mapper's connections (raise "
+    "its limit, LimitNOFILE=, or remove regions)"
+)
 
 
 class FdServer:
@@ -104,6 +110,7 @@ class FdServer:
         """New connections wait in the backlog for a second; the listening socket would
         otherwise stay readable and spin the loop. Mappers already attached are not affected."""
         self.state.refused["no-resources"] += 1
+        self.state.accept_refused_at = self.state._monotonic()  # (`status` says so)
         log.error(
             "cannot accept a connection on fd.sock: %s; trying again in a second "
             "(raise the open-file limit, LimitNOFILE=, for more mappers)",
@@ -127,12 +134,18 @@ class FdServer:
             # each mapper will open a ZeroMQ connection too, two if of an earlier release
             # (descriptors are numbered from the lowest free one, so the new socket's number
             # tells how many are in use)
-            if sock.fileno() + 2 * (len(unregistered) + 1) >= self._fd_ceiling:
-                sock.close()
-                self._pause_accepting(OSError(errno.EMFILE, "close to the open-file limit"))
-                return
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
             pid, uid, gid = struct.unpack("3i", creds)
+            if sock.fileno() + 2 * (len(unregistered) + 1) >= self._fd_ceiling:
+                # told why, before the close: its Hello reads this instead of waiting for a
+                # reply until its timeout (the connection is taken, so the loop cannot spin)
+                with contextlib.suppress(OSError):
+                    sock.setblocking(False)
+                    send_message(sock, m.Error("no-resources", _NO_ROOM))
+                sock.close()
+                self.state.accept_refused_at = self.state._monotonic()
+                self.state.refuse("no-resources", "turned away: close to the open-file limit", pid)
+                continue
             allowed = uid in self._allowed_uids or gid in self._allowed_gids
             # strangers and allowed peers wait in separate queues, so strangers who reach the
             # socket (--allow-uid opens it) cannot crowd out the mappers that may attach

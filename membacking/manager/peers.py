@@ -55,6 +55,8 @@ class PeerState(TableState):
     #: the daemon SIGKILLs a mapper it evicts for not answering (--evict-kill): said in the
     #: answers of the changes that waited on it
     evict_kill: bool = False
+    #: when a connection on fd.sock was last turned away for want of descriptors (None: never)
+    accept_refused_at: float | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
