@@ -16,8 +16,9 @@ from ..protocol import messages as m
 from ..protocol.codec import encode
 from ..runtime import RuntimePaths
 from .backing import MemfdStore
-from .journal import JournalError, Snapshot, decode, decode_head
+from .journal import JournalError, Snapshot, decode, decode_head, read_bytes
 from .journalcache import JournalEncoder
+from .pins import process_start
 from .snapshot import check_fits, restore
 from .state import ManagerState
 from .statedir import STATE_POINTER, StateDir, StateDirError, default_state_dir, region_text
@@ -231,6 +232,22 @@ class Persistence:
                 "removed)"
             )
 
+    def _warn_running_vms(self) -> None:
+        """--fresh over a journal that pinned regions for VMs still running: say so (they run
+        on memory this manager no longer serves, and nothing keeps it from change now)."""
+        with contextlib.suppress(OSError, JournalError):
+            data = read_bytes(self.dir.root / "journal")
+            pins = decode(data).pins if data is not None else ()
+            for pin in pins:
+                if process_start(pin.pid) == pin.started:
+                    log.warning(
+                        "--fresh discards the state %s (pid %d) still runs on (regions %s): "
+                        "it runs on memory this manager no longer serves; stop it",
+                        pin.label,
+                        pin.pid,
+                        ", ".join(pin.regions),
+                    )
+
     def noted_state_dir(self) -> Path | None:
         """The state directory the runtime directory's note names (that of the manager that
         runs or ran there last), if it names one."""
@@ -265,6 +282,7 @@ class Persistence:
         if snapshot is None:
             if self.config.fresh:
                 log.warning("starting fresh: discarding any state in %s", self.dir.root)
+                self._warn_running_vms()
             else:
                 kept = self.dir.memory_files()
                 if kept:  # guest memory whose journal is gone: never discarded unasked
