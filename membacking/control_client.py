@@ -202,8 +202,14 @@ class ControlClient:
             if self.paths.manager_running() is False:
                 raise self._no_manager("it stopped while this request waited") from None
             self._drop_socket()  # a REQ socket that missed its reply cannot be reused
+            going = (
+                ""
+                if op in READ_ONLY_OPS
+                else f"; the {op} it was sent may still be under way there (`membacking regions`"
+                " shows where it stands)"
+            )
             raise ManagerUnavailableError(
-                f"the manager at {self.paths.root} did not answer within {wait:g}s"
+                f"the manager at {self.paths.root} did not answer within {wait:g}s{going}"
             ) from None
         except zmq.ZMQError as exc:
             self._drop_socket()

@@ -160,6 +160,13 @@ def test_timeout_against_a_stopped_daemon(manager: RunningManager) -> None:
             assert result.stderr.strip() == (
                 f"Error: the manager at {manager.runtime_dir} did not answer within 0.5s"
             ), command
+        # a change sent meanwhile is said to be possibly under way (it may have reached the
+        # daemon, as a change waiting on mappers has)
+        result = manager.cli("region", "remove", "rom", "--timeout", "0.5")
+        assert result.returncode == 1 and result.stderr.strip().endswith(
+            "within 0.5s; the remove_region it was sent may still be under way there "
+            "(`membacking regions` shows where it stands)"
+        ), result.stderr
     finally:
         os.kill(manager.pid, signal.SIGCONT)
     assert manager.cli("regions", "--timeout", "5").returncode == 0
