@@ -13,7 +13,7 @@ import pytest
 
 from membacking.manager.backing import MemfdStore
 from membacking.manager.errors import Refused
-from membacking.manager.model import Send
+from membacking.manager.model import Send, SendFd
 from membacking.manager.state import ManagerState, region_info
 from membacking.manager.statedir import StateDir
 from membacking.protocol import ProtocolError, decode, encode
@@ -262,10 +262,12 @@ def test_packed_holdings_before_the_attach_are_checked_once_it_is_bound(tmp_path
     assert sent[0] == m.Attached(m.ROLE_STREAM_FD)
     assert [x.range for x in sent[1:] if isinstance(x, m.Unmap)] == [MemoryRange(8 * MiB, 9 * MiB)]
     assert list(entry.held) == [MemoryRange(0, MiB)] and not entry.early_holdings
-    # arrays before the Attach: refused as before
+    # arrays before the Attach: refused as before, and said
     other = state.register_mapper("arrays", 2)
     state.welcome(other, m.SUPPORTED_FEATURES)
-    assert state.handle_fd_message(other.id, m.Holdings(tuple(fds), ())) == []
+    [refused] = state.handle_fd_message(other.id, m.Holdings(tuple(fds), ()))
+    assert isinstance(refused, SendFd) and isinstance(refused.msg, m.Error)
+    assert refused.msg.code == "not-attached"
     assert state.rejected["not-attached"] == 1
     # and a mapper without the feature gets no such credit either: refused
     old = state.register_mapper("old", 3)
