@@ -70,11 +70,14 @@ READ_STEP = 1 << 20
 
 def _read_chunks(memory: GuestMemory, gpa: int, length: int, verb: str) -> Iterator[bytes]:
     """The bytes of [gpa, gpa+length) in steps, after checking all of it is backed (so an error
-    comes before any output, and a long read never holds it all in memory)."""
+    comes before any output, and a long read never holds it all in memory), read from the
+    backing files: memory never written reads as zeros and is not allocated by the read."""
+    from ..mapper.peek import peek
+
     memory.ensure_mapped(gpa, length)
     with progress(length, f"{verb} {units.plural(length, 'byte')}") as bar:
         for start in range(gpa, gpa + length, READ_STEP):
-            chunk = memory.read_at(start, min(READ_STEP, gpa + length - start))
+            chunk = peek(memory, start, min(READ_STEP, gpa + length - start))
             bar.update(len(chunk))
             yield chunk
 

@@ -1,4 +1,5 @@
-"""Finding a byte pattern in guest memory, in bounded steps.
+"""Finding a byte pattern in guest memory, in bounded steps, reading the backing files
+(peek.py): a search of memory never written allocates none of it.
 
 Each step copies at most `step` bytes (plus the pattern's length less one carried over from the
 step before, so matches that straddle two steps are found once) into one reused buffer.
@@ -9,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+from .peek import peek_into
 from .plain import as_int
 
 if TYPE_CHECKING:
@@ -58,7 +60,7 @@ def find_all(
     while pos < end:
         take = min(step, end - pos)
         with memoryview(buf) as view:
-            memory.read_into(pos, view[have : have + take])
+            peek_into(memory, pos, view[have : have + take])  # (allocates no page)
         valid = have + take
         i = buf.find(pattern, 0, valid)
         while i != -1:
