@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import logging
 import os
 import select
-import socket
 import time
 from typing import TYPE_CHECKING, Any
-
-import psutil
 
 from .. import ffi, trace
 from ..control_client import ControlClient
@@ -27,7 +23,7 @@ from ..protocol import messages as m
 from ..protocol.fdpass import close_fds
 from ..protocol.messages import Channel
 from ..runtime import RuntimePaths
-from . import fdroom, handchannel, reattach
+from . import fdroom, handchannel, reattach, startup
 from .errors import Refused
 from .fdserver import MAX_UNREGISTERED
 from .journal import FORMAT_VERSION, BackingRecord, JournalError, encode
@@ -352,7 +348,7 @@ def take_over(daemon: Daemon, timeout: float = 10.0) -> Takeover:
         raise HandoverError(f"nothing to take over: no membacking manager at {paths.root}")
     trace.mark("takeover.prepare")
     running = _holder(paths)
-    _check_metrics_port(daemon, running)
+    startup.check_metrics_port(daemon, running)
     prepared = precheck(daemon)
     if prepared:
         # the full collection of the state prepared, while the running daemon still serves
@@ -445,29 +441,6 @@ def _unavailable(paths: RuntimePaths, exc: MembackingError) -> HandoverError:
     return HandoverError(
         f"the manager running at {paths.root} does not answer ({exc}): it is stopped (SIGSTOP) "
         "or busy past the timeout; nothing was taken over: try again once it answers"
-    )
-
-
-def _check_metrics_port(daemon: Daemon, running: int) -> None:
-    """HandoverError, before the running daemon is asked, if --metrics-port is taken by
-    another process than that daemon (which closes it before it releases the directory): the
-    new daemon would fail once the running one is gone."""
-    port, addr = daemon.config.metrics_port, daemon.config.metrics_addr
-    if not port:
-        return
-    try:
-        with socket.create_server((addr, port)):
-            return
-    except OSError as exc:
-        if exc.errno != errno.EADDRINUSE:
-            raise HandoverError(f"cannot serve metrics on {addr}:{port}: {exc.strerror}") from None
-    with contextlib.suppress(psutil.Error):
-        listening = psutil.Process(running).net_connections("inet")
-        if any(c.laddr and c.laddr.port == port for c in listening):
-            return  # the running daemon's own: free once it has handed over
-    raise HandoverError(
-        f"cannot serve metrics on {addr}:{port}: another process than the running manager "
-        "uses that port; nothing was changed"
     )
 
 

@@ -5,9 +5,14 @@ store or the state directory, else fresh; then its initial regions (--region, co
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import secrets
+import socket
 from typing import TYPE_CHECKING
+
+import psutil
 
 from ..errors import MembackingError
 from . import handover
@@ -165,4 +170,29 @@ def _adopt_sent(daemon: Daemon, data: bytes) -> None:
         "adopted the state handed over: %d regions, %d backings",
         len(snapshot.regions),
         len(snapshot.backings),
+    )
+
+
+def check_metrics_port(daemon: Daemon, running: int) -> None:
+    """HandoverError, before the running daemon is asked, if --metrics-port is taken by
+    another process than that daemon (which closes it before it releases the directory): the
+    new daemon would fail once the running one is gone."""
+    port, addr = daemon.config.metrics_port, daemon.config.metrics_addr
+    if not port:
+        return
+    try:
+        with socket.create_server((addr, port)):
+            return
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise handover.HandoverError(
+                f"cannot serve metrics on {addr}:{port}: {exc.strerror}"
+            ) from None
+    with contextlib.suppress(psutil.Error):
+        listening = psutil.Process(running).net_connections("inet")
+        if any(c.laddr and c.laddr.port == port for c in listening):
+            return  # the running daemon's own: free once it has handed over
+    raise handover.HandoverError(
+        f"cannot serve metrics on {addr}:{port}: another process than the running manager "
+        "uses that port; nothing was changed"
     )
