@@ -63,6 +63,14 @@ def _check_args(args: dict[str, Any]) -> None:
             )
 
 
+def _goes_on(op: str) -> str:
+    """What may still happen to a change whose answer did not come, and where to look."""
+    where = (
+        " (`membacking regions` shows where it stands)" if "region" in op or "range" in op else ""
+    )
+    return f"may still be under way there{where}"
+
+
 class ControlClient:
     """Talks to the manager serving `runtime_dir` (default: see `membacking.runtime`)."""
 
@@ -180,7 +188,7 @@ class ControlClient:
             there = sock.exists()
         except PermissionError:
             raise self._denied(self.paths.root) from None
-        if there and not os.access(sock, os.R_OK | os.W_OK):
+        if there and not os.access(sock, os.R_OK | os.W_OK, effective_ids=True):
             raise self._denied(sock)
         return there
 
@@ -195,23 +203,20 @@ class ControlClient:
         request = dict(args, instance=instance) if instance is not None else args
         try:
             sock.send(encode(m.ControlRequest(op, request)))
-            ControlClient.unanswered = op
+            ControlClient.unanswered = op  # (left set only by an interruption: KeyboardInterrupt)
             data = self._receive(sock, wait, instance)
             ControlClient.unanswered = None
         except zmq.Again:
+            ControlClient.unanswered = None
             if self.paths.manager_running() is False:
                 raise self._no_manager("it stopped while this request waited") from None
             self._drop_socket()  # a REQ socket that missed its reply cannot be reused
-            going = (
-                ""
-                if op in READ_ONLY_OPS
-                else f"; the {op} it was sent may still be under way there (`membacking regions`"
-                " shows where it stands)"
-            )
+            going = "" if op in READ_ONLY_OPS else f"; the {op} it was sent {_goes_on(op)}"
             raise ManagerUnavailableError(
                 f"the manager at {self.paths.root} did not answer within {wait:g}s{going}"
             ) from None
         except zmq.ZMQError as exc:
+            ControlClient.unanswered = None
             self._drop_socket()
             raise ManagerUnavailableError(f"cannot reach the manager: {exc}") from None
         try:

@@ -60,6 +60,10 @@ def test_a_region_moved_after_an_eviction_gets_no_write_of_the_evicted(
     try:
         assert writer.stdout is not None
         mapper_id = int(writer.stdout.readline())
+        deadline = time.monotonic() + 30
+        while struct.unpack_from("<Q", seen)[0] < 100:  # writing, before it is evicted
+            assert time.monotonic() < deadline, "the writer never wrote"
+            time.sleep(0.01)
         client.evict_mapper(mapper_id)
         client.move_region("ev", 0x80000000)  # the same memory, now at another GPA
         first = struct.unpack_from("<Q", seen)[0]

@@ -198,3 +198,33 @@ def test_the_handover_channel_refuses_bad_input_without_leaking_fds() -> None:
             os.close(fds[i])
     finally:
         shutil.rmtree(runtime, ignore_errors=True)
+
+
+def test_a_refusal_of_both_versions_is_told_by_the_first(start_manager: Start) -> None:
+    """A daemon that refuses the version-2 ask and then the version-1 one (asked in case it was
+    of an earlier release) is reported by its first refusal: the second was only a guess."""
+    runtime = short_tmpdir()
+    patch = (
+        "import membacking.manager.handover as h; from membacking.manager.errors import Refused\n"
+        "def _agree(daemon, args):\n"
+        "    if args.get('version') == 2: raise Refused('bad-request', 'the real reason')\n"
+        "    raise Refused('version-mismatch', 'a guess refused')\n"
+        "h._agree = _agree"
+    )
+    older = subprocess.Popen(
+        python_cli(
+            "manager", "run", "--runtime-dir", str(runtime), "--region", "ram0=0:8M", patch=patch
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=cli_env(),
+    )
+    try:
+        assert older.stdout is not None and b"ready" in older.stdout.readline()
+        done = run_cli("manager", "run", "--region", "ram0=0:8M", "--takeover", runtime_dir=runtime)
+        assert done.returncode == 1, done.stderr
+        assert "refuses to hand over: the real reason" in done.stderr, done.stderr
+        assert older.poll() is None
+    finally:
+        older.terminate()
+        older.wait(15)

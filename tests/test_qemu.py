@@ -279,10 +279,13 @@ def test_vm_outlives_its_manager_and_says_so(
         (["ram=0:32M"], ["--", "--daemonize"], "--daemonize is refused: QEMU would fork"),
         (["ram=0:32M"], ["--", "-runas", "nobody"], "-runas is refused: changing QEMU's user"),
         (["ram=0:32M"], ["--", "-async-teardown"], "-async-teardown is refused: QEMU's teardown"),
-        (
-            ["ram=0:32M"],
-            ["--", "-run-with", "async-teardown=on"],
-            "-run-with async-teardown=on is refused: QEMU's teardown",
+        *(
+            (
+                ["ram=0:32M"],
+                ["--", "-run-with", spelled],
+                "-run-with async-teardown=on is refused: QEMU's teardown",
+            )
+            for spelled in ("async-teardown=on", "chroot=/x,async-teardown=yes", "async-teardown")
         ),
     ],
 )

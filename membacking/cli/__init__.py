@@ -93,8 +93,5 @@ def _interrupted_change() -> None:
 
     op = ControlClient.unanswered
     if op is not None and op not in READ_ONLY_OPS:
-        click.echo(
-            f"the manager goes on with the {op} already sent: `membacking regions` shows where "
-            "it stands",
-            err=True,
-        )
+        where = ": `membacking regions` shows where it stands" if "region" in op else ""
+        click.echo(f"the manager goes on with the {op} already sent{where}", err=True)

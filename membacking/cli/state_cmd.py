@@ -5,6 +5,7 @@ will use them again.
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import click
@@ -76,7 +77,11 @@ def state_list(state_dirs: tuple[Path, ...], as_json: bool) -> None:
             freed = format_size(sum(i.memory_used for i in stale))
             # a stale one found only because it was named is found again only so
             named = {p.resolve() for p in state_dirs}
-            more = "".join(f" --state-dir {i.path}" for i in stale if i.path.resolve() in named)
+            more = "".join(
+                f" --state-dir {shlex.quote(str(i.path))}"
+                for i in stale
+                if i.path.resolve() in named
+            )
             click.echo(
                 f"{len(stale)} stale, {freed} of RAM: `membacking manager state remove --stale"
                 f"{more}` frees them"

@@ -34,7 +34,9 @@ class Dropping:
         self._until[mapper_id] = now + EVICT_GRACE
 
     def hold(self, op: Operation, mapper_id: int | None = None) -> None:
-        """Make `op` wait for the grace of `mapper_id` (None: of every mapper within one)."""
+        """Make `op` wait for the grace of `mapper_id` (None: of every mapper within one);
+        marks it as held (`graced`): a change is held once."""
+        op.graced = True
         for mid in self._until if mapper_id is None else (mapper_id,):
             if mid in self._until and (mid, GRACE_SEQ) not in op.waiting:
                 op.waiting.add((mid, GRACE_SEQ))
@@ -42,14 +44,14 @@ class Dropping:
 
     def due(self, now: float) -> list[Operation]:
         """End the graces over by `now`; the changes that waited for them (to finish if
-        nothing else holds them)."""
-        done = []
+        nothing else holds them), each once however many graces it waited for."""
+        done: dict[int, Operation] = {}
         for mid in [m for m, until in self._until.items() if until <= now]:
             del self._until[mid]
             for op in self._ops.pop(mid, []):
                 op.waiting.discard((mid, GRACE_SEQ))
-                done.append(op)
-        return done
+                done[id(op)] = op
+        return list(done.values())
 
     def ops(self) -> list[Operation]:
         """The changes waiting for a grace."""

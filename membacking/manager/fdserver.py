@@ -189,7 +189,10 @@ class FdServer:
         conn.close()
         if conn.mapper_id is not None:
             self._conn_of_mapper.pop(conn.mapper_id, None)
-            self._apply(self.state.mapper_gone(conn.mapper_id, why))
+            # told it is evicted (strikes, a socket it stopped reading): it may run on until
+            # its lease ends, so what waited on it waits for its grace (dropping.py)
+            evicted = None if farewell is None else farewell.removeprefix("evicted: ")
+            self._apply(self.state.mapper_gone(conn.mapper_id, why, evicted=evicted))
 
     def _say_farewell(self, conn: FdConn, reason: str, code: str = m.SHUTDOWN_EVICTED) -> None:
         """Write a Shutdown on a mapper's fd socket behind what waits for it there, if it has

@@ -107,6 +107,8 @@ def what_is_handed_over(state: ManagerState) -> tuple[list[str], int]:
     pending = sorted({op.what for op in state.unfinished()})
     if state.awaited.deferred:  # changes that wait for mappers of the manager before to be back
         pending.append(f"{state.awaited.deferred} waiting for mappers to come back")
+    if state.dropping:  # an evicted mapper may still write for a second: not handed over
+        pending.append("the grace of an evicted mapper")
     return pending, sum(not r.removing for r in state.regions.values())
 
 
@@ -393,6 +395,7 @@ def _ask(paths: RuntimePaths, timeout: float, args: dict[str, Any], needs_2: boo
     client = ControlClient(paths.root, timeout=timeout)
     started = time.monotonic()
     deadline, said = started + BUSY_WAIT, -BUSY_SAY_EVERY
+    first: ControlError | None = None  # the refusal of the version-2 ask, once asked as 1
     try:
         while True:
             try:
@@ -417,7 +420,10 @@ def _ask(paths: RuntimePaths, timeout: float, args: dict[str, Any], needs_2: boo
                 older = exc.code in ("version-mismatch", "bad-request")
                 if older and args["version"] == 2 and not needs_2:
                     args = {k: v for k, v in args.items() if k != "features"} | {"version": 1}
+                    first = exc  # if the version-1 ask is refused too, this says why
                     continue
+                if first is not None and exc.code != "busy":
+                    exc = first
                 if exc.code == "bad-request" and repr(OP) in str(exc):
                     raise HandoverError(
                         f"the manager at {paths.root} does not know how to hand over (an older "

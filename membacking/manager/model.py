@@ -249,6 +249,8 @@ class Operation:
     timed: bool = False
     #: builds the reply (and any follow-up effects) once nothing is pending
     on_done: Callable[[Operation], list[Effect]] | None = None
+    #: held for the grace of evicted mappers already (dropping.py): not held again
+    graced: bool = False
 
 
 def removal_result(name: str, op: Operation) -> dict[str, Any]:

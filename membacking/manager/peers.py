@@ -68,11 +68,14 @@ class PeerState(TableState):
         #: evicted mappers within the grace their lease needs to drop what they held
         self.dropping = Dropping()
 
-    def start_op(self, what: str, reply_to: bytes | None) -> Operation:
-        op = super().start_op(what, reply_to)
-        if self.dropping:  # a change right after an eviction waits for the evicted to drop
+    def _maybe_finish(self, op: Operation) -> list[Effect]:
+        if not op.waiting and not op.graced and self.dropping:
+            # a change made right after an eviction waits for the evicted to drop what they
+            # held (held here, once made: a change refused before it is made waits for nothing)
             self.dropping.hold(op)
-        return op
+            if op.waiting:
+                return []
+        return super()._maybe_finish(op)
 
     def unfinished(self) -> list[Operation]:
         ops = {id(op): op for op in super().unfinished()}

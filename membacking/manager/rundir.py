@@ -71,10 +71,10 @@ class RuntimeDirLock:
         except ValueError as exc:
             raise RuntimeDirError(str(exc)) from None
         missing = paths.root
-        while not missing.exists() and missing != missing.parent:
-            self.created.append(missing)
-            missing = missing.parent
         try:
+            while not missing.exists() and missing != missing.parent:
+                self.created.append(missing)
+                missing = missing.parent
             paths.root.mkdir(mode=0o700, parents=True, exist_ok=True)
             info = paths.root.stat()
         except (FileExistsError, NotADirectoryError):  # a file where a directory must be

@@ -39,23 +39,25 @@ def track(mapper: VaMapper) -> None:
     _attached[mapper] = os.getpid()
 
 
-#: the locks `_before_fork` took, released in the parent once the fork is done
-_taken: list[threading.Lock] = []
+#: the locks `_before_fork` took, by forking thread, released in the parent once its fork is
+#: done (two threads may fork at once: each releases only its own)
+_taken: dict[int, list[threading.Lock]] = {}
 
 
 def _before_fork() -> None:
     """os.register_at_fork's hook, in the forking thread: waits for each mapper's fd receive in
     progress, so that every fd a child inherits is one its table names and closes
     (`MapperFds.fork_lock`)."""
+    taken = _taken.setdefault(threading.get_ident(), [])
     for mapper in list(_attached):
         lock = mapper.fds.fork_lock
         lock.acquire()
-        _taken.append(lock)
+        taken.append(lock)
 
 
 def _after_fork_in_parent() -> None:
-    while _taken:
-        _taken.pop().release()
+    for lock in reversed(_taken.pop(threading.get_ident(), [])):
+        lock.release()
 
 
 def check(mapper: VaMapper, gpa: int | None = None) -> None:

@@ -120,6 +120,18 @@ def _claim_socket(path: Path, name: str) -> None:
     raise QemuError(f"a VM named {name!r} already runs here (its monitor {path} answers)")
 
 
+def _turned_on(value: str, key: str) -> bool:
+    """Whether QEMU's option string `value` (KEY=VALUE,...) turns boolean `key` on: a bare key
+    does, and so do on, yes, true and y."""
+    for part in value.split(","):
+        name, eq, setting = part.partition("=")
+        if name.strip() == key and (
+            not eq or setting.strip().lower() in ("on", "yes", "true", "y")
+        ):
+            return True
+    return False
+
+
 def _check_args(qemu_args: Sequence[str]) -> None:
     for i, arg in enumerate(qemu_args):
         option = arg[1:] if arg.startswith("--") else arg  # QEMU takes -opt and --opt alike
@@ -134,7 +146,7 @@ def _check_args(qemu_args: Sequence[str]) -> None:
             value = "".join(qemu_args[i + 1 : i + 2])
             if "user=" in value:
                 raise QemuError(f"{arg} user= is refused: {DETACHING['-runas']}")
-            if "async-teardown=on" in value:
+            if _turned_on(value, "async-teardown"):
                 refused = DETACHING["-async-teardown"]
                 raise QemuError(f"{arg} async-teardown=on is refused: {refused}")
 
