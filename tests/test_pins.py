@@ -222,6 +222,25 @@ def test_the_lender_pinning_again_replaces_the_journaled_pin(state: ManagerState
     assert isinstance(control(state, "remove_region", name="ram"), m.ControlReply)
 
 
+def test_a_label_alone_neither_replaces_a_journaled_pin_nor_shares_a_pinned_region(
+    state: ManagerState,
+) -> None:
+    """Another process pinning under a VM's label is another lender: the journaled pin of the
+    VM's process stays (it dropped it, and the region could be removed under the VM), and
+    a region pinned for it is not lent again (two processes on one RAM)."""
+    state.pins = Pins(Processes(p777=5000, p778=6000))
+    control(state, "add_region", name="ram", gpa=0, size=64 * MiB)
+    control(state, "add_region", name="other", gpa=128 * MiB, size=16 * MiB)
+    state.pins.adopt([journaled_pin()])
+    mid, _, _ = attach(state, "impostor")
+    reply = control(state, "pin_regions", mapper=mid, label="VM 'vm1'", pid=778, regions="other")
+    assert isinstance(reply, m.ControlReply), reply
+    refused = control(state, "remove_region", name="ram")
+    assert isinstance(refused, m.Error) and refused.code == "pinned", refused
+    again = control(state, "pin_regions", mapper=mid, label="VM 'vm1'", pid=778, regions="ram")
+    assert isinstance(again, m.Error) and again.code == "pinned", again
+
+
 def test_pins_of_unknown_processes_are_not_journaled(state: ManagerState) -> None:
     state.pins = Pins(Processes())  # pid 777 is not a process here
     pinned_vm(state)

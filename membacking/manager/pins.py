@@ -52,7 +52,7 @@ class Pin:
 class Pins:
     """The pins of attached mappers; pins of mappers that are gone are dropped when next seen.
     Pins adopted from a journal (their mapper belonged to the previous manager) live while their
-    process does, or until a mapper pins for the same process or label."""
+    process does, or until a mapper pins for the same process (pid and start time)."""
 
     def __init__(self, started: Callable[[int], int | None] = process_start) -> None:
         self._by_mapper: dict[int, Pin] = {}
@@ -69,8 +69,11 @@ class Pins:
             raise Refused("bad-request", f"a pin label must be 1 to {MAX_LABEL} printable chars")
         pin = Pin(mapper_id, label, pid, frozenset(regions), self._started(pid))
         for other in self._live(live):
-            # (the same lender pinning again: itself, or its pin from before a restart)
-            same = other.mapper_id == mapper_id or other.pid == pid or other.label == label
+            # (the same lender pinning again: itself, or its pin from before a restart, for
+            # the same process: a label alone proves nothing)
+            same = other.mapper_id == mapper_id or (
+                other.pid == pid and other.started == pin.started
+            )
             taken = sorted(other.regions & pin.regions)
             if taken and not same:
                 raise Refused(
@@ -83,8 +86,9 @@ class Pins:
             self._by_mapper[mapper_id] = pin
         else:
             self._by_mapper.pop(mapper_id, None)
-        # the lender registered again after a restart: its own pin replaces the adopted one
-        self._adopted = [p for p in self._adopted if p.pid != pid and p.label != label]
+        # the lender registered again after a restart: its own pin, for the same process,
+        # replaces the adopted one
+        self._adopted = [p for p in self._adopted if (p.pid, p.started) != (pid, pin.started)]
         return pin
 
     def of(self, mapper_id: int) -> Pin | None:
