@@ -49,7 +49,7 @@ def state(tmp_path: Path) -> Iterator[ManagerState]:
     store = MemfdStore(sdir)
     state = ManagerState(store, address_space=1 << 32)
     state.state_id = b"s" * 16
-    state.awaited = AwaitedMappers(started=RUNNING.get)
+    state.awaited = AwaitedMappers(started=RUNNING.get, maps=lambda pid: None)
     yield state
     store.close_all()
     sdir.release(remove=True)
@@ -59,7 +59,7 @@ def test_a_mapper_is_unjournaled_until_a_save_lists_its_process() -> None:
     """Which live mappers no journal lists yet (the daemon saves before it sends one of them a
     Map): a new one until the next save; one whose process the adopted journal lists (back
     after a restart, under a new id) never; one gone, no more."""
-    awaited = AwaitedMappers(started=RUNNING.get)
+    awaited = AwaitedMappers(started=RUNNING.get, maps=lambda pid: None)
     awaited.adopt((MapperRecord(3, 5151, 9),))
     awaited.register(7, 4242)
     awaited.register(8, 5151)  # back after the restart: the journal lists its process
@@ -233,7 +233,7 @@ def test_the_journal_keeps_registered_and_awaited_mappers(state: ManagerState) -
     )
     # a new state restored from it awaits them once it begins
     fresh = ManagerState(MemfdStore(None), address_space=1 << 32)
-    fresh.awaited = AwaitedMappers(started=RUNNING.get)
+    fresh.awaited = AwaitedMappers(started=RUNNING.get, maps=lambda pid: None)
     restore(dataclasses.replace(snapshot, regions=(), backings=()), fresh, fresh.store)
     assert fresh.awaited.waiting == []
     assert [r.pid for r in fresh.awaited.begin(0.0, 5.0)] == [4242, 5151]

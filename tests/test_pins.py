@@ -279,7 +279,7 @@ def test_a_change_refused_anyway_is_refused_at_once_while_mappers_are_awaited(
     refused then as now, so it is refused now."""
     procs = Processes(p777=5000, p4242=77)
     state.pins = Pins(procs)
-    state.awaited = AwaitedMappers(started=procs)
+    state.awaited = AwaitedMappers(started=procs, maps=lambda pid: None)
     control(state, "add_region", name="ram", gpa=0, size=64 * MiB)
     control(state, "add_region", name="spare", gpa=128 * MiB, size=MiB)
     state.pins.adopt([journaled_pin()])

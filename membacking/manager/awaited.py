@@ -15,7 +15,7 @@ from typing import Any
 from ..protocol import messages as m
 from .errors import Refused
 from .journal import MapperRecord
-from .pins import process_start
+from .pins import maps_guest_memory, process_start
 
 log = logging.getLogger("membacking.manager")
 
@@ -48,8 +48,15 @@ class AwaitedMappers:
     """The mappers of this manager that may come back holding memory after its restart
     (journaled), and those of the previous manager awaited back now."""
 
-    def __init__(self, started: Callable[[int], int | None] = process_start) -> None:
+    def __init__(
+        self,
+        started: Callable[[int], int | None] = process_start,
+        maps: Callable[[int], bool | None] = maps_guest_memory,
+    ) -> None:
         self._started = started
+        #: whether a process maps guest memory (pins.maps_guest_memory): one whose wait ran
+        #: out holding none (it gave up and dropped it, as a mapper must) is not "not back"
+        self._maps = maps
         #: mapper id -> its record, for the live mappers that were told the state id
         self._live: dict[int, MapperRecord] = {}
         #: the journal's records, until `begin` keeps those whose process runs
@@ -169,11 +176,26 @@ class AwaitedMappers:
         """Pids of the mappers whose wait ran out and whose process still runs."""
         return sorted(r.pid for r in self.gave_up)
 
-    def tick(self, now: float) -> list[MapperRecord]:
+    def _holds_nothing(self, record: MapperRecord, files: bool) -> bool:
+        """Whether `record`'s process is seen to map no guest memory (not told where some
+        regions are files of the operator's, whose names say nothing: `files`)."""
+        if not files and self._maps(record.pid) is False:
+            log.info(
+                "mapper %d (pid %d) maps no guest memory any more: not awaited",
+                record.mapper_id,
+                record.pid,
+            )
+            return True
+        return False
+
+    def tick(self, now: float, files: bool = False) -> list[MapperRecord]:
         """Each second: forget the awaited mappers whose process ended; once the wait ran
-        out, stop awaiting the rest and return them (they may still map memory: `gave_up`)."""
+        out, stop awaiting the rest and return them (they may still map memory: `gave_up`),
+        but those seen to map no guest memory (`_holds_nothing`)."""
         if self.gave_up:
-            running = [r for r in self.gave_up if self._runs(r)]
+            running = [
+                r for r in self.gave_up if self._runs(r) and not self._holds_nothing(r, files)
+            ]
             if len(running) != len(self.gave_up):
                 self.gave_up, self.dirty = running, True
         if not self.waiting:
@@ -188,6 +210,7 @@ class AwaitedMappers:
         if not alive or now < self.deadline:
             return []
         self.waiting = []
+        alive = [r for r in alive if not self._holds_nothing(r, files)]
         self.gave_up += alive
         self.dirty = True
         return alive

@@ -83,7 +83,8 @@ class FdServer:
     def _tick_awaited(self) -> None:
         """Each second: stop awaiting the mappers whose process ended, or all once the wait
         ran out (those still running are killed under --evict-kill)."""
-        for record in self.state.awaited.tick(self.state._monotonic()):
+        files = any(r.backing == "file" for r in self.state.regions.values())
+        for record in self.state.awaited.tick(self.state._monotonic(), files):
             lent = self.state.pins.adopted_of(record.mapper_id)  # a VM's launcher
             not_back(record, self.state.unmap_timeout, self._evict_kill, self.state.counters, lent)
 

@@ -34,6 +34,16 @@ def process_start(pid: int) -> int | None:
     return int(fields[19]) if len(fields) > 19 and fields[0] != b"Z" else None
 
 
+def maps_guest_memory(pid: int) -> bool | None:
+    """Whether process `pid` maps a memory file of membacking's (a memfd or a state-directory
+    file: their names hold `membacking:`), None if this process may not look."""
+    try:
+        with open(f"/proc/{pid}/maps", "rb") as maps:
+            return b"membacking:" in maps.read()
+    except OSError:
+        return None
+
+
 @dataclass(frozen=True)
 class Pin:
     """Regions `regions` are lent by mapper `mapper_id` to `label` (e.g. a VM), process `pid`

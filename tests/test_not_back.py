@@ -1,0 +1,98 @@
+"""A mapper of the previous manager whose wait ran out is "not back" (and killed under
+--evict-kill) only while its process may still map guest memory: one that gave up, dropped
+everything as a mapper must and attached again holds nothing of the old manager's, and was
+killed all the same, or left `status` degraded for as long as it lived."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from membacking.manager.awaited import AwaitedMappers
+from membacking.manager.journal import MapperRecord
+
+from conftest import RunningManager, cli_env
+
+Start = Callable[..., RunningManager]
+
+#: attaches, maps, and once the manager is gone for longer than its reconnect_timeout (its
+#: mappings dropped) attaches again and again, as the docs say to
+GIVER = """
+import sys, time
+import membacking
+runtime = sys.argv[1]
+memory = membacking.attach(runtime, name="giver", reconnect_timeout=0.5)
+memory.write_at(0, b"x")
+print("attached", flush=True)
+while True:
+    try:
+        memory.read_at(0, 1)
+    except membacking.MappingsDroppedError:
+        break
+    except membacking.ManagerGoneError:
+        pass
+    time.sleep(0.05)
+print("dropped", flush=True)
+while True:
+    try:
+        memory = membacking.attach(runtime, name="again", timeout=1)
+        break
+    except membacking.MembackingError:
+        time.sleep(0.1)
+print("again", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_mapper_that_gave_up_and_attached_again_is_neither_killed_nor_not_back(
+    start_manager: Start,
+) -> None:
+    first = start_manager("--region", "ram=0:4M")
+    giver = subprocess.Popen(
+        [sys.executable, "-c", GIVER, str(first.runtime_dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=cli_env(),
+        text=True,
+    )
+    try:
+        assert giver.stdout is not None and giver.stdout.readline().strip() == "attached"
+        time.sleep(1.5)  # journaled (the daemon's tick)
+        first.stop(signal.SIGKILL)
+        assert giver.stdout.readline().strip() == "dropped"  # its wait ran out
+        second = start_manager(
+            "--region", "ram=0:4M", "--unmap-timeout", "1", "--evict-kill",
+            runtime_dir=first.runtime_dir,
+        )  # fmt: skip
+        assert giver.stdout.readline().strip() == "again"
+        deadline = time.monotonic() + 20
+        while second.client().status()["awaited"]:
+            assert time.monotonic() < deadline, second.log()
+            time.sleep(0.1)
+        time.sleep(1.5)  # a tick past the wait
+        assert giver.poll() is None, second.log()  # not killed
+        status = json.loads(second.cli("status", "--json").stdout)
+        assert status["not_back"] == [] and status["health"] == "ok", status
+        assert "maps no guest memory any more: not awaited" in second.log()
+    finally:
+        giver.kill()
+        giver.wait(10)
+
+
+def test_only_a_process_that_may_map_guest_memory_is_not_back() -> None:
+    record = MapperRecord(3, 4242, 77)
+    for maps, files, expected in (
+        (False, False, []),  # seen to map none: done
+        (True, False, [record]),  # maps some: not back
+        (None, False, [record]),  # cannot tell: not back
+        (False, True, [record]),  # some regions are the operator's files: names say nothing
+    ):
+        awaited = AwaitedMappers(started={4242: 77}.get, maps=lambda pid, m=maps: m)
+        awaited.adopt((record,))
+        awaited.begin(0.0, 1.0)
+        assert awaited.tick(2.0, files) == expected, (maps, files)
+        assert awaited.not_back() == [r.pid for r in expected]
