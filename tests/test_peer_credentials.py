@@ -233,3 +233,41 @@ def test_control_by_another_user_is_refused_at_once_saying_why(
     assert f"{allowed.runtime_dir / 'control.ipc'} (uid 65534)" in said and "uid 0" in said
     assert "--allow-uid lets other users map guest memory" in said
     assert took < 2  # not the 5 s timeout
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as another uid")
+def test_an_allowed_user_may_name_the_runtime_directory(
+    start_manager: Callable[..., RunningManager],
+) -> None:
+    """--allow-uid opens the runtime directory for search (0711), not for listing: naming it
+    with --runtime-dir is taken as the environment variable is (click refused it as not
+    readable, exit 2, so an allowed user could not name it)."""
+    import click
+
+    from membacking.cli.common import runtime_dir_param
+
+    @click.command()
+    @runtime_dir_param
+    def named(runtime_dir: Path) -> None:
+        click.echo(f"named {runtime_dir}")
+
+    allowed = start_manager("--region", "ram=0:1M", "--allow-uid", "65534")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(read_end)
+        said = "nothing"
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            named.main(["--runtime-dir", str(allowed.runtime_dir)], standalone_mode=False)
+            said = "taken"
+        except BaseException as exc:
+            said = f"{type(exc).__name__} {exc}"
+        finally:
+            os.write(write_end, said.encode())
+            os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    with os.fdopen(read_end, "rb") as pipe:
+        assert pipe.read().decode() == "taken"

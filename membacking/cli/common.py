@@ -184,7 +184,7 @@ def runtime_dir_param(fn: F) -> F:
     """The bare --runtime-dir option (its value is resolved by `runtime.choose_runtime_dir`)."""
     decorated: F = click.option(
         "--runtime-dir",
-        type=click.Path(file_okay=False, path_type=Path),
+        type=click.Path(file_okay=False, readable=False, path_type=Path),  # (0711 suffices)
         default=None,
         help=RUNTIME_DIR_HELP,
     )(fn)
