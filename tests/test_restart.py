@@ -358,6 +358,26 @@ def test_no_state_warns_of_a_state_left_by_a_crash(start_manager: Start) -> None
     assert third.stop() == 0  # a clean stop ends the state
     fourth = start_manager(*REGIONS, "--no-state", runtime_dir=first.runtime_dir)
     assert "ignores the state" not in fourth.log()
+    assert fourth.stop() == 0
+
+
+def test_no_state_warns_of_a_state_left_in_the_state_dir_given_before(
+    start_manager: Start,
+) -> None:
+    """The state a killed manager kept in a --state-dir of its own (named in the runtime
+    directory's note) is warned of too: it was only in the default place."""
+    sdir = Path("/dev/shm") / f"mb-test-left-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        first = start_manager(*REGIONS, "--state-dir", str(sdir))
+        with membacking.attach(first.runtime_dir) as memory:
+            memory.write_at(0, b"kept")
+        first.stop(signal.SIGKILL)
+        second = start_manager(*REGIONS, "--no-state", runtime_dir=first.runtime_dir)
+        log = " ".join(second.log().split())
+        assert f"--no-state ignores the state left in {sdir}" in log, log
+        assert f"with --state-dir {sdir}: the state is adopted" in log, log
+    finally:
+        shutil.rmtree(sdir, ignore_errors=True)
 
 
 def test_custom_state_dir(start_manager: Start, tmp_path: Path) -> None:

@@ -72,8 +72,23 @@ def region_text(
 def left_behind(paths: RuntimePaths) -> str | None:
     """What a manager run with --no-state should tell of the default state directory of its
     runtime directory if a manager left a state there (killed, or stopped with --keep-state):
-    it ignores it, and the guest memory in it stays allocated until adopted or removed."""
-    root = default_state_dir(paths)
+    it ignores it, and the guest memory in it stays allocated until adopted or removed. The
+    state directory the runtime directory's note names (a --state-dir given before) too."""
+    said = [w for w in (_left_in(root) for root in _states_of(paths)) if w is not None]
+    return " ".join(said) or None
+
+
+def _states_of(paths: RuntimePaths) -> list[Path]:
+    """The default state directory of `paths`, and the one its note names if another."""
+    roots = [default_state_dir(paths)]
+    try:
+        named = Path((paths.root / STATE_POINTER).read_text().strip())
+    except (OSError, UnicodeDecodeError):
+        return roots
+    return [*roots, named] if named.is_absolute() and named != roots[0] else roots
+
+
+def _left_in(root: Path) -> str | None:
     if _in_use(root):
         return None  # the running manager's, not left behind (a takeover is refused anyway)
     try:
@@ -88,8 +103,8 @@ def left_behind(paths: RuntimePaths) -> str | None:
         f"--no-state ignores the state left in {root} by an earlier manager: "
         f"{len(files)} memory files, {format_size(used)} in use ({format_size(size)} of guest "
         "memory), which stay allocated until that directory is removed. To keep that memory, "
-        "start without --no-state (the state is adopted); if nothing needs it, remove it: "
-        f"membacking manager state remove --force {root}"
+        f"start without --no-state (with --state-dir {root}: the state is adopted); if nothing "
+        f"needs it, remove it: membacking manager state remove --force {root}"
     )
 
 
