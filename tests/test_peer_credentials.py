@@ -46,8 +46,9 @@ def test_foreign_uid_is_refused(manager: RunningManager) -> None:
     assert Path(manager.runtime_dir).stat().st_mode & 0o777 == 0o700
 
 
-def _hello_as(uid: int, path: Path) -> str:
-    """Fork, become `uid`, say Hello on the fd socket; return the reply's type (or the error)."""
+def _as_uid(uid: int, work: Callable[[], str]) -> str:
+    """Fork, become `uid` in the child, run `work` there; what it returned, or what it raised
+    (the child may not load a module: the interpreter's files are not that user's)."""
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # child
@@ -56,16 +57,8 @@ def _hello_as(uid: int, path: Path) -> str:
         try:
             os.setgid(uid)
             os.setuid(uid)
-            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
-                sock.settimeout(5)
-                sock.connect(str(path))
-                with contextlib.suppress(BrokenPipeError):  # refused at once: read why
-                    send_message(sock, m.Hello("stranger"))
-                reply, _ = recv_message(sock)
-                answer = type(reply).__name__ + (
-                    f" {reply.code}" if isinstance(reply, m.Error) else ""
-                )
-        except Exception as exc:  # report whatever happened to the parent
+            answer = work()
+        except BaseException as exc:  # report whatever happened to the parent
             answer = f"{type(exc).__name__} {exc}"
         finally:
             os.write(write_end, answer.encode())
@@ -74,6 +67,21 @@ def _hello_as(uid: int, path: Path) -> str:
     os.waitpid(pid, 0)
     with os.fdopen(read_end, "rb") as pipe:
         return pipe.read().decode()
+
+
+def _hello_as(uid: int, path: Path) -> str:
+    """As `uid`, say Hello on the fd socket; the reply's type (or the error)."""
+
+    def hello() -> str:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+            sock.settimeout(5)
+            sock.connect(str(path))
+            with contextlib.suppress(BrokenPipeError):  # refused at once: read why
+                send_message(sock, m.Hello("stranger"))
+            reply, _ = recv_message(sock)
+            return type(reply).__name__ + (f" {reply.code}" if isinstance(reply, m.Error) else "")
+
+    return _as_uid(uid, hello)
 
 
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to act as another uid")
@@ -192,27 +200,18 @@ def test_strangers_cannot_crowd_out_allowed_mappers(
 
 
 def _control_as(uid: int, runtime_dir: Path) -> tuple[str, float]:
-    """Fork, become `uid`, ask the manager's status; return what was raised and how long it
-    took."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        os.close(read_end)
-        answer = "no error"
+    """As `uid`, ask the manager's status; what was raised, and how long it took."""
+
+    def ask() -> str:
         start = time.monotonic()
         try:
-            os.setgid(uid)
-            os.setuid(uid)
             membacking.ControlClient(runtime_dir, timeout=5).status()
-        except Exception as exc:  # report whatever happened to the parent
-            answer = f"{type(exc).__name__}: {exc}"
-        finally:
-            os.write(write_end, f"{time.monotonic() - start:.3f} {answer}".encode())
-            os._exit(0)
-    os.close(write_end)
-    os.waitpid(pid, 0)
-    with os.fdopen(read_end, "rb") as pipe:
-        took, _, said = pipe.read().decode().partition(" ")
+            said = "no error"
+        except Exception as exc:
+            said = f"{type(exc).__name__}: {exc}"
+        return f"{time.monotonic() - start:.3f} {said}"
+
+    took, _, said = _as_uid(uid, ask).partition(" ")
     return said, float(took)
 
 
@@ -252,22 +251,9 @@ def test_an_allowed_user_may_name_the_runtime_directory(
         click.echo(f"named {runtime_dir}")
 
     allowed = start_manager("--region", "ram=0:1M", "--allow-uid", "65534")
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child
-        os.close(read_end)
-        said = "nothing"
-        try:
-            os.setgid(65534)
-            os.setuid(65534)
-            named.main(["--runtime-dir", str(allowed.runtime_dir)], standalone_mode=False)
-            said = "taken"
-        except BaseException as exc:
-            said = f"{type(exc).__name__} {exc}"
-        finally:
-            os.write(write_end, said.encode())
-            os._exit(0)
-    os.close(write_end)
-    os.waitpid(pid, 0)
-    with os.fdopen(read_end, "rb") as pipe:
-        assert pipe.read().decode() == "taken"
+
+    def name_it() -> str:
+        named.main(["--runtime-dir", str(allowed.runtime_dir)], standalone_mode=False)
+        return "taken"
+
+    assert _as_uid(65534, name_it) == "taken"
