@@ -83,6 +83,9 @@ class FdServer:
     def _tick_awaited(self) -> None:
         """Each second: stop awaiting the mappers whose process ended, or all once the wait
         ran out (those still running are killed under --evict-kill)."""
+        awaited = self.state.awaited
+        if not awaited.waiting and not awaited.gave_up:
+            return  # (no walk of the regions each second for nothing)
         files = any(r.backing == "file" for r in self.state.regions.values())
         for record in self.state.awaited.tick(self.state._monotonic(), files):
             lent = self.state.pins.adopted_of(record.mapper_id)  # a VM's launcher
