@@ -63,12 +63,15 @@ def _check_args(args: dict[str, Any]) -> None:
             )
 
 
+def where_to_look(op: str) -> str:
+    """Where a change `op` whose answer did not come can be seen going on ("" if nowhere)."""
+    return "`membacking regions` shows where it stands" if "region" in op or "range" in op else ""
+
+
 def _goes_on(op: str) -> str:
     """What may still happen to a change whose answer did not come, and where to look."""
-    where = (
-        " (`membacking regions` shows where it stands)" if "region" in op or "range" in op else ""
-    )
-    return f"may still be under way there{where}"
+    where = where_to_look(op)
+    return f"may still be under way there{f' ({where})' if where else ''}"
 
 
 class ControlClient:

@@ -89,9 +89,12 @@ def main() -> None:
 
 def _interrupted_change() -> None:
     """Say that a change sent to the manager goes on there, when its wait was interrupted."""
-    from ..control_client import READ_ONLY_OPS, ControlClient
+    from ..control_client import READ_ONLY_OPS, ControlClient, where_to_look
 
     op = ControlClient.unanswered
     if op is not None and op not in READ_ONLY_OPS:
-        where = ": `membacking regions` shows where it stands" if "region" in op else ""
-        click.echo(f"the manager goes on with the {op} already sent{where}", err=True)
+        where = where_to_look(op)
+        click.echo(
+            f"the manager goes on with the {op} already sent{f': {where}' if where else ''}",
+            err=True,
+        )
