@@ -31,6 +31,7 @@ def test_both_mappers_conform(command: list[str]) -> None:
     report = run(command, timeout=10)
     assert report.ok, [str(v) for v in report.violations] + report.stderr
     assert "detach" in report.passed and "shutdown" in report.passed
+    assert "evicted_while_stopped" in report.passed
 
 
 def test_a_mapper_that_offers_no_features_conforms(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -46,6 +47,7 @@ def test_a_mapper_that_offers_no_features_conforms(monkeypatch: pytest.MonkeyPat
         ("ack-only-held", "UNMAP-ACK"),
         ("crash-on-junk", "ROBUST"),
         ("keep-fds", "RELEASE-CLOSE"),
+        ("no-lease", "LEASE"),
     ],
 )
 def test_the_checker_names_the_clause_a_defect_violates(

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -40,6 +42,8 @@ CLAUSES: dict[str, str] = {
     "ROBUST": "an invalid or unknown message is ignored: the mapper keeps serving, never crashes",
     "SHUTDOWN": "after Shutdown an access to an unmapped GPA fails without a request, and "
     "quit exits within the checker's timeout without waiting for a DetachAck",
+    "LEASE": "a mapper stopped for longer than 1 s and evicted meanwhile (Shutdown evicted, "
+    "fd.sock closed) does not touch the memory it held when it runs again",
     "DETACH": "a mapper leaving sends Detach on the stream; one that negotiated detach-ack "
     "keeps fd.sock open until DetachAck",
     "TAGS": "a mapper that negotiated tags tags each request, and an Error naming a request's "
@@ -310,6 +314,30 @@ def _shutdown(h: Harness, mem: Memfds) -> None:
     h.expect_exit("SHUTDOWN", "quit after Shutdown")
 
 
+def _evicted_while_stopped(h: Harness, mem: Memfds) -> None:
+    """The manager evicts a mapper stopped past its unmap timeout (at least 1 s) and ends its
+    registration; the write the mapper is asked for as it runs again must not land (§9)."""
+    barrier(h)
+    before = mem.read(1, 0x3000, 4)
+    os.kill(h.pid, signal.SIGSTOP)
+    try:
+        time.sleep(1.2)
+        h.send_stream(shutdown_for("conformance: evicted", m.SHUTDOWN_EVICTED, h.features))
+        assert h.conn is not None
+        h.conn.close()
+        h.conn, h.fd_closed = None, True
+        h.command("write 0x3000 deadbeef")
+    finally:
+        os.kill(h.pid, signal.SIGCONT)
+    line = h.answer("LEASE", "write to memory held before an eviction while stopped")
+    if mem.read(1, 0x3000, 4) != before:
+        raise Violation("LEASE", "a write after the eviction reached the memory it held")
+    if not line.startswith("err"):
+        raise Violation("LEASE", f"a write after the eviction answered {line!r}")
+    h.command("quit")
+    h.expect_exit("SHUTDOWN", "quit after an eviction")
+
+
 def _tags(h: Harness, mem: Memfds) -> None:
     if not (h.features or 0) & m.FEATURE_TAGS:
         return  # not negotiated: nothing to check
@@ -358,6 +386,10 @@ SESSIONS: tuple[tuple[Step, ...], ...] = (
         ("map a fault", _map_fault),
         ("unsolicited and duplicate Maps", _unsolicited),
         ("Shutdown", _shutdown),
+    ),
+    (
+        ("map a fault", _map_fault),
+        ("evicted while stopped", _evicted_while_stopped),
     ),
 )
 

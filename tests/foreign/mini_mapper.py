@@ -333,9 +333,11 @@ def main() -> None:
             if mapper.gone and mapper.fd_sock in poller:
                 poller.unregister(mapper.fd_sock)  # at end of stream it would always be ready
             ready = dict(poller.poll(1000))
-            mapper.serve_stream()
-            while mapper.read_fd_socket():
-                pass
+            # a command is served after what its sockets say (an eviction, §9), not before
+            if "no-lease" not in DEFECTS or stdin not in ready:
+                mapper.serve_stream()
+                while mapper.read_fd_socket():
+                    pass
             if stdin not in ready:
                 continue
             chunk = os.read(stdin, 4096)
