@@ -81,3 +81,24 @@ def test_an_accelerator_chosen_twice_is_refused_and_one_given_once_is_kept() -> 
     assert accel_args("auto", ["-accel", "kvm"]) == ([], "as given")
     assert accel_args("none", ["-enable-kvm"]) == ([], "as given")
     assert accel_args("tcg", ["-display", "none"]) == (["-accel", "tcg"], "tcg")
+
+
+@pytest.mark.parametrize(
+    ("opt", "said"),
+    [
+        ("usb", "is not one KEY=VALUE"),
+        ("=off", "is not one KEY=VALUE"),
+        ("usb=off,memory-backend=other", "is not one KEY=VALUE"),
+        ("memory-backend=other", "membacking sets memory-backend"),
+        ("type=q35", "membacking sets type"),
+    ],
+)
+def test_a_machine_opt_is_one_property_membacking_does_not_set(opt: str, said: str) -> None:
+    """`--machine-opt` went into `-machine pc,memory-backend=mb-ram,...` unchecked: a comma or
+    `memory-backend=` put the VM's RAM elsewhere than membacking's regions."""
+    from membacking.qemu.binary import QemuError
+    from membacking.qemu.launcher import _check_machine_opts
+
+    with pytest.raises(QemuError, match=said):
+        _check_machine_opts(("usb=off", opt))
+    _check_machine_opts(("usb=off", "vmport=off"))

@@ -171,7 +171,10 @@ def restore(snapshot: Snapshot, state: ManagerState, store: MemfdStore) -> list[
         Pin(p.mapper_id, p.label, p.pid, frozenset(p.regions), p.started) for p in snapshot.pins
     ):
         log.info(
-            "kept the pin of %s (pid %d) on %s", pin.label, pin.pid, ", ".join(sorted(pin.regions))
+            "adopting the pin of %s (pid %d) on %s",
+            pin.label,
+            pin.pid,
+            ", ".join(sorted(pin.regions)),
         )
     # mappers that may come back holding memory: awaited once the daemon starts (awaited.py)
     state.awaited.adopt(snapshot.mappers)

@@ -151,6 +151,23 @@ def _check_args(qemu_args: Sequence[str]) -> None:
                 raise QemuError(f"{arg} async-teardown=on is refused: {refused}")
 
 
+#: -machine properties membacking sets from the regions (layout.py), or that take the memory away
+OWN_MACHINE_PROPS = ("type", "memory-backend")
+
+
+def _check_machine_opts(machine_opts: Sequence[str]) -> None:
+    """Each --machine-opt is one KEY=VALUE that leaves membacking's own properties alone (a comma
+    would smuggle in a second, `memory-backend=` or the machine type)."""
+    for opt in machine_opts:
+        key, eq, _ = opt.partition("=")
+        if not eq or not key.strip() or "," in opt:
+            raise QemuError(f"--machine-opt {opt!r} is not one KEY=VALUE (e.g. usb=off)")
+        if key.strip() in OWN_MACHINE_PROPS:
+            raise QemuError(
+                f"--machine-opt {opt!r} is refused: membacking sets {key.strip()} from the regions"
+            )
+
+
 def _same_layout(
     before: list[dict[str, Any]], after: list[dict[str, Any]], names: list[str]
 ) -> bool:
@@ -166,6 +183,7 @@ def run_vm(opts: VmOptions, announce: Callable[[str], None]) -> int:
     """Run the VM until QEMU exits; returns the exit status to leave with."""
     binary, version = find_qemu(opts.qemu)
     _check_args(opts.qemu_args)
+    _check_machine_opts(opts.machine_opts)
     monitor = qmp_path(opts.runtime_dir, opts.name)
     _claim_socket(monitor, opts.name)
     client = ControlClient(opts.runtime_dir)

@@ -52,7 +52,7 @@ def _ask_for_answer(qmp: Qmp, uri: str) -> str:
     """Turn on the return path; '' if it is on, else why the destination's verdict cannot be
     known."""
     if not uri.startswith(ANSWERING_SCHEMES):
-        return f"a {uri.split(':', 1)[0]}: URI has no destination that answers"
+        return f"{uri.split(':', 1)[0]}: URIs have no destination that answers"
     try:
         _set_return_path(qmp, True)
     except QmpError as exc:
