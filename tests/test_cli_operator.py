@@ -79,6 +79,35 @@ def test_manager_stop(start_manager: Start) -> None:
     assert again.returncode == 1 and "no membacking manager" in again.stderr
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_manager_stop_names_the_vms_that_run_on(
+    start_manager: Start, spawn_worker: Spawn, keep: bool
+) -> None:
+    """A VM's launcher pinned ram0: `manager stop` said only "stopped" while the guest ran on
+    memory nothing would serve or guard any more (or, with the state kept, until a next start)."""
+    running = start_manager("--region", "ram0=0:1M", "--region", "ram1=0x100000:1M")
+    launcher = spawn_worker(running, "launcher")
+    launcher.ask("read 0 1")
+    vm = {"label": "VM 'web'", "pid": launcher.pid, "regions": ["ram0"]}
+    running.client().call("pin_regions", mapper=launcher.mapper_id, **vm | {"regions": "ram0"})
+    flag = "--keep-state" if keep else "--no-keep-state"
+    result = running.cli("manager", "stop", flag)
+    assert result.returncode == 0, result.stderr
+    lent = f"VM 'web' (pid {launcher.pid}) runs on ram0"
+    if keep:
+        said = f"note: {lent}: the next manager started on this state pins it again"
+        assert said in result.stdout.splitlines() and not result.stderr
+    else:
+        said = f"warning: {lent}, which no manager serves or guards now: stop the VM"
+        assert result.stderr.splitlines() == [said]
+    assert running.proc.wait(10) == 0
+    # the next manager: the pin journaled with the kept state holds while its process runs
+    again = start_manager("--region", "ram0=0:1M", runtime_dir=running.runtime_dir)
+    agreed = again.cli("manager", "stop", "--json")
+    assert agreed.returncode == 0, agreed.stderr
+    assert json.loads(agreed.stdout)["vms"] == ([vm] if keep else [])
+
+
 def test_mapper_evict(manager: RunningManager, spawn_worker: Spawn) -> None:
     worker = spawn_worker(manager, "idle")
     worker.ask("read 0 1")

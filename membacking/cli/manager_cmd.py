@@ -438,9 +438,18 @@ def manager_stop(
     kept = agreed.get("keep_state")  # (None: a manager of an earlier release does not say)
     if as_json:
         out = {"pid": pid, "runtime_dir": str(client.paths.root), "stopped": not no_wait}
-        echo_json(out | {"keep_state": kept})
+        echo_json(out | {"keep_state": kept, "vms": agreed.get("vms") or []})
         return
     verb = "is stopping" if no_wait else "stopped"
     said = {True: "; its state is kept for the next start", False: "; its state ends"}
     tail = said[kept] if isinstance(kept, bool) else ""
     click.echo(f"manager (pid {pid}) at {client.paths.root} {verb}{tail}")
+    for vm in agreed.get("vms") or ():  # guests that run on: say what guards their RAM now
+        lent = f"{vm['label']} (pid {vm['pid']}) runs on {', '.join(vm['regions'])}"
+        if kept:
+            click.echo(f"note: {lent}: the next manager started on this state pins it again")
+        else:
+            click.echo(
+                f"warning: {lent}, which no manager serves or guards now: stop the VM",
+                err=True,
+            )

@@ -281,7 +281,8 @@ def _stop(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[Ef
             "over instead (`manager run --no-state --takeover`)",
         )
     keeps = bool(kept) and (bool(keep) if keep is not None else state.persistence["keep_state"])
-    return _reply(identity, {"pid": os.getpid(), "stopping": True, "keep_state": keeps})
+    vms = [pin.describe() for pin in state.pins.running(state.mappers)]  # they run on
+    return _reply(identity, {"pid": os.getpid(), "stopping": True, "keep_state": keeps, "vms": vms})
 
 
 def _evict_mapper(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[Effect]:

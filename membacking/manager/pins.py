@@ -131,6 +131,10 @@ class Pins:
         self._adopted = [p for p in self._adopted if self._runs(p)]
         return [*self._by_mapper.values(), *self._adopted]
 
+    def running(self, live: Container[int]) -> list[Pin]:
+        """The pins of lenders that still run (their VMs run on the regions they lent)."""
+        return self._live(live)
+
     def holders(self, region: str, live: Container[int]) -> list[Pin]:
         """The live pins on `region`."""
         return [p for p in self._live(live) if region in p.regions]
