@@ -25,6 +25,14 @@ def state(clock: Clock) -> ManagerState:
     )
 
 
+def problems(state: ManagerState) -> list[str]:
+    """What `status` says is wrong."""
+    (reply,) = msgs(state.handle_control(b"s", m.ControlRequest("status", {})), b"s")
+    assert isinstance(reply, m.ControlReply)
+    found: list[str] = reply.result["problems"]
+    return found
+
+
 def test_a_removal_that_waited_on_two_evicted_mappers_answers_once(
     state: ManagerState, clock: Clock
 ) -> None:
@@ -36,9 +44,12 @@ def test_a_removal_that_waited_on_two_evicted_mappers_answers_once(
     state.handle_control(b"c", m.ControlRequest("remove_region", {"name": "dev"}))
     clock.now += 6.0
     state.tick()
+    said = "1 change(s) wait for evicted mapper(s) 1, 2 to stop touching the memory they held"
+    assert any(p.startswith(said) for p in problems(state)), problems(state)
     clock.now += EVICT_GRACE
     replies = [x for x in msgs(state.tick(), b"c") if isinstance(x, m.ControlReply)]
     assert len(replies) == 1, replies  # (it was answered once per evicted mapper)
+    assert not any("evicted" in p for p in problems(state))
     assert state.stats()["region_bytes"] == 4 * MiB
     assert not state.unfinished()
 

@@ -203,6 +203,13 @@ def _status(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[
     ]
     if waiting:
         problems.append("waiting on mapper(s) " + ", ".join(str(w["id"]) for w in waiting))
+    graced, changes = state.dropping.holding()
+    if graced:  # (a second at most: EVICT_GRACE)
+        problems.append(
+            f"{changes} change(s) wait for evicted mapper(s) "
+            + ", ".join(map(str, graced))
+            + " to stop touching the memory they held (up to 1 s)"
+        )
     refused_at = state.accept_refused_at
     if refused_at is not None and now - refused_at < ACCEPT_REFUSED_SHOWN:
         problems.append(

@@ -53,6 +53,12 @@ class Dropping:
                 done[id(op)] = op
         return list(done.values())
 
+    def holding(self) -> tuple[list[int], int]:
+        """The evicted mappers whose grace a change waits for, by id, and how many changes
+        wait."""
+        changes = {id(op) for ops in self._ops.values() for op in ops}
+        return sorted(mid for mid, ops in self._ops.items() if ops), len(changes)
+
     def ops(self) -> list[Operation]:
         """The changes waiting for a grace."""
         return [op for ops in self._ops.values() for op in ops]
