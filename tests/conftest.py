@@ -254,6 +254,11 @@ class Worker:
             text=True,
             env=cli_env(),
         )
+        # stderr read as it comes: a worker that logs more than a pipe holds (64 KiB) would
+        # block in its next log call, whichever thread makes it
+        self._err: list[str] = []
+        self._err_reader = threading.Thread(target=self._read_stderr, daemon=True)
+        self._err_reader.start()
         first = self._line(READY_TIMEOUT)
         if not first.startswith("ok "):
             raise RuntimeError(f"worker {name} did not attach: {first} {self.stderr()}")
@@ -283,10 +288,18 @@ class Worker:
         line, _, self._pending = self._pending.partition(b"\n")
         return line.decode().strip()
 
+    def _read_stderr(self) -> None:
+        stream = self.proc.stderr
+        assert stream is not None
+        with stream:  # closed here, at its end: never under a read of this thread's
+            for line in stream:
+                self._err.append(line)
+
     def stderr(self) -> str:
-        if self.proc.poll() is None or self.proc.stderr is None:
-            return ""
-        return self.proc.stderr.read()
+        """What the worker wrote on stderr (all of it once it has exited)."""
+        if self.proc.poll() is not None:
+            self._err_reader.join(2)
+        return "".join(self._err)
 
     def send(self, command: str) -> None:
         """Start a command without waiting for its answer (read it with `answer`)."""
@@ -328,7 +341,7 @@ class Worker:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        for stream in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+        for stream in (self.proc.stdin, self.proc.stdout):  # (stderr: its reader closes it)
             if stream is not None:
                 stream.close()
         return self.proc.returncode

@@ -10,6 +10,7 @@ import logging
 from collections.abc import Callable
 
 from ..protocol import messages as m
+from .fds import MapperFds
 from .link import ManagerLink
 
 log = logging.getLogger("membacking.mapper")
@@ -19,9 +20,14 @@ class AckQueue:
     """Acks of one mapper; used by its mapper thread only."""
 
     def __init__(
-        self, link: ManagerLink, mapper_id: int, watch_for_room: Callable[[bool], None]
+        self,
+        link: ManagerLink,
+        fds: MapperFds,
+        mapper_id: int,
+        watch_for_room: Callable[[bool], None],
     ) -> None:
         self.link = link
+        self.fds = fds  # (its `lost` says the fd socket failed: acks are moot then)
         self.id = mapper_id
         #: acks the fd socket had no room for yet, in order
         self.waiting: collections.deque[m.UnmapAck | m.MapAck] = collections.deque()
@@ -35,7 +41,7 @@ class AckQueue:
                 if self.link.try_send(msg):
                     return
             except OSError as exc:  # gone: the fd socket's hang-up says so next
-                log.warning("mapper %d: cannot send %s: %s", self.id, msg, exc.strerror or exc)
+                self._lost(msg, exc)
                 return
             self._watch_for_room(True)
         self.waiting.append(msg)
@@ -50,6 +56,13 @@ class AckQueue:
                     return  # still waiting for room
                 acks.popleft()
         except OSError as exc:
-            log.warning("mapper %d: cannot send %s: %s", self.id, acks[0], exc.strerror or exc)
+            self._lost(acks[0], exc)
         acks.clear()
         self._watch_for_room(False)
+
+    def _lost(self, msg: m.UnmapAck | m.MapAck, exc: OSError) -> None:
+        """The fd socket failed: said once, and no ack is sent on it any more (core.py)."""
+        why = exc.strerror or str(exc)
+        if self.fds.lost is None:
+            log.warning("mapper %d: cannot send %s: %s", self.id, msg, why)
+            self.fds.lost = f"lost the connection to the manager: {why}"

@@ -31,7 +31,7 @@ from . import forking, reconnect
 from .acks import AckQueue
 from .chunks import Chunk, ChunkTable, MapCountBudget
 from .faulting import fault
-from .fds import MapperFds
+from .fds import NEED_FD_SOCKET, MapperFds
 from .lease import (
     FAREWELL_WAIT,
     POLL_MS,
@@ -107,7 +107,7 @@ class VaMapper:
         self.fds.on_error = self._refused
         self._eager_message = ""
         self._outbox: collections.deque[Message] = collections.deque()
-        self.acks = AckQueue(self.link, self.id, self._watch_for_room)
+        self.acks = AckQueue(self.link, self.fds, self.id, self._watch_for_room)
         #: the mapper thread's poller (set while it runs), and whether it still polls the fd
         #: socket (it stops once that is closed)
         self._poller: zmq.Poller | None = None
@@ -227,17 +227,8 @@ class VaMapper:
             if zmq.zmq_poll(self._stream_ready, int(left * 1000) + 1):
                 self._drain_stream()
 
-    def renew_lease(self) -> None:
-        """Wait for a turn of the mapper thread: the lease ran out (an access calls this, never
-        with `lock` held). Raises if the mapper thread has not run for `fault_timeout`."""
-        if not self.lease.wait(self.fault_timeout, lambda: self.dropped is not None or self.closed):
-            raise GuestMemoryError(
-                f"the mapper thread has not checked its connection to the manager for "
-                f"{self.fault_timeout:g}s; no access can be made until it does"
-            )
-
     def _acknowledge(self, msg: m.UnmapAck | m.MapAck) -> None:
-        if self.gone is None:  # else nobody to tell
+        if self.gone is None and self.fds.lost is None:  # else nobody to tell
             self.acks.send(msg)
 
     def _watch_for_room(self, on: bool) -> None:
@@ -267,20 +258,27 @@ class VaMapper:
     def _drain_stream(self) -> None:
         """Apply the messages waiting on the stream, which the poller found readable."""
         ready = self._stream_ready
+        fds = self.fds
+        moot = 0
         for i in range(1024):
             # The poller answered for the first message; after it, asking costs half of what
             # a receive that finds nothing costs (it raises), and a zero-timeout zmq_poll less
             # than getsockopt(EVENTS) (which builds an enum member per call).
             if i and not zmq.zmq_poll(ready, 0):
-                return
+                break
             try:
                 msg = self.link.recv_stream()
             except ProtocolError as exc:
                 log.error("mapper %d: invalid message from the manager ignored: %s", self.id, exc)
                 continue
             if msg is None:
-                return
+                break
+            if fds.lost is not None and isinstance(msg, NEED_FD_SOCKET):
+                moot += 1  # its fd or its ack would travel on the fd socket, which is gone
+                continue
             self._handle(msg)
+        if moot:  # (a manager killed in a replay left hundreds: one line, not two each)
+            log.info("mapper %d: %d Maps and Unmaps of a lost manager dropped", self.id, moot)
 
     def _handle(self, msg: Message) -> None:
         if isinstance(msg, m.Map):

@@ -33,6 +33,11 @@ def _open_file_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
+#: stream messages that need the fd socket (an fd behind them, or an ack): moot once it is lost
+#: (PROTOCOL.md §9.1: what a dead manager left queued may be applied or dropped)
+NEED_FD_SOCKET = (m.Map, m.MapEager, m.Unmap, m.Release)
+
+
 class MapperFds:
     """The fds of one mapper, by mappable id."""
 
@@ -65,6 +70,9 @@ class MapperFds:
         self.on_error: Callable[[m.Error], None] | None = None
         #: a Shutdown the manager wrote on the fd socket right before closing it
         self._farewell: m.Shutdown | None = None
+        #: why the fd socket failed, once a receive found it closed (None: not seen to): what
+        #: the manager left on the stream then needs the fd socket for no fd or ack (core.py)
+        self.lost: str | None = None
 
     def take_farewell(self) -> m.Shutdown | None:
         """The Shutdown that arrived on the fd socket, once (None if none did)."""
@@ -124,7 +132,8 @@ class MapperFds:
                 got = self._receive(wait=False)
             except (PeerClosed, OSError) as exc:
                 reason = getattr(exc, "strerror", None) or str(exc)
-                return f"lost the connection to the manager: {reason}"
+                self.lost = f"lost the connection to the manager: {reason}"
+                return self.lost
             except FdsDropped as exc:
                 self._note_dropped(exc)
                 continue
@@ -173,6 +182,7 @@ class MapperFds:
                 self._note_dropped(exc)  # this Map's (checked above) or one still on its way
                 continue
             except (PeerClosed, OSError) as exc:
+                self.lost = f"lost the connection to the manager: {exc}"
                 return f"cannot receive the fd of mappable {mappable_id}: {exc}"
             except ProtocolError as exc:  # junk on the socket: ignored; the fd may still come
                 log.warning("mapper %d: invalid data on the fd socket ignored: %s", self.id, exc)

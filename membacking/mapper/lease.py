@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from ..errors import GuestMemoryError
 from ..protocol import messages as m
 from ..protocol.shutdowns import drops_mappings, drops_on_hangup, mapper_drops
 
@@ -147,3 +148,14 @@ class Lease:
             finally:
                 self._waiting -= 1
         return True
+
+
+def renew(mapper: VaMapper) -> None:
+    """Wait for a turn of the mapper thread: the lease ran out (an access calls this, never
+    with `lock` held). Raises if the mapper thread has not run for `fault_timeout`."""
+    settled = lambda: mapper.dropped is not None or mapper.closed  # noqa: E731
+    if not mapper.lease.wait(mapper.fault_timeout, settled):
+        raise GuestMemoryError(
+            f"the mapper thread has not checked its connection to the manager for "
+            f"{mapper.fault_timeout:g}s; no access can be made until it does"
+        )

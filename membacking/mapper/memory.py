@@ -21,6 +21,7 @@ from ..ffi import LOCK_FREE_WORDS
 from ..protocol.ranges import MemoryRange
 from . import privateram
 from .core import MAX_FAULTS, VaMapper
+from .lease import renew
 from .plain import (
     LARGE_FORMAT,
     PlainFormat,
@@ -159,7 +160,7 @@ class GuestMemory:
                 if missing is None and _monotonic() < hot[3]:
                     return op()
             if missing is None:  # mapped, but the lease ran out: the mapper thread checks first
-                self._mapper.renew_lease()
+                renew(self._mapper)
                 continue
             faults += 1
             if faults > MAX_FAULTS:

@@ -230,6 +230,7 @@ def _register_again(
 def _restore(mapper: VaMapper, old_state: bytes | None, old_id: int) -> None:
     """Registered with a new manager: keep what it still serves, drop the rest."""
     mapper.id = mapper.fds.id = mapper.acks.id = mapper.link.mapper_id
+    mapper.fds.lost = None  # a new fd socket
     _forget_acks(mapper)
     if old_state is not None and mapper.link.state_id == old_state:
         # Unmaps of the dead manager that open views deferred are not applied: the Holdings

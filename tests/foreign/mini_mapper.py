@@ -113,7 +113,11 @@ class MiniMapper:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.frombytes(payload[: len(payload) - len(payload) % 4])
         if not data and not fds:
+            # the manager is gone: without REATTACH nothing held is kept (§9), and nothing may
+            # be touched once its end is seen, whether a Shutdown came first or not
             self.gone = True
+            self.cut(0, self.address_space)
+            self.close_fds(list(self.fds))
             return False
         msg = unpack(data)
         if msg and msg[0] == FD_GRANT and len(fds) == 1:
