@@ -333,3 +333,36 @@ def test_holdings_without_reattach_are_refused(
     assert state.handle_fd_message(attached.id, m.SendMappings(MemoryRange(0, P)))  # served
     store.close_all()
     sdir.release(remove=True)
+
+
+def test_holdings_come_once_a_registration_and_are_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any attached mapper with REATTACH could send Holdings of mappings the table does not
+    have, again and again: each answered with an Unmap whose record waited for its ack (a
+    peer grew the daemon from 32 MB to 1.2 GB in 30 s, and logged a line a message). They end
+    with the empty one or the mapper's first request, and one registration lists a bounded
+    number of entries."""
+    from membacking.manager import reattach
+
+    state, store, sdir = _state(tmp_path)
+    a_id = state.regions["a"].submappings[0].mappable_id
+    bogus = m.Holdings((), (8 * MiB, MiB, a_id, 0, 1))
+    ended = _registered(state)
+    [unmap] = [e.msg for e in state.handle_fd_message(ended.id, bogus) or []]
+    assert isinstance(unmap, m.Unmap)  # (a registration's own Holdings are answered)
+    assert state.handle_fd_message(ended.id, m.Holdings((), ())) == []  # the empty one
+    asked = _registered(state)
+    state.handle_fd_message(asked.id, m.SendMappings(MemoryRange(0, 4096)))  # a request
+    for entry in (ended, asked):
+        with pytest.raises(Refused, match="Holdings ended") as refused:
+            state.handle_fd_message(entry.id, bogus)
+        assert refused.value.code == "unexpected"
+    monkeypatch.setattr(reattach, "MAX_LISTED", 3)
+    many = _registered(state)
+    state.handle_fd_message(many.id, m.Holdings((), (8 * MiB, MiB, a_id, 0, 1) * 2))
+    with pytest.raises(Refused, match="more than 3") as refused:
+        state.handle_fd_message(many.id, m.Holdings((), (9 * MiB, MiB, a_id, 0, 1) * 2))
+    assert refused.value.code == "limit"
+    store.close_all()
+    sdir.release(remove=True)

@@ -224,6 +224,10 @@ class MapperEntry:
     features: int | None = None
     #: PackedHoldings that came before the stream's Attach: checked once it is bound
     early_holdings: list[Message] = field(default_factory=list)
+    #: entries its Holdings listed so far (reattach.py bounds them), and whether they are over
+    #: (its empty Holdings or its first request ended them: Holdings come once a registration)
+    holdings_listed: int = 0
+    holdings_over: bool = False
 
     @property
     def mode(self) -> str:

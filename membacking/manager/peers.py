@@ -229,6 +229,7 @@ class PeerState(TableState):
 
     def _request(self, entry: MapperEntry, msg: Message) -> list[Effect] | None:
         if isinstance(msg, m.SendMappings):
+            entry.holdings_over = True  # (they come before any request: §9.1)
             if entry.stream is None and msg.tag is not None:
                 # nowhere to answer on the stream: refuse it here, so its waiter fails now
                 self.reject("not-attached", "SendMappings before the stream socket", entry.pid)
@@ -236,6 +237,7 @@ class PeerState(TableState):
                 return [SendFd(entry.id, m.Error("not-attached", text, msg.tag))]
             return self.send_mappings(entry.id, msg.range)
         if isinstance(msg, m.ResendFd):
+            entry.holdings_over = True
             return self.resend_fd(entry, msg.mappable_id)
         if isinstance(msg, (m.Holdings, m.PackedHoldings)):
             check_holdings(entry, msg)  # Refused without REATTACH (PACKED_HOLDINGS), ...
@@ -254,8 +256,10 @@ class PeerState(TableState):
     def _holdings(self, entry: MapperEntry, msg: m.Holdings | m.PackedHoldings) -> list[Effect]:
         effects = take_holdings(self, entry, msg)
         awaited = self.awaited
-        if not msg.fds and not msg.mappings and (awaited.open or awaited.gave_up) and entry.stream:
-            awaited.arrived(entry.pid)  # an empty one ends what it holds
+        if not msg.fds and not msg.mappings and entry.stream:  # an empty one ends them
+            entry.holdings_over = True
+            if awaited.open or awaited.gave_up:
+                awaited.arrived(entry.pid)
         return effects
 
     def _acknowledgement(self, entry: MapperEntry, msg: Message) -> list[Effect] | None:

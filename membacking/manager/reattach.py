@@ -97,14 +97,28 @@ class _Verdict:
         return self._batch
 
 
+#: entries (fds and mappings) one registration's Holdings may list: twice what a mapper can map
+#: with the kernel's default vm.max_map_count, and its fds. Each one the table does not have
+#: costs an Unmap and its record until acknowledged: a mapper listing bogus ones over and over
+#: grew the daemon by a gigabyte in 30 s.
+MAX_LISTED = 1 << 17
+
+
 def check_holdings(entry: MapperEntry, msg: m.Holdings | m.PackedHoldings) -> None:
     """Refused (answered with an Error, a strike: docs/PROTOCOL.md §11) for Holdings or
-    PackedHoldings that the mapper may not send at all: without the features it negotiated, or
-    with fields that are not whole entries."""
+    PackedHoldings that the mapper may not send at all: without the features it negotiated,
+    with fields that are not whole entries, after its Holdings ended (its empty one, or a
+    request: a registration sends them once) or past MAX_LISTED entries."""
     name = type(msg).__name__
     features = entry.features or 0
     if not features & m.FEATURE_REATTACH:
         raise Refused("unexpected", f"{name} needs the REATTACH feature, not negotiated in Hello")
+    if entry.holdings_over:
+        raise Refused(
+            "unexpected",
+            f"{name} after this registration's Holdings ended (its empty one, or a request): "
+            "a mapper tells what it holds once, when it registers again",
+        )
     if isinstance(msg, m.PackedHoldings):
         if not features & m.FEATURE_PACKED_HOLDINGS:
             raise Refused(
@@ -116,12 +130,20 @@ def check_holdings(entry: MapperEntry, msg: m.Holdings | m.PackedHoldings) -> No
                 f"PackedHoldings fields must be whole entries ({_FD_BYTES} bytes an fd, "
                 f"{_MAPPING_BYTES} a mapping)",
             )
+        listed = len(msg.fds) // _FD_BYTES + len(msg.mappings) // _MAPPING_BYTES
     elif len(msg.fds) % m.HOLDING_FD_LEN or len(msg.mappings) % m.HOLDING_MAPPING_LEN:
         raise Refused(
             "bad-field",
             f"Holdings arrays must be whole entries ({m.HOLDING_FD_LEN} ids an fd, "
             f"{m.HOLDING_MAPPING_LEN} a mapping)",
         )
+    else:
+        listed = len(msg.fds) // m.HOLDING_FD_LEN + len(msg.mappings) // m.HOLDING_MAPPING_LEN
+    if entry.holdings_listed + listed > MAX_LISTED:
+        raise Refused(
+            "limit", f"Holdings listing more than {MAX_LISTED} fds and mappings: not taken"
+        )
+    entry.holdings_listed += listed
 
 
 def take_holdings(
