@@ -69,6 +69,32 @@ def test_close_releases_what_waits() -> None:
     os.close(memfd)
 
 
+def test_a_grant_asked_for_again_while_one_waits_is_not_duplicated() -> None:
+    """A peer sending ResendFd of one fd over and over, reading nothing: each answer held a
+    duplicate of the fd in the outbox, 4,104 a mapper, so five such peers held the daemon at its
+    open-file limit. The grant waiting already answers them; another mappable's still waits."""
+    conn, theirs, memfd = connection()
+    while not conn.send(m.FdGrant(1, 4096, True), memfd, max_waiting=100):
+        pass
+    before = open_fds()
+    for _ in range(500):
+        assert conn.send(m.FdGrant(7, 4096, True), memfd, max_waiting=100)
+    assert conn.send(m.FdGrant(8, 4096, True), memfd, max_waiting=100)
+    assert conn.outbox_fds == 3 and open_fds() == before + 2  # (1 waited already)
+    theirs.settimeout(1)
+    got = []
+    while not conn.flush() or len(got) < 2:
+        msg, fds = recv_message(theirs)
+        got += [msg.mappable_id] if msg.mappable_id != 1 else []  # type: ignore[attr-defined]
+        for fd in fds:
+            os.close(fd)
+    assert got == [7, 8] and not conn.outbox_grants
+    assert conn.send(m.FdGrant(7, 4096, True), memfd, max_waiting=100) is False  # sent again
+    conn.close()
+    theirs.close()
+    os.close(memfd)
+
+
 class _Unwalkable(deque):  # type: ignore[type-arg]
     """An outbox that fails any walk over it: what a send may do is append and ask its length."""
 

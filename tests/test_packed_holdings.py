@@ -366,3 +366,32 @@ def test_holdings_come_once_a_registration_and_are_bounded(
     assert refused.value.code == "limit"
     store.close_all()
     sdir.release(remove=True)
+
+
+def test_packed_holdings_kept_before_attach_are_bounded_across_mappers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """64 of 64 KiB a peer, kept until its Attach or its unmap timeout: 100 peers that never
+    attach held 400 MiB of the daemon. All mappers together keep MAX_EARLY_KEPT; past it one is
+    refused as it would be without the credit (sent again once Attached), and what an Attach or
+    a departure takes frees room."""
+    from membacking.manager import peers
+
+    monkeypatch.setattr(peers, "MAX_EARLY_KEPT", 3)
+    state, store, sdir = _state(tmp_path)
+    first, second = state.register_mapper("one", 1), state.register_mapper("two", 2)
+    for entry in (first, second):
+        state.welcome(entry, m.SUPPORTED_FEATURES)
+    empty = m.PackedHoldings(b"", b"")
+    assert state.handle_fd_message(first.id, empty) == []
+    assert state.handle_fd_message(first.id, empty) == []
+    assert state.handle_fd_message(second.id, empty) == []
+    [refused] = state.handle_fd_message(second.id, empty)  # a fourth: no room
+    assert isinstance(refused, SendFd) and isinstance(refused.msg, m.Error)
+    assert refused.msg.code == "not-attached" and state.early_kept == 3
+    state.mapper_gone(first.id)
+    assert state.early_kept == 1
+    state.handle_mapper(b"s2", m.Attach(second.id, second.token, m.ROLE_STREAM_FD))
+    assert state.early_kept == 0 and second.holdings_over  # (its empty one was checked)
+    store.close_all()
+    sdir.release(remove=True)

@@ -9,7 +9,8 @@ import zmq
 from test_hostile_peers import still_serving
 
 from membacking.manager import routers
-from membacking.protocol.codec import MAX_MESSAGE_BYTES
+from membacking.protocol import messages as m
+from membacking.protocol.codec import MAX_MESSAGE_BYTES, encode
 
 from conftest import RunningManager
 
@@ -73,4 +74,38 @@ def test_floods_of_large_frames_leave_the_daemon_memory_bounded(manager: Running
         flood(manager, endpoint, peers=16, frames=24, size=900 << 10)
     grown = peak_rss(manager.pid) - before
     assert grown < 48 * MiB, f"the daemon's peak grew by {grown / MiB:.0f} MiB"
+    still_serving(manager)
+
+
+def test_a_control_client_that_reads_no_reply_holds_little_of_the_daemon(
+    manager: RunningManager,
+) -> None:
+    """A DEALER sending `regions` requests without reading the replies (27 KB each with 300
+    regions) grew the daemon by a gigabyte in 15 s: control.ipc queued 100,000 replies per
+    peer. It queues 64 now; the rest are dropped, as for any peer that does not read."""
+    client = manager.client()
+    for i in range(150):
+        client.add_region(f"r{i}", (1 << 32) + i * 0x10000, 0x10000)
+    before = peak_rss(manager.pid)
+    ctx = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 1)
+        sock.setsockopt(zmq.RCVBUF, 4096)
+        sock.connect(f"ipc://{manager.runtime_dir / 'control.ipc'}")
+        request = [b"", encode(m.ControlRequest("regions", {}))]
+        for _ in range(4000):
+            sock.send_multipart(request)
+        deadline, peak = time.monotonic() + 30, 0
+        while time.monotonic() < deadline:  # until the daemon's peak stops growing
+            time.sleep(1.0)
+            if peak_rss(manager.pid) == peak:
+                break
+            peak = peak_rss(manager.pid)
+        grown = peak_rss(manager.pid) - before
+        assert grown < 24 * MiB, f"the daemon's peak grew by {grown / MiB:.0f} MiB"
+        sock.close()
+    finally:
+        ctx.destroy(linger=0)
     still_serving(manager)

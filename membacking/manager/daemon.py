@@ -132,7 +132,7 @@ class Daemon(FdServer):
         # the ZeroMQ context and its ROUTERs, bound once the runtime directory is this
         # daemon's: made before a takeover asks, while the running daemon still serves
         self._ctx = zmq.Context()
-        self._mapper, self._control = new_router(self._ctx), new_router(self._ctx)
+        self._mapper, self._control = new_router(self._ctx), new_router(self._ctx, control=True)
         try:
             taken = startup.take_over(self)
         except BaseException:

@@ -52,6 +52,10 @@ class FdConn:
     #: how many of the outbox's entries hold an fd (counted as they come and go: a count by
     #: walking the outbox at each send made a peer that never reads cost O(n) per message)
     outbox_fds: int = 0
+    #: the mappables whose FdGrant waits in the outbox: asked for again (ResendFd) meanwhile,
+    #: the one waiting answers (a peer asking over and over without reading held the daemon's
+    #: descriptors at its limit, a copy each)
+    outbox_grants: set[int] = field(default_factory=set)
 
     def send(
         self, msg: m.Message, fd: int | None, max_waiting: int, fd_ceiling: int = 1 << 30
@@ -65,6 +69,9 @@ class FdConn:
                 return False
             except BlockingIOError:
                 pass
+        grant = msg.mappable_id if isinstance(msg, m.FdGrant) else None
+        if grant in self.outbox_grants:
+            return True  # its grant waits already, its own copy of the same file
         # fds are what is scarce: `max_waiting` bounds those; small messages (FdDenied, Error)
         # may wait in larger numbers
         waiting = len(self.outbox)
@@ -77,6 +84,8 @@ class FdConn:
         self.outbox.append((msg, copy))
         if copy is not None:
             self.outbox_fds += 1
+        if grant is not None:
+            self.outbox_grants.add(grant)
         return True
 
     def flush(self) -> bool:
@@ -92,6 +101,8 @@ class FdConn:
             if fd is not None:
                 self.outbox_fds -= 1
                 os.close(fd)
+            if isinstance(msg, m.FdGrant):
+                self.outbox_grants.discard(msg.mappable_id)
         return True
 
     def kill(self) -> bool:
@@ -124,6 +135,7 @@ class FdConn:
             if fd is not None:
                 os.close(fd)
         self.outbox_fds = 0
+        self.outbox_grants.clear()
 
 
 def kill_evicted(mapper_id: int, conn: FdConn | None, counters: dict[str, int]) -> None:

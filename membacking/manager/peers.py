@@ -42,8 +42,9 @@ MAPPER_ID_BLOCK = 1024
 
 
 #: PackedHoldings a mapper may send before its stream's Attach arrives (more are checked as
-#: Holdings before Attach: refused)
-MAX_EARLY_HOLDINGS = 64
+#: Holdings before Attach: refused), and all mappers together (64 KiB each: 4 MiB a peer, held
+#: until its Attach or its unmap timeout, came to 4 GiB over --max-mappers)
+MAX_EARLY_HOLDINGS, MAX_EARLY_KEPT = 64, 1024
 
 
 class PeerState(TableState):
@@ -67,6 +68,7 @@ class PeerState(TableState):
         self.awaited = AwaitedMappers()
         #: evicted mappers within the grace their lease needs to drop what they held
         self.dropping = Dropping()
+        self.early_kept = 0  # PackedHoldings kept before their mapper's Attach, all mappers
 
     def _maybe_finish(self, op: Operation) -> list[Effect]:
         if not op.waiting and not op.graced and self.dropping:
@@ -149,6 +151,7 @@ class PeerState(TableState):
             return []
         log.info("mapper %d (%s, pid %d) removed: %s", entry.id, entry.name, entry.pid, why)
         self.awaited.depart(mapper_id)
+        self.early_kept -= len(entry.early_holdings)
         for identity in (entry.stream, entry.requests):
             if identity is not None:
                 self._by_identity.pop(identity, None)
@@ -245,10 +248,12 @@ class PeerState(TableState):
                 entry.stream is None
                 and isinstance(msg, m.PackedHoldings)
                 and len(entry.early_holdings) < MAX_EARLY_HOLDINGS
+                and self.early_kept < MAX_EARLY_KEPT
             ):
                 # sent right behind the Attach, which travels through ZeroMQ's I/O threads
                 # and may come later: checked once the stream is bound (_attach)
                 entry.early_holdings.append(msg)
+                self.early_kept += 1
                 return []
             return self._holdings(entry, msg)
         return None
@@ -296,6 +301,7 @@ class PeerState(TableState):
         effects: list[Effect] = [Send(Channel.MAPPER, identity, m.Attached(msg.role))]
         if role == m.ROLE_STREAM and entry.early_holdings:
             early, entry.early_holdings = entry.early_holdings, []
+            self.early_kept -= len(early)
             for holdings in early:
                 assert isinstance(holdings, m.PackedHoldings)
                 effects += self._holdings(entry, holdings)

@@ -23,6 +23,9 @@ MAX_FRAME_BYTES = 2 * MAX_MESSAGE_BYTES
 #: messages queued per peer for sending; past it a ROUTER drops what it sends (no
 #: ROUTER_MANDATORY)
 SNDHWM = 100_000
+#: the same for control.ipc: a client waits for each reply, and one that sends requests without
+#: reading the replies (up to hundreds of KiB each) held the daemon's memory by gigabytes
+CONTROL_SNDHWM = 64
 #: complete messages libzmq holds per peer before the daemon reads them; past it libzmq stops
 #: reading that peer's connection (the peer waits: nothing is lost). libzmq counts messages,
 #: not frames, and keeps a message's frames until its last one has come (docs/RELIABILITY.md)
@@ -33,13 +36,13 @@ RCVHWM = 16
 IPC_FILE_OUTLIVES_CLOSE = zmq.zmq_version_info() >= (4, 2, 3)
 
 
-def new_router(ctx: zmq.Context[zmq.Socket[bytes]]) -> zmq.Socket[bytes]:
+def new_router(ctx: zmq.Context[zmq.Socket[bytes]], control: bool = False) -> zmq.Socket[bytes]:
     """A ROUTER with the options peers rely on, not bound yet: a daemon makes its ROUTERs
     before a takeover's ask, while the running daemon still serves (the context starts its
     I/O threads with its first socket: about 0.4 ms of CPU), and binds them once the runtime
-    directory is its own (`bind_router`)."""
+    directory is its own (`bind_router`). `control`: control.ipc's, with its smaller queue."""
     sock = ctx.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.SNDHWM, SNDHWM)
+    sock.setsockopt(zmq.SNDHWM, CONTROL_SNDHWM if control else SNDHWM)
     sock.setsockopt(zmq.RCVHWM, RCVHWM)
     sock.setsockopt(zmq.LINGER, 500)
     # a peer sending a larger frame is disconnected by libzmq before it is buffered; frames
