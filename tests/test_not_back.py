@@ -96,3 +96,43 @@ def test_only_a_process_that_may_map_guest_memory_is_not_back() -> None:
         awaited.begin(0.0, 1.0)
         assert awaited.tick(2.0, files) == expected, (maps, files)
         assert awaited.not_back() == [r.pid for r in expected]
+
+
+def test_a_mapper_seen_to_map_nothing_is_not_awaited_for_the_whole_wait() -> None:
+    """It was checked only once the wait ran out: a mapper that had given up and dropped
+    everything held every removal, move and map for the whole --unmap-timeout (30 s)."""
+    record = MapperRecord(3, 4242, 77)
+    for maps, expected in ((False, False), (True, True), (None, True)):
+        awaited = AwaitedMappers(started={4242: 77}.get, maps=lambda pid, m=maps: m)
+        awaited.adopt((record,))
+        awaited.begin(0.0, 30.0)
+        assert awaited.tick(1.0) == [] and awaited.open is expected, maps
+        assert awaited.not_back() == []
+
+
+def test_a_removal_after_a_restart_does_not_wait_for_a_mapper_that_gave_up(
+    start_manager: Start,
+) -> None:
+    first = start_manager("--region", "ram=0:4M", "--region", "dev=0x10000000:1M")
+    giver = subprocess.Popen(
+        [sys.executable, "-c", GIVER, str(first.runtime_dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=cli_env(),
+        text=True,
+    )
+    try:
+        assert giver.stdout is not None and giver.stdout.readline().strip() == "attached"
+        time.sleep(1.5)  # journaled (the daemon's tick)
+        first.stop(signal.SIGKILL)
+        assert giver.stdout.readline().strip() == "dropped"  # its wait ran out
+        second = start_manager(
+            "--region", "ram=0:4M", "--region", "dev=0x10000000:1M",
+            runtime_dir=first.runtime_dir,
+        )  # fmt: skip
+        started = time.monotonic()
+        second.client().remove_region("dev")  # (the default unmap timeout: 30 s)
+        assert time.monotonic() - started < 10, second.log()
+    finally:
+        giver.kill()
+        giver.wait(10)

@@ -189,9 +189,10 @@ class AwaitedMappers:
         return False
 
     def tick(self, now: float, files: bool = False) -> list[MapperRecord]:
-        """Each second: forget the awaited mappers whose process ended; once the wait ran
-        out, stop awaiting the rest and return them (they may still map memory: `gave_up`),
-        but those seen to map no guest memory (`_holds_nothing`)."""
+        """Each second: forget the awaited mappers whose process ended or is seen to map no
+        guest memory (`_holds_nothing`: one that gave up waiting for this manager dropped it
+        all, and held every change for the whole wait); once the wait ran out, stop awaiting
+        the rest and return them (they may still map memory: `gave_up`)."""
         if self.gave_up:
             running = [
                 r for r in self.gave_up if self._runs(r) and not self._holds_nothing(r, files)
@@ -200,17 +201,17 @@ class AwaitedMappers:
                 self.gave_up, self.dirty = running, True
         if not self.waiting:
             return []
-        alive = [r for r in self.waiting if self._runs(r)]
+        alive = []
+        for record in self.waiting:
+            if not self._runs(record):
+                log.info("mapper %d (pid %d) ended: not awaited", record.mapper_id, record.pid)
+            elif not self._holds_nothing(record, files):
+                alive.append(record)
         if len(alive) != len(self.waiting):
-            self.dirty = True
-            for record in self.waiting:
-                if record not in alive:
-                    log.info("mapper %d (pid %d) ended: not awaited", record.mapper_id, record.pid)
-        self.waiting = alive
+            self.waiting, self.dirty = alive, True
         if not alive or now < self.deadline:
             return []
         self.waiting = []
-        alive = [r for r in alive if not self._holds_nothing(r, files)]
         self.gave_up += alive
         self.dirty = True
         return alive
