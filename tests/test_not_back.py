@@ -6,11 +6,14 @@ killed all the same, or left `status` degraded for as long as it lived."""
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+
+import pytest
 
 from membacking.manager.awaited import AwaitedMappers
 from membacking.manager.journal import MapperRecord
@@ -136,3 +139,21 @@ def test_a_removal_after_a_restart_does_not_wait_for_a_mapper_that_gave_up(
     finally:
         giver.kill()
         giver.wait(10)
+
+
+def test_a_launcher_not_back_is_said_to_keep_its_vm_pinned(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Without --evict-kill a VM's launcher that did not come back was logged with the hint
+    that --evict-kill would kill it, which it does not (its pin spares it)."""
+    from collections import Counter
+
+    from membacking.manager.fdconn import not_back
+    from membacking.manager.pins import Pin
+
+    lent = Pin(3, "VM 'web'", 4343, frozenset({"ram"}), 9)
+    with caplog.at_level(logging.ERROR, logger="membacking.manager"):
+        not_back(MapperRecord(3, 4242, 77), 30.0, False, Counter(), lent)
+    assert "did not come back within 30s" in caplog.text
+    assert "lent regions ram to VM 'web' (pid 4343), which stay pinned" in caplog.text
+    assert "--evict-kill would kill it" not in caplog.text

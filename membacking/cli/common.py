@@ -285,6 +285,8 @@ def control_client(runtime_dir: Path, timeout: float | None) -> ControlClient:
 
 
 def _warn_unjournaled(op: str, reason: str) -> None:
+    if op == "stop":  # (a stop ends the state, or leaves the journal as it stands: said there)
+        return
     click.echo(
         f"warning: done, but not journaled ({reason}): a crash of the manager before it can "
         "journal again would lose this change",

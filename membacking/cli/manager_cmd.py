@@ -444,6 +444,12 @@ def manager_stop(
     said = {True: "; its state is kept for the next start", False: "; its state ends"}
     tail = said[kept] if isinstance(kept, bool) else ""
     click.echo(f"manager (pid {pid}) at {client.paths.root} {verb}{tail}")
+    if kept and agreed.get("not_journaled"):  # the next start adopts the journal as it stands
+        click.echo(
+            f"warning: its journal could not be brought up to date ({agreed['not_journaled']}):"
+            " the next start adopts the state as last journaled",
+            err=True,
+        )
     for vm in agreed.get("vms") or ():  # guests that run on: say what guards their RAM now
         lent = f"{vm['label']} (pid {vm['pid']}) runs on {', '.join(vm['regions'])}"
         if kept:

@@ -181,11 +181,14 @@ def not_back(
         )
         return
     if not evict_kill:
+        spared = (
+            f"it lent regions {', '.join(sorted(lent.regions))} to {lent.label} (pid "
+            f"{lent.pid}), which stay pinned while that runs"
+            if lent is not None
+            else "it may still map memory they remove (--evict-kill would kill it)"
+        )
         log.error(
-            "%s did not come back within %gs: changes go on without it; it may still map "
-            "memory they remove (--evict-kill would kill it)",
-            who,
-            waited,
+            "%s did not come back within %gs: changes go on without it; %s", who, waited, spared
         )
         return
     try:
