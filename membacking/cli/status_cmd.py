@@ -54,6 +54,9 @@ def status_cmd(runtime_dir: Path, timeout: float | None, as_json: bool) -> None:
         rows.append(("awaited back", f"pids {pids} (at most {left} more; {deferred} changes wait)"))
     if status.get("not_back"):  # their wait ran out; they may still map removed memory
         rows.append(("not back", "pids " + ", ".join(map(str, status["not_back"]))))
+    for vm in status.get("vms") or ():  # regions lent to a running VM: kept from change
+        since = "; pinned before a restart" if vm.get("journaled") else ""
+        rows.append(("VM", f"{vm['label']} (pid {vm['pid']}) on {', '.join(vm['regions'])}{since}"))
     click.echo(f"membacking manager: {status['health']}")
     for problem in status["problems"]:
         click.echo(f"  ! {problem}")

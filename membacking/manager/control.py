@@ -259,6 +259,7 @@ def _status(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[
             "awaited": state.awaited.describe(now),
             "deferred": state.awaited.deferred,
             "not_back": not_back,
+            "vms": state.pins.describe(state.mappers),  # what pins keep from change
             "health": "degraded" if problems else "ok",
             "problems": problems,
         },

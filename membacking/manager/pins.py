@@ -89,8 +89,9 @@ class Pins:
                 raise Refused(
                     "pinned",
                     f"region {taken[0]!r} is lent to {other.label} (pid {other.pid}) already: "
-                    "two VMs on one region would overwrite each other's RAM; give this one "
-                    "regions of its own",
+                    "two VMs on one region would overwrite each other's RAM; run this one on "
+                    "regions of its own (a second pc VM: on a manager of its own, another "
+                    "--runtime-dir, since both boot from GPA 0)",
                 )
         if pin.regions:
             self._by_mapper[mapper_id] = pin
@@ -134,6 +135,11 @@ class Pins:
     def running(self, live: Container[int]) -> list[Pin]:
         """The pins of lenders that still run (their VMs run on the regions they lent)."""
         return self._live(live)
+
+    def describe(self, live: Container[int]) -> list[dict[str, Any]]:
+        """For `status`: each live pin, and whether it was taken up from the journal (its
+        lender has not pinned again since a restart: no mapper of it is attached)."""
+        return [p.describe() | {"journaled": p in self._adopted} for p in self._live(live)]
 
     def holders(self, region: str, live: Container[int]) -> list[Pin]:
         """The live pins on `region`."""

@@ -265,7 +265,8 @@ def run_vm(opts: VmOptions, announce: Callable[[str], None]) -> int:
                 warned.append(gone)
                 announce(
                     f"VM {opts.name!r} keeps running, but its mapper lost the manager ({gone}): "
-                    "the regions it lent are no longer pinned"
+                    "the regions it lent are no longer pinned (a manager started on the state "
+                    "they were journaled in pins them again while QEMU runs)"
                 )
 
         return supervise(proc, ready, watch)
