@@ -102,3 +102,18 @@ def test_a_machine_opt_is_one_property_membacking_does_not_set(opt: str, said: s
     with pytest.raises(QemuError, match=said):
         _check_machine_opts(("usb=off", opt))
     _check_machine_opts(("usb=off", "vmport=off"))
+
+
+def test_a_monitor_socket_left_by_a_killed_vm_is_said_to_be_one(tmp_path: Path) -> None:
+    """A SIGKILLed launcher leaves qemu-NAME.qmp; `qemu migrate NAME` said only
+    "[Errno 111] Connection refused"."""
+    import socket
+
+    from membacking.qemu.qmp import Qmp, QmpError
+
+    path = tmp_path / "qemu-web.qmp"
+    left = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    left.bind(str(path))
+    left.close()  # the file stays, nothing listens
+    with pytest.raises(QmpError, match="no QEMU listens on the monitor .*no VM of that name runs"):
+        Qmp(path, timeout=2)

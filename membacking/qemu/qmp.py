@@ -37,6 +37,12 @@ class Qmp:
                 f"the QEMU monitor at {self.path} did not answer in {timeout:g}s: another "
                 "client may hold it (QEMU's monitor serves one client at a time)"
             ) from None
+        except ConnectionRefusedError:  # the socket file stays when its QEMU was killed
+            self._sock.close()
+            raise QmpError(
+                f"no QEMU listens on the monitor {self.path}: a socket left by a VM whose "
+                "launcher or QEMU was killed (no VM of that name runs)"
+            ) from None
         except OSError as exc:
             self._sock.close()
             raise QmpError(f"cannot reach the QEMU monitor at {self.path}: {exc}") from None
