@@ -115,5 +115,5 @@ def test_a_monitor_socket_left_by_a_killed_vm_is_said_to_be_one(tmp_path: Path) 
     left = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     left.bind(str(path))
     left.close()  # the file stays, nothing listens
-    with pytest.raises(QmpError, match="no QEMU listens on the monitor .*no VM of that name runs"):
+    with pytest.raises(QmpError, match=r"no QEMU listens on the monitor .*no VM of that name runs"):
         Qmp(path, timeout=2)
