@@ -465,3 +465,51 @@ def test_a_busy_successor_does_not_hold_up_mapped_memory(start_manager: Any) -> 
     # detaching while it registers again waits for no DetachAck: no manager could send one
     # (it used to wait until the relink gave up, 30 s here, and left the mapper gone)
     assert mapper.gone is None and not mapper._thread.is_alive()
+
+
+@pytest.mark.parametrize("fresh_start", ["raise", "follow"])
+def test_a_manager_back_on_other_memory_is_said_at_the_next_access_unless_followed(
+    start_manager: Any, fresh_start: str
+) -> None:
+    """A manager restarted with --no-state (or --fresh) serves other memory: a device model
+    attached with the defaults went on reading and writing the new, zeroed memory, told by a
+    log line and an optional hook only. Its next access raises MappingsDroppedError now, and it
+    leaves that manager; `fresh_start="follow"` goes on as before, its hooks told `kept` False."""
+    import signal
+
+    import membacking
+
+    regions = ("--region", "ram0=0:8M")
+    first = start_manager(*regions)
+    told: list[bool] = []
+    memory = membacking.attach(first.runtime_dir, fresh_start=fresh_start)
+    try:
+        memory.on_registered_again(lambda kept, old_id: told.append(kept))
+        memory.write_at(0x1000, b"kept")
+        first.stop(signal.SIGKILL)
+        second = start_manager(*regions, "--no-state", runtime_dir=first.runtime_dir)
+        if fresh_start == "follow":
+            deadline = time.monotonic() + 15
+            while not told and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert told == [False]
+            assert memory.read_at(0x1000, 4) == bytes(4)  # the new manager's memory
+            assert [p["name"] for p in second.client().mappers()] == [memory.name]
+            return
+        deadline = time.monotonic() + 15
+        while memory.manager_gone is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(membacking.MappingsDroppedError, match="serving other memory"):
+            memory.read_at(0x1000, 4)
+        assert told == [] and second.client().mappers() == []
+    finally:
+        memory.detach()
+
+
+def test_fresh_start_takes_raise_or_follow() -> None:
+    import membacking
+
+    with pytest.raises(membacking.ArgumentValueError, match="'raise' or 'follow'"):
+        membacking.attach("/nonexistent", fresh_start="keep")
+    with pytest.raises(membacking.ArgumentTypeError, match="fresh_start must be a str"):
+        membacking.attach("/nonexistent", fresh_start=True)  # type: ignore[arg-type]

@@ -20,6 +20,7 @@ def attach(
     timeout: float = 10.0,
     fault_timeout: float = 30.0,
     reconnect_timeout: float = 30.0,
+    fresh_start: str = "raise",
 ) -> GuestMemory:
     """Attach this process to the manager serving `runtime_dir` as a mapper named `name`.
 
@@ -27,7 +28,12 @@ def attach(
     keeps every mapping and registers again with the manager that comes back on `runtime_dir`
     within `reconnect_timeout` seconds; faults in the meantime wait for it. If none does (or at
     once with 0), it drops every mapping (accesses raise MappingsDroppedError): a manager
-    started later could remove or move that memory without reaching this mapper.
+    started later could remove or move that memory without reaching this mapper. If the
+    manager that comes back serves other memory (started with `--no-state` or `--fresh`), the
+    guest memory this mapper used is gone: with `fresh_start="raise"` (the default) it drops
+    every mapping and leaves that manager, and accesses raise MappingsDroppedError saying so;
+    with `fresh_start="follow"` it goes on as a new mapper of the new memory
+    (`GuestMemory.on_registered_again` hooks are told, `kept` False).
 
     The GuestMemory belongs to this process: in a child forked from it every access raises
     DetachedError at once (the child maps none of its memory); the child attaches again.
@@ -37,9 +43,18 @@ def attach(
     if name is None:
         name = f"mapper-{os.getpid()}"
     _check_arguments(runtime_dir, name, eager, timeout, fault_timeout, reconnect_timeout)
+    if type(fresh_start) is not str:
+        raise ArgumentTypeError(f"fresh_start must be a str, got {fresh_start!r}")
+    if fresh_start not in ("raise", "follow"):
+        raise ArgumentValueError(f"fresh_start must be 'raise' or 'follow', got {fresh_start!r}")
     link = ManagerLink(RuntimePaths.resolve(runtime_dir), name, timeout)
     try:
-        mapper = VaMapper(link, fault_timeout=fault_timeout, reconnect_timeout=reconnect_timeout)
+        mapper = VaMapper(
+            link,
+            fault_timeout=fault_timeout,
+            reconnect_timeout=reconnect_timeout,
+            follow_fresh=fresh_start == "follow",
+        )
     except BaseException:
         link.close()
         raise

@@ -60,11 +60,17 @@ class VaMapper:
     """Maps guest memory into this process on demand; see the module docstring for safety."""
 
     def __init__(
-        self, link: ManagerLink, *, fault_timeout: float = 30.0, reconnect_timeout: float = 30.0
+        self,
+        link: ManagerLink,
+        *,
+        fault_timeout: float = 30.0,
+        reconnect_timeout: float = 30.0,
+        follow_fresh: bool = False,
     ) -> None:
         #: seconds to wait for a manager to come back after the connection is lost (0: never);
-        #: `relinked` is clear while the mapper registers again (faults wait for it)
-        self.reconnect_timeout = reconnect_timeout
+        #: `relinked` is clear while the mapper registers again (faults wait for it); whether
+        #: it goes on with one that serves other memory (reconnect.py)
+        self.reconnect_timeout, self.follow_fresh = reconnect_timeout, follow_fresh
         self.relinked = threading.Event()
         self.relinked.set()
         self.relink_reason = ""
@@ -98,8 +104,7 @@ class VaMapper:
         self.dropped: str | None = None
         #: why this process cannot use the mapper: it was forked from the one that attached it
         self.forked: str | None = None
-        self.eager = False
-        self.closed = False
+        self.eager, self.closed = False, False
         self._eager_done = threading.Event()
         self._eager_done.set()  # cleared while an eager upgrade waits for its EagerResult
         #: set when the manager answered Detach (FEATURE_DETACH_ACK) or is gone
@@ -108,8 +113,7 @@ class VaMapper:
         self._eager_message = ""
         self._outbox: collections.deque[Message] = collections.deque()
         self.acks = AckQueue(self.link, self.fds, self.id, self._watch_for_room)
-        #: the mapper thread's poller (set while it runs), and whether it still polls the fd
-        #: socket (it stops once that is closed)
+        #: the mapper thread's poller (while it runs); whether it polls the fd socket (till closed)
         self._poller: zmq.Poller | None = None
         self._fd_polled = False
         self._stream_ready = [(self.link.stream, zmq.POLLIN)]  # for a zero-timeout zmq_poll
@@ -217,9 +221,9 @@ class VaMapper:
         return lost is not None
 
     def _await_farewell(self) -> None:
-        """The fd socket ended without a Shutdown on it: a manager that evicted this mapper
-        while its fd socket was full says so on the stream only. Wait a little for that (or a
-        Shutdown `restarting`) before taking the manager for dead (which keeps every mapping)."""
+        """The fd socket ended without a Shutdown on it (a manager evicting a mapper whose fd
+        socket is full says so on the stream only): wait a little for one before taking the
+        manager for dead (which keeps every mapping)."""
         deadline = _monotonic() + FAREWELL_WAIT
         while (
             self.gone is None and self.relinked.is_set() and (left := deadline - _monotonic()) > 0
@@ -427,10 +431,6 @@ class VaMapper:
                 self._acknowledge(m.UnmapAck(seq))
 
     # ---- used by accessing threads -------------------------------------------------------------
-
-    def pin(self, start: int, end: int, writable: bool = False) -> int:
-        """Pin [start, end) for an open view (lock held); returns the view id."""
-        return self.views.pin(start, end, writable)
 
     def unpin(self, view_id: int, escaped: object = None) -> None:
         """End a view's pin. With `escaped` (the view's exporter, still referenced by slices

@@ -427,7 +427,7 @@ class GuestMemory:
 
         def pin() -> tuple[int, ctypes.Array[ctypes.c_char]]:
             # only a writable view needs a private copy if its range turns read-only (core.py)
-            return mapper.pin(gpa, end, write), mapper.reservation.exporter(gpa, n)
+            return mapper.views.pin(gpa, end, write), mapper.reservation.exporter(gpa, n)
 
         # no name here for the exporter: lent() counts the references to it
         with lent(mapper, *self._access(gpa, n, write, pin), write) as view:

@@ -38,6 +38,11 @@ SOCKET_WATCH = 0.05
 SHUTDOWN_GRACE = 0.25
 #: how long a manager that said Shutdown "restarting" has to close the old connection
 OLD_CONNECTION_GRACE = 2.0
+#: why a mapper that does not follow a fresh start (attach(fresh_start="follow")) is gone
+FRESH_START = (
+    "the manager came back serving other memory (started with --no-state or --fresh): the "
+    "guest memory this mapper used is gone; attach again to use the new memory"
+)
 
 
 class Relink(Exception):
@@ -206,6 +211,11 @@ def _register_again(
             delay = min(delay * 2, BACKOFF_MAX)
     else:
         return False
+    if old_state is not None and mapper.link.state_id != old_state and not mapper.follow_fresh:
+        # its guest memory is gone: told at its next access, not served other memory unasked
+        mapper.link.drop_connection()  # (its registration with that manager ends)
+        mapper.gone_for_good(FRESH_START)
+        return False
     log.warning(
         "mapper %d (was %d): registered again after %.3fs",
         mapper.id,
@@ -240,6 +250,8 @@ def _restore(mapper: VaMapper, old_state: bytes | None, old_id: int) -> None:
         mapper._pending_unmaps.clear()
         _send_holdings(mapper)
         return
+    if old_state is not None and not mapper.follow_fresh:
+        return  # it does not go on with other memory: gone for good (_register_again)
     dropped = _drop_everything(mapper)
     if dropped or old_state is not None:  # (without REATTACH it dropped them at the hang-up)
         log.warning(

@@ -187,7 +187,8 @@ def run_vm(opts: VmOptions, announce: Callable[[str], None]) -> int:
     monitor = qmp_path(opts.runtime_dir, opts.name)
     _claim_socket(monitor, opts.name)
     client = ControlClient(opts.runtime_dir)
-    memory = attach(opts.runtime_dir, name=f"qemu-{opts.name}")
+    # (a manager serving other memory is told apart, and warned of, by its hook: _pin_again)
+    memory = attach(opts.runtime_dir, name=f"qemu-{opts.name}", fresh_start="follow")
     try:
         shares = memory.sharing(opts.regions or None)  # (only what it lends: held, pinned)
         if shares is None:
