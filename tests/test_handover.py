@@ -189,6 +189,7 @@ def test_refusals_leave_the_running_manager_serving(start_manager: Start) -> Non
     empty = first.runtime_dir.with_name(first.runtime_dir.name + "-none")
     done = run_cli("manager", "run", "--runtime-dir", str(empty), "--takeover")
     assert done.returncode == 1 and "nothing to take over" in done.stderr, done.stderr
+    assert "start without --takeover to serve it" in done.stderr
     assert not empty.exists()  # nothing was claimed
 
 

@@ -347,7 +347,10 @@ def take_over(daemon: Daemon, timeout: float = 10.0) -> Takeover:
     (it keeps serving then, unless it failed after it agreed)."""
     paths = daemon.paths
     if paths.manager_running() is False:
-        raise HandoverError(f"nothing to take over: no membacking manager at {paths.root}")
+        raise HandoverError(
+            f"nothing to take over: no membacking manager at {paths.root}; start without "
+            "--takeover to serve it (the state a manager that died left is adopted then)"
+        )
     trace.mark("takeover.prepare")
     running = _holder(paths)
     startup.check_metrics_port(daemon, running)
