@@ -85,7 +85,7 @@ def test_a_fresh_daemon_is_not_mixed_with_old_mappings(
     # reading the old file nor, unknowingly, the new zeroed RAM
     # (until it has registered again it still reads what it has mapped: the old memory)
     deadline = time.monotonic() + 10
-    with pytest.raises(WorkerError, match="MappingsDroppedError.*serving other memory"):
+    with pytest.raises(WorkerError, match=r"MappingsDroppedError.*serving other memory"):
         while time.monotonic() < deadline:
             assert worker.ask("read 0x0 3") == b"old".hex()
             time.sleep(0.05)
