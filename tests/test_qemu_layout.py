@@ -76,7 +76,34 @@ def test_only_the_named_regions_are_lent() -> None:
                 )
             ],
             [],
-            "made of 1 mapping",
+            "'ram' has a hole",  # (it said "is made of 1 mapping(s)")
+        ),
+        (
+            [
+                region(
+                    "ram",
+                    0,
+                    MiB,
+                    mappings=[{"offset": 0, "size": MiB, "file_offset": MiB, "writable": True}],
+                )
+            ],
+            [],
+            "starts at offset 0x100000 of its file",
+        ),
+        (
+            [
+                region(
+                    "ram",
+                    0,
+                    2 * MiB,
+                    mappings=[
+                        {"offset": 0, "size": MiB, "file_offset": 0, "writable": True},
+                        {"offset": MiB, "size": MiB, "file_offset": MiB, "writable": True},
+                    ],
+                )
+            ],
+            [],
+            "is made of 2 mappings",
         ),
         ([region("ram", 0, MiB), region("x", 3 * GiB, MiB)], [], "below 4 GiB"),
         ([region("ram", 0, MiB, active=False)], ["ram"], "not active"),

@@ -89,9 +89,17 @@ def _lendable(region: dict[str, Any], shares: Sequence[SharedRange]) -> Lent:
         or subs[0]["file_offset"]
         or not subs[0]["writable"]
     ):
+        if len(subs) != 1:
+            shape = f"is made of {len(subs)} mappings"
+        elif subs[0]["size"] != size:
+            shape = "has a hole (its one mapping covers part of it)"
+        elif subs[0]["file_offset"]:
+            shape = f"starts at offset {subs[0]['file_offset']:#x} of its file"
+        else:
+            shape = "is mapped read-only"
         raise QemuError(
-            f"region {name!r} is made of {len(subs)} mapping(s) (map_range/unmap_range changed "
-            "it, or it starts inside its file): QEMU maps one whole file from offset 0 per region"
+            f"region {name!r} {shape} (region map/unmap changed it): QEMU maps one whole file "
+            "from offset 0 per region"
         )
     for share in shares:
         if share.gpa == gpa and share.size == size and share.writable:
