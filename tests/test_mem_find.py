@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from enum import IntEnum
+from typing import Any
 
 import pytest
 
@@ -91,3 +92,23 @@ def test_find_all_in_steps_takes_int_subclasses(manager: RunningManager) -> None
         assert found == list(find_all(memory, b"needle", 0x4000, 0x2000, step=4096)) == [0x5000]
         with pytest.raises(ValueError, match="non-negative integers"):
             list(find_all(memory, b"needle", True, 0x2000))
+
+
+def test_all_searches_every_backed_range_across_holes(start_manager: Any) -> None:
+    """The default length stops at the first hole, and a --length across one failed: a guest's
+    RAM and its DIMM above 4 GiB could not be searched in one command. A search that finds
+    nothing says so (it printed nothing at all)."""
+    manager = start_manager("--region", "low=0:1M", "--region", "high=0x100000000:1M")
+    manager.cli("mem", "write", "0x2000", "--hex", "c0ffee11")
+    manager.cli("mem", "write", "0x100003000", "--hex", "c0ffee11")
+    first = manager.cli("mem", "find", "--hex", "c0ffee11")
+    assert first.stdout.split() == ["0x2000"], first
+    both = manager.cli("mem", "find", "--hex", "c0ffee11", "--all")
+    assert both.returncode == 0 and both.stdout.split() == ["0x2000", "0x100003000"], both
+    high = manager.cli("mem", "find", "--hex", "c0ffee11", "--all", "--start", "0x3000")
+    assert high.stdout.split() == ["0x100003000"], high
+    none = manager.cli("mem", "find", "absent-pattern", "--all")
+    assert none.returncode == 0 and none.stdout == "", none
+    assert none.stderr.strip().endswith("no match in 2097152 bytes"), none.stderr
+    both_flags = manager.cli("mem", "find", "x", "--all", "--length", "4K")
+    assert both_flags.returncode == 2 and "without --length" in both_flags.stderr

@@ -209,19 +209,24 @@ def mem_fill(
         )
 
 
-def _backed_extent(regions: list[dict[str, Any]], start: int) -> int:
-    """How many bytes from `start` on are backed without a gap by active regions' mappings."""
+def _backed_runs(regions: list[dict[str, Any]], start: int) -> list[tuple[int, int]]:
+    """(GPA, bytes) of each stretch from `start` on that active regions' mappings back without
+    a gap, in order (the first starts at `start` if `start` is backed)."""
     pieces = sorted(
-        (r["gpa"] + s["offset"], r["gpa"] + s["offset"] + s["size"])
+        (max(start, r["gpa"] + s["offset"]), r["gpa"] + s["offset"] + s["size"])
         for r in regions
         if r["active"]
         for s in r["mappings"]
     )
-    end = start
+    runs: list[list[int]] = []
     for lo, hi in pieces:
-        if lo <= end < hi:
-            end = hi
-    return end - start
+        if hi <= lo:
+            continue
+        if runs and lo <= runs[-1][1]:
+            runs[-1][1] = max(runs[-1][1], hi)
+        else:
+            runs.append([lo, hi])
+    return [(lo, hi - lo) for lo, hi in runs]
 
 
 @mem.command("find")
@@ -237,6 +242,12 @@ def _backed_extent(regions: list[dict[str, Any]], start: int) -> int:
     help="Bytes to search [default: up to the first unbacked GPA from --start].",
 )
 @click.option(
+    "--all",
+    "everywhere",
+    is_flag=True,
+    help="Search every backed range from --start on, across holes (e.g. RAM and DIMMs).",
+)
+@click.option(
     "--max-matches", type=int, default=1000, show_default=True, help="Stop after this many."
 )
 @json_option
@@ -247,6 +258,7 @@ def mem_find(
     is_hex: bool,
     start: int,
     length: int | None,
+    everywhere: bool,
     max_matches: int,
     as_json: bool,
 ) -> None:
@@ -265,20 +277,29 @@ def mem_find(
         raise click.BadParameter("the pattern is empty", param_hint="PATTERN")
     if max_matches < 1:
         raise click.BadParameter("must be at least 1", param_hint="--max-matches")
+    if everywhere and length is not None:
+        raise click.UsageError("--all searches every backed range: give it without --length")
+    runs = [(start, length)] if length is not None else []
     if length is None:
-        length = _backed_extent(control_client(runtime_dir, timeout).regions(), start)
-        if length == 0:
+        runs = _backed_runs(control_client(runtime_dir, timeout).regions(), start)
+        if not runs or (not everywhere and runs[0][0] != start):
             raise click.ClickException(f"no active region backs GPA {start:#x}")
+        runs = runs if everywhere else runs[:1]
+    length = sum(n for _, n in runs)
     matches: list[int] = []
     with (
         attach(runtime_dir, name="cli-mem-find", timeout=timeout or 10.0) as memory,
         progress(length, f"searching {units.plural(length, 'byte')}") as bar,
     ):
-        memory.ensure_mapped(start, length)  # an unbacked GPA is an error before any output
-        for found in memory.find_all(needle, start, length, bar.update):
-            matches.append(found)
-            if not as_json:
-                click.echo(f"{found:#x}")
+        for gpa, n in runs:  # an unbacked GPA is an error before any output
+            memory.ensure_mapped(gpa, n)
+        for gpa, n in runs:
+            for found in memory.find_all(needle, gpa, n, bar.update):
+                matches.append(found)
+                if not as_json:
+                    click.echo(f"{found:#x}")
+                if len(matches) >= max_matches:
+                    break
             if len(matches) >= max_matches:
                 break
     truncated = len(matches) >= max_matches
@@ -294,3 +315,5 @@ def mem_find(
         )
     elif truncated:
         click.echo(f"stopped after {max_matches} matches (--max-matches)", err=True)
+    elif not matches:  # (said where a person reads it; stdout stays the list of matches)
+        click.echo(f"no match in {units.plural(length, 'byte')}", err=True)
