@@ -109,7 +109,7 @@ def test_manager_stop_names_the_vms_that_run_on(
         assert said in again.cli("status").stdout
     agreed = again.cli("manager", "stop", "--json")
     assert agreed.returncode == 0, agreed.stderr
-    assert json.loads(agreed.stdout)["vms"] == ([vm] if keep else [])
+    assert json.loads(agreed.stdout)["vms"] == ([vm | {"kept": True}] if keep else [])
 
 
 def test_mapper_evict(manager: RunningManager, spawn_worker: Spawn) -> None:

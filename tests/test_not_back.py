@@ -111,6 +111,16 @@ def test_a_mapper_seen_to_map_nothing_is_not_awaited_for_the_whole_wait() -> Non
         awaited.begin(0.0, 30.0)
         assert awaited.tick(1.0) == [] and awaited.open is expected, maps
         assert awaited.not_back() == []
+    # /proc/PID/maps is read once while a mapper is awaited (15 ms with 30,000 VMAs, each
+    # tick, on the daemon's loop), and again when the wait runs out
+    looked: list[int] = []
+    awaited = AwaitedMappers(started={4242: 77}.get, maps=lambda pid: looked.append(pid) or True)
+    awaited.adopt((record,))
+    awaited.begin(0.0, 30.0)
+    for now in range(1, 30):
+        assert awaited.tick(float(now)) == []
+    assert looked == [4242] and awaited.open
+    assert awaited.tick(31.0) == [record] and looked == [4242, 4242]
 
 
 def test_a_removal_after_a_restart_does_not_wait_for_a_mapper_that_gave_up(

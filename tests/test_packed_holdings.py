@@ -341,57 +341,28 @@ def test_holdings_come_once_a_registration_and_are_bounded(
     """Any attached mapper with REATTACH could send Holdings of mappings the table does not
     have, again and again: each answered with an Unmap whose record waited for its ack (a
     peer grew the daemon from 32 MB to 1.2 GB in 30 s, and logged a line a message). They end
-    with the empty one or the mapper's first request, and one registration lists a bounded
-    number of entries."""
+    with the empty one, and a registration that lists more than a bound is evicted (what it
+    holds cannot all be taken, so it must drop it all). A request sent before them (a fault's,
+    racing the registration) does not end them."""
     from membacking.manager import reattach
 
     state, store, sdir = _state(tmp_path)
     a_id = state.regions["a"].submappings[0].mappable_id
     bogus = m.Holdings((), (8 * MiB, MiB, a_id, 0, 1))
     ended = _registered(state)
+    state.handle_fd_message(ended.id, m.SendMappings(MemoryRange(0, 4096)))  # a request first
     [unmap] = [e.msg for e in state.handle_fd_message(ended.id, bogus) or []]
-    assert isinstance(unmap, m.Unmap)  # (a registration's own Holdings are answered)
+    assert isinstance(unmap, m.Unmap)  # (taken all the same)
     assert state.handle_fd_message(ended.id, m.Holdings((), ())) == []  # the empty one
-    asked = _registered(state)
-    state.handle_fd_message(asked.id, m.SendMappings(MemoryRange(0, 4096)))  # a request
-    for entry in (ended, asked):
-        with pytest.raises(Refused, match="Holdings ended") as refused:
-            state.handle_fd_message(entry.id, bogus)
-        assert refused.value.code == "unexpected"
+    with pytest.raises(Refused, match="Holdings ended") as refused:
+        state.handle_fd_message(ended.id, bogus)
+    assert refused.value.code == "unexpected"
     monkeypatch.setattr(reattach, "MAX_LISTED", 3)
     many = _registered(state)
     state.handle_fd_message(many.id, m.Holdings((), (8 * MiB, MiB, a_id, 0, 1) * 2))
-    with pytest.raises(Refused, match="more than 3") as refused:
-        state.handle_fd_message(many.id, m.Holdings((), (9 * MiB, MiB, a_id, 0, 1) * 2))
-    assert refused.value.code == "limit"
-    store.close_all()
-    sdir.release(remove=True)
-
-
-def test_packed_holdings_kept_before_attach_are_bounded_across_mappers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """64 of 64 KiB a peer, kept until its Attach or its unmap timeout: 100 peers that never
-    attach held 400 MiB of the daemon. All mappers together keep MAX_EARLY_KEPT; past it one is
-    refused as it would be without the credit (sent again once Attached), and what an Attach or
-    a departure takes frees room."""
-    from membacking.manager import peers
-
-    monkeypatch.setattr(peers, "MAX_EARLY_KEPT", 3)
-    state, store, sdir = _state(tmp_path)
-    first, second = state.register_mapper("one", 1), state.register_mapper("two", 2)
-    for entry in (first, second):
-        state.welcome(entry, m.SUPPORTED_FEATURES)
-    empty = m.PackedHoldings(b"", b"")
-    assert state.handle_fd_message(first.id, empty) == []
-    assert state.handle_fd_message(first.id, empty) == []
-    assert state.handle_fd_message(second.id, empty) == []
-    [refused] = state.handle_fd_message(second.id, empty)  # a fourth: no room
-    assert isinstance(refused, SendFd) and isinstance(refused.msg, m.Error)
-    assert refused.msg.code == "not-attached" and state.early_kept == 3
-    state.mapper_gone(first.id)
-    assert state.early_kept == 1
-    state.handle_mapper(b"s2", m.Attach(second.id, second.token, m.ROLE_STREAM_FD))
-    assert state.early_kept == 0 and second.holdings_over  # (its empty one was checked)
+    out = state.handle_fd_message(many.id, m.Holdings((), (9 * MiB, MiB, a_id, 0, 1) * 2)) or []
+    said = [e.msg for e in out if isinstance(e, Send) and isinstance(e.msg, m.Shutdown)]
+    assert [s.code for s in said] == [m.SHUTDOWN_EVICTED], out
+    assert many.id not in state.mappers and state.counters["evictions"] == 1
     store.close_all()
     sdir.release(remove=True)

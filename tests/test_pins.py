@@ -298,3 +298,17 @@ def test_a_change_refused_anyway_is_refused_at_once_while_mappers_are_awaited(
     # a change that may go through waits as before
     out = state.handle_control(b"client", m.ControlRequest("remove_region", {"name": "spare"}))
     assert out == [] and state.awaited.deferred == 1
+
+
+def test_the_stop_answer_says_which_vms_a_next_manager_pins_again(state: ManagerState) -> None:
+    """`manager stop --keep-state` noted for every VM that the next manager pins it again; a
+    pin whose process cannot be told apart from a later one (no start time: another pid
+    namespace, or gone) is not journaled, so none would."""
+    state.pins = Pins(Processes())  # pid 777 is not a process here
+    mid = pinned_vm(state)
+    reply = control(state, "stop")
+    assert isinstance(reply, m.ControlReply), reply
+    assert reply.result["vms"] == [
+        {"label": "VM 'vm1'", "pid": 777, "regions": ["ram"], "kept": False}
+    ]
+    assert state.pins.of(mid) is not None

@@ -91,6 +91,7 @@ def test_an_accelerator_chosen_twice_is_refused_and_one_given_once_is_kept() -> 
         ("usb=off,memory-backend=other", "is not one KEY=VALUE"),
         ("memory-backend=other", "membacking sets memory-backend"),
         ("type=q35", "membacking sets type"),
+        ("max-ram-below-4g=1G", "membacking sets max-ram-below-4g"),
     ],
 )
 def test_a_machine_opt_is_one_property_membacking_does_not_set(opt: str, said: str) -> None:
@@ -101,7 +102,7 @@ def test_a_machine_opt_is_one_property_membacking_does_not_set(opt: str, said: s
 
     with pytest.raises(QemuError, match=said):
         _check_machine_opts(("usb=off", opt))
-    _check_machine_opts(("usb=off", "vmport=off"))
+    _check_machine_opts(("usb=off", "vmport=off", "dtb=/a,,b"))  # (",," is QEMU's comma)
 
 
 def test_a_monitor_socket_left_by_a_killed_vm_is_said_to_be_one(tmp_path: Path) -> None:

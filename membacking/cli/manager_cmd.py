@@ -452,8 +452,14 @@ def manager_stop(
         )
     for vm in agreed.get("vms") or ():  # guests that run on: say what guards their RAM now
         lent = f"{vm['label']} (pid {vm['pid']}) runs on {', '.join(vm['regions'])}"
-        if kept:
+        if kept and vm.get("kept", True):
             click.echo(f"note: {lent}: the next manager started on this state pins it again")
+        elif kept:  # (its process cannot be told apart from a later one: not journaled)
+            click.echo(
+                f"warning: {lent}, whose pin is not kept (its process is not known here): "
+                "the next manager does not guard its RAM: stop the VM",
+                err=True,
+            )
         else:
             click.echo(
                 f"warning: {lent}, which no manager serves or guards now: stop the VM",

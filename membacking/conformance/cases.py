@@ -322,7 +322,10 @@ def _evicted_while_stopped(h: Harness, mem: Memfds) -> None:
     os.kill(h.pid, signal.SIGSTOP)
     try:
         time.sleep(1.2)
-        h.send_stream(shutdown_for("conformance: evicted", m.SHUTDOWN_EVICTED, h.features))
+        # as a manager evicts: the Shutdown on both sockets, then the end of fd.sock
+        farewell = shutdown_for("conformance: evicted", m.SHUTDOWN_EVICTED, h.features)
+        h.send_stream(farewell)
+        h.send_fd(farewell)
         assert h.conn is not None
         h.conn.close()
         h.conn, h.fd_closed = None, True

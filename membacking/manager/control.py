@@ -208,7 +208,7 @@ def _status(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[
         problems.append(
             f"{changes} change(s) wait for evicted mapper(s) "
             + ", ".join(map(str, graced))
-            + " to stop touching the memory they held (up to 1 s)"
+            + " to stop touching the memory they held (1 to 2 s after the eviction)"
         )
     refused_at = state.accept_refused_at
     if refused_at is not None and now - refused_at < ACCEPT_REFUSED_SHOWN:
@@ -289,7 +289,10 @@ def _stop(state: ManagerState, identity: bytes, args: dict[str, Any]) -> list[Ef
             "over instead (`manager run --no-state --takeover`)",
         )
     keeps = bool(kept) and (bool(keep) if keep is not None else state.persistence["keep_state"])
-    vms = [pin.describe() for pin in state.pins.running(state.mappers)]  # they run on
+    # the VMs that run on, and whether a next manager pins each again (a journaled pin)
+    vms = [
+        p.describe() | {"kept": p.started is not None} for p in state.pins.running(state.mappers)
+    ]
     return _reply(identity, {"pid": os.getpid(), "stopping": True, "keep_state": keeps, "vms": vms})
 
 

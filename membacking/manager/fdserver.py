@@ -86,7 +86,8 @@ class FdServer:
         awaited = self.state.awaited
         if not awaited.waiting and not awaited.gave_up:
             return  # (no walk of the regions each second for nothing)
-        files = any(r.backing == "file" for r in self.state.regions.values())
+        # files of the operator's, and private RAM (anonymous), are not named `membacking:`
+        files = any(r.backing in ("file", "private") for r in self.state.regions.values())
         for record in self.state.awaited.tick(self.state._monotonic(), files):
             lent = self.state.pins.adopted_of(record.mapper_id)  # a VM's launcher
             not_back(record, self.state.unmap_timeout, self._evict_kill, self.state.counters, lent)

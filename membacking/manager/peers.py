@@ -14,6 +14,7 @@ from ..protocol import messages as m
 from ..protocol.messages import Channel, Message
 from ..protocol.shutdowns import shutdown_for
 from ..units import format_duration
+from . import reattach
 from .awaited import AwaitedMappers
 from .dropping import Dropping
 from .errors import Refused
@@ -25,7 +26,7 @@ from .model import (
     Send,
     SendFd,
 )
-from .reattach import check_holdings, take_holdings
+from .reattach import check_holdings, listed, take_holdings
 from .steps import Replay
 from .table import TableState
 
@@ -42,9 +43,8 @@ MAPPER_ID_BLOCK = 1024
 
 
 #: PackedHoldings a mapper may send before its stream's Attach arrives (more are checked as
-#: Holdings before Attach: refused), and all mappers together (64 KiB each: 4 MiB a peer, held
-#: until its Attach or its unmap timeout, came to 4 GiB over --max-mappers)
-MAX_EARLY_HOLDINGS, MAX_EARLY_KEPT = 64, 1024
+#: Holdings before Attach: refused)
+MAX_EARLY_HOLDINGS = 64
 
 
 class PeerState(TableState):
@@ -68,7 +68,6 @@ class PeerState(TableState):
         self.awaited = AwaitedMappers()
         #: evicted mappers within the grace their lease needs to drop what they held
         self.dropping = Dropping()
-        self.early_kept = 0  # PackedHoldings kept before their mapper's Attach, all mappers
 
     def _maybe_finish(self, op: Operation) -> list[Effect]:
         if not op.waiting and not op.graced and self.dropping:
@@ -151,7 +150,6 @@ class PeerState(TableState):
             return []
         log.info("mapper %d (%s, pid %d) removed: %s", entry.id, entry.name, entry.pid, why)
         self.awaited.depart(mapper_id)
-        self.early_kept -= len(entry.early_holdings)
         for identity in (entry.stream, entry.requests):
             if identity is not None:
                 self._by_identity.pop(identity, None)
@@ -232,7 +230,6 @@ class PeerState(TableState):
 
     def _request(self, entry: MapperEntry, msg: Message) -> list[Effect] | None:
         if isinstance(msg, m.SendMappings):
-            entry.holdings_over = True  # (they come before any request: §9.1)
             if entry.stream is None and msg.tag is not None:
                 # nowhere to answer on the stream: refuse it here, so its waiter fails now
                 self.reject("not-attached", "SendMappings before the stream socket", entry.pid)
@@ -240,7 +237,6 @@ class PeerState(TableState):
                 return [SendFd(entry.id, m.Error("not-attached", text, msg.tag))]
             return self.send_mappings(entry.id, msg.range)
         if isinstance(msg, m.ResendFd):
-            entry.holdings_over = True
             return self.resend_fd(entry, msg.mappable_id)
         if isinstance(msg, (m.Holdings, m.PackedHoldings)):
             check_holdings(entry, msg)  # Refused without REATTACH (PACKED_HOLDINGS), ...
@@ -248,17 +244,19 @@ class PeerState(TableState):
                 entry.stream is None
                 and isinstance(msg, m.PackedHoldings)
                 and len(entry.early_holdings) < MAX_EARLY_HOLDINGS
-                and self.early_kept < MAX_EARLY_KEPT
             ):
                 # sent right behind the Attach, which travels through ZeroMQ's I/O threads
                 # and may come later: checked once the stream is bound (_attach)
                 entry.early_holdings.append(msg)
-                self.early_kept += 1
                 return []
             return self._holdings(entry, msg)
         return None
 
     def _holdings(self, entry: MapperEntry, msg: m.Holdings | m.PackedHoldings) -> list[Effect]:
+        if entry.stream is not None:  # (else not taken: take_holdings says so)
+            entry.holdings_listed += listed(msg)
+            if entry.holdings_listed > reattach.MAX_LISTED:  # not all can be taken: drop it all
+                return self._evict_lister(entry)
         effects = take_holdings(self, entry, msg)
         awaited = self.awaited
         if not msg.fds and not msg.mappings and entry.stream:  # an empty one ends them
@@ -266,6 +264,16 @@ class PeerState(TableState):
             if awaited.open or awaited.gave_up:
                 awaited.arrived(entry.pid)
         return effects
+
+    def _evict_lister(self, entry: MapperEntry) -> list[Effect]:
+        most = reattach.MAX_LISTED
+        self.reject("limit", f"Holdings past {most} entries: evicted", entry.pid)
+        self.counters["evictions"] += 1
+        reason = f"{m.SHUTDOWN_EVICTED}: its Holdings list more than {most} entries"
+        effects = self.farewell(entry.id, reason)
+        effects.append(Disconnect(entry.id, reason))
+        why = f"listed more than {most} holdings"
+        return effects + self.mapper_gone(entry.id, why, evicted=why)
 
     def _acknowledgement(self, entry: MapperEntry, msg: Message) -> list[Effect] | None:
         if isinstance(msg, m.UnmapAck):
@@ -301,7 +309,6 @@ class PeerState(TableState):
         effects: list[Effect] = [Send(Channel.MAPPER, identity, m.Attached(msg.role))]
         if role == m.ROLE_STREAM and entry.early_holdings:
             early, entry.early_holdings = entry.early_holdings, []
-            self.early_kept -= len(early)
             for holdings in early:
                 assert isinstance(holdings, m.PackedHoldings)
                 effects += self._holdings(entry, holdings)

@@ -100,7 +100,8 @@ class _Verdict:
 #: entries (fds and mappings) one registration's Holdings may list: twice what a mapper can map
 #: with the kernel's default vm.max_map_count, and its fds. Each one the table does not have
 #: costs an Unmap and its record until acknowledged: a mapper listing bogus ones over and over
-#: grew the daemon by a gigabyte in 30 s.
+#: grew the daemon by a gigabyte in 30 s. One that lists more is evicted (peers.py): what it
+#: holds cannot all be taken, so it must drop it all.
 MAX_LISTED = 1 << 17
 
 
@@ -108,7 +109,7 @@ def check_holdings(entry: MapperEntry, msg: m.Holdings | m.PackedHoldings) -> No
     """Refused (answered with an Error, a strike: docs/PROTOCOL.md §11) for Holdings or
     PackedHoldings that the mapper may not send at all: without the features it negotiated,
     with fields that are not whole entries, after its Holdings ended (its empty one, or a
-    request: a registration sends them once) or past MAX_LISTED entries."""
+    request: a registration sends them once)."""
     name = type(msg).__name__
     features = entry.features or 0
     if not features & m.FEATURE_REATTACH:
@@ -116,8 +117,8 @@ def check_holdings(entry: MapperEntry, msg: m.Holdings | m.PackedHoldings) -> No
     if entry.holdings_over:
         raise Refused(
             "unexpected",
-            f"{name} after this registration's Holdings ended (its empty one, or a request): "
-            "a mapper tells what it holds once, when it registers again",
+            f"{name} after this registration's Holdings ended (its empty one): a mapper tells "
+            "what it holds once, when it registers again",
         )
     if isinstance(msg, m.PackedHoldings):
         if not features & m.FEATURE_PACKED_HOLDINGS:
@@ -130,20 +131,19 @@ def check_holdings(entry: MapperEntry, msg: m.Holdings | m.PackedHoldings) -> No
                 f"PackedHoldings fields must be whole entries ({_FD_BYTES} bytes an fd, "
                 f"{_MAPPING_BYTES} a mapping)",
             )
-        listed = len(msg.fds) // _FD_BYTES + len(msg.mappings) // _MAPPING_BYTES
     elif len(msg.fds) % m.HOLDING_FD_LEN or len(msg.mappings) % m.HOLDING_MAPPING_LEN:
         raise Refused(
             "bad-field",
             f"Holdings arrays must be whole entries ({m.HOLDING_FD_LEN} ids an fd, "
             f"{m.HOLDING_MAPPING_LEN} a mapping)",
         )
-    else:
-        listed = len(msg.fds) // m.HOLDING_FD_LEN + len(msg.mappings) // m.HOLDING_MAPPING_LEN
-    if entry.holdings_listed + listed > MAX_LISTED:
-        raise Refused(
-            "limit", f"Holdings listing more than {MAX_LISTED} fds and mappings: not taken"
-        )
-    entry.holdings_listed += listed
+
+
+def listed(msg: m.Holdings | m.PackedHoldings) -> int:
+    """How many entries (fds and mappings) a Holdings message lists."""
+    if isinstance(msg, m.PackedHoldings):
+        return len(msg.fds) // _FD_BYTES + len(msg.mappings) // _MAPPING_BYTES
+    return len(msg.fds) // m.HOLDING_FD_LEN + len(msg.mappings) // m.HOLDING_MAPPING_LEN
 
 
 def take_holdings(

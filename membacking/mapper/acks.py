@@ -63,6 +63,7 @@ class AckQueue:
     def _lost(self, msg: m.UnmapAck | m.MapAck, exc: OSError) -> None:
         """The fd socket failed: said once, and no ack is sent on it any more (core.py)."""
         why = exc.strerror or str(exc)
-        if self.fds.lost is None:
+        if self.fds.lost is None or not isinstance(exc, ConnectionError):
             log.warning("mapper %d: cannot send %s: %s", self.id, msg, why)
-            self.fds.lost = f"lost the connection to the manager: {why}"
+        if isinstance(exc, ConnectionError):  # the manager's end is gone
+            self.fds.lost = self.fds.lost or f"lost the connection to the manager: {why}"

@@ -171,6 +171,8 @@ class MapperFds:
                     self.link.send(m.ResendFd(mappable_id))
                 except OSError as exc:  # still dropped: the next Map asks again
                     why = exc.strerror or str(exc)
+                    if isinstance(exc, ConnectionError):  # (not a full socket: gone)
+                        self.lost = f"lost the connection to the manager: {why}"
                     return f"cannot ask for the fd of mappable {mappable_id} again: {why}"
                 self._dropped.discard(mappable_id)
             try:

@@ -43,6 +43,10 @@ FRESH_START = (
     "the manager came back serving other memory (started with --no-state or --fresh): the "
     "guest memory this mapper used is gone; attach again to use the new memory"
 )
+NOT_TOLD = (
+    "the manager that came back does not say which memory it serves (it does not speak "
+    "REATTACH: an earlier release), so none of what this mapper held can be kept; attach again"
+)
 
 
 class Relink(Exception):
@@ -214,7 +218,7 @@ def _register_again(
     if old_state is not None and mapper.link.state_id != old_state and not mapper.follow_fresh:
         # its guest memory is gone: told at its next access, not served other memory unasked
         mapper.link.drop_connection()  # (its registration with that manager ends)
-        mapper.gone_for_good(FRESH_START)
+        mapper.gone_for_good(FRESH_START if mapper.link.state_id is not None else NOT_TOLD)
         return False
     log.warning(
         "mapper %d (was %d): registered again after %.3fs",

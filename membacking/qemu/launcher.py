@@ -152,7 +152,7 @@ def _check_args(qemu_args: Sequence[str]) -> None:
 
 
 #: -machine properties membacking sets from the regions (layout.py), or that take the memory away
-OWN_MACHINE_PROPS = ("type", "memory-backend")
+OWN_MACHINE_PROPS = ("type", "memory-backend", "max-ram-below-4g")
 
 
 def _check_machine_opts(machine_opts: Sequence[str]) -> None:
@@ -160,7 +160,7 @@ def _check_machine_opts(machine_opts: Sequence[str]) -> None:
     would smuggle in a second, `memory-backend=` or the machine type)."""
     for opt in machine_opts:
         key, eq, _ = opt.partition("=")
-        if not eq or not key.strip() or "," in opt:
+        if not eq or not key.strip() or "," in opt.replace(",,", ""):  # (",," is a comma)
             raise QemuError(f"--machine-opt {opt!r} is not one KEY=VALUE (e.g. usb=off)")
         if key.strip() in OWN_MACHINE_PROPS:
             raise QemuError(
