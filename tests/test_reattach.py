@@ -197,7 +197,10 @@ def test_manager_stop_keep_state_keeps_it_for_a_daemon_run_without_it(
     assert first.proc.wait(10) == 0
     assert worker.ask("read 0x0 4") == b"kept".hex()  # mappings kept through the gap
     second = start_manager(*REGIONS, "--keep-state", runtime_dir=first.runtime_dir)
-    assert worker.ask("read 0x0 4") == b"kept".hex()
+    assert worker.ask("read 0x0 4") == b"kept".hex()  # (mapped: no need to be back for it)
+    deadline = time.monotonic() + 10
+    while not second.client().mappers() and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert [e["name"] for e in second.client().mappers()] == ["upgraded"]  # it came back
     ended = second.cli("manager", "stop", "--no-keep-state", "--json")
     assert ended.returncode == 0 and '"keep_state": false' in ended.stdout, ended.stdout
