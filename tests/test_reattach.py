@@ -89,6 +89,8 @@ def test_a_fresh_daemon_is_not_mixed_with_old_mappings(
         while time.monotonic() < deadline:
             assert worker.ask("read 0x0 3") == b"old".hex()
             time.sleep(0.05)
+    while second.client().mappers() and time.monotonic() < deadline:
+        time.sleep(0.05)  # (it has left: the daemon sees its fd.sock end on a later turn)
     assert second.client().mappers() == []
 
 
