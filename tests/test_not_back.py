@@ -5,13 +5,14 @@ killed all the same, or left `status` degraded for as long as it lived."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -51,10 +52,13 @@ sys.stdin.read()
 """
 
 
-def test_a_mapper_that_gave_up_and_attached_again_is_neither_killed_nor_not_back(
-    start_manager: Start,
-) -> None:
-    first = start_manager("--region", "ram=0:4M")
+@contextlib.contextmanager
+def given_up(
+    start_manager: Start, regions: tuple[str, ...], *options: str
+) -> Iterator[tuple[subprocess.Popen[str], RunningManager]]:
+    """A GIVER that attached, saw its manager killed and gave up waiting (it dropped all it
+    held), and the manager started again on the same state with `options`."""
+    first = start_manager(*regions)
     giver = subprocess.Popen(
         [sys.executable, "-c", GIVER, str(first.runtime_dir)],
         stdin=subprocess.PIPE,
@@ -67,11 +71,21 @@ def test_a_mapper_that_gave_up_and_attached_again_is_neither_killed_nor_not_back
         time.sleep(1.5)  # journaled (the daemon's tick)
         first.stop(signal.SIGKILL)
         assert giver.stdout.readline().strip() == "dropped"  # its wait ran out
-        second = start_manager(
-            "--region", "ram=0:4M", "--unmap-timeout", "1", "--evict-kill",
-            runtime_dir=first.runtime_dir,
-        )  # fmt: skip
-        assert giver.stdout.readline().strip() == "again"
+        yield giver, start_manager(*regions, *options, runtime_dir=first.runtime_dir)
+    finally:
+        giver.kill()
+        giver.wait(10)
+
+
+def test_a_mapper_that_gave_up_and_attached_again_is_neither_killed_nor_not_back(
+    start_manager: Start,
+) -> None:
+    regions = ("--region", "ram=0:4M")
+    with given_up(start_manager, regions, "--unmap-timeout", "1", "--evict-kill") as (
+        giver,
+        second,
+    ):
+        assert giver.stdout is not None and giver.stdout.readline().strip() == "again"
         deadline = time.monotonic() + 20
         while second.client().status()["awaited"]:
             assert time.monotonic() < deadline, second.log()
@@ -81,9 +95,6 @@ def test_a_mapper_that_gave_up_and_attached_again_is_neither_killed_nor_not_back
         status = json.loads(second.cli("status", "--json").stdout)
         assert status["not_back"] == [] and status["health"] == "ok", status
         assert "maps no guest memory any more: not awaited" in second.log()
-    finally:
-        giver.kill()
-        giver.wait(10)
 
 
 def test_only_a_process_that_may_map_guest_memory_is_not_back() -> None:
@@ -126,29 +137,11 @@ def test_a_mapper_seen_to_map_nothing_is_not_awaited_for_the_whole_wait() -> Non
 def test_a_removal_after_a_restart_does_not_wait_for_a_mapper_that_gave_up(
     start_manager: Start,
 ) -> None:
-    first = start_manager("--region", "ram=0:4M", "--region", "dev=0x10000000:1M")
-    giver = subprocess.Popen(
-        [sys.executable, "-c", GIVER, str(first.runtime_dir)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        env=cli_env(),
-        text=True,
-    )
-    try:
-        assert giver.stdout is not None and giver.stdout.readline().strip() == "attached"
-        time.sleep(1.5)  # journaled (the daemon's tick)
-        first.stop(signal.SIGKILL)
-        assert giver.stdout.readline().strip() == "dropped"  # its wait ran out
-        second = start_manager(
-            "--region", "ram=0:4M", "--region", "dev=0x10000000:1M",
-            runtime_dir=first.runtime_dir,
-        )  # fmt: skip
+    regions = ("--region", "ram=0:4M", "--region", "dev=0x10000000:1M")
+    with given_up(start_manager, regions) as (_, second):
         started = time.monotonic()
         second.client().remove_region("dev")  # (the default unmap timeout: 30 s)
         assert time.monotonic() - started < 10, second.log()
-    finally:
-        giver.kill()
-        giver.wait(10)
 
 
 def test_a_launcher_not_back_is_said_to_keep_its_vm_pinned(
