@@ -515,3 +515,33 @@ def test_fresh_start_takes_raise_or_follow() -> None:
         membacking.attach("/nonexistent", fresh_start="keep")
     with pytest.raises(membacking.ArgumentTypeError, match="fresh_start must be a str"):
         membacking.attach("/nonexistent", fresh_start=True)  # type: ignore[arg-type]
+
+
+def test_a_detach_right_after_the_manager_died_does_not_wait_for_its_answer(
+    start_manager: Any,
+) -> None:
+    """A VM's launcher whose QEMU exited just after the manager was killed took 10 s to leave:
+    its detach waited the whole link timeout for a DetachAck no manager would send, since the
+    mapper had not yet taken the manager for lost. It stops waiting once it does."""
+    import signal
+
+    import membacking
+
+    manager = start_manager("--region", "ram0=0:8M")
+    memory = membacking.attach(manager.runtime_dir, timeout=10.0)
+    memory.write_at(0, b"x")
+    manager.stop(signal.SIGKILL)
+    started = time.monotonic()
+    memory.detach()
+    assert time.monotonic() - started < 5
+
+
+def test_a_hook_that_is_not_callable_is_refused_when_given(start_manager: Any) -> None:
+    import membacking
+
+    manager = start_manager("--region", "ram0=0:8M")
+    with (
+        membacking.attach(manager.runtime_dir) as memory,
+        pytest.raises(membacking.ArgumentTypeError, match="hook must be callable"),
+    ):
+        memory.on_registered_again("notcallable")  # type: ignore[arg-type]

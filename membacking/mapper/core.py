@@ -36,6 +36,7 @@ from .lease import (
     FAREWELL_WAIT,
     POLL_MS,
     Lease,
+    await_detach_ack,
     drop_every_mapping,
     on_hangup,
     on_shutdown,
@@ -471,8 +472,7 @@ class VaMapper:
         if self.gone is None and self.relinked.is_set():  # (relinking: nobody to answer)
             self.post(m.Detach())
             if self.link.features & m.FEATURE_DETACH_ACK:
-                # fd.sock stays open until the Detach is taken (closed first: lost, not detached)
-                self._detach_acked.wait(self.link.timeout)
+                await_detach_ack(self)  # fd.sock stays open until the Detach is taken
         self._stop = True
         self._wake()
         self._thread.join(10)

@@ -150,6 +150,16 @@ class Lease:
         return True
 
 
+def await_detach_ack(mapper: VaMapper) -> None:
+    """Wait for the manager's DetachAck (fd.sock closed first reads as lost, not detached), but
+    not once the manager is lost meanwhile (the mapper relinking, or gone): none comes then,
+    and a VM's launcher waited out the whole link timeout to leave after QEMU had exited."""
+    deadline = _monotonic() + mapper.link.timeout
+    while not mapper._detach_acked.wait(0.05):
+        if not mapper.relinked.is_set() or mapper.gone is not None or _monotonic() > deadline:
+            return
+
+
 def renew(mapper: VaMapper) -> None:
     """Wait for a turn of the mapper thread: the lease ran out (an access calls this, never
     with `lock` held). Raises if the mapper thread has not run for `fault_timeout`."""

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from ..errors import DetachedError, GuestMemoryError, OutOfRangeError, ReadOnlyError
 from ..ffi import LOCK_FREE_WORDS
 from ..protocol.ranges import MemoryRange
-from . import privateram
+from . import privateram, reconnect
 from .core import MAX_FAULTS, VaMapper
 from .lease import renew
 from .plain import (
@@ -93,10 +93,9 @@ class GuestMemory:
         return self._mapper.gone
 
     def on_registered_again(self, hook: Callable[[bool, int], None]) -> None:
-        """Call `hook(kept, old_mapper_id)` each time this mapper registered again with a
-        restarted manager (`kept`: it serves the same memory). Runs on the mapper thread, so
-        it must return quickly; `mapper_id` is the new id by then."""
-        self._mapper.relink_hooks.append(hook)
+        """Call `hook(kept, old_mapper_id)` on the mapper thread (return quickly) each time this
+        mapper registered again (`kept`: the same memory; `mapper_id` is the new id by then)."""
+        reconnect.add_hook(self._mapper, hook)
 
     def make_eager(self, timeout: float = 30.0) -> None:
         """Upgrade this lazy mapper in place: the manager replays every mapping it lacks and

@@ -11,13 +11,13 @@ import contextlib
 import logging
 import select
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import zmq
 
 from .. import trace
-from ..errors import ManagerUnavailableError
+from ..errors import ArgumentTypeError, ManagerUnavailableError
 from ..protocol import messages as m
 from ..protocol.holdings import holdings_messages, packed_messages
 from .sockwatch import SocketWatch
@@ -47,6 +47,15 @@ NOT_TOLD = (
     "the manager that came back does not say which memory it serves (it does not speak "
     "REATTACH: an earlier release), so none of what this mapper held can be kept; attach again"
 )
+
+
+def add_hook(mapper: VaMapper, hook: Callable[[bool, int], None]) -> None:
+    """Have `hook(kept, old_mapper_id)` called each time the mapper registered again;
+    ArgumentTypeError now for one that is not callable (it raised at the next restart, with a
+    traceback on stderr)."""
+    if not callable(hook):
+        raise ArgumentTypeError(f"hook must be callable, got {hook!r}")
+    mapper.relink_hooks.append(hook)
 
 
 class Relink(Exception):

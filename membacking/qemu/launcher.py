@@ -239,7 +239,7 @@ def run_vm(opts: VmOptions, announce: Callable[[str], None]) -> int:
                 regions=",".join(plan.regions),
             )
         memory.on_registered_again(
-            _pin_again(opts.runtime_dir, memory, label, proc.pid, plan.regions, announce)
+            _pin_again(opts.runtime_dir, memory, label, proc, plan.regions, announce)
         )
         lent = ", ".join(
             f"{d.name} ({format_size(d.size)} at {d.gpa:#x})" for d in (plan.ram, *plan.dimms)
@@ -264,10 +264,16 @@ def run_vm(opts: VmOptions, announce: Callable[[str], None]) -> int:
             gone = memory.manager_gone
             if gone and not warned:
                 warned.append(gone)
+                # (a manager that stopped for good, or evicted it, left no journaled pin)
+                again = (
+                    " (a manager started on the state they were journaled in pins them again "
+                    "while QEMU runs)"
+                    if "took this mapper back" in gone
+                    else ""
+                )
                 announce(
                     f"VM {opts.name!r} keeps running, but its mapper lost the manager ({gone}): "
-                    "the regions it lent are no longer pinned (a manager started on the state "
-                    "they were journaled in pins them again while QEMU runs)"
+                    f"the regions it lent are no longer pinned{again}"
                 )
 
         return supervise(proc, ready, watch)
@@ -282,7 +288,7 @@ def _pin_again(
     runtime_dir: Path | None,
     memory: GuestMemory,
     label: str,
-    pid: int,
+    proc: subprocess.Popen[bytes],
     regions: list[str],
     announce: Callable[[str], None],
 ) -> Callable[[bool, int], None]:
@@ -292,10 +298,12 @@ def _pin_again(
 
     def pin(old_id: int) -> None:
         new_id, names = memory.mapper_id, ", ".join(regions)
+        if proc.poll() is not None:  # QEMU exited while no manager ran: nothing to guard
+            return
         client = ControlClient(runtime_dir)
         try:
             client.call(
-                "pin_regions", mapper=new_id, label=label, pid=pid, regions=",".join(regions)
+                "pin_regions", mapper=new_id, label=label, pid=proc.pid, regions=",".join(regions)
             )
         except Exception as exc:  # the VM runs on; say what no longer guards its memory
             announce(f"{label}: the manager restarted, but pinning {names} again failed: {exc}")
