@@ -366,3 +366,25 @@ def test_holdings_come_once_a_registration_and_are_bounded(
     assert many.id not in state.mappers and state.counters["evictions"] == 1
     store.close_all()
     sdir.release(remove=True)
+
+
+def test_stale_holdings_are_logged_within_the_log_budget(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A line for each Holdings message that lists something the table no longer has: a peer
+    listing made-up mappings, and registering again after each eviction, wrote 17,800 lines a
+    second. The first 10 of a peer in a window are written, the rest summed up."""
+    import logging
+
+    state, store, sdir = _state(tmp_path)
+    a_id = state.regions["a"].submappings[0].mappable_id
+    entry = _registered(state)
+    with caplog.at_level(logging.INFO, logger="membacking.manager"):
+        for i in range(50):
+            state.handle_fd_message(
+                entry.id, m.Holdings((), (8 * MiB + i * 4096, 4096, a_id, 0, 1))
+            )
+    said = [r for r in caplog.records if "the table no longer has" in r.getMessage()]
+    assert len(said) == 10, len(said)
+    store.close_all()
+    sdir.release(remove=True)

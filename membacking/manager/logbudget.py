@@ -73,7 +73,9 @@ class LogBudget:
         """A log line (and its `extra` fields) for each window `ended` by `now`."""
         lines = []
         for (kind, reason, pid), left_out, seconds in self.ended(now):
-            what = "rejected messages" if kind == "rejected" else "refused requests"
+            what = {"rejected": "rejected messages", "refused": "refused requests"}.get(
+                kind, f"{kind} lines"
+            )
             if pid == EVERY_PEER:
                 who = "several peers"
             elif pid is not None:

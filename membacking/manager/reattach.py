@@ -266,13 +266,16 @@ def _apply(state: PeerState, entry: MapperEntry, verdict: _Verdict, count: int) 
     trace.mark(f"daemon.holdings mapper={entry.id} maps={count}")
     if not stale and not stale_fds:
         return []
-    log.info(
-        "mapper %d (%s) holds %d mappings and %d fds the table no longer has: unmapping them",
-        entry.id,
-        entry.name,
-        len(stale),
-        len(stale_fds),
-    )
+    # (within the log budget: a peer listing made-up ones, registering again and again, wrote
+    # 17,800 lines a second)
+    if state.log_budget.allow("Holdings", "stale", entry.pid, state._monotonic()):
+        log.info(
+            "mapper %d (%s) holds %d mappings and %d fds the table no longer has: unmapping them",
+            entry.id,
+            entry.name,
+            len(stale),
+            len(stale_fds),
+        )
     op = state.start_op(f"reattach mapper {entry.id}", None)
     effects: list[Effect] = []
     for rng in stale:
