@@ -236,6 +236,8 @@ def test_the_journal_keeps_registered_and_awaited_mappers(state: ManagerState) -
     fresh.awaited = AwaitedMappers(started=RUNNING.get, maps=lambda pid: None)
     restore(dataclasses.replace(snapshot, regions=(), backings=()), fresh, fresh.store)
     assert fresh.awaited.waiting == []
+    # what it adopted is below this (a removal of memory made since names no mapper not back)
+    assert fresh.adopted_below == fresh._next_mappable_id >= snapshot.next_mappable_id
     assert [r.pid for r in fresh.awaited.begin(0.0, 5.0)] == [4242, 5151]
 
 
@@ -418,12 +420,17 @@ def test_a_mapper_whose_wait_ran_out_is_named_until_it_is_back_or_ends(
 
     state.add_region("a", 0, MiB, True)
     state.add_region("b", 2 * MiB, MiB, True)
+    state.adopted_below = state._next_mappable_id  # (a and b: as if adopted at a restart)
     a_id = state.regions["a"].submappings[0].mappable_id
     state.awaited.adopt((MapperRecord(3, 4242, 77),))
     state.awaited.begin(0.0, 30.0)
     assert [r.pid for r in state.awaited.tick(30.0)] == [4242]  # its wait ran out
     assert not state.awaited.open and state.awaited.not_back() == [4242]
     assert [r.pid for r in state.awaited.records()] == [4242]  # still journaled
+    # a region made since the restart: they cannot map it, and its removal does not say so
+    state.add_region("new", 8 * MiB, MiB, True)
+    [new] = _remove(state, "new")
+    assert isinstance(new, m.ControlReply) and "not_back" not in new.result, new
     [reply] = _remove(state, "b")
     assert isinstance(reply, m.ControlReply)
     assert reply.result["unmapped_from"] == [] and reply.result["not_back"] == [4242]

@@ -162,6 +162,7 @@ def restore(snapshot: Snapshot, state: ManagerState, store: MemfdStore) -> list[
         for sub in region.submappings:
             state._mappable_refs[sub.mappable_id] += 1
     state._next_mappable_id = max(snapshot.next_mappable_id, state._next_mappable_id)
+    state.adopted_below = state._next_mappable_id
     state._next_order = max(snapshot.next_order, state._next_order)
     state._next_mapper_id = max(snapshot.next_mapper_id, state._next_mapper_id)
     state.mapper_ids_reserved = state._next_mapper_id  # the next registration journals a block

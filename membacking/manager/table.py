@@ -91,6 +91,9 @@ class TableState:
         self._mappable_refs: Counter[int] = Counter()  # mappable -> sub-mappings using it
         self._next_mapper_id = 1
         self._next_mappable_id = PRIVATE_MAPPABLE + 1
+        #: mappables below this id existed before the restart (snapshot.py): the memory that
+        #: mappers of the manager before may still map
+        self.adopted_below = 0
         self._next_seq = 1
         self._next_order = 0
         #: mappers whose held ranges a cut took but did not delete yet (`work` deletes them)
@@ -465,7 +468,9 @@ class TableState:
                 "evicted_why": {str(i): why for i, why in sorted(op.evicted.items())},
             }
         awaited = getattr(self, "awaited", None)  # (peers.py: mappers gone past their wait)
-        if awaited is not None and awaited.gave_up and isinstance(result, dict):
+        # (a removal of memory made since the restart cannot concern them: not said)
+        older = not op.destroy or min(op.destroy) < self.adopted_below
+        if awaited is not None and awaited.gave_up and older and isinstance(result, dict):
             result = {**result, "not_back": awaited.not_back()}
         return [Send(Channel.CONTROL, op.reply_to, m.ControlReply(result))]
 
