@@ -344,6 +344,9 @@ class Worker:
         for stream in (self.proc.stdin, self.proc.stdout):  # (stderr: its reader closes it)
             if stream is not None:
                 stream.close()
+        # before the test ends: a pipe closed by the reader during the next test changed the
+        # open-fd counts tests of this process compare
+        self._err_reader.join(5)
         return self.proc.returncode
 
 

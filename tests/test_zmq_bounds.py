@@ -109,3 +109,85 @@ def test_a_control_client_that_reads_no_reply_holds_little_of_the_daemon(
     finally:
         ctx.destroy(linger=0)
     still_serving(manager)
+
+
+def rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) << 10
+    raise AssertionError("no VmRSS")
+
+
+def test_holdings_sent_before_attach_wait_in_the_peers_socket_not_in_the_daemon(
+    manager: RunningManager,
+) -> None:
+    """PackedHoldings sent right behind an Attach are kept until it arrives: 64 of 64 KiB a
+    peer, so 100 peers that registered and never attached held 400 MiB of the daemon for their
+    unmap timeout. It keeps the first now, and reads that peer's fd.sock again once its stream
+    is attached: the rest wait in the peer's socket. All of them are taken then."""
+    import socket
+    import struct
+
+    from membacking.protocol.codec import decode
+    from membacking.protocol.fdpass import recv_message, send_message
+    from membacking.protocol.messages import Channel
+    from membacking.runtime import RuntimePaths
+
+    paths = RuntimePaths.resolve(manager.runtime_dir)
+    features = m.FEATURE_REATTACH | m.FEATURE_PACKED_HOLDINGS
+    mapping = struct.Struct(m.PACKED_MAPPING_FORMAT)
+    per_message = 1500  # 60,000 bytes of made-up mappings a message
+
+    def holdings(k: int) -> m.PackedHoldings:
+        base = (1 << 36) + k * per_message * 4096
+        return m.PackedHoldings(
+            b"",
+            b"".join(mapping.pack(base + i * 4096, 4096, 999, 0, 1) for i in range(per_message)),
+        )
+
+    before = rss(manager.pid)
+    peers = []
+    sent = []
+    try:
+        for p in range(30):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            sock.settimeout(5)
+            sock.connect(str(paths.fd_socket))
+            send_message(sock, m.Hello(f"early{p}", features))
+            welcome, _ = recv_message(sock)
+            assert isinstance(welcome, m.Welcome), welcome
+            sock.setblocking(False)
+            n = 0
+            while n < 16:  # what the socket takes without the daemon reading it
+                try:
+                    send_message(sock, holdings(n))
+                except BlockingIOError:
+                    break
+                n += 1
+                time.sleep(0.01)  # (the daemon reads what it will meanwhile)
+            peers.append((sock, welcome))
+            sent.append(n)
+        time.sleep(1.0)
+        grown = rss(manager.pid) - before
+        assert grown < 12 * MiB, f"the daemon grew by {grown / MiB:.0f} MiB for {sum(sent)} sent"
+        assert max(sent) < 16  # (before: every one was read, and kept)
+        # attached: the daemon reads the rest, and takes every message (an Unmap per entry)
+        sock, welcome = peers[0]
+        ctx = zmq.Context()
+        try:
+            stream = ctx.socket(zmq.DEALER)
+            stream.connect(paths.mapper_endpoint)
+            stream.send(encode(m.Attach(welcome.mapper_id, welcome.token, m.ROLE_STREAM_FD)))
+            unmaps, deadline = 0, time.monotonic() + 20
+            while unmaps < sent[0] * per_message and time.monotonic() < deadline:
+                if stream.poll(200) and isinstance(decode(stream.recv(), Channel.MAPPER), m.Unmap):
+                    unmaps += 1
+            assert unmaps == sent[0] * per_message
+            stream.close(0)
+        finally:
+            ctx.term()
+    finally:
+        for sock, _ in peers:
+            sock.close()
+    still_serving(manager)

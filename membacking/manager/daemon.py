@@ -421,8 +421,8 @@ class Daemon(FdServer):
             elif any(isinstance(e, Send) and isinstance(e.msg, m.Error) for e in effects):
                 self._strikes.stranger(identity)
         self._apply(effects)
-        if isinstance(msg, m.Attach) and self.state.awaited.deferred:
-            self._replay_deferred()  # it may have brought Holdings sent before it (peers.py)
+        if isinstance(msg, m.Attach):
+            self._attached()  # fd sockets paused for it read again (fdserver.py), and more
 
     def _undecodable(
         self, identity: bytes, mapper_id: int | None, reason: str, detail: str, answer: str

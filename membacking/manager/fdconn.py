@@ -42,6 +42,9 @@ class FdConn:
     #: of the table (evicted) still carries its code
     features: int = 0
     strikes: int = 0
+    #: not read until its mapper's stream is attached: it sent PackedHoldings ahead of its
+    #: Attach (the rest wait in the socket, not in the daemon: fdserver.py)
+    paused: bool = False
     forbidden: str | None = None  # set for a peer whose credentials were refused
     #: a pidfd of the peer process, opened at accept under --evict-kill (it cannot name another
     #: process once the pid is reused)

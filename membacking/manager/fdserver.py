@@ -38,6 +38,13 @@ MAX_UNREGISTERED = 64
 MAX_REFUSED_WAITING = 16
 
 
+def _events(conn: FdConn) -> int:
+    """What the poller watches a connection for: reading, unless it is paused (its hang-up is
+    noticed once it is read again, or its mapper evicted), and room while its outbox waits
+    (none at all unregisters it: pyzmq's Poller)."""
+    return (0 if conn.paused else int(zmq.POLLIN)) | (int(zmq.POLLOUT) if conn.outbox else 0)
+
+
 #: why a connection is turned away near the daemon's open-file limit (the mapper says it)
 _NO_ROOM = (
     "the manager is at its open-file limit: no room for another mapper's connections (raise "
@@ -218,7 +225,7 @@ class FdServer:
             self._drop_conn(conn, f"cannot send to mapper: {exc}", farewell)
             return
         if waiting and self._poller is not None:
-            self._poller.register(conn.sock.fileno(), zmq.POLLIN | zmq.POLLOUT)
+            self._poller.register(conn.sock.fileno(), _events(conn))
 
     def _flush_outbox(self, conn: FdConn) -> None:
         try:
@@ -227,7 +234,7 @@ class FdServer:
             self._drop_conn(conn, f"cannot send to mapper: {exc}")
             return
         if done and self._poller is not None:
-            self._poller.register(conn.sock.fileno(), zmq.POLLIN)
+            self._poller.register(conn.sock.fileno(), _events(conn))
 
     def _on_fd_conn(self, conn: FdConn) -> None:
         if conn.forbidden is not None:
@@ -258,6 +265,26 @@ class FdServer:
             log.exception(
                 "internal error while handling %s from pid %d", type(msg).__name__, conn.pid
             )
+        entry = self.state.mappers.get(conn.mapper_id) if conn.mapper_id is not None else None
+        if entry is not None and entry.stream is None and entry.early_holdings:
+            # Holdings kept for its Attach: what follows waits in its socket until then, not
+            # in the daemon (64 KiB each, 64 a peer: 4 MiB for a peer that never attaches)
+            self._pause(conn, True)
+
+    def _pause(self, conn: FdConn, paused: bool) -> None:
+        conn.paused = paused
+        if self._poller is not None and conn.sock.fileno() != -1:
+            self._poller.register(conn.sock.fileno(), _events(conn))
+
+    def _attached(self) -> None:
+        """A stream was attached: read again the fd sockets paused for it; replay the changes
+        that waited for mappers back after a restart (its Holdings may have come first)."""
+        for conn in [c for c in self._conns.values() if c.paused]:
+            entry = self.state.mappers.get(conn.mapper_id) if conn.mapper_id is not None else None
+            if entry is None or entry.stream is not None:
+                self._pause(conn, False)
+        if self.state.awaited.deferred:
+            self._replay_deferred()
 
     def _strike(self, conn: FdConn, reason: str, detail: str) -> None:
         self.state.reject(reason, detail, conn.pid)
