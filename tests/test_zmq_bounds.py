@@ -190,4 +190,10 @@ def test_holdings_sent_before_attach_wait_in_the_peers_socket_not_in_the_daemon(
     finally:
         for sock, _ in peers:
             sock.close()
+    # their ends are seen while they wait, not at their unmap timeout (30 s): each held a slot
+    # of --max-mappers (and with private RAM, every registration)
+    deadline = time.monotonic() + 5
+    while manager.client().mappers() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert manager.client().mappers() == []
     still_serving(manager)

@@ -314,6 +314,7 @@ def mem_find(
             }
         )
     elif truncated:
-        click.echo(f"stopped after {units.plural(max_matches, 'match', 'matches')}", err=True)
+        cap = units.plural(max_matches, "match", "matches")
+        click.echo(f"stopped after {cap} (--max-matches)", err=True)
     elif not matches:  # (said where a person reads it; stdout stays the list of matches)
         click.echo(f"no match in {units.plural(length, 'byte')}", err=True)

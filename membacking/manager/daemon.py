@@ -422,7 +422,7 @@ class Daemon(FdServer):
                 self._strikes.stranger(identity)
         self._apply(effects)
         if isinstance(msg, m.Attach):
-            self._attached()  # fd sockets paused for it read again (fdserver.py), and more
+            self._attached(msg.mapper_id)  # its fd socket read again (fdserver.py), and more
 
     def _undecodable(
         self, identity: bytes, mapper_id: int | None, reason: str, detail: str, answer: str

@@ -39,10 +39,12 @@ MAX_REFUSED_WAITING = 16
 
 
 def _events(conn: FdConn) -> int:
-    """What the poller watches a connection for: reading, unless it is paused (its hang-up is
-    noticed once it is read again, or its mapper evicted), and room while its outbox waits
-    (none at all unregisters it: pyzmq's Poller)."""
-    return (0 if conn.paused else int(zmq.POLLIN)) | (int(zmq.POLLOUT) if conn.outbox else 0)
+    """What the poller watches a connection for: reading, or while it is paused only an error
+    (libzmq reports the peer's close so, not what waits to be read), and room while its outbox
+    waits."""
+    return int(zmq.POLLERR if conn.paused else zmq.POLLIN) | (
+        int(zmq.POLLOUT) if conn.outbox else 0
+    )
 
 
 #: why a connection is turned away near the daemon's open-file limit (the mapper says it)
@@ -117,6 +119,10 @@ class FdServer:
             # its fd socket still tells us when it goes away
             if entry.pid != 0 and not psutil.pid_exists(entry.pid):
                 self._apply([Disconnect(entry.id)])
+        for conn in [c for c in self._conns.values() if c.paused]:  # (an Attach that failed)
+            paused_for = self.state.mappers.get(conn.mapper_id or 0)
+            if paused_for is None or paused_for.stream is not None:
+                self._pause(conn, False)
 
     def _pause_accepting(self, exc: OSError) -> None:
         """New connections wait in the backlog for a second; the listening socket would
@@ -237,6 +243,9 @@ class FdServer:
             self._poller.register(conn.sock.fileno(), _events(conn))
 
     def _on_fd_conn(self, conn: FdConn) -> None:
+        if conn.paused:  # woken by an error: its peer closed it (nothing is read meanwhile)
+            self._drop_conn(conn, "fd socket closed")
+            return
         if conn.forbidden is not None:
             with contextlib.suppress(PeerClosed, ProtocolError, OSError):
                 recv_message(conn.sock, sender="mapper")
@@ -276,13 +285,14 @@ class FdServer:
         if self._poller is not None and conn.sock.fileno() != -1:
             self._poller.register(conn.sock.fileno(), _events(conn))
 
-    def _attached(self) -> None:
-        """A stream was attached: read again the fd sockets paused for it; replay the changes
-        that waited for mappers back after a restart (its Holdings may have come first)."""
-        for conn in [c for c in self._conns.values() if c.paused]:
-            entry = self.state.mappers.get(conn.mapper_id) if conn.mapper_id is not None else None
-            if entry is None or entry.stream is not None:
-                self._pause(conn, False)
+    def _attached(self, mapper_id: int) -> None:
+        """An Attach of `mapper_id` was handled: read its fd socket again if it was paused for
+        it (`_sweep` resumes any other a failure left paused); replay the changes that waited
+        for mappers back after a restart (its Holdings may have come first)."""
+        conn = self._conn_of_mapper.get(mapper_id)
+        entry = self.state.mappers.get(mapper_id)
+        if conn is not None and conn.paused and (entry is None or entry.stream is not None):
+            self._pause(conn, False)
         if self.state.awaited.deferred:
             self._replay_deferred()
 

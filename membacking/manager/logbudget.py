@@ -82,10 +82,9 @@ class LogBudget:
                 who = f"pid {pid}"
             else:
                 who = "peers of unknown pid" if kind == "rejected" else "control clients"
-            text = (
-                f"{left_out} more {what} ({reason}) from {who} in {seconds:.0f}s were not "
-                "logged (stats counts each)"
-            )
+            counted = " (stats counts each)" if kind in ("rejected", "refused") else ""
+            text = f"{left_out} more {what} ({reason}) from {who} in {seconds:.0f}s were not logged"
+            text += counted
             peer = pid if pid != EVERY_PEER else None
             lines.append((text, {"reason": reason, "peer_pid": peer, "not_logged": left_out}))
         return lines

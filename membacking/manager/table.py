@@ -469,7 +469,9 @@ class TableState:
             }
         awaited = getattr(self, "awaited", None)  # (peers.py: mappers gone past their wait)
         # (a removal of memory made since the restart cannot concern them: not said)
-        older = not op.destroy or min(op.destroy) < self.adopted_below
+        older = not op.destroy or any(
+            PRIVATE_MAPPABLE < i < self.adopted_below for i in op.destroy
+        )  # (private RAM is no other mapper's)
         if awaited is not None and awaited.gave_up and older and isinstance(result, dict):
             result = {**result, "not_back": awaited.not_back()}
         return [Send(Channel.CONTROL, op.reply_to, m.ControlReply(result))]

@@ -472,7 +472,7 @@ class VaMapper:
         if self.gone is None and self.relinked.is_set():  # (relinking: nobody to answer)
             self.post(m.Detach())
             if self.link.features & m.FEATURE_DETACH_ACK:
-                await_detach_ack(self)  # fd.sock stays open until the Detach is taken
+                await_detach_ack(self, self.id)  # fd.sock stays open until the Detach is taken
         self._stop = True
         self._wake()
         self._thread.join(10)

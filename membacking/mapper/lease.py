@@ -150,13 +150,15 @@ class Lease:
         return True
 
 
-def await_detach_ack(mapper: VaMapper) -> None:
-    """Wait for the manager's DetachAck (fd.sock closed first reads as lost, not detached), but
-    not once the manager is lost meanwhile (the mapper relinking, or gone): none comes then,
-    and a VM's launcher waited out the whole link timeout to leave after QEMU had exited."""
+def await_detach_ack(mapper: VaMapper, posted_as: int) -> None:
+    """Wait for the manager's DetachAck to the Detach posted as mapper `posted_as` (fd.sock
+    closed first reads as lost, not detached), but not once that manager is lost meanwhile
+    (the mapper relinking, registered again under another id, or gone): none comes then, and
+    a VM's launcher waited out the whole link timeout to leave after QEMU had exited."""
     deadline = _monotonic() + mapper.link.timeout
     while not mapper._detach_acked.wait(0.05):
-        if not mapper.relinked.is_set() or mapper.gone is not None or _monotonic() > deadline:
+        lost = not mapper.relinked.is_set() or mapper.id != posted_as or mapper.gone is not None
+        if lost or _monotonic() > deadline:
             return
 
 
