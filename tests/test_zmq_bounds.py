@@ -17,13 +17,13 @@ from conftest import RunningManager
 MiB = 1 << 20
 
 
-def peak_rss(pid: int) -> int:
-    """The process's VmHWM, in bytes."""
+def peak_rss(pid: int, key: str = "VmHWM") -> int:
+    """The process's VmHWM (or another `key` of /proc/PID/status in kB), in bytes."""
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1]) << 10
-    raise AssertionError("no VmHWM")
+    raise AssertionError(f"no {key}")
 
 
 def flood(manager: RunningManager, endpoint: str, peers: int, frames: int, size: int) -> None:
@@ -112,11 +112,7 @@ def test_a_control_client_that_reads_no_reply_holds_little_of_the_daemon(
 
 
 def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) << 10
-    raise AssertionError("no VmRSS")
+    return peak_rss(pid, "VmRSS")
 
 
 def test_holdings_sent_before_attach_wait_in_the_peers_socket_not_in_the_daemon(
