@@ -274,11 +274,12 @@ class FdServer:
             log.exception(
                 "internal error while handling %s from pid %d", type(msg).__name__, conn.pid
             )
-        entry = self.state.mappers.get(conn.mapper_id) if conn.mapper_id is not None else None
-        if entry is not None and entry.stream is None and entry.early_holdings:
-            # Holdings kept for its Attach: what follows waits in its socket until then, not
-            # in the daemon (64 KiB each, 64 a peer: 4 MiB for a peer that never attaches)
-            self._pause(conn, True)
+        if type(msg) is m.PackedHoldings:  # (no more work for any other, a request above all)
+            entry = self.state.mappers.get(conn.mapper_id or 0)
+            if entry is not None and entry.stream is None and entry.early_holdings:
+                # kept for its Attach: what follows waits in its socket until then, not in the
+                # daemon (64 KiB each, 64 a peer: 4 MiB for a peer that never attaches)
+                self._pause(conn, True)
 
     def _pause(self, conn: FdConn, paused: bool) -> None:
         conn.paused = paused
