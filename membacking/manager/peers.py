@@ -311,7 +311,8 @@ class PeerState(TableState):
             early, entry.early_holdings = entry.early_holdings, []
             for holdings in early:
                 assert isinstance(holdings, m.PackedHoldings)
-                effects += self._holdings(entry, holdings)
+                if entry.id in self.mappers:  # (not evicted by the ones before)
+                    effects += self._holdings(entry, holdings)
         return effects
 
     def farewell(self, mapper_id: int, reason: str, code: str = m.SHUTDOWN_EVICTED) -> list[Effect]:

@@ -108,8 +108,8 @@ MAX_LISTED = 1 << 17
 def check_holdings(entry: MapperEntry, msg: m.Holdings | m.PackedHoldings) -> None:
     """Refused (answered with an Error, a strike: docs/PROTOCOL.md §11) for Holdings or
     PackedHoldings that the mapper may not send at all: without the features it negotiated,
-    with fields that are not whole entries, after its Holdings ended (its empty one, or a
-    request: a registration sends them once)."""
+    with fields that are not whole entries, after its Holdings ended (its empty one: a
+    registration sends them once)."""
     name = type(msg).__name__
     features = entry.features or 0
     if not features & m.FEATURE_REATTACH:
