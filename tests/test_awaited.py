@@ -236,7 +236,6 @@ def test_the_journal_keeps_registered_and_awaited_mappers(state: ManagerState) -
     fresh.awaited = AwaitedMappers(started=RUNNING.get, maps=lambda pid: None)
     restore(dataclasses.replace(snapshot, regions=(), backings=()), fresh, fresh.store)
     assert fresh.awaited.waiting == []
-    # what it adopted is below this (a removal of memory made since names no mapper not back)
     assert fresh.adopted_below == fresh._next_mappable_id >= snapshot.next_mappable_id
     assert [r.pid for r in fresh.awaited.begin(0.0, 5.0)] == [4242, 5151]
 
