@@ -231,6 +231,27 @@ def start_manager() -> Iterator[Callable[..., RunningManager]]:
 
 
 @pytest.fixture
+def clock() -> Any:
+    """A clock the state-machine tests move by hand (test_manager_state.Clock)."""
+    from test_manager_state import Clock
+
+    return Clock()
+
+
+@pytest.fixture
+def state(clock: Any) -> Any:
+    """A state machine on that clock and a store that records (test modules that need another
+    define their own `state`)."""
+    from test_manager_state import RecordingStore
+
+    from membacking.manager.state import ManagerState
+
+    return ManagerState(
+        RecordingStore(), address_space=1 << 32, unmap_timeout=5.0, clock=clock, monotonic=clock
+    )
+
+
+@pytest.fixture
 def manager(start_manager: Callable[..., RunningManager]) -> RunningManager:
     """A manager with one 64 MiB read-write region `ram0` at GPA 0 and a 1 MiB read-only `rom`
     at 0xfff00000."""

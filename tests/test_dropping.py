@@ -4,25 +4,12 @@ change refused during a grace leaves nothing behind, and a handover waits for th
 
 from __future__ import annotations
 
-import pytest
-from test_manager_state import Clock, MiB, RecordingStore, attach, msgs, rng
+from test_manager_state import Clock, MiB, attach, msgs, rng
 
 from membacking.manager.dropping import EVICT_GRACE
 from membacking.manager.handover import what_is_handed_over
 from membacking.manager.state import ManagerState
 from membacking.protocol import messages as m
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def state(clock: Clock) -> ManagerState:
-    return ManagerState(
-        RecordingStore(), address_space=1 << 32, unmap_timeout=5.0, clock=clock, monotonic=clock
-    )
 
 
 def problems(state: ManagerState) -> list[str]:

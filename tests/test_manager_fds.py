@@ -4,24 +4,11 @@ when the mapper no longer holds it; requests and acks come on the fd socket too.
 
 from __future__ import annotations
 
-import pytest
-from test_manager_state import Clock, MiB, RecordingStore, attach, msgs, rng
+from test_manager_state import Clock, MiB, attach, msgs, rng
 
 from membacking.manager.state import ManagerState, Send, SendFd
 from membacking.protocol import messages as m
 from membacking.protocol.messages import Channel
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def state(clock: Clock) -> ManagerState:
-    return ManagerState(
-        RecordingStore(), address_space=1 << 32, unmap_timeout=5.0, clock=clock, monotonic=clock
-    )
 
 
 def test_fd_pushed_once_right_behind_the_first_map(state: ManagerState) -> None:

@@ -63,18 +63,6 @@ class Clock:
         return self.now
 
 
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
-@pytest.fixture
-def state(clock: Clock) -> ManagerState:
-    return ManagerState(
-        RecordingStore(), address_space=1 << 32, unmap_timeout=5.0, clock=clock, monotonic=clock
-    )
-
-
 def attach(state: ManagerState, name: str) -> tuple[int, bytes, bytes]:
     """Register a mapper and bind its two sockets; returns (id, stream id, requests id)."""
     entry = state.register_mapper(name, pid=4000 + len(state.mappers))
